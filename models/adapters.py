@@ -1,0 +1,261 @@
+"""Defense adapters: the one interface the harness evaluates.
+
+Every adapter returns a `Defense`: an eval-mode `nn.Module` with frozen parameters that
+maps N x 3 x 32 x 32 images in [0, 1] to N x num_classes logits, plus `DefenseInfo`.
+Normalisation lives inside the module, so attack radii are always in pixel units.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .base import DATASET_DEFAULTS, InterpolatedNet
+from .checkpoints import (
+    describe_mismatch,
+    load_state_dict_file,
+    read_state_dict,
+    save_json,
+    save_state_dict,
+    sha256_file,
+)
+from .errors import UserError
+from .layers import Normalize
+from .registry import create_model
+
+WEIGHTS_FILE, META_FILE = "weights.pt", "meta.json"
+
+
+@dataclass(frozen=True)
+class DefenseInfo:
+    name: str
+    family: str  # "preact-resnet", "resnext", "robustbench", or the user's label
+    dataset: str
+    num_classes: int
+    source: str  # "zoo", "state-dict", "module" or "robustbench"
+    checkpoint: str  # path of the weights file
+    checkpoint_sha256: str
+
+
+@dataclass(frozen=True)
+class Defense:
+    model: nn.Module
+    info: DefenseInfo
+
+
+class NormalizedModel(nn.Module):
+    """Puts a user's network that expects normalised inputs behind a [0, 1] interface."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+def dataset_defaults(dataset: str) -> dict:
+    if dataset not in DATASET_DEFAULTS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
+    return dict(DATASET_DEFAULTS[dataset])
+
+
+# --- 1. zoo models trained by this project -------------------------------------------------
+
+
+def zoo_checkpoint_dir(results_dir: str | os.PathLike, dataset: str, model: str, seed: int) -> Path:
+    return Path(results_dir) / "checkpoints" / dataset / model / f"seed{seed}"
+
+
+def save_zoo_checkpoint(
+    model: InterpolatedNet, dataset: str, seed: int, results_dir: str | os.PathLike, **meta
+) -> Path:
+    """Write weights, then the metadata naming their sha256 (both atomically): a reader
+    that finds meta.json finds the weights it describes."""
+    info = model.info
+    folder = zoo_checkpoint_dir(results_dir, dataset, info.name, seed)
+    digest = save_state_dict(model.state_dict(), folder / WEIGHTS_FILE)
+    model_kwargs = {
+        "num_classes": info.num_classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "lambda_init": list(info.lambda_init),
+        "damp_scope": info.damp_scope,
+    }
+    save_json(
+        {
+            "model": info.name,
+            "dataset": dataset,
+            "seed": seed,
+            "sha256": digest,
+            "model_kwargs": model_kwargs,
+            **meta,
+        },
+        folder / META_FILE,
+    )
+    return folder
+
+
+def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathLike = "results") -> Defense:
+    """A registered model with the checkpoint this project trained for (dataset, seed)."""
+    folder = zoo_checkpoint_dir(results_dir, dataset, model, seed)
+    meta_path, weights = folder / META_FILE, folder / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights.is_file():
+        raise UserError(
+            f"no trained checkpoint for {model} on {dataset} seed {seed}: expected "
+            f"{weights} and {meta_path}; train it first"
+        )
+    meta = _read_json(meta_path)
+    if meta.get("status", "finished") != "finished":
+        raise UserError(f"checkpoint {folder} is {meta['status']!r}, not a finished run")
+    if sha256_file(weights) != meta.get("sha256"):
+        raise UserError(
+            f"checkpoint {weights} does not match the sha256 in {meta_path}: it changed or is truncated"
+        )
+    net = create_model(meta["model"], **meta["model_kwargs"])
+    load_state_dict_file(net, weights)
+    return _finish(
+        net,
+        DefenseInfo(
+            model, net.info.family, dataset, net.info.num_classes, "zoo", str(weights), meta["sha256"]
+        ),
+    )
+
+
+# --- 2. a registered architecture with a user's weights -------------------------------------
+
+
+def state_dict_defense(
+    arch: str, path: str | os.PathLike, dataset: str = "cifar10", name: str | None = None, **overrides
+) -> Defense:
+    """Registered architecture `arch` (see list_models) with weights from `path`; mean/std
+    and num_classes default to the dataset's and can be overridden."""
+    net = create_model(arch, **{**dataset_defaults(dataset), **overrides})
+    digest = load_state_dict_file(net, path)
+    return _finish(
+        net,
+        DefenseInfo(
+            name or arch, net.info.family, dataset, net.info.num_classes, "state-dict", str(path), digest
+        ),
+    )
+
+
+# --- 3. any module: factory + state_dict + normalisation ------------------------------------
+
+
+def module_defense(
+    name: str,
+    factory: Callable[[], nn.Module],
+    path: str | os.PathLike,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dataset: str = "cifar10",
+    family: str = "external",
+) -> Defense:
+    """`factory()` builds the user's network (expecting (x - mean) / std inputs); its
+    weights come from `path`. Pass mean=(0, 0, 0), std=(1, 1, 1) for a [0, 1] network."""
+    net = factory()
+    digest = load_state_dict_file(net, path)
+    model = NormalizedModel(net, mean, std)
+    classes = dataset_defaults(dataset)["num_classes"]
+    return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest))
+
+
+# --- 4. RobustBench zoo architectures from a local model_dir (optional extra) ---------------
+
+
+def robustbench_defense(
+    name: str, dataset: str = "cifar10", threat_model: str = "Linf", model_dir: str | os.PathLike = "models"
+) -> Defense:
+    """RobustBench model `name` from `<model_dir>/<dataset>/<threat_model>/<name>.pt`, the
+    layout robustbench.utils.load_model uses. Never downloads."""
+    model_dicts, BenchmarkDataset, ThreatModel = _robustbench()
+    try:
+        entries = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
+    except (ValueError, KeyError):
+        raise UserError(f"RobustBench has no {dataset}/{threat_model} models") from None
+    if name not in entries:
+        close = difflib.get_close_matches(name, list(entries), n=5, cutoff=0.5)
+        raise UserError(
+            f"RobustBench has no {dataset}/{threat_model} model {name!r}; closest: {', '.join(close) or '-'}"
+        )
+    if isinstance(entries[name]["gdrive_id"], list):
+        raise UserError(f"RobustBench model {name!r} is an ensemble of several files; not supported")
+    path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
+    if not path.is_file():
+        raise UserError(
+            f"RobustBench checkpoint {path} not found (this adapter never downloads): fetch it once "
+            f"with robustbench.utils.load_model({name!r}, model_dir={str(model_dir)!r}, "
+            f"dataset={dataset!r}, threat_model={threat_model!r}) or copy it there"
+        )
+    net = entries[name]["model"]()
+    state = read_state_dict(path)
+    unprefixed = {k.removeprefix("model."): v for k, v in state.items()}
+    if describe_mismatch(net.state_dict(), state) and not describe_mismatch(net.state_dict(), unprefixed):
+        state = unprefixed  # some RobustBench files wrap the network in a "model." attribute
+    mismatch = describe_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise UserError(f"checkpoint {path} does not fit RobustBench {name}: {mismatch}")
+    net.load_state_dict(state, strict=True)
+    classes = dataset_defaults(dataset)["num_classes"]
+    return _finish(
+        net, DefenseInfo(name, "robustbench", dataset, classes, "robustbench", str(path), sha256_file(path))
+    )
+
+
+def _robustbench():
+    # robustbench imports `autoattack`, which PyPI ships as `pyautoattack`: alias it.
+    if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack"):
+        sys.modules["autoattack"] = importlib.import_module("pyautoattack")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from robustbench.model_zoo import model_dicts
+            from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    except ImportError as err:
+        raise UserError(
+            f"the RobustBench adapter needs the optional extra: pip install -e '.[robustbench]' ({err})"
+        ) from None
+    return model_dicts, BenchmarkDataset, ThreatModel
+
+
+# --- shared --------------------------------------------------------------------------------
+
+
+def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
+    """Eval mode, frozen parameters (attacks differentiate w.r.t. the input only), and a
+    one-batch check that the module really returns logits of the expected shape."""
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        out = model(torch.full((2, 3, 32, 32), 0.5))
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes) or not out.isfinite().all():
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise UserError(
+            f"defense {info.name} returns {shape} for a 2x3x32x32 batch; expected finite "
+            f"(2, {info.num_classes}) logits"
+        )
+    return Defense(model, info)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not {"model", "sha256", "model_kwargs"} <= meta.keys():
+            raise ValueError("needs the keys model, sha256 and model_kwargs")
+        return meta
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{path} is not valid checkpoint metadata ({err}); delete the folder and retrain"
+        ) from None

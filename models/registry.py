@@ -1,0 +1,112 @@
+"""Model registry in the style of timm: `@register_model(name)` + `create_model(name, **kw)`.
+
+Names, globs (`in-resnet*`) and groups (`all`, `main`, `variants`, `small`) resolve through
+`resolve_models`; an unknown name is a `UserError` that lists the closest names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .base import InterpolatedNet
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., InterpolatedNet]
+    groups: tuple[str, ...]
+    description: str
+
+
+_MODELS: dict[str, ModelEntry] = {}
+GROUPS = {
+    "main": "the paper's nine models (Tables 1-3, 6)",
+    "variants": "the In-ResNet-110 variants of Table 4",
+    "all": "every model of the paper: main + variants",
+    "small": "shallow versions of each rule for quick runs and tests",
+}
+
+
+def register_model(
+    name: str, *, groups: Iterable[str] = (), description: str = ""
+) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
+    """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`."""
+
+    def add(factory: Callable[..., InterpolatedNet]) -> Callable[..., InterpolatedNet]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        unknown = set(groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown groups {sorted(unknown)} for {name!r}")
+        _MODELS[name] = ModelEntry(name, factory, tuple(groups), description or factory.__doc__ or "")
+        return factory
+
+    return add
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching a glob, in natural order (resnet8 before resnet20)."""
+    return sorted((n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)), key=_natural)
+
+
+def _natural(name: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise UserError(_unknown(name))
+    return _MODELS[name]
+
+
+def resolve_models(spec: str | Iterable[str]) -> list[str]:
+    """Expand comma-separated names, globs and group names into registered names, in
+    order of first appearance without repeats. Raises UserError for a part matching nothing."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if part in GROUPS:
+            found = [n for n, e in _MODELS.items() if part in e.groups]
+        elif any(ch in part for ch in "*?["):
+            found = list_models(part)
+        else:
+            found = [part] if part in _MODELS else []
+        if not found:
+            raise UserError(_unknown(part))
+        names += [n for n in found if n not in names]
+    if not names:
+        raise UserError("no model named: pass --models with names, globs or a group (e.g. all)")
+    return names
+
+
+def create_model(name: str, **kwargs) -> InterpolatedNet:
+    """Build a registered model; kwargs override the factory's defaults (num_classes, mean,
+    std, lambda_init, damp_scope, ...). The result takes [0, 1] inputs and carries `.info`."""
+    factory = model_entry(name).factory
+    accepted = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise UserError(
+                f"model {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(accepted)}"
+            )
+    try:
+        model = factory(**kwargs)
+    except ValueError as err:
+        raise UserError(f"model {name!r}: {err}") from None
+    return model.named(name)
+
+
+def _unknown(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_MODELS) + list(GROUPS), n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else f"groups: {', '.join(GROUPS)}"
+    return f"unknown model {name!r}; {hint} (list them all with: python run_bench.py --list-models)"

@@ -1,0 +1,58 @@
+"""run_bench.py: the summary, listing and one-line errors."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import run_bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summary_table(capsys):
+    assert run_bench.main(["--models", "resnet8,in-resnet14,in-resnet-gating14"]) == 0
+    assert capsys.readouterr().out == (
+        "| model              | arch                  | rule      |   params |   interp_params | damped   | lambda init   |\n"
+        "|--------------------|-----------------------|-----------|----------|-----------------|----------|---------------|\n"
+        "| resnet8            | preact-resnet8-basic  | residual  |   77,850 |               0 | 0/3      | -             |\n"
+        "| in-resnet14        | preact-resnet14-basic | in        |  175,066 |               3 | 3/6      | U[0.2, 0.25]  |\n"
+        "| in-resnet-gating14 | preact-resnet14-basic | in-gating |  175,066 |             115 | 3/6      | U[0.2, 0.25]  |\n"
+    )
+
+
+def test_summary_of_the_paper_models_cifar100(capsys):
+    assert run_bench.main(["--models", "main", "--num-classes", "100"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "model" not in line
+    ]
+    params = {row.split("|")[1].strip(): int(row.split("|")[4].replace(",", "")) for row in rows}
+    assert params["resnet110"] == 1_736_372
+    assert params["lambda-in-resnet164"] == 1_726_388
+    assert params["in-resnext29-8x64d"] == 34_518_948
+    assert len(params) == 9
+
+
+def test_list_models(capsys):
+    assert run_bench.main(["--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^lambda-in-resnet110 +lambda-In-ResNet \(Eq. 15\): pre-activation ResNet-110", out, re.M
+    )
+    assert "  variants   the In-ResNet-110 variants of Table 4" in out
+
+
+def test_unknown_model_is_one_line_and_exit_2():
+    run = subprocess.run(
+        [sys.executable, "run_bench.py", "--models", "in-resnet111"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == (
+        "error: unknown model 'in-resnet111'; closest: in-resnet110, in-resnet14, in-resnet164, "
+        "in-resnet-sig110, in-resnet56 (list them all with: python run_bench.py --list-models)\n"
+    )

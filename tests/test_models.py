@@ -1,0 +1,205 @@
+"""Whole networks: parameter counts, limits of the interpolation, gradients, metadata."""
+
+import pytest
+import torch
+
+from models import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    PreActResNet,
+    ResNeXt,
+    SkipRule,
+    UserError,
+    create_model,
+)
+
+
+def n_params(model) -> int:
+    """Parameters without the interpolation ones (lambda_n, gates), as REFERENCE.md 5 counts."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".skip." not in name)
+
+
+@pytest.mark.parametrize(
+    "name, classes, expected",
+    [
+        ("resnet110", 10, 1_730_522),
+        ("resnet110", 100, 1_736_372),
+        ("resnet164", 10, 1_703_258),
+        ("resnet164", 100, 1_726_388),
+        ("resnext29-8x64d", 10, 34_426_698),
+        ("resnext29-8x64d", 100, 34_518_948),
+    ],
+)
+def test_parameter_counts_match_the_reference(name, classes, expected):
+    for prefix in ("", "in-", "lambda-in-"):
+        assert n_params(create_model(prefix + name, num_classes=classes)) == expected
+
+
+@pytest.mark.parametrize(
+    "name, damped, blocks, lambdas",
+    [
+        ("in-resnet110", 51, 54, 51),
+        ("in-resnet164", 51, 54, 51),
+        ("in-resnext29-8x64d", 6, 9, 6),
+        ("in-resnet-gating110", 51, 54, 0),
+    ],
+)
+def test_release_scope_damps_identity_blocks_except_the_first(name, damped, blocks, lambdas):
+    model = create_model(name)
+    skips = [m for m in model.modules() if isinstance(m, SkipRule)]
+    assert (len(model.damped_skips()), len(skips)) == (damped, blocks)
+    assert sum(hasattr(s, "lam") for s in skips) == lambdas
+    assert not skips[0].damped  # the very first block stays plain residual
+    assert len(create_model(name, damp_scope="all").damped_skips()) == blocks
+
+
+def twin(reference_name: str, damped_name: str, **kw):
+    """Two models with the same weights, differing only in the skip rule."""
+    reference, damped = create_model(reference_name, **kw).eval(), create_model(damped_name, **kw).eval()
+    missing, unexpected = damped.load_state_dict(reference.state_dict(), strict=False)
+    assert not unexpected and all(".skip." in k for k in missing)
+    return reference, damped
+
+
+def set_interpolation(model, value: float) -> None:
+    for skip in model.damped_skips():
+        param = skip.lam if hasattr(skip, "lam") else skip.gate.bias
+        param.data.fill_(value)
+
+
+FAMILIES = [("resnet20", "{}20"), ("resnet164", "{}164"), ("resnext20-2x4d", "{}20-2x4d")]
+
+
+@pytest.mark.parametrize("rule_prefix", ["in-resnet", "lambda-in-resnet"])
+@pytest.mark.parametrize("base, pattern", FAMILIES)
+@pytest.mark.parametrize("lam", [0.0, -0.3])  # ReLU(lambda) = 0 either way
+def test_zero_interpolation_is_exactly_resnet(rule_prefix, base, pattern, lam, images):
+    damped_name = pattern.format(rule_prefix)
+    if "resnext" in base:
+        damped_name = damped_name.replace("resnet", "resnext")
+    resnet, damped = twin(base, damped_name)
+    set_interpolation(damped, lam)
+    assert torch.allclose(damped(images), resnet(images), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, d", [("in-resnet-sig20", -1e4), ("in-resnet-gating20", 0.0), ("in-resnet-gating-sig20", -1e4)]
+)
+def test_variants_at_zero_coefficient_are_resnet(name, d, images):
+    resnet, damped = twin("resnet20", name)
+    set_interpolation(damped, d)
+    assert torch.allclose(damped(images), resnet(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, d", [("in-resnet20", 1.0), ("in-resnet-sig20", 1e4), ("in-resnet164", 1.0)])
+def test_unit_coefficient_is_the_plain_network(name, d, images):
+    plain, damped = twin(name.replace("in-resnet-sig", "plain").replace("in-resnet", "plain"), name)
+    set_interpolation(damped, d)
+    assert torch.allclose(damped(images), plain(images), atol=1e-6)
+    # and it really differs from the residual network with the same weights
+    resnet, _ = twin(name.replace("in-resnet-sig", "resnet").replace("in-resnet", "resnet"), name)
+    assert not torch.allclose(resnet(images), plain(images), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "in-resnet20",
+        "lambda-in-resnet20",
+        "in-resnet-sig20",
+        "in-resnet-gating20",
+        "in-resnet-gating-sig20",
+        "in-resnext20-2x4d",
+    ],
+)
+def test_gradients_reach_every_interpolation_parameter(name, images):
+    model = create_model(name)
+    model(images).logsumexp(1).sum().backward()
+    params = [p for s in model.damped_skips() for p in s.parameters()]
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_lambda_init_defaults_and_override():
+    def lambdas(model):
+        return torch.stack([s.lam for s in model.damped_skips()])
+
+    assert (
+        lambdas(create_model("in-resnet110")).min() >= 0.2
+        and lambdas(create_model("in-resnet110")).max() <= 0.25
+    )
+    assert (
+        lambdas(create_model("in-resnet164")).min() >= 0.1
+        and lambdas(create_model("in-resnet164")).max() <= 0.2
+    )
+    low = lambdas(create_model("lambda-in-resnext29-8x64d"))
+    assert low.min() >= 0.2 and low.max() <= 0.25
+    custom = lambdas(create_model("in-resnet20", lambda_init=(0.3, 0.4)))
+    assert custom.min() >= 0.3 and custom.max() <= 0.4
+
+
+def test_interpolation_coefficients(images):
+    model = create_model("in-resnet20")
+    set_interpolation(model, 0.5)
+    model.damped_skips()[0].lam.data.fill_(-2.0)
+    coef = model.interpolation_coefficients()
+    assert coef.tolist() == [0.0] + [0.5] * 5  # ReLU(lambda) of 6 damped blocks, depth order
+    assert create_model("resnet20").interpolation_coefficients().tolist() == [0.0] * 6
+    assert create_model("plain20").interpolation_coefficients().tolist() == [1.0] * 6
+    sig = create_model("in-resnet-sig20")
+    set_interpolation(sig, 0.0)
+    assert sig.interpolation_coefficients().tolist() == [0.5] * 6
+
+
+def test_gating_coefficients_need_an_input_and_restore_the_mode(images):
+    model = create_model("in-resnet-gating20").train()
+    with pytest.raises(ValueError, match="pass a batch x"):
+        model.interpolation_coefficients()
+    coef = model.interpolation_coefficients(images)
+    assert coef.shape == (6, 4) and model.training
+    biases = torch.stack([s.gate.bias.detach()[0] for s in model.damped_skips()])
+    assert torch.allclose(coef, biases[:, None].expand(6, 4))  # W_d = 0 at init
+
+
+def test_normalisation_lives_inside_the_model(images):
+    torch.manual_seed(5)
+    inside = create_model("resnet8", mean=CIFAR10_MEAN, std=CIFAR10_STD).eval()
+    torch.manual_seed(5)
+    identity = create_model("resnet8", mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    mean, std = torch.tensor(CIFAR10_MEAN)[:, None, None], torch.tensor(CIFAR10_STD)[:, None, None]
+    assert torch.allclose(inside(images), identity((images - mean) / std), atol=1e-5)
+    info = inside.info
+    assert (info.name, info.mean, info.std, info.num_classes, info.input_range) == (
+        "resnet8",
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        10,
+        (0.0, 1.0),
+    )
+    assert torch.equal(inside.state_dict()["normalize.std"].flatten(), torch.tensor(CIFAR10_STD))
+
+
+def test_same_seed_same_weights():
+    torch.manual_seed(3)
+    a = create_model("lambda-in-resnet20").state_dict()
+    torch.manual_seed(3)
+    b = create_model("lambda-in-resnet20").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_any_valid_depth_and_clear_errors_for_invalid_ones(images):
+    assert PreActResNet(depth=14, rule="in")(images).shape == (4, 10)
+    assert PreActResNet(depth=29, block="bottleneck")(images).shape == (4, 10)
+    assert ResNeXt(depth=11, cardinality=2, base_width=4, widths=(16, 32, 64))(images).shape == (4, 10)
+    with pytest.raises(ValueError, match=r"depth = 6n\+2 \(n >= 1\), got 21"):
+        PreActResNet(depth=21)
+    with pytest.raises(UserError, match=r"model .resnet20.: .*9n\+2 \(n >= 1\), got 21"):
+        create_model("resnet20", depth=21, block="bottleneck")
+    with pytest.raises(
+        UserError,
+        match="no block of preact-resnet8-basic takes the 'in' skip under "
+        "damp_scope='release': use a deeper model or damp_scope='all'",
+    ):
+        create_model("resnet8", rule="in")
+    assert len(create_model("resnet8", rule="in", damp_scope="all").damped_skips()) == 3
+    with pytest.raises(UserError, match="damp_scope must be one of"):
+        create_model("in-resnet20", damp_scope="some")

@@ -1,0 +1,113 @@
+"""The skip rule itself: paper Eq. 13, 15, 21 computed by hand."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from models import SkipRule
+from models.preact_resnet import PreActBasicBlock, PreActBottleneck
+
+X = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(2))
+FX = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(3))
+
+
+def with_lambda(rule: str, value: float) -> SkipRule:
+    skip = SkipRule(rule, 8)
+    skip.lam.data.fill_(value)
+    return skip
+
+
+@pytest.mark.parametrize("lam", [0.37, -0.4, 1.0, 1.7])
+def test_in_resnet_is_eq13(lam):
+    c = max(lam, 0.0)
+    assert torch.allclose(with_lambda("in", lam)(X, FX), (1 - c) * X + FX, atol=1e-7)
+
+
+@pytest.mark.parametrize("lam", [0.37, -0.4, 1.0, 1.7])
+def test_lambda_in_resnet_is_eq15(lam):
+    c = max(lam, 0.0)
+    assert torch.allclose(with_lambda("lambda-in", lam)(X, FX), (1 - c) * X + (1 + c) * FX, atol=1e-7)
+
+
+def test_sig_rule_uses_sigmoid():
+    c = torch.sigmoid(torch.tensor(0.3))
+    assert torch.allclose(with_lambda("in-sig", 0.3)(X, FX), (1 - c) * X + FX, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule, act", [("in-gating", F.relu), ("in-gating-sig", torch.sigmoid)])
+def test_gating_rule_is_a_per_example_linear_gate(rule, act):
+    skip = SkipRule(rule, 8)
+    with torch.no_grad():
+        skip.gate.weight.copy_(torch.linspace(-1, 1, 8)[None])
+        skip.gate.bias.fill_(0.1)
+    d = X.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 8) + 0.1  # W_d GAP(x) + b_d, one per example
+    c = act(d)[:, None, None, None]
+    assert torch.allclose(skip(X, FX), (1 - c) * X + FX, atol=1e-6)
+    assert skip.coefficient(X).shape == (3, 1, 1, 1)
+    assert len(set(c.flatten().tolist())) == 3  # really input dependent
+
+
+def test_gate_starts_at_the_scalar_rules_coefficients():
+    skip = SkipRule("in-gating", 8, init=(0.2, 0.25))
+    assert torch.count_nonzero(skip.gate.weight) == 0
+    assert 0.2 <= skip.gate.bias.item() <= 0.25
+    assert torch.allclose(skip.coefficient(X).flatten(), skip.gate.bias.expand(3))
+
+
+def test_residual_plain_and_undamped():
+    assert torch.equal(SkipRule("residual", 8)(X, FX), X + FX)
+    assert torch.equal(SkipRule("plain", 8)(X, FX), FX)
+    undamped = SkipRule("in", 8, damped=False)
+    assert undamped.rule == "residual" and not list(undamped.parameters())
+    assert torch.equal(undamped(X, FX), X + FX)
+
+
+def test_init_range_is_respected():
+    values = torch.stack([SkipRule("in", 8, init=(0.3, 0.4)).lam for _ in range(500)])
+    assert values.min() >= 0.3 and values.max() <= 0.4
+    assert values.max() - values.min() > 0.09  # spread over the interval, not a constant
+
+
+def test_bad_rule_and_range_are_refused():
+    with pytest.raises(ValueError, match="unknown skip rule 'in-resnet'"):
+        SkipRule("in-resnet", 8)
+    with pytest.raises(ValueError, match="low <= high"):
+        SkipRule("in", 8, init=(0.4, 0.3))
+
+
+@pytest.mark.parametrize("block_cls, planes", [(PreActBasicBlock, 8), (PreActBottleneck, 2)])
+def test_block_is_eq15_and_evaluates_its_branch_once(block_cls, planes):
+    skip = with_lambda("lambda-in", 0.3)
+    block = block_cls(8, planes, 1, skip).eval()
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+    calls = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: calls.append(m))
+    out = block(X)
+    assert len(calls) == len(convs)  # each conv of f once: f is not recomputed
+    bns = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    f = X
+    for bn, conv in zip(bns, convs, strict=True):  # pre-activation: BN-ReLU-conv, repeated
+        f = F.conv2d(F.relu(bn(f)), conv.weight, stride=conv.stride, padding=conv.padding)
+    assert torch.allclose(out, 0.7 * X + 1.3 * f, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_damped_sum_gradients_are_exact(layout, scaled):
+    from models.skip import _DampedSum
+
+    gen = torch.Generator().manual_seed(4)
+    x, fx = (torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+    if layout == "channels_last":
+        x, fx = x.to(memory_format=torch.channels_last), fx.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x, fx = x[..., ::2], fx[..., 1::2]
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(1.3, dtype=torch.float64, requires_grad=True) if scaled else None
+    x.requires_grad_(True)
+    fx.requires_grad_(True)
+    inputs = (x, fx, a, b)
+    assert torch.autograd.gradcheck(_DampedSum.apply, inputs)
+    expected = 0.7 * x + (1.3 if scaled else 1.0) * fx
+    assert torch.allclose(_DampedSum.apply(*inputs), expected)
