@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Cost of the damped skip: forward+backward images/s of ResNet vs its interpolated twins.
 
-Two passes per model, interleaved round by round so that machine drift hits all models
-alike, and the best round of each is kept (least disturbed by other load): `train` = forward + backward w.r.t. the parameters in train mode (a training step
-without the optimiser), `input` = forward + backward w.r.t. the input in eval mode with
-frozen parameters (one attack step). Prints images/s and the ratio to the first
-model, measured in this one run.
+Two passes per model: `train` = forward + backward w.r.t. the parameters in train mode (a
+training step without the optimiser), `input` = forward + backward w.r.t. the input in
+eval mode with frozen parameters (one attack step). Rounds interleave the models in a
+shuffled order, so that machine drift hits all alike, and the best round of each is kept
+(the least disturbed by other load). Prints images/s and the ratio to the first model,
+measured in this one run.
 
     python benchmarks/bench_models.py --models resnet110,in-resnet110,lambda-in-resnet110
 """
@@ -13,6 +14,7 @@ model, measured in this one run.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -51,8 +53,10 @@ def main() -> None:
         for mode, model in built[name].items():
             step(model, x, y, mode)  # warm-up: allocator, kernels
     times = {(n, m): [] for n in names for m in ("train", "input")}
+    order, rng = list(names), random.Random(0)
     for _ in range(args.rounds):
-        for name in names:
+        rng.shuffle(order)  # no model always runs first, right after the same neighbour
+        for name in order:
             for mode, model in built[name].items():
                 times[name, mode].append(step(model, x, y, mode))
     print(

@@ -104,7 +104,7 @@ class InterpolatedNet(nn.Module):
         """
         skips = self.damped_skips()
         if not any(s.is_input_dependent for s in skips):
-            return torch.stack([s.coefficient().detach().float().cpu() for s in skips])
+            return torch.tensor([s.coefficient().item() for s in skips])
         if x is None:
             raise ValueError(f"{self.info.rule} coefficients depend on the input; pass a batch x")
         rows: list[Tensor] = []

@@ -85,13 +85,15 @@ class SkipRule(nn.Module):
         return self.act(self.lam)
 
     def forward(self, x: Tensor, fx: Tensor) -> Tensor:
+        """`fx` must be the block's fresh branch output: like torchvision's `out += identity`,
+        its memory is reused for the result, which saves an activation-sized allocation."""
         if self.rule == "residual":
-            return x + fx
+            return fx.add_(x)
         if self.rule == "plain":
             return fx
         c = self.coefficient(x)
         if self.is_input_dependent:
-            return torch.addcmul(fx * (1 + c) if self.scale_branch else fx, x, 1 - c)
+            return (fx * (1 + c) if self.scale_branch else fx).addcmul_(x, 1 - c)
         return _DampedSum.apply(x, fx, 1 - c, 1 + c if self.scale_branch else None)
 
     def extra_repr(self) -> str:
@@ -99,18 +101,23 @@ class SkipRule(nn.Module):
 
 
 class _DampedSum(torch.autograd.Function):
-    """a * x + b * fx for 0-d tensors a and b (b None means 1), as a single autograd node.
+    """a * x + b * fx for 0-d tensors a and b (b None means 1), written into fx's memory.
 
-    Why not plain autograd: it would keep b * fx as an extra activation-sized tensor and
-    take the gradients of a and b as sum(g * x) through another one. Here the forward is
-    one fused addcmul (plus one product when b is given) and those gradients are dot
-    products over the storage, which keeps the damped skip within a few percent of x + fx.
+    Why not plain autograd: it would take the gradients of a and b as sum(g * x) through an
+    activation-sized temporary, and could not reuse fx when b scales it. Here the forward
+    allocates nothing unless fx must be kept for b's gradient, and those gradients are dot
+    products over the storage: the damped skip stays within a few percent of x + fx.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, fx: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, fx, a, b)
-        return torch.addcmul(fx if b is None else fx * b, x, a)
+        _, _, need_a, need_b = ctx.needs_input_grad
+        # Keep activations alive only for the gradients that need them (frozen attacks don't).
+        ctx.save_for_backward(x if need_a else None, fx if need_b else None, a, b)
+        if need_b:
+            return (fx * b).addcmul_(x, a)  # fx itself is kept for b's gradient
+        ctx.mark_dirty(fx)
+        return (fx if b is None else fx.mul_(b)).addcmul_(x, a)
 
     @staticmethod
     def backward(ctx, g: Tensor):

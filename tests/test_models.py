@@ -145,6 +145,7 @@ def test_interpolation_coefficients(images):
     assert coef.tolist() == [0.0] + [0.5] * 5  # ReLU(lambda) of 6 damped blocks, depth order
     assert create_model("resnet20").interpolation_coefficients().tolist() == [0.0] * 6
     assert create_model("plain20").interpolation_coefficients().tolist() == [1.0] * 6
+    assert create_model("resnet8").interpolation_coefficients().shape == (0,)
     sig = create_model("in-resnet-sig20")
     set_interpolation(sig, 0.0)
     assert sig.interpolation_coefficients().tolist() == [0.5] * 6

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 from models import SkipRule
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck
 
+# The rule writes its result into fx (as torchvision's `out += identity`): calls pass a clone.
 X = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(2))
 FX = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(3))
 
@@ -20,18 +21,18 @@ def with_lambda(rule: str, value: float) -> SkipRule:
 @pytest.mark.parametrize("lam", [0.37, -0.4, 1.0, 1.7])
 def test_in_resnet_is_eq13(lam):
     c = max(lam, 0.0)
-    assert torch.allclose(with_lambda("in", lam)(X, FX), (1 - c) * X + FX, atol=1e-7)
+    assert torch.allclose(with_lambda("in", lam)(X, FX.clone()), (1 - c) * X + FX, atol=1e-7)
 
 
 @pytest.mark.parametrize("lam", [0.37, -0.4, 1.0, 1.7])
 def test_lambda_in_resnet_is_eq15(lam):
     c = max(lam, 0.0)
-    assert torch.allclose(with_lambda("lambda-in", lam)(X, FX), (1 - c) * X + (1 + c) * FX, atol=1e-7)
+    assert torch.allclose(with_lambda("lambda-in", lam)(X, FX.clone()), (1 - c) * X + (1 + c) * FX, atol=1e-7)
 
 
 def test_sig_rule_uses_sigmoid():
     c = torch.sigmoid(torch.tensor(0.3))
-    assert torch.allclose(with_lambda("in-sig", 0.3)(X, FX), (1 - c) * X + FX, atol=1e-7)
+    assert torch.allclose(with_lambda("in-sig", 0.3)(X, FX.clone()), (1 - c) * X + FX, atol=1e-7)
 
 
 @pytest.mark.parametrize("rule, act", [("in-gating", F.relu), ("in-gating-sig", torch.sigmoid)])
@@ -42,7 +43,7 @@ def test_gating_rule_is_a_per_example_linear_gate(rule, act):
         skip.gate.bias.fill_(0.1)
     d = X.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 8) + 0.1  # W_d GAP(x) + b_d, one per example
     c = act(d)[:, None, None, None]
-    assert torch.allclose(skip(X, FX), (1 - c) * X + FX, atol=1e-6)
+    assert torch.allclose(skip(X, FX.clone()), (1 - c) * X + FX, atol=1e-6)
     assert skip.coefficient(X).shape == (3, 1, 1, 1)
     assert len(set(c.flatten().tolist())) == 3  # really input dependent
 
@@ -55,11 +56,13 @@ def test_gate_starts_at_the_scalar_rules_coefficients():
 
 
 def test_residual_plain_and_undamped():
-    assert torch.equal(SkipRule("residual", 8)(X, FX), X + FX)
-    assert torch.equal(SkipRule("plain", 8)(X, FX), FX)
+    assert torch.equal(SkipRule("residual", 8)(X, FX.clone()), X + FX)
+    assert torch.equal(SkipRule("plain", 8)(X, FX.clone()), FX)
+    fx = FX.clone()
+    assert SkipRule("in", 8)(X, fx).data_ptr() == fx.data_ptr()  # result written into fx
     undamped = SkipRule("in", 8, damped=False)
     assert undamped.rule == "residual" and not list(undamped.parameters())
-    assert torch.equal(undamped(X, FX), X + FX)
+    assert torch.equal(undamped(X, FX.clone()), X + FX)
 
 
 def test_init_range_is_respected():
@@ -108,6 +111,13 @@ def test_damped_sum_gradients_are_exact(layout, scaled):
     x.requires_grad_(True)
     fx.requires_grad_(True)
     inputs = (x, fx, a, b)
-    assert torch.autograd.gradcheck(_DampedSum.apply, inputs)
+
+    def damped_sum(x, fx, a, b):
+        return _DampedSum.apply(x, fx.clone(), a, b)  # a leaf cannot be written in place
+
+    assert torch.autograd.gradcheck(damped_sum, inputs)
     expected = 0.7 * x + (1.3 if scaled else 1.0) * fx
-    assert torch.allclose(_DampedSum.apply(*inputs), expected)
+    assert torch.allclose(damped_sum(*inputs), expected)
+    frozen = fx.detach().clone()  # frozen parameters (an attack): fx's memory holds the result
+    out = _DampedSum.apply(x, frozen, a.detach(), None if b is None else b.detach())
+    assert out.data_ptr() == frozen.data_ptr() and torch.allclose(out, expected)
