@@ -1,0 +1,286 @@
+"""Clean CIFAR-10 / CIFAR-100 (and the synthetic set in the same format) as uint8 arrays.
+
+Reads the python archives with our own loader: no per-image PIL, and unlike torchvision's
+class it also reads files that are not the official ones (test fixtures, the synthetic
+set), reporting instead whether they are. Missing files are downloaded and md5-checked;
+every file is written atomically, so a failed download or extraction leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models import UserError
+from models.checkpoints import atomic_write
+
+log = logging.getLogger(__name__)
+DATA_DIR_ENV = "INRES_BENCH_DATA"
+
+
+def default_data_dir() -> Path:
+    """`$INRES_BENCH_DATA`, else ./data."""
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Where a CIFAR-format data set lives and how to get it.
+
+    `files` maps a split to (file name, official md5 or None) pairs inside `folder`.
+    `make` builds the folder when there is nothing to download (the synthetic set).
+    """
+
+    name: str
+    folder: str  # relative to the data dir, holds the batch files
+    files: dict[str, tuple[tuple[str, str | None], ...]]
+    label_key: str
+    num_classes: int
+    archive: str | None = None  # file name of the .tar.gz, relative to the data dir
+    url: str | None = None
+    archive_md5: str | None = None
+    make: Callable[[Path], None] | None = field(default=None, compare=False)
+    noise_folder: str = "CIFAR-10-C"  # released layout of its noise groups
+    noise_release: Release | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published tar of CIFAR-C files (Zenodo), checked by size and md5."""
+
+    url: str
+    tar: str
+    size: int
+    md5: str
+
+
+CIFAR10 = ArchiveSpec(
+    name="cifar10",
+    folder="cifar-10-batches-py",
+    files={
+        "train": (
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+        ),
+        "test": (("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    },
+    label_key="labels",
+    num_classes=10,
+    archive="cifar-10-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    archive_md5="c58f30108f718f92721af3b95e74349a",
+    noise_release=Release(
+        "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
+        "CIFAR-10-C.tar",
+        2_918_471_680,
+        "56bf5dcef84df0e2308c6dcbcbbd8499",
+    ),
+)
+CIFAR100 = ArchiveSpec(
+    name="cifar100",
+    folder="cifar-100-python",
+    files={
+        "train": (("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        "test": (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    },
+    label_key="fine_labels",
+    num_classes=100,
+    archive="cifar-100-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+    noise_folder="CIFAR-100-C",
+    noise_release=Release(
+        "https://zenodo.org/record/3555552/files/CIFAR-100-C.tar",
+        "CIFAR-100-C.tar",
+        2_918_473_216,
+        "11f0ed0f1191edbf9fa23466ae6021d3",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 (N, 32, 32, 3) NHWC and int64 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    dataset: str
+    official: bool  # every file has the official md5 (False for fixtures and synthetic)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(spec: ArchiveSpec, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    """The `split` ("train" or "test") of `spec`, fetching or building it when missing."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    folder = ensure_folder(spec, root)
+    images, labels, official = [], [], True
+    for name, md5 in spec.files[split]:
+        data, targets = read_batch(folder / name, spec.label_key, spec.num_classes)
+        images.append(data)
+        labels.append(targets)
+        official = official and md5 is not None and _md5(folder / name) == md5
+    if not official and spec.archive_md5:
+        log.warning("%s %s files in %s are not the official release", spec.name, split, folder)
+    return ImageSet(np.concatenate(images), np.concatenate(labels), spec.name, official)
+
+
+def ensure_folder(spec: ArchiveSpec, root: Path) -> Path:
+    """The folder with all batch files: as found, else extracted from the local archive,
+    else downloaded, else made by `spec.make`."""
+    folder = root / spec.folder
+    if _complete(spec, folder):
+        return folder
+    archive = root / spec.archive if spec.archive else None
+    if archive is not None and not archive.is_file() and spec.url:
+        download(spec.url, archive, spec.archive_md5, hint=f"or the extracted folder {folder}")
+    if archive is not None and archive.is_file():
+        extract(spec, archive, root)
+    elif spec.make is not None:
+        spec.make(folder)
+    if not _complete(spec, folder):
+        raise UserError(f"{spec.name}: {folder} lacks {', '.join(_missing(spec, folder))}")
+    return folder
+
+
+def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: pickle of {"data": uint8 (n, 3072) rows R..G..B, label_key: [..]}."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        data, labels = batch["data"], np.asarray(batch[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); delete it"
+        ) from None
+    if not (
+        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+    ):
+        raise UserError(
+            f"{path}: 'data' must be uint8 of shape (n, 3072), got {getattr(data, 'shape', data)}"
+        )
+    if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
+        raise UserError(f"{path}: need {len(data)} labels in [0, {num_classes}), got shape {labels.shape}")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Batches are untrusted pickles: allow only what a dict of numpy arrays needs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
+    """Stream `url` to `dest` through a temporary file, checking `md5` before the rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s to %s", url, dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    digest = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise UserError(
+                f"{url} arrived with md5 {digest.hexdigest()}, expected {md5}: nothing was kept; "
+                f"try again, or put a verified {dest.name} in {dest.parent}"
+            )
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"cannot download {url} ({reason}): put {dest.name}"
+            + (f" (md5 {md5})" if md5 else "")
+            + f" in {dest.parent}"
+            + (f", {hint}" if hint else "")
+        ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def extract(spec: ArchiveSpec, archive: Path, root: Path) -> None:
+    """Check the archive's md5, then extract only the batch files, atomically."""
+    if spec.archive_md5 is not None and _md5(archive) != spec.archive_md5:
+        raise UserError(
+            f"{archive} does not have the official md5 {spec.archive_md5}: it is truncated or "
+            "another file; delete it and run again to download it"
+        )
+    names = [name for names in spec.files.values() for name, _ in names]
+    extract_members(archive, root, spec.folder, names)
+
+
+def extract_members(archive: Path, root: Path, folder: str, names: list[str]) -> None:
+    """Extract `folder/name` for each name into root/folder: into a staging folder first,
+    then each file renamed into place, so an interrupted run leaves no partial file."""
+    wanted = {f"{folder}/{name}" for name in names}
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = [m for m in tar.getmembers() if m.name.removeprefix("./") in wanted]
+            tar.extractall(staging, members=members, filter="data")
+        missing = wanted - {m.name.removeprefix("./") for m in members}
+        if missing:
+            raise UserError(f"{archive} lacks {', '.join(sorted(missing))}: not the expected archive")
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(staging / folder / name, root / folder / name)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"{archive} cannot be extracted ({err}); delete it and run again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str = "labels") -> None:
+    """Write uint8 (n, 32, 32, 3) images in the CIFAR python batch format, atomically."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    batch = {
+        "batch_label": path.name,
+        label_key: [int(y) for y in labels],
+        "data": np.ascontiguousarray(rows, dtype=np.uint8),
+        "filenames": [f"{i:05d}.png" for i in range(len(images))],
+    }
+    atomic_write(path, lambda f: pickle.dump(batch, f, protocol=2))
+
+
+def _complete(spec: ArchiveSpec, folder: Path) -> bool:
+    return not _missing(spec, folder)
+
+
+def _missing(spec: ArchiveSpec, folder: Path) -> list[str]:
+    return [n for names in spec.files.values() for n, _ in names if not (folder / n).is_file()]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

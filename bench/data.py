@@ -1,0 +1,220 @@
+"""Data sets of the benchmark: clean test/train splits, the four noise groups, subsets and
+batches. `dataset` is one of DATASETS; every function takes the data dir explicitly
+(default: `$INRES_BENCH_DATA` or ./data).
+
+Noise-group sources:
+- "released": the published CIFAR-10-C / CIFAR-100-C files in `<root>/<CIFAR-10-C>/`,
+  downloaded from Zenodo (only the needed members extracted) when missing.
+- "generated": built from the clean test set with the published parameters, in the same
+  layout under `<root>/generated/<CIFAR-10-C>/`, with `generated.json` recording how.
+- "auto": released when present, else generated; never a 2.9 GB download unasked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import UserError
+from models.checkpoints import atomic_write
+
+from .cifar import CIFAR10, CIFAR100, ArchiveSpec, ImageSet, default_data_dir, download, extract_members
+from .cifar import load_split as _load_split
+from .noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
+from .synthetic import make_synthetic
+
+log = logging.getLogger(__name__)
+
+# The synthetic set lives in its own root, in CIFAR-10's layout, and is made on first use.
+SYNTHETIC = replace(
+    CIFAR10,
+    name="synthetic",
+    folder="synthetic/cifar-10-batches-py",
+    files={split: tuple((name, None) for name, _ in files) for split, files in CIFAR10.files.items()},
+    archive=None,
+    url=None,
+    archive_md5=None,
+    make=make_synthetic,
+    noise_folder="synthetic/CIFAR-10-C",
+    noise_release=None,
+)
+DATASETS: dict[str, ArchiveSpec] = {s.name: s for s in (CIFAR10, CIFAR100, SYNTHETIC)}
+NOISE_SOURCES = ("auto", "released", "generated")
+GENERATOR_VERSION = 1  # bump when generation changes, so that old files are rebuilt
+
+
+def dataset_spec(dataset: str) -> ArchiveSpec:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def load_test(dataset: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    return _load_split(dataset_spec(dataset), "test", data_dir)
+
+
+def load_train(dataset: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    return _load_split(dataset_spec(dataset), "train", data_dir)
+
+
+@dataclass(frozen=True)
+class NoiseGroup:
+    """One noise group, all severities: images uint8 (5 N, 32, 32, 3), severity s in rows
+    (s-1) N .. s N - 1, labels int64 (5 N,) = the test labels repeated 5 times."""
+
+    group: str
+    images: np.ndarray
+    labels: np.ndarray
+    source: str  # "released" or "generated"
+    path: Path
+
+    @property
+    def n_per_severity(self) -> int:
+        return len(self.labels) // len(SEVERITIES)
+
+
+def load_noise(
+    dataset: str,
+    group: str,
+    data_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+    seed: int = 0,
+    test: ImageSet | None = None,
+) -> NoiseGroup:
+    """The noise group `group` of `dataset` from `source` (see the module docstring);
+    `test` is the clean test set when already loaded."""
+    spec, root = dataset_spec(dataset), Path(data_dir) if data_dir is not None else default_data_dir()
+    if group not in NOISE_GROUPS:
+        raise UserError(f"unknown noise group {group!r}; choose one of {', '.join(NOISE_GROUPS)}")
+    if source not in NOISE_SOURCES:
+        raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
+    test = test if test is not None else _load_split(spec, "test", root)
+    released = root / spec.noise_folder
+    if source == "released" or (source == "auto" and _has_groups(released)):
+        if not _has_groups(released):
+            fetch_release(spec, root)
+        return _read_group(released, group, test, "released")
+    folder = root / "generated" / spec.noise_folder
+    ensure_generated(folder, test, seed)
+    if source == "auto":
+        log.info(
+            "%s noise groups: no released files in %s, using generated ones in %s", dataset, released, folder
+        )
+    return _read_group(folder, group, test, "generated")
+
+
+def fetch_release(spec: ArchiveSpec, root: Path) -> None:
+    """Download the published tar (md5-checked) and extract the four groups and labels."""
+    release = spec.noise_release
+    if release is None:
+        raise UserError(f"{spec.name} has no released noise groups: use --noise-source generated")
+    tar = root / release.tar
+    if not tar.is_file():
+        download(release.url, tar, release.md5, hint=f"or the extracted {spec.noise_folder}/ folder")
+    elif tar.stat().st_size != release.size:
+        raise UserError(
+            f"{tar} has {tar.stat().st_size} bytes, expected {release.size}: delete it and run again"
+        )
+    names = [f"{g}.npy" for g in NOISE_GROUPS] + ["labels.npy"]
+    extract_members(tar, root, spec.noise_folder, names)
+
+
+def ensure_generated(folder: Path, test: ImageSet, seed: int) -> None:
+    """Generate the four groups from `test` unless `folder` already holds them for the same
+    test set, seed and generator version (recorded in generated.json, written last)."""
+    provenance = {
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "test_sha256": hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest(),
+        "params": {g: list(NOISE_PARAMS[g]) for g in NOISE_GROUPS},
+    }
+    record = folder / "generated.json"
+    if record.is_file() and _has_groups(folder) and json.loads(record.read_text()) == provenance:
+        return
+    log.info("generating noise groups (seed %d) into %s", seed, folder)
+    record.unlink(missing_ok=True)
+    _save_npy(folder / "labels.npy", np.tile(test.labels, len(SEVERITIES)))
+    for group, images in corrupt_groups(test.images, NOISE_GROUPS, seed).items():
+        _save_npy(folder / f"{group}.npy", images)
+    text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
+    atomic_write(record, lambda f: f.write(text.encode()))
+
+
+def _has_groups(folder: Path) -> bool:
+    return all((folder / f"{name}.npy").is_file() for name in (*NOISE_GROUPS, "labels"))
+
+
+def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseGroup:
+    path, n = folder / f"{group}.npy", len(SEVERITIES) * len(test)
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(folder / "labels.npy", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable .npy file ({err}); delete it and run again") from None
+    if images.dtype != np.uint8 or images.shape != (n, 32, 32, 3):
+        raise UserError(f"{path}: expected uint8 ({n}, 32, 32, 3), got {images.dtype} {images.shape}")
+    if labels.shape != (n,) or not np.array_equal(labels, np.tile(test.labels, len(SEVERITIES))):
+        raise UserError(
+            f"{folder / 'labels.npy'} is not the test labels repeated 5 times: files of another data set?"
+        )
+    return NoiseGroup(group, images, labels.astype(np.int64), source, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+# --- subsets, views, batches ---------------------------------------------------------------
+
+
+def subset_indices(labels: np.ndarray, n: int | None = None, balanced: bool = False) -> np.ndarray:
+    """Indices of a deterministic test subset: all (n None), the first n, or the first n
+    that take n / classes images of each class (classes in label order get one more while
+    n does not divide evenly), in their original order."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n <= 0:
+        raise UserError(f"--n-test must be positive, got {n}")
+    if not balanced:
+        return np.arange(n)
+    classes = np.unique(labels)
+    quota = np.zeros(labels.max() + 1, dtype=np.int64)
+    quota[classes] = n // len(classes) + (np.arange(len(classes)) < n % len(classes))
+    rank = np.zeros(len(labels), dtype=np.int64)  # how many of the same class came before
+    for c in classes:
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.flatnonzero(rank < quota[labels])
+
+
+def severity_rows(indices: np.ndarray, n_per_severity: int, severity: int | None = None) -> np.ndarray:
+    """Rows of a noise group for test `indices` at one severity, or at all five (None)."""
+    severities = SEVERITIES if severity is None else (severity,)
+    if any(s not in SEVERITIES for s in severities):
+        raise UserError(f"severity must be one of {SEVERITIES}, got {severity}")
+    return np.concatenate([(s - 1) * n_per_severity + indices for s in severities])
+
+
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    rows: np.ndarray | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y): x float32 N x 3 x 32 x 32 in [0, 1] on `device`, y int64. Only uint8
+    crosses to the device (4x less traffic); the conversion happens there."""
+    rows = np.arange(len(labels)) if rows is None else rows
+    for start in range(0, len(rows), batch_size):
+        take = rows[start : start + batch_size]
+        x = torch.from_numpy(np.ascontiguousarray(images[take])).to(device, non_blocking=True)
+        y = torch.from_numpy(labels[take]).to(device, non_blocking=True)
+        yield x.permute(0, 3, 1, 2).float().div_(255), y
