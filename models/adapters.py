@@ -79,12 +79,18 @@ def zoo_checkpoint_dir(results_dir: str | os.PathLike, dataset: str, model: str,
 
 
 def save_zoo_checkpoint(
-    model: InterpolatedNet, dataset: str, seed: int, results_dir: str | os.PathLike, **meta
+    model: InterpolatedNet,
+    dataset: str,
+    seed: int,
+    results_dir: str | os.PathLike,
+    run: str | None = None,
+    **meta,
 ) -> Path:
     """Write weights, then the metadata naming their sha256 (both atomically): a reader
-    that finds meta.json finds the weights it describes."""
+    that finds meta.json finds the weights it describes. `run` names the folder (default:
+    the model's name; training adds tags for non-default presets and lengths)."""
     info = model.info
-    folder = zoo_checkpoint_dir(results_dir, dataset, info.name, seed)
+    folder = zoo_checkpoint_dir(results_dir, dataset, run or info.name, seed)
     digest = save_state_dict(model.state_dict(), folder / WEIGHTS_FILE)
     model_kwargs = {
         "num_classes": info.num_classes,

@@ -22,6 +22,8 @@ AUTHORS_CODE_STD = (0.2023, 0.1994, 0.2010)
 DATASET_DEFAULTS = {
     "cifar10": {"num_classes": 10, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
     "cifar100": {"num_classes": 100, "mean": CIFAR100_MEAN, "std": CIFAR100_STD},
+    # The synthetic stand-in (bench.synthetic) only has to be roughly centred.
+    "synthetic": {"num_classes": 10, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
 }
 
 # Which blocks get the model's skip rule. "release": as the authors' code, every block

@@ -136,7 +136,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
         UserError, match="missing keys layer1.1.skip.lam, layer2.1.skip.lam, layer3.1.skip.lam$"
     ):
         state_dict_defense("in-resnet14", tmp_path / "res.pt")
-    with pytest.raises(UserError, match="unknown dataset 'svhn'; choose one of cifar10, cifar100"):
+    with pytest.raises(UserError, match="unknown dataset .svhn.; choose one of cifar10, cifar100, synthetic"):
         state_dict_defense("resnet8", good, dataset="svhn")
 
 

@@ -1,5 +1,6 @@
 """run_bench.py: the summary, listing and one-line errors."""
 
+import logging
 import os
 import re
 import subprocess
@@ -56,3 +57,55 @@ def test_unknown_model_is_one_line_and_exit_2():
         "error: unknown model 'in-resnet111'; closest: in-resnet110, in-resnet14, in-resnet164, "
         "in-resnet-sig110, in-resnet56 (list them all with: python run_bench.py --list-models)\n"
     )
+
+
+def test_train_stage_trains_and_then_skips(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    argv = [
+        "--stage",
+        "train",
+        "--models",
+        "resnet8",
+        "--datasets",
+        "synthetic",
+        "--seeds",
+        "0",
+        "--length",
+        "smoke",
+        "--n-train",
+        "1024",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--no-progress",
+    ]
+    assert run_bench.main(argv) == 0
+    folder = tmp_path / "results" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    assert (folder / "weights.pt").is_file() and (folder / "meta.json").is_file()
+    assert "1 run(s): 1 finished, 0 failed" in caplog.text
+    caplog.clear()
+    assert run_bench.main(argv) == 0
+    assert "resnet8@smoke@n1024 synthetic seed 0: finished already" in caplog.text
+
+
+def test_train_stage_errors_are_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cases = [
+        (["--device", "cuda:7"], r"error: device 'cuda:7' is not usable here \(.*\); use --device cpu\n"),
+        (
+            ["--results-dir", str(blocker), "--datasets", "synthetic", "--data-dir", str(tmp_path)],
+            r"error: cannot write to .*file/checkpoints/synthetic/resnet8/seed0 \(.*\): choose another --results-dir\n",
+        ),
+        (
+            ["--datasets", "svhn"],
+            r"error: unknown dataset 'svhn'; choose one of cifar10, cifar100, synthetic\n",
+        ),
+        (["--seeds", "1,x"], r"error: --seeds takes non-negative integers, got '1,x'\n"),
+    ]
+    for extra, pattern in cases:
+        assert run_bench.main(["--stage", "train", "--models", "resnet8", "--seeds", "0", *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(pattern, err), err
+    assert not any((tmp_path / "results").glob("**/meta.json"))

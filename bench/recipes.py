@@ -1,0 +1,72 @@
+"""Training recipes (paper Sec. 4.1) and protocol presets, in one place.
+
+A recipe is fixed by the model family and data set (the paper's table), the protocol
+preset (`paper` as written, `authors-code` with the public release's deviations) and the
+length (`full`, or the shorter `quick` / `smoke` runs: fewer epochs, learning-rate
+milestones at the same fractions of training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from models import AUTHORS_CODE_STD, CIFAR10_MEAN, UserError
+
+PRESETS = ("paper", "authors-code")
+LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None}  # fraction of the epochs; smoke: SMOKE_EPOCHS
+SMOKE_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """SGD with momentum; the learning rate is divided by 10 at each milestone epoch."""
+
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...]
+    weight_decay: float  # applied to every parameter, lambda_n included (as the release)
+    momentum: float = 0.9
+    batch_size: int = 128  # images
+    pad: int = 4  # pixels of padding before the random 32x32 crop
+    pad_mode: str = "constant"  # "constant" (zeros) or "reflect"
+    flip: bool = True  # random horizontal flip
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during `epoch` (0-based)."""
+        return self.lr / 10 ** sum(epoch >= m for m in self.milestones)
+
+
+# (family, dataset) -> the paper's full recipe; synthetic data trains like CIFAR-10.
+_PAPER = {
+    ("preact-resnet", "cifar10"): Recipe(160, 0.1, (80, 120), 1e-4),
+    ("preact-resnet", "cifar100"): Recipe(300, 0.1, (150, 225), 1e-4),
+    ("resnext", "cifar10"): Recipe(300, 0.05, (150, 225), 5e-4),
+    ("resnext", "cifar100"): Recipe(300, 0.05, (150, 225), 5e-4),
+}
+
+
+def recipe_for(family: str, dataset: str, preset: str = "paper", length: str = "full") -> Recipe:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if length not in LENGTHS:
+        raise UserError(f"unknown run length {length!r}; choose one of {', '.join(LENGTHS)}")
+    key = (family, "cifar10" if dataset == "synthetic" else dataset)
+    if key not in _PAPER:
+        raise UserError(f"no training recipe for family {family!r} on {dataset!r}")
+    recipe = _PAPER[key]
+    if preset == "authors-code":
+        recipe = replace(recipe, pad=2, pad_mode="reflect")
+    return scaled(recipe, length)
+
+
+def scaled(recipe: Recipe, length: str) -> Recipe:
+    fraction = LENGTHS[length]
+    epochs = SMOKE_EPOCHS if fraction is None else max(1, round(recipe.epochs * fraction))
+    milestones = tuple(round(m * epochs / recipe.epochs) for m in recipe.milestones)
+    return replace(recipe, epochs=epochs, milestones=milestones)
+
+
+def preset_normalization(preset: str) -> dict:
+    """Model normalisation overrides of a preset: the release used CIFAR-10's mean with
+    its own std for both data sets; `paper` keeps each data set's statistics."""
+    return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD} if preset == "authors-code" else {}

@@ -1,0 +1,359 @@
+"""Training with the paper's recipe: resumable, deterministic on CPU, fast on a GPU.
+
+The whole training set sits on the device as uint8; each epoch's order, crops and flips
+come from a generator seeded by (seed, epoch), and crop + flip are one gather on the
+device, so there is no DataLoader and a resumed run replays exactly what it missed.
+After every epoch one file, `state.pt` (weights, optimiser, epoch), is replaced
+atomically: it is the commit point. `weights.pt` and `meta.json` beside it are rewritten
+from it (status "running"); at the end they hold the final-epoch weights with status
+"finished", or "failed" with the reason (non-finite loss, or chance-level accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from models import UserError, create_model
+from models.adapters import META_FILE, dataset_defaults, save_zoo_checkpoint, zoo_checkpoint_dir
+from models.checkpoints import atomic_write
+
+from .data import batches, load_test, load_train
+from .recipes import Recipe, preset_normalization, recipe_for
+
+log = logging.getLogger(__name__)
+STATE_FILE, LOG_FILE = "state.pt", "train.log"
+CHANCE_FACTOR = 1.5  # final test accuracy below 1.5 / classes counts as a failed run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Everything but `seed`, `dataset` and the speed flags changes the
+    weights, so it goes into the run's tag (its checkpoint folder name)."""
+
+    model: str
+    dataset: str
+    seed: int
+    preset: str = "paper"
+    length: str = "full"  # "full", "quick" or "smoke"
+    lambda_init: tuple[float, float] | None = None
+    n_train: int | None = None  # first N training images only (smoke runs, tests)
+    device: str = "cpu"
+    channels_last: bool = False
+    bf16: bool = False  # bf16 autocast for the training forward/backward (CUDA)
+    compile: bool = False  # torch.compile the model for training
+
+    @property
+    def tag(self) -> str:
+        parts = [self.model]
+        if self.preset != "paper":
+            parts.append(self.preset)
+        if self.length != "full":
+            parts.append(self.length)
+        if self.lambda_init is not None:
+            parts.append(f"lambda{self.lambda_init[0]:g}-{self.lambda_init[1]:g}")
+        if self.n_train is not None:
+            parts.append(f"n{self.n_train}")
+        return "@".join(parts)
+
+
+def check_device(device: str) -> None:
+    """One clear line for a device this machine does not have."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"device {device!r} is not usable here ({reason}); use --device cpu") from None
+
+
+def train(
+    config: TrainConfig, results_dir: str | Path = "results", data_dir=None, progress: bool = True
+) -> dict:
+    """Train (or resume, or skip when done) one run; returns its metadata."""
+    folder = zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed)
+    model = _build(config)
+    recipe = recipe_for(model.info.family, config.dataset, config.preset, config.length)
+    done = _finished_meta(folder, recipe)
+    if done is not None:
+        log.info(
+            "%s %s seed %d: %s already (%s)", config.tag, config.dataset, config.seed, done["status"], folder
+        )
+        return done
+    handler = logging.FileHandler(_writable(folder) / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the run's log file gets every epoch, whatever the console shows
+    try:
+        return _run(config, recipe, model, folder, data_dir, progress)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
+
+
+def _run(
+    config: TrainConfig, recipe: Recipe, model: nn.Module, folder: Path, data_dir, progress: bool
+) -> dict:
+    device = torch.device(config.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    start, wall = _resume(folder, model, optimizer)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory)
+    _optimizer_to(optimizer, device)
+    train_set = load_train(config.dataset, data_dir)
+    images = train_set.images[: config.n_train]
+    x_train = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, NCHW view
+    y_train = torch.from_numpy(train_set.labels[: config.n_train]).to(device)
+    step_model = torch.compile(model) if config.compile else model
+    steps = -(-len(y_train) // recipe.batch_size)
+    bar = tqdm(
+        total=recipe.epochs * steps,
+        initial=start * steps,
+        disable=not progress,
+        unit="batch",
+        dynamic_ncols=True,
+    )
+    with bar:
+        for epoch in range(start, recipe.epochs):
+            began = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr_at(epoch)
+            bar.set_description(
+                f"train {config.tag} {config.dataset} seed{config.seed} epoch {epoch + 1}/{recipe.epochs}"
+            )
+            loss, accuracy = train_epoch(
+                step_model,
+                optimizer,
+                x_train,
+                y_train,
+                recipe,
+                epoch_generator(config.seed, epoch),
+                config,
+                bar,
+            )
+            wall += time.perf_counter() - began
+            if not np.isfinite(loss):
+                return _close(
+                    config,
+                    recipe,
+                    model,
+                    folder,
+                    epoch,
+                    wall,
+                    "failed",
+                    f"non-finite loss in epoch {epoch + 1}",
+                )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "wall": wall,
+            }
+            atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
+            _save(config, recipe, model, folder, epoch + 1, wall, "running")
+            log.info(
+                "epoch %d/%d lr %g loss %.4f train acc %.4f %.1fs",
+                epoch + 1,
+                recipe.epochs,
+                recipe.lr_at(epoch),
+                loss,
+                accuracy,
+                time.perf_counter() - began,
+            )
+    accuracy = evaluate(model, config.dataset, data_dir, device)
+    chance = CHANCE_FACTOR / model.info.num_classes
+    status, reason = (
+        ("finished", "")
+        if accuracy >= chance
+        else ("failed", f"test accuracy {accuracy:.4f} at chance level")
+    )
+    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_train: Tensor,
+    y_train: Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    config: TrainConfig,
+    bar: tqdm | None = None,
+) -> tuple[float, float]:
+    """One pass in the generator's order; returns mean loss and train accuracy. Sums stay
+    on the device (no per-step sync); a non-finite loss shows in the returned mean."""
+    model.train()
+    n = len(y_train)
+    order = torch.randperm(n, generator=generator).to(x_train.device)
+    shifts = torch.randint(0, 2 * recipe.pad + 1, (2, n), generator=generator).to(x_train.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x_train.device) & recipe.flip
+    loss_sum = torch.zeros((), device=x_train.device)
+    correct = torch.zeros((), device=x_train.device, dtype=torch.long)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    for start in range(0, n, recipe.batch_size):
+        idx = order[start : start + recipe.batch_size]
+        x = augment(x_train[idx], shifts[0, idx], shifts[1, idx], flips[idx], recipe)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(x.contiguous(memory_format=memory))
+            loss = F.cross_entropy(logits, y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (logits.detach().argmax(1) == y_train[idx]).sum()
+        if bar is not None and not bar.disable:
+            bar.update()
+            if bar.n % 25 == 0:  # reading numbers waits for the device: not every step
+                seen = min(start + recipe.batch_size, n)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    return loss_sum.item() / n, correct.item() / n
+
+
+def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> Tensor:
+    """uint8 B x 3 x 32 x 32 -> float [0, 1]: pad by `recipe.pad` (zeros or reflection),
+    take the 32 x 32 window at (dy, dx), mirrored where `flip`; one gather for both."""
+    x = x.float().div_(255)
+    if recipe.pad:
+        x = F.pad(x, (recipe.pad,) * 4, mode=recipe.pad_mode)
+    span = torch.arange(32, device=x.device)
+    rows = (dy[:, None] + span)[:, None, :, None]
+    cols = torch.where(flip[:, None], dx[:, None] + 31 - span, dx[:, None] + span)[:, None, None, :]
+    batch = torch.arange(len(x), device=x.device)[:, None, None, None]
+    channel = torch.arange(3, device=x.device)[None, :, None, None]
+    return x[batch, channel, rows, cols]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch: order, crops and flips depend on (seed, epoch) only."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: str, data_dir, device: torch.device, batch_size: int = 1000) -> float:
+    """Clean accuracy on the full test set."""
+    model.eval()
+    test = load_test(dataset, data_dir)
+    correct = sum(
+        (model(x).argmax(1) == y).sum().item()
+        for x, y in batches(test.images, test.labels, batch_size, device)
+    )
+    return correct / len(test)
+
+
+def _build(config: TrainConfig) -> nn.Module:
+    kwargs = {**dataset_defaults(config.dataset), **preset_normalization(config.preset)}
+    if config.lambda_init is not None:
+        kwargs["lambda_init"] = tuple(config.lambda_init)
+    torch.manual_seed(config.seed)  # initial weights and lambdas depend on the seed only
+    return create_model(config.model, **kwargs)
+
+
+def _finished_meta(folder: Path, recipe: Recipe) -> dict | None:
+    path = folder / META_FILE
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("recipe") != _jsonable(asdict(recipe)):
+        raise UserError(
+            f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
+        )
+    return meta if meta.get("status") in ("finished", "failed") else None
+
+
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return 0, 0.0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # a state file we wrote atomically should never fail; say so
+        raise UserError(f"cannot resume from {path} ({err}); delete it to restart this run") from None
+    log.info("resuming %s after epoch %d", folder, state["epoch"])
+    return int(state["epoch"]), float(state["wall"])
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for param_state in optimizer.state.values():
+        for key, value in param_state.items():
+            if isinstance(value, Tensor):
+                param_state[key] = value.to(device)
+
+
+def _save(config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None) -> dict:
+    meta = {
+        "tag": config.tag,
+        "preset": config.preset,
+        "length": config.length,
+        "recipe": _jsonable(asdict(recipe)),
+        "epochs_done": epochs_done,
+        "test_accuracy": accuracy,
+        "interpolation_coefficients": _coefficients(model),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+        },
+        "device": _device_name(config.device),
+        "flags": {"channels_last": config.channels_last, "bf16": config.bf16, "compile": config.compile},
+        "n_train": config.n_train,
+        "wall_seconds": round(wall, 3),
+        "status": status,
+        "reason": reason,
+    }
+    written = save_zoo_checkpoint(
+        model, config.dataset, config.seed, folder.parents[3], run=config.tag, **meta
+    )
+    return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
+
+
+def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None) -> dict:
+    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy)
+    (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
+    line = f"{config.tag} {config.dataset} seed {config.seed}: {status}"
+    line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
+    line += f" ({reason})" if reason else ""
+    log.info("%s, %d epochs, %.0f s", line, epochs_done, wall)
+    return meta
+
+
+def _coefficients(model: nn.Module) -> list[float]:
+    try:
+        return [round(float(c), 6) for c in model.interpolation_coefficients()]
+    except ValueError:  # gating rules: coefficients depend on the input; none at rest
+        return []
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def _jsonable(obj):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {folder} ({err.strerror}): choose another --results-dir") from None
+    return folder

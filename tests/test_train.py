@@ -1,0 +1,183 @@
+"""Training: recipes, augmentation, learning, bit-identical resume, failure detection."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bench import train as training
+from bench.recipes import Recipe, preset_normalization, recipe_for
+from bench.train import TrainConfig, augment, train
+from models import AUTHORS_CODE_STD, CIFAR10_MEAN, UserError
+from models.adapters import zoo_defense
+from models.checkpoints import sha256_file
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The synthetic set, made once for this module."""
+    from bench.data import load_test
+
+    root = tmp_path_factory.mktemp("data")
+    load_test("synthetic", root)
+    return root
+
+
+def tiny(**kw) -> TrainConfig:
+    return TrainConfig(
+        **{"model": "resnet8", "dataset": "synthetic", "seed": 0, "length": "smoke", "n_train": 1024, **kw}
+    )
+
+
+def weights(folder):
+    return torch.load(folder / "weights.pt", weights_only=True)
+
+
+# --- recipes ----------------------------------------------------------------------------------
+
+
+def test_paper_recipes_and_presets():
+    assert recipe_for("preact-resnet", "cifar10") == Recipe(160, 0.1, (80, 120), 1e-4)
+    assert recipe_for("preact-resnet", "cifar100") == Recipe(300, 0.1, (150, 225), 1e-4)
+    assert recipe_for("resnext", "cifar10") == Recipe(300, 0.05, (150, 225), 5e-4)
+    released = recipe_for("preact-resnet", "cifar10", "authors-code")
+    assert (released.pad, released.pad_mode, released.epochs) == (2, "reflect", 160)
+    assert preset_normalization("authors-code") == {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD}
+    assert preset_normalization("paper") == {}
+    quick = recipe_for("preact-resnet", "cifar10", length="quick")
+    assert (quick.epochs, quick.milestones) == (32, (16, 24))  # same fractions: 1/2, 3/4
+    assert recipe_for("resnext", "cifar100", length="smoke").milestones == (1, 2)
+    with pytest.raises(UserError, match="unknown preset 'robust'"):
+        recipe_for("resnext", "cifar10", "robust")
+
+
+def test_learning_rate_at_the_milestones():
+    recipe = recipe_for("preact-resnet", "cifar10")
+    assert [recipe.lr_at(e) for e in (0, 79, 80, 119, 120, 159)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+
+def test_crop_and_flip_are_one_gather():
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    unit = x.float() / 255
+    recipe = Recipe(1, 0.1, (), 0.0)  # pad 4, zeros
+    dx, dy, no = torch.tensor([4, 0, 8]), torch.tensor([4, 0, 2]), torch.zeros(3, dtype=torch.bool)
+    out = augment(x, dx, dy, no, recipe)
+    assert torch.equal(out[0], unit[0])  # centred window: the image itself
+    assert torch.equal(out[1, :, 4:, 4:], unit[1, :, :28, :28]) and out[1, :, :4].abs().sum() == 0
+    assert torch.equal(out[2, :, 2:, :28], unit[2, :, :30, 4:]) and out[2, :, :2].abs().sum() == 0
+    assert out[2, :, :, 28:].abs().sum() == 0  # window past the right edge: padding
+    flipped = augment(x, dx, dy, torch.tensor([True, False, False]), recipe)
+    assert torch.equal(flipped[0], unit[0].flip(-1))
+    reflect = augment(
+        x, dx.new_tensor([0, 4, 4]), dy.new_tensor([0, 4, 4]), no, replace(recipe, pad_mode="reflect")
+    )
+    assert torch.equal(reflect[0, :, 4:, 4:], unit[0, :, :28, :28])
+    assert torch.equal(reflect[0, :, 0, 4:], unit[0, :, 4, :28])  # row -4 mirrors row 4
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
+    a = train(tiny(), tmp_path / "a", data_dir, progress=False)
+    train(tiny(), tmp_path / "b", data_dir, progress=False)
+    folder_a = tmp_path / "a" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    folder_b = tmp_path / "b" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    assert sha256_file(folder_a / "weights.pt") == sha256_file(folder_b / "weights.pt")
+    meta = json.loads((folder_a / "meta.json").read_text())
+    assert meta == a
+    assert meta["sha256"] == sha256_file(folder_a / "weights.pt")
+    assert (meta["model"], meta["tag"], meta["status"], meta["epochs_done"]) == (
+        "resnet8",
+        "resnet8@smoke@n1024",
+        "finished",
+        2,
+    )
+    assert meta["recipe"]["milestones"] == [1, 2] and meta["preset"] == "paper"
+    assert set(meta["versions"]) == {"python", "torch", "torchvision", "numpy"} and meta["device"].startswith(
+        "cpu"
+    )
+    assert meta["flags"] == {"channels_last": False, "bf16": False, "compile": False}
+    assert 0 <= meta["test_accuracy"] <= 1 and meta["wall_seconds"] > 0
+    assert not (folder_a / "state.pt").exists() and "epoch 2/2" in (folder_a / "train.log").read_text()
+    defense = zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path / "a")
+    assert defense.info.checkpoint_sha256 == meta["sha256"]
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, data_dir, monkeypatch):
+    reference = train(tiny(), tmp_path / "straight", data_dir, progress=False)
+    real_epoch, calls = training.train_epoch, []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed mid-epoch: epoch 1 committed, epoch 2 lost
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), tmp_path / "killed", data_dir, progress=False)
+    folder = tmp_path / "killed" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    assert json.loads((folder / "meta.json").read_text())["status"] == "running"
+    with pytest.raises(UserError, match="is 'running', not a finished run"):
+        zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path / "killed")
+    resumed = train(tiny(), tmp_path / "killed", data_dir, progress=False)
+    assert len(calls) == 3  # only the lost epoch ran again
+    assert resumed["sha256"] == reference["sha256"]
+    straight = weights(tmp_path / "straight" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0")
+    assert all(torch.equal(straight[k], v) for k, v in weights(folder).items())
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+
+
+def test_finished_runs_are_not_trained_again(tmp_path, data_dir, monkeypatch):
+    first = train(tiny(), tmp_path, data_dir, progress=False)
+    monkeypatch.setattr(training, "train_epoch", lambda *a, **k: pytest.fail("trained again"))
+    assert (
+        train(tiny(), tmp_path, data_dir, progress=False)["sha256"]
+        == json.loads(
+            (
+                tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0" / "meta.json"
+            ).read_text()
+        )["sha256"]
+    )
+    assert first["status"] == "finished"
+
+
+def test_a_different_recipe_in_the_same_folder_is_refused(tmp_path, data_dir, monkeypatch):
+    train(tiny(), tmp_path, data_dir, progress=False)
+    monkeypatch.setattr(training, "recipe_for", lambda *a: Recipe(2, 0.5, (1,), 0.0))
+    with pytest.raises(UserError, match="holds a run with another recipe"):
+        train(tiny(), tmp_path, data_dir, progress=False)
+
+
+@pytest.mark.parametrize(
+    "lr, reason",
+    [(float("inf"), "non-finite loss in epoch 1"), (0.0, r"test accuracy 0\.\d+ at chance level")],
+)
+def test_diverged_and_chance_runs_are_failed(tmp_path, data_dir, monkeypatch, lr, reason):
+    monkeypatch.setattr(training, "recipe_for", lambda *a: Recipe(2, lr, (1,), 0.0))
+    meta = train(tiny(), tmp_path, data_dir, progress=False)
+    assert meta["status"] == "failed"
+    assert __import__("re").fullmatch(reason, meta["reason"])
+    with pytest.raises(UserError, match="is 'failed', not a finished run"):
+        zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
+    meta = train(tiny(n_train=5000), tmp_path, data_dir, progress=False)
+    assert meta["status"] == "finished" and meta["test_accuracy"] >= 0.4  # chance: 0.1
+
+
+def test_tags_name_every_weight_changing_option():
+    assert tiny().tag == "resnet8@smoke@n1024"
+    assert TrainConfig("in-resnet110", "cifar10", 0).tag == "in-resnet110"
+    assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).tag == (
+        "in-resnet110@authors-code@lambda0.3-0.4"
+    )
+    assert np.isclose(training.CHANCE_FACTOR, 1.5)
