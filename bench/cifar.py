@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models import UserError
-from models.checkpoints import atomic_write
+from models.checkpoints import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 DATA_DIR_ENV = "INRES_BENCH_DATA"
@@ -279,8 +279,4 @@ def _missing(spec: ArchiveSpec, folder: Path) -> list[str]:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")

@@ -24,11 +24,12 @@ _SHOWN = 4  # keys listed per kind of mismatch before "+N more"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:

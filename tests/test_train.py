@@ -3,7 +3,6 @@
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -180,4 +179,3 @@ def test_tags_name_every_weight_changing_option():
     assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).tag == (
         "in-resnet110@authors-code@lambda0.3-0.4"
     )
-    assert np.isclose(training.CHANCE_FACTOR, 1.5)
