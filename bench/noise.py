@@ -149,11 +149,6 @@ def corrupt(
     return out
 
 
-def corrupt_all_severities(images: np.ndarray, group: str, seed: int = 0) -> np.ndarray:
-    """uint8 (5 N, 32, 32, 3) in the released layout: severity s in rows (s-1) N .. s N - 1."""
-    return corrupt_groups(images, (group,), seed)[group]
-
-
 def corrupt_groups(
     images: np.ndarray, groups: tuple[str, ...] = NOISE_GROUPS, seed: int = 0, workers: int | None = None
 ) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from models import UserError, create_model
-from models.adapters import META_FILE, dataset_defaults, save_zoo_checkpoint, zoo_checkpoint_dir
+from models.adapters import META_FILE, dataset_defaults, read_meta, save_zoo_checkpoint, zoo_checkpoint_dir
 from models.checkpoints import atomic_write
 
 from .data import batches, load_test, load_train
@@ -267,7 +267,7 @@ def _finished_meta(folder: Path, recipe: Recipe) -> dict | None:
     path = folder / META_FILE
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
+    meta = read_meta(path)
     if meta.get("recipe") != _jsonable(asdict(recipe)):
         raise UserError(
             f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"

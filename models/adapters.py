@@ -122,7 +122,7 @@ def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathL
             f"no trained checkpoint for {model} on {dataset} seed {seed}: expected "
             f"{weights} and {meta_path}; train it first"
         )
-    meta = _read_json(meta_path)
+    meta = read_meta(meta_path)
     if meta.get("status", "finished") != "finished":
         raise UserError(f"checkpoint {folder} is {meta['status']!r}, not a finished run")
     if sha256_file(weights) != meta.get("sha256"):
@@ -255,7 +255,8 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     return Defense(model, info)
 
 
-def _read_json(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json, checked for the keys a loader needs; one-line error if not."""
     try:
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict) or not {"model", "sha256", "model_kwargs"} <= meta.keys():

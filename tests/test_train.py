@@ -179,3 +179,11 @@ def test_tags_name_every_weight_changing_option():
     assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).tag == (
         "in-resnet110@authors-code@lambda0.3-0.4"
     )
+
+
+def test_unreadable_metadata_is_one_line(tmp_path, data_dir):
+    train(tiny(), tmp_path, data_dir, progress=False)
+    meta = tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0" / "meta.json"
+    meta.write_text("{half")
+    with pytest.raises(UserError, match="meta.json is not valid checkpoint metadata"):
+        train(tiny(), tmp_path, data_dir, progress=False)
