@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""inres-bench command line: parses arguments into configs and calls `bench`."""
+"""inres-bench command line: parses arguments into options and calls `bench`."""
 
 from __future__ import annotations
 
@@ -10,41 +10,68 @@ import sys
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
 
 log = logging.getLogger("inres-bench")
-STAGES = ("summary", "train")
+STAGES = ("train", "eval", "report")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench.suites import SUITES
+
     parser = argparse.ArgumentParser(
         description="Robustness of residual, interpolated and plain networks (Yang et al., ICML 2020).",
+        epilog="suites: " + "; ".join(f"{s.name}: {s.description}" for s in SUITES.values()),
+    )
+    parser.add_argument(
+        "--suite", default="smoke", choices=tuple(SUITES), help="what to reproduce (default: smoke)"
+    )
+    parser.add_argument(
+        "--stage",
+        default="train,eval,report",
+        help="comma-separated stages among train, eval, report (default: all three); "
+        "or summary: print the models' sizes and damped blocks",
     )
     parser.add_argument(
         "--models",
-        default="all",
-        help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: all",
+        default=None,
+        help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: the suite's",
     )
-    parser.add_argument("--stage", default="summary", choices=STAGES, help="what to run (default: summary)")
+    parser.add_argument("--datasets", default=None, help="comma-separated: cifar10, cifar100, synthetic")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
+    parser.add_argument("--preset", default="paper", choices=("paper", "authors-code"))
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
+    )
     parser.add_argument(
         "--list-models", action="store_true", help="list registered names and groups, then exit"
     )
-    parser.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="summary: head size")
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     train = parser.add_argument_group("train")
-    train.add_argument("--datasets", default="cifar10", help="comma-separated: cifar10, cifar100, synthetic")
-    train.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
-    train.add_argument("--preset", default="paper", choices=("paper", "authors-code"))
     train.add_argument(
-        "--length", default="full", choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
+        "--length", default=None, choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
     )
-    train.add_argument(
-        "--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the model's default"
-    )
+    train.add_argument("--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's")
     train.add_argument("--n-train", type=int, default=None, help="train on the first N images only")
-    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    train.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    train.add_argument("--results-dir", default="results")
-    train.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
+    train.add_argument(
+        "--contiguous", action="store_true", help="train in the contiguous (NCHW) layout, not channels_last"
+    )
+    train.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
+    evaluation = parser.add_argument_group("eval")
+    evaluation.add_argument("--n-test", type=int, default=None, help="class-balanced test subset of N images")
+    evaluation.add_argument(
+        "--radii", default=None, help="attack radii in 1/255, comma-separated (default 1,2,4)"
+    )
+    evaluation.add_argument("--steps", type=int, default=20, help="IFGSM / PGD iterations (default 20)")
+    evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
+    evaluation.add_argument(
+        "--batch-size", type=int, default=None, help="default: 256 on a CPU, 512 on a GPU"
+    )
+    summary = parser.add_argument_group("summary")
+    summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
     return parser.parse_args(argv)
 
 
@@ -55,44 +82,57 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_models:
             sys.stdout.write(listing() + "\n")
             return 0
-        names = resolve_models(args.models)
-        if args.stage == "train":
-            return run_training(args, names)
-        from bench.summary import model_summary, render_summary
+        if args.stage == "summary":
+            return print_summary(args)
+        from bench.pipeline import run
 
-        log.info("building %d model(s): %s", len(names), ", ".join(names))
-        sys.stdout.write(render_summary(model_summary(names, args.num_classes)) + "\n")
+        return run(options(args))
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    return 0
 
 
-def run_training(args: argparse.Namespace, names: list[str]) -> int:
-    from bench.train import TrainConfig, check_device, train
+def options(args: argparse.Namespace):
+    from bench.pipeline import RunOptions
 
-    check_device(args.device)
-    configs = [
-        TrainConfig(
-            name,
-            dataset,
-            seed,
-            args.preset,
-            args.length,
-            _pair(args.lambda_init),
-            args.n_train,
-            args.device,
-            args.channels_last,
-            args.bf16,
-            args.compile,
+    stages = tuple(_items(args.stage, "--stage"))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(
+            f"unknown stage {unknown[0]!r} in --stage; choose from {', '.join(STAGES)} (or summary)"
         )
-        for name in names
-        for dataset in _items(args.datasets, "--datasets")
-        for seed in (int(s) for s in _items(args.seeds, "--seeds"))
-    ]
-    metas = [train(c, args.results_dir, args.data_dir, progress=not args.no_progress) for c in configs]
-    failed = [m for m in metas if m["status"] == "failed"]
-    log.info("%d run(s): %d finished, %d failed", len(metas), len(metas) - len(failed), len(failed))
+    return RunOptions(
+        suite=args.suite,
+        stages=stages,
+        models=args.models,
+        datasets=tuple(_items(args.datasets, "--datasets")) if args.datasets else None,
+        seeds=tuple(int(s) for s in _items(args.seeds, "--seeds")) if args.seeds else None,
+        preset=args.preset,
+        length=args.length,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        lambda_init=_pair(args.lambda_init),
+        radii=tuple(_numbers(args.radii, "--radii")) if args.radii else None,
+        steps=args.steps,
+        noise_source=args.noise_source,
+        batch_size=args.batch_size,
+        device=args.device,
+        bf16=args.bf16,
+        channels_last=not args.contiguous,
+        compile=args.compile,
+        results_dir=args.results_dir,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        dry_run=args.dry_run,
+    )
+
+
+def print_summary(args: argparse.Namespace) -> int:
+    from bench.summary import model_summary, render_summary
+
+    names = resolve_models(args.models or "all")
+    log.info("building %d model(s): %s", len(names), ", ".join(names))
+    sys.stdout.write(render_summary(model_summary(names, args.num_classes)) + "\n")
     return 0
 
 
@@ -103,6 +143,13 @@ def _items(text: str, option: str) -> list[str]:
     if option == "--seeds" and not all(t.isdigit() for t in items):
         raise UserError(f"--seeds takes non-negative integers, got {text!r}")
     return items
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    try:
+        return [float(t) for t in _items(text, option)]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:

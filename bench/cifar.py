@@ -54,6 +54,7 @@ class ArchiveSpec:
     make: Callable[[Path], None] | None = field(default=None, compare=False)
     noise_folder: str = "CIFAR-10-C"  # released layout of its noise groups
     noise_release: Release | None = None
+    sizes: tuple[int, int] = (50_000, 10_000)  # (train, test) images, for plans and estimates
 
 
 @dataclass(frozen=True)

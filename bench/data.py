@@ -45,6 +45,7 @@ SYNTHETIC = replace(
     make=make_synthetic,
     noise_folder="synthetic/CIFAR-10-C",
     noise_release=None,
+    sizes=(10_000, 2_000),  # make_synthetic's defaults
 )
 DATASETS: dict[str, ArchiveSpec] = {s.name: s for s in (CIFAR10, CIFAR100, SYNTHETIC)}
 NOISE_SOURCES = ("auto", "released", "generated")
@@ -109,6 +110,17 @@ def load_noise(
             "%s noise groups: no released files in %s, using generated ones in %s", dataset, released, folder
         )
     return _read_group(folder, group, test, "generated")
+
+
+def noise_source(dataset: str, data_dir: str | os.PathLike | None = None, source: str = "auto") -> str:
+    """Where `load_noise(dataset, ..., source=source)` takes the groups from: "released" or
+    "generated" (auto: released when its files are present)."""
+    if source not in NOISE_SOURCES:
+        raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if source == "auto":
+        return "released" if _has_groups(root / dataset_spec(dataset).noise_folder) else "generated"
+    return source
 
 
 def fetch_release(spec: ArchiveSpec, root: Path) -> None:

@@ -8,8 +8,10 @@ Normalisation lives inside the module, so attack radii are always in pixel units
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import warnings
@@ -42,7 +44,7 @@ class DefenseInfo:
     family: str  # "preact-resnet", "resnext", "robustbench", or the user's label
     dataset: str
     num_classes: int
-    source: str  # "zoo", "state-dict", "module" or "robustbench"
+    source: str  # "zoo", "state-dict", "module", "robustbench" or "ensemble"
     checkpoint: str  # path of the weights file
     checkpoint_sha256: str
 
@@ -235,6 +237,57 @@ def _robustbench():
             f"the RobustBench adapter needs the optional extra: pip install -e '.[robustbench]' ({err})"
         ) from None
     return model_dicts, BenchmarkDataset, ThreatModel
+
+
+# --- 5. an ensemble of defenses (Table 6) ---------------------------------------------------
+
+
+def combine_members(logits: Sequence[Tensor]) -> Tensor:
+    """The ensemble rule: the mean of the members' softmax probabilities, returned as its
+    log, so that argmax is the ensemble's prediction and cross-entropy on it is the loss of
+    the averaged probabilities (what a white-box attack on the ensemble maximises). The
+    paper does not state its rule; change it here."""
+    log_probs = torch.stack([torch.log_softmax(z, dim=1) for z in logits])
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+
+
+class Ensemble(nn.Module):
+    """Several [0, 1]-input classifiers answering as one (see `combine_members`)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return combine_members([member(x) for member in self.members])
+
+
+def ensemble_defense(defenses: Sequence[Defense], name: str | None = None) -> Defense:
+    """One defense from several of the same data set, attacked white-box as one model. Its
+    checkpoint digest is the sha256 of the members' digests, so a retrained member makes
+    the ensemble a different checkpoint."""
+    if len(defenses) < 2:
+        raise UserError(f"an ensemble needs at least 2 members, got {len(defenses)}")
+    first = defenses[0].info
+    if any((d.info.dataset, d.info.num_classes) != (first.dataset, first.num_classes) for d in defenses):
+        raise UserError(
+            f"ensemble members must share data set and classes: {[d.info.name for d in defenses]}"
+        )
+    info = DefenseInfo(
+        name or first.name,
+        first.family,
+        first.dataset,
+        first.num_classes,
+        "ensemble",
+        ";".join(d.info.checkpoint for d in defenses),
+        ensemble_digest([d.info.checkpoint_sha256 for d in defenses]),
+    )
+    return _finish(Ensemble([d.model for d in defenses]), info)
+
+
+def ensemble_digest(digests: Sequence[str]) -> str:
+    """The checkpoint digest of an ensemble: sha256 of its members' digests, in order."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 # --- shared --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_summary_table(capsys):
-    assert run_bench.main(["--models", "resnet8,in-resnet14,in-resnet-gating14"]) == 0
+    assert run_bench.main(["--stage", "summary", "--models", "resnet8,in-resnet14,in-resnet-gating14"]) == 0
     assert capsys.readouterr().out == (
         "| model              | arch                  | rule      |   params |   interp_params | damped   | lambda init   |\n"
         "|--------------------|-----------------------|-----------|----------|-----------------|----------|---------------|\n"
@@ -24,7 +24,7 @@ def test_summary_table(capsys):
 
 
 def test_summary_of_the_paper_models_cifar100(capsys):
-    assert run_bench.main(["--models", "main", "--num-classes", "100"]) == 0
+    assert run_bench.main(["--stage", "summary", "--models", "main", "--num-classes", "100"]) == 0
     rows = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "model" not in line
     ]
@@ -83,7 +83,7 @@ def test_train_stage_trains_and_then_skips(tmp_path, caplog):
     assert run_bench.main(argv) == 0
     folder = tmp_path / "results" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
     assert (folder / "weights.pt").is_file() and (folder / "meta.json").is_file()
-    assert "1 run(s): 1 finished, 0 failed" in caplog.text
+    assert "resnet8@smoke@n1024 synthetic seed 0: finished, test acc" in caplog.text
     caplog.clear()
     assert run_bench.main(argv) == 0
     assert "resnet8@smoke@n1024 synthetic seed 0: finished already" in caplog.text
@@ -94,9 +94,10 @@ def test_train_stage_errors_are_one_line(tmp_path, capsys):
     blocker.write_text("not a folder")
     cases = [
         (["--device", "cuda:7"], r"error: device 'cuda:7' is not usable here \(.*\); use --device cpu\n"),
+        (["--device", "tpu"], r"error: device 'tpu' is not usable here \(.*\); use --device cpu\n"),
         (
             ["--results-dir", str(blocker), "--datasets", "synthetic", "--data-dir", str(tmp_path)],
-            r"error: cannot write to .*file/checkpoints/synthetic/resnet8/seed0 \(.*\): choose another --results-dir\n",
+            r"error: cannot write records to .*file/records.sqlite \(.*\): choose another --results-dir\n",
         ),
         (
             ["--datasets", "svhn"],

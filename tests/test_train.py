@@ -101,7 +101,7 @@ def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
     assert set(meta["versions"]) == {"python", "torch", "torchvision", "numpy"} and meta["device"].startswith(
         "cpu"
     )
-    assert meta["flags"] == {"channels_last": False, "bf16": False, "compile": False}
+    assert meta["flags"] == {"channels_last": True, "bf16": False, "compile": False}
     assert 0 <= meta["test_accuracy"] <= 1 and meta["wall_seconds"] > 0
     assert not (folder_a / "state.pt").exists() and "epoch 2/2" in (folder_a / "train.log").read_text()
     defense = zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path / "a")

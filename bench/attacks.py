@@ -1,0 +1,72 @@
+"""The adversarial perturbations of the protocol, through torchattacks, and the audit that
+every adversarial batch must pass before it counts.
+
+Units and shapes everywhere: `x` float32 N x 3 x 32 x 32 in [0, 1] (pixel space: the
+model normalises inside), `y` int64 N, `eps` and `alpha` in pixel units (2/255 = 0.0078),
+the model in eval mode with frozen parameters, so gradients are taken w.r.t. the input
+only. Library defaults differ from the paper's (torchattacks: eps 8/255, 10 steps), so
+every argument is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchattacks
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+ATTACKS = ("fgsm", "ifgsm", "pgd")
+AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
+
+
+class AttackAuditError(RuntimeError):
+    """An adversarial batch left the eps-ball or the image range: the cell is void."""
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float]) -> list[Tensor]:
+    """FGSM (paper Eq. 19) at every radius in `eps` from one input gradient: the sign of the
+    gradient does not depend on the radius, so k radii cost one backward pass, not k.
+    Equals torchattacks.FGSM(model, eps=e)(x, y) for each e exactly (same loss, same ops)."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    sign = torch.autograd.grad(loss, x)[0].sign()
+    x = x.detach()
+    return [torch.clamp(x + e * sign, min=0, max=1) for e in eps]
+
+
+def iterative_attack(
+    model: nn.Module, kind: str, eps: float, alpha: float, steps: int
+) -> torchattacks.Attack:
+    """IFGSM (paper Eq. 20: torchattacks.BIM, starts at x) or PGD (torchattacks.PGD: starts
+    at x + U[-eps, eps] clipped to [0, 1]), `steps` signed-gradient steps of size `alpha`,
+    each projected onto the eps-ball and [0, 1]."""
+    if steps < 1:  # BIM picks its own step count for steps=0: never let that happen silently
+        raise ValueError(f"{kind} needs at least one step, got {steps}")
+    if kind == "ifgsm":
+        return torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps)
+    if kind == "pgd":
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    raise ValueError(f"unknown iterative attack {kind!r}")
+
+
+def run_seeded(attack: torchattacks.Attack, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """Run `attack` with the global RNGs (where torchattacks draws PGD's start) seeded by
+    `seed` and restored afterwards: the same seed gives the same starts and adversarials."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return attack(x, y)
+
+
+def audit(x_adv: Tensor, x: Tensor, eps: float, what: str) -> None:
+    """Raise AttackAuditError unless every value of x_adv is finite, in [0, 1] and within
+    eps (+ AUDIT_TOLERANCE) of x in L-infinity."""
+    distance = (x_adv - x).abs().amax().item()
+    low, high = x_adv.amin().item(), x_adv.amax().item()
+    if not distance <= eps + AUDIT_TOLERANCE or not (0.0 <= low and high <= 1.0):
+        raise AttackAuditError(
+            f"{what}: adversarial batch fails the audit (max |x_adv - x| = {distance * 255:.6f}/255 "
+            f"for eps {eps * 255:g}/255, range [{low:.6f}, {high:.6f}])"
+        )

@@ -1,0 +1,386 @@
+"""The evaluation engine: every cell of the protocol for one defense, audited and resumable.
+
+A cell is one perturbation at one radius or severity on the (class-balanced subset of
+the) test set: clean; each noise group at severities 1-5; FGSM, IFGSM and PGD at each
+radius. Accuracy is the paper's: the fraction of perturbed inputs classified correctly.
+Finished cells are read from the record store and never computed again; each cell is
+written as soon as it finishes (FGSM's radii together: they share one gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import torch
+import torchattacks
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models import UserError
+from models.adapters import Defense
+from models.layers import Normalize
+
+from .attacks import ATTACKS, AttackAuditError, audit, fgsm, iterative_attack, run_seeded
+from .data import batches, load_noise, load_test, noise_source, severity_rows, subset_indices
+from .environment import device_name
+from .noise import NOISE_GROUPS, SEVERITIES
+from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records
+
+log = logging.getLogger(__name__)
+PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
+FORWARD, FORWARD_BACKWARD = 1.0, 3.0  # progress-bar cost of one image pass (an attack step ~ 3 forwards)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
+
+    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, per-file noise normalisation
+    eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
+    iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
+    steps: int = 20  # IFGSM / PGD iterations
+    alpha_255: float | None = None  # None: the preset's
+    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    noise_source: str = "auto"  # released, generated, or auto (released when present)
+    batch_size: int | None = None  # None: 256 on a CPU, 512 on a GPU, halved on out-of-memory
+    device: str = "cpu"
+    seed: int = 0  # PGD starts come from (seed, model seed, radius, batch)
+    channels_last: bool = True  # faster convolutions on CPUs and GPUs alike
+
+    def __post_init__(self):
+        if self.preset not in PRESET_ALPHA_255:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_ALPHA_255)}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        for name in ("n_test", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if any(e < 0 for e in self.radii) or not self.eps_255:
+            raise UserError(f"radii must be non-negative numbers of 1/255, got {self.eps_255}")
+
+    @property
+    def alpha(self) -> float:
+        return (self.alpha_255 if self.alpha_255 is not None else PRESET_ALPHA_255[self.preset]) / 255
+
+    @property
+    def radii(self) -> tuple[float, ...]:
+        return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
+
+
+@dataclass(frozen=True)
+class Cell:
+    perturbation: str  # "clean", a noise group, or one of ATTACKS
+    eps_255: float = 0.0
+    severity: int = 0
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A defense and the facts records need about it."""
+
+    defense: Defense
+    model: str  # registered name, or the defense's own name
+    run: str  # checkpoint tag: the model plus every option that changed its weights
+    seed: int  # ENSEMBLE_SEED for an ensemble
+    members: int = 1
+    lambda_init: tuple[float, float] | None = None
+
+
+def protocol_cells(config: EvalConfig) -> list[Cell]:
+    cells = [Cell("clean")]
+    cells += [Cell(group, 0.0, s) for group in NOISE_GROUPS for s in SEVERITIES]
+    cells += [Cell("fgsm", e) for e in config.eps_255]
+    cells += [Cell(kind, e) for kind in ("ifgsm", "pgd") for e in config.radii]
+    return cells
+
+
+class EvalData:
+    """The test subset of one data set and its noise groups, loaded on first use."""
+
+    def __init__(self, dataset: str, data_dir, config: EvalConfig):
+        self.dataset, self.data_dir, self.config = dataset, data_dir, config
+        self.test = load_test(dataset, data_dir)
+        self.indices = subset_indices(self.test.labels, config.n_test, balanced=True)
+        synthetic = dataset == "synthetic"
+        self.clean_source = "synthetic" if synthetic else ("released" if self.test.official else "unofficial")
+        self.noise_source = "synthetic" if synthetic else noise_source(dataset, data_dir, config.noise_source)
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+    def source(self, cell: Cell) -> str:
+        return self.noise_source if cell.perturbation in NOISE_GROUPS else self.clean_source
+
+    @functools.cache  # noqa: B019 (one EvalData per data set and run)
+    def noise(self, group: str):
+        source = "generated" if self.dataset == "synthetic" else self.noise_source
+        return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
+
+    @functools.cache  # noqa: B019
+    def file_stats(self, group: str, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std of a whole noise file (all severities), in [0, 1] units."""
+        images = self.noise(group).images
+        total, square = np.zeros(3), np.zeros(3)
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255
+            total += part.sum(0)
+            square += (part * part).sum(0)
+        count = len(images) * 32 * 32
+        mean = total / count
+        return mean, np.sqrt(square / count - mean**2)
+
+    def clean_batches(self, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+        return batches(self.test.images, self.test.labels, batch_size, device, self.indices)
+
+
+def evaluate(
+    subject: Subject,
+    config: EvalConfig,
+    store: RecordStore,
+    data: EvalData,
+    progress: bool = True,
+    cells: Sequence[Cell] | None = None,
+) -> tuple[int, int, list[str]]:
+    """Compute and record the cells (default: the whole protocol) of `subject` not yet in
+    `store`; returns (cells recorded, cells cached, errors). A cell that fails the audit is
+    reported, never recorded."""
+    context = _context(subject, config, data)
+    done = store.done(context)
+    cells = protocol_cells(config) if cells is None else list(cells)
+    todo = [c for c in cells if cell_key(c, data.source(c), config) not in done]
+    model = _prepared(subject.defense.model, config)
+    work = units(todo)
+    cost = sum(_units_cost(u, data.n, config) for u in work)
+    label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
+    errors, failed = [], 0
+    # disable=None: bars on a terminal only, not in logs and pipes
+    bar = tqdm(
+        total=cost,
+        disable=None if progress and todo else True,
+        unit="fwd",
+        unit_scale=True,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for unit in work:
+            bar.set_description(f"eval {label} {_unit_name(unit)}")
+            began = time.perf_counter()
+            try:
+                correct = _run_unit(model, unit, subject, config, data, bar)
+            except AttackAuditError as err:  # `err` names the cell
+                log.error("error: %s (not recorded)", err)
+                errors.append(str(err))
+                failed += len(unit)
+                continue
+            seconds = (time.perf_counter() - began) / len(unit)
+            rows = [
+                _row(context, cell, data, bits, seconds, config)
+                for cell, bits in zip(unit, correct, strict=True)
+            ]
+            store.add_cells(rows, correct)
+    return len(todo) - failed, len(cells) - len(todo), errors
+
+
+def _context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
+    info = subject.defense.info
+    low, high = subject.lambda_init or (None, None)
+    return {
+        "model": subject.model,
+        "run": subject.run,
+        "family": info.family,
+        "dataset": data.dataset,
+        "seed": subject.seed,
+        "members": subject.members,
+        "n": data.n,
+        "preset": config.preset,
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "lambda_low": low,
+        "lambda_high": high,
+    }
+
+
+def cell_key(cell: Cell, source: str, config: EvalConfig) -> tuple:
+    """A cell's records.CELL_COLUMNS: step size and count only mean something (and only
+    count) for the iterative attacks."""
+    iterative = cell.perturbation in ("ifgsm", "pgd")
+    alpha, steps = (config.alpha * 255, config.steps) if iterative else (0.0, 0)
+    return (source, cell.perturbation, cell.eps_255, cell.severity, alpha, steps)
+
+
+def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config) -> dict:
+    return {
+        **context,
+        **dict(zip(CELL_COLUMNS, cell_key(cell, data.source(cell), config), strict=True)),
+        "correct": int(correct.sum()),
+        "accuracy": float(correct.mean()),
+        "torch_version": torch.__version__,
+        "torchattacks_version": torchattacks.__version__,
+        "device": device_name(config.device),
+        "batch_size": _batch_size(config),
+        "seconds": round(seconds, 3),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def units(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Units of work, in protocol order: the FGSM cells together (one gradient), every
+    other cell alone."""
+    shared = [c for c in cells if c.perturbation == "fgsm"]
+    work = []
+    for cell in cells:
+        if cell.perturbation != "fgsm":
+            work.append([cell])
+        elif cell is shared[0]:
+            work.append(shared)
+    return work
+
+
+def unit_passes(unit: Sequence[Cell], n: int, steps: int) -> tuple[int, int]:
+    """(forward, forward+backward) image passes of a unit of `n` images."""
+    kind = unit[0].perturbation
+    if kind == "fgsm":
+        return n * len(unit), n
+    if kind in ATTACKS:
+        return n, n * steps
+    return n, 0
+
+
+def _units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
+    forward, gradient = unit_passes(unit, n, config.steps)
+    return forward * FORWARD + gradient * FORWARD_BACKWARD
+
+
+def _unit_name(unit: list[Cell]) -> str:
+    cell = unit[0]
+    if cell.perturbation in ATTACKS:
+        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"
+    return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
+
+
+def _run_unit(
+    model: nn.Module, unit: list[Cell], subject: Subject, config: EvalConfig, data: EvalData, bar
+) -> list:
+    """Per-example correctness (bool, test-subset order) for each cell of the unit; on a GPU
+    out of memory, retried with half the batch size (unless the size was given)."""
+    batch_size = _batch_size(config)
+    while True:
+        try:
+            return _correct(model, unit, subject, config, data, batch_size, bar)
+        except torch.cuda.OutOfMemoryError:
+            if config.batch_size is not None or batch_size == 1:
+                raise UserError(
+                    f"out of GPU memory at batch size {batch_size}: give a smaller --batch-size"
+                ) from None
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: retrying with batch size %d", batch_size)
+
+
+def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.ndarray]:
+    cell, device = unit[0], torch.device(config.device)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    if cell.perturbation in NOISE_GROUPS:
+        noise = data.noise(cell.perturbation)
+        rows = severity_rows(data.indices, noise.n_per_severity, cell.severity)
+        source = batches(noise.images, noise.labels, batch_size, device, rows)
+        authors = config.preset == "authors-code"
+        remap = _file_normalization(model, *data.file_stats(cell.perturbation)) if authors else None
+    else:
+        source, remap = data.clean_batches(batch_size, device), None
+    eps = [c.eps_255 / 255 for c in unit]
+    who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
+    what = f"{subject.run} {data.dataset} {who} {_unit_name(unit)}"
+    attack = (
+        iterative_attack(model, cell.perturbation, eps[0], config.alpha, config.steps)
+        if cell.perturbation in ("ifgsm", "pgd")
+        else None
+    )
+    out: list[list[Tensor]] = [[] for _ in unit]
+    for index, (x, y) in enumerate(source):
+        x = x.contiguous(memory_format=memory)
+        if cell.perturbation == "fgsm":
+            inputs = fgsm(model, x, y, eps)
+        elif attack is not None:
+            seed = _batch_seed(config.seed, subject.seed, cell.eps_255, index)
+            inputs = [run_seeded(attack, x, y, seed) if cell.perturbation == "pgd" else attack(x, y)]
+        else:
+            inputs = [remap(x) if remap is not None else x]
+        for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
+            if cell.perturbation in ATTACKS:
+                audit(x_in, x, e, what)
+            out[slot].append(_predict_correct(model, x_in, y, what))
+        bar.update(_units_cost(unit, len(y), config))
+    return [torch.cat(parts).cpu().numpy() for parts in out]
+
+
+@torch.no_grad()
+def _predict_correct(model: nn.Module, x: Tensor, y: Tensor, what: str) -> Tensor:
+    logits = model(x)
+    if not torch.isfinite(logits).all():
+        raise AttackAuditError(f"{what}: the model returned non-finite logits")
+    return logits.argmax(1) == y
+
+
+def _batch_seed(base: int, model_seed: int, eps_255: float, batch: int) -> int:
+    words = [base, model_seed - ENSEMBLE_SEED, round(eps_255 * 1000), batch]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _file_normalization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> Callable[[Tensor], Tensor]:
+    """The authors' release normalised each CIFAR-C file with its own per-channel mean and
+    std instead of the training statistics. Our models normalise inside, so feed them
+    x' = (x - m_file) / s_file * s_model + m_model, which the model maps to the release's
+    input (x' may leave [0, 1]; fine for noise, which is not attacked)."""
+    normalize = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if normalize is None:
+        raise UserError(
+            "preset authors-code renormalises noise files and needs a model with a Normalize layer"
+        )
+    device = normalize.mean.device
+    file_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    file_std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return lambda x: (x - file_mean) / file_std * normalize.std + normalize.mean
+
+
+def _prepared(model: nn.Module, config: EvalConfig) -> nn.Module:
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    return model.to(torch.device(config.device), memory_format=memory).eval().requires_grad_(False)
+
+
+def _batch_size(config: EvalConfig) -> int:
+    if config.batch_size is not None:
+        return config.batch_size
+    return 512 if config.device.startswith("cuda") else 256
+
+
+def evaluate_defense(
+    defense: Defense,
+    config: EvalConfig | None = None,
+    results_dir: str | os.PathLike = "results",
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate any adapter's defense on its data set with the whole protocol (resumable:
+    finished cells are kept) and return its current records; `--stage report` then ranks it
+    with the rest."""
+    config = config or EvalConfig()
+    info = defense.info
+    data = EvalData(info.dataset, data_dir, config)
+    _, _, errors = evaluate(
+        Subject(defense, info.name, info.name, seed), config, RecordStore(results_dir), data, progress
+    )
+    if errors:
+        raise UserError(f"{len(errors)} cell(s) failed the audit, first: {errors[0]}")
+    frame = load_records(results_dir)
+    return frame[(frame["run"] == info.name) & (frame["checkpoint_sha256"] == info.checkpoint_sha256)]

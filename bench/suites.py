@@ -1,0 +1,90 @@
+"""The suites: which models are trained on what and evaluated how. Data, in one place.
+
+A suite is a list of studies (each one of the paper's tables or a part of one) plus the
+training length, seeds and test subset they share. Radii are in 1/255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models import UserError
+
+LAMBDA_SWEEP = ((0.0, 0.1), (0.1, 0.2), None, (0.25, 0.3), (0.3, 0.4))  # None: the default U[0.2, 0.25]
+ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resnet164,lambda-in-resnet164"
+
+
+@dataclass(frozen=True)
+class Study:
+    """`models` (names, globs or groups) trained on each of `datasets` with each λ
+    initialisation (None: the model's default), evaluated with FGSM / IFGSM / PGD at
+    `radii`; with `ensemble_radii`, the seeds' ensemble is evaluated too (at those radii)."""
+
+    table: str  # which of the paper's tables it feeds
+    models: str
+    datasets: tuple[str, ...]
+    radii: tuple[float, ...] = (1.0, 2.0, 4.0)
+    lambda_inits: tuple[tuple[float, float] | None, ...] = (None,)
+    ensemble_radii: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    studies: tuple[Study, ...]
+    seeds: tuple[int, ...]
+    length: str  # training length: "full" (the paper's epochs), "quick" (1/5), "smoke" (2 epochs)
+    n_train: int | None = None  # first N training images; None: all
+    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    needs_gpu: bool = True
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "paper",
+            "every table of the paper: 5 seeds, the paper's epochs, full test sets",
+            (
+                Study("1-3", "main", ("cifar10", "cifar100")),
+                Study("4", "variants", ("cifar10",), radii=(2.0,)),
+                Study("5", "in-resnet110,lambda-in-resnet110", ("cifar10",), (2.0,), LAMBDA_SWEEP),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+            ),
+            seeds=(0, 1, 2, 3, 4),
+            length="full",
+        ),
+        Suite(
+            "quick",
+            "the main models on CIFAR-10: 2 seeds, 1/5 of the epochs, full test set (a few GPU-hours)",
+            (
+                Study("1-3", "main", ("cifar10",)),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+            ),
+            seeds=(0, 1),
+            length="quick",
+        ),
+        Suite(
+            "smoke",
+            "the whole pipeline on synthetic data in minutes on a CPU: tiny ResNet / In-ResNet / "
+            "λ-In-ResNet, 2 seeds, 2 epochs, a test subset, every perturbation at full step count",
+            (
+                Study(
+                    "1-3, 6", "resnet14,in-resnet14,lambda-in-resnet14", ("synthetic",), ensemble_radii=(2.0,)
+                ),
+            ),
+            seeds=(0, 1),
+            length="smoke",
+            n_train=2048,
+            n_test=100,
+            needs_gpu=False,
+        ),
+    )
+}
+
+
+def suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UserError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]

@@ -1,0 +1,336 @@
+"""Evaluation engine: attacks, audit, ensembles, records, resume."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchattacks
+from torch import nn
+
+from bench import evaluate as engine
+from bench.attacks import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
+from bench.cifar import write_batch
+from bench.data import load_test
+from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
+from bench.noise import NOISE_GROUPS
+from bench.records import COLUMNS, RecordStore, load_correct, load_records, with_pooled_noise, write_snapshot
+from models import create_model
+from models.adapters import Defense, ensemble_defense, module_defense, state_dict_defense
+
+# Grey level (0-255) of each class; gaps widen (16, 18, ..., 32) so that the nearest other
+# level is always the lower one and the loss gradient never cancels to zero.
+LEVELS = [20 + sum(16 + 2 * i for i in range(k)) for k in range(10)]
+WRONG = 30  # the first 30 of the 100 test images carry a wrong label
+
+
+class GreyLevel(nn.Module):
+    """Classifies an image by its mean grey level: the nearest of LEVELS wins. An L-inf
+    perturbation moves the mean by at most eps and the levels are at least 16/255 apart, so
+    attacks up to 7/255 leave every prediction alone; at 20/255, a sign-gradient step towards
+    the nearest level (all gaps are at most 32/255) flips every one."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = nn.Parameter(torch.tensor(LEVELS, dtype=torch.float32) / 255)
+
+    def forward(self, x):
+        mean = x.mean(dim=(1, 2, 3))
+        return -1000 * (mean[:, None] - self.levels) ** 2
+
+
+@pytest.fixture(scope="module")
+def grey_root(tmp_path_factory) -> Path:
+    """A CIFAR-10-format data dir: 100 constant grey test images (10 per class), the first
+    WRONG of them with a wrong label, so any correct evaluation gives exactly 70%."""
+    root = tmp_path_factory.mktemp("grey")
+    classes = np.arange(100) % 10
+    images = np.broadcast_to(np.array(LEVELS, np.uint8)[classes][:, None, None, None], (100, 32, 32, 3))
+    labels = classes.copy()
+    labels[:WRONG] = (labels[:WRONG] + 5) % 10
+    folder = root / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", images[:10], labels[:10])
+    write_batch(folder / "test_batch", np.ascontiguousarray(images), labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    load_test("synthetic", root)
+    return root
+
+
+@pytest.fixture
+def grey_defense(tmp_path) -> Defense:
+    torch.save(GreyLevel().state_dict(), tmp_path / "grey.pt")
+    return module_defense("grey", GreyLevel, tmp_path / "grey.pt", mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def resnet8_defense(tmp_path: Path, seed: int = 0, name: str = "resnet8") -> Defense:
+    torch.manual_seed(seed)
+    path = tmp_path / f"{name}-{seed}.pt"
+    torch.save(create_model("resnet8").state_dict(), path)
+    return state_dict_defense("resnet8", path, "synthetic", name=name)
+
+
+def subject(defense: Defense, seed: int = 0, members: int = 1) -> Subject:
+    return Subject(defense, defense.info.name, defense.info.name, seed, members)
+
+
+def run(defense, config, root, results, seed=0, members=1):
+    store = RecordStore(results)
+    data = EvalData("synthetic" if "data" in root.name else "cifar10", root, config)
+    return evaluate(subject(defense, seed, members), config, store, data, progress=False)
+
+
+def accuracies(results) -> dict:
+    frame = with_pooled_noise(load_records(results))
+    return {(r.perturbation, r.eps_255, r.severity): r.accuracy for r in frame.itertuples()}
+
+
+# --- the protocol on a model whose every number is known ---------------------------------------
+
+
+def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_path):
+    config = EvalConfig(eps_255=(1.0, 4.0, 20.0))  # the paper's 20 steps of 2/255
+    ran, cached, errors = run(grey_defense, config, grey_root, tmp_path)
+    assert (ran, cached, errors) == (1 + 20 + 9, 0, [])
+    got = accuracies(tmp_path)
+    for kind in ("fgsm", "ifgsm", "pgd"):
+        assert got[kind, 1.0, 0] == got[kind, 4.0, 0] == 0.7  # within half the level spacing
+        assert got[kind, 20.0, 0] == 0.0  # past it: every prediction flips
+    assert got["clean", 0.0, 0] == 0.7
+    assert got["gaussian_noise", 0.0, 1] == 0.7  # zero-mean noise barely moves a mean of 3072 values
+    correct = load_correct(tmp_path, perturbation="clean")
+    assert correct.tolist() == [False] * WRONG + [True] * (100 - WRONG)
+    frame = load_records(tmp_path)
+    assert set(frame["data_source"]) == {"unofficial", "generated"}  # fixture files, generated noise
+    assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "alpha_255"] == 2.0).all()
+    assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 20).all()
+    assert (frame.loc[~frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 0).all()
+
+
+def test_zero_radius_attacks_equal_clean(synthetic_root, tmp_path):
+    defense = resnet8_defense(tmp_path)
+    run(defense, EvalConfig(eps_255=(0.0,), n_test=64, steps=3), synthetic_root, tmp_path)
+    clean = load_correct(tmp_path, perturbation="clean")
+    assert 0 < clean.sum() < 64
+    for kind in ("fgsm", "ifgsm", "pgd"):
+        assert np.array_equal(load_correct(tmp_path, perturbation=kind), clean), kind
+
+
+def test_protocol_cells_and_presets():
+    cells = protocol_cells(EvalConfig(eps_255=(1.0, 2.0), iterative_eps_255=(2.0,)))
+    assert cells[0] == Cell("clean") and len(cells) == 1 + 20 + 2 + 2
+    assert [c for c in cells if c.perturbation == "pgd"] == [Cell("pgd", 2.0)]
+    work = engine.units(cells)
+    assert len(work) == 1 + 20 + 1 + 2 and work[21] == [Cell("fgsm", 1.0), Cell("fgsm", 2.0)]
+    assert engine.units([Cell("clean"), Cell("pgd", 2.0)]) == [[Cell("clean")], [Cell("pgd", 2.0)]]
+    assert EvalConfig().alpha * 255 == pytest.approx(2.0)
+    assert EvalConfig(preset="authors-code").alpha * 255 == pytest.approx(1.0)
+    assert EvalConfig(alpha_255=0.5).alpha * 255 == pytest.approx(0.5)
+    with pytest.raises(Exception, match="--steps must be at least 1"):
+        EvalConfig(steps=0)
+
+
+# --- attacks -------------------------------------------------------------------------------------
+
+
+def test_fgsm_radii_share_one_gradient_and_equal_torchattacks(images):
+    model = create_model("resnet8").eval().requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 3])
+    radii = [1 / 255, 2 / 255, 4 / 255]
+    ours = fgsm(model, images, y, radii)
+    for eps, adv in zip(radii, ours, strict=True):
+        assert torch.equal(adv, torchattacks.FGSM(model, eps=eps)(images, y))
+        assert (adv - images).abs().max() <= eps + 1e-7
+
+
+def test_iterative_attacks_are_torchattacks_and_seeded(images):
+    model = create_model("resnet8").eval().requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 3])
+    pgd = iterative_attack(model, "pgd", 2 / 255, 0.5 / 255, 3)
+    first, again, other = (run_seeded(pgd, images, y, s) for s in (7, 7, 8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    torch.manual_seed(7)
+    assert torch.equal(first, torchattacks.PGD(model, eps=2 / 255, alpha=0.5 / 255, steps=3)(images, y))
+    state = torch.get_rng_state()
+    run_seeded(pgd, images, y, 9)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is left as it was
+    ifgsm = iterative_attack(model, "ifgsm", 2 / 255, 0.5 / 255, 3)
+    assert torch.equal(
+        ifgsm(images, y), torchattacks.BIM(model, eps=2 / 255, alpha=0.5 / 255, steps=3)(images, y)
+    )
+    with pytest.raises(ValueError, match="at least one step"):
+        iterative_attack(model, "ifgsm", 2 / 255, 1 / 255, 0)
+
+
+def test_audit_rejects_out_of_ball_and_out_of_range(images):
+    x = images * 0.9 + 0.05  # room for +-2/255 inside [0, 1]
+    audit(x + 2 / 255, x, 2 / 255, "ok")
+    with pytest.raises(
+        AttackAuditError,
+        match=r"cell: adversarial batch fails the audit \(max \|x_adv - x\| = 3\.0000\d*/255 for eps 2/255",
+    ):
+        audit(x + 3 / 255, x, 2 / 255, "cell")
+    with pytest.raises(AttackAuditError, match=r"range \[-0.001000, "):
+        audit(torch.where(images == images.min(), -0.001, images), images, 2 / 255, "cell")
+    with pytest.raises(AttackAuditError, match=r"range \[.*, 1.001000\]"):
+        audit(torch.where(images == images.max(), 1.001, images), images, 2 / 255, "cell")
+
+
+def test_a_cell_failing_the_audit_is_reported_not_recorded(grey_root, grey_defense, tmp_path, monkeypatch):
+    def leaky(model, x, y, eps):
+        return [(x + 2 * e).clamp(0, 1) for e in eps]
+
+    monkeypatch.setattr(engine, "fgsm", leaky)
+    ran, cached, errors = run(grey_defense, EvalConfig(eps_255=(2.0,), steps=1), grey_root, tmp_path)
+    assert ran == 23 and len(errors) == 1 and "fgsm@2" in errors[0] and "fails the audit" in errors[0]
+    recorded = set(load_records(tmp_path)["perturbation"])
+    assert "fgsm" not in recorded and {"clean", "ifgsm", "pgd"} <= recorded
+
+
+# --- ensembles --------------------------------------------------------------------------------------
+
+
+def test_ensemble_of_identical_members_equals_the_member(synthetic_root, tmp_path):
+    member = resnet8_defense(tmp_path, seed=3)
+    twin = resnet8_defense(tmp_path, seed=3, name="twin")
+    ensemble = ensemble_defense([member, twin], name="pair")
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.allclose(ensemble.model(x), torch.log_softmax(member.model(x), 1), atol=1e-6)
+    config = EvalConfig(eps_255=(2.0,), n_test=64, steps=5)
+    run(member, config, synthetic_root, tmp_path / "member")
+    run(ensemble, config, synthetic_root, tmp_path / "ensemble", seed=-1, members=2)
+    for cell in protocol_cells(config):
+        key = {"perturbation": cell.perturbation, "eps_255": cell.eps_255, "severity": cell.severity}
+        assert np.array_equal(
+            load_correct(tmp_path / "member", **key), load_correct(tmp_path / "ensemble", **key)
+        )
+    assert ensemble.info.checkpoint_sha256 not in (member.info.checkpoint_sha256, twin.info.checkpoint_sha256)
+    with pytest.raises(Exception, match="at least 2 members"):
+        ensemble_defense([member])
+
+
+# --- records and resume -----------------------------------------------------------------------------
+
+
+class Counting(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_resume_skips_finished_cells(grey_root, grey_defense, tmp_path):
+    counted = Defense(Counting(grey_defense.model), grey_defense.info)
+    config = EvalConfig(eps_255=(1.0,), steps=4, batch_size=50)  # 100 images: 2 batches per cell
+    assert run(counted, config, grey_root, tmp_path)[:2] == (24, 0)
+    first = counted.model.calls
+    assert first == 2 * (1 + 20 + (1 + 1) + 2 * (4 + 1))
+    assert run(counted, config, grey_root, tmp_path)[:2] == (0, 24)
+    assert counted.model.calls == first  # nothing recomputed
+    wider = EvalConfig(eps_255=(1.0, 3.0), steps=4, batch_size=50)
+    assert run(counted, wider, grey_root, tmp_path)[:2] == (3, 24)
+    assert counted.model.calls - first == 2 * ((1 + 1) + 2 * (4 + 1))  # fgsm@3, ifgsm@3, pgd@3 only
+    assert len(load_records(tmp_path)) == 27
+
+
+def test_same_seed_same_numbers(synthetic_root, tmp_path):
+    defense = resnet8_defense(tmp_path)
+    config = EvalConfig(eps_255=(8.0,), n_test=64, steps=2)
+    for name in ("a", "b"):
+        run(defense, config, synthetic_root, tmp_path / name)
+    a, b = load_records(tmp_path / "a"), load_records(tmp_path / "b")
+    assert a["correct"].tolist() == b["correct"].tolist()
+    assert np.array_equal(
+        load_correct(tmp_path / "a", perturbation="pgd"), load_correct(tmp_path / "b", perturbation="pgd")
+    )
+
+
+def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
+    config = EvalConfig(eps_255=(1.0,), steps=1)
+    run(grey_defense, config, grey_root, tmp_path)
+    frame = load_records(tmp_path, include_stale=True)
+    assert list(frame.columns) == [*COLUMNS, "stale"]
+    assert len(frame) == 24 and not frame["stale"].any()
+    row = frame[frame["perturbation"] == "clean"].iloc[0]
+    assert (row["n"], row["correct"], row["accuracy"], row["seed"], row["members"]) == (100, 70, 0.7, 0, 1)
+    assert (
+        row["checkpoint_sha256"] == grey_defense.info.checkpoint_sha256
+        and row["torchattacks_version"] == "3.5.1"
+    )
+    numeric = [
+        "seed",
+        "members",
+        "eps_255",
+        "severity",
+        "n",
+        "correct",
+        "accuracy",
+        "alpha_255",
+        "steps",
+        "seconds",
+    ]
+    snapshot = pd.read_csv(write_snapshot(tmp_path))
+    assert all(pd.api.types.is_numeric_dtype(snapshot[c]) for c in numeric)
+    pooled = with_pooled_noise(frame)
+    shot = pooled[(pooled["perturbation"] == "shot_noise") & (pooled["severity"] == 0)].iloc[0]
+    assert (
+        shot["n"] == 500
+        and shot["correct"] == frame.loc[frame["perturbation"] == "shot_noise", "correct"].sum()
+    )
+    # retrained: a new checkpoint digest makes the old cells stale, never mixed with new ones
+    retrained = Defense(
+        grey_defense.model,
+        grey_defense.info.__class__(**{**grey_defense.info.__dict__, "checkpoint_sha256": "f" * 64}),
+    )
+    run(retrained, config, grey_root, tmp_path)
+    frame = load_records(tmp_path, include_stale=True)
+    assert len(frame) == 48 and frame["stale"].sum() == 24
+    assert set(load_records(tmp_path)["checkpoint_sha256"]) == {"f" * 64}
+
+
+def test_authors_code_preset_normalises_noise_files_by_their_own_statistics(
+    grey_root, grey_defense, tmp_path
+):
+    config = EvalConfig(preset="authors-code", eps_255=(1.0,), steps=1)
+    data = EvalData("cifar10", grey_root, config)
+    mean, std = data.file_stats("impulse_noise")
+    images = data.noise("impulse_noise").images.astype(np.float64) / 255
+    assert np.allclose(mean, images.mean(axis=(0, 1, 2))) and np.allclose(std, images.std(axis=(0, 1, 2)))
+    net = create_model("resnet8")
+    remap = engine._file_normalization(net, mean, std)
+    x = torch.rand(2, 3, 32, 32)
+    expected = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float32
+    ).view(1, 3, 1, 1)
+    assert torch.allclose(net.normalize(remap(x)), expected, atol=1e-5)
+    ran, _, errors = run(grey_defense, config, grey_root, tmp_path)
+    assert errors == [] and (load_records(tmp_path)["preset"] == "authors-code").all()
+
+
+def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp_path):
+    run(grey_defense, EvalConfig(eps_255=(1.0,), steps=1), grey_root, tmp_path)
+    frame = load_records(tmp_path)
+    noise = frame[frame["perturbation"].isin(NOISE_GROUPS)]
+    assert sorted(set(zip(noise["perturbation"], noise["severity"], strict=True))) == sorted(
+        (g, s) for g in NOISE_GROUPS for s in range(1, 6)
+    )
+    assert (noise["n"] == 100).all()
+
+
+def test_evaluate_defense_is_the_one_call_for_any_adapter(grey_root, grey_defense, tmp_path):
+    from bench.evaluate import evaluate_defense
+
+    config = EvalConfig(eps_255=(2.0,), steps=2)
+    frame = evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)
+    assert len(frame) == 24 and set(frame["model"]) == {"grey"} and set(frame["family"]) == {"external"}
+    assert frame.loc[frame["perturbation"] == "pgd", "accuracy"].item() == 0.7
+    assert len(evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)) == 24  # cached

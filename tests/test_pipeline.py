@@ -1,0 +1,171 @@
+"""The whole pipeline: suites, plans, the smoke suite end to end, resuming after SIGKILL."""
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import run_bench
+from bench.data import DATASETS
+from bench.pipeline import RunOptions, plan_jobs
+from bench.records import KEY, load_correct, load_records, load_runs
+from bench.suites import SUITES
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}
+
+
+def test_paper_suite_plan_merges_its_studies():
+    jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
+    assert len(jobs) == 9 * 2 + 3 + 2 * 4  # Tables 1-3 on both data sets, Table 4's 3 extra, Table 5's sweep
+    by_key = {(j.model, j.dataset, j.lambda_init): j for j in jobs}
+    assert by_key["in-resnet110", "cifar10", None].radii == (1.0, 2.0, 4.0)
+    assert by_key["in-resnet110", "cifar10", None].ensemble_radii == (2.0,)
+    assert by_key["in-resnet110", "cifar100", None].ensemble_radii == ()
+    assert by_key["in-resnet110", "cifar10", (0.3, 0.4)].radii == (2.0,)
+    assert by_key["in-resnet-gating-sig110", "cifar10", None].radii == (2.0,)
+    assert not any(j.ensemble_radii for j in jobs if "resnext" in j.model)
+
+
+def test_models_option_restricts_or_extends_a_suite():
+    one = plan_jobs(SUITES["paper"], RunOptions(suite="paper", models="in-resnet110"))
+    assert sorted((j.dataset, j.lambda_init or (0.2, 0.25)) for j in one) == [
+        ("cifar10", (0.0, 0.1)),
+        ("cifar10", (0.1, 0.2)),
+        ("cifar10", (0.2, 0.25)),
+        ("cifar10", (0.25, 0.3)),
+        ("cifar10", (0.3, 0.4)),
+        ("cifar100", (0.2, 0.25)),
+    ]
+    new = plan_jobs(SUITES["smoke"], RunOptions(models="resnet20", radii=(8.0,), datasets=("cifar10",)))
+    assert [(j.model, j.dataset, j.radii, j.ensemble_radii) for j in new] == [
+        ("resnet20", "cifar10", (8.0,), (8.0,))
+    ]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    argv = ["--dry-run", "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
+    assert run_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: suite smoke (the whole pipeline on synthetic data")
+    assert re.search(r"^\| resnet14 +\| synthetic \| +2 \| yes +\| +2 \| +86 \| +0 \|", out, re.M)
+    assert "total: 6 checkpoints to train, 258 cells to run, 0 cached; estimated" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_suite_without_gpu_is_refused_with_an_estimate(tmp_path, capsys):
+    argv = ["--suite", "paper", "--models", "resnet20", "--results-dir", str(tmp_path / "r")]
+    assert run_bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"error: suite 'paper' needs a GPU and none is visible; on this CPU it would take about [\d,]+ h "
+        r"\(see --dry-run\): pass --device cpu to run it here anyway\n",
+        err,
+    ), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    offline = replace(DATASETS["cifar10"], url="file:///nonexistent/cifar-10-python.tar.gz")
+    monkeypatch.setitem(DATASETS, "cifar10", offline)
+    results = tmp_path / "results"
+    cases = [
+        (
+            ["--datasets", "cifar10", "--data-dir", str(tmp_path / "empty")],
+            r"error: .*cifar-10-python\.tar\.gz.*\n",
+        ),
+        (
+            ["--stage", "train,evil"],
+            r"error: unknown stage 'evil' in --stage; choose from train, eval, report \(or summary\)\n",
+        ),
+        (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x'\n"),
+        (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
+    ]
+    for extra, pattern in cases:
+        assert run_bench.main(["--results-dir", str(results), "--no-progress", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.fullmatch(pattern, err), err
+    assert len(load_records(results)) == 0 and not any(results.glob("checkpoints/**/meta.json"))
+
+
+@pytest.mark.slow
+def test_smoke_suite_end_to_end(smoke_run):
+    results, run = smoke_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    frame = load_records(results, include_stale=True)
+    assert len(frame) == 3 * 2 * 30 + 3 * 26 and not frame["stale"].any()
+    assert set(frame["model"]) == SMOKE_MODELS and set(frame["data_source"]) == {"synthetic"}
+    assert (frame["n"] == 100).all() and not frame.duplicated(list(KEY)).any()
+    iterative = frame[frame["perturbation"].isin(["ifgsm", "pgd"])]
+    assert (iterative["steps"] == 20).all() and (iterative["alpha_255"] == 2.0).all()
+    ensembles = frame[frame["members"] == 2]
+    assert len(ensembles) == 3 * 26 and set(ensembles["seed"]) == {-1}
+    assert set(ensembles.loc[ensembles["perturbation"] == "pgd", "eps_255"]) == {2.0}
+    runs = load_runs(results)
+    assert len(runs) == 6 and set(runs["status"]) == {"finished"}
+    clean = frame[(frame["perturbation"] == "clean") & (frame["members"] == 1)]
+    assert (clean["accuracy"] > 0.2).all()  # two epochs learn something (chance: 0.1)
+    assert (
+        len(re.findall(r"synthetic seed \d: clean [\d.]+ \| noise [\d.]+ \| fgsm@1/2/4/255", run.stderr)) == 6
+    )
+    assert len(re.findall(r"synthetic ensemble of 2: clean", run.stderr)) == 3
+    assert (results / "records.csv").is_file() and (results / "summary.md").is_file()
+
+
+@pytest.mark.slow
+def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
+    results, _ = smoke_run
+    data = results.parent / "data"
+    assert run_bench.main(["--dry-run", "--results-dir", str(results), "--data-dir", str(data)]) == 0
+    assert "total: 0 checkpoints to train, 0 cells to run, 258 cached" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL a real run_bench.py at random moments (in training, evaluation or the report)
+    and start it again, until one run finishes by itself; its records must equal those of an
+    uninterrupted run: the same cells, the same numbers, no duplicates."""
+    command = [sys.executable, "run_bench.py", "--models", "resnet8", "--n-train", "1024", "--n-test", "48"]
+    command += ["--radii", "2", "--no-progress", "--data-dir", str(tmp_path / "data")]
+    reference = subprocess.run(
+        [*command, "--results-dir", str(tmp_path / "ref")], cwd=REPO, capture_output=True
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    rng, kills, finished = random.Random(5), 0, None
+    for _ in range(12):
+        process = subprocess.Popen(
+            [*command, "--results-dir", str(tmp_path / "killed")],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            finished = process.wait(timeout=rng.uniform(3.0, 9.0))  # imports take ~3 s
+            break
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    assert finished == 0 and kills >= 2, (finished, kills)
+    volatile = ["seconds", "timestamp"]
+    ours = load_records(tmp_path / "killed", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
+    theirs = load_records(tmp_path / "ref", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
+    assert len(theirs) == 2 * 24 + 24  # 2 seeds and their ensemble, 24 cells each (radius 2/255)
+    assert ours.reset_index(drop=True).equals(theirs.reset_index(drop=True))
+    for row in theirs.itertuples():
+        key = {
+            "seed": row.seed,
+            "perturbation": row.perturbation,
+            "eps_255": row.eps_255,
+            "severity": row.severity,
+        }
+        assert np.array_equal(load_correct(tmp_path / "killed", **key), load_correct(tmp_path / "ref", **key))
