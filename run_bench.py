@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument(
         "--batch-size", type=int, default=None, help="default: 256 on a CPU, 512 on a GPU"
     )
+    report = parser.add_argument_group("report")
+    report.add_argument(
+        "--rank-by", default="pgd@2", help="leaderboard order: a metric such as pgd@2, clean, noise"
+    )
     summary = parser.add_argument_group("summary")
     summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
     return parser.parse_args(argv)
@@ -124,6 +128,7 @@ def options(args: argparse.Namespace):
         data_dir=args.data_dir,
         progress=not args.no_progress,
         dry_run=args.dry_run,
+        rank_by=args.rank_by,
     )
 
 

@@ -36,7 +36,7 @@ from .evaluate import EvalConfig, EvalData, Subject, cell_key, evaluate, protoco
 from .noise import NOISE_GROUPS
 from .recipes import recipe_for
 from .records import DB_FILE, ENSEMBLE_SEED, RecordStore, load_records, with_pooled_noise
-from .report import write_reports
+from .report import check_metric, write_reports
 from .suites import Study, Suite, suite
 from .train import TrainConfig, train
 
@@ -70,6 +70,7 @@ class RunOptions:
     data_dir: str | None = None
     progress: bool = True
     dry_run: bool = False
+    rank_by: str = "pgd@2"  # the leaderboard's order
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,10 @@ class Outcome:
 def run(options: RunOptions) -> int:
     """Run the stages; returns the exit code (1 when a cell failed its audit)."""
     spec = suite(options.suite)
+    check_metric(options.rank_by)
     jobs = plan_jobs(spec, options)
+    if set(options.stages) == {"report"} and not options.dry_run:  # records only: no device, no data
+        return _report(options)
     device = _device(spec, options, jobs)
     if options.dry_run:
         sys.stdout.write(render_plan(jobs, spec, options, device) + "\n")
@@ -114,8 +118,7 @@ def run(options: RunOptions) -> int:
     if "eval" in options.stages:
         _evaluate_all(jobs, spec, options, device, store, outcome)
     if "report" in options.stages:
-        for path in write_reports(options.results_dir):
-            log.info("wrote %s", path)
+        _report(options)
     log.info(
         "done in %.0f s: %d cells evaluated, %d cached; %d failed runs; %d checkpoints missing",
         time.perf_counter() - began,
@@ -127,6 +130,19 @@ def run(options: RunOptions) -> int:
     for error in outcome.errors:
         log.error("error: %s", error)
     return 1 if outcome.errors else 0
+
+
+def _report(options: RunOptions) -> int:
+    began = time.perf_counter()
+    written = write_reports(options.results_dir, options.preset, options.rank_by)
+    log.info(
+        "reports: %d files under %s in %.1f s; see %s",
+        len(written),
+        options.results_dir,
+        time.perf_counter() - began,
+        Path(options.results_dir) / "REPORT.md",
+    )
+    return 0
 
 
 def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:

@@ -334,3 +334,8 @@ def test_evaluate_defense_is_the_one_call_for_any_adapter(grey_root, grey_defens
     assert len(frame) == 24 and set(frame["model"]) == {"grey"} and set(frame["family"]) == {"external"}
     assert frame.loc[frame["perturbation"] == "pgd", "accuracy"].item() == 0.7
     assert len(evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)) == 24  # cached
+    from bench.report import write_reports
+
+    write_reports(tmp_path)  # the defense gets its leaderboard row with no other change
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert board[["name", "dataset", "clean", "pgd@2"]].values.tolist() == [["grey", "cifar10", 70.0, 70.0]]

@@ -117,7 +117,8 @@ def test_smoke_suite_end_to_end(smoke_run):
         len(re.findall(r"synthetic seed \d: clean [\d.]+ \| noise [\d.]+ \| fgsm@1/2/4/255", run.stderr)) == 6
     )
     assert len(re.findall(r"synthetic ensemble of 2: clean", run.stderr)) == 3
-    assert (results / "records.csv").is_file() and (results / "summary.md").is_file()
+    for name in ("records.csv", "REPORT.md", "leaderboard.md", "leaderboard.csv", "tables/table6.md"):
+        assert (results / name).is_file(), name
 
 
 @pytest.mark.slow
@@ -131,8 +132,8 @@ def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
     """SIGKILL a real run_bench.py at random moments (in training, evaluation or the report)
-    and start it again, until one run finishes by itself; its records must equal those of an
-    uninterrupted run: the same cells, the same numbers, no duplicates."""
+    up to four times, starting it again each time, then let it finish; its records must equal
+    those of an uninterrupted run: the same cells, the same numbers, no duplicates."""
     command = [sys.executable, "run_bench.py", "--models", "resnet8", "--n-train", "1024", "--n-test", "48"]
     command += ["--radii", "2", "--no-progress", "--data-dir", str(tmp_path / "data")]
     reference = subprocess.run(
@@ -140,7 +141,7 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
     )
     assert reference.returncode == 0, reference.stderr[-2000:]
     rng, kills, finished = random.Random(5), 0, None
-    for _ in range(12):
+    for _ in range(4):
         process = subprocess.Popen(
             [*command, "--results-dir", str(tmp_path / "killed")],
             cwd=REPO,
@@ -148,12 +149,14 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
             stderr=subprocess.DEVNULL,
         )
         try:
-            finished = process.wait(timeout=rng.uniform(3.0, 9.0))  # imports take ~3 s
+            finished = process.wait(timeout=rng.uniform(3.0, 9.0))  # the whole run takes ~15 s
             break
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
+    if finished is None:  # a slow machine: finish without interruption
+        finished = subprocess.run([*command, "--results-dir", str(tmp_path / "killed")], cwd=REPO).returncode
     assert finished == 0 and kills >= 2, (finished, kills)
     volatile = ["seconds", "timestamp"]
     ours = load_records(tmp_path / "killed", include_stale=True).drop(columns=volatile).sort_values(list(KEY))

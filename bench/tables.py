@@ -1,0 +1,371 @@
+"""The paper's Tables 1-6: which cells they hold, filled from aggregated records, rendered.
+
+A table is a list of `Spec`s (block, row, column -> which data set, model, λ init, single
+or ensemble, metric). On CIFAR the rows are the paper's models; on other data (the
+synthetic smoke set) the same tables are built for the depths found in the records, and
+never compared with the paper. Formatting happens only in the `render_*` functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from models import create_model, list_models
+
+from .suites import LAMBDA_SWEEP
+
+PAPER_DATASETS = ("cifar10", "cifar100")
+PAPER_DEPTHS = (110, 164)
+PAPER_RESNEXT = ("resnext29-8x64d",)
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic"}
+PUBLISHED = Path(__file__).with_name("published.csv")
+FULL_SEEDS = 5  # the paper's; fewer are shown as (n=k)
+RULE_PREFIXES = {  # registry prefix -> label prefix, in the paper's row order
+    "resnet": "ResNet",
+    "in-resnet": "In-ResNet",
+    "lambda-in-resnet": "λ-In-ResNet",
+    "in-resnet-sig": "In-ResNet-sig",
+    "in-resnet-gating": "In-ResNet-gating",
+    "in-resnet-gating-sig": "In-ResNet-gating-sig",
+}
+PREACT = re.compile(
+    r"(resnet|in-resnet|lambda-in-resnet|in-resnet-sig|in-resnet-gating|in-resnet-gating-sig)(\d+)"
+)
+RESNEXT = re.compile(r"(|in-|lambda-in-)(resnext\d+-\d+x\d+d)")
+NOISE_COLUMNS = (
+    ("Impulse", "impulse_noise"),
+    ("Speckle", "speckle_noise"),
+    ("Gaussian", "gaussian_noise"),
+    ("Shot", "shot_noise"),
+    ("Avg.", "noise"),
+)
+AT_2 = (("Acc.", "clean"), ("noise", "noise"), ("FGSM", "fgsm@2"), ("IFGSM", "ifgsm@2"), ("PGD", "pgd@2"))
+TITLES = {
+    1: "Table 1: accuracy (%) on the stochastic noise groups, all five severities",
+    2: "Table 2: clean test accuracy (%)",
+    3: "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255",
+    4: "Table 4: the In-ResNet variants, attacks at 2/255",
+    5: "Table 5: λ initialisation, attacks at 2/255",
+    6: "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255",
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    block: str  # "" when the table has a single block
+    row: str
+    column: str
+    dataset: str
+    model: str
+    lambda_init: tuple[float, float] | None
+    kind: str  # "single" or "ensemble"
+    metric: str
+
+
+# --- which models a table shows ------------------------------------------------------------
+
+
+def label(model: str) -> str:
+    if (match := PREACT.fullmatch(model)) is not None:
+        return f"{RULE_PREFIXES[match[1]]}-{match[2]}"
+    if (match := RESNEXT.fullmatch(model)) is not None:
+        name = {"": "ResNeXt", "in-": "In-ResNeXt", "lambda-in-": "λ-In-ResNeXt"}[match[1]]
+        return name if match[2] in PAPER_RESNEXT else f"{name} ({match[2]})"
+    return model
+
+
+@functools.cache
+def default_lambda(model: str) -> tuple[float, float] | None:
+    """The λ initialisation a zoo model gets by default (None: no λ, or not a zoo model)."""
+    if model not in list_models():
+        return None
+    info = create_model(model).info
+    return None if info.rule in ("residual", "plain") else tuple(info.lambda_init)
+
+
+def shown_datasets(frame: pd.DataFrame, paper: tuple[str, ...] = PAPER_DATASETS) -> list[str]:
+    """The paper's data sets when any CIFAR record exists (or none at all), then the others."""
+    present = set(frame["dataset"])
+    cifar = bool(present & set(PAPER_DATASETS)) or not present
+    return [*(paper if cifar else ()), *sorted(present - set(PAPER_DATASETS))]
+
+
+def depths(frame: pd.DataFrame, dataset: str) -> list[int]:
+    if dataset in PAPER_DATASETS:
+        return list(PAPER_DEPTHS)
+    found = {
+        int(m[2]) for name in frame.loc[frame["dataset"] == dataset, "model"] if (m := PREACT.fullmatch(name))
+    }
+    return sorted(found)
+
+
+def resnexts(frame: pd.DataFrame, dataset: str) -> list[str]:
+    if dataset in PAPER_DATASETS:
+        return list(PAPER_RESNEXT)
+    names = frame.loc[frame["dataset"] == dataset, "model"]
+    return sorted({m[2] for name in names if (m := RESNEXT.fullmatch(name))})
+
+
+def main_models(frame: pd.DataFrame, dataset: str, with_resnext: bool = True) -> list[str]:
+    names = [
+        f"{rule}{d}" for d in depths(frame, dataset) for rule in ("resnet", "in-resnet", "lambda-in-resnet")
+    ]
+    if with_resnext:
+        names += [f"{rule}{base}" for base in resnexts(frame, dataset) for rule in ("", "in-", "lambda-in-")]
+    return names
+
+
+# --- the six tables -------------------------------------------------------------------------
+
+
+def table_specs(number: int, frame: pd.DataFrame) -> list[Spec]:
+    """The cells of Table `number` for the data in `frame` (records or their per-seed view)."""
+    datasets = shown_datasets(frame)
+    single = shown_datasets(frame, paper=("cifar10",))  # Tables 4-6 are CIFAR-10 only
+    specs: list[Spec] = []
+    if number in (1, 3):
+        columns = NOISE_COLUMNS if number == 1 else _attack_columns()
+        for dataset in datasets:
+            for model in main_models(frame, dataset, with_resnext=number == 1):
+                specs += _row(DATASET_LABELS.get(dataset, dataset), label(model), dataset, model, columns)
+    elif number == 2:
+        models = list(dict.fromkeys(m for d in datasets for m in main_models(frame, d)))
+        for model in models:
+            for dataset in datasets:
+                column = ((DATASET_LABELS.get(dataset, dataset), "clean"),)
+                specs += _row("", label(model), dataset, model, column)
+    elif number == 4:
+        for dataset in single:
+            for d in depths(frame, dataset)[:1]:
+                for rule in (
+                    "resnet",
+                    "in-resnet",
+                    "in-resnet-sig",
+                    "in-resnet-gating",
+                    "in-resnet-gating-sig",
+                ):
+                    specs += _row(
+                        DATASET_LABELS.get(dataset, dataset), label(f"{rule}{d}"), dataset, f"{rule}{d}", AT_2
+                    )
+    elif number == 5:
+        for dataset in single:
+            for d in depths(frame, dataset)[:1]:
+                block = DATASET_LABELS.get(dataset, dataset)
+                specs += _row(block, f"ResNet-{d}, -", dataset, f"resnet{d}", AT_2)
+                for rule in ("in-resnet", "lambda-in-resnet"):
+                    for init in LAMBDA_SWEEP:
+                        init = (
+                            init or default_lambda(f"{rule}{d}") or (0.2, 0.25)
+                        )  # unregistered depth: the paper's
+                        row = f"{label(f'{rule}{d}')}, U[{init[0]:.2f}, {init[1]:.2f}]"
+                        specs += _row(block, row, dataset, f"{rule}{d}", AT_2, init)
+    elif number == 6:
+        for dataset in single:
+            for d in depths(frame, dataset):
+                for rule in ("resnet", "in-resnet", "lambda-in-resnet"):
+                    name = f"{rule}{d}"
+                    block = DATASET_LABELS.get(dataset, dataset)
+                    specs += _row(block, label(name), dataset, name, AT_2)
+                    specs += _row(block, label(name) + ", ens", dataset, name, AT_2, kind="ensemble")
+    else:
+        raise ValueError(f"the paper has Tables 1-6, not {number}")
+    return specs
+
+
+def _attack_columns() -> tuple[tuple[str, str], ...]:
+    return tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
+
+
+def _row(block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
+    init = init if init is not None else default_lambda(model)
+    return [Spec(block, row, column, dataset, model, init, kind, metric) for column, metric in columns]
+
+
+# --- filling and comparing -----------------------------------------------------------------
+
+
+def published() -> pd.DataFrame:
+    return pd.read_csv(PUBLISHED)
+
+
+def fill(
+    specs: list[Spec], aggregated: pd.DataFrame, preset: str = "paper", table: int | None = None
+) -> pd.DataFrame:
+    """One row per spec (in order) with the measured mean, std and n (NaN when not
+    measured), the published value for the same cell (Table `table`) and the delta."""
+    chosen = best_groups(aggregated[aggregated["preset"] == preset])
+    paper = published()
+    if table is not None:
+        paper = paper[paper["table"] == table]
+    rows = []
+    for spec in specs:
+        found = chosen.get((spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric))
+        value = _published(paper, spec)
+        mean = found["mean"] if found is not None else math.nan
+        rows.append(
+            {
+                **{
+                    k: getattr(spec, k)
+                    for k in ("block", "row", "column", "dataset", "model", "kind", "metric")
+                },
+                "lambda_low": spec.lambda_init[0] if spec.lambda_init else math.nan,
+                "lambda_high": spec.lambda_init[1] if spec.lambda_init else math.nan,
+                "mean": mean,
+                "std": found["std"] if found is not None else math.nan,
+                "n": found["n"] if found is not None else 0,
+                "paper": value,
+                "delta": mean - value,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 5's last column: failed training runs out of all runs seen per row (mean =
+    failed, n = runs), and the paper's (5 minus the seeds it averaged)."""
+    paper = published()
+    rows = []
+    for (block, row), cells in filled.groupby(["block", "row"], sort=False):
+        first = cells.iloc[0]
+        mine = runs[(runs["dataset"] == first["dataset"]) & (runs["model"] == first["model"])]
+        if not math.isnan(first["lambda_low"]):
+            mine = mine[
+                (mine["lambda_low"].round(6) == round(first["lambda_low"], 6))
+                & (mine["lambda_high"].round(6) == round(first["lambda_high"], 6))
+            ]
+        else:
+            mine = mine[mine["lambda_low"].isna()]
+        spec = Spec(
+            block,
+            row,
+            "Failed",
+            first["dataset"],
+            first["model"],
+            None if math.isnan(first["lambda_low"]) else (first["lambda_low"], first["lambda_high"]),
+            "single",
+            "failed",
+        )
+        seeds = _published(
+            paper[(paper["table"] == 5) & (paper["metric"] == "clean")].assign(
+                value=lambda f: FULL_SEEDS - f["seeds"]
+            ),
+            replace(spec, metric="clean"),
+        )
+        failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
+        rows.append(
+            {
+                **cells.iloc[0].to_dict(),
+                "column": "Failed",
+                "metric": "failed",
+                "mean": failed,
+                "std": math.nan,
+                "n": len(mine),
+                "paper": seeds,
+                "delta": failed - seeds,
+            }
+        )
+    return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)
+
+
+def lambda_key(init) -> tuple | None:
+    """A λ initialisation as a dictionary key: None for none (or NaN), else rounded."""
+    return (
+        None
+        if init is None or (isinstance(init[0], float) and math.isnan(init[0]))
+        else (round(init[0], 6), round(init[1], 6))
+    )
+
+
+def best_groups(aggregated: pd.DataFrame) -> dict:
+    """(dataset, model, λ, kind, metric) -> the aggregate over the largest test set (and,
+    among equals, the most seeds): a smoke-sized rerun never hides a full evaluation."""
+    best: dict = {}
+    for row in aggregated.sort_values(["n_test", "n"]).itertuples(index=False):
+        key = (row.dataset, row.model, lambda_key((row.lambda_low, row.lambda_high)), row.kind, row.metric)
+        best[key] = {"mean": row.mean, "std": row.std, "n": row.n}
+    return best
+
+
+def _published(paper: pd.DataFrame, spec: Spec) -> float:
+    if spec.dataset not in PAPER_DATASETS:
+        return math.nan  # synthetic data is never compared with CIFAR numbers
+    match = paper[
+        (paper["dataset"] == spec.dataset)
+        & (paper["model"] == spec.model)
+        & (paper["kind"] == spec.kind)
+        & (paper["metric"] == spec.metric)
+    ]
+    if spec.lambda_init is not None and match["lambda_low"].notna().any():
+        match = match[
+            (match["lambda_low"].round(6) == round(spec.lambda_init[0], 6))
+            & (match["lambda_high"].round(6) == round(spec.lambda_init[1], 6))
+        ]
+    return float(match["value"].iloc[0]) if len(match) else math.nan
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str:
+    """`view`: "mean" (as the paper), "std" (mean ± sample std, Appendix D style) or
+    "paper" (measured / published (delta)). Unmeasured cells show "-"."""
+    text = filled.apply(lambda r: _cell(r, view), axis=1)
+    grid = filled.assign(text=text).pivot_table(
+        index=["block", "row"], columns="column", values="text", aggfunc="first", sort=False
+    )
+    grid = grid[list(dict.fromkeys(filled["column"]))].reset_index()
+    headers = ["Benchmark", "Model", *grid.columns[2:]]
+    if (grid["block"] == "").all():
+        grid, headers = grid.drop(columns="block"), headers[1:]
+    return tabulate(grid.values.tolist(), headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def _cell(row, view: str) -> str:
+    if row["metric"] == "failed":  # failed / all runs seen
+        text = "-" if math.isnan(row["mean"]) else f"{int(row['mean'])}/{int(row['n'])}"
+        return text + (
+            f" / {int(row['paper'])}/{FULL_SEEDS}" if view == "paper" and not math.isnan(row["paper"]) else ""
+        )
+    if math.isnan(row["mean"]):
+        return "-" if view != "paper" or math.isnan(row["paper"]) else f"- / {row['paper']:.2f}"
+    text = f"{row['mean']:.2f}"
+    if view == "std" and row["n"] >= 2 and not math.isnan(row["std"]):
+        text += f" ± {row['std']:.2f}"
+    if row["n"] < FULL_SEEDS:
+        text += f" (n={int(row['n'])})"
+    if view == "paper" and not math.isnan(row["paper"]):
+        text += f" / {row['paper']:.2f} ({row['delta']:+.2f})"
+    return text
+
+
+def missing(filled: pd.DataFrame) -> str:
+    """One line naming what is not measured, row by row ('' when everything is)."""
+    gaps = filled[filled["mean"].isna()]
+    if gaps.empty:
+        return ""
+    parts = []
+    for (block, row), cells in gaps.groupby(["block", "row"], sort=False):
+        where = f"{block} {row}".strip()
+        total = ((filled["block"] == block) & (filled["row"] == row)).sum()
+        parts.append(f"{where} ({'all' if len(cells) == total else ', '.join(cells['column'])})")
+    return f"Missing {len(gaps)} of {len(filled)} cells: " + "; ".join(parts) + "."
+
+
+__all__ = [
+    "Spec",
+    "fill",
+    "label",
+    "missing",
+    "published",
+    "render",
+    "table_specs",
+    "with_failed_runs",
+    "best_groups",
+]

@@ -1,0 +1,300 @@
+"""Reports: aggregation, the six tables, the paper's numbers, the leaderboard."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import run_bench
+from bench.aggregate import aggregate, gate_flags, seed_metrics
+from bench.noise import NOISE_GROUPS
+from bench.records import COLUMNS, RUN_COLUMNS
+from bench.report import claim_rows, leaderboard, write_leaderboard
+from bench.tables import fill, missing, published, render, table_specs, with_failed_runs
+
+GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))
+
+
+def cells(dataset, model, seed, values, members=1, lam=(None, None), run=None, family="preact-resnet"):
+    """Records of one model x seed on 100 test images: `values` maps a metric (clean, a noise
+    group's short name, fgsm@2, ...) to the number of correct images (noise: at every severity)."""
+    rows = []
+    for metric, correct in values.items():
+        perturbation, _, eps = metric.partition("@")
+        perturbation = GROUPS.get(perturbation, perturbation)
+        iterative = perturbation in ("ifgsm", "pgd")
+        for severity in range(1, 6) if perturbation in NOISE_GROUPS else [0]:
+            rows.append(
+                {
+                    **dict.fromkeys(COLUMNS),
+                    **{"model": model, "run": run or model, "family": family, "dataset": dataset},
+                    **{
+                        "data_source": "released",
+                        "seed": seed,
+                        "members": members,
+                        "perturbation": perturbation,
+                    },
+                    **{"eps_255": float(eps or 0), "severity": severity, "n": 100, "correct": correct},
+                    **{"accuracy": correct / 100, "preset": "paper", "alpha_255": 2.0 * iterative},
+                    **{"steps": 20 * iterative, "lambda_low": lam[0], "lambda_high": lam[1]},
+                    **{"checkpoint_sha256": f"{model}{seed}", "timestamp": "2026-11-27T00:00:00+00:00"},
+                }
+            )
+    return rows
+
+
+def noise(*values):
+    return dict(zip(GROUPS, values, strict=True))
+
+
+@pytest.fixture(scope="module")
+def frame():
+    rows = []
+    for seed, shift in ((0, 0), (1, 2)):  # resnet110: two seeds, 2 points apart everywhere
+        rows += cells(
+            "cifar10",
+            "resnet110",
+            seed,
+            {
+                "clean": 93 + shift,
+                **noise(*(v + shift for v in (56, 59, 44, 55))),
+                "fgsm@1": 58 + shift,
+                "fgsm@2": 41 + shift,
+                "fgsm@4": 29 + shift,
+                "ifgsm@2": 6 + shift,
+                "pgd@2": 5 + shift,
+            },
+        )
+    rows += cells(
+        "cifar10",
+        "resnet110",
+        -1,
+        {"clean": 95, **noise(58, 61, 46, 57), "fgsm@2": 44, "ifgsm@2": 7, "pgd@2": 7},
+        members=2,
+    )
+    rows += cells(
+        "cifar10",
+        "in-resnet110",
+        0,
+        {"clean": 92, **noise(66, 77, 71, 77), "fgsm@2": 55, "ifgsm@2": 32, "pgd@2": 31},
+        lam=(0.2, 0.25),
+    )
+    rows += cells(
+        "cifar10",
+        "in-resnet110",
+        0,
+        {"clean": 90, **noise(79, 79, 79, 79), "fgsm@2": 56, "ifgsm@2": 41, "pgd@2": 40},
+        lam=(0.3, 0.4),
+        run="in-resnet110@lambda0.3-0.4",
+    )
+    rows += cells(
+        "cifar10", "masked", 0, {"clean": 80, "fgsm@1": 5, "fgsm@2": 10, "pgd@2": 30}, family="external"
+    )
+    rows += cells("cifar100", "resnet110", 0, {"clean": 72})
+    return pd.DataFrame(rows).assign(stale=False)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    rows = [
+        ("resnet110", "resnet110", 0, None, None, "finished"),
+        ("resnet110", "resnet110", 1, None, None, "finished"),
+        ("in-resnet110", "in-resnet110", 0, 0.2, 0.25, "finished"),
+        ("in-resnet110", "in-resnet110@lambda0.3-0.4", 0, 0.3, 0.4, "finished"),
+        ("in-resnet110", "in-resnet110@lambda0.3-0.4", 1, 0.3, 0.4, "failed"),
+    ]
+    keys = ["model", "run", "seed", "lambda_low", "lambda_high", "status"]
+    return pd.DataFrame(
+        [
+            {**dict.fromkeys(RUN_COLUMNS), **dict(zip(keys, r, strict=True)), "dataset": "cifar10"}
+            for r in rows
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def aggregated(frame):
+    return aggregate(seed_metrics(frame))
+
+
+def table(number, frame, aggregated, runs=None):
+    filled = fill(table_specs(number, frame), aggregated, "paper", number)
+    return with_failed_runs(filled, runs) if number == 5 else filled
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+def test_aggregate_means_sample_std_and_seed_counts(aggregated):
+    single = aggregated[
+        (aggregated["model"] == "resnet110")
+        & (aggregated["dataset"] == "cifar10")
+        & (aggregated["kind"] == "single")
+    ]
+    values = single.set_index("metric")
+    assert values.loc["clean", "mean"] == 94.0 and values.loc["clean", "std"] == pytest.approx(math.sqrt(2))
+    assert values.loc["noise", "mean"] == (57 + 60 + 45 + 56) / 4 and values.loc["clean", "n"] == 2
+    one = aggregated[(aggregated["model"] == "in-resnet110") & (aggregated["lambda_low"] == 0.2)].set_index(
+        "metric"
+    )
+    assert one.loc["clean", "n"] == 1 and math.isnan(one.loc["clean", "std"])
+    ensemble = aggregated[aggregated["kind"] == "ensemble"].set_index("metric")
+    assert ensemble.loc["clean", "mean"] == 95.0 and ensemble.loc["clean", "n"] == 2  # members
+
+
+def test_gates_flag_non_monotone_radii_and_weak_iterative_attacks(aggregated):
+    flags = gate_flags(aggregated.fillna({"lambda_low": -1.0, "lambda_high": -1.0}))
+    by_model = {
+        key[1] + ("/ens" if key[5] == "ensemble" else ""): v
+        for key, v in flags.items()
+        if key[0] == "cifar10"
+    }
+    assert by_model["masked"] == "eps-not-monotone;iterative-weaker-than-fgsm"
+    assert by_model["resnet110"] == "" and by_model["resnet110/ens"] == ""
+
+
+# --- the six tables ------------------------------------------------------------------------------
+
+GOLDEN = __import__("pathlib").Path(__file__).with_name("golden")
+
+
+@pytest.mark.parametrize("number", range(1, 7))
+@pytest.mark.parametrize("view", ["mean", "std", "paper"])
+def test_tables_render_exactly(number, view, frame, aggregated, runs):
+    """Full rendered text for known records (checked by hand once, numbers re-asserted below)."""
+    filled = table(number, frame, aggregated, runs)
+    assert (
+        render(filled, view) + "\n" + missing(filled) + "\n"
+        == (GOLDEN / f"table{number}_{view}.md").read_text()
+    )
+
+
+def test_table_cells_std_with_one_seed_and_deltas(frame, aggregated, runs):
+    two = render(table(2, frame, aggregated), "std").splitlines()
+    assert (
+        two[2] == "| ResNet-110      | 94.00 ± 1.41 (n=2) | 72.00 (n=1) |"
+    )  # sample std of 93, 95; one seed: none
+    five = table(5, frame, aggregated, runs).set_index(["row", "column"])
+    cell = five.loc[("In-ResNet-110, U[0.30, 0.40]", "PGD")]
+    assert (cell["mean"], cell["paper"], round(cell["delta"], 2), cell["n"]) == (40.0, 40.84, -0.84, 1)
+    failed = five.loc[("In-ResNet-110, U[0.30, 0.40]", "Failed")]
+    assert (failed["mean"], failed["n"], failed["paper"]) == (1, 2, 1)  # 1 of 2 runs failed; paper: 1 of 5
+    assert five.loc[("λ-In-ResNet-110, U[0.30, 0.40]", "Failed"), "paper"] == 3
+
+
+def test_missing_cells_are_named(frame, aggregated):
+    four = table(4, frame, aggregated)
+    assert missing(four) == (
+        "Missing 15 of 25 cells: CIFAR-10 In-ResNet-sig-110 (all); CIFAR-10 In-ResNet-gating-110 (all); "
+        "CIFAR-10 In-ResNet-gating-sig-110 (all)."
+    )
+    assert (
+        render(four)
+        .splitlines()[4]
+        .endswith("| -           | -           | -           | -           | -           |")
+    )
+
+
+def test_published_numbers_are_consistent_across_the_papers_tables():
+    paper = published()
+    assert len(paper) == 90 + 18 + 108 + 25 + 55 + 60 and paper["value"].between(0, 100).all()
+    t1 = paper[paper["table"] == 1].pivot_table(index=["dataset", "model"], columns="metric", values="value")
+    assert ((t1[list(NOISE_GROUPS)].mean(axis=1) - t1["noise"]).abs() <= 0.01).all()  # Avg. = mean of groups
+
+    def value(table, model, metric, kind="single", dataset="cifar10"):
+        rows = paper[(paper["table"] == table) & (paper["model"] == model) & (paper["metric"] == metric)]
+        rows = rows[(rows["kind"] == kind) & (rows["dataset"] == dataset)]
+        if table == 5:
+            rows = rows[rows["lambda_low"].isna() | (rows["lambda_low"] == 0.2)]
+        return rows["value"].item()
+
+    for model in ("resnet110", "in-resnet110"):
+        assert (
+            value(4, model, "clean")
+            == value(2, model, "clean")
+            == value(6, model, "clean")
+            == value(5, model, "clean")
+        )
+        assert value(4, model, "noise") == value(1, model, "noise") == value(6, model, "noise")
+        assert value(4, model, "pgd@2") == value(3, model, "pgd@2") == value(6, model, "pgd@2")
+    assert set(paper.loc[paper["table"] == 5, "seeds"]) == {5, 4, 2}
+
+
+def test_claims_compare_directions_and_never_synthetic(frame, aggregated):
+    claims = claim_rows(frame, aggregated).set_index(["claim", "dataset"])
+    noise = claims.loc[("In-ResNet-110 beats ResNet-110 on the noise groups (avg.)", "cifar10")]
+    assert (noise["measured"], round(noise["paper"], 2), noise["verdict"]) == (
+        18.25,
+        18.97,
+        "reproduces (same direction)",
+    )
+    assert (
+        claims.loc[("In-ResNet-164 beats ResNet-164 under PGD at 2/255", "cifar10"), "verdict"]
+        == "not measured"
+    )
+    synthetic = frame.assign(dataset="synthetic", model=frame["model"].str.replace("110", "14"))
+    rows = claim_rows(synthetic, aggregate(seed_metrics(synthetic)))
+    assert set(rows["dataset"]) == {"synthetic"} and rows["paper"].isna().all()
+    assert (
+        rows.loc[rows["measured"].notna(), "verdict"].eq("synthetic data: not compared with the paper").all()
+    )
+
+
+# --- leaderboard --------------------------------------------------------------------------------
+
+
+def test_leaderboard_ranks_flags_and_writes_numbers(frame, aggregated, tmp_path):
+    board = leaderboard(frame, aggregated)
+    assert list(board["name"]) == [
+        "in-resnet110@lambda0.3-0.4",
+        "in-resnet110",
+        "masked",
+        "resnet110 (ensemble)",
+        "resnet110",
+        "resnet110",
+    ]
+    assert list(board["dataset"])[-1] == "cifar100"  # unmeasured PGD ranks last
+    assert board.set_index("name").loc["masked", "flags"] == "eps-not-monotone;iterative-weaker-than-fgsm"
+    by_clean = leaderboard(frame, aggregated, rank_by="clean")
+    assert list(by_clean["name"][:3]) == ["resnet110 (ensemble)", "resnet110", "in-resnet110"]
+    write_leaderboard(tmp_path, board)
+    csv = pd.read_csv(tmp_path / "leaderboard.csv")
+    for column in ("rank", "n_test", "seeds", "clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2"):
+        assert pd.api.types.is_numeric_dtype(csv[column]), column
+    assert csv.loc[0, "pgd@2"] == 40.0 and csv.loc[4, "seeds"] == 2
+    entry = json.loads((tmp_path / "leaderboard" / "cifar10" / "resnet110_ensemble.json").read_text())
+    assert entry["clean_acc"] == 95.0 and entry["robust_acc"]["pgd"] == {"2": 7.0} and entry["seeds"] == 2
+    assert entry["checkpoint_sha256"] == ["resnet110-1"] and entry["noise_acc"] == 55.5
+    md = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert md[5].startswith("| 2      | in-resnet110               | in-resnet110 | CIFAR-10  |")
+
+
+def test_rank_by_must_be_a_metric(tmp_path, capsys):
+    assert run_bench.main(["--stage", "report", "--results-dir", str(tmp_path), "--rank-by", "pgd2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --rank-by 'pgd2' is not a metric: use clean, noise, a noise group, or e.g. pgd@2\n"
+    )
+
+
+@pytest.mark.slow
+def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(smoke_run[0], results)
+    for path in (results / "tables").glob("*"):
+        path.unlink()
+    assert run_bench.main(["--stage", "report", "--results-dir", str(results)]) == 0
+    for number in range(1, 7):
+        text = (results / "tables" / f"table{number}.md").read_text()
+        assert "synthetic" in text and "-14" in text, number
+        for suffix in ("_std.md", "_vs_paper.md", ".csv", ".tex"):
+            assert (results / "tables" / f"table{number}{suffix}").is_file()
+    assert "| synthetic   | ResNet-14, ens" in (results / "tables" / "table6.md").read_text()
+    report = (results / "REPORT.md").read_text()
+    assert "never compared with the paper's CIFAR numbers" in report and "reproduces" not in report
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert (
+        len(board) == 6 and set(board["dataset"]) == {"synthetic"} and board["pgd@2"].is_monotonic_decreasing
+    )
