@@ -219,7 +219,9 @@ def render_report(frame: pd.DataFrame, aggregated: pd.DataFrame, tables: dict, p
     lines += [
         f"Generated from {len(frame)} current records (preset `{preset}` in the tables).",
         "",
-        "Data: " + "; ".join(f"{DATASET_LABELS.get(d, d)}: {s}" for d, s in sources.items()) + ".",
+        "Data (data set: sources of its cells): "
+        + "; ".join(f"{DATASET_LABELS.get(d, d)}: {s}" for d, s in sources.items())
+        + ".",
     ]
     if "synthetic" in set(frame["dataset"]):
         lines += [
