@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -29,10 +28,10 @@ from models.adapters import Defense
 from models.layers import Normalize
 
 from .attacks import ATTACKS, AttackAuditError, audit, fgsm, iterative_attack, run_seeded
-from .data import batches, load_noise, load_test, noise_source, severity_rows, subset_indices
+from .data import batches, dataset_spec, load_noise, load_test, noise_source, severity_rows, subset_indices
 from .environment import device_name
 from .noise import NOISE_GROUPS, SEVERITIES
-from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records
+from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records, utc_now
 
 log = logging.getLogger(__name__)
 PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
@@ -64,8 +63,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if any(e < 0 for e in self.radii) or not self.eps_255:
-            raise UserError(f"radii must be non-negative numbers of 1/255, got {self.eps_255}")
+        if not self.eps_255 or any(e < 0 for e in (*self.eps_255, *self.radii)):
+            raise UserError(f"radii must be non-negative numbers of 1/255, got {self.eps_255} / {self.radii}")
 
     @property
     def alpha(self) -> float:
@@ -103,6 +102,14 @@ def protocol_cells(config: EvalConfig) -> list[Cell]:
     return cells
 
 
+def cell_sources(dataset: str, data_dir, noise_option: str, official: bool = True) -> tuple[str, str]:
+    """(clean, noise) data_source labels of a data set's cells, without loading anything:
+    a set without a noise release (the synthetic one) is labelled by its own name."""
+    if dataset_spec(dataset).noise_release is None:
+        return dataset, dataset
+    return ("released" if official else "unofficial"), noise_source(dataset, data_dir, noise_option)
+
+
 class EvalData:
     """The test subset of one data set and its noise groups, loaded on first use."""
 
@@ -110,9 +117,9 @@ class EvalData:
         self.dataset, self.data_dir, self.config = dataset, data_dir, config
         self.test = load_test(dataset, data_dir)
         self.indices = subset_indices(self.test.labels, config.n_test, balanced=True)
-        synthetic = dataset == "synthetic"
-        self.clean_source = "synthetic" if synthetic else ("released" if self.test.official else "unofficial")
-        self.noise_source = "synthetic" if synthetic else noise_source(dataset, data_dir, config.noise_source)
+        self.clean_source, self.noise_source = cell_sources(
+            dataset, data_dir, config.noise_source, self.test.official
+        )
 
     @property
     def n(self) -> int:
@@ -123,7 +130,7 @@ class EvalData:
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def noise(self, group: str):
-        source = "generated" if self.dataset == "synthetic" else self.noise_source
+        source = "generated" if dataset_spec(self.dataset).noise_release is None else self.noise_source
         return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
 
     @functools.cache  # noqa: B019
@@ -228,7 +235,7 @@ def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds
         "device": device_name(config.device),
         "batch_size": _batch_size(config),
         "seconds": round(seconds, 3),
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": utc_now(),
     }
 
 

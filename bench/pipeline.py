@@ -30,12 +30,22 @@ from models.adapters import (
     zoo_defense,
 )
 
-from .data import dataset_spec, load_test, noise_source
+from .data import dataset_spec, load_test
 from .environment import resolve_device, retain_freed_memory
-from .evaluate import EvalConfig, EvalData, Subject, cell_key, evaluate, protocol_cells, unit_passes, units
+from .evaluate import (
+    EvalConfig,
+    EvalData,
+    Subject,
+    cell_key,
+    cell_sources,
+    evaluate,
+    protocol_cells,
+    unit_passes,
+    units,
+)
 from .noise import NOISE_GROUPS
 from .recipes import recipe_for
-from .records import DB_FILE, ENSEMBLE_SEED, RecordStore, load_records, with_pooled_noise
+from .records import DB_FILE, ENSEMBLE_SEED, RecordStore, load_records, utc_now, with_pooled_noise
 from .report import check_metric, write_reports
 from .suites import Study, Suite, suite
 from .train import TrainConfig, train
@@ -265,33 +275,34 @@ def _trained_defense(tag, dataset, seed, options, store, outcome) -> Defense | N
         return None
     meta = read_meta(folder / META_FILE)
     status = meta.get("status", "finished")
-    if status in ("finished", "failed"):
-        low, high = _lambda_init(create_model(meta["model"], **meta["model_kwargs"])) or (None, None)
-        store.add_run(
-            {
-                "model": meta["model"],
-                "run": tag,
-                "dataset": dataset,
-                "seed": seed,
-                "lambda_low": low,
-                "lambda_high": high,
-                "status": status,
-                "reason": meta.get("reason", ""),
-                "test_accuracy": meta.get("test_accuracy"),
-                "checkpoint_sha256": meta["sha256"],
-                "timestamp": _now(),
-            }
-        )
-    if status != "finished":
-        log.warning(
-            "%s %s seed %d: run is %s (%s); not evaluated", tag, dataset, seed, status, meta.get("reason", "")
-        )
-        if status == "failed":
-            outcome.failed_runs.add(f"{tag} {dataset} seed {seed}")
-        else:  # "running": its training was interrupted
-            outcome.missing.add(f"{tag} {dataset} seed {seed}")
+    if status not in ("finished", "failed"):  # "running": its training was interrupted
+        log.warning("%s %s seed %d: run is %s; not evaluated", tag, dataset, seed, status)
+        outcome.missing.add(f"{tag} {dataset} seed {seed}")
         return None
-    return zoo_defense(tag, dataset, seed, options.results_dir)
+    defense = zoo_defense(tag, dataset, seed, options.results_dir) if status == "finished" else None
+    model = defense.model if defense is not None else create_model(meta["model"], **meta["model_kwargs"])
+    low, high = _lambda_init(model) or (None, None)
+    store.add_run(
+        {
+            "model": meta["model"],
+            "run": tag,
+            "dataset": dataset,
+            "seed": seed,
+            "lambda_low": low,
+            "lambda_high": high,
+            "status": status,
+            "reason": meta.get("reason", ""),
+            "test_accuracy": meta.get("test_accuracy"),
+            "checkpoint_sha256": meta["sha256"],
+            "timestamp": utc_now(),
+        }
+    )
+    if defense is None:
+        log.warning(
+            "%s %s seed %d: run failed (%s); not evaluated", tag, dataset, seed, meta.get("reason", "")
+        )
+        outcome.failed_runs.add(f"{tag} {dataset} seed {seed}")
+    return defense
 
 
 def _evaluate_one(
@@ -342,12 +353,6 @@ def _lambda_init(model: nn.Module) -> tuple[float, float] | None:
     if info is None or info.rule in ("residual", "plain"):
         return None
     return tuple(info.lambda_init)
-
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- device choice, plans and estimates -------------------------------------------------------
@@ -438,10 +443,7 @@ def _cells_todo(
         "checkpoint_sha256": digest,
     }
     done = RecordStore(options.results_dir).done(context)
-    if job.dataset == "synthetic":
-        clean, noisy = "synthetic", "synthetic"
-    else:  # as EvalData will find them, without loading anything
-        clean, noisy = "released", noise_source(job.dataset, options.data_dir, config.noise_source)
+    clean, noisy = cell_sources(job.dataset, options.data_dir, config.noise_source)  # as EvalData will
     return [
         c
         for c in cells

@@ -19,6 +19,7 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,11 @@ class RecordStore:
         sql = f"INSERT OR IGNORE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
         with closing(self._connect()) as db, db:
             db.execute(sql, [row[k] for k in RUN_COLUMNS])
+
+
+def utc_now() -> str:
+    """The records' timestamp format: UTC, ISO 8601, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def load_records(results_dir: str | os.PathLike, include_stale: bool = False) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from .tables import (
     lambda_key,
     missing,
     published,
+    published_value,
     render,
     shown_datasets,
     table_specs,
@@ -183,22 +184,14 @@ def _value(chosen: dict, dataset: str, side, metric: str, d: int) -> float:
 
 
 def _paper(paper: pd.DataFrame, claim: Claim, dataset: str, d: int) -> float:
-    if dataset not in PAPER_DATASETS:
-        return math.nan
-    values = []
-    for model, init, kind in (claim.a, claim.b):
-        match = paper[
-            (paper["table"] == claim.table)
-            & (paper["dataset"] == dataset)
-            & (paper["model"] == model.format(d=d))
-        ]
-        match = match[(match["kind"] == kind) & (match["metric"] == claim.metric)]
-        if init is not None:
-            match = match[(match["lambda_low"] == init[0]) & (match["lambda_high"] == init[1])]
-        elif claim.table == 5 and "in-" in model:
-            match = match[match["lambda_low"].isna() | (match["lambda_low"] == 0.2)]
-        values.append(float(match["value"].iloc[0]) if len(match) else math.nan)
-    return values[0] - values[1]
+    table = paper[paper["table"] == claim.table]
+    a, b = (
+        published_value(
+            table, dataset, model.format(d=d), init or default_lambda(model.format(d=d)), kind, claim.metric
+        )
+        for model, init, kind in (claim.a, claim.b)
+    )
+    return a - b
 
 
 def _verdict(measured: float, paper: float, dataset: str) -> str:

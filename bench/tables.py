@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -207,7 +207,7 @@ def fill(
     rows = []
     for spec in specs:
         found = chosen.get((spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric))
-        value = _published(paper, spec)
+        value = published_value(paper, spec.dataset, spec.model, spec.lambda_init, spec.kind, spec.metric)
         mean = found["mean"] if found is not None else math.nan
         rows.append(
             {
@@ -230,45 +230,33 @@ def fill(
 def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Table 5's last column: failed training runs out of all runs seen per row (mean =
     failed, n = runs), and the paper's (5 minus the seeds it averaged)."""
-    paper = published()
+    seeds = (
+        published().query("table == 5 and metric == 'clean'").assign(value=lambda f: FULL_SEEDS - f["seeds"])
+    )
+    keys = pd.Series(
+        [lambda_key(p) for p in zip(runs["lambda_low"], runs["lambda_high"], strict=True)], index=runs.index
+    )
     rows = []
-    for (block, row), cells in filled.groupby(["block", "row"], sort=False):
-        first = cells.iloc[0]
-        mine = runs[(runs["dataset"] == first["dataset"]) & (runs["model"] == first["model"])]
-        if not math.isnan(first["lambda_low"]):
-            mine = mine[
-                (mine["lambda_low"].round(6) == round(first["lambda_low"], 6))
-                & (mine["lambda_high"].round(6) == round(first["lambda_high"], 6))
-            ]
-        else:
-            mine = mine[mine["lambda_low"].isna()]
-        spec = Spec(
-            block,
-            row,
-            "Failed",
-            first["dataset"],
-            first["model"],
-            None if math.isnan(first["lambda_low"]) else (first["lambda_low"], first["lambda_high"]),
-            "single",
-            "failed",
-        )
-        seeds = _published(
-            paper[(paper["table"] == 5) & (paper["metric"] == "clean")].assign(
-                value=lambda f: FULL_SEEDS - f["seeds"]
-            ),
-            replace(spec, metric="clean"),
-        )
+    for _, cells in filled.groupby(["block", "row"], sort=False):
+        first = cells.iloc[0].to_dict()
+        init = lambda_key((first["lambda_low"], first["lambda_high"]))
+        mine = runs[
+            (runs["dataset"] == first["dataset"])
+            & (runs["model"] == first["model"])
+            & keys.map(lambda key, init=init: key == init).astype(bool)
+        ]
         failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
+        paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
         rows.append(
             {
-                **cells.iloc[0].to_dict(),
+                **first,
                 "column": "Failed",
                 "metric": "failed",
                 "mean": failed,
                 "std": math.nan,
                 "n": len(mine),
-                "paper": seeds,
-                "delta": failed - seeds,
+                "paper": paper,
+                "delta": failed - paper,
             }
         )
     return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)
@@ -293,19 +281,21 @@ def best_groups(aggregated: pd.DataFrame) -> dict:
     return best
 
 
-def _published(paper: pd.DataFrame, spec: Spec) -> float:
-    if spec.dataset not in PAPER_DATASETS:
-        return math.nan  # synthetic data is never compared with CIFAR numbers
+def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
+    """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
+    data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
+    if dataset not in PAPER_DATASETS:
+        return math.nan
     match = paper[
-        (paper["dataset"] == spec.dataset)
-        & (paper["model"] == spec.model)
-        & (paper["kind"] == spec.kind)
-        & (paper["metric"] == spec.metric)
+        (paper["dataset"] == dataset)
+        & (paper["model"] == model)
+        & (paper["kind"] == kind)
+        & (paper["metric"] == metric)
     ]
-    if spec.lambda_init is not None and match["lambda_low"].notna().any():
+    if init is not None and match["lambda_low"].notna().any():
         match = match[
-            (match["lambda_low"].round(6) == round(spec.lambda_init[0], 6))
-            & (match["lambda_high"].round(6) == round(spec.lambda_init[1], 6))
+            (match["lambda_low"].round(6) == round(init[0], 6))
+            & (match["lambda_high"].round(6) == round(init[1], 6))
         ]
     return float(match["value"].iloc[0]) if len(match) else math.nan
 
@@ -367,5 +357,6 @@ __all__ = [
     "render",
     "table_specs",
     "with_failed_runs",
+    "published_value",
     "best_groups",
 ]
