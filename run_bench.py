@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import sqlite3
 import sys
 
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
+from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
 STAGES = ("train", "eval", "report")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is our one `error:` line (and exit 2), not usage + error."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bench.suites import SUITES
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Robustness of residual, interpolated and plain networks (Yang et al., ICML 2020).",
         epilog="suites: " + "; ".join(f"{s.name}: {s.description}" for s in SUITES.values()),
     )
@@ -53,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--length", default=None, choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
     )
-    train.add_argument("--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's")
+    train.add_argument(
+        "--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)"
+    )
     train.add_argument("--n-train", type=int, default=None, help="train on the first N images only")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
     train.add_argument(
@@ -63,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("eval")
     evaluation.add_argument("--n-test", type=int, default=None, help="class-balanced test subset of N images")
     evaluation.add_argument(
-        "--radii", default=None, help="attack radii in 1/255, comma-separated (default 1,2,4)"
+        "--radii",
+        default=None,
+        help="attack radii in 1/255, comma-separated (default 1,2,4); 0 is allowed: an attack at radius 0 "
+        "must give the clean accuracy, a check of the attack path",
     )
     evaluation.add_argument("--steps", type=int, default=20, help="IFGSM / PGD iterations (default 20)")
     evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
@@ -76,13 +91,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     summary = parser.add_argument_group("summary")
     summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
-    return parser.parse_args(argv)
+    return parser.parse_args(_joined_negatives(sys.argv[1:] if argv is None else argv))
+
+
+def _joined_negatives(argv: list[str]) -> list[str]:
+    """`--lambda-init -0.1,0` as `--lambda-init=-0.1,0`: argparse would read the pair as an
+    option because it starts with a dash."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--lambda-init" and re.fullmatch(r"-[\d.].*", arg):
+            out[-1] = f"--lambda-init={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.list_models:
             sys.stdout.write(listing() + "\n")
             return 0
@@ -92,8 +119,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(options(args))
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
+        return _fail(str(err))
+    except (OSError, RuntimeError, sqlite3.Error) as err:  # a full disk under a library's own error
+        full = disk_full(err)
+        if full is None:
+            raise
+        where = f"for {full.filename}" if getattr(full, "filename", None) else "on the disk of the results or data"
+        return _fail(disk_full_message(full, where))
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return 2
 
 
 def options(args: argparse.Namespace):
@@ -109,14 +146,14 @@ def options(args: argparse.Namespace):
         suite=args.suite,
         stages=stages,
         models=args.models,
-        datasets=tuple(_items(args.datasets, "--datasets")) if args.datasets else None,
-        seeds=tuple(int(s) for s in _items(args.seeds, "--seeds")) if args.seeds else None,
+        datasets=tuple(_items(args.datasets, "--datasets")) if args.datasets is not None else None,
+        seeds=tuple(int(s) for s in _items(args.seeds, "--seeds")) if args.seeds is not None else None,
         preset=args.preset,
         length=args.length,
         n_train=args.n_train,
         n_test=args.n_test,
         lambda_init=_pair(args.lambda_init),
-        radii=tuple(_numbers(args.radii, "--radii")) if args.radii else None,
+        radii=tuple(_numbers(args.radii, "--radii")) if args.radii is not None else None,
         steps=args.steps,
         noise_source=args.noise_source,
         batch_size=args.batch_size,
@@ -145,7 +182,7 @@ def _items(text: str, option: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise UserError(f"{option} is empty: give a comma-separated list")
-    if option == "--seeds" and not all(t.isdigit() for t in items):
+    if option == "--seeds" and not all(re.fullmatch(r"[0-9]+", t) for t in items):
         raise UserError(f"--seeds takes non-negative integers, got {text!r}")
     return items
 
@@ -162,7 +199,7 @@ def _pair(text: str | None) -> tuple[float, float] | None:
         return None
     try:
         low, high = (float(t) for t in text.split(","))
-    except ValueError:
+    except ValueError:  # also a count other than two
         raise UserError(f"--lambda-init takes two numbers a,b (e.g. 0.2,0.25), got {text!r}") from None
     return low, high
 

@@ -9,6 +9,7 @@ every file is written atomically, so a failed download or extraction leaves noth
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -24,15 +25,26 @@ from pathlib import Path
 import numpy as np
 
 from models import UserError
-from models.checkpoints import atomic_write, file_digest
+from models.checkpoints import atomic_write, file_digest, file_mode, save_json, temp_prefix
 
 log = logging.getLogger(__name__)
 DATA_DIR_ENV = "INRES_BENCH_DATA"
+_WARNED: set[tuple[str, str, Path]] = set()  # (data set, split, folder): said once per process
 
 
 def default_data_dir() -> Path:
     """`$INRES_BENCH_DATA`, else ./data."""
-    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+    return Path(os.environ.get(DATA_DIR_ENV) or "data")
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data dir to use (None: the default), refused in one line when it cannot be one."""
+    if data_dir is not None and not str(data_dir).strip():
+        raise UserError(f"--data-dir is empty: give a folder (default: ${DATA_DIR_ENV} or ./data)")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data dir {root} is a file, not a folder: choose another --data-dir")
+    return root
 
 
 @dataclass(frozen=True)
@@ -129,17 +141,28 @@ class ImageSet:
 
 def load_split(spec: ArchiveSpec, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
     """The `split` ("train" or "test") of `spec`, fetching or building it when missing."""
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = data_root(data_dir)
     folder = ensure_folder(spec, root)
-    images, labels, official = [], [], True
-    for name, md5 in spec.files[split]:
+    images, labels = [], []
+    for name, _ in spec.files[split]:
         data, targets = read_batch(folder / name, spec.label_key, spec.num_classes)
         images.append(data)
         labels.append(targets)
-        official = official and md5 is not None and _md5(folder / name) == md5
-    if not official and spec.archive_md5:
+    official = is_official(spec, split, root)
+    if not official and spec.archive_md5 and (spec.name, split, folder) not in _WARNED:
+        _WARNED.add((spec.name, split, folder))
         log.warning("%s %s files in %s are not the official release", spec.name, split, folder)
     return ImageSet(np.concatenate(images), np.concatenate(labels), spec.name, official)
+
+
+def is_official(spec: ArchiveSpec, split: str, root: Path) -> bool:
+    """Whether the `split` files under `root` are the official release (md5 of each file);
+    files not there yet count as official: they will be downloaded and checked."""
+    folder = root / spec.folder
+    return all(
+        md5 is not None and (not (folder / name).is_file() or _md5(folder / name) == md5)
+        for name, md5 in spec.files[split]
+    )
 
 
 def ensure_folder(spec: ArchiveSpec, root: Path) -> Path:
@@ -165,11 +188,16 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
-        data, labels = batch["data"], np.asarray(batch[label_key], dtype=np.int64)
+        data, labels = batch["data"], np.asarray(batch[label_key])
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise UserError(
             f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); delete it"
         ) from None
+    if labels.dtype.kind not in "iu":  # floats would be truncated, huge ints overflow int64
+        raise UserError(
+            f"{path}: labels under {label_key!r} must be integers in [0, {num_classes}), "
+            f"got {labels.dtype} values such as {labels.ravel()[:1].tolist()}"
+        )
     if not (
         isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
     ):
@@ -178,7 +206,7 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
         )
     if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         raise UserError(f"{path}: need {len(data)} labels in [0, {num_classes}), got shape {labels.shape}")
-    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels.astype(np.int64)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -187,6 +215,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
@@ -202,7 +232,7 @@ def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
     """Stream `url` to `dest` through a temporary file, checking `md5` before the rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest.name), suffix=".part")
     digest = hashlib.md5()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
@@ -214,6 +244,7 @@ def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
                 f"{url} arrived with md5 {digest.hexdigest()}, expected {md5}: nothing was kept; "
                 f"try again, or put a verified {dest.name} in {dest.parent}"
             )
+        os.chmod(tmp, file_mode())
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
@@ -242,7 +273,7 @@ def extract_members(archive: Path, root: Path, folder: str, names: list[str]) ->
     """Extract `folder/name` for each name into root/folder: into a staging folder first,
     then each file renamed into place, so an interrupted run leaves no partial file."""
     wanted = {f"{folder}/{name}" for name in names}
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=temp_prefix("extract")))
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = [m for m in tar.getmembers() if m.name.removeprefix("./") in wanted]
@@ -281,3 +312,23 @@ def _missing(spec: ArchiveSpec, folder: Path) -> list[str]:
 
 def _md5(path: Path) -> str:
     return file_digest(path, "md5")
+
+
+def verified_md5(path: Path, expected: str) -> bool:
+    """Whether `path` has md5 `expected`; the digest of a large file is computed once and
+    kept in `<path>.md5.json` beside it, valid while the file's size and mtime stay."""
+    stat, stamp = path.stat(), path.with_name(path.name + ".md5.json")
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        cached = json.loads(stamp.read_text())
+        if {k: cached.get(k) for k in key} == key and isinstance(cached.get("md5"), str):
+            return cached["md5"] == expected
+    except (OSError, ValueError, AttributeError):
+        pass
+    log.info("checking the md5 of %s (%.1f GB; once)", path, stat.st_size / 1e9)
+    digest = _md5(path)
+    try:
+        save_json({**key, "md5": digest}, stamp)
+    except OSError:  # a read-only data dir: check again next time
+        pass
+    return digest == expected

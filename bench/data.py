@@ -26,7 +26,17 @@ import torch
 from models import UserError
 from models.checkpoints import atomic_write
 
-from .cifar import CIFAR10, CIFAR100, ArchiveSpec, ImageSet, default_data_dir, download, extract_members
+from .cifar import (
+    CIFAR10,
+    CIFAR100,
+    ArchiveSpec,
+    ImageSet,
+    data_root,
+    download,
+    extract_members,
+    is_official,
+    verified_md5,
+)
 from .cifar import load_split as _load_split
 from .noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
 from .synthetic import make_synthetic
@@ -92,7 +102,7 @@ def load_noise(
 ) -> NoiseGroup:
     """The noise group `group` of `dataset` from `source` (see the module docstring);
     `test` is the clean test set when already loaded."""
-    spec, root = dataset_spec(dataset), Path(data_dir) if data_dir is not None else default_data_dir()
+    spec, root = dataset_spec(dataset), data_root(data_dir)
     if group not in NOISE_GROUPS:
         raise UserError(f"unknown noise group {group!r}; choose one of {', '.join(NOISE_GROUPS)}")
     if source not in NOISE_SOURCES:
@@ -117,10 +127,32 @@ def noise_source(dataset: str, data_dir: str | os.PathLike | None = None, source
     "generated" (auto: released when its files are present)."""
     if source not in NOISE_SOURCES:
         raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = data_root(data_dir)
     if source == "auto":
         return "released" if _has_groups(root / dataset_spec(dataset).noise_folder) else "generated"
     return source
+
+
+def clean_source(dataset: str, official: bool) -> str:
+    """The `data_source` label of clean images (and of attacks on them): "released" for the
+    official files, "unofficial" for other files in their place, or the name of a data set
+    without a release (the synthetic one)."""
+    if dataset_spec(dataset).noise_release is None:
+        return dataset
+    return "released" if official else "unofficial"
+
+
+def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option: str) -> tuple[str, str]:
+    """(clean, noise) `data_source` labels of a data set's cells, without loading images
+    (only the md5 of its test files): noise generated from unofficial test files is
+    "generated-unofficial", so no cell hides where its images came from."""
+    spec = dataset_spec(dataset)
+    if spec.noise_release is None:
+        return dataset, dataset
+    root = data_root(data_dir)
+    clean = clean_source(dataset, is_official(spec, "test", root))
+    noise = noise_source(dataset, data_dir, noise_option)
+    return clean, noise if noise == "released" or clean == "released" else f"{noise}-unofficial"
 
 
 def fetch_release(spec: ArchiveSpec, root: Path) -> None:
@@ -131,9 +163,10 @@ def fetch_release(spec: ArchiveSpec, root: Path) -> None:
     tar = root / release.tar
     if not tar.is_file():
         download(release.url, tar, release.md5, hint=f"or the extracted {spec.noise_folder}/ folder")
-    elif tar.stat().st_size != release.size:
+    elif tar.stat().st_size != release.size or not verified_md5(tar, release.md5):
         raise UserError(
-            f"{tar} has {tar.stat().st_size} bytes, expected {release.size}: delete it and run again"
+            f"{tar} is not the published {release.tar} ({tar.stat().st_size} bytes; expected "
+            f"{release.size} bytes with md5 {release.md5}): delete it and run again to download it"
         )
     names = [f"{g}.npy" for g in NOISE_GROUPS] + ["labels.npy"]
     extract_members(tar, root, spec.noise_folder, names)

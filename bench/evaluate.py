@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from models.adapters import Defense
 from models.layers import Normalize
 
 from .attacks import ATTACKS, AttackAuditError, audit, fgsm, iterative_attack, run_seeded
-from .data import batches, dataset_spec, load_noise, load_test, noise_source, severity_rows, subset_indices
+from .data import batches, cell_sources, load_noise, load_test, severity_rows, subset_indices
 from .environment import device_name
 from .noise import NOISE_GROUPS, SEVERITIES
 from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records, utc_now
@@ -63,8 +64,12 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if not self.eps_255 or any(e < 0 for e in (*self.eps_255, *self.radii)):
-            raise UserError(f"radii must be non-negative numbers of 1/255, got {self.eps_255} / {self.radii}")
+        radii = (*self.eps_255, *self.radii)
+        if not self.eps_255 or not self.radii or not all(math.isfinite(e) and 0 <= e <= 255 for e in radii):
+            shown = ", ".join(dict.fromkeys(f"{e:g}" for e in radii)) or "none"
+            raise UserError(f"--radii must be finite numbers of 1/255 in [0, 255], got {shown}")
+        if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
+            raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
 
     @property
     def alpha(self) -> float:
@@ -102,14 +107,6 @@ def protocol_cells(config: EvalConfig) -> list[Cell]:
     return cells
 
 
-def cell_sources(dataset: str, data_dir, noise_option: str, official: bool = True) -> tuple[str, str]:
-    """(clean, noise) data_source labels of a data set's cells, without loading anything:
-    a set without a noise release (the synthetic one) is labelled by its own name."""
-    if dataset_spec(dataset).noise_release is None:
-        return dataset, dataset
-    return ("released" if official else "unofficial"), noise_source(dataset, data_dir, noise_option)
-
-
 class EvalData:
     """The test subset of one data set and its noise groups, loaded on first use."""
 
@@ -117,9 +114,7 @@ class EvalData:
         self.dataset, self.data_dir, self.config = dataset, data_dir, config
         self.test = load_test(dataset, data_dir)
         self.indices = subset_indices(self.test.labels, config.n_test, balanced=True)
-        self.clean_source, self.noise_source = cell_sources(
-            dataset, data_dir, config.noise_source, self.test.official
-        )
+        self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
     @property
     def n(self) -> int:
@@ -130,7 +125,7 @@ class EvalData:
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def noise(self, group: str):
-        source = "generated" if dataset_spec(self.dataset).noise_release is None else self.noise_source
+        source = "released" if self.noise_source == "released" else "generated"
         return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
 
     @functools.cache  # noqa: B019
@@ -161,7 +156,7 @@ def evaluate(
     """Compute and record the cells (default: the whole protocol) of `subject` not yet in
     `store`; returns (cells recorded, cells cached, errors). A cell that fails the audit is
     reported, never recorded."""
-    context = _context(subject, config, data)
+    context = cell_context(subject, config, data)
     done = store.done(context)
     cells = protocol_cells(config) if cells is None else list(cells)
     todo = [c for c in cells if cell_key(c, data.source(c), config) not in done]
@@ -169,7 +164,7 @@ def evaluate(
     work = units(todo)
     cost = sum(_units_cost(u, data.n, config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
-    errors, failed = [], 0
+    errors, recorded = [], 0
     # disable=None: bars on a terminal only, not in logs and pipes
     bar = tqdm(
         total=cost,
@@ -187,18 +182,18 @@ def evaluate(
             except AttackAuditError as err:  # `err` names the cell
                 log.error("error: %s (not recorded)", err)
                 errors.append(str(err))
-                failed += len(unit)
                 continue
             seconds = (time.perf_counter() - began) / len(unit)
             rows = [
                 _row(context, cell, data, bits, seconds, config)
                 for cell, bits in zip(unit, correct, strict=True)
             ]
-            store.add_cells(rows, correct)
-    return len(todo) - failed, len(cells) - len(todo), errors
+            recorded += store.add_cells(rows, correct)  # 0 where another process was first
+    return recorded, len(cells) - len(todo), errors
 
 
-def _context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
+def cell_context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
+    """The KEY columns (and descriptive ones) that every cell of `subject` shares."""
     info = subject.defense.info
     low, high = subject.lambda_init or (None, None)
     return {

@@ -8,8 +8,11 @@ evaluated one by one, then, where the suite asks for it, the ensemble of its see
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +32,18 @@ from models.adapters import (
     zoo_checkpoint_dir,
     zoo_defense,
 )
+from models.checkpoints import check_writable, remove_orphans, run_lock
 
-from .data import dataset_spec, load_test
+from .aggregate import metric_name, with_pooled_noise
+from .cifar import data_root
+from .data import cell_sources, dataset_spec, load_test
 from .environment import resolve_device, retain_freed_memory
 from .evaluate import (
     EvalConfig,
     EvalData,
     Subject,
+    cell_context,
     cell_key,
-    cell_sources,
     evaluate,
     protocol_cells,
     unit_passes,
@@ -45,13 +51,14 @@ from .evaluate import (
 )
 from .noise import NOISE_GROUPS
 from .recipes import recipe_for
-from .records import DB_FILE, ENSEMBLE_SEED, RecordStore, load_records, utc_now, with_pooled_noise
-from .report import check_metric, write_reports
+from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, check_results_dir, utc_now
+from .report import NoRecordsError, check_metric, write_reports
 from .suites import Study, Suite, suite
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "eval", "report")
+SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,34 @@ class RunOptions:
     dry_run: bool = False
     rank_by: str = "pgd@2"  # the leaderboard's order
 
+    def __post_init__(self):
+        """Every value mistake is one error line here, before anything is loaded or run."""
+        unknown = [s for s in self.stages if s not in STAGES]
+        if not self.stages or unknown:
+            raise UserError(f"unknown stage {(unknown or [''])[0]!r} in --stage; choose from {', '.join(STAGES)}")
+        if self.seeds is not None:
+            if not self.seeds or not all(isinstance(s, int) and 0 <= s < SEED_LIMIT for s in self.seeds):
+                raise UserError(f"--seeds takes integers in [0, 2**32), got {list(self.seeds)}")
+            twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            if twice:
+                raise UserError(f"--seeds repeats {', '.join(map(str, twice))}: give each seed once")
+        if self.lambda_init is not None:
+            low, high = self.lambda_init
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise UserError(f"--lambda-init a,b needs finite numbers with a <= b, got {low:g},{high:g}")
+        for name in ("n_train", "n_test", "batch_size", "steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise UserError(
+                f"device {self.device!r} is not usable here (the benchmark runs on cpu, cuda, cuda:N or mps); "
+                "use --device cpu"
+            )
+        check_results_dir(self.results_dir)
+        data_root(self.data_dir)
+        check_metric(self.rank_by)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -102,33 +137,37 @@ class Outcome:
 
 
 def run(options: RunOptions) -> int:
-    """Run the stages; returns the exit code (1 when a cell failed its audit)."""
+    """Run the stages; returns the exit code (1 when a cell failed its audit). Every
+    mistake in the options or the environment is found before anything is trained."""
     spec = suite(options.suite)
-    check_metric(options.rank_by)
     jobs = plan_jobs(spec, options)
     if set(options.stages) == {"report"} and not options.dry_run:  # records only: no device, no data
         return _report(options)
     device = _device(spec, options, jobs)
+    for job in jobs:
+        _eval_config(job, spec, options, device)
+    _check_models(jobs)
+    check_metric(options.rank_by, planned_metrics(jobs) | recorded_metrics(options))
     if options.dry_run:
         sys.stdout.write(render_plan(jobs, spec, options, device) + "\n")
         return 0
-    if options.n_train is not None and options.n_train < 1:
-        raise UserError(f"--n-train must be positive, got {options.n_train}")
-    for job in jobs:  # every mistake in the options is found before anything runs
-        _eval_config(job, spec, options, device)
-    store = RecordStore(options.results_dir)  # fails now if the results dir is not writable
+    check_writable(options.results_dir, "results", "--results-dir")
+    check_writable(data_root(options.data_dir), "data", "--data-dir")
     for dataset in sorted({j.dataset for j in jobs}):
         load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
+    store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
+    for root in (options.results_dir, data_root(options.data_dir)):
+        remove_orphans(root)
     if device == "cpu":
         retain_freed_memory()
     outcome = Outcome()
     began = time.perf_counter()
     if "train" in options.stages:
-        _train_all(jobs, spec, options, device, outcome)
+        _train_all(jobs, spec, options, device, store, outcome)
     if "eval" in options.stages:
         _evaluate_all(jobs, spec, options, device, store, outcome)
     if "report" in options.stages:
-        _report(options)
+        _report(options, after_work=True)
     log.info(
         "done in %.0f s: %d cells evaluated, %d cached; %d failed runs; %d checkpoints missing",
         time.perf_counter() - began,
@@ -142,9 +181,17 @@ def run(options: RunOptions) -> int:
     return 1 if outcome.errors else 0
 
 
-def _report(options: RunOptions) -> int:
+def _report(options: RunOptions, after_work: bool = False) -> int:
+    """Write the reports; the report stage alone is an error without records, after the
+    other stages (whose runs may all have failed) it is a warning."""
     began = time.perf_counter()
-    written = write_reports(options.results_dir, options.preset, options.rank_by)
+    try:
+        written = write_reports(options.results_dir, options.preset, options.rank_by, options.steps)
+    except NoRecordsError as err:
+        if not after_work:
+            raise
+        log.warning("no reports: %s", err)
+        return 0
     log.info(
         "reports: %d files under %s in %.1f s; see %s",
         len(written),
@@ -155,10 +202,34 @@ def _report(options: RunOptions) -> int:
     return 0
 
 
+def planned_metrics(jobs: list[Job]) -> set[str]:
+    """Every metric the jobs' cells give (reports may rank by any of them)."""
+    metrics = {"clean", "noise", *NOISE_GROUPS}
+    for job in jobs:
+        metrics |= {metric_name(a, e) for a in ("fgsm", "ifgsm", "pgd") for e in (*job.radii, *job.ensemble_radii)}
+    return metrics
+
+
+def recorded_metrics(options: RunOptions) -> set[str]:
+    cells = RecordStore(options.results_dir, readonly=True).perturbations(options.preset)
+    return {metric_name(p, e) for p, e in cells} | ({"noise"} if cells & {(g, 0.0) for g in NOISE_GROUPS} else set())
+
+
+def _check_models(jobs: list[Job]) -> None:
+    """Build each model with an overridden λ initialisation once, on the meta device (no
+    memory, no time), so that a range its rule refuses is an error before any training."""
+    for name, init in sorted({(j.model, j.lambda_init) for j in jobs if j.lambda_init is not None}):
+        try:
+            with torch.device("meta"):
+                create_model(name, lambda_init=init)
+        except UserError as err:
+            raise UserError(f"--lambda-init {init[0]:g},{init[1]:g} does not fit {err}") from None
+
+
 def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
     """The suite's jobs, restricted to `options.models` when given (models in none of its
     studies get the first study's protocol), with the options' overrides applied."""
-    wanted = resolve_models(options.models) if options.models else None
+    wanted = resolve_models(options.models) if options.models is not None else None
     jobs: dict[tuple, Job] = {}
     covered: set[str] = set()
     for study in spec.studies:
@@ -226,17 +297,42 @@ def _eval_config(
     )
 
 
-def _train_all(jobs: list[Job], spec: Suite, options: RunOptions, device: str, outcome: Outcome) -> None:
-    for job in jobs:
-        for seed in _seeds(spec, options):
-            meta = train(
-                _train_config(job, seed, spec, options, device),
-                options.results_dir,
-                options.data_dir,
-                options.progress,
-            )
+def _with_locks(tasks: list[tuple[Path, Callable[[], None]]]) -> None:
+    """Run each (lock file, task) under its lock. A task whose lock another process holds
+    (the same run started twice on one results dir) waits until the others are done; by
+    then that process has usually done it, and the task finds its work finished."""
+    deferred = []
+    for lock, task in tasks:
+        with run_lock(lock, blocking=False) as held:
+            if held:
+                task()
+        if not held:
+            what = f"{lock.parent.name} {lock.parent.parent.name} {lock.stem.replace('.', ' ')}"
+            log.info("%s: busy in another process; coming back to it later", what)
+            deferred.append((lock, task))
+    for lock, task in deferred:
+        with run_lock(lock):
+            task()
+
+
+def _lock(options: RunOptions, dataset: str, run: str, who: str, stage: str) -> Path:
+    return Path(options.results_dir) / ".locks" / dataset / run / f"{who}.{stage}.lock"
+
+
+def _train_all(
+    jobs: list[Job], spec: Suite, options: RunOptions, device: str, store: RecordStore, outcome: Outcome
+) -> None:
+    def task(config: TrainConfig) -> Callable[[], None]:
+        def train_one() -> None:
+            meta = train(config, options.results_dir, options.data_dir, options.progress)
+            store.add_run(_run_row(meta, config.tag, config.dataset, config.seed))
             if meta["status"] == "failed":
-                outcome.failed_runs.add(f"{meta['tag']} {job.dataset} seed {seed}")
+                outcome.failed_runs.add(f"{meta['tag']} {config.dataset} seed {config.seed}")
+
+        return train_one
+
+    configs = [_train_config(job, seed, spec, options, device) for job in jobs for seed in _seeds(spec, options)]
+    _with_locks([(_lock(options, c.dataset, c.tag, f"seed{c.seed}", "train"), task(c)) for c in configs])
 
 
 def _evaluate_all(
@@ -244,25 +340,30 @@ def _evaluate_all(
 ) -> None:
     data: dict[tuple, EvalData] = {}
     for job in jobs:
-        members = []
         config = _eval_config(job, spec, options, device)
         key = (job.dataset, config.n_test, config.noise_source)
         data.setdefault(key, EvalData(job.dataset, options.data_dir, config))
+        members: dict[int, Defense] = {}
+        tasks = []
         for seed in _seeds(spec, options):
             tag = _train_config(job, seed, spec, options, device).tag
             defense = _trained_defense(tag, job.dataset, seed, options, store, outcome)
             if defense is None:
                 continue
-            members.append(defense)
+            members[seed] = defense
             subject = Subject(defense, job.model, tag, seed, 1, _lambda_init(defense.model))
-            _evaluate_one(subject, config, store, data[key], options, outcome)
+            lock = _lock(options, job.dataset, tag, f"seed{seed}", "eval")
+            tasks.append((lock, _evaluation(subject, config, store, data[key], options, outcome)))
         if job.ensemble_radii and len(members) >= 2:
-            ensemble = ensemble_defense(members, name=tag)
-            subject = Subject(
-                ensemble, job.model, tag, ENSEMBLE_SEED, len(members), _lambda_init(members[0].model)
-            )
+            ensemble = ensemble_defense(list(members.values()), name=tag)
+            digest = ensemble.info.checkpoint_sha256
+            store.add_ensemble(digest, tag, job.dataset, {s: d.info.checkpoint_sha256 for s, d in members.items()})
+            first = next(iter(members.values()))
+            subject = Subject(ensemble, job.model, tag, ENSEMBLE_SEED, len(members), _lambda_init(first.model))
             ens_config = _eval_config(job, spec, options, device, ensemble=True)
-            _evaluate_one(subject, ens_config, store, data[key], options, outcome)
+            lock = _lock(options, job.dataset, tag, "ensemble", "eval")
+            tasks.append((lock, _evaluation(subject, ens_config, store, data[key], options, outcome)))
+        _with_locks(tasks)
 
 
 def _trained_defense(tag, dataset, seed, options, store, outcome) -> Defense | None:
@@ -279,60 +380,63 @@ def _trained_defense(tag, dataset, seed, options, store, outcome) -> Defense | N
         log.warning("%s %s seed %d: run is %s; not evaluated", tag, dataset, seed, status)
         outcome.missing.add(f"{tag} {dataset} seed {seed}")
         return None
-    defense = zoo_defense(tag, dataset, seed, options.results_dir) if status == "finished" else None
-    model = defense.model if defense is not None else create_model(meta["model"], **meta["model_kwargs"])
-    low, high = _lambda_init(model) or (None, None)
-    store.add_run(
-        {
-            "model": meta["model"],
-            "run": tag,
-            "dataset": dataset,
-            "seed": seed,
-            "lambda_low": low,
-            "lambda_high": high,
-            "status": status,
-            "reason": meta.get("reason", ""),
-            "test_accuracy": meta.get("test_accuracy"),
-            "checkpoint_sha256": meta["sha256"],
-            "timestamp": utc_now(),
-        }
-    )
-    if defense is None:
+    store.add_run(_run_row(meta, tag, dataset, seed))
+    if status == "failed":
         log.warning(
             "%s %s seed %d: run failed (%s); not evaluated", tag, dataset, seed, meta.get("reason", "")
         )
         outcome.failed_runs.add(f"{tag} {dataset} seed {seed}")
-    return defense
+        return None
+    return zoo_defense(tag, dataset, seed, options.results_dir)
 
 
-def _evaluate_one(
+def _run_row(meta: dict, tag: str, dataset: str, seed: int) -> dict:
+    """The records' row of a training run, from its meta.json."""
+    with torch.device("meta"):  # only the λ initialisation is read: no weights are made
+        model = create_model(meta["model"], **meta["model_kwargs"])
+    low, high = _lambda_init(model) or (None, None)
+    return {
+        "model": meta["model"],
+        "run": tag,
+        "dataset": dataset,
+        "seed": seed,
+        "lambda_low": low,
+        "lambda_high": high,
+        "status": meta.get("status", "finished"),
+        "reason": meta.get("reason", ""),
+        "test_accuracy": meta.get("test_accuracy"),
+        "checkpoint_sha256": meta["sha256"],
+        "timestamp": utc_now(),
+    }
+
+
+def _evaluation(
     subject: Subject, config: EvalConfig, store: RecordStore, data: EvalData, options, outcome
-) -> None:
-    began = time.perf_counter()
-    ran, cached, errors = evaluate(subject, config, store, data, options.progress)
-    outcome.cells_run += ran
-    outcome.cells_cached += cached
-    outcome.errors += errors
-    log.info(
-        "%s (%d cells run, %d cached, %.0f s)",
-        summary_line(subject, config, data, options.results_dir),
-        ran,
-        cached,
-        time.perf_counter() - began,
-    )
+) -> Callable[[], None]:
+    def evaluate_one() -> None:
+        began = time.perf_counter()
+        ran, cached, errors = evaluate(subject, config, store, data, options.progress)
+        outcome.cells_run += ran
+        outcome.cells_cached += cached
+        outcome.errors += errors
+        log.info(
+            "%s (%d cells run, %d cached, %.0f s)",
+            summary_line(subject, config, data, store),
+            ran,
+            cached,
+            time.perf_counter() - began,
+        )
+
+    return evaluate_one
 
 
-def summary_line(subject: Subject, config: EvalConfig, data: EvalData, results_dir) -> str:
-    """One line: clean, mean noise accuracy, and each attack at each radius, in percent."""
-    frame = with_pooled_noise(load_records(results_dir))
-    mine = frame[
-        (frame["run"] == subject.run)
-        & (frame["dataset"] == data.dataset)
-        & (frame["seed"] == subject.seed)
-        & (frame["checkpoint_sha256"] == subject.defense.info.checkpoint_sha256)
-        & (frame["n"].isin([data.n, data.n * 5]))
-        & (frame["preset"] == config.preset)
-    ]
+def summary_line(subject: Subject, config: EvalConfig, data: EvalData, store: RecordStore) -> str:
+    """One line: clean, mean noise accuracy, and each attack at each radius, in percent, of
+    exactly the cells `config` asks for (no other test size, step count or data source)."""
+    frame = store.cells(cell_context(subject, config, data))
+    asked = {cell_key(c, data.source(c), config) for c in protocol_cells(config)}
+    frame = frame[[key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]]
+    mine = with_pooled_noise(frame)
 
     def pct(rows) -> str:
         return f"{100 * rows['accuracy'].mean():.1f}" if len(rows) else "-"
@@ -373,15 +477,16 @@ def estimate(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -> 
     """Per job: checkpoints to train, cells to run and cached, and the seconds they should
     take, from a quick throughput probe of each model on `device`."""
     rates: dict[str, tuple[float, float, float]] = {}  # the head's size hardly matters: per model
+    store = RecordStore(options.results_dir, readonly=True)
     rows = []
     for job in jobs:
         if job.model not in rates:
             rates[job.model] = probe(job.model, device)
-        rows.append(_job_estimate(job, spec, options, device, *rates[job.model]))
+        rows.append(_job_estimate(job, spec, options, device, store, *rates[job.model]))
     return pd.DataFrame(rows)
 
 
-def _job_estimate(job, spec, options, device, train_rate, forward_rate, gradient_rate) -> dict:
+def _job_estimate(job, spec, options, device, store, train_rate, forward_rate, gradient_rate) -> dict:
     n_train_all, n_test_all = dataset_spec(job.dataset).sizes
     seeds = _seeds(spec, options)
     config = _eval_config(job, spec, options, device)
@@ -394,20 +499,21 @@ def _job_estimate(job, spec, options, device, train_rate, forward_rate, gradient
         if meta.get("status") == "failed":
             continue
         if meta.get("status") != "finished":
-            family = create_model(job.model).info.family
+            with torch.device("meta"):
+                family = create_model(job.model).info.family
             epochs = recipe_for(family, job.dataset, options.preset, train_config.length).epochs
             to_train += 1
             images = min(train_config.n_train or n_train_all, n_train_all)
             seconds_train += (epochs - int(meta.get("epochs_done") or 0)) * images / train_rate
         digests.append(meta.get("sha256"))
-        cells = _cells_todo(job, train_config.tag, seed, 1, meta.get("sha256"), config, options, n)
+        cells = _cells_todo(job, train_config.tag, seed, 1, meta.get("sha256"), config, options, n, store)
         todo, cached = todo + len(cells), cached + len(protocol_cells(config)) - len(cells)
         seconds_eval += _eval_seconds(cells, n, config.steps, forward_rate, gradient_rate)
     if job.ensemble_radii and len(digests) >= 2:
         ens_config = _eval_config(job, spec, options, device, ensemble=True)
         digest = ensemble_digest(digests) if all(digests) else None  # known once all members are
         cells = _cells_todo(
-            job, train_config.tag, ENSEMBLE_SEED, len(digests), digest, ens_config, options, n
+            job, train_config.tag, ENSEMBLE_SEED, len(digests), digest, ens_config, options, n, store
         )
         todo, cached = todo + len(cells), cached + len(protocol_cells(ens_config)) - len(cells)
         seconds_eval += len(digests) * _eval_seconds(cells, n, ens_config.steps, forward_rate, gradient_rate)
@@ -427,11 +533,11 @@ def _job_estimate(job, spec, options, device, train_rate, forward_rate, gradient
 
 
 def _cells_todo(
-    job: Job, run: str, seed: int, members: int, digest, config: EvalConfig, options, n: int
+    job: Job, run: str, seed: int, members: int, digest, config: EvalConfig, options, n: int, store: RecordStore
 ) -> list:
     """The protocol cells of a checkpoint (digest None: not trained yet) not in the records."""
     cells = protocol_cells(config)
-    if digest is None or not (Path(options.results_dir) / DB_FILE).is_file():
+    if digest is None:
         return cells
     context = {
         "run": run,
@@ -442,7 +548,7 @@ def _cells_todo(
         "preset": config.preset,
         "checkpoint_sha256": digest,
     }
-    done = RecordStore(options.results_dir).done(context)
+    done = store.done(context)
     clean, noisy = cell_sources(job.dataset, options.data_dir, config.noise_source)  # as EvalData will
     return [
         c

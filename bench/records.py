@@ -4,17 +4,24 @@ One row per cell: model x data set x seed (or ensemble) x perturbation x radius 
 severity, with the cell's correctness per test example packed into bits, so worst-case
 and ensemble analyses never need recomputing. Every cell is one SQLite transaction: a
 killed run loses at most the cell in flight, and several processes (one per seed on a
-GPU) can share one store. Rows are only ever inserted; a row is *stale* when a newer row
-of the same model, data set and seed names another checkpoint digest (the model was
-retrained), and readers drop stale rows unless asked for them.
+GPU) can share one store. Rows are only ever inserted.
+
+A row is *current* when it measured the checkpoint that stands now, else *stale*:
+- a model this project trained: the checkpoint folder decides. Rows of another digest
+  (retrained), of a failed or running retrain, or of a deleted folder are stale;
+- an ensemble: current while every member it was built from is current;
+- any other defense: the digest recorded last for its run, data set and seed.
+Readers drop stale rows unless asked for them.
 
 Units: `eps_255` and `alpha_255` in 1/255 of the pixel range; `severity` 1-5 for noise
-cells (0 otherwise; `with_pooled_noise` adds the paper's all-severity numbers as
-severity 0); `seed` is -1 for an ensemble of `members` seeds; `accuracy` in [0, 1].
+cells (0 otherwise); `seed` is -1 for an ensemble of `members` seeds; `accuracy` in [0, 1].
+The store is checked (SQLite's integrity check) whenever it is opened for writing or a
+report is made: a corrupt store is never written to.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -26,12 +33,12 @@ import numpy as np
 import pandas as pd
 
 from models import UserError
+from models.adapters import META_FILE, zoo_checkpoint_dir
 from models.checkpoints import atomic_write
-
-from .noise import NOISE_GROUPS, SEVERITIES
 
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
 ENSEMBLE_SEED = -1
+READ_TIMEOUT, WRITE_TIMEOUT = 30, 120  # seconds to wait for another process's lock
 
 # name -> SQL type; the order of the CSV snapshot's columns.
 COLUMNS: dict[str, str] = {
@@ -39,7 +46,9 @@ COLUMNS: dict[str, str] = {
     "run": "TEXT",  # checkpoint folder tag: the model plus every option that changed its weights
     "family": "TEXT",
     "dataset": "TEXT",
-    "data_source": "TEXT",  # released, generated or synthetic
+    # clean and attack cells: released (official files), unofficial, or the data set's name
+    # (synthetic); noise cells: released, generated, generated-unofficial (from unofficial files)
+    "data_source": "TEXT",
     "seed": "INTEGER",
     "members": "INTEGER",  # 1, or the ensemble's size
     "perturbation": "TEXT",  # clean, a noise group, fgsm, ifgsm, pgd
@@ -79,7 +88,8 @@ KEY = (
 )
 # The KEY columns that tell the cells of one model x data set x seed apart.
 CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "alpha_255", "steps")
-# Training runs the evaluation saw, failed ones included (reports count them).
+# Training runs seen by the train and eval stages, failed ones included; the last sighting
+# of each (run, data set, seed) comes last (rowid order).
 RUN_COLUMNS: dict[str, str] = {
     "model": "TEXT",
     "run": "TEXT",
@@ -87,67 +97,141 @@ RUN_COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     "lambda_low": "REAL",
     "lambda_high": "REAL",
-    "status": "TEXT",  # finished or failed
+    "status": "TEXT",  # finished or failed (load_runs: also running, gone)
     "reason": "TEXT",
     "test_accuracy": "REAL",
     "checkpoint_sha256": "TEXT",
     "timestamp": "TEXT",
 }
+# Which checkpoints an ensemble was built from (its own digest is a hash of theirs).
+MEMBER_COLUMNS: dict[str, str] = {
+    "ensemble_sha256": "TEXT",
+    "run": "TEXT",
+    "dataset": "TEXT",
+    "seed": "INTEGER",
+    "checkpoint_sha256": "TEXT",
+}
 
 
 def _schema() -> str:
-    cells = ", ".join(f"{k} {t}" for k, t in COLUMNS.items())
-    runs = ", ".join(f"{k} {t}" for k, t in RUN_COLUMNS.items())
+    def table(name: str, columns: dict[str, str], extra: str) -> str:
+        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(f'{k} {t}' for k, t in columns.items())}, {extra});"
+
     return (
-        f"CREATE TABLE IF NOT EXISTS cells ({cells}, correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)}));"
-        f"CREATE TABLE IF NOT EXISTS runs ({runs}, UNIQUE (run, dataset, seed, checkpoint_sha256));"
+        table("cells", COLUMNS, f"correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)})")
+        + table("runs", RUN_COLUMNS, "UNIQUE (run, dataset, seed, checkpoint_sha256)")
+        + table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)")
     )
 
 
 class RecordStore:
-    """The records of one results dir. Each `add_*` call is one transaction."""
+    """The records of one results dir, checked when opened. For writing (the default) the
+    store is created when missing and proven writable; `readonly` opens an existing store,
+    or none. Each `add_*` call is one transaction."""
 
-    def __init__(self, results_dir: str | os.PathLike):
-        self.path = Path(results_dir) / DB_FILE
+    def __init__(self, results_dir: str | os.PathLike, readonly: bool = False):
+        self.path, self.readonly = check_results_dir(results_dir) / DB_FILE, readonly
+        if readonly:
+            if self.path.is_file():
+                with self._connect() as db:
+                    _check_integrity(db, self.path)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as db, db:
-                db.executescript(_schema())
-        except (OSError, sqlite3.Error) as err:
-            reason = getattr(err, "strerror", None) or err
+        except OSError as err:
             raise UserError(
-                f"cannot write records to {self.path} ({reason}): choose another --results-dir"
+                f"cannot create the results dir {self.path.parent} ({err.strerror}): choose another --results-dir"
             ) from None
+        with self._connect() as db:
+            _check_integrity(db, self.path)
+            try:
+                with db:
+                    db.executescript(_schema())
+                    # a real write: SQLite opens a read-only file without a word
+                    db.execute(f"PRAGMA user_version = {db.execute('PRAGMA user_version').fetchone()[0]}")
+            except sqlite3.Error as err:
+                raise UserError(
+                    f"cannot write records to {self.path} ({err}): make it writable or choose another --results-dir"
+                ) from None
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=120)  # other processes may hold the write lock briefly
+    def _connect(self) -> closing[sqlite3.Connection]:
+        if self.readonly:
+            return closing(_open(self.path, READ_TIMEOUT, readonly=True))
+        return closing(_open(self.path, WRITE_TIMEOUT))
 
-    def done(self, context: dict) -> set[tuple]:
-        """The CELL_COLUMNS of the finished cells matching `context`, which gives every other
-        KEY column."""
+    def cells(self, context: dict) -> pd.DataFrame:
+        """The cells (COLUMNS) of one checkpoint's evaluation: `context` gives every KEY
+        column but the CELL_COLUMNS."""
+        if self.readonly and not self.path.is_file():
+            return _typed(pd.DataFrame(columns=list(COLUMNS)), COLUMNS)
         fixed = [k for k in KEY if k not in CELL_COLUMNS]
         where = " AND ".join(f"{k} = ?" for k in fixed)
-        with closing(self._connect()) as db:
-            rows = db.execute(
-                f"SELECT {', '.join(CELL_COLUMNS)} FROM cells WHERE {where}", [context[k] for k in fixed]
+        with self._connect() as db:
+            rows = _execute(
+                db, self.path, f"SELECT {', '.join(COLUMNS)} FROM cells WHERE {where}", [context[k] for k in fixed]
             )
-            return {(d, p, float(e), int(s), float(a), int(n)) for d, p, e, s, a, n in rows}
+        return _typed(pd.DataFrame.from_records(rows, columns=list(COLUMNS)), COLUMNS)
 
-    def add_cells(self, rows: Sequence[dict], correct: Sequence[np.ndarray]) -> None:
-        """Insert finished cells and their per-example correctness, all or nothing."""
+    def done(self, context: dict) -> set[tuple]:
+        """The CELL_COLUMNS of the finished cells matching `context` (see `cells`)."""
+        return set(self.cells(context)[list(CELL_COLUMNS)].itertuples(index=False, name=None))
+
+    def perturbations(self, preset: str) -> set[tuple[str, float]]:
+        """(perturbation, eps_255) of every recorded cell of `preset`."""
+        if self.readonly and not self.path.is_file():
+            return set()
+        sql = "SELECT DISTINCT perturbation, eps_255 FROM cells WHERE preset = ?"
+        with self._connect() as db:
+            return {(p, float(e)) for p, e in _execute(db, self.path, sql, [preset])}
+
+    def add_cells(self, rows: Sequence[dict], correct: Sequence[np.ndarray]) -> int:
+        """Insert finished cells and their per-example correctness, all or nothing; returns
+        how many were new (another process may have recorded the same cells)."""
         names = [*COLUMNS, "correct_bits"]
         values = [
             [row[k] for k in COLUMNS] + [np.packbits(np.asarray(bits, dtype=bool)).tobytes()]
             for row, bits in zip(rows, correct, strict=True)
         ]
         sql = f"INSERT OR IGNORE INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        with closing(self._connect()) as db, db:
+        with self._connect() as db, db:
+            before = db.total_changes
             db.executemany(sql, values)
+            return db.total_changes - before
 
     def add_run(self, row: dict) -> None:
-        sql = f"INSERT OR IGNORE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
-        with closing(self._connect()) as db, db:
-            db.execute(sql, [row[k] for k in RUN_COLUMNS])
+        """Record a sighting of a training run; the latest sighting of each (run, data set,
+        seed) is stored last."""
+        key = ("run", "dataset", "seed", "checkpoint_sha256")
+        insert = f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
+        with self._connect() as db, db:
+            db.execute(f"DELETE FROM runs WHERE {' AND '.join(f'{k} = ?' for k in key)}", [row[k] for k in key])
+            db.execute(insert, [row[k] for k in RUN_COLUMNS])
+
+    def add_ensemble(self, ensemble_sha256: str, run: str, dataset: str, members: dict[int, str]) -> None:
+        """Record which checkpoints (seed -> digest) the ensemble `ensemble_sha256` holds."""
+        sql = f"INSERT OR IGNORE INTO ensemble_members ({', '.join(MEMBER_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+        with self._connect() as db, db:
+            db.executemany(sql, [(ensemble_sha256, run, dataset, s, d) for s, d in members.items()])
+
+
+def check_results_dir(results_dir: str | os.PathLike) -> Path:
+    """One error line for a results dir that cannot be one (empty name, a file)."""
+    if not str(results_dir).strip():
+        raise UserError("--results-dir is empty: give a folder (default: results)")
+    path = Path(results_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--results-dir {path} is a file, not a folder: choose another --results-dir")
+    return path
+
+
+def check_store(results_dir: str | os.PathLike) -> bool:
+    """Whether a store exists in `results_dir`; a corrupt or unreadable one is an error."""
+    path = Path(results_dir) / DB_FILE
+    if not path.is_file():
+        return False
+    with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+        _check_integrity(db, path)
+    return True
 
 
 def utc_now() -> str:
@@ -158,61 +242,144 @@ def utc_now() -> str:
 def load_records(results_dir: str | os.PathLike, include_stale: bool = False) -> pd.DataFrame:
     """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits."""
     frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells", COLUMNS)
-    by_time = frame.sort_values("timestamp", kind="stable")
-    latest = by_time.groupby(["run", "dataset", "seed", "members"])["checkpoint_sha256"].transform("last")
-    frame["stale"] = frame["checkpoint_sha256"] != latest.sort_index()
+    members = _read(
+        results_dir,
+        f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
+        MEMBER_COLUMNS,
+        table="ensemble_members",  # stores written before ensembles recorded their members
+    )
+    frame["stale"] = stale_rows(frame, load_runs(results_dir), members)
     return frame if include_stale else frame[~frame["stale"]].reset_index(drop=True)
 
 
+def stale_rows(cells: pd.DataFrame, runs: pd.DataFrame, members: pd.DataFrame) -> pd.Series:
+    """Which cells did not measure the checkpoint that stands now (see the module
+    docstring). `runs`: load_runs's current state of the trained runs; `members`: the
+    ensemble_members table."""
+    current = {
+        (r, d, int(s)): sha if status == "finished" else None
+        for r, d, s, status, sha in zip(
+            runs["run"], runs["dataset"], runs["seed"], runs["status"], runs["checkpoint_sha256"], strict=True
+        )
+    }
+    built_from: dict[str, list[tuple]] = {}
+    for ens, r, d, s, sha in members[list(MEMBER_COLUMNS)].itertuples(index=False):
+        built_from.setdefault(ens, []).append(((r, d, int(s)), sha))
+    order = cells.sort_values("timestamp", kind="stable")
+    latest = order.groupby(["run", "dataset", "seed", "members"])["checkpoint_sha256"].transform("last")
+    latest = latest.reindex(cells.index)
+    stale = []
+    for run, dataset, seed, count, sha, last in zip(
+        cells["run"], cells["dataset"], cells["seed"], cells["members"], cells["checkpoint_sha256"], latest,
+        strict=True,
+    ):
+        key = (run, dataset, int(seed))
+        if count == 1 and key in current:
+            stale.append(current[key] != sha)
+        elif count > 1 and sha in built_from:
+            stale.append(any(current.get(k, s) != s for k, s in built_from[sha]))
+        else:  # a defense of the user's, or an ensemble recorded before members were
+            stale.append(sha != last)
+    return pd.Series(stale, index=cells.index, dtype=bool)
+
+
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
-    return _read(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs", RUN_COLUMNS)
+    """One row per training run (run, data set, seed) ever seen, as it stands now: its
+    checkpoint folder decides `status` (finished, failed, running, or gone when the folder
+    was deleted) and `checkpoint_sha256`; the other columns come from its last sighting."""
+    runs = _read(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
+    runs = runs.drop_duplicates(["run", "dataset", "seed"], keep="last").reset_index(drop=True)
+    for i, (run, dataset, seed) in enumerate(zip(runs["run"], runs["dataset"], runs["seed"], strict=True)):
+        status, sha = checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
+        runs.loc[i, ["status", "checkpoint_sha256"]] = status, sha
+    return runs
+
+
+def checkpoint_state(meta_path: Path) -> tuple[str, str | None]:
+    """(status, sha256) of a checkpoint folder's meta.json; ("gone", None) when it is
+    missing or unreadable."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        return str(meta.get("status", "finished")), meta.get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return "gone", None
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
     """Per-example correctness (bool, in test-subset order) of the one cell matching `key`."""
+    path = Path(results_dir) / DB_FILE
     where = " AND ".join(f"{k} = ?" for k in key)
-    with closing(sqlite3.connect(Path(results_dir) / DB_FILE)) as db:
-        rows = db.execute(f"SELECT n, correct_bits FROM cells WHERE {where}", list(key.values())).fetchall()
+    with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+        rows = _execute(db, path, f"SELECT n, correct_bits FROM cells WHERE {where}", list(key.values()))
     if len(rows) != 1:
         raise UserError(f"{len(rows)} cells match {key}; give more key columns ({', '.join(KEY)})")
     n, blob = rows[0]
     return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
 
 
-def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add, per model x data set x seed, the accuracy of each noise group over all five
-    severities (the paper's Table 1 number) as rows with severity 0, where all five
-    severity cells exist."""
-    noise = frame[frame["perturbation"].isin(NOISE_GROUPS) & (frame["severity"] > 0)]
-    group = [c for c in COLUMNS if c not in ("severity", "n", "correct", "accuracy", "seconds", "timestamp")]
-    group += ["stale"] if "stale" in frame else []
-    pooled = noise.groupby(group, dropna=False).agg(
-        severities=("severity", "nunique"),
-        n=("n", "sum"),
-        correct=("correct", "sum"),
-        seconds=("seconds", "sum"),
-        timestamp=("timestamp", "max"),
-    )
-    pooled = pooled[pooled["severities"] == len(SEVERITIES)].drop(columns="severities").reset_index()
-    pooled["severity"] = 0
-    pooled["accuracy"] = pooled["correct"] / pooled["n"]
-    return pd.concat([frame, pooled[frame.columns]], ignore_index=True)
-
-
 def write_snapshot(results_dir: str | os.PathLike) -> Path:
-    """records.csv beside the store (stale rows included and flagged), written atomically."""
+    """records.csv beside the store (every row, stale ones included and flagged), written
+    atomically."""
     path = Path(results_dir) / SNAPSHOT_FILE
     text = load_records(results_dir, include_stale=True).to_csv(index=False)
     atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 
-def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str]) -> pd.DataFrame:
+# --- opening, checking and reading the store ---------------------------------------------------
+
+
+def _open(path: Path, timeout: float, readonly: bool = False) -> sqlite3.Connection:
+    try:
+        if readonly:
+            return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+        return sqlite3.connect(path, timeout=timeout)
+    except sqlite3.Error as err:
+        raise UserError(
+            f"cannot open {path} ({err}): check the permissions of {path.parent} or choose another --results-dir"
+        ) from None
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    result = _execute(db, path, "PRAGMA integrity_check(1)")
+    if result[0][0] != "ok":
+        raise UserError(_corrupt(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+
+
+def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence = ()) -> list[tuple]:
+    """`sql`'s rows; a corrupt, foreign or locked store is one error line."""
+    try:
+        return db.execute(sql, parameters).fetchall()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise UserError(
+                f"{path} is locked by another process ({err}): wait for it to finish, then run again"
+            ) from None
+        if "no such table" in str(err):
+            raise UserError(_corrupt(path, f"{err}: not a store of this project")) from None
+        raise UserError(f"cannot read {path} ({err}): check its permissions") from None
+    except sqlite3.DatabaseError as err:  # not a database, malformed pages
+        raise UserError(_corrupt(path, str(err))) from None
+
+
+def _corrupt(path: Path, why: str) -> str:
+    return (
+        f"{path.name} is corrupt ({why}): nothing was written to it; move {path} aside and run again "
+        f"to recompute its cells (`sqlite3 {path.name} .recover` may salvage rows; {SNAPSHOT_FILE} "
+        "beside it holds the numbers of the last report)"
+    )
+
+
+def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], table: str = "") -> pd.DataFrame:
+    """`sql`'s rows as typed columns; with `table`, none when a store predates that table."""
     path = Path(results_dir) / DB_FILE
-    if not path.is_file():
-        return _typed(pd.DataFrame(columns=list(columns)), columns)
-    with closing(sqlite3.connect(path)) as db:
-        return _typed(pd.read_sql_query(sql, db), columns)
+    rows: list[tuple] = []
+    if path.is_file():
+        with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+            query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+            if not table or _execute(db, path, query, [table]):
+                rows = _execute(db, path, sql)
+    return _typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
 
 
 def _typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

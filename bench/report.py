@@ -19,10 +19,19 @@ import pandas as pd
 from tabulate import tabulate
 
 from models import UserError
-from models.checkpoints import atomic_write
+from models.checkpoints import atomic_write, check_writable
 
-from .aggregate import GROUP, aggregate, gate_flags, seed_metrics
-from .records import load_records, load_runs, write_snapshot
+from .aggregate import (
+    DEFAULT_STEPS,
+    GROUP,
+    aggregate,
+    gate_flags,
+    metric_name,
+    per_seed,
+    select_measurements,
+)
+from .noise import NOISE_GROUPS
+from .records import DB_FILE, SNAPSHOT_FILE, check_results_dir, check_store, load_records, load_runs
 from .tables import (
     DATASET_LABELS,
     PAPER_DATASETS,
@@ -32,6 +41,8 @@ from .tables import (
     depths,
     fill,
     lambda_key,
+    left_out_note,
+    left_out_phrases,
     missing,
     published,
     published_value,
@@ -42,6 +53,10 @@ from .tables import (
 )
 
 LEADERBOARD_METRICS = ("clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2")
+
+
+class NoRecordsError(UserError):
+    """The results dir holds no records to report on."""
 
 
 @dataclass(frozen=True)
@@ -103,24 +118,42 @@ CLAIMS = (
 
 
 def write_reports(
-    results_dir: str | os.PathLike, preset: str = "paper", rank_by: str = "pgd@2"
+    results_dir: str | os.PathLike, preset: str = "paper", rank_by: str = "pgd@2", steps: int = DEFAULT_STEPS
 ) -> list[Path]:
-    """Regenerate every report from the records; returns the paths written."""
-    results = Path(results_dir)
-    frame, runs = load_records(results), load_runs(results)
-    aggregated = aggregate(seed_metrics(frame))
-    written = [write_snapshot(results)]
+    """Regenerate every report from the records; returns the paths written. Everything is
+    computed before the first file is written: a mistake leaves the old reports whole."""
+    results = check_results_dir(results_dir)
+    everything = load_records(results, include_stale=True) if check_store(results) else pd.DataFrame()
+    if everything.empty:
+        raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
+    frame, runs = everything[~everything["stale"]].reset_index(drop=True), load_runs(results)
+    if frame.empty:
+        raise NoRecordsError(
+            f"no current records in {results / DB_FILE}: its {len(everything)} records all measured checkpoints "
+            "since retrained, failed on retraining or deleted; run the eval stage"
+        )
+    check_writable(results, "reports", "--results-dir")
+    kept, left_out = select_measurements(frame, steps)
+    aggregated = aggregate(per_seed(kept))
+    mine = aggregated[aggregated["preset"] == preset]
+    left_mine = left_out[left_out["preset"] == preset]
+    rank_by = check_metric(rank_by, set(aggregated["metric"]))
+    texts: dict[Path, str] = {results / SNAPSHOT_FILE: everything.to_csv(index=False)}
     tables = {}
     for number in range(1, 7):
-        filled = fill(table_specs(number, frame), aggregated, preset, number)
+        specs = table_specs(number, frame, runs)
+        filled = fill(specs, aggregated, preset, number)
         if number == 5:
             filled = with_failed_runs(filled, runs)
         tables[number] = filled
-        written += _write_table(results / "tables", number, filled)
-    written.append(_write(results / "REPORT.md", render_report(frame, aggregated, tables, preset)))
-    board = leaderboard(frame, aggregated, preset, rank_by)
-    written += write_leaderboard(results, board)
-    return written
+        texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine)))
+    report = render_report(frame, aggregated, tables, preset, everything, left_mine, steps)
+    texts[results / "REPORT.md"] = report
+    board = leaderboard(kept, aggregated, preset, rank_by)
+    texts.update(leaderboard_texts(results, board, left_mine))
+    for path, text in texts.items():
+        _write(path, text)
+    return list(texts)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -128,23 +161,22 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _write_table(folder: Path, number: int, filled: pd.DataFrame) -> list[Path]:
-    note = missing(filled)
-    footer = ("\n\n" + note if note else "") + "\n"
+def _table_texts(folder: Path, number: int, filled: pd.DataFrame, left: str) -> dict[Path, str]:
+    footer = "".join("\n\n" + line for line in (missing(filled), left) if line) + "\n"
     title = f"# {TITLES[number]}\n\n"
-    return [
-        _write(folder / f"table{number}.md", title + render(filled) + footer),
-        _write(
-            folder / f"table{number}_std.md",
-            title + "Mean ± sample std over seeds (Appendix D).\n\n" + render(filled, "std") + footer,
-        ),
-        _write(
-            folder / f"table{number}_vs_paper.md",
-            title + "Measured / published (measured - published).\n\n" + render(filled, "paper") + footer,
-        ),
-        _write(folder / f"table{number}.csv", filled.to_csv(index=False)),
-        _write(folder / f"table{number}.tex", render(filled, fmt="latex_booktabs") + "\n"),
-    ]
+    return {
+        folder / f"table{number}.md": title + render(filled) + footer,
+        folder / f"table{number}_std.md": title
+        + "Mean ± sample std over seeds (Appendix D).\n\n"
+        + render(filled, "std")
+        + footer,
+        folder / f"table{number}_vs_paper.md": title
+        + "Measured / published (measured - published).\n\n"
+        + render(filled, "paper")
+        + footer,
+        folder / f"table{number}.csv": filled.to_csv(index=False),
+        folder / f"table{number}.tex": render(filled, fmt="latex_booktabs") + "\n",
+    }
 
 
 # --- REPORT.md --------------------------------------------------------------------------------
@@ -204,13 +236,36 @@ def _verdict(measured: float, paper: float, dataset: str) -> str:
     return "reproduces (same direction)" if (measured > 0) == (paper > 0) else "does not reproduce"
 
 
-def render_report(frame: pd.DataFrame, aggregated: pd.DataFrame, tables: dict, preset: str) -> str:
+SELECTION_RULES = (
+    "A number averages only cells that measured the same thing: the same checkpoints, test "
+    "subset, data files, attack parameters and ensemble. Where a cell was measured several ways, "
+    "one measurement is shown, chosen per run in this order: the largest test subset; the largest "
+    "ensemble; released data first (then unofficial files; released noise, then generated); for "
+    "IFGSM and PGD the step count asked for ({steps}) at the preset's step size, else the most steps; "
+    "per seed the checkpoint measured last. A table row shows one run of its model: the one trained "
+    "with the paper's full recipe, then the largest test subset, then the most seeds. Rows of "
+    "checkpoints that were retrained, failed on retraining or deleted are never shown. Lines under "
+    "the tables name what was left out."
+)
+
+
+def render_report(
+    frame: pd.DataFrame,
+    aggregated: pd.DataFrame,
+    tables: dict,
+    preset: str,
+    everything: pd.DataFrame | None = None,
+    left_out: pd.DataFrame | None = None,
+    steps: int = DEFAULT_STEPS,
+) -> str:
     lines = ["# inres-bench report", ""]
     if frame.empty:
-        return "\n".join([*lines, "No records yet: run the eval stage first.", ""])
+        return "\n".join([*lines, "No current records: run the eval stage first.", ""])
     sources = frame.groupby("dataset")["data_source"].agg(lambda s: ", ".join(sorted(set(s))))
+    stale = 0 if everything is None else int(everything["stale"].sum())
     lines += [
-        f"Generated from {len(frame)} current records (preset `{preset}` in the tables).",
+        f"Generated from {len(frame)} current records (preset `{preset}` in the tables)"
+        + (f"; {stale} records of replaced or deleted checkpoints are not reported." if stale else "."),
         "",
         "Data (data set: sources of its cells): "
         + "; ".join(f"{DATASET_LABELS.get(d, d)}: {s}" for d, s in sources.items())
@@ -221,6 +276,12 @@ def render_report(frame: pd.DataFrame, aggregated: pd.DataFrame, tables: dict, p
             "",
             "Synthetic-data numbers check the pipeline only: they are never compared with the paper's CIFAR numbers.",
         ]
+    lines += ["", "## How numbers are chosen", "", SELECTION_RULES.format(steps=steps)]
+    phrases = left_out_phrases(
+        left_out if left_out is not None else pd.DataFrame(), lambda r: f"{r['run']} ({r['kind']}, {r['dataset']})"
+    )
+    if phrases:
+        lines += ["", "Measured but not shown: " + "; ".join(phrases) + "."]
     claims = claim_rows(frame, aggregated, preset)
     shown = claims.assign(
         measured=claims["measured"].map(lambda v: "-" if math.isnan(v) else f"{v:+.2f}"),
@@ -256,37 +317,25 @@ def render_report(frame: pd.DataFrame, aggregated: pd.DataFrame, tables: dict, p
 
 
 def leaderboard(
-    frame: pd.DataFrame, aggregated: pd.DataFrame, preset: str = "paper", rank_by: str = "pgd@2"
+    cells: pd.DataFrame, aggregated: pd.DataFrame, preset: str = "paper", rank_by: str = "pgd@2"
 ) -> pd.DataFrame:
-    """One row per run (or ensemble) x data set, on its largest evaluated test set, ranked by
-    `rank_by` (descending; unmeasured last). Accuracies in %."""
-    if rank_by not in set(aggregated["metric"]) | set(LEADERBOARD_METRICS):
-        raise UserError(
-            f"--rank-by {rank_by!r} is not a measured metric; e.g. {', '.join(LEADERBOARD_METRICS)}"
-        )
+    """One row per run (or ensemble) x data set, ranked by `rank_by` (descending;
+    unmeasured last). `cells`: the measurements `aggregate.select_measurements` kept, which
+    give each row its checkpoints and data sources. Accuracies in %."""
+    rank_by = check_metric(rank_by, set(aggregated["metric"]))
     # a sentinel for "no λ": NaN keys do not align between the pieces joined below
     mine = aggregated[aggregated["preset"] == preset].fillna({"lambda_low": -1.0, "lambda_high": -1.0})
     wide = mine.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")
-    seeds = mine[mine["metric"] == "clean"].set_index(GROUP)["n"]
+    seeds = mine.groupby(GROUP, dropna=False)["n"].max()
     wide = wide.reindex(columns=sorted(set(wide.columns) | set(LEADERBOARD_METRICS) | {rank_by}))
     board = wide.assign(seeds=seeds.astype("Int64"), flags=gate_flags(mine)).reset_index()
-    board = board.sort_values("n_test").drop_duplicates(["dataset", "run", "kind"], keep="last")
-    digests = frame.groupby(["dataset", "run", "members"])["checkpoint_sha256"].agg(lambda s: sorted(set(s)))
-    sources = frame.groupby(["dataset", "run"])["data_source"].agg(lambda s: ";".join(sorted(set(s))))
+    used = cells[cells["preset"] == preset]
+    by_entry = used.groupby(["dataset", "run", "kind"])
+    digests, sources = by_entry["checkpoint_sha256"].agg(set), by_entry["data_source"].agg(set)
+    entries = list(zip(board["dataset"], board["run"], board["kind"], strict=True))
     board["name"] = board["run"] + board["kind"].map({"single": "", "ensemble": " (ensemble)"})
-    board["data_source"] = [
-        sources.get((d, r), "") for d, r in zip(board["dataset"], board["run"], strict=True)
-    ]
-    board["checkpoints"] = [
-        [
-            x
-            for (ds, run, _), v in digests.items()
-            if ds == d and run == r
-            for x in v
-            if (k == "ensemble") == (_ > 1)
-        ]
-        for d, r, k in zip(board["dataset"], board["run"], board["kind"], strict=True)
-    ]
+    board["data_source"] = [";".join(sorted(sources.get(e, ()))) for e in entries]
+    board["checkpoints"] = [sorted(digests.get(e, ())) for e in entries]
     board = board.sort_values(rank_by, ascending=False, na_position="last", kind="stable").reset_index(
         drop=True
     )
@@ -306,35 +355,52 @@ def leaderboard(
     return board[[*columns, *extra, "flags", "checkpoints", "kind", "run"]]
 
 
-def check_metric(name: str) -> None:
-    """One error line for a metric name that no cell can have (e.g. a typo in --rank-by)."""
-    if not re.fullmatch(
-        r"clean|noise|(impulse|speckle|gaussian|shot)_noise|(fgsm|ifgsm|pgd)@\d+(\.\d+)?", name
-    ):
+def check_metric(name: str, available: set[str] | None = None) -> str:
+    """The canonical name of a --rank-by metric (pgd@2.0 -> pgd@2); one error line for a
+    name that no cell can have, or, given `available` (the metrics measured or planned), one
+    that is not among them (the leaderboard's own columns are always allowed)."""
+    match = re.fullmatch(r"(fgsm|ifgsm|pgd)@(\d+(?:\.\d*)?|\.\d+)", name)
+    if match:
+        name = metric_name(match[1], float(match[2]))
+    elif name not in ("clean", "noise", *NOISE_GROUPS):
         raise UserError(f"--rank-by {name!r} is not a metric: use clean, noise, a noise group, or e.g. pgd@2")
+    if available is not None and name not in available | set(LEADERBOARD_METRICS):
+        offered = sorted(available | set(LEADERBOARD_METRICS))
+        raise UserError(f"--rank-by {name!r} is not measured in this run or the records; choose one of {', '.join(offered)}")
+    return name
 
 
-def write_leaderboard(results: Path, board: pd.DataFrame) -> list[Path]:
+def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame) -> dict[Path, str]:
+    """leaderboard.csv, leaderboard.md (with a line naming the measurements left out) and
+    one JSON file per entry."""
     table = board.drop(columns=["checkpoints", "kind", "run"])
     shown = table.copy()
     metrics = [c for c in shown.columns if c in LEADERBOARD_METRICS or "@" in c]
     shown[metrics] = shown[metrics].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
     shown["dataset"] = shown["dataset"].map(lambda d: DATASET_LABELS.get(d, d))
+    names = dict(zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True))
+    phrases = left_out_phrases(
+        left_out, lambda r: f"{names.get((r['dataset'], r['run'], r['kind']), r['run'])} ({r['dataset']})"
+    )
+    note = ("\nMeasured but not shown (see REPORT.md): " + "; ".join(phrases) + ".\n") if phrases else ""
     text = (
         "# Leaderboard (accuracy in %)\n\n"
         + tabulate(
             shown.values.tolist(), headers=list(shown.columns), tablefmt="github", disable_numparse=True
         )
         + "\n"
+        + note
     )
-    paths = [
-        _write(results / "leaderboard.csv", table.to_csv(index=False)),
-        _write(results / "leaderboard.md", text),
-    ]
+    texts = {results / "leaderboard.csv": table.to_csv(index=False), results / "leaderboard.md": text}
     for entry in board.to_dict("records"):
         path = results / "leaderboard" / entry["dataset"] / f"{_file_name(entry['name'])}.json"
-        paths.append(_write(path, json.dumps(_entry_json(entry), indent=2) + "\n"))
-    return paths
+        texts[path] = json.dumps(_entry_json(entry), indent=2) + "\n"
+    return texts
+
+
+def write_leaderboard(results: Path, board: pd.DataFrame, left_out: pd.DataFrame | None = None) -> list[Path]:
+    texts = leaderboard_texts(results, board, left_out if left_out is not None else pd.DataFrame())
+    return [_write(path, text) for path, text in texts.items()]
 
 
 def _entry_json(entry: dict) -> dict:

@@ -19,7 +19,9 @@ from tabulate import tabulate
 
 from models import create_model, list_models
 
+from .noise import NOISE_GROUPS
 from .suites import LAMBDA_SWEEP
+from .train import TrainConfig
 
 PAPER_DATASETS = ("cifar10", "cifar100")
 PAPER_DEPTHS = (110, 164)
@@ -125,8 +127,26 @@ def main_models(frame: pd.DataFrame, dataset: str, with_resnext: bool = True) ->
 # --- the six tables -------------------------------------------------------------------------
 
 
-def table_specs(number: int, frame: pd.DataFrame) -> list[Spec]:
-    """The cells of Table `number` for the data in `frame` (records or their per-seed view)."""
+def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[Spec]:
+    """The cells of Table `number` for the data in `frame` (records or their per-seed view).
+    On CIFAR every row of the paper's table is shown; on other data only the rows of models
+    (and, in Table 5, λ initialisations) that were measured or, with `runs`, trained."""
+    specs = _all_specs(number, frame)
+    seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
+    present = {
+        (d, m, lambda_key((lo, hi)))
+        for d, m, lo, hi in zip(seen["dataset"], seen["model"], seen["lambda_low"], seen["lambda_high"], strict=True)
+    }
+    models = {(d, m) for d, m, _ in present}
+    return [
+        s
+        for s in specs
+        if s.dataset in PAPER_DATASETS
+        or ((s.dataset, s.model) in models and (number != 5 or (s.dataset, s.model, lambda_key(s.lambda_init)) in present))
+    ]
+
+
+def _all_specs(number: int, frame: pd.DataFrame) -> list[Spec]:
     datasets = shown_datasets(frame)
     single = shown_datasets(frame, paper=("cifar10",))  # Tables 4-6 are CIFAR-10 only
     specs: list[Spec] = []
@@ -266,19 +286,62 @@ def lambda_key(init) -> tuple | None:
     """A λ initialisation as a dictionary key: None for none (or NaN), else rounded."""
     return (
         None
-        if init is None or (isinstance(init[0], float) and math.isnan(init[0]))
+        if init is None or init[0] is None or (isinstance(init[0], float) and math.isnan(init[0]))
         else (round(init[0], 6), round(init[1], 6))
     )
 
 
 def best_groups(aggregated: pd.DataFrame) -> dict:
-    """(dataset, model, λ, kind, metric) -> the aggregate over the largest test set (and,
-    among equals, the most seeds): a smoke-sized rerun never hides a full evaluation."""
+    """(dataset, model, λ, kind, metric) -> the aggregate of the one run chosen for it by
+    `chosen_runs` (its numbers never mix with another run's)."""
+    if aggregated.empty:
+        return {}
+    runs = chosen_runs(aggregated)
+    shown = runs[runs["chosen"]]
+    keep = set(zip(shown["dataset"], shown["model"], shown["lam"], shown["kind"], shown["run"], strict=True))
     best: dict = {}
-    for row in aggregated.sort_values(["n_test", "n"]).itertuples(index=False):
-        key = (row.dataset, row.model, lambda_key((row.lambda_low, row.lambda_high)), row.kind, row.metric)
-        best[key] = {"mean": row.mean, "std": row.std, "n": row.n}
+    for row in aggregated.itertuples(index=False):
+        lam = lambda_key((row.lambda_low, row.lambda_high))
+        if (row.dataset, row.model, lam, row.kind, row.run) in keep:
+            best[(row.dataset, row.model, lam, row.kind, row.metric)] = {
+                "mean": row.mean,
+                "std": row.std,
+                "n": row.n,
+                "run": row.run,
+            }
     return best
+
+
+def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of each (dataset, model, λ, kind) with its test size and seeds;
+    `chosen` marks the run a table shows: the one trained with the paper's full recipe,
+    then the largest test subset, then the most seeds (then the name, to be deterministic)."""
+    frame = aggregated.assign(
+        lam=[lambda_key(p) for p in zip(aggregated["lambda_low"], aggregated["lambda_high"], strict=True)]
+    )
+    keys = ["dataset", "model", "lam", "kind"]
+    runs = (
+        frame.groupby([*keys, "run", "preset"], dropna=False, sort=False)
+        .agg(n_test=("n_test", "max"), seeds=("n", "max"))
+        .reset_index()
+    )
+    runs["lam"] = [v if isinstance(v, tuple) else None for v in runs["lam"]]  # groupby made None NaN
+    runs["paper_recipe"] = [
+        run in paper_recipe_tags(model, preset, lam)
+        for run, model, preset, lam in zip(runs["run"], runs["model"], runs["preset"], runs["lam"], strict=True)
+    ]
+    runs = runs.sort_values(["paper_recipe", "n_test", "seeds", "run"], kind="stable")
+    runs["chosen"] = ~runs.duplicated(keys, keep="last")
+    return runs.reset_index(drop=True)
+
+
+def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
+    """The run tags of `model` trained with the paper's full recipe (with or without the
+    λ initialisation written into the tag)."""
+    tags = {TrainConfig(model, "", 0, preset, "full").tag}
+    if lam is not None:
+        tags.add(TrainConfig(model, "", 0, preset, "full", lam).tag)
+    return tags
 
 
 def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
@@ -301,6 +364,75 @@ def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: s
 
 
 # --- rendering -------------------------------------------------------------------------------
+
+SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
+
+
+def variant_text(row) -> str:
+    """How a left-out measurement differs from the one shown, from the rule that dropped it."""
+    rule = row["rule"]
+    if rule == "largest test subset":
+        return f"n={int(row['n_test'])}"
+    if rule == "largest ensemble":
+        return f"ensemble of {int(row['members'])}"
+    if rule == "released data first":
+        return f"{row['data_source']} data"
+    if rule == "latest checkpoint":
+        return "an earlier checkpoint"
+    steps = int(row["steps"])
+    return f"{steps} step{'' if steps == 1 else 's'} at α {row['alpha_255']:g}/255"
+
+
+def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
+    """'<label>: <variant> (<metrics>)' per entry and variant; `label_of(row)` names the entry."""
+    if left_out.empty:
+        return []
+    frame = left_out.assign(
+        label=[label_of(r) for _, r in left_out.iterrows()],
+        variant=[variant_text(r) for _, r in left_out.iterrows()],
+    )
+    phrases = []
+    for (name, variant), rows in frame.groupby(["label", "variant"], sort=False):
+        metrics = list(dict.fromkeys(rows["metric"]))
+        more = f", +{len(metrics) - SHOWN_METRICS} more" if len(metrics) > SHOWN_METRICS else ""
+        phrases.append(f"{name}: {variant} ({', '.join(metrics[:SHOWN_METRICS])}{more})")
+    return phrases
+
+
+def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
+    """One line naming what a table leaves out although it was measured: other
+    measurements of its cells (the rules of `aggregate.select_measurements`) and other runs
+    of its models (`chosen_runs`); '' when nothing is."""
+    if aggregated.empty:
+        return ""
+    rows = {}
+    for spec in specs:
+        key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind)
+        name, metrics = rows.get(key, (f"{spec.block} {spec.row}".strip(), set()))
+        metrics |= {spec.metric, *(NOISE_GROUPS if spec.metric == "noise" else ())}
+        rows[key] = (name, metrics)
+    runs = chosen_runs(aggregated)
+    runs = runs[[tuple(k) in rows for k in runs[["dataset", "model", "lam", "kind"]].itertuples(index=False)]]
+    shown = {tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values}
+
+    def key_of(r) -> tuple:
+        return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
+
+    mine = left_out[
+        [shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1] for _, r in left_out.iterrows()]
+    ] if not left_out.empty else left_out
+    phrases = left_out_phrases(mine, lambda r: rows[key_of(r)][0])
+    phrases += [
+        f"{rows[(d, m, lam, k)][0]}: run {run} (n={int(n)}, {int(seeds)} {'members' if k == 'ensemble' else 'seeds'})"
+        for d, m, lam, k, run, n, seeds in runs[~runs["chosen"]][
+            ["dataset", "model", "lam", "kind", "run", "n_test", "seeds"]
+        ].values
+    ]
+    if not phrases:
+        return ""
+    return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
+
+
 
 
 def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str:

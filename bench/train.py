@@ -11,6 +11,7 @@ from it (status "running"); at the end they hold the final-epoch weights with st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -27,9 +28,10 @@ from tqdm import tqdm
 
 from models import UserError, create_model
 from models.adapters import META_FILE, dataset_defaults, read_meta, save_zoo_checkpoint, zoo_checkpoint_dir
-from models.checkpoints import atomic_write
+from models.checkpoints import atomic_write, describe_mismatch
+from models.errors import reason as error_reason
 
-from .data import batches, load_test, load_train
+from .data import batches, clean_source, load_test, load_train
 from .environment import device_name
 from .recipes import Recipe, preset_normalization, recipe_for
 
@@ -107,9 +109,14 @@ def _run(
     model.to(device, memory_format=memory)
     _optimizer_to(optimizer, device)
     train_set = load_train(config.dataset, data_dir)
-    images = train_set.images[: config.n_train]
+    images, labels = train_set.images[: config.n_train], train_set.labels[: config.n_train]
+    data = {  # where the training images came from, for meta.json
+        "source": clean_source(config.dataset, train_set.official),
+        "images": len(labels),
+        "sha256": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(),
+    }
     x_train = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, NCHW view
-    y_train = torch.from_numpy(train_set.labels[: config.n_train]).to(device)
+    y_train = torch.from_numpy(labels).to(device)
     step_model = torch.compile(model) if config.compile else model
     steps = -(-len(y_train) // recipe.batch_size)
     bar = tqdm(
@@ -148,6 +155,7 @@ def _run(
                     wall,
                     "failed",
                     f"non-finite loss in epoch {epoch + 1}",
+                    data=data,
                 )
             state = {
                 "model": model.state_dict(),
@@ -156,7 +164,7 @@ def _run(
                 "wall": wall,
             }
             atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
-            _save(config, recipe, model, folder, epoch + 1, wall, "running")
+            _save(config, recipe, model, folder, epoch + 1, wall, "running", data=data)
             log.info(
                 "epoch %d/%d lr %g loss %.4f train acc %.4f %.1fs",
                 epoch + 1,
@@ -173,7 +181,7 @@ def _run(
         if accuracy >= chance
         else ("failed", f"test accuracy {accuracy:.4f} at chance level")
     )
-    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy)
+    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data)
 
 
 def train_epoch(
@@ -273,10 +281,13 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
         return 0, 0.0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        mismatch = describe_mismatch(model.state_dict(), state["model"])
+        if mismatch:
+            raise ValueError(f"it holds another model: {mismatch}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except Exception as err:  # a state file we wrote atomically should never fail; say so
-        raise UserError(f"cannot resume from {path} ({err}); delete it to restart this run") from None
+        raise UserError(f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run") from None
     log.info("resuming %s after epoch %d", folder, state["epoch"])
     return int(state["epoch"]), float(state["wall"])
 
@@ -288,7 +299,9 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
                 param_state[key] = value.to(device)
 
 
-def _save(config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None) -> dict:
+def _save(
+    config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None
+) -> dict:
     meta = {
         "tag": config.tag,
         "preset": config.preset,
@@ -306,6 +319,7 @@ def _save(config, recipe, model, folder, epochs_done, wall, status, reason="", a
         "device": device_name(config.device),
         "flags": {"channels_last": config.channels_last, "bf16": config.bf16, "compile": config.compile},
         "n_train": config.n_train,
+        "data": data,  # source (released, unofficial, synthetic), images, sha256 of images + labels
         "wall_seconds": round(wall, 3),
         "status": status,
         "reason": reason,
@@ -316,8 +330,8 @@ def _save(config, recipe, model, folder, epochs_done, wall, status, reason="", a
     return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
 
 
-def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None) -> dict:
-    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy)
+def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None) -> dict:
+    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data)
     (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
     line = f"{config.tag} {config.dataset} seed {config.seed}: {status}"
     line += f", test acc {accuracy:.4f}" if accuracy is not None else ""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .base import DATASET_DEFAULTS, InterpolatedNet
 from .checkpoints import (
     describe_mismatch,
+    listing,
     load_state_dict_file,
     read_state_dict,
     save_json,
@@ -299,11 +300,17 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     model.eval().requires_grad_(False)
     with torch.no_grad():
         out = model(torch.full((2, 3, 32, 32), 0.5))
-    if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes) or not out.isfinite().all():
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise UserError(
-            f"defense {info.name} returns {shape} for a 2x3x32x32 batch; expected finite "
-            f"(2, {info.num_classes}) logits"
+            f"defense {info.name} returns {shape} for a 2x3x32x32 batch; expected finite (2, {info.num_classes}) logits"
+        )
+    if not out.isfinite().all():
+        broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        where = f"its weights hold NaN or inf in {listing(broken)}" if broken else "its forward overflows"
+        raise UserError(
+            f"defense {info.name} returns non-finite logits for a 2x3x32x32 batch ({where}): "
+            f"check {info.checkpoint}"
         )
     return Defense(model, info)
 

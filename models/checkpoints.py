@@ -7,10 +7,16 @@ with one `UserError` line naming the file and the mismatch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from .errors import UserError, disk_full, disk_full_message, reason
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
 _SHOWN = 4  # keys listed per kind of mismatch before "+N more"
+# Temporary files and folders carry their writer's host and pid, so that a later run can
+# tell the orphans of a killed process from the files another live process is writing.
+_TEMP_TAG = re.compile(r"^\..*\.inres-(?P<host>[\w-]+)-(?P<pid>\d+)-[^/]*$")
+_UNTAGGED_TEMP = re.compile(r"^\..+\.[\w-]{8}\.(tmp|part)$")  # written before the tag existed
+_UNTAGGED_AGE = 24 * 3600  # seconds after which an untagged temporary file is an orphan
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -32,21 +49,117 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
+def temp_prefix(name: str) -> str:
+    """The name prefix of this process's temporary files and folders for `name`."""
+    return f".{name}.inres-{socket.gethostname().split('.')[0]}-{os.getpid()}-"
+
+
+def file_mode() -> int:
+    """Permissions of a new file under the process umask (mkstemp alone gives 0600, but
+    results are meant to be shared like any file the user writes)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then rename it over
     `path`: readers see the old file or the whole new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(err)
+        if full is not None:
+            raise UserError(disk_full_message(full, f"to write {path}")) from None
         raise
+
+
+def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
+    """Create `folder` if needed and prove it takes new files (a read-only mount or a
+    folder of another user's does not): one error line naming `option` otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("probe"), suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write {what} to {folder} ({err.strerror}): choose another {option}") from None
+    return folder
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike, blocking: bool = True):
+    """An exclusive lock on `path` (created if needed) for the `with` block; yields whether
+    it is held (always, when `blocking`). Processes sharing a results dir take it around a
+    run's training or evaluation, so that none repeats another's work. Held locks vanish
+    with their process, so a killed run never leaves one behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if fcntl is None:  # no flock (Windows): no sharing of a results dir between processes
+            yield True
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_orphans(root: str | os.PathLike) -> int:
+    """Delete the temporary files and folders under `root` that a killed run of this
+    project left (its writer is gone from this host; untagged ones after a day); returns
+    how many. Those of live processes, and of other hosts, are left alone."""
+    root, removed, host = Path(root), 0, socket.gethostname().split(".")[0]
+    if not root.is_dir():
+        return 0
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if not name.startswith("."):
+                continue
+            path = Path(folder) / name
+            tagged = _TEMP_TAG.match(name)
+            if tagged:
+                orphan = tagged["host"] == host and not _alive(int(tagged["pid"]))
+            else:
+                orphan = bool(_UNTAGGED_TEMP.match(name)) and _age(path) > _UNTAGGED_AGE
+            if orphan:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left under %s by killed runs", removed, root)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
@@ -69,9 +182,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean the same
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"checkpoint {path} cannot be read with weights_only=True ({reason[:160]}); "
+            f"checkpoint {path} cannot be read with weights_only=True ({reason(err)}); "
             "it is truncated, not a torch.save file, or pickles code: re-save its state_dict"
         ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -106,7 +218,7 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
         if k in found and found[k].shape != v.shape
     ]
     parts = [
-        f"{label} {_listing(items)}"
+        f"{label} {listing(items)}"
         for label, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
@@ -117,6 +229,6 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
     return "; ".join(parts)
 
 
-def _listing(items: list[str]) -> str:
+def listing(items: list[str]) -> str:
     more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
     return ", ".join(items[:_SHOWN]) + more

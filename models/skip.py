@@ -8,6 +8,7 @@ rule is the only place where residual, interpolated and plain networks differ.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,8 +57,13 @@ class SkipRule(nn.Module):
         if rule not in RULES:
             raise ValueError(f"unknown skip rule {rule!r}; choose one of {sorted(RULES)}")
         low, high = init
-        if not low <= high:
-            raise ValueError(f"lambda init U[{low}, {high}] needs low <= high")
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise ValueError(f"lambda init U[{low}, {high}] needs finite bounds with low <= high")
+        if RULES[rule][0] is F.relu and high > 1:  # ReLU(lambda) > 1 flips the skip's sign
+            raise ValueError(
+                f"lambda init U[{low}, {high}] leaves the interpolation: rule {rule!r} needs "
+                "high <= 1 (ReLU(lambda) = 1 already removes the skip)"
+            )
         self.damped = damped
         self.rule = rule if damped else "residual"
         self.act, kind, self.scale_branch = RULES[self.rule]

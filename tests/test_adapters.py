@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -169,6 +170,39 @@ def test_module_defense_checks_the_output(tmp_path):
         match=r"defense odd returns \(2, 7\) for a 2x3x32x32 batch; expected finite \(2, 10\) logits",
     ):
         module_defense("odd", lambda: TinyNet(7), tmp_path / "seven.pt", mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def test_nan_weights_are_named(tmp_path):
+    state = create_model("resnet8").state_dict()
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(UserError) as err:
+        state_dict_defense("resnet8", tmp_path / "nan.pt", name="broken")
+    assert str(err.value) == (
+        "defense broken returns non-finite logits for a 2x3x32x32 batch (its weights hold NaN or inf in "
+        f"fc.weight): check {tmp_path / 'nan.pt'}"
+    )
+
+
+def test_unreadable_checkpoints_say_why_in_whole_words(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(create_model("resnet8").state_dict(), good)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "half.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save(create_model("resnet8"), tmp_path / "module.pt")
+    expected = {
+        "empty.pt": "empty or truncated file",
+        "half.pt": "PytorchStreamReader failed reading zip archive: failed finding central directory",
+        "module.pt": r"Unsupported global: GLOBAL models.preact_resnet.PreActResNet was not an allowed global by default",
+    }
+    for name, why in expected.items():
+        with pytest.raises(UserError) as err:
+            state_dict_defense("resnet8", tmp_path / name)
+        assert re.fullmatch(
+            rf"checkpoint .*{name} cannot be read with weights_only=True \({why}\); it is truncated, not a "
+            r"torch.save file, or pickles code: re-save its state_dict",
+            str(err.value),
+        ), str(err.value)
 
 
 # --- 4. RobustBench --------------------------------------------------------------------------

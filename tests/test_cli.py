@@ -97,7 +97,7 @@ def test_train_stage_errors_are_one_line(tmp_path, capsys):
         (["--device", "tpu"], r"error: device 'tpu' is not usable here \(.*\); use --device cpu\n"),
         (
             ["--results-dir", str(blocker), "--datasets", "synthetic", "--data-dir", str(tmp_path)],
-            r"error: cannot write records to .*file/records.sqlite \(.*\): choose another --results-dir\n",
+            r"error: --results-dir .*/file is a file, not a folder: choose another --results-dir\n",
         ),
         (
             ["--datasets", "svhn"],

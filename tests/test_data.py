@@ -2,9 +2,11 @@
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import data, noise
+from bench import cifar, data, noise
 from bench.cifar import CIFAR10, CIFAR100, Release, load_split, read_batch, write_batch
 from models import UserError
 
@@ -155,6 +157,54 @@ def test_bad_files_are_one_line_errors(tmp_path):
     (folder / "test_batch").unlink()
     with pytest.raises(UserError, match="cannot download"):  # no network in tests: offline fallback
         load_split(dataclasses.replace(CIFAR10, url=(tmp_path / "none").as_uri()), "test", tmp_path)
+
+
+def test_protocol_5_batches_load_and_bad_labels_are_refused(tmp_path):
+    images = fixture_images(3)
+    rows = images.transpose(0, 3, 1, 2).reshape(3, 3072)
+    (tmp_path / "b5").write_bytes(pickle.dumps({"data": rows, "labels": [1, 2, 3]}, protocol=5))
+    loaded, labels = read_batch(tmp_path / "b5", "labels", 10)
+    assert np.array_equal(loaded, images) and labels.tolist() == [1, 2, 3]
+    for bad, shown in (([1, 2.5, 3], "float64"), ([1, 2, 2**70], "object"), ([True, False, True], "bool")):
+        (tmp_path / "bad").write_bytes(pickle.dumps({"data": rows, "labels": bad}, protocol=2))
+        with pytest.raises(UserError, match=rf"labels under 'labels' must be integers in \[0, 10\), got {shown}"):
+            read_batch(tmp_path / "bad", "labels", 10)
+
+
+def test_unofficial_files_are_reported_once_per_run(tmp_path, caplog):
+    write_cifar10(tmp_path / CIFAR10.folder)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            load_split(CIFAR10, "test", tmp_path)
+    assert caplog.text.count("cifar10 test files in") == 1
+
+
+def test_a_placed_release_tar_is_checked_by_md5_once(tiny_cifar10, tmp_path, monkeypatch):
+    """A fake tar of the right size is refused; the real one is hashed once, then trusted
+    while its size and mtime stay (a 2.9 GB file is not hashed on every run)."""
+    root = tiny_cifar10[0]
+    server = tmp_path / "zenodo"
+    server.mkdir()
+    names = [f"{g}.npy" for g in noise.NOISE_GROUPS] + ["labels.npy"]
+    for name in names:
+        np.save(server / name, np.tile(tiny_cifar10[2], 5) if name == "labels.npy" else fixture_images(200))
+    make_tar(server / "real.tar", server, "CIFAR-10-C", names)
+    size, digest = (server / "real.tar").stat().st_size, md5(server / "real.tar")
+    release = Release((tmp_path / "offline.tar").as_uri(), "CIFAR-10-C.tar", size, digest)
+    monkeypatch.setitem(data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], noise_release=release))
+    placed = root / "CIFAR-10-C.tar"
+    placed.write_bytes(b"\0" * size)  # right size, wrong content
+    with pytest.raises(UserError, match=rf"CIFAR-10-C.tar is not the published CIFAR-10-C.tar \({size} bytes; expected {size} bytes with md5 {digest}\)"):
+        data.load_noise("cifar10", "shot_noise", root, source="released")
+    assert not (root / "CIFAR-10-C").exists()
+    shutil.copy(server / "real.tar", placed)
+    hashed = []
+    monkeypatch.setattr(cifar, "_md5", lambda path: hashed.append(path) or md5(path))
+    assert data.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
+    shutil.rmtree(root / "CIFAR-10-C")  # extracted again from the same tar: no second hash
+    assert data.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
+    assert hashed.count(placed) == 1
+    assert json.loads((root / "CIFAR-10-C.tar.md5.json").read_text())["md5"] == digest
 
 
 # --- noise generation ------------------------------------------------------------------------

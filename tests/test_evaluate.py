@@ -10,12 +10,13 @@ import torchattacks
 from torch import nn
 
 from bench import evaluate as engine
+from bench.aggregate import with_pooled_noise
 from bench.attacks import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
 from bench.cifar import write_batch
 from bench.data import load_test
 from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
 from bench.noise import NOISE_GROUPS
-from bench.records import COLUMNS, RecordStore, load_correct, load_records, with_pooled_noise, write_snapshot
+from bench.records import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
 from models import create_model
 from models.adapters import Defense, ensemble_defense, module_defense, state_dict_defense
 
@@ -107,7 +108,7 @@ def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_pa
     correct = load_correct(tmp_path, perturbation="clean")
     assert correct.tolist() == [False] * WRONG + [True] * (100 - WRONG)
     frame = load_records(tmp_path)
-    assert set(frame["data_source"]) == {"unofficial", "generated"}  # fixture files, generated noise
+    assert set(frame["data_source"]) == {"unofficial", "generated-unofficial"}  # fixture files, noise from them
     assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "alpha_255"] == 2.0).all()
     assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 20).all()
     assert (frame.loc[~frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 0).all()

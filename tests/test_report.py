@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import run_bench
-from bench.aggregate import aggregate, gate_flags, seed_metrics
+from bench.aggregate import aggregate, gate_flags, seed_metrics, select_measurements
 from bench.noise import NOISE_GROUPS
 from bench.records import COLUMNS, RUN_COLUMNS
 from bench.report import claim_rows, leaderboard, write_leaderboard
@@ -245,7 +245,8 @@ def test_claims_compare_directions_and_never_synthetic(frame, aggregated):
 
 
 def test_leaderboard_ranks_flags_and_writes_numbers(frame, aggregated, tmp_path):
-    board = leaderboard(frame, aggregated)
+    kept = select_measurements(frame)[0]
+    board = leaderboard(kept, aggregated)
     assert list(board["name"]) == [
         "in-resnet110@lambda0.3-0.4",
         "in-resnet110",
@@ -256,7 +257,7 @@ def test_leaderboard_ranks_flags_and_writes_numbers(frame, aggregated, tmp_path)
     ]
     assert list(board["dataset"])[-1] == "cifar100"  # unmeasured PGD ranks last
     assert board.set_index("name").loc["masked", "flags"] == "eps-not-monotone;iterative-weaker-than-fgsm"
-    by_clean = leaderboard(frame, aggregated, rank_by="clean")
+    by_clean = leaderboard(kept, aggregated, rank_by="clean")
     assert list(by_clean["name"][:3]) == ["resnet110 (ensemble)", "resnet110", "in-resnet110"]
     write_leaderboard(tmp_path, board)
     csv = pd.read_csv(tmp_path / "leaderboard.csv")

@@ -1,5 +1,6 @@
 """Training: recipes, augmentation, learning, bit-identical resume, failure detection."""
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 from bench import train as training
+from bench.data import load_train
 from bench.recipes import Recipe, preset_normalization, recipe_for
 from bench.train import TrainConfig, augment, train
-from models import AUTHORS_CODE_STD, CIFAR10_MEAN, UserError
+from models import AUTHORS_CODE_STD, CIFAR10_MEAN, UserError, create_model
 from models.adapters import zoo_defense
 from models.checkpoints import sha256_file
 
@@ -103,6 +105,9 @@ def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
     )
     assert meta["flags"] == {"channels_last": True, "bf16": False, "compile": False}
     assert 0 <= meta["test_accuracy"] <= 1 and meta["wall_seconds"] > 0
+    images = load_train("synthetic", data_dir)
+    digest = hashlib.sha256(images.images[:1024].tobytes() + images.labels[:1024].tobytes()).hexdigest()
+    assert meta["data"] == {"source": "synthetic", "images": 1024, "sha256": digest}  # where it learnt from
     assert not (folder_a / "state.pt").exists() and "epoch 2/2" in (folder_a / "train.log").read_text()
     defense = zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path / "a")
     assert defense.info.checkpoint_sha256 == meta["sha256"]
@@ -187,3 +192,23 @@ def test_unreadable_metadata_is_one_line(tmp_path, data_dir):
     meta.write_text("{half")
     with pytest.raises(UserError, match="meta.json is not valid checkpoint metadata"):
         train(tiny(), tmp_path, data_dir, progress=False)
+
+
+def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
+    folder = tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"")
+    with pytest.raises(UserError) as err:
+        train(tiny(), tmp_path, data_dir, progress=False)
+    assert str(err.value) == (
+        f"cannot resume from {folder / 'state.pt'} (empty or truncated file); delete it to restart this run"
+    )
+    other = create_model("resnet14")
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    torch.save({"model": other.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "wall": 1.0},
+               folder / "state.pt")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        train(tiny(), tmp_path, data_dir, progress=False)
+    assert "\n" not in str(err.value) and str(err.value).startswith(
+        f"cannot resume from {folder / 'state.pt'} (it holds another model: unexpected keys layer1.1.bn1.weight,"
+    )

@@ -1,0 +1,402 @@
+"""What a user can get wrong, through the command line: reports never mix unlike cells or
+show replaced checkpoints, every bad input is one error line before any work, corrupt
+stores are refused and left as they are, several processes share the work."""
+
+import os
+import random
+import re
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import run_bench
+from bench import records
+from bench.cifar import read_batch, write_batch
+from bench.data import DATASETS
+from bench.records import DB_FILE, load_records, load_runs
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "resnet8@smoke@n1024"
+BASE = ["--models", "resnet8", "--n-train", "1024", "--n-test", "50", "--steps", "5", "--no-progress"]
+
+
+def cli(capsys, results: Path, data: Path, *args: str) -> tuple[int, str]:
+    """run_bench.py in this process: (exit code, what it wrote to stderr besides logging)."""
+    capsys.readouterr()
+    code = run_bench.main([*BASE, "--results-dir", str(results), "--data-dir", str(data), *args])
+    return code, capsys.readouterr().err
+
+
+def state(results: Path) -> tuple:
+    """Everything a run may have written that matters: the cells (stale ones too), the
+    runs, and every checkpoint's metadata."""
+    store = results / DB_FILE
+    cells = len(load_records(results, include_stale=True)) if store.is_file() else 0
+    metas = sorted((str(p), p.read_bytes()) for p in results.glob("checkpoints/**/meta.json"))
+    return cells, len(load_runs(results)) if store.is_file() else 0, metas
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """resnet8, seeds 0 and 1 and their ensemble, 50 test images, 5-step attacks."""
+    root = tmp_path_factory.mktemp("integrity")
+    code = run_bench.main([*BASE, "--seeds", "0,1", "--results-dir", str(root / "base"), "--data-dir", str(root / "data")])
+    assert code == 0
+    return root
+
+
+@pytest.fixture
+def results(base, tmp_path) -> Path:
+    """A copy of the base run's results to change."""
+    return Path(shutil.copytree(base / "base", tmp_path / "results"))
+
+
+def board(results: Path) -> pd.DataFrame:
+    return pd.read_csv(results / "leaderboard.csv").set_index("name")
+
+
+def current_mean(results: Path, **where) -> float:
+    frame = load_records(results)
+    for key, value in where.items():
+        frame = frame[frame[key] == value]
+    return 100 * frame["accuracy"].mean()
+
+
+# --- the four ways to show a wrong number, and replaced checkpoints ---------------------------
+
+
+def test_a_smaller_rerun_never_pools_with_the_full_test_set(base, results, capsys):
+    before = board(results).loc[RUN]
+    code, _ = cli(capsys, results, base / "data", "--seeds", "0", "--n-test", "20", "--steps", "1", "--stage", "eval")
+    assert code == 0 and cli(capsys, results, base / "data", "--stage", "report")[0] == 0
+    after = board(results).loc[RUN]
+    assert (after["n_test"], after["seeds"]) == (50, 2)  # was 70 and <NA>: 5x50 + 5x20 images pooled
+    assert after[["clean", "noise", "pgd@2"]].tolist() == before[["clean", "noise", "pgd@2"]].tolist()
+    impulse = current_mean(results, run=RUN, members=1, n=50, perturbation="impulse_noise")
+    table1 = (results / "tables" / "table1.md").read_text()
+    assert f"| synthetic   | ResNet-8 | {impulse:.2f} (n=2) |" in table1
+    assert "ResNet-8: n=20 (gaussian_noise, impulse_noise, shot_noise, speckle_noise)." in table1
+    assert "In-ResNet-8" not in table1  # rows of models never trained are not shown
+
+
+def test_ensembles_of_different_sizes_are_never_averaged(base, results, capsys):
+    assert cli(capsys, results, base / "data", "--seeds", "0,1,2")[0] == 0
+    three = current_mean(results, run=RUN, members=3, perturbation="clean")
+    pgd = current_mean(results, run=RUN, members=3, perturbation="pgd", eps_255=2.0)
+    entry = board(results).loc[f"{RUN} (ensemble)"]
+    assert (entry["clean"], entry["pgd@2"], entry["seeds"]) == (round(three, 6), round(pgd, 6), 3)
+    assert f"| synthetic   | ResNet-8, ens | {three:.2f} (n=3) |" in (results / "tables" / "table6.md").read_text()
+    assert "ResNet-8, ens: ensemble of 2 (clean" in (results / "tables" / "table6.md").read_text()
+
+
+def test_duplicate_seeds_are_refused(base, results, capsys):
+    before = state(results)
+    assert cli(capsys, results, base / "data", "--seeds", "0,0") == (
+        2,
+        "error: --seeds repeats 0: give each seed once\n",
+    )
+    assert state(results) == before
+
+
+def test_reports_use_the_asked_step_count_never_the_first_recorded(base, results, capsys):
+    assert cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", "1", "--stage", "eval")[0] == 0
+    for steps in ("5", "1", "20"):  # 20 was never measured: the most steps, 5, are shown
+        assert cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", steps, "--stage", "report")[0] == 0
+        shown_steps = 1 if steps == "1" else 5
+        pgd4 = current_mean(results, run=RUN, members=1, perturbation="pgd", eps_255=4.0, steps=shown_steps)
+        row = (results / "tables" / "table3.md").read_text().splitlines()[4]
+        assert row.endswith(f"| {pgd4:.2f} (n=2) |"), (steps, row)
+        other = 5 if shown_steps == 1 else 1
+        note = f"{other} step{'' if other == 1 else 's'} at α 2/255 (ifgsm@1, ifgsm@2, ifgsm@4, pgd@1, +2 more)"
+        assert note in (results / "tables" / "table3.md").read_text()
+    assert "iterative-weaker-than-fgsm" not in (results / "leaderboard.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_retrain_or_a_deleted_checkpoint_retires_the_old_rows(base, results, capsys, tmp_path):
+    shuffled = Path(shutil.copytree(base / "data", tmp_path / "shuffled"))
+    folder = shuffled / "synthetic" / "cifar-10-batches-py"
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):  # labels that cannot be learnt: the retrain ends at chance, failed
+        images, labels = read_batch(folder / f"data_batch_{i}", "labels", 10)
+        write_batch(folder / f"data_batch_{i}", images, rng.permutation(labels))
+    shutil.rmtree(results / "checkpoints" / "synthetic" / RUN / "seed0")
+    assert cli(capsys, results, shuffled, "--seeds", "0,1")[0] == 0
+    runs = load_runs(results).set_index("seed")
+    assert runs.loc[0, "status"] == "failed" and runs.loc[1, "status"] == "finished"
+    entries = board(results)
+    assert list(entries.index) == [RUN] and entries.loc[RUN, "seeds"] == 1  # no seed 0, no ensemble
+    assert set(load_records(results)["seed"]) == {1}
+    table5 = (results / "tables" / "table5.md").read_text()
+    assert re.search(r"\| ResNet-8, - \|.*\| 1/2 +\|", table5), table5  # 1 failed of 2 runs
+    report = (results / "REPORT.md").read_text()
+    assert re.search(r"; \d+ records of replaced or deleted checkpoints are not reported", report)
+    shutil.rmtree(results / "checkpoints" / "synthetic" / RUN / "seed1")  # gone, not retrained
+    assert cli(capsys, results, base / "data", "--stage", "report") == (
+        2,
+        f"error: no current records in {results / DB_FILE}: its 86 records all measured checkpoints since "
+        "retrained, failed on retraining or deleted; run the eval stage\n",
+    )
+
+
+# --- every bad input is one line, exit 2, before anything is trained or recorded --------------
+
+BAD = [
+    (["--radii", "inf"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got inf"),
+    (["--radii", "nan"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got nan"),
+    (["--radii", "1,-1"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got -1, 1"),
+    (["--seeds", "²"], r"--seeds takes non-negative integers, got '²'"),
+    (["--seeds", str(2**64)], r"--seeds takes integers in \[0, 2\*\*32\), got \[18446744073709551616\]"),
+    (["--device", "meta"], r"device 'meta' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu"),
+    (["--data-dir", "{file}"], r"data dir .*/afile is a file, not a folder: choose another --data-dir"),
+    (["--data-dir", ""], r"--data-dir is empty: give a folder \(default: \$INRES_BENCH_DATA or ./data\)"),
+    (["--results-dir", ""], r"--results-dir is empty: give a folder \(default: results\)"),
+    (["--results-dir", "{file}"], r"--results-dir .*/afile is a file, not a folder: choose another --results-dir"),
+    (["--rank-by", "pgd@3"], r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of clean, fgsm@1, .*"),
+    (["--rank-by", "pgd3"], r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2"),
+    (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the interpolation: rule 'in' needs high <= 1 .*"),
+    (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
+    (["--lambda-init", "0.3,0.2"], r"--lambda-init a,b needs finite numbers with a <= b, got 0.3,0.2"),
+    (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3'"),
+    (["--n-test", "x"], r"argument --n-test: invalid int value: 'x' \(see --help\)"),
+    (["--steps", "0"], r"--steps must be positive, got 0"),
+    (["--datasets", ""], r"--datasets is empty: give a comma-separated list"),
+    (["--stage", "report", "--results-dir", "{empty}"], r"no records in .*/empty/records.sqlite: run the eval stage first, or check --results-dir"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) or "empty" for a, _ in BAD])
+def test_bad_input_is_one_line_before_any_work(base, results, capsys, tmp_path, args, message):
+    (tmp_path / "afile").write_text("a file")
+    args = [a.format(file=tmp_path / "afile", empty=tmp_path / "empty") for a in args]
+    before = state(results)
+    code, err = cli(capsys, results, base / "data", "--seeds", "0,1,2", *args)  # seed 2: work to do
+    assert code == 2 and re.fullmatch(f"error: {message}\n", err), err
+    assert state(results) == before and not (tmp_path / "empty").exists()
+
+
+def test_negative_lambda_pairs_and_canonical_metric_names_are_accepted(base, results, capsys):
+    args = ["--models", "in-resnet-sig14", "--lambda-init", "-3,-2", "--rank-by", "pgd@2.0", "--dry-run"]
+    capsys.readouterr()
+    assert run_bench.main([*BASE, "--results-dir", str(results), "--data-dir", str(base / "data"), *args]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and re.search(r"^\| in-resnet-sig14 λ~U\[-3, -2\] +\| synthetic \|", out.out, re.M)
+
+
+def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", images, np.arange(4))
+    monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
+    for labels, shown in (([0, 1, 2, 2**70], "object values such as \\[0\\]"), ([0.0, 1.5, 2.0, 3.0], "float64 values such as \\[0.0\\]")):
+        rows = {"data": images.transpose(0, 3, 1, 2).reshape(4, 3072), "labels": labels}
+        (folder / "test_batch").write_bytes(__import__("pickle").dumps(rows, protocol=2))
+        code, err = cli(capsys, tmp_path / "results", tmp_path / "data", "--datasets", "cifar10", "--seeds", "0")
+        assert code == 2 and re.fullmatch(
+            rf"error: .*test_batch: labels under 'labels' must be integers in \[0, 10\), got {shown}\n", err
+        ), err
+    assert not (tmp_path / "results" / DB_FILE).exists()
+
+
+# --- corrupt, locked and read-only stores; full disks -----------------------------------------
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 3]
+    elif how == "garbled page":
+        for i in range(8192, 8192 + 4096, 7):
+            data[i] = (data[i] * 31 + 7) % 256
+    else:
+        data = b"not a database " * 200
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how, why", [
+    ("truncated", "database disk image is malformed"),
+    ("garbled page", "Page 3: btreeInitPage\\(\\) returns error code 11"),
+    ("not a database", "file is not a database"),
+])  # fmt: skip
+def test_a_corrupt_store_is_named_and_never_written(base, results, capsys, how, why):
+    corrupt(results / DB_FILE, how)
+    damaged = (results / DB_FILE).read_bytes()
+    for stage in ("train,eval,report", "report"):
+        code, err = cli(capsys, results, base / "data", "--seeds", "0,1", "--stage", stage)
+        assert code == 2 and re.fullmatch(
+            rf"error: records.sqlite is corrupt \({why}\): nothing was written to it; move .*records.sqlite aside "
+            r"and run again to recompute its cells \(`sqlite3 records.sqlite .recover` may salvage rows; "
+            r"records.csv beside it holds the numbers of the last report\)\n",
+            err,
+        ), err
+        assert (results / DB_FILE).read_bytes() == damaged
+
+
+def test_a_locked_store_is_one_line(base, results, capsys, monkeypatch):
+    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    holder = sqlite3.connect(results / DB_FILE)
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a long write
+    try:
+        code, err = cli(capsys, results, base / "data", "--stage", "report")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert code == 2 and re.fullmatch(
+        r"error: .*records.sqlite is locked by another process \(database is locked\): "
+        r"wait for it to finish, then run again\n",
+        err,
+    ), err
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare to mount a read-only file system")
+def test_a_read_only_results_dir_or_store_is_one_line(base, results):
+    """The results dir, then the store alone, on a read-only mount (in a private mount
+    namespace): one error line each, found before anything is trained."""
+    run = [f"{sys.executable} run_bench.py {' '.join(BASE)} --seeds 0,1,2 --data-dir {base / 'data'} --results-dir {results}"]
+    report = [f"{sys.executable} run_bench.py --stage report --results-dir {results}"]
+    expected = {
+        results: [
+            f"error: cannot write results to {results} (Read-only file system): choose another --results-dir",
+            f"error: cannot write reports to {results} (Read-only file system): choose another --results-dir",
+        ],
+        results / DB_FILE: [
+            f"error: cannot write records to {results / DB_FILE} (attempt to write a readonly database): "
+            "make it writable or choose another --results-dir"
+        ],
+    }
+    for target, errors in expected.items():
+        commands = run + (report if target == results else [])
+        script = f"mount --bind {target} {target} && mount -o remount,bind,ro {target}"
+        script += "".join(f" && {{ {c} ; echo rc=$? ; }}" for c in commands)
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
+        assert done.stdout == "rc=2\n" * len(commands), done.stderr[-2000:]
+        assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == errors
+        assert "Traceback" not in done.stderr and len(load_records(results, include_stale=True)) == 86
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
+    """A file-size limit stands in for a full disk: the checkpoint writes hit it."""
+    limit = 100 * 1024  # bytes: resnet8's state.pt is larger
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "run_bench.py", *BASE, "--seeds", "0", "--data-dir", str(base / "data")]
+    run = subprocess.run(
+        [*command, "--results-dir", str(tmp_path / "r")], cwd=REPO, capture_output=True, text=True, preexec_fn=small_files
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.fullmatch(
+        r"error: no space left to write .*/seed0/state.pt \(File too large\): free space there or choose "
+        r"another --results-dir / --data-dir; finished work is kept",
+        run.stderr.splitlines()[-1],
+    ), run.stderr[-2000:]
+    assert not list((tmp_path / "r").glob("**/.*.tmp"))  # no partial file left behind
+
+
+# --- sharing a results dir, and what killed runs leave ----------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_results_dir_share_the_work(base, tmp_path):
+    command = [sys.executable, "run_bench.py", *BASE, "--seeds", "0,1", "--radii", "2", "--n-test", "20"]
+    command += ["--data-dir", str(base / "data"), "--results-dir", str(tmp_path / "r"), "--stage", "train,eval"]
+    first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    logs = [first.communicate()[1], second.stderr]
+    assert first.returncode == 0 and second.returncode == 0, logs
+    evaluated = [int(re.search(r"(\d+) cells evaluated", log)[1]) for log in logs]
+    assert sum(evaluated) == 2 * 24 + 24 == len(load_records(tmp_path / "r"))  # each cell once
+    trained = [len(re.findall(r"seed \d: finished, test acc", log)) for log in logs]
+    assert sum(trained) == 2, logs  # each seed trained once
+
+
+def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, results, capsys, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = __import__("socket").gethostname().split(".")[0]
+    orphan = results / "checkpoints" / "synthetic" / RUN / "seed0" / f".state.pt.inres-{host}-{dead.stdout.strip()}-abc.tmp"
+    alive = results / f".records.csv.inres-{host}-{os.getpid()}-xyz.tmp"  # a writer still at work
+    orphan.write_bytes(b"partial")
+    alive.write_bytes(b"partial")
+    os.umask(0o022)
+    try:
+        assert cli(capsys, results, base / "data", "--seeds", "0,1")[0] == 0
+    finally:
+        os.umask(0o022)
+    assert not orphan.exists() and alive.exists()
+    for path in (results / "REPORT.md", results / "checkpoints" / "synthetic" / RUN / "seed0" / "meta.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # honours the umask like records.sqlite
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+POOLS = {
+    "--models": ["resnet8", "resnet8", "in-resnet14", "resnet8,in-resnet14", "nope", "", "resnet*8"],
+    "--seeds": ["0", "1", "0,1", "0,0", "-1", "²", "x", "", "4294967296", "1,", "+1"],
+    "--n-train": ["256", "256", "0", "-5", "x", "1e3"],
+    "--n-test": ["20", "20", "10", "0", "x", "30", "-1"],
+    "--radii": ["2", "1,2", "0", "inf", "nan", "-1", "x", "", "300", "2,2", "1e400"],
+    "--steps": ["1", "2", "0", "-1", "x"],
+    "--lambda-init": ["0.1,0.2", "5,6", "inf,inf", "-0.1,0", "1", "0.3,0.2", "a,b", "nan,1"],
+    "--stage": ["train", "eval", "report", "train,eval", "eval,report", "summary", "x", "", "report,report"],
+    "--rank-by": ["pgd@2", "pgd@2.0", "pgd@3", "clean", "x", "noise", "fgsm@1", "pgd@"],
+    "--device": ["cpu", "auto", "meta", "tpu", "cuda:9", ""],
+    "--batch-size": ["64", "0", "x"],
+    "--preset": ["paper", "authors-code", "x"],
+    "--noise-source": ["auto", "generated", "released", "x"],
+    "--datasets": ["synthetic", "synthetic", "cifar10", "svhn", "", "synthetic,synthetic"],
+    "--length": ["smoke", "x"],
+    "--suite": ["smoke", "x"],
+    "--results-dir": ["{results}", "{results}", "{file}", "", "{results}/sub"],
+    "--data-dir": ["{data}", "{data}", "{data}", "{file}", ""],
+}
+FLAGS = ["--dry-run", "--list-models", "--contiguous"]
+
+
+@pytest.mark.slow
+def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path):
+    """A few hundred random option combinations, bounded in time: each ends with exit 0, or
+    with exit 2, one `error:` line and nothing new trained or recorded; never a traceback."""
+    monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
+    (tmp_path / "afile").write_text("a file")
+    rng, began, runs, outcomes = random.Random(3), time.monotonic(), 0, {0: 0, 2: 0}
+    while runs < 300 and time.monotonic() - began < 60:
+        chosen = rng.sample(sorted(POOLS), rng.randint(2, 7))
+        args = ["--no-progress", "--n-train", "256", "--length", "smoke"]  # the last value given wins
+        for option in chosen:
+            value = rng.choice(POOLS[option]).format(results=results, data=base / "data", file=tmp_path / "afile")
+            args += [option, value]
+        args += [flag for flag in FLAGS if rng.random() < 0.08]
+        if "--results-dir" not in chosen:
+            args += ["--results-dir", str(results)]
+        if "--data-dir" not in chosen:
+            args += ["--data-dir", str(base / "data")]
+        before = state(results)
+        capsys.readouterr()
+        code = run_bench.main(args)
+        out = capsys.readouterr()
+        assert code in (0, 2), (args, out.err)
+        if code == 2:
+            assert len(out.err.splitlines()) == 1 and out.err.startswith("error: "), (args, out.err)
+            assert state(results) == before, args
+        outcomes[code] += 1
+        runs += 1
+    assert runs >= 100 and min(outcomes.values()) >= 20, (runs, outcomes)
