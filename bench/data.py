@@ -155,6 +155,16 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
     return clean, noise if noise == "released" or clean == "released" else f"{noise}-unofficial"
 
 
+def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: str) -> Path | None:
+    """The folder `load_noise` will write generated groups into, or None when it will only
+    read (released groups, or generated ones already there)."""
+    spec, root = dataset_spec(dataset), data_root(data_dir)
+    if spec.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
+        return None
+    folder = root / "generated" / spec.noise_folder
+    return None if _has_groups(folder) and (folder / "generated.json").is_file() else folder
+
+
 def fetch_release(spec: ArchiveSpec, root: Path) -> None:
     """Download the published tar (md5-checked) and extract the four groups and labels."""
     release = spec.noise_release

@@ -36,7 +36,7 @@ from models.checkpoints import check_writable, remove_orphans, run_lock
 
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
-from .data import cell_sources, dataset_spec, load_test
+from .data import cell_sources, dataset_spec, generation_folder, load_test
 from .environment import resolve_device, retain_freed_memory
 from .evaluate import (
     EvalConfig,
@@ -152,9 +152,11 @@ def run(options: RunOptions) -> int:
         sys.stdout.write(render_plan(jobs, spec, options, device) + "\n")
         return 0
     check_writable(options.results_dir, "results", "--results-dir")
-    check_writable(data_root(options.data_dir), "data", "--data-dir")
     for dataset in sorted({j.dataset for j in jobs}):
         load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
+        folder = generation_folder(dataset, options.data_dir, options.noise_source)
+        if "eval" in options.stages and folder is not None:  # a read-only data dir is fine otherwise
+            check_writable(folder, "generated noise groups", "--data-dir")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
     for root in (options.results_dir, data_root(options.data_dir)):
         remove_orphans(root)

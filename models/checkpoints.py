@@ -66,8 +66,16 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then rename it over
     `path`: readers see the old file or the whole new one, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    except OSError as err:
+        if disk_full(err) is not None:
+            raise UserError(disk_full_message(err, f"to write {path}")) from None
+        raise UserError(
+            f"cannot write {path} ({err.strerror}): make {path.parent} writable or choose another "
+            "--results-dir / --data-dir"
+        ) from None
     try:
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -138,8 +146,11 @@ def remove_orphans(root: str | os.PathLike) -> int:
             else:
                 orphan = bool(_UNTAGGED_TEMP.match(name)) and _age(path) > _UNTAGGED_AGE
             if orphan:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-                removed += 1
+                try:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed += 1
+                except OSError:  # a read-only data dir: leave it
+                    pass
     if removed:
         log.info("removed %d temporary file(s) left under %s by killed runs", removed, root)
     return removed

@@ -288,6 +288,10 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
         assert done.stdout == "rc=2\n" * len(commands), done.stderr[-2000:]
         assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == errors
         assert "Traceback" not in done.stderr and len(load_records(results, include_stale=True)) == 86
+    data = base / "data"  # a read-only data dir that holds everything is fine
+    script = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && {run[0]}"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and len(load_records(results)) == 86 + 30 + 26, done.stderr[-2000:]  # seed 2, ensemble of 3
 
 
 @pytest.mark.slow
