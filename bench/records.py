@@ -9,7 +9,8 @@ GPU) can share one store. Rows are only ever inserted.
 A row is *current* when it measured the checkpoint that stands now, else *stale*:
 - a model this project trained: the checkpoint folder decides. Rows of another digest
   (retrained), of a failed or running retrain, or of a deleted folder are stale;
-- an ensemble: current while every member it was built from is current;
+- an ensemble: current while every member it was built from is current (members are
+  recorded; for ensembles recorded before they were, the current checkpoints are tried);
 - any other defense: the digest recorded last for its run, data set and seed.
 Readers drop stale rows unless asked for them.
 
@@ -21,6 +22,8 @@ report is made: a corrupt store is never written to.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import sqlite3
@@ -33,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from models import UserError
-from models.adapters import META_FILE, zoo_checkpoint_dir
+from models.adapters import META_FILE, ensemble_digest, zoo_checkpoint_dir
 from models.checkpoints import atomic_write
 
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
@@ -239,8 +242,11 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def load_records(results_dir: str | os.PathLike, include_stale: bool = False) -> pd.DataFrame:
-    """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits."""
+def load_records(
+    results_dir: str | os.PathLike, include_stale: bool = False, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits; `runs`:
+    `load_runs(results_dir)` when the caller has it already."""
     frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells", COLUMNS)
     members = _read(
         results_dir,
@@ -248,7 +254,7 @@ def load_records(results_dir: str | os.PathLike, include_stale: bool = False) ->
         MEMBER_COLUMNS,
         table="ensemble_members",  # stores written before ensembles recorded their members
     )
-    frame["stale"] = stale_rows(frame, load_runs(results_dir), members)
+    frame["stale"] = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
     return frame if include_stale else frame[~frame["stale"]].reset_index(drop=True)
 
 
@@ -265,6 +271,9 @@ def stale_rows(cells: pd.DataFrame, runs: pd.DataFrame, members: pd.DataFrame) -
     built_from: dict[str, list[tuple]] = {}
     for ens, r, d, s, sha in members[list(MEMBER_COLUMNS)].itertuples(index=False):
         built_from.setdefault(ens, []).append(((r, d, int(s)), sha))
+    seeds_of: dict[tuple[str, str], list[str]] = {}
+    for (run, dataset, _), sha in sorted(current.items()):
+        seeds_of.setdefault((run, dataset), []).extend([sha] if sha else [])
     order = cells.sort_values("timestamp", kind="stable")
     latest = order.groupby(["run", "dataset", "seed", "members"])["checkpoint_sha256"].transform("last")
     latest = latest.reindex(cells.index)
@@ -278,9 +287,19 @@ def stale_rows(cells: pd.DataFrame, runs: pd.DataFrame, members: pd.DataFrame) -
             stale.append(current[key] != sha)
         elif count > 1 and sha in built_from:
             stale.append(any(current.get(k, s) != s for k, s in built_from[sha]))
-        else:  # a defense of the user's, or an ensemble recorded before members were
+        elif count > 1 and (run, dataset) in seeds_of:  # recorded before members were: try them
+            stale.append(sha not in _ensembles_of(tuple(seeds_of[run, dataset]), int(count)))
+        else:  # a defense of the user's
             stale.append(sha != last)
     return pd.Series(stale, index=cells.index, dtype=bool)
+
+
+@functools.cache
+def _ensembles_of(digests: tuple[str, ...], members: int) -> frozenset[str]:
+    """The digests of every ensemble of `members` of these checkpoints, in any order (an
+    ensemble's digest hashes its members' in the order they were given)."""
+    pick = itertools.permutations if len(digests) <= 8 else itertools.combinations
+    return frozenset(ensemble_digest(chosen) for chosen in pick(digests, members))
 
 
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:

@@ -123,10 +123,12 @@ def write_reports(
     """Regenerate every report from the records; returns the paths written. Everything is
     computed before the first file is written: a mistake leaves the old reports whole."""
     results = check_results_dir(results_dir)
-    everything = load_records(results, include_stale=True) if check_store(results) else pd.DataFrame()
+    exists = check_store(results)
+    runs = load_runs(results)
+    everything = load_records(results, include_stale=True, runs=runs) if exists else pd.DataFrame()
     if everything.empty:
         raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
-    frame, runs = everything[~everything["stale"]].reset_index(drop=True), load_runs(results)
+    frame = everything[~everything["stale"]].reset_index(drop=True)
     if frame.empty:
         raise NoRecordsError(
             f"no current records in {results / DB_FILE}: its {len(everything)} records all measured checkpoints "

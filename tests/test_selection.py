@@ -13,6 +13,7 @@ from bench.aggregate import ENTRY, aggregate, per_seed, select_measurements
 from bench.noise import NOISE_GROUPS
 from bench.records import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS, stale_rows
 from bench.tables import chosen_runs, fill, left_out_note, render, table_specs
+from models.adapters import ensemble_digest
 
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}
 
@@ -211,3 +212,16 @@ def test_stale_rows_follow_the_checkpoint_folders_and_the_ensemble_members():
     assert stale_rows(cells, runs, members).tolist() == [True, False, True, True, True, True, False]
     runs.loc[2, ["status", "checkpoint_sha256"]] = "finished", "a2"
     assert stale_rows(cells, runs, members).tolist() == [True, False, False, True, False, True, False]
+
+
+def test_an_ensemble_recorded_without_its_members_is_current_only_on_current_checkpoints():
+    current = [("m", "cifar10", s, "finished", f"a{s}") for s in range(3)]
+    cells = pd.DataFrame(
+        [
+            cell("m", -1, "clean", 1, 2, members=2, digest=ensemble_digest(["a1", "a0"])),  # any order
+            cell("m", -1, "clean", 1, 2, members=3, digest=ensemble_digest(["a0", "a1", "a2"])),
+            cell("m", -1, "clean", 1, 2, members=2, digest=ensemble_digest(["a0", "old"])),  # retrained member
+        ]
+    )
+    none = pd.DataFrame(columns=list(MEMBER_COLUMNS))
+    assert stale_rows(cells, runs_frame(*current), none).tolist() == [False, False, True]
