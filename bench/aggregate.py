@@ -34,6 +34,9 @@ GATE_TOLERANCE = 0.5  # points: differences below this are noise, not a failed g
 DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations
 SOURCE_RANK = {"released": 4, "unofficial": 3, "generated": 2, "generated-unofficial": 1}
 ITERATIVE = ("ifgsm", "pgd")
+# the names of the selection rules, as left-out rows carry them
+LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = "largest test subset", "largest ensemble", "released data first"
+LATEST_CHECKPOINT = "latest checkpoint"
 
 
 def metric_name(perturbation: str, eps_255: float) -> str:
@@ -85,13 +88,13 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     }
     cells = cells.assign(**{f"_{k}": v for k, v in scores.items()})
     rules = (
-        ("largest test subset", ENTRY, "n_test"),
-        ("largest ensemble", ENTRY, "members"),
-        ("released data first", [*ENTRY, "_part"], "_source"),
+        (LARGEST_SUBSET, ENTRY, "n_test"),
+        (LARGEST_ENSEMBLE, ENTRY, "members"),
+        (RELEASED_FIRST, [*ENTRY, "_part"], "_source"),
         (f"{steps} steps at the preset's step size", [*ENTRY, "perturbation"], "_asked"),
         ("most steps", [*ENTRY, "perturbation"], "steps"),
         ("largest step size", [*ENTRY, "perturbation"], "alpha_255"),
-        ("latest checkpoint", [*ENTRY, "seed"], "_measured"),
+        (LATEST_CHECKPOINT, [*ENTRY, "seed"], "_measured"),
     )
     left = []
     for rule, by, score in rules:

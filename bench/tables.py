@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from models import create_model, list_models
 
+from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, RELEASED_FIRST
 from .noise import NOISE_GROUPS
 from .suites import LAMBDA_SWEEP
 from .train import TrainConfig
@@ -371,15 +372,15 @@ SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
 def variant_text(row) -> str:
     """How a left-out measurement differs from the one shown, from the rule that dropped it."""
     rule = row["rule"]
-    if rule == "largest test subset":
+    if rule == LARGEST_SUBSET:
         return f"n={int(row['n_test'])}"
-    if rule == "largest ensemble":
+    if rule == LARGEST_ENSEMBLE:
         return f"ensemble of {int(row['members'])}"
-    if rule == "released data first":
+    if rule == RELEASED_FIRST:
         return f"{row['data_source']} data"
-    if rule == "latest checkpoint":
+    if rule == LATEST_CHECKPOINT:
         return "an earlier checkpoint"
-    steps = int(row["steps"])
+    steps = int(row["steps"])  # the attack rules
     return f"{steps} step{'' if steps == 1 else 's'} at α {row['alpha_255']:g}/255"
 
 
@@ -431,7 +432,6 @@ def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.Data
     if not phrases:
         return ""
     return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
-
 
 
 

@@ -15,7 +15,7 @@ from models import (
 
 
 def n_params(model) -> int:
-    """Parameters without the interpolation ones (lambda_n, gates), as REFERENCE.md 5 counts."""
+    """Parameters without the interpolation ones (lambda_n, gates), as the README's parameter table counts them."""
     return sum(p.numel() for name, p in model.named_parameters() if ".skip." not in name)
 
 
