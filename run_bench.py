@@ -13,7 +13,7 @@ from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
-STAGES = ("train", "eval", "report")
+STAGES = ("train", "eval", "check", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stage",
-        default="train,eval,report",
-        help="comma-separated stages among train, eval, report (default: all three); "
-        "or summary: print the models' sizes and damped blocks",
+        default="train,eval,check,report",
+        help="comma-separated stages among train, eval, check (the sanity checks of each checkpoint), "
+        "report (default: all four); or summary: print the models' sizes and damped blocks",
     )
     parser.add_argument(
         "--models",

@@ -2,17 +2,19 @@
 
 Accuracies become percentages here. A *metric* is `clean`, a noise group (all five
 severities pooled), `noise` (the mean of the four groups, the paper's Tables 4-6
-number), or `<attack>@<eps in 1/255>` such as `pgd@2`.
+number), or `<attack>@<eps in 1/255>` such as `pgd@2` (bench.perturbations names them).
 
 A reported number only ever averages cells that measured the same thing. An *entry* is
-one run (or its ensemble) on one data set under one preset; where an entry was measured
-in several ways, `select_measurements` keeps one, by these rules in this order:
-1. the largest test subset (`n_test`): a smoke-sized rerun never hides a full evaluation;
+one run (or its ensemble) on one data set under one preset; where an entry measured a
+perturbation in several ways, `select_measurements` keeps one, by these rules in order:
+1. the largest test subset: a smoke-sized rerun never hides a full evaluation (each
+   perturbation its own: AutoAttack may run on a subset of the others' images);
 2. the largest ensemble (ensembles of different sizes are different defenses);
 3. the most faithful data: released files, then unofficial ones; released noise, then
    generated (from official, then unofficial test files);
-4. for IFGSM / PGD, the step count asked for (default 20) with the preset's step size,
-   else the most steps, then the largest step size;
+4. the parameters this run asks for (e.g. --steps at the preset's step size), else the
+   strongest set the perturbation knows (for IFGSM / PGD: the most steps, then the
+   largest step);
 5. per seed, the checkpoint measured last (ensembles of the same size, built from
    different seeds, are both current while all their members are).
 What the rules leave out is returned too, so that reports can say it.
@@ -20,27 +22,23 @@ What the rules leave out is returned too, so that reports can say it.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
-from .attacks import ATTACKS
-from .evaluate import PRESET_ALPHA_255
+from .evaluate import PRESET_ALPHA_255, EvalConfig
 from .noise import NOISE_GROUPS, SEVERITIES
-from .records import KEY
+from .perturbations import ATTACK, PERTURBATIONS, metric_name, of_kind, params_text
+from .records import KEY, cell_id
 
 ENTRY = ["dataset", "model", "run", "lambda_low", "lambda_high", "kind", "preset"]
-GROUP = [*ENTRY, "n_test"]
-GATE_TOLERANCE = 0.5  # points: differences below this are noise, not a failed gate
+GROUP = ENTRY  # one aggregate per entry and metric
 DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations
 SOURCE_RANK = {"released": 4, "unofficial": 3, "generated": 2, "generated-unofficial": 1}
-ITERATIVE = ("ifgsm", "pgd")
 # the names of the selection rules, as left-out rows carry them
 LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = "largest test subset", "largest ensemble", "released data first"
-LATEST_CHECKPOINT = "latest checkpoint"
-
-
-def metric_name(perturbation: str, eps_255: float) -> str:
-    return f"{perturbation}@{eps_255:g}" if perturbation in ATTACKS else perturbation
+ASKED_PARAMETERS, STRONGEST, LATEST_CHECKPOINT = "asked parameters", "strongest parameters", "latest checkpoint"
 
 
 def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -64,11 +62,39 @@ def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame, pooled[frame.columns]], ignore_index=True)
 
 
+def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.DataFrame:
+    """Add a `worst` cell per checkpoint, subset, data and radius where two or more attacks
+    were measured: an example counts as correct only if every attack at that radius left
+    it correct (from the stored bits `records.load_bits` gives; nothing is recomputed).
+    The worst cells' bits are added to `bits`."""
+    attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK)])]
+    group = ["run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256", "n", "eps_255"]
+    rows = []
+    for _, cells in attacks.groupby(group, dropna=False, sort=False):
+        found = [bits.get(cell_id(row)) for row in cells.itertuples(index=False)]
+        if cells["perturbation"].nunique() < 2 or any(b is None for b in found):
+            continue
+        correct = np.logical_and.reduce(found)
+        of = sorted(set(cells["perturbation"]))
+        row = {
+            **cells.iloc[0].to_dict(),
+            "perturbation": "worst",
+            "params": params_text({"of": of}),
+            "correct": int(correct.sum()),
+            "accuracy": float(correct.mean()),
+            "seconds": 0.0,
+            "timestamp": cells["timestamp"].max(),
+        }
+        bits[cell_id(row)] = correct  # intervals of the worst case need its bits too
+        rows.append(row)
+    return pd.concat([frame, pd.DataFrame(rows, columns=frame.columns)], ignore_index=True) if rows else frame
+
+
 def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, left_out): the records' metric-level cells (severity 0, pooled noise
     included) with `metric`, `kind` and `n_test` columns, one measurement per entry and
     metric (see the module docstring); `left_out` holds the others with the `rule` that
-    dropped them. `steps`: the IFGSM / PGD step count preferred."""
+    dropped them. `steps`: the IFGSM / PGD step count this run asks for."""
     # the store holds each KEY once; a frame put together by hand may not: its first row wins
     cells = with_pooled_noise(frame.drop_duplicates(list(KEY)))
     cells = cells[cells["severity"] == 0].copy()
@@ -76,24 +102,25 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     cells["metric"] = [metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)]
     cells["kind"] = np.where(cells["members"] > 1, "ensemble", "single")
     cells["n_test"] = np.where(noise, cells["n"] // len(SEVERITIES), cells["n"])
-    iterative = cells["perturbation"].isin(ITERATIVE)
-    asked = (cells["steps"] == steps) & (cells["alpha_255"] == cells["preset"].map(PRESET_ALPHA_255))
     scores = {
         "part": np.where(noise, "noise", "clean"),
         "source": cells["data_source"].map(SOURCE_RANK).fillna(0),
-        "asked": (asked | ~iterative).astype(int),
+        "asked": [
+            int(params == asked_params(p, preset, eps, steps))
+            for p, preset, eps, params in zip(cells["perturbation"], cells["preset"], cells["eps_255"], cells["params"], strict=True)
+        ],
+        "strength": _strength_ranks(cells),
         "measured": cells.groupby([*ENTRY, "seed", "checkpoint_sha256"], dropna=False)["timestamp"].transform(
             "max"
         ),
     }
     cells = cells.assign(**{f"_{k}": v for k, v in scores.items()})
     rules = (
-        (LARGEST_SUBSET, ENTRY, "n_test"),
+        (LARGEST_SUBSET, [*ENTRY, "perturbation"], "n_test"),
         (LARGEST_ENSEMBLE, ENTRY, "members"),
         (RELEASED_FIRST, [*ENTRY, "_part"], "_source"),
-        (f"{steps} steps at the preset's step size", [*ENTRY, "perturbation"], "_asked"),
-        ("most steps", [*ENTRY, "perturbation"], "steps"),
-        ("largest step size", [*ENTRY, "perturbation"], "alpha_255"),
+        (ASKED_PARAMETERS, [*ENTRY, "metric"], "_asked"),
+        (STRONGEST, [*ENTRY, "metric"], "_strength"),
         (LATEST_CHECKPOINT, [*ENTRY, "seed"], "_measured"),
     )
     left = []
@@ -110,64 +137,62 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     return cells.reset_index(drop=True), left_out
 
 
+def asked_params(perturbation: str, preset: str, eps_255: float, steps: int = DEFAULT_STEPS) -> str:
+    """The parameters (canonical JSON) a run with `preset` and `steps` gives a cell."""
+    spec = PERTURBATIONS.get(perturbation)
+    if spec is None or preset not in PRESET_ALPHA_255:
+        return ""
+    return params_text(spec.params(EvalConfig(preset=preset, steps=steps), eps_255))
+
+
+def _strength_ranks(cells: pd.DataFrame) -> list[int]:
+    """Each cell's parameter set ranked among all of its perturbation's by strength."""
+    pairs = sorted(set(zip(cells["perturbation"], cells["params"], strict=True)))
+
+    def strength(pair) -> tuple:
+        spec = PERTURBATIONS.get(pair[0])
+        return spec.strength(json.loads(pair[1] or "{}")) if spec is not None else ()
+
+    order = {pair: rank for rank, pair in enumerate(sorted(pairs, key=lambda p: (p[0], strength(p), p[1])))}
+    return [order[pair] for pair in zip(cells["perturbation"], cells["params"], strict=True)]
+
+
 def seed_metrics(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> pd.DataFrame:
-    """One row per entry x seed (or ensemble), one column per metric (accuracy in %), plus
-    `members`, from the measurements `select_measurements` keeps."""
+    """One row per entry x seed (or ensemble) x metric with `value` (accuracy in %),
+    `n_test` and `members`, from the measurements `select_measurements` keeps."""
     return per_seed(select_measurements(frame, steps)[0])
 
 
 def per_seed(cells: pd.DataFrame) -> pd.DataFrame:
-    """The wide per-seed table of selected metric-level cells."""
-    keys = [*GROUP, "seed", "members"]
+    """The per-seed metrics of selected metric-level cells, `noise` (the mean of the four
+    groups, each seed on its own) included."""
+    keys = [*ENTRY, "seed", "members"]
+    columns = [*keys, "metric", "value", "n_test"]
     if cells.empty:
-        return pd.DataFrame(columns=keys)
-    wide = cells.groupby([*keys, "metric"], dropna=False)["accuracy"].first().unstack("metric") * 100
-    if set(NOISE_GROUPS) <= set(wide.columns):
-        wide["noise"] = wide[list(NOISE_GROUPS)].mean(axis=1, skipna=False)
-    return wide.reset_index()
+        return pd.DataFrame(columns=columns)
+    long = cells.assign(value=cells["accuracy"] * 100)[columns]
+    groups = long[long["metric"].isin(NOISE_GROUPS)]
+    complete = groups.groupby(keys, dropna=False)["metric"].transform("nunique") == len(NOISE_GROUPS)
+    noise = (
+        groups[complete]
+        .groupby(keys, dropna=False)
+        .agg(value=("value", "mean"), n_test=("n_test", "max"))
+        .reset_index()
+        .assign(metric="noise")
+    )
+    return pd.concat([long, noise[columns]], ignore_index=True)
 
 
 def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Long format: one row per GROUP x metric with `mean`, `std` (sample, NaN for a single
-    seed) and `n` (seeds averaged; for an ensemble, its members)."""
-    columns = [*GROUP, "metric", "mean", "std", "n"]
+    """Long format: one row per entry x metric with `mean`, `std` (sample, NaN for a single
+    seed), `n` (seeds averaged; for an ensemble, its members) and `n_test`."""
+    columns = [*GROUP, "metric", "mean", "std", "n", "n_test"]
     if per_seed.empty:
         return pd.DataFrame(columns=columns)
-    metrics = [c for c in per_seed.columns if c not in (*GROUP, "seed", "members")]
-    long = per_seed.melt(id_vars=[*GROUP, "seed", "members"], value_vars=metrics, var_name="metric").dropna(
-        subset=["value"]
+    grouped = per_seed.groupby([*GROUP, "metric"], dropna=False)
+    out = grouped["value"].agg(mean="mean", std="std", seeds="count").join(
+        grouped[["members", "n_test"]].max()
     )
-    grouped = long.groupby([*GROUP, "metric"], dropna=False)
-    out = grouped["value"].agg(mean="mean", std="std", seeds="count").join(grouped["members"].max())
     out["n"] = np.where(out["members"] > 1, out["members"], out["seeds"])
     out[["mean", "std"]] = out[["mean", "std"]].round(6)  # no float dust in the CSVs
     return out.reset_index()[columns]
-
-
-def gate_flags(aggregated: pd.DataFrame) -> pd.Series:
-    """Sanity gates against gradient masking, per GROUP: `eps-not-monotone` when an
-    attack's accuracy rises with the radius, `iterative-weaker-than-fgsm` when IFGSM or PGD
-    leaves more accuracy than FGSM at the same radius (both beyond GATE_TOLERANCE).
-    Returns the flags joined by ';' ('' when every gate passes), indexed by GROUP."""
-    if aggregated.empty:
-        return pd.Series(dtype=object)
-    wide = aggregated.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")
-    flags = pd.Series("", index=wide.index, dtype=object)
-    for key, row in wide.iterrows():
-        found = []
-        for attack in ATTACKS:
-            radii = sorted(
-                float(c.split("@")[1]) for c in row.index if c.startswith(attack + "@") and pd.notna(row[c])
-            )
-            values = [row[metric_name(attack, e)] for e in radii]
-            if any(b > a + GATE_TOLERANCE for a, b in zip(values, values[1:], strict=False)):
-                found.append("eps-not-monotone")
-                break
-        for column in row.index:
-            if column.startswith(("ifgsm@", "pgd@")) and pd.notna(row[column]):
-                fgsm = row.get("fgsm@" + column.split("@")[1])
-                if pd.notna(fgsm) and row[column] > fgsm + GATE_TOLERANCE:
-                    found.append("iterative-weaker-than-fgsm")
-                    break
-        flags[key] = ";".join(found)
-    return flags

@@ -17,7 +17,6 @@ import torchattacks
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ATTACKS = ("fgsm", "ifgsm", "pgd")
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
 
 
@@ -51,9 +50,9 @@ def iterative_attack(
     raise ValueError(f"unknown iterative attack {kind!r}")
 
 
-def run_seeded(attack: torchattacks.Attack, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    """Run `attack` with the global RNGs (where torchattacks draws PGD's start) seeded by
-    `seed` and restored afterwards: the same seed gives the same starts and adversarials."""
+def run_seeded(attack, x: Tensor, y: Tensor, seed: int):
+    """Run `attack(x, y)` with the global RNGs (where torchattacks draws PGD's start) seeded
+    by `seed` and restored afterwards: the same seed gives the same starts and adversarials."""
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

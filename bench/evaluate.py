@@ -28,10 +28,11 @@ from models import UserError
 from models.adapters import Defense
 from models.layers import Normalize
 
-from .attacks import ATTACKS, AttackAuditError, audit, fgsm, iterative_attack, run_seeded
+from .attacks import AttackAuditError, audit, run_seeded
 from .data import batches, cell_sources, load_noise, load_test, severity_rows, subset_indices
 from .environment import device_name
-from .noise import NOISE_GROUPS, SEVERITIES
+from .noise import SEVERITIES
+from .perturbations import ATTACK, NOISE, of_kind, params_text, perturbation
 from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records, utc_now
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,12 @@ class EvalConfig:
     noise_source: str = "auto"  # released, generated, or auto (released when present)
     batch_size: int | None = None  # None: 256 on a CPU, 512 on a GPU, halved on out-of-memory
     device: str = "cpu"
-    seed: int = 0  # PGD starts come from (seed, model seed, radius, batch)
+    seed: int = 0  # random starts and noise come from (seed, model seed, radius, batch)
     channels_last: bool = True  # faster convolutions on CPUs and GPUs alike
+    # more registered attacks (bench.perturbations), each at its radii: (name, radii) pairs
+    extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
+    subsets: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.preset not in PRESET_ALPHA_255:
@@ -64,12 +69,20 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        radii = (*self.eps_255, *self.radii)
-        if not self.eps_255 or not self.radii or not all(math.isfinite(e) and 0 <= e <= 255 for e in radii):
-            shown = ", ".join(dict.fromkeys(f"{e:g}" for e in radii)) or "none"
+        radii = (*self.eps_255, *self.radii, *(e for _, extra in self.extra for e in extra))
+        bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
+        if not self.eps_255 or not self.radii or bad:
+            shown = ", ".join(dict.fromkeys(bad)) or "none"
             raise UserError(f"--radii must be finite numbers of 1/255 in [0, 255], got {shown}")
         if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
             raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
+        for name, _ in self.extra:
+            if perturbation(name).kind != ATTACK:
+                raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
+        for name, n in self.subsets:
+            perturbation(name)
+            if n < 1:
+                raise UserError(f"the test subset of {name} must be positive, got {n}")
 
     @property
     def alpha(self) -> float:
@@ -79,10 +92,18 @@ class EvalConfig:
     def radii(self) -> tuple[float, ...]:
         return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
 
+    def n_test_of(self, name: str) -> int | None:
+        """The class-balanced subset size of a perturbation's cells (None: all images)."""
+        return dict(self.subsets).get(name, self.n_test)
+
+
+def attack_names() -> list[str]:
+    return [p.name for p in of_kind(ATTACK)]
+
 
 @dataclass(frozen=True)
 class Cell:
-    perturbation: str  # "clean", a noise group, or one of ATTACKS
+    perturbation: str  # a registered perturbation's name (bench.perturbations)
     eps_255: float = 0.0
     severity: int = 0
 
@@ -101,29 +122,34 @@ class Subject:
 
 def protocol_cells(config: EvalConfig) -> list[Cell]:
     cells = [Cell("clean")]
-    cells += [Cell(group, 0.0, s) for group in NOISE_GROUPS for s in SEVERITIES]
+    cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
     cells += [Cell("fgsm", e) for e in config.eps_255]
     cells += [Cell(kind, e) for kind in ("ifgsm", "pgd") for e in config.radii]
-    return cells
+    cells += [Cell(name, e) for name, radii in config.extra for e in radii]
+    return list(dict.fromkeys(cells))
 
 
 class EvalData:
-    """The test subset of one data set and its noise groups, loaded on first use."""
+    """The test set of one data set, its class-balanced subsets and its noise groups,
+    loaded on first use."""
 
     def __init__(self, dataset: str, data_dir, config: EvalConfig):
         self.dataset, self.data_dir, self.config = dataset, data_dir, config
         self.test = load_test(dataset, data_dir)
-        self.indices = subset_indices(self.test.labels, config.n_test, balanced=True)
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
-    @property
-    def n(self) -> int:
-        return len(self.indices)
+    @functools.cache  # noqa: B019 (one EvalData per data set and run)
+    def indices(self, n: int | None) -> np.ndarray:
+        return subset_indices(self.test.labels, n, balanced=True)
+
+    def n(self, cell: Cell) -> int:
+        """How many test images `cell` is measured on."""
+        return len(self.indices(self.config.n_test_of(cell.perturbation)))
 
     def source(self, cell: Cell) -> str:
-        return self.noise_source if cell.perturbation in NOISE_GROUPS else self.clean_source
+        return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
 
-    @functools.cache  # noqa: B019 (one EvalData per data set and run)
+    @functools.cache  # noqa: B019
     def noise(self, group: str):
         source = "released" if self.noise_source == "released" else "generated"
         return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
@@ -137,12 +163,18 @@ class EvalData:
             part = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255
             total += part.sum(0)
             square += (part * part).sum(0)
-        count = len(images) * 32 * 32
+        count = images[:1, ..., 0].size * len(images)
         mean = total / count
         return mean, np.sqrt(square / count - mean**2)
 
-    def clean_batches(self, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
-        return batches(self.test.images, self.test.labels, batch_size, device, self.indices)
+    def batches(self, cell: Cell, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The images `cell` perturbs: its noise file's rows at its severity, or clean ones."""
+        indices = self.indices(self.config.n_test_of(cell.perturbation))
+        if perturbation(cell.perturbation).kind == NOISE:
+            noise = self.noise(cell.perturbation)
+            rows = severity_rows(indices, noise.n_per_severity, cell.severity)
+            return batches(noise.images, noise.labels, batch_size, device, rows)
+        return batches(self.test.images, self.test.labels, batch_size, device, indices)
 
 
 def evaluate(
@@ -156,13 +188,13 @@ def evaluate(
     """Compute and record the cells (default: the whole protocol) of `subject` not yet in
     `store`; returns (cells recorded, cells cached, errors). A cell that fails the audit is
     reported, never recorded."""
-    context = cell_context(subject, config, data)
+    context = cell_context(subject, config)
     done = store.done(context)
     cells = protocol_cells(config) if cells is None else list(cells)
-    todo = [c for c in cells if cell_key(c, data.source(c), config) not in done]
-    model = _prepared(subject.defense.model, config)
+    todo = [c for c in cells if cell_key(c, data.source(c), config, data.n(c)) not in done]
+    model = prepared(subject.defense.model, config)
     work = units(todo)
-    cost = sum(_units_cost(u, data.n, config) for u in work)
+    cost = sum(_units_cost(u, data.n(u[0]), config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
     errors, recorded = [], 0
     # disable=None: bars on a terminal only, not in logs and pipes
@@ -192,7 +224,7 @@ def evaluate(
     return recorded, len(cells) - len(todo), errors
 
 
-def cell_context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
+def cell_context(subject: Subject, config: EvalConfig) -> dict:
     """The KEY columns (and descriptive ones) that every cell of `subject` shares."""
     info = subject.defense.info
     low, high = subject.lambda_init or (None, None)
@@ -200,10 +232,9 @@ def cell_context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
         "model": subject.model,
         "run": subject.run,
         "family": info.family,
-        "dataset": data.dataset,
+        "dataset": info.dataset,
         "seed": subject.seed,
         "members": subject.members,
-        "n": data.n,
         "preset": config.preset,
         "checkpoint_sha256": info.checkpoint_sha256,
         "lambda_low": low,
@@ -211,18 +242,17 @@ def cell_context(subject: Subject, config: EvalConfig, data: EvalData) -> dict:
     }
 
 
-def cell_key(cell: Cell, source: str, config: EvalConfig) -> tuple:
-    """A cell's records.CELL_COLUMNS: step size and count only mean something (and only
-    count) for the iterative attacks."""
-    iterative = cell.perturbation in ("ifgsm", "pgd")
-    alpha, steps = (config.alpha * 255, config.steps) if iterative else (0.0, 0)
-    return (source, cell.perturbation, cell.eps_255, cell.severity, alpha, steps)
+def cell_key(cell: Cell, source: str, config: EvalConfig, n: int) -> tuple:
+    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them."""
+    params = perturbation(cell.perturbation).params(config, cell.eps_255)
+    return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params))
 
 
 def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config) -> dict:
+    key = cell_key(cell, data.source(cell), config, len(correct))
     return {
         **context,
-        **dict(zip(CELL_COLUMNS, cell_key(cell, data.source(cell), config), strict=True)),
+        **dict(zip(CELL_COLUMNS, key, strict=True)),
         "correct": int(correct.sum()),
         "accuracy": float(correct.mean()),
         "torch_version": torch.__version__,
@@ -235,36 +265,34 @@ def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds
 
 
 def units(cells: Sequence[Cell]) -> list[list[Cell]]:
-    """Units of work, in protocol order: the FGSM cells together (one gradient), every
-    other cell alone."""
-    shared = [c for c in cells if c.perturbation == "fgsm"]
-    work = []
+    """Units of work, in protocol order: the cells of a perturbation that shares one pass
+    over the data between its radii (FGSM's gradient) together, every other cell alone."""
+    work: list[list[Cell]] = []
+    shared: dict[str, list[Cell]] = {}
     for cell in cells:
-        if cell.perturbation != "fgsm":
+        if not perturbation(cell.perturbation).shares_radii:
             work.append([cell])
-        elif cell is shared[0]:
-            work.append(shared)
+        elif cell.perturbation in shared:
+            shared[cell.perturbation].append(cell)
+        else:
+            shared[cell.perturbation] = [cell]
+            work.append(shared[cell.perturbation])
     return work
 
 
-def unit_passes(unit: Sequence[Cell], n: int, steps: int) -> tuple[int, int]:
+def unit_passes(unit: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float, float]:
     """(forward, forward+backward) image passes of a unit of `n` images."""
-    kind = unit[0].perturbation
-    if kind == "fgsm":
-        return n * len(unit), n
-    if kind in ATTACKS:
-        return n, n * steps
-    return n, 0
+    return perturbation(unit[0].perturbation).passes(n, len(unit), config)
 
 
 def _units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
-    forward, gradient = unit_passes(unit, n, config.steps)
+    forward, gradient = unit_passes(unit, n, config)
     return forward * FORWARD + gradient * FORWARD_BACKWARD
 
 
 def _unit_name(unit: list[Cell]) -> str:
     cell = unit[0]
-    if cell.perturbation in ATTACKS:
+    if perturbation(cell.perturbation).kind == ATTACK:
         return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"
     return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
 
@@ -290,37 +318,26 @@ def _run_unit(
 
 def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.ndarray]:
     cell, device = unit[0], torch.device(config.device)
+    spec = perturbation(cell.perturbation)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
-    if cell.perturbation in NOISE_GROUPS:
-        noise = data.noise(cell.perturbation)
-        rows = severity_rows(data.indices, noise.n_per_severity, cell.severity)
-        source = batches(noise.images, noise.labels, batch_size, device, rows)
-        authors = config.preset == "authors-code"
-        remap = _file_normalization(model, *data.file_stats(cell.perturbation)) if authors else None
-    else:
-        source, remap = data.clean_batches(batch_size, device), None
+    remap = None
+    if spec.kind == NOISE and config.preset == "authors-code":
+        remap = _file_normalization(model, *data.file_stats(cell.perturbation))
     eps = [c.eps_255 / 255 for c in unit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
     what = f"{subject.run} {data.dataset} {who} {_unit_name(unit)}"
-    attack = (
-        iterative_attack(model, cell.perturbation, eps[0], config.alpha, config.steps)
-        if cell.perturbation in ("ifgsm", "pgd")
-        else None
-    )
     out: list[list[Tensor]] = [[] for _ in unit]
-    for index, (x, y) in enumerate(source):
+    for index, (x, y) in enumerate(data.batches(cell, batch_size, device)):
         x = x.contiguous(memory_format=memory)
-        if cell.perturbation == "fgsm":
-            inputs = fgsm(model, x, y, eps)
-        elif attack is not None:
+        if spec.randomized:  # its random numbers depend on (seed, model seed, radius, batch) only
             seed = _batch_seed(config.seed, subject.seed, cell.eps_255, index)
-            inputs = [run_seeded(attack, x, y, seed) if cell.perturbation == "pgd" else attack(x, y)]
+            inputs = run_seeded(lambda a, b: spec.perturb(model, a, b, eps, config), x, y, seed)
         else:
-            inputs = [remap(x) if remap is not None else x]
+            inputs = spec.perturb(model, x, y, eps, config)
         for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
-            if cell.perturbation in ATTACKS:
+            if spec.kind == ATTACK:
                 audit(x_in, x, e, what)
-            out[slot].append(_predict_correct(model, x_in, y, what))
+            out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
         bar.update(_units_cost(unit, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]
 
@@ -354,7 +371,8 @@ def _file_normalization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> 
     return lambda x: (x - file_mean) / file_std * normalize.std + normalize.mean
 
 
-def _prepared(model: nn.Module, config: EvalConfig) -> nn.Module:
+def prepared(model: nn.Module, config: EvalConfig) -> nn.Module:
+    """`model` on the config's device and memory layout, in eval mode, frozen."""
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     return model.to(torch.device(config.device), memory_format=memory).eval().requires_grad_(False)
 

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,30 +34,35 @@ from models.adapters import (
 )
 from models.checkpoints import check_writable, remove_orphans, run_lock
 
+from . import sanity
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import cell_sources, dataset_spec, generation_folder, load_test
 from .environment import resolve_device, retain_freed_memory
 from .evaluate import (
+    Cell,
     EvalConfig,
     EvalData,
     Subject,
     cell_context,
     cell_key,
     evaluate,
+    prepared,
     protocol_cells,
     unit_passes,
     units,
 )
 from .noise import NOISE_GROUPS
+from .perturbations import ATTACK, NOISE, PERTURBATIONS, perturbation
 from .recipes import recipe_for
 from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, check_results_dir, utc_now
-from .report import NoRecordsError, check_metric, write_reports
+from .report import NoRecordsError, check_metric, write_reports, write_sanity
+from .sanity import plain_counterpart
 from .suites import Study, Suite, suite
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
-STAGES = ("train", "eval", "report")
+STAGES = ("train", "eval", "check", "report")
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 
 
@@ -147,7 +152,7 @@ def run(options: RunOptions) -> int:
     for job in jobs:
         _eval_config(job, spec, options, device)
     _check_models(jobs)
-    check_metric(options.rank_by, planned_metrics(jobs) | recorded_metrics(options))
+    check_metric(options.rank_by, planned_metrics(jobs, spec, options) | recorded_metrics(options))
     if options.dry_run:
         sys.stdout.write(render_plan(jobs, spec, options, device) + "\n")
         return 0
@@ -166,10 +171,12 @@ def run(options: RunOptions) -> int:
     began = time.perf_counter()
     if "train" in options.stages:
         _train_all(jobs, spec, options, device, store, outcome)
-    if "eval" in options.stages:
-        _evaluate_all(jobs, spec, options, device, store, outcome)
+    if {"eval", "check"} & set(options.stages):
+        _measure_all(jobs, spec, options, device, store, outcome)
     if "report" in options.stages:
         _report(options, after_work=True)
+    elif "check" in options.stages:  # the gates alone: the sanity table
+        _report(options, after_work=True, sanity_only=True)
     log.info(
         "done in %.0f s: %d cells evaluated, %d cached; %d failed runs; %d checkpoints missing",
         time.perf_counter() - began,
@@ -183,12 +190,15 @@ def run(options: RunOptions) -> int:
     return 1 if outcome.errors else 0
 
 
-def _report(options: RunOptions, after_work: bool = False) -> int:
-    """Write the reports; the report stage alone is an error without records, after the
-    other stages (whose runs may all have failed) it is a warning."""
+def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = False) -> int:
+    """Write the reports (or the sanity table alone); the report stage alone is an error
+    without records, after the other stages (whose runs may all have failed) a warning."""
     began = time.perf_counter()
     try:
-        written = write_reports(options.results_dir, options.preset, options.rank_by, options.steps)
+        if sanity_only:
+            written = write_sanity(options.results_dir, options.preset, options.steps)
+        else:
+            written = write_reports(options.results_dir, options.preset, options.rank_by, options.steps)
     except NoRecordsError as err:
         if not after_work:
             raise
@@ -199,22 +209,26 @@ def _report(options: RunOptions, after_work: bool = False) -> int:
         len(written),
         options.results_dir,
         time.perf_counter() - began,
-        Path(options.results_dir) / "REPORT.md",
+        written[-1] if sanity_only else Path(options.results_dir) / "REPORT.md",
     )
     return 0
 
 
-def planned_metrics(jobs: list[Job]) -> set[str]:
+def planned_metrics(jobs: list[Job], spec: Suite, options: RunOptions) -> set[str]:
     """Every metric the jobs' cells give (reports may rank by any of them)."""
-    metrics = {"clean", "noise", *NOISE_GROUPS}
+    metrics = {"noise"}
     for job in jobs:
-        metrics |= {metric_name(a, e) for a in ("fgsm", "ifgsm", "pgd") for e in (*job.radii, *job.ensemble_radii)}
+        for ensemble in (False, True) if job.ensemble_radii else (False,):
+            cells = protocol_cells(_eval_config(job, spec, options, "cpu", ensemble))
+            metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
+            metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
     return metrics
 
 
 def recorded_metrics(options: RunOptions) -> set[str]:
     cells = RecordStore(options.results_dir, readonly=True).perturbations(options.preset)
-    return {metric_name(p, e) for p, e in cells} | ({"noise"} if cells & {(g, 0.0) for g in NOISE_GROUPS} else set())
+    noise = any(perturbation(p).kind == NOISE for p, _ in cells if p in PERTURBATIONS)
+    return {metric_name(p, e) for p, e in cells} | ({"noise"} if noise else set())
 
 
 def _check_models(jobs: list[Job]) -> None:
@@ -287,15 +301,22 @@ def _seeds(spec: Suite, options: RunOptions) -> tuple[int, ...]:
 def _eval_config(
     job: Job, spec: Suite, options: RunOptions, device: str, ensemble: bool = False
 ) -> EvalConfig:
+    attack_radii = job.ensemble_radii if ensemble else job.radii
+    extra = []  # the suite's further perturbations; ensembles only at their attack radii
+    for name, radii in spec.extra:
+        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or e in attack_radii)
+        extra += [(name, radii)] if radii else []
     return EvalConfig(
         preset=options.preset,
         eps_255=job.radii,
-        iterative_eps_255=job.ensemble_radii if ensemble else None,
+        iterative_eps_255=attack_radii if ensemble else None,
         steps=options.steps,
         n_test=options.n_test if options.n_test is not None else spec.n_test,
         noise_source=options.noise_source,
         batch_size=options.batch_size,
         device=device,
+        extra=tuple(extra),
+        subsets=spec.subsets,
     )
 
 
@@ -337,9 +358,10 @@ def _train_all(
     _with_locks([(_lock(options, c.dataset, c.tag, f"seed{c.seed}", "train"), task(c)) for c in configs])
 
 
-def _evaluate_all(
+def _measure_all(
     jobs, spec: Suite, options: RunOptions, device: str, store: RecordStore, outcome: Outcome
 ) -> None:
+    """The eval and check stages: each trained seed of each job, then their ensemble."""
     data: dict[tuple, EvalData] = {}
     for job in jobs:
         config = _eval_config(job, spec, options, device)
@@ -354,8 +376,9 @@ def _evaluate_all(
                 continue
             members[seed] = defense
             subject = Subject(defense, job.model, tag, seed, 1, _lambda_init(defense.model))
+            plain = _plain_defense(job, seed, spec, options, device) if "transfer" in spec.checks else None
             lock = _lock(options, job.dataset, tag, f"seed{seed}", "eval")
-            tasks.append((lock, _evaluation(subject, config, store, data[key], options, outcome)))
+            tasks.append((lock, _measurement(subject, config, store, data[key], options, outcome, spec, plain)))
         if job.ensemble_radii and len(members) >= 2:
             ensemble = ensemble_defense(list(members.values()), name=tag)
             digest = ensemble.info.checkpoint_sha256
@@ -364,8 +387,22 @@ def _evaluate_all(
             subject = Subject(ensemble, job.model, tag, ENSEMBLE_SEED, len(members), _lambda_init(first.model))
             ens_config = _eval_config(job, spec, options, device, ensemble=True)
             lock = _lock(options, job.dataset, tag, "ensemble", "eval")
-            tasks.append((lock, _evaluation(subject, ens_config, store, data[key], options, outcome)))
+            tasks.append((lock, _measurement(subject, ens_config, store, data[key], options, outcome, spec, None)))
         _with_locks(tasks)
+
+
+def _plain_defense(job: Job, seed: int, spec: Suite, options: RunOptions, device: str) -> Defense | None:
+    """The finished ResNet of the same architecture, data set, seed and recipe as `job`'s
+    interpolated model (the source of the transfer check), or None."""
+    plain = plain_counterpart(job.model)
+    if plain is None:
+        return None
+    tag = _train_config(replace(job, model=plain, lambda_init=None), seed, spec, options, device).tag
+    meta = zoo_checkpoint_dir(options.results_dir, job.dataset, tag, seed) / META_FILE
+    if not meta.is_file() or read_meta(meta).get("status") != "finished":
+        log.info("%s %s seed %d: no finished %s to transfer from; transfer check skipped", job.model, job.dataset, seed, tag)
+        return None
+    return zoo_defense(tag, job.dataset, seed, options.results_dir)
 
 
 def _trained_defense(tag, dataset, seed, options, store, outcome) -> Defense | None:
@@ -412,31 +449,55 @@ def _run_row(meta: dict, tag: str, dataset: str, seed: int) -> dict:
     }
 
 
-def _evaluation(
-    subject: Subject, config: EvalConfig, store: RecordStore, data: EvalData, options, outcome
+def _measurement(
+    subject: Subject, config: EvalConfig, store: RecordStore, data: EvalData, options, outcome, spec, plain
 ) -> Callable[[], None]:
-    def evaluate_one() -> None:
+    def measure() -> None:
         began = time.perf_counter()
-        ran, cached, errors = evaluate(subject, config, store, data, options.progress)
-        outcome.cells_run += ran
-        outcome.cells_cached += cached
-        outcome.errors += errors
-        log.info(
-            "%s (%d cells run, %d cached, %.0f s)",
-            summary_line(subject, config, data, store),
-            ran,
-            cached,
-            time.perf_counter() - began,
-        )
+        if "eval" in options.stages:
+            ran, cached, errors = evaluate(subject, config, store, data, options.progress)
+            outcome.cells_run += ran
+            outcome.cells_cached += cached
+            outcome.errors += errors
+            log.info(
+                "%s (%d cells run, %d cached, %.0f s)",
+                summary_line(subject, config, data, store),
+                ran,
+                cached,
+                time.perf_counter() - began,
+            )
+        if "check" in options.stages:
+            _check(subject, config, store, data, spec.checks, plain)
 
-    return evaluate_one
+    return measure
+
+
+def _check(subject: Subject, config: EvalConfig, store: RecordStore, data: EvalData, checks, plain) -> None:
+    """The checkpoint checks of bench.sanity not yet recorded for `subject`."""
+    done = store.recorded_checks(cell_context(subject, config))
+    wanted = {"gradients", "model"} & set(checks)
+    model = prepared(subject.defense.model, config)
+    x, y = sanity.batch(data, device=config.device)
+    results = []
+    if wanted and not {"zero-gradients", "randomized"} <= done:
+        results += sanity.model_checks(model, x, y, subject.defense.info.num_classes)
+    if plain is not None and "transfer" not in done:
+        source = prepared(plain.model, config)
+        seed = subject.seed + 7919  # any seed: the same random starts for both attacks
+        results.append(sanity.transfer_check(model, source, x, y, config, 2.0, seed))
+    if results:
+        store.add_checks(sanity.check_rows(subject, results, utc_now()))
+        failed = [c for c, value, limit, _ in results if value > limit]
+        who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
+        log.info("%s %s %s: %d checks, %s", subject.run, data.dataset, who, len(results),
+                 "failed: " + ", ".join(failed) if failed else "all pass")  # fmt: skip
 
 
 def summary_line(subject: Subject, config: EvalConfig, data: EvalData, store: RecordStore) -> str:
     """One line: clean, mean noise accuracy, and each attack at each radius, in percent, of
     exactly the cells `config` asks for (no other test size, step count or data source)."""
-    frame = store.cells(cell_context(subject, config, data))
-    asked = {cell_key(c, data.source(c), config) for c in protocol_cells(config)}
+    frame = store.cells(cell_context(subject, config))
+    asked = {cell_key(c, data.source(c), config, data.n(c)) for c in protocol_cells(config)}
     frame = frame[[key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]]
     mine = with_pooled_noise(frame)
 
@@ -445,7 +506,7 @@ def summary_line(subject: Subject, config: EvalConfig, data: EvalData, store: Re
 
     parts = [f"clean {pct(mine[mine['perturbation'] == 'clean'])}"]
     parts.append(f"noise {pct(mine[mine['perturbation'].isin(NOISE_GROUPS) & (mine['severity'] == 0)])}")
-    for kind in ("fgsm", "ifgsm", "pgd"):
+    for kind in dict.fromkeys(c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK):
         rows = mine[mine["perturbation"] == kind].sort_values("eps_255")
         if len(rows):
             radii = "/".join(f"{e:g}" for e in rows["eps_255"])
@@ -492,7 +553,6 @@ def _job_estimate(job, spec, options, device, store, train_rate, forward_rate, g
     n_train_all, n_test_all = dataset_spec(job.dataset).sizes
     seeds = _seeds(spec, options)
     config = _eval_config(job, spec, options, device)
-    n = min(config.n_test or n_test_all, n_test_all)
     to_train, todo, cached, seconds_train, seconds_eval, digests = 0, 0, 0, 0.0, 0.0, []
     for seed in seeds:
         train_config = _train_config(job, seed, spec, options, device)
@@ -508,17 +568,17 @@ def _job_estimate(job, spec, options, device, store, train_rate, forward_rate, g
             images = min(train_config.n_train or n_train_all, n_train_all)
             seconds_train += (epochs - int(meta.get("epochs_done") or 0)) * images / train_rate
         digests.append(meta.get("sha256"))
-        cells = _cells_todo(job, train_config.tag, seed, 1, meta.get("sha256"), config, options, n, store)
+        cells = _cells_todo(job, train_config.tag, seed, 1, meta.get("sha256"), config, options, n_test_all, store)
         todo, cached = todo + len(cells), cached + len(protocol_cells(config)) - len(cells)
-        seconds_eval += _eval_seconds(cells, n, config.steps, forward_rate, gradient_rate)
+        seconds_eval += _eval_seconds(cells, config, n_test_all, forward_rate, gradient_rate)
     if job.ensemble_radii and len(digests) >= 2:
         ens_config = _eval_config(job, spec, options, device, ensemble=True)
         digest = ensemble_digest(digests) if all(digests) else None  # known once all members are
         cells = _cells_todo(
-            job, train_config.tag, ENSEMBLE_SEED, len(digests), digest, ens_config, options, n, store
+            job, train_config.tag, ENSEMBLE_SEED, len(digests), digest, ens_config, options, n_test_all, store
         )
         todo, cached = todo + len(cells), cached + len(protocol_cells(ens_config)) - len(cells)
-        seconds_eval += len(digests) * _eval_seconds(cells, n, ens_config.steps, forward_rate, gradient_rate)
+        seconds_eval += len(digests) * _eval_seconds(cells, ens_config, n_test_all, forward_rate, gradient_rate)
     init = f" λ~U[{job.lambda_init[0]:g}, {job.lambda_init[1]:g}]" if job.lambda_init else ""
     return {
         "model": job.model + init,
@@ -535,34 +595,32 @@ def _job_estimate(job, spec, options, device, store, train_rate, forward_rate, g
 
 
 def _cells_todo(
-    job: Job, run: str, seed: int, members: int, digest, config: EvalConfig, options, n: int, store: RecordStore
+    job: Job, run: str, seed: int, members: int, digest, config: EvalConfig, options, n_all: int, store: RecordStore
 ) -> list:
     """The protocol cells of a checkpoint (digest None: not trained yet) not in the records."""
     cells = protocol_cells(config)
     if digest is None:
         return cells
-    context = {
-        "run": run,
-        "dataset": job.dataset,
-        "seed": seed,
-        "members": members,
-        "n": n,
-        "preset": config.preset,
-        "checkpoint_sha256": digest,
-    }
-    done = store.done(context)
+    context = {"run": run, "dataset": job.dataset, "seed": seed, "members": members}
+    done = store.done({**context, "preset": config.preset, "checkpoint_sha256": digest})
     clean, noisy = cell_sources(job.dataset, options.data_dir, config.noise_source)  # as EvalData will
     return [
         c
         for c in cells
-        if cell_key(c, noisy if c.perturbation in NOISE_GROUPS else clean, config) not in done
+        if cell_key(c, noisy if perturbation(c.perturbation).kind == NOISE else clean, config, _n(config, c, n_all))
+        not in done
     ]
 
 
-def _eval_seconds(cells, n: int, steps: int, forward_rate: float, gradient_rate: float) -> float:
+def _n(config: EvalConfig, cell: Cell, n_all: int) -> int:
+    """How many test images `cell` will be measured on (as EvalData.n says, without data)."""
+    return min(config.n_test_of(cell.perturbation) or n_all, n_all)
+
+
+def _eval_seconds(cells, config: EvalConfig, n_all: int, forward_rate: float, gradient_rate: float) -> float:
     total = 0.0
     for unit in units(cells):
-        forward, gradient = unit_passes(unit, n, steps)
+        forward, gradient = unit_passes(unit, _n(config, unit[0], n_all), config)
         total += forward / forward_rate + gradient / gradient_rate
     return total
 

@@ -14,7 +14,7 @@ A row is *current* when it measured the checkpoint that stands now, else *stale*
 - any other defense: the digest recorded last for its run, data set and seed.
 Readers drop stale rows unless asked for them.
 
-Units: `eps_255` and `alpha_255` in 1/255 of the pixel range; `severity` 1-5 for noise
+Units: `eps_255` (and the `alpha_255` of a parameter set) in 1/255 of the pixel range; `severity` 1-5 for noise
 cells (0 otherwise); `seed` is -1 for an ensemble of `members` seeds; `accuracy` in [0, 1].
 The store is checked (SQLite's integrity check) whenever it is opened for writing or a
 report is made: a corrupt store is never written to.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from models import UserError
 from models.adapters import META_FILE, ensemble_digest, zoo_checkpoint_dir
 from models.checkpoints import atomic_write
 
+log = logging.getLogger(__name__)
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
 ENSEMBLE_SEED = -1
 READ_TIMEOUT, WRITE_TIMEOUT = 30, 120  # seconds to wait for another process's lock
@@ -61,8 +63,7 @@ COLUMNS: dict[str, str] = {
     "correct": "INTEGER",
     "accuracy": "REAL",
     "preset": "TEXT",
-    "alpha_255": "REAL",  # step size of ifgsm / pgd (0 for other cells)
-    "steps": "INTEGER",  # of ifgsm / pgd (0 for other cells)
+    "params": "TEXT",  # the perturbation's parameters, canonical JSON: {"alpha_255":2.0,"steps":20}, {}
     "lambda_low": "REAL",  # lambda_n ~ U[low, high] at init; empty for models without lambdas
     "lambda_high": "REAL",
     "checkpoint_sha256": "TEXT",
@@ -85,12 +86,11 @@ KEY = (
     "severity",
     "n",
     "preset",
-    "alpha_255",
-    "steps",
+    "params",
     "checkpoint_sha256",
 )
 # The KEY columns that tell the cells of one model x data set x seed apart.
-CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "alpha_255", "steps")
+CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "params")
 # Training runs seen by the train and eval stages, failed ones included; the last sighting
 # of each (run, data set, seed) comes last (rowid order).
 RUN_COLUMNS: dict[str, str] = {
@@ -106,6 +106,19 @@ RUN_COLUMNS: dict[str, str] = {
     "checkpoint_sha256": "TEXT",
     "timestamp": "TEXT",
 }
+# Sanity checks run on a checkpoint (bench.sanity): one row per check, the latest kept.
+CHECK_COLUMNS: dict[str, str] = {
+    "run": "TEXT",
+    "dataset": "TEXT",
+    "seed": "INTEGER",
+    "members": "INTEGER",
+    "checkpoint_sha256": "TEXT",
+    "check": "TEXT",
+    "value": "REAL",  # the measured figure (a share, points, a distance)
+    "limit": "REAL",  # the value above which the check fails
+    "detail": "TEXT",
+    "timestamp": "TEXT",
+}
 # Which checkpoints an ensemble was built from (its own digest is a hash of theirs).
 MEMBER_COLUMNS: dict[str, str] = {
     "ensemble_sha256": "TEXT",
@@ -116,15 +129,18 @@ MEMBER_COLUMNS: dict[str, str] = {
 }
 
 
-def _schema() -> str:
-    def table(name: str, columns: dict[str, str], extra: str) -> str:
-        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(f'{k} {t}' for k, t in columns.items())}, {extra});"
+def _tables() -> dict[str, str]:
+    """CREATE TABLE statement of every table, by name."""
 
-    return (
-        table("cells", COLUMNS, f"correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)})")
-        + table("runs", RUN_COLUMNS, "UNIQUE (run, dataset, seed, checkpoint_sha256)")
-        + table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)")
-    )
+    def table(name: str, columns: dict[str, str], extra: str) -> str:
+        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(f'{_q(k)} {t}' for k, t in columns.items())}, {extra})"
+
+    return {
+        "cells": table("cells", COLUMNS, f"correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)})"),
+        "runs": table("runs", RUN_COLUMNS, "UNIQUE (run, dataset, seed, checkpoint_sha256)"),
+        "ensemble_members": table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)"),
+        "checks": table("checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'),
+    }
 
 
 class RecordStore:
@@ -148,8 +164,9 @@ class RecordStore:
         with self._connect() as db:
             _check_integrity(db, self.path)
             try:
+                _migrate(db, self.path)
                 with db:
-                    db.executescript(_schema())
+                    db.executescript(";".join(_tables().values()))
                     # a real write: SQLite opens a read-only file without a word
                     db.execute(f"PRAGMA user_version = {db.execute('PRAGMA user_version').fetchone()[0]}")
             except sqlite3.Error as err:
@@ -164,7 +181,7 @@ class RecordStore:
 
     def cells(self, context: dict) -> pd.DataFrame:
         """The cells (COLUMNS) of one checkpoint's evaluation: `context` gives every KEY
-        column but the CELL_COLUMNS."""
+        column but the CELL_COLUMNS (further keys are ignored)."""
         if self.readonly and not self.path.is_file():
             return _typed(pd.DataFrame(columns=list(COLUMNS)), COLUMNS)
         fixed = [k for k in KEY if k not in CELL_COLUMNS]
@@ -178,6 +195,15 @@ class RecordStore:
     def done(self, context: dict) -> set[tuple]:
         """The CELL_COLUMNS of the finished cells matching `context` (see `cells`)."""
         return set(self.cells(context)[list(CELL_COLUMNS)].itertuples(index=False, name=None))
+
+    def recorded_checks(self, context: dict) -> set[str]:
+        """The checks recorded for the checkpoint `context` names."""
+        if self.readonly and not self.path.is_file():
+            return set()
+        keys = ("run", "dataset", "seed", "members", "checkpoint_sha256")
+        sql = f"SELECT \"check\" FROM checks WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        with self._connect() as db:
+            return {c for (c,) in _execute(db, self.path, sql, [context[k] for k in keys])}
 
     def perturbations(self, preset: str) -> set[tuple[str, float]]:
         """(perturbation, eps_255) of every recorded cell of `preset`."""
@@ -210,6 +236,14 @@ class RecordStore:
             db.execute(f"DELETE FROM runs WHERE {' AND '.join(f'{k} = ?' for k in key)}", [row[k] for k in key])
             db.execute(insert, [row[k] for k in RUN_COLUMNS])
 
+    def add_checks(self, rows: Sequence[dict]) -> None:
+        """Record sanity-check results; a check run again on the same checkpoint replaces
+        its earlier result."""
+        names = ", ".join(_q(k) for k in CHECK_COLUMNS)
+        sql = f"INSERT OR REPLACE INTO checks ({names}) VALUES ({', '.join('?' * len(CHECK_COLUMNS))})"
+        with self._connect() as db, db:
+            db.executemany(sql, [[row[k] for k in CHECK_COLUMNS] for row in rows])
+
     def add_ensemble(self, ensemble_sha256: str, run: str, dataset: str, members: dict[int, str]) -> None:
         """Record which checkpoints (seed -> digest) the ensemble `ensemble_sha256` holds."""
         sql = f"INSERT OR IGNORE INTO ensemble_members ({', '.join(MEMBER_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
@@ -225,6 +259,16 @@ def check_results_dir(results_dir: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"--results-dir {path} is a file, not a folder: choose another --results-dir")
     return path
+
+
+def needs_migration(results_dir: str | os.PathLike) -> bool:
+    """Whether the store was written by a version before the `params` column."""
+    path = Path(results_dir) / DB_FILE
+    if not path.is_file():
+        return False
+    with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+        columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
+    return bool(columns) and "params" not in columns
 
 
 def check_store(results_dir: str | os.PathLike) -> bool:
@@ -302,26 +346,43 @@ def _ensembles_of(digests: tuple[str, ...], members: int) -> frozenset[str]:
     return frozenset(ensemble_digest(chosen) for chosen in pick(digests, members))
 
 
+def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The sanity checks of current checkpoints (CHECK_COLUMNS plus `passed`)."""
+    sql = f"SELECT {', '.join(_q(k) for k in CHECK_COLUMNS)} FROM checks"
+    checks = _read(results_dir, sql, CHECK_COLUMNS, table="checks")
+    members = _read(
+        results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS, "ensemble_members"
+    )
+    stale = stale_rows(checks, load_runs(results_dir) if runs is None else runs, members)
+    checks = checks[~stale].reset_index(drop=True)
+    return checks.assign(passed=checks["value"] <= checks["limit"])
+
+
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per training run (run, data set, seed) ever seen, as it stands now: its
     checkpoint folder decides `status` (finished, failed, running, or gone when the folder
-    was deleted) and `checkpoint_sha256`; the other columns come from its last sighting."""
+    was deleted), `checkpoint_sha256`, `length` and `n_train` (of its recipe); the other
+    columns come from its last sighting."""
     runs = _read(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
     runs = runs.drop_duplicates(["run", "dataset", "seed"], keep="last").reset_index(drop=True)
-    for i, (run, dataset, seed) in enumerate(zip(runs["run"], runs["dataset"], runs["seed"], strict=True)):
-        status, sha = checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
-        runs.loc[i, ["status", "checkpoint_sha256"]] = status, sha
-    return runs
+    states = [
+        checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
+        for run, dataset, seed in zip(runs["run"], runs["dataset"], runs["seed"], strict=True)
+    ]
+    columns = ["status", "checkpoint_sha256", "length", "n_train"]
+    return runs.drop(columns=["status", "checkpoint_sha256"]).assign(
+        **{c: pd.Series([s[i] for s in states], index=runs.index, dtype=object) for i, c in enumerate(columns)}
+    )[[*RUN_COLUMNS, "length", "n_train"]]
 
 
-def checkpoint_state(meta_path: Path) -> tuple[str, str | None]:
-    """(status, sha256) of a checkpoint folder's meta.json; ("gone", None) when it is
-    missing or unreadable."""
+def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None]:
+    """(status, sha256, training length, training images) of a checkpoint folder's
+    meta.json; ("gone", None, None, None) when it is missing or unreadable."""
     try:
         meta = json.loads(meta_path.read_text())
-        return str(meta.get("status", "finished")), meta.get("sha256")
+        return str(meta.get("status", "finished")), meta.get("sha256"), meta.get("length"), meta.get("n_train")
     except (OSError, ValueError, AttributeError):
-        return "gone", None
+        return "gone", None, None, None
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
@@ -336,6 +397,32 @@ def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
     return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
 
 
+def load_bits(results_dir: str | os.PathLike) -> dict[tuple, np.ndarray]:
+    """Every cell's per-example correctness (bool, test-subset order), keyed by its KEY
+    values in KEY order: what worst cases and confidence intervals are computed from."""
+    path = Path(results_dir) / DB_FILE
+    if not path.is_file():
+        return {}
+    with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+        rows = _execute(db, path, f"SELECT {', '.join(KEY)}, correct_bits FROM cells")
+    bits = {}
+    for row in rows:
+        key = dict(zip(KEY, row[:-1], strict=True))
+        bits[cell_id(key)] = np.unpackbits(np.frombuffer(row[-1], dtype=np.uint8), count=key["n"]).astype(bool)
+    return bits
+
+
+def cell_id(row) -> tuple:
+    """A cell's KEY values as a hashable tuple (from a dict, a Series or a named tuple)."""
+    get = row.get if hasattr(row, "get") else lambda k: getattr(row, k)
+    return tuple(_plain(get(k)) for k in KEY)
+
+
+def _plain(value):
+    """numpy scalars as Python ones, so that keys from SQLite and from pandas compare equal."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def write_snapshot(results_dir: str | os.PathLike) -> Path:
     """records.csv beside the store (every row, stale ones included and flagged), written
     atomically."""
@@ -345,7 +432,47 @@ def write_snapshot(results_dir: str | os.PathLike) -> Path:
     return path
 
 
-# --- opening, checking and reading the store ---------------------------------------------------
+# --- opening, checking, migrating and reading the store ----------------------------------------
+
+# Before the `params` column, the iterative attacks' parameters had columns of their own.
+OLD_ATTACK_COLUMNS = ("alpha_255", "steps")
+
+
+def _q(name: str) -> str:
+    """A column name quoted for SQL (`check` and `limit` are keywords)."""
+    return f'"{name}"'
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Rewrite a store of the schema with alpha_255 / steps columns to the `params` one, in
+    place and in one transaction: every cell keeps its numbers and bits."""
+    columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
+    if not columns or "params" in columns:
+        return
+    if not set(OLD_ATTACK_COLUMNS) <= set(columns):
+        raise UserError(_corrupt(path, f"unknown columns {', '.join(columns)}: not a store of this project"))
+    log.info("migrating %s to the params column (once; its cells are kept)", path)
+    old = [c for c in columns if c not in OLD_ATTACK_COLUMNS]
+    rows = _execute(db, path, f"SELECT {', '.join(old)}, alpha_255, steps FROM cells")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE cells RENAME TO cells_before_params")
+        db.execute(_tables()["cells"])
+        names = [*old, "params"]
+        insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        db.executemany(insert, [(*row[:-2], _old_params(*row[-2:])) for row in rows])
+        db.execute("DROP TABLE cells_before_params")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _old_params(alpha_255: float, steps: int) -> str:
+    if not steps:
+        return "{}"
+    return json.dumps({"alpha_255": round(float(alpha_255), 6), "steps": int(steps)}, sort_keys=True, separators=(",", ":"))
+
 
 
 def _open(path: Path, timeout: float, readonly: bool = False) -> sqlite3.Connection:
@@ -396,9 +523,18 @@ def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], tab
     if path.is_file():
         with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
             query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+            if "params" in columns and not _has_params(db, path):
+                raise UserError(
+                    f"{path} was written before cells had a params column: open it for writing once "
+                    "(any train, eval or report stage) to migrate it in place"
+                )
             if not table or _execute(db, path, query, [table]):
                 rows = _execute(db, path, sql)
     return _typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
+
+
+def _has_params(db: sqlite3.Connection, path: Path) -> bool:
+    return any(row[1] == "params" for row in _execute(db, path, "PRAGMA table_info(cells)"))
 
 
 def _typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

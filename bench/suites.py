@@ -28,6 +28,13 @@ class Study:
     ensemble_radii: tuple[float, ...] = ()
 
 
+# Registered perturbations every suite adds to the paper's protocol, each at its radii
+# (None: the study's attack radii): random noise in the eps-ball (a sanity check) ...
+SANITY = (("uniform", None),)
+# ... PGD-50 at large radii, which must bring any model to chance, and AutoAttack.
+REFERENCE = (("pgd50", (16.0, 64.0)), ("autoattack", (2.0,)))
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str
@@ -38,6 +45,10 @@ class Suite:
     n_train: int | None = None  # first N training images; None: all
     n_test: int | None = None  # class-balanced test subset; None: the whole test set
     needs_gpu: bool = True
+    # registered perturbations beyond FGSM / IFGSM / PGD: (name, radii or None for the study's)
+    extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
+    subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
+    checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.sanity's model checks
 
 
 SUITES: dict[str, Suite] = {
@@ -79,6 +90,9 @@ SUITES: dict[str, Suite] = {
             n_train=2048,
             n_test=100,
             needs_gpu=False,
+            extra=SANITY + (("apgd-ce-lite", (2.0,)),),  # cheap: never shown as AutoAttack
+            subsets=(),
+            checks=("gradients", "model"),
         ),
     )
 }

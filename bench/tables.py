@@ -9,6 +9,7 @@ never compared with the paper. Formatting happens only in the `render_*` functio
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from models import create_model, list_models
 
 from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, RELEASED_FIRST
 from .noise import NOISE_GROUPS
+from .perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
 from .suites import LAMBDA_SWEEP
 from .train import TrainConfig
 
@@ -57,6 +59,7 @@ TITLES = {
     4: "Table 4: the In-ResNet variants, attacks at 2/255",
     5: "Table 5: λ initialisation, attacks at 2/255",
     6: "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255",
+    "3_all": "Table 3, every attack measured: the paper's, the sanity and reference attacks, the worst case",
 }
 
 
@@ -132,7 +135,14 @@ def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = No
     """The cells of Table `number` for the data in `frame` (records or their per-seed view).
     On CIFAR every row of the paper's table is shown; on other data only the rows of models
     (and, in Table 5, λ initialisations) that were measured or, with `runs`, trained."""
-    specs = _all_specs(number, frame)
+    return table_specs_filter(_all_specs(number, frame), frame, runs, by_lambda=number == 5)
+
+
+def table_specs_filter(
+    specs: list[Spec], frame: pd.DataFrame, runs: pd.DataFrame | None = None, by_lambda: bool = False
+) -> list[Spec]:
+    """`specs` without the rows of models (with `by_lambda`: of λ initialisations) that were
+    neither measured nor trained, off CIFAR (the paper's tables show all their rows)."""
     seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
     present = {
         (d, m, lambda_key((lo, hi)))
@@ -143,7 +153,7 @@ def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = No
         s
         for s in specs
         if s.dataset in PAPER_DATASETS
-        or ((s.dataset, s.model) in models and (number != 5 or (s.dataset, s.model, lambda_key(s.lambda_init)) in present))
+        or ((s.dataset, s.model) in models and (not by_lambda or (s.dataset, s.model, lambda_key(s.lambda_init)) in present))
     ]
 
 
@@ -204,6 +214,27 @@ def _attack_columns() -> tuple[tuple[str, str], ...]:
     return tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
 
 
+def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spec]:
+    """Table 3 extended to every attack measured (the registry's, in its order: the paper's,
+    the sanity and reference attacks, the worst case) at every radius measured, for the
+    main models and their ensembles."""
+    measured = set(aggregated["metric"])
+    columns = tuple(
+        (f"{p.label} {eps:g}/255", metric)
+        for p in sorted(PERTURBATIONS.values(), key=lambda p: p.kind == DERIVED)  # the worst case last
+        if p.kind in (ATTACK, DERIVED)
+        for eps in sorted({float(m.split("@")[1]) for m in measured if m.startswith(p.name + "@")})
+        if (metric := metric_name(p.name, eps)) in measured
+    )
+    specs = []
+    for dataset in shown_datasets(frame):
+        for model in main_models(frame, dataset):
+            block = DATASET_LABELS.get(dataset, dataset)
+            specs += _row(block, label(model), dataset, model, columns)
+            specs += _row(block, label(model) + ", ens", dataset, model, columns, kind="ensemble")
+    return table_specs_filter(specs, frame)
+
+
 def _row(block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
     init = init if init is not None else default_lambda(model)
     return [Spec(block, row, column, dataset, model, init, kind, metric) for column, metric in columns]
@@ -216,11 +247,22 @@ def published() -> pd.DataFrame:
     return pd.read_csv(PUBLISHED)
 
 
+FILLED_COLUMNS = [
+    *("block", "row", "column", "dataset", "model", "kind", "metric", "lambda_low", "lambda_high"),
+    *("mean", "std", "n", "low", "high", "paper", "delta"),
+]
+
+
 def fill(
-    specs: list[Spec], aggregated: pd.DataFrame, preset: str = "paper", table: int | None = None
+    specs: list[Spec],
+    aggregated: pd.DataFrame,
+    preset: str = "paper",
+    table: int | None = None,
+    intervals: dict | None = None,
 ) -> pd.DataFrame:
     """One row per spec (in order) with the measured mean, std and n (NaN when not
-    measured), the published value for the same cell (Table `table`) and the delta."""
+    measured), its 95% interval `low`, `high` (from `intervals`, keyed like best_groups),
+    the published value for the same cell (Table `table`) and the delta."""
     chosen = best_groups(aggregated[aggregated["preset"] == preset])
     paper = published()
     if table is not None:
@@ -230,6 +272,9 @@ def fill(
         found = chosen.get((spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric))
         value = published_value(paper, spec.dataset, spec.model, spec.lambda_init, spec.kind, spec.metric)
         mean = found["mean"] if found is not None else math.nan
+        low, high = (intervals or {}).get(
+            (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric), (math.nan, math.nan)
+        )
         rows.append(
             {
                 **{
@@ -241,11 +286,13 @@ def fill(
                 "mean": mean,
                 "std": found["std"] if found is not None else math.nan,
                 "n": found["n"] if found is not None else 0,
+                "low": low,
+                "high": high,
                 "paper": value,
                 "delta": mean - value,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=FILLED_COLUMNS)
 
 
 def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -266,6 +313,7 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             & (runs["model"] == first["model"])
             & keys.map(lambda key, init=init: key == init).astype(bool)
         ]
+        mine = mine[mine["status"].isin(["finished", "failed"])]  # not running, nor deleted
         failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
         paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
         rows.append(
@@ -380,8 +428,9 @@ def variant_text(row) -> str:
         return f"{row['data_source']} data"
     if rule == LATEST_CHECKPOINT:
         return "an earlier checkpoint"
-    steps = int(row["steps"])  # the attack rules
-    return f"{steps} step{'' if steps == 1 else 's'} at α {row['alpha_255']:g}/255"
+    spec = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
+    params = json.loads(row["params"] or "{}")
+    return (spec.describe(params) if spec is not None else row["params"]) or "other parameters"
 
 
 def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
@@ -438,6 +487,8 @@ def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.Data
 def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str:
     """`view`: "mean" (as the paper), "std" (mean ± sample std, Appendix D style) or
     "paper" (measured / published (delta)). Unmeasured cells show "-"."""
+    if filled.empty:
+        return "No model of this table was measured or trained."
     text = filled.apply(lambda r: _cell(r, view), axis=1)
     grid = filled.assign(text=text).pivot_table(
         index=["block", "row"], columns="column", values="text", aggfunc="first", sort=False
@@ -462,6 +513,8 @@ def _cell(row, view: str) -> str:
         text += f" ± {row['std']:.2f}"
     if row["n"] < FULL_SEEDS:
         text += f" (n={int(row['n'])})"
+    if view == "paper" and not math.isnan(row.get("low", math.nan)):
+        text += f" [{row['low']:.2f}, {row['high']:.2f}]"
     if view == "paper" and not math.isnan(row["paper"]):
         text += f" / {row['paper']:.2f} ({row['delta']:+.2f})"
     return text

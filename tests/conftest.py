@@ -2,8 +2,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from bench.cifar import write_batch
+from models.adapters import Defense, module_defense
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +39,46 @@ def smoke_run(tmp_path_factory):
     ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     return root / "results", run
+
+
+# Grey level (0-255) of each class; gaps widen (16, 18, ..., 32) so that the nearest other
+# level is always the lower one and the loss gradient never cancels to zero.
+LEVELS = [20 + sum(16 + 2 * i for i in range(k)) for k in range(10)]
+WRONG = 30  # the first 30 of the 100 test images carry a wrong label
+
+
+class GreyLevel(nn.Module):
+    """Classifies an image by its mean grey level: the nearest of LEVELS wins. An L-inf
+    perturbation moves the mean by at most eps and the levels are at least 16/255 apart, so
+    attacks up to 7/255 leave every prediction alone; at 20/255, a sign-gradient step towards
+    the nearest level (all gaps are at most 32/255) flips every one."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = nn.Parameter(torch.tensor(LEVELS, dtype=torch.float32) / 255)
+
+    def forward(self, x):
+        mean = x.mean(dim=(1, 2, 3))
+        return -1000 * (mean[:, None] - self.levels) ** 2
+
+
+@pytest.fixture(scope="session")
+def grey_root(tmp_path_factory) -> Path:
+    """A CIFAR-10-format data dir: 100 constant grey test images (10 per class), the first
+    WRONG of them with a wrong label, so any correct evaluation gives exactly 70%."""
+    root = tmp_path_factory.mktemp("grey")
+    classes = np.arange(100) % 10
+    images = np.broadcast_to(np.array(LEVELS, np.uint8)[classes][:, None, None, None], (100, 32, 32, 3))
+    labels = classes.copy()
+    labels[:WRONG] = (labels[:WRONG] + 5) % 10
+    folder = root / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", images[:10], labels[:10])
+    write_batch(folder / "test_batch", np.ascontiguousarray(images), labels)
+    return root
+
+
+@pytest.fixture
+def grey_defense(tmp_path) -> Defense:
+    torch.save(GreyLevel().state_dict(), tmp_path / "grey.pt")
+    return module_defense("grey", GreyLevel, tmp_path / "grey.pt", mean=(0, 0, 0), std=(1, 1, 1))

@@ -10,51 +10,17 @@ import torchattacks
 from torch import nn
 
 from bench import evaluate as engine
+from bench import perturbations
 from bench.aggregate import with_pooled_noise
 from bench.attacks import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
-from bench.cifar import write_batch
 from bench.data import load_test
 from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
 from bench.noise import NOISE_GROUPS
 from bench.records import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
 from models import create_model
-from models.adapters import Defense, ensemble_defense, module_defense, state_dict_defense
+from models.adapters import Defense, ensemble_defense, state_dict_defense
 
-# Grey level (0-255) of each class; gaps widen (16, 18, ..., 32) so that the nearest other
-# level is always the lower one and the loss gradient never cancels to zero.
-LEVELS = [20 + sum(16 + 2 * i for i in range(k)) for k in range(10)]
-WRONG = 30  # the first 30 of the 100 test images carry a wrong label
-
-
-class GreyLevel(nn.Module):
-    """Classifies an image by its mean grey level: the nearest of LEVELS wins. An L-inf
-    perturbation moves the mean by at most eps and the levels are at least 16/255 apart, so
-    attacks up to 7/255 leave every prediction alone; at 20/255, a sign-gradient step towards
-    the nearest level (all gaps are at most 32/255) flips every one."""
-
-    def __init__(self):
-        super().__init__()
-        self.levels = nn.Parameter(torch.tensor(LEVELS, dtype=torch.float32) / 255)
-
-    def forward(self, x):
-        mean = x.mean(dim=(1, 2, 3))
-        return -1000 * (mean[:, None] - self.levels) ** 2
-
-
-@pytest.fixture(scope="module")
-def grey_root(tmp_path_factory) -> Path:
-    """A CIFAR-10-format data dir: 100 constant grey test images (10 per class), the first
-    WRONG of them with a wrong label, so any correct evaluation gives exactly 70%."""
-    root = tmp_path_factory.mktemp("grey")
-    classes = np.arange(100) % 10
-    images = np.broadcast_to(np.array(LEVELS, np.uint8)[classes][:, None, None, None], (100, 32, 32, 3))
-    labels = classes.copy()
-    labels[:WRONG] = (labels[:WRONG] + 5) % 10
-    folder = root / "cifar-10-batches-py"
-    for i in range(1, 6):
-        write_batch(folder / f"data_batch_{i}", images[:10], labels[:10])
-    write_batch(folder / "test_batch", np.ascontiguousarray(images), labels)
-    return root
+WRONG = 30  # the grey_root fixture (conftest.py): the first 30 of its 100 test images carry a wrong label
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +28,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     load_test("synthetic", root)
     return root
-
-
-@pytest.fixture
-def grey_defense(tmp_path) -> Defense:
-    torch.save(GreyLevel().state_dict(), tmp_path / "grey.pt")
-    return module_defense("grey", GreyLevel, tmp_path / "grey.pt", mean=(0, 0, 0), std=(1, 1, 1))
 
 
 def resnet8_defense(tmp_path: Path, seed: int = 0, name: str = "resnet8") -> Defense:
@@ -109,9 +69,9 @@ def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_pa
     assert correct.tolist() == [False] * WRONG + [True] * (100 - WRONG)
     frame = load_records(tmp_path)
     assert set(frame["data_source"]) == {"unofficial", "generated-unofficial"}  # fixture files, noise from them
-    assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "alpha_255"] == 2.0).all()
-    assert (frame.loc[frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 20).all()
-    assert (frame.loc[~frame["perturbation"].isin(["ifgsm", "pgd"]), "steps"] == 0).all()
+    iterative = frame["perturbation"].isin(["ifgsm", "pgd"])
+    assert (frame.loc[iterative, "params"] == '{"alpha_255":2.0,"steps":20}').all()
+    assert (frame.loc[~iterative, "params"] == "{}").all()
 
 
 def test_zero_radius_attacks_equal_clean(synthetic_root, tmp_path):
@@ -187,7 +147,7 @@ def test_a_cell_failing_the_audit_is_reported_not_recorded(grey_root, grey_defen
     def leaky(model, x, y, eps):
         return [(x + 2 * e).clamp(0, 1) for e in eps]
 
-    monkeypatch.setattr(engine, "fgsm", leaky)
+    monkeypatch.setattr(perturbations, "fgsm", leaky)  # where the FGSM perturbation calls it
     ran, cached, errors = run(grey_defense, EvalConfig(eps_255=(2.0,), steps=1), grey_root, tmp_path)
     assert ran == 23 and len(errors) == 1 and "fgsm@2" in errors[0] and "fails the audit" in errors[0]
     recorded = set(load_records(tmp_path)["perturbation"])
@@ -275,8 +235,6 @@ def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
         "n",
         "correct",
         "accuracy",
-        "alpha_255",
-        "steps",
         "seconds",
     ]
     snapshot = pd.read_csv(write_snapshot(tmp_path))

@@ -22,10 +22,13 @@ import run_bench
 from bench import records
 from bench.cifar import read_batch, write_batch
 from bench.data import DATASETS
-from bench.records import DB_FILE, load_records, load_runs
+from bench.records import DB_FILE, load_checks, load_records, load_runs
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "resnet8@smoke@n1024"
+# cells of a seed: clean, 4 noise groups x 5, FGSM / IFGSM / PGD / uniform noise x 3 radii, APGD-CE lite
+SINGLE, ENSEMBLE = 1 + 20 + 4 * 3 + 1, 1 + 20 + 3 + 3 * 1 + 1  # an ensemble: FGSM at 3 radii, the rest at 2/255
+BASE_CELLS = 2 * SINGLE + ENSEMBLE
 BASE = ["--models", "resnet8", "--n-train", "1024", "--n-test", "50", "--steps", "5", "--no-progress"]
 
 
@@ -112,7 +115,8 @@ def test_reports_use_the_asked_step_count_never_the_first_recorded(base, results
     for steps in ("5", "1", "20"):  # 20 was never measured: the most steps, 5, are shown
         assert cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", steps, "--stage", "report")[0] == 0
         shown_steps = 1 if steps == "1" else 5
-        pgd4 = current_mean(results, run=RUN, members=1, perturbation="pgd", eps_255=4.0, steps=shown_steps)
+        params = f'{{"alpha_255":2.0,"steps":{shown_steps}}}'
+        pgd4 = current_mean(results, run=RUN, members=1, perturbation="pgd", eps_255=4.0, params=params)
         row = (results / "tables" / "table3.md").read_text().splitlines()[4]
         assert row.endswith(f"| {pgd4:.2f} (n=2) |"), (steps, row)
         other = 5 if shown_steps == 1 else 1
@@ -143,7 +147,7 @@ def test_a_failed_retrain_or_a_deleted_checkpoint_retires_the_old_rows(base, res
     shutil.rmtree(results / "checkpoints" / "synthetic" / RUN / "seed1")  # gone, not retrained
     assert cli(capsys, results, base / "data", "--stage", "report") == (
         2,
-        f"error: no current records in {results / DB_FILE}: its 86 records all measured checkpoints since "
+        f"error: no current records in {results / DB_FILE}: its {BASE_CELLS} records all measured checkpoints since "
         "retrained, failed on retraining or deleted; run the eval stage\n",
     )
 
@@ -153,7 +157,7 @@ def test_a_failed_retrain_or_a_deleted_checkpoint_retires_the_old_rows(base, res
 BAD = [
     (["--radii", "inf"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got inf"),
     (["--radii", "nan"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got nan"),
-    (["--radii", "1,-1"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got -1, 1"),
+    (["--radii", "1,-1"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got -1"),
     (["--seeds", "²"], r"--seeds takes non-negative integers, got '²'"),
     (["--seeds", str(2**64)], r"--seeds takes integers in \[0, 2\*\*32\), got \[18446744073709551616\]"),
     (["--device", "meta"], r"device 'meta' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu"),
@@ -161,7 +165,7 @@ BAD = [
     (["--data-dir", ""], r"--data-dir is empty: give a folder \(default: \$INRES_BENCH_DATA or ./data\)"),
     (["--results-dir", ""], r"--results-dir is empty: give a folder \(default: results\)"),
     (["--results-dir", "{file}"], r"--results-dir .*/afile is a file, not a folder: choose another --results-dir"),
-    (["--rank-by", "pgd@3"], r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of clean, fgsm@1, .*"),
+    (["--rank-by", "pgd@3"], r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of .*, pgd@2, .*"),
     (["--rank-by", "pgd3"], r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2"),
     (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the interpolation: rule 'in' needs high <= 1 .*"),
     (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
@@ -287,11 +291,12 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
         done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
         assert done.stdout == "rc=2\n" * len(commands), done.stderr[-2000:]
         assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == errors
-        assert "Traceback" not in done.stderr and len(load_records(results, include_stale=True)) == 86
+        assert "Traceback" not in done.stderr and len(load_records(results, include_stale=True)) == BASE_CELLS
     data = base / "data"  # a read-only data dir that holds everything is fine
-    script = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && {run[0]}"
+    cached = run[0].replace("--seeds 0,1,2", "--seeds 0,1")
+    script = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && {cached}"
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and len(load_records(results)) == 86 + 30 + 26, done.stderr[-2000:]  # seed 2, ensemble of 3
+    assert done.returncode == 0 and f"0 cells evaluated, {BASE_CELLS} cached" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -328,7 +333,7 @@ def test_two_processes_on_one_results_dir_share_the_work(base, tmp_path):
     logs = [first.communicate()[1], second.stderr]
     assert first.returncode == 0 and second.returncode == 0, logs
     evaluated = [int(re.search(r"(\d+) cells evaluated", log)[1]) for log in logs]
-    assert sum(evaluated) == 2 * 24 + 24 == len(load_records(tmp_path / "r"))  # each cell once
+    assert sum(evaluated) == 2 * 26 + 26 == len(load_records(tmp_path / "r"))  # each cell once
     trained = [len(re.findall(r"seed \d: finished, test acc", log)) for log in logs]
     assert sum(trained) == 2, logs  # each seed trained once
 
@@ -352,19 +357,19 @@ def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, re
 
 # --- fuzz -----------------------------------------------------------------------------------
 
-POOLS = {
+POOLS = {  # valid values few (so that most valid runs find their work cached), invalid ones many
     "--models": ["resnet8", "resnet8", "in-resnet14", "resnet8,in-resnet14", "nope", "", "resnet*8"],
     "--seeds": ["0", "1", "0,1", "0,0", "-1", "²", "x", "", "4294967296", "1,", "+1"],
     "--n-train": ["256", "256", "0", "-5", "x", "1e3"],
-    "--n-test": ["20", "20", "10", "0", "x", "30", "-1"],
-    "--radii": ["2", "1,2", "0", "inf", "nan", "-1", "x", "", "300", "2,2", "1e400"],
-    "--steps": ["1", "2", "0", "-1", "x"],
-    "--lambda-init": ["0.1,0.2", "5,6", "inf,inf", "-0.1,0", "1", "0.3,0.2", "a,b", "nan,1"],
-    "--stage": ["train", "eval", "report", "train,eval", "eval,report", "summary", "x", "", "report,report"],
-    "--rank-by": ["pgd@2", "pgd@2.0", "pgd@3", "clean", "x", "noise", "fgsm@1", "pgd@"],
+    "--n-test": ["20", "20", "20", "0", "x", "-1"],
+    "--radii": ["2", "2", "1,2", "inf", "nan", "-1", "x", "", "300", "1e400"],
+    "--steps": ["1", "1", "0", "-1", "x"],
+    "--lambda-init": ["-0.1,0", "5,6", "inf,inf", "1", "0.3,0.2", "a,b", "nan,1"],
+    "--stage": ["train", "eval", "check", "report", "train,eval", "eval,report", "summary", "x", "", "report,report"],
+    "--rank-by": ["pgd@2", "pgd@2.0", "pgd@3", "clean", "x", "noise", "fgsm@1", "pgd@", "worst@2"],
     "--device": ["cpu", "auto", "meta", "tpu", "cuda:9", ""],
     "--batch-size": ["64", "0", "x"],
-    "--preset": ["paper", "authors-code", "x"],
+    "--preset": ["paper", "paper", "authors-code", "x"],
     "--noise-source": ["auto", "generated", "released", "x"],
     "--datasets": ["synthetic", "synthetic", "cifar10", "svhn", "", "synthetic,synthetic"],
     "--length": ["smoke", "x"],
@@ -382,9 +387,9 @@ def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
     (tmp_path / "afile").write_text("a file")
     rng, began, runs, outcomes = random.Random(3), time.monotonic(), 0, {0: 0, 2: 0}
-    while runs < 300 and time.monotonic() - began < 60:
+    while runs < 300 and time.monotonic() - began < 45:
         chosen = rng.sample(sorted(POOLS), rng.randint(2, 7))
-        args = ["--no-progress", "--n-train", "256", "--length", "smoke"]  # the last value given wins
+        args = ["--no-progress", "--models", "resnet8", "--n-train", "256", "--steps", "1", "--radii", "2"]  # last wins
         for option in chosen:
             value = rng.choice(POOLS[option]).format(results=results, data=base / "data", file=tmp_path / "afile")
             args += [option, value]
@@ -403,4 +408,16 @@ def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path):
             assert state(results) == before, args
         outcomes[code] += 1
         runs += 1
-    assert runs >= 100 and min(outcomes.values()) >= 20, (runs, outcomes)
+    assert runs >= 150 and min(outcomes.values()) >= 20, (runs, outcomes)
+
+
+def test_the_check_stage_alone_writes_the_sanity_table(base, results, capsys):
+    (results / "sanity.md").unlink()
+    report = (results / "REPORT.md").read_text()
+    assert cli(capsys, results, base / "data", "--seeds", "0,1", "--stage", "check") == (0, "")
+    table = (results / "sanity.md").read_text()
+    assert table.startswith("# Sanity checks\n\n| entry ") and f"| {RUN} (ensemble) | synthetic |" in table
+    assert (results / "REPORT.md").read_text() == report  # the other reports are the report stage's
+    assert set(load_checks(results)["check"]) == {
+        "zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"
+    }

@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import run_bench
 from bench.data import DATASETS
 from bench.pipeline import RunOptions, plan_jobs
-from bench.records import KEY, load_correct, load_records, load_runs
+from bench.records import KEY, load_checks, load_correct, load_records, load_runs
 from bench.suites import SUITES
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -53,8 +54,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert run_bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: suite smoke (the whole pipeline on synthetic data")
-    assert re.search(r"^\| resnet14 +\| synthetic \| +2 \| yes +\| +2 \| +86 \| +0 \|", out, re.M)
-    assert "total: 6 checkpoints to train, 258 cells to run, 0 cached; estimated" in out
+    assert re.search(r"^\| resnet14 +\| synthetic \| +2 \| yes +\| +2 \| +96 \| +0 \|", out, re.M)
+    assert "total: 6 checkpoints to train, 288 cells to run, 0 cached; estimated" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
@@ -84,7 +85,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
         ),
         (
             ["--stage", "train,evil"],
-            r"error: unknown stage 'evil' in --stage; choose from train, eval, report \(or summary\)\n",
+            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, report \(or summary\)\n",
         ),
         (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x'\n"),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
@@ -101,13 +102,13 @@ def test_smoke_suite_end_to_end(smoke_run):
     results, run = smoke_run
     assert run.returncode == 0, run.stderr[-3000:]
     frame = load_records(results, include_stale=True)
-    assert len(frame) == 3 * 2 * 30 + 3 * 26 and not frame["stale"].any()
+    assert len(frame) == 3 * 2 * 34 + 3 * 28 and not frame["stale"].any()
     assert set(frame["model"]) == SMOKE_MODELS and set(frame["data_source"]) == {"synthetic"}
     assert (frame["n"] == 100).all() and not frame.duplicated(list(KEY)).any()
     iterative = frame[frame["perturbation"].isin(["ifgsm", "pgd"])]
-    assert (iterative["steps"] == 20).all() and (iterative["alpha_255"] == 2.0).all()
+    assert (iterative["params"] == '{"alpha_255":2.0,"steps":20}').all()
     ensembles = frame[frame["members"] == 2]
-    assert len(ensembles) == 3 * 26 and set(ensembles["seed"]) == {-1}
+    assert len(ensembles) == 3 * 28 and set(ensembles["seed"]) == {-1}
     assert set(ensembles.loc[ensembles["perturbation"] == "pgd", "eps_255"]) == {2.0}
     runs = load_runs(results)
     assert len(runs) == 6 and set(runs["status"]) == {"finished"}
@@ -117,8 +118,16 @@ def test_smoke_suite_end_to_end(smoke_run):
         len(re.findall(r"synthetic seed \d: clean [\d.]+ \| noise [\d.]+ \| fgsm@1/2/4/255", run.stderr)) == 6
     )
     assert len(re.findall(r"synthetic ensemble of 2: clean", run.stderr)) == 3
-    for name in ("records.csv", "REPORT.md", "leaderboard.md", "leaderboard.csv", "tables/table6.md"):
+    for name in ("records.csv", "REPORT.md", "leaderboard.md", "leaderboard.csv", "tables/table6.md", "sanity.md"):
         assert (results / name).is_file(), name
+    assert set(frame["perturbation"]) >= {"uniform", "apgd-ce-lite"} and "autoattack" not in set(frame["perturbation"])
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert board["autoattack@2"].isna().all() and board["worst@2"].notna().all()  # the lite one is not AutoAttack
+    assert (board["worst@2"] <= board[["fgsm@2", "ifgsm@2", "pgd@2"]].min(axis=1)).all()
+    checks = load_checks(results)
+    assert len(checks) == 9 * 6 and checks["passed"].all()  # 6 model checks of each seed and ensemble
+    report = (results / "REPORT.md").read_text()
+    assert "## Sanity checks" in report and "| resnet14@smoke@n2048 (ensemble)" in report
 
 
 @pytest.mark.slow
@@ -126,7 +135,7 @@ def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
     results, _ = smoke_run
     data = results.parent / "data"
     assert run_bench.main(["--dry-run", "--results-dir", str(results), "--data-dir", str(data)]) == 0
-    assert "total: 0 checkpoints to train, 0 cells to run, 258 cached" in capsys.readouterr().out
+    assert "total: 0 checkpoints to train, 0 cells to run, 288 cached" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -161,7 +170,7 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
     volatile = ["seconds", "timestamp"]
     ours = load_records(tmp_path / "killed", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
     theirs = load_records(tmp_path / "ref", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
-    assert len(theirs) == 2 * 24 + 24  # 2 seeds and their ensemble, 24 cells each (radius 2/255)
+    assert len(theirs) == 2 * 26 + 26  # 2 seeds and their ensemble, 26 cells each (radius 2/255)
     assert ours.reset_index(drop=True).equals(theirs.reset_index(drop=True))
     for row in theirs.itertuples():
         key = {

@@ -3,16 +3,20 @@
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import run_bench
-from bench.aggregate import aggregate, gate_flags, seed_metrics, select_measurements
+from bench.aggregate import aggregate, seed_metrics, select_measurements
 from bench.noise import NOISE_GROUPS
-from bench.records import COLUMNS, RUN_COLUMNS
-from bench.report import claim_rows, leaderboard, write_leaderboard
+from bench.records import COLUMNS, RUN_COLUMNS, cell_id
+from bench.report import Evidence, claim_rows, leaderboard, reduce_records, write_leaderboard
+from bench.sanity import record_gates, summary
+from bench.stats import Bootstrap
 from bench.tables import fill, missing, published, render, table_specs, with_failed_runs
 
+PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
 GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))
 
 
@@ -36,8 +40,8 @@ def cells(dataset, model, seed, values, members=1, lam=(None, None), run=None, f
                         "perturbation": perturbation,
                     },
                     **{"eps_255": float(eps or 0), "severity": severity, "n": 100, "correct": correct},
-                    **{"accuracy": correct / 100, "preset": "paper", "alpha_255": 2.0 * iterative},
-                    **{"steps": 20 * iterative, "lambda_low": lam[0], "lambda_high": lam[1]},
+                    **{"accuracy": correct / 100, "preset": "paper", "params": PGD_PARAMS if iterative else "{}"},
+                    **{"lambda_low": lam[0], "lambda_high": lam[1]},
                     **{"checkpoint_sha256": f"{model}{seed}", "timestamp": "2026-11-27T00:00:00+00:00"},
                 }
             )
@@ -144,14 +148,14 @@ def test_aggregate_means_sample_std_and_seed_counts(aggregated):
 
 
 def test_gates_flag_non_monotone_radii_and_weak_iterative_attacks(aggregated):
-    flags = gate_flags(aggregated.fillna({"lambda_low": -1.0, "lambda_high": -1.0}))
+    gates = summary(record_gates(aggregated))
     by_model = {
-        key[1] + ("/ens" if key[5] == "ensemble" else ""): v
-        for key, v in flags.items()
-        if key[0] == "cifar10"
+        row.model + ("/ens" if row.kind == "ensemble" else ""): (row.flags, row.unreliable)
+        for row in gates.itertuples()
+        if row.dataset == "cifar10"
     }
-    assert by_model["masked"] == "eps-not-monotone;iterative-weaker-than-fgsm"
-    assert by_model["resnet110"] == "" and by_model["resnet110/ens"] == ""
+    assert by_model["masked"] == ("eps-not-monotone;iterative-weaker-than-fgsm", True)
+    assert by_model["resnet110"] == ("", False) and by_model["resnet110/ens"] == ("", False)
 
 
 # --- the six tables ------------------------------------------------------------------------------
@@ -221,14 +225,17 @@ def test_published_numbers_are_consistent_across_the_papers_tables():
     assert set(paper.loc[paper["table"] == 5, "seeds"]) == {5, 4, 2}
 
 
-def test_claims_compare_directions_and_never_synthetic(frame, aggregated):
-    claims = claim_rows(frame, aggregated).set_index(["claim", "dataset"])
+def bits_of(frame):
+    """Per-example bits consistent with each record: its first `correct` examples correct."""
+    return {cell_id(row): np.arange(row["n"]) < row["correct"] for row in frame.to_dict("records")}
+
+
+def test_claims_have_intervals_verdicts_and_never_compare_synthetic_data(frame, runs):
+    m = reduce_records(frame, runs.assign(length="full", n_train=None), bits_of(frame), pd.DataFrame())
+    claims = claim_rows(m.frame, m.aggregated, "paper", Evidence(m, Bootstrap())).set_index(["claim", "dataset"])
     noise = claims.loc[("In-ResNet-110 beats ResNet-110 on the noise groups (avg.)", "cifar10")]
-    assert (noise["measured"], round(noise["paper"], 2), noise["verdict"]) == (
-        18.25,
-        18.97,
-        "reproduces (same direction)",
-    )
+    assert (noise["measured"], round(noise["paper"], 2), noise["verdict"]) == (18.25, 18.97, "reproduces")
+    assert 10 < noise["low"] < 18.25 < noise["high"] < 27  # the first In-ResNet seed against two ResNet seeds
     assert (
         claims.loc[("In-ResNet-164 beats ResNet-164 under PGD at 2/255", "cifar10"), "verdict"]
         == "not measured"
@@ -237,7 +244,12 @@ def test_claims_compare_directions_and_never_synthetic(frame, aggregated):
     rows = claim_rows(synthetic, aggregate(seed_metrics(synthetic)))
     assert set(rows["dataset"]) == {"synthetic"} and rows["paper"].isna().all()
     assert (
-        rows.loc[rows["measured"].notna(), "verdict"].eq("synthetic data: not compared with the paper").all()
+        rows.loc[rows["measured"].notna(), "verdict"].eq("not comparable with the paper (synthetic data)").all()
+    )
+    short = reduce_records(frame, runs.assign(length="quick", n_train=None), bits_of(frame), pd.DataFrame())
+    quick = claim_rows(short.frame, short.aggregated, "paper", Evidence(short, Bootstrap())).set_index(["claim", "dataset"])
+    assert quick.loc[("In-ResNet-110 beats ResNet-110 on the noise groups (avg.)", "cifar10"), "verdict"] == (
+        "not comparable with the paper (quick length)"
     )
 
 
@@ -264,9 +276,12 @@ def test_leaderboard_ranks_flags_and_writes_numbers(frame, aggregated, tmp_path)
     for column in ("rank", "n_test", "seeds", "clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2"):
         assert pd.api.types.is_numeric_dtype(csv[column]), column
     assert csv.loc[0, "pgd@2"] == 40.0 and csv.loc[4, "seeds"] == 2
-    entry = json.loads((tmp_path / "leaderboard" / "cifar10" / "resnet110_ensemble.json").read_text())
-    assert entry["clean_acc"] == 95.0 and entry["robust_acc"]["pgd"] == {"2": 7.0} and entry["seeds"] == 2
-    assert entry["checkpoint_sha256"] == ["resnet110-1"] and entry["noise_acc"] == 55.5
+    entry = json.loads((tmp_path / "leaderboard" / "cifar10" / "corruptions" / "resnet110_ensemble.json").read_text())
+    assert (entry["clean_acc"], entry["corruptions_acc"], entry["number_forward_passes"]) == ("95.00", "55.50", 2)
+    ours = entry["inres_bench"]
+    assert ours["robust_acc"]["pgd"] == {"2": 7.0} and ours["seeds"] == 2 and ours["accuracy"]["noise"] == 55.5
+    assert ours["checkpoint_sha256"] == ["resnet110-1"] and entry["unreliable"] is False
+    assert not (tmp_path / "leaderboard" / "cifar10" / "Linf").exists()  # no AutoAttack measured: no Linf entry
     md = (tmp_path / "leaderboard.md").read_text().splitlines()
     assert md[5].startswith("| 2      | in-resnet110               | in-resnet110 | CIFAR-10  |")
 
@@ -294,7 +309,8 @@ def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp
             assert (results / "tables" / f"table{number}{suffix}").is_file()
     assert "| synthetic   | ResNet-14, ens" in (results / "tables" / "table6.md").read_text()
     report = (results / "REPORT.md").read_text()
-    assert "never compared with the paper's CIFAR numbers" in report and "reproduces" not in report
+    assert "never compared with the paper's CIFAR numbers" in report
+    assert "| reproduces" not in report and "not comparable with the paper (synthetic data)" in report
     board = pd.read_csv(results / "leaderboard.csv")
     assert (
         len(board) == 6 and set(board["dataset"]) == {"synthetic"} and board["pgd@2"].is_monotonic_decreasing

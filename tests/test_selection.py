@@ -2,6 +2,7 @@
 records are current."""
 
 import itertools
+import json
 import math
 import random
 
@@ -11,6 +12,7 @@ import pytest
 
 from bench.aggregate import ENTRY, aggregate, per_seed, select_measurements
 from bench.noise import NOISE_GROUPS
+from bench.perturbations import params_text
 from bench.records import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS, stale_rows
 from bench.tables import chosen_runs, fill, left_out_note, render, table_specs
 from models.adapters import ensemble_digest
@@ -24,8 +26,9 @@ def cell(run, seed, perturbation, correct, n, *, eps=0.0, severity=0, members=1,
         **dict.fromkeys(COLUMNS),
         "model": model, "run": run, "family": "preact-resnet", "dataset": dataset, "data_source": source,
         "seed": seed, "members": members, "perturbation": perturbation, "eps_255": eps, "severity": severity,
-        "n": n, "correct": correct, "accuracy": correct / n, "preset": preset, "alpha_255": alpha,
-        "steps": steps, "checkpoint_sha256": digest or f"{run}-{seed}-{members}",
+        "n": n, "correct": correct, "accuracy": correct / n, "preset": preset,
+        "params": params_text({"alpha_255": alpha, "steps": steps}) if steps else "{}",
+        "checkpoint_sha256": digest or f"{run}-{seed}-{members}",
         "timestamp": f"2026-11-27T00:00:{time:02d}+00:00",
     }  # fmt: skip
 
@@ -82,7 +85,8 @@ def variant_means(frame: pd.DataFrame) -> dict:
             )
     for row in frame[~noise].itertuples():
         metric = row.perturbation if row.perturbation == "clean" else f"{row.perturbation}@{row.eps_255:g}"
-        variant = (row.n, row.members, row.data_source, row.steps, row.alpha_255)
+        params = json.loads(row.params)
+        variant = (row.n, row.members, row.data_source, params.get("steps", 0), params.get("alpha_255", 0.0))
         out.setdefault((row.run, row.kind, metric), {}).setdefault(variant, []).append(100 * row.accuracy)
     return {k: {v: (float(np.mean(a)), len(a)) for v, a in d.items()} for k, d in out.items()}
 
@@ -91,7 +95,8 @@ def variant_means(frame: pd.DataFrame) -> dict:
 def test_no_reported_number_mixes_measurements(steps):
     """Property: over many random record sets, every aggregated number is the mean over
     seeds of cells measured one single way, that way is the one the rules prefer (largest
-    test subset first), and nothing measured disappears without a left-out row."""
+    test subset first, then the asked or else strongest attack), and nothing measured
+    disappears without a left-out row."""
     rng = random.Random(10)
     checked = 0
     for _ in range(40):
@@ -104,9 +109,10 @@ def test_no_reported_number_mixes_measurements(steps):
             if row.metric == "noise":
                 continue
             variants = truth[(row.run, row.kind, row.metric)]
+            attack = row.metric.split("@")[0]
             assert row.n_test == max(
-                v[0] for k, d in truth.items() if k[:2] == (row.run, row.kind) for v in d
-            )  # the largest test subset of the entry
+                v[0] for k, d in truth.items() if k[:2] == (row.run, row.kind) and k[2].split("@")[0] == attack for v in d
+            )  # the largest test subset the entry measured this perturbation on
             matches = [
                 v
                 for v, (mean, seeds) in variants.items()
@@ -115,19 +121,13 @@ def test_no_reported_number_mixes_measurements(steps):
                 and (v[1] == row.n if row.kind == "ensemble" else seeds == row.n)  # all its seeds averaged
             ]
             assert matches, (row, variants)  # a mean of one variant, never a blend
-            if row.metric.startswith(("ifgsm", "pgd")):  # one step count per attack, all its radii
-                attack = row.metric.split("@")[0]
-                pool = {
-                    v
-                    for (r, k, m), found in truth.items()
-                    if (r, k) == (row.run, row.kind) and m.startswith(attack + "@")
-                    for v in found
-                    if v[:3] in {match[:3] for match in matches}
-                }
-                if any(v[3:] == (steps, 2.0) for v in pool):
-                    assert any(m[3:] == (steps, 2.0) for m in matches)  # the asked-for attack
-                else:
-                    assert any(m[3] == max(v[3] for v in pool) for m in matches)  # else the most steps
+            if row.metric.startswith(("ifgsm", "pgd")):  # the asked attack parameters, else the strongest
+
+                def preferred(match, variants=variants) -> bool:
+                    pool = [v[3:] for v in variants if v[:3] == match[:3]]
+                    return match[3:] == ((steps, 2.0) if (steps, 2.0) in pool else max(pool))
+
+                assert any(preferred(m) for m in matches)
             checked += 1
         measured = {(r, k, m) for r, k, m in truth}
         shown = set(zip(kept["run"], kept["kind"], kept["metric"], strict=True))
@@ -152,7 +152,7 @@ def test_each_entry_takes_one_test_size_ensemble_size_and_step_count():
     most = aggregate(per_seed(select_measurements(frame, steps=20)[0])).set_index(["kind", "metric"])
     assert most.loc[("single", "pgd@4"), "mean"] == 61.0  # 20 not measured: the most steps
     _, left_out = select_measurements(frame, steps=5)
-    assert sorted(left_out["rule"].unique()) == ["5 steps at the preset's step size", "largest ensemble", "largest test subset"]
+    assert sorted(left_out["rule"].unique()) == ["asked parameters", "largest ensemble", "largest test subset"]
 
 
 def test_released_data_before_generated_noise_and_unofficial_files():
