@@ -451,6 +451,10 @@ def render_report(
             f"- [Table {number}](tables/table{number}.md): {measured} of {len(filled)} cells measured "
             f"([± std](tables/table{number}_std.md), [vs paper](tables/table{number}_vs_paper.md))"
         )
+    lines += [
+        "- [Table 3, every attack](tables/table3_all.md): the sanity and reference attacks and the worst case too",
+        "- [Sanity checks](sanity.md) and the [leaderboard](leaderboard.md)",
+    ]
     return "\n".join(lines) + "\n"
 
 
