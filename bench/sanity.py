@@ -75,7 +75,7 @@ def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
     for entry, metrics in aggregated.groupby(ENTRY, dropna=False, sort=False):
         means = dict(zip(metrics["metric"], metrics["mean"], strict=True))
         stds = dict(zip(metrics["metric"], metrics["std"], strict=True))
-        classes = dataset_spec(entry[0]).num_classes if entry[0] in _datasets() else 10
+        classes = dataset_spec(entry[0]).num_classes
         for gate, value, limit, detail in _gates(means, stds, classes):
             rows.append({**dict(zip(ENTRY, entry, strict=True)), "gate": gate, "value": value, "limit": limit, "detail": detail})
     return pd.DataFrame(rows, columns=[*ENTRY, "gate", "value", "limit", "detail"])
@@ -131,13 +131,6 @@ def _gates(means: dict, stds: dict, classes: int):
     ):
         if found is not None:
             yield (gate, *found)
-
-
-@functools.cache
-def _datasets() -> set[str]:
-    from .data import DATASETS
-
-    return set(DATASETS)
 
 
 # --- checks on a checkpoint -------------------------------------------------------------------
