@@ -13,7 +13,7 @@ from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
-STAGES = ("train", "eval", "check", "report")
+STAGES = ("train", "eval", "check", "report", "figures")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stage",
         default="train,eval,check,report",
         help="comma-separated stages among train, eval, check (the sanity checks of each checkpoint), "
-        "report (default: all four); or summary: print the models' sizes and damped blocks",
+        "report (reports and figures), figures (the figures alone) (default: the first four); or summary: "
+        "print the models' sizes and damped blocks",
     )
     parser.add_argument(
         "--models",
@@ -88,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     report = parser.add_argument_group("report")
     report.add_argument(
         "--rank-by", default="pgd@2", help="leaderboard order: a metric such as pgd@2, clean, noise"
+    )
+    figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
+    figures.add_argument("--landscape-index", type=int, default=0, help="test image (default 0)")
+    figures.add_argument("--landscape-points", type=int, default=31, help="grid points per axis (default 31)")
+    figures.add_argument(
+        "--landscape-radius", type=float, default=8.0, help="grid half-width in 1/255 (default 8)"
     )
     summary = parser.add_argument_group("summary")
     summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
@@ -166,6 +173,7 @@ def options(args: argparse.Namespace):
         progress=not args.no_progress,
         dry_run=args.dry_run,
         rank_by=args.rank_by,
+        landscape=(args.landscape_index, args.landscape_points, args.landscape_radius),
     )
 
 

@@ -52,17 +52,18 @@ from .evaluate import (
     unit_passes,
     units,
 )
+from .figures import FigureConfig
 from .noise import NOISE_GROUPS
 from .perturbations import ATTACK, NOISE, PERTURBATIONS, perturbation
 from .recipes import recipe_for
 from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, check_results_dir, utc_now
-from .report import NoRecordsError, check_metric, write_reports, write_sanity
+from .report import NoRecordsError, check_metric, write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .suites import Study, Suite, suite
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
-STAGES = ("train", "eval", "check", "report")
+STAGES = ("train", "eval", "check", "report", "figures")
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 
 
@@ -71,7 +72,7 @@ class RunOptions:
     """What to run; None means "as the suite says"."""
 
     suite: str = "smoke"
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = STAGES[:4]  # the report draws the figures too
     models: str | None = None  # names, globs, groups
     datasets: tuple[str, ...] | None = None
     seeds: tuple[int, ...] | None = None
@@ -93,6 +94,7 @@ class RunOptions:
     progress: bool = True
     dry_run: bool = False
     rank_by: str = "pgd@2"  # the leaderboard's order
+    landscape: tuple[int, int, float] = (0, 31, 8.0)  # Fig. 2: test image, grid points, radius in 1/255
 
     def __post_init__(self):
         """Every value mistake is one error line here, before anything is loaded or run."""
@@ -121,6 +123,12 @@ class RunOptions:
         check_results_dir(self.results_dir)
         data_root(self.data_dir)
         check_metric(self.rank_by)
+        index, points, radius = self.landscape
+        if index < 0 or points < 2 or not (math.isfinite(radius) and radius > 0):
+            raise UserError(
+                f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
+                f"--landscape-radius, got {index}, {points}, {radius:g}"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,8 @@ def run(options: RunOptions) -> int:
     mistake in the options or the environment is found before anything is trained."""
     spec = suite(options.suite)
     jobs = plan_jobs(spec, options)
-    if set(options.stages) == {"report"} and not options.dry_run:  # records only: no device, no data
-        return _report(options)
+    if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
+        return _report(options, figures_only="report" not in options.stages)
     device = _device(spec, options, jobs)
     for job in jobs:
         _eval_config(job, spec, options, device)
@@ -175,6 +183,8 @@ def run(options: RunOptions) -> int:
         _measure_all(jobs, spec, options, device, store, outcome)
     if "report" in options.stages:
         _report(options, after_work=True)
+    elif "figures" in options.stages:
+        _report(options, after_work=True, figures_only=True)
     elif "check" in options.stages:  # the gates alone: the sanity table
         _report(options, after_work=True, sanity_only=True)
     log.info(
@@ -190,28 +200,40 @@ def run(options: RunOptions) -> int:
     return 1 if outcome.errors else 0
 
 
-def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = False) -> int:
-    """Write the reports (or the sanity table alone); the report stage alone is an error
-    without records, after the other stages (whose runs may all have failed) a warning."""
+def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = False, figures_only: bool = False) -> int:
+    """Write the reports and figures (or the sanity table, or the figures alone); the
+    report stage alone is an error without records, after the other stages (whose runs
+    may all have failed) a warning."""
     began = time.perf_counter()
     try:
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)
+        elif figures_only:
+            written = write_figures(options.results_dir, options.preset, options.steps, options.data_dir, _figures(options))
         else:
-            written = write_reports(options.results_dir, options.preset, options.rank_by, options.steps)
+            written = write_reports(
+                options.results_dir, options.preset, options.rank_by, options.steps, options.data_dir, _figures(options)
+            )
     except NoRecordsError as err:
         if not after_work:
             raise
         log.warning("no reports: %s", err)
         return 0
+    what = "sanity table" if sanity_only else "figures" if figures_only else "reports"
     log.info(
-        "reports: %d files under %s in %.1f s; see %s",
+        "%s: %d files under %s in %.1f s; see %s",
+        what,
         len(written),
         options.results_dir,
         time.perf_counter() - began,
-        written[-1] if sanity_only else Path(options.results_dir) / "REPORT.md",
+        written[-1].parent if (sanity_only or figures_only) and written else Path(options.results_dir) / "REPORT.md",
     )
     return 0
+
+
+def _figures(options: RunOptions) -> FigureConfig:
+    index, points, radius = options.landscape
+    return FigureConfig(landscape_index=index, landscape_points=points, landscape_radius=radius)
 
 
 def planned_metrics(jobs: list[Job], spec: Suite, options: RunOptions) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from tabulate import tabulate
 from models import UserError, create_model, list_models
 from models.checkpoints import atomic_write, check_writable
 
-from . import sanity, stats
+from . import figures, sanity, stats
 from .aggregate import (
     DEFAULT_STEPS,
     GROUP,
@@ -68,6 +69,8 @@ from .tables import (
     table_specs,
     with_failed_runs,
 )
+
+log = logging.getLogger(__name__)
 
 
 def leaderboard_metrics() -> list[str]:
@@ -186,10 +189,16 @@ def reduce_records(
 
 
 def write_reports(
-    results_dir: str | os.PathLike, preset: str = "paper", rank_by: str = "pgd@2", steps: int = DEFAULT_STEPS
+    results_dir: str | os.PathLike,
+    preset: str = "paper",
+    rank_by: str = "pgd@2",
+    steps: int = DEFAULT_STEPS,
+    data_dir: str | os.PathLike | None = None,
+    figure_config: figures.FigureConfig | None = None,
 ) -> list[Path]:
-    """Regenerate every report from the records; returns the paths written. Everything is
-    computed before the first file is written: a mistake leaves the old reports whole."""
+    """Regenerate every report and figure from the records (and, for Fig. 2, checkpoints
+    and `data_dir`); returns the paths written. Everything is computed before the first
+    file is written: a mistake leaves the old reports whole."""
     results = Path(results_dir)
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
@@ -209,12 +218,39 @@ def write_reports(
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine)))
     texts.update(sanity_texts(results, m, preset))
-    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence)
+    drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig())
+    texts.update(_figure_files(results, drawn))
+    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn)
     board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity)
     texts.update(leaderboard_texts(results, board, left_mine))
     for path, text in texts.items():
         _write(path, text)
     return list(texts)
+
+
+def write_figures(
+    results_dir: str | os.PathLike,
+    preset: str = "paper",
+    steps: int = DEFAULT_STEPS,
+    data_dir=None,
+    figure_config: figures.FigureConfig | None = None,
+) -> list[Path]:
+    """The figures alone (`--stage figures`), under results/figures/."""
+    m = measured(results_dir, steps)
+    drawn = figures.draw_all(m, Path(results_dir), preset, data_dir, figure_config or figures.FigureConfig())
+    for item in drawn:
+        if isinstance(item, figures.Skipped):
+            log.info("figure %s skipped: %s", item.name, item.reason)
+    return [_write(path, data) for path, data in _figure_files(Path(results_dir), drawn).items()]
+
+
+def _figure_files(results: Path, drawn: list) -> dict[Path, bytes]:
+    return {
+        results / "figures" / name: data
+        for item in drawn
+        if isinstance(item, figures.Drawn)
+        for name, data in item.files.items()
+    }
 
 
 def write_sanity(results_dir: str | os.PathLike, preset: str = "paper", steps: int = DEFAULT_STEPS) -> list[Path]:
@@ -223,8 +259,9 @@ def write_sanity(results_dir: str | os.PathLike, preset: str = "paper", steps: i
     return [_write(path, text) for path, text in sanity_texts(Path(results_dir), m, preset).items()]
 
 
-def _write(path: Path, text: str) -> Path:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def _write(path: Path, content: str | bytes) -> Path:
+    data = content.encode() if isinstance(content, str) else content
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 
@@ -394,7 +431,12 @@ SELECTION_RULES = (
 
 
 def render_report(
-    m: Measured, tables: dict, preset: str, steps: int = DEFAULT_STEPS, evidence: Evidence | None = None
+    m: Measured,
+    tables: dict,
+    preset: str,
+    steps: int = DEFAULT_STEPS,
+    evidence: Evidence | None = None,
+    drawn: list | None = None,
 ) -> str:
     frame, aggregated = m.frame, m.aggregated
     lines = ["# inres-bench report", ""]
@@ -455,7 +497,13 @@ def render_report(
         "- [Table 3, every attack](tables/table3_all.md): the sanity and reference attacks and the worst case too",
         "- [Sanity checks](sanity.md) and the [leaderboard](leaderboard.md)",
     ]
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Figures", ""]
+    for item in drawn or []:
+        if isinstance(item, figures.Drawn):
+            lines += [f"![{item.name}](figures/{item.name}.png)", "", f"{item.caption} ([PDF](figures/{item.name}.pdf))", ""]
+        else:
+            lines += [f"- {item.name} skipped: {item.reason}.", ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _with_interval(value: float, low: float, high: float) -> str:

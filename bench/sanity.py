@@ -15,7 +15,6 @@ A failed gate is a flag; a failed critical gate makes the row `unreliable`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from models import create_model, list_models
+from models import list_models, model_entry
 
 from .aggregate import ENTRY
 from .data import dataset_spec
@@ -202,23 +201,13 @@ def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, ep
 
 def plain_counterpart(model: str) -> str | None:
     """The registered ResNet (residual rule) of the same architecture as `model`, or None
-    (for a ResNet itself, or a model without one)."""
-    with torch.device("meta"):
-        info = create_model(model).info
-    return None if info.rule == "residual" else _residual_models().get(info.arch)
-
-
-@functools.cache
-def _residual_models() -> dict[str, str]:
-    """Architecture -> the registered name of its residual model (built once, on the meta
-    device: no memory)."""
-    found = {}
-    with torch.device("meta"):
-        for name in list_models():
-            info = create_model(name).info
-            if info.rule == "residual":
-                found.setdefault(info.arch, name)
-    return found
+    (for a ResNet itself, an unregistered model, or one without a ResNet)."""
+    if model not in list_models():
+        return None
+    entry = model_entry(model)
+    if entry.rule in ("", "residual"):
+        return None
+    return next((n for n in list_models() if (model_entry(n).arch, model_entry(n).rule) == (entry.arch, "residual")), None)
 
 
 # --- the summary per entry --------------------------------------------------------------------

@@ -23,6 +23,8 @@ class ModelEntry:
     factory: Callable[..., InterpolatedNet]
     groups: tuple[str, ...]
     description: str
+    arch: str = ""  # what the model's info will say, known without building it ("" if unknown)
+    rule: str = ""
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -35,9 +37,10 @@ GROUPS = {
 
 
 def register_model(
-    name: str, *, groups: Iterable[str] = (), description: str = ""
+    name: str, *, groups: Iterable[str] = (), description: str = "", arch: str = "", rule: str = ""
 ) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
-    """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`."""
+    """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name` (with its
+    architecture and skip rule, when known, so that they can be looked up cheaply)."""
 
     def add(factory: Callable[..., InterpolatedNet]) -> Callable[..., InterpolatedNet]:
         if name in _MODELS:
@@ -45,7 +48,7 @@ def register_model(
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown groups {sorted(unknown)} for {name!r}")
-        _MODELS[name] = ModelEntry(name, factory, tuple(groups), description or factory.__doc__ or "")
+        _MODELS[name] = ModelEntry(name, factory, tuple(groups), description or factory.__doc__ or "", arch, rule)
         return factory
 
     return add

@@ -59,10 +59,10 @@ class SkipRule(nn.Module):
         low, high = init
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise ValueError(f"lambda init U[{low}, {high}] needs finite bounds with low <= high")
-        if RULES[rule][0] is F.relu and high > 1:  # ReLU(lambda) > 1 flips the skip's sign
+        if RULES[rule][0] is F.relu and high > 2:  # the paper: stable up to 2 (forward Euler)
             raise ValueError(
-                f"lambda init U[{low}, {high}] leaves the interpolation: rule {rule!r} needs "
-                "high <= 1 (ReLU(lambda) = 1 already removes the skip)"
+                f"lambda init U[{low}, {high}] leaves the stable range: rule {rule!r} needs high <= 2 "
+                "(1 removes the skip, (1, 2] makes it negative, beyond 2 the forward-Euler step diverges)"
             )
         self.damped = damped
         self.rule = rule if damped else "residual"

@@ -39,6 +39,8 @@ def _register_preact(rule: str, depth: int, block: str, init: tuple[float, float
     register_model(
         f"{prefix}{depth}",
         groups=_groups(rule, depth, paper_depth=depth in (110, 164)),
+        arch=f"preact-resnet{depth}-{block}",
+        rule=rule,
         description=f"{title}: pre-activation ResNet-{depth}, {block} blocks, "
         f"lambda ~ U[{init[0]}, {init[1]}]",
     )(partial(PreActResNet, depth=depth, rule=rule, block=block, lambda_init=init))
@@ -49,6 +51,8 @@ def _register_resnext(rule: str, depth: int, card: int, width: int, widths: tupl
     register_model(
         f"{prefix.replace('resnet', 'resnext')}{depth}-{card}x{width}d",
         groups=_groups(rule, depth, paper_depth=depth == 29),
+        arch=f"resnext{depth}-{card}x{width}d",
+        rule=rule,
         description=f"{title}: ResNeXt-{depth} {card}x{width}d, stage widths "
         f"{'/'.join(map(str, widths))}, lambda ~ U[0.2, 0.25]",
     )(partial(ResNeXt, depth=depth, cardinality=card, base_width=width, widths=widths, rule=rule))

@@ -167,7 +167,7 @@ BAD = [
     (["--results-dir", "{file}"], r"--results-dir .*/afile is a file, not a folder: choose another --results-dir"),
     (["--rank-by", "pgd@3"], r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of .*, pgd@2, .*"),
     (["--rank-by", "pgd3"], r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2"),
-    (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the interpolation: rule 'in' needs high <= 1 .*"),
+    (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the stable range: rule 'in' needs high <= 2 .*"),
     (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
     (["--lambda-init", "0.3,0.2"], r"--lambda-init a,b needs finite numbers with a <= b, got 0.3,0.2"),
     (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3'"),

@@ -85,7 +85,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
         ),
         (
             ["--stage", "train,evil"],
-            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, report \(or summary\)\n",
+            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, report, figures \(or summary\)\n",
         ),
         (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x'\n"),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),

@@ -1,0 +1,450 @@
+"""Figures: the paper's Figures 1-3 and robustness and severity curves.
+
+Everything comes from what is recorded and trained: the records (curves, Fig. 3), each
+checkpoint's meta.json (Fig. 1's coefficients) and, for Fig. 2's loss landscape, two
+checkpoints and one test image. Drawn with matplotlib's object API on the Agg backend (no
+display, no global state), as PNG and PDF, byte-for-byte the same for the same inputs.
+A figure whose inputs are missing is skipped, with the reason, never an error.
+
+Colours follow the skip rule across every figure (ResNet blue, In-ResNet orange,
+λ-In-ResNet green, the Table 4 variants and other defenses in their own colours); depths
+differ by line style.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch.nn import functional as F
+
+from models import UserError, list_models, model_entry
+from models.adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
+
+from .noise import NOISE_GROUPS, SEVERITIES
+from .tables import DATASET_LABELS, label
+
+matplotlib.use("Agg")
+PUBLISHED = Path(__file__).with_name("published_figures.csv")
+RULE_COLOURS = {
+    "residual": "tab:blue",
+    "in": "tab:orange",
+    "lambda-in": "tab:green",
+    "in-sig": "tab:red",
+    "in-gating": "tab:purple",
+    "in-gating-sig": "tab:brown",
+    "plain": "tab:pink",
+}
+OTHER_COLOUR = "tab:gray"
+STYLES = ("-", "--", ":", "-.")
+CURVES = ("fgsm", "ifgsm", "pgd", "uniform")  # panels of the robustness figure
+GAIN_METRICS = ("clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2", "autoattack@2", "worst@2")
+SHARE_THRESHOLD = 0.01  # the paper counts coefficients above this
+
+
+@dataclass(frozen=True)
+class FigureConfig:
+    """Fig. 2's settings; radii in 1/255."""
+
+    landscape_index: int = 0  # which test image (in the clean test set's order)
+    landscape_points: int = 31  # grid points per axis
+    landscape_radius: float = 8.0  # the grid spans [-radius, radius] along both directions
+    landscape_batch: int = 256  # grid points per forward pass
+    landscape_seed: int = 0  # d_orth's random signs
+
+
+@dataclass
+class Drawn:
+    name: str  # file stem under results/figures/
+    caption: str
+    files: dict[str, bytes] = field(default_factory=dict)  # file name -> contents
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+# --- shared helpers -------------------------------------------------------------------------------
+
+
+def rule_of(model: str) -> str:
+    """A registered model's skip rule, or '' for a defense of the user's."""
+    return model_entry(model).rule if model in list_models() else ""
+
+
+def rule_rank(model: str) -> int:
+    """The paper's order: ResNet, In-, λ-In-, the variants, then other defenses."""
+    return list(RULE_COLOURS).index(rule_of(model)) if rule_of(model) in RULE_COLOURS else len(RULE_COLOURS)
+
+
+def ordered(pairs) -> list[tuple[str, str]]:
+    """(run, model) pairs, without repeats, in the paper's order."""
+    return sorted(dict.fromkeys(pairs), key=lambda p: (rule_rank(p[1]), p[1], p[0]))
+
+
+def colour(model: str) -> str:
+    return RULE_COLOURS.get(rule_of(model), OTHER_COLOUR)
+
+
+def styles(models) -> dict[str, str]:
+    """A line style per depth (the digits in a model's name; the first depth solid)."""
+    depths = sorted({"".join(c for c in m if c.isdigit()) for m in models}, key=lambda d: (len(d), d))
+    return {m: STYLES[depths.index("".join(c for c in m if c.isdigit())) % len(STYLES)] for m in models}
+
+
+def render(figure: Figure, name: str, caption: str) -> Drawn:
+    """The figure as PNG and PDF bytes, without timestamps (the same inputs give the same
+    bytes)."""
+    files = {}
+    for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight", metadata=metadata)
+        files[f"{name}.{fmt}"] = buffer.getvalue()
+    return Drawn(name, caption, files)
+
+
+def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, list]:
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(size[0] * columns, size[1] * rows), layout="constrained")
+    axes = [figure.add_subplot(rows, columns, i + 1) for i in range(count)]
+    return figure, axes
+
+
+# --- Fig. 1: interpolation coefficients ------------------------------------------------------------
+
+
+def coefficient_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """act(d_n) per damped block of every finished, current run that has scalar
+    coefficients (In-, λ-In-, sig rules): dataset, run, model, seed, block (from 1),
+    coefficient."""
+    rows = []
+    finished = runs[runs["status"] == "finished"]
+    for run, dataset, seed, model in zip(finished["run"], finished["dataset"], finished["seed"], finished["model"], strict=True):
+        meta = json.loads((zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE).read_text())
+        coefficients = meta.get("interpolation_coefficients") or []
+        if rule_of(model) in ("residual", "plain"):
+            continue
+        rows += [
+            {"dataset": dataset, "run": run, "model": model, "seed": int(seed), "block": i + 1, "coefficient": c}
+            for i, c in enumerate(coefficients)
+        ]
+    return pd.DataFrame(rows, columns=["dataset", "run", "model", "seed", "block", "coefficient"])
+
+
+def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame) -> Figure:
+    """One panel per run: each seed's coefficients as points, their mean as a line, the
+    share above 0.01 measured (and published, where the paper gives it)."""
+    runs = sorted(
+        dict.fromkeys(zip(table["dataset"], table["run"], table["model"], strict=True)),
+        key=lambda t: (t[0], rule_rank(t[2]), t[2], t[1]),
+    )
+    figure, axes = _grid(len(runs))
+    for ax, (dataset, run, model) in zip(axes, runs, strict=True):
+        mine = table[(table["dataset"] == dataset) & (table["run"] == run)]
+        for seed, points in mine.groupby("seed"):
+            ax.scatter(points["block"], points["coefficient"], s=9, alpha=0.45, color=colour(model),
+                       label="seeds" if seed == mine["seed"].min() else None)  # fmt: skip
+        mean = mine.groupby("block")["coefficient"].mean()
+        ax.plot(mean.index, mean.values, color="black", linewidth=1.2, label="mean over seeds")
+        share = 100 * (mine["coefficient"] > SHARE_THRESHOLD).mean()
+        paper = published[(published["dataset"] == dataset) & (published["model"] == model)]["value"]
+        quoted = f", paper {paper.iloc[0]:.1f}%" if len(paper) else ""
+        ax.set_title(f"{label(model)}, {DATASET_LABELS.get(dataset, dataset)}: {share:.1f}% > 0.01{quoted}", fontsize=9)
+        ax.set_xlabel("damped block (depth order)")
+        ax.set_ylabel("coefficient act(λ_n)")
+        ax.axhline(SHARE_THRESHOLD, color="gray", linewidth=0.6, linestyle=":")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7, loc="upper right")
+    return figure
+
+
+# --- Fig. 2: loss landscape -----------------------------------------------------------------------
+
+
+def directions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_fgsm, d_orth) for one image `x` (1 x C x H x W in [0, 1]): the FGSM direction
+    sign(grad of the loss), and random signs made orthogonal to it and rescaled to the
+    same L-infinity norm (1)."""
+    x = x.detach().clone().requires_grad_(True)
+    d_fgsm = torch.autograd.grad(F.cross_entropy(model(x), y), x)[0].sign()
+    signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    signs = signs.to(x.device)
+    norm = (d_fgsm * d_fgsm).sum()
+    orth = signs - (signs * d_fgsm).sum() / norm * d_fgsm if norm > 0 else signs
+    return d_fgsm.detach(), orth / orth.abs().max()
+
+
+def landscape(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    d_fgsm: torch.Tensor,
+    d_orth: torch.Tensor,
+    radius: float,
+    points: int,
+    batch: int = 256,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets in 1/255, loss, predicted class) over the grid x + a d_fgsm + b d_orth,
+    a (rows) and b (columns) in [-radius, radius] / 255, inputs clamped to [0, 1];
+    computed `batch` grid points at a time."""
+    offsets = np.linspace(-radius, radius, points)
+    a, b = np.meshgrid(offsets, offsets, indexing="ij")
+    coords = torch.tensor(np.stack([a.ravel(), b.ravel()], 1) / 255, dtype=torch.float32, device=x.device)
+    losses, classes = [], []
+    with torch.no_grad():
+        for chunk in coords.split(batch):
+            inputs = (x + chunk[:, 0, None, None, None] * d_fgsm + chunk[:, 1, None, None, None] * d_orth).clamp(0, 1)
+            logits = model(inputs)
+            losses.append(F.cross_entropy(logits, y.expand(len(chunk)), reduction="none").cpu())
+            classes.append(logits.argmax(1).cpu())
+    shape = (points, points)
+    return offsets, torch.cat(losses).reshape(shape).numpy(), torch.cat(classes).reshape(shape).numpy()
+
+
+def landscape_figure(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], true_class: int) -> Figure:
+    """Per model (name, offsets, loss, classes): the loss as a heat map (one colour scale
+    for all) over the predicted classes' map."""
+    figure = Figure(figsize=(4.4 * len(panels), 7.4), layout="constrained")
+    low = min(float(p[2].min()) for p in panels)
+    high = max(float(p[2].max()) for p in panels)
+    extent = None
+    for i, (name, offsets, loss, classes) in enumerate(panels):
+        extent = [offsets[0], offsets[-1], offsets[0], offsets[-1]]
+        top = figure.add_subplot(2, len(panels), i + 1)
+        image = top.imshow(loss.T, origin="lower", extent=extent, vmin=low, vmax=high, cmap="viridis", aspect="auto")
+        top.set_title(f"{name}: loss", fontsize=9)
+        bottom = figure.add_subplot(2, len(panels), len(panels) + i + 1)
+        classes_image = bottom.imshow(classes.T, origin="lower", extent=extent, cmap="tab10", vmin=-0.5, vmax=9.5,
+                                      aspect="auto", interpolation="nearest")  # fmt: skip
+        bottom.set_title(f"{name}: predicted class (true: {true_class})", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xlabel("a along d_fgsm (1/255)")
+            ax.set_ylabel("b along d_orth (1/255)")
+            ax.plot([0], [0], marker="+", color="white", markersize=10)
+    tops = [ax for ax in figure.axes if ax.get_title().endswith(": loss")]
+    bottoms = [ax for ax in figure.axes if "predicted class" in ax.get_title()]
+    figure.colorbar(image, ax=tops, label="cross-entropy loss", shrink=0.9)
+    classes_bar = figure.colorbar(classes_image, ax=bottoms, label="predicted class", shrink=0.9, ticks=range(10))
+    classes_bar.ax.tick_params(labelsize=7)
+    return figure
+
+
+# --- Fig. 3 and the curves, from the aggregates ------------------------------------------------------
+
+
+def gain_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
+    """Per model with an ensemble: the ensemble's accuracy minus the mean of its single
+    models, per perturbation."""
+    mine = aggregated[aggregated["dataset"] == dataset]
+    wide = mine.pivot_table(index=["run", "model", "kind"], columns="metric", values="mean", aggfunc="first")
+    with_ensemble = {(a, m) for a, m, k in wide.index if k == "ensemble"}
+    runs = [r for r, _ in ordered(with_ensemble)]
+    metrics = [m for m in GAIN_METRICS if m in wide.columns]
+    if not runs or not metrics:
+        return None
+    figure = Figure(figsize=(1.2 * len(metrics) * max(1, len(runs)) / 2 + 3, 3.6), layout="constrained")
+    ax = figure.add_subplot()
+    width = 0.8 / len(runs)
+    models = {r: wide.xs(r, level="run").index.get_level_values("model")[0] for r in runs}
+    line = styles(models.values())
+    for i, run in enumerate(runs):
+        gains = [wide.xs((run, "ensemble"), level=("run", "kind"))[m].iloc[0] - wide.xs((run, "single"), level=("run", "kind"))[m].iloc[0]
+                 for m in metrics]  # fmt: skip
+        bars = ax.bar(np.arange(len(metrics)) + (i - (len(runs) - 1) / 2) * width, gains, width,
+                      color=colour(models[run]), label=label(models[run]), edgecolor="black", linewidth=0.4,
+                      hatch="//" if line[models[run]] != "-" else None)  # fmt: skip
+        ax.bar_label(bars, fmt="%+.1f", fontsize=6, padding=1)
+    ax.axhline(0, color="black", linewidth=0.6)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.25 * (high - low))  # room for the legend above the bars
+    ax.set_xticks(np.arange(len(metrics)), metrics)
+    ax.set_xlabel("perturbation (radius in 1/255)")
+    ax.set_ylabel("ensemble − mean of its members (points)")
+    ax.set_title(f"Ensemble gain, {DATASET_LABELS.get(dataset, dataset)}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", ncols=min(len(runs), 6))
+    return figure
+
+
+def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
+    """Accuracy against the radius per attack, every single model, mean ± std over seeds;
+    in the PGD panel the worst case (×) and AutoAttack (★) where recorded."""
+    mine = aggregated[(aggregated["dataset"] == dataset) & (aggregated["kind"] == "single")]
+    panels = [a for a in CURVES if mine["metric"].str.startswith(a + "@").any()]
+    if not panels:
+        return None
+    figure, axes = _grid(len(panels), columns=len(panels), size=(4.0, 3.4))
+    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    line = styles({m for _, m in runs})
+    for ax, attack in zip(axes, panels, strict=True):
+        for run, model in runs:
+            rows = _curve(mine, run, attack)
+            if rows.empty:
+                continue
+            ax.plot(rows["eps"], rows["mean"], marker="o", markersize=3, color=colour(model), linestyle=line[model],
+                    label=label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
+            ax.fill_between(rows["eps"], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=colour(model),
+                            alpha=0.15, linewidth=0)  # fmt: skip
+            if attack == "pgd":
+                for extra, marker in (("worst", "x"), ("autoattack", "*")):
+                    points = _curve(mine, run, extra)
+                    ax.scatter(points["eps"], points["mean"], marker=marker, s=40, color=colour(model), zorder=3)
+        ax.set_title(attack.upper() if attack != "uniform" else "uniform noise", fontsize=10)
+        ax.set_xticks(sorted(_curve(mine, None, attack)["eps"].unique()))
+        ax.set_xlabel("radius ε (1/255)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7, loc="upper right")
+    if "pgd" in panels:
+        axes[panels.index("pgd")].text(0.02, 0.02, "× worst case   ★ AutoAttack", transform=axes[panels.index("pgd")].transAxes,
+                                       fontsize=7)  # fmt: skip
+    figure.suptitle(f"Accuracy against the radius, {DATASET_LABELS.get(dataset, dataset)} (mean ± std over seeds)", fontsize=10)
+    return figure
+
+
+def _curve(mine: pd.DataFrame, run: str | None, attack: str) -> pd.DataFrame:
+    """`attack`'s accuracy against the radius, of one run (None: every run)."""
+    rows = mine[((mine["run"] == run) if run is not None else True) & mine["metric"].str.startswith(attack + "@")]
+    rows = rows.assign(eps=rows["metric"].str.split("@").str[1].astype(float)).sort_values("eps")
+    return rows.assign(std=rows["std"].fillna(0.0))
+
+
+def severity_table(frame: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
+    """Per kept single-model noise measurement, its accuracy at each severity (%):
+    dataset, run, model, seed, group, severity, value."""
+    pooled = kept[kept["perturbation"].isin(NOISE_GROUPS) & (kept["kind"] == "single")]
+    keys = ["dataset", "run", "seed", "members", "perturbation", "data_source", "preset", "params", "checkpoint_sha256"]
+    severities = frame[frame["perturbation"].isin(NOISE_GROUPS) & (frame["severity"] > 0)]
+    joined = severities.merge(pooled[[*keys, "n_test", "model"]].rename(columns={"model": "kept_model"}), on=keys)
+    joined = joined[joined["n"] == joined["n_test"]]
+    return pd.DataFrame(
+        {
+            "dataset": joined["dataset"],
+            "run": joined["run"],
+            "model": joined["kept_model"],
+            "seed": joined["seed"],
+            "group": joined["perturbation"],
+            "severity": joined["severity"],
+            "value": 100 * joined["accuracy"],
+        }
+    )
+
+
+def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
+    """Accuracy against the severity per noise group, every single model, mean ± std over seeds."""
+    mine = table[table["dataset"] == dataset]
+    if mine.empty:
+        return None
+    figure, axes = _grid(len(NOISE_GROUPS), columns=len(NOISE_GROUPS), size=(3.6, 3.2))
+    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    line = styles({m for _, m in runs})
+    for ax, group in zip(axes, NOISE_GROUPS, strict=True):
+        for run, model in runs:
+            stats = mine[(mine["run"] == run) & (mine["group"] == group)].groupby("severity")["value"].agg(["mean", "std"])
+            stats = stats.reindex(SEVERITIES).fillna({"std": 0.0})
+            ax.plot(stats.index, stats["mean"], marker="o", markersize=3, color=colour(model), linestyle=line[model],
+                    label=label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=colour(model),
+                            alpha=0.15, linewidth=0)  # fmt: skip
+        ax.set_title(group.replace("_", " "), fontsize=10)
+        ax.set_xlabel("severity")
+        ax.set_xticks(SEVERITIES)
+        ax.set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.suptitle(f"Accuracy against the noise severity, {DATASET_LABELS.get(dataset, dataset)} (mean ± std over seeds)",
+                    fontsize=10)  # fmt: skip
+    return figure
+
+
+# --- all of them ----------------------------------------------------------------------------------
+
+
+def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig = FigureConfig()) -> list:
+    """Every figure the records (and, for Fig. 2, the checkpoints and data) allow: a
+    `Drawn` or a `Skipped` for each. `m`: report.Measured."""
+    aggregated = m.aggregated[m.aggregated["preset"] == preset]
+    out: list = []
+    table = coefficient_table(results, m.runs)
+    if table.empty:
+        out.append(Skipped("fig1_coefficients", "no finished In-ResNet or λ-In-ResNet run with scalar coefficients"))
+    else:
+        runs = ", ".join(dict.fromkeys(table["run"]))
+        caption = (f"Fig. 1: interpolation coefficients act(λ_n) per damped block, each seed and their mean, "
+                   f"with the share above 0.01 (runs: {runs}).")  # fmt: skip
+        out.append(render(coefficients_figure(table, pd.read_csv(PUBLISHED)), "fig1_coefficients", caption))
+    out += _landscapes(m, results, data_dir, config)
+    severity = severity_table(m.frame, m.kept[m.kept["preset"] == preset])
+    for dataset in sorted(set(aggregated["dataset"])):
+        name = DATASET_LABELS.get(dataset, dataset)
+        runs = ", ".join(dict.fromkeys(aggregated.loc[aggregated["dataset"] == dataset, "run"]))
+        for stem, figure, caption in (
+            (f"fig3_ensemble_gain_{dataset}", gain_figure(aggregated, dataset),
+             f"Fig. 3 ({name}): the ensemble's accuracy gain over the mean of its single models, per perturbation."),
+            (f"robustness_{dataset}", robustness_figure(aggregated, dataset),
+             f"Accuracy against the radius per attack on {name}, mean ± std over seeds, worst case and AutoAttack "
+             f"points in the PGD panel (runs: {runs})."),
+            (f"severity_{dataset}", severity_figure(severity, dataset),
+             f"Accuracy against the severity of each noise group on {name}, mean ± std over seeds."),
+        ):  # fmt: skip
+            out.append(render(figure, stem, caption) if figure is not None else Skipped(stem, "nothing of it recorded"))
+    return out
+
+
+def _landscapes(m, results: Path, data_dir, config: FigureConfig) -> list:
+    """Fig. 2 for the first data set with a finished ResNet and interpolated model of the
+    same architecture and seed."""
+    from .data import dataset_spec, load_test
+    from .sanity import plain_counterpart
+
+    finished = m.runs[m.runs["status"] == "finished"]
+    for run, dataset, seed, model in zip(finished["run"], finished["dataset"], finished["seed"], finished["model"], strict=True):
+        if rule_of(model) not in ("in", "lambda-in"):
+            continue
+        plain = plain_counterpart(model)
+        partner = finished[(finished["model"] == plain) & (finished["dataset"] == dataset) & (finished["seed"] == seed)
+                           & (finished["run"] == run.replace(model, plain, 1))]  # fmt: skip
+        if partner.empty:
+            continue
+        spec = dataset_spec(dataset)
+        try:
+            test = load_test(dataset, data_dir) if _data_present(spec, data_dir) else None
+        except UserError:
+            test = None
+        if test is None:
+            return [Skipped("fig2_landscape", f"the {dataset} test set is not in the data dir")]
+        index = min(config.landscape_index, len(test) - 1)
+        x = torch.from_numpy(test.images[index : index + 1]).permute(0, 3, 1, 2).float() / 255
+        y = torch.tensor([int(test.labels[index])])
+        panels = []
+        d_fgsm = d_orth = None
+        for name in (partner["run"].iloc[0], run):
+            net = zoo_defense(name, dataset, int(seed), results).model
+            if d_fgsm is None:  # the directions of the ResNet, shared by both panels
+                d_fgsm, d_orth = directions(net, x, y, config.landscape_seed)
+            offsets, loss, classes = landscape(net, x, y, d_fgsm, d_orth, config.landscape_radius,
+                                               config.landscape_points, config.landscape_batch)  # fmt: skip
+            panels.append((label(m.runs.loc[m.runs["run"] == name, "model"].iloc[0]), offsets, loss, classes))
+        caption = (f"Fig. 2: loss and predicted class of test image {index} ({DATASET_LABELS.get(dataset, dataset)}) on "
+                   f"x + a·d_fgsm + b·d_orth, the ResNet's directions, seed {seed} (runs: "
+                   f"{partner['run'].iloc[0]}, {run}).")  # fmt: skip
+        return [render(landscape_figure(panels, int(y)), "fig2_landscape", caption)]
+    return [Skipped("fig2_landscape", "no finished ResNet and In-ResNet (or λ-In-ResNet) of one depth and seed")]
+
+
+def _data_present(spec, data_dir) -> bool:
+    """Whether the test split is on disk (figures never download)."""
+    from .cifar import data_root
+
+    folder = data_root(data_dir) / spec.folder
+    return all((folder / name).is_file() for name, _ in spec.files["test"])

@@ -1,0 +1,109 @@
+"""Figures: each draws from tiny inputs, the landscape is the loss it claims, the figure
+stage needs only the records (but Fig. 2) and gives the same bytes twice."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import run_bench
+from bench import figures
+
+PNG, PDF = b"\x89PNG", b"%PDF"
+
+
+def aggregated_fixture() -> pd.DataFrame:
+    rows = []
+    for model, base in (("resnet14", 50.0), ("in-resnet14", 55.0)):
+        for kind, bonus in (("single", 0.0), ("ensemble", 4.0)):
+            metrics = {"clean": 80, "noise": 60, "fgsm@1": 45, "fgsm@2": 40, "pgd@1": 42, "pgd@2": 35, "worst@2": 33}
+            metrics |= {"autoattack@2": 34, "uniform@2": 70}
+            for metric, value in metrics.items():
+                rows.append(
+                    {"dataset": "synthetic", "model": model, "run": model, "lambda_low": np.nan, "lambda_high": np.nan,
+                     "kind": kind, "preset": "paper", "metric": metric, "mean": value + bonus + base - 50, "std": 1.5,
+                     "n": 2, "n_test": 100}  # fmt: skip
+                )
+    return pd.DataFrame(rows)
+
+
+def assert_drawn(figure, name="x"):
+    drawn = figures.render(figure, name, "caption")
+    assert drawn.files[f"{name}.png"].startswith(PNG) and len(drawn.files[f"{name}.png"]) > 5000
+    assert drawn.files[f"{name}.pdf"].startswith(PDF) and len(drawn.files[f"{name}.pdf"]) > 3000
+
+
+def test_every_figure_draws_from_tiny_inputs():
+    aggregated = aggregated_fixture()
+    assert_drawn(figures.gain_figure(aggregated, "synthetic"))
+    assert_drawn(figures.robustness_figure(aggregated, "synthetic"))
+    assert figures.gain_figure(aggregated[aggregated["kind"] == "single"], "synthetic") is None  # no ensemble
+    severity = pd.DataFrame(
+        [{"dataset": "synthetic", "run": m, "model": m, "seed": s, "group": g, "severity": v, "value": 60 - 3 * v + s}
+         for m in ("resnet14", "in-resnet14") for s in (0, 1) for g in figures.NOISE_GROUPS for v in figures.SEVERITIES]
+    )  # fmt: skip
+    assert_drawn(figures.severity_figure(severity, "synthetic"))
+    coefficients = pd.DataFrame(
+        [{"dataset": "cifar10", "run": "in-resnet110", "model": "in-resnet110", "seed": s, "block": b, "coefficient": c}
+         for s in (0, 1) for b, c in enumerate((0.0, 0.3, 1.2, 0.005), start=1)]
+    )  # fmt: skip
+    assert_drawn(figures.coefficients_figure(coefficients, pd.read_csv(figures.PUBLISHED)))
+    grid = np.linspace(-2, 2, 5)
+    panels = [(name, grid, np.random.default_rng(1).random((5, 5)), np.zeros((5, 5), int)) for name in ("A", "B")]
+    assert_drawn(figures.landscape_figure(panels, true_class=3))
+
+
+def test_rendering_is_deterministic():
+    first = figures.render(figures.robustness_figure(aggregated_fixture(), "synthetic"), "r", "c").files
+    second = figures.render(figures.robustness_figure(aggregated_fixture(), "synthetic"), "r", "c").files
+    assert first == second
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_the_landscape_is_the_loss_at_each_grid_point_and_its_directions_are_orthogonal():
+    model, x, y = Linear(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([4])
+    d_fgsm, d_orth = figures.directions(model, x, y, seed=5)
+    assert d_fgsm.abs().max() == d_orth.abs().max() == 1  # the same L-infinity norm
+    assert abs(float((d_fgsm * d_orth).sum())) < 1e-3  # orthogonal
+    offsets, loss, classes = figures.landscape(model, x, y, d_fgsm, d_orth, radius=6.0, points=7, batch=5)
+    assert list(offsets) == [-6, -4, -2, 0, 2, 4, 6]
+    for i, j in ((0, 0), (3, 3), (6, 1), (2, 5)):
+        point = (x + offsets[i] / 255 * d_fgsm + offsets[j] / 255 * d_orth).clamp(0, 1)
+        with torch.no_grad():
+            logits = model(point)
+        assert loss[i, j] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+        assert classes[i, j] == int(logits.argmax())
+
+
+@pytest.mark.slow
+def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself(smoke_run, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(smoke_run[0], results)
+    shutil.rmtree(results / "figures")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    argv = ["--stage", "figures", "--results-dir", str(results), "--data-dir", str(empty)]
+    assert run_bench.main(argv) == 0
+    drawn = {p.name: p.read_bytes() for p in (results / "figures").iterdir()}
+    assert set(drawn) == {
+        f"{stem}.{fmt}"
+        for stem in ("fig1_coefficients", "fig3_ensemble_gain_synthetic", "robustness_synthetic", "severity_synthetic")
+        for fmt in ("png", "pdf")
+    }  # no data: no landscape
+    assert run_bench.main(argv) == 0
+    assert {p.name: p.read_bytes() for p in (results / "figures").iterdir()} == drawn
+    report = (smoke_run[0] / "REPORT.md").read_text()
+    assert "![fig2_landscape](figures/fig2_landscape.png)" in report and "Fig. 1: interpolation coefficients" in report
