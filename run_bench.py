@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
     figures.add_argument("--landscape-index", type=int, default=0, help="test image (default 0)")
-    figures.add_argument("--landscape-points", type=int, default=31, help="grid points per axis (default 31)")
+    figures.add_argument("--landscape-points", type=int, default=21, help="grid points per axis (default 21)")
     figures.add_argument(
         "--landscape-radius", type=float, default=8.0, help="grid half-width in 1/255 (default 8)"
     )

@@ -56,7 +56,7 @@ class FigureConfig:
     """Fig. 2's settings; radii in 1/255."""
 
     landscape_index: int = 0  # which test image (in the clean test set's order)
-    landscape_points: int = 31  # grid points per axis
+    landscape_points: int = 21  # grid points per axis
     landscape_radius: float = 8.0  # the grid spans [-radius, radius] along both directions
     landscape_batch: int = 256  # grid points per forward pass
     landscape_seed: int = 0  # d_orth's random signs
@@ -109,7 +109,7 @@ def render(figure: Figure, name: str, caption: str) -> Drawn:
     files = {}
     for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
         buffer = io.BytesIO()
-        figure.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight", metadata=metadata)
+        figure.savefig(buffer, format=fmt, dpi=100, metadata=metadata)  # constrained layout: nothing clipped
         files[f"{name}.{fmt}"] = buffer.getvalue()
     return Drawn(name, caption, files)
 

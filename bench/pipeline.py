@@ -94,7 +94,7 @@ class RunOptions:
     progress: bool = True
     dry_run: bool = False
     rank_by: str = "pgd@2"  # the leaderboard's order
-    landscape: tuple[int, int, float] = (0, 31, 8.0)  # Fig. 2: test image, grid points, radius in 1/255
+    landscape: tuple[int, int, float] = (0, 21, 8.0)  # Fig. 2: test image, grid points, radius in 1/255
 
     def __post_init__(self):
         """Every value mistake is one error line here, before anything is loaded or run."""
