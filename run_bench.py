@@ -60,6 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    scale = parser.add_argument_group("scale out")
+    scale.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this machine (one process, or --workers processes, one per GPU); ray: a Ray cluster",
+    )
+    scale.add_argument(
+        "--workers", type=int, default=None, help="tasks at once (default: one per visible GPU, else 1; Ray: the cluster's)"
+    )
+    scale.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (e.g. auto, or host:6379); default: a Ray on localhost only"
+    )
+    scale.add_argument(
+        "--assume-tflops",
+        type=float,
+        default=None,
+        help="--dry-run: estimate from each model's FLOPs at this achieved TFLOP/s (for a device not here)",
+    )
     train = parser.add_argument_group("train")
     train.add_argument(
         "--length", default=None, choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
@@ -174,6 +193,10 @@ def options(args: argparse.Namespace):
         dry_run=args.dry_run,
         rank_by=args.rank_by,
         landscape=(args.landscape_index, args.landscape_points, args.landscape_radius),
+        executor=args.executor,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        assume_tflops=args.assume_tflops,
     )
 
 

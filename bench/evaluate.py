@@ -177,6 +177,30 @@ class EvalData:
         return batches(self.test.images, self.test.labels, batch_size, device, indices)
 
 
+@dataclass(frozen=True)
+class CellsDone:
+    """Finished cells of one unit of work: their records rows and per-example correctness."""
+
+    rows: list[dict]
+    correct: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class AuditFailed:
+    """A unit whose attack failed the audit: never recorded; `error` names the cell."""
+
+    error: str
+
+
+def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None) -> list[Cell]:
+    """The cells (default: the protocol's) of the checkpoint `context` names that `store`
+    lacks. The run, its dry-run estimate and any executor's driver all ask this; `data`
+    gives each cell's source and test-subset size (an EvalData, or the sizes alone)."""
+    done = store.done(context)
+    cells = protocol_cells(config) if cells is None else list(cells)
+    return [c for c in cells if cell_key(c, data.source(c), config, data.n(c)) not in done]
+
+
 def evaluate(
     subject: Subject,
     config: EvalConfig,
@@ -188,15 +212,27 @@ def evaluate(
     """Compute and record the cells (default: the whole protocol) of `subject` not yet in
     `store`; returns (cells recorded, cells cached, errors). A cell that fails the audit is
     reported, never recorded."""
+    asked = protocol_cells(config) if cells is None else list(cells)
+    todo = cells_todo(cell_context(subject, config), config, data, store, asked)
+    errors, recorded = [], 0
+    for outcome in measure_cells(subject, config, data, todo, progress):
+        if isinstance(outcome, AuditFailed):
+            errors.append(outcome.error)
+        else:
+            recorded += store.add_cells(outcome.rows, outcome.correct)  # 0 where another process was first
+    return recorded, len(asked) - len(todo), errors
+
+
+def measure_cells(
+    subject: Subject, config: EvalConfig, data: EvalData, todo: Sequence[Cell], progress: bool = True
+) -> Iterator[CellsDone | AuditFailed]:
+    """Compute `todo`, one unit of work at a time (its result yielded as soon as it is
+    done, so that a caller can record it before the next starts)."""
     context = cell_context(subject, config)
-    done = store.done(context)
-    cells = protocol_cells(config) if cells is None else list(cells)
-    todo = [c for c in cells if cell_key(c, data.source(c), config, data.n(c)) not in done]
     model = prepared(subject.defense.model, config)
     work = units(todo)
     cost = sum(_units_cost(u, data.n(u[0]), config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
-    errors, recorded = [], 0
     # disable=None: bars on a terminal only, not in logs and pipes
     bar = tqdm(
         total=cost,
@@ -213,15 +249,14 @@ def evaluate(
                 correct = _run_unit(model, unit, subject, config, data, bar)
             except AttackAuditError as err:  # `err` names the cell
                 log.error("error: %s (not recorded)", err)
-                errors.append(str(err))
+                yield AuditFailed(str(err))
                 continue
             seconds = (time.perf_counter() - began) / len(unit)
             rows = [
                 _row(context, cell, data, bits, seconds, config)
                 for cell, bits in zip(unit, correct, strict=True)
             ]
-            recorded += store.add_cells(rows, correct)  # 0 where another process was first
-    return recorded, len(cells) - len(todo), errors
+            yield CellsDone(rows, correct)
 
 
 def cell_context(subject: Subject, config: EvalConfig) -> dict:

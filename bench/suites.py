@@ -49,6 +49,10 @@ class Suite:
     extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
     subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
     checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.sanity's model checks
+    # what one task (a training run, or a checkpoint's evaluation) asks of a worker, besides
+    # one GPU where there are GPUs: CPU threads and host memory in GiB (Ray schedules by them)
+    task_cpus: int = 4
+    task_memory_gib: float = 8.0
 
 
 SUITES: dict[str, Suite] = {
@@ -68,7 +72,7 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "quick",
-            "the main models on CIFAR-10: 2 seeds, 1/5 of the epochs, full test set (a few GPU-hours)",
+            "the main models on CIFAR-10: 2 seeds, 1/5 of the epochs, full test set (about 38 GPU-hours: an estimate)",
             (
                 Study("1-3", "main", ("cifar10",)),
                 Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
@@ -93,6 +97,8 @@ SUITES: dict[str, Suite] = {
             extra=SANITY + (("apgd-ce-lite", (2.0,)),),  # cheap: never shown as AutoAttack
             subsets=(),
             checks=("gradients", "model"),
+            task_cpus=1,
+            task_memory_gib=2.0,
         ),
     )
 }

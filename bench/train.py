@@ -263,6 +263,15 @@ def _build(config: TrainConfig) -> nn.Module:
     return create_model(config.model, **kwargs)
 
 
+def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> dict | None:
+    """The meta.json of `config`'s run when it has ended (finished or failed), else None;
+    one error line when the folder holds a run of another recipe."""
+    with torch.device("meta"):  # the family alone: no weights are made
+        family = create_model(config.model).info.family
+    recipe = recipe_for(family, config.dataset, config.preset, config.length)
+    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe)
+
+
 def _finished_meta(folder: Path, recipe: Recipe) -> dict | None:
     path = folder / META_FILE
     if not path.is_file():

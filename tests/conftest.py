@@ -41,6 +41,21 @@ def smoke_run(tmp_path_factory):
     return root / "results", run
 
 
+MINI_RUN = ["run_bench.py", "--models", "resnet8", "--n-train", "1024", "--n-test", "48", "--radii", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory):
+    """A small run of the whole pipeline (ResNet-8, 2 seeds and their ensemble, 26 cells
+    each, on synthetic data): returns its command (without --results-dir) and the results
+    dir of one uninterrupted run, the reference for the resume and executor tests."""
+    root = tmp_path_factory.mktemp("mini")
+    command = [sys.executable, *MINI_RUN, "--data-dir", str(root / "data")]
+    run = subprocess.run([*command, "--results-dir", str(root / "reference")], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return command, root / "reference"
+
+
 # Grey level (0-255) of each class; gaps widen (16, 18, ..., 32) so that the nearest other
 # level is always the lower one and the loss gradient never cancels to zero.
 LEVELS = [20 + sum(16 + 2 * i for i in range(k)) for k in range(10)]

@@ -37,6 +37,6 @@ def test_quick_start_is_two_commands():
     block = re.search(r"## Quick start\n\n```bash\n(.*?)```", text, re.S).group(1)
     assert block.splitlines() == [
         "pip install -e . && python run_bench.py",
-        "pip install -e '.[dev,robustbench]' && python -m pytest",
+        "pip install -e '.[dev,robustbench,cluster]' && python -m pytest",
     ]
     assert "python -m pytest" in (REPO / ".ci" / "run").read_text()

@@ -4,7 +4,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -139,16 +138,11 @@ def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
+def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(mini_run, tmp_path):
     """SIGKILL a real run_bench.py at random moments (in training, evaluation or the report)
     up to four times, starting it again each time, then let it finish; its records must equal
     those of an uninterrupted run: the same cells, the same numbers, no duplicates."""
-    command = [sys.executable, "run_bench.py", "--models", "resnet8", "--n-train", "1024", "--n-test", "48"]
-    command += ["--radii", "2", "--no-progress", "--data-dir", str(tmp_path / "data")]
-    reference = subprocess.run(
-        [*command, "--results-dir", str(tmp_path / "ref")], cwd=REPO, capture_output=True
-    )
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    command, reference = mini_run
     rng, kills, finished = random.Random(5), 0, None
     for _ in range(4):
         process = subprocess.Popen(
@@ -169,7 +163,7 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
     assert finished == 0 and kills >= 2, (finished, kills)
     volatile = ["seconds", "timestamp"]
     ours = load_records(tmp_path / "killed", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
-    theirs = load_records(tmp_path / "ref", include_stale=True).drop(columns=volatile).sort_values(list(KEY))
+    theirs = load_records(reference, include_stale=True).drop(columns=volatile).sort_values(list(KEY))
     assert len(theirs) == 2 * 26 + 26  # 2 seeds and their ensemble, 26 cells each (radius 2/255)
     assert ours.reset_index(drop=True).equals(theirs.reset_index(drop=True))
     for row in theirs.itertuples():
@@ -179,4 +173,4 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
             "eps_255": row.eps_255,
             "severity": row.severity,
         }
-        assert np.array_equal(load_correct(tmp_path / "killed", **key), load_correct(tmp_path / "ref", **key))
+        assert np.array_equal(load_correct(tmp_path / "killed", **key), load_correct(reference, **key))

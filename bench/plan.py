@@ -1,0 +1,162 @@
+"""The plan: a suite and the run's options become jobs, and jobs become a graph of tasks
+that any executor (bench.executors) can run.
+
+A job is one model (with one λ initialisation) on one data set. Its tasks:
+- `train` (one per seed): train or resume that checkpoint;
+- `measure` (one per seed): the seed's missing cells and sanity checks; after its `train`;
+- `ensemble` (where the suite asks): the seeds' ensemble; after every seed's `train`.
+The report comes after every task and is the driver's (bench.pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models import resolve_models
+
+from .data import dataset_spec
+from .evaluate import EvalConfig
+from .options import RunOptions
+from .records import ENSEMBLE_SEED
+from .suites import Study, Suite
+from .train import TrainConfig
+
+TRAIN, MEASURE, ENSEMBLE = "train", "measure", "ensemble"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    dataset: str
+    lambda_init: tuple[float, float] | None
+    radii: tuple[float, ...]
+    ensemble_radii: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task asks of a worker: Ray schedules by it; memory in GiB of host RAM."""
+
+    gpus: float
+    cpus: int
+    memory_gib: float
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # TRAIN, MEASURE or ENSEMBLE
+    job: Job
+    run: str  # the checkpoint tag shared by the job's seeds
+    seeds: tuple[int, ...]  # one seed; an ensemble's members
+    after: tuple[str, ...]  # names of the tasks that must finish first
+    resources: Resources
+
+    @property
+    def seed(self) -> int:
+        return ENSEMBLE_SEED if self.kind == ENSEMBLE else self.seeds[0]
+
+    @property
+    def name(self) -> str:
+        who = "ensemble" if self.kind == ENSEMBLE else f"seed{self.seeds[0]}"
+        return f"{self.kind} {self.job.dataset} {self.run} {who}"
+
+
+def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
+    """The suite's jobs, restricted to `options.models` when given (models in none of its
+    studies get the first study's protocol), with the options' overrides applied."""
+    wanted = resolve_models(options.models) if options.models is not None else None
+    jobs: dict[tuple, Job] = {}
+    covered: set[str] = set()
+    for study in spec.studies:
+        names = resolve_models(study.models)
+        names = [n for n in names if wanted is None or n in wanted]
+        covered.update(names)
+        _add_jobs(jobs, names, study, options)
+    if wanted:
+        _add_jobs(jobs, [n for n in wanted if n not in covered], spec.studies[0], options)
+    for dataset in {j.dataset for j in jobs.values()}:
+        dataset_spec(dataset)
+    return list(jobs.values())
+
+
+def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: RunOptions) -> None:
+    inits = (options.lambda_init,) if options.lambda_init else study.lambda_inits
+    radii = options.radii or study.radii
+    ensemble = (options.radii or study.ensemble_radii) if study.ensemble_radii else ()
+    for name in names:
+        for dataset in options.datasets or study.datasets:
+            for init in inits:
+                key = (name, dataset, init)
+                old = jobs.get(key, Job(name, dataset, init, ()))
+                jobs[key] = Job(
+                    name,
+                    dataset,
+                    init,
+                    tuple(sorted({*old.radii, *radii})),
+                    tuple(sorted({*old.ensemble_radii, *ensemble})),
+                )
+
+
+def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -> list[Task]:
+    """The tasks of the asked stages in an order that respects `after` (every training
+    first, as one process runs them; executors with more workers start what is ready)."""
+    seeds = seeds_of(spec, options)
+    resources = task_resources(spec, device)
+    trains, measures = [], []
+    for job in jobs:
+        run = train_config(job, seeds[0], spec, options, device).tag
+        trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
+        waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
+        trains += trained if "train" in options.stages else []
+        if not {"eval", "check"} & set(options.stages):
+            continue
+        measures += [Task(MEASURE, job, run, (s,), waits[s], resources) for s in seeds]
+        if job.ensemble_radii and len(seeds) >= 2:
+            measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources))
+    return trains + measures
+
+
+def task_resources(spec: Suite, device: str) -> Resources:
+    """One GPU per task on a GPU (the suite's models fit one), none on a CPU."""
+    gpus = 1.0 if device.startswith("cuda") else 0.0
+    return Resources(gpus, spec.task_cpus, spec.task_memory_gib)
+
+
+def seeds_of(spec: Suite, options: RunOptions) -> tuple[int, ...]:
+    return options.seeds if options.seeds is not None else spec.seeds
+
+
+def train_config(job: Job, seed: int, spec: Suite, options: RunOptions, device: str) -> TrainConfig:
+    return TrainConfig(
+        job.model,
+        job.dataset,
+        seed,
+        options.preset,
+        options.length or spec.length,
+        job.lambda_init,
+        options.n_train if options.n_train is not None else spec.n_train,
+        device,
+        options.channels_last,
+        options.bf16,
+        options.compile,
+    )
+
+
+def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
+    attack_radii = job.ensemble_radii if ensemble else job.radii
+    extra = []  # the suite's further perturbations; ensembles only at their attack radii
+    for name, radii in spec.extra:
+        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or e in attack_radii)
+        extra += [(name, radii)] if radii else []
+    return EvalConfig(
+        preset=options.preset,
+        eps_255=job.radii,
+        iterative_eps_255=attack_radii if ensemble else None,
+        steps=options.steps,
+        n_test=options.n_test if options.n_test is not None else spec.n_test,
+        noise_source=options.noise_source,
+        batch_size=options.batch_size,
+        device=device,
+        extra=tuple(extra),
+        subsets=spec.subsets,
+    )

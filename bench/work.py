@@ -1,0 +1,163 @@
+"""What a worker does with one task (bench.plan): train a checkpoint, or measure a seed's
+or an ensemble's cells and checks. A worker never writes the records: it yields what it
+finished (bench.evaluate.CellsDone, AuditFailed; ChecksDone; Trained), one unit of work at
+a time, and the driver alone writes `records.sqlite`. Checkpoints are the exception:
+training writes them into the results dir with the atomic rules of bench.train, and when
+the driver's results dir is not the worker's (a cluster without a shared file system),
+their files travel in the messages (`Work.files`, `Trained.files`).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.adapters import (
+    META_FILE,
+    WEIGHTS_FILE,
+    ensemble_defense,
+    read_meta,
+    zoo_checkpoint_dir,
+    zoo_defense,
+)
+from models.checkpoints import atomic_write
+
+from . import sanity
+from .evaluate import AuditFailed, Cell, CellsDone, EvalConfig, EvalData, Subject, measure_cells, prepared
+from .records import ENSEMBLE_SEED, utc_now
+from .train import TrainConfig, train
+
+CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE)
+MODEL_CHECKS = ("zero-gradients", "randomized")  # what sanity.model_checks records
+TRANSFER_SEED_OFFSET = 7919  # any offset: the same random starts for the attack and its transfer source
+
+
+@dataclass(frozen=True)
+class Work:
+    """One task, with everything a worker on any host needs and nothing it must look up
+    in the records: the cells and checks to compute were decided by the driver."""
+
+    kind: str  # bench.plan.TRAIN, MEASURE or ENSEMBLE
+    threads: int  # torch's CPU threads: a CPU's numbers depend on them, so every worker uses the driver's
+    results_dir: str
+    data_dir: str | None
+    progress: bool
+    driver_host: str
+    train: TrainConfig | None = None
+    model: str = ""
+    run: str = ""
+    dataset: str = ""
+    seeds: tuple[int, ...] = ()
+    config: EvalConfig | None = None
+    cells: tuple[Cell, ...] = ()
+    checks: tuple[str, ...] = ()  # "model" (MODEL_CHECKS) and "transfer"
+    transfer_from: str | None = None  # the plain run whose attack transfers (the same seed)
+    # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
+    files: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChecksDone:
+    rows: list[dict]
+    summary: str
+
+
+@dataclass(frozen=True)
+class Trained:
+    meta: dict
+    files: dict[str, dict[str, bytes]]  # empty when the worker shares the driver's results dir
+
+
+Message = CellsDone | AuditFailed | ChecksDone | Trained
+
+
+def execute(work: Work) -> Iterator[Message]:
+    """Run `work`, yielding each finished piece; exceptions are the task's failure."""
+    torch.set_num_threads(work.threads)
+    place_files(work.results_dir, work.files)
+    if work.train is not None:
+        config = work.train
+        meta = train(config, work.results_dir, work.data_dir, work.progress)
+        folder = zoo_checkpoint_dir(work.results_dir, config.dataset, config.tag, config.seed)
+        remote = socket.gethostname() != work.driver_host
+        yield Trained(meta, {relative(work.results_dir, folder): checkpoint_files(folder)} if remote else {})
+        return
+    members = [zoo_defense(work.run, work.dataset, s, work.results_dir) for s in work.seeds]
+    defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run)
+    init = lambda_init_of(members[0].model)  # an ensemble's: its members'
+    subject = Subject(defense, work.model, work.run, _seed(work), len(work.seeds), init)
+    if work.cells:
+        yield from measure_cells(subject, work.config, eval_data(work.dataset, work.data_dir, work.config), work.cells, work.progress)
+    if work.checks:
+        yield _checks(subject, work)
+
+
+def _seed(work: Work) -> int:
+    return work.seeds[0] if len(work.seeds) == 1 else ENSEMBLE_SEED
+
+
+_DATA: dict[tuple, EvalData] = {}
+
+
+def eval_data(dataset: str, data_dir: str | None, config: EvalConfig) -> EvalData:
+    """One EvalData per data set, data dir, test subsets and noise source in a process
+    (the seeds' and the ensemble's configs differ in radii only)."""
+    key = (dataset, data_dir, config.n_test, config.subsets, config.noise_source)
+    if key not in _DATA:
+        _DATA[key] = EvalData(dataset, data_dir, config)
+    return _DATA[key]
+
+
+def _checks(subject: Subject, work: Work) -> ChecksDone:
+    """bench.sanity's checkpoint checks the driver asked for."""
+    config = work.config
+    model = prepared(subject.defense.model, config)
+    x, y = sanity.batch(eval_data(work.dataset, work.data_dir, config), device=config.device)
+    results = []
+    if "model" in work.checks:
+        results += sanity.model_checks(model, x, y, subject.defense.info.num_classes)
+    if "transfer" in work.checks and work.transfer_from is not None:
+        source = prepared(zoo_defense(work.transfer_from, work.dataset, subject.seed, work.results_dir).model, config)
+        seed = subject.seed + TRANSFER_SEED_OFFSET
+        results.append(sanity.transfer_check(model, source, x, y, config, 2.0, seed))
+    failed = [c for c, value, limit, _ in results if value > limit]
+    who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
+    summary = f"{subject.run} {work.dataset} {who}: {len(results)} checks, "
+    summary += "failed: " + ", ".join(failed) if failed else "all pass"
+    return ChecksDone(sanity.check_rows(subject, results, utc_now()), summary)
+
+
+def lambda_init_of(model: nn.Module) -> tuple[float, float] | None:
+    """The λ initialisation recorded with a model's cells (None for plain and residual)."""
+    info = getattr(model, "info", None)
+    if info is None or info.rule in ("residual", "plain"):
+        return None
+    return tuple(info.lambda_init)
+
+
+# --- checkpoints for results dirs that are not shared ---------------------------------------
+
+
+def relative(results_dir: str, folder: Path) -> str:
+    return Path(folder).relative_to(results_dir).as_posix()
+
+
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in CHECKPOINT_FILES}
+
+
+def place_files(results_dir: str, files: dict[str, dict[str, bytes]]) -> None:
+    """Write checkpoints that travelled with a message, unless the same one is there:
+    weights first, then meta.json (the reader's commit point), each atomically."""
+    for where, contents in files.items():
+        folder = Path(results_dir) / where
+        if (folder / META_FILE).is_file() and (folder / META_FILE).read_bytes() == contents[META_FILE]:
+            continue
+        for name in CHECKPOINT_FILES:
+            atomic_write(folder / name, lambda f, data=contents[name]: f.write(data))
+        read_meta(folder / META_FILE)  # fails loudly on a garbled transfer

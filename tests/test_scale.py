@@ -1,0 +1,250 @@
+"""Scale-out: the plan graph, the estimate, and executors with several workers and faults."""
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_bench
+from bench.cifar import write_batch
+from bench.environment import device_name
+from bench.estimate import flop_rates, recorded_rates, training_images, wall_time
+from bench.evaluate import protocol_cells
+from bench.options import RunOptions
+from bench.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
+from bench.records import COLUMNS, KEY, RecordStore, load_checks, load_correct, load_records
+from bench.suites import SUITES
+from bench.synthetic import make_synthetic
+from bench.work import checkpoint_files, place_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
+    spec, options = SUITES["paper"], RunOptions(suite="paper")
+    jobs = plan_jobs(spec, options)
+    tasks = plan_tasks(jobs, spec, options, "cuda")
+    kinds = Counter(t.kind for t in tasks)
+    # training runs: Tables 1-3 (9 models x 2 data sets), Table 4 (3 variants), Table 5 (8 more λ
+    # initialisations), 5 seeds each; one measurement per run; Table 6's 6 ensembles
+    assert kinds == {TRAIN: (18 + 3 + 8) * 5, MEASURE: 145, ENSEMBLE: 6}
+    assert len({t.name for t in tasks}) == len(tasks)
+    cells = {t.name: len(protocol_cells(eval_config(t.job, spec, options, "cuda", t.kind == ENSEMBLE))) for t in tasks if t.kind != TRAIN}
+    main = [t for t in tasks if t.kind == MEASURE and t.job.radii == (1.0, 2.0, 4.0)]
+    assert len(main) == 90 and {cells[t.name] for t in main} == {36}  # clean, 20 noise, 3 x 4 attacks, PGD-50 x 2, AA
+    assert sum(cells.values()) == 90 * 36 + (15 + 40) * 28 + 6 * 28
+    order = [t.name for t in tasks]
+    for task in tasks:
+        assert all(order.index(a) < order.index(task.name) for a in task.after)
+        if task.kind == MEASURE:
+            assert task.after == (f"train {task.job.dataset} {task.run} seed{task.seed}",)
+        if task.kind == ENSEMBLE:  # waits for every seed's training
+            assert task.after == tuple(f"train cifar10 {task.run} seed{s}" for s in range(5))
+    assert {t.resources for t in tasks} == {Resources(1.0, 4, 8.0)}
+    smoke = SUITES["smoke"]
+    assert {t.resources for t in plan_tasks(plan_jobs(smoke, RunOptions()), smoke, RunOptions(), "cpu")} == {
+        Resources(0.0, 1, 2.0)
+    }
+    evaluate_only = RunOptions(suite="paper", stages=("eval",))
+    alone = plan_tasks(jobs, spec, evaluate_only, "cuda")
+    assert not any(t.kind == TRAIN or t.after for t in alone) and len(alone) == 151
+
+
+def test_wall_time_follows_the_graph_and_the_worker_count():
+    job = plan_jobs(SUITES["smoke"], RunOptions(models="resnet8"))[0]
+    r = Resources(0, 1, 1)
+    tasks = [
+        Task(TRAIN, job, "a", (0,), (), r),
+        Task(TRAIN, job, "a", (1,), (), r),
+        Task(MEASURE, job, "a", (0,), ("train synthetic a seed0",), r),
+        Task(MEASURE, job, "a", (1,), ("train synthetic a seed1",), r),
+        Task(ENSEMBLE, job, "a", (0, 1), ("train synthetic a seed0", "train synthetic a seed1"), r),
+    ]
+    seconds = dict(zip([t.name for t in tasks], [10.0, 30.0, 5.0, 5.0, 20.0], strict=True))
+    assert wall_time(tasks, seconds, 1) == 70.0
+    assert wall_time(tasks, seconds, 2) == 50.0  # the ensemble waits for the 30 s training
+    assert wall_time(tasks, seconds, 16) == 50.0
+    free = [Task(TRAIN, job, "b", (s,), (), r) for s in range(3)]
+    assert [wall_time(free, dict.fromkeys([t.name for t in free], 10.0), n) for n in (1, 2, 3)] == [30.0, 20.0, 10.0]
+
+
+def test_the_estimate_counts_the_data_dirs_training_images(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    images = np.zeros((11, 32, 32, 3), np.uint8)
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", images[: 6 + i], np.arange(6 + i) % 10)
+    write_batch(folder / "test_batch", images[:10], np.arange(10))
+    assert training_images("cifar10", tmp_path, None) == 7 + 8 + 9 + 10 + 11
+    assert training_images("cifar10", tmp_path, 20) == 20
+    assert training_images("cifar10", tmp_path / "elsewhere", None) == 50_000  # not there yet: the release's
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_estimate_uses_recorded_seconds_once_a_run_has_finished(tmp_path):
+    results = tmp_path / "results"
+    assert recorded_rates("resnet8", "cpu", results) is None
+    folder = results / "checkpoints" / "synthetic" / "resnet8" / "seed0"
+    folder.mkdir(parents=True)
+    meta = {"model": "resnet8", "sha256": "x", "model_kwargs": {}, "status": "finished", "epochs_done": 2,
+            "data": {"images": 1000}, "wall_seconds": 10.0, "device": device_name("cpu")}  # fmt: skip
+    (folder / "meta.json").write_text(json.dumps(meta))
+    base = {**dict.fromkeys(COLUMNS), "model": "resnet8", "run": "resnet8", "family": "preact-resnet",
+            "dataset": "synthetic", "data_source": "synthetic", "seed": 0, "members": 1, "severity": 0, "n": 100,
+            "correct": 50, "accuracy": 0.5, "preset": "paper", "checkpoint_sha256": "x", "device": device_name("cpu"),
+            "timestamp": "2026-11-27T00:00:00+00:00", "batch_size": 256}  # fmt: skip
+    rows = [
+        {**base, "perturbation": "clean", "eps_255": 0.0, "params": "{}", "seconds": 0.5},
+        {**base, "perturbation": "pgd", "eps_255": 2.0, "params": '{"alpha_255":2.0,"steps":20}', "seconds": 10.5},
+    ]
+    RecordStore(results).add_cells(rows, [np.ones(100, bool)] * 2)
+    rates = recorded_rates("resnet8", "cpu", results)
+    assert (rates.train, rates.forward, round(rates.gradient, 6)) == (200.0, 200.0, 200.0)
+    assert rates.source == "recorded (1 runs, 2 cells)"
+    assert recorded_rates("resnet14", "cpu", results) is None  # another model: probed
+    flops = flop_rates("resnet110", 10.0)
+    assert flops.forward == pytest.approx(10e12 / 0.51e9, rel=0.02) and flops.train == pytest.approx(flops.forward / 3)
+
+
+def test_a_dry_run_finds_exactly_the_cells_the_run_finds_cached(tmp_path, capsys, caplog):
+    """On a CIFAR-10-format folder (unofficial files: the synthetic set) of 2,000 test
+    images: after a run with --n-test 50, a dry run with --n-test 50 says all cached; with
+    --n-test 100 none is, and the run then computes exactly what the plan said."""
+    make_synthetic(tmp_path / "data" / "cifar-10-batches-py")
+    results = tmp_path / "results"
+    base = ["--models", "resnet8", "--datasets", "cifar10", "--seeds", "0", "--n-train", "1024", "--radii", "2",
+            "--steps", "2", "--stage", "train,eval", "--no-progress", "--results-dir", str(results),
+            "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    assert run_bench.main([*base, "--n-test", "50"]) == 0
+    capsys.readouterr()
+    assert run_bench.main([*base, "--n-test", "50", "--dry-run"]) == 0
+    assert "total: 0 checkpoints to train, 0 cells to run, 26 cached" in capsys.readouterr().out
+    assert run_bench.main([*base, "--n-test", "100", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "total: 0 checkpoints to train, 26 cells to run, 0 cached" in out
+    assert re.search(r"throughput: resnet8: recorded \(1 runs, 26 cells\)", out), out
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert run_bench.main([*base, "--n-test", "100"]) == 0
+    assert re.search(r"done in \d+ s: 26 cells evaluated, 0 cached", caplog.text), caplog.text
+
+
+def test_checkpoints_travel_to_a_results_dir_that_is_not_shared(tmp_path):
+    folder = tmp_path / "a" / "checkpoints" / "cifar10" / "resnet8" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "weights.pt").write_bytes(b"weights")
+    (folder / "meta.json").write_text(json.dumps({"model": "resnet8", "sha256": "s", "model_kwargs": {}}))
+    files = {"checkpoints/cifar10/resnet8/seed0": checkpoint_files(folder)}
+    place_files(str(tmp_path / "b"), files)
+    placed = tmp_path / "b" / "checkpoints" / "cifar10" / "resnet8" / "seed0"
+    assert (placed / "weights.pt").read_bytes() == b"weights" and (placed / "meta.json").is_file()
+    before = (placed / "weights.pt").stat().st_mtime_ns
+    place_files(str(tmp_path / "b"), files)  # the same checkpoint: left alone
+    assert (placed / "weights.pt").stat().st_mtime_ns == before
+
+
+def test_executor_options_are_checked(capsys):
+    for argv, message in [
+        (["--workers", "0"], "error: --workers must be positive, got 0\n"),
+        (["--ray-address", "auto"], "error: --ray-address needs --executor ray\n"),
+        (["--assume-tflops", "-1"], "error: --assume-tflops must be a positive number, got -1\n"),
+    ]:
+        assert run_bench.main(argv) == 2
+        assert capsys.readouterr().err == message
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _same_records(ours: Path, theirs: Path) -> None:
+    volatile = ["seconds", "timestamp"]
+    a = load_records(ours, include_stale=True).drop(columns=volatile).sort_values(list(KEY)).reset_index(drop=True)
+    b = load_records(theirs, include_stale=True).drop(columns=volatile).sort_values(list(KEY)).reset_index(drop=True)
+    assert len(a) == len(b) and not a.duplicated(list(KEY)).any()
+    assert a.equals(b)
+    for row in b.itertuples():
+        key = {"run": row.run, "seed": row.seed, "perturbation": row.perturbation, "eps_255": row.eps_255,
+               "severity": row.severity}  # fmt: skip
+        assert np.array_equal(load_correct(ours, **key), load_correct(theirs, **key)), key
+
+
+def _run_and_kill(command: list[str], find_worker, timeout: float = 300) -> tuple[str, int | None]:
+    """Run `command`; once a worker is busy, SIGKILL it (once); returns stderr and the pid."""
+    run = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + timeout / 2, None
+    while killed is None and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.5)
+        killed = find_worker(run.pid)
+        if killed is not None:
+            os.kill(killed, signal.SIGKILL)
+    _, err = run.communicate(timeout=timeout)
+    assert run.returncode == 0, err[-3000:]
+    return err, killed
+
+
+@pytest.mark.slow
+def test_local_workers_give_the_sequential_records_even_when_one_is_killed(mini_run, tmp_path):
+    """Two worker processes; one is SIGKILLed mid-run: its task is retried, and the records
+    equal those of one process, bit for bit."""
+    command, reference = mini_run
+    results = tmp_path / "results"
+
+    def busy_worker(pid: int) -> int | None:
+        workers = _children(pid)
+        return max(workers) if len(workers) >= 2 and (results / "checkpoints").exists() else None
+
+    err, killed = _run_and_kill([*command, "--results-dir", str(results), "--workers", "2", "--stage", "train,eval"], busy_worker)
+    assert killed is not None and re.search(r"exited with code -9; trying again \(attempt 2 of 3\)", err), err[-3000:]
+    _same_records(results, reference)
+
+
+def _ray_worker(_: int) -> int | None:
+    found = subprocess.run(["pgrep", "-f", "ray::_ray_task"], capture_output=True, text=True).stdout.split()
+    return int(found[0]) if found else None
+
+
+@pytest.mark.slow
+def test_ray_with_two_workers_gives_the_sequential_records_even_when_one_dies(mini_run, tmp_path):
+    pytest.importorskip("ray")
+    command, reference = mini_run
+    results = tmp_path / "results"
+    err, killed = _run_and_kill([*command, "--results-dir", str(results), "--executor", "ray", "--workers", "2"], _ray_worker)
+    assert killed is not None and "trying again (attempt 2 of 3)" in err, err[-3000:]
+    _same_records(results, reference)
+    columns = ["run", "seed", "members", "check", "value", "passed"]
+    ours = load_checks(results)[columns].sort_values(columns[:4]).reset_index(drop=True)
+    assert len(ours) == 3 * 6 and ours.equals(load_checks(reference)[columns].sort_values(columns[:4]).reset_index(drop=True))
+
+
+@pytest.mark.skipif(not os.environ.get("INRES_BENCH_FULL_TESTS"), reason="about 7 minutes on 2 cores: INRES_BENCH_FULL_TESTS=1")
+def test_the_smoke_suite_on_ray_gives_the_sequential_records_even_when_a_worker_dies(smoke_run, tmp_path):
+    pytest.importorskip("ray")
+    results, sequential = smoke_run
+    assert sequential.returncode == 0
+    ours = tmp_path / "results"
+    command = [sys.executable, "run_bench.py", "--executor", "ray", "--workers", "2", "--no-progress",
+               "--stage", "train,eval,check", "--results-dir", str(ours), "--data-dir", str(results.parent / "data")]  # fmt: skip
+    err, killed = _run_and_kill(command, _ray_worker, timeout=1200)
+    assert killed is not None and "trying again (attempt 2 of 3)" in err, err[-3000:]
+    _same_records(ours, results)
+    columns = ["run", "seed", "members", "check", "value", "passed"]
+    mine = load_checks(ours)[columns].sort_values(columns[:4]).reset_index(drop=True)
+    assert mine.equals(load_checks(results)[columns].sort_values(columns[:4]).reset_index(drop=True))
