@@ -101,9 +101,7 @@ def _run(
     config: TrainConfig, recipe: Recipe, model: nn.Module, folder: Path, data_dir, progress: bool
 ) -> dict:
     device = torch.device(config.device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    optimizer = make_optimizer(model, recipe, config.device)
     start, wall = _resume(folder, model, optimizer)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory)
@@ -182,6 +180,18 @@ def _run(
         else ("failed", f"test accuracy {accuracy:.4f} at chance level")
     )
     return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe, device: str) -> torch.optim.Optimizer:
+    """The paper's SGD; on a GPU the fused kernel (one launch for every parameter instead of
+    a few per parameter: the same update, less time between steps)."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        fused=True if str(device).startswith("cuda") else None,
+    )
 
 
 def train_epoch(

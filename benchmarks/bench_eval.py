@@ -66,7 +66,7 @@ def measure(name: str, args, data: EvalData, folder: Path) -> dict:
     defense = state_dict_defense(name, path, "synthetic")
     config = EvalConfig(eps_255=(2.0,), n_test=args.n, batch_size=args.n, device=args.device)
     model = defense.model.to(args.device, memory_format=torch.channels_last)
-    x, y = next(data.clean_batches(args.n, args.device))
+    x, y = next(data.batches(Cell("clean"), args.n, args.device))
     x = x.contiguous(memory_format=torch.channels_last)
     best = {key: float("inf") for key in [*CELLS, "hand loop"]}
     harness_seconds(defense, data, config, CELLS["clean"])  # warm-up

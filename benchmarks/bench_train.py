@@ -28,7 +28,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.recipes import recipe_for  # noqa: E402
-from bench.train import TrainConfig, epoch_generator, train_epoch  # noqa: E402
+from bench.train import TrainConfig, epoch_generator, make_optimizer, train_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 
 DEFAULT_STEPS = {"resnet20": 10, "resnet110": 4, "resnet164": 3, "resnext29-8x64d": 2}
@@ -55,7 +55,7 @@ def ours(name: str, images, labels, config: TrainConfig) -> float:
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     recipe = recipe_for(model.info.family, "cifar10")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=recipe.weight_decay)
+    opt = make_optimizer(model, recipe, config.device)
     x = torch.from_numpy(images).to(config.device).permute(0, 3, 1, 2)
     y = torch.from_numpy(labels).to(config.device)
     train_epoch(model, opt, x[:128], y[:128], recipe, epoch_generator(0, 0), config)  # warm-up
