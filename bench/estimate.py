@@ -38,6 +38,7 @@ from .perturbations import NOISE, perturbation
 from .plan import ENSEMBLE, TRAIN, Task, eval_config, train_config
 from .recipes import recipe_for
 from .records import load_records
+from .train import model_family
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
@@ -195,9 +196,7 @@ def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
     meta = _meta(driver, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
-    with torch.device("meta"):
-        family = create_model(task.job.model).info.family
-    epochs = recipe_for(family, task.job.dataset, options.preset, config.length).epochs
+    epochs = recipe_for(model_family(task.job.model), task.job.dataset, options.preset, config.length).epochs
     images = training_images(task.job.dataset, options.data_dir, config.n_train)
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * images / rates.train, 0.0)
 

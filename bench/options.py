@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ class RunOptions:
             raise UserError(f"--workers must be positive, got {self.workers}")
         if self.ray_address is not None and self.executor != "ray":
             raise UserError("--ray-address needs --executor ray")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'")
         if self.assume_tflops is not None and not (math.isfinite(self.assume_tflops) and self.assume_tflops > 0):
             raise UserError(f"--assume-tflops must be a positive number, got {self.assume_tflops:g}")
         check_results_dir(self.results_dir)

@@ -11,6 +11,7 @@ from it (status "running"); at the end they hold the final-epoch weights with st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -273,12 +274,18 @@ def _build(config: TrainConfig) -> nn.Module:
     return create_model(config.model, **kwargs)
 
 
+@functools.cache
+def model_family(name: str) -> str:
+    """A registered model's family (it picks the recipe), from a build on the meta device:
+    no weights are made."""
+    with torch.device("meta"):
+        return create_model(name).info.family
+
+
 def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> dict | None:
     """The meta.json of `config`'s run when it has ended (finished or failed), else None;
     one error line when the folder holds a run of another recipe."""
-    with torch.device("meta"):  # the family alone: no weights are made
-        family = create_model(config.model).info.family
-    recipe = recipe_for(family, config.dataset, config.preset, config.length)
+    recipe = recipe_for(model_family(config.model), config.dataset, config.preset, config.length)
     return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe)
 
 
