@@ -274,7 +274,7 @@ class Driver:
                 pending.remove(task)
                 self._start(task, executor, running, finished, deferred, blocking=False)
             if not running:
-                if not deferred and not any(set(t.after) <= finished for t in pending):
+                if pending and not deferred and not any(set(t.after) <= finished for t in pending):
                     raise RuntimeError(f"tasks wait for tasks outside the plan: {[t.name for t in pending]}")
                 if deferred:
                     self._start(deferred.pop(0), executor, running, finished, deferred, blocking=True)
