@@ -111,8 +111,10 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
         for meta in _finished_metas(results_dir)
         if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
     ]
-    frame = load_records(results_dir) if (Path(results_dir) / "records.sqlite").is_file() else None
-    if not train or frame is None:
+    if not train:
+        return None
+    frame = _timed_cells(results_dir)
+    if frame is None:
         return None
     mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)]
     forward_cells = mine[mine["perturbation"].map(lambda p: p == "clean" or _kind(p) == NOISE)]
@@ -124,6 +126,17 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     gradient_seconds = (iterative["seconds"] - iterative["n"] / forward).clip(lower=1e-9)
     gradient = statistics.median(iterative["n"] * steps / gradient_seconds)
     return Rates(statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)")
+
+
+def _timed_cells(results_dir) -> pd.DataFrame | None:
+    """The records' cells, read once per state of the store (one estimate asks per model)."""
+    path = Path(results_dir) / "records.sqlite"
+    return _read_cells(str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=2)
+def _read_cells(path: str, mtime_ns: int) -> pd.DataFrame:
+    return load_records(Path(path).parent)
 
 
 def _kind(name: str) -> str | None:

@@ -65,7 +65,6 @@ class Outcome:
     failed_runs: set[str] = field(default_factory=set)
     missing: set[str] = field(default_factory=set)
     cells_run: int = 0
-    cells_cached: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -118,7 +117,7 @@ def run(options: RunOptions) -> int:
         "done in %.0f s: %d cells evaluated, %d cached; %d failed runs; %d checkpoints missing",
         time.perf_counter() - began,
         outcome.cells_run,
-        outcome.cells_cached,
+        sum(driver.cached.values()),
         len(outcome.failed_runs),
         len(outcome.missing),
     )
@@ -145,6 +144,7 @@ class Driver:
         self.outcome = Outcome()
         self._data: dict[tuple, EvalData | DataSizes] = {}
         self._contexts: dict[str, dict] = {}  # task name -> the KEY columns of its checkpoint
+        self.cached: dict[str, int] = {}  # task name -> its cells found in the records
         self._host = socket.gethostname()
         self._ship = options.ray_address is not None  # workers may not see our results dir
         # CPU results depend on the thread count (reduction order): every worker uses this
@@ -198,7 +198,7 @@ class Driver:
         self._contexts[task.name] = context
         asked = protocol_cells(config)
         todo = cells_todo(context, config, self.data(task.job.dataset, config), self.store, asked) if "eval" in options.stages else []
-        self.outcome.cells_cached += len(asked) - len(todo) if "eval" in options.stages else 0
+        self.cached[task.name] = len(asked) - len(todo) if "eval" in options.stages else 0  # a retry asks again
         checks, transfer = self._checks_todo(task, context) if "check" in options.stages else ((), None)
         if not todo and not checks:
             return None
