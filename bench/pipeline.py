@@ -352,8 +352,7 @@ def run_row(meta: dict, tag: str, dataset: str, seed: int) -> dict:
     """The records' row of a training run, from its meta.json."""
     with torch.device("meta"):  # only the λ initialisation is read: no weights are made
         model = create_model(meta["model"], **meta["model_kwargs"])
-    info = model.info
-    low, high = (None, None) if info.rule in ("residual", "plain") else tuple(info.lambda_init)
+    low, high = model.info.damped_lambda_init or (None, None)
     return {
         "model": meta["model"],
         "run": tag,

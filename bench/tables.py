@@ -92,8 +92,7 @@ def default_lambda(model: str) -> tuple[float, float] | None:
     """The λ initialisation a zoo model gets by default (None: no λ, or not a zoo model)."""
     if model not in list_models():
         return None
-    info = create_model(model).info
-    return None if info.rule in ("residual", "plain") else tuple(info.lambda_init)
+    return create_model(model).info.damped_lambda_init
 
 
 def shown_datasets(frame: pd.DataFrame, paper: tuple[str, ...] = PAPER_DATASETS) -> list[str]:

@@ -135,9 +135,7 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
 def lambda_init_of(model: nn.Module) -> tuple[float, float] | None:
     """The λ initialisation recorded with a model's cells (None for plain and residual)."""
     info = getattr(model, "info", None)
-    if info is None or info.rule in ("residual", "plain"):
-        return None
-    return tuple(info.lambda_init)
+    return None if info is None else info.damped_lambda_init
 
 
 # --- checkpoints for results dirs that are not shared ---------------------------------------

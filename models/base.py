@@ -47,6 +47,12 @@ class ModelInfo:
     name: str = ""  # registry name, set by create_model
     input_range: tuple[float, float] = (0.0, 1.0)
 
+    @property
+    def damped_lambda_init(self) -> tuple[float, float] | None:
+        """The λ initialisation records and tables carry: None where no skip is damped by λ
+        (the residual and plain rules ignore it)."""
+        return None if self.rule in ("residual", "plain") else tuple(self.lambda_init)
+
 
 class InterpolatedNet(nn.Module):
     """Base of the zoo families: subclasses build `self.normalize` first and use
