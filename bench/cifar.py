@@ -1,6 +1,7 @@
-"""Clean CIFAR-10 / CIFAR-100 (and the synthetic set in the same format) as uint8 arrays.
+"""The CIFAR python-batch format: reading, writing, downloading and extracting it.
 
-Reads the python archives with our own loader: no per-image PIL, and unlike torchvision's
+Every data set of `bench.datasets` stored in this format (CIFAR-10, CIFAR-100, the
+synthetic set) is loaded by `load_split`. Reads the python archives with our own loader: no per-image PIL, and unlike torchvision's
 class it also reads files that are not the official ones (test fixtures, the synthetic
 set), reporting instead whether they are. Missing files are downloaded and md5-checked;
 every file is written atomically, so a failed download or extraction leaves nothing.
@@ -18,14 +19,17 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models import UserError
 from models.checkpoints import atomic_write, file_digest, file_mode, save_json, temp_prefix
+
+if TYPE_CHECKING:
+    from .datasets import DatasetInfo
 
 log = logging.getLogger(__name__)
 DATA_DIR_ENV = "INRES_BENCH_DATA"
@@ -48,87 +52,8 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class ArchiveSpec:
-    """Where a CIFAR-format data set lives and how to get it.
-
-    `files` maps a split to (file name, official md5 or None) pairs inside `folder`.
-    `make` builds the folder when there is nothing to download (the synthetic set).
-    """
-
-    name: str
-    folder: str  # relative to the data dir, holds the batch files
-    files: dict[str, tuple[tuple[str, str | None], ...]]
-    label_key: str
-    num_classes: int
-    archive: str | None = None  # file name of the .tar.gz, relative to the data dir
-    url: str | None = None
-    archive_md5: str | None = None
-    make: Callable[[Path], None] | None = field(default=None, compare=False)
-    noise_folder: str = "CIFAR-10-C"  # released layout of its noise groups
-    noise_release: Release | None = None
-    sizes: tuple[int, int] = (50_000, 10_000)  # (train, test) images, for plans and estimates
-
-
-@dataclass(frozen=True)
-class Release:
-    """A published tar of CIFAR-C files (Zenodo), checked by size and md5."""
-
-    url: str
-    tar: str
-    size: int
-    md5: str
-
-
-CIFAR10 = ArchiveSpec(
-    name="cifar10",
-    folder="cifar-10-batches-py",
-    files={
-        "train": (
-            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
-            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
-            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
-            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
-            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
-        ),
-        "test": (("test_batch", "40351d587109b95175f43aff81a1287e"),),
-    },
-    label_key="labels",
-    num_classes=10,
-    archive="cifar-10-python.tar.gz",
-    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    archive_md5="c58f30108f718f92721af3b95e74349a",
-    noise_release=Release(
-        "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
-        "CIFAR-10-C.tar",
-        2_918_471_680,
-        "56bf5dcef84df0e2308c6dcbcbbd8499",
-    ),
-)
-CIFAR100 = ArchiveSpec(
-    name="cifar100",
-    folder="cifar-100-python",
-    files={
-        "train": (("train", "16019d7e3df5f24257cddd939b257f8d"),),
-        "test": (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
-    },
-    label_key="fine_labels",
-    num_classes=100,
-    archive="cifar-100-python.tar.gz",
-    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
-    noise_folder="CIFAR-100-C",
-    noise_release=Release(
-        "https://zenodo.org/record/3555552/files/CIFAR-100-C.tar",
-        "CIFAR-100-C.tar",
-        2_918_473_216,
-        "11f0ed0f1191edbf9fa23466ae6021d3",
-    ),
-)
-
-
-@dataclass(frozen=True)
 class ImageSet:
-    """Images as uint8 (N, 32, 32, 3) NHWC and int64 labels (N,)."""
+    """Images as uint8 (N, H, W, 3) NHWC and int64 labels (N,)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -139,13 +64,13 @@ class ImageSet:
         return len(self.labels)
 
 
-def load_split(spec: ArchiveSpec, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+def load_split(spec: DatasetInfo, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
     """The `split` ("train" or "test") of `spec`, fetching or building it when missing."""
     root = data_root(data_dir)
     folder = ensure_folder(spec, root)
     images, labels = [], []
     for name, _ in spec.files[split]:
-        data, targets = read_batch(folder / name, spec.label_key, spec.num_classes)
+        data, targets = read_batch(folder / name, spec.label_key, spec.num_classes, spec.image_size)
         images.append(data)
         labels.append(targets)
     official = is_official(spec, split, root)
@@ -155,7 +80,7 @@ def load_split(spec: ArchiveSpec, split: str, data_dir: str | os.PathLike | None
     return ImageSet(np.concatenate(images), np.concatenate(labels), spec.name, official)
 
 
-def is_official(spec: ArchiveSpec, split: str, root: Path) -> bool:
+def is_official(spec: DatasetInfo, split: str, root: Path) -> bool:
     """Whether the `split` files under `root` are the official release (md5 of each file);
     files not there yet count as official: they will be downloaded and checked."""
     folder = root / spec.folder
@@ -165,11 +90,11 @@ def is_official(spec: ArchiveSpec, split: str, root: Path) -> bool:
     )
 
 
-def ensure_folder(spec: ArchiveSpec, root: Path) -> Path:
+def ensure_folder(spec: DatasetInfo, root: Path) -> Path:
     """The folder with all batch files: as found, else extracted from the local archive,
     else downloaded, else made by `spec.make`."""
     folder = root / spec.folder
-    if _complete(spec, folder):
+    if complete(spec, folder):
         return folder
     archive = root / spec.archive if spec.archive else None
     if archive is not None and not archive.is_file() and spec.url:
@@ -178,13 +103,17 @@ def ensure_folder(spec: ArchiveSpec, root: Path) -> Path:
         extract(spec, archive, root)
     elif spec.make is not None:
         spec.make(folder)
-    if not _complete(spec, folder):
+    if not complete(spec, folder):
         raise UserError(f"{spec.name}: {folder} lacks {', '.join(_missing(spec, folder))}")
     return folder
 
 
-def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python batch: pickle of {"data": uint8 (n, 3072) rows R..G..B, label_key: [..]}."""
+def read_batch(
+    path: Path, label_key: str, num_classes: int, size: tuple[int, int] = (32, 32)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: pickle of {"data": uint8 (n, 3 H W) rows R..G..B, label_key:
+    [..]}, images of `size` (H, W) pixels; returns uint8 (n, H, W, 3) and int64 (n,)."""
+    row = 3 * size[0] * size[1]
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
@@ -199,14 +128,15 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
             f"got {labels.dtype} values such as {labels.ravel()[:1].tolist()}"
         )
     if not (
-        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == row
     ):
         raise UserError(
-            f"{path}: 'data' must be uint8 of shape (n, 3072), got {getattr(data, 'shape', data)}"
+            f"{path}: 'data' must be uint8 of shape (n, {row}), got {getattr(data, 'shape', data)}"
         )
     if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         raise UserError(f"{path}: need {len(data)} labels in [0, {num_classes}), got shape {labels.shape}")
-    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels.astype(np.int64)
+    images = data.reshape(-1, 3, *size).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -258,7 +188,7 @@ def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def extract(spec: ArchiveSpec, archive: Path, root: Path) -> None:
+def extract(spec: DatasetInfo, archive: Path, root: Path) -> None:
     """Check the archive's md5, then extract only the batch files, atomically."""
     if spec.archive_md5 is not None and _md5(archive) != spec.archive_md5:
         raise UserError(
@@ -291,8 +221,8 @@ def extract_members(archive: Path, root: Path, folder: str, names: list[str]) ->
 
 
 def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str = "labels") -> None:
-    """Write uint8 (n, 32, 32, 3) images in the CIFAR python batch format, atomically."""
-    rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    """Write uint8 (n, H, W, 3) images in the CIFAR python batch format, atomically."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
     batch = {
         "batch_label": path.name,
         label_key: [int(y) for y in labels],
@@ -302,11 +232,11 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: s
     atomic_write(path, lambda f: pickle.dump(batch, f, protocol=2))
 
 
-def _complete(spec: ArchiveSpec, folder: Path) -> bool:
+def complete(spec: DatasetInfo, folder: Path) -> bool:
     return not _missing(spec, folder)
 
 
-def _missing(spec: ArchiveSpec, folder: Path) -> list[str]:
+def _missing(spec: DatasetInfo, folder: Path) -> list[str]:
     return [n for names in spec.files.values() for n, _ in names if not (folder / n).is_file()]
 
 

@@ -1,6 +1,6 @@
 """Data sets of the benchmark: clean test/train splits, the four noise groups, subsets and
-batches. `dataset` is one of DATASETS; every function takes the data dir explicitly
-(default: `$INRES_BENCH_DATA` or ./data).
+batches. `dataset` is a name of the registry (`bench.datasets`); every function takes the
+data dir explicitly (default: `$INRES_BENCH_DATA` or ./data).
 
 Noise-group sources:
 - "released": the published CIFAR-10-C / CIFAR-100-C files in `<root>/<CIFAR-10-C>/`,
@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,59 +26,29 @@ import torch
 from models import UserError
 from models.checkpoints import atomic_write
 
-from .cifar import (
-    CIFAR10,
-    CIFAR100,
-    ArchiveSpec,
-    ImageSet,
-    data_root,
-    download,
-    extract_members,
-    is_official,
-    verified_md5,
-)
-from .cifar import load_split as _load_split
+from .cifar import ImageSet, data_root, download, extract_members, is_official, verified_md5
+from .datasets import DatasetInfo, dataset_info
 from .noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
-from .synthetic import make_synthetic
 
 log = logging.getLogger(__name__)
 
-# The synthetic set lives in its own root, in CIFAR-10's layout, and is made on first use.
-SYNTHETIC = replace(
-    CIFAR10,
-    name="synthetic",
-    folder="synthetic/cifar-10-batches-py",
-    files={split: tuple((name, None) for name, _ in files) for split, files in CIFAR10.files.items()},
-    archive=None,
-    url=None,
-    archive_md5=None,
-    make=make_synthetic,
-    noise_folder="synthetic/CIFAR-10-C",
-    noise_release=None,
-    sizes=(10_000, 2_000),  # make_synthetic's defaults
-)
-DATASETS: dict[str, ArchiveSpec] = {s.name: s for s in (CIFAR10, CIFAR100, SYNTHETIC)}
 NOISE_SOURCES = ("auto", "released", "generated")
 GENERATOR_VERSION = 1  # bump when generation changes, so that old files are rebuilt
 
 
-def dataset_spec(dataset: str) -> ArchiveSpec:
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[dataset]
-
-
 def load_test(dataset: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
-    return _load_split(dataset_spec(dataset), "test", data_dir)
+    info = dataset_info(dataset)
+    return info.load(info, "test", data_dir)
 
 
 def load_train(dataset: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
-    return _load_split(dataset_spec(dataset), "train", data_dir)
+    info = dataset_info(dataset)
+    return info.load(info, "train", data_dir)
 
 
 @dataclass(frozen=True)
 class NoiseGroup:
-    """One noise group, all severities: images uint8 (5 N, 32, 32, 3), severity s in rows
+    """One noise group, all severities: images uint8 (5 N, H, W, 3), severity s in rows
     (s-1) N .. s N - 1, labels int64 (5 N,) = the test labels repeated 5 times."""
 
     group: str
@@ -102,12 +72,12 @@ def load_noise(
 ) -> NoiseGroup:
     """The noise group `group` of `dataset` from `source` (see the module docstring);
     `test` is the clean test set when already loaded."""
-    spec, root = dataset_spec(dataset), data_root(data_dir)
+    spec, root = dataset_info(dataset), data_root(data_dir)
     if group not in NOISE_GROUPS:
         raise UserError(f"unknown noise group {group!r}; choose one of {', '.join(NOISE_GROUPS)}")
     if source not in NOISE_SOURCES:
         raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
-    test = test if test is not None else _load_split(spec, "test", root)
+    test = test if test is not None else spec.load(spec, "test", root)
     released = root / spec.noise_folder
     if source == "released" or (source == "auto" and _has_groups(released)):
         if not _has_groups(released):
@@ -129,7 +99,7 @@ def noise_source(dataset: str, data_dir: str | os.PathLike | None = None, source
         raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
     root = data_root(data_dir)
     if source == "auto":
-        return "released" if _has_groups(root / dataset_spec(dataset).noise_folder) else "generated"
+        return "released" if _has_groups(root / dataset_info(dataset).noise_folder) else "generated"
     return source
 
 
@@ -137,7 +107,7 @@ def clean_source(dataset: str, official: bool) -> str:
     """The `data_source` label of clean images (and of attacks on them): "released" for the
     official files, "unofficial" for other files in their place, or the name of a data set
     without a release (the synthetic one)."""
-    if dataset_spec(dataset).noise_release is None:
+    if dataset_info(dataset).noise_release is None:
         return dataset
     return "released" if official else "unofficial"
 
@@ -146,7 +116,7 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
     """(clean, noise) `data_source` labels of a data set's cells, without loading images
     (only the md5 of its test files): noise generated from unofficial test files is
     "generated-unofficial", so no cell hides where its images came from."""
-    spec = dataset_spec(dataset)
+    spec = dataset_info(dataset)
     if spec.noise_release is None:
         return dataset, dataset
     root = data_root(data_dir)
@@ -158,14 +128,14 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
 def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: str) -> Path | None:
     """The folder `load_noise` will write generated groups into, or None when it will only
     read (released groups, or generated ones already there)."""
-    spec, root = dataset_spec(dataset), data_root(data_dir)
+    spec, root = dataset_info(dataset), data_root(data_dir)
     if spec.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
         return None
     folder = root / "generated" / spec.noise_folder
     return None if _has_groups(folder) and (folder / "generated.json").is_file() else folder
 
 
-def fetch_release(spec: ArchiveSpec, root: Path) -> None:
+def fetch_release(spec: DatasetInfo, root: Path) -> None:
     """Download the published tar (md5-checked) and extract the four groups and labels."""
     release = spec.noise_release
     if release is None:
@@ -209,13 +179,14 @@ def _has_groups(folder: Path) -> bool:
 
 def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseGroup:
     path, n = folder / f"{group}.npy", len(SEVERITIES) * len(test)
+    shape = (n, *test.images.shape[1:])
     try:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
         labels = np.load(folder / "labels.npy", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable .npy file ({err}); delete it and run again") from None
-    if images.dtype != np.uint8 or images.shape != (n, 32, 32, 3):
-        raise UserError(f"{path}: expected uint8 ({n}, 32, 32, 3), got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.shape != shape:
+        raise UserError(f"{path}: expected uint8 {shape}, got {images.dtype} {images.shape}")
     if labels.shape != (n,) or not np.array_equal(labels, np.tile(test.labels, len(SEVERITIES))):
         raise UserError(
             f"{folder / 'labels.npy'} is not the test labels repeated 5 times: files of another data set?"
@@ -265,7 +236,7 @@ def batches(
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y): x float32 N x 3 x 32 x 32 in [0, 1] on `device`, y int64. Only uint8
+    """Yield (x, y): x float32 N x 3 x H x W in [0, 1] on `device`, y int64. Only uint8
     crosses to the device (4x less traffic); the conversion happens there."""
     rows = np.arange(len(labels)) if rows is None else rows
     for start in range(0, len(rows), batch_size):

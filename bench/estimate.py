@@ -26,19 +26,19 @@ from tabulate import tabulate
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import create_model
-from models.adapters import META_FILE, read_meta, zoo_checkpoint_dir
+from models import create_model, model_entry
 
-from .cifar import _complete as folder_complete
-from .cifar import data_root, load_split
-from .data import cell_sources, dataset_spec
+from .adapters import META_FILE, read_meta, zoo_checkpoint_dir
+from .cifar import complete as folder_complete
+from .cifar import data_root
+from .data import cell_sources, load_train
+from .datasets import DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
 from .perturbations import NOISE, perturbation
 from .plan import ENSEMBLE, TRAIN, Task, eval_config, train_config
 from .recipes import recipe_for
 from .records import load_records
-from .train import model_family
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
@@ -50,9 +50,9 @@ class DataSizes:
     dir that does not hold the test set yet (the release's sizes are assumed)."""
 
     def __init__(self, dataset: str, data_dir, config: EvalConfig):
-        spec = dataset_spec(dataset)
+        spec = dataset_info(dataset)
         self.dataset, self.config = dataset, config
-        self.present = folder_complete(spec, data_root(data_dir) / spec.folder)
+        self.present = is_present(spec, data_dir)
         self.n_test = spec.sizes[1]
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
@@ -66,10 +66,14 @@ class DataSizes:
 def training_images(dataset: str, data_dir, n_train: int | None) -> int:
     """The images one epoch trains on: the data dir's training set (the release's size
     when it is not there yet), cut to `n_train`."""
-    spec = dataset_spec(dataset)
-    present = folder_complete(spec, data_root(data_dir) / spec.folder)
-    total = len(load_split(spec, "train", data_dir)) if present else spec.sizes[0]
+    spec = dataset_info(dataset)
+    total = len(load_train(dataset, data_dir)) if is_present(spec, data_dir) else spec.sizes[0]
     return min(n_train or total, total)
+
+
+def is_present(spec: DatasetInfo, data_dir) -> bool:
+    """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
+    return not spec.files or folder_complete(spec, data_root(data_dir) / spec.folder)
 
 
 @dataclass(frozen=True)
@@ -82,21 +86,25 @@ class Rates:
     source: str  # where they come from, in words
 
 
-def model_rates(model: str, device: str, results_dir, assume_tflops: float | None) -> Rates:
+def model_rates(
+    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = (3, 32, 32)
+) -> Rates:
+    """Rates of `model` on inputs of `shape` (C x H x W): at `assume_tflops`, else as
+    recorded by finished runs, else probed here."""
     if assume_tflops is not None:
-        return flop_rates(model, assume_tflops)
+        return flop_rates(model, assume_tflops, shape)
     recorded = recorded_rates(model, device, results_dir)
-    return recorded if recorded is not None else probe(model, device)
+    return recorded if recorded is not None else probe(model, device, shape)
 
 
 @functools.cache
-def flop_rates(model: str, tflops: float) -> Rates:
-    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image
-    (counted on the meta device: no weights, no time)."""
+def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = (3, 32, 32)) -> Rates:
+    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of
+    `shape` (counted on the meta device: no weights, no time)."""
     with torch.device("meta"):
         net = create_model(model)
         with FlopCounterMode(display=False) as counter:
-            net(torch.zeros(1, 3, 32, 32))
+            net(torch.zeros(1, *shape))
     per_image = counter.get_total_flops()
     rate = tflops * 1e12 / per_image
     return Rates(rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s")
@@ -155,11 +163,12 @@ def _finished_metas(results_dir) -> list[dict]:
     return metas
 
 
-def probe(model_name: str, device: str) -> Rates:
-    """Images/s of an untrained `model_name` on `device`: per kind of pass, PROBE_WARMUP
-    batches, then up to PROBE_REPEATS timed ones (fewer past PROBE_SECONDS); the median."""
+def probe(model_name: str, device: str, shape: tuple[int, ...] = (3, 32, 32)) -> Rates:
+    """Images/s of an untrained `model_name` on `device` for inputs of `shape`: per kind of
+    pass, PROBE_WARMUP batches, then up to PROBE_REPEATS timed ones (fewer past
+    PROBE_SECONDS); the median."""
     model = create_model(model_name).to(device, memory_format=torch.channels_last)
-    x = torch.rand(PROBE_BATCH, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, model.info.num_classes, (PROBE_BATCH,), device=device)
 
     def rate(step: Callable[[], None]) -> float:
@@ -197,7 +206,10 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
     rows = []
     for task in tasks:
         if task.job.model not in rates:
-            rates[task.job.model] = model_rates(task.job.model, driver.device, options.results_dir, options.assume_tflops)
+            shape = dataset_info(task.job.dataset).input_shape
+            rates[task.job.model] = model_rates(
+                task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
+            )
         cost = _train_cost if task.kind == TRAIN else _measure_cost
         rows.append({"task": task.name, "model": task.job.model, **cost(driver, task, tasks, rates[task.job.model])})
     return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds"])
@@ -209,7 +221,7 @@ def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
     meta = _meta(driver, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
-    epochs = recipe_for(model_family(task.job.model), task.job.dataset, options.preset, config.length).epochs
+    epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
     images = training_images(task.job.dataset, options.data_dir, config.n_train)
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * images / rates.train, 0.0)
 

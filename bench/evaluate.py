@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models import UserError
-from models.adapters import Defense
 from models.layers import Normalize
 
+from .adapters import Defense
 from .attacks import AttackAuditError, audit, run_seeded
 from .data import batches, cell_sources, load_noise, load_test, severity_rows, subset_indices
 from .environment import device_name

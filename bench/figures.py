@@ -27,11 +27,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch.nn import functional as F
 
-from models import UserError, list_models, model_entry
-from models.adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
+from models import UserError, list_models, model_entry, model_label
 
+from .adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
+from .datasets import dataset_label
 from .noise import NOISE_GROUPS, SEVERITIES
-from .tables import DATASET_LABELS, label
 
 matplotlib.use("Agg")
 PUBLISHED = Path(__file__).with_name("published_figures.csv")
@@ -161,7 +161,7 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame) -> Figure:
         share = 100 * (mine["coefficient"] > SHARE_THRESHOLD).mean()
         paper = published[(published["dataset"] == dataset) & (published["model"] == model)]["value"]
         quoted = f", paper {paper.iloc[0]:.1f}%" if len(paper) else ""
-        ax.set_title(f"{label(model)}, {DATASET_LABELS.get(dataset, dataset)}: {share:.1f}% > 0.01{quoted}", fontsize=9)
+        ax.set_title(f"{model_label(model)}, {dataset_label(dataset)}: {share:.1f}% > 0.01{quoted}", fontsize=9)
         ax.set_xlabel("damped block (depth order)")
         ax.set_ylabel("coefficient act(λ_n)")
         ax.axhline(SHARE_THRESHOLD, color="gray", linewidth=0.6, linestyle=":")
@@ -263,7 +263,7 @@ def gain_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
         gains = [wide.xs((run, "ensemble"), level=("run", "kind"))[m].iloc[0] - wide.xs((run, "single"), level=("run", "kind"))[m].iloc[0]
                  for m in metrics]  # fmt: skip
         bars = ax.bar(np.arange(len(metrics)) + (i - (len(runs) - 1) / 2) * width, gains, width,
-                      color=colour(models[run]), label=label(models[run]), edgecolor="black", linewidth=0.4,
+                      color=colour(models[run]), label=model_label(models[run]), edgecolor="black", linewidth=0.4,
                       hatch="//" if line[models[run]] != "-" else None)  # fmt: skip
         ax.bar_label(bars, fmt="%+.1f", fontsize=6, padding=1)
     ax.axhline(0, color="black", linewidth=0.6)
@@ -272,7 +272,7 @@ def gain_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     ax.set_xticks(np.arange(len(metrics)), metrics)
     ax.set_xlabel("perturbation (radius in 1/255)")
     ax.set_ylabel("ensemble − mean of its members (points)")
-    ax.set_title(f"Ensemble gain, {DATASET_LABELS.get(dataset, dataset)}", fontsize=10)
+    ax.set_title(f"Ensemble gain, {dataset_label(dataset)}", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", ncols=min(len(runs), 6))
     return figure
 
@@ -293,7 +293,7 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
             if rows.empty:
                 continue
             ax.plot(rows["eps"], rows["mean"], marker="o", markersize=3, color=colour(model), linestyle=line[model],
-                    label=label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
+                    label=model_label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
             ax.fill_between(rows["eps"], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=colour(model),
                             alpha=0.15, linewidth=0)  # fmt: skip
             if attack == "pgd":
@@ -309,7 +309,7 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     if "pgd" in panels:
         axes[panels.index("pgd")].text(0.02, 0.02, "× worst case   ★ AutoAttack", transform=axes[panels.index("pgd")].transAxes,
                                        fontsize=7)  # fmt: skip
-    figure.suptitle(f"Accuracy against the radius, {DATASET_LABELS.get(dataset, dataset)} (mean ± std over seeds)", fontsize=10)
+    figure.suptitle(f"Accuracy against the radius, {dataset_label(dataset)} (mean ± std over seeds)", fontsize=10)
     return figure
 
 
@@ -354,7 +354,7 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
             stats = mine[(mine["run"] == run) & (mine["group"] == group)].groupby("severity")["value"].agg(["mean", "std"])
             stats = stats.reindex(SEVERITIES).fillna({"std": 0.0})
             ax.plot(stats.index, stats["mean"], marker="o", markersize=3, color=colour(model), linestyle=line[model],
-                    label=label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
+                    label=model_label(model) if len(set(m for _, m in runs)) == len(runs) else run)  # fmt: skip
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=colour(model),
                             alpha=0.15, linewidth=0)  # fmt: skip
         ax.set_title(group.replace("_", " "), fontsize=10)
@@ -362,7 +362,7 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
         ax.set_xticks(SEVERITIES)
         ax.set_ylabel("accuracy (%)")
     axes[0].legend(fontsize=7, loc="lower left")
-    figure.suptitle(f"Accuracy against the noise severity, {DATASET_LABELS.get(dataset, dataset)} (mean ± std over seeds)",
+    figure.suptitle(f"Accuracy against the noise severity, {dataset_label(dataset)} (mean ± std over seeds)",
                     fontsize=10)  # fmt: skip
     return figure
 
@@ -372,7 +372,7 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
 
 def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig = FigureConfig()) -> list:
     """Every figure the records (and, for Fig. 2, the checkpoints and data) allow: a
-    `Drawn` or a `Skipped` for each. `m`: report.Measured."""
+    `Drawn` or a `Skipped` for each. `m`: measured.Measured."""
     aggregated = m.aggregated[m.aggregated["preset"] == preset]
     out: list = []
     table = coefficient_table(results, m.runs)
@@ -386,7 +386,7 @@ def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig 
     out += _landscapes(m, results, data_dir, config)
     severity = severity_table(m.frame, m.kept[m.kept["preset"] == preset])
     for dataset in sorted(set(aggregated["dataset"])):
-        name = DATASET_LABELS.get(dataset, dataset)
+        name = dataset_label(dataset)
         runs = ", ".join(dict.fromkeys(aggregated.loc[aggregated["dataset"] == dataset, "run"]))
         for stem, figure, caption in (
             (f"fig3_ensemble_gain_{dataset}", gain_figure(aggregated, dataset),
@@ -404,7 +404,8 @@ def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig 
 def _landscapes(m, results: Path, data_dir, config: FigureConfig) -> list:
     """Fig. 2 for the first data set with a finished ResNet and interpolated model of the
     same architecture and seed."""
-    from .data import dataset_spec, load_test
+    from .data import load_test
+    from .datasets import dataset_info
     from .sanity import plain_counterpart
 
     finished = m.runs[m.runs["status"] == "finished"]
@@ -416,7 +417,7 @@ def _landscapes(m, results: Path, data_dir, config: FigureConfig) -> list:
                            & (finished["run"] == run.replace(model, plain, 1))]  # fmt: skip
         if partner.empty:
             continue
-        spec = dataset_spec(dataset)
+        spec = dataset_info(dataset)
         try:
             test = load_test(dataset, data_dir) if _data_present(spec, data_dir) else None
         except UserError:
@@ -434,8 +435,8 @@ def _landscapes(m, results: Path, data_dir, config: FigureConfig) -> list:
                 d_fgsm, d_orth = directions(net, x, y, config.landscape_seed)
             offsets, loss, classes = landscape(net, x, y, d_fgsm, d_orth, config.landscape_radius,
                                                config.landscape_points, config.landscape_batch)  # fmt: skip
-            panels.append((label(m.runs.loc[m.runs["run"] == name, "model"].iloc[0]), offsets, loss, classes))
-        caption = (f"Fig. 2: loss and predicted class of test image {index} ({DATASET_LABELS.get(dataset, dataset)}) on "
+            panels.append((model_label(m.runs.loc[m.runs["run"] == name, "model"].iloc[0]), offsets, loss, classes))
+        caption = (f"Fig. 2: loss and predicted class of test image {index} ({dataset_label(dataset)}) on "
                    f"x + a·d_fgsm + b·d_orth, the ResNet's directions, seed {seed} (runs: "
                    f"{partner['run'].iloc[0]}, {run}).")  # fmt: skip
         return [render(landscape_figure(panels, int(y)), "fig2_landscape", caption)]
@@ -447,4 +448,4 @@ def _data_present(spec, data_dir) -> bool:
     from .cifar import data_root
 
     folder = data_root(data_dir) / spec.folder
-    return all((folder / name).is_file() for name, _ in spec.files["test"])
+    return not spec.files or all((folder / name).is_file() for name, _ in spec.files["test"])

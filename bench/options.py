@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from models import UserError
 
 from .cifar import data_root
+from .leaderboard import check_metric
 from .records import check_results_dir
-from .report import check_metric
 
 STAGES = ("train", "eval", "check", "report", "figures")
 EXECUTORS = ("local", "ray")

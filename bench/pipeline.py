@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from models import UserError, create_model
-from models.adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 from models.checkpoints import check_writable, remove_orphans, run_lock
 
+from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import generation_folder, load_noise, load_test
@@ -33,6 +33,8 @@ from .estimate import DataSizes, estimate, render_plan
 from .evaluate import AuditFailed, CellsDone, EvalConfig, EvalData, cell_key, cells_todo, protocol_cells
 from .executors import DONE, Crashed, Executor, Raised, make_executor
 from .figures import FigureConfig
+from .leaderboard import check_metric
+from .measured import NoRecordsError
 from .noise import NOISE_GROUPS
 from .options import STAGES, RunOptions
 from .perturbations import ATTACK, NOISE, PERTURBATIONS, perturbation
@@ -49,7 +51,7 @@ from .plan import (
     train_config,
 )
 from .records import CELL_COLUMNS, RecordStore, utc_now
-from .report import NoRecordsError, check_metric, write_figures, write_reports, write_sanity
+from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .suites import Suite, suite
 from .train import finished_run

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from models import resolve_models
 
-from .data import dataset_spec
+from .datasets import dataset_info
 from .evaluate import EvalConfig
 from .options import RunOptions
 from .records import ENSEMBLE_SEED
@@ -75,7 +75,7 @@ def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
     if wanted:
         _add_jobs(jobs, [n for n in wanted if n not in covered], spec.studies[0], options)
     for dataset in {j.dataset for j in jobs.values()}:
-        dataset_spec(dataset)
+        dataset_info(dataset)
     return list(jobs.values())
 
 

@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 from models import UserError
-from models.adapters import META_FILE, ensemble_digest, zoo_checkpoint_dir
 from models.checkpoints import atomic_write
+
+from .adapters import META_FILE, ensemble_digest, zoo_checkpoint_dir
 
 log = logging.getLogger(__name__)
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from models import list_models, model_entry
 
 from .aggregate import ENTRY
-from .data import dataset_spec
+from .datasets import dataset_info
 from .perturbations import PERTURBATIONS, metric_name, perturbation
 
 GATE_TOLERANCE = 0.5  # points: the least difference that counts (or the seeds' std, if larger)
@@ -74,7 +74,7 @@ def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
     for entry, metrics in aggregated.groupby(ENTRY, dropna=False, sort=False):
         means = dict(zip(metrics["metric"], metrics["mean"], strict=True))
         stds = dict(zip(metrics["metric"], metrics["std"], strict=True))
-        classes = dataset_spec(entry[0]).num_classes
+        classes = dataset_info(entry[0]).num_classes
         for gate, value, limit, detail in _gates(means, stds, classes):
             rows.append({**dict(zip(ENTRY, entry, strict=True)), "gate": gate, "value": value, "limit": limit, "detail": detail})
     return pd.DataFrame(rows, columns=[*ENTRY, "gate", "value", "limit", "detail"])

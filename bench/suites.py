@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from models import UserError
 
-LAMBDA_SWEEP = ((0.0, 0.1), (0.1, 0.2), None, (0.25, 0.3), (0.3, 0.4))  # None: the default U[0.2, 0.25]
+from .recipes import LAMBDA_SWEEP
+
 ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resnet164,lambda-in-resnet164"
 
 

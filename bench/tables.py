@@ -8,42 +8,25 @@ never compared with the paper. Formatting happens only in the `render_*` functio
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
-from models import create_model, list_models
+from models import ModelEntry, list_models, model_entries, model_entry
 
 from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, RELEASED_FIRST
+from .datasets import dataset_info, dataset_label, paper_datasets
 from .noise import NOISE_GROUPS
 from .perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
-from .suites import LAMBDA_SWEEP
+from .recipes import LAMBDA_SWEEP
 from .train import TrainConfig
 
-PAPER_DATASETS = ("cifar10", "cifar100")
-PAPER_DEPTHS = (110, 164)
-PAPER_RESNEXT = ("resnext29-8x64d",)
-DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic"}
 PUBLISHED = Path(__file__).with_name("published.csv")
 FULL_SEEDS = 5  # the paper's; fewer are shown as (n=k)
-RULE_PREFIXES = {  # registry prefix -> label prefix, in the paper's row order
-    "resnet": "ResNet",
-    "in-resnet": "In-ResNet",
-    "lambda-in-resnet": "λ-In-ResNet",
-    "in-resnet-sig": "In-ResNet-sig",
-    "in-resnet-gating": "In-ResNet-gating",
-    "in-resnet-gating-sig": "In-ResNet-gating-sig",
-}
-PREACT = re.compile(
-    r"(resnet|in-resnet|lambda-in-resnet|in-resnet-sig|in-resnet-gating|in-resnet-gating-sig)(\d+)"
-)
-RESNEXT = re.compile(r"(|in-|lambda-in-)(resnext\d+-\d+x\d+d)")
 NOISE_COLUMNS = (
     ("Impulse", "impulse_noise"),
     ("Speckle", "speckle_noise"),
@@ -52,15 +35,58 @@ NOISE_COLUMNS = (
     ("Avg.", "noise"),
 )
 AT_2 = (("Acc.", "clean"), ("noise", "noise"), ("FGSM", "fgsm@2"), ("IFGSM", "ifgsm@2"), ("PGD", "pgd@2"))
-TITLES = {
-    1: "Table 1: accuracy (%) on the stochastic noise groups, all five severities",
-    2: "Table 2: clean test accuracy (%)",
-    3: "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255",
-    4: "Table 4: the In-ResNet variants, attacks at 2/255",
-    5: "Table 5: λ initialisation, attacks at 2/255",
-    6: "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255",
-    "3_all": "Table 3, every attack measured: the paper's, the sanity and reference attacks, the worst case",
+ATTACKS_AT_124 = tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
+
+
+@dataclass(frozen=True)
+class Table:
+    """One of the paper's tables, as data. Its rows are the registered models whose
+    `tables` name it (in registration order: the paper's), on each of `datasets`; on any
+    other data set, and for other architectures on these, the same rules are shown for
+    whatever was measured, each row labelled with its own depth. `datasets=None`: the
+    data sets are the columns (one column per data set, `columns` holds one metric)."""
+
+    key: int | str
+    title: str
+    columns: tuple[tuple[str, str], ...]  # (header, metric)
+    datasets: tuple[str, ...] | None = ("cifar10", "cifar100")
+    rows_of: int | None = None  # the rows of another table (Table 3, every attack: Table 1's)
+    lambda_sweep: tuple[tuple[float, float] | None, ...] = ()  # a row per λ init of a damped rule
+    ensemble: bool = False  # each row followed by the ensemble of its seeds
+    failed_runs: bool = False  # a last column: failed training runs out of all runs
+
+    @property
+    def row_table(self) -> int:
+        return self.rows_of or int(self.key)
+
+
+TABLES: dict[int | str, Table] = {
+    t.key: t
+    for t in (
+        Table(1, "Table 1: accuracy (%) on the stochastic noise groups, all five severities", NOISE_COLUMNS),
+        Table(2, "Table 2: clean test accuracy (%)", (("", "clean"),), datasets=None),
+        Table(3, "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255", ATTACKS_AT_124),
+        Table(4, "Table 4: the In-ResNet variants, attacks at 2/255", AT_2, ("cifar10",)),
+        Table(
+            5,
+            "Table 5: λ initialisation, attacks at 2/255",
+            AT_2,
+            ("cifar10",),
+            lambda_sweep=LAMBDA_SWEEP,
+            failed_runs=True,
+        ),
+        Table(6, "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255", AT_2,
+              ("cifar10",), ensemble=True),  # fmt: skip
+        Table(
+            "3_all",
+            "Table 3, every attack measured: the paper's, the sanity and reference attacks, the worst case",
+            (),  # the attacks and radii measured (all_attacks_table)
+            rows_of=1,
+            ensemble=True,
+        ),
+    )
 }
+TITLES = {key: table.title for key, table in TABLES.items()}
 
 
 @dataclass(frozen=True)
@@ -73,58 +99,72 @@ class Spec:
     lambda_init: tuple[float, float] | None
     kind: str  # "single" or "ensemble"
     metric: str
+    paper_row: bool = False  # a row of the paper's table on its data set: shown even when empty
 
 
 # --- which models a table shows ------------------------------------------------------------
 
 
 def label(model: str) -> str:
-    if (match := PREACT.fullmatch(model)) is not None:
-        return f"{RULE_PREFIXES[match[1]]}-{match[2]}"
-    if (match := RESNEXT.fullmatch(model)) is not None:
-        name = {"": "ResNeXt", "in-": "In-ResNeXt", "lambda-in-": "λ-In-ResNeXt"}[match[1]]
-        return name if match[2] in PAPER_RESNEXT else f"{name} ({match[2]})"
-    return model
+    """How tables name a model: the registry's label (other defenses: their name)."""
+    return model_entry(model).label if model in list_models() else model
 
 
-@functools.cache
 def default_lambda(model: str) -> tuple[float, float] | None:
     """The λ initialisation a zoo model gets by default (None: no λ, or not a zoo model)."""
-    if model not in list_models():
-        return None
-    return create_model(model).info.damped_lambda_init
+    return model_entry(model).damped_lambda_init if model in list_models() else None
 
 
-def shown_datasets(frame: pd.DataFrame, paper: tuple[str, ...] = PAPER_DATASETS) -> list[str]:
-    """The paper's data sets when any CIFAR record exists (or none at all), then the others."""
+def shown_datasets(frame: pd.DataFrame, paper: tuple[str, ...] | None = None) -> list[str]:
+    """`paper` (default: every data set of the paper) when any record of a paper data set
+    exists (or none at all), then the data sets the paper does not report on."""
+    every = paper_datasets()
     present = set(frame["dataset"])
-    cifar = bool(present & set(PAPER_DATASETS)) or not present
-    return [*(paper if cifar else ()), *sorted(present - set(PAPER_DATASETS))]
+    cifar = bool(present & set(every)) or not present
+    return [*((every if paper is None else paper) if cifar else ()), *sorted(present - set(every))]
 
 
-def depths(frame: pd.DataFrame, dataset: str) -> list[int]:
-    if dataset in PAPER_DATASETS:
-        return list(PAPER_DEPTHS)
+def paper_rows(number: int) -> list[ModelEntry]:
+    """The registered models Table `number` has a row for, in the paper's order."""
+    return [e for e in model_entries() if number in e.tables]
+
+
+def _templates(number: int) -> list[tuple[str, str]]:
+    """(family, rule) of the table's rows, in their order: what a row is at another depth."""
+    return list(dict.fromkeys((e.family, e.rule) for e in paper_rows(number)))
+
+
+def measured_archs(frame: pd.DataFrame, dataset: str, number: int) -> list[str]:
+    """Architectures of registered models measured on `dataset` that Table `number` can show
+    beyond its own (other depths, other ResNeXt sizes), by family then depth."""
+    templates = _templates(number)
+    families = list(dict.fromkeys(f for f, _ in templates))
+    own = {e.arch for e in paper_rows(number)} if dataset in paper_datasets() else set()
     found = {
-        int(m[2]) for name in frame.loc[frame["dataset"] == dataset, "model"] if (m := PREACT.fullmatch(name))
+        model_entry(name)
+        for name in set(frame.loc[frame["dataset"] == dataset, "model"])
+        if name in list_models() and (model_entry(name).family, model_entry(name).rule) in templates
     }
-    return sorted(found)
+    archs = {(families.index(e.family), e.depth, e.arch) for e in found if e.arch not in own}
+    return [arch for *_, arch in sorted(archs)]
 
 
-def resnexts(frame: pd.DataFrame, dataset: str) -> list[str]:
-    if dataset in PAPER_DATASETS:
-        return list(PAPER_RESNEXT)
-    names = frame.loc[frame["dataset"] == dataset, "model"]
-    return sorted({m[2] for name in names if (m := RESNEXT.fullmatch(name))})
-
-
-def main_models(frame: pd.DataFrame, dataset: str, with_resnext: bool = True) -> list[str]:
-    names = [
-        f"{rule}{d}" for d in depths(frame, dataset) for rule in ("resnet", "in-resnet", "lambda-in-resnet")
+def row_models(number: int, dataset: str, frame: pd.DataFrame) -> list[ModelEntry]:
+    """The models Table `number` shows on `dataset`: on the paper's data sets its own rows,
+    then those of every other architecture measured; elsewhere only the latter."""
+    own = paper_rows(number) if dataset in paper_datasets() else []
+    templates = _templates(number)
+    others = [
+        entry
+        for arch in measured_archs(frame, dataset, number)
+        for family, rule in templates
+        if (entry := _find(arch, family, rule)) is not None
     ]
-    if with_resnext:
-        names += [f"{rule}{base}" for base in resnexts(frame, dataset) for rule in ("", "in-", "lambda-in-")]
-    return names
+    return own + others
+
+
+def _find(arch: str, family: str, rule: str) -> ModelEntry | None:
+    return next((e for e in model_entries() if (e.arch, e.family, e.rule) == (arch, family, rule)), None)
 
 
 # --- the six tables -------------------------------------------------------------------------
@@ -132,91 +172,66 @@ def main_models(frame: pd.DataFrame, dataset: str, with_resnext: bool = True) ->
 
 def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[Spec]:
     """The cells of Table `number` for the data in `frame` (records or their per-seed view).
-    On CIFAR every row of the paper's table is shown; on other data only the rows of models
-    (and, in Table 5, λ initialisations) that were measured or, with `runs`, trained."""
-    return table_specs_filter(_all_specs(number, frame), frame, runs, by_lambda=number == 5)
+    The paper's own rows on its data sets are always shown; every other row only when its
+    model (and, in Table 5, λ initialisation) was measured or, with `runs`, trained."""
+    if number not in TABLES or number == "3_all":
+        raise ValueError(f"the paper has Tables 1-6, not {number}")
+    table = TABLES[number]
+    return table_specs_filter(_all_specs(table, frame), frame, runs, by_lambda=bool(table.lambda_sweep))
 
 
 def table_specs_filter(
     specs: list[Spec], frame: pd.DataFrame, runs: pd.DataFrame | None = None, by_lambda: bool = False
 ) -> list[Spec]:
-    """`specs` without the rows of models (with `by_lambda`: of λ initialisations) that were
-    neither measured nor trained, off CIFAR (the paper's tables show all their rows)."""
+    """`specs` without the rows (block, row) that are not the paper's own and whose model
+    (with `by_lambda`: with its λ initialisation) was neither measured nor trained."""
     seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
     present = {
         (d, m, lambda_key((lo, hi)))
         for d, m, lo, hi in zip(seen["dataset"], seen["model"], seen["lambda_low"], seen["lambda_high"], strict=True)
     }
     models = {(d, m) for d, m, _ in present}
-    return [
-        s
-        for s in specs
-        if s.dataset in PAPER_DATASETS
-        or ((s.dataset, s.model) in models and (not by_lambda or (s.dataset, s.model, lambda_key(s.lambda_init)) in present))
-    ]
+
+    def shown(s: Spec) -> bool:
+        if by_lambda:
+            return s.paper_row or (s.dataset, s.model, lambda_key(s.lambda_init)) in present
+        return s.paper_row or (s.dataset, s.model) in models
+
+    keep = {(s.block, s.row) for s in specs if shown(s)}
+    return [s for s in specs if (s.block, s.row) in keep]
 
 
-def _all_specs(number: int, frame: pd.DataFrame) -> list[Spec]:
-    datasets = shown_datasets(frame)
-    single = shown_datasets(frame, paper=("cifar10",))  # Tables 4-6 are CIFAR-10 only
+def _all_specs(table: Table, frame: pd.DataFrame) -> list[Spec]:
+    if table.datasets is None:  # the data sets are the columns
+        datasets = shown_datasets(frame)
+        models = list(dict.fromkeys(e.name for d in datasets for e in row_models(table.row_table, d, frame)))
+        return [
+            spec
+            for model in models
+            for dataset in datasets
+            for spec in _row(table, "", label(model), dataset, model, ((dataset_label(dataset), "clean"),))
+        ]
     specs: list[Spec] = []
-    if number in (1, 3):
-        columns = NOISE_COLUMNS if number == 1 else _attack_columns()
-        for dataset in datasets:
-            for model in main_models(frame, dataset, with_resnext=number == 1):
-                specs += _row(DATASET_LABELS.get(dataset, dataset), label(model), dataset, model, columns)
-    elif number == 2:
-        models = list(dict.fromkeys(m for d in datasets for m in main_models(frame, d)))
-        for model in models:
-            for dataset in datasets:
-                column = ((DATASET_LABELS.get(dataset, dataset), "clean"),)
-                specs += _row("", label(model), dataset, model, column)
-    elif number == 4:
-        for dataset in single:
-            for d in depths(frame, dataset)[:1]:
-                for rule in (
-                    "resnet",
-                    "in-resnet",
-                    "in-resnet-sig",
-                    "in-resnet-gating",
-                    "in-resnet-gating-sig",
-                ):
-                    specs += _row(
-                        DATASET_LABELS.get(dataset, dataset), label(f"{rule}{d}"), dataset, f"{rule}{d}", AT_2
-                    )
-    elif number == 5:
-        for dataset in single:
-            for d in depths(frame, dataset)[:1]:
-                block = DATASET_LABELS.get(dataset, dataset)
-                specs += _row(block, f"ResNet-{d}, -", dataset, f"resnet{d}", AT_2)
-                for rule in ("in-resnet", "lambda-in-resnet"):
-                    for init in LAMBDA_SWEEP:
-                        init = (
-                            init or default_lambda(f"{rule}{d}") or (0.2, 0.25)
-                        )  # unregistered depth: the paper's
-                        row = f"{label(f'{rule}{d}')}, U[{init[0]:.2f}, {init[1]:.2f}]"
-                        specs += _row(block, row, dataset, f"{rule}{d}", AT_2, init)
-    elif number == 6:
-        for dataset in single:
-            for d in depths(frame, dataset):
-                for rule in ("resnet", "in-resnet", "lambda-in-resnet"):
-                    name = f"{rule}{d}"
-                    block = DATASET_LABELS.get(dataset, dataset)
-                    specs += _row(block, label(name), dataset, name, AT_2)
-                    specs += _row(block, label(name) + ", ens", dataset, name, AT_2, kind="ensemble")
-    else:
-        raise ValueError(f"the paper has Tables 1-6, not {number}")
+    for dataset in shown_datasets(frame, table.datasets):
+        block = dataset_label(dataset)
+        for entry in row_models(table.row_table, dataset, frame):
+            if table.lambda_sweep and entry.damped_lambda_init is not None:
+                for init in table.lambda_sweep:
+                    init = init or entry.damped_lambda_init
+                    row = f"{entry.label}, U[{init[0]:.2f}, {init[1]:.2f}]"
+                    specs += _row(table, block, row, dataset, entry.name, table.columns, init)
+                continue
+            row = f"{entry.label}, -" if table.lambda_sweep else entry.label
+            specs += _row(table, block, row, dataset, entry.name, table.columns)
+            if table.ensemble:
+                specs += _row(table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble")
     return specs
-
-
-def _attack_columns() -> tuple[tuple[str, str], ...]:
-    return tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
 
 
 def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spec]:
     """Table 3 extended to every attack measured (the registry's, in its order: the paper's,
     the sanity and reference attacks, the worst case) at every radius measured, for the
-    main models and their ensembles."""
+    main models (Table 1's rows) and their ensembles."""
     measured = set(aggregated["metric"])
     columns = tuple(
         (f"{p.label} {eps:g}/255", metric)
@@ -225,18 +240,14 @@ def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spe
         for eps in sorted({float(m.split("@")[1]) for m in measured if m.startswith(p.name + "@")})
         if (metric := metric_name(p.name, eps)) in measured
     )
-    specs = []
-    for dataset in shown_datasets(frame):
-        for model in main_models(frame, dataset):
-            block = DATASET_LABELS.get(dataset, dataset)
-            specs += _row(block, label(model), dataset, model, columns)
-            specs += _row(block, label(model) + ", ens", dataset, model, columns, kind="ensemble")
-    return table_specs_filter(specs, frame)
+    table = TABLES["3_all"]
+    return table_specs_filter(_all_specs(replace(table, columns=columns), frame), frame)
 
 
-def _row(block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
+def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
+    own = dataset in paper_datasets() and table.row_table in model_entry(model).tables
     init = init if init is not None else default_lambda(model)
-    return [Spec(block, row, column, dataset, model, init, kind, metric) for column, metric in columns]
+    return [Spec(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns]
 
 
 # --- filling and comparing -----------------------------------------------------------------
@@ -395,7 +406,7 @@ def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
 def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
     """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
     data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
-    if dataset not in PAPER_DATASETS:
+    if not dataset_info(dataset).paper:
         return math.nan
     match = paper[
         (paper["dataset"] == dataset)

@@ -11,7 +11,6 @@ from it (status "running"); at the end they hold the final-epoch weights with st
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -27,11 +26,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models import UserError, create_model
-from models.adapters import META_FILE, dataset_defaults, read_meta, save_zoo_checkpoint, zoo_checkpoint_dir
+from models import UserError, create_model, model_entry
 from models.checkpoints import atomic_write, describe_mismatch
 from models.errors import reason as error_reason
 
+from .adapters import META_FILE, dataset_defaults, read_meta, save_zoo_checkpoint, zoo_checkpoint_dir
 from .data import batches, clean_source, load_test, load_train
 from .environment import device_name
 from .recipes import Recipe, preset_normalization, recipe_for
@@ -235,14 +234,15 @@ def train_epoch(
 
 
 def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> Tensor:
-    """uint8 B x 3 x 32 x 32 -> float [0, 1]: pad by `recipe.pad` (zeros or reflection),
-    take the 32 x 32 window at (dy, dx), mirrored where `flip`; one gather for both."""
+    """uint8 B x 3 x H x W -> float [0, 1]: pad by `recipe.pad` (zeros or reflection),
+    take the H x W window at (dy, dx), mirrored where `flip`; one gather for both."""
+    height, width = x.shape[-2:]
     x = x.float().div_(255)
     if recipe.pad:
         x = F.pad(x, (recipe.pad,) * 4, mode=recipe.pad_mode)
-    span = torch.arange(32, device=x.device)
-    rows = (dy[:, None] + span)[:, None, :, None]
-    cols = torch.where(flip[:, None], dx[:, None] + 31 - span, dx[:, None] + span)[:, None, None, :]
+    down, across = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    rows = (dy[:, None] + down)[:, None, :, None]
+    cols = torch.where(flip[:, None], dx[:, None] + width - 1 - across, dx[:, None] + across)[:, None, None, :]
     batch = torch.arange(len(x), device=x.device)[:, None, None, None]
     channel = torch.arange(3, device=x.device)[None, :, None, None]
     return x[batch, channel, rows, cols]
@@ -274,18 +274,10 @@ def _build(config: TrainConfig) -> nn.Module:
     return create_model(config.model, **kwargs)
 
 
-@functools.cache
-def model_family(name: str) -> str:
-    """A registered model's family (it picks the recipe), from a build on the meta device:
-    no weights are made."""
-    with torch.device("meta"):
-        return create_model(name).info.family
-
-
 def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> dict | None:
     """The meta.json of `config`'s run when it has ended (finished or failed), else None;
     one error line when the folder holds a run of another recipe."""
-    recipe = recipe_for(model_family(config.model), config.dataset, config.preset, config.length)
+    recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
     return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe)
 
 

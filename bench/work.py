@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.adapters import (
+from models.checkpoints import atomic_write
+
+from . import sanity
+from .adapters import (
     META_FILE,
     WEIGHTS_FILE,
     ensemble_defense,
@@ -25,9 +28,6 @@ from models.adapters import (
     zoo_checkpoint_dir,
     zoo_defense,
 )
-from models.checkpoints import atomic_write
-
-from . import sanity
 from .evaluate import AuditFailed, Cell, CellsDone, EvalConfig, EvalData, Subject, measure_cells, prepared
 from .records import ENSEMBLE_SEED, utc_now
 from .train import TrainConfig, train

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from bench.adapters import state_dict_defense
 from bench.environment import retain_freed_memory
 from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate
 from bench.records import RecordStore, load_records
 from models import create_model
-from models.adapters import state_dict_defense
 
 CELLS = {
     "clean": [Cell("clean")],

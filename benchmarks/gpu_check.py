@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import CELLS, hand_loop_seconds, harness_seconds  # noqa: E402
 from bench_train import plain  # noqa: E402
 
+from bench.adapters import state_dict_defense  # noqa: E402
 from bench.estimate import Rates, estimate, flop_rates  # noqa: E402
 from bench.evaluate import Cell, EvalConfig, EvalData  # noqa: E402
 from bench.options import RunOptions  # noqa: E402
@@ -48,7 +49,6 @@ from bench.records import RecordStore  # noqa: E402
 from bench.suites import suite  # noqa: E402
 from bench.train import TrainConfig, epoch_generator, make_optimizer, train, train_epoch  # noqa: E402
 from models import create_model  # noqa: E402
-from models.adapters import state_dict_defense  # noqa: E402
 from models.skip import SkipRule  # noqa: E402
 
 FULL = {

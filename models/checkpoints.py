@@ -179,6 +179,13 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> str
     return sha256_file(path)
 
 
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically; returns the path."""
+    data = content.encode() if isinstance(content, str) else content
+    atomic_write(path, lambda f: f.write(data))
+    return Path(path)
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

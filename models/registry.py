@@ -15,16 +15,30 @@ from dataclasses import dataclass
 
 from .base import InterpolatedNet
 from .errors import UserError
+from .skip import uses_lambda
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered name and what is known of it without building the network (timm's
+    model config): tables, claims, figures and recipes read these facts, never the name."""
+
     name: str
     factory: Callable[..., InterpolatedNet]
     groups: tuple[str, ...]
     description: str
-    arch: str = ""  # what the model's info will say, known without building it ("" if unknown)
-    rule: str = ""
+    arch: str = ""  # the architecture the skip rule is applied to, e.g. preact-resnet110-basic
+    family: str = ""  # picks the training recipe: preact-resnet or resnext
+    rule: str = ""  # key of models.skip.RULES
+    depth: int = 0  # layers
+    lambda_init: tuple[float, float] = (0.2, 0.25)  # λ_n ~ U[a, b] by default
+    label: str = ""  # how tables and figures name it, e.g. "λ-In-ResNet-110"
+    tables: tuple[int, ...] = ()  # the paper's tables with a row for it
+
+    @property
+    def damped_lambda_init(self) -> tuple[float, float] | None:
+        """The default λ initialisation, or None where the rule has no λ (residual, plain)."""
+        return self.lambda_init if uses_lambda(self.rule) else None
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -37,10 +51,11 @@ GROUPS = {
 
 
 def register_model(
-    name: str, *, groups: Iterable[str] = (), description: str = "", arch: str = "", rule: str = ""
+    name: str, *, groups: Iterable[str] = (), description: str = "", **facts
 ) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
-    """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name` (with its
-    architecture and skip rule, when known, so that they can be looked up cheaply)."""
+    """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`, with the
+    facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables) that
+    can be read without building it."""
 
     def add(factory: Callable[..., InterpolatedNet]) -> Callable[..., InterpolatedNet]:
         if name in _MODELS:
@@ -48,7 +63,9 @@ def register_model(
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown groups {sorted(unknown)} for {name!r}")
-        _MODELS[name] = ModelEntry(name, factory, tuple(groups), description or factory.__doc__ or "", arch, rule)
+        _MODELS[name] = ModelEntry(
+            name, factory, tuple(groups), description or factory.__doc__ or "", **{"label": name, **facts}
+        )
         return factory
 
     return add
@@ -67,6 +84,21 @@ def model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise UserError(_unknown(name))
     return _MODELS[name]
+
+
+def model_entries() -> list[ModelEntry]:
+    """Every registered model, in registration order (the paper's table order)."""
+    return list(_MODELS.values())
+
+
+def find_model(arch: str, rule: str) -> ModelEntry | None:
+    """The registered model applying `rule` to `arch`, if there is one."""
+    return next((e for e in _MODELS.values() if (e.arch, e.rule) == (arch, rule)), None)
+
+
+def model_label(name: str) -> str:
+    """How reports name a model: its registered label, else the name (other defenses)."""
+    return _MODELS[name].label if name in _MODELS else name
 
 
 def resolve_models(spec: str | Iterable[str]) -> list[str]:

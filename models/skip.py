@@ -28,6 +28,11 @@ RULES: dict[str, tuple[Callable[[Tensor], Tensor] | None, str, bool]] = {
 }
 
 
+def uses_lambda(rule: str) -> bool:
+    """Whether the rule damps its skip by a trained λ (the residual and plain ones do not)."""
+    return rule in RULES and RULES[rule][1] != _FIXED
+
+
 class SkipRule(nn.Module):
     """Combines a block's skip tensor `x` and branch output `fx` (same shape, N x C x H x W).
 

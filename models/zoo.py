@@ -8,15 +8,15 @@ from .preact_resnet import PreActResNet
 from .registry import register_model
 from .resnext import ResNeXt
 
-# Registry prefix and human name of each skip rule (paper Eq. 13, 15, Sec. 4.4).
+# Registry prefix, human name and table label of each skip rule (paper Eq. 13, 15, Sec. 4.4).
 RULE_NAMES = {
-    "residual": ("resnet", "ResNet"),
-    "in": ("in-resnet", "In-ResNet (Eq. 13)"),
-    "lambda-in": ("lambda-in-resnet", "lambda-In-ResNet (Eq. 15)"),
-    "in-sig": ("in-resnet-sig", "In-ResNet-sig"),
-    "in-gating": ("in-resnet-gating", "In-ResNet-gating"),
-    "in-gating-sig": ("in-resnet-gating-sig", "In-ResNet-gating-sig"),
-    "plain": ("plain", "plain CNN (no skip)"),
+    "residual": ("resnet", "ResNet", "ResNet"),
+    "in": ("in-resnet", "In-ResNet (Eq. 13)", "In-ResNet"),
+    "lambda-in": ("lambda-in-resnet", "lambda-In-ResNet (Eq. 15)", "λ-In-ResNet"),
+    "in-sig": ("in-resnet-sig", "In-ResNet-sig", "In-ResNet-sig"),
+    "in-gating": ("in-resnet-gating", "In-ResNet-gating", "In-ResNet-gating"),
+    "in-gating-sig": ("in-resnet-gating-sig", "In-ResNet-gating-sig", "In-ResNet-gating-sig"),
+    "plain": ("plain", "plain CNN (no skip)", "Plain"),
 }
 MAIN_RULES = ("residual", "in", "lambda-in")
 VARIANT_RULES = ("in-sig", "in-gating", "in-gating-sig")
@@ -34,25 +34,51 @@ def _groups(rule: str, depth: int, paper_depth: bool) -> tuple[str, ...]:
     return ("small",) if depth in SMALL_DEPTHS else ()
 
 
+def _tables(rule: str, depth: int, family: str) -> tuple[int, ...]:
+    """The paper's tables with a row for this model: the main rules at the paper's depths
+    in Tables 1-3 and 6 (ResNeXt-29 in Tables 1-2 only); Table 4 the In-ResNet-110 variants
+    beside ResNet-110 and In-ResNet-110; Table 5 the λ sweep at depth 110 (ResNet-110 as
+    the baseline)."""
+    if family == "resnext":
+        return (1, 2) if depth == 29 and rule in MAIN_RULES else ()
+    tables = {1, 2, 3, 6} if depth in (110, 164) and rule in MAIN_RULES else set()
+    if depth == 110 and rule in ("residual", "in", *VARIANT_RULES):
+        tables.add(4)
+    if depth == 110 and rule in MAIN_RULES:
+        tables.add(5)
+    return tuple(sorted(tables))
+
+
 def _register_preact(rule: str, depth: int, block: str, init: tuple[float, float]) -> None:
-    prefix, title = RULE_NAMES[rule]
+    prefix, title, label = RULE_NAMES[rule]
     register_model(
         f"{prefix}{depth}",
         groups=_groups(rule, depth, paper_depth=depth in (110, 164)),
         arch=f"preact-resnet{depth}-{block}",
+        family="preact-resnet",
         rule=rule,
+        depth=depth,
+        lambda_init=init,
+        label=f"{label}-{depth}",
+        tables=_tables(rule, depth, "preact-resnet"),
         description=f"{title}: pre-activation ResNet-{depth}, {block} blocks, "
         f"lambda ~ U[{init[0]}, {init[1]}]",
     )(partial(PreActResNet, depth=depth, rule=rule, block=block, lambda_init=init))
 
 
 def _register_resnext(rule: str, depth: int, card: int, width: int, widths: tuple[int, ...]) -> None:
-    prefix, title = RULE_NAMES[rule]
+    prefix, title, label = RULE_NAMES[rule]
+    arch = f"resnext{depth}-{card}x{width}d"
+    label = label.replace("ResNet", "ResNeXt")
     register_model(
         f"{prefix.replace('resnet', 'resnext')}{depth}-{card}x{width}d",
         groups=_groups(rule, depth, paper_depth=depth == 29),
-        arch=f"resnext{depth}-{card}x{width}d",
+        arch=arch,
+        family="resnext",
         rule=rule,
+        depth=depth,
+        label=label if depth == 29 else f"{label} ({arch})",  # the paper's ResNeXt is 29-8x64d
+        tables=_tables(rule, depth, "resnext"),
         description=f"{title}: ResNeXt-{depth} {card}x{width}d, stage widths "
         f"{'/'.join(map(str, widths))}, lambda ~ U[0.2, 0.25]",
     )(partial(ResNeXt, depth=depth, cardinality=card, base_width=width, widths=widths, rule=rule))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from models import CIFAR10_MEAN, CIFAR10_STD, UserError, create_model
-from models.adapters import (
+from bench.adapters import (
     module_defense,
     robustbench_defense,
     save_zoo_checkpoint,
     state_dict_defense,
     zoo_defense,
 )
+from models import CIFAR10_MEAN, CIFAR10_STD, UserError, create_model
 from models.checkpoints import sha256_file
 
 
@@ -216,7 +216,7 @@ RB_NAME = "Hendrycks2020AugMix_WRN"  # 2.2M parameters: the smallest CIFAR-10 en
 @needs_robustbench
 @pytest.mark.parametrize("prefix", ["", "module.", "model."])
 def test_robustbench_from_local_model_dir(tmp_path, images, prefix):
-    from models.adapters import _robustbench
+    from bench.adapters import _robustbench
 
     model_dicts, BenchmarkDataset, ThreatModel = _robustbench()
     net = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("corruptions")][RB_NAME]["model"]().eval()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import cifar, data, noise
-from bench.cifar import CIFAR10, CIFAR100, Release, load_split, read_batch, write_batch
+from bench import cifar, data, datasets, noise
+from bench.cifar import load_split, read_batch, write_batch
+from bench.datasets import CIFAR10, CIFAR100, Release
 from models import UserError
 
 RNG = np.random.default_rng(7)
@@ -191,7 +192,7 @@ def test_a_placed_release_tar_is_checked_by_md5_once(tiny_cifar10, tmp_path, mon
     make_tar(server / "real.tar", server, "CIFAR-10-C", names)
     size, digest = (server / "real.tar").stat().st_size, md5(server / "real.tar")
     release = Release((tmp_path / "offline.tar").as_uri(), "CIFAR-10-C.tar", size, digest)
-    monkeypatch.setitem(data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], noise_release=release))
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=release))
     placed = root / "CIFAR-10-C.tar"
     placed.write_bytes(b"\0" * size)  # right size, wrong content
     with pytest.raises(UserError, match=rf"CIFAR-10-C.tar is not the published CIFAR-10-C.tar \({size} bytes; expected {size} bytes with md5 {digest}\)"):
@@ -288,7 +289,7 @@ def test_generation_is_deterministic_and_clipped():
 def tiny_cifar10(tmp_path, monkeypatch):
     """A 40-image CIFAR-10 data dir, its spec registered without official checksums."""
     images, labels = write_cifar10(tmp_path / CIFAR10.folder, n_train=4, n_test=40)
-    monkeypatch.setitem(data.DATASETS, "cifar10", unofficial(CIFAR10))
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", unofficial(CIFAR10))
     return tmp_path, images[20:], labels[20:]
 
 
@@ -333,7 +334,7 @@ def test_released_source_extracts_only_the_noise_groups(tiny_cifar10, tmp_path, 
         md5(server / "CIFAR-10-C.tar"),
     )
     monkeypatch.setitem(
-        data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], noise_release=release)
+        datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=release)
     )
     group = data.load_noise("cifar10", "impulse_noise", root, source="released")
     assert group.source == "released" and np.array_equal(group.images, np.load(server / "impulse_noise.npy"))
@@ -354,7 +355,7 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
     root = tiny_cifar10[0]
     offline = Release((tmp_path / "missing.tar").as_uri(), "CIFAR-10-C.tar", 1, "0" * 32)
     monkeypatch.setitem(
-        data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], noise_release=offline)
+        datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=offline)
     )
     with pytest.raises(
         UserError, match=r"cannot download .*missing.tar .* or the extracted CIFAR-10-C/ folder"
@@ -374,9 +375,9 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
 )
 def test_robustbench_reads_the_generated_folder(tmp_path, monkeypatch):
     write_cifar10(tmp_path / CIFAR10.folder, n_train=2, n_test=10_000)  # robustbench assumes 10,000
-    monkeypatch.setitem(data.DATASETS, "cifar10", unofficial(CIFAR10))
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", unofficial(CIFAR10))
     ours = data.load_noise("cifar10", "gaussian_noise", tmp_path, source="generated")
-    from models.adapters import _robustbench
+    from bench.adapters import _robustbench
 
     _robustbench()  # the autoattack alias robustbench needs to import
     from robustbench.data import load_cifar10c

@@ -11,6 +11,7 @@ from torch import nn
 
 from bench import evaluate as engine
 from bench import perturbations
+from bench.adapters import Defense, ensemble_defense, state_dict_defense
 from bench.aggregate import with_pooled_noise
 from bench.attacks import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
 from bench.data import load_test
@@ -18,7 +19,6 @@ from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate, protoc
 from bench.noise import NOISE_GROUPS
 from bench.records import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
 from models import create_model
-from models.adapters import Defense, ensemble_defense, state_dict_defense
 
 WRONG = 30  # the grey_root fixture (conftest.py): the first 30 of its 100 test images carry a wrong label
 

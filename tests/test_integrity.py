@@ -21,7 +21,7 @@ import pytest
 import run_bench
 from bench import records
 from bench.cifar import read_batch, write_batch
-from bench.data import DATASETS
+from bench.datasets import DATASETS
 from bench.records import DB_FILE, load_checks, load_records, load_runs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import run_bench
-from bench.data import DATASETS
+from bench.datasets import DATASETS
 from bench.pipeline import RunOptions, plan_jobs
 from bench.records import KEY, load_checks, load_correct, load_records, load_runs
 from bench.suites import SUITES

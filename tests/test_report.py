@@ -9,9 +9,11 @@ import pytest
 
 import run_bench
 from bench.aggregate import aggregate, seed_metrics, select_measurements
+from bench.claims import claim_rows
+from bench.leaderboard import leaderboard, write_leaderboard
+from bench.measured import Evidence, reduce_records
 from bench.noise import NOISE_GROUPS
 from bench.records import COLUMNS, RUN_COLUMNS, cell_id
-from bench.report import Evidence, claim_rows, leaderboard, reduce_records, write_leaderboard
 from bench.sanity import record_gates, summary
 from bench.stats import Bootstrap
 from bench.tables import fill, missing, published, render, table_specs, with_failed_runs

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bench import train as training
+from bench.adapters import zoo_defense
 from bench.data import load_train
-from bench.recipes import Recipe, preset_normalization, recipe_for
+from bench.recipes import AUTHORS_CODE_STD, Recipe, preset_normalization, recipe_for
 from bench.train import TrainConfig, augment, train
-from models import AUTHORS_CODE_STD, CIFAR10_MEAN, UserError, create_model
-from models.adapters import zoo_defense
+from models import CIFAR10_MEAN, UserError, create_model
 from models.checkpoints import sha256_file
 
 

@@ -17,9 +17,10 @@ from torch import nn
 
 from bench import sanity
 from bench.evaluate import EvalConfig, evaluate_defense
+from bench.leaderboard import check_metric
 from bench.perturbations import PERTURBATIONS, Perturbation, register
 from bench.records import COLUMNS, DB_FILE, KEY, RecordStore, load_correct, load_records
-from bench.report import check_metric, write_reports
+from bench.report import write_reports
 from bench.stats import Bootstrap, verdict
 
 # --- the registry -------------------------------------------------------------------------------

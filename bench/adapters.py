@@ -1,8 +1,10 @@
 """Defense adapters: the one interface the harness evaluates.
 
 Every adapter returns a `Defense`: an eval-mode `nn.Module` with frozen parameters that
-maps N x 3 x 32 x 32 images in [0, 1] to N x num_classes logits, plus `DefenseInfo`.
-Normalisation lives inside the module, so attack radii are always in pixel units.
+maps N x 3 x H x W images in [0, 1] (H x W: its data set's image size) to N x
+num_classes logits, plus `DefenseInfo`. Normalisation lives inside the module, so attack
+radii are always in pixel units. The data set's classes, statistics and image size come
+from the registry (`bench.datasets`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import DATASET_DEFAULTS, InterpolatedNet
-from .checkpoints import (
+from models import InterpolatedNet, UserError, create_model
+from models.checkpoints import (
     describe_mismatch,
     listing,
     load_state_dict_file,
@@ -32,9 +34,9 @@ from .checkpoints import (
     save_state_dict,
     sha256_file,
 )
-from .errors import UserError
-from .layers import Normalize
-from .registry import create_model
+from models.layers import Normalize
+
+from .datasets import dataset_info
 
 WEIGHTS_FILE, META_FILE = "weights.pt", "meta.json"
 
@@ -69,9 +71,9 @@ class NormalizedModel(nn.Module):
 
 
 def dataset_defaults(dataset: str) -> dict:
-    if dataset not in DATASET_DEFAULTS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-    return dict(DATASET_DEFAULTS[dataset])
+    """The model options a data set fixes: its classes and normalisation statistics."""
+    info = dataset_info(dataset)
+    return {"num_classes": info.num_classes, "mean": info.mean, "std": info.std}
 
 
 # --- 1. zoo models trained by this project -------------------------------------------------
@@ -298,18 +300,20 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     """Eval mode, frozen parameters (attacks differentiate w.r.t. the input only), and a
     one-batch check that the module really returns logits of the expected shape."""
     model.eval().requires_grad_(False)
+    batch = (2, *dataset_info(info.dataset).input_shape)
+    size = "x".join(map(str, batch))
     with torch.no_grad():
-        out = model(torch.full((2, 3, 32, 32), 0.5))
+        out = model(torch.full(batch, 0.5))
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise UserError(
-            f"defense {info.name} returns {shape} for a 2x3x32x32 batch; expected finite (2, {info.num_classes}) logits"
+            f"defense {info.name} returns {shape} for a {size} batch; expected finite (2, {info.num_classes}) logits"
         )
     if not out.isfinite().all():
         broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         where = f"its weights hold NaN or inf in {listing(broken)}" if broken else "its forward overflows"
         raise UserError(
-            f"defense {info.name} returns non-finite logits for a 2x3x32x32 batch ({where}): "
+            f"defense {info.name} returns non-finite logits for a {size} batch ({where}): "
             f"check {info.checkpoint}"
         )
     return Defense(model, info)
