@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench.datasets import DATASETS
     from bench.suites import SUITES
 
     parser = _Parser(
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: the suite's",
     )
-    parser.add_argument("--datasets", default=None, help="comma-separated: cifar10, cifar100, synthetic")
+    parser.add_argument("--datasets", default=None, help=f"comma-separated: {', '.join(DATASETS)}")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
     parser.add_argument("--preset", default="paper", choices=("paper", "authors-code"))
     parser.add_argument(

@@ -1,7 +1,7 @@
 """The adversarial perturbations of the protocol, through torchattacks, and the audit that
 every adversarial batch must pass before it counts.
 
-Units and shapes everywhere: `x` float32 N x 3 x 32 x 32 in [0, 1] (pixel space: the
+Units and shapes everywhere: `x` float32 N x 3 x H x W in [0, 1] (pixel space: the
 model normalises inside), `y` int64 N, `eps` and `alpha` in pixel units (2/255 = 0.0078),
 the model in eval mode with frozen parameters, so gradients are taken w.r.t. the input
 only. Library defaults differ from the paper's (torchattacks: eps 8/255, 10 steps), so

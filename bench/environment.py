@@ -12,7 +12,7 @@ from models import UserError
 
 # glibc returns freed blocks above 128 KiB to the OS at once (mmap threshold), so every
 # activation of a CPU forward/backward is page-faulted in again: keeping them in the heap
-# makes attack steps about 1.3x faster on a 2-core machine. (mallopt option numbers.)
+# makes attack steps faster (docs/PERFORMANCE.md). (mallopt option numbers.)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit
 

@@ -32,7 +32,7 @@ from .adapters import META_FILE, read_meta, zoo_checkpoint_dir
 from .cifar import complete as folder_complete
 from .cifar import data_root
 from .data import cell_sources, load_train
-from .datasets import DatasetInfo, dataset_info
+from .datasets import CIFAR10, DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
 from .perturbations import NOISE, perturbation
@@ -87,7 +87,7 @@ class Rates:
 
 
 def model_rates(
-    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = (3, 32, 32)
+    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = CIFAR10.input_shape
 ) -> Rates:
     """Rates of `model` on inputs of `shape` (C x H x W): at `assume_tflops`, else as
     recorded by finished runs, else probed here."""
@@ -98,7 +98,7 @@ def model_rates(
 
 
 @functools.cache
-def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = (3, 32, 32)) -> Rates:
+def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
     """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of
     `shape` (counted on the meta device: no weights, no time)."""
     with torch.device("meta"):
@@ -163,7 +163,7 @@ def _finished_metas(results_dir) -> list[dict]:
     return metas
 
 
-def probe(model_name: str, device: str, shape: tuple[int, ...] = (3, 32, 32)) -> Rates:
+def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
     """Images/s of an untrained `model_name` on `device` for inputs of `shape`: per kind of
     pass, PROBE_WARMUP batches, then up to PROBE_REPEATS timed ones (fewer past
     PROBE_SECONDS); the median."""

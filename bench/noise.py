@@ -125,7 +125,7 @@ def _count_levels(c: float) -> np.ndarray:
     return np.uint8(np.clip(k / c, 0, 1) * 255)
 
 
-# uint8 chunk (n, 32, 32, 3), c, stream -> uint8 chunk, the published recipe end to end.
+# uint8 chunk (n, H, W, 3), c, stream -> uint8 chunk, the published recipe end to end.
 NOISE_FUNCTIONS: dict[str, Callable[[torch.Tensor, float, NoiseStream], torch.Tensor]] = {
     "gaussian_noise": _gaussian,
     "shot_noise": _shot,
@@ -137,7 +137,7 @@ NOISE_FUNCTIONS: dict[str, Callable[[torch.Tensor, float, NoiseStream], torch.Te
 def corrupt(
     images: np.ndarray, group: str, severity: int, seed: int = 0, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """uint8 (N, 32, 32, 3) -> uint8 (N, 32, 32, 3): `group` at `severity` (1-5), written
+    """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3): `group` at `severity` (1-5), written
     into `out` when given."""
     apply, c = NOISE_FUNCTIONS[group], NOISE_PARAMS[group][severity - 1]
     stream = NoiseStream(seed, group, severity)
@@ -154,8 +154,8 @@ def corrupt_groups(
 ) -> dict[str, np.ndarray]:
     """Every severity of every group in `groups`, each in the released layout. All (group,
     severity) jobs share one pool, so that the slow shot noise does not run alone; one
-    thread more than cores, as parts of the Poisson inversion hold the GIL (2 cores: 2.2 s
-    with 3 threads, 2.9 s with 2)."""
+    thread more than cores, as parts of the Poisson inversion hold the GIL: the extra
+    thread keeps every core busy while one waits for it."""
     workers = workers or (os.cpu_count() or 1) + 1
     n = len(images)
     outputs = {g: np.empty((len(SEVERITIES) * n, *images.shape[1:]), np.uint8) for g in groups}

@@ -22,20 +22,26 @@ CLASSES = ("disk", "square", "ring", "cross", "triangle", "stripes", "checker", 
 TRAIN_BATCHES = 5  # data_batch_1..5, as CIFAR-10
 
 
-def draw(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n images, uint8 (n, 32, 32, 3), and their labels, int64 (n,), classes balanced."""
-    labels = rng.permutation(np.arange(n) % len(CLASSES))
-    grid = np.arange(32, dtype=np.float32)[None, :, None]
-    cx, cy = (rng.uniform(11, 21, n).astype(np.float32)[:, None, None] for _ in range(2))
-    r = rng.uniform(6, 10, n).astype(np.float32)[:, None, None]
+def draw(
+    n: int, rng: np.random.Generator, size: int = 32, classes: int = len(CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    """n images, uint8 (n, size, size, 3), and their labels, int64 (n,) in [0, classes),
+    balanced. Shapes scale with `size` (their geometry is drawn for 32 pixels)."""
+    if not 1 <= classes <= len(CLASSES):
+        raise ValueError(f"classes must be in [1, {len(CLASSES)}], got {classes}")
+    scale = size / 32
+    labels = rng.permutation(np.arange(n) % classes)
+    grid = np.arange(size, dtype=np.float32)[None, :, None]
+    cx, cy = (rng.uniform(11 * scale, 21 * scale, n).astype(np.float32)[:, None, None] for _ in range(2))
+    r = rng.uniform(6 * scale, 10 * scale, n).astype(np.float32)[:, None, None]
     theta = rng.uniform(0, np.pi, n).astype(np.float32)[:, None, None]
     dx, dy = grid.transpose(0, 2, 1) - cx, grid - cy  # dx varies along columns
     u = dx * np.cos(theta) + dy * np.sin(theta)
     w = -dx * np.sin(theta) + dy * np.cos(theta)
-    period = rng.uniform(3.5, 5.5, n).astype(np.float32)[:, None, None]
-    masks = np.stack(_patterns(u, w, r, period))  # (10, n, 32, 32)
+    period = rng.uniform(3.5 * scale, 5.5 * scale, n).astype(np.float32)[:, None, None]
+    masks = np.stack(_patterns(u, w, r, period))  # (10, n, size, size)
     mask = masks[labels, np.arange(n)].astype(np.float32)[..., None]
-    hue = (labels / len(CLASSES) + rng.normal(0, 0.12, n)) % 1.0
+    hue = (labels / classes + rng.normal(0, 0.12, n)) % 1.0
     fg = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0, n), rng.uniform(0.6, 1.0, n))
     bg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0, 0.4, n), rng.uniform(0.1, 0.5, n))
     img = mask * fg[:, None, None, :] + (1 - mask) * bg[:, None, None, :]
@@ -67,13 +73,15 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float32)
 
 
-def make_synthetic(folder: Path, n_train: int = 10_000, n_test: int = 2_000, seed: int = 0) -> None:
+def make_synthetic(
+    folder: Path, n_train: int = 10_000, n_test: int = 2_000, seed: int = 0, size: int = 32, classes: int = 10
+) -> None:
     """Write the set as a CIFAR-10 python folder: data_batch_1..5, test_batch, batches.meta."""
     rng = np.random.default_rng(seed)
-    images, labels = draw(n_train, rng)
+    images, labels = draw(n_train, rng, size, classes)
     parts = np.array_split(np.arange(n_train), TRAIN_BATCHES)
     for i, part in enumerate(parts, start=1):
         write_batch(folder / f"data_batch_{i}", images[part], labels[part])
-    write_batch(folder / "test_batch", *draw(n_test, rng))
-    meta = {"label_names": list(CLASSES), "num_cases_per_batch": len(parts[0]), "num_vis": 3072}
+    write_batch(folder / "test_batch", *draw(n_test, rng, size, classes))
+    meta = {"label_names": list(CLASSES[:classes]), "num_cases_per_batch": len(parts[0]), "num_vis": images[0].size}
     atomic_write(folder / "batches.meta", lambda f: pickle.dump(meta, f, protocol=2))

@@ -17,11 +17,11 @@ import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -331,7 +331,7 @@ def _save(
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
+            "torchvision": version("torchvision"),  # not imported: it would load torch's compiler stack
             "numpy": np.__version__,
         },
         "device": device_name(config.device),

@@ -255,6 +255,32 @@ def test_claims_have_intervals_verdicts_and_never_compare_synthetic_data(frame, 
     )
 
 
+def test_other_depths_on_cifar_get_rows_and_claims_of_their_own(frame):
+    """ResNet-20 and In-ResNet-20 measured on CIFAR-10 (as a new user's first run): own rows
+    labelled with their depth under the paper's, own claims, never a published number."""
+    values = {"clean": 90, **noise(50, 52, 40, 48), "fgsm@2": 30, "ifgsm@2": 10, "pgd@2": 9}
+    small = cells("cifar10", "resnet20", 0, values) + cells(
+        "cifar10", "in-resnet20", 0, {**values, "pgd@2": 12}, lam=(0.2, 0.25)
+    )
+    both = pd.concat([frame, pd.DataFrame(small).assign(stale=False)], ignore_index=True)
+    aggregated = aggregate(seed_metrics(both))
+    filled = fill(table_specs(3, both), aggregated, "paper", 3)
+    rows = list(dict.fromkeys(zip(filled["block"], filled["row"], strict=True)))
+    assert rows[:6] == [("CIFAR-10", name) for name in ("ResNet-110", "In-ResNet-110", "λ-In-ResNet-110",
+                                                         "ResNet-164", "In-ResNet-164", "λ-In-ResNet-164")]  # fmt: skip
+    assert rows[6:8] == [("CIFAR-10", "ResNet-20"), ("CIFAR-10", "In-ResNet-20")]  # λ-In-ResNet-20: not measured
+    mine = filled[filled["model"] == "in-resnet20"].set_index("metric")
+    assert mine.loc["pgd@2", "mean"] == 12.0 and mine["paper"].isna().all()
+    assert ("CIFAR-100", "ResNet-20") not in rows  # measured on CIFAR-10 only
+    table4 = fill(table_specs(4, both), aggregated, "paper", 4)
+    assert list(dict.fromkeys(table4["row"]))[-2:] == ["ResNet-20", "In-ResNet-20"]
+    claims = claim_rows(both, aggregated).set_index(["claim", "dataset"])
+    pgd = claims.loc[("In-ResNet-20 beats ResNet-20 under PGD at 2/255", "cifar10")]
+    assert (pgd["measured"], pgd["verdict"]) == (3.0, "the paper has no number") and math.isnan(pgd["paper"])
+    assert ("λ-In-ResNet-20 beats ResNet-20 under PGD at 2/255", "cifar10") in claims.index  # not measured
+    assert ("In-ResNet-110 beats ResNet-110 under PGD at 2/255", "cifar10") in claims.index
+
+
 # --- leaderboard --------------------------------------------------------------------------------
 
 
