@@ -11,11 +11,14 @@ every argument is always passed explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-import torchattacks
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    import torchattacks
 
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
 
@@ -41,6 +44,8 @@ def iterative_attack(
     """IFGSM (paper Eq. 20: torchattacks.BIM, starts at x) or PGD (torchattacks.PGD: starts
     at x + U[-eps, eps] clipped to [0, 1]), `steps` signed-gradient steps of size `alpha`,
     each projected onto the eps-ball and [0, 1]."""
+    import torchattacks  # here, not at the top: it loads scipy, which a run that attacks nothing skips
+
     if steps < 1:  # BIM picks its own step count for steps=0: never let that happen silently
         raise ValueError(f"{kind} needs at least one step, got {steps}")
     if kind == "ifgsm":

@@ -16,11 +16,11 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import numpy as np
 import pandas as pd
 import torch
-import torchattacks
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -291,7 +291,7 @@ def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds
         "correct": int(correct.sum()),
         "accuracy": float(correct.mean()),
         "torch_version": torch.__version__,
-        "torchattacks_version": torchattacks.__version__,
+        "torchattacks_version": version("torchattacks"),
         "device": device_name(config.device),
         "batch_size": _batch_size(config),
         "seconds": round(seconds, 3),

@@ -13,7 +13,7 @@ def model_summary(names: list[str], num_classes: int = 10) -> pd.DataFrame:
     (lambda_n, gates), damped / total blocks, and the lambda initialisation range."""
     rows = []
     for name in names:
-        model = create_model(name, num_classes=num_classes)
+        entry, model = model_entry(name), create_model(name, num_classes=num_classes)
         skips = [m for m in model.modules() if isinstance(m, SkipRule)]
         interp = sum(p.numel() for s in skips for p in s.parameters())
         total = sum(p.numel() for p in model.parameters())
@@ -21,15 +21,15 @@ def model_summary(names: list[str], num_classes: int = 10) -> pd.DataFrame:
         rows.append(
             {
                 "model": name,
-                "arch": model.info.arch,
-                "rule": model.info.rule,
+                "arch": entry.arch or model.info.arch,  # a user's registration may not say
+                "rule": entry.rule or model.info.rule,
                 "params": total - interp,
                 "interp_params": interp,
                 "damped_blocks": len(damped),
                 "blocks": len(skips),
                 "lambda_low": model.info.lambda_init[0] if interp else float("nan"),
                 "lambda_high": model.info.lambda_init[1] if interp else float("nan"),
-                "description": model_entry(name).description,
+                "description": entry.description,
             }
         )
     return pd.DataFrame(rows)

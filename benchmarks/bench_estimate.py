@@ -10,7 +10,7 @@ Scenarios (CPU):
   with the smoke protocol on a 4,660-image CIFAR-10-format folder: 1 seed, 2 epochs on
   its first 2,048 images (the smoke suite's), 50 test images, radius 2/255.
 
-    python benchmarks/bench_estimate.py                 # both, about 8 minutes on 2 cores
+    python benchmarks/bench_estimate.py                 # both scenarios (minutes on a CPU)
     python benchmarks/bench_estimate.py --scenarios smoke
 """
 

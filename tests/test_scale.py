@@ -243,7 +243,7 @@ def test_ray_with_two_workers_gives_the_sequential_records_even_when_one_dies(mi
     assert len(ours) == 3 * 6 and ours.equals(load_checks(reference)[columns].sort_values(columns[:4]).reset_index(drop=True))
 
 
-@pytest.mark.skipif(not os.environ.get("INRES_BENCH_FULL_TESTS"), reason="about 7 minutes on 2 cores: INRES_BENCH_FULL_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("INRES_BENCH_FULL_TESTS"), reason="minutes of training: INRES_BENCH_FULL_TESTS=1")
 def test_the_smoke_suite_on_ray_gives_the_sequential_records_even_when_a_worker_dies(smoke_run, tmp_path):
     pytest.importorskip("ray")
     results, sequential = smoke_run
