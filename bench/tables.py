@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from models import ModelEntry, list_models, model_entries, model_entry
+from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
 
 from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, RELEASED_FIRST
 from .datasets import dataset_info, dataset_label, paper_datasets
@@ -105,11 +105,6 @@ class Spec:
 # --- which models a table shows ------------------------------------------------------------
 
 
-def label(model: str) -> str:
-    """How tables name a model: the registry's label (other defenses: their name)."""
-    return model_entry(model).label if model in list_models() else model
-
-
 def default_lambda(model: str) -> tuple[float, float] | None:
     """The λ initialisation a zoo model gets by default (None: no λ, or not a zoo model)."""
     return model_entry(model).damped_lambda_init if model in list_models() else None
@@ -158,13 +153,9 @@ def row_models(number: int, dataset: str, frame: pd.DataFrame) -> list[ModelEntr
         entry
         for arch in measured_archs(frame, dataset, number)
         for family, rule in templates
-        if (entry := _find(arch, family, rule)) is not None
+        if (entry := find_model(arch, rule)) is not None and entry.family == family
     ]
     return own + others
-
-
-def _find(arch: str, family: str, rule: str) -> ModelEntry | None:
-    return next((e for e in model_entries() if (e.arch, e.family, e.rule) == (arch, family, rule)), None)
 
 
 # --- the six tables -------------------------------------------------------------------------
@@ -209,7 +200,7 @@ def _all_specs(table: Table, frame: pd.DataFrame) -> list[Spec]:
             spec
             for model in models
             for dataset in datasets
-            for spec in _row(table, "", label(model), dataset, model, ((dataset_label(dataset), "clean"),))
+            for spec in _row(table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),))
         ]
     specs: list[Spec] = []
     for dataset in shown_datasets(frame, table.datasets):
@@ -546,7 +537,6 @@ def missing(filled: pd.DataFrame) -> str:
 __all__ = [
     "Spec",
     "fill",
-    "label",
     "missing",
     "published",
     "render",
