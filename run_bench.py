@@ -111,7 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rank-by", default="pgd@2", help="leaderboard order: a metric such as pgd@2, clean, noise"
     )
     figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
-    figures.add_argument("--landscape-index", type=int, default=0, help="test image (default 0)")
+    figures.add_argument(
+        "--landscape-index", type=int, default=None,
+        help="draw Fig. 2 on this clean test image (default: the paper's two CIFAR-C images, shot noise #3 and "
+        "speckle noise #8, or clean test images 2 and 7 without the noise files)",
+    )
     figures.add_argument("--landscape-points", type=int, default=21, help="grid points per axis (default 21)")
     figures.add_argument(
         "--landscape-radius", type=float, default=8.0, help="grid half-width in 1/255 (default 8)"

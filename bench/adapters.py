@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models import InterpolatedNet, UserError, create_model
+from models import InterpolatedNet, ModelInfo, UserError, create_model
 from models.checkpoints import (
     describe_mismatch,
     listing,
@@ -97,25 +97,58 @@ def save_zoo_checkpoint(
     info = model.info
     folder = zoo_checkpoint_dir(results_dir, dataset, run or info.name, seed)
     digest = save_state_dict(model.state_dict(), folder / WEIGHTS_FILE)
-    model_kwargs = {
-        "num_classes": info.num_classes,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "lambda_init": list(info.lambda_init),
-        "damp_scope": info.damp_scope,
-    }
     save_json(
         {
             "model": info.name,
             "dataset": dataset,
             "seed": seed,
             "sha256": digest,
-            "model_kwargs": model_kwargs,
+            "model_kwargs": model_kwargs(info),
+            "lambda_storage": info.lambda_storage,
             **meta,
         },
         folder / META_FILE,
     )
     return folder
+
+
+def model_kwargs(info: ModelInfo) -> dict:
+    """The options that rebuild a zoo model (`create_model(info.name, **model_kwargs(info))`),
+    as meta.json stores them."""
+    return {
+        "num_classes": info.num_classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "lambda_init": list(info.lambda_init),
+        "damp_scope": info.damp_scope,
+        "network": info.network,
+    }
+
+
+def build_mismatch(meta: dict, info: ModelInfo) -> str:
+    """'' when the checkpoint `meta` describes was built and parametrised as `info` says,
+    else what differs. Checkpoints written before these facts were recorded had every
+    network "paper" and stored λ itself for every scalar rule."""
+    stored = {"network": "paper", **meta.get("model_kwargs", {})}
+    differs = [
+        f"{key} {stored.get(key)!r} (now {value!r})" for key, value in model_kwargs(info).items() if stored.get(key) != value
+    ]
+    storage = meta.get("lambda_storage", "λ" if info.lambda_storage == "k = 1 - λ" else info.lambda_storage)
+    if storage != info.lambda_storage:
+        differs.insert(0, f"λ trained as {storage} (now as {info.lambda_storage}, as the authors' release: "
+                          "weight decay pulled λ the other way)")  # fmt: skip
+    return "; ".join(differs)
+
+
+def check_build(meta: dict, info: ModelInfo, folder: Path) -> None:
+    """One error line when the checkpoint in `folder` is not the model `info` describes:
+    never evaluate or resume it as if it were."""
+    differs = build_mismatch(meta, info)
+    if differs:
+        raise UserError(
+            f"{folder} holds a checkpoint of another build of {info.name}: {differs}; "
+            "delete the folder to train it anew, or use another --results-dir"
+        )
 
 
 def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathLike = "results") -> Defense:
@@ -135,6 +168,7 @@ def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathL
             f"checkpoint {weights} does not match the sha256 in {meta_path}: it changed or is truncated"
         )
     net = create_model(meta["model"], **meta["model_kwargs"])
+    check_build(meta, net.info, folder)
     load_state_dict_file(net, weights)
     return _finish(
         net,

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from models import ModelEntry, find_model, model_entries
+from models import ModelEntry, find_model, model_entries, model_entry
 
 from . import stats
 from .datasets import dataset_info, paper_datasets
@@ -159,3 +160,44 @@ def _verdict(measured: float, low: float, high: float, paper: float, why: str) -
     return stats.verdict(low, high, paper)
 
 
+
+
+# --- Fig. 1: the share of coefficients above 0.01 ----------------------------------------------
+
+
+def share_claim_rows(
+    coefficients: pd.DataFrame,
+    datasets: set[str],
+    preset: str = "paper",
+    evidence: Evidence | None = None,
+    bootstrap: stats.Bootstrap | None = None,
+) -> pd.DataFrame:
+    """The paper's Fig. 1 claim ("79.6% (72.2%) of the λ_n of In-ResNet-110 (164) are above
+    0.01") judged on the trained checkpoints of its panels (figures.paper_panels): the mean
+    over seeds of each seed's share of damped blocks above 0.01, with a 95% interval over
+    seeds, against the published share, on those of `datasets` (the measured ones) the
+    paper draws it for. `coefficients`: figures.coefficient_table."""
+    from .figures import PUBLISHED, SHARE_THRESHOLD, paper_panels
+
+    published = pd.read_csv(PUBLISHED)
+    published = published[(published["figure"] == 1) & (published["metric"] == "share_above_0.01")
+                          & published["dataset"].isin(datasets)]  # fmt: skip
+    mine = coefficients[paper_panels(coefficients, published, preset)]
+    bootstrap = bootstrap or stats.Bootstrap()
+    rows = []
+    for dataset, model, paper in zip(published["dataset"], published["model"], published["value"], strict=True):
+        runs = mine[(mine["dataset"] == dataset) & (mine["model"] == model)]
+        shares = (100 * runs.assign(above=runs["coefficient"] > SHARE_THRESHOLD).groupby("seed")["above"].mean()).tolist()
+        measured = float(np.mean(shares)) if shares else math.nan
+        low, high = bootstrap.over_seeds(shares)
+        why = _not_comparable(dataset, [{"run": r} for r in dict.fromkeys(runs["run"])], evidence, preset)
+        if math.isnan(measured):
+            verdict = "not measured"
+        elif why:
+            verdict = f"not comparable with the paper ({why})"
+        else:
+            verdict = stats.level_verdict(low, high, paper)
+        rows.append({"claim": f"{paper:.1f}% of {model_entry(model).label}'s coefficients act(λ_n) are above 0.01",
+                     "figure": 1, "dataset": dataset, "measured": measured, "low": low, "high": high, "paper": paper,
+                     "seeds": len(shares), "verdict": verdict})  # fmt: skip
+    return pd.DataFrame(rows, columns=["claim", "figure", "dataset", "measured", "low", "high", "paper", "seeds", "verdict"])

@@ -223,7 +223,9 @@ def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
         return _cost(0, 0, 0, 0.0, 0.0)
     epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
     images = training_images(task.job.dataset, options.data_dir, config.n_train)
-    return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * images / rates.train, 0.0)
+    tested = driver.data(task.job.dataset, eval_config(task.job, driver.spec, options, driver.device)).n_test
+    per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
+    return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
 
 
 def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:

@@ -44,7 +44,7 @@ FORWARD, FORWARD_BACKWARD = 1.0, 3.0  # progress-bar cost of one image pass (an 
 class EvalConfig:
     """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
 
-    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, per-file noise normalisation
+    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, PGD's ball around its start, per-file noise normalisation
     eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
     iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
     steps: int = 20  # IFGSM / PGD iterations
@@ -83,6 +83,12 @@ class EvalConfig:
             perturbation(name)
             if n < 1:
                 raise UserError(f"the test subset of {name} must be positive, got {n}")
+
+    @property
+    def pgd_ball(self) -> str:
+        """Where PGD's projection ball is centred: on the image (the paper's text), or on
+        the random start (the release's test_pgd.py, preset authors-code)."""
+        return "start" if self.preset == "authors-code" else "image"
 
     @property
     def alpha(self) -> float:
@@ -136,6 +142,7 @@ class EvalData:
     def __init__(self, dataset: str, data_dir, config: EvalConfig):
         self.dataset, self.data_dir, self.config = dataset, data_dir, config
         self.test = load_test(dataset, data_dir)
+        self.n_test = len(self.test)
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
@@ -371,7 +378,7 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
             inputs = spec.perturb(model, x, y, eps, config)
         for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
             if spec.kind == ATTACK:
-                audit(x_in, x, e, what)
+                audit(x_in, x, spec.reach(config, e), what)
             out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
         bar.update(_units_cost(unit, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]

@@ -1,9 +1,10 @@
-"""Figures: the paper's Figures 1-3 and robustness and severity curves.
+"""Figures: the paper's Figures 1-3, robustness, severity and training curves.
 
 Everything comes from what is recorded and trained: the records (curves, Fig. 3), each
-checkpoint's meta.json (Fig. 1's coefficients) and, for Fig. 2's loss landscape, two
-checkpoints and one test image. Drawn with matplotlib's object API on the Agg backend (no
-display, no global state), as PNG and PDF, byte-for-byte the same for the same inputs.
+checkpoint's meta.json (Fig. 1's coefficients) and epochs.csv (training curves) and, for
+Fig. 2's loss landscape, two checkpoints and the paper's two test images. Drawn with
+matplotlib's object API on the Agg backend (no display, no global state), as PNG and PDF,
+byte-for-byte the same for the same inputs.
 A figure whose inputs are missing is skipped, with the reason, never an error.
 
 Colours follow the skip rule across every figure (ResNet blue, In-ResNet orange,
@@ -32,6 +33,7 @@ from models import UserError, list_models, model_entry, model_label
 from .adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
 from .datasets import dataset_label
 from .noise import NOISE_GROUPS, SEVERITIES
+from .train import GATE_IMAGES, read_epochs
 
 matplotlib.use("Agg")
 PUBLISHED = Path(__file__).with_name("published_figures.csv")
@@ -55,7 +57,7 @@ SHARE_THRESHOLD = 0.01  # the paper counts coefficients above this
 class FigureConfig:
     """Fig. 2's settings; radii in 1/255."""
 
-    landscape_index: int = 0  # which test image (in the clean test set's order)
+    landscape_index: int | None = None  # one clean test image; None: the paper's two (PAPER_LANDSCAPE_IMAGES)
     landscape_points: int = 21  # grid points per axis
     landscape_radius: float = 8.0  # the grid spans [-radius, radius] along both directions
     landscape_batch: int = 256  # grid points per forward pass
@@ -122,30 +124,72 @@ def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) 
     return figure, axes
 
 
+# --- what the finished runs' folders hold ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A finished run's checkpoint folder, as figures and the Fig. 1 claim read it."""
+
+    dataset: str
+    run: str
+    model: str
+    seed: int
+    lambda_init: tuple[float, float] | None  # None: the rule has no λ
+    coefficients: tuple[float, ...]  # act(λ_n) of the damped blocks at the end ((): gating rules)
+    epochs: pd.DataFrame | None  # the training log (epochs.csv), None for runs older than it
+
+
+def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunFolder]:
+    """Every finished run of `preset` (its meta.json says which), read once."""
+    out = []
+    finished = runs[runs["status"] == "finished"]
+    for run, dataset, seed, model, low, high in zip(finished["run"], finished["dataset"], finished["seed"],
+                                                    finished["model"], finished["lambda_low"], finished["lambda_high"],
+                                                    strict=True):  # fmt: skip
+        folder = zoo_checkpoint_dir(results_dir, dataset, run, seed)
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("preset", "paper") != preset:
+            continue
+        init = None if pd.isna(low) else (float(low), float(high))
+        out.append(RunFolder(dataset, run, model, int(seed), init,
+                             tuple(meta.get("interpolation_coefficients") or ()), read_epochs(folder)))  # fmt: skip
+    return out
+
+
 # --- Fig. 1: interpolation coefficients ------------------------------------------------------------
 
 
-def coefficient_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """act(d_n) per damped block of every finished, current run that has scalar
-    coefficients (In-, λ-In-, sig rules): dataset, run, model, seed, block (from 1),
-    coefficient."""
-    rows = []
-    finished = runs[runs["status"] == "finished"]
-    for run, dataset, seed, model in zip(finished["run"], finished["dataset"], finished["seed"], finished["model"], strict=True):
-        meta = json.loads((zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE).read_text())
-        coefficients = meta.get("interpolation_coefficients") or []
-        if rule_of(model) in ("residual", "plain"):
-            continue
-        rows += [
-            {"dataset": dataset, "run": run, "model": model, "seed": int(seed), "block": i + 1, "coefficient": c}
-            for i, c in enumerate(coefficients)
-        ]
-    return pd.DataFrame(rows, columns=["dataset", "run", "model", "seed", "block", "coefficient"])
+def coefficient_table(folders: list[RunFolder]) -> pd.DataFrame:
+    """act(d_n) per damped block of every run with scalar coefficients (In-, λ-In-, sig
+    rules): dataset, run, model, lambda_low, lambda_high, seed, block (from 1), coefficient."""
+    rows = [
+        {"dataset": f.dataset, "run": f.run, "model": f.model, "lambda_low": f.lambda_init[0],
+         "lambda_high": f.lambda_init[1], "seed": f.seed, "block": i + 1, "coefficient": c}
+        for f in folders
+        if f.lambda_init is not None
+        for i, c in enumerate(f.coefficients)
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["dataset", "run", "model", "lambda_low", "lambda_high", "seed", "block", "coefficient"])
 
 
-def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame) -> Figure:
+def paper_panels(table: pd.DataFrame, published: pd.DataFrame, preset: str) -> pd.Series:
+    """Which rows of the coefficient table are the paper's Fig. 1: the models and data sets
+    it draws (published_figures.csv), trained with the paper's full recipe at the model's
+    default initialisation."""
+    from .tables import paper_recipe_tags
+
+    panels = published[published["figure"] == 1]
+    wanted = {(d, r) for d, m in zip(panels["dataset"], panels["model"], strict=True)
+              for r in paper_recipe_tags(m, preset, None)}  # fmt: skip
+    return pd.Series([(d, r) in wanted for d, r in zip(table["dataset"], table["run"], strict=True)], index=table.index,
+                     dtype=bool)  # fmt: skip
+
+
+def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> Figure:
     """One panel per run: each seed's coefficients as points, their mean as a line, the
-    share above 0.01 measured (and published, where the paper gives it)."""
+    share above 0.01 measured and, for the paper's panels (`published` given), published;
+    without `published` the titles name the initialisation and nothing is compared."""
     runs = sorted(
         dict.fromkeys(zip(table["dataset"], table["run"], table["model"], strict=True)),
         key=lambda t: (t[0], rule_rank(t[2]), t[2], t[1]),
@@ -159,14 +203,99 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame) -> Figure:
         mean = mine.groupby("block")["coefficient"].mean()
         ax.plot(mean.index, mean.values, color="black", linewidth=1.2, label="mean over seeds")
         share = 100 * (mine["coefficient"] > SHARE_THRESHOLD).mean()
-        paper = published[(published["dataset"] == dataset) & (published["model"] == model)]["value"]
-        quoted = f", paper {paper.iloc[0]:.1f}%" if len(paper) else ""
-        ax.set_title(f"{model_label(model)}, {dataset_label(dataset)}: {share:.1f}% > 0.01{quoted}", fontsize=9)
+        name = model_label(model) + ("" if run == model else f" ({run})")
+        if published is None:
+            low, high = mine["lambda_low"].iloc[0], mine["lambda_high"].iloc[0]
+            title = f"{name}, λ~U[{low:.4g}, {high:.4g}], {dataset_label(dataset)}: {share:.1f}% > 0.01"
+        else:
+            paper = published[(published["dataset"] == dataset) & (published["model"] == model)]["value"]
+            quoted = f", paper {paper.iloc[0]:.1f}%" if len(paper) else ""
+            title = f"{name}, {dataset_label(dataset)}: {share:.1f}% > 0.01{quoted}"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("damped block (depth order)")
         ax.set_ylabel("coefficient act(λ_n)")
         ax.axhline(SHARE_THRESHOLD, color="gray", linewidth=0.6, linestyle=":")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="upper right")
+    return figure
+
+
+def _coefficient_figures(table: pd.DataFrame, preset: str) -> list:
+    """Fig. 1 (the paper's panels) and the coefficients of every other damped run."""
+    published = pd.read_csv(PUBLISHED)
+    paper = paper_panels(table, published, preset)
+    wanted = published[published["figure"] == 1]
+    names = " and ".join(f"{model_label(m)} on {dataset_label(d)}" for d, m in zip(wanted["dataset"], wanted["model"], strict=True))
+    out = []
+    if paper.any():
+        runs = ", ".join(dict.fromkeys(table.loc[paper, "run"]))
+        caption = (f"Fig. 1: interpolation coefficients act(λ_n) per damped block of {names} (the paper's panels: its "
+                   f"full recipe, default initialisation), each seed and their mean, with the share above 0.01 against "
+                   f"the published one (runs: {runs}).")  # fmt: skip
+        out.append(render(coefficients_figure(table[paper], published), "fig1_coefficients", caption))
+    else:
+        out.append(Skipped("fig1_coefficients", f"no finished run of {names} with the paper's full recipe at the "
+                                                "default initialisation"))  # fmt: skip
+    if (~paper).any():
+        runs = ", ".join(dict.fromkeys(table.loc[~paper, "run"]))
+        caption = (f"Interpolation coefficients act(λ_n) per damped block of the other damped runs, each seed and their "
+                   f"mean, with the share above 0.01; each panel names its initialisation and data set, and none is "
+                   f"compared with the paper (runs: {runs}).")  # fmt: skip
+        out.append(render(coefficients_figure(table[~paper], None), "coefficients_other", caption))
+    return out
+
+
+# --- training curves -------------------------------------------------------------------------------
+
+
+def training_table(folders: list[RunFolder]) -> pd.DataFrame:
+    """Per run, seed and epoch of the training logs: dataset, run, model, seed, epoch,
+    train_loss, test_accuracy (%), and the coefficients' median, 10th and 90th percentile
+    over the damped blocks (NaN for the rules without λ; the per-block median for gates)."""
+    rows = []
+    for f in folders:
+        if f.epochs is None:
+            continue
+        coefficients = f.epochs[[c for c in f.epochs.columns if c.startswith("coefficient_")
+                                 and (c.count("_") == 1 or c.endswith("_median"))]]  # fmt: skip
+        for i, epoch in enumerate(f.epochs.to_dict("records")):
+            values = coefficients.iloc[i].to_numpy(dtype=float) if len(coefficients.columns) else np.array([])
+            low, mid, high = np.percentile(values, [10, 50, 90]) if values.size else (np.nan,) * 3
+            rows.append({"dataset": f.dataset, "run": f.run, "model": f.model, "seed": f.seed,
+                         "epoch": int(epoch["epoch"]), "train_loss": epoch["train_loss"],
+                         "test_accuracy": 100 * epoch["test_accuracy"], "coefficient_p10": low,
+                         "coefficient_median": mid, "coefficient_p90": high})  # fmt: skip
+    columns = ["dataset", "run", "model", "seed", "epoch", "train_loss", "test_accuracy", "coefficient_p10",
+               "coefficient_median", "coefficient_p90"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def training_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
+    """Per run (mean over seeds): the training loss and test accuracy per epoch, and for the
+    damped runs the coefficients' median per epoch with their 10-90% band over blocks."""
+    mine = table[table["dataset"] == dataset]
+    if mine.empty:
+        return None
+    damped = mine["coefficient_median"].notna().any()
+    figure, axes = _grid(3 if damped else 2, columns=3, size=(4.0, 3.2))
+    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    line = styles({m for _, m in runs})
+    for run, model in runs:
+        curve = mine[mine["run"] == run].groupby("epoch").mean(numeric_only=True)
+        label = model_label(model) if len({m for _, m in runs}) == len(runs) else run
+        style = {"color": colour(model), "linestyle": line[model], "marker": "o", "markersize": 2}
+        axes[0].plot(curve.index, curve["train_loss"], label=label, **style)
+        axes[1].plot(curve.index, curve["test_accuracy"], label=label, **style)
+        if damped and curve["coefficient_median"].notna().any():
+            axes[2].plot(curve.index, curve["coefficient_median"], label=label, **style)
+            axes[2].fill_between(curve.index, curve["coefficient_p10"], curve["coefficient_p90"], color=colour(model),
+                                 alpha=0.15, linewidth=0)  # fmt: skip
+    for ax, ylabel in zip(axes, ("training loss", "test accuracy (%)", "act(λ_n): median, 10-90% of blocks"), strict=False):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=7, loc="upper right")
+    figure.suptitle(f"Training curves, {dataset_label(dataset)} (mean over seeds)", fontsize=10)
     return figure
 
 
@@ -213,30 +342,34 @@ def landscape(
     return offsets, torch.cat(losses).reshape(shape).numpy(), torch.cat(classes).reshape(shape).numpy()
 
 
-def landscape_figure(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], true_class: int) -> Figure:
-    """Per model (name, offsets, loss, classes): the loss as a heat map (one colour scale
-    for all) over the predicted classes' map."""
-    figure = Figure(figsize=(4.4 * len(panels), 7.4), layout="constrained")
-    low = min(float(p[2].min()) for p in panels)
-    high = max(float(p[2].max()) for p in panels)
-    extent = None
-    for i, (name, offsets, loss, classes) in enumerate(panels):
-        extent = [offsets[0], offsets[-1], offsets[0], offsets[-1]]
-        top = figure.add_subplot(2, len(panels), i + 1)
-        image = top.imshow(loss.T, origin="lower", extent=extent, vmin=low, vmax=high, cmap="viridis", aspect="auto")
-        top.set_title(f"{name}: loss", fontsize=9)
-        bottom = figure.add_subplot(2, len(panels), len(panels) + i + 1)
-        classes_image = bottom.imshow(classes.T, origin="lower", extent=extent, cmap="tab10", vmin=-0.5, vmax=9.5,
-                                      aspect="auto", interpolation="nearest")  # fmt: skip
-        bottom.set_title(f"{name}: predicted class (true: {true_class})", fontsize=9)
-        for ax in (top, bottom):
-            ax.set_xlabel("a along d_fgsm (1/255)")
-            ax.set_ylabel("b along d_orth (1/255)")
-            ax.plot([0], [0], marker="+", color="white", markersize=10)
-    tops = [ax for ax in figure.axes if ax.get_title().endswith(": loss")]
-    bottoms = [ax for ax in figure.axes if "predicted class" in ax.get_title()]
-    figure.colorbar(image, ax=tops, label="cross-entropy loss", shrink=0.9)
-    classes_bar = figure.colorbar(classes_image, ax=bottoms, label="predicted class", shrink=0.9, ticks=range(10))
+def landscape_figure(examples: list[tuple[str, int, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]]) -> Figure:
+    """Per example (title, true class, panels), two rows; per model's panel (name, offsets,
+    loss, classes) a column: the loss as a heat map (one colour scale for all) over the map
+    of predicted classes."""
+    columns = max(len(panels) for _, _, panels in examples)
+    figure = Figure(figsize=(4.4 * columns, 3.7 * 2 * len(examples)), layout="constrained")
+    low = min(float(p[2].min()) for _, _, panels in examples for p in panels)
+    high = max(float(p[2].max()) for _, _, panels in examples for p in panels)
+    tops, bottoms = [], []
+    for row, (title, true_class, panels) in enumerate(examples):
+        for i, (name, offsets, loss, classes) in enumerate(panels):
+            extent = [offsets[0], offsets[-1], offsets[0], offsets[-1]]
+            top = figure.add_subplot(2 * len(examples), columns, 2 * row * columns + i + 1)
+            image = top.imshow(loss.T, origin="lower", extent=extent, vmin=low, vmax=high, cmap="viridis", aspect="auto")
+            top.set_title(f"{title}\n{name}: loss", fontsize=9)
+            bottom = figure.add_subplot(2 * len(examples), columns, (2 * row + 1) * columns + i + 1)
+            classes_image = bottom.imshow(classes.T, origin="lower", extent=extent, cmap="tab10", vmin=-0.5, vmax=9.5,
+                                          aspect="auto", interpolation="nearest")  # fmt: skip
+            bottom.set_title(f"{name}: predicted class (true: {true_class})", fontsize=9)
+            for ax in (top, bottom):
+                ax.set_xlabel("a along its d_fgsm (1/255)")
+                ax.set_ylabel("b along its d_orth (1/255)")
+                ax.plot([0], [0], marker="+", color="white", markersize=10)
+            tops.append(top)
+            bottoms.append(bottom)
+    figure.colorbar(image, ax=tops + bottoms, label="cross-entropy loss", shrink=0.6, location="right")
+    classes_bar = figure.colorbar(classes_image, ax=tops + bottoms, label="predicted class", shrink=0.6,
+                                  location="bottom", ticks=range(10))  # fmt: skip
     classes_bar.ax.tick_params(labelsize=7)
     return figure
 
@@ -370,22 +503,23 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
 # --- all of them ----------------------------------------------------------------------------------
 
 
-def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig = FigureConfig()) -> list:
-    """Every figure the records (and, for Fig. 2, the checkpoints and data) allow: a
-    `Drawn` or a `Skipped` for each. `m`: measured.Measured."""
+def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig = FigureConfig(),
+             folders: list[RunFolder] | None = None) -> list:  # fmt: skip
+    """Every figure the records (and, for Figures 1-2 and the training curves, the
+    checkpoint folders and data) allow: a `Drawn` or a `Skipped` for each. `m`:
+    measured.Measured; `folders`: run_folders(results, m.runs, preset) when already read."""
     aggregated = m.aggregated[m.aggregated["preset"] == preset]
+    folders = run_folders(results, m.runs, preset) if folders is None else folders
     out: list = []
-    table = coefficient_table(results, m.runs)
+    table = coefficient_table(folders)
     if table.empty:
         out.append(Skipped("fig1_coefficients", "no finished In-ResNet or λ-In-ResNet run with scalar coefficients"))
     else:
-        runs = ", ".join(dict.fromkeys(table["run"]))
-        caption = (f"Fig. 1: interpolation coefficients act(λ_n) per damped block, each seed and their mean, "
-                   f"with the share above 0.01 (runs: {runs}).")  # fmt: skip
-        out.append(render(coefficients_figure(table, pd.read_csv(PUBLISHED)), "fig1_coefficients", caption))
-    out += _landscapes(m, results, data_dir, config)
+        out += _coefficient_figures(table, preset)
+    out += _landscapes(results, data_dir, config, folders)
     severity = severity_table(m.frame, m.kept[m.kept["preset"] == preset])
-    for dataset in sorted(set(aggregated["dataset"])):
+    training = training_table(folders)
+    for dataset in sorted(set(aggregated["dataset"]) | set(training["dataset"])):
         name = dataset_label(dataset)
         runs = ", ".join(dict.fromkeys(aggregated.loc[aggregated["dataset"] == dataset, "run"]))
         for stem, figure, caption in (
@@ -396,51 +530,95 @@ def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig 
              f"points in the PGD panel (runs: {runs})."),
             (f"severity_{dataset}", severity_figure(severity, dataset),
              f"Accuracy against the severity of each noise group on {name}, mean ± std over seeds."),
+            (f"training_{dataset}", training_figure(training, dataset),
+             f"Training curves on {name} from each run's epochs.csv, mean over seeds: training loss, test accuracy "
+             f"(the whole test set after each epoch) and, for the damped runs, the median of act(λ_n) over the damped "
+             f"blocks with its 10-90% band (gating rules: each block's median over {GATE_IMAGES:,} test images)."),
         ):  # fmt: skip
             out.append(render(figure, stem, caption) if figure is not None else Skipped(stem, "nothing of it recorded"))
     return out
 
 
-def _landscapes(m, results: Path, data_dir, config: FigureConfig) -> list:
+def _landscapes(results: Path, data_dir, config: FigureConfig, folders: list[RunFolder]) -> list:
     """Fig. 2 for the first data set with a finished ResNet and interpolated model of the
-    same architecture and seed."""
-    from .data import load_test
-    from .datasets import dataset_info
+    same architecture and seed: each model along its own directions."""
     from .sanity import plain_counterpart
 
-    finished = m.runs[m.runs["status"] == "finished"]
-    for run, dataset, seed, model in zip(finished["run"], finished["dataset"], finished["seed"], finished["model"], strict=True):
-        if rule_of(model) not in ("in", "lambda-in"):
+    present = {(f.dataset, f.run, f.seed) for f in folders}
+    for f in folders:
+        plain = plain_counterpart(f.model) if rule_of(f.model) in ("in", "lambda-in") else None
+        partner = f.run.replace(f.model, plain, 1) if plain else None
+        if partner is None or (f.dataset, partner, f.seed) not in present:
             continue
-        plain = plain_counterpart(model)
-        partner = finished[(finished["model"] == plain) & (finished["dataset"] == dataset) & (finished["seed"] == seed)
-                           & (finished["run"] == run.replace(model, plain, 1))]  # fmt: skip
-        if partner.empty:
-            continue
-        spec = dataset_info(dataset)
-        try:
-            test = load_test(dataset, data_dir) if _data_present(spec, data_dir) else None
-        except UserError:
-            test = None
-        if test is None:
-            return [Skipped("fig2_landscape", f"the {dataset} test set is not in the data dir")]
-        index = min(config.landscape_index, len(test) - 1)
-        x = torch.from_numpy(test.images[index : index + 1]).permute(0, 3, 1, 2).float() / 255
-        y = torch.tensor([int(test.labels[index])])
-        panels = []
-        d_fgsm = d_orth = None
-        for name in (partner["run"].iloc[0], run):
-            net = zoo_defense(name, dataset, int(seed), results).model
-            if d_fgsm is None:  # the directions of the ResNet, shared by both panels
-                d_fgsm, d_orth = directions(net, x, y, config.landscape_seed)
-            offsets, loss, classes = landscape(net, x, y, d_fgsm, d_orth, config.landscape_radius,
-                                               config.landscape_points, config.landscape_batch)  # fmt: skip
-            panels.append((model_label(m.runs.loc[m.runs["run"] == name, "model"].iloc[0]), offsets, loss, classes))
-        caption = (f"Fig. 2: loss and predicted class of test image {index} ({dataset_label(dataset)}) on "
-                   f"x + a·d_fgsm + b·d_orth, the ResNet's directions, seed {seed} (runs: "
-                   f"{partner['run'].iloc[0]}, {run}).")  # fmt: skip
-        return [render(landscape_figure(panels, int(y)), "fig2_landscape", caption)]
+        dataset, seed = f.dataset, f.seed
+        images = landscape_images(dataset, data_dir, config)
+        if isinstance(images, Skipped):
+            return [images]
+        pair = [(partner, plain), (f.run, f.model)]
+        nets = [(model_label(name), zoo_defense(tag, dataset, seed, results).model) for tag, name in pair]
+        examples, notes = [], []
+        for n, (title, x, y) in enumerate(images, 1):
+            panels, right = [], []
+            for name, net in nets:
+                d_fgsm, d_orth = directions(net, x, y, config.landscape_seed)  # each model its own
+                offsets, loss, classes = landscape(net, x, y, d_fgsm, d_orth, config.landscape_radius,
+                                                   config.landscape_points, config.landscape_batch)  # fmt: skip
+                panels.append((name, offsets, loss, classes))
+                with torch.no_grad():
+                    right.append(bool(net(x).argmax(1) == y))
+            examples.append((title, int(y), panels))
+            notes.append(f"({n}) {title}: {_agreement([name for name, _ in nets], right)}")
+        caption = (f"Fig. 2: loss and predicted class on x + a·d_fgsm + b·d_orth ({dataset_label(dataset)}, seed {seed}; "
+                   f"runs {pair[0][0]}, {pair[1][0]}), each model along its own FGSM direction d_fgsm and its own "
+                   f"random direction d_orth orthogonal to it, as the paper draws it. " + "; ".join(notes) + ".")  # fmt: skip
+        return [render(landscape_figure(examples), "fig2_landscape", caption)]
     return [Skipped("fig2_landscape", "no finished ResNet and In-ResNet (or λ-In-ResNet) of one depth and seed")]
+
+
+# The paper's Fig. 2 images: "the 3rd image of the shot-noise group" and "the 8th of the
+# speckle-noise group" of CIFAR-10-C. A group file starts with severity 1, so these are
+# its rows 2 and 7: test images 2 and 7 at severity 1. Without the files: those two clean.
+PAPER_LANDSCAPE_IMAGES = (("shot_noise", 2), ("speckle_noise", 7))
+
+
+def landscape_images(dataset: str, data_dir, config: FigureConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]] | Skipped:
+    """(title, x 1 x C x H x W in [0, 1], y of shape (1,)) of each Fig. 2 example: the
+    clean test image `config.landscape_index`, else the paper's noise images when the noise
+    files are on disk (figures never generate or download anything), else the same two
+    test images clean."""
+    from .data import generation_folder, load_noise, load_test
+    from .datasets import dataset_info
+
+    try:
+        test = load_test(dataset, data_dir) if _data_present(dataset_info(dataset), data_dir) else None
+    except UserError:
+        test = None
+    if test is None:
+        return Skipped("fig2_landscape", f"the {dataset} test set is not in the data dir")
+
+    def one(images: np.ndarray, labels: np.ndarray, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.array(images[row : row + 1])).permute(0, 3, 1, 2).float() / 255, torch.tensor([int(labels[row])])
+
+    if config.landscape_index is not None:
+        row = min(config.landscape_index, len(test) - 1)
+        return [(f"clean test image {row}", *one(test.images, test.labels, row))]
+    if generation_folder(dataset, data_dir, "auto") is None:  # the noise files are there: read them
+        out = []
+        for group, row in PAPER_LANDSCAPE_IMAGES:
+            noise = load_noise(dataset, group, data_dir, "auto", test=test)
+            title = f"{noise.source} {group.replace('_', ' ')} #{row + 1} (severity 1, test image {row})"
+            out.append((title, *one(noise.images, noise.labels, row)))
+        return out
+    return [(f"clean test image {row} (no noise files)", *one(test.images, test.labels, row))
+            for _, row in PAPER_LANDSCAPE_IMAGES]  # fmt: skip
+
+
+def _agreement(names: list[str], right: list[bool]) -> str:
+    if all(right):
+        return "both models right"
+    if not any(right):
+        return "both models wrong"
+    return "only " + " and ".join(n for n, r in zip(names, right, strict=True) if r) + " right"
 
 
 def _data_present(spec, data_dir) -> bool:

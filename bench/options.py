@@ -46,7 +46,7 @@ class RunOptions:
     progress: bool = True
     dry_run: bool = False
     rank_by: str = "pgd@2"  # the leaderboard's order
-    landscape: tuple[int, int, float] = (0, 21, 8.0)  # Fig. 2: test image, grid points, radius in 1/255
+    landscape: tuple[int | None, int, float] = (None, 21, 8.0)  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
     executor: str = "local"  # local: this machine's processes; ray: a Ray cluster (bench.executors)
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's
     ray_address: str | None = None  # join this Ray cluster; None: a Ray of this machine, on localhost only
@@ -90,7 +90,7 @@ class RunOptions:
         data_root(self.data_dir)
         check_metric(self.rank_by)
         index, points, radius = self.landscape
-        if index < 0 or points < 2 or not (math.isfinite(radius) and radius > 0):
+        if (index is not None and index < 0) or points < 2 or not (math.isfinite(radius) and radius > 0):
             raise UserError(
                 f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
                 f"--landscape-radius, got {index}, {points}, {radius:g}"

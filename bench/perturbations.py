@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from models import UserError
 
-from .attacks import fgsm, iterative_attack
+from .attacks import fgsm, iterative_attack, pgd_around_start
 from .noise import NOISE_GROUPS
 
 CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
@@ -51,6 +51,11 @@ class Perturbation:
         """(forward, forward+backward) image passes for `n` images at `radii` radii, the
         final classifying forward included: for progress bars and estimates."""
         return n * radii, 0.0
+
+    def reach(self, setting, eps: float) -> float:
+        """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
+        audit allows. The radius, unless the perturbation's ball is centred elsewhere."""
+        return eps
 
     def strength(self, params: dict) -> tuple:
         """Orders parameter sets of one radius: the largest is the strongest attack."""
@@ -92,22 +97,37 @@ class FGSM(Perturbation):
 class Iterative(Perturbation):
     """IFGSM (paper Eq. 20) or PGD (random start): `steps` signed-gradient steps of size
     alpha, projected onto the eps-ball and [0, 1]. Alpha and steps come from the setting
-    (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here."""
+    (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here.
+
+    The ball is centred on x ("image", the paper's text) or, for PGD under a setting whose
+    `pgd_ball` is "start" (the authors-code preset), on the unclipped random start, as the
+    release (`ball` None: the setting's). A start-centred measurement records
+    `"ball": "start"` in its params, so it never pools with the paper's PGD."""
 
     leaderboard: bool = True
     steps: int | None = None  # None: the setting's
     alpha_per_eps: float | None = None  # alpha = this x eps (None: the setting's alpha)
+    ball: str | None = "image"  # "image", "start", or None: the setting's pgd_ball
 
     def params(self, setting, eps_255):
         steps = self.steps if self.steps is not None else setting.steps
         alpha = self.alpha_per_eps * eps_255 if self.alpha_per_eps is not None else setting.alpha * 255
-        return {"alpha_255": round(alpha, 6), "steps": int(steps)}
+        params = {"alpha_255": round(alpha, 6), "steps": int(steps)}
+        return {**params, "ball": "start"} if self._ball(setting) == "start" else params
+
+    def _ball(self, setting) -> str:
+        return self.ball if self.ball is not None else setting.pgd_ball
 
     def perturb(self, model, x, y, eps, setting):
         params = self.params(setting, eps[0] * 255)
-        kind = "pgd" if self.randomized else "ifgsm"
-        attack = iterative_attack(model, kind, eps[0], params["alpha_255"] / 255, params["steps"])
+        alpha, steps = params["alpha_255"] / 255, params["steps"]
+        if self._ball(setting) == "start":
+            return [pgd_around_start(model, x, y, eps[0], alpha, steps)]
+        attack = iterative_attack(model, "pgd" if self.randomized else "ifgsm", eps[0], alpha, steps)
         return [attack(x, y)]
+
+    def reach(self, setting, eps):
+        return 2 * eps if self._ball(setting) == "start" else eps
 
     def passes(self, n, radii, setting):
         steps = self.steps if self.steps is not None else setting.steps
@@ -200,7 +220,7 @@ for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
 register(FGSM("fgsm", "FGSM"))
 register(Iterative("ifgsm", "IFGSM"))
-register(Iterative("pgd", "PGD", randomized=True))
+register(Iterative("pgd", "PGD", randomized=True, ball=None))
 register(UniformNoise("uniform", "Uniform noise"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
 # undefended model to chance (Madry et al.'s step rule).

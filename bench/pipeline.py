@@ -24,7 +24,7 @@ import torch
 from models import UserError, create_model
 from models.checkpoints import check_writable, remove_orphans, run_lock
 
-from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
+from .adapters import META_FILE, check_build, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import generation_folder, load_noise, load_test
@@ -54,7 +54,7 @@ from .records import CELL_COLUMNS, RecordStore, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .suites import Suite, suite
-from .train import finished_run
+from .train import finished_run, planned_info
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def run(options: RunOptions) -> int:
     _check_models(jobs)
     check_metric(options.rank_by, planned_metrics(jobs, spec, options) | recorded_metrics(options))
     tasks = plan_tasks(jobs, spec, options, device)
+    for task in tasks:  # a checkpoint of another recipe or model build: one line before any work
+        if task.kind in (TRAIN, MEASURE):
+            finished_run(train_config(task.job, task.seed, spec, options, device), options.results_dir)
     if options.dry_run:
         driver = Driver(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
         sys.stdout.write(render_plan(driver, tasks, options) + "\n")
@@ -222,6 +225,7 @@ class Driver:
             self.outcome.missing.add(what)
             return None
         meta = read_meta(folder / META_FILE)
+        check_build(meta, planned_info(job.model, job.dataset, self.options.preset, job.lambda_init), folder)
         status = meta.get("status", "finished")
         if status not in ("finished", "failed"):  # "running": its training was interrupted
             log.warning("%s: run is %s; not evaluated", what, status)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from models import CIFAR10_MEAN, UserError
+from models import CIFAR10_MEAN, ModelEntry, UserError
 
 from .datasets import dataset_info
 
@@ -30,7 +30,7 @@ class Recipe:
     epochs: int
     lr: float
     milestones: tuple[int, ...]
-    weight_decay: float  # applied to every parameter, lambda_n included (as the release)
+    weight_decay: float  # on every parameter, as the release: the stored λ or k = 1 - λ too (models.skip)
     momentum: float = 0.9
     batch_size: int = 128  # images
     pad: int = 4  # pixels of padding before the random crop back to the image size
@@ -72,7 +72,11 @@ def scaled(recipe: Recipe, length: str) -> Recipe:
     return replace(recipe, epochs=epochs, milestones=milestones)
 
 
-def preset_normalization(preset: str) -> dict:
-    """Model normalisation overrides of a preset: the release used CIFAR-10's mean with
-    its own std for both data sets; `paper` keeps each data set's statistics."""
-    return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD} if preset == "authors-code" else {}
+def preset_model_options(preset: str, entry: ModelEntry) -> dict:
+    """Model options a preset fixes: `paper` none (each data set's statistics, the cited
+    networks); `authors-code` the release's normalisation (CIFAR-10's mean with its own
+    std, for both data sets) and, where the release has the family, its network."""
+    if preset != "authors-code":
+        return {}
+    network = {"network": "release"} if "release" in entry.networks else {}
+    return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD, **network}

@@ -20,7 +20,7 @@ from models.checkpoints import write_atomic
 
 from . import figures, sanity, stats
 from .aggregate import DEFAULT_STEPS
-from .claims import claim_rows
+from .claims import claim_rows, share_claim_rows
 from .datasets import dataset_info, dataset_label
 from .leaderboard import check_metric, leaderboard, leaderboard_texts
 from .measured import Evidence, Measured, measured
@@ -70,9 +70,12 @@ def write_reports(
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine)))
     texts.update(sanity_texts(results, m, preset))
-    drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig())
+    folders = figures.run_folders(results, m.runs, preset)
+    drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
     texts.update(_figure_files(results, drawn))
-    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn)
+    shares = share_claim_rows(figures.coefficient_table(folders), set(m.frame["dataset"]), preset, evidence,
+                              evidence.bootstrap)  # fmt: skip
+    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares)
     board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity)
     texts.update(leaderboard_texts(results, board, left_mine))
     for path, text in texts.items():
@@ -152,6 +155,7 @@ def render_report(
     steps: int = DEFAULT_STEPS,
     evidence: Evidence | None = None,
     drawn: list | None = None,
+    shares: pd.DataFrame | None = None,
 ) -> str:
     frame, aggregated = m.frame, m.aggregated
     lines = ["# inres-bench report", ""]
@@ -201,6 +205,8 @@ def render_report(
             disable_numparse=True,
         )
     ]
+    if shares is not None and len(shares):
+        lines += ["", SHARE_LEGEND, "", render_shares(shares)]
     lines += ["", "## Tables", ""]
     for number, filled in tables.items():
         measured = int(filled["mean"].notna().sum())
@@ -219,6 +225,28 @@ def render_report(
         else:
             lines += [f"- {item.name} skipped: {item.reason}.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+SHARE_LEGEND = (
+    "Fig. 1's claim, judged on the trained checkpoints of its panels (the paper's full recipe at the "
+    "default initialisation): the share of damped blocks whose coefficient act(λ_n) exceeds 0.01, in "
+    "percent, the mean over seeds with its 95% interval over seeds. It reproduces when the interval "
+    "holds the paper's share, and is contradicted when it does not."
+)
+
+
+def render_shares(shares: pd.DataFrame) -> str:
+    """Fig. 1's claims as a table: claim, data, seeds, measured share [interval], paper, verdict."""
+    rows = [
+        [claim, dataset_label(dataset), f"{seeds}",
+         "-" if math.isnan(value) else f"{value:.1f}" + ("" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]"),
+         f"{paper:.1f}", verdict]
+        for claim, dataset, seeds, value, low, high, paper, verdict in zip(
+            shares["claim"], shares["dataset"], shares["seeds"], shares["measured"], shares["low"], shares["high"],
+            shares["paper"], shares["verdict"], strict=True)
+    ]  # fmt: skip
+    return tabulate(rows, headers=["claim", "data", "seeds", "measured (%)", "paper (%)", "verdict"], tablefmt="github",
+                    disable_numparse=True)  # fmt: skip
 
 
 def _with_interval(value: float, low: float, high: float) -> str:

@@ -53,6 +53,16 @@ class Bootstrap:
         return (float(estimate), *_percentiles(self.means(a) - self.means(b)))
 
 
+    def over_seeds(self, values: Sequence[float]) -> tuple[float, float]:
+        """The 95% interval of the mean of one value per seed, resampling the seeds (NaN
+        for fewer than two seeds: one training run says nothing of the spread)."""
+        values = np.asarray(values, dtype=np.float64)
+        if len(values) < 2:
+            return math.nan, math.nan
+        draws = self.rng.choice(values, size=(self.draws, len(values)), replace=True).mean(1)
+        return _percentiles(draws)
+
+
 def _percentiles(draws: np.ndarray) -> tuple[float, float]:
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
@@ -67,6 +77,14 @@ def verdict(low: float, high: float, published: float) -> str:
     if low > 0 or high < 0:
         return "reproduces" if (low > 0) == (published > 0) else "contradicts"
     return "inconclusive"
+
+
+def level_verdict(low: float, high: float, published: float) -> str:
+    """The verdict on a claimed level (a share, not a difference): it reproduces when the
+    measured 95% interval holds the published value, and is contradicted otherwise."""
+    if math.isnan(low) or math.isnan(published):
+        return "the paper has no number" if math.isnan(published) else "no interval (fewer than two seeds)"
+    return "reproduces" if low <= published <= high else "contradicts"
 
 
 def per_example(bits: np.ndarray, severities: int = 1) -> np.ndarray:

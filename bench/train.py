@@ -11,7 +11,10 @@ from it (status "running"); at the end they hold the final-epoch weights with st
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
+import io
 import json
 import logging
 import platform
@@ -21,23 +24,33 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models import UserError, create_model, model_entry
-from models.checkpoints import atomic_write, describe_mismatch
+from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
+from models.checkpoints import atomic_write, describe_mismatch, write_atomic
 from models.errors import reason as error_reason
+from models.skip import uses_lambda
 
-from .adapters import META_FILE, dataset_defaults, read_meta, save_zoo_checkpoint, zoo_checkpoint_dir
+from .adapters import (
+    META_FILE,
+    check_build,
+    dataset_defaults,
+    read_meta,
+    save_zoo_checkpoint,
+    zoo_checkpoint_dir,
+)
 from .data import batches, clean_source, load_test, load_train
 from .environment import device_name
-from .recipes import Recipe, preset_normalization, recipe_for
+from .recipes import Recipe, preset_model_options, recipe_for
 
 log = logging.getLogger(__name__)
-STATE_FILE, LOG_FILE = "state.pt", "train.log"
+STATE_FILE, LOG_FILE, EPOCHS_FILE = "state.pt", "train.log", "epochs.csv"
 CHANCE_FACTOR = 1.5  # final test accuracy below 1.5 / classes counts as a failed run
+GATE_IMAGES = 1000  # test images over which a gating rule's per-epoch coefficients are summarised
 
 
 @dataclass(frozen=True)
@@ -76,14 +89,14 @@ def train(
 ) -> dict:
     """Train (or resume, or skip when done) one run; returns its metadata."""
     folder = zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed)
-    model = _build(config)
-    recipe = recipe_for(model.info.family, config.dataset, config.preset, config.length)
-    done = _finished_meta(folder, recipe)
+    recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
+    done = _finished_meta(folder, recipe, config)
     if done is not None:
         log.info(
             "%s %s seed %d: %s already (%s)", config.tag, config.dataset, config.seed, done["status"], folder
         )
         return done
+    model = _build(config)
     handler = logging.FileHandler(_writable(folder) / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     level = log.level
@@ -98,15 +111,16 @@ def train(
 
 
 def _run(
-    config: TrainConfig, recipe: Recipe, model: nn.Module, folder: Path, data_dir, progress: bool
+    config: TrainConfig, recipe: Recipe, model: InterpolatedNet, folder: Path, data_dir, progress: bool
 ) -> dict:
     device = torch.device(config.device)
     optimizer = make_optimizer(model, recipe, config.device)
-    start, wall = _resume(folder, model, optimizer)
+    start, wall, epochs = _resume(folder, model, optimizer)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory)
     _optimizer_to(optimizer, device)
     train_set = load_train(config.dataset, data_dir)
+    test = load_test(config.dataset, data_dir)
     images, labels = train_set.images[: config.n_train], train_set.labels[: config.n_train]
     data = {  # where the training images came from, for meta.json
         "source": clean_source(config.dataset, train_set.official),
@@ -142,8 +156,17 @@ def _run(
                 config,
                 bar,
             )
-            wall += time.perf_counter() - began
-            if not np.isfinite(loss):
+            finite = bool(np.isfinite(loss))
+            # a diverged network's accuracy is not worth a pass over the test set
+            tested = test_accuracy(model, test, device) if finite else float("nan")
+            coefficients = coefficient_columns(model, test, device)
+            seconds = round(time.perf_counter() - began, 3)  # training and the test pass
+            row = {"epoch": epoch + 1, "lr": recipe.lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy,
+                   "test_accuracy": tested, "seconds": seconds, **coefficients}  # fmt: skip
+            wall += seconds
+            epochs.append(row)
+            if not finite:
+                write_epochs(folder, epochs)
                 return _close(
                     config,
                     recipe,
@@ -160,19 +183,24 @@ def _run(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
                 "wall": wall,
+                "epochs": epochs,  # the training log: a resumed run rewrites epochs.csv whole from it
             }
             atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
+            write_epochs(folder, epochs)
             _save(config, recipe, model, folder, epoch + 1, wall, "running", data=data)
             log.info(
-                "epoch %d/%d lr %g loss %.4f train acc %.4f %.1fs",
+                "epoch %d/%d lr %g loss %.4f train acc %.4f test acc %.4f %.1fs",
                 epoch + 1,
                 recipe.epochs,
-                recipe.lr_at(epoch),
+                row["lr"],
                 loss,
                 accuracy,
-                time.perf_counter() - began,
+                row["test_accuracy"],
+                row["seconds"],
             )
-    accuracy = evaluate(model, config.dataset, data_dir, device)
+    # the final weights' accuracy: the last epoch's test pass (unless a legacy state lacks it)
+    last = epochs[-1] if epochs and epochs[-1]["epoch"] == recipe.epochs else None
+    accuracy = last["test_accuracy"] if last is not None else test_accuracy(model, test, device)
     chance = CHANCE_FACTOR / model.info.num_classes
     status, reason = (
         ("finished", "")
@@ -214,9 +242,10 @@ def train_epoch(
     loss_sum = torch.zeros((), device=x_train.device)
     correct = torch.zeros((), device=x_train.device, dtype=torch.long)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    dtype = next(model.parameters()).dtype  # float32 but for numerical checks (float64)
     for start in range(0, n, recipe.batch_size):
         idx = order[start : start + recipe.batch_size]
-        x = augment(x_train[idx], shifts[0, idx], shifts[1, idx], flips[idx], recipe)
+        x = augment(x_train[idx], shifts[0, idx], shifts[1, idx], flips[idx], recipe).to(dtype)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(x.contiguous(memory_format=memory))
             loss = F.cross_entropy(logits, y_train[idx])
@@ -255,33 +284,79 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: str, data_dir, device: torch.device, batch_size: int = 1000) -> float:
-    """Clean accuracy on the full test set."""
+def test_accuracy(model: nn.Module, test, device: torch.device, batch_size: int | None = None) -> float:
+    """Clean accuracy of `model` (put in eval mode) on the ImageSet `test`; by default 256
+    images a batch on a CPU (3x faster there than 1,000, which stay out of its caches)
+    and 1,000 on a GPU."""
     model.eval()
-    test = load_test(dataset, data_dir)
-    correct = sum(
-        (model(x).argmax(1) == y).sum().item()
-        for x, y in batches(test.images, test.labels, batch_size, device)
-    )
+    size = batch_size or (256 if torch.device(device).type == "cpu" else 1000)
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches(test.images, test.labels, size, device))
     return correct / len(test)
 
 
-def _build(config: TrainConfig) -> nn.Module:
-    kwargs = {**dataset_defaults(config.dataset), **preset_normalization(config.preset)}
-    if config.lambda_init is not None:
-        kwargs["lambda_init"] = tuple(config.lambda_init)
+def coefficient_columns(model: InterpolatedNet, test, device: torch.device) -> dict[str, float]:
+    """The training log's coefficients: act(λ_n) per damped block (`coefficient_<n>`, n
+    from 1 in depth order), or for the gating rules each block's min / median / max over
+    the first GATE_IMAGES test images; none for the rules without λ."""
+    if not uses_lambda(model.info.rule):
+        return {}
+    if not any(s.is_input_dependent for s in model.damped_skips()):
+        return {f"coefficient_{n}": round(float(c), 6) for n, c in enumerate(model.interpolation_coefficients(), 1)}
+    rows = np.arange(min(GATE_IMAGES, len(test)))
+    x, _ = next(iter(batches(test.images, test.labels, len(rows), device, rows)))
+    columns = {}
+    for n, values in enumerate(model.interpolation_coefficients(x), 1):
+        for stat, value in (("min", values.min()), ("median", values.median()), ("max", values.max())):
+            columns[f"coefficient_{n}_{stat}"] = round(float(value), 6)
+    return columns
+
+
+def write_epochs(folder: Path, epochs: list[dict]) -> None:
+    """epochs.csv, the training log: one row per epoch, numbers only, written whole and
+    atomically."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(epochs[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(epochs)
+    write_atomic(folder / EPOCHS_FILE, out.getvalue())
+
+
+def read_epochs(folder: Path) -> pd.DataFrame | None:
+    """A checkpoint folder's training log (one row per epoch), or None when it has none."""
+    path = folder / EPOCHS_FILE
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _build(config: TrainConfig) -> InterpolatedNet:
     torch.manual_seed(config.seed)  # initial weights and lambdas depend on the seed only
-    return create_model(config.model, **kwargs)
+    return create_model(config.model, **model_options(config.model, config.dataset, config.preset, config.lambda_init))
+
+
+def model_options(model: str, dataset: str, preset: str, lambda_init: tuple[float, float] | None) -> dict:
+    """What `create_model` is given for a run: the data set's classes and statistics, the
+    preset's options, the λ initialisation asked for."""
+    kwargs = {**dataset_defaults(dataset), **preset_model_options(preset, model_entry(model))}
+    if lambda_init is not None:
+        kwargs["lambda_init"] = tuple(lambda_init)
+    return kwargs
+
+
+@functools.cache
+def planned_info(model: str, dataset: str, preset: str, lambda_init: tuple[float, float] | None) -> ModelInfo:
+    """The ModelInfo of the model a run with these options trains, made on the meta device
+    (no weights): what an existing checkpoint is checked against."""
+    with torch.device("meta"):
+        return create_model(model, **model_options(model, dataset, preset, lambda_init)).info
 
 
 def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> dict | None:
     """The meta.json of `config`'s run when it has ended (finished or failed), else None;
-    one error line when the folder holds a run of another recipe."""
+    one error line when the folder holds a run of another recipe or model build."""
     recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
-    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe)
+    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe, config)
 
 
-def _finished_meta(folder: Path, recipe: Recipe) -> dict | None:
+def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | None:
     path = folder / META_FILE
     if not path.is_file():
         return None
@@ -290,13 +365,14 @@ def _finished_meta(folder: Path, recipe: Recipe) -> dict | None:
         raise UserError(
             f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
         )
+    check_build(meta, planned_info(config.model, config.dataset, config.preset, config.lambda_init), folder)
     return meta if meta.get("status") in ("finished", "failed") else None
 
 
-def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict]]:
     path = folder / STATE_FILE
     if not path.is_file():
-        return 0, 0.0
+        return 0, 0.0, []
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         mismatch = describe_mismatch(model.state_dict(), state["model"])
@@ -307,7 +383,7 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     except Exception as err:  # a state file we wrote atomically should never fail; say so
         raise UserError(f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run") from None
     log.info("resuming %s after epoch %d", folder, state["epoch"])
-    return int(state["epoch"]), float(state["wall"])
+    return int(state["epoch"]), float(state["wall"]), list(state.get("epochs", []))
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

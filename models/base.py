@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Normalize
-from .skip import SkipRule, uses_lambda
+from .skip import SkipRule, lambda_storage, uses_lambda
 
 # The zoo's default normalisation: the CIFAR-10 training set's statistics (torchvision's).
 # Each data set's own live in its entry of bench.datasets, which the harness passes in.
@@ -20,6 +20,10 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # whose shortcut is the identity except the very first one (51 of 54 in ResNet-110); the
 # rest stay plain residual. "all": every block, projection shortcuts included.
 DAMP_SCOPES = ("release", "all")
+# Which network of a family. "paper": the architecture the paper cites (He et al.'s
+# pre-activation ResNet, Xie et al.'s ResNeXt). "release": the authors' public code, where
+# it differs (pre-activation ResNets only; see PreActResNet).
+NETWORKS = ("paper", "release")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ModelInfo:
     std: tuple[float, ...]
     lambda_init: tuple[float, float]
     damp_scope: str
+    network: str = "paper"  # one of NETWORKS
     name: str = ""  # registry name, set by create_model
     input_range: tuple[float, float] = (0.0, 1.0)
 
@@ -42,6 +47,12 @@ class ModelInfo:
         """The λ initialisation records and tables carry: None where no skip is damped by λ
         (the residual and plain rules ignore it)."""
         return tuple(self.lambda_init) if uses_lambda(self.rule) else None
+
+    @property
+    def lambda_storage(self) -> str:
+        """What the skip rule trains in place of λ ("k = 1 - λ", "λ", ...): it decides
+        which way weight decay pulls λ, so checkpoints record it."""
+        return lambda_storage(self.rule)
 
 
 class InterpolatedNet(nn.Module):
@@ -61,10 +72,13 @@ class InterpolatedNet(nn.Module):
         std: Sequence[float],
         lambda_init: tuple[float, float],
         damp_scope: str,
+        network: str = "paper",
     ):
         super().__init__()
         if damp_scope not in DAMP_SCOPES:
             raise ValueError(f"damp_scope must be one of {DAMP_SCOPES}, got {damp_scope!r}")
+        if network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
         self.info = ModelInfo(
             arch,
             family,
@@ -74,6 +88,7 @@ class InterpolatedNet(nn.Module):
             tuple(std),
             tuple(lambda_init),
             damp_scope,
+            network,
         )
         self.normalize = Normalize(mean, std)
 

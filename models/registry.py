@@ -34,6 +34,7 @@ class ModelEntry:
     lambda_init: tuple[float, float] = (0.2, 0.25)  # λ_n ~ U[a, b] by default
     label: str = ""  # how tables and figures name it, e.g. "λ-In-ResNet-110"
     tables: tuple[int, ...] = ()  # the paper's tables with a row for it
+    networks: tuple[str, ...] = ("paper",)  # models.base.NETWORKS it can be built as
 
     @property
     def damped_lambda_init(self) -> tuple[float, float] | None:
@@ -54,7 +55,7 @@ def register_model(
     name: str, *, groups: Iterable[str] = (), description: str = "", **facts
 ) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
     """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`, with the
-    facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables) that
+    facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables, networks) that
     can be read without building it."""
 
     def add(factory: Callable[..., InterpolatedNet]) -> Callable[..., InterpolatedNet]:
@@ -125,7 +126,7 @@ def resolve_models(spec: str | Iterable[str]) -> list[str]:
 
 def create_model(name: str, **kwargs) -> InterpolatedNet:
     """Build a registered model; kwargs override the factory's defaults (num_classes, mean,
-    std, lambda_init, damp_scope, ...). The result takes [0, 1] inputs and carries `.info`."""
+    std, lambda_init, damp_scope, network, ...). The result takes [0, 1] inputs and carries `.info`."""
     factory = model_entry(name).factory
     accepted = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):

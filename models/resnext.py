@@ -56,7 +56,10 @@ class ResNeXt(InterpolatedNet):
         std: Sequence[float] = CIFAR10_STD,
         lambda_init: tuple[float, float] = (0.2, 0.25),
         damp_scope: str = "release",
+        network: str = "paper",
     ):
+        if network != "paper":  # the authors' release has pre-activation ResNets only
+            raise ValueError(f"ResNeXt has one network, 'paper' (Xie et al.); the authors' release has no ResNeXt, got {network!r}")
         if depth < 11 or (depth - 2) % 9:
             raise ValueError(f"ResNeXt needs depth = 9n+2 (n >= 1), got {depth}")
         if len(widths) != 3 or any(w % widths[0] for w in widths) or widths[0] % 4:

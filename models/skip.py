@@ -10,27 +10,61 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# name -> (activation applied to d, how d is parametrised, residual-branch scale uses c)
 _SCALAR, _GATE, _FIXED = "scalar", "gate", "fixed"
-RULES: dict[str, tuple[Callable[[Tensor], Tensor] | None, str, bool]] = {
-    "residual": (None, _FIXED, False),  # c = 0: x + f(x)
-    "plain": (None, _FIXED, False),  # c = 1: f(x), no skip at all
-    "in": (F.relu, _SCALAR, False),  # Eq. 13
-    "lambda-in": (F.relu, _SCALAR, True),  # Eq. 15: s = 1 + ReLU(lambda)
-    "in-sig": (torch.sigmoid, _SCALAR, False),
-    "in-gating": (F.relu, _GATE, False),
-    "in-gating-sig": (torch.sigmoid, _GATE, False),
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule makes its coefficient act(d(x_n)) and which parameter holds d.
+
+    `stores_k`: the trainable scalar is k = 1 - λ, not λ. Why it matters: SGD's weight
+    decay pulls the stored parameter toward 0, so storing k pulls λ toward 1 (more damping,
+    toward the plain network) and storing λ pulls it toward 0 (toward the ResNet). The
+    authors' release stores k for In-ResNet and λ for λ-In-ResNet; its SGD decays both
+    (train.py). Storing what the release stores lets any optimiser over
+    `model.parameters()` move every parameter exactly as the release's does.
+    """
+
+    act: Callable[[Tensor], Tensor] | None
+    kind: str  # _SCALAR: one λ_n per block; _GATE: d = W_d GAP(x) + b_d; _FIXED: no parameter
+    scales_branch: bool  # s = 1 + act(d) (Eq. 15) instead of 1
+    stores_k: bool = False
+
+    @property
+    def stored(self) -> str:
+        """What the trainable parameters are, in words (recorded in checkpoints' meta)."""
+        if self.kind == _FIXED:
+            return "-"
+        return "k = 1 - λ" if self.stores_k else ("λ" if self.kind == _SCALAR else "W_d, b_d")
+
+
+RULES: dict[str, Rule] = {
+    "residual": Rule(None, _FIXED, False),  # c = 0: x + f(x)
+    "plain": Rule(None, _FIXED, False),  # c = 1: f(x), no skip at all
+    "in": Rule(F.relu, _SCALAR, False, stores_k=True),  # Eq. 13, k as the release: decay pulls λ to 1
+    "lambda-in": Rule(F.relu, _SCALAR, True),  # Eq. 15: s = 1 + ReLU(λ); λ as the release: decay to 0
+    # The release has no code for the variants: d is stored as the equations write it (a
+    # gate is an nn.Linear), so decay pulls d toward 0: coefficient 0.5 (sig), 0 (gating).
+    "in-sig": Rule(torch.sigmoid, _SCALAR, False),
+    "in-gating": Rule(F.relu, _GATE, False),
+    "in-gating-sig": Rule(torch.sigmoid, _GATE, False),
 }
 
 
 def uses_lambda(rule: str) -> bool:
     """Whether the rule damps its skip by a trained λ (the residual and plain ones do not)."""
-    return rule in RULES and RULES[rule][1] != _FIXED
+    return rule in RULES and RULES[rule].kind != _FIXED
+
+
+def lambda_storage(rule: str) -> str:
+    """What the rule trains in place of λ: "k = 1 - λ", "λ", "W_d, b_d" or "-"."""
+    return RULES[rule].stored
 
 
 class SkipRule(nn.Module):
@@ -39,8 +73,9 @@ class SkipRule(nn.Module):
     Args:
         rule: one of `RULES`.
         channels: C of `x`; sizes the gate of the gating rules.
-        init: U[a, b] for the trainable parameter d: the scalar lambda_n, or the gate's
-            bias b_d. The paper initialises lambda_n (the parameter, not act(lambda_n)).
+        init: U[a, b] for λ_n, or for the gate's bias b_d. The paper initialises λ_n (the
+            argument of act, not act(λ_n)); where the rule stores k = 1 - λ, k is drawn
+            from U[1 - b, 1 - a] (the release's U[0.75, 0.8] for λ ~ U[0.2, 0.25]).
         damped: False turns the block into a plain residual one whatever `rule` says; the
             authors' release keeps the first block and the projection blocks so.
 
@@ -64,17 +99,20 @@ class SkipRule(nn.Module):
         low, high = init
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise ValueError(f"lambda init U[{low}, {high}] needs finite bounds with low <= high")
-        if RULES[rule][0] is F.relu and high > 2:  # the paper: stable up to 2 (forward Euler)
+        if RULES[rule].act is F.relu and high > 2:  # the paper: stable up to 2 (forward Euler)
             raise ValueError(
                 f"lambda init U[{low}, {high}] leaves the stable range: rule {rule!r} needs high <= 2 "
                 "(1 removes the skip, (1, 2] makes it negative, beyond 2 the forward-Euler step diverges)"
             )
         self.damped = damped
         self.rule = rule if damped else "residual"
-        self.act, kind, self.scale_branch = RULES[self.rule]
-        if kind == _SCALAR:
+        spec = RULES[self.rule]
+        self.act, self.scale_branch, self.stores_k = spec.act, spec.scales_branch, spec.stores_k
+        if spec.kind == _SCALAR and spec.stores_k:
+            self.k = nn.Parameter(torch.empty(()).uniform_(1 - high, 1 - low))
+        elif spec.kind == _SCALAR:
             self.lam = nn.Parameter(torch.empty(()).uniform_(low, high))
-        elif kind == _GATE:
+        elif spec.kind == _GATE:
             self.gate = nn.Linear(channels, 1)
             nn.init.zeros_(self.gate.weight)
             nn.init.uniform_(self.gate.bias, low, high)
@@ -82,6 +120,27 @@ class SkipRule(nn.Module):
     @property
     def is_input_dependent(self) -> bool:
         return hasattr(self, "gate")
+
+    @property
+    def has_scalar(self) -> bool:
+        """Whether one trained scalar λ_n sets the coefficient (In-, λ-In-, sig rules)."""
+        return hasattr(self, "k") or hasattr(self, "lam")
+
+    def scalar_lambda(self) -> Tensor:
+        """λ_n, the argument of act in Eq. 13 / 15, whichever of λ or k = 1 - λ is stored."""
+        if hasattr(self, "k"):
+            return 1 - self.k
+        if hasattr(self, "lam"):
+            return self.lam
+        raise ValueError(f"the {self.rule} rule has no scalar λ")
+
+    @torch.no_grad()
+    def set_lambda(self, value: float) -> None:
+        """Set λ_n (stored as k = 1 - value where the rule stores k)."""
+        if hasattr(self, "k"):
+            self.k.fill_(1 - value)
+        else:
+            self.scalar_lambda().fill_(value)  # the parameter itself, or one error line
 
     def coefficient(self, x: Tensor | None = None) -> Tensor:
         """act(d(x)): a 0-d tensor, or shape (N, 1, 1, 1) for the gating rules (needs `x`)."""
@@ -93,7 +152,7 @@ class SkipRule(nn.Module):
             if x is None:
                 raise ValueError(f"the {self.rule} coefficient depends on the input; pass x")
             return self.act(self.gate(x.mean(dim=(2, 3))))[:, :, None, None]
-        return self.act(self.lam)
+        return self.act(self.scalar_lambda())
 
     def forward(self, x: Tensor, fx: Tensor) -> Tensor:
         """`fx` must be the block's fresh branch output: like torchvision's `out += identity`,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
+
+import torch
 
 from .preact_resnet import PreActResNet
 from .registry import register_model
 from .resnext import ResNeXt
+from .skip import RULES
 
 # Registry prefix, human name and table label of each skip rule (paper Eq. 13, 15, Sec. 4.4).
 RULE_NAMES = {
@@ -24,6 +28,16 @@ VARIANT_RULES = ("in-sig", "in-gating", "in-gating-sig")
 # projection one); resnet8 alone is kept as the quickest sanity model.
 BASIC_DEPTHS = (14, 20, 32, 44, 56, 110)
 SMALL_DEPTHS = (8, 14, 20)
+
+
+def default_init(rule: str, coefficients: tuple[float, float]) -> tuple[float, float]:
+    """The d initialisation that starts a rule at coefficients in U[a, b] (the paper's λ_n
+    interval): the interval itself for the ReLU rules, where act(λ) = λ on it, and its
+    logit for the sigmoid rules, which would otherwise start at sigmoid(0.2) = 0.55 (a skip
+    weight of 0.45, against In-ResNet's 0.75-0.8)."""
+    if RULES[rule].act is torch.sigmoid:
+        return tuple(math.log(c / (1 - c)) for c in coefficients)
+    return coefficients
 
 
 def _groups(rule: str, depth: int, paper_depth: bool) -> tuple[str, ...]:
@@ -49,8 +63,9 @@ def _tables(rule: str, depth: int, family: str) -> tuple[int, ...]:
     return tuple(sorted(tables))
 
 
-def _register_preact(rule: str, depth: int, block: str, init: tuple[float, float]) -> None:
+def _register_preact(rule: str, depth: int, block: str, coefficients: tuple[float, float]) -> None:
     prefix, title, label = RULE_NAMES[rule]
+    init = default_init(rule, coefficients)
     register_model(
         f"{prefix}{depth}",
         groups=_groups(rule, depth, paper_depth=depth in (110, 164)),
@@ -61,8 +76,9 @@ def _register_preact(rule: str, depth: int, block: str, init: tuple[float, float
         lambda_init=init,
         label=f"{label}-{depth}",
         tables=_tables(rule, depth, "preact-resnet"),
+        networks=("paper", "release"),
         description=f"{title}: pre-activation ResNet-{depth}, {block} blocks, "
-        f"lambda ~ U[{init[0]}, {init[1]}]",
+        f"lambda ~ U[{init[0]:.4g}, {init[1]:.4g}]",
     )(partial(PreActResNet, depth=depth, rule=rule, block=block, lambda_init=init))
 
 

@@ -25,8 +25,8 @@ def trained_like(name: str, **kw):
     with torch.no_grad():
         model(torch.rand(16, 3, 32, 32))
         for skip in model.damped_skips():
-            if hasattr(skip, "lam"):
-                skip.lam.add_(0.1)
+            if skip.has_scalar:
+                skip.set_lambda(skip.scalar_lambda().item() + 0.1)
     return model.eval()
 
 
@@ -129,12 +129,12 @@ def test_checkpoint_errors_are_one_line(tmp_path):
         state_dict_defense("resnet8", good, dataset="cifar100")
     torch.save(create_model("in-resnet14").state_dict(), tmp_path / "in.pt")
     with pytest.raises(
-        UserError, match="unexpected keys layer1.1.skip.lam, layer2.1.skip.lam, layer3.1.skip.lam$"
+        UserError, match="unexpected keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"
     ):
         state_dict_defense("resnet14", tmp_path / "in.pt")
     torch.save(create_model("resnet14").state_dict(), tmp_path / "res.pt")
     with pytest.raises(
-        UserError, match="missing keys layer1.1.skip.lam, layer2.1.skip.lam, layer3.1.skip.lam$"
+        UserError, match="missing keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"
     ):
         state_dict_defense("in-resnet14", tmp_path / "res.pt")
     with pytest.raises(UserError, match="unknown dataset .svhn.; choose one of cifar10, cifar100, synthetic"):

@@ -13,13 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_summary_table(capsys):
-    assert run_bench.main(["--stage", "summary", "--models", "resnet8,in-resnet14,in-resnet-gating14"]) == 0
+    """Sizes, damped blocks, d's initialisation, the coefficients it starts at (the sig rule
+    from the logit of In-ResNet's interval) and what is trained in place of λ."""
+    assert run_bench.main(["--stage", "summary", "--models", "resnet8,in-resnet14,in-resnet-sig14,in-resnet-gating14"]) == 0
     assert capsys.readouterr().out == (
-        "| model              | arch                  | rule      |   params |   interp_params | damped   | lambda init   |\n"
-        "|--------------------|-----------------------|-----------|----------|-----------------|----------|---------------|\n"
-        "| resnet8            | preact-resnet8-basic  | residual  |   77,850 |               0 | 0/3      | -             |\n"
-        "| in-resnet14        | preact-resnet14-basic | in        |  175,066 |               3 | 3/6      | U[0.2, 0.25]  |\n"
-        "| in-resnet-gating14 | preact-resnet14-basic | in-gating |  175,066 |             115 | 3/6      | U[0.2, 0.25]  |\n"
+        "| model              | arch                  | rule      |   params |   interp_params | damped   | lambda init       | act(d) at init   | trained as   |\n"
+        "|--------------------|-----------------------|-----------|----------|-----------------|----------|-------------------|------------------|--------------|\n"
+        "| resnet8            | preact-resnet8-basic  | residual  |   77,850 |               0 | 0/3      | -                 | -                | -            |\n"
+        "| in-resnet14        | preact-resnet14-basic | in        |  175,066 |               3 | 3/6      | U[0.2, 0.25]      | [0.2, 0.25]      | k = 1 - λ    |\n"
+        "| in-resnet-sig14    | preact-resnet14-basic | in-sig    |  175,066 |               3 | 3/6      | U[-1.386, -1.099] | [0.2, 0.25]      | λ            |\n"
+        "| in-resnet-gating14 | preact-resnet14-basic | in-gating |  175,066 |             115 | 3/6      | U[0.2, 0.25]      | [0.2, 0.25]      | W_d, b_d     |\n"
     )
 
 

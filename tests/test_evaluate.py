@@ -134,7 +134,7 @@ def test_audit_rejects_out_of_ball_and_out_of_range(images):
     audit(x + 2 / 255, x, 2 / 255, "ok")
     with pytest.raises(
         AttackAuditError,
-        match=r"cell: adversarial batch fails the audit \(max \|x_adv - x\| = 3\.0000\d*/255 for eps 2/255",
+        match=r"cell: adversarial batch fails the audit \(max \|x_adv - x\| = 3\.0000\d*/255 for a reach of 2/255",
     ):
         audit(x + 3 / 255, x, 2 / 255, "cell")
     with pytest.raises(AttackAuditError, match=r"range \[-0.001000, "):
@@ -272,7 +272,10 @@ def test_authors_code_preset_normalises_noise_files_by_their_own_statistics(
     ).view(1, 3, 1, 1)
     assert torch.allclose(net.normalize(remap(x)), expected, atol=1e-5)
     ran, _, errors = run(grey_defense, config, grey_root, tmp_path)
-    assert errors == [] and (load_records(tmp_path)["preset"] == "authors-code").all()
+    frame = load_records(tmp_path)
+    assert errors == [] and (frame["preset"] == "authors-code").all()
+    pgd = frame[frame["perturbation"] == "pgd"]  # the release's ball: recorded, audited to 2 eps
+    assert pgd["params"].tolist() == ['{"alpha_255":1.0,"ball":"start","steps":1}'] and pgd["accuracy"].item() == 0.7
 
 
 def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp_path):

@@ -48,13 +48,21 @@ def test_every_figure_draws_from_tiny_inputs():
     )  # fmt: skip
     assert_drawn(figures.severity_figure(severity, "synthetic"))
     coefficients = pd.DataFrame(
-        [{"dataset": "cifar10", "run": "in-resnet110", "model": "in-resnet110", "seed": s, "block": b, "coefficient": c}
-         for s in (0, 1) for b, c in enumerate((0.0, 0.3, 1.2, 0.005), start=1)]
+        [{"dataset": "cifar10", "run": "in-resnet110", "model": "in-resnet110", "lambda_low": 0.2, "lambda_high": 0.25,
+          "seed": s, "block": b, "coefficient": c} for s in (0, 1) for b, c in enumerate((0.0, 0.3, 1.2, 0.005), start=1)]
     )  # fmt: skip
     assert_drawn(figures.coefficients_figure(coefficients, pd.read_csv(figures.PUBLISHED)))
+    assert_drawn(figures.coefficients_figure(coefficients, None))
     grid = np.linspace(-2, 2, 5)
     panels = [(name, grid, np.random.default_rng(1).random((5, 5)), np.zeros((5, 5), int)) for name in ("A", "B")]
-    assert_drawn(figures.landscape_figure(panels, true_class=3))
+    assert_drawn(figures.landscape_figure([("image 2", 3, panels), ("image 7", 1, panels)]))
+    training = pd.DataFrame(
+        [{"dataset": "synthetic", "run": m, "model": m, "seed": s, "epoch": e, "train_loss": 2.0 / e, "test_accuracy": 30.0 + e,
+          "coefficient_p10": c and 0.2, "coefficient_median": c and 0.25 + 0.01 * e, "coefficient_p90": c and 0.3}
+         for m, c in (("resnet14", None), ("in-resnet14", 1)) for s in (0, 1) for e in (1, 2, 3)]
+    ).astype({"coefficient_p10": float, "coefficient_median": float, "coefficient_p90": float})  # fmt: skip
+    assert_drawn(figures.training_figure(training, "synthetic"))
+    assert figures.training_figure(training, "cifar10") is None
 
 
 def test_rendering_is_deterministic():
@@ -98,12 +106,13 @@ def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself
     argv = ["--stage", "figures", "--results-dir", str(results), "--data-dir", str(empty)]
     assert run_bench.main(argv) == 0
     drawn = {p.name: p.read_bytes() for p in (results / "figures").iterdir()}
-    assert set(drawn) == {
-        f"{stem}.{fmt}"
-        for stem in ("fig1_coefficients", "fig3_ensemble_gain_synthetic", "robustness_synthetic", "severity_synthetic")
-        for fmt in ("png", "pdf")
-    }  # no data: no landscape
+    stems = ("coefficients_other", "fig3_ensemble_gain_synthetic", "robustness_synthetic", "severity_synthetic",
+             "training_synthetic")  # fmt: skip
+    assert set(drawn) == {f"{stem}.{fmt}" for stem in stems for fmt in ("png", "pdf")}  # no data: no landscape
     assert run_bench.main(argv) == 0
     assert {p.name: p.read_bytes() for p in (results / "figures").iterdir()} == drawn
     report = (smoke_run[0] / "REPORT.md").read_text()
-    assert "![fig2_landscape](figures/fig2_landscape.png)" in report and "Fig. 1: interpolation coefficients" in report
+    assert "![fig2_landscape](figures/fig2_landscape.png)" in report and "each model along its own FGSM direction" in report
+    assert "- fig1_coefficients skipped: no finished run of In-ResNet-110 on CIFAR-10 and In-ResNet-164" in report
+    assert "![coefficients_other](figures/coefficients_other.png)" in report
+    assert "![training_synthetic](figures/training_synthetic.png)" in report

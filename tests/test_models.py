@@ -36,6 +36,20 @@ def test_parameter_counts_match_the_reference(name, classes, expected):
 
 
 @pytest.mark.parametrize(
+    "name, classes, expected",
+    [("resnet110", 10, 1_730_618), ("resnet110", 100, 1_736_468), ("resnet164", 10, 1_703_674), ("resnet164", 100, 1_726_804)],
+)
+def test_the_release_network_adds_a_bn_to_each_projection(name, classes, expected):
+    """The release's Downsample has a BN of its own: 2 x (16 + 32) parameters more in
+    ResNet-110's two projections, 2 x (16 + 64 + 128) in ResNet-164's three."""
+    for prefix in ("", "in-", "lambda-in-"):
+        model = create_model(prefix + name, num_classes=classes, network="release")
+        assert n_params(model) == expected and model.info.network == "release"
+    with pytest.raises(UserError, match="the authors' release has no ResNeXt"):
+        create_model("resnext20-2x4d", network="release")
+
+
+@pytest.mark.parametrize(
     "name, damped, blocks, lambdas",
     [
         ("in-resnet110", 51, 54, 51),
@@ -48,7 +62,7 @@ def test_release_scope_damps_identity_blocks_except_the_first(name, damped, bloc
     model = create_model(name)
     skips = [m for m in model.modules() if isinstance(m, SkipRule)]
     assert (len(model.damped_skips()), len(skips)) == (damped, blocks)
-    assert sum(hasattr(s, "lam") for s in skips) == lambdas
+    assert sum(s.has_scalar for s in skips) == lambdas
     assert not skips[0].damped  # the very first block stays plain residual
     assert len(create_model(name, damp_scope="all").damped_skips()) == blocks
 
@@ -63,8 +77,10 @@ def twin(reference_name: str, damped_name: str, **kw):
 
 def set_interpolation(model, value: float) -> None:
     for skip in model.damped_skips():
-        param = skip.lam if hasattr(skip, "lam") else skip.gate.bias
-        param.data.fill_(value)
+        if skip.has_scalar:
+            skip.set_lambda(value)
+        else:
+            skip.gate.bias.data.fill_(value)
 
 
 FAMILIES = [("resnet20", "{}20"), ("resnet164", "{}164"), ("resnext20-2x4d", "{}20-2x4d")]
@@ -120,27 +136,29 @@ def test_gradients_reach_every_interpolation_parameter(name, images):
 
 
 def test_lambda_init_defaults_and_override():
-    def lambdas(model):
-        return torch.stack([s.lam for s in model.damped_skips()])
+    def within(name: str, low: float, high: float, **kw) -> bool:
+        values = torch.stack([s.scalar_lambda().detach() for s in create_model(name, **kw).damped_skips()])
+        return bool(values.min() >= low - 1e-7 and values.max() <= high + 1e-7)  # λ = 1 - k in float32
 
-    assert (
-        lambdas(create_model("in-resnet110")).min() >= 0.2
-        and lambdas(create_model("in-resnet110")).max() <= 0.25
-    )
-    assert (
-        lambdas(create_model("in-resnet164")).min() >= 0.1
-        and lambdas(create_model("in-resnet164")).max() <= 0.2
-    )
-    low = lambdas(create_model("lambda-in-resnext29-8x64d"))
-    assert low.min() >= 0.2 and low.max() <= 0.25
-    custom = lambdas(create_model("in-resnet20", lambda_init=(0.3, 0.4)))
-    assert custom.min() >= 0.3 and custom.max() <= 0.4
+    assert within("in-resnet110", 0.2, 0.25) and within("in-resnet164", 0.1, 0.2)
+    assert within("lambda-in-resnext29-8x64d", 0.2, 0.25)
+    assert within("in-resnet20", 0.3, 0.4, lambda_init=(0.3, 0.4))
+
+
+@pytest.mark.parametrize("name", ["in-resnet-sig110", "in-resnet-gating-sig110", "in-resnet-gating110", "in-resnet110"])
+def test_every_rule_starts_at_in_resnets_coefficients(name, images):
+    """Table 4's variants start where In-ResNet-110 does, act(d) in [0.2, 0.25]: the sig rules
+    from d ~ U[logit 0.2, logit 0.25] (sigmoid of the ReLU rules' U[0.2, 0.25] would be 0.55)."""
+    model = create_model(name)
+    coefficients = model.interpolation_coefficients(images)
+    assert coefficients.min() >= 0.2 - 1e-6 and coefficients.max() <= 0.25 + 1e-6
+    assert coefficients.max() - coefficients.min() > 0.02  # drawn over the interval
 
 
 def test_interpolation_coefficients(images):
     model = create_model("in-resnet20")
     set_interpolation(model, 0.5)
-    model.damped_skips()[0].lam.data.fill_(-2.0)
+    model.damped_skips()[0].set_lambda(-2.0)
     coef = model.interpolation_coefficients()
     assert coef.tolist() == [0.0] + [0.5] * 5  # ReLU(lambda) of 6 damped blocks, depth order
     assert create_model("resnet20").interpolation_coefficients().tolist() == [0.0] * 6

@@ -343,3 +343,45 @@ def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp
     assert (
         len(board) == 6 and set(board["dataset"]) == {"synthetic"} and board["pgd@2"].is_monotonic_decreasing
     )
+
+
+def coefficient_rows(run: str, above_per_seed: list[int], blocks: int = 50, model: str = "in-resnet110") -> list[dict]:
+    """A coefficient table's rows: per seed, `above` of `blocks` coefficients at 0.3, the rest at 0."""
+    return [{"dataset": "cifar10", "run": run, "model": model, "lambda_low": 0.2, "lambda_high": 0.25, "seed": seed,
+             "block": b + 1, "coefficient": 0.3 if b < above else 0.0}
+            for seed, above in enumerate(above_per_seed) for b in range(blocks)]  # fmt: skip
+
+
+def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
+    from bench import figures
+    from bench.claims import share_claim_rows
+
+    table = pd.DataFrame(
+        coefficient_rows("in-resnet110", [40, 39, 41, 40, 40])  # 80.0% on average
+        + coefficient_rows("in-resnet110@lambda0.3-0.4", [50, 50])  # the λ sweep: not Fig. 1
+        + coefficient_rows("in-resnet110@quick", [50])  # another recipe: not Fig. 1
+    )
+    panels = figures.paper_panels(table, pd.read_csv(figures.PUBLISHED), "paper")
+    assert set(table.loc[panels, "run"]) == {"in-resnet110"}
+    assert not figures.paper_panels(table, pd.read_csv(figures.PUBLISHED), "authors-code").any()
+    shares = share_claim_rows(table, {"cifar10"}).set_index("claim")
+    row = shares.loc["79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01"]
+    assert (row["seeds"], row["measured"], row["paper"], row["verdict"]) == (5, 80.0, 79.6, "reproduces")
+    assert 78.0 <= row["low"] < 79.6 < row["high"] <= 82.0
+    assert shares.loc["72.2% of In-ResNet-164's coefficients act(λ_n) are above 0.01", "verdict"] == "not measured"
+    wrong = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [50, 49, 50])), {"cifar10"})
+    assert wrong["verdict"].tolist() == ["contradicts", "not measured"]
+    one = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [40])), {"cifar10"})
+    assert one["verdict"].iloc[0] == "no interval (fewer than two seeds)"
+    assert share_claim_rows(table, {"synthetic"}).empty  # the paper draws Fig. 1 on CIFAR-10 only
+    assert list(figures.coefficient_table([]).columns) == list(table.columns)  # an empty table keeps its columns
+    from bench.report import render_shares
+
+    assert render_shares(share_claim_rows(table, {"cifar10"}).head(1).assign(low=78.8, high=81.2)) == (
+        "| claim                                                         | data     | seeds   | measured (%)      | "
+        "paper (%)   | verdict    |\n"
+        "|---------------------------------------------------------------|----------|---------|-------------------|"
+        "-------------|------------|\n"
+        "| 79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01 | CIFAR-10 | 5       | 80.0 [78.8, 81.2] | "
+        "79.6        | reproduces |"
+    )

@@ -14,7 +14,8 @@ FX = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(3))
 
 def with_lambda(rule: str, value: float) -> SkipRule:
     skip = SkipRule(rule, 8)
-    skip.lam.data.fill_(value)
+    skip.set_lambda(value)
+    assert skip.scalar_lambda().item() == pytest.approx(value, abs=1e-7)
     return skip
 
 
@@ -65,10 +66,46 @@ def test_residual_plain_and_undamped():
     assert torch.equal(undamped(X, FX.clone()), X + FX)
 
 
-def test_init_range_is_respected():
-    values = torch.stack([SkipRule("in", 8, init=(0.3, 0.4)).lam for _ in range(500)])
-    assert values.min() >= 0.3 and values.max() <= 0.4
+@pytest.mark.parametrize("rule", ["in", "lambda-in", "in-sig"])
+def test_init_range_is_respected(rule):
+    values = torch.stack([SkipRule(rule, 8, init=(0.3, 0.4)).scalar_lambda().detach() for _ in range(500)])
+    assert values.min() >= 0.3 - 1e-7 and values.max() <= 0.4 + 1e-7
     assert values.max() - values.min() > 0.09  # spread over the interval, not a constant
+
+
+def test_in_resnet_stores_k_as_the_release_and_lambda_in_resnet_stores_lambda():
+    """The release keeps k ~ U[0.75, 0.8] with coefficient 1 - ReLU(1 - k) for In-ResNet, and
+    λ ~ U[0.2, 0.25] itself for λ-In-ResNet: the parameters SGD (and its decay) sees."""
+    in_resnet, lambda_in = SkipRule("in", 8), SkipRule("lambda-in", 8)
+    assert [n for n, _ in in_resnet.named_parameters()] == ["k"] and 0.75 <= in_resnet.k.item() <= 0.8
+    assert [n for n, _ in lambda_in.named_parameters()] == ["lam"] and 0.2 <= lambda_in.lam.item() <= 0.25
+    assert in_resnet.coefficient().item() == pytest.approx(1 - in_resnet.k.item(), abs=1e-7)
+    assert [n for n, _ in SkipRule("in-gating", 8).named_parameters()] == ["gate.weight", "gate.bias"]
+    with pytest.raises(ValueError, match="the in-gating rule has no scalar λ"):
+        SkipRule("in-gating", 8).set_lambda(0.3)
+
+
+@pytest.mark.parametrize(
+    "rule, direction",
+    [("in", +1), ("lambda-in", -1), ("in-sig", -1), ("in-gating", -1), ("in-gating-sig", -1)],
+)
+def test_weight_decay_alone_moves_lambda_the_releases_way(rule, direction):
+    """One SGD step with a zero loss gradient (lr 0.1, momentum 0.9, wd 1e-4, as the release):
+    In-ResNet's λ = 1 - k rises (decay pulls k to 0: λ to 1, more damping); λ-In-ResNet's λ
+    falls (toward 0, the ResNet), and so does every variant's d (stored as written)."""
+    skip = SkipRule(rule, 8, init=(0.3, 0.4)).double()  # float64: the step is 1e-5 of the value
+    x = X.double()
+    before = skip.coefficient(x).mean().item() if skip.is_input_dependent else skip.scalar_lambda().item()
+    optimizer = torch.optim.SGD(skip.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for p in skip.parameters():
+        p.grad = torch.zeros_like(p)  # the loss does not move it: weight decay alone
+    optimizer.step()
+    after = skip.coefficient(x).mean().item() if skip.is_input_dependent else skip.scalar_lambda().item()
+    d = 1 - before if rule == "in" else before  # the stored value, for the expected step
+    if skip.is_input_dependent:
+        assert (after - before) * direction > 0
+    else:
+        assert after - before == pytest.approx(direction * 0.1 * 1e-4 * abs(d), rel=1e-6)
 
 
 def test_bad_rule_and_range_are_refused():

@@ -4,15 +4,16 @@ import hashlib
 import json
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 
 from bench import train as training
 from bench.adapters import zoo_defense
 from bench.data import load_train
-from bench.recipes import AUTHORS_CODE_STD, Recipe, preset_normalization, recipe_for
+from bench.recipes import AUTHORS_CODE_STD, Recipe, preset_model_options, recipe_for
 from bench.train import TrainConfig, augment, train
-from models import CIFAR10_MEAN, UserError, create_model
+from models import CIFAR10_MEAN, UserError, create_model, model_entry
 from models.checkpoints import sha256_file
 
 
@@ -45,8 +46,10 @@ def test_paper_recipes_and_presets():
     assert recipe_for("resnext", "cifar10") == Recipe(300, 0.05, (150, 225), 5e-4)
     released = recipe_for("preact-resnet", "cifar10", "authors-code")
     assert (released.pad, released.pad_mode, released.epochs) == (2, "reflect", 160)
-    assert preset_normalization("authors-code") == {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD}
-    assert preset_normalization("paper") == {}
+    release = {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD}
+    assert preset_model_options("authors-code", model_entry("in-resnet110")) == {**release, "network": "release"}
+    assert preset_model_options("authors-code", model_entry("resnext29-8x64d")) == release  # the release has no ResNeXt
+    assert preset_model_options("paper", model_entry("in-resnet110")) == {}
     quick = recipe_for("preact-resnet", "cifar10", length="quick")
     assert (quick.epochs, quick.milestones) == (32, (16, 24))  # same fractions: 1/2, 3/4
     assert recipe_for("resnext", "cifar100", length="smoke").milestones == (1, 2)
@@ -109,6 +112,9 @@ def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
     digest = hashlib.sha256(images.images[:1024].tobytes() + images.labels[:1024].tobytes()).hexdigest()
     assert meta["data"] == {"source": "synthetic", "images": 1024, "sha256": digest}  # where it learnt from
     assert not (folder_a / "state.pt").exists() and "epoch 2/2" in (folder_a / "train.log").read_text()
+    assert (meta["lambda_storage"], meta["model_kwargs"]["network"]) == ("-", "paper")
+    log = pd.read_csv(folder_a / "epochs.csv")  # a ResNet has no λ: no coefficient columns
+    assert list(log.columns) == ["epoch", "lr", "train_loss", "train_accuracy", "test_accuracy", "seconds"]
     defense = zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path / "a")
     assert defense.info.checkpoint_sha256 == meta["sha256"]
 
@@ -136,6 +142,9 @@ def test_killed_run_resumes_bit_identical(tmp_path, data_dir, monkeypatch):
     straight = weights(tmp_path / "straight" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0")
     assert all(torch.equal(straight[k], v) for k, v in weights(folder).items())
     assert resumed["test_accuracy"] == reference["test_accuracy"]
+    logs = [pd.read_csv(f / "epochs.csv") for f in (folder, tmp_path / "straight" / folder.relative_to(tmp_path / "killed"))]
+    volatile = ["seconds"]
+    assert logs[0].drop(columns=volatile).equals(logs[1].drop(columns=volatile))  # the resumed log is whole
 
 
 def test_finished_runs_are_not_trained_again(tmp_path, data_dir, monkeypatch):
@@ -211,4 +220,64 @@ def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
         train(tiny(), tmp_path, data_dir, progress=False)
     assert "\n" not in str(err.value) and str(err.value).startswith(
         f"cannot resume from {folder / 'state.pt'} (it holds another model: unexpected keys layer1.1.bn1.weight,"
+    )
+
+
+# --- the training log, the parametrisation in the metadata --------------------------------------
+
+
+@pytest.mark.parametrize("model", ["in-resnet14", "in-resnet-gating14"])
+def test_each_epoch_is_logged_with_its_coefficients(tmp_path, data_dir, model):
+    meta = train(tiny(model=model, n_train=256), tmp_path, data_dir, progress=False)
+    folder = tmp_path / "checkpoints" / "synthetic" / f"{model}@smoke@n256" / "seed0"
+    log = pd.read_csv(folder / "epochs.csv")
+    base = ["epoch", "lr", "train_loss", "train_accuracy", "test_accuracy", "seconds"]
+    per_block = ["coefficient_1", "coefficient_2", "coefficient_3"]
+    if model == "in-resnet-gating14":  # input-dependent: min / median / max over test images
+        per_block = [f"{c}_{stat}" for c in per_block for stat in ("min", "median", "max")]
+    assert list(log.columns) == base + per_block
+    assert log["epoch"].tolist() == [1, 2] and log["lr"].tolist() == [0.1, 0.01]  # smoke: milestones 1, 2
+    assert all(pd.api.types.is_numeric_dtype(log[c]) for c in log.columns)
+    assert log["test_accuracy"].iloc[-1] == meta["test_accuracy"]  # the final weights' accuracy, measured once
+    assert (log["seconds"] > 0).all() and meta["wall_seconds"] == pytest.approx(log["seconds"].sum(), abs=0.01)
+    if model == "in-resnet14":
+        assert log[per_block].iloc[-1].tolist() == meta["interpolation_coefficients"]
+        assert meta["lambda_storage"] == "k = 1 - λ" and meta["model_kwargs"]["network"] == "paper"
+    else:
+        assert (log["coefficient_1_min"] <= log["coefficient_1_median"]).all()
+        assert (log["coefficient_1_median"] <= log["coefficient_1_max"]).all()
+
+
+def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path, data_dir):
+    """Checkpoints written before λ's storage was recorded stored λ itself for every rule: an
+    In-ResNet one trained with decay pulling λ toward 0 and is refused for the new run (by
+    training and the adapter); a λ-In-ResNet one stored the same λ and stays valid, but not
+    as the authors-code network, which it was not."""
+    from bench.adapters import build_mismatch, zoo_defense
+
+    legacy = {}
+    for model in ("in-resnet14", "lambda-in-resnet14"):
+        train(tiny(model=model), tmp_path, data_dir, progress=False)
+        meta_path = tmp_path / "checkpoints" / "synthetic" / f"{model}@smoke@n1024" / "seed0" / "meta.json"
+        legacy[model] = json.loads(meta_path.read_text())
+        del legacy[model]["lambda_storage"], legacy[model]["model_kwargs"]["network"]
+        meta_path.write_text(json.dumps(legacy[model]))
+    assert train(tiny(model="lambda-in-resnet14"), tmp_path, data_dir, progress=False)["status"] == "finished"
+    zoo_defense("lambda-in-resnet14@smoke@n1024", "synthetic", 0, tmp_path)
+    expected = (r"holds a checkpoint of another build of in-resnet14: λ trained as λ \(now as k = 1 - λ, as the "
+                r"authors' release: weight decay pulled λ the other way\); delete the folder to train it anew")  # fmt: skip
+    with pytest.raises(UserError, match=expected) as err:
+        train(tiny(model="in-resnet14"), tmp_path, data_dir, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=expected):
+        zoo_defense("in-resnet14@smoke@n1024", "synthetic", 0, tmp_path)
+    import run_bench
+
+    argv = ["--models", "in-resnet14", "--seeds", "0", "--n-train", "1024", "--stage", "eval", "--no-progress",
+            "--results-dir", str(tmp_path), "--data-dir", str(data_dir)]  # fmt: skip
+    assert run_bench.main(argv) == 2  # the evaluation refuses it before any work
+    assert not (tmp_path / "records.sqlite").exists()
+    release = training.planned_info("lambda-in-resnet14", "synthetic", "authors-code", None)
+    assert build_mismatch(legacy["lambda-in-resnet14"], release) == (
+        "std [0.247, 0.2435, 0.2616] (now [0.2023, 0.1994, 0.201]); network 'paper' (now 'release')"
     )
