@@ -24,7 +24,7 @@ import torch
 from models import UserError, create_model
 from models.checkpoints import check_writable, remove_orphans, run_lock
 
-from .adapters import META_FILE, check_build, ensemble_digest, read_meta, zoo_checkpoint_dir
+from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import generation_folder, load_noise, load_test
@@ -54,7 +54,7 @@ from .records import CELL_COLUMNS, RecordStore, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .suites import Suite, suite
-from .train import finished_run, planned_info
+from .train import finished_run
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,7 @@ class Driver:
             log.warning("%s: no checkpoint in %s (run the train stage); skipped", what, folder)
             self.outcome.missing.add(what)
             return None
-        meta = read_meta(folder / META_FILE)
-        check_build(meta, planned_info(job.model, job.dataset, self.options.preset, job.lambda_init), folder)
+        meta = read_meta(folder / META_FILE)  # its recipe and build were checked when the run began
         status = meta.get("status", "finished")
         if status not in ("finished", "failed"):  # "running": its training was interrupted
             log.warning("%s: run is %s; not evaluated", what, status)
