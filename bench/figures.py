@@ -33,7 +33,7 @@ from models import UserError, list_models, model_entry, model_label
 from .adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
 from .datasets import dataset_label
 from .noise import NOISE_GROUPS, SEVERITIES
-from .train import GATE_IMAGES, read_epochs
+from .train import EPOCHS_FILE, GATE_IMAGES
 
 matplotlib.use("Agg")
 PUBLISHED = Path(__file__).with_name("published_figures.csv")
@@ -138,6 +138,12 @@ class RunFolder:
     lambda_init: tuple[float, float] | None  # None: the rule has no λ
     coefficients: tuple[float, ...]  # act(λ_n) of the damped blocks at the end ((): gating rules)
     epochs: pd.DataFrame | None  # the training log (epochs.csv), None for runs older than it
+
+
+def read_epochs(folder: Path) -> pd.DataFrame | None:
+    """A checkpoint folder's training log (one row per epoch), or None for a run older than it."""
+    path = folder / EPOCHS_FILE
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunFolder]:

@@ -24,7 +24,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -319,12 +318,6 @@ def write_epochs(folder: Path, epochs: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(epochs)
     write_atomic(folder / EPOCHS_FILE, out.getvalue())
-
-
-def read_epochs(folder: Path) -> pd.DataFrame | None:
-    """A checkpoint folder's training log (one row per epoch), or None when it has none."""
-    path = folder / EPOCHS_FILE
-    return pd.read_csv(path) if path.is_file() else None
 
 
 def _build(config: TrainConfig) -> InterpolatedNet:
