@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("eval")
     evaluation.add_argument("--n-test", type=int, default=None, help="class-balanced test subset of N images")
     evaluation.add_argument(
+        "--n-autoattack", type=int, default=None,
+        help="AutoAttack's class-balanced subset of N images (default: the suite's, never more than --n-test)",
+    )
+    evaluation.add_argument(
         "--radii",
         default=None,
         help="attack radii in 1/255, comma-separated (default 1,2,4); 0 is allowed: an attack at radius 0 "
@@ -183,6 +187,7 @@ def options(args: argparse.Namespace):
         length=args.length,
         n_train=args.n_train,
         n_test=args.n_test,
+        n_autoattack=args.n_autoattack,
         lambda_init=_pair(args.lambda_init),
         radii=tuple(_numbers(args.radii, "--radii")) if args.radii is not None else None,
         steps=args.steps,

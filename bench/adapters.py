@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -353,14 +354,66 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     return Defense(model, info)
 
 
+# meta.json's fields and their JSON types (a field may be absent in older files); the
+# values are checked as read, so that a hand-edited file is one line, not a TypeError later.
+_NUMBER = (int, float)
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "sha256": (str,), "model_kwargs": (dict,), "dataset": (str,), "seed": (int,),
+    "status": (str,), "reason": (str,), "test_accuracy": (*_NUMBER, type(None)), "epochs_done": (int,),
+    "wall_seconds": _NUMBER, "length": (str,), "n_train": (int, type(None)), "preset": (str,), "tag": (str,),
+    "lambda_storage": (str,), "recipe": (dict,), "data": (dict,), "device": (str,), "flags": (dict,),
+    "interpolation_coefficients": (list,), "versions": (dict,),
+}  # fmt: skip
+MODEL_KWARG_TYPES: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,), "mean": (list,), "std": (list,), "lambda_init": (list,), "damp_scope": (str,),
+    "network": (str,),
+}  # fmt: skip
+STATUSES = ("finished", "failed", "running")
+
+
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json, checked for the keys a loader needs; one-line error if not."""
+    """A checkpoint's meta.json, checked for the keys a loader needs and the types of its
+    values; one-line error if not."""
     try:
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict) or not {"model", "sha256", "model_kwargs"} <= meta.keys():
             raise ValueError("needs the keys model, sha256 and model_kwargs")
+        problem = meta_problem(meta)
+        if problem:
+            raise ValueError(problem)
         return meta
     except (OSError, ValueError) as err:
         raise UserError(
-            f"{path} is not valid checkpoint metadata ({err}); delete the folder and retrain"
+            f"{path} is not valid checkpoint metadata ({err}); restore it, or delete the folder and retrain"
         ) from None
+
+
+def meta_problem(meta: dict) -> str:
+    """'' when every known field of `meta` has its type and range, else the first that does not."""
+    for fields, where in ((meta, ""), (meta.get("model_kwargs") or {}, "model_kwargs.")):
+        kinds = META_TYPES if not where else MODEL_KWARG_TYPES
+        for key, allowed in kinds.items():
+            if key in fields and not _is(fields[key], allowed):
+                names = dict.fromkeys(_json_name(t) for t in allowed if not (t is int and float in allowed))
+                return f"{where}{key} must be {' or '.join(names)}, got {fields[key]!r}"
+    kwargs = meta["model_kwargs"]
+    if kwargs.get("num_classes", 1) < 1 or any(not _is(v, _NUMBER) for k in ("mean", "std", "lambda_init")
+                                                for v in kwargs.get(k, [])):  # fmt: skip
+        return f"model_kwargs {kwargs!r} are not a model's options"
+    if meta.get("status", "finished") not in STATUSES:
+        return f"status must be one of {', '.join(STATUSES)}, got {meta['status']!r}"
+    accuracy = meta.get("test_accuracy")
+    if accuracy is not None and not 0 <= accuracy <= 1:
+        return f"test_accuracy must be in [0, 1], got {accuracy!r}"
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
+        return f"sha256 must be 64 hex digits, got {meta['sha256']!r}"
+    return ""
+
+
+def _is(value: object, allowed: tuple[type, ...]) -> bool:
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+
+
+def _json_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list",
+            type(None): "null"}[kind]  # fmt: skip

@@ -117,6 +117,8 @@ def read_batch(
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"it holds a {type(batch).__name__}, not a dict of 'data' and {label_key!r}")
         data, labels = batch["data"], np.asarray(batch[label_key])
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise UserError(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models import UserError
-from models.checkpoints import atomic_write
+from models.checkpoints import atomic_write, check_file_target
 
 from .cifar import ImageSet, data_root, download, extract_members, is_official, verified_md5
 from .datasets import DatasetInfo, dataset_info
@@ -132,7 +132,7 @@ def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: 
     if spec.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
         return None
     folder = root / "generated" / spec.noise_folder
-    return None if _has_groups(folder) and (folder / "generated.json").is_file() else folder
+    return None if _has_groups(folder) and isinstance(_read_record(folder / "generated.json"), dict) else folder
 
 
 def fetch_release(spec: DatasetInfo, root: Path) -> None:
@@ -162,15 +162,25 @@ def ensure_generated(folder: Path, test: ImageSet, seed: int) -> None:
         "params": {g: list(NOISE_PARAMS[g]) for g in NOISE_GROUPS},
     }
     record = folder / "generated.json"
-    if record.is_file() and _has_groups(folder) and json.loads(record.read_text()) == provenance:
+    if _has_groups(folder) and _read_record(record) == provenance:
         return
     log.info("generating noise groups (seed %d) into %s", seed, folder)
+    check_file_target(record)
     record.unlink(missing_ok=True)
     _save_npy(folder / "labels.npy", np.tile(test.labels, len(SEVERITIES)))
     for group, images in corrupt_groups(test.images, NOISE_GROUPS, seed).items():
         _save_npy(folder / f"{group}.npy", images)
     text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
     atomic_write(record, lambda f: f.write(text.encode()))
+
+
+def _read_record(path: Path) -> object:
+    """generated.json's provenance; None when it is missing or unreadable (the groups
+    are then generated again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _has_groups(folder: Path) -> bool:

@@ -16,6 +16,7 @@ import heapq
 import json
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from .datasets import CIFAR10, DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
 from .perturbations import NOISE, perturbation
-from .plan import ENSEMBLE, TRAIN, Task, eval_config, train_config
+from .plan import ENSEMBLE, MEASURE, TRAIN, Task, eval_config, train_config
 from .recipes import recipe_for
 from .records import load_records
 
@@ -305,7 +306,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
     walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts)
     totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds"]].sum()
     return "\n".join([
-        f"plan: suite {driver.spec.name} ({driver.spec.description}), preset {options.preset}, device {driver.device}",
+        plan_header(driver.spec, options, driver.device, tasks),
         tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
         f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
         f"{int(totals['cached'])} cached; estimated {_duration(totals['train'])} training + "
@@ -313,6 +314,26 @@ def render_plan(driver, tasks: list[Task], options) -> str:
         f"wall time (an estimate): {walls}",
         "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
     ])  # fmt: skip
+
+
+def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
+    """The plan's first line, which the run logs and `--dry-run` prints: suite, preset,
+    device, tasks and the test subsets."""
+    kinds = Counter(t.kind for t in tasks)
+    jobs = {t.job for t in tasks}
+    n_test = options.n_test if options.n_test is not None else spec.n_test
+    tested = "all test images" if n_test is None else f"{n_test} test images"
+    config = eval_config(next(iter(jobs)), spec, options, device) if jobs else None
+    smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
+    return (
+        f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "
+        f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
+        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}); {tested}" + "".join(f", {s}" for s in smaller)
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _duration(seconds: float) -> str:

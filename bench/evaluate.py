@@ -99,8 +99,12 @@ class EvalConfig:
         return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
 
     def n_test_of(self, name: str) -> int | None:
-        """The class-balanced subset size of a perturbation's cells (None: all images)."""
-        return dict(self.subsets).get(name, self.n_test)
+        """The class-balanced subset size of a perturbation's cells (None: all images): a
+        smaller subset of its own, never larger than the test subset."""
+        own = dict(self.subsets).get(name)
+        if own is None or self.n_test is None:
+            return self.n_test if own is None else own
+        return min(own, self.n_test)
 
 
 def attack_names() -> list[str]:

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import socket
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from typing import Protocol
 from models import UserError
 
 from .plan import Resources
+from .reaper import Reaper, descendants
 from .work import Work, execute
 
 log = logging.getLogger(__name__)
 DONE = "done"
 POLL_SECONDS = 0.5
+CONNECT_SECONDS = 10.0  # for a cluster's address to answer
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,10 @@ class RayExecutor:
             import ray
         except ImportError:
             raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'") from None
-        self._ray = ray
+        self._ray, self._reaper = ray, None
         if address is None:  # a private Ray on this machine, reachable from localhost only
             slots = workers or (max(1, num_gpus) if resources.gpus else 1)
+            before = descendants()
             ray.init(
                 num_cpus=slots * max(1, resources.cpus),
                 num_gpus=num_gpus,
@@ -167,8 +171,10 @@ class RayExecutor:
                 logging_level=logging.WARNING,
                 configure_logging=False,
             )
+            # what this init started dies with the driver, even a SIGKILLed one
+            self._reaper = Reaper({p: t for p, t in descendants().items() if p not in before})
         else:
-            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+            _join(ray, address)
         self.slots = workers or _cluster_slots(ray.cluster_resources(), resources)
         options = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "max_retries": 0}
         if resources.memory_gib and address is not None:  # a local Ray has no memory to share out
@@ -202,6 +208,28 @@ class RayExecutor:
 
     def close(self) -> None:
         self._ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.close()
+
+
+def _join(ray, address: str) -> None:
+    """Join the cluster at `address` in bounded time: one error line when nothing listens
+    there (Ray itself would retry for minutes) or Ray refuses."""
+    where = address.removeprefix("ray://")
+    if address != "auto":
+        host, _, port = where.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+        except OSError as err:
+            raise UserError(
+                f"cannot reach a Ray cluster at {address} ({err.strerror or err}) within {CONNECT_SECONDS:g} s: "
+                "start it (`ray start --head`) or check --ray-address"
+            ) from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError ... for one cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot join the Ray cluster at {address} ({first}): check --ray-address") from None
 
 
 def _ray_task(work: Work):

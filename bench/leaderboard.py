@@ -12,7 +12,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from models import UserError, list_models, model_entry
-from models.checkpoints import write_atomic
+from models.checkpoints import write_all
 
 from . import sanity
 from .aggregate import GROUP, metric_name
@@ -50,10 +50,14 @@ def leaderboard(
     wide = wide.reindex(columns=sorted(set(wide.columns) | set(metrics) | {rank_by}))
     if gates is None:
         gates = sanity.summary(sanity.record_gates(mine))
-    verdict = gates.fillna({"lambda_low": -1.0, "lambda_high": -1.0}).set_index(GROUP)[["flags", "unreliable"]]
+    verdict = gates.fillna({"lambda_low": -1.0, "lambda_high": -1.0}).set_index(GROUP)[["flags", "unchecked", "unreliable"]]
     board = wide.assign(seeds=seeds.astype("Int64"), n_test=n_test).join(verdict).reset_index()
     board["flags"] = board["flags"].fillna("")
-    board["unreliable"] = board["unreliable"].eq(True)
+    ungated = board["unchecked"].isna()  # no gate measured at all: every one is unchecked
+    board.loc[ungated, "unchecked"] = [
+        ";".join(sanity.required_gates(m, k)) for m, k in zip(board.loc[ungated, "model"], board.loc[ungated, "kind"], strict=True)
+    ]
+    board["unreliable"] = board["unreliable"].astype("boolean")
     used = cells[cells["preset"] == preset]
     by_entry = used.groupby(["dataset", "run", "kind"])
     digests, sources = by_entry["checkpoint_sha256"].agg(set), by_entry["data_source"].agg(set)
@@ -79,7 +83,7 @@ def leaderboard(
         *metrics,
     ]
     extra = [rank_by] if rank_by not in metrics else []
-    return board[[*columns, *extra, "flags", "unreliable", "checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"]]
+    return board[[*columns, *extra, "flags", "unchecked", "unreliable", "checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"]]
 
 
 def check_metric(name: str, available: set[str] | None = None) -> str:
@@ -105,6 +109,8 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
     metrics = [c for c in shown.columns if c in leaderboard_metrics() or "@" in c]
     shown[metrics] = shown[metrics].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
     shown["dataset"] = shown["dataset"].map(lambda d: dataset_label(d))
+    shown["unreliable"] = [sanity.verdict_text(u, c) for u, c in zip(shown["unreliable"], shown["unchecked"], strict=True)]
+    shown = shown.drop(columns=["unchecked"])
     names = dict(zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True))
     phrases = left_out_phrases(
         left_out, lambda r: f"{names.get((r['dataset'], r['run'], r['kind']), r['run'])} ({r['dataset']})"
@@ -127,7 +133,7 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
 
 def write_leaderboard(results: Path, board: pd.DataFrame, left_out: pd.DataFrame | None = None) -> list[Path]:
     texts = leaderboard_texts(results, board, left_out if left_out is not None else pd.DataFrame())
-    return [write_atomic(path, text) for path, text in texts.items()]
+    return write_all(texts)
 
 
 def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[Path, str]:
@@ -156,7 +162,7 @@ def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[
         "additional_data": False,
         "dataset": entry["dataset"],
         "footnote": _footnote(entry),
-        "unreliable": bool(entry["unreliable"]),
+        "unreliable": _verdict(entry["unreliable"]),  # null: not every critical gate was measured
         "inres_bench": _provenance(entry),
     }
     name, out = _file_name(entry["name"]), {}
@@ -173,7 +179,8 @@ def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[
 def _footnote(entry: dict) -> str:
     who = f"ensemble of {entry['seeds']}" if entry["kind"] == "ensemble" else f"mean of {entry['seeds']} seed(s)"
     flags = f"; flags: {entry['flags'].replace(';', ', ')}" if entry["flags"] else ""
-    return f"inres-bench, {who}, preset {entry['preset']}, {int(entry['n_test'])} test images{flags}"
+    unchecked = f"; not checked: {entry['unchecked'].replace(';', ', ')}" if pd.isna(entry["unreliable"]) else ""
+    return f"inres-bench, {who}, preset {entry['preset']}, {int(entry['n_test'])} test images{flags}{unchecked}"
 
 
 def _provenance(entry: dict) -> dict:
@@ -197,9 +204,14 @@ def _provenance(entry: dict) -> dict:
         "accuracy": other,  # clean, noise groups, noise
         "robust_acc": attacks,  # every attack (and the worst case) at every measured radius
         "flags": [f for f in str(entry["flags"] or "").split(";") if f],
-        "unreliable": bool(entry["unreliable"]),
+        "unreliable": _verdict(entry["unreliable"]),
+        "unchecked": [g for g in str(entry["unchecked"] or "").split(";") if g],  # critical gates not measured
         "checkpoint_sha256": list(entry["checkpoints"]),
     }
+
+
+def _verdict(unreliable) -> bool | None:
+    return None if pd.isna(unreliable) else bool(unreliable)
 
 
 def architecture(model: str) -> str:

@@ -17,6 +17,22 @@ from .records import check_results_dir
 STAGES = ("train", "eval", "check", "report", "figures")
 EXECUTORS = ("local", "ray")
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
+# Upper bounds of the counts, each with why: a value past one is a typo (2**70), and it
+# would overflow SQLite's 64-bit integers or ask for memory no machine has, not run.
+LIMITS: dict[str, tuple[int | float, str]] = {
+    "n_train": (10**7, "no data set here has more images (CIFAR: 50,000); leave it out to train on all"),
+    "n_test": (10**7, "no data set here has more images (CIFAR: 10,000); leave it out to test on all"),
+    "n_autoattack": (10**7, "no data set here has more test images (CIFAR: 10,000)"),
+    "batch_size": (2**16, "a larger batch of these models does not fit any GPU's memory"),
+    "steps": (10**4, "500 times the protocol's 20 steps; PGD has long converged"),
+    "workers": (1024, "more tasks at once than the paper suite has tasks"),
+    "landscape_index": (10**7, "no test set here has more images"),
+    "landscape_points": (501, "501 x 501 = 251,001 forward passes per model, finer than a figure shows"),
+    "landscape_radius": (255, "255/255 spans the whole pixel range"),
+    "assume_tflops": (10**6, "an exaFLOP/s: no device achieves it"),
+}
+LANDSCAPE = ("landscape_index", "landscape_points", "landscape_radius")  # RunOptions.landscape's parts
+RAY_ADDRESS = re.compile(r"auto|(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class RunOptions:
     length: str | None = None
     n_train: int | None = None
     n_test: int | None = None
+    n_autoattack: int | None = None  # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
     radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
     steps: int = 20
@@ -67,10 +84,14 @@ class RunOptions:
             low, high = self.lambda_init
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                 raise UserError(f"--lambda-init a,b needs finite numbers with a <= b, got {low:g},{high:g}")
-        for name in ("n_train", "n_test", "batch_size", "steps"):
+        for name in ("n_train", "n_test", "n_autoattack", "batch_size", "steps", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        counts = {**vars(self), **dict(zip(LANDSCAPE, self.landscape, strict=True))}
+        for name, (limit, why) in LIMITS.items():
+            if counts[name] is not None and counts[name] > limit:
+                raise UserError(f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise UserError(
                 f"device {self.device!r} is not usable here (the benchmark runs on cpu, cuda, cuda:N or mps); "
@@ -78,10 +99,13 @@ class RunOptions:
             )
         if self.executor not in EXECUTORS:
             raise UserError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
-        if self.workers is not None and self.workers < 1:
-            raise UserError(f"--workers must be positive, got {self.workers}")
         if self.ray_address is not None and self.executor != "ray":
             raise UserError("--ray-address needs --executor ray")
+        if self.ray_address is not None and not _ray_address(self.ray_address):
+            raise UserError(
+                f"--ray-address {self.ray_address!r} is not a Ray address: give auto, host:port or "
+                "ray://host:port (port 1-65535), e.g. 10.0.0.1:6379"
+            )
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'")
         if self.assume_tflops is not None and not (math.isfinite(self.assume_tflops) and self.assume_tflops > 0):
@@ -95,3 +119,8 @@ class RunOptions:
                 f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
                 f"--landscape-radius, got {index}, {points}, {radius:g}"
             )
+
+
+def _ray_address(text: str) -> bool:
+    match = RAY_ADDRESS.fullmatch(text)
+    return bool(match) and (text == "auto" or 1 <= int(match["port"]) <= 65535)

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from models import UserError, create_model
-from models.checkpoints import check_writable, remove_orphans, run_lock
+from models.checkpoints import LOCKS, check_writable, remove_orphans, run_lock
 
 from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import generation_folder, load_noise, load_test
 from .environment import resolve_device, retain_freed_memory
-from .estimate import DataSizes, estimate, render_plan
+from .estimate import DataSizes, plan_header, render_plan
 from .evaluate import AuditFailed, CellsDone, EvalConfig, EvalData, cell_key, cells_todo, protocol_cells
 from .executors import DONE, Crashed, Executor, Raised, make_executor
 from .figures import FigureConfig
@@ -78,26 +78,34 @@ def run(options: RunOptions) -> int:
     jobs = plan_jobs(spec, options)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
         return _report(options, figures_only="report" not in options.stages)
-    device = _device(spec, options, jobs)
+    device = _device(spec, options)
     for job in jobs:
         eval_config(job, spec, options, device)
     _check_models(jobs)
     check_metric(options.rank_by, planned_metrics(jobs, spec, options) | recorded_metrics(options))
     tasks = plan_tasks(jobs, spec, options, device)
-    for task in tasks:  # a checkpoint of another recipe or model build: one line before any work
-        if task.kind in (TRAIN, MEASURE):
-            finished_run(train_config(task.job, task.seed, spec, options, device), options.results_dir)
+    header = plan_header(spec, options, device, tasks)
+    if not options.dry_run:
+        log.info("%s", header)
+    checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
+    log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
+    for task in checked:  # a checkpoint of another recipe or model build: one line before any work
+        finished_run(train_config(task.job, task.seed, spec, options, device), options.results_dir)
     if options.dry_run:
         driver = Driver(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
         sys.stdout.write(render_plan(driver, tasks, options) + "\n")
         return 0
     check_writable(options.results_dir, "results", "--results-dir")
+    check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")
     for dataset in sorted({j.dataset for j in jobs}):
+        log.info("data: loading the %s test set from %s", dataset, data_root(options.data_dir))
         test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
         folder = generation_folder(dataset, options.data_dir, options.noise_source)
         if "eval" in options.stages and folder is not None:  # a read-only data dir is fine otherwise
             check_writable(folder, "generated noise groups", "--data-dir")
+            log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
             load_noise(dataset, NOISE_GROUPS[0], options.data_dir, options.noise_source, test=test)  # once, not per worker
+    log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
     for root in (options.results_dir, data_root(options.data_dir)):
         remove_orphans(root)
@@ -309,7 +317,7 @@ class Driver:
         locks = ExitStack()
         who = "ensemble" if task.kind == ENSEMBLE else f"seed{task.seed}"
         stage = "train" if task.kind == TRAIN else "eval"
-        path = Path(self.options.results_dir) / ".locks" / task.job.dataset / task.run / f"{who}.{stage}.lock"
+        path = Path(self.options.results_dir) / LOCKS / task.job.dataset / task.run / f"{who}.{stage}.lock"
         if not locks.enter_context(run_lock(path, blocking=blocking)):
             locks.close()
             log.info("%s %s %s %s: busy in another process; coming back to it later", task.run, task.job.dataset, who, stage)
@@ -378,6 +386,7 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
     report stage alone is an error without records, after the other stages (whose runs
     may all have failed) a warning."""
     began = time.perf_counter()
+    remove_orphans(options.results_dir)  # a report killed before its renames left .tmp files
     try:
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)
@@ -461,15 +470,15 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData | DataSizes, 
 
 
 
-def _device(spec: Suite, options: RunOptions, jobs: list[Job]) -> str:
+def _device(spec: Suite, options: RunOptions) -> str:
+    """The device the run uses; a suite that needs a GPU refuses a machine without one at
+    once (an estimate of its cost here would probe every model first: --dry-run does)."""
     if options.dry_run and options.assume_tflops is not None and options.device != "auto":
         return options.device  # an estimate from FLOPs for a device that need not be here
     device = resolve_device(options.device)
     if spec.needs_gpu and options.device == "auto" and device == "cpu" and not options.dry_run:
-        dry = Driver(options, spec, "cpu", RecordStore(options.results_dir, readonly=True), dry=True)
-        hours = estimate(dry, plan_tasks(jobs, spec, options, "cpu"), options)["seconds"].sum() / 3600
         raise UserError(
-            f"suite {spec.name!r} needs a GPU and none is visible; on this CPU it would take about "
-            f"{hours:,.0f} h (see --dry-run): pass --device cpu to run it here anyway"
+            f"suite {spec.name!r} needs a GPU and none is visible: `--dry-run --device cpu` estimates "
+            "its cost on this CPU; pass --device cpu to run it here anyway"
         )
     return device

@@ -10,9 +10,10 @@ The report comes after every task and is the driver's (bench.pipeline).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from models import resolve_models
+from models import UserError, model_entry, resolve_models
 
 from .datasets import dataset_info
 from .evaluate import EvalConfig
@@ -21,6 +22,7 @@ from .records import ENSEMBLE_SEED
 from .suites import Study, Suite
 from .train import TrainConfig
 
+log = logging.getLogger(__name__)
 TRAIN, MEASURE, ENSEMBLE = "train", "measure", "ensemble"
 
 
@@ -74,16 +76,39 @@ def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
         _add_jobs(jobs, names, study, options)
     if wanted:
         _add_jobs(jobs, [n for n in wanted if n not in covered], spec.studies[0], options)
+    if options.lambda_init is not None:
+        _check_lambda_init(sorted({j.model for j in jobs.values()}), options.lambda_init)
     for dataset in {j.dataset for j in jobs.values()}:
         dataset_info(dataset)
     return list(jobs.values())
 
 
+def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
+    """`--lambda-init` applies to the models with λ; one line when none of them has one, a
+    log line naming those it leaves at their own build."""
+    without = [m for m in models if not has_lambda(m)]
+    shown = f"{init[0]:g},{init[1]:g}"
+    if len(without) == len(models):
+        raise UserError(
+            f"--lambda-init {shown} sets λ's initialisation, and none of the models has a λ "
+            f"({', '.join(without)}): leave it out, or choose interpolated models (e.g. in-resnet*)"
+        )
+    if without:
+        log.info("--lambda-init %s applies to the models with a λ; not to %s (no λ)", shown, ", ".join(without))
+
+
+def has_lambda(model: str) -> bool:
+    return model_entry(model).damped_lambda_init is not None
+
+
 def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: RunOptions) -> None:
-    inits = (options.lambda_init,) if options.lambda_init else study.lambda_inits
     radii = options.radii or study.radii
     ensemble = (options.radii or study.ensemble_radii) if study.ensemble_radii else ()
     for name in names:
+        if not has_lambda(name):
+            inits = (None,)
+        else:
+            inits = (options.lambda_init,) if options.lambda_init else study.lambda_inits
         for dataset in options.datasets or study.datasets:
             for init in inits:
                 key = (name, dataset, init)
@@ -158,5 +183,13 @@ def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensembl
         batch_size=options.batch_size,
         device=device,
         extra=tuple(extra),
-        subsets=spec.subsets,
+        subsets=subsets(spec, options),
     )
+
+
+def subsets(spec: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
+    """The suite's smaller test subsets, AutoAttack's replaced by `--n-autoattack`."""
+    own = dict(spec.subsets)
+    if options.n_autoattack is not None:
+        own["autoattack"] = options.n_autoattack
+    return tuple(own.items())

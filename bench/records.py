@@ -39,7 +39,7 @@ import pandas as pd
 from models import UserError
 from models.checkpoints import atomic_write
 
-from .adapters import META_FILE, ensemble_digest, zoo_checkpoint_dir
+from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 
 log = logging.getLogger(__name__)
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
@@ -128,6 +128,10 @@ MEMBER_COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     "checkpoint_sha256": "TEXT",
 }
+
+
+TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS}
+NULLABLE = {"lambda_low", "lambda_high", "test_accuracy"}  # no λ; a run that failed before its test
 
 
 def _tables() -> dict[str, str]:
@@ -378,12 +382,12 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
 
 def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None]:
     """(status, sha256, training length, training images) of a checkpoint folder's
-    meta.json; ("gone", None, None, None) when it is missing or unreadable."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        return str(meta.get("status", "finished")), meta.get("sha256"), meta.get("length"), meta.get("n_train")
-    except (OSError, ValueError, AttributeError):
+    meta.json; ("gone", None, None, None) when it is missing; one error line when it is
+    damaged (its run's cells would silently drop out of every report)."""
+    if not meta_path.exists():
         return "gone", None, None, None
+    meta = read_meta(meta_path)
+    return str(meta.get("status", "finished")), meta["sha256"], meta.get("length"), meta.get("n_train")
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
@@ -488,9 +492,56 @@ def _open(path: Path, timeout: float, readonly: bool = False) -> sqlite3.Connect
 
 
 def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    """SQLite's own check of the file, then ours of the values: a row edited by hand (a
+    radius 'abc', a NULL seed) is one error line naming it, not a ValueError in a report."""
     result = _execute(db, path, "PRAGMA integrity_check(1)")
     if result[0][0] != "ok":
         raise UserError(_corrupt(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+    tables = {name for (name,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table, columns in TABLE_COLUMNS.items():
+        if table in tables:
+            _check_values(db, path, table, columns)
+
+
+def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """column -> (SQL condition every row meets, what it means): each value of its SQL
+    type (NULL only where a column allows it), and counts and shares in their ranges."""
+    typeof = {"TEXT": "('text')", "INTEGER": "('integer')", "REAL": "('real', 'integer')"}
+    words = {"TEXT": "a string", "INTEGER": "an integer", "REAL": "a number"}
+    ranges = {"n": ("{0} >= 1", "at least 1"), "members": ("{0} >= 1", "at least 1"),
+              "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
+              "accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"), "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
+              "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]")}  # fmt: skip
+    rules = {}
+    for name, kind in columns.items():
+        condition, meaning = ranges.get(name, ("1", ""))
+        rule, what = f"(typeof({{0}}) IN {typeof[kind]} AND ({condition}))", f"{words[kind]} {meaning}".strip()
+        if name in NULLABLE:
+            rule, what = f"({rule} OR typeof({{0}}) = 'null')", f"{what} or NULL"
+        rules[name] = (rule, what)
+    if table == "cells":
+        rules["correct_bits"] = ("(typeof({0}) = 'blob' AND length({0}) = (n + 7) / 8)", "n bits, packed")
+    return rules
+
+
+def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
+    present = {row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")}
+    rules = {c: r for c, r in _value_rules(table, columns).items() if c in present}
+    if table == "cells" and "n" not in present:
+        return
+    cases = " ".join(f"WHEN NOT {rule.format(_q(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
+    sql = f"SELECT rowid, bad FROM (SELECT rowid, CASE {cases} END AS bad FROM {table}) WHERE bad IS NOT NULL LIMIT 1"
+    found = _execute(db, path, sql)
+    if found:
+        rowid, index = found[0]
+        column, (_, meaning) = list(rules.items())[index]
+        (value,) = _execute(db, path, f"SELECT {_q(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
+        shown = f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
+        raise UserError(
+            f"{path.name} has a damaged row: {table} row {rowid} holds {column} = {shown}, not {meaning} (edited "
+            f"by hand?); nothing was read or written: restore the store, or delete that row "
+            f"(sqlite3 {path} \"DELETE FROM {table} WHERE rowid = {rowid}\") and run again to recompute it"
+        )
 
 
 def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence = ()) -> list[tuple]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from models.checkpoints import write_atomic
+from models.checkpoints import write_all
 
 from . import figures, sanity, stats
 from .aggregate import DEFAULT_STEPS
@@ -78,9 +78,7 @@ def write_reports(
     texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares)
     board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity)
     texts.update(leaderboard_texts(results, board, left_mine))
-    for path, text in texts.items():
-        write_atomic(path, text)
-    return list(texts)
+    return write_all(texts)
 
 
 def write_figures(
@@ -96,7 +94,7 @@ def write_figures(
     for item in drawn:
         if isinstance(item, figures.Skipped):
             log.info("figure %s skipped: %s", item.name, item.reason)
-    return [write_atomic(path, data) for path, data in _figure_files(Path(results_dir), drawn).items()]
+    return write_all(_figure_files(Path(results_dir), drawn))
 
 
 def _figure_files(results: Path, drawn: list) -> dict[Path, bytes]:
@@ -111,7 +109,7 @@ def _figure_files(results: Path, drawn: list) -> dict[Path, bytes]:
 def write_sanity(results_dir: str | os.PathLike, preset: str = "paper", steps: int = DEFAULT_STEPS) -> list[Path]:
     """The sanity section alone (`--stage check`): sanity.md and sanity.csv."""
     m = measured(results_dir, steps)
-    return [write_atomic(path, text) for path, text in sanity_texts(Path(results_dir), m, preset).items()]
+    return write_all(sanity_texts(Path(results_dir), m, preset))
 
 
 def _table_texts(folder: Path, number: int | str, filled: pd.DataFrame, left: str) -> dict[Path, str]:
@@ -160,13 +158,14 @@ def render_report(
     frame, aggregated = m.frame, m.aggregated
     lines = ["# inres-bench report", ""]
     sources = frame.groupby("dataset")["data_source"].agg(lambda s: ", ".join(sorted(set(s))))
+    sizes = {d: subset_sizes(rows) for d, rows in frame.groupby("dataset")}
     stale = int(m.everything["stale"].sum())
     lines += [
         f"Generated from {len(m.everything) - stale} current records (preset `{preset}` in the tables)"
         + (f"; {stale} records of replaced or deleted checkpoints are not reported." if stale else "."),
         "",
         "Data (data set: sources of its cells): "
-        + "; ".join(f"{dataset_label(d)}: {s}" for d, s in sources.items())
+        + "; ".join(f"{dataset_label(d)}: {s} ({sizes[d]})" for d, s in sources.items())
         + ".",
     ]
     if any(dataset_info(d).synthetic for d in set(frame["dataset"])):
@@ -235,6 +234,20 @@ SHARE_LEGEND = (
 )
 
 
+def subset_sizes(cells: pd.DataFrame) -> str:
+    """The test subsets of a data set's cells, in words: '100 test images', and the
+    perturbations measured on a smaller subset (AutoAttack), e.g. ', autoattack on 50'."""
+    def sizes(rows) -> str:
+        return "/".join(str(n) for n in sorted(set(rows["n"])))
+
+    main = cells[cells["perturbation"] == "clean"] if (cells["perturbation"] == "clean").any() else cells
+    text = f"{sizes(main)} test images"
+    for name, rows in cells.groupby("perturbation"):
+        if set(rows["n"]) - set(main["n"]):
+            text += f", {name} on {sizes(rows)}"
+    return text
+
+
 def render_shares(shares: pd.DataFrame) -> str:
     """Fig. 1's claims as a table: claim, data, seeds, measured share [interval], paper, verdict."""
     rows = [
@@ -260,8 +273,9 @@ def _with_interval(value: float, low: float, high: float) -> str:
 SANITY_LEGEND = (
     "Each column is a gate's figure (accuracy points unless a share): "
     + "; ".join(f"**{name}**: {gate.figure}" for name, gate in sanity.GATES.items())
-    + ". A ✗ marks a failed gate; `unreliable` means a critical one failed (all but eps-monotone and "
-    "zero-gradients). Gates whose figures were not measured are blank."
+    + ". A ✗ marks a failed gate; `unreliable` is yes when a critical one failed (all but eps-monotone and "
+    "zero-gradients), no when every critical gate that applies was measured and passed, and `not checked` "
+    "(naming the gates not measured) otherwise. Gates whose figures were not measured are blank."
 )
 
 
@@ -277,7 +291,7 @@ def render_sanity(table: pd.DataFrame, preset: str) -> str:
         cells = [_sanity_figure(g, row[g], sanity.GATES[g].flag in failed) for g in gates]
         name = row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else "")
         shown.append([name, dataset_label(row["dataset"]), *cells, row["flags"] or "-",
-                      "yes" if row["unreliable"] else "no"])  # fmt: skip
+                      sanity.verdict_text(row["unreliable"], row["unchecked"])])  # fmt: skip
     return tabulate(shown, headers=["entry", "data", *gates, "flags", "unreliable"], tablefmt="github", disable_numparse=True)
 
 

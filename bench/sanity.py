@@ -10,7 +10,10 @@ Two kinds, each with its measured figure and the limit above which it fails:
   mode, returns logits (not probabilities) of the data set's classes, has no dynamic
   forward (AutoAttack's own checks); PGD crafted on the plain ResNet of the same depth does
   not beat white-box PGD on the interpolated model (transfer).
-A failed gate is a flag; a failed critical gate makes the row `unreliable`.
+A failed gate is a flag; a failed critical gate makes the row `unreliable`. A row is
+reliable only when every critical gate that applies to it was measured and passed;
+otherwise `unreliable` is missing ("not checked") and `unchecked` names the gates not
+measured (transfer applies to interpolated models with a registered ResNet, alone).
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     parts = [gates] + ([checks.rename(columns={"check": "gate"})[gates.columns]] if checks is not None else [])
     both = pd.concat(parts, ignore_index=True)
     if both.empty:
-        return pd.DataFrame(columns=[*ENTRY, "flags", "unreliable"])
+        return with_verdicts(pd.DataFrame(columns=[*ENTRY, "flags", "unreliable"]))
     # "no λ" as a number: NaN keys would not align between the pieces joined below
     both = both.fillna({"lambda_low": NO_LAMBDA, "lambda_high": NO_LAMBDA})
     both = both.assign(failed=both["value"] > both["limit"] + 1e-9)
@@ -231,9 +234,43 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     critical = failed.groupby(ENTRY)["gate"].agg(lambda g: any(GATES[x].critical for x in g))
     out = wide.join(flags.rename("flags")).join(critical.rename("unreliable")).reset_index()
     out["flags"] = out["flags"].fillna("")
-    out["unreliable"] = out["unreliable"].eq(True)
     out[["lambda_low", "lambda_high"]] = out[["lambda_low", "lambda_high"]].replace(NO_LAMBDA, float("nan"))
-    return out.reindex(columns=[*ENTRY, *(g for g in GATES if g in out.columns), "flags", "unreliable"])
+    out = out.reindex(columns=[*ENTRY, *(g for g in GATES if g in out.columns), "flags", "unreliable"])
+    return with_verdicts(out)
+
+
+def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """`unchecked` (the critical gates that apply and were not measured, ';'-joined) and
+    `unreliable` as a nullable boolean: True when a critical gate failed, False when every
+    one that applies was measured and passed, missing ("not checked") otherwise."""
+    table = table.copy()
+    unchecked = [
+        ";".join(g for g in required_gates(row["model"], row["kind"]) if pd.isna(row.get(g, float("nan"))))
+        for row in table.to_dict("records")
+    ]
+    failed = table["unreliable"].eq(True) if "unreliable" in table else pd.Series(False, index=table.index)
+    verdict = pd.Series(pd.NA, index=table.index, dtype="boolean")
+    verdict[failed] = True
+    verdict[~failed & pd.Series([not u for u in unchecked], index=table.index, dtype=bool)] = False
+    table["unchecked"] = pd.Series(unchecked, index=table.index, dtype=object)
+    table["unreliable"] = verdict
+    gates = [c for c in table.columns if c not in ("flags", "unchecked", "unreliable")]
+    return table[[*gates, "flags", "unchecked", "unreliable"]]
+
+
+def required_gates(model: str, kind: str) -> list[str]:
+    """The critical gates an entry must pass to be called reliable: every one, but the
+    transfer check only where it exists (a single interpolated model with a registered
+    ResNet of its architecture: not a ResNet, an ensemble or another defense)."""
+    transfer = kind == "single" and plain_counterpart(model) is not None
+    return [g for g, gate in GATES.items() if gate.critical and (g != "transfer" or transfer)]
+
+
+def verdict_text(unreliable, unchecked: str) -> str:
+    """yes / no / not checked (the gates not measured)."""
+    if pd.isna(unreliable):
+        return f"not checked ({unchecked.replace(';', ', ')})"
+    return "yes" if unreliable else "no"
 
 
 def with_entries(checks: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:

@@ -30,12 +30,13 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
-from models.checkpoints import atomic_write, describe_mismatch, write_atomic
+from models.checkpoints import atomic_write, check_file_target, describe_mismatch, write_atomic
 from models.errors import reason as error_reason
 from models.skip import uses_lambda
 
 from .adapters import (
     META_FILE,
+    WEIGHTS_FILE,
     check_build,
     dataset_defaults,
     read_meta,
@@ -351,6 +352,8 @@ def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> di
 
 def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | None:
     path = folder / META_FILE
+    for name in (META_FILE, WEIGHTS_FILE, STATE_FILE, EPOCHS_FILE, LOG_FILE):  # before training, not after it
+        check_file_target(folder / name)
     if not path.is_file():
         return None
     meta = read_meta(path)

@@ -38,6 +38,7 @@ _SHOWN = 4  # keys listed per kind of mismatch before "+N more"
 _TEMP_TAG = re.compile(r"^\..*\.inres-(?P<host>[\w-]+)-(?P<pid>\d+)-[^/]*$")
 _UNTAGGED_TEMP = re.compile(r"^\..+\.[\w-]{8}\.(tmp|part)$")  # written before the tag existed
 _UNTAGGED_AGE = 24 * 3600  # seconds after which an untagged temporary file is an orphan
+LOCKS = ".locks"  # the folder of a results dir that holds its runs' lock files
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -66,16 +67,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then rename it over
     `path`: readers see the old file or the whole new one, never a partial one."""
     path = Path(path)
+    check_file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     except OSError as err:
-        if disk_full(err) is not None:
-            raise UserError(disk_full_message(err, f"to write {path}")) from None
-        raise UserError(
-            f"cannot write {path} ({err.strerror}): make {path.parent} writable or choose another "
-            "--results-dir / --data-dir"
-        ) from None
+        raise UserError(_cannot_write(path, err)) from None
     try:
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -85,16 +82,41 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a folder or a read-only file in the way, a full disk
+            raise UserError(_cannot_write(path, err)) from None
         full = disk_full(err)
         if full is not None:
             raise UserError(disk_full_message(full, f"to write {path}")) from None
         raise
 
 
+def check_file_target(path: str | os.PathLike) -> None:
+    """One error line when `path` cannot become a file: a folder stands in its place, or
+    one of its parents is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: a folder of that name is in its place; move it aside and run again")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is a file, not a folder; move it aside and run again")
+
+
+def _cannot_write(path: Path, err: OSError) -> str:
+    if disk_full(err) is not None:
+        return disk_full_message(err, f"to write {path}")
+    return (
+        f"cannot write {path} ({err.strerror or type(err).__name__}): make {path.parent} writable or choose "
+        "another --results-dir / --data-dir"
+    )
+
+
 def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
     """Create `folder` if needed and prove it takes new files (a read-only mount or a
     folder of another user's does not): one error line naming `option` otherwise."""
     folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or choose another {option}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("probe"), suffix=".tmp")
@@ -112,8 +134,16 @@ def run_lock(path: str | os.PathLike, blocking: bool = True):
     run's training or evaluation, so that none repeats another's work. Held locks vanish
     with their process, so a killed run never leaves one behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
+    check_file_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+b")  # noqa: SIM115 (closed below, after the lock is released)
+    except OSError as err:
+        raise UserError(
+            f"cannot take the lock {path} ({err.strerror}): make {path.parent} a writable folder "
+            "or choose another --results-dir"
+        ) from None
+    with handle:
         if fcntl is None:  # no flock (Windows): no sharing of a results dir between processes
             yield True
             return
@@ -184,6 +214,14 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
     data = content.encode() if isinstance(content, str) else content
     atomic_write(path, lambda f: f.write(data))
     return Path(path)
+
+
+def write_all(texts: Mapping[Path, str | bytes]) -> list[Path]:
+    """Write each file atomically, after checking that every path can become a file: a
+    folder in the way of the last one is refused before the first is written."""
+    for path in texts:
+        check_file_target(path)
+    return [write_atomic(path, content) for path, content in texts.items()]
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

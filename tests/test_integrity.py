@@ -3,7 +3,6 @@ show replaced checkpoints, every bad input is one error line before any work, co
 stores are refused and left as they are, several processes share the work."""
 
 import os
-import random
 import re
 import resource
 import shutil
@@ -17,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import run_bench
 from bench import records
@@ -357,59 +359,71 @@ def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, re
 
 # --- fuzz -----------------------------------------------------------------------------------
 
+HUGE = str(2**70)
 POOLS = {  # valid values few (so that most valid runs find their work cached), invalid ones many
     "--models": ["resnet8", "resnet8", "in-resnet14", "resnet8,in-resnet14", "nope", "", "resnet*8"],
-    "--seeds": ["0", "1", "0,1", "0,0", "-1", "²", "x", "", "4294967296", "1,", "+1"],
-    "--n-train": ["256", "256", "0", "-5", "x", "1e3"],
-    "--n-test": ["20", "20", "20", "0", "x", "-1"],
+    "--seeds": ["0", "1", "0,1", "0,0", "-1", "²", "x", "", "4294967296", "1,", "+1", HUGE],
+    "--n-train": ["1024", "1024", "0", "-5", "x", "1e3", HUGE],
+    "--n-test": ["50", "50", "50", "0", "x", "-1", HUGE, "20000000"],
+    "--n-autoattack": ["10", "0", HUGE],
     "--radii": ["2", "2", "1,2", "inf", "nan", "-1", "x", "", "300", "1e400"],
-    "--steps": ["1", "1", "0", "-1", "x"],
+    "--steps": ["5", "5", "0", "-1", "x", HUGE],
     "--lambda-init": ["-0.1,0", "5,6", "inf,inf", "1", "0.3,0.2", "a,b", "nan,1"],
     "--stage": ["train", "eval", "check", "report", "train,eval", "eval,report", "summary", "x", "", "report,report"],
     "--rank-by": ["pgd@2", "pgd@2.0", "pgd@3", "clean", "x", "noise", "fgsm@1", "pgd@", "worst@2"],
     "--device": ["cpu", "auto", "meta", "tpu", "cuda:9", ""],
-    "--batch-size": ["64", "0", "x"],
+    "--batch-size": ["64", "0", "x", HUGE],
+    "--workers": ["0", "-1", "x", HUGE],
     "--preset": ["paper", "paper", "authors-code", "x"],
     "--noise-source": ["auto", "generated", "released", "x"],
     "--datasets": ["synthetic", "synthetic", "cifar10", "svhn", "", "synthetic,synthetic"],
     "--length": ["smoke", "x"],
-    "--suite": ["smoke", "x"],
+    "--suite": ["smoke", "x", "paper"],  # paper: no GPU here, refused at once
+    "--executor": ["local", "slurm"],
+    "--ray-address": ["", "host:notaport", "127.0.0.1:1", "host:70000"],  # (without --executor ray: refused)
+    "--assume-tflops": ["0", "-1", "nan", "1e308"],
+    "--landscape-index": ["-1", HUGE],
+    "--landscape-points": ["1", "3000000", HUGE],
+    "--landscape-radius": ["0", "1e308", "nan", "-1"],
+    "--num-classes": ["10", "7"],
     "--results-dir": ["{results}", "{results}", "{file}", "", "{results}/sub"],
     "--data-dir": ["{data}", "{data}", "{data}", "{file}", ""],
 }
-FLAGS = ["--dry-run", "--list-models", "--contiguous"]
+FLAGS = ["--dry-run", "--list-models", "--contiguous", "--unknown-flag"]
+EXAMPLES = 150  # about 40 s: most examples are refused at once or find their cells cached
+
+# each option drawn in about one example in four, with a value from its pool
+drawn_options = st.fixed_dictionaries({o: st.sampled_from([None] * 3 * len(v) + v) for o, v in POOLS.items()})
+drawn_flags = st.lists(st.sampled_from(FLAGS), max_size=2, unique=True)
 
 
 @pytest.mark.slow
-def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path):
-    """A few hundred random option combinations, bounded in time: each ends with exit 0, or
-    with exit 2, one `error:` line and nothing new trained or recorded; never a traceback."""
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(options=drawn_options, flags=drawn_flags)
+def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path, options, flags):
+    """Option combinations drawn by hypothesis over every option, with the hostile values
+    users were seen to give (2**70 counts, a file for a folder, addresses that are none):
+    each ends with exit 0, or with exit 2, one `error:` line and nothing new trained or
+    recorded; never a traceback. Runs are real; the pools keep valid runs cached."""
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "afile").write_text("a file")
-    rng, began, runs, outcomes = random.Random(3), time.monotonic(), 0, {0: 0, 2: 0}
-    while runs < 200 and time.monotonic() - began < 40:
-        chosen = rng.sample(sorted(POOLS), rng.randint(2, 7))
-        # the last value given wins: the pools override these (reports and figures only when drawn from them)
-        args = ["--no-progress", "--models", "resnet8", "--n-train", "256", "--steps", "1", "--radii", "2", "--stage", "train,eval"]
-        for option in chosen:
-            value = rng.choice(POOLS[option]).format(results=results, data=base / "data", file=tmp_path / "afile")
-            args += [option, value]
-        args += [flag for flag in FLAGS if rng.random() < 0.08]
-        if "--results-dir" not in chosen:
-            args += ["--results-dir", str(results)]
-        if "--data-dir" not in chosen:
-            args += ["--data-dir", str(base / "data")]
-        before = state(results)
-        capsys.readouterr()
-        code = run_bench.main(args)
-        out = capsys.readouterr()
-        assert code in (0, 2), (args, out.err)
-        if code == 2:
-            assert len(out.err.splitlines()) == 1 and out.err.startswith("error: "), (args, out.err)
-            assert state(results) == before, args
-        outcomes[code] += 1
-        runs += 1
-    assert runs >= 150 and min(outcomes.values()) >= 20, (runs, outcomes)
+    # the last value given wins: the pools override these (reports and figures only when drawn from them)
+    args = ["--no-progress", "--models", "resnet8", "--n-train", "1024", "--steps", "5", "--radii", "2", "--stage", "train,eval",
+            "--results-dir", str(results), "--data-dir", str(base / "data")]  # fmt: skip
+    for option, value in options.items():
+        if value is not None:
+            args.append(f"{option}={value.format(results=results, data=base / 'data', file=tmp_path / 'afile')}")
+    args += flags
+    before = state(results)
+    capsys.readouterr()
+    code = run_bench.main(args)
+    out = capsys.readouterr()
+    assert code in (0, 2), (args, out.err)
+    if code == 2:
+        assert len(out.err.splitlines()) == 1 and out.err.startswith("error: "), (args, out.err)
+        assert state(results) == before, args
 
 
 def test_the_check_stage_alone_writes_the_sanity_table(base, results, capsys):

@@ -95,12 +95,12 @@ def test_the_estimate_uses_recorded_seconds_once_a_run_has_finished(tmp_path):
     assert recorded_rates("resnet8", "cpu", results) is None
     folder = results / "checkpoints" / "synthetic" / "resnet8" / "seed0"
     folder.mkdir(parents=True)
-    meta = {"model": "resnet8", "sha256": "x", "model_kwargs": {}, "status": "finished", "epochs_done": 2,
+    meta = {"model": "resnet8", "sha256": "ab" * 32, "model_kwargs": {}, "status": "finished", "epochs_done": 2,
             "data": {"images": 1000}, "wall_seconds": 10.0, "device": device_name("cpu")}  # fmt: skip
     (folder / "meta.json").write_text(json.dumps(meta))
     base = {**dict.fromkeys(COLUMNS), "model": "resnet8", "run": "resnet8", "family": "preact-resnet",
             "dataset": "synthetic", "data_source": "synthetic", "seed": 0, "members": 1, "severity": 0, "n": 100,
-            "correct": 50, "accuracy": 0.5, "preset": "paper", "checkpoint_sha256": "x", "device": device_name("cpu"),
+            "correct": 50, "accuracy": 0.5, "preset": "paper", "checkpoint_sha256": "ab" * 32, "device": device_name("cpu"),
             "timestamp": "2026-11-27T00:00:00+00:00", "batch_size": 256}  # fmt: skip
     rows = [
         {**base, "perturbation": "clean", "eps_255": 0.0, "params": "{}", "seconds": 0.5},
@@ -142,7 +142,7 @@ def test_checkpoints_travel_to_a_results_dir_that_is_not_shared(tmp_path):
     folder = tmp_path / "a" / "checkpoints" / "cifar10" / "resnet8" / "seed0"
     folder.mkdir(parents=True)
     (folder / "weights.pt").write_bytes(b"weights")
-    (folder / "meta.json").write_text(json.dumps({"model": "resnet8", "sha256": "s", "model_kwargs": {}}))
+    (folder / "meta.json").write_text(json.dumps({"model": "resnet8", "sha256": "cd" * 32, "model_kwargs": {}}))
     files = {"checkpoints/cifar10/resnet8/seed0": checkpoint_files(folder)}
     place_files(str(tmp_path / "b"), files)
     placed = tmp_path / "b" / "checkpoints" / "cifar10" / "resnet8" / "seed0"
