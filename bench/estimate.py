@@ -323,7 +323,7 @@ def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
     jobs = {t.job for t in tasks}
     n_test = options.n_test if options.n_test is not None else spec.n_test
     tested = "all test images" if n_test is None else f"{n_test} test images"
-    config = eval_config(next(iter(jobs)), spec, options, device) if jobs else None
+    config = eval_config(tasks[0].job, spec, options, device) if tasks else None  # every job's subsets are the same
     smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
     return (
         f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "

@@ -55,7 +55,7 @@ def leaderboard(
     board["flags"] = board["flags"].fillna("")
     ungated = board["unchecked"].isna()  # no gate measured at all: every one is unchecked
     board.loc[ungated, "unchecked"] = [
-        ";".join(sanity.required_gates(m, k)) for m, k in zip(board.loc[ungated, "model"], board.loc[ungated, "kind"], strict=True)
+        sanity.unchecked_gates(entry) for entry in board.loc[ungated, ["model", "kind"]].to_dict("records")
     ]
     board["unreliable"] = board["unreliable"].astype("boolean")
     used = cells[cells["preset"] == preset]

@@ -527,8 +527,6 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
 def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
     present = {row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")}
     rules = {c: r for c, r in _value_rules(table, columns).items() if c in present}
-    if table == "cells" and "n" not in present:
-        return
     cases = " ".join(f"WHEN NOT {rule.format(_q(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
     sql = f"SELECT rowid, bad FROM (SELECT rowid, CASE {cases} END AS bad FROM {table}) WHERE bad IS NOT NULL LIMIT 1"
     found = _execute(db, path, sql)

@@ -244,18 +244,18 @@ def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     `unreliable` as a nullable boolean: True when a critical gate failed, False when every
     one that applies was measured and passed, missing ("not checked") otherwise."""
     table = table.copy()
-    unchecked = [
-        ";".join(g for g in required_gates(row["model"], row["kind"]) if pd.isna(row.get(g, float("nan"))))
-        for row in table.to_dict("records")
-    ]
+    unchecked = pd.Series([unchecked_gates(row) for row in table.to_dict("records")], index=table.index, dtype=object)
     failed = table["unreliable"].eq(True) if "unreliable" in table else pd.Series(False, index=table.index)
-    verdict = pd.Series(pd.NA, index=table.index, dtype="boolean")
-    verdict[failed] = True
-    verdict[~failed & pd.Series([not u for u in unchecked], index=table.index, dtype=bool)] = False
-    table["unchecked"] = pd.Series(unchecked, index=table.index, dtype=object)
-    table["unreliable"] = verdict
+    verdict = pd.Series(pd.NA, index=table.index, dtype="boolean").mask(failed, True)
+    table["unchecked"], table["unreliable"] = unchecked, verdict.mask(~failed & unchecked.eq(""), False)
     gates = [c for c in table.columns if c not in ("flags", "unchecked", "unreliable")]
     return table[[*gates, "flags", "unchecked", "unreliable"]]
+
+
+def unchecked_gates(entry: dict) -> str:
+    """The critical gates that apply to `entry` (its model and kind) and that it has no
+    figure for (gate name -> value in `entry`), ';'-joined."""
+    return ";".join(g for g in required_gates(entry["model"], entry["kind"]) if pd.isna(entry.get(g, float("nan"))))
 
 
 def required_gates(model: str, kind: str) -> list[str]:
