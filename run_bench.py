@@ -13,7 +13,7 @@ from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
-STAGES = ("train", "eval", "check", "report", "figures")
+STAGES = ("train", "eval", "check", "stability", "report", "figures")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,10 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stage",
-        default="train,eval,check,report",
+        default="train,eval,check,stability,report",
         help="comma-separated stages among train, eval, check (the sanity checks of each checkpoint), "
-        "report (reports and figures), figures (the figures alone) (default: the first four); or summary: "
-        "print the models' sizes and damped blocks",
+        "stability (how each block amplifies a perturbation, its Jacobian's spectrum), report (reports and "
+        "figures), figures (the figures alone) (default: the first five); or summary: print the models' "
+        "sizes and damped blocks",
     )
     parser.add_argument(
         "--models",
@@ -104,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="attack radii in 1/255, comma-separated (default 1,2,4); 0 is allowed: an attack at radius 0 "
         "must give the clean accuracy, a check of the attack path",
+    )
+    evaluation.add_argument(
+        "--n-stability", type=int, default=None,
+        help="the stability stage's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
     evaluation.add_argument("--steps", type=int, default=20, help="IFGSM / PGD iterations (default 20)")
     evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
@@ -188,6 +193,7 @@ def options(args: argparse.Namespace):
         n_train=args.n_train,
         n_test=args.n_test,
         n_autoattack=args.n_autoattack,
+        n_stability=args.n_stability,
         lambda_init=_pair(args.lambda_init),
         radii=tuple(_numbers(args.radii, "--radii")) if args.radii is not None else None,
         steps=args.steps,

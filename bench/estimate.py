@@ -37,9 +37,11 @@ from .datasets import CIFAR10, DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
 from .perturbations import NOISE, perturbation
-from .plan import ENSEMBLE, MEASURE, TRAIN, Task, eval_config, train_config
+from .plan import ENSEMBLE, MEASURE, TRAIN, Task, eval_config, stability_config, train_config
 from .recipes import recipe_for
 from .records import load_records
+from .stability import n_images, stage_units
+from .stability import unit_passes as stability_passes
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
@@ -213,7 +215,8 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
             )
         cost = _train_cost if task.kind == TRAIN else _measure_cost
         rows.append({"task": task.name, "model": task.job.model, **cost(driver, task, tasks, rates[task.job.model])})
-    return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds"])
+    return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
+                                       "stability to run", "stability cached"])  # fmt: skip
 
 
 def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
@@ -237,6 +240,7 @@ def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
     config = eval_config(task.job, driver.spec, driver.options, driver.device, ensemble)
     if not members or (ensemble and len(members) < 2):
         return _cost(0, 0, 0, 0.0, 0.0)
+    work = None
     if all(statuses[s] == "finished" for s in members):  # what the run will find: the driver decides
         work = driver.work_for(task)
         todo = list(work.cells) if work is not None else []
@@ -248,7 +252,16 @@ def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
         forward, gradient = unit_passes(unit, data.n(unit[0]), config)
         seconds += len(members) * (forward / rates.forward + gradient / rates.gradient)
     cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
-    return _cost(0, len(todo), cached, 0.0, seconds)
+    stage: list = []
+    if "stability" in driver.options.stages:  # the work's units, or every unit of a checkpoint still to come
+        stable = stability_config(driver.spec, driver.options)
+        finished = all(statuses[s] == "finished" for s in members)
+        stage = (list(work.stability) if work is not None else []) if finished else stage_units(len(members))
+        for unit in stage:
+            forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
+            seconds += forward / rates.forward + gradient / rates.gradient
+    stable_cached = len(stage_units(len(members))) - len(stage) if "stability" in driver.options.stages else 0
+    return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached}
 
 
 def _meta(driver, task: Task, seed: int) -> dict:
@@ -258,7 +271,7 @@ def _meta(driver, task: Task, seed: int) -> dict:
 
 def _cost(to_train: int, todo: int, cached: int, train: float, evaluation: float) -> dict:
     return {"to train": to_train, "cells to run": todo, "cached": cached, "train": train, "eval": evaluation,
-            "seconds": train + evaluation}  # fmt: skip
+            "seconds": train + evaluation, "stability to run": 0, "stability cached": 0}  # fmt: skip
 
 
 def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> float:
@@ -304,12 +317,16 @@ def render_plan(driver, tasks: list[Task], options) -> str:
     seconds = dict(zip(frame["task"], frame["seconds"], strict=True))
     counts = sorted({*WORKER_COUNTS, *([options.workers] if options.workers else [])})
     walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts)
-    totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds"]].sum()
+    totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds", "stability to run",
+                    "stability cached"]].sum()  # fmt: skip
     return "\n".join([
         plan_header(driver.spec, options, driver.device, tasks),
         tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
         f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
-        f"{int(totals['cached'])} cached; estimated {_duration(totals['train'])} training + "
+        f"{int(totals['cached'])} cached; "
+        + (f"{int(totals['stability to run'])} stability units to run, {int(totals['stability cached'])} cached; "
+           if "stability" in options.stages else "")
+        + f"estimated {_duration(totals['train'])} training + "
         f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {driver.device}",
         f"wall time (an estimate): {walls}",
         "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
@@ -325,6 +342,9 @@ def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
     tested = "all test images" if n_test is None else f"{n_test} test images"
     config = eval_config(tasks[0].job, spec, options, device) if tasks else None  # every job's subsets are the same
     smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
+    if "stability" in options.stages:
+        n = stability_config(spec, options).n
+        smaller.append(f"stability on {n if n_test is None else min(n, n_test)}")
     return (
         f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "

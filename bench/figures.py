@@ -124,6 +124,25 @@ def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) 
     return figure, axes
 
 
+def line_panels(mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]) -> tuple[Figure, list]:
+    """A row of panels, a line per (run, model) of `mine` with a band: `rows_of(rows,
+    panel)` picks a run's rows of a panel, `curve(rows)` gives (x, middle, low, high)."""
+    figure, axes = _grid(len(panels), columns=len(panels), size=size)
+    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    line = styles({m for _, m in runs})
+    one_run_each = len({m for _, m in runs}) == len(runs)
+    for ax, panel in zip(axes, panels, strict=True):
+        for run, model in runs:
+            rows = rows_of(mine[mine["run"] == run], panel)
+            if rows.empty:
+                continue
+            x, middle, low, high = curve(rows)
+            ax.plot(x, middle, color=colour(model), linestyle=line[model], marker="o", markersize=2,
+                    label=model_label(model) if one_run_each else run)  # fmt: skip
+            ax.fill_between(x, low, high, color=colour(model), alpha=0.15, linewidth=0)
+    return figure, axes
+
+
 # --- what the finished runs' folders hold ----------------------------------------------------------
 
 

@@ -34,11 +34,13 @@ def leaderboard(
     preset: str = "paper",
     rank_by: str = "pgd@2",
     gates: pd.DataFrame | None = None,
+    amplification: dict | None = None,
 ) -> pd.DataFrame:
     """One row per run (or ensemble) x data set, ranked by `rank_by` (descending;
     unmeasured last). `cells`: the measurements `aggregate.select_measurements` kept, which
     give each row its checkpoints and data sources; `gates`: bench.sanity.summary (default:
-    the gates on these aggregates alone). Accuracies in %."""
+    the gates on these aggregates alone); `amplification`: (dataset, run, kind, preset) ->
+    the stability stage's PGD amplification (bench.stability_report). Accuracies in %."""
     rank_by = check_metric(rank_by, set(aggregated["metric"]))
     # a sentinel for "no λ": NaN keys do not align between the pieces joined below
     mine = aggregated[aggregated["preset"] == preset].fillna({"lambda_low": -1.0, "lambda_high": -1.0})
@@ -67,6 +69,8 @@ def leaderboard(
     every = mine.groupby(GROUP, dropna=False)[["metric", "mean"]].apply(lambda f: dict(zip(f["metric"], f["mean"], strict=True)))
     board["measured"] = [every.get(k, {}) for k in zip(*(board[c] for c in GROUP), strict=True)]
     board["checkpoints"] = [sorted(digests.get(e, ())) for e in entries]
+    found = amplification or {}
+    board["amplification"] = [found.get((*e, preset), math.nan) for e in entries]
     board = board.sort_values(rank_by, ascending=False, na_position="last", kind="stable").reset_index(
         drop=True
     )
@@ -83,7 +87,7 @@ def leaderboard(
         *metrics,
     ]
     extra = [rank_by] if rank_by not in metrics else []
-    return board[[*columns, *extra, "flags", "unchecked", "unreliable", "checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"]]
+    return board[[*columns, *extra, "amplification", "flags", "unchecked", "unreliable", "checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"]]
 
 
 def check_metric(name: str, available: set[str] | None = None) -> str:
@@ -108,6 +112,7 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
     shown = table.copy()
     metrics = [c for c in shown.columns if c in leaderboard_metrics() or "@" in c]
     shown[metrics] = shown[metrics].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
+    shown["amplification"] = shown["amplification"].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
     shown["dataset"] = shown["dataset"].map(lambda d: dataset_label(d))
     shown["unreliable"] = [sanity.verdict_text(u, c) for u, c in zip(shown["unreliable"], shown["unchecked"], strict=True)]
     shown = shown.drop(columns=["unchecked"])
@@ -207,6 +212,8 @@ def _provenance(entry: dict) -> dict:
         "unreliable": _verdict(entry["unreliable"]),
         "unchecked": [g for g in str(entry["unchecked"] or "").split(";") if g],  # critical gates not measured
         "checkpoint_sha256": list(entry["checkpoints"]),
+        # the stability stage's growth of a PGD-20 perturbation from the stem to the last block
+        "amplification": None if pd.isna(entry.get("amplification", math.nan)) else round(float(entry["amplification"]), 6),
     }
 
 

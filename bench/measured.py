@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from .records import (
     load_checks,
     load_records,
     load_runs,
+    load_stability,
     needs_migration,
 )
 from .tables import best_groups, lambda_key
@@ -46,6 +47,7 @@ class Measured:
     aggregated: pd.DataFrame  # mean, std, n per entry and metric
     sanity: pd.DataFrame  # the gates per entry (bench.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
+    stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
 
 
 def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
@@ -65,11 +67,13 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
             f"no current records in {results / DB_FILE}: its {len(everything)} records all measured checkpoints "
             "since retrained, failed on retraining or deleted; run the eval stage"
         )
-    return reduce_records(everything, runs, load_bits(results), load_checks(results, runs), steps)
+    checks, stability = load_checks(results, runs), load_stability(results, runs)
+    return reduce_records(everything, runs, load_bits(results), checks, steps, stability)
 
 
 def reduce_records(
-    everything: pd.DataFrame, runs: pd.DataFrame, bits: dict, checks: pd.DataFrame, steps: int = DEFAULT_STEPS
+    everything: pd.DataFrame, runs: pd.DataFrame, bits: dict, checks: pd.DataFrame, steps: int = DEFAULT_STEPS,
+    stability: pd.DataFrame | None = None,
 ) -> Measured:
     """Everything a report shows, from the records alone (pure: no files)."""
     current = everything[~everything["stale"]].drop(columns="stale").reset_index(drop=True)
@@ -77,7 +81,8 @@ def reduce_records(
     kept, left_out = select_measurements(frame, steps)
     aggregated = aggregate(per_seed(kept))
     gates = sanity.summary(sanity.record_gates(aggregated), sanity.with_entries(checks, kept))
-    return Measured(everything, frame, runs, kept, left_out, aggregated, gates, bits)
+    stability = pd.DataFrame() if stability is None else stability
+    return Measured(everything, frame, runs, kept, left_out, aggregated, gates, bits, stability)
 
 
 @dataclass

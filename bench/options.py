@@ -14,7 +14,7 @@ from .cifar import data_root
 from .leaderboard import check_metric
 from .records import check_results_dir
 
-STAGES = ("train", "eval", "check", "report", "figures")
+STAGES = ("train", "eval", "check", "stability", "report", "figures")
 EXECUTORS = ("local", "ray")
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 # Upper bounds of the counts, each with why: a value past one is a typo (2**70), and it
@@ -23,6 +23,7 @@ LIMITS: dict[str, tuple[int | float, str]] = {
     "n_train": (10**7, "no data set here has more images (CIFAR: 50,000); leave it out to train on all"),
     "n_test": (10**7, "no data set here has more images (CIFAR: 10,000); leave it out to test on all"),
     "n_autoattack": (10**7, "no data set here has more test images (CIFAR: 10,000)"),
+    "n_stability": (10**7, "no data set here has more test images (CIFAR: 10,000)"),
     "batch_size": (2**16, "a larger batch of these models does not fit any GPU's memory"),
     "steps": (10**4, "500 times the protocol's 20 steps; PGD has long converged"),
     "workers": (1024, "more tasks at once than the paper suite has tasks"),
@@ -40,7 +41,7 @@ class RunOptions:
     """What to run; None means "as the suite says"."""
 
     suite: str = "smoke"
-    stages: tuple[str, ...] = STAGES[:4]  # the report draws the figures too
+    stages: tuple[str, ...] = STAGES[:5]  # the report draws the figures too
     models: str | None = None  # names, globs, groups
     datasets: tuple[str, ...] | None = None
     seeds: tuple[int, ...] | None = None
@@ -49,6 +50,7 @@ class RunOptions:
     n_train: int | None = None
     n_test: int | None = None
     n_autoattack: int | None = None  # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
+    n_stability: int | None = None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
     radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
     steps: int = 20
@@ -84,7 +86,7 @@ class RunOptions:
             low, high = self.lambda_init
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                 raise UserError(f"--lambda-init a,b needs finite numbers with a <= b, got {low:g},{high:g}")
-        for name in ("n_train", "n_test", "n_autoattack", "batch_size", "steps", "workers"):
+        for name in ("n_train", "n_test", "n_autoattack", "n_stability", "batch_size", "steps", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -47,12 +47,14 @@ from .plan import (
     eval_config,
     plan_jobs,
     plan_tasks,
+    stability_config,
     task_resources,
     train_config,
 )
 from .records import CELL_COLUMNS, RecordStore, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
+from .stability import StabilityDone, Unit, stage_units, units_todo
 from .suites import Suite, suite
 from .train import finished_run
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
@@ -67,6 +69,7 @@ class Outcome:
     failed_runs: set[str] = field(default_factory=set)
     missing: set[str] = field(default_factory=set)
     cells_run: int = 0
+    stability_run: int = 0  # stability units recorded
     errors: list[str] = field(default_factory=list)
 
 
@@ -127,10 +130,13 @@ def run(options: RunOptions) -> int:
         _report(options, after_work=True, sanity_only=True)
     outcome = driver.outcome
     log.info(
-        "done in %.0f s: %d cells evaluated, %d cached; %d failed runs; %d checkpoints missing",
+        "done in %.0f s: %d cells evaluated, %d cached; %d stability units measured, %d cached; %d failed runs; "
+        "%d checkpoints missing",
         time.perf_counter() - began,
         outcome.cells_run,
         sum(driver.cached.values()),
+        outcome.stability_run,
+        sum(driver.stability_cached.values()),
         len(outcome.failed_runs),
         len(outcome.missing),
     )
@@ -158,6 +164,7 @@ class Driver:
         self._data: dict[tuple, EvalData | DataSizes] = {}
         self._contexts: dict[str, dict] = {}  # task name -> the KEY columns of its checkpoint
         self.cached: dict[str, int] = {}  # task name -> its cells found in the records
+        self.stability_cached: dict[str, int] = {}  # task name -> its stability units found in the records
         self._host = socket.gethostname()
         self._ship = options.ray_address is not None  # workers may not see our results dir
         # CPU results depend on the thread count (reduction order): every worker uses this
@@ -213,14 +220,16 @@ class Driver:
         todo = cells_todo(context, config, self.data(task.job.dataset, config), self.store, asked) if "eval" in options.stages else []
         self.cached[task.name] = len(asked) - len(todo) if "eval" in options.stages else 0  # a retry asks again
         checks, transfer = self._checks_todo(task, context) if "check" in options.stages else ((), None)
-        if not todo and not checks:
+        stable = self._stability_todo(task, context, config) if "stability" in options.stages else []
+        if not todo and not checks and not stable:
             return None
         folders = [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run, s) for s in members]
         if transfer is not None:
             folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, transfer, seed))
         files = {relative(options.results_dir, f): checkpoint_files(f) for f in folders} if self._ship else {}
         return Work(task.kind, model=task.job.model, run=task.run, dataset=task.job.dataset, seeds=tuple(members),
-                    config=config, cells=tuple(todo), checks=checks, transfer_from=transfer, files=files, **base)  # fmt: skip
+                    config=config, cells=tuple(todo), checks=checks, transfer_from=transfer, files=files,
+                    stability=tuple(stable), stability_config=stability_config(self.spec, options), **base)  # fmt: skip
 
     def _finished(self, task: Task, seed: int) -> dict | None:
         """The meta.json of a finished checkpoint (recorded as a run seen); None, with the
@@ -256,6 +265,15 @@ class Driver:
         if task.kind == MEASURE and "transfer" in checks and "transfer" not in done:
             transfer = self._transfer_source(task)
         return wanted + (("transfer",) if transfer else ()), transfer
+
+    def _stability_todo(self, task: Task, context: dict, config: EvalConfig) -> list[Unit]:
+        """The stability units not yet recorded for the checkpoint."""
+        data = self.data(task.job.dataset, config)
+        units = stage_units(context["members"])
+        self.stability_cached[task.name] = len(units)
+        todo = units_todo(context, units, data, stability_config(self.spec, self.options), config, self.store)
+        self.stability_cached[task.name] -= len(todo)
+        return todo
 
     def _transfer_source(self, task: Task) -> str | None:
         """The finished ResNet of the same architecture, data set, seed and recipe as the
@@ -340,6 +358,9 @@ class Driver:
             self.outcome.errors.append(message.error)
         elif isinstance(message, ChecksDone):
             self.store.add_checks(message.rows)
+            log.info("%s", message.summary)
+        elif isinstance(message, StabilityDone):
+            self.outcome.stability_run += self.store.add_stability(message.rows, message.values) > 0
             log.info("%s", message.summary)
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)

@@ -19,6 +19,7 @@ from .datasets import dataset_info
 from .evaluate import EvalConfig
 from .options import RunOptions
 from .records import ENSEMBLE_SEED
+from .stability import StabilityConfig
 from .suites import Study, Suite
 from .train import TrainConfig
 
@@ -133,7 +134,7 @@ def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -
         trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
         waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
         trains += trained if "train" in options.stages else []
-        if not {"eval", "check"} & set(options.stages):
+        if not {"eval", "check", "stability"} & set(options.stages):
             continue
         measures += [Task(MEASURE, job, run, (s,), waits[s], resources) for s in seeds]
         if job.ensemble_radii and len(seeds) >= 2:
@@ -185,6 +186,11 @@ def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensembl
         extra=tuple(extra),
         subsets=subsets(spec, options),
     )
+
+
+def stability_config(spec: Suite, options: RunOptions) -> StabilityConfig:
+    """The stability stage's settings: the suite's image count unless `--n-stability`."""
+    return StabilityConfig(n=options.n_stability if options.n_stability is not None else spec.n_stability)
 
 
 def subsets(spec: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:

@@ -128,10 +128,46 @@ MEMBER_COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     "checkpoint_sha256": "TEXT",
 }
+# The stability stage (bench.stability): one row per checkpoint x quantity x δ x block, its
+# per-image values packed as float32 in `per_image` (test-subset order).
+STABILITY_COLUMNS: dict[str, str] = {
+    "model": "TEXT",
+    "run": "TEXT",
+    "family": "TEXT",
+    "dataset": "TEXT",
+    "data_source": "TEXT",
+    "seed": "INTEGER",
+    "members": "INTEGER",
+    "preset": "TEXT",
+    "checkpoint_sha256": "TEXT",
+    "lambda_low": "REAL",
+    "lambda_high": "REAL",
+    "quantity": "TEXT",  # growth, spectral_norm, shifted_eigenvalue, input_gradient
+    "perturbation": "TEXT",  # growth: the δ followed (fgsm, pgd, uniform, gaussian); else empty
+    "eps_255": "REAL",  # growth: δ's radius; else 0
+    "block": "INTEGER",  # growth: 0 stem, 1..N after block n, N + 1 logits; blocks 1..N; -1 whole network
+    "damped": "INTEGER",  # 1 where the model's rule damps the block (the same positions in a ResNet)
+    "n": "INTEGER",
+    "params": "TEXT",  # the estimator's parameters, canonical JSON
+    "mean": "REAL",  # over the images (NULL when a value is not finite)
+    "median": "REAL",
+    "torch_version": "TEXT",
+    "device": "TEXT",
+    "seconds": "REAL",  # of the whole unit (every row of it)
+    "timestamp": "TEXT",
+}
+STABILITY_KEY = (
+    "run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256",
+    "quantity", "perturbation", "eps_255", "block", "n", "params",
+)  # fmt: skip
+# What tells a checkpoint's stability units apart (all rows of a unit are one transaction).
+UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params")
 
 
-TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS}
-NULLABLE = {"lambda_low", "lambda_high", "test_accuracy"}  # no λ; a run that failed before its test
+TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS,
+                 "stability": STABILITY_COLUMNS}  # fmt: skip
+# no λ; a run that failed before its test; a stability figure that is not finite
+NULLABLE = {"lambda_low", "lambda_high", "test_accuracy", "mean", "median"}
 
 
 def _tables() -> dict[str, str]:
@@ -145,6 +181,7 @@ def _tables() -> dict[str, str]:
         "runs": table("runs", RUN_COLUMNS, "UNIQUE (run, dataset, seed, checkpoint_sha256)"),
         "ensemble_members": table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)"),
         "checks": table("checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'),
+        "stability": table("stability", STABILITY_COLUMNS, f"per_image BLOB NOT NULL, UNIQUE ({', '.join(STABILITY_KEY)})"),
     }
 
 
@@ -248,6 +285,30 @@ class RecordStore:
         sql = f"INSERT OR REPLACE INTO checks ({names}) VALUES ({', '.join('?' * len(CHECK_COLUMNS))})"
         with self._connect() as db, db:
             db.executemany(sql, [[row[k] for k in CHECK_COLUMNS] for row in rows])
+
+    def stability_done(self, context: dict) -> set[tuple]:
+        """The UNIT_COLUMNS of the stability units recorded for the checkpoint `context`
+        names (its run, dataset, seed, members, preset and checkpoint_sha256)."""
+        if self.readonly and not self.path.is_file():
+            return set()
+        keys = ("run", "dataset", "seed", "members", "preset", "checkpoint_sha256")
+        sql = f"SELECT DISTINCT {', '.join(UNIT_COLUMNS)} FROM stability WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        with self._connect() as db:
+            if not _execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+                return set()  # a read-only store written before the stage existed
+            return set(_execute(db, self.path, sql, [context[k] for k in keys]))
+
+    def add_stability(self, rows: Sequence[dict], values: Sequence[np.ndarray]) -> int:
+        """Insert one stability unit's rows and per-image values, all or nothing; returns
+        how many were new."""
+        names = [*STABILITY_COLUMNS, "per_image"]
+        data = [[row[k] for k in STABILITY_COLUMNS] + [np.asarray(v, dtype="<f4").tobytes()]
+                for row, v in zip(rows, values, strict=True)]  # fmt: skip
+        sql = f"INSERT OR IGNORE INTO stability ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        with self._connect() as db, db:
+            before = db.total_changes
+            db.executemany(sql, data)
+            return db.total_changes - before
 
     def add_ensemble(self, ensemble_sha256: str, run: str, dataset: str, members: dict[int, str]) -> None:
         """Record which checkpoints (seed -> digest) the ensemble `ensemble_sha256` holds."""
@@ -361,6 +422,24 @@ def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None
     stale = stale_rows(checks, load_runs(results_dir) if runs is None else runs, members)
     checks = checks[~stale].reset_index(drop=True)
     return checks.assign(passed=checks["value"] <= checks["limit"])
+
+
+def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The stability rows of current checkpoints (STABILITY_COLUMNS plus `values`, each
+    row's per-image float32 array); none for a store without the table."""
+    names = ", ".join(_q(k) for k in STABILITY_COLUMNS)
+    path = Path(results_dir) / DB_FILE
+    rows: list[tuple] = []
+    if path.is_file():
+        with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
+            if _execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+                rows = _execute(db, path, f"SELECT {names}, per_image FROM stability ORDER BY rowid")
+    frame = _typed(pd.DataFrame.from_records([r[:-1] for r in rows], columns=list(STABILITY_COLUMNS)), STABILITY_COLUMNS)
+    frame["values"] = pd.Series([np.frombuffer(r[-1], dtype="<f4") for r in rows], index=frame.index, dtype=object)
+    members = _read(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
+                    "ensemble_members")  # fmt: skip
+    stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
+    return frame[~stale].reset_index(drop=True)
 
 
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
@@ -509,6 +588,7 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
     typeof = {"TEXT": "('text')", "INTEGER": "('integer')", "REAL": "('real', 'integer')"}
     words = {"TEXT": "a string", "INTEGER": "an integer", "REAL": "a number"}
     ranges = {"n": ("{0} >= 1", "at least 1"), "members": ("{0} >= 1", "at least 1"),
+              "block": ("{0} >= -1", "at least -1"), "damped": ("{0} IN (0, 1)", "0 or 1"),
               "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
               "accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"), "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
               "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]")}  # fmt: skip
@@ -521,6 +601,8 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
         rules[name] = (rule, what)
     if table == "cells":
         rules["correct_bits"] = ("(typeof({0}) = 'blob' AND length({0}) = (n + 7) / 8)", "n bits, packed")
+    if table == "stability":
+        rules["per_image"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * n)", "n float32 values")
     return rules
 
 

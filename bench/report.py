@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 from models.checkpoints import write_all
 
-from . import figures, sanity, stats
+from . import figures, sanity, stability_report, stats
 from .aggregate import DEFAULT_STEPS
 from .claims import claim_rows, share_claim_rows
 from .datasets import dataset_info, dataset_label
@@ -70,13 +70,17 @@ def write_reports(
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine)))
     texts.update(sanity_texts(results, m, preset))
+    checkpoints = stability_report.per_checkpoint(m.stability)
+    texts.update(stability_report.table_texts(results / "tables", stability_report.stability_table(checkpoints, m.aggregated, preset)))
+    mechanism = stability_report.claim_rows(checkpoints, preset, evidence.bootstrap)
     folders = figures.run_folders(results, m.runs, preset)
     drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
+    drawn += stability_report.drawn(m.stability, preset, evidence.bootstrap)
     texts.update(_figure_files(results, drawn))
     shares = share_claim_rows(figures.coefficient_table(folders), set(m.frame["dataset"]), preset, evidence,
                               evidence.bootstrap)  # fmt: skip
-    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares)
-    board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity)
+    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares, mechanism)
+    board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity, stability_report.amplification(checkpoints))
     texts.update(leaderboard_texts(results, board, left_mine))
     return write_all(texts)
 
@@ -91,6 +95,7 @@ def write_figures(
     """The figures alone (`--stage figures`), under results/figures/."""
     m = measured(results_dir, steps)
     drawn = figures.draw_all(m, Path(results_dir), preset, data_dir, figure_config or figures.FigureConfig())
+    drawn += stability_report.drawn(m.stability, preset, stats.Bootstrap())
     for item in drawn:
         if isinstance(item, figures.Skipped):
             log.info("figure %s skipped: %s", item.name, item.reason)
@@ -154,6 +159,7 @@ def render_report(
     evidence: Evidence | None = None,
     drawn: list | None = None,
     shares: pd.DataFrame | None = None,
+    mechanism: pd.DataFrame | None = None,
 ) -> str:
     frame, aggregated = m.frame, m.aggregated
     lines = ["# inres-bench report", ""]
@@ -206,6 +212,9 @@ def render_report(
     ]
     if shares is not None and len(shares):
         lines += ["", SHARE_LEGEND, "", render_shares(shares)]
+    if mechanism is not None and len(mechanism):
+        lines += ["", "## The paper's mechanism: stability through depth", "", stability_report.CLAIMS_LEGEND, "",
+                  stability_report.render_claims(mechanism)]  # fmt: skip
     lines += ["", "## Tables", ""]
     for number, filled in tables.items():
         measured = int(filled["mean"].notna().sum())
@@ -215,6 +224,7 @@ def render_report(
         )
     lines += [
         "- [Table 3, every attack](tables/table3_all.md): the sanity and reference attacks and the worst case too",
+        "- [Stability diagnostics](tables/stability.md): amplification, block spectral norms, input gradients",
         "- [Sanity checks](sanity.md) and the [leaderboard](leaderboard.md)",
     ]
     lines += ["", "## Figures", ""]

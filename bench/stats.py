@@ -34,23 +34,26 @@ class Bootstrap:
             self._examples[n] = counts.astype(np.float32)  # draws x n: 40 MB for 10,000 examples
         return self._examples[n]
 
-    def means(self, samples: Sequence[np.ndarray]) -> np.ndarray:
+    def means(self, samples: Sequence[np.ndarray], scale: float = 100.0) -> np.ndarray:
         """The bootstrap draws of the mean of `samples` (one per seed, each the per-example
-        accuracy over the same n examples, values in [0, 1]), in percent."""
+        values over the same n examples), times `scale`: accuracies in [0, 1] give percent;
+        scale 1 keeps any other figure's units (bench.stability_report)."""
         m = np.stack([np.asarray(s, dtype=np.float32) for s in samples])  # k x n
         k, n = m.shape
         seeds = self.rng.multinomial(k, np.full(k, 1 / k), size=self.draws)  # draws x k
         per_seed = (self.examples(n) @ m.T).astype(np.float64)  # draws x k: each seed's sum under each draw
-        return 100 * (seeds * per_seed).sum(1) / (k * n)
+        return scale * (seeds * per_seed).sum(1) / (k * n)
 
-    def interval(self, samples: Sequence[np.ndarray]) -> tuple[float, float]:
-        return _percentiles(self.means(samples))
+    def interval(self, samples: Sequence[np.ndarray], scale: float = 100.0) -> tuple[float, float]:
+        return _percentiles(self.means(samples, scale))
 
-    def difference(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[float, float, float]:
-        """(mean a - mean b, low, high) in points; paired over examples when both were
-        measured on the same number of (hence the same class-balanced) examples."""
-        estimate = 100 * (np.mean([np.mean(s) for s in a]) - np.mean([np.mean(s) for s in b]))
-        return (float(estimate), *_percentiles(self.means(a) - self.means(b)))
+    def difference(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], scale: float = 100.0
+                   ) -> tuple[float, float, float]:  # fmt: skip
+        """(mean a - mean b, low, high), in points for accuracies (`scale` as in `means`);
+        paired over examples when both were measured on the same number of (hence the same
+        class-balanced) examples."""
+        estimate = scale * (np.mean([np.mean(s) for s in a]) - np.mean([np.mean(s) for s in b]))
+        return (float(estimate), *_percentiles(self.means(a, scale) - self.means(b, scale)))
 
 
     def over_seeds(self, values: Sequence[float]) -> tuple[float, float]:

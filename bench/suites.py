@@ -50,6 +50,7 @@ class Suite:
     extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
     subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
     checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.sanity's model checks
+    n_stability: int = 200  # the stability stage's class-balanced test images (bench.stability)
     # what one task (a training run, or a checkpoint's evaluation) asks of a worker, besides
     # one GPU where there are GPUs: CPU threads and host memory in GiB (Ray schedules by them)
     task_cpus: int = 4
@@ -98,6 +99,7 @@ SUITES: dict[str, Suite] = {
             extra=SANITY + (("apgd-ce-lite", (2.0,)),),  # cheap: never shown as AutoAttack
             subsets=(),
             checks=("gradients", "model"),
+            n_stability=24,
             task_cpus=1,
             task_memory_gib=2.0,
         ),

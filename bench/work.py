@@ -1,6 +1,7 @@
 """What a worker does with one task (bench.plan): train a checkpoint, or measure a seed's
 or an ensemble's cells and checks. A worker never writes the records: it yields what it
-finished (bench.evaluate.CellsDone, AuditFailed; ChecksDone; Trained), one unit of work at
+finished (bench.evaluate.CellsDone, AuditFailed; ChecksDone; bench.stability.StabilityDone;
+Trained), one unit of work at
 a time, and the driver alone writes `records.sqlite`. Checkpoints are the exception:
 training writes them into the results dir with the atomic rules of bench.train, and when
 the driver's results dir is not the worker's (a cluster without a shared file system),
@@ -30,6 +31,7 @@ from .adapters import (
 )
 from .evaluate import AuditFailed, Cell, CellsDone, EvalConfig, EvalData, Subject, measure_cells, prepared
 from .records import ENSEMBLE_SEED, utc_now
+from .stability import StabilityConfig, StabilityDone, Unit, stability_stage
 from .train import TrainConfig, train
 
 CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE)
@@ -57,6 +59,8 @@ class Work:
     cells: tuple[Cell, ...] = ()
     checks: tuple[str, ...] = ()  # "model" (MODEL_CHECKS) and "transfer"
     transfer_from: str | None = None  # the plain run whose attack transfers (the same seed)
+    stability: tuple[Unit, ...] = ()  # the stability stage's units still to measure
+    stability_config: StabilityConfig | None = None
     # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
@@ -73,7 +77,7 @@ class Trained:
     files: dict[str, dict[str, bytes]]  # empty when the worker shares the driver's results dir
 
 
-Message = CellsDone | AuditFailed | ChecksDone | Trained
+Message = CellsDone | AuditFailed | ChecksDone | StabilityDone | Trained
 
 
 def execute(work: Work) -> Iterator[Message]:
@@ -95,6 +99,9 @@ def execute(work: Work) -> Iterator[Message]:
         yield from measure_cells(subject, work.config, eval_data(work.dataset, work.data_dir, work.config), work.cells, work.progress)
     if work.checks:
         yield _checks(subject, work)
+    if work.stability:
+        data = eval_data(work.dataset, work.data_dir, work.config)
+        yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
 
 
 def _seed(work: Work) -> int:

@@ -13,7 +13,9 @@ keeps what it measured.
 3. epoch: one full epoch of ResNet-110 with the paper's recipe on CIFAR-sized data, and
    the paper and quick suites' projected hours (other models scaled by their FLOPs);
 4. evaluation: clean, FGSM at 3 radii and PGD-20 through the harness, images/s, and PGD-20
-   against a hand loop of 20 input-gradient passes.
+   against a hand loop of 20 input-gradient passes;
+5. stability: the stability stage's units against one PGD-20 cell on the same images, and
+   its J v (a vjp of a vjp) against torch.func.jvp on the device.
 
     python benchmarks/gpu_check.py               # on a GPU: at most about 8 minutes
     python benchmarks/gpu_check.py --tiny        # anywhere: tiny models, a few steps (CI runs it)
@@ -60,6 +62,8 @@ FULL = {
     "evaluation": ("resnet110", "in-resnet110", "lambda-in-resnet110"),
     "eval_images": 512,
     "learn": ("resnet20", 10_000),
+    "stability": ("resnet110", "in-resnet110"),
+    "stability_images": 64,
 }
 TINY = {
     "parity": ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14"),
@@ -69,6 +73,8 @@ TINY = {
     "evaluation": ("resnet8",),
     "eval_images": 32,
     "learn": ("resnet8", 1_024),
+    "stability": ("resnet8",),
+    "stability_images": 4,
 }
 # Each path is compared with the reference on what it is used for, as ||ours - ref|| / ||ref||:
 # training (train mode) needs the logits and the skip parameters' gradients, attacks (eval
@@ -262,6 +268,33 @@ def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
     return rows
 
 
+def stability(names, n: int, device: str) -> list[dict]:
+    """The stability stage against one PGD-20 cell on the same images (bench_stability.py),
+    and J v as the stage computes it against torch.func.jvp on this device."""
+    from bench_stability import costs
+
+    from bench.stability import block_inputs, blocks, jacobian_products, unfused
+
+    rows = []
+    for name in names:
+        pgd, units = costs(name, n, device)
+        torch.manual_seed(0)
+        model = create_model(name).to(device).eval().requires_grad_(False)
+        with unfused(model):
+            chain = blocks(model)
+            h = block_inputs(model, chain, torch.rand(4, 3, 32, 32, device=device))[1]
+            v = torch.randn_like(h)
+            forward, _ = jacobian_products(chain[1], h)
+            exact = torch.func.jvp(chain[1], (h,), (v,))[1]
+            error = ((forward(v) - exact).norm() / exact.norm()).item()
+        rows.append({"model": name, "PGD-20 ms/img": round(pgd / n * 1000, 2),
+                     "stage ms/img": round(sum(units.values()) / n * 1000, 2),
+                     "stage / PGD-20": round(sum(units.values()) / pgd, 2),
+                     **{f"{k} ms/img": round(s / n * 1000, 2) for k, s in units.items() if not k.startswith("growth@")},
+                     "Jv vs jvp (rel.)": error})  # fmt: skip
+    return rows
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -305,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models and a few steps: runs anywhere")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--sections", default="parity,learning,training,evaluation,epoch")
+    parser.add_argument("--sections", default="parity,learning,training,evaluation,epoch,stability")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     plan = TINY if args.tiny else FULL
@@ -323,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "training": lambda: training(plan["training"], plan["steps"], args.device),
             "evaluation": lambda: evaluation(plan["evaluation"], plan["eval_images"], args.device, folder),
             "epoch": lambda: epoch(*plan["epoch"], args.device, report["sections"].get("evaluation", [])),
+            "stability": lambda: stability(plan["stability"], plan["stability_images"], args.device),
         }
         for section in args.sections.split(","):
             began = time.perf_counter()

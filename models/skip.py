@@ -105,6 +105,9 @@ class SkipRule(nn.Module):
                 "(1 removes the skip, (1, 2] makes it negative, beyond 2 the forward-Euler step diverges)"
             )
         self.damped = damped
+        # False: the damped sum out of place, as plain autograd ops. torch.func's transforms
+        # (jvp, vjp: bench.stability) cannot trace _DampedSum's in-place write.
+        self.fused = True
         self.rule = rule if damped else "residual"
         spec = RULES[self.rule]
         self.act, self.scale_branch, self.stores_k = spec.act, spec.scales_branch, spec.stores_k
@@ -162,6 +165,8 @@ class SkipRule(nn.Module):
         if self.rule == "plain":
             return fx
         c = self.coefficient(x)
+        if not self.fused:
+            return (1 - c) * x + (fx * (1 + c) if self.scale_branch else fx)
         if self.is_input_dependent:
             return (fx * (1 + c) if self.scale_branch else fx).addcmul_(x, 1 - c)
         return _DampedSum.apply(x, fx, 1 - c, 1 + c if self.scale_branch else None)

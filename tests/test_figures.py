@@ -107,7 +107,7 @@ def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself
     assert run_bench.main(argv) == 0
     drawn = {p.name: p.read_bytes() for p in (results / "figures").iterdir()}
     stems = ("coefficients_other", "fig3_ensemble_gain_synthetic", "robustness_synthetic", "severity_synthetic",
-             "training_synthetic")  # fmt: skip
+             "training_synthetic", "stability_growth_synthetic", "stability_spectral_synthetic")  # fmt: skip
     assert set(drawn) == {f"{stem}.{fmt}" for stem in stems for fmt in ("png", "pdf")}  # no data: no landscape
     assert run_bench.main(argv) == 0
     assert {p.name: p.read_bytes() for p in (results / "figures").iterdir()} == drawn
@@ -116,3 +116,5 @@ def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself
     assert "- fig1_coefficients skipped: no finished run of In-ResNet-110 on CIFAR-10 and In-ResNet-164" in report
     assert "![coefficients_other](figures/coefficients_other.png)" in report
     assert "![training_synthetic](figures/training_synthetic.png)" in report
+    assert "![stability_growth_synthetic](figures/stability_growth_synthetic.png)" in report
+    assert "on 24 class-balanced test images" in report and "at 2/255" in report  # the stability captions

@@ -32,7 +32,7 @@ def test_parity_fails_when_the_skip_drops_lambdas_gradient(monkeypatch):
 def test_tiny_check_writes_every_section(tmp_path):
     assert gpu_check.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cpu-tiny.json").read_text())
-    assert list(report["sections"]) == ["parity", "learning", "training", "evaluation", "epoch"]
+    assert list(report["sections"]) == ["parity", "learning", "training", "evaluation", "epoch", "stability"]
     parity = report["sections"]["parity"]
     rules = ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14")
     paths = [("eager", "train"), ("compile", "train"), ("compile", "eval"), ("bf16", "train")]
@@ -46,6 +46,8 @@ def test_tiny_check_writes_every_section(tmp_path):
     epoch = report["sections"]["epoch"][0]
     assert epoch["images"] == 1024 and set(epoch["projected hours"]) == {"paper", "quick"}
     assert report["sections"]["evaluation"][0]["PGD-20 vs hand loop"] > 0
+    (stable,) = report["sections"]["stability"]
+    assert stable["stage / PGD-20"] > 0 and stable["Jv vs jvp (rel.)"] < 1e-5
     markdown = (tmp_path / "cpu-tiny.md").read_text()
     assert markdown.startswith("# GPU check: cpu") and "## epoch" in markdown
 

@@ -103,9 +103,11 @@ def test_the_autoattack_subset_is_in_the_plan(tmp_path, capsys):
     argv = ["--suite", "quick", "--device", "cpu", "--models", "resnet110", "--seeds", "0", "--n-test", "200",
             "--dry-run", "--assume-tflops", "50", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path / "d")]  # fmt: skip
     assert run_bench.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 200, stability on 200")
+    assert run_bench.main([*argv, "--n-autoattack", "64", "--n-stability", "300"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 64, stability on 200")
+    assert run_bench.main([*argv, "--n-stability", "32", "--stage", "train,eval"]) == 0  # no stability stage: not said
     assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 200")
-    assert run_bench.main([*argv, "--n-autoattack", "64"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 64")
 
 
 # --- λ initialisation on models without λ -------------------------------------------------------
@@ -156,7 +158,7 @@ def test_a_row_is_reliable_only_when_every_critical_gate_was_measured(model, kin
 
 def test_an_unchecked_row_is_empty_in_the_csv_and_null_in_json(tmp_path):
     board = pd.DataFrame([{"rank": 1, "name": "grey", "model": "grey", "dataset": "cifar10", "data_source": "released",
-                           "preset": "paper", "n_test": 100, "seeds": 1, "clean": 70.0, "flags": "",
+                           "preset": "paper", "n_test": 100, "seeds": 1, "clean": 70.0, "amplification": np.nan, "flags": "",
                            "unchecked": "large-eps;dynamic", "unreliable": pd.NA, "checkpoints": ["ab"],
                            "measured": {"clean": 70.0, "noise": 60.0}, "kind": "single", "run": "grey",
                            "lambda_low": np.nan, "lambda_high": np.nan}])  # fmt: skip
@@ -166,6 +168,7 @@ def test_an_unchecked_row_is_empty_in_the_csv_and_null_in_json(tmp_path):
     assert "| not checked (large-eps, dynamic) |" in texts[tmp_path / "leaderboard.md"]
     entry = json.loads(texts[tmp_path / "leaderboard" / "cifar10" / "corruptions" / "grey.json"])
     assert entry["unreliable"] is None and entry["inres_bench"]["unchecked"] == ["large-eps", "dynamic"]
+    assert entry["inres_bench"]["amplification"] is None  # no stability stage measured
     assert entry["footnote"].endswith("; not checked: large-eps, dynamic")
 
 
@@ -308,6 +311,8 @@ def test_a_garbled_generation_record_means_generate_again(tmp_path):
         (["--landscape-radius", "1e308"], "--landscape-radius 1e+308 is above its limit 255"),
         (["--n-test", str(2**70)], f"--n-test {2**70} is above its limit 10,000,000"),
         (["--n-autoattack", "0"], "--n-autoattack must be positive, got 0"),
+        (["--n-stability", "0"], "--n-stability must be positive, got 0"),
+        (["--n-stability", str(2**70)], f"--n-stability {2**70} is above its limit 10,000,000"),
         (["--steps", str(10**5)], "--steps 100000 is above its limit 10,000"),
         (["--executor", "ray", "--ray-address", ""], "--ray-address '' is not a Ray address"),
         (["--executor", "ray", "--ray-address", "host:notaport"], "--ray-address 'host:notaport' is not a Ray address"),

@@ -13,7 +13,15 @@ import torch
 import run_bench
 from bench.datasets import DATASETS
 from bench.pipeline import RunOptions, plan_jobs
-from bench.records import KEY, load_checks, load_correct, load_records, load_runs
+from bench.records import (
+    KEY,
+    STABILITY_KEY,
+    load_checks,
+    load_correct,
+    load_records,
+    load_runs,
+    load_stability,
+)
 from bench.suites import SUITES
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -72,7 +80,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
         ),
         (
             ["--stage", "train,evil"],
-            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, report, figures \(or summary\)\n",
+            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, stability, report, figures \(or summary\)\n",
         ),
         (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x'\n"),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
@@ -115,6 +123,16 @@ def test_smoke_suite_end_to_end(smoke_run):
     assert len(checks) == 9 * 6 and checks["passed"].all()  # 6 model checks of each seed and ensemble
     report = (results / "REPORT.md").read_text()
     assert "## Sanity checks" in report and "| resnet14@smoke@n2048 (ensemble)" in report
+    stable = load_stability(results)  # the stability stage: 6 checkpoints x 7 units, 3 ensembles' gradients
+    units = stable.groupby(["run", "seed", "members", "quantity", "perturbation"]).ngroups
+    assert units == 6 * 7 + 3 and (stable["n"] == 24).all() and stable["mean"].notna().all()
+    assert len(re.findall(r"synthetic seed \d: stability spectral_norm on 24 images", run.stderr)) == 6
+    ensemble = board["name"].str.endswith("(ensemble)")
+    assert board.loc[ensemble, "amplification"].isna().all() and (board.loc[~ensemble, "amplification"] > 0).all()
+    assert "## The paper's mechanism: stability through depth" in report and "tables/stability.md" in report
+    for name in ("tables/stability.md", "tables/stability.csv", "figures/stability_growth_synthetic.png",
+                 "figures/stability_spectral_synthetic.pdf"):  # fmt: skip
+        assert (results / name).is_file(), name
 
 
 @pytest.mark.slow
@@ -122,7 +140,9 @@ def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
     results, _ = smoke_run
     data = results.parent / "data"
     assert run_bench.main(["--dry-run", "--results-dir", str(results), "--data-dir", str(data)]) == 0
-    assert "total: 0 checkpoints to train, 0 cells to run, 288 cached" in capsys.readouterr().out
+    assert "total: 0 checkpoints to train, 0 cells to run, 288 cached; 0 stability units to run, 45 cached;" in (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.slow
@@ -162,3 +182,10 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(mini_run, tmp
             "severity": row.severity,
         }
         assert np.array_equal(load_correct(tmp_path / "killed", **key), load_correct(reference, **key))
+    # the stability stage, killed or not, records the same figures (its draws are seeded)
+    ours, theirs = (load_stability(r).drop(columns=volatile).sort_values(list(STABILITY_KEY)).reset_index(drop=True)
+                    for r in (tmp_path / "killed", reference))  # fmt: skip
+    # per seed: 4 δ x 5 levels, 3 spectral norms, 1 square block's eigenvalue, the gradient; the ensemble's gradient
+    assert len(theirs) == 2 * (4 * 5 + 3 + 1 + 1) + 1
+    assert ours.drop(columns="values").equals(theirs.drop(columns="values"))
+    assert all(np.array_equal(a, b) for a, b in zip(ours["values"], theirs["values"], strict=True))
