@@ -62,7 +62,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("plan: suite smoke (the whole pipeline on synthetic data")
     assert re.search(r"^\| resnet14 +\| synthetic \| +2 \| yes +\| +2 \| +96 \| +0 \|", out, re.M)
-    assert "total: 6 checkpoints to train, 288 cells to run, 0 cached; estimated" in out
+    assert "total: 6 checkpoints to train, 288 cells to run, 0 cached; 45 stability units to run, 0 cached; estimated" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
