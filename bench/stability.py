@@ -10,14 +10,15 @@ measures (every figure per image):
   DELTAS at one L∞ radius. The *amplification* of an image is its growth after the last
   block over its growth at the stem.
 - `spectral_norm`: the largest singular value of ∂g_n/∂x, the Jacobian of block n's map
-  g_n at h_{n-1}(x), by power iteration on JᵀJ (torch.func.vjp, and J v as the vjp of
-  the vjp: `jacobian_products`), from a seeded
-  start, until the estimate moves by less than `tolerance` (relative) or after `iterations`.
-  Power iteration approaches σ_max from below.
+  g_n at h_{n-1}(x), by power iteration on JᵀJ from a seeded start with Rayleigh-Ritz over
+  its iterates (Lanczos; torch.func.vjp, and J v as the vjp of the vjp:
+  `jacobian_products`). It approaches σ_max from below; an image stops after at least
+  half of `iterations` once its estimate moved by at most `tolerance` twice running.
 - `shifted_eigenvalue`: the largest real part of the eigenvalues of ∂g_n/∂x - I, the
   continuous-time reading of Eq. 17 (for In-ResNet, J_f - λ_n I: the branch Jacobian
-  shifted by -λ_n), by `krylov` steps of Arnoldi (Gram-Schmidt done twice) from a seeded
-  start: the rightmost Ritz value. Only for blocks whose input and output shapes agree.
+  shifted by -λ_n), by up to `krylov` steps of Arnoldi (Gram-Schmidt done twice, the same
+  stopping rule) from a seeded start: the rightmost Ritz value. Only for blocks whose
+  input and output shapes agree.
 - `input_gradient`: ‖∇ₓ L(x, y)‖₁ of the cross-entropy of one image, in [0, 1] pixel
   units: what FGSM's sign discards.
 
