@@ -75,7 +75,7 @@ def write_reports(
     mechanism = stability_report.claim_rows(checkpoints, preset, evidence.bootstrap)
     folders = figures.run_folders(results, m.runs, preset)
     drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
-    drawn += stability_report.drawn(m.stability, preset, evidence.bootstrap)
+    drawn += stability_report.drawn(m.stability, preset)
     texts.update(_figure_files(results, drawn))
     shares = share_claim_rows(figures.coefficient_table(folders), set(m.frame["dataset"]), preset, evidence,
                               evidence.bootstrap)  # fmt: skip
@@ -95,7 +95,7 @@ def write_figures(
     """The figures alone (`--stage figures`), under results/figures/."""
     m = measured(results_dir, steps)
     drawn = figures.draw_all(m, Path(results_dir), preset, data_dir, figure_config or figures.FigureConfig())
-    drawn += stability_report.drawn(m.stability, preset, stats.Bootstrap())
+    drawn += stability_report.drawn(m.stability, preset)
     for item in drawn:
         if isinstance(item, figures.Skipped):
             log.info("figure %s skipped: %s", item.name, item.reason)

@@ -251,7 +251,7 @@ def render_claims(claims: pd.DataFrame) -> str:
 def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: stats.Bootstrap) -> Figure | None:
     """Relative perturbation against the level (0 stem, blocks, logits), a panel per δ, a
     line per run of a single model: the mean over seeds and images, the band its 95%
-    interval (bootstrap over seeds and images)."""
+    interval (bootstrap over seeds and images). `frame`: `chosen` stability rows."""
     mine = _single(frame, dataset, preset)
     mine = mine[mine["quantity"] == GROWTH]
     panels = [d for d in DELTAS if (mine["perturbation"] == d).any()]
@@ -280,7 +280,7 @@ def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: sta
 def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | None:
     """Per block: the spectral norm of ∂g_n/∂x and the rightmost real part of the
     eigenvalues of ∂g_n/∂x - I, a line per run (median over seeds' images), the band the
-    2.5-97.5% range over images."""
+    2.5-97.5% range over images. `frame`: `chosen` stability rows."""
     mine = _single(frame, dataset, preset)
     panels = [q for q in (SPECTRAL, EIGEN) if (mine["quantity"] == q).any()]
     if not panels:
@@ -303,15 +303,17 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
     return figure
 
 
-def _single(frame: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
-    mine = chosen(frame)
-    return mine[(mine["dataset"] == dataset) & (mine["preset"] == preset) & (mine["members"] == 1)] if len(mine) else mine
+def _single(mine: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
+    """The single models' rows of one data set and preset; `mine`: already `chosen`."""
+    return mine[(mine["dataset"] == dataset) & (mine["preset"] == preset) & (mine["members"] == 1)]
 
 
-def drawn(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list:
-    """Each data set's two stability figures, as figures.Drawn (or Skipped)."""
+def drawn(frame: pd.DataFrame, preset: str) -> list:
+    """Each data set's two stability figures, as figures.Drawn (or Skipped). Their bands
+    draw from a bootstrap of their own, so the report and the figure stage draw the same
+    bytes."""
     return [figures.render(figure, stem, caption) if figure is not None else figures.Skipped(stem, "nothing of it recorded")
-            for stem, figure, caption in figure_specs(frame, preset, bootstrap)]  # fmt: skip
+            for stem, figure, caption in figure_specs(frame, preset, stats.Bootstrap())]  # fmt: skip
 
 
 def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list[tuple]:
@@ -328,12 +330,12 @@ def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -
         estimator = params.iloc[0] if len(params) else "-"
         krylov = mine[(mine["dataset"] == dataset) & (mine["quantity"] == EIGEN)]["params"]
         out += [
-            (f"stability_growth_{dataset}", growth_figure(frame, dataset, preset, bootstrap),
+            (f"stability_growth_{dataset}", growth_figure(mine, dataset, preset, bootstrap),
              f"Perturbation growth through depth on {name}: ‖h_n(x+δ) - h_n(x)‖₂ / ‖h_n(x)‖₂ at the stem, after each "
              f"block and at the logits, for the FGSM and PGD-20 δ, uniform noise and Gaussian noise (std = radius) at "
              f"{radii}/255, on {n} class-balanced test images; the mean over seeds and images, the band its "
              f"95% interval (bootstrap over seeds and images)."),
-            (f"stability_spectral_{dataset}", spectral_figure(frame, dataset, preset),
+            (f"stability_spectral_{dataset}", spectral_figure(mine, dataset, preset),
              f"Local stability of each block map g_n on {name}, on {n} class-balanced test images: the spectral norm "
              f"of ∂g_n/∂x by power iteration on JᵀJ with Rayleigh-Ritz over its iterates ({estimator}) and the rightmost real part of the eigenvalues of "
              f"∂g_n/∂x - I by Arnoldi ({krylov.iloc[0] if len(krylov) else '-'}; square blocks only); the median "
