@@ -32,15 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="suites: " + "; ".join(f"{s.name}: {s.description}" for s in SUITES.values()),
     )
     parser.add_argument(
-        "--suite", default="smoke", choices=tuple(SUITES), help="what to reproduce (default: smoke)"
+        "--suite", default=None, choices=tuple(SUITES),
+        help="what to reproduce, or the protocol a defense is evaluated with (default: smoke; paper for a defense)",
     )
     parser.add_argument(
         "--stage",
-        default="train,eval,check,stability,report",
+        default=None,
         help="comma-separated stages among train, eval, check (the sanity checks of each checkpoint), "
         "stability (how each block amplifies a perturbation, its Jacobian's spectrum), report (reports and "
-        "figures), figures (the figures alone) (default: the first five); or summary: print the models' "
-        "sizes and damped blocks",
+        "figures), figures (the figures alone) (default: the first five; for a defense all but train); or "
+        "summary: print the models' sizes and damped blocks",
     )
     parser.add_argument(
         "--models",
@@ -129,6 +130,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     figures.add_argument(
         "--landscape-radius", type=float, default=8.0, help="grid half-width in 1/255 (default 8)"
     )
+    defense = parser.add_argument_group(
+        "rank a defense (instead of the zoo): evaluated with the suite's protocol, recorded, put on the leaderboard"
+    )
+    defense.add_argument(
+        "--defense", default=None, metavar="MODULE:FACTORY",
+        help="your network: a module (my_pkg.nets:SmallCNN) or file (nets.py:SmallCNN) and the class or function "
+        "that builds it; with --weights",
+    )
+    defense.add_argument("--weights", default=None, metavar="PATH", help="its state_dict file (torch.save)")
+    defense.add_argument(
+        "--mean", default=None, help="the normalisation your network expects, per channel (e.g. 0.4914,0.4822,0.4465); "
+        "default: none, the network takes [0, 1] pixels",
+    )
+    defense.add_argument("--std", default=None, help="per channel, with --mean (e.g. 0.2470,0.2435,0.2616)")
+    defense.add_argument("--dataset", default=None, help="the defense's data set (default: cifar10)")
+    defense.add_argument("--name", default=None, help="its name in the records and the leaderboard (default: the weights' file name)")
+    defense.add_argument(
+        "--state-dict", nargs=2, default=None, metavar=("ARCH", "PATH"),
+        help="a registered architecture (see --list-models) with your weights",
+    )
+    defense.add_argument(
+        "--robustbench", default=None, metavar="NAME",
+        help="a RobustBench zoo model (e.g. Carmon2019Unlabeled), fetched by RobustBench's own loader when missing",
+    )
+    defense.add_argument("--model-dir", default=None, help="RobustBench's checkpoint folder (default: models)")
+    defense.add_argument("--threat-model", default=None, help="RobustBench's threat model: Linf, L2, corruptions (default: Linf)")
+    defense.add_argument(
+        "--defenses", default=None, metavar="TOML",
+        help="several defenses at once: one [name] table each, with the keys above (defense, weights, mean, std, "
+        "dataset, state-dict, robustbench, model-dir, threat-model)",
+    )
     summary = parser.add_argument_group("summary")
     summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
     return parser.parse_args(_joined_negatives(sys.argv[1:] if argv is None else argv))
@@ -173,17 +205,45 @@ def _fail(message: str) -> int:
     return 2
 
 
+DEFENSE_OPTIONS = ("defense", "weights", "mean", "std", "dataset", "name", "state_dict", "robustbench", "model_dir",
+                   "threat_model")  # fmt: skip
+
+
+def defenses(args: argparse.Namespace) -> tuple:
+    """The defenses the arguments name (--defenses, or one from --defense / --state-dict /
+    --robustbench), as bench.defenses.DefenseSpec; () for a run of the zoo."""
+    from pathlib import Path
+
+    from bench.defenses import load_defenses, spec_from
+
+    given = {k.replace("_", "-"): getattr(args, k) for k in DEFENSE_OPTIONS if getattr(args, k) is not None}
+    if args.defenses is not None:
+        if given:
+            raise UserError(f"--{next(iter(given))} and --defenses: name the defenses in one place (the file, or the options)")
+        return load_defenses(args.defenses)
+    sources = [f"--{k}" for k in ("defense", "state-dict", "robustbench") if k in given]
+    if not sources:
+        if given:
+            raise UserError(f"--{next(iter(given))} describes a defense: name it with --defense, --state-dict or --robustbench")
+        return ()
+    where = " ".join([sources[0], *([str(given[sources[0][2:]])] if sources[0] != "--state-dict" else given["state-dict"])])
+    return (spec_from(given, where, Path.cwd()),)
+
+
 def options(args: argparse.Namespace):
+    from bench.options import DEFENSE_STAGES
     from bench.pipeline import RunOptions
 
-    stages = tuple(_items(args.stage, "--stage"))
+    chosen = defenses(args)
+    default_stages = ",".join(DEFENSE_STAGES if chosen else STAGES[:5])
+    stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(
             f"unknown stage {unknown[0]!r} in --stage; choose from {', '.join(STAGES)} (or summary)"
         )
     return RunOptions(
-        suite=args.suite,
+        suite=args.suite or ("paper" if chosen else "smoke"),
         stages=stages,
         models=args.models,
         datasets=tuple(_items(args.datasets, "--datasets")) if args.datasets is not None else None,
@@ -213,6 +273,7 @@ def options(args: argparse.Namespace):
         workers=args.workers,
         ray_address=args.ray_address,
         assume_tflops=args.assume_tflops,
+        defenses=chosen,
     )
 
 

@@ -51,6 +51,9 @@ class DefenseInfo:
     source: str  # "zoo", "state-dict", "module", "robustbench" or "ensemble"
     checkpoint: str  # path of the weights file
     checkpoint_sha256: str
+    # what besides the weights made the network (architecture, factory, normalisation), as
+    # canonical JSON: the same weights built otherwise are another defense (bench.records)
+    build: str = "{}"
 
 
 @dataclass(frozen=True)
@@ -189,10 +192,11 @@ def state_dict_defense(
     and num_classes default to the dataset's and can be overridden."""
     net = create_model(arch, **{**dataset_defaults(dataset), **overrides})
     digest = load_state_dict_file(net, path)
+    build = build_text({"arch": arch, **model_kwargs(net.info)})
     return _finish(
         net,
         DefenseInfo(
-            name or arch, net.info.family, dataset, net.info.num_classes, "state-dict", str(path), digest
+            name or arch, net.info.family, dataset, net.info.num_classes, "state-dict", str(path), digest, build
         ),
     )
 
@@ -205,28 +209,53 @@ def module_defense(
     factory: Callable[[], nn.Module],
     path: str | os.PathLike,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     dataset: str = "cifar10",
     family: str = "external",
 ) -> Defense:
     """`factory()` builds the user's network (expecting (x - mean) / std inputs); its
-    weights come from `path`. Pass mean=(0, 0, 0), std=(1, 1, 1) for a [0, 1] network."""
+    weights come from `path`. mean=None, std=None: a network on [0, 1] inputs."""
+    channels = dataset_info(dataset).input_shape[0]
+    if (mean is None) != (std is None):
+        raise UserError(f"defense {name}: give both mean and std (one number per channel), or neither for a [0, 1] network")
+    for label, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != channels:
+            raise UserError(f"defense {name}: {label} needs {channels} numbers (one per channel of {dataset}), got {len(values)}")
+    if std is not None and not all(math.isfinite(s) and s > 0 for s in std):
+        raise UserError(f"defense {name}: std must be positive finite numbers, got {list(std)}")
     net = factory()
     digest = load_state_dict_file(net, path)
-    model = NormalizedModel(net, mean, std)
+    model = net if mean is None else NormalizedModel(net, mean, std)
     classes = dataset_defaults(dataset)["num_classes"]
-    return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest))
+    factory_name = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
+    build = build_text({"factory": factory_name, "mean": _floats(mean), "std": _floats(std)})
+    return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest, build))
+
+
+def build_text(build: dict) -> str:
+    """DefenseInfo.build: canonical JSON."""
+    return json.dumps(build, sort_keys=True, separators=(",", ":"))
+
+
+def _floats(values: Sequence[float] | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 
 # --- 4. RobustBench zoo architectures from a local model_dir (optional extra) ---------------
 
 
 def robustbench_defense(
-    name: str, dataset: str = "cifar10", threat_model: str = "Linf", model_dir: str | os.PathLike = "models"
+    name: str,
+    dataset: str = "cifar10",
+    threat_model: str = "Linf",
+    model_dir: str | os.PathLike = "models",
+    fetch: bool = False,
 ) -> Defense:
     """RobustBench model `name` from `<model_dir>/<dataset>/<threat_model>/<name>.pt`, the
-    layout robustbench.utils.load_model uses. Never downloads."""
+    layout robustbench.utils.load_model uses. With `fetch`, a missing checkpoint is
+    downloaded by RobustBench's own `load_model` first (with every torch.load of it forced
+    to weights_only); without, it never downloads."""
     model_dicts, BenchmarkDataset, ThreatModel = _robustbench()
     try:
         entries = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
@@ -238,14 +267,19 @@ def robustbench_defense(
             f"RobustBench has no {dataset}/{threat_model} model {name!r}; closest: {', '.join(close) or '-'}"
         )
     if isinstance(entries[name]["gdrive_id"], list):
-        raise UserError(f"RobustBench model {name!r} is an ensemble of several files; not supported")
+        raise UserError(
+            f"RobustBench model {name!r} is an ensemble of several files, which this harness does not "
+            "load: choose a single-file model"
+        )
     path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
     if not path.is_file():
-        raise UserError(
-            f"RobustBench checkpoint {path} not found (this adapter never downloads): fetch it once "
-            f"with robustbench.utils.load_model({name!r}, model_dir={str(model_dir)!r}, "
-            f"dataset={dataset!r}, threat_model={threat_model!r}) or copy it there"
-        )
+        how = (f"fetch it once with robustbench.utils.load_model({name!r}, model_dir={str(model_dir)!r}, "
+               f"dataset={dataset!r}, threat_model={threat_model!r}) or copy it there")  # fmt: skip
+        if not fetch:
+            raise UserError(f"RobustBench checkpoint {path} not found (this adapter never downloads): {how}")
+        failed = _fetch(name, dataset, threat_model, model_dir)
+        if not path.is_file():
+            raise UserError(f"RobustBench checkpoint {path} not found and its download failed ({failed}): {how}")
     net = entries[name]["model"]()
     state = read_state_dict(path)
     unprefixed = {k.removeprefix("model."): v for k, v in state.items()}
@@ -256,9 +290,31 @@ def robustbench_defense(
         raise UserError(f"checkpoint {path} does not fit RobustBench {name}: {mismatch}")
     net.load_state_dict(state, strict=True)
     classes = dataset_defaults(dataset)["num_classes"]
+    build = build_text({"robustbench": name, "threat_model": threat_model})
     return _finish(
-        net, DefenseInfo(name, "robustbench", dataset, classes, "robustbench", str(path), sha256_file(path))
+        net,
+        DefenseInfo(name, "robustbench", dataset, classes, "robustbench", str(path), sha256_file(path), build),
     )
+
+
+def _fetch(name: str, dataset: str, threat_model: str, model_dir: str | os.PathLike) -> str:
+    """Download a RobustBench checkpoint into `model_dir` with RobustBench's `load_model`;
+    '' on success, else the error's last line (offline, a moved file). torch.load is forced
+    to weights_only while it runs: the file is untrusted until our loader has read it."""
+    from robustbench.utils import load_model
+
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
+        return ""
+    except Exception as err:  # requests, gdown and torch raise many types; the line is what matters
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}".rstrip(": ")
+    finally:
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 def _robustbench():

@@ -37,7 +37,7 @@ from .datasets import CIFAR10, DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
 from .perturbations import NOISE, perturbation
-from .plan import ENSEMBLE, MEASURE, TRAIN, Task, eval_config, stability_config, train_config
+from .plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task, eval_config, stability_config, train_config
 from .recipes import recipe_for
 from .records import load_records
 from .stability import n_images, stage_units
@@ -170,9 +170,27 @@ def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_s
     """Images/s of an untrained `model_name` on `device` for inputs of `shape`: per kind of
     pass, PROBE_WARMUP batches, then up to PROBE_REPEATS timed ones (fewer past
     PROBE_SECONDS); the median."""
-    model = create_model(model_name).to(device, memory_format=torch.channels_last)
+    model = create_model(model_name)
+    return probe_module(model, model.info.num_classes, device, shape)
+
+
+def defense_rates(model: torch.nn.Module, classes: int, device: str, assume_tflops: float | None,
+                  shape: tuple[int, ...]) -> Rates:  # fmt: skip
+    """A defense's rates: its forward FLOPs at `assume_tflops`, else probed (it is never
+    trained here: its training rate is not measured)."""
+    if assume_tflops is None:
+        return probe_module(model, classes, device, shape, train=False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.cpu()(torch.zeros(1, *shape))
+    rate = assume_tflops * 1e12 / counter.get_total_flops()
+    return Rates(float("nan"), rate, rate / GRADIENT_FLOPS, f"{counter.get_total_flops() / 1e9:.2f} GFLOPs at {assume_tflops:g} TFLOP/s")
+
+
+def probe_module(model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True) -> Rates:
+    """`probe`'s measurement of a built module (`train`: its training step too)."""
+    model = model.to(device, memory_format=torch.channels_last)
     x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, model.info.num_classes, (PROBE_BATCH,), device=device)
+    y = torch.randint(0, classes, (PROBE_BATCH,), device=device)
 
     def rate(step: Callable[[], None]) -> float:
         times = []
@@ -199,7 +217,8 @@ def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_s
         x_in = x.clone().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model.eval()(x_in), y), x_in)
 
-    return Rates(rate(train_step), rate(forward), rate(gradient), f"probe (median of batches of {PROBE_BATCH})")
+    trained = rate(train_step) if train else float("nan")
+    return Rates(trained, rate(forward), rate(gradient), f"probe (median of batches of {PROBE_BATCH})")
 
 
 def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
@@ -210,10 +229,16 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
     for task in tasks:
         if task.job.model not in rates:
             shape = dataset_info(task.job.dataset).input_shape
-            rates[task.job.model] = model_rates(
-                task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
-            )
-        cost = _train_cost if task.kind == TRAIN else _measure_cost
+            if task.kind == DEFENSE:
+                resolved = driver.defenses[task.name]
+                rates[task.job.model] = defense_rates(
+                    resolved.model, resolved.info.num_classes, driver.device, options.assume_tflops, shape
+                )
+            else:
+                rates[task.job.model] = model_rates(
+                    task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
+                )
+        cost = _train_cost if task.kind == TRAIN else _defense_cost if task.kind == DEFENSE else _measure_cost
         rows.append({"task": task.name, "model": task.job.model, **cost(driver, task, tasks, rates[task.job.model])})
     return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
                                        "stability to run", "stability cached"])  # fmt: skip
@@ -246,21 +271,35 @@ def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
         todo = list(work.cells) if work is not None else []
     else:
         todo = protocol_cells(config) if "eval" in driver.options.stages else []
+    stage: list = []
+    if "stability" in driver.options.stages:  # the work's units, or every unit of a checkpoint still to come
+        finished = all(statuses[s] == "finished" for s in members)
+        stage = (list(work.stability) if work is not None else []) if finished else stage_units(len(members))
+    return _work_cost(driver, task, config, len(members), todo, stage, len(stage_units(len(members))), rates)
+
+
+def _defense_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    config = eval_config(task.job, driver.spec, driver.options, driver.device)
+    work = driver.work_for(task)
+    units_all = len(stage_units(1, driver.defenses[task.name].blockwise))
+    return _work_cost(driver, task, config, 1, list(work.cells) if work else [], list(work.stability) if work else [],
+                      units_all, rates)  # fmt: skip
+
+
+def _work_cost(driver, task: Task, config: EvalConfig, members: int, todo: list, stage: list, units_all: int,
+               rates: Rates) -> dict:  # fmt: skip
+    """The seconds of `todo` cells on `members` networks and of the stability units `stage`."""
     data = driver.data(task.job.dataset, config)
     seconds = 0.0
     for unit in units(todo):
         forward, gradient = unit_passes(unit, data.n(unit[0]), config)
-        seconds += len(members) * (forward / rates.forward + gradient / rates.gradient)
+        seconds += members * (forward / rates.forward + gradient / rates.gradient)
     cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
-    stage: list = []
-    if "stability" in driver.options.stages:  # the work's units, or every unit of a checkpoint still to come
-        stable = stability_config(driver.spec, driver.options)
-        finished = all(statuses[s] == "finished" for s in members)
-        stage = (list(work.stability) if work is not None else []) if finished else stage_units(len(members))
-        for unit in stage:
-            forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
-            seconds += forward / rates.forward + gradient / rates.gradient
-    stable_cached = len(stage_units(len(members))) - len(stage) if "stability" in driver.options.stages else 0
+    stable = stability_config(driver.spec, driver.options)
+    for unit in stage:
+        forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
+        seconds += forward / rates.forward + gradient / rates.gradient
+    stable_cached = units_all - len(stage) if "stability" in driver.options.stages else 0
     return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached}
 
 
@@ -305,7 +344,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
         rows.append({
             "model": job.model + init,
             "dataset": job.dataset,
-            "seeds": len(driver.options.seeds or driver.spec.seeds),
+            "seeds": 1 if job.defense is not None else len(driver.options.seeds or driver.spec.seeds),
             "ensemble": "yes" if job.ensemble_radii else "",
             "to train": int(mine["to train"].sum()),
             "cells to run": int(mine["cells to run"].sum()),
@@ -348,7 +387,8 @@ def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
     return (
         f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
-        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}); {tested}" + "".join(f", {s}" for s in smaller)
+        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}" + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
+        + f"); {tested}" + "".join(f", {s}" for s in smaller)
     )
 
 

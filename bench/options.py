@@ -15,6 +15,7 @@ from .leaderboard import check_metric
 from .records import check_results_dir
 
 STAGES = ("train", "eval", "check", "stability", "report", "figures")
+DEFENSE_STAGES = ("eval", "check", "stability", "report")  # a defense's default: it is never trained here
 EXECUTORS = ("local", "ray")
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 # Upper bounds of the counts, each with why: a value past one is a typo (2**70), and it
@@ -70,6 +71,9 @@ class RunOptions:
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's
     ray_address: str | None = None  # join this Ray cluster; None: a Ray of this machine, on localhost only
     assume_tflops: float | None = None  # estimates from FLOPs at this achieved rate, instead of a probe
+    # defenses to evaluate with the suite's protocol instead of the zoo (bench.defenses.DefenseSpec, or a
+    # built bench.adapters.Defense from the Python API); their data sets are their own
+    defenses: tuple = ()
 
     def __post_init__(self):
         """Every value mistake is one error line here, before anything is loaded or run."""
@@ -112,6 +116,8 @@ class RunOptions:
             raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'")
         if self.assume_tflops is not None and not (math.isfinite(self.assume_tflops) and self.assume_tflops > 0):
             raise UserError(f"--assume-tflops must be a positive number, got {self.assume_tflops:g}")
+        if self.defenses:
+            self._check_defenses()
         check_results_dir(self.results_dir)
         data_root(self.data_dir)
         check_metric(self.rank_by)
@@ -121,6 +127,23 @@ class RunOptions:
                 f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
                 f"--landscape-radius, got {index}, {points}, {radius:g}"
             )
+
+
+    def _check_defenses(self) -> None:
+        """A defense run evaluates the defenses alone: the zoo's and training's options do not apply."""
+        zoo = {"models": "--models", "datasets": "--datasets", "seeds": "--seeds", "lambda_init": "--lambda-init",
+               "length": "--length", "n_train": "--n-train"}  # fmt: skip
+        given = [flag for name, flag in zoo.items() if getattr(self, name) is not None]
+        if given:
+            raise UserError(f"{given[0]} selects zoo models, and this run evaluates defenses: leave it out (a defense's "
+                            "data set is its --dataset), or run the zoo without --defense")  # fmt: skip
+        if "train" in self.stages:
+            raise UserError("a defense is evaluated here, never trained: leave train out of --stage "
+                            "(e.g. --stage eval,check,stability,report)")  # fmt: skip
+        names = [(d.info.name, d.info.dataset) if hasattr(d, "info") else (d.name, d.dataset) for d in self.defenses]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"defense {twice[0][0]!r} on {twice[0][1]} is named twice: give each defense its own name")
 
 
 def _ray_address(text: str) -> bool:

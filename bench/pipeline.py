@@ -20,14 +20,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from models import UserError, create_model
+from models import UserError, create_model, list_models, model_entry
 from models.checkpoints import LOCKS, check_writable, remove_orphans, run_lock
 
-from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
+from .adapters import META_FILE, DefenseInfo, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
 from .data import generation_folder, load_noise, load_test
+from .defenses import STATE_DICT, DefenseSpec, built, check_name
 from .environment import resolve_device, retain_freed_memory
 from .estimate import DataSizes, plan_header, render_plan
 from .evaluate import AuditFailed, CellsDone, EvalConfig, EvalData, cell_key, cells_todo, protocol_cells
@@ -39,6 +41,7 @@ from .noise import NOISE_GROUPS
 from .options import STAGES, RunOptions
 from .perturbations import ATTACK, NOISE, PERTURBATIONS, perturbation
 from .plan import (
+    DEFENSE,
     ENSEMBLE,
     MEASURE,
     TRAIN,
@@ -54,7 +57,7 @@ from .plan import (
 from .records import CELL_COLUMNS, RecordStore, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
-from .stability import StabilityDone, Unit, stage_units, units_todo
+from .stability import StabilityDone, Unit, blocks, stage_units, units_todo
 from .suites import Suite, suite
 from .train import finished_run
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
@@ -87,6 +90,7 @@ def run(options: RunOptions) -> int:
     _check_models(jobs)
     check_metric(options.rank_by, planned_metrics(jobs, spec, options) | recorded_metrics(options))
     tasks = plan_tasks(jobs, spec, options, device)
+    defenses = resolve_defenses(tasks, options.dry_run)
     header = plan_header(spec, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
@@ -95,7 +99,9 @@ def run(options: RunOptions) -> int:
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
         finished_run(train_config(task.job, task.seed, spec, options, device), options.results_dir)
     if options.dry_run:
-        driver = Driver(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
+        store = RecordStore(options.results_dir, readonly=True)
+        check_builds(store, defenses, record=False)
+        driver = Driver(options, spec, device, store, dry=True, defenses=defenses)
         sys.stdout.write(render_plan(driver, tasks, options) + "\n")
         return 0
     check_writable(options.results_dir, "results", "--results-dir")
@@ -110,11 +116,12 @@ def run(options: RunOptions) -> int:
             load_noise(dataset, NOISE_GROUPS[0], options.data_dir, options.noise_source, test=test)  # once, not per worker
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
+    check_builds(store, defenses, record=True)
     for root in (options.results_dir, data_root(options.data_dir)):
         remove_orphans(root)
     if device == "cpu":
         retain_freed_memory()
-    driver = Driver(options, spec, device, store)
+    driver = Driver(options, spec, device, store, defenses=defenses)
     began = time.perf_counter()
     if tasks:
         executor = make_executor(options.executor, options.workers, options.ray_address, task_resources(spec, device), device)
@@ -145,6 +152,62 @@ def run(options: RunOptions) -> int:
     return 1 if outcome.errors else 0
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A defense as the driver built it once, before any work: its facts, whether it has
+    the zoo's residual blocks (the stability stage's per-block units), and for a dry run
+    the module its throughput is probed on."""
+
+    info: DefenseInfo
+    blockwise: bool
+    model: nn.Module | None = None
+
+
+def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
+    """Build every defense task's defense once (a module that does not import, a factory
+    that raises, weights that do not fit: one error line now); a dry run downloads nothing."""
+    resolved = {}
+    for task in (t for t in tasks if t.kind == DEFENSE):
+        source = task.job.defense
+        if dry and isinstance(source, DefenseSpec):
+            source = replace(source, fetch=False)
+        log.info("defense %s: building it (%s) to check it before any work", task.run, _described(source))
+        try:
+            defense = built(source)
+        except UserError as err:
+            if dry and "never downloads" in str(err):
+                raise UserError(f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)") from None
+            raise
+        info = replace(defense.info, name=task.run)
+        check_name(info.name, f"defense {info.name}")
+        resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
+    return resolved
+
+
+def _described(source) -> str:
+    if isinstance(source, DefenseSpec):
+        return f"{source.source} {source.target}" + (f" with {source.weights}" if source.weights else "")
+    return f"{source.info.source}, {source.info.checkpoint}"
+
+
+def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool) -> None:
+    """One error line when the records measured a defense's weights built otherwise (another
+    factory, architecture or normalisation: its cells would be found cached); with `record`,
+    the builds of new defenses are recorded."""
+    for resolved in defenses.values():
+        info = resolved.info
+        before = store.defense_build(info.name, info.dataset, info.checkpoint_sha256)
+        if before is not None and before != info.build:
+            raise UserError(
+                f"defense {info.name} on {info.dataset}: the records measured these weights "
+                f"({info.checkpoint_sha256[:12]}) built as {before}, now built as {info.build}: give this build "
+                "another --name, or use another --results-dir"
+            )
+        if record and before is None:
+            store.add_defense({"run": info.name, "dataset": info.dataset, "checkpoint_sha256": info.checkpoint_sha256,
+                               "source": info.source, "build": info.build, "timestamp": utc_now()})  # fmt: skip
+
+
 @dataclass
 class Running:
     task: Task
@@ -158,8 +221,10 @@ class Driver:
     """Decides each task's work, hands it to an executor and records what comes back.
     With `dry`, it only decides: nothing is written and no run is recorded."""
 
-    def __init__(self, options: RunOptions, spec: Suite, device: str, store: RecordStore, dry: bool = False):
+    def __init__(self, options: RunOptions, spec: Suite, device: str, store: RecordStore, dry: bool = False,
+                 defenses: dict[str, Resolved] | None = None):  # fmt: skip
         self.options, self.spec, self.device, self.store, self.dry = options, spec, device, store, dry
+        self.defenses = defenses or {}  # task name -> the defense as built once, before any work
         self.outcome = Outcome()
         self._data: dict[tuple, EvalData | DataSizes] = {}
         self._contexts: dict[str, dict] = {}  # task name -> the KEY columns of its checkpoint
@@ -202,13 +267,17 @@ class Driver:
                 log.info("%s %s seed %d: %s already", config.tag, config.dataset, config.seed, meta["status"])
                 self._trained(meta, config.tag, config.dataset, config.seed)
             return None
-        metas = {s: self._finished(task, s) for s in task.seeds}
-        members = {s: m for s, m in metas.items() if m is not None}
         ensemble = task.kind == ENSEMBLE
-        if not members or (ensemble and len(members) < 2):
-            return None
-        digests = [m["sha256"] for m in members.values()]
-        digest = ensemble_digest(digests) if ensemble else digests[0]
+        if task.kind == DEFENSE:
+            members: dict = {0: None}
+            digest = self.defenses[task.name].info.checkpoint_sha256
+        else:
+            metas = {s: self._finished(task, s) for s in task.seeds}
+            members = {s: m for s, m in metas.items() if m is not None}
+            if not members or (ensemble and len(members) < 2):
+                return None
+            digests = [m["sha256"] for m in members.values()]
+            digest = ensemble_digest(digests) if ensemble else digests[0]
         if ensemble and not self.dry:
             self.store.add_ensemble(digest, task.run, task.job.dataset, {s: m["sha256"] for s, m in members.items()})
         config = eval_config(task.job, self.spec, options, self.device, ensemble)
@@ -223,13 +292,16 @@ class Driver:
         stable = self._stability_todo(task, context, config) if "stability" in options.stages else []
         if not todo and not checks and not stable:
             return None
-        folders = [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run, s) for s in members]
+        defense = task.kind == DEFENSE
+        folders = [] if defense else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run, s) for s in members]
         if transfer is not None:
-            folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, transfer, seed))
+            folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, *transfer))
         files = {relative(options.results_dir, f): checkpoint_files(f) for f in folders} if self._ship else {}
         return Work(task.kind, model=task.job.model, run=task.run, dataset=task.job.dataset, seeds=tuple(members),
-                    config=config, cells=tuple(todo), checks=checks, transfer_from=transfer, files=files,
-                    stability=tuple(stable), stability_config=stability_config(self.spec, options), **base)  # fmt: skip
+                    config=config, cells=tuple(todo), checks=checks, transfer_from=transfer and transfer[0],
+                    transfer_seed=transfer and transfer[1], files=files, stability=tuple(stable),
+                    stability_config=stability_config(self.spec, options), defense=task.job.defense if defense else None,
+                    defense_sha256=digest if defense else "", **base)  # fmt: skip
 
     def _finished(self, task: Task, seed: int) -> dict | None:
         """The meta.json of a finished checkpoint (recorded as a run seen); None, with the
@@ -256,26 +328,28 @@ class Driver:
             return None
         return meta
 
-    def _checks_todo(self, task: Task, context: dict) -> tuple[tuple[str, ...], str | None]:
-        """The checks not yet recorded for the checkpoint, and the transfer source's run."""
+    def _checks_todo(self, task: Task, context: dict) -> tuple[tuple[str, ...], tuple[str, int] | None]:
+        """The checks not yet recorded for the checkpoint, and the transfer source's run
+        and seed."""
         done = self.store.recorded_checks(context)
         checks = set(self.spec.checks)
         wanted = ("model",) if {"gradients", "model"} & checks and not set(MODEL_CHECKS) <= done else ()
         transfer = None
-        if task.kind == MEASURE and "transfer" in checks and "transfer" not in done:
-            transfer = self._transfer_source(task)
+        if task.kind in (MEASURE, DEFENSE) and "transfer" in checks and "transfer" not in done:
+            transfer = self._transfer_source(task) if task.kind == MEASURE else self._defense_transfer_source(task)
         return wanted + (("transfer",) if transfer else ()), transfer
 
     def _stability_todo(self, task: Task, context: dict, config: EvalConfig) -> list[Unit]:
         """The stability units not yet recorded for the checkpoint."""
         data = self.data(task.job.dataset, config)
-        units = stage_units(context["members"])
+        blockwise = task.kind != DEFENSE or self.defenses[task.name].blockwise
+        units = stage_units(context["members"], blockwise)
         self.stability_cached[task.name] = len(units)
         todo = units_todo(context, units, data, stability_config(self.spec, self.options), config, self.store)
         self.stability_cached[task.name] -= len(todo)
         return todo
 
-    def _transfer_source(self, task: Task) -> str | None:
+    def _transfer_source(self, task: Task) -> tuple[str, int] | None:
         """The finished ResNet of the same architecture, data set, seed and recipe as the
         task's interpolated model (the source of the transfer check), or None."""
         job, seed = task.job, task.seed
@@ -287,7 +361,33 @@ class Driver:
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
             log.info("%s %s seed %d: no finished %s to transfer from; transfer check skipped", job.model, job.dataset, seed, tag)
             return None
-        return tag
+        return tag, seed
+
+    def _defense_transfer_source(self, task: Task) -> tuple[str, int] | None:
+        """The plain ResNet a defense's transfer check attacks from: a finished checkpoint
+        of the same data set in the results dir whose model has the residual skip (of the
+        defense's own architecture when it is a registered interpolated one), the first in
+        registry, tag and seed order; None, said in the log, when there is none."""
+        dataset, options = task.job.dataset, self.options
+        source = task.job.defense
+        arch = source.target if getattr(source, "source", "") == STATE_DICT else ""
+        wanted = plain_counterpart(arch) if arch else None
+        order = {name: i for i, name in enumerate(list_models())}
+        found = []
+        for path in (Path(options.results_dir) / "checkpoints" / dataset).glob(f"*/seed*/{META_FILE}"):
+            meta = read_meta(path)
+            model = meta["model"]
+            if meta.get("status", "finished") == "finished" and model in order and model_entry(model).rule == "residual" \
+                    and wanted in (None, model) and path.parent.name[4:].isdigit():  # fmt: skip
+                found.append((order[model], path.parent.parent.name, int(path.parent.name[4:])))
+        if not found:
+            log.info("%s %s: no finished %s in %s to transfer from; transfer check skipped (train one, e.g. "
+                     "--models %s --datasets %s --stage train)", task.run, dataset, wanted or "ResNet",
+                     Path(options.results_dir) / "checkpoints" / dataset, wanted or "resnet110", dataset)  # fmt: skip
+            return None
+        _, tag, seed = min(found)
+        log.info("%s %s: the transfer check attacks from %s seed %d", task.run, dataset, tag, seed)
+        return tag, seed
 
     # --- running ------------------------------------------------------------------------
 

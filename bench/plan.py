@@ -5,6 +5,8 @@ A job is one model (with one λ initialisation) on one data set. Its tasks:
 - `train` (one per seed): train or resume that checkpoint;
 - `measure` (one per seed): the seed's missing cells and sanity checks; after its `train`;
 - `ensemble` (where the suite asks): the seeds' ensemble; after every seed's `train`.
+A run of defenses (bench.defenses) has one job per defense, with the suite's first study's
+radii, and one task: `defense`, its cells, checks and stability units (seed 0).
 The report comes after every task and is the driver's (bench.pipeline).
 """
 
@@ -24,7 +26,7 @@ from .suites import Study, Suite
 from .train import TrainConfig
 
 log = logging.getLogger(__name__)
-TRAIN, MEASURE, ENSEMBLE = "train", "measure", "ensemble"
+TRAIN, MEASURE, ENSEMBLE, DEFENSE = "train", "measure", "ensemble", "defense"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Job:
     lambda_init: tuple[float, float] | None
     radii: tuple[float, ...]
     ensemble_radii: tuple[float, ...] = ()
+    defense: object = None  # a defense's job: its bench.defenses.DefenseSpec (or built Defense); `model` is its name
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # TRAIN, MEASURE or ENSEMBLE
+    kind: str  # TRAIN, MEASURE, ENSEMBLE or DEFENSE
     job: Job
     run: str  # the checkpoint tag shared by the job's seeds
     seeds: tuple[int, ...]  # one seed; an ensemble's members
@@ -61,12 +64,16 @@ class Task:
     @property
     def name(self) -> str:
         who = "ensemble" if self.kind == ENSEMBLE else f"seed{self.seeds[0]}"
+        if self.kind == DEFENSE:
+            return f"{self.kind} {self.job.dataset} {self.run}"
         return f"{self.kind} {self.job.dataset} {self.run} {who}"
 
 
 def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
     """The suite's jobs, restricted to `options.models` when given (models in none of its
     studies get the first study's protocol), with the options' overrides applied."""
+    if options.defenses:
+        return [defense_job(d, spec, options) for d in options.defenses]
     wanted = resolve_models(options.models) if options.models is not None else None
     jobs: dict[tuple, Job] = {}
     covered: set[str] = set()
@@ -82,6 +89,13 @@ def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
     for dataset in {j.dataset for j in jobs.values()}:
         dataset_info(dataset)
     return list(jobs.values())
+
+
+def defense_job(defense, spec: Suite, options: RunOptions) -> Job:
+    """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
+    name, dataset = (defense.info.name, defense.info.dataset) if hasattr(defense, "info") else (defense.name, defense.dataset)
+    dataset_info(dataset)
+    return Job(name, dataset, None, tuple(sorted(options.radii or spec.studies[0].radii)), defense=defense)
 
 
 def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
@@ -129,6 +143,8 @@ def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -
     seeds = seeds_of(spec, options)
     resources = task_resources(spec, device)
     trains, measures = [], []
+    if any(job.defense is not None for job in jobs):
+        return [Task(DEFENSE, job, job.model, (0,), (), resources) for job in jobs]
     for job in jobs:
         run = train_config(job, seeds[0], spec, options, device).tag
         trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]

@@ -160,12 +160,23 @@ STABILITY_KEY = (
     "run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256",
     "quantity", "perturbation", "eps_255", "block", "n", "params",
 )  # fmt: skip
+# How each defense of the user's was built (bench.adapters.DefenseInfo.build): its cells are
+# keyed by the weights' digest, so the same weights built otherwise (another factory or
+# normalisation) must not find them; one row per defense, data set and weights.
+DEFENSE_COLUMNS: dict[str, str] = {
+    "run": "TEXT",
+    "dataset": "TEXT",
+    "checkpoint_sha256": "TEXT",
+    "source": "TEXT",  # bench.adapters.DefenseInfo.source
+    "build": "TEXT",  # canonical JSON
+    "timestamp": "TEXT",
+}
 # What tells a checkpoint's stability units apart (all rows of a unit are one transaction).
 UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params")
 
 
 TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS,
-                 "stability": STABILITY_COLUMNS}  # fmt: skip
+                 "stability": STABILITY_COLUMNS, "defenses": DEFENSE_COLUMNS}  # fmt: skip
 # no λ; a run that failed before its test; a stability figure that is not finite
 NULLABLE = {"lambda_low", "lambda_high", "test_accuracy", "mean", "median"}
 
@@ -182,6 +193,7 @@ def _tables() -> dict[str, str]:
         "ensemble_members": table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)"),
         "checks": table("checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'),
         "stability": table("stability", STABILITY_COLUMNS, f"per_image BLOB NOT NULL, UNIQUE ({', '.join(STABILITY_KEY)})"),
+        "defenses": table("defenses", DEFENSE_COLUMNS, "UNIQUE (run, dataset, checkpoint_sha256)"),
     }
 
 
@@ -309,6 +321,23 @@ class RecordStore:
             before = db.total_changes
             db.executemany(sql, data)
             return db.total_changes - before
+
+    def defense_build(self, run: str, dataset: str, checkpoint_sha256: str) -> str | None:
+        """The build recorded for a defense's weights, or None."""
+        if self.readonly and not self.path.is_file():
+            return None
+        sql = "SELECT build FROM defenses WHERE run = ? AND dataset = ? AND checkpoint_sha256 = ?"
+        with self._connect() as db:
+            if not _execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'defenses'"):
+                return None  # a read-only store written before defenses were recorded
+            found = _execute(db, self.path, sql, [run, dataset, checkpoint_sha256])
+        return found[0][0] if found else None
+
+    def add_defense(self, row: dict) -> None:
+        """Record how a defense's weights were built (once: the first build stands)."""
+        sql = f"INSERT OR IGNORE INTO defenses ({', '.join(DEFENSE_COLUMNS)}) VALUES ({', '.join('?' * len(DEFENSE_COLUMNS))})"
+        with self._connect() as db, db:
+            db.execute(sql, [row[k] for k in DEFENSE_COLUMNS])
 
     def add_ensemble(self, ensemble_sha256: str, run: str, dataset: str, members: dict[int, str]) -> None:
         """Record which checkpoints (seed -> digest) the ensemble `ensemble_sha256` holds."""

@@ -60,7 +60,7 @@ GATES = {
     "probabilities": Gate("outputs-probabilities", True, "1 when outputs are probabilities, not logits"),
     "classes": Gate("wrong-classes", True, "outputs minus the data set's classes, in absolute value"),
     "dynamic": Gate("dynamic-forward", True, "1 when the forward pass computes gradients (AutoAttack's check)"),
-    "transfer": Gate("transfer-stronger-than-white-box", True, "PGD transferred from the plain ResNet minus white-box PGD"),
+    "transfer": Gate("transfer-stronger-than-white-box", True, "points PGD transferred from the plain ResNet beats white-box PGD by"),
 }  # fmt: skip
 
 
@@ -187,8 +187,10 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, class
 
 
 def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int) -> tuple:
-    """('transfer', value, limit, detail): accuracy of `target` on PGD crafted on `source`
-    minus its accuracy under white-box PGD, in points, same images and random starts."""
+    """('transfer', value, limit, detail): how many points PGD crafted on `source` beats
+    white-box PGD on `target` by (its white-box accuracy minus its accuracy on the
+    transferred examples), same images and random starts. Positive beyond the margin is
+    the gradient-masking sign: the white-box attack did not find what a surrogate's did."""
     from .attacks import run_seeded
 
     pgd = perturbation("pgd")
@@ -199,7 +201,7 @@ def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, ep
         transfer = float((target(crafted).argmax(1) == y).float().mean()) * 100
         white_box = float((target(white).argmax(1) == y).float().mean()) * 100
     detail = f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
-    return ("transfer", transfer - white_box, TRANSFER_MARGIN, detail)
+    return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
 
 
 def plain_counterpart(model: str) -> str | None:

@@ -25,7 +25,7 @@ measures (every figure per image):
 The models run in eval mode: batch norm uses its running statistics, so a block map is a
 function of one image alone and a batch holds independent problems. Ensembles get the
 input gradient only: the mechanism is a property of one network's blocks (their members
-are measured as seeds). Units: `eps_255` in 1/255; inputs N x 3 x H x W in [0, 1].
+are measured as seeds); so do defenses without the zoo's residual blocks. Units: `eps_255` in 1/255; inputs N x 3 x H x W in [0, 1].
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ class Unit:
         return f"{self.quantity}@{self.perturbation}" if self.perturbation else self.quantity
 
 
-def stage_units(members: int) -> list[Unit]:
-    """The stage's units for a single network, or an ensemble's (the input gradient)."""
-    if members > 1:
+def stage_units(members: int, blockwise: bool = True) -> list[Unit]:
+    """The stage's units for a single network of residual blocks (`blockwise`: any zoo
+    model), or an ensemble's or another network's: the input gradient alone."""
+    if members > 1 or not blockwise:
         return [Unit(GRADIENT)]
     return [*(Unit(GROWTH, d) for d in DELTAS), Unit(SPECTRAL), Unit(EIGEN), Unit(GRADIENT)]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import UserError
 from models.checkpoints import atomic_write
 
 from . import sanity
@@ -29,6 +30,7 @@ from .adapters import (
     zoo_checkpoint_dir,
     zoo_defense,
 )
+from .defenses import built
 from .evaluate import AuditFailed, Cell, CellsDone, EvalConfig, EvalData, Subject, measure_cells, prepared
 from .records import ENSEMBLE_SEED, utc_now
 from .stability import StabilityConfig, StabilityDone, Unit, stability_stage
@@ -58,7 +60,10 @@ class Work:
     config: EvalConfig | None = None
     cells: tuple[Cell, ...] = ()
     checks: tuple[str, ...] = ()  # "model" (MODEL_CHECKS) and "transfer"
-    transfer_from: str | None = None  # the plain run whose attack transfers (the same seed)
+    transfer_from: str | None = None  # the plain run whose attack transfers
+    transfer_seed: int | None = None  # its seed (None: the subject's)
+    defense: object = None  # a defense's task: its bench.defenses.DefenseSpec (or built Defense)
+    defense_sha256: str = ""  # the weights' digest the driver planned for (a file changed since: an error)
     stability: tuple[Unit, ...] = ()  # the stability stage's units still to measure
     stability_config: StabilityConfig | None = None
     # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
@@ -91,7 +96,13 @@ def execute(work: Work) -> Iterator[Message]:
         remote = socket.gethostname() != work.driver_host
         yield Trained(meta, {relative(work.results_dir, folder): checkpoint_files(folder)} if remote else {})
         return
-    members = [zoo_defense(work.run, work.dataset, s, work.results_dir) for s in work.seeds]
+    if work.defense is not None:
+        members = [built(work.defense)]
+        if members[0].info.checkpoint_sha256 != work.defense_sha256:
+            raise UserError(f"defense {work.run}: {members[0].info.checkpoint} changed since the run began (its sha256 "
+                            "is another): run again to evaluate the file as it is now")  # fmt: skip
+    else:
+        members = [zoo_defense(work.run, work.dataset, s, work.results_dir) for s in work.seeds]
     defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run)
     init = lambda_init_of(members[0].model)  # an ensemble's: its members'
     subject = Subject(defense, work.model, work.run, _seed(work), len(work.seeds), init)
@@ -129,9 +140,13 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
     if "model" in work.checks:
         results += sanity.model_checks(model, x, y, subject.defense.info.num_classes)
     if "transfer" in work.checks and work.transfer_from is not None:
-        source = prepared(zoo_defense(work.transfer_from, work.dataset, subject.seed, work.results_dir).model, config)
+        source_seed = subject.seed if work.transfer_seed is None else work.transfer_seed
+        source = prepared(zoo_defense(work.transfer_from, work.dataset, source_seed, work.results_dir).model, config)
         seed = subject.seed + TRANSFER_SEED_OFFSET
-        results.append(sanity.transfer_check(model, source, x, y, config, 2.0, seed))
+        check, value, limit, detail = sanity.transfer_check(model, source, x, y, config, 2.0, seed)
+        if work.defense is not None:  # not its own ResNet: the source is named
+            detail += f" (from {work.transfer_from} seed {source_seed})"
+        results.append((check, value, limit, detail))
     failed = [c for c, value, limit, _ in results if value > limit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
     summary = f"{subject.run} {work.dataset} {who}: {len(results)} checks, "

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,19 @@ from bench.adapters import Defense, module_defense
 from bench.cifar import write_batch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def readme_example():
+    """The README's example marked `<!-- example:NAME -->`, a fenced block of `language`."""
+
+    def example(name: str = "add-defense", language: str = "python") -> str:
+        text = (REPO / "README.md").read_text()
+        match = re.search(rf"<!-- example:{name} -->\n```{language}\n(.*?)```", text, re.S)
+        assert match, f"README lost its {name} example"
+        return match.group(1)
+
+    return example
 
 
 @pytest.fixture(autouse=True)

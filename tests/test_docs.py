@@ -9,16 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_example() -> str:
-    text = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- example:add-defense -->\n```python\n(.*?)```", text, re.S)
-    assert match, "README lost its add-defense example"
-    return match.group(1)
-
-
-def test_add_defense_example_runs_as_printed(tmp_path):
+def test_add_defense_example_runs_as_printed(tmp_path, readme_example):
     code = readme_example()
     assert len(code.strip().splitlines()) <= 30
+    (tmp_path / "small_cnn.py").write_text(readme_example("small-cnn"))
     script = tmp_path / "my_defense.py"
     script.write_text(code)
     run = subprocess.run(

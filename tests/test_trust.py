@@ -161,6 +161,40 @@ def test_transfer_from_the_model_itself_equals_white_box():
     assert (check, value, limit) == ("transfer", 0.0, sanity.TRANSFER_MARGIN) and "16 images" in detail
 
 
+class Linear(nn.Module):
+    """A linear classifier on [0, 1] pixels, steep enough that PGD at 2/255 flips it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T
+
+
+class Masked(nn.Module):
+    """`net` behind a rounding to 8 bits: the same predictions, zero input gradients."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 255) / 255)
+
+
+def test_the_transfer_check_flags_a_surrogate_stronger_than_white_box_not_a_weaker_one():
+    """Masked gradients: white-box PGD finds nothing, the source's examples fool it (the
+    gate fails); another network's examples transfer worse than white-box (it passes)."""
+    source, x = Linear(0).eval(), torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = source(x).argmax(1)  # every image correct for the source
+    masked = sanity.transfer_check(Masked(source).eval(), source, x, y, EvalConfig(steps=5), 2.0, seed=1)
+    assert masked[1] > 50 > sanity.TRANSFER_MARGIN and "white-box 100.0" in masked[3]  # transfer: 26.6
+    other = Linear(1).eval()
+    weaker = sanity.transfer_check(other, source, x, other(x).argmax(1), EvalConfig(steps=5), 2.0, seed=1)
+    assert weaker[1] < -50 < sanity.TRANSFER_MARGIN  # white-box breaks it (12.5), the source's examples do not (96.9)
+
+
 def test_the_plain_counterpart_is_the_resnet_of_the_same_architecture():
     assert sanity.plain_counterpart("lambda-in-resnet110") == "resnet110"
     assert sanity.plain_counterpart("in-resnext29-8x64d") == "resnext29-8x64d"
