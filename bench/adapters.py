@@ -266,6 +266,8 @@ def robustbench_defense(
         raise UserError(
             f"RobustBench has no {dataset}/{threat_model} model {name!r}; closest: {', '.join(close) or '-'}"
         )
+    if entries[name]["gdrive_id"] is None:
+        raise UserError(f"RobustBench model {name!r} has no checkpoint file (RobustBench serves it through timm): not supported")
     if isinstance(entries[name]["gdrive_id"], list):
         raise UserError(
             f"RobustBench model {name!r} is an ensemble of several files, which this harness does not "
