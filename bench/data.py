@@ -27,7 +27,7 @@ from models import UserError
 from models.checkpoints import atomic_write, check_file_target
 
 from .cifar import ImageSet, data_root, download, extract_members, is_official, verified_md5
-from .datasets import DatasetInfo, dataset_info
+from .datasets import DATASETS, DatasetInfo, dataset_info
 from .noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,13 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
     clean = clean_source(dataset, is_official(spec, "test", root))
     noise = noise_source(dataset, data_dir, noise_option)
     return clean, noise if noise == "released" or clean == "released" else f"{noise}-unofficial"
+
+
+def data_folders() -> tuple[str, ...]:
+    """The folders of a data dir this project writes (each registered data set's batch and
+    noise folders, the generated groups): the only ones its cleanup looks into."""
+    folders = {f for spec in DATASETS.values() for f in (spec.folder, spec.noise_folder) if f}
+    return tuple(sorted(folders | {"generated"}))
 
 
 def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: str) -> Path | None:

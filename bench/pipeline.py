@@ -28,7 +28,7 @@ from models.checkpoints import LOCKS, check_writable, remove_orphans, run_lock
 from .adapters import META_FILE, DefenseInfo, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
-from .data import generation_folder, load_noise, load_test
+from .data import data_folders, generation_folder, load_noise, load_test
 from .defenses import STATE_DICT, DefenseSpec, built, check_name
 from .environment import resolve_device, retain_freed_memory
 from .estimate import DataSizes, plan_header, render_plan
@@ -54,7 +54,7 @@ from .plan import (
     task_resources,
     train_config,
 )
-from .records import CELL_COLUMNS, RecordStore, utc_now
+from .records import CELL_COLUMNS, RecordStore, recover, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .stability import StabilityDone, Unit, blocks, stage_units, units_todo
@@ -63,6 +63,7 @@ from .train import finished_run
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
 
 log = logging.getLogger(__name__)
+RESULT_FOLDERS = ("checkpoints", "tables", "figures", "leaderboard", LOCKS)  # what a run writes below the results dir
 MAX_ATTEMPTS = 3  # a task whose worker dies is tried again, up to this many times in all
 __all__ = ["STAGES", "RunOptions", "plan_jobs", "run"]
 
@@ -81,6 +82,8 @@ def run(options: RunOptions) -> int:
     could not be finished). Every mistake in the options or the environment is found
     before anything is trained."""
     spec = suite(options.suite)
+    if not options.dry_run:  # a dry run writes nothing, and says how to recover
+        recover(options.results_dir)
     jobs = plan_jobs(spec, options)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
         return _report(options, figures_only="report" not in options.stages)
@@ -117,8 +120,8 @@ def run(options: RunOptions) -> int:
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
     check_builds(store, defenses, record=True)
-    for root in (options.results_dir, data_root(options.data_dir)):
-        remove_orphans(root)
+    remove_orphans(options.results_dir, RESULT_FOLDERS)
+    remove_orphans(data_root(options.data_dir), data_folders())
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, spec, device, store, defenses=defenses)
@@ -507,7 +510,7 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
     report stage alone is an error without records, after the other stages (whose runs
     may all have failed) a warning."""
     began = time.perf_counter()
-    remove_orphans(options.results_dir)  # a report killed before its renames left .tmp files
+    remove_orphans(options.results_dir, RESULT_FOLDERS)  # a report killed before its renames left .tmp files
     try:
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)

@@ -599,6 +599,28 @@ def _open(path: Path, timeout: float, readonly: bool = False) -> sqlite3.Connect
         ) from None
 
 
+def _journal(path: Path) -> Path:
+    return path.with_name(path.name + "-journal")
+
+
+def recover(results_dir: str | os.PathLike) -> bool:
+    """Roll back the write a killed process left half done (a hot journal beside the
+    store), as SQLite does on the first writable open; True when there was one. Read-only
+    readers cannot do it and say so (`_execute`)."""
+    path = Path(results_dir) / DB_FILE
+    if not (path.is_file() and _journal(path).is_file()):
+        return False
+    try:
+        with closing(sqlite3.connect(path, timeout=WRITE_TIMEOUT)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchall()  # a hot journal is rolled back here
+    except sqlite3.Error:
+        return False  # a read-only mount, or a live writer still holds it: the readers say what to do
+    recovered = not _journal(path).is_file()
+    if recovered:
+        log.info("records: rolled back a write to %s that a killed process left unfinished", path)
+    return recovered
+
+
 def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
     """SQLite's own check of the file, then ours of the values: a row edited by hand (a
     radius 'abc', a NULL seed) is one error line naming it, not a ValueError in a report."""
@@ -609,6 +631,32 @@ def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
     for table, columns in TABLE_COLUMNS.items():
         if table in tables:
             _check_values(db, path, table, columns)
+    if "cells" in tables:
+        _check_bits(db, path)
+
+
+def _check_bits(db: sqlite3.Connection, path: Path) -> None:
+    """Each cell's bits count its `correct` examples, and nothing past its `n`: the worst
+    case and the ensembles read the bits, the tables read `accuracy`, so the two must agree."""
+    rows = _execute(db, path, "SELECT rowid, n, correct, correct_bits FROM cells")
+    for rowid, n, correct, bits in rows:
+        unpacked = np.unpackbits(np.frombuffer(bits, dtype=np.uint8))
+        if int(unpacked[:n].sum()) != correct or unpacked[n:].any():
+            raise UserError(
+                f"{path.name} has a damaged row: cells row {rowid} ({_cell_named(db, path, rowid)}) holds correct_bits "
+                f"with {int(unpacked.sum())} correct examples, not correct = {correct} (edited by hand?); nothing was "
+                f"read or written: restore the store, or delete that row (sqlite3 {path} \"DELETE FROM cells WHERE "
+                f"rowid = {rowid}\") and run again to recompute it"
+            )
+
+
+def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:
+    """A cell as a reader knows it: run, data set, seed, perturbation and radius or severity."""
+    run, dataset, seed, kind, eps, severity = _execute(
+        db, path, "SELECT run, dataset, seed, perturbation, eps_255, severity FROM cells WHERE rowid = ?", [rowid]
+    )[0]
+    where = f" severity {severity}" if severity else f" at {eps:g}/255" if isinstance(eps, int | float) and eps else ""
+    return f"{run} {dataset} seed {seed}, {kind}{where}"
 
 
 def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -619,7 +667,8 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
     ranges = {"n": ("{0} >= 1", "at least 1"), "members": ("{0} >= 1", "at least 1"),
               "block": ("{0} >= -1", "at least -1"), "damped": ("{0} IN (0, 1)", "0 or 1"),
               "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
-              "accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"), "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
+              "accuracy": ("{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6", "in [0, 1] and equal to correct / n"),
+              "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
               "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]")}  # fmt: skip
     rules = {}
     for name, kind in columns.items():
@@ -646,11 +695,15 @@ def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[
         column, (_, meaning) = list(rules.items())[index]
         (value,) = _execute(db, path, f"SELECT {_q(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
         shown = f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
+        named = f" ({_cell_named(db, path, rowid)})" if table == "cells" and column not in _NAMING else ""
         raise UserError(
-            f"{path.name} has a damaged row: {table} row {rowid} holds {column} = {shown}, not {meaning} (edited "
+            f"{path.name} has a damaged row: {table} row {rowid}{named} holds {column} = {shown}, not {meaning} (edited "
             f"by hand?); nothing was read or written: restore the store, or delete that row "
             f"(sqlite3 {path} \"DELETE FROM {table} WHERE rowid = {rowid}\") and run again to recompute it"
         )
+
+
+_NAMING = ("run", "dataset", "seed", "perturbation", "eps_255", "severity")  # a cell's name: shown only when valid
 
 
 def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence = ()) -> list[tuple]:
@@ -664,6 +717,11 @@ def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence 
             ) from None
         if "no such table" in str(err):
             raise UserError(_corrupt(path, f"{err}: not a store of this project")) from None
+        if "readonly database" in str(err) and _journal(path).is_file():  # SQLite must roll a hot journal back
+            raise UserError(
+                f"{path}: an interrupted write is pending in {_journal(path).name} (a writer was killed in the middle "
+                "of a transaction): run any stage once (not --dry-run) to recover it; nothing was lost"
+            ) from None
         raise UserError(f"cannot read {path} ({err}): check its permissions") from None
     except sqlite3.DatabaseError as err:  # not a database, malformed pages
         raise UserError(_corrupt(path, str(err))) from None

@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,6 @@ _SHOWN = 4  # keys listed per kind of mismatch before "+N more"
 # Temporary files and folders carry their writer's host and pid, so that a later run can
 # tell the orphans of a killed process from the files another live process is writing.
 _TEMP_TAG = re.compile(r"^\..*\.inres-(?P<host>[\w-]+)-(?P<pid>\d+)-[^/]*$")
-_UNTAGGED_TEMP = re.compile(r"^\..+\.[\w-]{8}\.(tmp|part)$")  # written before the tag existed
-_UNTAGGED_AGE = 24 * 3600  # seconds after which an untagged temporary file is an orphan
 LOCKS = ".locks"  # the folder of a results dir that holds its runs' lock files
 
 
@@ -158,32 +155,40 @@ def run_lock(path: str | os.PathLike, blocking: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def remove_orphans(root: str | os.PathLike) -> int:
-    """Delete the temporary files and folders under `root` that a killed run of this
-    project left (its writer is gone from this host; untagged ones after a day); returns
-    how many. Those of live processes, and of other hosts, are left alone."""
+def remove_orphans(root: str | os.PathLike, under: tuple[str, ...] = ()) -> int:
+    """Delete the temporary files and folders that a killed run of this project left
+    directly in `root` or anywhere below its subfolders `under` (the folders the harness
+    writes); returns how many. Only names carrying our tag (`.<name>.inres-<host>-<pid>-…`)
+    whose writer is provably gone from this host are removed: a live writer's, another
+    host's, and any other tool's files (a `.draft.abcdefgh.tmp` of the user's) are left."""
     root, removed, host = Path(root), 0, socket.gethostname().split(".")[0]
     if not root.is_dir():
         return 0
-    for folder, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            if not name.startswith("."):
-                continue
-            path = Path(folder) / name
+    places = [(root, [p.name for p in _entries(root)])]
+    for sub in under:
+        for folder, dirs, files in os.walk(root / sub):
+            places.append((Path(folder), [*dirs, *files]))
+    for folder, names in places:
+        for name in names:
             tagged = _TEMP_TAG.match(name)
-            if tagged:
-                orphan = tagged["host"] == host and not _alive(int(tagged["pid"]))
-            else:
-                orphan = bool(_UNTAGGED_TEMP.match(name)) and _age(path) > _UNTAGGED_AGE
-            if orphan:
-                try:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                    removed += 1
-                except OSError:  # a read-only data dir: leave it
-                    pass
+            if not tagged or tagged["host"] != host or _alive(int(tagged["pid"])):
+                continue
+            path = folder / name
+            try:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                removed += 1
+            except OSError:  # a read-only data dir: leave it
+                pass
     if removed:
         log.info("removed %d temporary file(s) left under %s by killed runs", removed, root)
     return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _alive(pid: int) -> bool:
@@ -194,13 +199,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:

@@ -195,8 +195,17 @@ def a_store(folder: Path) -> Path:
         ("UPDATE cells SET eps_255 = 'abc'", "cells row 1 holds eps_255 = 'abc', not a number in [0, 255]"),
         ("UPDATE cells SET seed = NULL", "cells row 1 holds seed = NULL, not an integer"),
         ("UPDATE runs SET test_accuracy = 'abc'", "runs row 1 holds test_accuracy = 'abc', not a number in [0, 1] or NULL"),
-        ("UPDATE cells SET correct = 11", "cells row 1 holds correct = 11, not an integer in [0, n]"),
-        ("UPDATE cells SET correct_bits = x'00'", "cells row 1 holds correct_bits = 1 bytes, not n bits, packed"),
+        ("UPDATE cells SET correct = 11", "cells row 1 (resnet8 synthetic seed 0, clean) holds correct = 11, not an integer in [0, n]"),
+        ("UPDATE cells SET correct_bits = x'00'", "cells row 1 (resnet8 synthetic seed 0, clean) holds correct_bits = 1 bytes, not n bits, packed"),
+        ("UPDATE cells SET accuracy = 0.9", "cells row 1 (resnet8 synthetic seed 0, clean) holds accuracy = 0.9, not a number in [0, 1] "
+         "and equal to correct / n"),
+        ("UPDATE cells SET accuracy = 7.5", "cells row 1 (resnet8 synthetic seed 0, clean) holds accuracy = 7.5, not a number in [0, 1] "
+         "and equal to correct / n"),
+        ("UPDATE cells SET n = -3", "cells row 1 (resnet8 synthetic seed 0, clean) holds n = -3, not an integer at least 1"),
+        ("UPDATE cells SET correct_bits = x'e000'", "cells row 1 (resnet8 synthetic seed 0, clean) holds correct_bits with 3 correct "
+         "examples, not correct = 7"),  # the right length, other bits: the worst case would read them
+        ("UPDATE cells SET correct_bits = x'fe20'", "cells row 1 (resnet8 synthetic seed 0, clean) holds correct_bits with 8 correct "
+         "examples, not correct = 7"),  # a bit set past n
     ],
 )
 def test_a_hand_edited_store_row_is_one_line(tmp_path, capsys, edit, said):
@@ -375,6 +384,31 @@ def test_a_reaper_closed_normally_kills_nothing_alive_that_it_was_not_given():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_write_left_half_done_by_a_killed_writer_is_rolled_back_by_the_next_run(tmp_path, capsys, caplog):
+    """A hot journal: a dry run (which writes nothing) says how to recover, not "check its
+    permissions"; the next run rolls it back and the records are as before the write."""
+    path = a_store(tmp_path)
+    killed = ("import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute('PRAGMA cache_size = 2'); "
+              "db.execute('BEGIN IMMEDIATE'); db.execute('DELETE FROM cells'); db.execute('CREATE TABLE filler (a TEXT)'); "
+              "db.executemany('INSERT INTO filler VALUES (?)', [('x' * 500,)] * 2000); os._exit(9)")  # fmt: skip
+    # (a small cache spills the transaction's pages into the store: the journal is hot)
+    assert subprocess.run([sys.executable, "-c", killed, str(path)]).returncode == 9
+    journal = path.with_name(path.name + "-journal")
+    assert journal.is_file()
+    assert run_bench.main(["--dry-run", "--device", "cpu", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {path}: an interrupted write is pending in records.sqlite-journal (a writer was killed in the middle of a "
+        "transaction): run any stage once (not --dry-run) to recover it; nothing was lost"
+    )
+    caplog.set_level("INFO")
+    run_bench.main(["--stage", "report", "--results-dir", str(tmp_path)])
+    assert f"records: rolled back a write to {path} that a killed process left unfinished" in caplog.messages
+    assert not journal.exists()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM cells").fetchone() == (1,) and db.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+        assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'filler'").fetchall()
 
 
 def test_the_report_stage_removes_what_a_killed_report_left(tmp_path, capsys):

@@ -357,6 +357,33 @@ def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, re
         assert path.stat().st_mode & 0o777 == 0o644, path  # honours the umask like records.sqlite
 
 
+def test_the_cleanup_removes_only_the_orphans_of_its_own_dead_writers_in_its_own_folders(tmp_path):
+    """Data dirs are shared with other tools: a file that merely looks temporary, or one of
+    ours outside the folders the harness writes, survives; a dead writer's in them does not."""
+    from bench.data import data_folders
+    from bench.pipeline import RESULT_FOLDERS
+    from models.checkpoints import remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, pid = __import__("socket").gethostname().split(".")[0], dead.stdout.strip()
+    data, results = tmp_path / "data", tmp_path / "results"
+    gone = [data / "cifar-10-batches-py" / f".data_batch_1.inres-{host}-{pid}-abc.tmp",
+            data / f".cifar-10-python.tar.gz.inres-{host}-{pid}-abc.part",
+            data / "generated" / "CIFAR-10-C" / f".shot_noise.npy.inres-{host}-{pid}-abc.tmp",
+            results / "tables" / f".table1.md.inres-{host}-{pid}-abc.tmp",
+            results / f".REPORT.md.inres-{host}-{pid}-abc.tmp"]  # fmt: skip
+    kept = [data / "notes" / ".draft.abcdefgh.tmp", data / "generated" / ".draft.abcdefgh.part",
+            data / "notes" / f".draft.inres-{host}-{pid}-abc.tmp", results / "mine" / ".draft.abcdefgh.tmp",
+            results / "mine" / f".x.inres-{host}-{pid}-abc.tmp", results / f".REPORT.md.inres-{host}-{os.getpid()}-abc.tmp",
+            results / f".REPORT.md.inres-otherhost-{pid}-abc.tmp"]  # fmt: skip
+    for path in gone + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+        os.utime(path, (time.time() - 7 * 24 * 3600,) * 2)  # a week old
+    assert remove_orphans(results, RESULT_FOLDERS) + remove_orphans(data, data_folders()) == len(gone)
+    assert [p.exists() for p in gone] == [False] * len(gone) and [p.exists() for p in kept] == [True] * len(kept)
+
+
 # --- fuzz -----------------------------------------------------------------------------------
 
 HUGE = str(2**70)
