@@ -114,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--steps", type=int, default=20, help="IFGSM / PGD iterations (default 20)")
     evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
     evaluation.add_argument(
+        "--recheck-data", action="store_true",
+        help="measure again the cells recorded before cells recorded their data's digest (shown as 'unknown' "
+        "in REPORT.md); by default they count as cached",
+    )
+    evaluation.add_argument(
         "--batch-size", type=int, default=None, help="default: 256 on a CPU, 512 on a GPU"
     )
     report = parser.add_argument_group("report")
@@ -258,6 +263,7 @@ def options(args: argparse.Namespace):
         radii=tuple(_numbers(args.radii, "--radii")) if args.radii is not None else None,
         steps=args.steps,
         noise_source=args.noise_source,
+        recheck_data=args.recheck_data,
         batch_size=args.batch_size,
         device=args.device,
         bf16=args.bf16,

@@ -11,7 +11,8 @@ perturbation in several ways, `select_measurements` keeps one, by these rules in
    perturbation its own: AutoAttack may run on a subset of the others' images);
 2. the largest ensemble (ensembles of different sizes are different defenses);
 3. the most faithful data: released files, then unofficial ones; released noise, then
-   generated (from official, then unofficial test files);
+   generated (from official, then unofficial test files); then, per seed, the data
+   measured last (its digest: cells measured on files since replaced drop out);
 4. the parameters this run asks for (e.g. --steps at the preset's step size), else the
    strongest set the perturbation knows (for IFGSM / PGD: the most steps, then the
    largest step);
@@ -39,6 +40,7 @@ SOURCE_RANK = {"released": 4, "unofficial": 3, "generated": 2, "generated-unoffi
 # the names of the selection rules, as left-out rows carry them
 LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = "largest test subset", "largest ensemble", "released data first"
 ASKED_PARAMETERS, STRONGEST, LATEST_CHECKPOINT = "asked parameters", "strongest parameters", "latest checkpoint"
+LATEST_DATA = "latest data"
 
 
 def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -53,7 +55,7 @@ def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
         severities=("severity", "nunique"),
         n_sum=("n", "sum"),
         correct=("correct", "sum"),
-        **{c: (c, "max" if c == "timestamp" else "sum" if c == "seconds" else "first") for c in rest},
+        **{c: (c, "max" if c in ("timestamp", "_order") else "sum" if c == "seconds" else "first") for c in rest},
     )
     pooled = pooled[pooled["severities"] == len(SEVERITIES)].reset_index()
     pooled = pooled.drop(columns=["severities", "n"]).rename(columns={"n_sum": "n"})
@@ -68,7 +70,7 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     it correct (from the stored bits `records.load_bits` gives; nothing is recomputed).
     The worst cells' bits are added to `bits`."""
     attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK)])]
-    group = ["run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256", "n", "eps_255"]
+    group = ["run", "dataset", "data_source", "data_sha256", "seed", "members", "preset", "checkpoint_sha256", "n", "eps_255"]
     rows = []
     for _, cells in attacks.groupby(group, dropna=False, sort=False):
         found = [bits.get(cell_id(row)) for row in cells.itertuples(index=False)]
@@ -95,8 +97,11 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     included) with `metric`, `kind` and `n_test` columns, one measurement per entry and
     metric (see the module docstring); `left_out` holds the others with the `rule` that
     dropped them. `steps`: the IFGSM / PGD step count this run asks for."""
-    # the store holds each KEY once; a frame put together by hand may not: its first row wins
-    cells = with_pooled_noise(frame.drop_duplicates(list(KEY)))
+    # the store holds each KEY once; a frame put together by hand may not: its first row wins.
+    # `_order`: the order cells were recorded in (the store's rows come in rowid order), which
+    # tells apart measurements of the same second
+    unique = frame.drop_duplicates(list(KEY))
+    cells = with_pooled_noise(unique.assign(_order=np.arange(len(unique))))
     cells = cells[cells["severity"] == 0].copy()
     noise = cells["perturbation"].isin(NOISE_GROUPS)
     cells["metric"] = [metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)]
@@ -113,12 +118,18 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
         "measured": cells.groupby([*ENTRY, "seed", "checkpoint_sha256"], dropna=False)["timestamp"].transform(
             "max"
         ),
+        # what one data digest covers: the test images (clean and attack cells), or one noise file
+        "read": np.where(noise, cells["perturbation"], "test images"),
     }
+    when = cells["timestamp"].astype(str) + "#" + cells["_order"].map("{:012d}".format)
+    scores["data"] = when.groupby([cells[c] for c in [*ENTRY, "seed"]] + [pd.Series(scores["read"], index=cells.index),
+                                  cells["data_sha256"]], dropna=False).transform("max")  # fmt: skip
     cells = cells.assign(**{f"_{k}": v for k, v in scores.items()})
     rules = (
         (LARGEST_SUBSET, [*ENTRY, "perturbation"], "n_test"),
         (LARGEST_ENSEMBLE, ENTRY, "members"),
         (RELEASED_FIRST, [*ENTRY, "_part"], "_source"),
+        (LATEST_DATA, [*ENTRY, "seed", "_read"], "_data"),
         (ASKED_PARAMETERS, [*ENTRY, "metric"], "_asked"),
         (STRONGEST, [*ENTRY, "metric"], "_strength"),
         (LATEST_CHECKPOINT, [*ENTRY, "seed"], "_measured"),
@@ -129,8 +140,8 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
         dropped = cells[score] != best
         left.append(cells[dropped].assign(rule=rule))
         cells = cells[~dropped]
-    cells = cells.drop(columns=[f"_{k}" for k in scores])
-    left_out = pd.concat(left, ignore_index=True).drop(columns=[f"_{k}" for k in scores])
+    cells = cells.drop(columns=[*(f"_{k}" for k in scores), "_order"])
+    left_out = pd.concat(left, ignore_index=True).drop(columns=[*(f"_{k}" for k in scores), "_order"])
     twice = cells.duplicated([*ENTRY, "seed", "metric"], keep=False)
     if twice.any():  # the rules above leave one cell per entry, seed and metric, or it is a bug
         raise AssertionError(f"measurements still mixed:\n{cells[twice].head()}")

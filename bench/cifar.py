@@ -247,20 +247,26 @@ def _md5(path: Path) -> str:
 
 
 def verified_md5(path: Path, expected: str) -> bool:
-    """Whether `path` has md5 `expected`; the digest of a large file is computed once and
-    kept in `<path>.md5.json` beside it, valid while the file's size and mtime stay."""
+    """Whether `path` has md5 `expected` (see `file_md5`)."""
+    return file_md5(path) == expected
+
+
+def file_md5(path: Path, remember: bool = True) -> str:
+    """The md5 of `path`, computed once and kept in `<path>.md5.json` beside it, valid while
+    the file's size and mtime stay (`remember=False`: nothing is written, as a dry run)."""
     stat, stamp = path.stat(), path.with_name(path.name + ".md5.json")
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
         cached = json.loads(stamp.read_text())
         if {k: cached.get(k) for k in key} == key and isinstance(cached.get("md5"), str):
-            return cached["md5"] == expected
+            return cached["md5"]
     except (OSError, ValueError, AttributeError):
         pass
-    log.info("checking the md5 of %s (%.1f GB; once)", path, stat.st_size / 1e9)
+    log.info("computing the md5 of %s (%.2f GB; once)", path, stat.st_size / 1e9)
     digest = _md5(path)
-    try:
-        save_json({**key, "md5": digest}, stamp)
-    except OSError:  # a read-only data dir: check again next time
-        pass
-    return digest == expected
+    if remember:
+        try:
+            save_json({**key, "md5": digest}, stamp)
+        except (OSError, UserError):  # a read-only data dir: computed again next time
+            pass
+    return digest

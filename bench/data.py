@@ -26,7 +26,7 @@ import torch
 from models import UserError
 from models.checkpoints import atomic_write, check_file_target
 
-from .cifar import ImageSet, data_root, download, extract_members, is_official, verified_md5
+from .cifar import ImageSet, data_root, download, extract_members, file_md5, is_official, verified_md5
 from .datasets import DATASETS, DatasetInfo, dataset_info
 from .noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
 
@@ -125,6 +125,34 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
     return clean, noise if noise == "released" or clean == "released" else f"{noise}-unofficial"
 
 
+def images_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """The data digest of images read into memory (a test split): sha256 of their bytes."""
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes() + labels.tobytes()).hexdigest()
+
+
+def noise_digest(path: Path, remember: bool = True) -> str:
+    """The data digest of a noise group file and the labels beside it (their md5s, kept
+    by size and mtime: a 150 MB file is read once, not every run)."""
+    parts = [f"{p.name} {file_md5(p, remember)}" for p in (path, path.parent / "labels.npy")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def current_noise_file(path: Path, generated: bool, test_digest: str) -> bool:
+    """Whether a noise group file is there to be read as it is: a released one, or one
+    generated from the test set of `test_digest` (else load_noise makes it again first)."""
+    if not (path.is_file() and (path.parent / "labels.npy").is_file()):
+        return False
+    record = _read_record(path.parent / "generated.json") if generated else {"test_sha256": test_digest}
+    return isinstance(record, dict) and record.get("test_sha256") == test_digest
+
+
+def noise_file(dataset: str, data_dir: str | os.PathLike | None, option: str, group: str) -> Path:
+    """Where the group's file of `option`'s source is (or will be)."""
+    spec, root = dataset_info(dataset), data_root(data_dir)
+    folder = root / spec.noise_folder if noise_source(dataset, data_dir, option) == "released" else root / "generated" / spec.noise_folder
+    return folder / f"{group}.npy"
+
+
 def data_folders() -> tuple[str, ...]:
     """The folders of a data dir this project writes (each registered data set's batch and
     noise folders, the generated groups): the only ones its cleanup looks into."""
@@ -165,7 +193,7 @@ def ensure_generated(folder: Path, test: ImageSet, seed: int) -> None:
     provenance = {
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
-        "test_sha256": hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest(),
+        "test_sha256": images_digest(test.images, test.labels),
         "params": {g: list(NOISE_PARAMS[g]) for g in NOISE_GROUPS},
     }
     record = folder / "generated.json"

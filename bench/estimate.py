@@ -32,7 +32,15 @@ from models import create_model, model_entry
 from .adapters import META_FILE, read_meta, zoo_checkpoint_dir
 from .cifar import complete as folder_complete
 from .cifar import data_root
-from .data import cell_sources, load_train
+from .data import (
+    cell_sources,
+    current_noise_file,
+    images_digest,
+    load_test,
+    load_train,
+    noise_digest,
+    noise_file,
+)
 from .datasets import CIFAR10, DatasetInfo, dataset_info
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, protocol_cells, unit_passes, units
@@ -54,8 +62,9 @@ class DataSizes:
 
     def __init__(self, dataset: str, data_dir, config: EvalConfig):
         spec = dataset_info(dataset)
-        self.dataset, self.config = dataset, config
+        self.dataset, self.config, self.data_dir = dataset, config, data_dir
         self.present = is_present(spec, data_dir)
+        self._clean: str | None = None
         self.n_test = spec.sizes[1]
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
@@ -64,6 +73,20 @@ class DataSizes:
 
     def source(self, cell: Cell) -> str:
         return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
+
+    def digest(self, cell: Cell) -> str | None:
+        """The data digest `cell` would read (writing nothing), or None while its files are
+        not there: such a cell is never taken as cached."""
+        if not self.present:
+            return None
+        if self._clean is None:
+            test = load_test(self.dataset, self.data_dir)
+            self._clean = images_digest(test.images, test.labels)
+        if perturbation(cell.perturbation).kind == NOISE:
+            path = noise_file(self.dataset, self.data_dir, self.config.noise_source, cell.perturbation)
+            current = current_noise_file(path, self.noise_source != "released", self._clean)
+            return noise_digest(path, remember=False) if current else None
+        return self._clean
 
 
 def training_images(dataset: str, data_dir, n_train: int | None) -> int:

@@ -29,11 +29,22 @@ from models.layers import Normalize
 
 from .adapters import Defense
 from .attacks import AttackAuditError, audit, run_seeded
-from .data import batches, cell_sources, load_noise, load_test, severity_rows, subset_indices
+from .data import (
+    batches,
+    cell_sources,
+    current_noise_file,
+    images_digest,
+    load_noise,
+    load_test,
+    noise_digest,
+    noise_file,
+    severity_rows,
+    subset_indices,
+)
 from .environment import device_name
 from .noise import SEVERITIES
 from .perturbations import ATTACK, NOISE, of_kind, params_text, perturbation
-from .records import CELL_COLUMNS, ENSEMBLE_SEED, RecordStore, load_records, utc_now
+from .records import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, RecordStore, load_records, utc_now
 
 log = logging.getLogger(__name__)
 PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
@@ -59,6 +70,8 @@ class EvalConfig:
     extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
     subsets: tuple[tuple[str, int], ...] = ()
+    # cells recorded before cells had a data digest count as cached (False: measure them again)
+    trust_unknown_data: bool = True
 
     def __post_init__(self):
         if self.preset not in PRESET_ALPHA_255:
@@ -143,11 +156,14 @@ class EvalData:
     """The test set of one data set, its class-balanced subsets and its noise groups,
     loaded on first use."""
 
-    def __init__(self, dataset: str, data_dir, config: EvalConfig):
+    def __init__(self, dataset: str, data_dir, config: EvalConfig, remember: bool = True):
         self.dataset, self.data_dir, self.config = dataset, data_dir, config
+        self.remember = remember  # keep noise files' md5s beside them (not in a dry run: it writes nothing)
         self.test = load_test(dataset, data_dir)
         self.n_test = len(self.test)
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
+        self.clean_digest = images_digest(self.test.images, self.test.labels)
+        self._digests: dict[str, str] = {}  # noise group -> its file's digest
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def indices(self, n: int | None) -> np.ndarray:
@@ -159,6 +175,24 @@ class EvalData:
 
     def source(self, cell: Cell) -> str:
         return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
+
+    def digest(self, cell: Cell) -> str | None:
+        """What `cell` reads, as records.data_sha256: the test set's, or its noise file's
+        (None while that file is not made yet: nothing is generated to answer)."""
+        if perturbation(cell.perturbation).kind == NOISE:
+            return self._noise_digest(cell.perturbation)
+        return self.clean_digest
+
+    def _noise_digest(self, group: str) -> str | None:
+        if group not in self._digests:
+            if self.remember:  # the file as a cell will read it: generated (again, for a changed test set) first
+                self._digests[group] = noise_digest(self.noise(group).path)
+            else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
+                path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)
+                if not current_noise_file(path, self.noise_source != "released", self.clean_digest):
+                    return None
+                self._digests[group] = noise_digest(path, remember=False)
+        return self._digests[group]
 
     @functools.cache  # noqa: B019
     def noise(self, group: str):
@@ -209,7 +243,13 @@ def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cell
     gives each cell's source and test-subset size (an EvalData, or the sizes alone)."""
     done = store.done(context)
     cells = protocol_cells(config) if cells is None else list(cells)
-    return [c for c in cells if cell_key(c, data.source(c), config, data.n(c)) not in done]
+    todo = []
+    for cell in cells:
+        key = cell_key(cell, data.source(cell), config, data.n(cell), data.digest(cell))
+        legacy = config.trust_unknown_data and (*key[:-1], UNKNOWN_DATA) in done  # recorded before digests
+        if key not in done and not legacy:
+            todo.append(cell)
+    return todo
 
 
 def evaluate(
@@ -288,14 +328,15 @@ def cell_context(subject: Subject, config: EvalConfig) -> dict:
     }
 
 
-def cell_key(cell: Cell, source: str, config: EvalConfig, n: int) -> tuple:
-    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them."""
+def cell_key(cell: Cell, source: str, config: EvalConfig, n: int, digest: str | None) -> tuple:
+    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them and
+    `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
     params = perturbation(cell.perturbation).params(config, cell.eps_255)
-    return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params))
+    return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params), digest)
 
 
 def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config) -> dict:
-    key = cell_key(cell, data.source(cell), config, len(correct))
+    key = cell_key(cell, data.source(cell), config, len(correct), data.digest(cell))
     return {
         **context,
         **dict(zip(CELL_COLUMNS, key, strict=True)),

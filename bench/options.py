@@ -56,6 +56,7 @@ class RunOptions:
     radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
     steps: int = 20
     noise_source: str = "auto"
+    recheck_data: bool = False  # measure again the cells recorded before cells had a data digest
     batch_size: int | None = None
     device: str = "auto"  # auto: a GPU when there is one
     bf16: bool = False

@@ -54,7 +54,7 @@ from .plan import (
     task_resources,
     train_config,
 )
-from .records import CELL_COLUMNS, RecordStore, recover, utc_now
+from .records import CELL_COLUMNS, UNKNOWN_DATA, RecordStore, recover, utc_now
 from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .stability import StabilityDone, Unit, blocks, stage_units, units_todo
@@ -247,7 +247,7 @@ class Driver:
         key = (dataset, config.n_test, config.subsets, config.noise_source)
         if key not in self._data:
             sizes = DataSizes(dataset, self.options.data_dir, config)
-            self._data[key] = sizes if self.dry and not sizes.present else EvalData(dataset, self.options.data_dir, config)
+            self._data[key] = sizes if self.dry and not sizes.present else EvalData(dataset, self.options.data_dir, config, not self.dry)
         return self._data[key]
 
     def work_for(self, task: Task) -> Work | None:
@@ -575,8 +575,11 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData | DataSizes, 
     exactly the cells `config` asks for (no other test size, step count or data source) of
     the checkpoint `context` names."""
     frame = store.cells(context)
-    asked = {cell_key(c, data.source(c), config, data.n(c)) for c in protocol_cells(config)}
+    asked = {cell_key(c, data.source(c), config, data.n(c), data.digest(c)) for c in protocol_cells(config)}
+    asked |= {(*k[:-1], UNKNOWN_DATA) for k in asked} if config.trust_unknown_data else set()
     frame = frame[[key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]]
+    # a cell measured again on other data (or once more after its digest was unknown): the last measurement
+    frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(["perturbation", "eps_255", "severity"], keep="last")
     mine = with_pooled_noise(frame)
 
     def pct(rows) -> str:

@@ -201,6 +201,7 @@ def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensembl
         device=device,
         extra=tuple(extra),
         subsets=subsets(spec, options),
+        trust_unknown_data=not options.recheck_data,
     )
 
 

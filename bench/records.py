@@ -55,6 +55,9 @@ COLUMNS: dict[str, str] = {
     # clean and attack cells: released (official files), unofficial, or the data set's name
     # (synthetic); noise cells: released, generated, generated-unofficial (from unofficial files)
     "data_source": "TEXT",
+    # what the cell read: sha256 of the test images and labels (clean and attack cells), or of
+    # the noise group file's and labels' md5s; "unknown" for cells recorded before digests
+    "data_sha256": "TEXT",
     "seed": "INTEGER",
     "members": "INTEGER",  # 1, or the ensemble's size
     "perturbation": "TEXT",  # clean, a noise group, fgsm, ifgsm, pgd
@@ -80,6 +83,7 @@ KEY = (
     "run",
     "dataset",
     "data_source",
+    "data_sha256",
     "seed",
     "members",
     "perturbation",
@@ -91,7 +95,8 @@ KEY = (
     "checkpoint_sha256",
 )
 # The KEY columns that tell the cells of one model x data set x seed apart.
-CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "params")
+CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "params", "data_sha256")
+UNKNOWN_DATA = "unknown"  # the data digest of cells recorded before cells had one
 # Training runs seen by the train and eval stages, failed ones included; the last sighting
 # of each (run, data set, seed) comes last (rowid order).
 RUN_COLUMNS: dict[str, str] = {
@@ -357,13 +362,13 @@ def check_results_dir(results_dir: str | os.PathLike) -> Path:
 
 
 def needs_migration(results_dir: str | os.PathLike) -> bool:
-    """Whether the store was written by a version before the `params` column."""
+    """Whether the store was written by a version before the `params` or `data_sha256` column."""
     path = Path(results_dir) / DB_FILE
     if not path.is_file():
         return False
     with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
         columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
-    return bool(columns) and "params" not in columns
+    return bool(columns) and not {"params", "data_sha256"} <= set(columns)
 
 
 def check_store(results_dir: str | os.PathLike) -> bool:
@@ -386,7 +391,7 @@ def load_records(
 ) -> pd.DataFrame:
     """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits; `runs`:
     `load_runs(results_dir)` when the caller has it already."""
-    frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells", COLUMNS)
+    frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid", COLUMNS)
     members = _read(
         results_dir,
         f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
@@ -557,24 +562,30 @@ def _q(name: str) -> str:
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Rewrite a store of the schema with alpha_255 / steps columns to the `params` one, in
-    place and in one transaction: every cell keeps its numbers and bits."""
+    """Rewrite a store of an older cells schema to this one, in place and in one
+    transaction, every cell keeping its numbers and bits: alpha_255 / steps columns become
+    `params`; cells recorded before data digests get `data_sha256` "unknown"."""
     columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
-    if not columns or "params" in columns:
+    if not columns or {"params", "data_sha256"} <= set(columns):
         return
-    if not set(OLD_ATTACK_COLUMNS) <= set(columns):
+    if "params" not in columns and not set(OLD_ATTACK_COLUMNS) <= set(columns):
         raise UserError(_corrupt(path, f"unknown columns {', '.join(columns)}: not a store of this project"))
-    log.info("migrating %s to the params column (once; its cells are kept)", path)
+    log.info("migrating %s to the current cells schema (once; its cells are kept)", path)
     old = [c for c in columns if c not in OLD_ATTACK_COLUMNS]
-    rows = _execute(db, path, f"SELECT {', '.join(old)}, alpha_255, steps FROM cells")
+    params = "params" if "params" in columns else "alpha_255, steps"
+    rows = _execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells")
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("ALTER TABLE cells RENAME TO cells_before_params")
+        db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
         db.execute(_tables()["cells"])
-        names = [*old, "params"]
+        names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in columns else [])]
         insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        db.executemany(insert, [(*row[:-2], _old_params(*row[-2:])) for row in rows])
-        db.execute("DROP TABLE cells_before_params")
+        unknown = (UNKNOWN_DATA,) if "data_sha256" not in columns else ()
+        if "params" in columns:
+            db.executemany(insert, [(*row, *unknown) for row in rows])
+        else:
+            db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
+        db.execute("DROP TABLE cells_before_migration")
         db.commit()
     except BaseException:
         db.rollback()
@@ -669,7 +680,8 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
               "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
               "accuracy": ("{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6", "in [0, 1] and equal to correct / n"),
               "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
-              "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]")}  # fmt: skip
+              "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
+              "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'")}  # fmt: skip
     rules = {}
     for name, kind in columns.items():
         condition, meaning = ranges.get(name, ("1", ""))
@@ -715,6 +727,11 @@ def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence 
             raise UserError(
                 f"{path} is locked by another process ({err}): wait for it to finish, then run again"
             ) from None
+        if "no such column" in str(err):
+            raise UserError(
+                f"{path} was written by an older version ({err}): open it for writing once (any train, eval or "
+                "report stage) to migrate it in place"
+            ) from None
         if "no such table" in str(err):
             raise UserError(_corrupt(path, f"{err}: not a store of this project")) from None
         if "readonly database" in str(err) and _journal(path).is_file():  # SQLite must roll a hot journal back
@@ -742,9 +759,11 @@ def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], tab
     if path.is_file():
         with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
             query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-            if "params" in columns and not _has_params(db, path):
+            missing = [c for c in ("params", "data_sha256") if c in columns and not _has_column(db, path, c)]
+            if missing:
+                what = "a params column" if missing[0] == "params" else "their data's digest"
                 raise UserError(
-                    f"{path} was written before cells had a params column: open it for writing once "
+                    f"{path} was written before cells had {what}: open it for writing once "
                     "(any train, eval or report stage) to migrate it in place"
                 )
             if not table or _execute(db, path, query, [table]):
@@ -752,8 +771,8 @@ def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], tab
     return _typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
 
 
-def _has_params(db: sqlite3.Connection, path: Path) -> bool:
-    return any(row[1] == "params" for row in _execute(db, path, "PRAGMA table_info(cells)"))
+def _has_column(db: sqlite3.Connection, path: Path, column: str) -> bool:
+    return any(row[1] == column for row in _execute(db, path, "PRAGMA table_info(cells)"))
 
 
 def _typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

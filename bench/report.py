@@ -24,7 +24,8 @@ from .claims import claim_rows, share_claim_rows
 from .datasets import dataset_info, dataset_label
 from .leaderboard import check_metric, leaderboard, leaderboard_texts
 from .measured import Evidence, Measured, measured
-from .records import SNAPSHOT_FILE
+from .noise import NOISE_GROUPS
+from .records import SNAPSHOT_FILE, UNKNOWN_DATA
 from .tables import (
     TITLES,
     all_attacks_specs,
@@ -151,6 +152,20 @@ SELECTION_RULES = (
 )
 
 
+def digest_line(frame: pd.DataFrame) -> str:
+    """Which runs' shown cells (`kept`: select_measurements') read which test images
+    (records.data_sha256, 12 hex digits)."""
+    clean = frame[~frame["perturbation"].isin(NOISE_GROUPS)]
+    parts = []
+    for dataset, rows in clean.groupby("dataset", sort=True):
+        by_digest = rows.groupby("data_sha256")["run"].agg(lambda r: sorted(set(r)))
+        every = len(by_digest) == 1
+        shown = [f"{'unknown (recorded before digests)' if d == UNKNOWN_DATA else d[:12]} "
+                 f"({'every run' if every else ', '.join(runs)})" for d, runs in by_digest.items()]  # fmt: skip
+        parts.append(f"{dataset_label(dataset)}: " + "; ".join(shown))
+    return "Test images read (sha256 of images and labels): " + "; ".join(parts) + "."
+
+
 def render_report(
     m: Measured,
     tables: dict,
@@ -174,6 +189,7 @@ def render_report(
         + "; ".join(f"{dataset_label(d)}: {s} ({sizes[d]})" for d, s in sources.items())
         + ".",
     ]
+    lines += ["", digest_line(m.kept)] if "data_sha256" in m.kept and len(m.kept) else []
     if any(dataset_info(d).synthetic for d in set(frame["dataset"])):
         lines += [
             "",

@@ -18,11 +18,12 @@ from tabulate import tabulate
 
 from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
 
-from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, RELEASED_FIRST
+from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, LATEST_DATA, RELEASED_FIRST
 from .datasets import dataset_info, dataset_label, paper_datasets
 from .noise import NOISE_GROUPS
 from .perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
 from .recipes import LAMBDA_SWEEP
+from .records import UNKNOWN_DATA
 from .train import TrainConfig
 
 PUBLISHED = Path(__file__).with_name("published.csv")
@@ -429,6 +430,8 @@ def variant_text(row) -> str:
         return f"{row['data_source']} data"
     if rule == LATEST_CHECKPOINT:
         return "an earlier checkpoint"
+    if rule == LATEST_DATA:
+        return "data since replaced" if row["data_sha256"] != UNKNOWN_DATA else "data of unknown digest"
     spec = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
     params = json.loads(row["params"] or "{}")
     return (spec.describe(params) if spec is not None else row["params"]) or "other parameters"

@@ -177,7 +177,7 @@ def test_an_unchecked_row_is_empty_in_the_csv_and_null_in_json(tmp_path):
 
 def a_store(folder: Path) -> Path:
     row = {**dict.fromkeys(COLUMNS), "model": "resnet8", "run": "resnet8", "family": "preact-resnet",
-           "dataset": "synthetic", "data_source": "synthetic", "seed": 0, "members": 1, "perturbation": "clean",
+           "dataset": "synthetic", "data_source": "synthetic", "data_sha256": "d" * 64, "seed": 0, "members": 1, "perturbation": "clean",
            "eps_255": 0.0, "severity": 0, "n": 10, "correct": 7, "accuracy": 0.7, "preset": "paper", "params": "{}",
            "checkpoint_sha256": "a" * 64, "torch_version": "2", "torchattacks_version": "3", "device": "cpu",
            "batch_size": 10, "seconds": 0.1, "timestamp": "2026-12-01T00:00:00+00:00"}  # fmt: skip

@@ -37,6 +37,7 @@ def cells(dataset, model, seed, values, members=1, lam=(None, None), run=None, f
                     **{"model": model, "run": run or model, "family": family, "dataset": dataset},
                     **{
                         "data_source": "released",
+                        "data_sha256": "d" * 64,
                         "seed": seed,
                         "members": members,
                         "perturbation": perturbation,

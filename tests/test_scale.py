@@ -99,7 +99,7 @@ def test_the_estimate_uses_recorded_seconds_once_a_run_has_finished(tmp_path):
             "data": {"images": 1000}, "wall_seconds": 10.0, "device": device_name("cpu")}  # fmt: skip
     (folder / "meta.json").write_text(json.dumps(meta))
     base = {**dict.fromkeys(COLUMNS), "model": "resnet8", "run": "resnet8", "family": "preact-resnet",
-            "dataset": "synthetic", "data_source": "synthetic", "seed": 0, "members": 1, "severity": 0, "n": 100,
+            "dataset": "synthetic", "data_source": "synthetic", "data_sha256": "d" * 64, "seed": 0, "members": 1, "severity": 0, "n": 100,
             "correct": 50, "accuracy": 0.5, "preset": "paper", "checkpoint_sha256": "ab" * 32, "device": device_name("cpu"),
             "timestamp": "2026-11-27T00:00:00+00:00", "batch_size": 256}  # fmt: skip
     rows = [

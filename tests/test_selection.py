@@ -24,7 +24,7 @@ def cell(run, seed, perturbation, correct, n, *, eps=0.0, severity=0, members=1,
          steps=0, alpha=0.0, preset="paper", model="resnet110", dataset="cifar10", digest=None, time=0):
     return {
         **dict.fromkeys(COLUMNS),
-        "model": model, "run": run, "family": "preact-resnet", "dataset": dataset, "data_source": source,
+        "model": model, "run": run, "family": "preact-resnet", "dataset": dataset, "data_source": source, "data_sha256": "d" * 64,
         "seed": seed, "members": members, "perturbation": perturbation, "eps_255": eps, "severity": severity,
         "n": n, "correct": correct, "accuracy": correct / n, "preset": preset,
         "params": params_text({"alpha_255": alpha, "steps": steps}) if steps else "{}",

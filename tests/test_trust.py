@@ -308,3 +308,80 @@ def _downgrade(source: Path, target: Path) -> None:
             db.execute(f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", [values[n] for n in names])
         for table in ("runs", "ensemble_members", "checks"):
             db.execute(new.execute("SELECT sql FROM sqlite_master WHERE name = ?", [table]).fetchone()[0])
+
+
+# --- the data a cell read ------------------------------------------------------------------------
+
+
+def _copied(grey_root: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(grey_root, tmp_path / "data")
+    return tmp_path / "data"
+
+
+GREY = EvalConfig(eps_255=(2.0,), steps=2)
+
+
+def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, grey_defense, tmp_path):
+    """Black images in the valid format where the test batch was: the cells are measured
+    again on them, and the report shows the new numbers and says which images they read."""
+    from bench.cifar import read_batch, write_batch
+
+    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
+    before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    assert before.query("perturbation == 'clean'")["accuracy"].item() == 0.7
+    batch = data / "cifar-10-batches-py" / "test_batch"
+    images, labels = read_batch(batch, "labels", 10)
+    write_batch(batch, np.zeros_like(images), labels)
+    after = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    assert len(after) == 2 * len(before) and after["data_sha256"].nunique() == 2 + 8  # 2 test sets, 2 x 4 noise files
+    write_reports(results)
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert board["clean"].item() == 10.0  # the latest data is shown: black images are all of the first class
+    from bench.data import images_digest
+
+    black = images_digest(np.zeros_like(images), labels)
+    assert f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)." in (results / "REPORT.md").read_text()
+
+
+def test_an_overwritten_noise_file_is_measured_again(grey_root, grey_defense, tmp_path):
+    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
+    before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    path = data / "generated" / "CIFAR-10-C" / "shot_noise.npy"
+    np.save(path, np.zeros_like(np.load(path)))  # zeros of the right shape
+    after = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    assert len(after) == len(before) + 5  # the five severities of that group alone
+    again = after[after.duplicated(["perturbation", "severity", "eps_255"], keep=False)]
+    assert set(again["perturbation"]) == {"shot_noise"} and again["data_sha256"].nunique() == 2
+
+
+def test_cells_recorded_before_digests_count_as_cached_until_rechecked(grey_root, grey_defense, tmp_path):
+    """A store of the previous schema: migrated in place with data_sha256 "unknown", its
+    cells kept as cached and shown as such, measured again on request (--recheck-data)."""
+    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
+    evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    path = results / DB_FILE
+    with sqlite3.connect(path) as db:  # the schema before data digests: no data_sha256 column
+        columns = [r[1] for r in db.execute("PRAGMA table_info(cells)") if r[1] not in ("data_sha256", "correct_bits")]
+        db.execute("ALTER TABLE cells RENAME TO cells_new")
+        key = [k for k in KEY if k != "data_sha256"]
+        db.execute(f"CREATE TABLE cells ({', '.join(columns)}, correct_bits BLOB NOT NULL, UNIQUE ({', '.join(key)}))")
+        db.execute(f"INSERT INTO cells SELECT {', '.join(columns)}, correct_bits FROM cells_new")
+        db.execute("DROP TABLE cells_new")
+    with pytest.raises(Exception, match="was written before cells had their data's digest: open it for writing once"):
+        load_records(results)
+    again = evaluate_defense(grey_defense, GREY, results, data, progress=False)  # migrates, then finds them all
+    assert set(again["data_sha256"]) == {"unknown"} and len(again) == 24
+    write_reports(results)
+    assert "CIFAR-10: unknown (recorded before digests) (every run)." in (results / "REPORT.md").read_text()
+    rechecked = evaluate_defense(grey_defense, replace_config(GREY, trust_unknown_data=False), results, data, progress=False)
+    assert len(rechecked) == 48 and (rechecked["data_sha256"] != "unknown").sum() == 24
+    write_reports(results)
+    assert "(every run)." in (results / "REPORT.md").read_text() and "unknown (recorded" not in (results / "REPORT.md").read_text()
+
+
+def replace_config(config: EvalConfig, **changes) -> EvalConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)
