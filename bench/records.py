@@ -83,7 +83,6 @@ KEY = (
     "run",
     "dataset",
     "data_source",
-    "data_sha256",
     "seed",
     "members",
     "perturbation",
@@ -93,6 +92,7 @@ KEY = (
     "preset",
     "params",
     "checkpoint_sha256",
+    "data_sha256",  # last: groupings in KEY order keep the order they had before it
 )
 # The KEY columns that tell the cells of one model x data set x seed apart.
 CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "params", "data_sha256")
