@@ -65,6 +65,11 @@ class DefenseSpec:
         return Defense(defense.model, replace(defense.info, name=self.name))
 
 
+def identity(source: DefenseSpec | Defense) -> tuple[str, str]:
+    """(name, data set) of a defense, named or handed over built."""
+    return (source.info.name, source.info.dataset) if isinstance(source, Defense) else (source.name, source.dataset)
+
+
 def built(source: DefenseSpec | Defense) -> Defense:
     """The defense a task evaluates: built from its spec, or handed over built (Python API)."""
     return source if isinstance(source, Defense) else source.build()

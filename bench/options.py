@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from models import UserError
 
 from .cifar import data_root
+from .defenses import identity
 from .leaderboard import check_metric
 from .records import check_results_dir
 
@@ -141,7 +142,7 @@ class RunOptions:
         if "train" in self.stages:
             raise UserError("a defense is evaluated here, never trained: leave train out of --stage "
                             "(e.g. --stage eval,check,stability,report)")  # fmt: skip
-        names = [(d.info.name, d.info.dataset) if hasattr(d, "info") else (d.name, d.dataset) for d in self.defenses]
+        names = [identity(d) for d in self.defenses]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise UserError(f"defense {twice[0][0]!r} on {twice[0][1]} is named twice: give each defense its own name")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from models import UserError, model_entry, resolve_models
 
 from .datasets import dataset_info
+from .defenses import identity
 from .evaluate import EvalConfig
 from .options import RunOptions
 from .records import ENSEMBLE_SEED
@@ -93,7 +94,7 @@ def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
 
 def defense_job(defense, spec: Suite, options: RunOptions) -> Job:
     """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
-    name, dataset = (defense.info.name, defense.info.dataset) if hasattr(defense, "info") else (defense.name, defense.dataset)
+    name, dataset = identity(defense)
     dataset_info(dataset)
     return Job(name, dataset, None, tuple(sorted(options.radii or spec.studies[0].radii)), defense=defense)
 
