@@ -9,11 +9,27 @@ import re
 import sqlite3
 import sys
 
+from bench.numbers import decimal, integer
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
 STAGES = ("train", "eval", "check", "stability", "report", "figures")
+
+
+def _option_type(read):
+    """An argparse type of bench.numbers' reader: its reason in the error line."""
+
+    def parse(text: str):
+        try:
+            return read(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+INTEGER, DECIMAL = _option_type(integer), _option_type(decimal)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,14 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="local: this machine (one process, or --workers processes, one per GPU); ray: a Ray cluster",
     )
     scale.add_argument(
-        "--workers", type=int, default=None, help="tasks at once (default: one per visible GPU, else 1; Ray: the cluster's)"
+        "--workers", type=INTEGER, default=None, help="tasks at once (default: one per visible GPU, else 1; Ray: the cluster's)"
     )
     scale.add_argument(
         "--ray-address", default=None, help="join this Ray cluster (e.g. auto, or host:6379); default: a Ray on localhost only"
     )
     scale.add_argument(
         "--assume-tflops",
-        type=float,
+        type=DECIMAL,
         default=None,
         help="--dry-run: estimate from each model's FLOPs at this achieved TFLOP/s (for a device not here)",
     )
@@ -89,16 +105,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)"
     )
-    train.add_argument("--n-train", type=int, default=None, help="train on the first N images only")
+    train.add_argument("--n-train", type=INTEGER, default=None, help="train on the first N images only")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
     train.add_argument(
         "--contiguous", action="store_true", help="train in the contiguous (NCHW) layout, not channels_last"
     )
     train.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     evaluation = parser.add_argument_group("eval")
-    evaluation.add_argument("--n-test", type=int, default=None, help="class-balanced test subset of N images")
+    evaluation.add_argument("--n-test", type=INTEGER, default=None, help="class-balanced test subset of N images")
     evaluation.add_argument(
-        "--n-autoattack", type=int, default=None,
+        "--n-autoattack", type=INTEGER, default=None,
         help="AutoAttack's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
     evaluation.add_argument(
@@ -108,10 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "must give the clean accuracy, a check of the attack path",
     )
     evaluation.add_argument(
-        "--n-stability", type=int, default=None,
+        "--n-stability", type=INTEGER, default=None,
         help="the stability stage's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
-    evaluation.add_argument("--steps", type=int, default=20, help="IFGSM / PGD iterations (default 20)")
+    evaluation.add_argument("--steps", type=INTEGER, default=20, help="IFGSM / PGD iterations (default 20)")
     evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
     evaluation.add_argument(
         "--recheck-data", action="store_true",
@@ -119,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in REPORT.md); by default they count as cached",
     )
     evaluation.add_argument(
-        "--batch-size", type=int, default=None, help="default: 256 on a CPU, 512 on a GPU"
+        "--batch-size", type=INTEGER, default=None, help="default: 256 on a CPU, 512 on a GPU"
     )
     report = parser.add_argument_group("report")
     report.add_argument(
@@ -127,13 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
     figures.add_argument(
-        "--landscape-index", type=int, default=None,
+        "--landscape-index", type=INTEGER, default=None,
         help="draw Fig. 2 on this clean test image (default: the paper's two CIFAR-C images, shot noise #3 and "
         "speckle noise #8, or clean test images 2 and 7 without the noise files)",
     )
-    figures.add_argument("--landscape-points", type=int, default=21, help="grid points per axis (default 21)")
+    figures.add_argument("--landscape-points", type=INTEGER, default=21, help="grid points per axis (default 21)")
     figures.add_argument(
-        "--landscape-radius", type=float, default=8.0, help="grid half-width in 1/255 (default 8)"
+        "--landscape-radius", type=DECIMAL, default=8.0, help="grid half-width in 1/255 (default 8)"
     )
     defense = parser.add_argument_group(
         "rank a defense (instead of the zoo): evaluated with the suite's protocol, recorded, put on the leaderboard"
@@ -167,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "dataset, state-dict, robustbench, model-dir, threat-model)",
     )
     summary = parser.add_argument_group("summary")
-    summary.add_argument("--num-classes", type=int, default=10, choices=(10, 100), help="head size")
+    summary.add_argument("--num-classes", type=INTEGER, default=10, choices=(10, 100), help="head size")
     return parser.parse_args(_joined_negatives(sys.argv[1:] if argv is None else argv))
 
 
@@ -303,19 +319,26 @@ def _items(text: str, option: str) -> list[str]:
 
 def _numbers(text: str, option: str) -> list[float]:
     try:
-        return [float(t) for t in _items(text, option)]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
+        return [decimal(t) for t in _items(text, option)]
+    except ValueError as err:
+        raise UserError(f"{option} takes comma-separated numbers, got {text!r}: {err}") from None
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
-        low, high = (float(t) for t in text.split(","))
-    except ValueError:  # also a count other than two
-        raise UserError(f"--lambda-init takes two numbers a,b (e.g. 0.2,0.25), got {text!r}") from None
+        low, high = (decimal(t) for t in _exactly_two(text))
+    except ValueError as err:
+        raise UserError(f"--lambda-init takes two numbers a,b (e.g. 0.2,0.25), got {text!r}: {err}") from None
     return low, high
+
+
+def _exactly_two(text: str) -> list[str]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{len(parts)} given")
+    return parts
 
 
 def listing() -> str:

@@ -155,11 +155,20 @@ def check_build(meta: dict, info: ModelInfo, folder: Path) -> None:
         )
 
 
+def missing_weights(folder: Path) -> str:
+    """The error line of a checkpoint folder whose meta.json is there but not its weights:
+    the train stage skips it (its meta says it ended), so "train it" would be wrong advice."""
+    return (f"{folder} holds {META_FILE} but not {WEIGHTS_FILE} (deleted?): restore {WEIGHTS_FILE}, or delete the "
+            "folder and run the train stage to train it again")  # fmt: skip
+
+
 def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathLike = "results") -> Defense:
     """A registered model with the checkpoint this project trained for (dataset, seed)."""
     folder = zoo_checkpoint_dir(results_dir, dataset, model, seed)
     meta_path, weights = folder / META_FILE, folder / WEIGHTS_FILE
-    if not meta_path.is_file() or not weights.is_file():
+    if meta_path.is_file() and not weights.is_file():
+        raise UserError(missing_weights(folder))
+    if not meta_path.is_file():
         raise UserError(
             f"no trained checkpoint for {model} on {dataset} seed {seed}: expected "
             f"{weights} and {meta_path}; train it first"
@@ -219,18 +228,39 @@ def module_defense(
     channels = dataset_info(dataset).input_shape[0]
     if (mean is None) != (std is None):
         raise UserError(f"defense {name}: give both mean and std (one number per channel), or neither for a [0, 1] network")
-    for label, values in (("mean", mean), ("std", std)):
-        if values is not None and len(values) != channels:
-            raise UserError(f"defense {name}: {label} needs {channels} numbers (one per channel of {dataset}), got {len(values)}")
+    mean, std = (_per_channel(values, f"defense {name}: {label}", channels, dataset) for label, values in
+                 (("mean", mean), ("std", std)))  # fmt: skip
     if std is not None and not all(math.isfinite(s) and s > 0 for s in std):
         raise UserError(f"defense {name}: std must be positive finite numbers, got {list(std)}")
-    net = factory()
+    factory_name = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
+    try:
+        net = factory()
+    except UserError:
+        raise
+    except Exception as err:  # the user's code: its failure in one line, not a traceback through ours
+        raise UserError(f"defense {name}: its factory {factory_name}() raised {type(err).__name__}: {err}") from None
+    if not isinstance(net, nn.Module):
+        raise UserError(f"defense {name}: its factory {factory_name}() returned an object of type {type(net).__name__}, not a torch.nn.Module")
     digest = load_state_dict_file(net, path)
     model = net if mean is None else NormalizedModel(net, mean, std)
     classes = dataset_defaults(dataset)["num_classes"]
-    factory_name = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
     build = build_text({"factory": factory_name, "mean": _floats(mean), "std": _floats(std)})
     return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest, build))
+
+
+def _per_channel(values, what: str, channels: int, dataset: str) -> tuple[float, ...] | None:
+    """A mean or std as floats (a list, tuple, array or tensor of numbers), one per channel."""
+    if values is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in values) if not isinstance(values, str | bytes) else ()
+    except (TypeError, ValueError):
+        numbers = ()
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise UserError(f"{what} must be finite numbers, one per channel, got {values!r}")
+    if len(numbers) != channels:
+        raise UserError(f"{what} needs {channels} numbers (one per channel of {dataset}), got {len(numbers)}")
+    return numbers
 
 
 def build_text(build: dict) -> str:
@@ -395,8 +425,13 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     model.eval().requires_grad_(False)
     batch = (2, *dataset_info(info.dataset).input_shape)
     size = "x".join(map(str, batch))
-    with torch.no_grad():
-        out = model(torch.full(batch, 0.5))
+    try:
+        with torch.no_grad():
+            out = model(torch.full(batch, 0.5))
+    except Exception as err:  # the user's forward: one line, not a traceback through ours
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"defense {info.name} fails on a {size} batch of [0, 1] images ({type(err).__name__}: "
+                        f"{reason}): check its forward and the data set it is for") from None  # fmt: skip
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise UserError(
@@ -465,6 +500,9 @@ def meta_problem(meta: dict) -> str:
         return f"test_accuracy must be in [0, 1], got {accuracy!r}"
     if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
         return f"sha256 must be 64 hex digits, got {meta['sha256']!r}"
+    trained_on = meta.get("data", {}).get("sha256")  # the training images' digest, shown in the report
+    if trained_on is not None and not (isinstance(trained_on, str) and re.fullmatch(r"[0-9a-f]{64}", trained_on)):
+        return f"data.sha256 must be 64 hex digits, got {trained_on!r}"
     return ""
 
 

@@ -32,6 +32,7 @@ from models import UserError, list_models
 
 from .adapters import Defense, module_defense, robustbench_defense, state_dict_defense
 from .datasets import dataset_info
+from .numbers import decimal
 
 MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a folder and a file name
@@ -105,9 +106,7 @@ def factory_of(target: str) -> type[nn.Module]:
             net = factory()
         except Exception as err:
             raise UserError(f"--defense {target}: {attr}() raised {_last_line(err)}") from None
-        if not isinstance(net, nn.Module):
-            raise UserError(f"--defense {target}: {attr}() returned a {type(net).__name__}, not a torch.nn.Module")
-        return net
+        return net  # bench.adapters.module_defense checks that it is a network
 
     # the build the records name: a file as the module it is (nets.py: nets), wherever it lies
     checked.__module__ = Path(module_name).stem if module_name.endswith(".py") else module.__name__
@@ -233,7 +232,7 @@ def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
         return None
     try:
         items = value.split(",") if isinstance(value, str) else list(value)
-        numbers = tuple(float(v) for v in items if not isinstance(v, bool))
+        numbers = tuple(decimal(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool))
         if len(numbers) != len(items) or not numbers or not all(math.isfinite(v) for v in numbers):
             raise ValueError
     except (TypeError, ValueError):

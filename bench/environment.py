@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import re
 
 import torch
 
@@ -15,6 +16,15 @@ from models import UserError
 # makes attack steps faster (docs/PERFORMANCE.md). (mallopt option numbers.)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit
+
+
+def check_device_kind(device: str, auto: bool = False) -> None:
+    """One clear line for a device no run takes (gpu, tpu, meta), before torch is asked;
+    `auto`: "auto" is allowed too (the options' default)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps" + ("|auto" if auto else ""), device):
+        raise UserError(
+            f"device {device!r} is not usable here (the benchmark runs on cpu, cuda, cuda:N or mps); use --device cpu"
+        )
 
 
 def check_device(device: str) -> None:

@@ -41,7 +41,7 @@ from .data import (
     severity_rows,
     subset_indices,
 )
-from .environment import device_name
+from .environment import check_device, check_device_kind, device_name
 from .noise import SEVERITIES
 from .perturbations import ATTACK, NOISE, of_kind, params_text, perturbation
 from .records import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, RecordStore, load_records, utc_now
@@ -76,6 +76,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.preset not in PRESET_ALPHA_255:
             raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_ALPHA_255)}")
+        check_device_kind(self.device)  # whether this machine has one: checked where the work starts
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         for name in ("n_test", "batch_size"):
@@ -499,6 +500,7 @@ def evaluate_defense(
         if code != 0:
             raise UserError(f"the evaluation of {defense.info.name} did not finish: its errors are in the log above")
     else:
+        check_device(config.device)
         data = EvalData(defense.info.dataset, data_dir, config)
         subject = Subject(defense, defense.info.name, defense.info.name, seed)
         _, _, errors = evaluate(subject, config, RecordStore(results_dir), data, progress)

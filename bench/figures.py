@@ -625,7 +625,8 @@ def landscape_images(dataset: str, data_dir, config: FigureConfig) -> list[tuple
         return torch.from_numpy(np.array(images[row : row + 1])).permute(0, 3, 1, 2).float() / 255, torch.tensor([int(labels[row])])
 
     if config.landscape_index is not None:
-        row = min(config.landscape_index, len(test) - 1)
+        row = config.landscape_index
+        check_landscape_index(row, len(test), dataset)
         return [(f"clean test image {row}", *one(test.images, test.labels, row))]
     if generation_folder(dataset, data_dir, "auto") is None:  # the noise files are there: read them
         out = []
@@ -636,6 +637,13 @@ def landscape_images(dataset: str, data_dir, config: FigureConfig) -> list[tuple
         return out
     return [(f"clean test image {row} (no noise files)", *one(test.images, test.labels, row))
             for _, row in PAPER_LANDSCAPE_IMAGES]  # fmt: skip
+
+
+def check_landscape_index(index: int | None, images: int, dataset: str) -> None:
+    """One error line for a Fig. 2 image beyond the test set (never another image drawn)."""
+    if index is not None and index >= images:
+        raise UserError(f"--landscape-index {index} is beyond the {images:,} test images of {dataset}: give 0 to "
+                        f"{images - 1}, or leave it out for the paper's two images")  # fmt: skip
 
 
 def _agreement(names: list[str], right: list[bool]) -> str:

@@ -12,6 +12,7 @@ from models import UserError
 
 from .cifar import data_root
 from .defenses import identity
+from .environment import check_device_kind
 from .leaderboard import check_metric
 from .records import check_results_dir
 
@@ -100,11 +101,7 @@ class RunOptions:
         for name, (limit, why) in LIMITS.items():
             if counts[name] is not None and counts[name] > limit:
                 raise UserError(f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise UserError(
-                f"device {self.device!r} is not usable here (the benchmark runs on cpu, cuda, cuda:N or mps); "
-                "use --device cpu"
-            )
+        check_device_kind(self.device, auto=True)
         if self.executor not in EXECUTORS:
             raise UserError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
         if self.ray_address is not None and self.executor != "ray":

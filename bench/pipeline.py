@@ -14,6 +14,7 @@ import logging
 import socket
 import sys
 import time
+import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -28,13 +29,14 @@ from models.checkpoints import LOCKS, check_writable, remove_orphans, run_lock
 from .adapters import META_FILE, DefenseInfo, ensemble_digest, read_meta, zoo_checkpoint_dir
 from .aggregate import metric_name, with_pooled_noise
 from .cifar import data_root
-from .data import data_folders, generation_folder, load_noise, load_test
+from .data import data_folders, generation_folder, images_digest, load_noise, load_test, load_train
+from .datasets import dataset_info
 from .defenses import STATE_DICT, DefenseSpec, built, check_name
 from .environment import resolve_device, retain_freed_memory
-from .estimate import DataSizes, plan_header, render_plan
+from .estimate import DataSizes, is_present, plan_header, render_plan, training_images
 from .evaluate import AuditFailed, CellsDone, EvalConfig, EvalData, cell_key, cells_todo, protocol_cells
 from .executors import DONE, Crashed, Executor, Raised, make_executor
-from .figures import FigureConfig
+from .figures import FigureConfig, check_landscape_index
 from .leaderboard import check_metric
 from .measured import NoRecordsError
 from .noise import NOISE_GROUPS
@@ -59,11 +61,12 @@ from .report import write_figures, write_reports, write_sanity
 from .sanity import plain_counterpart
 from .stability import StabilityDone, Unit, blocks, stage_units, units_todo
 from .suites import Suite, suite
-from .train import finished_run
+from .train import TrainConfig, finished_run
 from .work import MODEL_CHECKS, ChecksDone, Trained, Work, checkpoint_files, place_files, relative
 
 log = logging.getLogger(__name__)
 RESULT_FOLDERS = ("checkpoints", "tables", "figures", "leaderboard", LOCKS)  # what a run writes below the results dir
+REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
 MAX_ATTEMPTS = 3  # a task whose worker dies is tried again, up to this many times in all
 __all__ = ["STAGES", "RunOptions", "plan_jobs", "run"]
 
@@ -97,10 +100,13 @@ def run(options: RunOptions) -> int:
     header = plan_header(spec, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
+    _check_training_sizes(tasks, spec, options, device)
     checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
     log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
+    trained_on = TrainingDigests(options.data_dir)
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
-        finished_run(train_config(task.job, task.seed, spec, options, device), options.results_dir)
+        config = train_config(task.job, task.seed, spec, options, device)
+        trained_on.compare(finished_run(config, options.results_dir), config)
     if options.dry_run:
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
@@ -109,14 +115,22 @@ def run(options: RunOptions) -> int:
         return 0
     check_writable(options.results_dir, "results", "--results-dir")
     check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")
+    for folder in REPORT_FOLDERS if "report" in options.stages else ():
+        check_writable(Path(options.results_dir) / folder, "the report", "--results-dir")  # before the work, not after it
+    if "figures" in options.stages:
+        check_writable(Path(options.results_dir) / "figures", "the figures", "--results-dir")
     for dataset in sorted({j.dataset for j in jobs}):
         log.info("data: loading the %s test set from %s", dataset, data_root(options.data_dir))
         test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
-        folder = generation_folder(dataset, options.data_dir, options.noise_source)
-        if "eval" in options.stages and folder is not None:  # a read-only data dir is fine otherwise
-            check_writable(folder, "generated noise groups", "--data-dir")
-            log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
-            load_noise(dataset, NOISE_GROUPS[0], options.data_dir, options.noise_source, test=test)  # once, not per worker
+        if {"report", "figures"} & set(options.stages):  # Fig. 2's image: found missing now, not after the work
+            check_landscape_index(options.landscape[0], len(test), dataset)
+        if "eval" in options.stages:
+            folder = generation_folder(dataset, options.data_dir, options.noise_source)
+            if folder is not None:  # a read-only data dir is fine otherwise
+                check_writable(folder, "generated noise groups", "--data-dir")
+                log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
+            for group in NOISE_GROUPS:  # generated once, not per worker; every file's type and shape checked now
+                load_noise(dataset, group, options.data_dir, options.noise_source, test=test)
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
     check_builds(store, defenses, record=True)
@@ -127,7 +141,8 @@ def run(options: RunOptions) -> int:
     driver = Driver(options, spec, device, store, defenses=defenses)
     began = time.perf_counter()
     if tasks:
-        executor = make_executor(options.executor, options.workers, options.ray_address, task_resources(spec, device), device)
+        executor = make_executor(options.executor, _workers(options, len(tasks)), options.ray_address,
+                                 task_resources(spec, device), device)  # fmt: skip
         try:
             driver.execute(tasks, executor)
         finally:
@@ -153,6 +168,48 @@ def run(options: RunOptions) -> int:
     for error in outcome.errors:
         log.error("error: %s", error)
     return 1 if outcome.errors else 0
+
+
+def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, device: str) -> None:
+    """One error line for a --n-train above a data set's training images: the run would
+    train on all of them under a tag that names more (n1180591620717411303424)."""
+    for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
+        n_train = train_config(task.job, task.seed, spec, options, device).n_train
+        total = training_images(task.job.dataset, options.data_dir, None)
+        if n_train is not None and n_train > total:
+            raise UserError(f"--n-train {n_train} is more than the {total:,} training images of {task.job.dataset}: "
+                            "give at most that many, or leave --n-train out to train on all")  # fmt: skip
+
+
+class TrainingDigests:
+    """The digest of the training images a checkpoint would be trained on now, per data
+    set and --n-train, to say when a finished checkpoint was trained on other files: its
+    cells stand for those (REPORT.md names both digests); the checkpoint is kept, since
+    training again is the user's choice (delete its folder)."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir, self._digests = data_dir, {}
+
+    def compare(self, meta: dict | None, config: TrainConfig) -> None:
+        recorded = (meta or {}).get("data", {}).get("sha256")
+        if recorded is None or meta.get("status") != "finished" or not is_present(dataset_info(config.dataset), self.data_dir):
+            return
+        key = (config.dataset, config.n_train)
+        if key not in self._digests:
+            train = load_train(config.dataset, self.data_dir)
+            self._digests[key] = images_digest(train.images[: config.n_train], train.labels[: config.n_train])
+        if self._digests[key] != recorded:
+            log.warning("%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "
+                        "its cells stand for the images it was trained on; delete its folder to train it on these",
+                        config.tag, config.dataset, config.seed, recorded[:12], self._digests[key][:12])  # fmt: skip
+
+
+def _workers(options: RunOptions, tasks: int) -> int | None:
+    """--workers, never above the tasks there are: an idle worker still loads torch."""
+    if options.workers is None or options.workers <= tasks:
+        return options.workers
+    log.info("--workers %d for %d tasks: %d workers", options.workers, tasks, max(tasks, 1))
+    return max(tasks, 1)
 
 
 @dataclass(frozen=True)
@@ -234,6 +291,7 @@ class Driver:
         self.cached: dict[str, int] = {}  # task name -> its cells found in the records
         self.stability_cached: dict[str, int] = {}  # task name -> its stability units found in the records
         self._host = socket.gethostname()
+        self._run_id = uuid.uuid4().hex  # workers' test sets are read again in each run (the files may have changed)
         self._ship = options.ray_address is not None  # workers may not see our results dir
         # CPU results depend on the thread count (reduction order): every worker uses this
         # process's, so that records never depend on the executor; a GPU task its CPUs'
@@ -260,6 +318,7 @@ class Driver:
             "data_dir": None if options.data_dir is None else str(options.data_dir),
             "progress": options.progress,
             "driver_host": self._host,
+            "run_id": self._run_id,
         }
         if task.kind == TRAIN:
             config = train_config(task.job, task.seed, self.spec, options, self.device)

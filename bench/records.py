@@ -38,6 +38,7 @@ import pandas as pd
 
 from models import UserError
 from models.checkpoints import atomic_write
+from models.errors import disk_full, disk_full_message
 
 from .adapters import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 
@@ -154,6 +155,7 @@ STABILITY_COLUMNS: dict[str, str] = {
     "damped": "INTEGER",  # 1 where the model's rule damps the block (the same positions in a ResNet)
     "n": "INTEGER",
     "params": "TEXT",  # the estimator's parameters, canonical JSON
+    "data_sha256": "TEXT",  # the test images read, as the cells' (UNKNOWN_DATA: recorded before digests)
     "mean": "REAL",  # over the images (NULL when a value is not finite)
     "median": "REAL",
     "torch_version": "TEXT",
@@ -163,7 +165,7 @@ STABILITY_COLUMNS: dict[str, str] = {
 }
 STABILITY_KEY = (
     "run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256",
-    "quantity", "perturbation", "eps_255", "block", "n", "params",
+    "quantity", "perturbation", "eps_255", "block", "n", "params", "data_sha256",
 )  # fmt: skip
 # How each defense of the user's was built (bench.adapters.DefenseInfo.build): its cells are
 # keyed by the weights' digest, so the same weights built otherwise (another factory or
@@ -177,7 +179,7 @@ DEFENSE_COLUMNS: dict[str, str] = {
     "timestamp": "TEXT",
 }
 # What tells a checkpoint's stability units apart (all rows of a unit are one transaction).
-UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params")
+UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params", "data_sha256")
 
 
 TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS,
@@ -229,6 +231,8 @@ class RecordStore:
                     # a real write: SQLite opens a read-only file without a word
                     db.execute(f"PRAGMA user_version = {db.execute('PRAGMA user_version').fetchone()[0]}")
             except sqlite3.Error as err:
+                if disk_full(err) is not None:
+                    raise UserError(disk_full_message(err, f"to write records to {self.path}")) from None
                 raise UserError(
                     f"cannot write records to {self.path} ({err}): make it writable or choose another --results-dir"
                 ) from None
@@ -367,8 +371,8 @@ def needs_migration(results_dir: str | os.PathLike) -> bool:
     if not path.is_file():
         return False
     with closing(_open(path, READ_TIMEOUT, readonly=True)) as db:
-        columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
-    return bool(columns) and not {"params", "data_sha256"} <= set(columns)
+        cells, stability = _columns(db, path, "cells"), _columns(db, path, "stability")
+    return (bool(cells) and not {"params", "data_sha256"} <= set(cells)) or (bool(stability) and "data_sha256" not in stability)
 
 
 def check_store(results_dir: str | os.PathLike) -> bool:
@@ -487,20 +491,22 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
         checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
         for run, dataset, seed in zip(runs["run"], runs["dataset"], runs["seed"], strict=True)
     ]
-    columns = ["status", "checkpoint_sha256", "length", "n_train"]
+    columns = ["status", "checkpoint_sha256", "length", "n_train", "train_sha256"]
     return runs.drop(columns=["status", "checkpoint_sha256"]).assign(
         **{c: pd.Series([s[i] for s in states], index=runs.index, dtype=object) for i, c in enumerate(columns)}
-    )[[*RUN_COLUMNS, "length", "n_train"]]
+    )[[*RUN_COLUMNS, *columns[2:]]]
 
 
-def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None]:
-    """(status, sha256, training length, training images) of a checkpoint folder's
-    meta.json; ("gone", None, None, None) when it is missing; one error line when it is
-    damaged (its run's cells would silently drop out of every report)."""
+def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None, str | None]:
+    """(status, sha256, training length, training images, their digest: UNKNOWN_DATA for a
+    checkpoint trained before meta.json had it) of a checkpoint folder's meta.json;
+    ("gone", None, None, None, None) when it is missing; one error line when it is damaged
+    (its run's cells would silently drop out of every report)."""
     if not meta_path.exists():
-        return "gone", None, None, None
+        return "gone", None, None, None, None
     meta = read_meta(meta_path)
-    return str(meta.get("status", "finished")), meta["sha256"], meta.get("length"), meta.get("n_train")
+    trained_on = meta.get("data", {}).get("sha256", UNKNOWN_DATA)
+    return str(meta.get("status", "finished")), meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
@@ -562,34 +568,48 @@ def _q(name: str) -> str:
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Rewrite a store of an older cells schema to this one, in place and in one
-    transaction, every cell keeping its numbers and bits: alpha_255 / steps columns become
-    `params`; cells recorded before data digests get `data_sha256` "unknown"."""
-    columns = [row[1] for row in _execute(db, path, "PRAGMA table_info(cells)")]
-    if not columns or {"params", "data_sha256"} <= set(columns):
+    """Rewrite a store of an older schema to this one, in place and in one transaction,
+    every cell and stability unit keeping its numbers, bits and values: alpha_255 / steps
+    columns become `params`; rows recorded before data digests get `data_sha256` "unknown"."""
+    cells, stability = _columns(db, path, "cells"), _columns(db, path, "stability")
+    old_cells = bool(cells) and not {"params", "data_sha256"} <= set(cells)
+    old_stability = bool(stability) and "data_sha256" not in stability
+    if not (old_cells or old_stability):
         return
-    if "params" not in columns and not set(OLD_ATTACK_COLUMNS) <= set(columns):
-        raise UserError(_corrupt(path, f"unknown columns {', '.join(columns)}: not a store of this project"))
-    log.info("migrating %s to the current cells schema (once; its cells are kept)", path)
-    old = [c for c in columns if c not in OLD_ATTACK_COLUMNS]
-    params = "params" if "params" in columns else "alpha_255, steps"
-    rows = _execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells")
+    if old_cells and "params" not in cells and not set(OLD_ATTACK_COLUMNS) <= set(cells):
+        raise UserError(_corrupt(path, f"unknown columns {', '.join(cells)}: not a store of this project"))
+    log.info("migrating %s to the current records schema (once; its records are kept)", path)
+    old = [c for c in cells if c not in OLD_ATTACK_COLUMNS]
+    params = "params" if "params" in cells else "alpha_255, steps"
+    rows = _execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells") if old_cells else []
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
-        db.execute(_tables()["cells"])
-        names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in columns else [])]
-        insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        unknown = (UNKNOWN_DATA,) if "data_sha256" not in columns else ()
-        if "params" in columns:
-            db.executemany(insert, [(*row, *unknown) for row in rows])
-        else:
-            db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
-        db.execute("DROP TABLE cells_before_migration")
+        if old_cells:
+            db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
+            db.execute(_tables()["cells"])
+            names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in cells else [])]
+            insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            unknown = (UNKNOWN_DATA,) if "data_sha256" not in cells else ()
+            if "params" in cells:
+                db.executemany(insert, [(*row, *unknown) for row in rows])
+            else:
+                db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
+            db.execute("DROP TABLE cells_before_migration")
+        if old_stability:  # the unique key gains data_sha256: the table is made again, its rows copied
+            kept = ", ".join(_q(c) for c in stability)
+            db.execute("ALTER TABLE stability RENAME TO stability_before_migration")
+            db.execute(_tables()["stability"])
+            db.execute(f"INSERT INTO stability ({kept}, data_sha256) SELECT {kept}, ? FROM stability_before_migration",
+                       [UNKNOWN_DATA])  # fmt: skip
+            db.execute("DROP TABLE stability_before_migration")
         db.commit()
     except BaseException:
         db.rollback()
         raise
+
+
+def _columns(db: sqlite3.Connection, path: Path, table: str) -> list[str]:
+    return [row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")]
 
 
 def _old_params(alpha_255: float, steps: int) -> str:
@@ -641,6 +661,7 @@ def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
     tables = {name for (name,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table, columns in TABLE_COLUMNS.items():
         if table in tables:
+            _check_columns(db, path, table, columns)
             _check_values(db, path, table, columns)
     if "cells" in tables:
         _check_bits(db, path)
@@ -694,6 +715,16 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
     if table == "stability":
         rules["per_image"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * n)", "n float32 values")
     return rules
+
+
+def _check_columns(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
+    """A table of ours with columns of its own (another tool's `cells`): not a store of
+    this project. Columns that `_migrate` adds (and the ones it replaces) may be missing."""
+    present = set(_columns(db, path, table))
+    missing = [c for c in columns if c not in present and c not in ("params", "data_sha256")]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(_corrupt(path, f"its {table} table lacks the columns {shown}: not a store of this project"))
 
 
 def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:

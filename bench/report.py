@@ -152,18 +152,34 @@ SELECTION_RULES = (
 )
 
 
-def digest_line(frame: pd.DataFrame) -> str:
-    """Which runs' shown cells (`kept`: select_measurements') read which test images
-    (records.data_sha256, 12 hex digits)."""
-    clean = frame[~frame["perturbation"].isin(NOISE_GROUPS)]
-    parts = []
-    for dataset, rows in clean.groupby("dataset", sort=True):
-        by_digest = rows.groupby("data_sha256")["run"].agg(lambda r: sorted(set(r)))
-        every = len(by_digest) == 1
-        shown = [f"{'unknown (recorded before digests)' if d == UNKNOWN_DATA else d[:12]} "
-                 f"({'every run' if every else ', '.join(runs)})" for d, runs in by_digest.items()]  # fmt: skip
-        parts.append(f"{dataset_label(dataset)}: " + "; ".join(shown))
-    return "Test images read (sha256 of images and labels): " + "; ".join(parts) + "."
+def digest_lines(kept: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """What the shown cells (`kept`: select_measurements') read, per data set: the test
+    images (records.data_sha256), each noise file (its digest), and the training images of
+    their checkpoints (meta.json's data.sha256; load_runs' train_sha256), 12 hex digits each,
+    with the runs named where runs read different files."""
+    noise = kept["perturbation"].isin(NOISE_GROUPS)
+    clean = [f"{dataset_label(d)}: {_digests(rows, 'data_sha256')}" for d, rows in kept[~noise].groupby("dataset")]
+    lines = ["Test images read (sha256 of images and labels): " + "; ".join(clean) + "."]
+    files = [f"{dataset_label(d)}: " + ", ".join(f"{g} {_digests(r, 'data_sha256', every='')}" for g, r in rows.groupby("perturbation"))
+             for d, rows in kept[noise].groupby("dataset")]  # fmt: skip
+    if files:
+        lines.append("Noise files read (sha256 of the md5s of each file and its labels; runs named where they differ): "
+                     + "; ".join(files) + ".")  # fmt: skip
+    shown = kept[["run", "dataset", "seed"]].drop_duplicates()
+    trained = runs[runs["status"] == "finished"].merge(shown, on=["run", "dataset", "seed"])
+    if len(trained):
+        lines.append("Training images read (sha256 of images and labels, from each checkpoint's meta.json): "
+                     + "; ".join(f"{dataset_label(d)}: {_digests(r, 'train_sha256')}" for d, r in trained.groupby("dataset"))
+                     + ".")  # fmt: skip
+    return lines
+
+
+def _digests(rows: pd.DataFrame, column: str, every: str = " (every run)") -> str:
+    by_digest = rows.groupby(column)["run"].agg(lambda r: sorted(set(r)))
+    named = {UNKNOWN_DATA: "unknown (recorded before digests)"}
+    if len(by_digest) == 1:
+        return f"{named.get(by_digest.index[0], by_digest.index[0][:12])}{every}"
+    return ", ".join(f"{named.get(d, d[:12])} ({', '.join(r)})" for d, r in by_digest.items())
 
 
 def render_report(
@@ -189,7 +205,8 @@ def render_report(
         + "; ".join(f"{dataset_label(d)}: {s} ({sizes[d]})" for d, s in sources.items())
         + ".",
     ]
-    lines += ["", digest_line(m.kept)] if "data_sha256" in m.kept and len(m.kept) else []
+    for line in digest_lines(m.kept, m.runs) if len(m.kept) else []:
+        lines += ["", line]
     if any(dataset_info(d).synthetic for d in set(frame["dataset"])):
         lines += [
             "",

@@ -50,7 +50,7 @@ from .data import batches
 from .environment import device_name
 from .evaluate import Cell, EvalConfig, EvalData, Subject, cell_context, prepared
 from .perturbations import params_text, perturbation
-from .records import utc_now
+from .records import UNKNOWN_DATA, utc_now
 
 GROWTH, SPECTRAL, EIGEN, GRADIENT = "growth", "spectral_norm", "shifted_eigenvalue", "input_gradient"
 QUANTITIES = (GROWTH, SPECTRAL, EIGEN, GRADIENT)
@@ -417,9 +417,11 @@ def n_images(data, config: StabilityConfig) -> int:
 def units_todo(context: dict, units: Sequence[Unit], data, config: StabilityConfig, setting, store) -> list[Unit]:
     """The units of the checkpoint `context` names (cell_context's keys) that `store` lacks."""
     done = store.stability_done(context)
-    source, n = data.source(Cell("clean")), n_images(data, config)
-    return [u for u in units if (source, u.quantity, u.perturbation, unit_eps(u, config), n,
-                                 params_of(u, config, setting)) not in done]  # fmt: skip
+    source, n, digest = data.source(Cell("clean")), n_images(data, config), data.digest(Cell("clean"))
+    # as for cells: a unit counts on the same test images, or recorded before digests (unless asked again)
+    digests = {digest, UNKNOWN_DATA} if setting.trust_unknown_data else {digest}
+    return [u for u in units if not any((source, u.quantity, u.perturbation, unit_eps(u, config), n,
+                                         params_of(u, config, setting), d) in done for d in digests)]  # fmt: skip
 
 
 def stability_stage(subject: Subject, setting: EvalConfig, data: EvalData, config: StabilityConfig,
@@ -430,7 +432,8 @@ def stability_stage(subject: Subject, setting: EvalConfig, data: EvalData, confi
     memory = torch.channels_last if setting.channels_last else torch.contiguous_format
     x, y = next(batches(data.test.images, data.test.labels, len(indices), setting.device, indices))
     x = x.contiguous(memory_format=memory)
-    context = {**cell_context(subject, setting), "data_source": data.source(Cell("clean"))}
+    context = {**cell_context(subject, setting), "data_source": data.source(Cell("clean")),
+               "data_sha256": data.digest(Cell("clean"))}  # fmt: skip
     for unit in units:
         found = measure(model, unit, x, y, config, setting, subject.seed)
         values = found.values.astype(np.float32)

@@ -44,11 +44,18 @@ TABLE = (
 
 
 def chosen(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per checkpoint and unit one measurement: the one on the most images, then the one
-    recorded last (a rerun with other estimator settings replaces an older one)."""
+    """Per checkpoint the test images measured last (records.data_sha256: units measured
+    on images since replaced drop out, as cells do), then per unit one measurement: the one
+    on the most images, then the one recorded last (a rerun with other estimator settings
+    replaces an older one)."""
     if frame.empty:
         return frame
-    unit = [*CHECKPOINT, "checkpoint_sha256", "quantity", "perturbation", "eps_255"]
+    checkpoint = [*CHECKPOINT, "checkpoint_sha256"]
+    # ties within a timestamp's second go to the later record (load_stability keeps rowid order)
+    ordered = frame.assign(_order=np.arange(len(frame))).sort_values(["timestamp", "_order"], kind="stable")
+    latest = ordered.groupby(checkpoint, dropna=False)["data_sha256"].transform("last")
+    frame = frame[(frame["data_sha256"] == latest.reindex(frame.index)).to_numpy()]
+    unit = [*checkpoint, "quantity", "perturbation", "eps_255"]
     last = frame.groupby([*unit, "n", "params"], dropna=False)["timestamp"].max().reset_index()
     keep = last.sort_values(["n", "timestamp"], kind="stable").groupby(unit, dropna=False).tail(1)
     return frame.merge(keep[[*unit, "n", "params"]], on=[*unit, "n", "params"])

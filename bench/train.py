@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -39,11 +38,12 @@ from .adapters import (
     WEIGHTS_FILE,
     check_build,
     dataset_defaults,
+    missing_weights,
     read_meta,
     save_zoo_checkpoint,
     zoo_checkpoint_dir,
 )
-from .data import batches, clean_source, load_test, load_train
+from .data import batches, clean_source, images_digest, load_test, load_train
 from .environment import device_name
 from .recipes import Recipe, preset_model_options, recipe_for
 
@@ -125,7 +125,7 @@ def _run(
     data = {  # where the training images came from, for meta.json
         "source": clean_source(config.dataset, train_set.official),
         "images": len(labels),
-        "sha256": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(),
+        "sha256": images_digest(images, labels),
     }
     x_train = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, NCHW view
     y_train = torch.from_numpy(labels).to(device)
@@ -362,6 +362,8 @@ def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | 
             f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
         )
     check_build(meta, planned_info(config.model, config.dataset, config.preset, config.lambda_init), folder)
+    if meta.get("status", "finished") == "finished" and not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(missing_weights(folder))
     return meta if meta.get("status") in ("finished", "failed") else None
 
 

@@ -52,6 +52,7 @@ class Work:
     data_dir: str | None
     progress: bool
     driver_host: str
+    run_id: str = ""  # the driver's run: data read in a worker is kept for that run only
     train: TrainConfig | None = None
     model: str = ""
     run: str = ""
@@ -107,11 +108,11 @@ def execute(work: Work) -> Iterator[Message]:
     init = lambda_init_of(members[0].model)  # an ensemble's: its members'
     subject = Subject(defense, work.model, work.run, _seed(work), len(work.seeds), init)
     if work.cells:
-        yield from measure_cells(subject, work.config, eval_data(work.dataset, work.data_dir, work.config), work.cells, work.progress)
+        yield from measure_cells(subject, work.config, eval_data(work), work.cells, work.progress)
     if work.checks:
         yield _checks(subject, work)
     if work.stability:
-        data = eval_data(work.dataset, work.data_dir, work.config)
+        data = eval_data(work)
         yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
 
 
@@ -122,12 +123,17 @@ def _seed(work: Work) -> int:
 _DATA: dict[tuple, EvalData] = {}
 
 
-def eval_data(dataset: str, data_dir: str | None, config: EvalConfig) -> EvalData:
+def eval_data(work: Work) -> EvalData:
     """One EvalData per data set, data dir, test subsets and noise source in a process
-    (the seeds' and the ensemble's configs differ in radii only)."""
-    key = (dataset, data_dir, config.n_test, config.subsets, config.noise_source)
+    (the seeds' and the ensemble's configs differ in radii only), read again in the next
+    run: a process serving several runs (the Python API, a Ray worker) must not measure
+    files since replaced with the images it read before."""
+    config = work.config
+    key = (work.run_id, work.dataset, work.data_dir, config.n_test, config.subsets, config.noise_source)
     if key not in _DATA:
-        _DATA[key] = EvalData(dataset, data_dir, config)
+        for old in [k for k in _DATA if k[0] != work.run_id]:
+            del _DATA[old]
+        _DATA[key] = EvalData(work.dataset, work.data_dir, config)
     return _DATA[key]
 
 
@@ -135,7 +141,7 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
     """bench.sanity's checkpoint checks the driver asked for."""
     config = work.config
     model = prepared(subject.defense.model, config)
-    x, y = sanity.batch(eval_data(work.dataset, work.data_dir, config), device=config.device)
+    x, y = sanity.batch(eval_data(work), device=config.device)
     results = []
     if "model" in work.checks:
         results += sanity.model_checks(model, x, y, subject.defense.info.num_classes)

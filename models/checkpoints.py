@@ -8,6 +8,7 @@ with one `UserError` line naming the file and the mismatch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -101,10 +102,25 @@ def check_file_target(path: str | os.PathLike) -> None:
 def _cannot_write(path: Path, err: OSError) -> str:
     if disk_full(err) is not None:
         return disk_full_message(err, f"to write {path}")
+    if _refuses_folders(path.parent, err):
+        return f"cannot write {path} ({_why(path.parent, err)}): choose another --results-dir / --data-dir"
     return (
         f"cannot write {path} ({err.strerror or type(err).__name__}): make {path.parent} writable or choose "
         "another --results-dir / --data-dir"
     )
+
+
+def _refuses_folders(folder: Path, err: OSError) -> bool:
+    """Whether `folder` could not be made although its nearest existing parent is a folder
+    (/proc, /sys, a FUSE mount): "no such file" would read as if it had to exist first."""
+    return err.errno == errno.ENOENT and not folder.exists()
+
+
+def _why(folder: Path, err: OSError) -> str:
+    if _refuses_folders(folder, err):
+        parent = next((p for p in folder.parents if p.exists()), None)
+        return f"{parent} takes no new folders: {err.strerror}"
+    return err.strerror or type(err).__name__
 
 
 def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
@@ -120,7 +136,9 @@ def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise UserError(f"cannot write {what} to {folder} ({err.strerror}): choose another {option}") from None
+        if disk_full(err) is not None:
+            raise UserError(disk_full_message(err, f"to write {what} to {folder}")) from None
+        raise UserError(f"cannot write {what} to {folder} ({_why(folder, err)}): choose another {option}") from None
     return folder
 
 

@@ -172,6 +172,45 @@ def test_module_defense_checks_the_output(tmp_path):
         module_defense("odd", lambda: TinyNet(7), tmp_path / "seven.pt", mean=(0, 0, 0), std=(1, 1, 1))
 
 
+class NoForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+def _five() -> int:
+    return 5
+
+
+def _raises() -> nn.Module:
+    raise ValueError("width must be even")
+
+
+@pytest.mark.parametrize("factory, mean, said", [
+    (_five, None, r"defense bad: its factory \S+:_five\(\) returned an object of type int, not a torch.nn.Module"),
+    (_raises, None, r"defense bad: its factory \S+:_raises\(\) raised ValueError: width must be even"),
+    (NoForward, None, r"defense bad fails on a 2x3x32x32 batch of \[0, 1\] images \(NotImplementedError: Module \[NoForward\] is "
+                      r"missing the required \"forward\" function\): check its forward and the data set it is for"),
+    (TinyNet, ("a", 0, 0), r"defense bad: mean must be finite numbers, one per channel, got \('a', 0, 0\)"),
+    (TinyNet, 0.5, r"defense bad: mean must be finite numbers, one per channel, got 0.5"),
+    (TinyNet, (0.5, 0.5), r"defense bad: mean needs 3 numbers \(one per channel of cifar10\), got 2"),
+])  # fmt: skip
+def test_the_api_says_in_one_line_what_the_command_line_says(tmp_path, factory, mean, said):
+    """The Python API's mistakes are UserErrors as the CLI's are, never an AttributeError
+    or a ValueError from deep inside."""
+    torch.save((NoForward() if factory is NoForward else TinyNet()).state_dict(), tmp_path / "w.pt")
+    std = None if mean is None else (1, 1, 1)
+    with pytest.raises(UserError, match=f"^{said}$"):
+        module_defense("bad", factory, tmp_path / "w.pt", mean=mean, std=std)
+
+
+def test_an_eval_config_for_a_device_no_run_takes_is_refused_when_made():
+    from bench.evaluate import EvalConfig
+
+    with pytest.raises(UserError, match=r"^device 'gpu' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu$"):
+        EvalConfig(device="gpu")
+
+
 def test_nan_weights_are_named(tmp_path):
     state = create_model("resnet8").state_dict()
     state["fc.weight"][0, 0] = float("nan")

@@ -2,6 +2,8 @@
 show replaced checkpoints, every bad input is one error line before any work, corrupt
 stores are refused and left as they are, several processes share the work."""
 
+import hashlib
+import json
 import os
 import re
 import resource
@@ -25,6 +27,7 @@ from bench import records
 from bench.cifar import read_batch, write_batch
 from bench.datasets import DATASETS
 from bench.records import DB_FILE, load_checks, load_records, load_runs
+from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "resnet8@smoke@n1024"
@@ -172,8 +175,15 @@ BAD = [
     (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the stable range: rule 'in' needs high <= 2 .*"),
     (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
     (["--lambda-init", "0.3,0.2"], r"--lambda-init a,b needs finite numbers with a <= b, got 0.3,0.2"),
-    (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3'"),
-    (["--n-test", "x"], r"argument --n-test: invalid int value: 'x' \(see --help\)"),
+    (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3': 1 given"),
+    (["--n-test", "x"], r"argument --n-test: 'x' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)"),
+    (["--n-test", "٢٠"], r"argument --n-test: '٢٠' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)"),
+    (["--radii", "1e-400"], r"--radii takes comma-separated numbers, got '1e-400': 1e-400 is nonzero but below the smallest float \(it would be read as 0\)"),
+    (["--radii", "2,٢"], r"--radii takes comma-separated numbers, got '2,٢': '٢' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\)"),
+    (["--landscape-radius", "٨"], r"argument --landscape-radius: '٨' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\) \(see --help\)"),
+    (["--lambda-init", "0.1,0.2,0.3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '0.1,0.2,0.3': 3 given"),
+    (["--n-train", "20000"], r"--n-train 20000 is more than the 10,000 training images of synthetic: give at most that many, or leave --n-train out to train on all"),
+    (["--landscape-index", "2000"], r"--landscape-index 2000 is beyond the 2,000 test images of synthetic: give 0 to 1999, or leave it out for the paper's two images"),
     (["--steps", "0"], r"--steps must be positive, got 0"),
     (["--datasets", ""], r"--datasets is empty: give a comma-separated list"),
     (["--stage", "report", "--results-dir", "{empty}"], r"no records in .*/empty/records.sqlite: run the eval stage first, or check --results-dir"),
@@ -207,7 +217,7 @@ def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
     for labels, shown in (([0, 1, 2, 2**70], "object values such as \\[0\\]"), ([0.0, 1.5, 2.0, 3.0], "float64 values such as \\[0.0\\]")):
         rows = {"data": images.transpose(0, 3, 1, 2).reshape(4, 3072), "labels": labels}
         (folder / "test_batch").write_bytes(__import__("pickle").dumps(rows, protocol=2))
-        code, err = cli(capsys, tmp_path / "results", tmp_path / "data", "--datasets", "cifar10", "--seeds", "0")
+        code, err = cli(capsys, tmp_path / "results", tmp_path / "data", "--datasets", "cifar10", "--seeds", "0", "--n-train", "20")
         assert code == 2 and re.fullmatch(
             rf"error: .*test_batch: labels under 'labels' must be integers in \[0, 10\), got {shown}\n", err
         ), err
@@ -299,6 +309,86 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
     script = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && {cached}"
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and f"0 cells evaluated, {BASE_CELLS} cached" in done.stderr, done.stderr[-2000:]
+
+
+def test_what_a_run_reads_or_writes_is_checked_before_any_work(base, results, capsys, tmp_path):
+    """A noise file of the wrong shape (not only the first group's) and a report folder
+    that cannot be written: one line before any cell is recorded, not after 11 or 34."""
+    data = Path(shutil.copytree(base / "data", tmp_path / "data"))
+    noise = data / "generated" / "synthetic" / "CIFAR-10-C" / "speckle_noise.npy"
+    np.save(noise, np.zeros((10, 32, 32, 3), np.uint8))
+    before = state(results)
+    code, err = cli(capsys, results, data, "--seeds", "0,1,2")
+    assert code == 2 and re.fullmatch(rf"error: {noise}: expected uint8 \(10000, 32, 32, 3\), got uint8 \(10, 32, 32, 3\)\n", err), err
+    assert state(results) == before
+    shutil.rmtree(results / "tables")
+    (results / "tables").write_text("not a folder")
+    code, err = cli(capsys, results, base / "data", "--seeds", "0,1,2")
+    assert code == 2 and re.fullmatch(r"error: cannot write the report to .*/tables: .*/tables is a file, not a folder; "
+                                      r"move it aside or choose another --results-dir\n", err), err  # fmt: skip
+    assert state(results) == before
+
+
+def test_a_finished_checkpoint_without_its_weights_says_how_to_get_them_back(base, results, capsys):
+    """The train stage skips a run whose meta.json says it finished, so "train it first"
+    would loop: both stages say to restore the weights or delete the folder."""
+    folder = results / "checkpoints" / "synthetic" / RUN / "seed0"
+    (folder / "weights.pt").unlink()
+    before = state(results)
+    said = rf"error: {folder} holds meta.json but not weights.pt \(deleted\?\): restore weights.pt, or delete the folder and run the train stage to train it again\n"
+    for stages in ("train,eval,report", "eval"):
+        code, err = cli(capsys, results, base / "data", "--stage", stages)
+        assert code == 2 and re.fullmatch(said, err), err
+    assert state(results) == before
+
+
+def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(base, results, capsys, caplog, tmp_path):
+    data = Path(shutil.copytree(base / "data", tmp_path / "data"))
+    batch = data / "synthetic" / "cifar-10-batches-py" / "data_batch_1"
+    images, labels = read_batch(batch, "labels", 10)
+    write_batch(batch, 255 - images, labels)
+    before = state(results)
+    code, _ = cli(capsys, results, data, "--stage", "eval", "--seeds", "0")
+    assert code == 0 and state(results) == before  # kept, its cells cached: training again is the user's choice
+    (meta,) = [json.loads(p.read_text()) for p in results.glob(f"checkpoints/synthetic/{RUN}/seed0/meta.json")]
+    new = hashlib.sha256(np.ascontiguousarray(255 - images[:1024]).tobytes() + labels[:1024].tobytes()).hexdigest()
+    assert (f"{RUN} synthetic seed 0 was trained on images {meta['data']['sha256'][:12]}…, and the data dir's training "
+            f"images are now {new[:12]}…: its cells stand for the images it was trained on") in caplog.text  # fmt: skip
+
+
+def test_stores_and_folders_that_cannot_be_ours_get_the_right_advice(tmp_path, capsys, monkeypatch):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with sqlite3.connect(foreign / DB_FILE) as db:
+        db.execute("CREATE TABLE cells (a, b)")
+        db.execute("INSERT INTO cells VALUES (1, 2)")
+    for stage in ("report", "eval"):
+        code, err = cli(capsys, foreign, tmp_path / "data", "--stage", stage)
+        more = len(records.COLUMNS) - 2 - 3  # params and data_sha256 are added by the migration
+        assert code == 2 and f"(its cells table lacks the columns model, run, family and {more} more: not a store of this project)" in err, err
+    if Path("/proc").is_dir():  # a folder that takes no new folders
+        code, err = cli(capsys, Path("/proc/no-such/results"), tmp_path / "data")
+        assert code == 2 and err == ("error: cannot write results to /proc/no-such/results (/proc takes no new folders: "
+                                     "No such file or directory): choose another --results-dir\n"), err  # fmt: skip
+
+    def full(db, path):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(records, "_migrate", full)
+    with pytest.raises(UserError, match=r"^no space left to write records to .*/records.sqlite \(database or disk is full\): free space"):
+        records.RecordStore(tmp_path / "fresh")
+
+
+def test_workers_never_outnumber_the_tasks(caplog):
+    import logging
+
+    from bench.options import RunOptions
+
+    caplog.set_level(logging.INFO)
+    from bench.pipeline import _workers
+
+    assert _workers(RunOptions(workers=8), 2) == 2 and "--workers 8 for 2 tasks: 2 workers" in caplog.text
+    assert _workers(RunOptions(workers=2), 5) == 2 and _workers(RunOptions(), 5) is None
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The whole pipeline: suites, plans, the smoke suite end to end, resuming after SIGKILL."""
 
+import json
 import random
 import re
 import signal
@@ -82,7 +83,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
             ["--stage", "train,evil"],
             r"error: unknown stage 'evil' in --stage; choose from train, eval, check, stability, report, figures \(or summary\)\n",
         ),
-        (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x'\n"),
+        (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x': 'x' is not a decimal number \(ASCII digits, e\.g\. 2 or 0\.5\)\n"),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
     ]
     for extra, pattern in cases:
@@ -130,6 +131,14 @@ def test_smoke_suite_end_to_end(smoke_run):
     ensemble = board["name"].str.endswith("(ensemble)")
     assert board.loc[ensemble, "amplification"].isna().all() and (board.loc[~ensemble, "amplification"] > 0).all()
     assert "## The paper's mechanism: stability through depth" in report and "tables/stability.md" in report
+    # what every number read: the test images (cells and stability), each noise file, the training images
+    (clean,) = frame.loc[frame["perturbation"] == "clean", "data_sha256"].unique()
+    assert set(stable["data_sha256"]) == {clean}
+    assert f"Test images read (sha256 of images and labels): synthetic: {clean[:12]} (every run)." in report
+    (shot,) = frame.loc[frame["perturbation"] == "shot_noise", "data_sha256"].unique()
+    assert f", shot_noise {shot[:12]}, " in report and shot != clean
+    (trained,) = {json.loads(p.read_text())["data"]["sha256"] for p in results.glob("checkpoints/**/meta.json")}
+    assert f"Training images read (sha256 of images and labels, from each checkpoint's meta.json): synthetic: {trained[:12]} (every run)." in report
     for name in ("tables/stability.md", "tables/stability.csv", "figures/stability_growth_synthetic.png",
                  "figures/stability_spectral_synthetic.pdf"):  # fmt: skip
         assert (results / name).is_file(), name

@@ -211,7 +211,7 @@ def _rows(model: str, seed: int, amplification: float, sigma: tuple[float, float
     """Stability rows of a 2-block network measured on 2 images (growth of the PGD δ only)."""
     base = {"model": model, "run": model, "family": "preact-resnet", "dataset": "cifar10", "data_source": "released",
             "seed": seed, "members": 1, "preset": "paper", "checkpoint_sha256": f"{model}{seed}", "n": 2,
-            "params": "{}", "timestamp": "2026-12-01T00:00:00+00:00"}  # fmt: skip
+            "params": "{}", "data_sha256": "a" * 64, "timestamp": "2026-12-01T00:00:00+00:00"}  # fmt: skip
     rows = []
     for block, value in enumerate((1.0, 1.5, amplification, 9.0)):  # stem, block 1, block 2 (the last), logits
         rows.append({**base, "quantity": st.GROWTH, "perturbation": "pgd", "eps_255": 2.0, "block": block,

@@ -345,6 +345,53 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
     assert f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)." in (results / "REPORT.md").read_text()
 
 
+def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_defense, tmp_path):
+    """As cells: a unit measured on images since replaced is measured again, not found
+    cached, and the report's reduction reads the latest images' units only."""
+    from bench.cifar import read_batch, write_batch
+    from bench.data import images_digest
+    from bench.records import load_stability
+    from bench.stability_report import chosen
+
+    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
+    stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
+    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
+    first = load_stability(results)
+    batch = data / "cifar-10-batches-py" / "test_batch"
+    images, labels = read_batch(batch, "labels", 10)
+    assert set(first["data_sha256"]) == {images_digest(images, labels)} and len(first) == 1
+    write_batch(batch, np.zeros_like(images), labels)
+    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
+    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)  # cached now: no third row
+    second = load_stability(results)
+    black = images_digest(np.zeros_like(images), labels)
+    assert list(second["data_sha256"]) == [images_digest(images, labels), black]
+    assert list(chosen(second)["data_sha256"]) == [black]
+
+
+def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path):
+    from bench.records import STABILITY_KEY, load_stability, needs_migration
+
+    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
+    stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
+    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
+    measured = load_stability(results)
+    with sqlite3.connect(results / DB_FILE) as db:  # the table as it was before digests
+        columns = [r[1] for r in db.execute("PRAGMA table_info(stability)") if r[1] != "data_sha256"]
+        db.execute("ALTER TABLE stability RENAME TO stability_new")
+        key = [k for k in STABILITY_KEY if k != "data_sha256"]
+        db.execute(f"CREATE TABLE stability ({', '.join(columns)}, UNIQUE ({', '.join(key)}))")
+        db.execute(f"INSERT INTO stability SELECT {', '.join(columns)} FROM stability_new")
+        db.execute("DROP TABLE stability_new")
+    assert needs_migration(results)
+    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)  # migrates; the unit is cached
+    migrated = load_stability(results)
+    assert list(migrated["data_sha256"]) == ["unknown"] and not needs_migration(results)
+    assert np.array_equal(migrated["values"].item(), measured["values"].item())
+    evaluate_defense(grey_defense, None, results, data, progress=False, recheck_data=True, **stability)
+    assert list(load_stability(results)["data_sha256"]) == ["unknown", measured["data_sha256"].item()]
+
+
 def test_an_overwritten_noise_file_is_measured_again(grey_root, grey_defense, tmp_path):
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
