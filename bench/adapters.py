@@ -67,7 +67,10 @@ class NormalizedModel(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        try:
+            self.normalize = Normalize(mean, std)
+        except (TypeError, ValueError) as err:  # the API's mistake in the command line's words
+            raise UserError(f"NormalizedModel: {err}") from None
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:

@@ -204,6 +204,13 @@ def test_the_api_says_in_one_line_what_the_command_line_says(tmp_path, factory, 
         module_defense("bad", factory, tmp_path / "w.pt", mean=mean, std=std)
 
 
+def test_a_normalized_model_of_unlike_mean_and_std_is_one_line():
+    from bench.adapters import NormalizedModel
+
+    with pytest.raises(UserError, match=r"^NormalizedModel: need one positive std per mean channel, got mean=\(0.1, 0.2\) std=\(1, 1, 1\)$"):
+        NormalizedModel(nn.Identity(), (0.1, 0.2), (1, 1, 1))
+
+
 def test_an_eval_config_for_a_device_no_run_takes_is_refused_when_made():
     from bench.evaluate import EvalConfig
 
