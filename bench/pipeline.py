@@ -177,8 +177,11 @@ def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, d
         n_train = train_config(task.job, task.seed, spec, options, device).n_train
         total = training_images(task.job.dataset, options.data_dir, None)
         if n_train is not None and n_train > total:
-            raise UserError(f"--n-train {n_train} is more than the {total:,} training images of {task.job.dataset}: "
-                            "give at most that many, or leave --n-train out to train on all")  # fmt: skip
+            if options.n_train is not None:
+                asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
+            else:  # the registry names more images than the data dir holds
+                asked, fix = f"the {spec.name} suite's {n_train}", f"give --n-train {total} or fewer"
+            raise UserError(f"{asked} is more than the {total:,} training images of {task.job.dataset}: {fix}")
 
 
 class TrainingDigests:

@@ -224,6 +224,21 @@ def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "results" / DB_FILE).exists()
 
 
+def test_a_suite_subset_above_the_training_images_there_are_names_the_suite(tmp_path, capsys, monkeypatch):
+    """The smoke suite trains on 2,048 images; a data dir holding 20 is refused before any
+    work, saying whose number it was (the user gave no --n-train)."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
+        write_batch(folder / name, np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
+    capsys.readouterr()
+    code = run_bench.main(["--datasets", "cifar10", "--models", "resnet8", "--seeds", "0", "--no-progress",
+                           "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")])  # fmt: skip
+    assert code == 2 and capsys.readouterr().err == (
+        "error: the smoke suite's 2048 is more than the 20 training images of cifar10: give --n-train 20 or fewer\n")
+    assert not (tmp_path / "results" / DB_FILE).exists()
+
+
 # --- corrupt, locked and read-only stores; full disks -----------------------------------------
 
 
