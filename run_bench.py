@@ -10,11 +10,11 @@ import sqlite3
 import sys
 
 from bench.numbers import decimal, integer
+from bench.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
-STAGES = ("train", "eval", "check", "stability", "report", "figures")
 
 
 def _option_type(read):
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scale.add_argument(
         "--executor",
         default="local",
-        choices=("local", "ray"),
+        choices=EXECUTORS,
         help="local: this machine (one process, or --workers processes, one per GPU); ray: a Ray cluster",
     )
     scale.add_argument(
@@ -127,7 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n-stability", type=INTEGER, default=None,
         help="the stability stage's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
-    evaluation.add_argument("--steps", type=INTEGER, default=20, help="IFGSM / PGD iterations (default 20)")
+    evaluation.add_argument(
+        "--steps", type=INTEGER, default=RunOptions.steps, help=f"IFGSM / PGD iterations (default {RunOptions.steps})"
+    )
     evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
     evaluation.add_argument(
         "--recheck-data", action="store_true",
@@ -252,11 +254,8 @@ def defenses(args: argparse.Namespace) -> tuple:
 
 
 def options(args: argparse.Namespace):
-    from bench.options import DEFENSE_STAGES
-    from bench.pipeline import RunOptions
-
     chosen = defenses(args)
-    default_stages = ",".join(DEFENSE_STAGES if chosen else STAGES[:5])
+    default_stages = ",".join(DEFENSE_STAGES if chosen else RunOptions.stages)
     stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

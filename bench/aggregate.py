@@ -28,14 +28,13 @@ import json
 import numpy as np
 import pandas as pd
 
-from .evaluate import PRESET_ALPHA_255, EvalConfig
+from .evaluate import DEFAULT_STEPS, PRESET_ALPHA_255, EvalConfig
 from .noise import NOISE_GROUPS, SEVERITIES
 from .perturbations import ATTACK, PERTURBATIONS, metric_name, of_kind, params_text
 from .records import KEY, cell_id
 
 ENTRY = ["dataset", "model", "run", "lambda_low", "lambda_high", "kind", "preset"]
 GROUP = ENTRY  # one aggregate per entry and metric
-DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations
 SOURCE_RANK = {"released": 4, "unofficial": 3, "generated": 2, "generated-unofficial": 1}
 # the names of the selection rules, as left-out rows carry them
 LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = "largest test subset", "largest ensemble", "released data first"

@@ -47,8 +47,8 @@ def load_train(dataset: str, data_dir: str | os.PathLike | None = None) -> Image
 
 
 @dataclass(frozen=True)
-class NoiseGroup:
-    """One noise group, all severities: images uint8 (5 N, H, W, 3), severity s in rows
+class NoiseImages:
+    """One noise group's images as read, all severities: images uint8 (5 N, H, W, 3), severity s in rows
     (s-1) N .. s N - 1, labels int64 (5 N,) = the test labels repeated 5 times."""
 
     group: str
@@ -69,7 +69,7 @@ def load_noise(
     source: str = "auto",
     seed: int = 0,
     test: ImageSet | None = None,
-) -> NoiseGroup:
+) -> NoiseImages:
     """The noise group `group` of `dataset` from `source` (see the module docstring);
     `test` is the clean test set when already loaded."""
     spec, root = dataset_info(dataset), data_root(data_dir)
@@ -222,7 +222,7 @@ def _has_groups(folder: Path) -> bool:
     return all((folder / f"{name}.npy").is_file() for name in (*NOISE_GROUPS, "labels"))
 
 
-def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseGroup:
+def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseImages:
     path, n = folder / f"{group}.npy", len(SEVERITIES) * len(test)
     shape = (n, *test.images.shape[1:])
     try:
@@ -236,7 +236,7 @@ def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseG
         raise UserError(
             f"{folder / 'labels.npy'} is not the test labels repeated 5 times: files of another data set?"
         )
-    return NoiseGroup(group, images, labels.astype(np.int64), source, path)
+    return NoiseImages(group, images, labels.astype(np.int64), source, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

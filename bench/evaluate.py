@@ -48,6 +48,7 @@ from .records import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, RecordStore, loa
 
 log = logging.getLogger(__name__)
 PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
+DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations: every default step count reads this one
 FORWARD, FORWARD_BACKWARD = 1.0, 3.0  # progress-bar cost of one image pass (an attack step ~ 3 forwards)
 
 
@@ -58,7 +59,7 @@ class EvalConfig:
     preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, PGD's ball around its start, per-file noise normalisation
     eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
     iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
-    steps: int = 20  # IFGSM / PGD iterations
+    steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
     alpha_255: float | None = None  # None: the preset's
     n_test: int | None = None  # class-balanced test subset; None: the whole test set
     noise_source: str = "auto"  # released, generated, or auto (released when present)

@@ -33,6 +33,7 @@ from models import UserError, list_models, model_entry, model_label
 from .adapters import META_FILE, zoo_checkpoint_dir, zoo_defense
 from .datasets import dataset_label
 from .noise import NOISE_GROUPS, SEVERITIES
+from .recipes import run_tag
 from .train import EPOCHS_FILE, GATE_IMAGES
 
 matplotlib.use("Agg")
@@ -157,6 +158,7 @@ class RunFolder:
     lambda_init: tuple[float, float] | None  # None: the rule has no λ
     coefficients: tuple[float, ...]  # act(λ_n) of the damped blocks at the end ((): gating rules)
     epochs: pd.DataFrame | None  # the training log (epochs.csv), None for runs older than it
+    recipe: tuple[str, str, int | None] = ("paper", "full", None)  # meta.json's preset, length, n_train
 
 
 def read_epochs(folder: Path) -> pd.DataFrame | None:
@@ -177,8 +179,9 @@ def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunF
         if meta.get("preset", "paper") != preset:
             continue
         init = None if pd.isna(low) else (float(low), float(high))
+        recipe = (meta.get("preset", "paper"), meta.get("length", "full"), meta.get("n_train"))
         out.append(RunFolder(dataset, run, model, int(seed), init,
-                             tuple(meta.get("interpolation_coefficients") or ()), read_epochs(folder)))  # fmt: skip
+                             tuple(meta.get("interpolation_coefficients") or ()), read_epochs(folder), recipe))  # fmt: skip
     return out
 
 
@@ -572,7 +575,8 @@ def _landscapes(results: Path, data_dir, config: FigureConfig, folders: list[Run
     present = {(f.dataset, f.run, f.seed) for f in folders}
     for f in folders:
         plain = plain_counterpart(f.model) if rule_of(f.model) in ("in", "lambda-in") else None
-        partner = f.run.replace(f.model, plain, 1) if plain else None
+        preset, length, n_train = f.recipe  # the ResNet has no λ, so no @lambda part
+        partner = run_tag(plain, preset, length, None, n_train) if plain else None
         if partner is None or (f.dataset, partner, f.seed) not in present:
             continue
         dataset, seed = f.dataset, f.seed

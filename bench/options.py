@@ -13,6 +13,7 @@ from models import UserError
 from .cifar import data_root
 from .defenses import identity
 from .environment import check_device_kind
+from .evaluate import DEFAULT_STEPS
 from .leaderboard import check_metric
 from .records import check_results_dir
 
@@ -56,7 +57,7 @@ class RunOptions:
     n_stability: int | None = None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
     radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
-    steps: int = 20
+    steps: int = DEFAULT_STEPS
     noise_source: str = "auto"
     recheck_data: bool = False  # measure again the cells recorded before cells had a data digest
     batch_size: int | None = None

@@ -80,3 +80,19 @@ def preset_model_options(preset: str, entry: ModelEntry) -> dict:
         return {}
     network = {"network": "release"} if "release" in entry.networks else {}
     return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD, **network}
+
+
+def run_tag(model: str, preset: str = "paper", length: str = "full", lambda_init: tuple[float, float] | None = None,
+            n_train: int | None = None) -> str:  # fmt: skip
+    """A run's name, its checkpoint folder: the model and every option that changed its
+    weights (the only place a tag is made: training, figures and tables read it)."""
+    parts = [model]
+    if preset != "paper":
+        parts.append(preset)
+    if length != "full":
+        parts.append(length)
+    if lambda_init is not None:
+        parts.append(f"lambda{lambda_init[0]:g}-{lambda_init[1]:g}")
+    if n_train is not None:
+        parts.append(f"n{n_train}")
+    return "@".join(parts)

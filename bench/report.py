@@ -27,6 +27,7 @@ from .measured import Evidence, Measured, measured
 from .noise import NOISE_GROUPS
 from .records import SNAPSHOT_FILE, UNKNOWN_DATA
 from .tables import (
+    TABLES,
     TITLES,
     all_attacks_specs,
     fill,
@@ -60,10 +61,10 @@ def write_reports(
     texts: dict[Path, str] = {results / SNAPSHOT_FILE: m.everything.to_csv(index=False)}
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
-    for number in range(1, 7):
+    for number in (key for key in TABLES if isinstance(key, int)):  # the paper's six; "3_all" below
         specs = table_specs(number, m.frame, m.runs)
         filled = fill(specs, m.aggregated, preset, number, evidence.intervals(specs, m.aggregated, preset))
-        if number == 5:
+        if TABLES[number].failed_runs:
             filled = with_failed_runs(filled, m.runs)
         tables[number] = filled
         texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine)))

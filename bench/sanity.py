@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from models import list_models, model_entry
+from models import find_model, list_models, model_entry
 
 from .aggregate import ENTRY
 from .datasets import dataset_info
@@ -212,7 +212,8 @@ def plain_counterpart(model: str) -> str | None:
     entry = model_entry(model)
     if entry.rule in ("", "residual"):
         return None
-    return next((n for n in list_models() if (model_entry(n).arch, model_entry(n).rule) == (entry.arch, "residual")), None)
+    plain = find_model(entry.arch, "residual")
+    return None if plain is None else plain.name
 
 
 # --- the summary per entry --------------------------------------------------------------------

@@ -22,9 +22,8 @@ from .aggregate import LARGEST_ENSEMBLE, LARGEST_SUBSET, LATEST_CHECKPOINT, LATE
 from .datasets import dataset_info, dataset_label, paper_datasets
 from .noise import NOISE_GROUPS
 from .perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
-from .recipes import LAMBDA_SWEEP
+from .recipes import LAMBDA_SWEEP, run_tag
 from .records import UNKNOWN_DATA
-from .train import TrainConfig
 
 PUBLISHED = Path(__file__).with_name("published.csv")
 FULL_SEEDS = 5  # the paper's; fewer are shown as (n=k)
@@ -389,9 +388,9 @@ def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
 def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
     """The run tags of `model` trained with the paper's full recipe (with or without the
     λ initialisation written into the tag)."""
-    tags = {TrainConfig(model, "", 0, preset, "full").tag}
+    tags = {run_tag(model, preset)}
     if lam is not None:
-        tags.add(TrainConfig(model, "", 0, preset, "full", lam).tag)
+        tags.add(run_tag(model, preset, "full", lam))
     return tags
 
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
-from models.checkpoints import atomic_write, check_file_target, describe_mismatch, write_atomic
+from models.checkpoints import atomic_write, check_file_target, describe_mismatch
 from models.errors import reason as error_reason
 from models.skip import uses_lambda
 
@@ -45,7 +45,7 @@ from .adapters import (
 )
 from .data import batches, clean_source, images_digest, load_test, load_train
 from .environment import device_name
-from .recipes import Recipe, preset_model_options, recipe_for
+from .recipes import Recipe, preset_model_options, recipe_for, run_tag
 
 log = logging.getLogger(__name__)
 STATE_FILE, LOG_FILE, EPOCHS_FILE = "state.pt", "train.log", "epochs.csv"
@@ -72,16 +72,7 @@ class TrainConfig:
 
     @property
     def tag(self) -> str:
-        parts = [self.model]
-        if self.preset != "paper":
-            parts.append(self.preset)
-        if self.length != "full":
-            parts.append(self.length)
-        if self.lambda_init is not None:
-            parts.append(f"lambda{self.lambda_init[0]:g}-{self.lambda_init[1]:g}")
-        if self.n_train is not None:
-            parts.append(f"n{self.n_train}")
-        return "@".join(parts)
+        return run_tag(self.model, self.preset, self.length, self.lambda_init, self.n_train)
 
 
 def train(
@@ -318,7 +309,7 @@ def write_epochs(folder: Path, epochs: list[dict]) -> None:
     writer = csv.DictWriter(out, fieldnames=list(epochs[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(epochs)
-    write_atomic(folder / EPOCHS_FILE, out.getvalue())
+    atomic_write(folder / EPOCHS_FILE, out.getvalue())
 
 
 def _build(config: TrainConfig) -> InterpolatedNet:

@@ -62,8 +62,12 @@ def file_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, then rename it over
-    `path`: readers see the old file or the whole new one, never a partial one."""
+    """Call `write(file_object)` on a temporary file beside `path` (or write `write`
+    itself, text as UTF-8 or bytes), then rename it over `path`: readers see the old file
+    or the whole new one, never a partial one."""
+    if isinstance(write, str | bytes):
+        data = write.encode() if isinstance(write, str) else write
+        write = lambda f: f.write(data)  # noqa: E731
     path = Path(path)
     check_file_target(path)
     try:
@@ -225,19 +229,14 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> str
     return sha256_file(path)
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Write text (UTF-8) or bytes to `path` atomically; returns the path."""
-    data = content.encode() if isinstance(content, str) else content
-    atomic_write(path, lambda f: f.write(data))
-    return Path(path)
-
-
 def write_all(texts: Mapping[Path, str | bytes]) -> list[Path]:
     """Write each file atomically, after checking that every path can become a file: a
     folder in the way of the last one is refused before the first is written."""
     for path in texts:
         check_file_target(path)
-    return [write_atomic(path, content) for path, content in texts.items()]
+    for path, content in texts.items():
+        atomic_write(path, content)
+    return [Path(path) for path in texts]
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

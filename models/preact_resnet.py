@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .base import CIFAR10_MEAN, CIFAR10_STD, InterpolatedNet
 from .layers import conv1x1, conv3x3
-from .skip import SkipRule
+from .skip import DEFAULT_LAMBDA_INIT, SkipRule
 
 
 class PreActBasicBlock(nn.Module):
@@ -97,7 +97,7 @@ class PreActResNet(InterpolatedNet):
         num_classes: int = 10,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
-        lambda_init: tuple[float, float] = (0.2, 0.25),
+        lambda_init: tuple[float, float] = DEFAULT_LAMBDA_INIT,
         damp_scope: str = "release",
         network: str = "paper",
     ):

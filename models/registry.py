@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .base import InterpolatedNet
 from .errors import UserError
-from .skip import uses_lambda
+from .skip import DEFAULT_LAMBDA_INIT, uses_lambda
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ModelEntry:
     family: str = ""  # picks the training recipe: preact-resnet or resnext
     rule: str = ""  # key of models.skip.RULES
     depth: int = 0  # layers
-    lambda_init: tuple[float, float] = (0.2, 0.25)  # λ_n ~ U[a, b] by default
+    lambda_init: tuple[float, float] = DEFAULT_LAMBDA_INIT  # λ_n ~ U[a, b] by default
     label: str = ""  # how tables and figures name it, e.g. "λ-In-ResNet-110"
     tables: tuple[int, ...] = ()  # the paper's tables with a row for it
     networks: tuple[str, ...] = ("paper",)  # models.base.NETWORKS it can be built as

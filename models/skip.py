@@ -19,6 +19,11 @@ from torch.nn import functional as F
 _SCALAR, _GATE, _FIXED = "scalar", "gate", "fixed"
 
 
+# λ_n ~ U[a, b] at initialisation: the paper's for the basic-block models (its bottleneck
+# ResNet-164 uses U[0.1, 0.2], models.zoo); every default below reads this one.
+DEFAULT_LAMBDA_INIT = (0.2, 0.25)
+
+
 @dataclass(frozen=True)
 class Rule:
     """How a rule makes its coefficient act(d(x_n)) and which parameter holds d.
@@ -90,7 +95,7 @@ class SkipRule(nn.Module):
         self,
         rule: str,
         channels: int,
-        init: tuple[float, float] = (0.2, 0.25),
+        init: tuple[float, float] = DEFAULT_LAMBDA_INIT,
         damped: bool = True,
     ):
         super().__init__()

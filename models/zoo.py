@@ -10,7 +10,7 @@ import torch
 from .preact_resnet import PreActResNet
 from .registry import register_model
 from .resnext import ResNeXt
-from .skip import RULES
+from .skip import DEFAULT_LAMBDA_INIT, RULES
 
 # Registry prefix, human name and table label of each skip rule (paper Eq. 13, 15, Sec. 4.4).
 RULE_NAMES = {
@@ -96,15 +96,15 @@ def _register_resnext(rule: str, depth: int, card: int, width: int, widths: tupl
         label=label if depth == 29 else f"{label} ({arch})",  # the paper's ResNeXt is 29-8x64d
         tables=_tables(rule, depth, "resnext"),
         description=f"{title}: ResNeXt-{depth} {card}x{width}d, stage widths "
-        f"{'/'.join(map(str, widths))}, lambda ~ U[0.2, 0.25]",
+        f"{'/'.join(map(str, widths))}, lambda ~ U[{', '.join(map(str, DEFAULT_LAMBDA_INIT))}]",
     )(partial(ResNeXt, depth=depth, cardinality=card, base_width=width, widths=widths, rule=rule))
 
 
 # Depth-major order, so that groups list the paper's models in its table order.
-_register_preact("residual", 8, "basic", (0.2, 0.25))
+_register_preact("residual", 8, "basic", DEFAULT_LAMBDA_INIT)
 for _depth in BASIC_DEPTHS:
     for _rule in RULE_NAMES:
-        _register_preact(_rule, _depth, "basic", (0.2, 0.25))
+        _register_preact(_rule, _depth, "basic", DEFAULT_LAMBDA_INIT)
 for _rule in RULE_NAMES:
     _register_preact(_rule, 164, "bottleneck", (0.1, 0.2))
 for _rule in MAIN_RULES:
