@@ -173,10 +173,14 @@ def run(options: RunOptions) -> int:
 def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, device: str) -> None:
     """One error line for a --n-train above a data set's training images: the run would
     train on all of them under a tag that names more (n1180591620717411303424)."""
+    totals: dict[str, int] = {}  # training_images reads the whole training set: once per data set
     for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
         n_train = train_config(task.job, task.seed, spec, options, device).n_train
-        total = training_images(task.job.dataset, options.data_dir, None)
-        if n_train is not None and n_train > total:
+        if n_train is None:
+            continue
+        dataset = task.job.dataset
+        total = totals[dataset] = totals.get(dataset) or training_images(dataset, options.data_dir, None)
+        if n_train > total:
             if options.n_train is not None:
                 asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
             else:  # the registry names more images than the data dir holds
