@@ -9,8 +9,8 @@ import re
 import sqlite3
 import sys
 
-from bench.numbers import decimal, integer
-from bench.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
+from bench.core.numbers import decimal, integer
+from bench.run.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
@@ -18,7 +18,7 @@ log = logging.getLogger("inres-bench")
 
 
 def _option_type(read):
-    """An argparse type of bench.numbers' reader: its reason in the error line."""
+    """An argparse type of bench.core.numbers' reader: its reason in the error line."""
 
     def parse(text: str):
         try:
@@ -40,8 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from bench.datasets import DATASETS
-    from bench.suites import SUITES
+    from bench.data.datasets import DATASETS
+    from bench.run.suites import SUITES
 
     parser = _Parser(
         description="Robustness of residual, interpolated and plain networks (Yang et al., ICML 2020).",
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stage == "summary":
             return print_summary(args)
-        from bench.pipeline import run
+        from bench.run.pipeline import run
 
         return run(options(args))
     except UserError as err:
@@ -234,10 +234,10 @@ DEFENSE_OPTIONS = ("defense", "weights", "mean", "std", "dataset", "name", "stat
 
 def defenses(args: argparse.Namespace) -> tuple:
     """The defenses the arguments name (--defenses, or one from --defense / --state-dict /
-    --robustbench), as bench.defenses.DefenseSpec; () for a run of the zoo."""
+    --robustbench), as bench.eval.defenses.DefenseSpec; () for a run of the zoo."""
     from pathlib import Path
 
-    from bench.defenses import load_defenses, spec_from
+    from bench.eval.defenses import load_defenses, spec_from
 
     given = {k.replace("_", "-"): getattr(args, k) for k in DEFENSE_OPTIONS if getattr(args, k) is not None}
     if args.defenses is not None:
@@ -299,7 +299,7 @@ def options(args: argparse.Namespace):
 
 
 def print_summary(args: argparse.Namespace) -> int:
-    from bench.summary import model_summary, render_summary
+    from bench.reports.summary import model_summary, render_summary
 
     names = resolve_models(args.models or "all")
     log.info("building %d model(s): %s", len(names), ", ".join(names))

@@ -25,13 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.estimate import estimate  # noqa: E402
-from bench.options import RunOptions  # noqa: E402
-from bench.pipeline import Driver, run  # noqa: E402
-from bench.plan import plan_jobs, plan_tasks  # noqa: E402
-from bench.records import RecordStore  # noqa: E402
-from bench.suites import suite  # noqa: E402
-from bench.synthetic import make_synthetic  # noqa: E402
+from bench.data.synthetic import make_synthetic  # noqa: E402
+from bench.records.store import RecordStore  # noqa: E402
+from bench.run.estimate import estimate  # noqa: E402
+from bench.run.options import RunOptions  # noqa: E402
+from bench.run.pipeline import Driver, run  # noqa: E402
+from bench.run.plan import plan_jobs, plan_tasks  # noqa: E402
+from bench.run.suites import suite  # noqa: E402
 
 SAME_SIZE = "resnet110,in-resnet110,lambda-in-resnet110"
 

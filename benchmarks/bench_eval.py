@@ -1,7 +1,7 @@
 """Evaluation throughput: each perturbation through the harness, against hand-written loops.
 
 Ratios measured in one run, rounds alternating, best of each:
-- PGD-20 through the harness (`bench.evaluate.evaluate`: torchattacks PGD, audit, final
+- PGD-20 through the harness (`bench.eval.engine.evaluate`: torchattacks PGD, audit, final
   forward, packed bits, one SQLite transaction) against a hand-written loop of 20
   forward+backward passes (gradient w.r.t. the input) on the same model and batch;
   target >= 0.95.
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from bench.adapters import state_dict_defense
-from bench.environment import retain_freed_memory
-from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate
-from bench.records import RecordStore, load_records
+from bench.core.environment import retain_freed_memory
+from bench.eval.adapters import state_dict_defense
+from bench.eval.engine import Cell, EvalConfig, EvalData, Subject, evaluate
+from bench.records.store import RecordStore, load_records
 from models import create_model
 
 CELLS = {

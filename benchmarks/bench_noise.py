@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups  # noqa: E402
+from bench.data.noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups  # noqa: E402
 
 
 def per_image(image: np.ndarray, group: str, c: float, rng) -> np.ndarray:

@@ -5,7 +5,7 @@ For each model (freshly initialised, eval mode: the cost does not depend on the 
 but for the Lanczos iterations, which stop early when the estimates settle), on the same
 class-balanced synthetic images: one PGD-20 cell as the engine runs it (20 steps at
 2/255, then the classifying pass), then every unit of the stage with its default settings
-(bench.stability.StabilityConfig), timed in one run. Prints seconds per image, the
+(bench.eval.stability.StabilityConfig), timed in one run. Prints seconds per image, the
 stage's cost in PGD-20 cells on the same images, and what that means for a suite: the
 stage on its `n_stability` images against one PGD-20 cell on its test set.
 
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.attacks import run_seeded  # noqa: E402
-from bench.evaluate import EvalConfig, prepared  # noqa: E402
-from bench.perturbations import perturbation  # noqa: E402
-from bench.stability import StabilityConfig, measure, stage_units  # noqa: E402
-from bench.suites import SUITES  # noqa: E402
+from bench.attacks.gradient import run_seeded  # noqa: E402
+from bench.attacks.perturbations import perturbation  # noqa: E402
+from bench.eval.engine import EvalConfig, prepared  # noqa: E402
+from bench.eval.stability import StabilityConfig, measure, stage_units  # noqa: E402
+from bench.run.suites import SUITES  # noqa: E402
 from models import create_model  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 
 Both train the same model (fresh copies, same SGD settings) at batch 128 on the same
 uint8 images. Ours: the whole set on the device, crop + flip as one gather there, no
-DataLoader (bench.train.train_epoch, the code training runs). Plain: a Dataset yielding PIL
+DataLoader (bench.train.loop.train_epoch, the code training runs). Plain: a Dataset yielding PIL
 images through RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor, DataLoader with
 shuffle. Rounds alternate between the two, each going first in every other round; the
 best round of each is kept. Prints
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.recipes import recipe_for  # noqa: E402
-from bench.train import TrainConfig, epoch_generator, make_optimizer, train_epoch  # noqa: E402
+from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train_epoch  # noqa: E402
+from bench.train.recipes import recipe_for  # noqa: E402
 from models import create_model  # noqa: E402
 
 DEFAULT_STEPS = {"resnet20": 10, "resnet110": 4, "resnet164": 3, "resnext29-8x64d": 2}

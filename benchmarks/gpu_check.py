@@ -43,14 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import CELLS, hand_loop_seconds, harness_seconds  # noqa: E402
 from bench_train import plain  # noqa: E402
 
-from bench.adapters import state_dict_defense  # noqa: E402
-from bench.estimate import Rates, estimate, flop_rates  # noqa: E402
-from bench.evaluate import Cell, EvalConfig, EvalData  # noqa: E402
-from bench.options import RunOptions  # noqa: E402
-from bench.recipes import recipe_for  # noqa: E402
-from bench.records import RecordStore  # noqa: E402
-from bench.suites import suite  # noqa: E402
-from bench.train import TrainConfig, epoch_generator, make_optimizer, train, train_epoch  # noqa: E402
+from bench.eval.adapters import state_dict_defense  # noqa: E402
+from bench.eval.engine import Cell, EvalConfig, EvalData  # noqa: E402
+from bench.records.store import RecordStore  # noqa: E402
+from bench.run.estimate import Rates, estimate, flop_rates  # noqa: E402
+from bench.run.options import RunOptions  # noqa: E402
+from bench.run.suites import suite  # noqa: E402
+from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train, train_epoch  # noqa: E402
+from bench.train.recipes import recipe_for  # noqa: E402
 from models import create_model  # noqa: E402
 from models.skip import SkipRule  # noqa: E402
 
@@ -164,7 +164,7 @@ def learns(name: str, n_train: int, device: str, folder: Path) -> list[dict]:
 
 
 def _ours(name, images, labels, device, channels_last=True, bf16=False, compile_mode=None) -> tuple[float, float]:
-    """Our training loop (bench.train.train_epoch): images/s and peak memory in GiB."""
+    """Our training loop (bench.train.loop.train_epoch): images/s and peak memory in GiB."""
     model = create_model(name).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     recipe = recipe_for(model.info.family, "cifar10")
     optimizer = make_optimizer(model, recipe, device)
@@ -231,8 +231,8 @@ def epoch(name: str, n: int, device: str, evaluation_rows: list[dict]) -> list[d
 
 def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -> float:
     """The suite's work on one device: `measured`'s rates, other models' scaled by FLOPs."""
-    from bench.pipeline import Driver
-    from bench.plan import plan_jobs, plan_tasks
+    from bench.run.pipeline import Driver
+    from bench.run.plan import plan_jobs, plan_tasks
 
     spec = suite(suite_name)
     with tempfile.TemporaryDirectory() as empty:
@@ -273,7 +273,7 @@ def stability(names, n: int, device: str) -> list[dict]:
     and J v as the stage computes it against torch.func.jvp on this device."""
     from bench_stability import costs
 
-    from bench.stability import block_inputs, blocks, jacobian_products, unfused
+    from bench.eval.stability import block_inputs, blocks, jacobian_products, unfused
 
     rows = []
     for name in names:

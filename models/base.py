@@ -12,7 +12,7 @@ from .layers import Normalize
 from .skip import SkipRule, lambda_storage, uses_lambda
 
 # The zoo's default normalisation: the CIFAR-10 training set's statistics (torchvision's).
-# Each data set's own live in its entry of bench.datasets, which the harness passes in.
+# Each data set's own live in its entry of bench.data.datasets, which the harness passes in.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 

@@ -111,7 +111,7 @@ class SkipRule(nn.Module):
             )
         self.damped = damped
         # False: the damped sum out of place, as plain autograd ops. torch.func's transforms
-        # (jvp, vjp: bench.stability) cannot trace _DampedSum's in-place write.
+        # (jvp, vjp: bench.eval.stability) cannot trace _DampedSum's in-place write.
         self.fused = True
         self.rule = rule if damped else "residual"
         spec = RULES[self.rule]

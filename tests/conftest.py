@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.adapters import Defense, module_defense
-from bench.cifar import write_batch
+from bench.data.cifar import write_batch
+from bench.eval.adapters import Defense, module_defense
 
 REPO = Path(__file__).resolve().parents[1]
 

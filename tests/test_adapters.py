@@ -8,15 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.adapters import (
-    module_defense,
-    robustbench_defense,
-    save_zoo_checkpoint,
-    state_dict_defense,
-    zoo_defense,
-)
+from bench.core.files import sha256_file
+from bench.eval.adapters import module_defense, robustbench_defense, state_dict_defense, zoo_defense
+from bench.records.checkpoints import save_zoo_checkpoint
 from models import CIFAR10_MEAN, CIFAR10_STD, UserError, create_model
-from models.checkpoints import sha256_file
 
 
 def trained_like(name: str, **kw):
@@ -205,14 +200,14 @@ def test_the_api_says_in_one_line_what_the_command_line_says(tmp_path, factory, 
 
 
 def test_a_normalized_model_of_unlike_mean_and_std_is_one_line():
-    from bench.adapters import NormalizedModel
+    from bench.eval.adapters import NormalizedModel
 
     with pytest.raises(UserError, match=r"^NormalizedModel: need one positive std per mean channel, got mean=\(0.1, 0.2\) std=\(1, 1, 1\)$"):
         NormalizedModel(nn.Identity(), (0.1, 0.2), (1, 1, 1))
 
 
 def test_an_eval_config_for_a_device_no_run_takes_is_refused_when_made():
-    from bench.evaluate import EvalConfig
+    from bench.eval.engine import EvalConfig
 
     with pytest.raises(UserError, match=r"^device 'gpu' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu$"):
         EvalConfig(device="gpu")
@@ -262,7 +257,7 @@ RB_NAME = "Hendrycks2020AugMix_WRN"  # 2.2M parameters: the smallest CIFAR-10 en
 @needs_robustbench
 @pytest.mark.parametrize("prefix", ["", "module.", "model."])
 def test_robustbench_from_local_model_dir(tmp_path, images, prefix):
-    from bench.adapters import _robustbench
+    from bench.eval.adapters import _robustbench
 
     model_dicts, BenchmarkDataset, ThreatModel = _robustbench()
     net = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("corruptions")][RB_NAME]["model"]().eval()

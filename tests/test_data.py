@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import cifar, data, datasets, noise
-from bench.cifar import load_split, read_batch, write_batch
-from bench.datasets import CIFAR10, CIFAR100, Release
+from bench.data import cifar, datasets, noise
+from bench.data import splits as data
+from bench.data.cifar import load_split, read_batch, write_batch
+from bench.data.datasets import CIFAR10, CIFAR100, Release
 from models import UserError
 
 RNG = np.random.default_rng(7)
@@ -377,7 +378,7 @@ def test_robustbench_reads_the_generated_folder(tmp_path, monkeypatch):
     write_cifar10(tmp_path / CIFAR10.folder, n_train=2, n_test=10_000)  # robustbench assumes 10,000
     monkeypatch.setitem(datasets.DATASETS, "cifar10", unofficial(CIFAR10))
     ours = data.load_noise("cifar10", "gaussian_noise", tmp_path, source="generated")
-    from bench.adapters import _robustbench
+    from bench.eval.adapters import _robustbench
 
     _robustbench()  # the autoattack alias robustbench needs to import
     from robustbench.data import load_cifar10c
@@ -431,7 +432,7 @@ def test_synthetic_set_is_cifar_format_balanced_and_seeded(tmp_path):
     assert (tmp_path / "synthetic" / "cifar-10-batches-py" / "batches.meta").is_file()
     train = data.load_train("synthetic", tmp_path)
     assert len(train) == 10_000
-    from bench.synthetic import make_synthetic
+    from bench.data.synthetic import make_synthetic
 
     make_synthetic(tmp_path / "again", seed=0)
     again, _ = read_batch(tmp_path / "again" / "test_batch", "labels", 10)

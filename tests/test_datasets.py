@@ -12,13 +12,15 @@ import pytest
 import torch
 
 import run_bench
-from bench import datasets, recipes
-from bench.adapters import dataset_defaults, module_defense, state_dict_defense
-from bench.cifar import ImageSet, load_split
-from bench.data import load_noise, load_test, load_train
-from bench.datasets import CIFAR10, DatasetInfo, dataset_info, paper_datasets, register_dataset
-from bench.synthetic import draw, make_synthetic
-from bench.train import augment
+from bench.data import datasets
+from bench.data.cifar import ImageSet, load_split
+from bench.data.datasets import CIFAR10, DatasetInfo, dataset_info, paper_datasets, register_dataset
+from bench.data.splits import load_noise, load_test, load_train
+from bench.data.synthetic import draw, make_synthetic
+from bench.eval.adapters import module_defense, state_dict_defense
+from bench.records.checkpoints import dataset_defaults
+from bench.train import recipes
+from bench.train.loop import augment
 from models import UserError, create_model
 
 TINY_SIZES = (384, 48)  # (train, test) images

@@ -1,4 +1,4 @@
-"""Ranking a defense from the command line (bench.defenses): the README's one-liner, the
+"""Ranking a defense from the command line (bench.eval.defenses): the README's one-liner, the
 RobustBench fetch, several defenses from a TOML file, and every bad input as one line."""
 
 import importlib.util
@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.adapters import NormalizedModel, module_defense
-from bench.data import load_train
-from bench.noise import NOISE_GROUPS
-from bench.records import load_checks, load_records, load_stability
+from bench.data.noise import NOISE_GROUPS
+from bench.data.splits import load_train
+from bench.eval.adapters import NormalizedModel, module_defense
+from bench.records.store import load_checks, load_records, load_stability
 from run_bench import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_a_registered_architecture_with_your_weights_gets_every_stability_unit(w
 
 @needs_robustbench
 def test_a_missing_robustbench_checkpoint_is_fetched_with_load_model_then_loaded(grey_root, tmp_path, monkeypatch, capsys):
-    from bench.adapters import _robustbench
+    from bench.eval.adapters import _robustbench
 
     model_dicts, BenchmarkDataset, ThreatModel = _robustbench()  # robustbench imports `autoattack`: aliased first
     import robustbench.utils
@@ -256,7 +256,7 @@ def test_a_missing_robustbench_checkpoint_is_fetched_with_load_model_then_loaded
 
 @needs_robustbench
 def test_an_offline_robustbench_fetch_is_one_line(tmp_path, monkeypatch, capsys):
-    from bench.adapters import _robustbench
+    from bench.eval.adapters import _robustbench
 
     _robustbench()  # robustbench imports `autoattack`: aliased first
     import robustbench.utils
@@ -369,7 +369,7 @@ def test_a_bad_defense_is_one_line_before_any_work(workspace, capsys, case):
 def test_the_same_weights_built_otherwise_are_refused_not_found_cached(workspace, grey_root, capsys, monkeypatch):
     """The records key a defense's cells by its weights' digest: a run of the same weights
     with another normalisation must not read them as its own."""
-    from bench import pipeline
+    from bench.run import pipeline
 
     calls = []
     monkeypatch.setattr(pipeline.Driver, "execute", lambda self, tasks, executor: calls.append(len(tasks)))

@@ -9,15 +9,15 @@ import torch
 import torchattacks
 from torch import nn
 
-from bench import evaluate as engine
-from bench import perturbations
-from bench.adapters import Defense, ensemble_defense, state_dict_defense
-from bench.aggregate import with_pooled_noise
-from bench.attacks import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
-from bench.data import load_test
-from bench.evaluate import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
-from bench.noise import NOISE_GROUPS
-from bench.records import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
+from bench.attacks import perturbations
+from bench.attacks.gradient import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
+from bench.data.noise import NOISE_GROUPS
+from bench.data.splits import load_test
+from bench.eval import engine
+from bench.eval.adapters import Defense, ensemble_defense, state_dict_defense
+from bench.eval.engine import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
+from bench.records.aggregate import with_pooled_noise
+from bench.records.store import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
 from models import create_model
 
 WRONG = 30  # the grey_root fixture (conftest.py): the first 30 of its 100 test images carry a wrong label
@@ -296,7 +296,7 @@ def test_evaluate_defense_is_the_one_call_for_any_adapter(grey_root, grey_defens
     assert len(frame) == 24 and set(frame["model"]) == {"grey"} and set(frame["family"]) == {"external"}
     assert frame.loc[frame["perturbation"] == "pgd", "accuracy"].item() == 0.7
     assert len(evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)) == 24  # cached
-    from bench.report import write_reports
+    from bench.reports.writer import write_reports
 
     write_reports(tmp_path)  # the defense gets its leaderboard row with no other change
     board = pd.read_csv(tmp_path / "leaderboard.csv")

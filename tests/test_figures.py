@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import run_bench
-from bench import figures
+from bench.reports import figures
 
 PNG, PDF = b"\x89PNG", b"%PDF"
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.adapters import META_FILE
-from bench.records import load_records
+from bench.records.checkpoints import META_FILE
+from bench.records.store import load_records
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 KEY = ["model", "seed", "members", "perturbation", "eps_255", "severity", "n", "params"]

@@ -18,19 +18,20 @@ import pytest
 import torch
 
 import run_bench
-from bench import estimate, sanity
-from bench.adapters import read_meta
-from bench.cifar import read_batch
-from bench.data import ensure_generated
-from bench.evaluate import EvalConfig
-from bench.leaderboard import leaderboard_texts
-from bench.options import RunOptions
-from bench.plan import eval_config, plan_jobs
-from bench.reaper import Reaper, descendants
-from bench.records import COLUMNS, RecordStore
-from bench.suites import suite
+from bench.core.files import LOCKS, atomic_write, run_lock, temp_prefix, write_all
+from bench.data.cifar import read_batch
+from bench.data.splits import ensure_generated
+from bench.eval import sanity
+from bench.eval.engine import EvalConfig
+from bench.records.checkpoints import read_meta
+from bench.records.store import COLUMNS, RecordStore
+from bench.reports.leaderboard import leaderboard_texts
+from bench.run import estimate
+from bench.run.options import RunOptions
+from bench.run.plan import eval_config, plan_jobs
+from bench.run.reaper import Reaper, descendants
+from bench.run.suites import suite
 from models import UserError
-from models.checkpoints import LOCKS, atomic_write, run_lock, temp_prefix, write_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,7 +263,7 @@ def test_locks_that_cannot_be_taken_are_one_line(tmp_path, monkeypatch):
     (tmp_path / LOCKS).write_text("")
     with pytest.raises(UserError, match=r"\.locks is a file, not a folder"), run_lock(tmp_path / LOCKS / "a.lock"):
         pass
-    from models import checkpoints
+    from bench.core import files as checkpoints
 
     def denied(path, mode):
         raise PermissionError(13, "Permission denied", str(path))
@@ -298,7 +299,7 @@ def test_a_batch_file_that_is_not_a_dict_is_one_line(tmp_path):
 
 
 def test_a_garbled_generation_record_means_generate_again(tmp_path):
-    from bench.cifar import ImageSet
+    from bench.data.cifar import ImageSet
 
     test = ImageSet(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2, "synthetic", False)
     ensure_generated(tmp_path, test, seed=0)
@@ -337,7 +338,7 @@ def test_counts_and_addresses_out_of_range_are_one_line(tmp_path, capsys, argv, 
 
 def test_a_ray_address_where_nothing_listens_is_one_line_in_bounded_time():
     ray = pytest.importorskip("ray")
-    from bench.executors import _join
+    from bench.run.executors import _join
 
     began = time.perf_counter()
     with pytest.raises(UserError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:1 \(Connection refused\)"):
@@ -350,7 +351,7 @@ def test_a_ray_address_where_nothing_listens_is_one_line_in_bounded_time():
 
 DRIVER = """
 import subprocess, sys, time
-from bench.reaper import Reaper, descendants
+from bench.run.reaper import Reaper, descendants
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 Reaper({p: t for p, t in descendants().items() if p == child.pid})
 print(child.pid, flush=True)

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import run_bench
-from bench import records
-from bench.cifar import read_batch, write_batch
-from bench.datasets import DATASETS
-from bench.records import DB_FILE, load_checks, load_records, load_runs
+from bench.data.cifar import read_batch, write_batch
+from bench.data.datasets import DATASETS
+from bench.records import store as records
+from bench.records.store import DB_FILE, load_checks, load_records, load_runs
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,10 +397,10 @@ def test_stores_and_folders_that_cannot_be_ours_get_the_right_advice(tmp_path, c
 def test_workers_never_outnumber_the_tasks(caplog):
     import logging
 
-    from bench.options import RunOptions
+    from bench.run.options import RunOptions
 
     caplog.set_level(logging.INFO)
-    from bench.pipeline import _workers
+    from bench.run.pipeline import _workers
 
     assert _workers(RunOptions(workers=8), 2) == 2 and "--workers 8 for 2 tasks: 2 workers" in caplog.text
     assert _workers(RunOptions(workers=2), 5) == 2 and _workers(RunOptions(), 5) is None
@@ -465,9 +465,9 @@ def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, re
 def test_the_cleanup_removes_only_the_orphans_of_its_own_dead_writers_in_its_own_folders(tmp_path):
     """Data dirs are shared with other tools: a file that merely looks temporary, or one of
     ours outside the folders the harness writes, survives; a dead writer's in them does not."""
-    from bench.data import data_folders
-    from bench.pipeline import RESULT_FOLDERS
-    from models.checkpoints import remove_orphans
+    from bench.core.files import remove_orphans
+    from bench.data.splits import data_folders
+    from bench.run.pipeline import RESULT_FOLDERS
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host, pid = __import__("socket").gethostname().split(".")[0], dead.stdout.strip()

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import run_bench
-from bench.datasets import DATASETS
-from bench.pipeline import RunOptions, plan_jobs
-from bench.records import (
+from bench.data.datasets import DATASETS
+from bench.records.store import (
     KEY,
     STABILITY_KEY,
     load_checks,
@@ -23,7 +22,8 @@ from bench.records import (
     load_runs,
     load_stability,
 )
-from bench.suites import SUITES
+from bench.run.pipeline import RunOptions, plan_jobs
+from bench.run.suites import SUITES
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}

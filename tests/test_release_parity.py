@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.attacks import pgd_around_start
-from bench.recipes import AUTHORS_CODE_STD, Recipe
-from bench.train import TrainConfig, epoch_generator, make_optimizer, train_epoch
+from bench.attacks.gradient import pgd_around_start
+from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train_epoch
+from bench.train.recipes import AUTHORS_CODE_STD, Recipe
 from models import CIFAR10_MEAN, PreActResNet, skip
 
 TOLERANCE = 1e-5
@@ -162,7 +162,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 def train_both(ours: PreActResNet, ref: Release) -> None:
     """STEPS steps of the release's SGD (lr 0.1, momentum 0.9, weight decay 1e-4 on every
-    parameter) on the same batches, in float64: ours through bench.train's epoch loop and
+    parameter) on the same batches, in float64: ours through bench.train.loop's epoch loop and
     optimiser, the release's by hand in the order the epoch generator gives."""
     ours.double()
     ref.double()
@@ -177,7 +177,7 @@ def train_both(ours: PreActResNet, ref: Release) -> None:
     order = torch.randperm(len(labels), generator=epoch_generator(0, 0))  # train_epoch's first draw
     for start in range(0, len(labels), BATCH):
         idx = order[start : start + BATCH]
-        pixels = (images[idx].float() / 255).double()  # bench.train.augment's conversion, bit for bit
+        pixels = (images[idx].float() / 255).double()  # bench.train.loop.augment's conversion, bit for bit
         loss = F.cross_entropy(ref(normalise(pixels)), labels[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -269,8 +269,8 @@ def test_authors_code_pgd_is_the_releases_example_for_example():
     """Our pixel-space PGD around its random start equals the release's normalised-space
     loop (same start), and its images leave the eps-ball around x (up to 2 eps) as the
     release's do, unlike the paper preset's PGD."""
-    from bench.evaluate import EvalConfig
-    from bench.perturbations import perturbation
+    from bench.attacks.perturbations import perturbation
+    from bench.eval.engine import EvalConfig
 
     torch.manual_seed(0)
     ours = PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release").double().eval().requires_grad_(False)

@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 
 import run_bench
-from bench.aggregate import aggregate, seed_metrics, select_measurements
-from bench.claims import claim_rows
-from bench.leaderboard import leaderboard, write_leaderboard
-from bench.measured import Evidence, reduce_records
-from bench.noise import NOISE_GROUPS
-from bench.records import COLUMNS, RUN_COLUMNS, cell_id
-from bench.sanity import record_gates, summary, verdict_text
-from bench.stats import Bootstrap
-from bench.tables import fill, missing, published, render, table_specs, with_failed_runs
+from bench.data.noise import NOISE_GROUPS
+from bench.eval.sanity import record_gates, summary, verdict_text
+from bench.records.aggregate import aggregate, seed_metrics, select_measurements
+from bench.records.stats import Bootstrap
+from bench.records.store import COLUMNS, RUN_COLUMNS, cell_id
+from bench.reports.claims import claim_rows
+from bench.reports.leaderboard import leaderboard, write_leaderboard
+from bench.reports.measured import Evidence, reduce_records
+from bench.reports.tables import fill, missing, published, render, table_specs, with_failed_runs
 
 PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
 GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))
@@ -360,8 +360,8 @@ def coefficient_rows(run: str, above_per_seed: list[int], blocks: int = 50, mode
 
 
 def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
-    from bench import figures
-    from bench.claims import share_claim_rows
+    from bench.reports import figures
+    from bench.reports.claims import share_claim_rows
 
     table = pd.DataFrame(
         coefficient_rows("in-resnet110", [40, 39, 41, 40, 40])  # 80.0% on average
@@ -382,7 +382,7 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
     assert one["verdict"].iloc[0] == "no interval (fewer than two seeds)"
     assert share_claim_rows(table, {"synthetic"}).empty  # the paper draws Fig. 1 on CIFAR-10 only
     assert list(figures.coefficient_table([]).columns) == list(table.columns)  # an empty table keeps its columns
-    from bench.report import render_shares
+    from bench.reports.writer import render_shares
 
     assert render_shares(share_claim_rows(table, {"cifar10"}).head(1).assign(low=78.8, high=81.2)) == (
         "| claim                                                         | data     | seeds   | measured (%)      | "

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 import run_bench
-from bench.cifar import write_batch
-from bench.environment import device_name
-from bench.estimate import flop_rates, recorded_rates, training_images, wall_time
-from bench.evaluate import protocol_cells
-from bench.options import RunOptions
-from bench.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
-from bench.records import COLUMNS, KEY, RecordStore, load_checks, load_correct, load_records
-from bench.suites import SUITES
-from bench.synthetic import make_synthetic
-from bench.work import checkpoint_files, place_files
+from bench.core.environment import device_name
+from bench.data.cifar import write_batch
+from bench.data.synthetic import make_synthetic
+from bench.eval.engine import protocol_cells
+from bench.records.store import COLUMNS, KEY, RecordStore, load_checks, load_correct, load_records
+from bench.run.estimate import flop_rates, recorded_rates, training_images, wall_time
+from bench.run.options import RunOptions
+from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
+from bench.run.suites import SUITES
+from bench.run.work import checkpoint_files, place_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.adapters import ensemble_digest
-from bench.aggregate import ENTRY, aggregate, per_seed, select_measurements
-from bench.noise import NOISE_GROUPS
-from bench.perturbations import params_text
-from bench.records import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS, stale_rows
-from bench.tables import chosen_runs, fill, left_out_note, render, table_specs
+from bench.attacks.perturbations import params_text
+from bench.data.noise import NOISE_GROUPS
+from bench.records.aggregate import ENTRY, aggregate, per_seed, select_measurements
+from bench.records.checkpoints import ensemble_digest
+from bench.records.store import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS, stale_rows
+from bench.reports.tables import chosen_runs, fill, left_out_note, render, table_specs
 
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}
 

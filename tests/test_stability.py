@@ -1,4 +1,4 @@
-"""The stability stage (bench.stability): closed forms on hand-built networks, the
+"""The stability stage (bench.eval.stability): closed forms on hand-built networks, the
 estimators against dense linear algebra, exact equalities, seeded records."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench import stability as st
-from bench import stability_report as sr
-from bench.evaluate import EvalConfig
-from bench.stats import Bootstrap
+from bench.eval import stability as st
+from bench.eval.engine import EvalConfig
+from bench.records.stats import Bootstrap
+from bench.reports import stability_report as sr
 from models import create_model
 from models.skip import SkipRule
 

@@ -8,19 +8,19 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import train as training
-from bench.adapters import zoo_defense
-from bench.data import load_train
-from bench.recipes import AUTHORS_CODE_STD, Recipe, preset_model_options, recipe_for
-from bench.train import TrainConfig, augment, train
+from bench.core.files import sha256_file
+from bench.data.splits import load_train
+from bench.eval.adapters import zoo_defense
+from bench.train import loop as training
+from bench.train.loop import TrainConfig, augment, train
+from bench.train.recipes import AUTHORS_CODE_STD, Recipe, preset_model_options, recipe_for
 from models import CIFAR10_MEAN, UserError, create_model, model_entry
-from models.checkpoints import sha256_file
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The synthetic set, made once for this module."""
-    from bench.data import load_test
+    from bench.data.splits import load_test
 
     root = tmp_path_factory.mktemp("data")
     load_test("synthetic", root)
@@ -253,7 +253,8 @@ def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path
     In-ResNet one trained with decay pulling λ toward 0 and is refused for the new run (by
     training and the adapter); a λ-In-ResNet one stored the same λ and stays valid, but not
     as the authors-code network, which it was not."""
-    from bench.adapters import build_mismatch, zoo_defense
+    from bench.eval.adapters import zoo_defense
+    from bench.records.checkpoints import build_mismatch
 
     legacy = {}
     for model in ("in-resnet14", "lambda-in-resnet14"):

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from bench import sanity
+from bench.attacks.perturbations import PERTURBATIONS, Perturbation, register
+from bench.eval import sanity
 from bench.evaluate import EvalConfig, evaluate_defense
-from bench.leaderboard import check_metric
-from bench.perturbations import PERTURBATIONS, Perturbation, register
-from bench.records import COLUMNS, DB_FILE, KEY, RecordStore, load_correct, load_records
-from bench.report import write_reports
-from bench.stats import Bootstrap, verdict
+from bench.records.stats import Bootstrap, verdict
+from bench.records.store import COLUMNS, DB_FILE, KEY, RecordStore, load_correct, load_records
+from bench.reports.leaderboard import check_metric
+from bench.reports.writer import write_reports
 
 # --- the registry -------------------------------------------------------------------------------
 
@@ -326,7 +326,7 @@ GREY = EvalConfig(eps_255=(2.0,), steps=2)
 def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, grey_defense, tmp_path):
     """Black images in the valid format where the test batch was: the cells are measured
     again on them, and the report shows the new numbers and says which images they read."""
-    from bench.cifar import read_batch, write_batch
+    from bench.data.cifar import read_batch, write_batch
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
@@ -339,7 +339,7 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
     write_reports(results)
     board = pd.read_csv(results / "leaderboard.csv")
     assert board["clean"].item() == 10.0  # the latest data is shown: black images are all of the first class
-    from bench.data import images_digest
+    from bench.data.splits import images_digest
 
     black = images_digest(np.zeros_like(images), labels)
     assert f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)." in (results / "REPORT.md").read_text()
@@ -348,10 +348,10 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
 def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_defense, tmp_path):
     """As cells: a unit measured on images since replaced is measured again, not found
     cached, and the report's reduction reads the latest images' units only."""
-    from bench.cifar import read_batch, write_batch
-    from bench.data import images_digest
-    from bench.records import load_stability
-    from bench.stability_report import chosen
+    from bench.data.cifar import read_batch, write_batch
+    from bench.data.splits import images_digest
+    from bench.records.store import load_stability
+    from bench.reports.stability_report import chosen
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
@@ -370,7 +370,7 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
 
 
 def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path):
-    from bench.records import STABILITY_KEY, load_stability, needs_migration
+    from bench.records.store import STABILITY_KEY, load_stability, needs_migration
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}

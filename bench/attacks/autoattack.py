@@ -1,0 +1,79 @@
+"""AutoAttack as the reference attack, registered like any other perturbation.
+
+The official implementation (Croce & Hein 2020) as PyPI packages it (`pyautoattack`): the
+standard version (APGD-CE, APGD-T, FAB-T, Square) at L-infinity radius eps, seeded, run
+batch by batch by the engine, its adversarial batches audited and classified like every
+attack's. `apgd-ce-lite` is the cheap stand-in of CPU runs (APGD-CE alone, 10 iterations):
+its own name, never shown as AutoAttack.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from bench.attacks.perturbations import Perturbation, register
+
+# the library warns about randomised or probability-returning models on every batch; our
+# sanity checks (bench.eval.sanity) test that once per model instead
+logging.getLogger("auto-attack").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class AutoAttack(Perturbation):
+    """The standard version: APGD-CE, APGD-T, FAB-T and Square, each on the points the
+    previous ones left robust."""
+
+    randomized: bool = True  # seeded from the engine's per-batch seed
+
+    def params(self, setting, eps_255):
+        return {"version": "standard"}
+
+    def perturb(self, model, x, y, eps, setting):
+        from pyautoattack import AutoAttack as Official
+
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the generator the engine seeded
+        attack = Official(model, device=x.device, eps=eps[0], norm="Linf", seed=seed, version="standard")
+        attack.verbose = False
+        # the library views gradients as (N, -1): it needs the default (NCHW) memory layout
+        return [attack.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))[0]]
+
+    def passes(self, n, radii, setting):
+        # APGD-CE 100 + APGD-T 9 x 100 + FAB-T 9 x 100 gradient steps; Square's 5,000 queries
+        # run only on the points still robust: counted as a third of the images
+        return n * radii * (1 + 5000 / 3), n * radii * 1900
+
+    def describe(self, params):
+        return f"{params.get('version', '?')} version"
+
+
+@dataclass(frozen=True)
+class APGDLite(Perturbation):
+    """APGD on the cross-entropy loss alone (the first attack of AutoAttack), one restart of
+    a few iterations: cheap enough for a CPU, far weaker than AutoAttack."""
+
+    randomized: bool = True
+    iterations: int = 10
+
+    def params(self, setting, eps_255):
+        return {"iterations": self.iterations, "loss": "ce", "restarts": 1}
+
+    def perturb(self, model, x, y, eps, setting):
+        from pyautoattack.autopgd_base import APGDAttack
+
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        attack = APGDAttack(model, n_iter=self.iterations, norm="Linf", n_restarts=1, eps=eps[0], seed=seed,
+                            loss="ce", device=x.device)  # fmt: skip
+        return [attack.perturb(x.contiguous(), y)]  # NCHW, as AutoAttack's code needs
+
+    def passes(self, n, radii, setting):
+        return n * radii * 2, n * radii * self.iterations
+
+    def describe(self, params):
+        return f"{params.get('iterations')} iterations"
+
+
+register(AutoAttack("autoattack", "AutoAttack", leaderboard=True))
+register(APGDLite("apgd-ce-lite", "APGD-CE (10 it.)"))

@@ -1,0 +1,249 @@
+"""The registry of perturbations: every kind of cell the harness can measure, in one place.
+
+A `Perturbation` says what it is called, what kind it is (clean, noise, attack), which
+parameters identify a measurement (recorded as canonical JSON, part of the cell key), how
+it perturbs a batch, what that costs and how to order or describe its parameter sets.
+Evaluation, records, aggregation, tables, the leaderboard and `--rank-by` ask the
+registry; adding an attack is one class and one `register` call (see `bench/attacks/autoattack.py`).
+
+Units: `x` float32 N x 3 x H x W in [0, 1], `y` int64 N, radii `eps` in pixel units
+(2/255 = 0.0078) when passed to `perturb`, in 1/255 everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bench.attacks.gradient import fgsm, iterative_attack, pgd_around_start
+from bench.data.noise import NOISE_GROUPS
+from models import UserError
+
+CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
+PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
+DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations: every default step count reads this one
+
+
+@dataclass(frozen=True)
+class AttackSetting:
+    """What an attack's recorded parameters depend on besides its radius: the protocol
+    preset, the step count and the step size (1/255; None: the preset's)."""
+
+    preset: str = "paper"
+    steps: int = DEFAULT_STEPS
+    alpha_255: float | None = None
+
+    @property
+    def pgd_ball(self) -> str:
+        """Where PGD's projection ball is centred: on the image (the paper's text), or on
+        the random start (the release's test_pgd.py, preset authors-code)."""
+        return "start" if self.preset == "authors-code" else "image"
+
+    @property
+    def alpha(self) -> float:
+        return (self.alpha_255 if self.alpha_255 is not None else PRESET_ALPHA_255[self.preset]) / 255
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One kind of cell. Subclasses override what differs; the defaults are a clean pass."""
+
+    name: str  # in the records and metric names (`pgd@2`)
+    label: str  # in tables and the leaderboard
+    kind: str = ATTACK  # CLEAN, NOISE, ATTACK, or DERIVED (computed from other cells' bits)
+    shares_radii: bool = False  # all radii in one pass over the data (FGSM's one gradient)
+    leaderboard: bool = False  # a column of the leaderboard at 2/255
+    randomized: bool = False  # draws random numbers: seeded per batch by the engine
+
+    def params(self, setting, eps_255: float) -> dict:
+        """The parameters that identify a measurement besides the radius (recorded)."""
+        return {}
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting) -> list[Tensor]:
+        """The perturbed batch for each radius in `eps` (pixel units)."""
+        return [x for _ in eps]
+
+    def passes(self, n: int, radii: int, setting) -> tuple[float, float]:
+        """(forward, forward+backward) image passes for `n` images at `radii` radii, the
+        final classifying forward included: for progress bars and estimates."""
+        return n * radii, 0.0
+
+    def reach(self, setting, eps: float) -> float:
+        """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
+        audit allows. The radius, unless the perturbation's ball is centred elsewhere."""
+        return eps
+
+    def strength(self, params: dict) -> tuple:
+        """Orders parameter sets of one radius: the largest is the strongest attack."""
+        return ()
+
+    def describe(self, params: dict) -> str:
+        """A measurement's parameters in words, for the lines naming what was left out."""
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
+@dataclass(frozen=True)
+class Clean(Perturbation):
+    kind: str = CLEAN
+
+
+@dataclass(frozen=True)
+class NoiseGroup(Perturbation):
+    """A CIFAR-C noise group at one severity: the images come from its file (the engine
+    reads them); nothing is done to them here."""
+
+    kind: str = NOISE
+
+
+@dataclass(frozen=True)
+class FGSM(Perturbation):
+    """Paper Eq. 19 at every radius from one input gradient."""
+
+    shares_radii: bool = True
+    leaderboard: bool = True
+
+    def perturb(self, model, x, y, eps, setting):
+        return fgsm(model, x, y, eps)
+
+    def passes(self, n, radii, setting):
+        return n * radii, n
+
+
+@dataclass(frozen=True)
+class Iterative(Perturbation):
+    """IFGSM (paper Eq. 20) or PGD (random start): `steps` signed-gradient steps of size
+    alpha, projected onto the eps-ball and [0, 1]. Alpha and steps come from the setting
+    (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here.
+
+    The ball is centred on x ("image", the paper's text) or, for PGD under a setting whose
+    `pgd_ball` is "start" (the authors-code preset), on the unclipped random start, as the
+    release (`ball` None: the setting's). A start-centred measurement records
+    `"ball": "start"` in its params, so it never pools with the paper's PGD."""
+
+    leaderboard: bool = True
+    steps: int | None = None  # None: the setting's
+    alpha_per_eps: float | None = None  # alpha = this x eps (None: the setting's alpha)
+    ball: str | None = "image"  # "image", "start", or None: the setting's pgd_ball
+
+    def params(self, setting, eps_255):
+        steps = self.steps if self.steps is not None else setting.steps
+        alpha = self.alpha_per_eps * eps_255 if self.alpha_per_eps is not None else setting.alpha * 255
+        params = {"alpha_255": round(alpha, 6), "steps": int(steps)}
+        return {**params, "ball": "start"} if self._ball(setting) == "start" else params
+
+    def _ball(self, setting) -> str:
+        return self.ball if self.ball is not None else setting.pgd_ball
+
+    def perturb(self, model, x, y, eps, setting):
+        params = self.params(setting, eps[0] * 255)
+        alpha, steps = params["alpha_255"] / 255, params["steps"]
+        if self._ball(setting) == "start":
+            return [pgd_around_start(model, x, y, eps[0], alpha, steps)]
+        attack = iterative_attack(model, "pgd" if self.randomized else "ifgsm", eps[0], alpha, steps)
+        return [attack(x, y)]
+
+    def reach(self, setting, eps):
+        return 2 * eps if self._ball(setting) == "start" else eps
+
+    def passes(self, n, radii, setting):
+        steps = self.steps if self.steps is not None else setting.steps
+        return n * radii, n * radii * steps
+
+    def strength(self, params):
+        return (params.get("steps", 0), params.get("alpha_255", 0.0))
+
+    def describe(self, params):
+        steps = params["steps"]
+        return f"{steps} step{'' if steps == 1 else 's'} at α {params['alpha_255']:g}/255"
+
+
+@dataclass(frozen=True)
+class UniformNoise(Perturbation):
+    """x + U[-eps, eps] per value, clipped to [0, 1]: random noise in the eps-ball. A sanity
+    check: if it hurts more than PGD at the same radius, PGD's gradients are broken."""
+
+    randomized: bool = True
+
+    def perturb(self, model, x, y, eps, setting):
+        return [torch.clamp(x + e * (2 * torch.rand_like(x) - 1), 0, 1) for e in eps]
+
+
+@dataclass(frozen=True)
+class Worst(Perturbation):
+    """Per example, correct only if it survives every attack measured at that radius on the
+    same images: computed from the stored bits, never evaluated."""
+
+    kind: str = DERIVED
+    leaderboard: bool = True
+
+    def perturb(self, model, x, y, eps, setting):
+        raise UserError("the worst case is computed from recorded cells, not evaluated")
+
+    def describe(self, params):
+        return "over " + ", ".join(params.get("of", []))
+
+
+PERTURBATIONS: dict[str, Perturbation] = {}
+
+
+def register(perturbation: Perturbation) -> Perturbation:
+    if perturbation.name in PERTURBATIONS:
+        raise ValueError(f"perturbation {perturbation.name!r} is registered twice")
+    if "@" in perturbation.name or not perturbation.name:
+        raise ValueError(f"perturbation names are non-empty and have no '@': {perturbation.name!r}")
+    PERTURBATIONS[perturbation.name] = perturbation
+    return perturbation
+
+
+def perturbation(name: str) -> Perturbation:
+    if name not in PERTURBATIONS:
+        raise UserError(f"unknown perturbation {name!r}; registered: {', '.join(PERTURBATIONS)}")
+    return PERTURBATIONS[name]
+
+
+def of_kind(*kinds: str) -> list[Perturbation]:
+    return [p for p in PERTURBATIONS.values() if p.kind in kinds]
+
+
+def params_text(params: dict) -> str:
+    """The canonical JSON of a parameter set: the records' `params` column."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def metric_name(perturbation_name: str, eps_255: float) -> str:
+    """`clean`, a noise group's name, or `<attack>@<eps in 1/255>` such as `pgd@2`."""
+    kind = PERTURBATIONS[perturbation_name].kind if perturbation_name in PERTURBATIONS else ATTACK
+    return perturbation_name if kind in (CLEAN, NOISE) else f"{perturbation_name}@{eps_255:g}"
+
+
+def parse_metric(name: str) -> str | None:
+    """The canonical form of a metric name (`pgd@2.0` -> `pgd@2`), or None when no
+    registered perturbation has it."""
+    if name in ("noise", *(p.name for p in of_kind(CLEAN, NOISE))):
+        return name
+    attack, at, eps = name.partition("@")
+    if not at or attack not in PERTURBATIONS or PERTURBATIONS[attack].kind not in (ATTACK, DERIVED):
+        return None
+    try:
+        value = float(eps)
+    except ValueError:
+        return None
+    return metric_name(attack, value) if math.isfinite(value) and value >= 0 else None
+
+
+register(Clean("clean", "Acc."))
+for _group in NOISE_GROUPS:
+    register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
+register(FGSM("fgsm", "FGSM"))
+register(Iterative("ifgsm", "IFGSM"))
+register(Iterative("pgd", "PGD", randomized=True, ball=None))
+register(UniformNoise("uniform", "Uniform noise"))
+# Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
+# undefended model to chance (Madry et al.'s step rule).
+register(Iterative("pgd50", "PGD-50", randomized=True, leaderboard=False, steps=50, alpha_per_eps=2.5 / 50))
+register(Worst("worst", "Worst case"))

@@ -1,0 +1,239 @@
+"""Defenses named on the command line or in a defenses.toml: what to build, checked, and
+how to build it again in any worker.
+
+A `DefenseSpec` is plain data (picklable, paths absolute), so that a worker process or a
+Ray node rebuilds the defense itself; the driver builds each one once first, so that a
+module that does not import, a factory that raises, weights that do not fit or a mean of
+the wrong length is one error line before any work. Three sources, one per adapter:
+
+- `module`: `--defense pkg.mod:Factory` (or `path/to/file.py:Factory`) with `--weights`,
+  optional `--mean/--std` (none: the network takes [0, 1] inputs);
+- `state-dict`: `--state-dict ARCH PATH`, a registered architecture with the user's weights;
+- `robustbench`: `--robustbench NAME` (`--model-dir`, `--threat-model`), fetched with
+  RobustBench's own loader when its checkpoint is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import nn
+
+from bench.core.numbers import decimal
+from bench.data.datasets import dataset_info
+from bench.eval.adapters import Defense, module_defense, robustbench_defense, state_dict_defense
+from models import UserError, list_models
+
+MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a folder and a file name
+# a defenses.toml table's keys: the command line's options, without their dashes
+KEYS = ("defense", "weights", "mean", "std", "dataset", "state-dict", "robustbench", "model-dir", "threat-model")
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """One defense as the user named it; `build()` makes it (see the module docstring)."""
+
+    source: str  # MODULE, STATE_DICT or ROBUSTBENCH
+    name: str
+    dataset: str = "cifar10"
+    target: str = ""  # MODULE: "module:factory" or "file.py:factory"; STATE_DICT: the architecture; ROBUSTBENCH: its name
+    weights: str = ""  # MODULE, STATE_DICT: the state_dict file
+    mean: tuple[float, ...] | None = None  # MODULE: the network's input normalisation; STATE_DICT: overrides the data set's
+    std: tuple[float, ...] | None = None
+    model_dir: str = "models"  # ROBUSTBENCH: RobustBench's layout <model_dir>/<dataset>/<threat_model>/<name>.pt
+    threat_model: str = "Linf"
+    fetch: bool = field(default=True, compare=False)  # ROBUSTBENCH: download a missing checkpoint
+
+    def build(self) -> Defense:
+        if self.source == MODULE:
+            return module_defense(self.name, factory_of(self.target), self.weights, mean=self.mean, std=self.std,
+                                  dataset=self.dataset)  # fmt: skip
+        if self.source == STATE_DICT:
+            norm = {} if self.mean is None else {"mean": self.mean, "std": self.std}
+            return state_dict_defense(self.target, self.weights, self.dataset, name=self.name, **norm)
+        defense = robustbench_defense(self.target, self.dataset, self.threat_model, self.model_dir, fetch=self.fetch)
+        return Defense(defense.model, replace(defense.info, name=self.name))
+
+
+def identity(source: DefenseSpec | Defense) -> tuple[str, str]:
+    """(name, data set) of a defense, named or handed over built."""
+    return (source.info.name, source.info.dataset) if isinstance(source, Defense) else (source.name, source.dataset)
+
+
+def built(source: DefenseSpec | Defense) -> Defense:
+    """The defense a task evaluates: built from its spec, or handed over built (Python API)."""
+    return source if isinstance(source, Defense) else source.build()
+
+
+def check_name(name: str, where: str) -> str:
+    """A defense's name, which names its records, locks and leaderboard files: not a
+    registered model's (its rows would read as the zoo's)."""
+    if not NAME.fullmatch(name):
+        raise UserError(
+            f"{where}: defense name {name!r} must be 1-100 letters, digits or . _ @ + - (starting with a letter or "
+            "digit): give another with --name"
+        )
+    if name.split("@")[0] in list_models():  # a zoo run's tag is its model's name and its options
+        raise UserError(f"{where}: defense name {name!r} reads as a registered model's run: give it another with --name")
+    return name
+
+
+def factory_of(target: str) -> type[nn.Module]:
+    """The factory `module:attr` (a module path, or a .py file path) names; one error line
+    for a module that does not import (its error's last line) or a missing attribute."""
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise UserError(f"--defense {target!r} is not module:factory (e.g. my_pkg.nets:SmallCNN or nets.py:SmallCNN)")
+    module = _import(module_name, target)
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        offered = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
+        raise UserError(f"--defense {target}: {module_name} has no factory {attr!r}; its modules: {', '.join(offered) or '-'}")
+
+    def checked() -> nn.Module:
+        try:
+            net = factory()
+        except Exception as err:
+            raise UserError(f"--defense {target}: {attr}() raised {_last_line(err)}") from None
+        return net  # bench.eval.adapters.module_defense checks that it is a network
+
+    # the build the records name: a file as the module it is (nets.py: nets), wherever it lies
+    checked.__module__ = Path(module_name).stem if module_name.endswith(".py") else module.__name__
+    checked.__qualname__ = attr
+    return checked
+
+
+def _import(module_name: str, target: str):
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            if not path.is_file():
+                raise UserError(f"--defense {target}: {path} is not a file")
+            name = "inres_defense_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            return sys.modules[name]
+        if os.getcwd() not in sys.path:  # as `python -m` does: the user's own package, from where they are
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(module_name)
+    except UserError:
+        raise
+    except Exception as err:  # an import runs the user's code: any error is theirs
+        raise UserError(f"--defense {target}: cannot import {module_name}: {_last_line(err)}") from None
+
+
+def _last_line(err: BaseException) -> str:
+    if isinstance(err, SyntaxError):
+        return f"SyntaxError: {err.msg} ({err.filename}, line {err.lineno})"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1]}" if text else type(err).__name__
+
+
+# --- from the command line and from defenses.toml ---------------------------------------------
+
+
+def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
+    """A spec from one defense's options (KEYS, plus `name`); `where` names them in errors,
+    `base` is the folder relative paths start from."""
+    unknown = sorted(set(values) - {*KEYS, "name"})
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)}")
+    sources = [k for k in ("defense", "state-dict", "robustbench") if values.get(k) is not None]
+    if len(sources) != 1:
+        raise UserError(f"{where}: name the defense with exactly one of defense, state-dict, robustbench "
+                        f"(got {', '.join(sources) or 'none'})")  # fmt: skip
+    source = sources[0]
+    dataset = _text(values.get("dataset", "cifar10"), "dataset", where)
+    dataset_info(dataset)
+    allowed = {"defense": {"weights", "mean", "std"}, "state-dict": {"mean", "std"}, "robustbench": {"model-dir", "threat-model"}}
+    stray = sorted(k for k in values if k in KEYS and k not in {source, "dataset", *allowed[source]} and values[k] is not None)
+    if stray:
+        raise UserError(f"{where}: {stray[0]} does not apply to a {source} defense")
+    mean, std = (_numbers(values.get(k), k, where) for k in ("mean", "std"))
+    if source == "defense":
+        if values.get("weights") is None:
+            raise UserError(f"{where}: a defense needs its weights (--weights PATH, a state_dict file)")
+        target, weights = _text(values["defense"], "defense", where), _path(values["weights"], base)
+        module, _, attr = target.rpartition(":")
+        target = f"{_path(module, base) if module.endswith('.py') else module}:{attr}"
+        name = values.get("name") or Path(weights).stem
+        spec = DefenseSpec(MODULE, name, dataset, target, weights, mean, std)
+    elif source == "state-dict":
+        pair = values["state-dict"]
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise UserError(f"{where}: state-dict takes an architecture and a path, e.g. [\"resnet110\", \"mine.pt\"]")
+        weights = _path(pair[1], base)
+        spec = DefenseSpec(STATE_DICT, values.get("name") or Path(weights).stem, dataset, pair[0], weights, mean, std)
+    else:
+        name = _text(values["robustbench"], "robustbench", where)
+        spec = DefenseSpec(ROBUSTBENCH, values.get("name") or name, dataset, name,
+                           model_dir=_path(values.get("model-dir", "models"), base),
+                           threat_model=_text(values.get("threat-model", "Linf"), "threat-model", where))  # fmt: skip
+    if (mean is None) != (std is None):
+        raise UserError(f"{where}: give --mean and --std together (one number per channel), or neither")
+    check_name(_text(spec.name, "name", where), where)
+    return spec
+
+
+def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
+    """The defenses of a TOML file: one table per defense, named by the table, with the
+    command line's keys (relative paths from the file's folder)."""
+    path = Path(path)
+    try:
+        tables = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"--defenses {path}: cannot read it ({err.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--defenses {path} is not valid TOML: {err}") from None
+    if not tables:
+        raise UserError(f"--defenses {path} names no defense: give one [name] table per defense")
+    specs = []
+    for name, values in tables.items():
+        where = f"--defenses {path} [{name}]"
+        if not isinstance(values, dict):
+            raise UserError(f"{where} must be a table of options (e.g. defense = \"nets.py:SmallCNN\")")
+        if "name" in values:
+            raise UserError(f"{where}: unknown key 'name' (the table's name is the defense's); the keys are {', '.join(KEYS)}")
+        specs.append(spec_from({**values, "name": name}, where, path.resolve().parent))
+    return tuple(specs)
+
+
+def _text(value, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _path(value, base: Path, key: str = "a path", where: str = "") -> str:
+    return str((base / Path(os.path.expanduser(_text(value, key, where or str(base))))).resolve())
+
+
+def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
+    """--mean 0.49,0.48,0.45 or mean = [0.49, 0.48, 0.45]."""
+    if value is None:
+        return None
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        numbers = tuple(decimal(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool))
+        if len(numbers) != len(items) or not numbers or not all(math.isfinite(v) for v in numbers):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {key} takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got {value!r}") from None
+    return numbers

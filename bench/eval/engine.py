@@ -1,0 +1,478 @@
+"""The evaluation engine: every cell of the protocol for one defense, audited and resumable.
+
+A cell is one perturbation at one radius or severity on the (class-balanced subset of
+the) test set: clean; each noise group at severities 1-5; FGSM, IFGSM and PGD at each
+radius. Accuracy is the paper's: the fraction of perturbed inputs classified correctly.
+Finished cells are read from the record store and never computed again; each cell is
+written as soon as it finishes (FGSM's radii together: they share one gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from bench.attacks.gradient import AttackAuditError, audit, run_seeded
+from bench.attacks.perturbations import (
+    ATTACK,
+    DEFAULT_STEPS,
+    NOISE,
+    PRESET_ALPHA_255,
+    AttackSetting,
+    of_kind,
+    params_text,
+    perturbation,
+)
+from bench.core.environment import check_device_kind, device_name
+from bench.data.noise import SEVERITIES
+from bench.data.splits import (
+    batches,
+    cell_sources,
+    current_noise_file,
+    images_digest,
+    load_noise,
+    load_test,
+    noise_digest,
+    noise_file,
+    severity_rows,
+    subset_indices,
+)
+from bench.eval.adapters import Defense
+from bench.records.store import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, RecordStore, utc_now
+from models import UserError
+from models.layers import Normalize
+
+log = logging.getLogger(__name__)
+FORWARD, FORWARD_BACKWARD = 1.0, 3.0  # progress-bar cost of one image pass (an attack step ~ 3 forwards)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
+
+    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, PGD's ball around its start, per-file noise normalisation
+    eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
+    iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
+    steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
+    alpha_255: float | None = None  # None: the preset's
+    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    noise_source: str = "auto"  # released, generated, or auto (released when present)
+    batch_size: int | None = None  # None: 256 on a CPU, 512 on a GPU, halved on out-of-memory
+    device: str = "cpu"
+    seed: int = 0  # random starts and noise come from (seed, model seed, radius, batch)
+    channels_last: bool = True  # faster convolutions on CPUs and GPUs alike
+    # more registered attacks (bench.attacks.perturbations), each at its radii: (name, radii) pairs
+    extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
+    subsets: tuple[tuple[str, int], ...] = ()
+    # cells recorded before cells had a data digest count as cached (False: measure them again)
+    trust_unknown_data: bool = True
+
+    def __post_init__(self):
+        if self.preset not in PRESET_ALPHA_255:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_ALPHA_255)}")
+        check_device_kind(self.device)  # whether this machine has one: checked where the work starts
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        for name in ("n_test", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        radii = (*self.eps_255, *self.radii, *(e for _, extra in self.extra for e in extra))
+        bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
+        if not self.eps_255 or not self.radii or bad:
+            shown = ", ".join(dict.fromkeys(bad)) or "none"
+            raise UserError(f"--radii must be finite numbers of 1/255 in [0, 255], got {shown}")
+        if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
+            raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
+        for name, _ in self.extra:
+            if perturbation(name).kind != ATTACK:
+                raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
+        for name, n in self.subsets:
+            perturbation(name)
+            if n < 1:
+                raise UserError(f"the test subset of {name} must be positive, got {n}")
+
+    @property
+    def attack_setting(self) -> AttackSetting:
+        return AttackSetting(self.preset, self.steps, self.alpha_255)
+
+    @property
+    def pgd_ball(self) -> str:
+        return self.attack_setting.pgd_ball
+
+    @property
+    def alpha(self) -> float:
+        return self.attack_setting.alpha
+
+    @property
+    def radii(self) -> tuple[float, ...]:
+        return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
+
+    def n_test_of(self, name: str) -> int | None:
+        """The class-balanced subset size of a perturbation's cells (None: all images): a
+        smaller subset of its own, never larger than the test subset."""
+        own = dict(self.subsets).get(name)
+        if own is None or self.n_test is None:
+            return self.n_test if own is None else own
+        return min(own, self.n_test)
+
+
+def attack_names() -> list[str]:
+    return [p.name for p in of_kind(ATTACK)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    perturbation: str  # a registered perturbation's name (bench.attacks.perturbations)
+    eps_255: float = 0.0
+    severity: int = 0
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A defense and the facts records need about it."""
+
+    defense: Defense
+    model: str  # registered name, or the defense's own name
+    run: str  # checkpoint tag: the model plus every option that changed its weights
+    seed: int  # ENSEMBLE_SEED for an ensemble
+    members: int = 1
+    lambda_init: tuple[float, float] | None = None
+
+
+def protocol_cells(config: EvalConfig) -> list[Cell]:
+    cells = [Cell("clean")]
+    cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
+    cells += [Cell("fgsm", e) for e in config.eps_255]
+    cells += [Cell(kind, e) for kind in ("ifgsm", "pgd") for e in config.radii]
+    cells += [Cell(name, e) for name, radii in config.extra for e in radii]
+    return list(dict.fromkeys(cells))
+
+
+class EvalData:
+    """The test set of one data set, its class-balanced subsets and its noise groups,
+    loaded on first use."""
+
+    def __init__(self, dataset: str, data_dir, config: EvalConfig, remember: bool = True):
+        self.dataset, self.data_dir, self.config = dataset, data_dir, config
+        self.remember = remember  # keep noise files' md5s beside them (not in a dry run: it writes nothing)
+        self.test = load_test(dataset, data_dir)
+        self.n_test = len(self.test)
+        self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
+        self.clean_digest = images_digest(self.test.images, self.test.labels)
+        self._digests: dict[str, str] = {}  # noise group -> its file's digest
+
+    @functools.cache  # noqa: B019 (one EvalData per data set and run)
+    def indices(self, n: int | None) -> np.ndarray:
+        return subset_indices(self.test.labels, n, balanced=True)
+
+    def n(self, cell: Cell) -> int:
+        """How many test images `cell` is measured on."""
+        return len(self.indices(self.config.n_test_of(cell.perturbation)))
+
+    def source(self, cell: Cell) -> str:
+        return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
+
+    def digest(self, cell: Cell) -> str | None:
+        """What `cell` reads, as records.data_sha256: the test set's, or its noise file's
+        (None while that file is not made yet: nothing is generated to answer)."""
+        if perturbation(cell.perturbation).kind == NOISE:
+            return self._noise_digest(cell.perturbation)
+        return self.clean_digest
+
+    def _noise_digest(self, group: str) -> str | None:
+        if group not in self._digests:
+            if self.remember:  # the file as a cell will read it: generated (again, for a changed test set) first
+                self._digests[group] = noise_digest(self.noise(group).path)
+            else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
+                path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)
+                if not current_noise_file(path, self.noise_source != "released", self.clean_digest):
+                    return None
+                self._digests[group] = noise_digest(path, remember=False)
+        return self._digests[group]
+
+    @functools.cache  # noqa: B019
+    def noise(self, group: str):
+        source = "released" if self.noise_source == "released" else "generated"
+        return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
+
+    @functools.cache  # noqa: B019
+    def file_stats(self, group: str, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std of a whole noise file (all severities), in [0, 1] units."""
+        images = self.noise(group).images
+        total, square = np.zeros(3), np.zeros(3)
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255
+            total += part.sum(0)
+            square += (part * part).sum(0)
+        count = images[:1, ..., 0].size * len(images)
+        mean = total / count
+        return mean, np.sqrt(square / count - mean**2)
+
+    def batches(self, cell: Cell, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The images `cell` perturbs: its noise file's rows at its severity, or clean ones."""
+        indices = self.indices(self.config.n_test_of(cell.perturbation))
+        if perturbation(cell.perturbation).kind == NOISE:
+            noise = self.noise(cell.perturbation)
+            rows = severity_rows(indices, noise.n_per_severity, cell.severity)
+            return batches(noise.images, noise.labels, batch_size, device, rows)
+        return batches(self.test.images, self.test.labels, batch_size, device, indices)
+
+
+@dataclass(frozen=True)
+class CellsDone:
+    """Finished cells of one unit of work: their records rows and per-example correctness."""
+
+    rows: list[dict]
+    correct: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class AuditFailed:
+    """A unit whose attack failed the audit: never recorded; `error` names the cell."""
+
+    error: str
+
+
+def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None) -> list[Cell]:
+    """The cells (default: the protocol's) of the checkpoint `context` names that `store`
+    lacks. The run, its dry-run estimate and any executor's driver all ask this; `data`
+    gives each cell's source and test-subset size (an EvalData, or the sizes alone)."""
+    done = store.done(context)
+    cells = protocol_cells(config) if cells is None else list(cells)
+    todo = []
+    for cell in cells:
+        key = cell_key(cell, data.source(cell), config, data.n(cell), data.digest(cell))
+        legacy = config.trust_unknown_data and (*key[:-1], UNKNOWN_DATA) in done  # recorded before digests
+        if key not in done and not legacy:
+            todo.append(cell)
+    return todo
+
+
+def evaluate(
+    subject: Subject,
+    config: EvalConfig,
+    store: RecordStore,
+    data: EvalData,
+    progress: bool = True,
+    cells: Sequence[Cell] | None = None,
+) -> tuple[int, int, list[str]]:
+    """Compute and record the cells (default: the whole protocol) of `subject` not yet in
+    `store`; returns (cells recorded, cells cached, errors). A cell that fails the audit is
+    reported, never recorded."""
+    asked = protocol_cells(config) if cells is None else list(cells)
+    todo = cells_todo(cell_context(subject, config), config, data, store, asked)
+    errors, recorded = [], 0
+    for outcome in measure_cells(subject, config, data, todo, progress):
+        if isinstance(outcome, AuditFailed):
+            errors.append(outcome.error)
+        else:
+            recorded += store.add_cells(outcome.rows, outcome.correct)  # 0 where another process was first
+    return recorded, len(asked) - len(todo), errors
+
+
+def measure_cells(
+    subject: Subject, config: EvalConfig, data: EvalData, todo: Sequence[Cell], progress: bool = True
+) -> Iterator[CellsDone | AuditFailed]:
+    """Compute `todo`, one unit of work at a time (its result yielded as soon as it is
+    done, so that a caller can record it before the next starts)."""
+    context = cell_context(subject, config)
+    model = prepared(subject.defense.model, config)
+    work = units(todo)
+    cost = sum(_units_cost(u, data.n(u[0]), config) for u in work)
+    label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
+    # disable=None: bars on a terminal only, not in logs and pipes
+    bar = tqdm(
+        total=cost,
+        disable=None if progress and todo else True,
+        unit="fwd",
+        unit_scale=True,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for unit in work:
+            bar.set_description(f"eval {label} {_unit_name(unit)}")
+            began = time.perf_counter()
+            try:
+                correct = _run_unit(model, unit, subject, config, data, bar)
+            except AttackAuditError as err:  # `err` names the cell
+                log.error("error: %s (not recorded)", err)
+                yield AuditFailed(str(err))
+                continue
+            seconds = (time.perf_counter() - began) / len(unit)
+            rows = [
+                _row(context, cell, data, bits, seconds, config)
+                for cell, bits in zip(unit, correct, strict=True)
+            ]
+            yield CellsDone(rows, correct)
+
+
+def cell_context(subject: Subject, config: EvalConfig) -> dict:
+    """The KEY columns (and descriptive ones) that every cell of `subject` shares."""
+    info = subject.defense.info
+    low, high = subject.lambda_init or (None, None)
+    return {
+        "model": subject.model,
+        "run": subject.run,
+        "family": info.family,
+        "dataset": info.dataset,
+        "seed": subject.seed,
+        "members": subject.members,
+        "preset": config.preset,
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "lambda_low": low,
+        "lambda_high": high,
+    }
+
+
+def cell_key(cell: Cell, source: str, config: EvalConfig, n: int, digest: str | None) -> tuple:
+    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them and
+    `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
+    params = perturbation(cell.perturbation).params(config, cell.eps_255)
+    return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params), digest)
+
+
+def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config) -> dict:
+    key = cell_key(cell, data.source(cell), config, len(correct), data.digest(cell))
+    return {
+        **context,
+        **dict(zip(CELL_COLUMNS, key, strict=True)),
+        "correct": int(correct.sum()),
+        "accuracy": float(correct.mean()),
+        "torch_version": torch.__version__,
+        "torchattacks_version": version("torchattacks"),
+        "device": device_name(config.device),
+        "batch_size": _batch_size(config),
+        "seconds": round(seconds, 3),
+        "timestamp": utc_now(),
+    }
+
+
+def units(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Units of work, in protocol order: the cells of a perturbation that shares one pass
+    over the data between its radii (FGSM's gradient) together, every other cell alone."""
+    work: list[list[Cell]] = []
+    shared: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if not perturbation(cell.perturbation).shares_radii:
+            work.append([cell])
+        elif cell.perturbation in shared:
+            shared[cell.perturbation].append(cell)
+        else:
+            shared[cell.perturbation] = [cell]
+            work.append(shared[cell.perturbation])
+    return work
+
+
+def unit_passes(unit: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float, float]:
+    """(forward, forward+backward) image passes of a unit of `n` images."""
+    return perturbation(unit[0].perturbation).passes(n, len(unit), config)
+
+
+def _units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
+    forward, gradient = unit_passes(unit, n, config)
+    return forward * FORWARD + gradient * FORWARD_BACKWARD
+
+
+def _unit_name(unit: list[Cell]) -> str:
+    cell = unit[0]
+    if perturbation(cell.perturbation).kind == ATTACK:
+        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"
+    return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
+
+
+def _run_unit(
+    model: nn.Module, unit: list[Cell], subject: Subject, config: EvalConfig, data: EvalData, bar
+) -> list:
+    """Per-example correctness (bool, test-subset order) for each cell of the unit; on a GPU
+    out of memory, retried with half the batch size (unless the size was given)."""
+    batch_size = _batch_size(config)
+    while True:
+        try:
+            return _correct(model, unit, subject, config, data, batch_size, bar)
+        except torch.cuda.OutOfMemoryError:
+            if config.batch_size is not None or batch_size == 1:
+                raise UserError(
+                    f"out of GPU memory at batch size {batch_size}: give a smaller --batch-size"
+                ) from None
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: retrying with batch size %d", batch_size)
+
+
+def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.ndarray]:
+    cell, device = unit[0], torch.device(config.device)
+    spec = perturbation(cell.perturbation)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    remap = None
+    if spec.kind == NOISE and config.preset == "authors-code":
+        remap = _file_normalization(model, *data.file_stats(cell.perturbation))
+    eps = [c.eps_255 / 255 for c in unit]
+    who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
+    what = f"{subject.run} {data.dataset} {who} {_unit_name(unit)}"
+    out: list[list[Tensor]] = [[] for _ in unit]
+    for index, (x, y) in enumerate(data.batches(cell, batch_size, device)):
+        x = x.contiguous(memory_format=memory)
+        if spec.randomized:  # its random numbers depend on (seed, model seed, radius, batch) only
+            seed = _batch_seed(config.seed, subject.seed, cell.eps_255, index)
+            inputs = run_seeded(lambda a, b: spec.perturb(model, a, b, eps, config), x, y, seed)
+        else:
+            inputs = spec.perturb(model, x, y, eps, config)
+        for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
+            if spec.kind == ATTACK:
+                audit(x_in, x, spec.reach(config, e), what)
+            out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
+        bar.update(_units_cost(unit, len(y), config))
+    return [torch.cat(parts).cpu().numpy() for parts in out]
+
+
+@torch.no_grad()
+def _predict_correct(model: nn.Module, x: Tensor, y: Tensor, what: str) -> Tensor:
+    logits = model(x)
+    if not torch.isfinite(logits).all():
+        raise AttackAuditError(f"{what}: the model returned non-finite logits")
+    return logits.argmax(1) == y
+
+
+def _batch_seed(base: int, model_seed: int, eps_255: float, batch: int) -> int:
+    words = [base, model_seed - ENSEMBLE_SEED, round(eps_255 * 1000), batch]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _file_normalization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> Callable[[Tensor], Tensor]:
+    """The authors' release normalised each CIFAR-C file with its own per-channel mean and
+    std instead of the training statistics. Our models normalise inside, so feed them
+    x' = (x - m_file) / s_file * s_model + m_model, which the model maps to the release's
+    input (x' may leave [0, 1]; fine for noise, which is not attacked)."""
+    normalize = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if normalize is None:
+        raise UserError(
+            "preset authors-code renormalises noise files and needs a model with a Normalize layer"
+        )
+    device = normalize.mean.device
+    file_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    file_std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return lambda x: (x - file_mean) / file_std * normalize.std + normalize.mean
+
+
+def prepared(model: nn.Module, config: EvalConfig) -> nn.Module:
+    """`model` on the config's device and memory layout, in eval mode, frozen."""
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    return model.to(torch.device(config.device), memory_format=memory).eval().requires_grad_(False)
+
+
+def _batch_size(config: EvalConfig) -> int:
+    if config.batch_size is not None:
+        return config.batch_size
+    return 512 if config.device.startswith("cuda") else 256

@@ -1,0 +1,314 @@
+"""Sanity gates: evidence that a row's numbers are not an artefact of broken gradients.
+
+Two kinds, each with its measured figure and the limit above which it fails:
+- gates on the records (`record_gates`, recomputed by every report): accuracy falls with
+  the radius; IFGSM and PGD are at least as strong as FGSM; PGD-50 at 16/255 and 64/255
+  leaves at most chance + 2 points; random noise in the eps-ball is weaker than PGD; the
+  reference attack (AutoAttack) is not far below PGD;
+- checks on a checkpoint (`model_checks`, run once by the check stage and recorded):
+  input gradients on a batch are finite and not zero; the model is deterministic in eval
+  mode, returns logits (not probabilities) of the data set's classes, has no dynamic
+  forward (AutoAttack's own checks); PGD crafted on the plain ResNet of the same depth does
+  not beat white-box PGD on the interpolated model (transfer).
+A failed gate is a flag; a failed critical gate makes the row `unreliable`. A row is
+reliable only when every critical gate that applies to it was measured and passed;
+otherwise `unreliable` is missing ("not checked") and `unchecked` names the gates not
+measured (transfer applies to interpolated models with a registered ResNet, alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from bench.attacks.perturbations import PERTURBATIONS, metric_name, perturbation
+from bench.data.datasets import dataset_info
+from bench.records.aggregate import ENTRY
+from models import find_model, list_models, model_entry
+
+GATE_TOLERANCE = 0.5  # points: the least difference that counts (or the seeds' std, if larger)
+CHANCE_MARGIN = 2.0  # points above chance that PGD-50 at a large radius may leave
+REFERENCE_GAP = 5.0  # points the reference attack may be below PGD
+TRANSFER_MARGIN = 2.0  # points a transfer attack may beat white-box PGD by (batch noise)
+ZERO_GRADIENTS = 0.10  # share of a batch with an all-zero input gradient
+CHECK_BATCH = 256  # images the model checks use
+NO_LAMBDA = -1.0
+
+
+@dataclass(frozen=True)
+class Gate:
+    flag: str  # what a failure is called in the `flags` column
+    critical: bool  # a failure makes the row unreliable
+    figure: str  # what the value is, for the sanity table's legend
+
+
+GATES = {
+    "eps-monotone": Gate("eps-not-monotone", False, "largest rise of an attack's accuracy with the radius"),
+    "iterative-vs-fgsm": Gate("iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest"),
+    "large-eps": Gate("large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance"),
+    "noise-vs-pgd": Gate("noise-stronger-than-pgd", True, "PGD minus uniform noise at the same radius, largest"),
+    "reference-gap": Gate("reference-below-pgd", True, "PGD minus the reference attack, largest"),
+    "zero-gradients": Gate("zero-gradients", False, "share of a batch with all-zero input gradients"),
+    "nonfinite-gradients": Gate("nonfinite-gradients", True, "share of a batch with non-finite input gradients"),
+    "randomized": Gate("randomized", True, "1 when repeated forward passes differ (AutoAttack's check)"),
+    "probabilities": Gate("outputs-probabilities", True, "1 when outputs are probabilities, not logits"),
+    "classes": Gate("wrong-classes", True, "outputs minus the data set's classes, in absolute value"),
+    "dynamic": Gate("dynamic-forward", True, "1 when the forward pass computes gradients (AutoAttack's check)"),
+    "transfer": Gate("transfer-stronger-than-white-box", True, "points PGD transferred from the plain ResNet beats white-box PGD by"),
+}  # fmt: skip
+
+
+def adversarial() -> list[str]:
+    """The attacks whose accuracy must fall with the radius (not random noise)."""
+    return [p.name for p in PERTURBATIONS.values() if p.kind == "attack" and p.name != "uniform"]
+
+
+def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
+    """One row per entry and gate computed from the aggregated records (accuracy in %):
+    ENTRY columns, `gate`, `value`, `limit`, `detail`. Gates without the metrics they
+    compare are left out."""
+    rows = []
+    for entry, metrics in aggregated.groupby(ENTRY, dropna=False, sort=False):
+        means = dict(zip(metrics["metric"], metrics["mean"], strict=True))
+        stds = dict(zip(metrics["metric"], metrics["std"], strict=True))
+        classes = dataset_info(entry[0]).num_classes
+        for gate, value, limit, detail in _gates(means, stds, classes):
+            rows.append({**dict(zip(ENTRY, entry, strict=True)), "gate": gate, "value": value, "limit": limit, "detail": detail})
+    return pd.DataFrame(rows, columns=[*ENTRY, "gate", "value", "limit", "detail"])
+
+
+def _gates(means: dict, stds: dict, classes: int):
+    def tolerance(*metrics) -> float:
+        return max([GATE_TOLERANCE, *(s for m in metrics if not math.isnan(s := stds.get(m, math.nan)))])
+
+    def radii(attack: str) -> list[float]:
+        return sorted(float(m.split("@")[1]) for m in means if m.startswith(attack + "@"))
+
+    def worst(pairs):  # (excess over the limit, value, limit, detail) -> the largest excess
+        pairs = list(pairs)
+        return max(pairs, key=lambda p: p[0])[1:] if pairs else None
+
+    rise = worst(
+        (means[b] - means[a] - tolerance(a, b), means[b] - means[a], tolerance(a, b), f"{a} -> {b}")
+        for attack in adversarial()
+        for a, b in zip(
+            [metric_name(attack, e) for e in radii(attack)], [metric_name(attack, e) for e in radii(attack)][1:], strict=False
+        )
+    )
+    weaker = worst(
+        (means[m] - means[f] - tolerance(m, f), means[m] - means[f], tolerance(m, f), f"{m} vs {f}")
+        for attack in ("ifgsm", "pgd")
+        for e in radii(attack)
+        if (m := metric_name(attack, e)) and (f := metric_name("fgsm", e)) in means
+    )
+    chance = 100 / classes
+    large = worst(
+        (means[m] - chance - CHANCE_MARGIN, means[m] - chance, CHANCE_MARGIN, m)
+        for m in means
+        if m.startswith("pgd50@") and float(m.split("@")[1]) >= 16
+    )
+    noise = worst(
+        (means[p] - means[u] - tolerance(p, u), means[p] - means[u], tolerance(p, u), f"{p} vs {u}")
+        for e in radii("uniform")
+        if (u := metric_name("uniform", e)) and (p := metric_name("pgd", e)) in means
+    )
+    gap = worst(
+        (means[p] - means[r] - REFERENCE_GAP, means[p] - means[r], REFERENCE_GAP, f"{p} vs {r}")
+        for name in ("autoattack", "apgd-ce-lite")
+        for e in radii(name)
+        if (r := metric_name(name, e)) and (p := metric_name("pgd", e)) in means
+    )
+    for gate, found in (
+        ("eps-monotone", rise),
+        ("iterative-vs-fgsm", weaker),
+        ("large-eps", large),
+        ("noise-vs-pgd", noise),
+        ("reference-gap", gap),
+    ):
+        if found is not None:
+            yield (gate, *found)
+
+
+# --- checks on a checkpoint -------------------------------------------------------------------
+
+
+class _Captured(logging.Handler):
+    """Collects the warnings AutoAttack's checks log."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _autoattack_check(check, *args) -> tuple[bool, object]:
+    """(warned, result) of one of AutoAttack's checks, its warning captured, not logged."""
+    logger = logging.getLogger("inres-bench.eval.sanity.autoattack")
+    logger.propagate = False
+    handler = _Captured()
+    logger.addHandler(handler)
+    try:
+        result = check(*args, logger=logger)
+    finally:
+        logger.removeHandler(handler)
+    return bool(handler.messages), result
+
+
+def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> list[tuple]:
+    """(check, value, limit, detail) for a batch `x`, `y` on the model's device: input
+    gradients, determinism, logits, classes and dynamic forward passes."""
+    from pyautoattack import checks
+
+    x_in = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x_in), y, reduction="sum")
+    grad = torch.autograd.grad(loss, x_in)[0].flatten(1)
+    zero = float((grad.abs().sum(1) == 0).float().mean())
+    nonfinite = float((~torch.isfinite(grad)).any(1).float().mean())
+    randomized, _ = _autoattack_check(checks.check_randomized, model, x, y, len(x))
+    probabilities, outputs = _autoattack_check(checks.check_range_output, model, x)
+    dynamic, _ = _autoattack_check(checks.check_dynamic, model, x, False)
+    n = len(x)
+    return [
+        ("zero-gradients", zero, ZERO_GRADIENTS, f"{round(zero * n)} of {n} images"),
+        ("nonfinite-gradients", nonfinite, 0.0, f"{round(nonfinite * n)} of {n} images"),
+        ("randomized", float(randomized), 0.0, "5 forward passes of one batch"),
+        ("probabilities", float(probabilities), 0.0, "outputs in [0, 1] summing to 1"),
+        ("classes", float(abs(outputs - classes)), 0.0, f"{outputs} outputs, {classes} classes"),
+        ("dynamic", float(dynamic), 0.0, "backward calls inside the forward pass"),
+    ]
+
+
+def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int) -> tuple:
+    """('transfer', value, limit, detail): how many points PGD crafted on `source` beats
+    white-box PGD on `target` by (its white-box accuracy minus its accuracy on the
+    transferred examples), same images and random starts. Positive beyond the margin is
+    the gradient-masking sign: the white-box attack did not find what a surrogate's did."""
+    from bench.attacks.gradient import run_seeded
+
+    pgd = perturbation("pgd")
+    eps = [eps_255 / 255]
+    crafted = run_seeded(lambda a, b: pgd.perturb(source, a, b, eps, setting), x, y, seed)[0]
+    white = run_seeded(lambda a, b: pgd.perturb(target, a, b, eps, setting), x, y, seed)[0]
+    with torch.no_grad():
+        transfer = float((target(crafted).argmax(1) == y).float().mean()) * 100
+        white_box = float((target(white).argmax(1) == y).float().mean()) * 100
+    detail = f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
+    return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
+
+
+def plain_counterpart(model: str) -> str | None:
+    """The registered ResNet (residual rule) of the same architecture as `model`, or None
+    (for a ResNet itself, an unregistered model, or one without a ResNet)."""
+    if model not in list_models():
+        return None
+    entry = model_entry(model)
+    if entry.rule in ("", "residual"):
+        return None
+    plain = find_model(entry.arch, "residual")
+    return None if plain is None else plain.name
+
+
+# --- the summary per entry --------------------------------------------------------------------
+
+
+def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per entry: each gate's figure (the worst over seeds for checkpoint checks),
+    `flags` (failed gates, ';'-joined, '' when all pass) and `unreliable` (a critical one
+    failed). `gates`: record_gates; `checks`: records.load_checks joined to ENTRY columns."""
+    parts = [gates] + ([checks.rename(columns={"check": "gate"})[gates.columns]] if checks is not None else [])
+    both = pd.concat(parts, ignore_index=True)
+    if both.empty:
+        return with_verdicts(pd.DataFrame(columns=[*ENTRY, "flags", "unreliable"]))
+    # "no λ" as a number: NaN keys would not align between the pieces joined below
+    both = both.fillna({"lambda_low": NO_LAMBDA, "lambda_high": NO_LAMBDA})
+    both = both.assign(failed=both["value"] > both["limit"] + 1e-9)
+    worst = both.sort_values("value").groupby([*ENTRY, "gate"], sort=False).last()
+    wide = worst["value"].unstack("gate")
+    failed = worst[worst["failed"]].reset_index()
+    flags = failed.groupby(ENTRY)["gate"].agg(lambda g: ";".join(GATES[x].flag for x in sorted(g)))
+    critical = failed.groupby(ENTRY)["gate"].agg(lambda g: any(GATES[x].critical for x in g))
+    out = wide.join(flags.rename("flags")).join(critical.rename("unreliable")).reset_index()
+    out["flags"] = out["flags"].fillna("")
+    out[["lambda_low", "lambda_high"]] = out[["lambda_low", "lambda_high"]].replace(NO_LAMBDA, float("nan"))
+    out = out.reindex(columns=[*ENTRY, *(g for g in GATES if g in out.columns), "flags", "unreliable"])
+    return with_verdicts(out)
+
+
+def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """`unchecked` (the critical gates that apply and were not measured, ';'-joined) and
+    `unreliable` as a nullable boolean: True when a critical gate failed, False when every
+    one that applies was measured and passed, missing ("not checked") otherwise."""
+    table = table.copy()
+    unchecked = pd.Series([unchecked_gates(row) for row in table.to_dict("records")], index=table.index, dtype=object)
+    failed = table["unreliable"].eq(True) if "unreliable" in table else pd.Series(False, index=table.index)
+    verdict = pd.Series(pd.NA, index=table.index, dtype="boolean").mask(failed, True)
+    table["unchecked"], table["unreliable"] = unchecked, verdict.mask(~failed & unchecked.eq(""), False)
+    gates = [c for c in table.columns if c not in ("flags", "unchecked", "unreliable")]
+    return table[[*gates, "flags", "unchecked", "unreliable"]]
+
+
+def unchecked_gates(entry: dict) -> str:
+    """The critical gates that apply to `entry` (its model and kind) and that it has no
+    figure for (gate name -> value in `entry`), ';'-joined."""
+    return ";".join(g for g in required_gates(entry["model"], entry["kind"]) if pd.isna(entry.get(g, float("nan"))))
+
+
+def required_gates(model: str, kind: str) -> list[str]:
+    """The critical gates an entry must pass to be called reliable: every one, but the
+    transfer check only where it exists (a single interpolated model with a registered
+    ResNet of its architecture: not a ResNet, an ensemble or another defense)."""
+    transfer = kind == "single" and plain_counterpart(model) is not None
+    return [g for g, gate in GATES.items() if gate.critical and (g != "transfer" or transfer)]
+
+
+def verdict_text(unreliable, unchecked: str) -> str:
+    """yes / no / not checked (the gates not measured)."""
+    if pd.isna(unreliable):
+        return f"not checked ({unchecked.replace(';', ', ')})"
+    return "yes" if unreliable else "no"
+
+
+def with_entries(checks: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
+    """The checkpoint checks with the ENTRY columns of the cells kept for the same run,
+    data set, seed and checkpoint (checks of runs without reported cells drop out)."""
+    keys = ["run", "dataset", "seed", "members", "checkpoint_sha256"]
+    if checks.empty:
+        return pd.DataFrame(columns=[*ENTRY, "check", "value", "limit", "detail"])
+    entries = kept[[*ENTRY, *[k for k in keys if k not in ENTRY]]].drop_duplicates()
+    return checks.merge(entries, on=["run", "dataset", "seed", "members", "checkpoint_sha256"], how="inner")
+
+
+def check_rows(subject, results: list[tuple], timestamp: str) -> list[dict]:
+    """Records rows of checkpoint checks (records.CHECK_COLUMNS) for an eval Subject."""
+    info = subject.defense.info
+    return [
+        {
+            "run": subject.run,
+            "dataset": info.dataset,
+            "seed": subject.seed,
+            "members": subject.members,
+            "checkpoint_sha256": info.checkpoint_sha256,
+            "check": check,
+            "value": float(value),
+            "limit": float(limit),
+            "detail": detail,
+            "timestamp": timestamp,
+        }
+        for check, value, limit, detail in results
+    ]
+
+
+def batch(data, n: int = CHECK_BATCH, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` images of the evaluation's clean subset, as one batch."""
+    from bench.eval.engine import Cell
+
+    x, y = next(iter(data.batches(Cell("clean"), n, device)))
+    return x, y
+

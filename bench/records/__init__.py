@@ -1,0 +1,13 @@
+"""Records: the append-only store of cells, runs, checks and stability units, the checkpoint
+layout, and the one reduction of them (selection, pooling, means, intervals) reports use."""
+
+from bench.records.store import (
+    RecordStore,
+    load_checks,
+    load_correct,
+    load_records,
+    load_runs,
+    load_stability,
+)
+
+__all__ = ["RecordStore", "load_checks", "load_correct", "load_records", "load_runs", "load_stability"]

@@ -1,0 +1,1 @@
+"""Reports, from the records alone: tables, claims, leaderboard, figures, REPORT.md."""

@@ -1,0 +1,139 @@
+"""What every report is made from: the records of a results dir, read once and reduced,
+and the per-example evidence behind each aggregate (intervals, departures from the recipe)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from bench.core.files import check_writable
+from bench.data.noise import NOISE_GROUPS, SEVERITIES
+from bench.eval import sanity
+from bench.records import stats
+from bench.records.aggregate import DEFAULT_STEPS, aggregate, per_seed, select_measurements, with_worst_case
+from bench.records.store import (
+    DB_FILE,
+    RecordStore,
+    cell_id,
+    check_results_dir,
+    load_bits,
+    load_checks,
+    load_records,
+    load_runs,
+    load_stability,
+    needs_migration,
+)
+from bench.reports.tables import best_groups, lambda_key
+from models import UserError
+
+
+class NoRecordsError(UserError):
+    """The results dir holds no records to report on."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What every report is made from: the records, read once and reduced."""
+
+    everything: pd.DataFrame  # all cells, stale ones flagged
+    frame: pd.DataFrame  # the current cells, worst cases added
+    runs: pd.DataFrame  # load_runs
+    kept: pd.DataFrame  # select_measurements' choice
+    left_out: pd.DataFrame  # ... and what it left out
+    aggregated: pd.DataFrame  # mean, std, n per entry and metric
+    sanity: pd.DataFrame  # the gates per entry (bench.eval.sanity.summary)
+    bits: dict  # per-example correctness of every cell, by KEY
+    stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
+
+
+def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
+    """Read and reduce the records of `results_dir` (migrating an older store first); one
+    error line when there are none, or none current."""
+    results = check_results_dir(results_dir)
+    if not (results / DB_FILE).is_file():
+        raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
+    check_writable(results, "reports", "--results-dir")
+    RecordStore(results, readonly=not needs_migration(results))  # checked (and migrated)
+    runs = load_runs(results)
+    everything = load_records(results, include_stale=True, runs=runs)
+    if everything.empty:
+        raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
+    if everything["stale"].all():
+        raise NoRecordsError(
+            f"no current records in {results / DB_FILE}: its {len(everything)} records all measured checkpoints "
+            "since retrained, failed on retraining or deleted; run the eval stage"
+        )
+    checks, stability = load_checks(results, runs), load_stability(results, runs)
+    return reduce_records(everything, runs, load_bits(results), checks, steps, stability)
+
+
+def reduce_records(
+    everything: pd.DataFrame, runs: pd.DataFrame, bits: dict, checks: pd.DataFrame, steps: int = DEFAULT_STEPS,
+    stability: pd.DataFrame | None = None,
+) -> Measured:
+    """Everything a report shows, from the records alone (pure: no files)."""
+    current = everything[~everything["stale"]].drop(columns="stale").reset_index(drop=True)
+    frame = with_worst_case(current, bits)
+    kept, left_out = select_measurements(frame, steps)
+    aggregated = aggregate(per_seed(kept))
+    gates = sanity.summary(sanity.record_gates(aggregated), sanity.with_entries(checks, kept))
+    stability = pd.DataFrame() if stability is None else stability
+    return Measured(everything, frame, runs, kept, left_out, aggregated, gates, bits, stability)
+
+
+@dataclass
+class Evidence:
+    """The per-example records behind the aggregates: samples for intervals, and what each
+    run's recipe and data were."""
+
+    m: Measured
+    bootstrap: stats.Bootstrap
+
+    def samples(self, dataset: str, run: str, kind: str, preset: str, metric: str) -> list[np.ndarray]:
+        """Per seed, the per-example accuracy of `metric` (noise: the mean of the four
+        groups over all severities) of the kept measurement; [] when not measured."""
+        kept = self.m.kept
+        wanted = list(NOISE_GROUPS) if metric == "noise" else [metric]
+        rows = kept[
+            (kept["dataset"] == dataset)
+            & (kept["run"] == run)
+            & (kept["kind"] == kind)
+            & (kept["preset"] == preset)
+            & kept["metric"].isin(wanted)
+        ]
+        out = []
+        for _, cells in rows.groupby("seed"):
+            if len(cells) == len(wanted):
+                out.append(np.mean([self._per_example(row) for row in cells.to_dict("records")], axis=0))
+        return out
+
+    def _per_example(self, row: dict) -> np.ndarray:
+        if row["perturbation"] in NOISE_GROUPS:  # a pooled cell: its five severity cells' bits
+            n = int(row["n_test"])
+            parts = [self.m.bits[cell_id({**row, "severity": s, "n": n})] for s in SEVERITIES]
+            return stats.per_example(np.concatenate(parts), len(SEVERITIES))
+        return stats.per_example(self.m.bits[cell_id(row)])
+
+    def departures(self, dataset: str, run: str) -> list[str]:
+        """How a run departs from the paper's recipe and data ([] when it does not)."""
+        runs = self.m.runs[(self.m.runs["run"] == run) & (self.m.runs["dataset"] == dataset)]
+        cells = self.m.kept[(self.m.kept["run"] == run) & (self.m.kept["dataset"] == dataset)]
+        found = [f"{length} length" for length in set(runs["length"].dropna()) if length != "full"]
+        found += [f"first {int(n)} training images" for n in set(runs["n_train"].dropna())]
+        found += [f"{source} data" for source in sorted(set(cells["data_source"]) - {"released"})]
+        return found
+
+    def intervals(self, specs, aggregated: pd.DataFrame, preset: str) -> dict:
+        """(dataset, model, λ, kind, metric) -> (low, high) of each measured table cell."""
+        chosen = best_groups(aggregated[aggregated["preset"] == preset])
+        out = {}
+        for spec in specs:
+            key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric)
+            if key in chosen and key not in out and spec.metric != "failed":
+                samples = self.samples(spec.dataset, chosen[key]["run"], spec.kind, preset, spec.metric)
+                out[key] = self.bootstrap.interval(samples) if samples else (math.nan, math.nan)
+        return out

@@ -1,0 +1,361 @@
+"""The stability stage's records reduced and shown: per-checkpoint figures, the table
+`tables/stability.*`, the mechanism's claims, the two figures per data set and the
+leaderboard's `amplification` column. From the records alone (bench.records.store.load_stability).
+
+Per checkpoint (each figure a mean over the stage's images unless said otherwise):
+- `amplification_<δ>`: an image's growth after the last block over its growth at the stem;
+- `median_spectral_norm`: the median over blocks of each block's median σ_max over images;
+- `contraction_share`: the share of blocks whose σ_max < 1 (per image, then the mean);
+- `damped_contraction_share`: the same over the blocks the rule damps (a ResNet's blocks at
+  those positions), what the contraction claim compares;
+- `median_shifted_eigenvalue`: the median over square blocks of the median max Re λ(J - I);
+- `input_gradient`: ‖∇ₓ L‖₁.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from tabulate import tabulate
+
+from bench.data.datasets import dataset_label
+from bench.eval.sanity import plain_counterpart
+from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
+from bench.records import stats
+from bench.reports import figures
+from bench.reports.figures import ordered
+from models import list_models, model_entry, model_label
+
+CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]
+PER_IMAGE = ("amplification_fgsm", "amplification_pgd", "amplification_uniform", "amplification_gaussian",
+             "contraction_share", "damped_contraction_share", "input_gradient")  # fmt: skip
+# The table's columns: (metric, header, scale, decimals)
+TABLE = (
+    ("amplification_pgd", "amplification (PGD δ)", 1.0, 3),
+    ("median_spectral_norm", "median σ_max", 1.0, 3),
+    ("contraction_share", "blocks σ_max < 1 (%)", 100.0, 1),
+    ("median_shifted_eigenvalue", "median max Re λ(J - I)", 1.0, 3),
+    ("input_gradient", "‖∇ₓL‖₁", 1.0, 2),
+)
+
+
+def chosen(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint the test images measured last (records.data_sha256: units measured
+    on images since replaced drop out, as cells do), then per unit one measurement: the one
+    on the most images, then the one recorded last (a rerun with other estimator settings
+    replaces an older one)."""
+    if frame.empty:
+        return frame
+    checkpoint = [*CHECKPOINT, "checkpoint_sha256"]
+    # ties within a timestamp's second go to the later record (load_stability keeps rowid order)
+    ordered = frame.assign(_order=np.arange(len(frame))).sort_values(["timestamp", "_order"], kind="stable")
+    latest = ordered.groupby(checkpoint, dropna=False)["data_sha256"].transform("last")
+    frame = frame[(frame["data_sha256"] == latest.reindex(frame.index)).to_numpy()]
+    unit = [*checkpoint, "quantity", "perturbation", "eps_255"]
+    last = frame.groupby([*unit, "n", "params"], dropna=False)["timestamp"].max().reset_index()
+    keep = last.sort_values(["n", "timestamp"], kind="stable").groupby(unit, dropna=False).tail(1)
+    return frame.merge(keep[[*unit, "n", "params"]], on=[*unit, "n", "params"])
+
+
+def per_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint x metric: CHECKPOINT, n, metric, value and `per_image` (the
+    per-image values behind it, or None for a figure over blocks)."""
+    rows: list[dict] = []
+    if frame.empty:
+        return pd.DataFrame(rows, columns=[*CHECKPOINT, "n", "metric", "value", "per_image"])
+    for key, mine in chosen(frame).groupby(CHECKPOINT, dropna=False):
+        base = dict(zip(CHECKPOINT, key, strict=True))
+        n = int(mine["n"].max())
+        for metric, values in _figures(mine).items():
+            value = float(np.nanmean(values)) if isinstance(values, np.ndarray) else values
+            rows.append({**base, "n": n, "metric": metric, "value": value,
+                         "per_image": values if isinstance(values, np.ndarray) else None})  # fmt: skip
+    return pd.DataFrame(rows, columns=[*CHECKPOINT, "n", "metric", "value", "per_image"])
+
+
+def _matrix(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    rows = rows.sort_values("block")
+    return np.stack(rows["values"].to_list()).astype(np.float64), rows["damped"].to_numpy().astype(bool)
+
+
+def _figures(mine: pd.DataFrame) -> dict:
+    out: dict = {}
+    for delta in DELTAS:
+        rows = mine[(mine["quantity"] == GROWTH) & (mine["perturbation"] == delta)]
+        if len(rows):
+            growth, _ = _matrix(rows)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[f"amplification_{delta}"] = growth[-2] / growth[0]  # after the last block over the stem
+    rows = mine[mine["quantity"] == SPECTRAL]
+    if len(rows):
+        sigma, damped = _matrix(rows)
+        out["median_spectral_norm"] = float(np.median(np.median(sigma, axis=1)))
+        out["contraction_share"] = (sigma < 1).mean(0)
+        if damped.any():
+            out["damped_contraction_share"] = (sigma[damped] < 1).mean(0)
+    rows = mine[mine["quantity"] == EIGEN]
+    if len(rows):
+        out["median_shifted_eigenvalue"] = float(np.median(np.median(_matrix(rows)[0], axis=1)))
+    rows = mine[mine["quantity"] == GRADIENT]
+    if len(rows):
+        out["input_gradient"] = _matrix(rows)[0][0]
+    return out
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def stability_table(checkpoints: pd.DataFrame, aggregated: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """Per data set and run (single models, then ensembles, which have the input gradient
+    only): mean and std over seeds of each TABLE metric, the FGSM accuracy at 2/255 beside
+    the gradient norm, seeds (an ensemble: 1) and images."""
+    mine = checkpoints[checkpoints["preset"] == preset]
+    if mine.empty:
+        return pd.DataFrame()
+    mine = mine.assign(kind=np.where(mine["members"] > 1, "ensemble", "single"))
+    entry = ["dataset", "run", "model", "kind"]
+    stats_ = mine.groupby([*entry, "metric"])["value"].agg(["mean", "std"]).unstack("metric")
+    seeds = mine.groupby(entry)["seed"].nunique()
+    images = mine.groupby(entry)["n"].max()
+    fgsm = aggregated[(aggregated["preset"] == preset) & (aggregated["metric"] == "fgsm@2")]
+    fgsm = fgsm.groupby(["dataset", "run", "kind"])["mean"].first()
+    table = pd.DataFrame(index=stats_.index)
+    for metric, _, scale, _ in TABLE:
+        for what in ("mean", "std"):
+            table[f"{metric}_{what}"] = stats_[what][metric] * scale if metric in stats_[what] else math.nan
+    table["fgsm@2"] = [fgsm.get((d, r, k), math.nan) for d, r, _, k in table.index]
+    table["seeds"], table["n"] = seeds, images
+    table = table.reset_index()
+    order = {run: i for i, (run, _) in enumerate(ordered(zip(table["run"], table["model"], strict=True)))}
+    rank = table["run"].map(order) + len(order) * (table["kind"] == "ensemble")
+    return table.assign(_rank=rank).sort_values(["dataset", "_rank"], kind="stable").drop(columns="_rank").reset_index(drop=True)
+
+
+def render_table(table: pd.DataFrame, fmt: str = "github") -> str:
+    """The stability table as Markdown (or LaTeX): mean ± std over seeds."""
+    if table.empty:
+        return "No stability records yet: run the stability stage."
+    rows = []
+    for row in table.to_dict("records"):
+        cells = [row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else ""), dataset_label(row["dataset"])]
+        for metric, _, _, decimals in TABLE:
+            cells.append(_pm(row[f"{metric}_mean"], row[f"{metric}_std"], decimals))
+        cells += ["-" if pd.isna(row["fgsm@2"]) else f"{row['fgsm@2']:.2f}", f"{int(row['seeds'])}", f"{int(row['n'])}"]
+        rows.append(cells)
+    headers = ["run", "data", *(h for _, h, _, _ in TABLE), "FGSM@2 (%)", "seeds", "images"]
+    return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def _pm(mean: float, std: float, decimals: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{decimals}f}" + ("" if pd.isna(std) else f" ± {std:.{decimals}f}")
+
+
+TABLE_LEGEND = (
+    "Per checkpoint on the stage's class-balanced test images, then mean ± sample std over seeds. "
+    "**amplification**: an image's relative perturbation ‖h_n(x+δ) - h_n(x)‖ / ‖h_n(x)‖ after the last "
+    "block over the same at the stem, for the PGD-20 δ, averaged over images; **median σ_max**: the "
+    "median over blocks of each block's median spectral norm of ∂g_n/∂x (power iteration with Lanczos's Rayleigh-Ritz); **blocks "
+    "σ_max < 1**: the share of blocks that are contractions at the image; **max Re λ(J - I)**: the "
+    "rightmost eigenvalue's real part of each square block's ∂g_n/∂x - I (Arnoldi), the median over "
+    "blocks of the median over images (negative: locally stable in Eq. 17's continuous-time reading); "
+    "**‖∇ₓL‖₁**: the cross-entropy's input gradient in [0, 1] pixel units, beside the FGSM accuracy at 2/255. Ensembles have the input gradient only."
+)
+
+
+def table_texts(folder, table: pd.DataFrame) -> dict:
+    title = "# Stability diagnostics: how each block amplifies a perturbation\n\n"
+    return {
+        folder / "stability.md": title + render_table(table) + "\n\n" + TABLE_LEGEND + "\n",
+        folder / "stability.csv": table.to_csv(index=False),
+        folder / "stability.tex": render_table(table, "latex_booktabs") + "\n",
+    }
+
+
+# --- the claims -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StabilityClaim:
+    """`metric` of the model of skip rule `rule` minus that of its ResNet counterpart; the
+    paper's mechanism expects the sign `sign` (-1: smaller, +1: larger)."""
+
+    text: str
+    rule: str
+    metric: str
+    sign: float
+
+
+STABILITY_CLAIMS = (
+    StabilityClaim("{a} amplifies an adversarial (PGD) perturbation less than {b} through depth", "in",
+                   "amplification_pgd", -1.0),
+    StabilityClaim("{a} amplifies an adversarial (PGD) perturbation less than {b} through depth", "lambda-in",
+                   "amplification_pgd", -1.0),
+    StabilityClaim("the damped blocks of {a} are contractions more often than {b}'s", "in",
+                   "damped_contraction_share", 1.0),
+)  # fmt: skip
+
+
+def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> pd.DataFrame:
+    """Each claim for every measured model of its rule with a measured ResNet counterpart
+    (the same depth and family) on each data set: the difference of the means over seeds
+    and images, a 95% interval (bootstrap over seeds and images, paired on images when both
+    were measured on the same ones), and the verdict against the expected sign."""
+    mine = checkpoints[(checkpoints["preset"] == preset) & (checkpoints["members"] == 1)]
+    rows = []
+    registered = set(list_models())
+    for claim in STABILITY_CLAIMS:
+        for dataset in sorted(set(mine["dataset"])):
+            here = mine[mine["dataset"] == dataset]
+            for model in sorted(m for m in set(here["model"]) if m in registered and model_entry(m).rule == claim.rule):
+                plain = plain_counterpart(model)
+                a, b = _samples(here, model, claim.metric), _samples(here, plain, claim.metric) if plain else []
+                if not a or not b:
+                    continue
+                measured, low, high = bootstrap.difference(a, b, scale=1.0)
+                rows.append({"claim": claim.text.format(a=model_label(model), b=model_label(plain)), "dataset": dataset,
+                             "measured": measured, "low": low, "high": high, "seeds": min(len(a), len(b)),
+                             "verdict": stats.verdict(low, high, claim.sign)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["claim", "dataset", "measured", "low", "high", "seeds", "verdict"])
+
+
+def _samples(rows: pd.DataFrame, model: str, metric: str) -> list[np.ndarray]:
+    """Per seed, the per-image values of `metric` of the model's run with the most seeds."""
+    mine = rows[(rows["model"] == model) & (rows["metric"] == metric)]
+    if mine.empty:
+        return []
+    run = mine.groupby("run")["seed"].nunique().sort_index().idxmax()
+    return [np.asarray(v, dtype=np.float64) for v in mine[mine["run"] == run].sort_values("seed")["per_image"]]
+
+
+CLAIMS_LEGEND = (
+    "The paper's mechanism (Sec. 3.4: damping shifts each block's Jacobian spectrum by -λ_n, so a "
+    "perturbation grows less through depth), measured: the first model's figure minus its ResNet's, "
+    "the mean over seeds and images with its 95% interval (bootstrap over seeds and images, paired "
+    "on images). The paper publishes no number: a claim reproduces when the interval excludes 0 in "
+    "the direction the mechanism predicts, is contradicted when it excludes 0 the other way, and is "
+    "inconclusive otherwise. Amplification: see tables/stability.md; contraction: the share of the "
+    "damped blocks (the same positions in the ResNet) whose spectral norm is below 1."
+)
+
+
+def render_claims(claims: pd.DataFrame) -> str:
+    rows = [[c, dataset_label(d), f"{s}", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]", v]
+            for c, d, s, m, lo, hi, v in zip(claims["claim"], claims["dataset"], claims["seeds"], claims["measured"],
+                                             claims["low"], claims["high"], claims["verdict"], strict=True)]  # fmt: skip
+    return tabulate(rows, headers=["claim", "data", "seeds", "measured", "verdict"], tablefmt="github",
+                    disable_numparse=True)  # fmt: skip
+
+
+# --- the figures ------------------------------------------------------------------------------
+
+
+def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: stats.Bootstrap) -> Figure | None:
+    """Relative perturbation against the level (0 stem, blocks, logits), a panel per δ, a
+    line per run of a single model: the mean over seeds and images, the band its 95%
+    interval (bootstrap over seeds and images). `frame`: `chosen` stability rows."""
+    mine = _single(frame, dataset, preset)
+    mine = mine[mine["quantity"] == GROWTH]
+    panels = [d for d in DELTAS if (mine["perturbation"] == d).any()]
+    if not panels:
+        return None
+
+    def curve(rows: pd.DataFrame) -> tuple:
+        levels = sorted(set(rows["block"]))
+        seeds = [[np.asarray(v, np.float64) for v in rows[rows["block"] == b].sort_values("seed")["values"]] for b in levels]
+        bands = [bootstrap.interval(s, scale=1.0) for s in seeds]
+        return levels, [float(np.mean([v.mean() for v in s])) for s in seeds], [b[0] for b in bands], [b[1] for b in bands]
+
+    figure, axes = figures.line_panels(mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve,
+                                       size=(4.0, 3.4))  # fmt: skip
+    titles = {"pgd": "PGD-20 δ", "fgsm": "FGSM δ", "uniform": "uniform δ", "gaussian": "Gaussian δ"}
+    for ax, delta in zip(axes, panels, strict=True):
+        ax.set_title(titles[delta], fontsize=10)
+        ax.set_xlabel("block (0: stem; last: logits)")
+        ax.set_ylabel("‖h(x+δ) - h(x)‖ / ‖h(x)‖")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7, loc="upper left")
+    figure.suptitle(f"Perturbation growth through depth, {dataset_label(dataset)}", fontsize=10)
+    return figure
+
+
+def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | None:
+    """Per block: the spectral norm of ∂g_n/∂x and the rightmost real part of the
+    eigenvalues of ∂g_n/∂x - I, a line per run (median over seeds' images), the band the
+    2.5-97.5% range over images. `frame`: `chosen` stability rows."""
+    mine = _single(frame, dataset, preset)
+    panels = [q for q in (SPECTRAL, EIGEN) if (mine["quantity"] == q).any()]
+    if not panels:
+        return None
+
+    def curve(rows: pd.DataFrame) -> tuple:
+        blocks = sorted(set(rows["block"]))
+        pooled = [np.concatenate([np.asarray(v, np.float64) for v in rows[rows["block"] == b]["values"]]) for b in blocks]
+        return blocks, [np.median(p) for p in pooled], [np.percentile(p, 2.5) for p in pooled], [np.percentile(p, 97.5) for p in pooled]
+
+    figure, axes = figures.line_panels(mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve,
+                                       size=(4.6, 3.4))  # fmt: skip
+    for ax, quantity in zip(axes, panels, strict=True):
+        ax.axhline(1.0 if quantity == SPECTRAL else 0.0, color="black", linewidth=0.6, linestyle=":")
+        ax.set_title("σ_max(∂g_n/∂x) (Lanczos power iteration)" if quantity == SPECTRAL else "max Re λ(∂g_n/∂x - I) (Arnoldi)",
+                     fontsize=10)  # fmt: skip
+        ax.set_xlabel("block n")
+    axes[0].legend(fontsize=7, loc="upper right")
+    figure.suptitle(f"Local stability of each block map, {dataset_label(dataset)}", fontsize=10)
+    return figure
+
+
+def _single(mine: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
+    """The single models' rows of one data set and preset; `mine`: already `chosen`."""
+    return mine[(mine["dataset"] == dataset) & (mine["preset"] == preset) & (mine["members"] == 1)]
+
+
+def drawn(frame: pd.DataFrame, preset: str) -> list:
+    """Each data set's two stability figures, as figures.Drawn (or Skipped). Their bands
+    draw from a bootstrap of their own, so the report and the figure stage draw the same
+    bytes."""
+    return [figures.render(figure, stem, caption) if figure is not None else figures.Skipped(stem, "nothing of it recorded")
+            for stem, figure, caption in figure_specs(frame, preset, stats.Bootstrap())]  # fmt: skip
+
+
+def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list[tuple]:
+    """(stem, figure or None, caption) of each data set's two stability figures."""
+    mine = chosen(frame)
+    out: list[tuple] = []
+    if mine.empty:
+        return out
+    mine = mine[mine["preset"] == preset]
+    for dataset in sorted(set(mine["dataset"])):
+        name, n = dataset_label(dataset), int(mine.loc[mine["dataset"] == dataset, "n"].max())
+        radii = "/".join(f"{e:g}" for e in sorted(set(mine.loc[(mine["dataset"] == dataset) & (mine["quantity"] == GROWTH), "eps_255"])))
+        params = mine[(mine["dataset"] == dataset) & (mine["quantity"] == SPECTRAL)]["params"]
+        estimator = params.iloc[0] if len(params) else "-"
+        krylov = mine[(mine["dataset"] == dataset) & (mine["quantity"] == EIGEN)]["params"]
+        out += [
+            (f"stability_growth_{dataset}", growth_figure(mine, dataset, preset, bootstrap),
+             f"Perturbation growth through depth on {name}: ‖h_n(x+δ) - h_n(x)‖₂ / ‖h_n(x)‖₂ at the stem, after each "
+             f"block and at the logits, for the FGSM and PGD-20 δ, uniform noise and Gaussian noise (std = radius) at "
+             f"{radii}/255, on {n} class-balanced test images; the mean over seeds and images, the band its "
+             f"95% interval (bootstrap over seeds and images)."),
+            (f"stability_spectral_{dataset}", spectral_figure(mine, dataset, preset),
+             f"Local stability of each block map g_n on {name}, on {n} class-balanced test images: the spectral norm "
+             f"of ∂g_n/∂x by power iteration on JᵀJ with Rayleigh-Ritz over its iterates ({estimator}) and the rightmost real part of the eigenvalues of "
+             f"∂g_n/∂x - I by Arnoldi ({krylov.iloc[0] if len(krylov) else '-'}; square blocks only); the median "
+             f"over seeds' images, the band their 2.5-97.5% range."),
+        ]  # fmt: skip
+    return out
+
+
+# --- the leaderboard --------------------------------------------------------------------------
+
+
+def amplification(checkpoints: pd.DataFrame) -> dict[tuple[str, str, str, str], float]:
+    """(dataset, run, kind, preset) -> the mean over seeds of the PGD δ's amplification."""
+    rows = checkpoints[(checkpoints["metric"] == "amplification_pgd") & (checkpoints["members"] == 1)]
+    means = rows.groupby(["dataset", "run", "preset"])["value"].mean()
+    return {(d, r, "single", p): float(v) for (d, r, p), v in means.items()}

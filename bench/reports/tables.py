@@ -1,0 +1,554 @@
+"""The paper's Tables 1-6: which cells they hold, filled from aggregated records, rendered.
+
+A table is a list of `Spec`s (block, row, column -> which data set, model, λ init, single
+or ensemble, metric). On CIFAR the rows are the paper's models; on other data (the
+synthetic smoke set) the same tables are built for the depths found in the records, and
+never compared with the paper. Formatting happens only in the `render_*` functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
+from bench.data.datasets import dataset_info, dataset_label, paper_datasets
+from bench.data.noise import NOISE_GROUPS
+from bench.records.aggregate import (
+    LARGEST_ENSEMBLE,
+    LARGEST_SUBSET,
+    LATEST_CHECKPOINT,
+    LATEST_DATA,
+    RELEASED_FIRST,
+)
+from bench.records.store import UNKNOWN_DATA
+from bench.train.recipes import LAMBDA_SWEEP, run_tag
+from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
+
+PUBLISHED = Path(__file__).with_name("published.csv")
+FULL_SEEDS = 5  # the paper's; fewer are shown as (n=k)
+NOISE_COLUMNS = (
+    ("Impulse", "impulse_noise"),
+    ("Speckle", "speckle_noise"),
+    ("Gaussian", "gaussian_noise"),
+    ("Shot", "shot_noise"),
+    ("Avg.", "noise"),
+)
+AT_2 = (("Acc.", "clean"), ("noise", "noise"), ("FGSM", "fgsm@2"), ("IFGSM", "ifgsm@2"), ("PGD", "pgd@2"))
+ATTACKS_AT_124 = tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
+
+
+@dataclass(frozen=True)
+class Table:
+    """One of the paper's tables, as data. Its rows are the registered models whose
+    `tables` name it (in registration order: the paper's), on each of `datasets`; on any
+    other data set, and for other architectures on these, the same rules are shown for
+    whatever was measured, each row labelled with its own depth. `datasets=None`: the
+    data sets are the columns (one column per data set, `columns` holds one metric)."""
+
+    key: int | str
+    title: str
+    columns: tuple[tuple[str, str], ...]  # (header, metric)
+    datasets: tuple[str, ...] | None = ("cifar10", "cifar100")
+    rows_of: int | None = None  # the rows of another table (Table 3, every attack: Table 1's)
+    lambda_sweep: tuple[tuple[float, float] | None, ...] = ()  # a row per λ init of a damped rule
+    ensemble: bool = False  # each row followed by the ensemble of its seeds
+    failed_runs: bool = False  # a last column: failed training runs out of all runs
+
+    @property
+    def row_table(self) -> int:
+        return self.rows_of or int(self.key)
+
+
+TABLES: dict[int | str, Table] = {
+    t.key: t
+    for t in (
+        Table(1, "Table 1: accuracy (%) on the stochastic noise groups, all five severities", NOISE_COLUMNS),
+        Table(2, "Table 2: clean test accuracy (%)", (("", "clean"),), datasets=None),
+        Table(3, "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255", ATTACKS_AT_124),
+        Table(4, "Table 4: the In-ResNet variants, attacks at 2/255", AT_2, ("cifar10",)),
+        Table(
+            5,
+            "Table 5: λ initialisation, attacks at 2/255",
+            AT_2,
+            ("cifar10",),
+            lambda_sweep=LAMBDA_SWEEP,
+            failed_runs=True,
+        ),
+        Table(6, "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255", AT_2,
+              ("cifar10",), ensemble=True),  # fmt: skip
+        Table(
+            "3_all",
+            "Table 3, every attack measured: the paper's, the sanity and reference attacks, the worst case",
+            (),  # the attacks and radii measured (all_attacks_table)
+            rows_of=1,
+            ensemble=True,
+        ),
+    )
+}
+TITLES = {key: table.title for key, table in TABLES.items()}
+
+
+@dataclass(frozen=True)
+class Spec:
+    block: str  # "" when the table has a single block
+    row: str
+    column: str
+    dataset: str
+    model: str
+    lambda_init: tuple[float, float] | None
+    kind: str  # "single" or "ensemble"
+    metric: str
+    paper_row: bool = False  # a row of the paper's table on its data set: shown even when empty
+
+
+# --- which models a table shows ------------------------------------------------------------
+
+
+def default_lambda(model: str) -> tuple[float, float] | None:
+    """The λ initialisation a zoo model gets by default (None: no λ, or not a zoo model)."""
+    return model_entry(model).damped_lambda_init if model in list_models() else None
+
+
+def shown_datasets(frame: pd.DataFrame, paper: tuple[str, ...] | None = None) -> list[str]:
+    """`paper` (default: every data set of the paper) when any record of a paper data set
+    exists (or none at all), then the data sets the paper does not report on."""
+    every = paper_datasets()
+    present = set(frame["dataset"])
+    cifar = bool(present & set(every)) or not present
+    return [*((every if paper is None else paper) if cifar else ()), *sorted(present - set(every))]
+
+
+def paper_rows(number: int) -> list[ModelEntry]:
+    """The registered models Table `number` has a row for, in the paper's order."""
+    return [e for e in model_entries() if number in e.tables]
+
+
+def _templates(number: int) -> list[tuple[str, str]]:
+    """(family, rule) of the table's rows, in their order: what a row is at another depth."""
+    return list(dict.fromkeys((e.family, e.rule) for e in paper_rows(number)))
+
+
+def measured_archs(frame: pd.DataFrame, dataset: str, number: int) -> list[str]:
+    """Architectures of registered models measured on `dataset` that Table `number` can show
+    beyond its own (other depths, other ResNeXt sizes), by family then depth."""
+    templates = _templates(number)
+    families = list(dict.fromkeys(f for f, _ in templates))
+    own = {e.arch for e in paper_rows(number)} if dataset in paper_datasets() else set()
+    found = {
+        model_entry(name)
+        for name in set(frame.loc[frame["dataset"] == dataset, "model"])
+        if name in list_models() and (model_entry(name).family, model_entry(name).rule) in templates
+    }
+    archs = {(families.index(e.family), e.depth, e.arch) for e in found if e.arch not in own}
+    return [arch for *_, arch in sorted(archs)]
+
+
+def row_models(number: int, dataset: str, frame: pd.DataFrame) -> list[ModelEntry]:
+    """The models Table `number` shows on `dataset`: on the paper's data sets its own rows,
+    then those of every other architecture measured; elsewhere only the latter."""
+    own = paper_rows(number) if dataset in paper_datasets() else []
+    templates = _templates(number)
+    others = [
+        entry
+        for arch in measured_archs(frame, dataset, number)
+        for family, rule in templates
+        if (entry := find_model(arch, rule)) is not None and entry.family == family
+    ]
+    return own + others
+
+
+# --- the six tables -------------------------------------------------------------------------
+
+
+def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[Spec]:
+    """The cells of Table `number` for the data in `frame` (records or their per-seed view).
+    The paper's own rows on its data sets are always shown; every other row only when its
+    model (and, in Table 5, λ initialisation) was measured or, with `runs`, trained."""
+    if number not in TABLES or number == "3_all":
+        raise ValueError(f"the paper has Tables 1-6, not {number}")
+    table = TABLES[number]
+    return table_specs_filter(_all_specs(table, frame), frame, runs, by_lambda=bool(table.lambda_sweep))
+
+
+def table_specs_filter(
+    specs: list[Spec], frame: pd.DataFrame, runs: pd.DataFrame | None = None, by_lambda: bool = False
+) -> list[Spec]:
+    """`specs` without the rows (block, row) that are not the paper's own and whose model
+    (with `by_lambda`: with its λ initialisation) was neither measured nor trained."""
+    seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
+    present = {
+        (d, m, lambda_key((lo, hi)))
+        for d, m, lo, hi in zip(seen["dataset"], seen["model"], seen["lambda_low"], seen["lambda_high"], strict=True)
+    }
+    models = {(d, m) for d, m, _ in present}
+
+    def shown(s: Spec) -> bool:
+        if by_lambda:
+            return s.paper_row or (s.dataset, s.model, lambda_key(s.lambda_init)) in present
+        return s.paper_row or (s.dataset, s.model) in models
+
+    keep = {(s.block, s.row) for s in specs if shown(s)}
+    return [s for s in specs if (s.block, s.row) in keep]
+
+
+def _all_specs(table: Table, frame: pd.DataFrame) -> list[Spec]:
+    if table.datasets is None:  # the data sets are the columns
+        datasets = shown_datasets(frame)
+        models = list(dict.fromkeys(e.name for d in datasets for e in row_models(table.row_table, d, frame)))
+        return [
+            spec
+            for model in models
+            for dataset in datasets
+            for spec in _row(table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),))
+        ]
+    specs: list[Spec] = []
+    for dataset in shown_datasets(frame, table.datasets):
+        block = dataset_label(dataset)
+        for entry in row_models(table.row_table, dataset, frame):
+            if table.lambda_sweep and entry.damped_lambda_init is not None:
+                for init in table.lambda_sweep:
+                    init = init or entry.damped_lambda_init
+                    row = f"{entry.label}, U[{init[0]:.2f}, {init[1]:.2f}]"
+                    specs += _row(table, block, row, dataset, entry.name, table.columns, init)
+                continue
+            row = f"{entry.label}, -" if table.lambda_sweep else entry.label
+            specs += _row(table, block, row, dataset, entry.name, table.columns)
+            if table.ensemble:
+                specs += _row(table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble")
+    return specs
+
+
+def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spec]:
+    """Table 3 extended to every attack measured (the registry's, in its order: the paper's,
+    the sanity and reference attacks, the worst case) at every radius measured, for the
+    main models (Table 1's rows) and their ensembles."""
+    measured = set(aggregated["metric"])
+    columns = tuple(
+        (f"{p.label} {eps:g}/255", metric)
+        for p in sorted(PERTURBATIONS.values(), key=lambda p: p.kind == DERIVED)  # the worst case last
+        if p.kind in (ATTACK, DERIVED)
+        for eps in sorted({float(m.split("@")[1]) for m in measured if m.startswith(p.name + "@")})
+        if (metric := metric_name(p.name, eps)) in measured
+    )
+    table = TABLES["3_all"]
+    return table_specs_filter(_all_specs(replace(table, columns=columns), frame), frame)
+
+
+def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
+    own = dataset in paper_datasets() and table.row_table in model_entry(model).tables
+    init = init if init is not None else default_lambda(model)
+    return [Spec(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns]
+
+
+# --- filling and comparing -----------------------------------------------------------------
+
+
+def published() -> pd.DataFrame:
+    return pd.read_csv(PUBLISHED)
+
+
+FILLED_COLUMNS = [
+    *("block", "row", "column", "dataset", "model", "kind", "metric", "lambda_low", "lambda_high"),
+    *("mean", "std", "n", "low", "high", "paper", "delta"),
+]
+
+
+def fill(
+    specs: list[Spec],
+    aggregated: pd.DataFrame,
+    preset: str = "paper",
+    table: int | None = None,
+    intervals: dict | None = None,
+) -> pd.DataFrame:
+    """One row per spec (in order) with the measured mean, std and n (NaN when not
+    measured), its 95% interval `low`, `high` (from `intervals`, keyed like best_groups),
+    the published value for the same cell (Table `table`) and the delta."""
+    chosen = best_groups(aggregated[aggregated["preset"] == preset])
+    paper = published()
+    if table is not None:
+        paper = paper[paper["table"] == table]
+    rows = []
+    for spec in specs:
+        found = chosen.get((spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric))
+        value = published_value(paper, spec.dataset, spec.model, spec.lambda_init, spec.kind, spec.metric)
+        mean = found["mean"] if found is not None else math.nan
+        low, high = (intervals or {}).get(
+            (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric), (math.nan, math.nan)
+        )
+        rows.append(
+            {
+                **{
+                    k: getattr(spec, k)
+                    for k in ("block", "row", "column", "dataset", "model", "kind", "metric")
+                },
+                "lambda_low": spec.lambda_init[0] if spec.lambda_init else math.nan,
+                "lambda_high": spec.lambda_init[1] if spec.lambda_init else math.nan,
+                "mean": mean,
+                "std": found["std"] if found is not None else math.nan,
+                "n": found["n"] if found is not None else 0,
+                "low": low,
+                "high": high,
+                "paper": value,
+                "delta": mean - value,
+            }
+        )
+    return pd.DataFrame(rows, columns=FILLED_COLUMNS)
+
+
+def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 5's last column: failed training runs out of all runs seen per row (mean =
+    failed, n = runs), and the paper's (5 minus the seeds it averaged)."""
+    seeds = (
+        published().query("table == 5 and metric == 'clean'").assign(value=lambda f: FULL_SEEDS - f["seeds"])
+    )
+    keys = pd.Series(
+        [lambda_key(p) for p in zip(runs["lambda_low"], runs["lambda_high"], strict=True)], index=runs.index
+    )
+    rows = []
+    for _, cells in filled.groupby(["block", "row"], sort=False):
+        first = cells.iloc[0].to_dict()
+        init = lambda_key((first["lambda_low"], first["lambda_high"]))
+        mine = runs[
+            (runs["dataset"] == first["dataset"])
+            & (runs["model"] == first["model"])
+            & keys.map(lambda key, init=init: key == init).astype(bool)
+        ]
+        mine = mine[mine["status"].isin(["finished", "failed"])]  # not running, nor deleted
+        failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
+        paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
+        rows.append(
+            {
+                **first,
+                "column": "Failed",
+                "metric": "failed",
+                "mean": failed,
+                "std": math.nan,
+                "n": len(mine),
+                "paper": paper,
+                "delta": failed - paper,
+            }
+        )
+    return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)
+
+
+def lambda_key(init) -> tuple | None:
+    """A λ initialisation as a dictionary key: None for none (or NaN), else rounded."""
+    return (
+        None
+        if init is None or init[0] is None or (isinstance(init[0], float) and math.isnan(init[0]))
+        else (round(init[0], 6), round(init[1], 6))
+    )
+
+
+def best_groups(aggregated: pd.DataFrame) -> dict:
+    """(dataset, model, λ, kind, metric) -> the aggregate of the one run chosen for it by
+    `chosen_runs` (its numbers never mix with another run's)."""
+    if aggregated.empty:
+        return {}
+    runs = chosen_runs(aggregated)
+    shown = runs[runs["chosen"]]
+    keep = set(zip(shown["dataset"], shown["model"], shown["lam"], shown["kind"], shown["run"], strict=True))
+    best: dict = {}
+    for row in aggregated.itertuples(index=False):
+        lam = lambda_key((row.lambda_low, row.lambda_high))
+        if (row.dataset, row.model, lam, row.kind, row.run) in keep:
+            best[(row.dataset, row.model, lam, row.kind, row.metric)] = {
+                "mean": row.mean,
+                "std": row.std,
+                "n": row.n,
+                "run": row.run,
+            }
+    return best
+
+
+def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of each (dataset, model, λ, kind) with its test size and seeds;
+    `chosen` marks the run a table shows: the one trained with the paper's full recipe,
+    then the largest test subset, then the most seeds (then the name, to be deterministic)."""
+    frame = aggregated.assign(
+        lam=[lambda_key(p) for p in zip(aggregated["lambda_low"], aggregated["lambda_high"], strict=True)]
+    )
+    keys = ["dataset", "model", "lam", "kind"]
+    runs = (
+        frame.groupby([*keys, "run", "preset"], dropna=False, sort=False)
+        .agg(n_test=("n_test", "max"), seeds=("n", "max"))
+        .reset_index()
+    )
+    runs["lam"] = [v if isinstance(v, tuple) else None for v in runs["lam"]]  # groupby made None NaN
+    runs["paper_recipe"] = [
+        run in paper_recipe_tags(model, preset, lam)
+        for run, model, preset, lam in zip(runs["run"], runs["model"], runs["preset"], runs["lam"], strict=True)
+    ]
+    runs = runs.sort_values(["paper_recipe", "n_test", "seeds", "run"], kind="stable")
+    runs["chosen"] = ~runs.duplicated(keys, keep="last")
+    return runs.reset_index(drop=True)
+
+
+def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
+    """The run tags of `model` trained with the paper's full recipe (with or without the
+    λ initialisation written into the tag)."""
+    tags = {run_tag(model, preset)}
+    if lam is not None:
+        tags.add(run_tag(model, preset, "full", lam))
+    return tags
+
+
+def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
+    """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
+    data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
+    if not dataset_info(dataset).paper:
+        return math.nan
+    match = paper[
+        (paper["dataset"] == dataset)
+        & (paper["model"] == model)
+        & (paper["kind"] == kind)
+        & (paper["metric"] == metric)
+    ]
+    if init is not None and match["lambda_low"].notna().any():
+        match = match[
+            (match["lambda_low"].round(6) == round(init[0], 6))
+            & (match["lambda_high"].round(6) == round(init[1], 6))
+        ]
+    return float(match["value"].iloc[0]) if len(match) else math.nan
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
+
+
+def variant_text(row) -> str:
+    """How a left-out measurement differs from the one shown, from the rule that dropped it."""
+    rule = row["rule"]
+    if rule == LARGEST_SUBSET:
+        return f"n={int(row['n_test'])}"
+    if rule == LARGEST_ENSEMBLE:
+        return f"ensemble of {int(row['members'])}"
+    if rule == RELEASED_FIRST:
+        return f"{row['data_source']} data"
+    if rule == LATEST_CHECKPOINT:
+        return "an earlier checkpoint"
+    if rule == LATEST_DATA:
+        return "data since replaced" if row["data_sha256"] != UNKNOWN_DATA else "data of unknown digest"
+    spec = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
+    params = json.loads(row["params"] or "{}")
+    return (spec.describe(params) if spec is not None else row["params"]) or "other parameters"
+
+
+def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
+    """'<label>: <variant> (<metrics>)' per entry and variant; `label_of(row)` names the entry."""
+    if left_out.empty:
+        return []
+    frame = left_out.assign(
+        label=[label_of(r) for _, r in left_out.iterrows()],
+        variant=[variant_text(r) for _, r in left_out.iterrows()],
+    )
+    phrases = []
+    for (name, variant), rows in frame.groupby(["label", "variant"], sort=False):
+        metrics = list(dict.fromkeys(rows["metric"]))
+        more = f", +{len(metrics) - SHOWN_METRICS} more" if len(metrics) > SHOWN_METRICS else ""
+        phrases.append(f"{name}: {variant} ({', '.join(metrics[:SHOWN_METRICS])}{more})")
+    return phrases
+
+
+def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
+    """One line naming what a table leaves out although it was measured: other
+    measurements of its cells (the rules of `aggregate.select_measurements`) and other runs
+    of its models (`chosen_runs`); '' when nothing is."""
+    if aggregated.empty:
+        return ""
+    rows = {}
+    for spec in specs:
+        key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind)
+        name, metrics = rows.get(key, (f"{spec.block} {spec.row}".strip(), set()))
+        metrics |= {spec.metric, *(NOISE_GROUPS if spec.metric == "noise" else ())}
+        rows[key] = (name, metrics)
+    runs = chosen_runs(aggregated)
+    runs = runs[[tuple(k) in rows for k in runs[["dataset", "model", "lam", "kind"]].itertuples(index=False)]]
+    shown = {tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values}
+
+    def key_of(r) -> tuple:
+        return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
+
+    mine = left_out[
+        [shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1] for _, r in left_out.iterrows()]
+    ] if not left_out.empty else left_out
+    phrases = left_out_phrases(mine, lambda r: rows[key_of(r)][0])
+    phrases += [
+        f"{rows[(d, m, lam, k)][0]}: run {run} (n={int(n)}, {int(seeds)} {'members' if k == 'ensemble' else 'seeds'})"
+        for d, m, lam, k, run, n, seeds in runs[~runs["chosen"]][
+            ["dataset", "model", "lam", "kind", "run", "n_test", "seeds"]
+        ].values
+    ]
+    if not phrases:
+        return ""
+    return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
+
+
+
+def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str:
+    """`view`: "mean" (as the paper), "std" (mean ± sample std, Appendix D style) or
+    "paper" (measured / published (delta)). Unmeasured cells show "-"."""
+    if filled.empty:
+        return "No model of this table was measured or trained."
+    text = filled.apply(lambda r: _cell(r, view), axis=1)
+    grid = filled.assign(text=text).pivot_table(
+        index=["block", "row"], columns="column", values="text", aggfunc="first", sort=False
+    )
+    grid = grid[list(dict.fromkeys(filled["column"]))].reset_index()
+    headers = ["Benchmark", "Model", *grid.columns[2:]]
+    if (grid["block"] == "").all():
+        grid, headers = grid.drop(columns="block"), headers[1:]
+    return tabulate(grid.values.tolist(), headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def _cell(row, view: str) -> str:
+    if row["metric"] == "failed":  # failed / all runs seen
+        text = "-" if math.isnan(row["mean"]) else f"{int(row['mean'])}/{int(row['n'])}"
+        return text + (
+            f" / {int(row['paper'])}/{FULL_SEEDS}" if view == "paper" and not math.isnan(row["paper"]) else ""
+        )
+    if math.isnan(row["mean"]):
+        return "-" if view != "paper" or math.isnan(row["paper"]) else f"- / {row['paper']:.2f}"
+    text = f"{row['mean']:.2f}"
+    if view == "std" and row["n"] >= 2 and not math.isnan(row["std"]):
+        text += f" ± {row['std']:.2f}"
+    if row["n"] < FULL_SEEDS:
+        text += f" (n={int(row['n'])})"
+    if view == "paper" and not math.isnan(row.get("low", math.nan)):
+        text += f" [{row['low']:.2f}, {row['high']:.2f}]"
+    if view == "paper" and not math.isnan(row["paper"]):
+        text += f" / {row['paper']:.2f} ({row['delta']:+.2f})"
+    return text
+
+
+def missing(filled: pd.DataFrame) -> str:
+    """One line naming what is not measured, row by row ('' when everything is)."""
+    gaps = filled[filled["mean"].isna()]
+    if gaps.empty:
+        return ""
+    parts = []
+    for (block, row), cells in gaps.groupby(["block", "row"], sort=False):
+        where = f"{block} {row}".strip()
+        total = ((filled["block"] == block) & (filled["row"] == row)).sum()
+        parts.append(f"{where} ({'all' if len(cells) == total else ', '.join(cells['column'])})")
+    return f"Missing {len(gaps)} of {len(filled)} cells: " + "; ".join(parts) + "."
+
+
+__all__ = [
+    "Spec",
+    "fill",
+    "missing",
+    "published",
+    "render",
+    "table_specs",
+    "with_failed_runs",
+    "published_value",
+    "best_groups",
+]

@@ -1,0 +1,436 @@
+"""What a plan will cost: per task, the checkpoints to train and the cells to run (decided
+by the driver's own `work_for`, so a dry run and the run agree on what is cached), their
+seconds from each model's throughput, and the wall time on N workers.
+
+Throughput, per model, from the first source that has it:
+1. `--assume-tflops T`: the model's FLOPs at T achieved TFLOP/s (for a device not here);
+2. recorded: the runs of this model on this device (meta.json's epochs x images / wall
+   seconds; the records' seconds of clean, noise and PGD/IFGSM cells);
+3. a probe: a few batches of each kind of pass on the device, after a warm-up; the median.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tabulate import tabulate
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.attacks.perturbations import NOISE, perturbation
+from bench.core.environment import device_name
+from bench.data.cifar import complete as folder_complete
+from bench.data.cifar import data_root
+from bench.data.datasets import CIFAR10, DatasetInfo, dataset_info
+from bench.data.splits import (
+    cell_sources,
+    current_noise_file,
+    images_digest,
+    load_test,
+    load_train,
+    noise_digest,
+    noise_file,
+)
+from bench.eval.engine import Cell, EvalConfig, protocol_cells, unit_passes, units
+from bench.eval.stability import n_images, stage_units
+from bench.eval.stability import unit_passes as stability_passes
+from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
+from bench.records.store import load_records
+from bench.run.plan import (
+    DEFENSE,
+    ENSEMBLE,
+    MEASURE,
+    TRAIN,
+    Task,
+    eval_config,
+    stability_config,
+    train_config,
+)
+from bench.train.recipes import recipe_for
+from models import create_model, model_entry
+
+PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
+TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
+WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
+
+
+class DataSizes:
+    """The cells' sources and test-subset sizes without the images, for a dry run on a data
+    dir that does not hold the test set yet (the release's sizes are assumed)."""
+
+    def __init__(self, dataset: str, data_dir, config: EvalConfig):
+        spec = dataset_info(dataset)
+        self.dataset, self.config, self.data_dir = dataset, config, data_dir
+        self.present = is_present(spec, data_dir)
+        self._clean: str | None = None
+        self.n_test = spec.sizes[1]
+        self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
+
+    def n(self, cell: Cell) -> int:
+        return min(self.config.n_test_of(cell.perturbation) or self.n_test, self.n_test)
+
+    def source(self, cell: Cell) -> str:
+        return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
+
+    def digest(self, cell: Cell) -> str | None:
+        """The data digest `cell` would read (writing nothing), or None while its files are
+        not there: such a cell is never taken as cached."""
+        if not self.present:
+            return None
+        if self._clean is None:
+            test = load_test(self.dataset, self.data_dir)
+            self._clean = images_digest(test.images, test.labels)
+        if perturbation(cell.perturbation).kind == NOISE:
+            path = noise_file(self.dataset, self.data_dir, self.config.noise_source, cell.perturbation)
+            current = current_noise_file(path, self.noise_source != "released", self._clean)
+            return noise_digest(path, remember=False) if current else None
+        return self._clean
+
+
+def training_images(dataset: str, data_dir, n_train: int | None) -> int:
+    """The images one epoch trains on: the data dir's training set (the release's size
+    when it is not there yet), cut to `n_train`."""
+    spec = dataset_info(dataset)
+    total = len(load_train(dataset, data_dir)) if is_present(spec, data_dir) else spec.sizes[0]
+    return min(n_train or total, total)
+
+
+def is_present(spec: DatasetInfo, data_dir) -> bool:
+    """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
+    return not spec.files or folder_complete(spec, data_root(data_dir) / spec.folder)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Images per second of a training step, a forward pass and an input-gradient pass."""
+
+    train: float
+    forward: float
+    gradient: float
+    source: str  # where they come from, in words
+
+
+def model_rates(
+    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = CIFAR10.input_shape
+) -> Rates:
+    """Rates of `model` on inputs of `shape` (C x H x W): at `assume_tflops`, else as
+    recorded by finished runs, else probed here."""
+    if assume_tflops is not None:
+        return flop_rates(model, assume_tflops, shape)
+    recorded = recorded_rates(model, device, results_dir)
+    return recorded if recorded is not None else probe(model, device, shape)
+
+
+@functools.cache
+def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
+    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of
+    `shape` (counted on the meta device: no weights, no time)."""
+    with torch.device("meta"):
+        net = create_model(model)
+        with FlopCounterMode(display=False) as counter:
+            net(torch.zeros(1, *shape))
+    per_image = counter.get_total_flops()
+    rate = tflops * 1e12 / per_image
+    return Rates(rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s")
+
+
+def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
+    """Rates measured by this model's finished runs and cells on this device, or None
+    when it has neither a finished run nor clean and iterative-attack cells."""
+    name = device_name(device)
+    train = [
+        meta["epochs_done"] * meta["data"]["images"] / meta["wall_seconds"]
+        for meta in _finished_metas(results_dir)
+        if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
+    ]
+    if not train:
+        return None
+    frame = _timed_cells(results_dir)
+    if frame is None:
+        return None
+    mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)]
+    forward_cells = mine[mine["perturbation"].map(lambda p: p == "clean" or _kind(p) == NOISE)]
+    iterative = mine[mine["perturbation"].isin(["pgd", "ifgsm"])]
+    if not len(forward_cells) or not len(iterative):
+        return None
+    forward = statistics.median(forward_cells["n"] / forward_cells["seconds"])
+    steps = iterative["params"].map(lambda p: json.loads(p)["steps"])
+    gradient_seconds = (iterative["seconds"] - iterative["n"] / forward).clip(lower=1e-9)
+    gradient = statistics.median(iterative["n"] * steps / gradient_seconds)
+    return Rates(statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)")
+
+
+def _timed_cells(results_dir) -> pd.DataFrame | None:
+    """The records' cells, read once per state of the store (one estimate asks per model)."""
+    path = Path(results_dir) / "records.sqlite"
+    return _read_cells(str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=2)
+def _read_cells(path: str, mtime_ns: int) -> pd.DataFrame:
+    return load_records(Path(path).parent)
+
+
+def _kind(name: str) -> str | None:
+    try:
+        return perturbation(name).kind
+    except Exception:  # a perturbation this version does not know
+        return None
+
+
+def _finished_metas(results_dir) -> list[dict]:
+    metas = []
+    for path in Path(results_dir).glob(f"checkpoints/*/*/seed*/{META_FILE}"):
+        meta = read_meta(path)
+        if meta.get("status") == "finished" and (meta.get("data") or {}).get("images"):
+            metas.append(meta)
+    return metas
+
+
+def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
+    """Images/s of an untrained `model_name` on `device` for inputs of `shape`: per kind of
+    pass, PROBE_WARMUP batches, then up to PROBE_REPEATS timed ones (fewer past
+    PROBE_SECONDS); the median."""
+    model = create_model(model_name)
+    return probe_module(model, model.info.num_classes, device, shape)
+
+
+def defense_rates(model: torch.nn.Module, classes: int, device: str, assume_tflops: float | None,
+                  shape: tuple[int, ...]) -> Rates:  # fmt: skip
+    """A defense's rates: its forward FLOPs at `assume_tflops`, else probed (it is never
+    trained here: its training rate is not measured)."""
+    if assume_tflops is None:
+        return probe_module(model, classes, device, shape, train=False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.cpu()(torch.zeros(1, *shape))
+    rate = assume_tflops * 1e12 / counter.get_total_flops()
+    return Rates(float("nan"), rate, rate / GRADIENT_FLOPS, f"{counter.get_total_flops() / 1e9:.2f} GFLOPs at {assume_tflops:g} TFLOP/s")
+
+
+def probe_module(model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True) -> Rates:
+    """`probe`'s measurement of a built module (`train`: its training step too)."""
+    model = model.to(device, memory_format=torch.channels_last)
+    x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (PROBE_BATCH,), device=device)
+
+    def rate(step: Callable[[], None]) -> float:
+        times = []
+        for i in range(PROBE_WARMUP + PROBE_REPEATS):
+            began = time.perf_counter()
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= PROBE_WARMUP:
+                times.append(time.perf_counter() - began)
+                if len(times) >= 3 and sum(times) > PROBE_SECONDS:
+                    break
+        return PROBE_BATCH / statistics.median(times)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model.train()(x), y).backward()
+
+    def forward():
+        with torch.no_grad():
+            model.eval()(x)
+
+    def gradient():
+        x_in = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model.eval()(x_in), y), x_in)
+
+    trained = rate(train_step) if train else float("nan")
+    return Rates(trained, rate(forward), rate(gradient), f"probe (median of batches of {PROBE_BATCH})")
+
+
+def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
+    """One row per task: what it trains or measures, and its seconds; `rates` (model ->
+    Rates) is filled with the throughput used."""
+    rates = {} if rates is None else rates
+    rows = []
+    for task in tasks:
+        if task.job.model not in rates:
+            shape = dataset_info(task.job.dataset).input_shape
+            if task.kind == DEFENSE:
+                resolved = driver.defenses[task.name]
+                rates[task.job.model] = defense_rates(
+                    resolved.model, resolved.info.num_classes, driver.device, options.assume_tflops, shape
+                )
+            else:
+                rates[task.job.model] = model_rates(
+                    task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
+                )
+        cost = _train_cost if task.kind == TRAIN else _defense_cost if task.kind == DEFENSE else _measure_cost
+        rows.append({"task": task.name, "model": task.job.model, **cost(driver, task, tasks, rates[task.job.model])})
+    return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
+                                       "stability to run", "stability cached"])  # fmt: skip
+
+
+def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    options = driver.options
+    config = train_config(task.job, task.seed, driver.spec, options, driver.device)
+    meta = _meta(driver, task, task.seed)
+    if meta.get("status") in ("finished", "failed"):
+        return _cost(0, 0, 0, 0.0, 0.0)
+    epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
+    images = training_images(task.job.dataset, options.data_dir, config.n_train)
+    tested = driver.data(task.job.dataset, eval_config(task.job, driver.spec, options, driver.device)).n_test
+    per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
+    return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
+
+
+def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    statuses = {s: _meta(driver, task, s).get("status") for s in task.seeds}
+    planned = {t.seeds[0] for t in tasks if t.kind == TRAIN and t.job == task.job}
+    members = [s for s in task.seeds if statuses[s] == "finished" or (statuses[s] != "failed" and s in planned)]
+    ensemble = task.kind == ENSEMBLE
+    config = eval_config(task.job, driver.spec, driver.options, driver.device, ensemble)
+    if not members or (ensemble and len(members) < 2):
+        return _cost(0, 0, 0, 0.0, 0.0)
+    work = None
+    if all(statuses[s] == "finished" for s in members):  # what the run will find: the driver decides
+        work = driver.work_for(task)
+        todo = list(work.cells) if work is not None else []
+    else:
+        todo = protocol_cells(config) if "eval" in driver.options.stages else []
+    stage: list = []
+    if "stability" in driver.options.stages:  # the work's units, or every unit of a checkpoint still to come
+        finished = all(statuses[s] == "finished" for s in members)
+        stage = (list(work.stability) if work is not None else []) if finished else stage_units(len(members))
+    return _work_cost(driver, task, config, len(members), todo, stage, len(stage_units(len(members))), rates)
+
+
+def _defense_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    config = eval_config(task.job, driver.spec, driver.options, driver.device)
+    work = driver.work_for(task)
+    units_all = len(stage_units(1, driver.defenses[task.name].blockwise))
+    return _work_cost(driver, task, config, 1, list(work.cells) if work else [], list(work.stability) if work else [],
+                      units_all, rates)  # fmt: skip
+
+
+def _work_cost(driver, task: Task, config: EvalConfig, members: int, todo: list, stage: list, units_all: int,
+               rates: Rates) -> dict:  # fmt: skip
+    """The seconds of `todo` cells on `members` networks and of the stability units `stage`."""
+    data = driver.data(task.job.dataset, config)
+    seconds = 0.0
+    for unit in units(todo):
+        forward, gradient = unit_passes(unit, data.n(unit[0]), config)
+        seconds += members * (forward / rates.forward + gradient / rates.gradient)
+    cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
+    stable = stability_config(driver.spec, driver.options)
+    for unit in stage:
+        forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
+        seconds += forward / rates.forward + gradient / rates.gradient
+    stable_cached = units_all - len(stage) if "stability" in driver.options.stages else 0
+    return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached}
+
+
+def _meta(driver, task: Task, seed: int) -> dict:
+    folder = zoo_checkpoint_dir(driver.options.results_dir, task.job.dataset, task.run, seed)
+    return read_meta(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+
+
+def _cost(to_train: int, todo: int, cached: int, train: float, evaluation: float) -> dict:
+    return {"to train": to_train, "cells to run": todo, "cached": cached, "train": train, "eval": evaluation,
+            "seconds": train + evaluation, "stability to run": 0, "stability cached": 0}  # fmt: skip
+
+
+def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> float:
+    """Seconds until the last task ends when `workers` run the tasks as the driver does:
+    each, in plan order, as soon as a worker is free and the tasks it waits for are done."""
+    pending, ends, running, now = list(tasks), {}, [], 0.0
+    while pending or running:
+        for task in [t for t in pending if all(a in ends and ends[a] <= now for a in t.after)]:
+            if len(running) >= workers:
+                break
+            pending.remove(task)
+            heapq.heappush(running, (now + seconds[task.name], task.name))
+        if not running:  # waiting on a task outside the plan cannot happen: the plan is closed
+            break
+        now, name = heapq.heappop(running)
+        ends[name] = now
+    return now
+
+
+def render_plan(driver, tasks: list[Task], options) -> str:
+    rates: dict[str, Rates] = {}
+    frame = estimate(driver, tasks, options, rates)
+    jobs = []
+    for task in tasks:
+        if task.job not in jobs:
+            jobs.append(task.job)
+    rows = []
+    for job in jobs:
+        mine = frame[[t.job == job for t in tasks]]
+        init = f" λ~U[{job.lambda_init[0]:g}, {job.lambda_init[1]:g}]" if job.lambda_init else ""
+        rows.append({
+            "model": job.model + init,
+            "dataset": job.dataset,
+            "seeds": 1 if job.defense is not None else len(driver.options.seeds or driver.spec.seeds),
+            "ensemble": "yes" if job.ensemble_radii else "",
+            "to train": int(mine["to train"].sum()),
+            "cells to run": int(mine["cells to run"].sum()),
+            "cached": int(mine["cached"].sum()),
+            "train": _duration(mine["train"].sum()),
+            "eval": _duration(mine["eval"].sum()),
+            "total": _duration(mine["seconds"].sum()),
+        })  # fmt: skip
+    seconds = dict(zip(frame["task"], frame["seconds"], strict=True))
+    counts = sorted({*WORKER_COUNTS, *([options.workers] if options.workers else [])})
+    walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts)
+    totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds", "stability to run",
+                    "stability cached"]].sum()  # fmt: skip
+    return "\n".join([
+        plan_header(driver.spec, options, driver.device, tasks),
+        tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
+        f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
+        f"{int(totals['cached'])} cached; "
+        + (f"{int(totals['stability to run'])} stability units to run, {int(totals['stability cached'])} cached; "
+           if "stability" in options.stages else "")
+        + f"estimated {_duration(totals['train'])} training + "
+        f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {driver.device}",
+        f"wall time (an estimate): {walls}",
+        "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
+    ])  # fmt: skip
+
+
+def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
+    """The plan's first line, which the run logs and `--dry-run` prints: suite, preset,
+    device, tasks and the test subsets."""
+    kinds = Counter(t.kind for t in tasks)
+    jobs = {t.job for t in tasks}
+    n_test = options.n_test if options.n_test is not None else spec.n_test
+    tested = "all test images" if n_test is None else f"{n_test} test images"
+    config = eval_config(tasks[0].job, spec, options, device) if tasks else None  # every job's subsets are the same
+    smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
+    if "stability" in options.stages:
+        n = stability_config(spec, options).n
+        smaller.append(f"stability on {n if n_test is None else min(n, n_test)}")
+    return (
+        f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "
+        f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
+        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}" + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
+        + f"); {tested}" + "".join(f", {s}" for s in smaller)
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:,.1f} h"
+

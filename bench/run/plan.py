@@ -1,0 +1,227 @@
+"""The plan: a suite and the run's options become jobs, and jobs become a graph of tasks
+that any executor (bench.run.executors) can run.
+
+A job is one model (with one λ initialisation) on one data set. Its tasks:
+- `train` (one per seed): train or resume that checkpoint;
+- `measure` (one per seed): the seed's missing cells and sanity checks; after its `train`;
+- `ensemble` (where the suite asks): the seeds' ensemble; after every seed's `train`.
+A run of defenses (bench.eval.defenses) has one job per defense, with the suite's first study's
+radii, and one task: `defense`, its cells, checks and stability units (seed 0).
+The report comes after every task and is the driver's (bench.run.pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bench.data.datasets import dataset_info
+from bench.eval.defenses import identity
+from bench.eval.engine import EvalConfig
+from bench.eval.stability import StabilityConfig
+from bench.records.store import ENSEMBLE_SEED
+from bench.run.options import RunOptions
+from bench.run.suites import Study, Suite
+from bench.train.loop import TrainConfig
+from models import UserError, model_entry, resolve_models
+
+log = logging.getLogger(__name__)
+TRAIN, MEASURE, ENSEMBLE, DEFENSE = "train", "measure", "ensemble", "defense"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    dataset: str
+    lambda_init: tuple[float, float] | None
+    radii: tuple[float, ...]
+    ensemble_radii: tuple[float, ...] = ()
+    defense: object = None  # a defense's job: its bench.eval.defenses.DefenseSpec (or built Defense); `model` is its name
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task asks of a worker: Ray schedules by it; memory in GiB of host RAM."""
+
+    gpus: float
+    cpus: int
+    memory_gib: float
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # TRAIN, MEASURE, ENSEMBLE or DEFENSE
+    job: Job
+    run: str  # the checkpoint tag shared by the job's seeds
+    seeds: tuple[int, ...]  # one seed; an ensemble's members
+    after: tuple[str, ...]  # names of the tasks that must finish first
+    resources: Resources
+
+    @property
+    def seed(self) -> int:
+        return ENSEMBLE_SEED if self.kind == ENSEMBLE else self.seeds[0]
+
+    @property
+    def name(self) -> str:
+        who = "ensemble" if self.kind == ENSEMBLE else f"seed{self.seeds[0]}"
+        if self.kind == DEFENSE:
+            return f"{self.kind} {self.job.dataset} {self.run}"
+        return f"{self.kind} {self.job.dataset} {self.run} {who}"
+
+
+def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
+    """The suite's jobs, restricted to `options.models` when given (models in none of its
+    studies get the first study's protocol), with the options' overrides applied."""
+    if options.defenses:
+        return [defense_job(d, spec, options) for d in options.defenses]
+    wanted = resolve_models(options.models) if options.models is not None else None
+    jobs: dict[tuple, Job] = {}
+    covered: set[str] = set()
+    for study in spec.studies:
+        names = resolve_models(study.models)
+        names = [n for n in names if wanted is None or n in wanted]
+        covered.update(names)
+        _add_jobs(jobs, names, study, options)
+    if wanted:
+        _add_jobs(jobs, [n for n in wanted if n not in covered], spec.studies[0], options)
+    if options.lambda_init is not None:
+        _check_lambda_init(sorted({j.model for j in jobs.values()}), options.lambda_init)
+    for dataset in {j.dataset for j in jobs.values()}:
+        dataset_info(dataset)
+    return list(jobs.values())
+
+
+def defense_job(defense, spec: Suite, options: RunOptions) -> Job:
+    """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
+    name, dataset = identity(defense)
+    dataset_info(dataset)
+    return Job(name, dataset, None, tuple(sorted(options.radii or spec.studies[0].radii)), defense=defense)
+
+
+def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
+    """`--lambda-init` applies to the models with λ; one line when none of them has one, a
+    log line naming those it leaves at their own build."""
+    without = [m for m in models if not has_lambda(m)]
+    shown = f"{init[0]:g},{init[1]:g}"
+    if len(without) == len(models):
+        raise UserError(
+            f"--lambda-init {shown} sets λ's initialisation, and none of the models has a λ "
+            f"({', '.join(without)}): leave it out, or choose interpolated models (e.g. in-resnet*)"
+        )
+    if without:
+        log.info("--lambda-init %s applies to the models with a λ; not to %s (no λ)", shown, ", ".join(without))
+
+
+def has_lambda(model: str) -> bool:
+    return model_entry(model).damped_lambda_init is not None
+
+
+def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: RunOptions) -> None:
+    radii = options.radii or study.radii
+    ensemble = (options.radii or study.ensemble_radii) if study.ensemble_radii else ()
+    for name in names:
+        if not has_lambda(name):
+            inits = (None,)
+        else:
+            inits = (options.lambda_init,) if options.lambda_init else study.lambda_inits
+        for dataset in options.datasets or study.datasets:
+            for init in inits:
+                key = (name, dataset, init)
+                old = jobs.get(key, Job(name, dataset, init, ()))
+                jobs[key] = Job(
+                    name,
+                    dataset,
+                    init,
+                    tuple(sorted({*old.radii, *radii})),
+                    tuple(sorted({*old.ensemble_radii, *ensemble})),
+                )
+
+
+def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -> list[Task]:
+    """The tasks of the asked stages in an order that respects `after` (every training
+    first, as one process runs them; executors with more workers start what is ready)."""
+    seeds = seeds_of(spec, options)
+    resources = task_resources(spec, device)
+    trains, measures = [], []
+    if any(job.defense is not None for job in jobs):
+        return [Task(DEFENSE, job, job.model, (0,), (), resources) for job in jobs]
+    for job in jobs:
+        run = train_config(job, seeds[0], spec, options, device).tag
+        trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
+        waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
+        trains += trained if "train" in options.stages else []
+        if not {"eval", "check", "stability"} & set(options.stages):
+            continue
+        measures += [Task(MEASURE, job, run, (s,), waits[s], resources) for s in seeds]
+        if job.ensemble_radii and len(seeds) >= 2:
+            measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources))
+    return trains + measures
+
+
+def task_resources(spec: Suite, device: str) -> Resources:
+    """One GPU per task on a GPU (the suite's models fit one), none on a CPU."""
+    gpus = 1.0 if device.startswith("cuda") else 0.0
+    return Resources(gpus, spec.task_cpus, spec.task_memory_gib)
+
+
+def seeds_of(spec: Suite, options: RunOptions) -> tuple[int, ...]:
+    return options.seeds if options.seeds is not None else spec.seeds
+
+
+def train_config(job: Job, seed: int, spec: Suite, options: RunOptions, device: str) -> TrainConfig:
+    return TrainConfig(
+        job.model,
+        job.dataset,
+        seed,
+        options.preset,
+        options.length or spec.length,
+        job.lambda_init,
+        n_train_of(job.dataset, spec, options),
+        device,
+        options.channels_last,
+        options.bf16,
+        options.compile,
+    )
+
+
+def n_train_of(dataset: str, spec: Suite, options: RunOptions) -> int | None:
+    """--n-train, else the suite's subset where the data set has more training images:
+    the smoke suite's 2,048 on a data set of 384 trains on all of them, tagged so (a
+    --n-train above the images there are is refused before any work)."""
+    if options.n_train is not None:
+        return options.n_train
+    return spec.n_train if spec.n_train is not None and spec.n_train < dataset_info(dataset).sizes[0] else None
+
+
+def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
+    attack_radii = job.ensemble_radii if ensemble else job.radii
+    extra = []  # the suite's further perturbations; ensembles only at their attack radii
+    for name, radii in spec.extra:
+        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or e in attack_radii)
+        extra += [(name, radii)] if radii else []
+    return EvalConfig(
+        preset=options.preset,
+        eps_255=job.radii,
+        iterative_eps_255=attack_radii if ensemble else None,
+        steps=options.steps,
+        n_test=options.n_test if options.n_test is not None else spec.n_test,
+        noise_source=options.noise_source,
+        batch_size=options.batch_size,
+        device=device,
+        extra=tuple(extra),
+        subsets=subsets(spec, options),
+        trust_unknown_data=not options.recheck_data,
+    )
+
+
+def stability_config(spec: Suite, options: RunOptions) -> StabilityConfig:
+    """The stability stage's settings: the suite's image count unless `--n-stability`."""
+    return StabilityConfig(n=options.n_stability if options.n_stability is not None else spec.n_stability)
+
+
+def subsets(spec: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
+    """The suite's smaller test subsets, AutoAttack's replaced by `--n-autoattack`."""
+    own = dict(spec.subsets)
+    if options.n_autoattack is not None:
+        own["autoattack"] = options.n_autoattack
+    return tuple(own.items())

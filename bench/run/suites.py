@@ -1,0 +1,112 @@
+"""The suites: which models are trained on what and evaluated how. Data, in one place.
+
+A suite is a list of studies (each one of the paper's tables or a part of one) plus the
+training length, seeds and test subset they share. Radii are in 1/255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.train.recipes import LAMBDA_SWEEP
+from models import UserError
+
+ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resnet164,lambda-in-resnet164"
+
+
+@dataclass(frozen=True)
+class Study:
+    """`models` (names, globs or groups) trained on each of `datasets` with each λ
+    initialisation (None: the model's default), evaluated with FGSM / IFGSM / PGD at
+    `radii`; with `ensemble_radii`, the seeds' ensemble is evaluated too (at those radii)."""
+
+    table: str  # which of the paper's tables it feeds
+    models: str
+    datasets: tuple[str, ...]
+    radii: tuple[float, ...] = (1.0, 2.0, 4.0)
+    lambda_inits: tuple[tuple[float, float] | None, ...] = (None,)
+    ensemble_radii: tuple[float, ...] = ()
+
+
+# Registered perturbations every suite adds to the paper's protocol, each at its radii
+# (None: the study's attack radii): random noise in the eps-ball (a sanity check) ...
+SANITY = (("uniform", None),)
+# ... PGD-50 at large radii, which must bring any model to chance, and AutoAttack.
+REFERENCE = (("pgd50", (16.0, 64.0)), ("autoattack", (2.0,)))
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    studies: tuple[Study, ...]
+    seeds: tuple[int, ...]
+    length: str  # training length: "full" (the paper's epochs), "quick" (1/5), "smoke" (2 epochs)
+    n_train: int | None = None  # first N training images; None: all
+    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    needs_gpu: bool = True
+    # registered perturbations beyond FGSM / IFGSM / PGD: (name, radii or None for the study's)
+    extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
+    subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
+    checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.eval.sanity's model checks
+    n_stability: int = 200  # the stability stage's class-balanced test images (bench.eval.stability)
+    # what one task (a training run, or a checkpoint's evaluation) asks of a worker, besides
+    # one GPU where there are GPUs: CPU threads and host memory in GiB (Ray schedules by them)
+    task_cpus: int = 4
+    task_memory_gib: float = 8.0
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "paper",
+            "every table of the paper: 5 seeds, the paper's epochs, full test sets",
+            (
+                Study("1-3", "main", ("cifar10", "cifar100")),
+                Study("4", "variants", ("cifar10",), radii=(2.0,)),
+                Study("5", "in-resnet110,lambda-in-resnet110", ("cifar10",), (2.0,), LAMBDA_SWEEP),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+            ),
+            seeds=(0, 1, 2, 3, 4),
+            length="full",
+        ),
+        Suite(
+            "quick",
+            "the main models on CIFAR-10: 2 seeds, 1/5 of the epochs, full test set (about 38 GPU-hours: an estimate)",
+            (
+                Study("1-3", "main", ("cifar10",)),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+            ),
+            seeds=(0, 1),
+            length="quick",
+        ),
+        Suite(
+            "smoke",
+            "the whole pipeline on synthetic data in minutes on a CPU: tiny ResNet / In-ResNet / "
+            "λ-In-ResNet, 2 seeds, 2 epochs, a test subset, every perturbation at full step count",
+            (
+                Study(
+                    "1-3, 6", "resnet14,in-resnet14,lambda-in-resnet14", ("synthetic",), ensemble_radii=(2.0,)
+                ),
+            ),
+            seeds=(0, 1),
+            length="smoke",
+            n_train=2048,
+            n_test=100,
+            needs_gpu=False,
+            extra=SANITY + (("apgd-ce-lite", (2.0,)),),  # cheap: never shown as AutoAttack
+            subsets=(),
+            checks=("gradients", "model"),
+            n_stability=24,
+            task_cpus=1,
+            task_memory_gib=2.0,
+        ),
+    )
+}
+
+
+def suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UserError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]

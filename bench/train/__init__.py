@@ -1,0 +1,1 @@
+"""Training: the paper's recipes and one resumable training run."""

@@ -1,0 +1,443 @@
+"""Training with the paper's recipe: resumable, deterministic on CPU, fast on a GPU.
+
+The whole training set sits on the device as uint8; each epoch's order, crops and flips
+come from a generator seeded by (seed, epoch), and crop + flip are one gather on the
+device, so there is no DataLoader and a resumed run replays exactly what it missed.
+After every epoch one file, `state.pt` (weights, optimiser, epoch), is replaced
+atomically: it is the commit point. `weights.pt` and `meta.json` beside it are rewritten
+from it (status "running"); at the end they hold the final-epoch weights with status
+"finished", or "failed" with the reason (non-finite loss, or chance-level accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from bench.core.environment import device_name
+from bench.core.files import atomic_write, check_file_target, describe_mismatch
+from bench.data.splits import batches, clean_source, images_digest, load_test, load_train
+from bench.records.checkpoints import (
+    EPOCHS_FILE,
+    GATE_IMAGES,
+    LOG_FILE,
+    META_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    check_build,
+    dataset_defaults,
+    missing_weights,
+    read_meta,
+    save_zoo_checkpoint,
+    zoo_checkpoint_dir,
+)
+from bench.train.recipes import Recipe, preset_model_options, recipe_for, run_tag
+from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
+from models.errors import reason as error_reason
+from models.skip import uses_lambda
+
+log = logging.getLogger(__name__)
+CHANCE_FACTOR = 1.5  # final test accuracy below 1.5 / classes counts as a failed run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Everything but `seed`, `dataset` and the speed flags changes the
+    weights, so it goes into the run's tag (its checkpoint folder name)."""
+
+    model: str
+    dataset: str
+    seed: int
+    preset: str = "paper"
+    length: str = "full"  # "full", "quick" or "smoke"
+    lambda_init: tuple[float, float] | None = None
+    n_train: int | None = None  # first N training images only (smoke runs, tests)
+    device: str = "cpu"
+    channels_last: bool = True  # channels_last convolutions: faster on CPUs and GPUs alike
+    bf16: bool = False  # bf16 autocast for the training forward/backward (CUDA)
+    compile: bool = False  # torch.compile the model for training
+
+    @property
+    def tag(self) -> str:
+        return run_tag(self.model, self.preset, self.length, self.lambda_init, self.n_train)
+
+
+def train(
+    config: TrainConfig, results_dir: str | Path = "results", data_dir=None, progress: bool = True
+) -> dict:
+    """Train (or resume, or skip when done) one run; returns its metadata."""
+    folder = zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed)
+    recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
+    done = _finished_meta(folder, recipe, config)
+    if done is not None:
+        log.info(
+            "%s %s seed %d: %s already (%s)", config.tag, config.dataset, config.seed, done["status"], folder
+        )
+        return done
+    model = _build(config)
+    handler = logging.FileHandler(_writable(folder) / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the run's log file gets every epoch, whatever the console shows
+    try:
+        return _run(config, recipe, model, folder, data_dir, progress)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
+
+
+def _run(
+    config: TrainConfig, recipe: Recipe, model: InterpolatedNet, folder: Path, data_dir, progress: bool
+) -> dict:
+    device = torch.device(config.device)
+    optimizer = make_optimizer(model, recipe, config.device)
+    start, wall, epochs = _resume(folder, model, optimizer)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory)
+    _optimizer_to(optimizer, device)
+    train_set = load_train(config.dataset, data_dir)
+    test = load_test(config.dataset, data_dir)
+    images, labels = train_set.images[: config.n_train], train_set.labels[: config.n_train]
+    data = {  # where the training images came from, for meta.json
+        "source": clean_source(config.dataset, train_set.official),
+        "images": len(labels),
+        "sha256": images_digest(images, labels),
+    }
+    x_train = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, NCHW view
+    y_train = torch.from_numpy(labels).to(device)
+    step_model = torch.compile(model) if config.compile else model
+    steps = -(-len(y_train) // recipe.batch_size)
+    bar = tqdm(
+        total=recipe.epochs * steps,
+        initial=start * steps,
+        disable=None if progress else True,  # None: on a terminal only
+        unit="batch",
+        dynamic_ncols=True,
+    )
+    with bar:
+        for epoch in range(start, recipe.epochs):
+            began = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr_at(epoch)
+            bar.set_description(
+                f"train {config.tag} {config.dataset} seed{config.seed} epoch {epoch + 1}/{recipe.epochs}"
+            )
+            loss, accuracy = train_epoch(
+                step_model,
+                optimizer,
+                x_train,
+                y_train,
+                recipe,
+                epoch_generator(config.seed, epoch),
+                config,
+                bar,
+            )
+            finite = bool(np.isfinite(loss))
+            # a diverged network's accuracy is not worth a pass over the test set
+            tested = test_accuracy(model, test, device) if finite else float("nan")
+            coefficients = coefficient_columns(model, test, device)
+            seconds = round(time.perf_counter() - began, 3)  # training and the test pass
+            row = {"epoch": epoch + 1, "lr": recipe.lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy,
+                   "test_accuracy": tested, "seconds": seconds, **coefficients}  # fmt: skip
+            wall += seconds
+            epochs.append(row)
+            if not finite:
+                write_epochs(folder, epochs)
+                return _close(
+                    config,
+                    recipe,
+                    model,
+                    folder,
+                    epoch,
+                    wall,
+                    "failed",
+                    f"non-finite loss in epoch {epoch + 1}",
+                    data=data,
+                )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "wall": wall,
+                "epochs": epochs,  # the training log: a resumed run rewrites epochs.csv whole from it
+            }
+            atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
+            write_epochs(folder, epochs)
+            _save(config, recipe, model, folder, epoch + 1, wall, "running", data=data)
+            log.info(
+                "epoch %d/%d lr %g loss %.4f train acc %.4f test acc %.4f %.1fs",
+                epoch + 1,
+                recipe.epochs,
+                row["lr"],
+                loss,
+                accuracy,
+                row["test_accuracy"],
+                row["seconds"],
+            )
+    # the final weights' accuracy: the last epoch's test pass (unless a legacy state lacks it)
+    last = epochs[-1] if epochs and epochs[-1]["epoch"] == recipe.epochs else None
+    accuracy = last["test_accuracy"] if last is not None else test_accuracy(model, test, device)
+    chance = CHANCE_FACTOR / model.info.num_classes
+    status, reason = (
+        ("finished", "")
+        if accuracy >= chance
+        else ("failed", f"test accuracy {accuracy:.4f} at chance level")
+    )
+    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe, device: str) -> torch.optim.Optimizer:
+    """The paper's SGD; on a GPU the fused kernel (one launch for every parameter instead of
+    a few per parameter: the same update, less time between steps)."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        fused=True if str(device).startswith("cuda") else None,
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_train: Tensor,
+    y_train: Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    config: TrainConfig,
+    bar: tqdm | None = None,
+) -> tuple[float, float]:
+    """One pass in the generator's order; returns mean loss and train accuracy. Sums stay
+    on the device (no per-step sync); a non-finite loss shows in the returned mean."""
+    model.train()
+    n = len(y_train)
+    order = torch.randperm(n, generator=generator).to(x_train.device)
+    shifts = torch.randint(0, 2 * recipe.pad + 1, (2, n), generator=generator).to(x_train.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x_train.device) & recipe.flip
+    loss_sum = torch.zeros((), device=x_train.device)
+    correct = torch.zeros((), device=x_train.device, dtype=torch.long)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    dtype = next(model.parameters()).dtype  # float32 but for numerical checks (float64)
+    for start in range(0, n, recipe.batch_size):
+        idx = order[start : start + recipe.batch_size]
+        x = augment(x_train[idx], shifts[0, idx], shifts[1, idx], flips[idx], recipe).to(dtype)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(x.contiguous(memory_format=memory))
+            loss = F.cross_entropy(logits, y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (logits.detach().argmax(1) == y_train[idx]).sum()
+        if bar is not None and not bar.disable:
+            bar.update()
+            if bar.n % 25 == 0:  # reading numbers waits for the device: not every step
+                seen = min(start + recipe.batch_size, n)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    return loss_sum.item() / n, correct.item() / n
+
+
+def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> Tensor:
+    """uint8 B x 3 x H x W -> float [0, 1]: pad by `recipe.pad` (zeros or reflection),
+    take the H x W window at (dy, dx), mirrored where `flip`; one gather for both."""
+    height, width = x.shape[-2:]
+    x = x.float().div_(255)
+    if recipe.pad:
+        x = F.pad(x, (recipe.pad,) * 4, mode=recipe.pad_mode)
+    down, across = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    rows = (dy[:, None] + down)[:, None, :, None]
+    cols = torch.where(flip[:, None], dx[:, None] + width - 1 - across, dx[:, None] + across)[:, None, None, :]
+    batch = torch.arange(len(x), device=x.device)[:, None, None, None]
+    channel = torch.arange(3, device=x.device)[None, :, None, None]
+    return x[batch, channel, rows, cols]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch: order, crops and flips depend on (seed, epoch) only."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, test, device: torch.device, batch_size: int | None = None) -> float:
+    """Clean accuracy of `model` (put in eval mode) on the ImageSet `test`; by default 256
+    images a batch on a CPU (3x faster there than 1,000, which stay out of its caches)
+    and 1,000 on a GPU."""
+    model.eval()
+    size = batch_size or (256 if torch.device(device).type == "cpu" else 1000)
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches(test.images, test.labels, size, device))
+    return correct / len(test)
+
+
+def coefficient_columns(model: InterpolatedNet, test, device: torch.device) -> dict[str, float]:
+    """The training log's coefficients: act(λ_n) per damped block (`coefficient_<n>`, n
+    from 1 in depth order), or for the gating rules each block's min / median / max over
+    the first GATE_IMAGES test images; none for the rules without λ."""
+    if not uses_lambda(model.info.rule):
+        return {}
+    if not any(s.is_input_dependent for s in model.damped_skips()):
+        return {f"coefficient_{n}": round(float(c), 6) for n, c in enumerate(model.interpolation_coefficients(), 1)}
+    rows = np.arange(min(GATE_IMAGES, len(test)))
+    x, _ = next(iter(batches(test.images, test.labels, len(rows), device, rows)))
+    columns = {}
+    for n, values in enumerate(model.interpolation_coefficients(x), 1):
+        for stat, value in (("min", values.min()), ("median", values.median()), ("max", values.max())):
+            columns[f"coefficient_{n}_{stat}"] = round(float(value), 6)
+    return columns
+
+
+def write_epochs(folder: Path, epochs: list[dict]) -> None:
+    """epochs.csv, the training log: one row per epoch, numbers only, written whole and
+    atomically."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(epochs[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(epochs)
+    atomic_write(folder / EPOCHS_FILE, out.getvalue())
+
+
+def _build(config: TrainConfig) -> InterpolatedNet:
+    torch.manual_seed(config.seed)  # initial weights and lambdas depend on the seed only
+    return create_model(config.model, **model_options(config.model, config.dataset, config.preset, config.lambda_init))
+
+
+def model_options(model: str, dataset: str, preset: str, lambda_init: tuple[float, float] | None) -> dict:
+    """What `create_model` is given for a run: the data set's classes and statistics, the
+    preset's options, the λ initialisation asked for."""
+    kwargs = {**dataset_defaults(dataset), **preset_model_options(preset, model_entry(model))}
+    if lambda_init is not None:
+        kwargs["lambda_init"] = tuple(lambda_init)
+    return kwargs
+
+
+@functools.cache
+def planned_info(model: str, dataset: str, preset: str, lambda_init: tuple[float, float] | None) -> ModelInfo:
+    """The ModelInfo of the model a run with these options trains, made on the meta device
+    (no weights): what an existing checkpoint is checked against."""
+    with torch.device("meta"):
+        return create_model(model, **model_options(model, dataset, preset, lambda_init)).info
+
+
+def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> dict | None:
+    """The meta.json of `config`'s run when it has ended (finished or failed), else None;
+    one error line when the folder holds a run of another recipe or model build."""
+    recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
+    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe, config)
+
+
+def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | None:
+    path = folder / META_FILE
+    for name in (META_FILE, WEIGHTS_FILE, STATE_FILE, EPOCHS_FILE, LOG_FILE):  # before training, not after it
+        check_file_target(folder / name)
+    if not path.is_file():
+        return None
+    meta = read_meta(path)
+    if meta.get("recipe") != _jsonable(asdict(recipe)):
+        raise UserError(
+            f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
+        )
+    check_build(meta, planned_info(config.model, config.dataset, config.preset, config.lambda_init), folder)
+    if meta.get("status", "finished") == "finished" and not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(missing_weights(folder))
+    return meta if meta.get("status") in ("finished", "failed") else None
+
+
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict]]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return 0, 0.0, []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        mismatch = describe_mismatch(model.state_dict(), state["model"])
+        if mismatch:
+            raise ValueError(f"it holds another model: {mismatch}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # a state file we wrote atomically should never fail; say so
+        raise UserError(f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run") from None
+    log.info("resuming %s after epoch %d", folder, state["epoch"])
+    return int(state["epoch"]), float(state["wall"]), list(state.get("epochs", []))
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for param_state in optimizer.state.values():
+        for key, value in param_state.items():
+            if isinstance(value, Tensor):
+                param_state[key] = value.to(device)
+
+
+def _save(
+    config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None
+) -> dict:
+    meta = {
+        "tag": config.tag,
+        "preset": config.preset,
+        "length": config.length,
+        "recipe": _jsonable(asdict(recipe)),
+        "epochs_done": epochs_done,
+        "test_accuracy": accuracy,
+        "interpolation_coefficients": _coefficients(model),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": version("torchvision"),  # not imported: it would load torch's compiler stack
+            "numpy": np.__version__,
+        },
+        "device": device_name(config.device),
+        "flags": {"channels_last": config.channels_last, "bf16": config.bf16, "compile": config.compile},
+        "n_train": config.n_train,
+        "data": data,  # source (released, unofficial, synthetic), images, sha256 of images + labels
+        "wall_seconds": round(wall, 3),
+        "status": status,
+        "reason": reason,
+    }
+    written = save_zoo_checkpoint(
+        model, config.dataset, config.seed, folder.parents[3], run=config.tag, **meta
+    )
+    return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
+
+
+def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None) -> dict:
+    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data)
+    (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
+    line = f"{config.tag} {config.dataset} seed {config.seed}: {status}"
+    line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
+    line += f" ({reason})" if reason else ""
+    log.info("%s, %d epochs, %.0f s", line, epochs_done, wall)
+    return meta
+
+
+def _coefficients(model: nn.Module) -> list[float]:
+    try:
+        return [round(float(c), 6) for c in model.interpolation_coefficients()]
+    except ValueError:  # gating rules: coefficients depend on the input; none at rest
+        return []
+
+
+def _jsonable(obj):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {folder} ({err.strerror}): choose another --results-dir") from None
+    return folder

@@ -1,0 +1,97 @@
+"""Training recipes (paper Sec. 4.1) and protocol presets, in one place.
+
+A recipe is fixed by the model family and data set (the paper's table), the protocol
+preset (`paper` as written, `authors-code` with the public release's deviations) and the
+length (`full`, or the shorter `quick` / `smoke` runs: fewer epochs, learning-rate
+milestones at the same fractions of training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bench.data.datasets import dataset_info
+from models import CIFAR10_MEAN, ModelEntry, UserError
+
+PRESETS = ("paper", "authors-code")
+LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None}  # fraction of the epochs; smoke: SMOKE_EPOCHS
+SMOKE_EPOCHS = 2
+# The authors' release normalised both data sets with CIFAR-10's mean and this std.
+AUTHORS_CODE_STD = (0.2023, 0.1994, 0.2010)
+# The λ initialisations of the paper's Table 5 study (None: each model's default U[0.2, 0.25]).
+LAMBDA_SWEEP = ((0.0, 0.1), (0.1, 0.2), None, (0.25, 0.3), (0.3, 0.4))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """SGD with momentum; the learning rate is divided by 10 at each milestone epoch."""
+
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...]
+    weight_decay: float  # on every parameter, as the release: the stored λ or k = 1 - λ too (models.skip)
+    momentum: float = 0.9
+    batch_size: int = 128  # images
+    pad: int = 4  # pixels of padding before the random crop back to the image size
+    pad_mode: str = "constant"  # "constant" (zeros) or "reflect"
+    flip: bool = True  # random horizontal flip
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during `epoch` (0-based)."""
+        return self.lr / 10 ** sum(epoch >= m for m in self.milestones)
+
+
+# (family, recipe key of the data set) -> the paper's full recipe.
+_PAPER = {
+    ("preact-resnet", "cifar10"): Recipe(160, 0.1, (80, 120), 1e-4),
+    ("preact-resnet", "cifar100"): Recipe(300, 0.1, (150, 225), 1e-4),
+    ("resnext", "cifar10"): Recipe(300, 0.05, (150, 225), 5e-4),
+    ("resnext", "cifar100"): Recipe(300, 0.05, (150, 225), 5e-4),
+}
+
+
+def recipe_for(family: str, dataset: str, preset: str = "paper", length: str = "full") -> Recipe:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if length not in LENGTHS:
+        raise UserError(f"unknown run length {length!r}; choose one of {', '.join(LENGTHS)}")
+    key = (family, dataset_info(dataset).recipe)
+    if key not in _PAPER:
+        raise UserError(f"no training recipe for family {family!r} on {dataset!r}")
+    recipe = _PAPER[key]
+    if preset == "authors-code":
+        recipe = replace(recipe, pad=2, pad_mode="reflect")
+    return scaled(recipe, length)
+
+
+def scaled(recipe: Recipe, length: str) -> Recipe:
+    fraction = LENGTHS[length]
+    epochs = SMOKE_EPOCHS if fraction is None else max(1, round(recipe.epochs * fraction))
+    milestones = tuple(round(m * epochs / recipe.epochs) for m in recipe.milestones)
+    return replace(recipe, epochs=epochs, milestones=milestones)
+
+
+def preset_model_options(preset: str, entry: ModelEntry) -> dict:
+    """Model options a preset fixes: `paper` none (each data set's statistics, the cited
+    networks); `authors-code` the release's normalisation (CIFAR-10's mean with its own
+    std, for both data sets) and, where the release has the family, its network."""
+    if preset != "authors-code":
+        return {}
+    network = {"network": "release"} if "release" in entry.networks else {}
+    return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD, **network}
+
+
+def run_tag(model: str, preset: str = "paper", length: str = "full", lambda_init: tuple[float, float] | None = None,
+            n_train: int | None = None) -> str:  # fmt: skip
+    """A run's name, its checkpoint folder: the model and every option that changed its
+    weights (the only place a tag is made: training, figures and tables read it)."""
+    parts = [model]
+    if preset != "paper":
+        parts.append(preset)
+    if length != "full":
+        parts.append(length)
+    if lambda_init is not None:
+        parts.append(f"lambda{lambda_init[0]:g}-{lambda_init[1]:g}")
+    if n_train is not None:
+        parts.append(f"n{n_train}")
+    return "@".join(parts)
