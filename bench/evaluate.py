@@ -5,7 +5,8 @@ bench.run.api; this module keeps the documented import path.
 """
 
 from bench.attacks.perturbations import DEFAULT_STEPS
-from bench.eval.engine import EvalConfig, evaluate
+from bench.eval.engine import evaluate
+from bench.eval.protocol import EvalConfig
 from bench.run.api import evaluate_defense
 
 __all__ = ["DEFAULT_STEPS", "EvalConfig", "evaluate", "evaluate_defense"]

@@ -27,9 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.data.synthetic import make_synthetic  # noqa: E402
 from bench.records.store import RecordStore  # noqa: E402
+from bench.run.driver import Driver
 from bench.run.estimate import estimate  # noqa: E402
 from bench.run.options import RunOptions  # noqa: E402
-from bench.run.pipeline import Driver, run  # noqa: E402
+from bench.run.pipeline import run
 from bench.run.plan import plan_jobs, plan_tasks  # noqa: E402
 from bench.run.suites import suite  # noqa: E402
 

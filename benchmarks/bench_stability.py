@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attacks.gradient import run_seeded  # noqa: E402
 from bench.attacks.perturbations import perturbation  # noqa: E402
-from bench.eval.engine import EvalConfig, prepared  # noqa: E402
+from bench.eval.engine import prepared
+from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig, measure, stage_units  # noqa: E402
 from bench.run.suites import SUITES  # noqa: E402
 from models import create_model  # noqa: E402

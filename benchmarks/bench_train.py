@@ -27,8 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train_epoch  # noqa: E402
-from bench.train.recipes import recipe_for  # noqa: E402
+from bench.train.epoch import epoch_generator, make_optimizer, train_epoch
+from bench.train.recipes import (
+    TrainConfig,
+    recipe_for,  # noqa: E402
+)
 from models import create_model  # noqa: E402
 
 DEFAULT_STEPS = {"resnet20": 10, "resnet110": 4, "resnet164": 3, "resnext29-8x64d": 2}

@@ -44,13 +44,19 @@ from bench_eval import CELLS, hand_loop_seconds, harness_seconds  # noqa: E402
 from bench_train import plain  # noqa: E402
 
 from bench.eval.adapters import state_dict_defense  # noqa: E402
-from bench.eval.engine import Cell, EvalConfig, EvalData  # noqa: E402
+from bench.eval.engine import EvalData
+from bench.eval.protocol import Cell, EvalConfig
 from bench.records.store import RecordStore  # noqa: E402
-from bench.run.estimate import Rates, estimate, flop_rates  # noqa: E402
+from bench.run.estimate import estimate
 from bench.run.options import RunOptions  # noqa: E402
+from bench.run.rates import Rates, flop_rates
 from bench.run.suites import suite  # noqa: E402
-from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train, train_epoch  # noqa: E402
-from bench.train.recipes import recipe_for  # noqa: E402
+from bench.train.epoch import epoch_generator, make_optimizer, train_epoch
+from bench.train.loop import train
+from bench.train.recipes import (
+    TrainConfig,
+    recipe_for,  # noqa: E402
+)
 from models import create_model  # noqa: E402
 from models.skip import SkipRule  # noqa: E402
 
@@ -231,7 +237,7 @@ def epoch(name: str, n: int, device: str, evaluation_rows: list[dict]) -> list[d
 
 def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -> float:
     """The suite's work on one device: `measured`'s rates, other models' scaled by FLOPs."""
-    from bench.run.pipeline import Driver
+    from bench.run.driver import Driver
     from bench.run.plan import plan_jobs, plan_tasks
 
     spec = suite(suite_name)
@@ -273,7 +279,8 @@ def stability(names, n: int, device: str) -> list[dict]:
     and J v as the stage computes it against torch.func.jvp on this device."""
     from bench_stability import costs
 
-    from bench.eval.stability import block_inputs, blocks, jacobian_products, unfused
+    from bench.eval.krylov import jacobian_products
+    from bench.eval.stability import block_inputs, blocks, unfused
 
     rows = []
     for name in names:

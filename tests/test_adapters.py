@@ -207,7 +207,7 @@ def test_a_normalized_model_of_unlike_mean_and_std_is_one_line():
 
 
 def test_an_eval_config_for_a_device_no_run_takes_is_refused_when_made():
-    from bench.eval.engine import EvalConfig
+    from bench.eval.protocol import EvalConfig
 
     with pytest.raises(UserError, match=r"^device 'gpu' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu$"):
         EvalConfig(device="gpu")

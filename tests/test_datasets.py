@@ -20,7 +20,7 @@ from bench.data.synthetic import draw, make_synthetic
 from bench.eval.adapters import module_defense, state_dict_defense
 from bench.records.checkpoints import dataset_defaults
 from bench.train import recipes
-from bench.train.loop import augment
+from bench.train.epoch import augment
 from models import UserError, create_model
 
 TINY_SIZES = (384, 48)  # (train, test) images

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import load_train
 from bench.eval.adapters import NormalizedModel, module_defense
-from bench.records.store import load_checks, load_records, load_stability
+from bench.records.load import load_checks, load_records, load_stability
 from run_bench import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,12 @@ from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import load_test
 from bench.eval import engine
 from bench.eval.adapters import Defense, ensemble_defense, state_dict_defense
-from bench.eval.engine import Cell, EvalConfig, EvalData, Subject, evaluate, protocol_cells
+from bench.eval.engine import EvalData, evaluate
+from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells
 from bench.records.aggregate import with_pooled_noise
-from bench.records.store import COLUMNS, RecordStore, load_correct, load_records, write_snapshot
+from bench.records.load import load_correct, load_records, write_snapshot
+from bench.records.schema import COLUMNS
+from bench.records.store import RecordStore
 from models import create_model
 
 WRONG = 30  # the grey_root fixture (conftest.py): the first 30 of its 100 test images carry a wrong label

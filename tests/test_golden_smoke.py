@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.records.checkpoints import META_FILE
-from bench.records.store import load_records
+from bench.records.load import load_records
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 KEY = ["model", "seed", "members", "perturbation", "eps_255", "severity", "n", "params"]

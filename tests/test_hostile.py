@@ -22,11 +22,12 @@ from bench.core.files import LOCKS, atomic_write, run_lock, temp_prefix, write_a
 from bench.data.cifar import read_batch
 from bench.data.splits import ensure_generated
 from bench.eval import sanity
-from bench.eval.engine import EvalConfig
+from bench.eval.protocol import EvalConfig
 from bench.records.checkpoints import read_meta
-from bench.records.store import COLUMNS, RecordStore
+from bench.records.schema import COLUMNS
+from bench.records.store import RecordStore
 from bench.reports.leaderboard import leaderboard_texts
-from bench.run import estimate
+from bench.run import rates
 from bench.run.options import RunOptions
 from bench.run.plan import eval_config, plan_jobs
 from bench.run.reaper import Reaper, descendants
@@ -51,7 +52,7 @@ def test_paper_suite_without_a_gpu_refuses_in_seconds_without_probing(tmp_path, 
     def no_probe(*args, **kwargs):
         raise AssertionError("a model was probed for a refusal")
 
-    monkeypatch.setattr(estimate, "probe", no_probe)
+    monkeypatch.setattr(rates, "probe", no_probe)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     began = time.perf_counter()
     line = fails(["--suite", "paper", "--results-dir", str(tmp_path / "r")], capsys)
@@ -64,7 +65,7 @@ def test_paper_suite_without_a_gpu_refuses_in_seconds_without_probing(tmp_path, 
 
 
 def test_the_run_and_the_dry_run_print_one_plan_header(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(estimate, "probe", lambda *a, **k: estimate.Rates(100.0, 300.0, 150.0, "stub"))
+    monkeypatch.setattr(rates, "probe", lambda *a, **k: rates.Rates(100.0, 300.0, 150.0, "stub"))
     common = ["--models", "resnet8", "--seeds", "0", "--n-test", "40", "--results-dir", str(tmp_path / "r"),
               "--data-dir", str(tmp_path / "d"), "--no-progress", "--stage", "eval"]  # fmt: skip
     assert run_bench.main([*common, "--dry-run"]) == 0

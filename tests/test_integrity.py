@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 import run_bench
 from bench.data.cifar import read_batch, write_batch
 from bench.data.datasets import DATASETS
+from bench.records import sql
 from bench.records import store as records
-from bench.records.store import DB_FILE, load_checks, load_records, load_runs
+from bench.records.load import load_checks, load_records, load_runs
+from bench.records.schema import DB_FILE
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,7 +276,7 @@ def test_a_corrupt_store_is_named_and_never_written(base, results, capsys, how, 
 
 
 def test_a_locked_store_is_one_line(base, results, capsys, monkeypatch):
-    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(sql, "READ_TIMEOUT", 0.2)
     holder = sqlite3.connect(results / DB_FILE)
     holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a long write
     try:

@@ -13,15 +13,8 @@ import torch
 
 import run_bench
 from bench.data.datasets import DATASETS
-from bench.records.store import (
-    KEY,
-    STABILITY_KEY,
-    load_checks,
-    load_correct,
-    load_records,
-    load_runs,
-    load_stability,
-)
+from bench.records.load import load_checks, load_correct, load_records, load_runs, load_stability
+from bench.records.schema import KEY, STABILITY_KEY
 from bench.run.pipeline import RunOptions, plan_jobs
 from bench.run.suites import SUITES
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.attacks.gradient import pgd_around_start
-from bench.train.loop import TrainConfig, epoch_generator, make_optimizer, train_epoch
-from bench.train.recipes import AUTHORS_CODE_STD, Recipe
+from bench.train.epoch import epoch_generator, make_optimizer, train_epoch
+from bench.train.recipes import AUTHORS_CODE_STD, Recipe, TrainConfig
 from models import CIFAR10_MEAN, PreActResNet, skip
 
 TOLERANCE = 1e-5
@@ -270,7 +270,7 @@ def test_authors_code_pgd_is_the_releases_example_for_example():
     loop (same start), and its images leave the eps-ball around x (up to 2 eps) as the
     release's do, unlike the paper preset's PGD."""
     from bench.attacks.perturbations import perturbation
-    from bench.eval.engine import EvalConfig
+    from bench.eval.protocol import EvalConfig
 
     torch.manual_seed(0)
     ours = PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release").double().eval().requires_grad_(False)

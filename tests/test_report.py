@@ -10,13 +10,16 @@ import pytest
 import run_bench
 from bench.data.noise import NOISE_GROUPS
 from bench.eval.sanity import record_gates, summary, verdict_text
-from bench.records.aggregate import aggregate, seed_metrics, select_measurements
+from bench.records.aggregate import aggregate
+from bench.records.load import cell_id
+from bench.records.schema import COLUMNS, RUN_COLUMNS
+from bench.records.selection import seed_metrics, select_measurements
 from bench.records.stats import Bootstrap
-from bench.records.store import COLUMNS, RUN_COLUMNS, cell_id
 from bench.reports.claims import claim_rows
 from bench.reports.leaderboard import leaderboard, write_leaderboard
 from bench.reports.measured import Evidence, reduce_records
-from bench.reports.tables import fill, missing, published, render, table_specs, with_failed_runs
+from bench.reports.published import published
+from bench.reports.tables import fill, missing, render, table_specs, with_failed_runs
 
 PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
 GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))

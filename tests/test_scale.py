@@ -19,11 +19,14 @@ import run_bench
 from bench.core.environment import device_name
 from bench.data.cifar import write_batch
 from bench.data.synthetic import make_synthetic
-from bench.eval.engine import protocol_cells
-from bench.records.store import COLUMNS, KEY, RecordStore, load_checks, load_correct, load_records
-from bench.run.estimate import flop_rates, recorded_rates, training_images, wall_time
+from bench.eval.protocol import protocol_cells
+from bench.records.load import load_checks, load_correct, load_records
+from bench.records.schema import COLUMNS, KEY
+from bench.records.store import RecordStore
+from bench.run.estimate import training_images, wall_time
 from bench.run.options import RunOptions
 from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
+from bench.run.rates import flop_rates, recorded_rates
 from bench.run.suites import SUITES
 from bench.run.work import checkpoint_files, place_files
 

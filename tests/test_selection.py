@@ -12,10 +12,13 @@ import pytest
 
 from bench.attacks.perturbations import params_text
 from bench.data.noise import NOISE_GROUPS
-from bench.records.aggregate import ENTRY, aggregate, per_seed, select_measurements
+from bench.records.aggregate import ENTRY, aggregate, per_seed
 from bench.records.checkpoints import ensemble_digest
-from bench.records.store import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS, stale_rows
-from bench.reports.tables import chosen_runs, fill, left_out_note, render, table_specs
+from bench.records.load import stale_rows
+from bench.records.schema import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS
+from bench.records.selection import chosen_runs, select_measurements
+from bench.reports.left_out import left_out_note
+from bench.reports.tables import fill, render, table_specs
 
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}
 

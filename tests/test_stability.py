@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bench.eval import stability as st
-from bench.eval.engine import EvalConfig
+from bench.eval.protocol import EvalConfig
 from bench.records.stats import Bootstrap
 from bench.reports import stability_report as sr
 from models import create_model

@@ -12,8 +12,9 @@ from bench.core.files import sha256_file
 from bench.data.splits import load_train
 from bench.eval.adapters import zoo_defense
 from bench.train import loop as training
-from bench.train.loop import TrainConfig, augment, train
-from bench.train.recipes import AUTHORS_CODE_STD, Recipe, preset_model_options, recipe_for
+from bench.train.epoch import augment
+from bench.train.loop import train
+from bench.train.recipes import AUTHORS_CODE_STD, Recipe, TrainConfig, preset_model_options, recipe_for
 from models import CIFAR10_MEAN, UserError, create_model, model_entry
 
 

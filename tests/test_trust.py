@@ -18,8 +18,10 @@ from torch import nn
 from bench.attacks.perturbations import PERTURBATIONS, Perturbation, register
 from bench.eval import sanity
 from bench.evaluate import EvalConfig, evaluate_defense
+from bench.records.load import load_correct, load_records
+from bench.records.schema import COLUMNS, DB_FILE, KEY
 from bench.records.stats import Bootstrap, verdict
-from bench.records.store import COLUMNS, DB_FILE, KEY, RecordStore, load_correct, load_records
+from bench.records.store import RecordStore
 from bench.reports.leaderboard import check_metric
 from bench.reports.writer import write_reports
 
@@ -350,7 +352,7 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
     cached, and the report's reduction reads the latest images' units only."""
     from bench.data.cifar import read_batch, write_batch
     from bench.data.splits import images_digest
-    from bench.records.store import load_stability
+    from bench.records.load import load_stability
     from bench.reports.stability_report import chosen
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
@@ -370,7 +372,9 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
 
 
 def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path):
-    from bench.records.store import STABILITY_KEY, load_stability, needs_migration
+    from bench.records.load import load_stability
+    from bench.records.schema import STABILITY_KEY
+    from bench.records.store import needs_migration
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,16 +24,11 @@ from tqdm import tqdm
 from bench.attacks.gradient import AttackAuditError, audit, run_seeded
 from bench.attacks.perturbations import (
     ATTACK,
-    DEFAULT_STEPS,
     NOISE,
-    PRESET_ALPHA_255,
-    AttackSetting,
-    of_kind,
     params_text,
     perturbation,
 )
-from bench.core.environment import check_device_kind, device_name
-from bench.data.noise import SEVERITIES
+from bench.core.environment import device_name
 from bench.data.splits import (
     batches,
     cell_sources,
@@ -47,117 +41,13 @@ from bench.data.splits import (
     severity_rows,
     subset_indices,
 )
-from bench.eval.adapters import Defense
-from bench.records.store import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, RecordStore, utc_now
+from bench.eval.protocol import Cell, EvalConfig, Subject, _unit_name, _units_cost, protocol_cells, units
+from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, utc_now
+from bench.records.store import RecordStore
 from models import UserError
 from models.layers import Normalize
 
 log = logging.getLogger(__name__)
-FORWARD, FORWARD_BACKWARD = 1.0, 3.0  # progress-bar cost of one image pass (an attack step ~ 3 forwards)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
-
-    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, PGD's ball around its start, per-file noise normalisation
-    eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
-    iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
-    steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
-    alpha_255: float | None = None  # None: the preset's
-    n_test: int | None = None  # class-balanced test subset; None: the whole test set
-    noise_source: str = "auto"  # released, generated, or auto (released when present)
-    batch_size: int | None = None  # None: 256 on a CPU, 512 on a GPU, halved on out-of-memory
-    device: str = "cpu"
-    seed: int = 0  # random starts and noise come from (seed, model seed, radius, batch)
-    channels_last: bool = True  # faster convolutions on CPUs and GPUs alike
-    # more registered attacks (bench.attacks.perturbations), each at its radii: (name, radii) pairs
-    extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
-    # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
-    subsets: tuple[tuple[str, int], ...] = ()
-    # cells recorded before cells had a data digest count as cached (False: measure them again)
-    trust_unknown_data: bool = True
-
-    def __post_init__(self):
-        if self.preset not in PRESET_ALPHA_255:
-            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_ALPHA_255)}")
-        check_device_kind(self.device)  # whether this machine has one: checked where the work starts
-        if self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
-        for name in ("n_test", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        radii = (*self.eps_255, *self.radii, *(e for _, extra in self.extra for e in extra))
-        bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
-        if not self.eps_255 or not self.radii or bad:
-            shown = ", ".join(dict.fromkeys(bad)) or "none"
-            raise UserError(f"--radii must be finite numbers of 1/255 in [0, 255], got {shown}")
-        if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
-            raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
-        for name, _ in self.extra:
-            if perturbation(name).kind != ATTACK:
-                raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
-        for name, n in self.subsets:
-            perturbation(name)
-            if n < 1:
-                raise UserError(f"the test subset of {name} must be positive, got {n}")
-
-    @property
-    def attack_setting(self) -> AttackSetting:
-        return AttackSetting(self.preset, self.steps, self.alpha_255)
-
-    @property
-    def pgd_ball(self) -> str:
-        return self.attack_setting.pgd_ball
-
-    @property
-    def alpha(self) -> float:
-        return self.attack_setting.alpha
-
-    @property
-    def radii(self) -> tuple[float, ...]:
-        return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
-
-    def n_test_of(self, name: str) -> int | None:
-        """The class-balanced subset size of a perturbation's cells (None: all images): a
-        smaller subset of its own, never larger than the test subset."""
-        own = dict(self.subsets).get(name)
-        if own is None or self.n_test is None:
-            return self.n_test if own is None else own
-        return min(own, self.n_test)
-
-
-def attack_names() -> list[str]:
-    return [p.name for p in of_kind(ATTACK)]
-
-
-@dataclass(frozen=True)
-class Cell:
-    perturbation: str  # a registered perturbation's name (bench.attacks.perturbations)
-    eps_255: float = 0.0
-    severity: int = 0
-
-
-@dataclass(frozen=True)
-class Subject:
-    """A defense and the facts records need about it."""
-
-    defense: Defense
-    model: str  # registered name, or the defense's own name
-    run: str  # checkpoint tag: the model plus every option that changed its weights
-    seed: int  # ENSEMBLE_SEED for an ensemble
-    members: int = 1
-    lambda_init: tuple[float, float] | None = None
-
-
-def protocol_cells(config: EvalConfig) -> list[Cell]:
-    cells = [Cell("clean")]
-    cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
-    cells += [Cell("fgsm", e) for e in config.eps_255]
-    cells += [Cell(kind, e) for kind in ("ifgsm", "pgd") for e in config.radii]
-    cells += [Cell(name, e) for name, radii in config.extra for e in radii]
-    return list(dict.fromkeys(cells))
 
 
 class EvalData:
@@ -357,39 +247,6 @@ def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds
         "seconds": round(seconds, 3),
         "timestamp": utc_now(),
     }
-
-
-def units(cells: Sequence[Cell]) -> list[list[Cell]]:
-    """Units of work, in protocol order: the cells of a perturbation that shares one pass
-    over the data between its radii (FGSM's gradient) together, every other cell alone."""
-    work: list[list[Cell]] = []
-    shared: dict[str, list[Cell]] = {}
-    for cell in cells:
-        if not perturbation(cell.perturbation).shares_radii:
-            work.append([cell])
-        elif cell.perturbation in shared:
-            shared[cell.perturbation].append(cell)
-        else:
-            shared[cell.perturbation] = [cell]
-            work.append(shared[cell.perturbation])
-    return work
-
-
-def unit_passes(unit: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float, float]:
-    """(forward, forward+backward) image passes of a unit of `n` images."""
-    return perturbation(unit[0].perturbation).passes(n, len(unit), config)
-
-
-def _units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
-    forward, gradient = unit_passes(unit, n, config)
-    return forward * FORWARD + gradient * FORWARD_BACKWARD
-
-
-def _unit_name(unit: list[Cell]) -> str:
-    cell = unit[0]
-    if perturbation(cell.perturbation).kind == ATTACK:
-        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"
-    return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
 
 
 def _run_unit(

@@ -307,7 +307,7 @@ def check_rows(subject, results: list[tuple], timestamp: str) -> list[dict]:
 
 def batch(data, n: int = CHECK_BATCH, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` images of the evaluation's clean subset, as one batch."""
-    from bench.eval.engine import Cell
+    from bench.eval.protocol import Cell
 
     x, y = next(iter(data.batches(Cell("clean"), n, device)))
     return x, y

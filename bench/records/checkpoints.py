@@ -13,8 +13,7 @@ from pathlib import Path
 
 from bench.core.files import save_json, save_state_dict
 from bench.data.datasets import dataset_info
-from models import UserError
-from models.base import InterpolatedNet, ModelInfo
+from models import InterpolatedNet, ModelInfo, UserError
 
 WEIGHTS_FILE, META_FILE = "weights.pt", "meta.json"
 
@@ -187,3 +186,19 @@ STATE_FILE, LOG_FILE, EPOCHS_FILE = "state.pt", "train.log", "epochs.csv"
 
 
 GATE_IMAGES = 1000  # test images over which a gating rule's per-epoch coefficients are summarised
+
+
+def run_tag(model: str, preset: str = "paper", length: str = "full", lambda_init: tuple[float, float] | None = None,
+            n_train: int | None = None) -> str:  # fmt: skip
+    """A run's name, its checkpoint folder: the model and every option that changed its
+    weights (the only place a tag is made: training, figures and tables read it)."""
+    parts = [model]
+    if preset != "paper":
+        parts.append(preset)
+    if length != "full":
+        parts.append(length)
+    if lambda_init is not None:
+        parts.append(f"lambda{lambda_init[0]:g}-{lambda_init[1]:g}")
+    if n_train is not None:
+        parts.append(f"n{n_train}")
+    return "@".join(parts)

@@ -12,16 +12,10 @@ import pandas as pd
 
 from bench.data.datasets import dataset_info, paper_datasets
 from bench.records import stats
+from bench.records.selection import best_groups, lambda_key
 from bench.reports.measured import Evidence
-from bench.reports.tables import (
-    TABLES,
-    best_groups,
-    lambda_key,
-    measured_archs,
-    published,
-    published_value,
-    shown_datasets,
-)
+from bench.reports.published import published, published_value
+from bench.reports.tables import TABLES, measured_archs, shown_datasets
 from models import ModelEntry, find_model, model_entries, model_entry
 
 Side = tuple[str, "tuple[float, float] | None", str]  # (skip rule, λ init or None: the default, kind)
@@ -176,7 +170,7 @@ def share_claim_rows(
     over seeds of each seed's share of damped blocks above 0.01, with a 95% interval over
     seeds, against the published share, on those of `datasets` (the measured ones) the
     paper draws it for. `coefficients`: figures.coefficient_table."""
-    from bench.reports.figures import PUBLISHED, SHARE_THRESHOLD, paper_panels
+    from bench.reports.run_figures import PUBLISHED, SHARE_THRESHOLD, paper_panels
 
     published = pd.read_csv(PUBLISHED)
     published = published[(published["figure"] == 1) & (published["metric"] == "share_above_0.01")

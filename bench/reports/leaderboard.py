@@ -11,12 +11,13 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import DERIVED, PERTURBATIONS, parse_metric
+from bench.attacks.perturbations import DERIVED, PERTURBATIONS, metric_name, parse_metric
 from bench.core.files import write_all
 from bench.data.datasets import dataset_label
 from bench.eval import sanity
-from bench.records.aggregate import GROUP, metric_name
-from bench.reports.tables import left_out_phrases, published, published_value
+from bench.records.aggregate import GROUP
+from bench.reports.left_out import left_out_phrases
+from bench.reports.published import published, published_value
 from models import UserError, list_models, model_entry
 
 

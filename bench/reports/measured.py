@@ -10,24 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.files import check_writable
 from bench.data.noise import NOISE_GROUPS, SEVERITIES
 from bench.eval import sanity
 from bench.records import stats
-from bench.records.aggregate import DEFAULT_STEPS, aggregate, per_seed, select_measurements, with_worst_case
-from bench.records.store import (
-    DB_FILE,
-    RecordStore,
-    cell_id,
-    check_results_dir,
-    load_bits,
-    load_checks,
-    load_records,
-    load_runs,
-    load_stability,
-    needs_migration,
-)
-from bench.reports.tables import best_groups, lambda_key
+from bench.records.aggregate import aggregate, per_seed, with_worst_case
+from bench.records.load import cell_id, load_bits, load_checks, load_records, load_runs, load_stability
+from bench.records.schema import DB_FILE
+from bench.records.selection import best_groups, lambda_key, select_measurements
+from bench.records.store import RecordStore, check_results_dir, needs_migration
 from models import UserError
 
 

@@ -27,7 +27,7 @@ from bench.eval.sanity import plain_counterpart
 from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records import stats
 from bench.reports import figures
-from bench.reports.figures import ordered
+from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label
 
 CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]

@@ -8,29 +8,23 @@ never compared with the paper. Formatting happens only in the `render_*` functio
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
 from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
-from bench.data.datasets import dataset_info, dataset_label, paper_datasets
-from bench.data.noise import NOISE_GROUPS
-from bench.records.aggregate import (
-    LARGEST_ENSEMBLE,
-    LARGEST_SUBSET,
-    LATEST_CHECKPOINT,
-    LATEST_DATA,
-    RELEASED_FIRST,
+from bench.data.datasets import dataset_label, paper_datasets
+from bench.records.selection import (
+    best_groups,
+    lambda_key,
 )
-from bench.records.store import UNKNOWN_DATA
-from bench.train.recipes import LAMBDA_SWEEP, run_tag
+from bench.reports.published import published, published_value
 from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
 
-PUBLISHED = Path(__file__).with_name("published.csv")
+# The λ initialisations of the paper's Table 5 study (None: each model's default U[0.2, 0.25]).
+LAMBDA_SWEEP = ((0.0, 0.1), (0.1, 0.2), None, (0.25, 0.3), (0.3, 0.4))
 FULL_SEEDS = 5  # the paper's; fewer are shown as (n=k)
 NOISE_COLUMNS = (
     ("Impulse", "impulse_noise"),
@@ -249,10 +243,6 @@ def _row(table: Table, block, row, dataset, model, columns, init=None, kind="sin
 # --- filling and comparing -----------------------------------------------------------------
 
 
-def published() -> pd.DataFrame:
-    return pd.read_csv(PUBLISHED)
-
-
 FILLED_COLUMNS = [
     *("block", "row", "column", "dataset", "model", "kind", "metric", "lambda_low", "lambda_high"),
     *("mean", "std", "n", "low", "high", "paper", "delta"),
@@ -337,159 +327,7 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)
 
 
-def lambda_key(init) -> tuple | None:
-    """A λ initialisation as a dictionary key: None for none (or NaN), else rounded."""
-    return (
-        None
-        if init is None or init[0] is None or (isinstance(init[0], float) and math.isnan(init[0]))
-        else (round(init[0], 6), round(init[1], 6))
-    )
-
-
-def best_groups(aggregated: pd.DataFrame) -> dict:
-    """(dataset, model, λ, kind, metric) -> the aggregate of the one run chosen for it by
-    `chosen_runs` (its numbers never mix with another run's)."""
-    if aggregated.empty:
-        return {}
-    runs = chosen_runs(aggregated)
-    shown = runs[runs["chosen"]]
-    keep = set(zip(shown["dataset"], shown["model"], shown["lam"], shown["kind"], shown["run"], strict=True))
-    best: dict = {}
-    for row in aggregated.itertuples(index=False):
-        lam = lambda_key((row.lambda_low, row.lambda_high))
-        if (row.dataset, row.model, lam, row.kind, row.run) in keep:
-            best[(row.dataset, row.model, lam, row.kind, row.metric)] = {
-                "mean": row.mean,
-                "std": row.std,
-                "n": row.n,
-                "run": row.run,
-            }
-    return best
-
-
-def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
-    """One row per run of each (dataset, model, λ, kind) with its test size and seeds;
-    `chosen` marks the run a table shows: the one trained with the paper's full recipe,
-    then the largest test subset, then the most seeds (then the name, to be deterministic)."""
-    frame = aggregated.assign(
-        lam=[lambda_key(p) for p in zip(aggregated["lambda_low"], aggregated["lambda_high"], strict=True)]
-    )
-    keys = ["dataset", "model", "lam", "kind"]
-    runs = (
-        frame.groupby([*keys, "run", "preset"], dropna=False, sort=False)
-        .agg(n_test=("n_test", "max"), seeds=("n", "max"))
-        .reset_index()
-    )
-    runs["lam"] = [v if isinstance(v, tuple) else None for v in runs["lam"]]  # groupby made None NaN
-    runs["paper_recipe"] = [
-        run in paper_recipe_tags(model, preset, lam)
-        for run, model, preset, lam in zip(runs["run"], runs["model"], runs["preset"], runs["lam"], strict=True)
-    ]
-    runs = runs.sort_values(["paper_recipe", "n_test", "seeds", "run"], kind="stable")
-    runs["chosen"] = ~runs.duplicated(keys, keep="last")
-    return runs.reset_index(drop=True)
-
-
-def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
-    """The run tags of `model` trained with the paper's full recipe (with or without the
-    λ initialisation written into the tag)."""
-    tags = {run_tag(model, preset)}
-    if lam is not None:
-        tags.add(run_tag(model, preset, "full", lam))
-    return tags
-
-
-def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
-    """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
-    data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
-    if not dataset_info(dataset).paper:
-        return math.nan
-    match = paper[
-        (paper["dataset"] == dataset)
-        & (paper["model"] == model)
-        & (paper["kind"] == kind)
-        & (paper["metric"] == metric)
-    ]
-    if init is not None and match["lambda_low"].notna().any():
-        match = match[
-            (match["lambda_low"].round(6) == round(init[0], 6))
-            & (match["lambda_high"].round(6) == round(init[1], 6))
-        ]
-    return float(match["value"].iloc[0]) if len(match) else math.nan
-
-
 # --- rendering -------------------------------------------------------------------------------
-
-SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
-
-
-def variant_text(row) -> str:
-    """How a left-out measurement differs from the one shown, from the rule that dropped it."""
-    rule = row["rule"]
-    if rule == LARGEST_SUBSET:
-        return f"n={int(row['n_test'])}"
-    if rule == LARGEST_ENSEMBLE:
-        return f"ensemble of {int(row['members'])}"
-    if rule == RELEASED_FIRST:
-        return f"{row['data_source']} data"
-    if rule == LATEST_CHECKPOINT:
-        return "an earlier checkpoint"
-    if rule == LATEST_DATA:
-        return "data since replaced" if row["data_sha256"] != UNKNOWN_DATA else "data of unknown digest"
-    spec = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
-    params = json.loads(row["params"] or "{}")
-    return (spec.describe(params) if spec is not None else row["params"]) or "other parameters"
-
-
-def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
-    """'<label>: <variant> (<metrics>)' per entry and variant; `label_of(row)` names the entry."""
-    if left_out.empty:
-        return []
-    frame = left_out.assign(
-        label=[label_of(r) for _, r in left_out.iterrows()],
-        variant=[variant_text(r) for _, r in left_out.iterrows()],
-    )
-    phrases = []
-    for (name, variant), rows in frame.groupby(["label", "variant"], sort=False):
-        metrics = list(dict.fromkeys(rows["metric"]))
-        more = f", +{len(metrics) - SHOWN_METRICS} more" if len(metrics) > SHOWN_METRICS else ""
-        phrases.append(f"{name}: {variant} ({', '.join(metrics[:SHOWN_METRICS])}{more})")
-    return phrases
-
-
-def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
-    """One line naming what a table leaves out although it was measured: other
-    measurements of its cells (the rules of `aggregate.select_measurements`) and other runs
-    of its models (`chosen_runs`); '' when nothing is."""
-    if aggregated.empty:
-        return ""
-    rows = {}
-    for spec in specs:
-        key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind)
-        name, metrics = rows.get(key, (f"{spec.block} {spec.row}".strip(), set()))
-        metrics |= {spec.metric, *(NOISE_GROUPS if spec.metric == "noise" else ())}
-        rows[key] = (name, metrics)
-    runs = chosen_runs(aggregated)
-    runs = runs[[tuple(k) in rows for k in runs[["dataset", "model", "lam", "kind"]].itertuples(index=False)]]
-    shown = {tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values}
-
-    def key_of(r) -> tuple:
-        return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
-
-    mine = left_out[
-        [shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1] for _, r in left_out.iterrows()]
-    ] if not left_out.empty else left_out
-    phrases = left_out_phrases(mine, lambda r: rows[key_of(r)][0])
-    phrases += [
-        f"{rows[(d, m, lam, k)][0]}: run {run} (n={int(n)}, {int(seeds)} {'members' if k == 'ensemble' else 'seeds'})"
-        for d, m, lam, k, run, n, seeds in runs[~runs["chosen"]][
-            ["dataset", "model", "lam", "kind", "run", "n_test", "seeds"]
-        ].values
-    ]
-    if not phrases:
-        return ""
-    return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
-
 
 
 def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str:

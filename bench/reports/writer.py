@@ -16,24 +16,23 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.files import write_all
 from bench.data.datasets import dataset_info, dataset_label
 from bench.data.noise import NOISE_GROUPS
 from bench.eval import sanity
 from bench.records import stats
-from bench.records.aggregate import DEFAULT_STEPS
-from bench.records.store import SNAPSHOT_FILE, UNKNOWN_DATA
+from bench.records.schema import SNAPSHOT_FILE, UNKNOWN_DATA
 from bench.reports import figures, stability_report
 from bench.reports.claims import claim_rows, share_claim_rows
 from bench.reports.leaderboard import check_metric, leaderboard, leaderboard_texts
+from bench.reports.left_out import left_out_note, left_out_phrases
 from bench.reports.measured import Evidence, Measured, measured
 from bench.reports.tables import (
     TABLES,
     TITLES,
     all_attacks_specs,
     fill,
-    left_out_note,
-    left_out_phrases,
     missing,
     render,
     table_specs,

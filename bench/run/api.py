@@ -8,8 +8,10 @@ import pandas as pd
 
 from bench.core.environment import check_device
 from bench.eval.adapters import Defense
-from bench.eval.engine import EvalConfig, EvalData, Subject, evaluate
-from bench.records.store import RecordStore, load_records
+from bench.eval.engine import EvalData, evaluate
+from bench.eval.protocol import EvalConfig, Subject
+from bench.records.load import load_records
+from bench.records.store import RecordStore
 from bench.run.options import DEFENSE_STAGES, RunOptions
 from bench.run.pipeline import run
 from models import UserError

@@ -11,27 +11,16 @@ Throughput, per model, from the first source that has it:
 
 from __future__ import annotations
 
-import functools
 import heapq
-import json
-import statistics
-import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
-import torch
 from tabulate import tabulate
-from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.attacks.perturbations import NOISE, perturbation
-from bench.core.environment import device_name
 from bench.data.cifar import complete as folder_complete
 from bench.data.cifar import data_root
-from bench.data.datasets import CIFAR10, DatasetInfo, dataset_info
+from bench.data.datasets import DatasetInfo, dataset_info
 from bench.data.splits import (
     cell_sources,
     current_noise_file,
@@ -41,11 +30,10 @@ from bench.data.splits import (
     noise_digest,
     noise_file,
 )
-from bench.eval.engine import Cell, EvalConfig, protocol_cells, unit_passes, units
+from bench.eval.protocol import Cell, EvalConfig, protocol_cells, unit_passes, units
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
-from bench.records.store import load_records
 from bench.run.plan import (
     DEFENSE,
     ENSEMBLE,
@@ -56,11 +44,10 @@ from bench.run.plan import (
     stability_config,
     train_config,
 )
+from bench.run.rates import Rates, defense_rates, model_rates
 from bench.train.recipes import recipe_for
-from models import create_model, model_entry
+from models import model_entry
 
-PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
-TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
 WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
 
 
@@ -108,148 +95,6 @@ def training_images(dataset: str, data_dir, n_train: int | None) -> int:
 def is_present(spec: DatasetInfo, data_dir) -> bool:
     """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
     return not spec.files or folder_complete(spec, data_root(data_dir) / spec.folder)
-
-
-@dataclass(frozen=True)
-class Rates:
-    """Images per second of a training step, a forward pass and an input-gradient pass."""
-
-    train: float
-    forward: float
-    gradient: float
-    source: str  # where they come from, in words
-
-
-def model_rates(
-    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = CIFAR10.input_shape
-) -> Rates:
-    """Rates of `model` on inputs of `shape` (C x H x W): at `assume_tflops`, else as
-    recorded by finished runs, else probed here."""
-    if assume_tflops is not None:
-        return flop_rates(model, assume_tflops, shape)
-    recorded = recorded_rates(model, device, results_dir)
-    return recorded if recorded is not None else probe(model, device, shape)
-
-
-@functools.cache
-def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
-    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of
-    `shape` (counted on the meta device: no weights, no time)."""
-    with torch.device("meta"):
-        net = create_model(model)
-        with FlopCounterMode(display=False) as counter:
-            net(torch.zeros(1, *shape))
-    per_image = counter.get_total_flops()
-    rate = tflops * 1e12 / per_image
-    return Rates(rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s")
-
-
-def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
-    """Rates measured by this model's finished runs and cells on this device, or None
-    when it has neither a finished run nor clean and iterative-attack cells."""
-    name = device_name(device)
-    train = [
-        meta["epochs_done"] * meta["data"]["images"] / meta["wall_seconds"]
-        for meta in _finished_metas(results_dir)
-        if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
-    ]
-    if not train:
-        return None
-    frame = _timed_cells(results_dir)
-    if frame is None:
-        return None
-    mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)]
-    forward_cells = mine[mine["perturbation"].map(lambda p: p == "clean" or _kind(p) == NOISE)]
-    iterative = mine[mine["perturbation"].isin(["pgd", "ifgsm"])]
-    if not len(forward_cells) or not len(iterative):
-        return None
-    forward = statistics.median(forward_cells["n"] / forward_cells["seconds"])
-    steps = iterative["params"].map(lambda p: json.loads(p)["steps"])
-    gradient_seconds = (iterative["seconds"] - iterative["n"] / forward).clip(lower=1e-9)
-    gradient = statistics.median(iterative["n"] * steps / gradient_seconds)
-    return Rates(statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)")
-
-
-def _timed_cells(results_dir) -> pd.DataFrame | None:
-    """The records' cells, read once per state of the store (one estimate asks per model)."""
-    path = Path(results_dir) / "records.sqlite"
-    return _read_cells(str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else None
-
-
-@functools.lru_cache(maxsize=2)
-def _read_cells(path: str, mtime_ns: int) -> pd.DataFrame:
-    return load_records(Path(path).parent)
-
-
-def _kind(name: str) -> str | None:
-    try:
-        return perturbation(name).kind
-    except Exception:  # a perturbation this version does not know
-        return None
-
-
-def _finished_metas(results_dir) -> list[dict]:
-    metas = []
-    for path in Path(results_dir).glob(f"checkpoints/*/*/seed*/{META_FILE}"):
-        meta = read_meta(path)
-        if meta.get("status") == "finished" and (meta.get("data") or {}).get("images"):
-            metas.append(meta)
-    return metas
-
-
-def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
-    """Images/s of an untrained `model_name` on `device` for inputs of `shape`: per kind of
-    pass, PROBE_WARMUP batches, then up to PROBE_REPEATS timed ones (fewer past
-    PROBE_SECONDS); the median."""
-    model = create_model(model_name)
-    return probe_module(model, model.info.num_classes, device, shape)
-
-
-def defense_rates(model: torch.nn.Module, classes: int, device: str, assume_tflops: float | None,
-                  shape: tuple[int, ...]) -> Rates:  # fmt: skip
-    """A defense's rates: its forward FLOPs at `assume_tflops`, else probed (it is never
-    trained here: its training rate is not measured)."""
-    if assume_tflops is None:
-        return probe_module(model, classes, device, shape, train=False)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.cpu()(torch.zeros(1, *shape))
-    rate = assume_tflops * 1e12 / counter.get_total_flops()
-    return Rates(float("nan"), rate, rate / GRADIENT_FLOPS, f"{counter.get_total_flops() / 1e9:.2f} GFLOPs at {assume_tflops:g} TFLOP/s")
-
-
-def probe_module(model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True) -> Rates:
-    """`probe`'s measurement of a built module (`train`: its training step too)."""
-    model = model.to(device, memory_format=torch.channels_last)
-    x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (PROBE_BATCH,), device=device)
-
-    def rate(step: Callable[[], None]) -> float:
-        times = []
-        for i in range(PROBE_WARMUP + PROBE_REPEATS):
-            began = time.perf_counter()
-            step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= PROBE_WARMUP:
-                times.append(time.perf_counter() - began)
-                if len(times) >= 3 and sum(times) > PROBE_SECONDS:
-                    break
-        return PROBE_BATCH / statistics.median(times)
-
-    def train_step():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model.train()(x), y).backward()
-
-    def forward():
-        with torch.no_grad():
-            model.eval()(x)
-
-    def gradient():
-        x_in = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(model.eval()(x_in), y), x_in)
-
-    trained = rate(train_step) if train else float("nan")
-    return Rates(trained, rate(forward), rate(gradient), f"probe (median of batches of {PROBE_BATCH})")
 
 
 def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
@@ -433,4 +278,3 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:,.1f} h"
-

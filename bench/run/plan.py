@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from bench.data.datasets import dataset_info
 from bench.eval.defenses import identity
-from bench.eval.engine import EvalConfig
+from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
-from bench.records.store import ENSEMBLE_SEED
+from bench.records.schema import ENSEMBLE_SEED
 from bench.run.options import RunOptions
 from bench.run.suites import Study, Suite
-from bench.train.loop import TrainConfig
+from bench.train.recipes import TrainConfig
 from models import UserError, model_entry, resolve_models
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.train.recipes import LAMBDA_SWEEP
+from bench.reports.tables import LAMBDA_SWEEP
 from models import UserError
 
 ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resnet164,lambda-in-resnet164"

@@ -22,20 +22,13 @@ from bench.core.files import atomic_write
 from bench.eval import sanity
 from bench.eval.adapters import ensemble_defense, zoo_defense
 from bench.eval.defenses import built
-from bench.eval.engine import (
-    AuditFailed,
-    Cell,
-    CellsDone,
-    EvalConfig,
-    EvalData,
-    Subject,
-    measure_cells,
-    prepared,
-)
+from bench.eval.engine import AuditFailed, CellsDone, EvalData, measure_cells, prepared
+from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.stability import StabilityConfig, StabilityDone, Unit, stability_stage
 from bench.records.checkpoints import META_FILE, WEIGHTS_FILE, read_meta, zoo_checkpoint_dir
-from bench.records.store import ENSEMBLE_SEED, utc_now
-from bench.train.loop import TrainConfig, train
+from bench.records.schema import ENSEMBLE_SEED, utc_now
+from bench.train.loop import train
+from bench.train.recipes import TrainConfig
 from models import UserError
 
 CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bench.data.datasets import dataset_info
+from bench.records.checkpoints import run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
 PRESETS = ("paper", "authors-code")
@@ -18,8 +19,6 @@ LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None}  # fraction of the epochs; 
 SMOKE_EPOCHS = 2
 # The authors' release normalised both data sets with CIFAR-10's mean and this std.
 AUTHORS_CODE_STD = (0.2023, 0.1994, 0.2010)
-# The λ initialisations of the paper's Table 5 study (None: each model's default U[0.2, 0.25]).
-LAMBDA_SWEEP = ((0.0, 0.1), (0.1, 0.2), None, (0.25, 0.3), (0.3, 0.4))
 
 
 @dataclass(frozen=True)
@@ -81,17 +80,23 @@ def preset_model_options(preset: str, entry: ModelEntry) -> dict:
     return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD, **network}
 
 
-def run_tag(model: str, preset: str = "paper", length: str = "full", lambda_init: tuple[float, float] | None = None,
-            n_train: int | None = None) -> str:  # fmt: skip
-    """A run's name, its checkpoint folder: the model and every option that changed its
-    weights (the only place a tag is made: training, figures and tables read it)."""
-    parts = [model]
-    if preset != "paper":
-        parts.append(preset)
-    if length != "full":
-        parts.append(length)
-    if lambda_init is not None:
-        parts.append(f"lambda{lambda_init[0]:g}-{lambda_init[1]:g}")
-    if n_train is not None:
-        parts.append(f"n{n_train}")
-    return "@".join(parts)
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Everything but `seed`, `dataset` and the speed flags changes the
+    weights, so it goes into the run's tag (its checkpoint folder name)."""
+
+    model: str
+    dataset: str
+    seed: int
+    preset: str = "paper"
+    length: str = "full"  # "full", "quick" or "smoke"
+    lambda_init: tuple[float, float] | None = None
+    n_train: int | None = None  # first N training images only (smoke runs, tests)
+    device: str = "cpu"
+    channels_last: bool = True  # channels_last convolutions: faster on CPUs and GPUs alike
+    bf16: bool = False  # bf16 autocast for the training forward/backward (CUDA)
+    compile: bool = False  # torch.compile the model for training
+
+    @property
+    def tag(self) -> str:
+        return run_tag(self.model, self.preset, self.length, self.lambda_init, self.n_train)

@@ -1,0 +1,197 @@
+"""What makes a store trustworthy before it is written to: SQLite's integrity check, the
+columns and value ranges of every table, the packed bits, the migration of older stores,
+and the recovery of a hot journal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+
+from bench.records.schema import (
+    DB_FILE,
+    NULLABLE,
+    TABLE_COLUMNS,
+    UNKNOWN_DATA,
+    _q,
+    _tables,
+)
+from bench.records.sql import WRITE_TIMEOUT, _corrupt, _execute, _journal
+from models import UserError
+
+log = logging.getLogger(__name__)
+
+
+# Before the `params` column, the iterative attacks' parameters had columns of their own.
+OLD_ATTACK_COLUMNS = ("alpha_255", "steps")
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Rewrite a store of an older schema to this one, in place and in one transaction,
+    every cell and stability unit keeping its numbers, bits and values: alpha_255 / steps
+    columns become `params`; rows recorded before data digests get `data_sha256` "unknown"."""
+    cells, stability = _columns(db, path, "cells"), _columns(db, path, "stability")
+    old_cells = bool(cells) and not {"params", "data_sha256"} <= set(cells)
+    old_stability = bool(stability) and "data_sha256" not in stability
+    if not (old_cells or old_stability):
+        return
+    if old_cells and "params" not in cells and not set(OLD_ATTACK_COLUMNS) <= set(cells):
+        raise UserError(_corrupt(path, f"unknown columns {', '.join(cells)}: not a store of this project"))
+    log.info("migrating %s to the current records schema (once; its records are kept)", path)
+    old = [c for c in cells if c not in OLD_ATTACK_COLUMNS]
+    params = "params" if "params" in cells else "alpha_255, steps"
+    rows = _execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells") if old_cells else []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if old_cells:
+            db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
+            db.execute(_tables()["cells"])
+            names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in cells else [])]
+            insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            unknown = (UNKNOWN_DATA,) if "data_sha256" not in cells else ()
+            if "params" in cells:
+                db.executemany(insert, [(*row, *unknown) for row in rows])
+            else:
+                db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
+            db.execute("DROP TABLE cells_before_migration")
+        if old_stability:  # the unique key gains data_sha256: the table is made again, its rows copied
+            kept = ", ".join(_q(c) for c in stability)
+            db.execute("ALTER TABLE stability RENAME TO stability_before_migration")
+            db.execute(_tables()["stability"])
+            db.execute(f"INSERT INTO stability ({kept}, data_sha256) SELECT {kept}, ? FROM stability_before_migration",
+                       [UNKNOWN_DATA])  # fmt: skip
+            db.execute("DROP TABLE stability_before_migration")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _columns(db: sqlite3.Connection, path: Path, table: str) -> list[str]:
+    return [row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")]
+
+
+def _old_params(alpha_255: float, steps: int) -> str:
+    if not steps:
+        return "{}"
+    return json.dumps({"alpha_255": round(float(alpha_255), 6), "steps": int(steps)}, sort_keys=True, separators=(",", ":"))
+
+
+def recover(results_dir: str | os.PathLike) -> bool:
+    """Roll back the write a killed process left half done (a hot journal beside the
+    store), as SQLite does on the first writable open; True when there was one. Read-only
+    readers cannot do it and say so (`_execute`)."""
+    path = Path(results_dir) / DB_FILE
+    if not (path.is_file() and _journal(path).is_file()):
+        return False
+    try:
+        with closing(sqlite3.connect(path, timeout=WRITE_TIMEOUT)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchall()  # a hot journal is rolled back here
+    except sqlite3.Error:
+        return False  # a read-only mount, or a live writer still holds it: the readers say what to do
+    recovered = not _journal(path).is_file()
+    if recovered:
+        log.info("records: rolled back a write to %s that a killed process left unfinished", path)
+    return recovered
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    """SQLite's own check of the file, then ours of the values: a row edited by hand (a
+    radius 'abc', a NULL seed) is one error line naming it, not a ValueError in a report."""
+    result = _execute(db, path, "PRAGMA integrity_check(1)")
+    if result[0][0] != "ok":
+        raise UserError(_corrupt(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+    tables = {name for (name,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table, columns in TABLE_COLUMNS.items():
+        if table in tables:
+            _check_columns(db, path, table, columns)
+            _check_values(db, path, table, columns)
+    if "cells" in tables:
+        _check_bits(db, path)
+
+
+def _check_bits(db: sqlite3.Connection, path: Path) -> None:
+    """Each cell's bits count its `correct` examples, and nothing past its `n`: the worst
+    case and the ensembles read the bits, the tables read `accuracy`, so the two must agree."""
+    rows = _execute(db, path, "SELECT rowid, n, correct, correct_bits FROM cells")
+    for rowid, n, correct, bits in rows:
+        unpacked = np.unpackbits(np.frombuffer(bits, dtype=np.uint8))
+        if int(unpacked[:n].sum()) != correct or unpacked[n:].any():
+            raise UserError(
+                f"{path.name} has a damaged row: cells row {rowid} ({_cell_named(db, path, rowid)}) holds correct_bits "
+                f"with {int(unpacked.sum())} correct examples, not correct = {correct} (edited by hand?); nothing was "
+                f"read or written: restore the store, or delete that row (sqlite3 {path} \"DELETE FROM cells WHERE "
+                f"rowid = {rowid}\") and run again to recompute it"
+            )
+
+
+def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:
+    """A cell as a reader knows it: run, data set, seed, perturbation and radius or severity."""
+    run, dataset, seed, kind, eps, severity = _execute(
+        db, path, "SELECT run, dataset, seed, perturbation, eps_255, severity FROM cells WHERE rowid = ?", [rowid]
+    )[0]
+    where = f" severity {severity}" if severity else f" at {eps:g}/255" if isinstance(eps, int | float) and eps else ""
+    return f"{run} {dataset} seed {seed}, {kind}{where}"
+
+
+def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """column -> (SQL condition every row meets, what it means): each value of its SQL
+    type (NULL only where a column allows it), and counts and shares in their ranges."""
+    typeof = {"TEXT": "('text')", "INTEGER": "('integer')", "REAL": "('real', 'integer')"}
+    words = {"TEXT": "a string", "INTEGER": "an integer", "REAL": "a number"}
+    ranges = {"n": ("{0} >= 1", "at least 1"), "members": ("{0} >= 1", "at least 1"),
+              "block": ("{0} >= -1", "at least -1"), "damped": ("{0} IN (0, 1)", "0 or 1"),
+              "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
+              "accuracy": ("{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6", "in [0, 1] and equal to correct / n"),
+              "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
+              "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
+              "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'")}  # fmt: skip
+    rules = {}
+    for name, kind in columns.items():
+        condition, meaning = ranges.get(name, ("1", ""))
+        rule, what = f"(typeof({{0}}) IN {typeof[kind]} AND ({condition}))", f"{words[kind]} {meaning}".strip()
+        if name in NULLABLE:
+            rule, what = f"({rule} OR typeof({{0}}) = 'null')", f"{what} or NULL"
+        rules[name] = (rule, what)
+    if table == "cells":
+        rules["correct_bits"] = ("(typeof({0}) = 'blob' AND length({0}) = (n + 7) / 8)", "n bits, packed")
+    if table == "stability":
+        rules["per_image"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * n)", "n float32 values")
+    return rules
+
+
+def _check_columns(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
+    """A table of ours with columns of its own (another tool's `cells`): not a store of
+    this project. Columns that `_migrate` adds (and the ones it replaces) may be missing."""
+    present = set(_columns(db, path, table))
+    missing = [c for c in columns if c not in present and c not in ("params", "data_sha256")]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(_corrupt(path, f"its {table} table lacks the columns {shown}: not a store of this project"))
+
+
+def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
+    present = {row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")}
+    rules = {c: r for c, r in _value_rules(table, columns).items() if c in present}
+    cases = " ".join(f"WHEN NOT {rule.format(_q(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
+    sql = f"SELECT rowid, bad FROM (SELECT rowid, CASE {cases} END AS bad FROM {table}) WHERE bad IS NOT NULL LIMIT 1"
+    found = _execute(db, path, sql)
+    if found:
+        rowid, index = found[0]
+        column, (_, meaning) = list(rules.items())[index]
+        (value,) = _execute(db, path, f"SELECT {_q(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
+        shown = f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
+        named = f" ({_cell_named(db, path, rowid)})" if table == "cells" and column not in _NAMING else ""
+        raise UserError(
+            f"{path.name} has a damaged row: {table} row {rowid}{named} holds {column} = {shown}, not {meaning} (edited "
+            f"by hand?); nothing was read or written: restore the store, or delete that row "
+            f"(sqlite3 {path} \"DELETE FROM {table} WHERE rowid = {rowid}\") and run again to recompute it"
+        )
+
+
+_NAMING = ("run", "dataset", "seed", "perturbation", "eps_255", "severity")  # a cell's name: shown only when valid

@@ -1,0 +1,196 @@
+"""The store read back: current rows (stale ones dropped unless asked for), runs, checks,
+stability units, per-example bits, and the records.csv snapshot."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.core.files import atomic_write
+from bench.records.checkpoints import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
+from bench.records.schema import (
+    CHECK_COLUMNS,
+    COLUMNS,
+    DB_FILE,
+    KEY,
+    MEMBER_COLUMNS,
+    RUN_COLUMNS,
+    SNAPSHOT_FILE,
+    STABILITY_COLUMNS,
+    UNKNOWN_DATA,
+    _q,
+)
+from bench.records.sql import _execute, _open, _read, _typed
+from models import UserError
+
+
+def load_records(
+    results_dir: str | os.PathLike, include_stale: bool = False, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits; `runs`:
+    `load_runs(results_dir)` when the caller has it already."""
+    frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid", COLUMNS)
+    members = _read(
+        results_dir,
+        f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
+        MEMBER_COLUMNS,
+        table="ensemble_members",  # stores written before ensembles recorded their members
+    )
+    frame["stale"] = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
+    return frame if include_stale else frame[~frame["stale"]].reset_index(drop=True)
+
+
+def stale_rows(cells: pd.DataFrame, runs: pd.DataFrame, members: pd.DataFrame) -> pd.Series:
+    """Which cells did not measure the checkpoint that stands now (see the module
+    docstring). `runs`: load_runs's current state of the trained runs; `members`: the
+    ensemble_members table."""
+    current = {
+        (r, d, int(s)): sha if status == "finished" else None
+        for r, d, s, status, sha in zip(
+            runs["run"], runs["dataset"], runs["seed"], runs["status"], runs["checkpoint_sha256"], strict=True
+        )
+    }
+    built_from: dict[str, list[tuple]] = {}
+    for ens, r, d, s, sha in members[list(MEMBER_COLUMNS)].itertuples(index=False):
+        built_from.setdefault(ens, []).append(((r, d, int(s)), sha))
+    seeds_of: dict[tuple[str, str], list[str]] = {}
+    for (run, dataset, _), sha in sorted(current.items()):
+        seeds_of.setdefault((run, dataset), []).extend([sha] if sha else [])
+    order = cells.sort_values("timestamp", kind="stable")
+    latest = order.groupby(["run", "dataset", "seed", "members"])["checkpoint_sha256"].transform("last")
+    latest = latest.reindex(cells.index)
+    stale = []
+    for run, dataset, seed, count, sha, last in zip(
+        cells["run"], cells["dataset"], cells["seed"], cells["members"], cells["checkpoint_sha256"], latest,
+        strict=True,
+    ):
+        key = (run, dataset, int(seed))
+        if count == 1 and key in current:
+            stale.append(current[key] != sha)
+        elif count > 1 and sha in built_from:
+            stale.append(any(current.get(k, s) != s for k, s in built_from[sha]))
+        elif count > 1 and (run, dataset) in seeds_of:  # recorded before members were: try them
+            stale.append(sha not in _ensembles_of(tuple(seeds_of[run, dataset]), int(count)))
+        else:  # a defense of the user's
+            stale.append(sha != last)
+    return pd.Series(stale, index=cells.index, dtype=bool)
+
+
+@functools.cache
+def _ensembles_of(digests: tuple[str, ...], members: int) -> frozenset[str]:
+    """The digests of every ensemble of `members` of these checkpoints, in any order (an
+    ensemble's digest hashes its members' in the order they were given)."""
+    pick = itertools.permutations if len(digests) <= 8 else itertools.combinations
+    return frozenset(ensemble_digest(chosen) for chosen in pick(digests, members))
+
+
+def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The sanity checks of current checkpoints (CHECK_COLUMNS plus `passed`)."""
+    sql = f"SELECT {', '.join(_q(k) for k in CHECK_COLUMNS)} FROM checks"
+    checks = _read(results_dir, sql, CHECK_COLUMNS, table="checks")
+    members = _read(
+        results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS, "ensemble_members"
+    )
+    stale = stale_rows(checks, load_runs(results_dir) if runs is None else runs, members)
+    checks = checks[~stale].reset_index(drop=True)
+    return checks.assign(passed=checks["value"] <= checks["limit"])
+
+
+def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The stability rows of current checkpoints (STABILITY_COLUMNS plus `values`, each
+    row's per-image float32 array); none for a store without the table."""
+    names = ", ".join(_q(k) for k in STABILITY_COLUMNS)
+    path = Path(results_dir) / DB_FILE
+    rows: list[tuple] = []
+    if path.is_file():
+        with closing(_open(path, readonly=True)) as db:
+            if _execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+                rows = _execute(db, path, f"SELECT {names}, per_image FROM stability ORDER BY rowid")
+    frame = _typed(pd.DataFrame.from_records([r[:-1] for r in rows], columns=list(STABILITY_COLUMNS)), STABILITY_COLUMNS)
+    frame["values"] = pd.Series([np.frombuffer(r[-1], dtype="<f4") for r in rows], index=frame.index, dtype=object)
+    members = _read(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
+                    "ensemble_members")  # fmt: skip
+    stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
+    return frame[~stale].reset_index(drop=True)
+
+
+def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per training run (run, data set, seed) ever seen, as it stands now: its
+    checkpoint folder decides `status` (finished, failed, running, or gone when the folder
+    was deleted), `checkpoint_sha256`, `length` and `n_train` (of its recipe); the other
+    columns come from its last sighting."""
+    runs = _read(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
+    runs = runs.drop_duplicates(["run", "dataset", "seed"], keep="last").reset_index(drop=True)
+    states = [
+        checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
+        for run, dataset, seed in zip(runs["run"], runs["dataset"], runs["seed"], strict=True)
+    ]
+    columns = ["status", "checkpoint_sha256", "length", "n_train", "train_sha256"]
+    return runs.drop(columns=["status", "checkpoint_sha256"]).assign(
+        **{c: pd.Series([s[i] for s in states], index=runs.index, dtype=object) for i, c in enumerate(columns)}
+    )[[*RUN_COLUMNS, *columns[2:]]]
+
+
+def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None, str | None]:
+    """(status, sha256, training length, training images, their digest: UNKNOWN_DATA for a
+    checkpoint trained before meta.json had it) of a checkpoint folder's meta.json;
+    ("gone", None, None, None, None) when it is missing; one error line when it is damaged
+    (its run's cells would silently drop out of every report)."""
+    if not meta_path.exists():
+        return "gone", None, None, None, None
+    meta = read_meta(meta_path)
+    trained_on = meta.get("data", {}).get("sha256", UNKNOWN_DATA)
+    return str(meta.get("status", "finished")), meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on
+
+
+def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
+    """Per-example correctness (bool, in test-subset order) of the one cell matching `key`."""
+    path = Path(results_dir) / DB_FILE
+    where = " AND ".join(f"{k} = ?" for k in key)
+    with closing(_open(path, readonly=True)) as db:
+        rows = _execute(db, path, f"SELECT n, correct_bits FROM cells WHERE {where}", list(key.values()))
+    if len(rows) != 1:
+        raise UserError(f"{len(rows)} cells match {key}; give more key columns ({', '.join(KEY)})")
+    n, blob = rows[0]
+    return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
+
+
+def load_bits(results_dir: str | os.PathLike) -> dict[tuple, np.ndarray]:
+    """Every cell's per-example correctness (bool, test-subset order), keyed by its KEY
+    values in KEY order: what worst cases and confidence intervals are computed from."""
+    path = Path(results_dir) / DB_FILE
+    if not path.is_file():
+        return {}
+    with closing(_open(path, readonly=True)) as db:
+        rows = _execute(db, path, f"SELECT {', '.join(KEY)}, correct_bits FROM cells")
+    bits = {}
+    for row in rows:
+        key = dict(zip(KEY, row[:-1], strict=True))
+        bits[cell_id(key)] = np.unpackbits(np.frombuffer(row[-1], dtype=np.uint8), count=key["n"]).astype(bool)
+    return bits
+
+
+def cell_id(row) -> tuple:
+    """A cell's KEY values as a hashable tuple (from a dict, a Series or a named tuple)."""
+    get = row.get if hasattr(row, "get") else lambda k: getattr(row, k)
+    return tuple(_plain(get(k)) for k in KEY)
+
+
+def _plain(value):
+    """numpy scalars as Python ones, so that keys from SQLite and from pandas compare equal."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def write_snapshot(results_dir: str | os.PathLike) -> Path:
+    """records.csv beside the store (every row, stale ones included and flagged), written
+    atomically."""
+    path = Path(results_dir) / SNAPSHOT_FILE
+    text = load_records(results_dir, include_stale=True).to_csv(index=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path

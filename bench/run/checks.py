@@ -1,0 +1,185 @@
+"""Everything a run checks before any work: the models, the metric to rank by, each
+defense built once, checkpoint builds and training images, --n-train, every folder the
+run writes and every file it reads. A mistake is one line before anything is trained."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
+from bench.core.files import LOCKS, check_writable
+from bench.data.cifar import data_root
+from bench.data.datasets import dataset_info
+from bench.data.noise import NOISE_GROUPS
+from bench.data.splits import generation_folder, images_digest, load_noise, load_test, load_train
+from bench.eval.adapters import DefenseInfo
+from bench.eval.defenses import DefenseSpec, built, check_name
+from bench.eval.protocol import protocol_cells
+from bench.eval.stability import blocks
+from bench.records.schema import utc_now
+from bench.records.store import RecordStore
+from bench.reports.landscape import check_landscape_index
+from bench.run.estimate import is_present, training_images
+from bench.run.options import RunOptions
+from bench.run.plan import DEFENSE, TRAIN, Job, Task, eval_config, train_config
+from bench.run.suites import Suite
+from bench.train.recipes import TrainConfig
+from models import UserError, create_model
+
+log = logging.getLogger(__name__)
+
+
+REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
+
+
+def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, device: str) -> None:
+    """One error line for a --n-train above a data set's training images: the run would
+    train on all of them under a tag that names more (n1180591620717411303424)."""
+    totals: dict[str, int] = {}  # training_images reads the whole training set: once per data set
+    for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
+        n_train = train_config(task.job, task.seed, spec, options, device).n_train
+        if n_train is None:
+            continue
+        dataset = task.job.dataset
+        total = totals[dataset] = totals.get(dataset) or training_images(dataset, options.data_dir, None)
+        if n_train > total:
+            if options.n_train is not None:
+                asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
+            else:  # the registry names more images than the data dir holds
+                asked, fix = f"the {spec.name} suite's {n_train}", f"give --n-train {total} or fewer"
+            raise UserError(f"{asked} is more than the {total:,} training images of {task.job.dataset}: {fix}")
+
+
+class TrainingDigests:
+    """The digest of the training images a checkpoint would be trained on now, per data
+    set and --n-train, to say when a finished checkpoint was trained on other files: its
+    cells stand for those (REPORT.md names both digests); the checkpoint is kept, since
+    training again is the user's choice (delete its folder)."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir, self._digests = data_dir, {}
+
+    def compare(self, meta: dict | None, config: TrainConfig) -> None:
+        recorded = (meta or {}).get("data", {}).get("sha256")
+        if recorded is None or meta.get("status") != "finished" or not is_present(dataset_info(config.dataset), self.data_dir):
+            return
+        key = (config.dataset, config.n_train)
+        if key not in self._digests:
+            train = load_train(config.dataset, self.data_dir)
+            self._digests[key] = images_digest(train.images[: config.n_train], train.labels[: config.n_train])
+        if self._digests[key] != recorded:
+            log.warning("%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "
+                        "its cells stand for the images it was trained on; delete its folder to train it on these",
+                        config.tag, config.dataset, config.seed, recorded[:12], self._digests[key][:12])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A defense as the driver built it once, before any work: its facts, whether it has
+    the zoo's residual blocks (the stability stage's per-block units), and for a dry run
+    the module its throughput is probed on."""
+
+    info: DefenseInfo
+    blockwise: bool
+    model: nn.Module | None = None
+
+
+def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
+    """Build every defense task's defense once (a module that does not import, a factory
+    that raises, weights that do not fit: one error line now); a dry run downloads nothing."""
+    resolved = {}
+    for task in (t for t in tasks if t.kind == DEFENSE):
+        source = task.job.defense
+        if dry and isinstance(source, DefenseSpec):
+            source = replace(source, fetch=False)
+        log.info("defense %s: building it (%s) to check it before any work", task.run, _described(source))
+        try:
+            defense = built(source)
+        except UserError as err:
+            if dry and "never downloads" in str(err):
+                raise UserError(f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)") from None
+            raise
+        info = replace(defense.info, name=task.run)
+        check_name(info.name, f"defense {info.name}")
+        resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
+    return resolved
+
+
+def _described(source) -> str:
+    if isinstance(source, DefenseSpec):
+        return f"{source.source} {source.target}" + (f" with {source.weights}" if source.weights else "")
+    return f"{source.info.source}, {source.info.checkpoint}"
+
+
+def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool) -> None:
+    """One error line when the records measured a defense's weights built otherwise (another
+    factory, architecture or normalisation: its cells would be found cached); with `record`,
+    the builds of new defenses are recorded."""
+    for resolved in defenses.values():
+        info = resolved.info
+        before = store.defense_build(info.name, info.dataset, info.checkpoint_sha256)
+        if before is not None and before != info.build:
+            raise UserError(
+                f"defense {info.name} on {info.dataset}: the records measured these weights "
+                f"({info.checkpoint_sha256[:12]}) built as {before}, now built as {info.build}: give this build "
+                "another --name, or use another --results-dir"
+            )
+        if record and before is None:
+            store.add_defense({"run": info.name, "dataset": info.dataset, "checkpoint_sha256": info.checkpoint_sha256,
+                               "source": info.source, "build": info.build, "timestamp": utc_now()})  # fmt: skip
+
+
+def planned_metrics(jobs: list[Job], spec: Suite, options: RunOptions) -> set[str]:
+    """Every metric the jobs' cells give (reports may rank by any of them)."""
+    metrics = {"noise"}
+    for job in jobs:
+        for ensemble in (False, True) if job.ensemble_radii else (False,):
+            cells = protocol_cells(eval_config(job, spec, options, "cpu", ensemble))
+            metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
+            metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
+    return metrics
+
+
+def recorded_metrics(options: RunOptions) -> set[str]:
+    cells = RecordStore(options.results_dir, readonly=True).perturbations(options.preset)
+    noise = any(perturbation(p).kind == NOISE for p, _ in cells if p in PERTURBATIONS)
+    return {metric_name(p, e) for p, e in cells} | ({"noise"} if noise else set())
+
+
+def _check_models(jobs: list[Job]) -> None:
+    """Build each model with an overridden λ initialisation once, on the meta device (no
+    memory, no time), so that a range its rule refuses is an error before any training."""
+    for name, init in sorted({(j.model, j.lambda_init) for j in jobs if j.lambda_init is not None}):
+        try:
+            with torch.device("meta"):
+                create_model(name, lambda_init=init)
+        except UserError as err:
+            raise UserError(f"--lambda-init {init[0]:g},{init[1]:g} does not fit {err}") from None
+
+
+def check_outputs_and_data(options: RunOptions, jobs: list[Job]) -> None:
+    """Every folder the run writes and every file it reads, checked before any work: a
+    read-only results dir or a missing noise file is one line now, not after hours."""
+    check_writable(options.results_dir, "results", "--results-dir")
+    check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")
+    for folder in REPORT_FOLDERS if "report" in options.stages else ():
+        check_writable(Path(options.results_dir) / folder, "the report", "--results-dir")  # before the work, not after it
+    if "figures" in options.stages:
+        check_writable(Path(options.results_dir) / "figures", "the figures", "--results-dir")
+    for dataset in sorted({j.dataset for j in jobs}):
+        log.info("data: loading the %s test set from %s", dataset, data_root(options.data_dir))
+        test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
+        if {"report", "figures"} & set(options.stages):  # Fig. 2's image: found missing now, not after the work
+            check_landscape_index(options.landscape[0], len(test), dataset)
+        if "eval" in options.stages:
+            folder = generation_folder(dataset, options.data_dir, options.noise_source)
+            if folder is not None:  # a read-only data dir is fine otherwise
+                check_writable(folder, "generated noise groups", "--data-dir")
+                log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
+            for group in NOISE_GROUPS:  # generated once, not per worker; every file's type and shape checked now
+                load_noise(dataset, group, options.data_dir, options.noise_source, test=test)
