@@ -8,6 +8,7 @@ import logging
 import re
 import sqlite3
 import sys
+from dataclasses import fields
 
 from bench.core.numbers import decimal, integer
 from bench.run.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
@@ -30,6 +31,12 @@ def _option_type(read):
 
 
 INTEGER, DECIMAL = _option_type(integer), _option_type(decimal)
+
+
+def _listed(option: str, read=str):
+    """An argparse type: a comma-separated list of `read` values as a tuple; a mistake is
+    the option's own error line (UserError passes through argparse unchanged)."""
+    return lambda text: tuple(read(t) for t in _items(text, option))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: the suite's",
     )
-    parser.add_argument("--datasets", default=None, help=f"comma-separated: {', '.join(DATASETS)}")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
+    parser.add_argument("--datasets", type=_listed("--datasets"), default=None, help=f"comma-separated: {', '.join(DATASETS)}")
+    parser.add_argument("--seeds", type=_listed("--seeds", int), default=None, help="comma-separated seeds (default: the suite's)")
     parser.add_argument("--preset", default="paper", choices=("paper", "authors-code"))
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
@@ -78,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     scale = parser.add_argument_group("scale out")
     scale.add_argument(
         "--executor",
@@ -103,12 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--length", default=None, choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
     )
     train.add_argument(
-        "--lambda-init", default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)"
+        "--lambda-init", type=_pair, default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)"
     )
     train.add_argument("--n-train", type=INTEGER, default=None, help="train on the first N images only")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
     train.add_argument(
-        "--contiguous", action="store_true", help="train in the contiguous (NCHW) layout, not channels_last"
+        "--contiguous", dest="channels_last", action="store_false", help="train in the contiguous (NCHW) layout, not channels_last"
     )
     train.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     evaluation = parser.add_argument_group("eval")
@@ -119,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     evaluation.add_argument(
         "--radii",
+        type=_radii,
         default=None,
         help="attack radii in 1/255, comma-separated (default 1,2,4); 0 is allowed: an attack at radius 0 "
         "must give the clean accuracy, a check of the attack path",
@@ -180,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defense.add_argument("--model-dir", default=None, help="RobustBench's checkpoint folder (default: models)")
     defense.add_argument("--threat-model", default=None, help="RobustBench's threat model: Linf, L2, corruptions (default: Linf)")
     defense.add_argument(
-        "--defenses", default=None, metavar="TOML",
+        "--defenses", dest="defenses_file", default=None, metavar="TOML",
         help="several defenses at once: one [name] table each, with the keys above (defense, weights, mean, std, "
         "dataset, state-dict, robustbench, model-dir, threat-model)",
     )
@@ -240,10 +248,10 @@ def defenses(args: argparse.Namespace) -> tuple:
     from bench.eval.defenses import load_defenses, spec_from
 
     given = {k.replace("_", "-"): getattr(args, k) for k in DEFENSE_OPTIONS if getattr(args, k) is not None}
-    if args.defenses is not None:
+    if args.defenses_file is not None:
         if given:
             raise UserError(f"--{next(iter(given))} and --defenses: name the defenses in one place (the file, or the options)")
-        return load_defenses(args.defenses)
+        return load_defenses(args.defenses_file)
     sources = [f"--{k}" for k in ("defense", "state-dict", "robustbench") if k in given]
     if not sources:
         if given:
@@ -262,40 +270,14 @@ def options(args: argparse.Namespace):
         raise UserError(
             f"unknown stage {unknown[0]!r} in --stage; choose from {', '.join(STAGES)} (or summary)"
         )
-    return RunOptions(
-        suite=args.suite or ("paper" if chosen else "smoke"),
-        stages=stages,
-        models=args.models,
-        datasets=tuple(_items(args.datasets, "--datasets")) if args.datasets is not None else None,
-        seeds=tuple(int(s) for s in _items(args.seeds, "--seeds")) if args.seeds is not None else None,
-        preset=args.preset,
-        length=args.length,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        n_autoattack=args.n_autoattack,
-        n_stability=args.n_stability,
-        lambda_init=_pair(args.lambda_init),
-        radii=tuple(_numbers(args.radii, "--radii")) if args.radii is not None else None,
-        steps=args.steps,
-        noise_source=args.noise_source,
-        recheck_data=args.recheck_data,
-        batch_size=args.batch_size,
-        device=args.device,
-        bf16=args.bf16,
-        channels_last=not args.contiguous,
-        compile=args.compile,
-        results_dir=args.results_dir,
-        data_dir=args.data_dir,
-        progress=not args.no_progress,
-        dry_run=args.dry_run,
-        rank_by=args.rank_by,
-        landscape=(args.landscape_index, args.landscape_points, args.landscape_radius),
-        executor=args.executor,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        assume_tflops=args.assume_tflops,
-        defenses=chosen,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name in vars(args)}  # same dests
+    return RunOptions(**{
+        **given,
+        "suite": args.suite or ("paper" if chosen else "smoke"),
+        "stages": stages,
+        "landscape": (args.landscape_index, args.landscape_points, args.landscape_radius),
+        "defenses": chosen,
+    })
 
 
 def print_summary(args: argparse.Namespace) -> int:
@@ -316,16 +298,14 @@ def _items(text: str, option: str) -> list[str]:
     return items
 
 
-def _numbers(text: str, option: str) -> list[float]:
+def _radii(text: str) -> tuple[float, ...]:
     try:
-        return [decimal(t) for t in _items(text, option)]
+        return tuple(decimal(t) for t in _items(text, "--radii"))
     except ValueError as err:
-        raise UserError(f"{option} takes comma-separated numbers, got {text!r}: {err}") from None
+        raise UserError(f"--radii takes comma-separated numbers, got {text!r}: {err}") from None
 
 
-def _pair(text: str | None) -> tuple[float, float] | None:
-    if text is None:
-        return None
+def _pair(text: str) -> tuple[float, float]:
     try:
         low, high = (decimal(t) for t in _exactly_two(text))
     except ValueError as err:

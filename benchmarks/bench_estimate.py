@@ -32,7 +32,7 @@ from bench.run.estimate import estimate  # noqa: E402
 from bench.run.options import RunOptions  # noqa: E402
 from bench.run.pipeline import run
 from bench.run.plan import plan_jobs, plan_tasks  # noqa: E402
-from bench.run.suites import suite  # noqa: E402
+from bench.run.suites import find_suite  # noqa: E402
 
 SAME_SIZE = "resnet110,in-resnet110,lambda-in-resnet110"
 
@@ -54,7 +54,7 @@ def scenario(name: str, root: Path) -> RunOptions:
 
 
 def estimated(options: RunOptions):
-    spec = suite(options.suite)
+    spec = find_suite(options.suite)
     tasks = plan_tasks(plan_jobs(spec, options), spec, options, "cpu")
     driver = Driver(options, spec, "cpu", RecordStore(options.results_dir, readonly=True), dry=True)
     return estimate(driver, tasks, options)

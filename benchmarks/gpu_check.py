@@ -50,7 +50,7 @@ from bench.records.store import RecordStore  # noqa: E402
 from bench.run.estimate import estimate
 from bench.run.options import RunOptions  # noqa: E402
 from bench.run.rates import Rates, flop_rates
-from bench.run.suites import suite  # noqa: E402
+from bench.run.suites import find_suite  # noqa: E402
 from bench.train.epoch import epoch_generator, make_optimizer, train_epoch
 from bench.train.loop import train
 from bench.train.recipes import (
@@ -240,7 +240,7 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
     from bench.run.driver import Driver
     from bench.run.plan import plan_jobs, plan_tasks
 
-    spec = suite(suite_name)
+    spec = find_suite(suite_name)
     with tempfile.TemporaryDirectory() as empty:
         options = RunOptions(suite=suite_name, results_dir=str(Path(empty) / "r"), data_dir=str(Path(empty) / "d"),
                              device=device, dry_run=True)  # fmt: skip

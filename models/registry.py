@@ -102,10 +102,10 @@ def model_label(name: str) -> str:
     return _MODELS[name].label if name in _MODELS else name
 
 
-def resolve_models(spec: str | Iterable[str]) -> list[str]:
+def resolve_models(wanted: str | Iterable[str]) -> list[str]:
     """Expand comma-separated names, globs and group names into registered names, in
     order of first appearance without repeats. Raises UserError for a part matching nothing."""
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    parts = wanted.split(",") if isinstance(wanted, str) else list(wanted)
     names: list[str] = []
     for part in (p.strip() for p in parts):
         if not part:

@@ -114,13 +114,13 @@ class SkipRule(nn.Module):
         # (jvp, vjp: bench.eval.stability) cannot trace _DampedSum's in-place write.
         self.fused = True
         self.rule = rule if damped else "residual"
-        spec = RULES[self.rule]
-        self.act, self.scale_branch, self.stores_k = spec.act, spec.scales_branch, spec.stores_k
-        if spec.kind == _SCALAR and spec.stores_k:
+        facts = RULES[self.rule]
+        self.act, self.scale_branch, self.stores_k = facts.act, facts.scales_branch, facts.stores_k
+        if facts.kind == _SCALAR and facts.stores_k:
             self.k = nn.Parameter(torch.empty(()).uniform_(1 - high, 1 - low))
-        elif spec.kind == _SCALAR:
+        elif facts.kind == _SCALAR:
             self.lam = nn.Parameter(torch.empty(()).uniform_(low, high))
-        elif spec.kind == _GATE:
+        elif facts.kind == _GATE:
             self.gate = nn.Linear(channels, 1)
             nn.init.zeros_(self.gate.weight)
             nn.init.uniform_(self.gate.bias, low, high)

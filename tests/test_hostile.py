@@ -31,7 +31,7 @@ from bench.run import rates
 from bench.run.options import RunOptions
 from bench.run.plan import eval_config, plan_jobs
 from bench.run.reaper import Reaper, descendants
-from bench.run.suites import suite
+from bench.run.suites import find_suite
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_the_run_and_the_dry_run_print_one_plan_header(tmp_path, capsys, caplog,
     [(None, None, 1000), (200, None, 200), (200, 50, 50), (200, 500, 200), (None, 300, 300)],
 )
 def test_no_smaller_subset_is_larger_than_the_test_subset(n_test, n_autoattack, expected):
-    spec = suite("quick")
+    spec = find_suite("quick")
     options = RunOptions(suite="quick", n_test=n_test, n_autoattack=n_autoattack, device="cpu")
     config = eval_config(plan_jobs(spec, options)[0], spec, options, "cpu")
     assert config.n_test_of("autoattack") == expected
@@ -122,7 +122,7 @@ def test_lambda_init_on_models_without_lambda(tmp_path, capsys, caplog):
         "out, or choose interpolated models (e.g. in-resnet*)"
     )
     caplog.set_level("INFO")
-    jobs = plan_jobs(suite("smoke"), RunOptions(models="resnet8,in-resnet14", lambda_init=(0.5, 0.6)))
+    jobs = plan_jobs(find_suite("smoke"), RunOptions(models="resnet8,in-resnet14", lambda_init=(0.5, 0.6)))
     assert {(j.model, j.lambda_init) for j in jobs} == {("resnet8", None), ("in-resnet14", (0.5, 0.6))}
     assert "--lambda-init 0.5,0.6 applies to the models with a λ; not to resnet8 (no λ)" in caplog.messages
 

@@ -75,5 +75,5 @@ class APGDLite(Perturbation):
         return f"{params.get('iterations')} iterations"
 
 
-register(AutoAttack("autoattack", "AutoAttack", leaderboard=True))
-register(APGDLite("apgd-ce-lite", "APGD-CE (10 it.)"))
+register(AutoAttack("autoattack", "AutoAttack", leaderboard=True, reference_for="pgd"))
+register(APGDLite("apgd-ce-lite", "APGD-CE (10 it.)", reference_for="pgd"))

@@ -1,5 +1,7 @@
-"""The adversarial perturbations of the protocol, through torchattacks, and the audit that
-every adversarial batch must pass before it counts.
+"""The gradient attacks written here (FGSM at every radius from one gradient, PGD around
+its start as the release runs it), seeded runs, and the audit that every adversarial
+batch must pass before it counts. IFGSM and PGD through torchattacks are the `IFGSM` and
+`PGD` perturbations (bench.attacks.perturbations).
 
 Units and shapes everywhere: `x` float32 N x 3 x H x W in [0, 1] (pixel space: the
 model normalises inside), `y` int64 N, `eps` and `alpha` in pixel units (2/255 = 0.0078),
@@ -11,14 +13,10 @@ every argument is always passed explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-if TYPE_CHECKING:
-    import torchattacks
 
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
 
@@ -36,23 +34,6 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float]) -> list[T
     sign = torch.autograd.grad(loss, x)[0].sign()
     x = x.detach()
     return [torch.clamp(x + e * sign, min=0, max=1) for e in eps]
-
-
-def iterative_attack(
-    model: nn.Module, kind: str, eps: float, alpha: float, steps: int
-) -> torchattacks.Attack:
-    """IFGSM (paper Eq. 20: torchattacks.BIM, starts at x) or PGD (torchattacks.PGD: starts
-    at x + U[-eps, eps] clipped to [0, 1]), `steps` signed-gradient steps of size `alpha`,
-    each projected onto the eps-ball and [0, 1]."""
-    import torchattacks  # here, not at the top: it loads scipy, which a run that attacks nothing skips
-
-    if steps < 1:  # BIM picks its own step count for steps=0: never let that happen silently
-        raise ValueError(f"{kind} needs at least one step, got {steps}")
-    if kind == "ifgsm":
-        return torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps)
-    if kind == "pgd":
-        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    raise ValueError(f"unknown iterative attack {kind!r}")
 
 
 def pgd_around_start(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:

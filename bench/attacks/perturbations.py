@@ -16,13 +16,17 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from bench.attacks.gradient import fgsm, iterative_attack, pgd_around_start
+from bench.attacks.gradient import fgsm, pgd_around_start
 from bench.data.noise import NOISE_GROUPS
 from models import UserError
+
+if TYPE_CHECKING:
+    import torchattacks
 
 CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
 PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
@@ -59,6 +63,15 @@ class Perturbation:
     shares_radii: bool = False  # all radii in one pass over the data (FGSM's one gradient)
     leaderboard: bool = False  # a column of the leaderboard at 2/255
     randomized: bool = False  # draws random numbers: seeded per batch by the engine
+    # The protocol's facts about it, read by the engine, the gates, tables and figures:
+    protocol_radii: str | None = None  # measured by every run at "eps_255" or at the "iterative" radii
+    pools: bool = False  # averaged with the others that pool into the "noise" metric (Table 1's Avg.)
+    falls_with_radius: bool = True  # an attack whose accuracy must not rise with the radius (gate eps-monotone)
+    not_weaker_than: str | None = None  # may not leave more accuracy than this one (gate iterative-vs-fgsm)
+    noise_check_of: str | None = None  # random noise the named attack must beat (gate noise-vs-pgd)
+    reference_for: str | None = None  # a stronger attack the named one must come close to (gate reference-gap)
+    chance_from_255: float | None = None  # at radii from this on, any model is at chance (gate large-eps)
+    curve: bool = False  # a panel of the robustness figure
 
     def params(self, setting, eps_255: float) -> dict:
         """The parameters that identify a measurement besides the radius (recorded)."""
@@ -98,6 +111,7 @@ class NoiseGroup(Perturbation):
     reads them); nothing is done to them here."""
 
     kind: str = NOISE
+    pools: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,8 @@ class FGSM(Perturbation):
 
     shares_radii: bool = True
     leaderboard: bool = True
+    protocol_radii: str | None = "eps_255"
+    curve: bool = True
 
     def perturb(self, model, x, y, eps, setting):
         return fgsm(model, x, y, eps)
@@ -116,9 +132,9 @@ class FGSM(Perturbation):
 
 @dataclass(frozen=True)
 class Iterative(Perturbation):
-    """IFGSM (paper Eq. 20) or PGD (random start): `steps` signed-gradient steps of size
-    alpha, projected onto the eps-ball and [0, 1]. Alpha and steps come from the setting
-    (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here.
+    """`steps` signed-gradient steps of size alpha, projected onto the eps-ball and [0, 1]
+    (subclasses: which torchattacks attack takes them). Alpha and steps come from the
+    setting (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here.
 
     The ball is centred on x ("image", the paper's text) or, for PGD under a setting whose
     `pgd_ball` is "start" (the authors-code preset), on the unclipped random start, as the
@@ -129,6 +145,17 @@ class Iterative(Perturbation):
     steps: int | None = None  # None: the setting's
     alpha_per_eps: float | None = None  # alpha = this x eps (None: the setting's alpha)
     ball: str | None = "image"  # "image", "start", or None: the setting's pgd_ball
+
+    def attack(self, model: nn.Module, eps: float, alpha: float, steps: int) -> torchattacks.Attack:
+        """The torchattacks attack, every argument given (its defaults are not the paper's)."""
+        if steps < 1:  # BIM picks its own step count for steps=0: never let that happen silently
+            raise ValueError(f"{self.name} needs at least one step, got {steps}")
+        import torchattacks  # here, not at the top: it loads scipy, which a run that attacks nothing skips
+
+        return self._torchattack(torchattacks, model, eps, alpha, steps)
+
+    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+        raise NotImplementedError
 
     def params(self, setting, eps_255):
         steps = self.steps if self.steps is not None else setting.steps
@@ -144,8 +171,7 @@ class Iterative(Perturbation):
         alpha, steps = params["alpha_255"] / 255, params["steps"]
         if self._ball(setting) == "start":
             return [pgd_around_start(model, x, y, eps[0], alpha, steps)]
-        attack = iterative_attack(model, "pgd" if self.randomized else "ifgsm", eps[0], alpha, steps)
-        return [attack(x, y)]
+        return [self.attack(model, eps[0], alpha, steps)(x, y)]
 
     def reach(self, setting, eps):
         return 2 * eps if self._ball(setting) == "start" else eps
@@ -163,11 +189,32 @@ class Iterative(Perturbation):
 
 
 @dataclass(frozen=True)
+class IFGSM(Iterative):
+    """Paper Eq. 20: torchattacks.BIM, which starts at x."""
+
+    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+        return torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps)
+
+
+@dataclass(frozen=True)
+class PGD(Iterative):
+    """torchattacks.PGD: starts at x + U[-eps, eps] clipped to [0, 1]."""
+
+    randomized: bool = True
+
+    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+
+
+@dataclass(frozen=True)
 class UniformNoise(Perturbation):
     """x + U[-eps, eps] per value, clipped to [0, 1]: random noise in the eps-ball. A sanity
     check: if it hurts more than PGD at the same radius, PGD's gradients are broken."""
 
     randomized: bool = True
+    falls_with_radius: bool = False  # random noise: no gradient, no monotone accuracy to ask for
+    noise_check_of: str | None = "pgd"
+    curve: bool = True
 
     def perturb(self, model, x, y, eps, setting):
         return [torch.clamp(x + e * (2 * torch.rand_like(x) - 1), 0, 1) for e in eps]
@@ -210,6 +257,16 @@ def of_kind(*kinds: str) -> list[Perturbation]:
     return [p for p in PERTURBATIONS.values() if p.kind in kinds]
 
 
+def pooled_noise() -> list[str]:
+    """The perturbations averaged into the "noise" metric, in registration order."""
+    return [p.name for p in PERTURBATIONS.values() if p.pools]
+
+
+def curves() -> list[str]:
+    """The panels of the robustness figure, in registration order."""
+    return [p.name for p in PERTURBATIONS.values() if p.curve]
+
+
 def params_text(params: dict) -> str:
     """The canonical JSON of a parameter set: the records' `params` column."""
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
@@ -240,10 +297,10 @@ register(Clean("clean", "Acc."))
 for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
 register(FGSM("fgsm", "FGSM"))
-register(Iterative("ifgsm", "IFGSM"))
-register(Iterative("pgd", "PGD", randomized=True, ball=None))
+register(IFGSM("ifgsm", "IFGSM", protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
+register(PGD("pgd", "PGD", ball=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
 register(UniformNoise("uniform", "Uniform noise"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
 # undefended model to chance (Madry et al.'s step rule).
-register(Iterative("pgd50", "PGD-50", randomized=True, leaderboard=False, steps=50, alpha_per_eps=2.5 / 50))
+register(PGD("pgd50", "PGD-50", leaderboard=False, steps=50, alpha_per_eps=2.5 / 50, chance_from_255=16.0))
 register(Worst("worst", "Worst case"))

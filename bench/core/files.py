@@ -1,4 +1,6 @@
-"""Safe, checked loading and atomic saving of state_dict files.
+"""The harness's file I/O, used by every layer: atomic writes (text, bytes, JSON, state
+dicts), write checks before work, run locks, the orphans of killed processes, digests, and
+safe, checked loading of state_dict files.
 
 Checkpoints are untrusted input: they are only ever read with `weights_only=True`, and a
 file that is missing, truncated, not a state_dict, or that does not fit the model fails

@@ -64,47 +64,47 @@ class ImageSet:
         return len(self.labels)
 
 
-def load_split(spec: DatasetInfo, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
-    """The `split` ("train" or "test") of `spec`, fetching or building it when missing."""
+def load_split(info: DatasetInfo, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    """The `split` ("train" or "test") of `info`, fetching or building it when missing."""
     root = data_root(data_dir)
-    folder = ensure_folder(spec, root)
+    folder = ensure_folder(info, root)
     images, labels = [], []
-    for name, _ in spec.files[split]:
-        data, targets = read_batch(folder / name, spec.label_key, spec.num_classes, spec.image_size)
+    for name, _ in info.files[split]:
+        data, targets = read_batch(folder / name, info.label_key, info.num_classes, info.image_size)
         images.append(data)
         labels.append(targets)
-    official = is_official(spec, split, root)
-    if not official and spec.archive_md5 and (spec.name, split, folder) not in _WARNED:
-        _WARNED.add((spec.name, split, folder))
-        log.warning("%s %s files in %s are not the official release", spec.name, split, folder)
-    return ImageSet(np.concatenate(images), np.concatenate(labels), spec.name, official)
+    official = is_official(info, split, root)
+    if not official and info.archive_md5 and (info.name, split, folder) not in _WARNED:
+        _WARNED.add((info.name, split, folder))
+        log.warning("%s %s files in %s are not the official release", info.name, split, folder)
+    return ImageSet(np.concatenate(images), np.concatenate(labels), info.name, official)
 
 
-def is_official(spec: DatasetInfo, split: str, root: Path) -> bool:
+def is_official(info: DatasetInfo, split: str, root: Path) -> bool:
     """Whether the `split` files under `root` are the official release (md5 of each file);
     files not there yet count as official: they will be downloaded and checked."""
-    folder = root / spec.folder
+    folder = root / info.folder
     return all(
         md5 is not None and (not (folder / name).is_file() or _md5(folder / name) == md5)
-        for name, md5 in spec.files[split]
+        for name, md5 in info.files[split]
     )
 
 
-def ensure_folder(spec: DatasetInfo, root: Path) -> Path:
+def ensure_folder(info: DatasetInfo, root: Path) -> Path:
     """The folder with all batch files: as found, else extracted from the local archive,
-    else downloaded, else made by `spec.make`."""
-    folder = root / spec.folder
-    if complete(spec, folder):
+    else downloaded, else made by `info.make`."""
+    folder = root / info.folder
+    if complete(info, folder):
         return folder
-    archive = root / spec.archive if spec.archive else None
-    if archive is not None and not archive.is_file() and spec.url:
-        download(spec.url, archive, spec.archive_md5, hint=f"or the extracted folder {folder}")
+    archive = root / info.archive if info.archive else None
+    if archive is not None and not archive.is_file() and info.url:
+        download(info.url, archive, info.archive_md5, hint=f"or the extracted folder {folder}")
     if archive is not None and archive.is_file():
-        extract(spec, archive, root)
-    elif spec.make is not None:
-        spec.make(folder)
-    if not complete(spec, folder):
-        raise UserError(f"{spec.name}: {folder} lacks {', '.join(_missing(spec, folder))}")
+        extract(info, archive, root)
+    elif info.make is not None:
+        info.make(folder)
+    if not complete(info, folder):
+        raise UserError(f"{info.name}: {folder} lacks {', '.join(_missing(info, folder))}")
     return folder
 
 
@@ -190,15 +190,15 @@ def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def extract(spec: DatasetInfo, archive: Path, root: Path) -> None:
+def extract(info: DatasetInfo, archive: Path, root: Path) -> None:
     """Check the archive's md5, then extract only the batch files, atomically."""
-    if spec.archive_md5 is not None and _md5(archive) != spec.archive_md5:
+    if info.archive_md5 is not None and _md5(archive) != info.archive_md5:
         raise UserError(
-            f"{archive} does not have the official md5 {spec.archive_md5}: it is truncated or "
+            f"{archive} does not have the official md5 {info.archive_md5}: it is truncated or "
             "another file; delete it and run again to download it"
         )
-    names = [name for names in spec.files.values() for name, _ in names]
-    extract_members(archive, root, spec.folder, names)
+    names = [name for names in info.files.values() for name, _ in names]
+    extract_members(archive, root, info.folder, names)
 
 
 def extract_members(archive: Path, root: Path, folder: str, names: list[str]) -> None:
@@ -234,12 +234,12 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: s
     atomic_write(path, lambda f: pickle.dump(batch, f, protocol=2))
 
 
-def complete(spec: DatasetInfo, folder: Path) -> bool:
-    return not _missing(spec, folder)
+def complete(info: DatasetInfo, folder: Path) -> bool:
+    return not _missing(info, folder)
 
 
-def _missing(spec: DatasetInfo, folder: Path) -> list[str]:
-    return [n for names in spec.files.values() for n, _ in names if not (folder / n).is_file()]
+def _missing(info: DatasetInfo, folder: Path) -> list[str]:
+    return [n for names in info.files.values() for n, _ in names if not (folder / n).is_file()]
 
 
 def _md5(path: Path) -> str:

@@ -79,18 +79,18 @@ def load_noise(
 ) -> NoiseImages:
     """The noise group `group` of `dataset` from `source` (see the module docstring);
     `test` is the clean test set when already loaded."""
-    spec, root = dataset_info(dataset), data_root(data_dir)
+    info, root = dataset_info(dataset), data_root(data_dir)
     if group not in NOISE_GROUPS:
         raise UserError(f"unknown noise group {group!r}; choose one of {', '.join(NOISE_GROUPS)}")
     if source not in NOISE_SOURCES:
         raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
-    test = test if test is not None else spec.load(spec, "test", root)
-    released = root / spec.noise_folder
+    test = test if test is not None else info.load(info, "test", root)
+    released = root / info.noise_folder
     if source == "released" or (source == "auto" and _has_groups(released)):
         if not _has_groups(released):
-            fetch_release(spec, root)
+            fetch_release(info, root)
         return _read_group(released, group, test, "released")
-    folder = root / "generated" / spec.noise_folder
+    folder = root / "generated" / info.noise_folder
     ensure_generated(folder, test, seed)
     if source == "auto":
         log.info(
@@ -123,11 +123,11 @@ def cell_sources(dataset: str, data_dir: str | os.PathLike | None, noise_option:
     """(clean, noise) `data_source` labels of a data set's cells, without loading images
     (only the md5 of its test files): noise generated from unofficial test files is
     "generated-unofficial", so no cell hides where its images came from."""
-    spec = dataset_info(dataset)
-    if spec.noise_release is None:
+    info = dataset_info(dataset)
+    if info.noise_release is None:
         return dataset, dataset
     root = data_root(data_dir)
-    clean = clean_source(dataset, is_official(spec, "test", root))
+    clean = clean_source(dataset, is_official(info, "test", root))
     noise = noise_source(dataset, data_dir, noise_option)
     return clean, noise if noise == "released" or clean == "released" else f"{noise}-unofficial"
 
@@ -155,43 +155,43 @@ def current_noise_file(path: Path, generated: bool, test_digest: str) -> bool:
 
 def noise_file(dataset: str, data_dir: str | os.PathLike | None, option: str, group: str) -> Path:
     """Where the group's file of `option`'s source is (or will be)."""
-    spec, root = dataset_info(dataset), data_root(data_dir)
-    folder = root / spec.noise_folder if noise_source(dataset, data_dir, option) == "released" else root / "generated" / spec.noise_folder
+    info, root = dataset_info(dataset), data_root(data_dir)
+    folder = root / info.noise_folder if noise_source(dataset, data_dir, option) == "released" else root / "generated" / info.noise_folder
     return folder / f"{group}.npy"
 
 
 def data_folders() -> tuple[str, ...]:
     """The folders of a data dir this project writes (each registered data set's batch and
     noise folders, the generated groups): the only ones its cleanup looks into."""
-    folders = {f for spec in DATASETS.values() for f in (spec.folder, spec.noise_folder) if f}
+    folders = {f for info in DATASETS.values() for f in (info.folder, info.noise_folder) if f}
     return tuple(sorted(folders | {"generated"}))
 
 
 def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: str) -> Path | None:
     """The folder `load_noise` will write generated groups into, or None when it will only
     read (released groups, or generated ones already there)."""
-    spec, root = dataset_info(dataset), data_root(data_dir)
-    if spec.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
+    info, root = dataset_info(dataset), data_root(data_dir)
+    if info.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
         return None
-    folder = root / "generated" / spec.noise_folder
+    folder = root / "generated" / info.noise_folder
     return None if _has_groups(folder) and isinstance(_read_record(folder / "generated.json"), dict) else folder
 
 
-def fetch_release(spec: DatasetInfo, root: Path) -> None:
+def fetch_release(info: DatasetInfo, root: Path) -> None:
     """Download the published tar (md5-checked) and extract the four groups and labels."""
-    release = spec.noise_release
+    release = info.noise_release
     if release is None:
-        raise UserError(f"{spec.name} has no released noise groups: use --noise-source generated")
+        raise UserError(f"{info.name} has no released noise groups: use --noise-source generated")
     tar = root / release.tar
     if not tar.is_file():
-        download(release.url, tar, release.md5, hint=f"or the extracted {spec.noise_folder}/ folder")
+        download(release.url, tar, release.md5, hint=f"or the extracted {info.noise_folder}/ folder")
     elif tar.stat().st_size != release.size or not verified_md5(tar, release.md5):
         raise UserError(
             f"{tar} is not the published {release.tar} ({tar.stat().st_size} bytes; expected "
             f"{release.size} bytes with md5 {release.md5}): delete it and run again to download it"
         )
     names = [f"{g}.npy" for g in NOISE_GROUPS] + ["labels.npy"]
-    extract_members(tar, root, spec.noise_folder, names)
+    extract_members(tar, root, info.noise_folder, names)
 
 
 def ensure_generated(folder: Path, test: ImageSet, seed: int) -> None:

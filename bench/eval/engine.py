@@ -270,10 +270,10 @@ def _run_unit(
 
 def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.ndarray]:
     cell, device = unit[0], torch.device(config.device)
-    spec = perturbation(cell.perturbation)
+    pert = perturbation(cell.perturbation)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     remap = None
-    if spec.kind == NOISE and config.preset == "authors-code":
+    if pert.kind == NOISE and config.preset == "authors-code":
         remap = _file_normalization(model, *data.file_stats(cell.perturbation))
     eps = [c.eps_255 / 255 for c in unit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
@@ -281,14 +281,14 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
     out: list[list[Tensor]] = [[] for _ in unit]
     for index, (x, y) in enumerate(data.batches(cell, batch_size, device)):
         x = x.contiguous(memory_format=memory)
-        if spec.randomized:  # its random numbers depend on (seed, model seed, radius, batch) only
+        if pert.randomized:  # its random numbers depend on (seed, model seed, radius, batch) only
             seed = _batch_seed(config.seed, subject.seed, cell.eps_255, index)
-            inputs = run_seeded(lambda a, b: spec.perturb(model, a, b, eps, config), x, y, seed)
+            inputs = run_seeded(lambda a, b: pert.perturb(model, a, b, eps, config), x, y, seed)
         else:
-            inputs = spec.perturb(model, x, y, eps, config)
+            inputs = pert.perturb(model, x, y, eps, config)
         for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
-            if spec.kind == ATTACK:
-                audit(x_in, x, spec.reach(config, e), what)
+            if pert.kind == ATTACK:
+                audit(x_in, x, pert.reach(config, e), what)
             out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
         bar.update(_units_cost(unit, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]

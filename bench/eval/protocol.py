@@ -12,6 +12,7 @@ from bench.attacks.perturbations import (
     ATTACK,
     DEFAULT_STEPS,
     NOISE,
+    PERTURBATIONS,
     PRESET_ALPHA_255,
     AttackSetting,
     of_kind,
@@ -121,8 +122,8 @@ class Subject:
 def protocol_cells(config: EvalConfig) -> list[Cell]:
     cells = [Cell("clean")]
     cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
-    cells += [Cell("fgsm", e) for e in config.eps_255]
-    cells += [Cell(kind, e) for kind in ("ifgsm", "pgd") for e in config.radii]
+    radii = {"eps_255": config.eps_255, "iterative": config.radii}
+    cells += [Cell(p.name, e) for p in PERTURBATIONS.values() if p.protocol_radii for e in radii[p.protocol_radii]]
     cells += [Cell(name, e) for name, radii in config.extra for e in radii]
     return list(dict.fromkeys(cells))
 

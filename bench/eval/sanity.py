@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from bench.attacks.perturbations import PERTURBATIONS, metric_name, perturbation
+from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name, perturbation
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
 from models import find_model, list_models, model_entry
@@ -65,7 +65,12 @@ GATES = {
 
 def adversarial() -> list[str]:
     """The attacks whose accuracy must fall with the radius (not random noise)."""
-    return [p.name for p in PERTURBATIONS.values() if p.kind == "attack" and p.name != "uniform"]
+    return [p.name for p in PERTURBATIONS.values() if p.kind == ATTACK and p.falls_with_radius]
+
+
+def _named(fact: str) -> list[tuple[str, object]]:
+    """(perturbation, value) for each registered perturbation whose `fact` is set."""
+    return [(p.name, getattr(p, fact)) for p in PERTURBATIONS.values() if getattr(p, fact) is not None]
 
 
 def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
@@ -102,26 +107,28 @@ def _gates(means: dict, stds: dict, classes: int):
     )
     weaker = worst(
         (means[m] - means[f] - tolerance(m, f), means[m] - means[f], tolerance(m, f), f"{m} vs {f}")
-        for attack in ("ifgsm", "pgd")
+        for attack, weaker in _named("not_weaker_than")
         for e in radii(attack)
-        if (m := metric_name(attack, e)) and (f := metric_name("fgsm", e)) in means
+        if (m := metric_name(attack, e)) and (f := metric_name(weaker, e)) in means
     )
     chance = 100 / classes
     large = worst(
         (means[m] - chance - CHANCE_MARGIN, means[m] - chance, CHANCE_MARGIN, m)
-        for m in means
-        if m.startswith("pgd50@") and float(m.split("@")[1]) >= 16
+        for attack, start in _named("chance_from_255")
+        for e in radii(attack)
+        if e >= start and (m := metric_name(attack, e))
     )
     noise = worst(
         (means[p] - means[u] - tolerance(p, u), means[p] - means[u], tolerance(p, u), f"{p} vs {u}")
-        for e in radii("uniform")
-        if (u := metric_name("uniform", e)) and (p := metric_name("pgd", e)) in means
+        for noise_name, attack in _named("noise_check_of")
+        for e in radii(noise_name)
+        if (u := metric_name(noise_name, e)) and (p := metric_name(attack, e)) in means
     )
     gap = worst(
         (means[p] - means[r] - REFERENCE_GAP, means[p] - means[r], REFERENCE_GAP, f"{p} vs {r}")
-        for name in ("autoattack", "apgd-ce-lite")
+        for name, attack in _named("reference_for")
         for e in radii(name)
-        if (r := metric_name(name, e)) and (p := metric_name("pgd", e)) in means
+        if (r := metric_name(name, e)) and (p := metric_name(attack, e)) in means
     )
     for gate, found in (
         ("eps-monotone", rise),

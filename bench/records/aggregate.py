@@ -30,8 +30,9 @@ from bench.attacks.perturbations import (
     ATTACK,
     of_kind,
     params_text,
+    pooled_noise,
 )
-from bench.data.noise import NOISE_GROUPS, SEVERITIES
+from bench.data.noise import SEVERITIES
 from bench.records.load import cell_id
 from bench.records.schema import KEY
 
@@ -43,7 +44,7 @@ def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
     """Add, per model x data set x seed x measurement (the KEY but the severity), the
     accuracy of each noise group over all five severities (the paper's Table 1 number) as
     rows with severity 0 and n = 5 x the images per severity, where all five exist."""
-    noise = frame[frame["perturbation"].isin(NOISE_GROUPS) & (frame["severity"] > 0)]
+    noise = frame[frame["perturbation"].isin(pooled_noise()) & (frame["severity"] > 0)]
     group = [k for k in KEY if k != "severity"] + ["model", "family", "lambda_low", "lambda_high"]
     group += ["stale"] if "stale" in frame else []
     rest = [c for c in frame.columns if c not in group and c not in ("severity", "n", "correct", "accuracy")]
@@ -96,8 +97,8 @@ def per_seed(cells: pd.DataFrame) -> pd.DataFrame:
     if cells.empty:
         return pd.DataFrame(columns=columns)
     long = cells.assign(value=cells["accuracy"] * 100)[columns]
-    groups = long[long["metric"].isin(NOISE_GROUPS)]
-    complete = groups.groupby(keys, dropna=False)["metric"].transform("nunique") == len(NOISE_GROUPS)
+    groups = long[long["metric"].isin(pooled_noise())]
+    complete = groups.groupby(keys, dropna=False)["metric"].transform("nunique") == len(pooled_noise())
     noise = (
         groups[complete]
         .groupby(keys, dropna=False)

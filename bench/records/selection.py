@@ -19,8 +19,9 @@ from bench.attacks.perturbations import (
     AttackSetting,
     metric_name,
     params_text,
+    pooled_noise,
 )
-from bench.data.noise import NOISE_GROUPS, SEVERITIES
+from bench.data.noise import SEVERITIES
 from bench.records.aggregate import ENTRY, per_seed, with_pooled_noise
 from bench.records.checkpoints import run_tag
 from bench.records.schema import KEY
@@ -43,7 +44,7 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     unique = frame.drop_duplicates(list(KEY))
     cells = with_pooled_noise(unique.assign(_order=np.arange(len(unique))))
     cells = cells[cells["severity"] == 0].copy()
-    noise = cells["perturbation"].isin(NOISE_GROUPS)
+    noise = cells["perturbation"].isin(pooled_noise())
     cells["metric"] = [metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)]
     cells["kind"] = np.where(cells["members"] > 1, "ensemble", "single")
     cells["n_test"] = np.where(noise, cells["n"] // len(SEVERITIES), cells["n"])
@@ -90,10 +91,10 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
 
 def asked_params(perturbation: str, preset: str, eps_255: float, steps: int = DEFAULT_STEPS) -> str:
     """The parameters (canonical JSON) a run with `preset` and `steps` gives a cell."""
-    spec = PERTURBATIONS.get(perturbation)
-    if spec is None or preset not in PRESET_ALPHA_255:
+    pert = PERTURBATIONS.get(perturbation)
+    if pert is None or preset not in PRESET_ALPHA_255:
         return ""
-    return params_text(spec.params(AttackSetting(preset=preset, steps=steps), eps_255))
+    return params_text(pert.params(AttackSetting(preset=preset, steps=steps), eps_255))
 
 
 def _strength_ranks(cells: pd.DataFrame) -> list[int]:
@@ -101,8 +102,8 @@ def _strength_ranks(cells: pd.DataFrame) -> list[int]:
     pairs = sorted(set(zip(cells["perturbation"], cells["params"], strict=True)))
 
     def strength(pair) -> tuple:
-        spec = PERTURBATIONS.get(pair[0])
-        return spec.strength(json.loads(pair[1] or "{}")) if spec is not None else ()
+        pert = PERTURBATIONS.get(pair[0])
+        return pert.strength(json.loads(pair[1] or "{}")) if pert is not None else ()
 
     order = {pair: rank for rank, pair in enumerate(sorted(pairs, key=lambda p: (p[0], strength(p), p[1])))}
     return [order[pair] for pair in zip(cells["perturbation"], cells["params"], strict=True)]

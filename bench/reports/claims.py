@@ -166,7 +166,7 @@ def share_claim_rows(
     bootstrap: stats.Bootstrap | None = None,
 ) -> pd.DataFrame:
     """The paper's Fig. 1 claim ("79.6% (72.2%) of the λ_n of In-ResNet-110 (164) are above
-    0.01") judged on the trained checkpoints of its panels (figures.paper_panels): the mean
+    0.01") judged on the trained checkpoints of its panels (run_figures.paper_panels): the mean
     over seeds of each seed's share of damped blocks above 0.01, with a 95% interval over
     seeds, against the published share, on those of `datasets` (the measured ones) the
     paper draws it for. `coefficients`: figures.coefficient_table."""

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bench.attacks.perturbations import curves, pooled_noise
 from bench.data.datasets import dataset_label
-from bench.data.noise import NOISE_GROUPS, SEVERITIES
+from bench.data.noise import SEVERITIES
 from bench.records.checkpoints import GATE_IMAGES
 from bench.reports.landscape import _landscapes
 from bench.reports.plotting import FigureConfig, Skipped, _grid, colour, ordered, render, styles
@@ -35,7 +36,6 @@ from bench.reports.run_figures import (
 )
 from models import model_label
 
-CURVES = ("fgsm", "ifgsm", "pgd", "uniform")  # panels of the robustness figure
 GAIN_METRICS = ("clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2", "autoattack@2", "worst@2")
 
 
@@ -94,7 +94,7 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     """Accuracy against the radius per attack, every single model, mean ± std over seeds;
     in the PGD panel the worst case (×) and AutoAttack (★) where recorded."""
     mine = aggregated[(aggregated["dataset"] == dataset) & (aggregated["kind"] == "single")]
-    panels = [a for a in CURVES if mine["metric"].str.startswith(a + "@").any()]
+    panels = [a for a in curves() if mine["metric"].str.startswith(a + "@").any()]
     if not panels:
         return None
     figure, axes = _grid(len(panels), columns=len(panels), size=(4.0, 3.4))
@@ -136,9 +136,9 @@ def _curve(mine: pd.DataFrame, run: str | None, attack: str) -> pd.DataFrame:
 def severity_table(frame: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
     """Per kept single-model noise measurement, its accuracy at each severity (%):
     dataset, run, model, seed, group, severity, value."""
-    pooled = kept[kept["perturbation"].isin(NOISE_GROUPS) & (kept["kind"] == "single")]
+    pooled = kept[kept["perturbation"].isin(pooled_noise()) & (kept["kind"] == "single")]
     keys = ["dataset", "run", "seed", "members", "perturbation", "data_source", "preset", "params", "checkpoint_sha256"]
-    severities = frame[frame["perturbation"].isin(NOISE_GROUPS) & (frame["severity"] > 0)]
+    severities = frame[frame["perturbation"].isin(pooled_noise()) & (frame["severity"] > 0)]
     joined = severities.merge(pooled[[*keys, "n_test", "model"]].rename(columns={"model": "kept_model"}), on=keys)
     joined = joined[joined["n"] == joined["n_test"]]
     return pd.DataFrame(
@@ -159,10 +159,10 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
     mine = table[table["dataset"] == dataset]
     if mine.empty:
         return None
-    figure, axes = _grid(len(NOISE_GROUPS), columns=len(NOISE_GROUPS), size=(3.6, 3.2))
+    figure, axes = _grid(len(pooled_noise()), columns=len(pooled_noise()), size=(3.6, 3.2))
     runs = ordered(zip(mine["run"], mine["model"], strict=True))
     line = styles({m for _, m in runs})
-    for ax, group in zip(axes, NOISE_GROUPS, strict=True):
+    for ax, group in zip(axes, pooled_noise(), strict=True):
         for run, model in runs:
             stats = mine[(mine["run"] == run) & (mine["group"] == group)].groupby("severity")["value"].agg(["mean", "std"])
             stats = stats.reindex(SEVERITIES).fillna({"std": 0.0})

@@ -181,9 +181,9 @@ def _agreement(names: list[str], right: list[bool]) -> str:
     return "only " + " and ".join(n for n, r in zip(names, right, strict=True) if r) + " right"
 
 
-def _data_present(spec, data_dir) -> bool:
+def _data_present(info, data_dir) -> bool:
     """Whether the test split is on disk (figures never download)."""
     from bench.data.cifar import data_root
 
-    folder = data_root(data_dir) / spec.folder
-    return not spec.files or all((folder / name).is_file() for name, _ in spec.files["test"])
+    folder = data_root(data_dir) / info.folder
+    return not info.files or all((folder / name).is_file() for name, _ in info.files["test"])

@@ -7,8 +7,7 @@ import json
 
 import pandas as pd
 
-from bench.attacks.perturbations import PERTURBATIONS
-from bench.data.noise import NOISE_GROUPS
+from bench.attacks.perturbations import PERTURBATIONS, pooled_noise
 from bench.records.schema import UNKNOWN_DATA
 from bench.records.selection import (
     LARGEST_ENSEMBLE,
@@ -19,7 +18,7 @@ from bench.records.selection import (
     chosen_runs,
     lambda_key,
 )
-from bench.reports.tables import Spec
+from bench.reports.tables import TableCell
 
 SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
 
@@ -37,9 +36,9 @@ def variant_text(row) -> str:
         return "an earlier checkpoint"
     if rule == LATEST_DATA:
         return "data since replaced" if row["data_sha256"] != UNKNOWN_DATA else "data of unknown digest"
-    spec = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
+    slot = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
     params = json.loads(row["params"] or "{}")
-    return (spec.describe(params) if spec is not None else row["params"]) or "other parameters"
+    return (slot.describe(params) if slot is not None else row["params"]) or "other parameters"
 
 
 def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
@@ -58,17 +57,17 @@ def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
     return phrases
 
 
-def left_out_note(specs: list[Spec], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
+def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
     """One line naming what a table leaves out although it was measured: other
     measurements of its cells (the rules of `aggregate.select_measurements`) and other runs
     of its models (`chosen_runs`); '' when nothing is."""
     if aggregated.empty:
         return ""
     rows = {}
-    for spec in specs:
-        key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind)
-        name, metrics = rows.get(key, (f"{spec.block} {spec.row}".strip(), set()))
-        metrics |= {spec.metric, *(NOISE_GROUPS if spec.metric == "noise" else ())}
+    for slot in slots:
+        key = (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind)
+        name, metrics = rows.get(key, (f"{slot.block} {slot.row}".strip(), set()))
+        metrics |= {slot.metric, *(pooled_noise() if slot.metric == "noise" else ())}
         rows[key] = (name, metrics)
     runs = chosen_runs(aggregated)
     runs = runs[[tuple(k) in rows for k in runs[["dataset", "model", "lam", "kind"]].itertuples(index=False)]]

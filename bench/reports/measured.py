@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bench.attacks.perturbations import DEFAULT_STEPS
+from bench.attacks.perturbations import DEFAULT_STEPS, pooled_noise
 from bench.core.files import check_writable
-from bench.data.noise import NOISE_GROUPS, SEVERITIES
+from bench.data.noise import SEVERITIES
 from bench.eval import sanity
 from bench.records import stats
 from bench.records.aggregate import aggregate, per_seed, with_worst_case
@@ -89,7 +89,7 @@ class Evidence:
         """Per seed, the per-example accuracy of `metric` (noise: the mean of the four
         groups over all severities) of the kept measurement; [] when not measured."""
         kept = self.m.kept
-        wanted = list(NOISE_GROUPS) if metric == "noise" else [metric]
+        wanted = list(pooled_noise()) if metric == "noise" else [metric]
         rows = kept[
             (kept["dataset"] == dataset)
             & (kept["run"] == run)
@@ -104,7 +104,7 @@ class Evidence:
         return out
 
     def _per_example(self, row: dict) -> np.ndarray:
-        if row["perturbation"] in NOISE_GROUPS:  # a pooled cell: its five severity cells' bits
+        if row["perturbation"] in pooled_noise():  # a pooled cell: its five severity cells' bits
             n = int(row["n_test"])
             parts = [self.m.bits[cell_id({**row, "severity": s, "n": n})] for s in SEVERITIES]
             return stats.per_example(np.concatenate(parts), len(SEVERITIES))
@@ -119,13 +119,13 @@ class Evidence:
         found += [f"{source} data" for source in sorted(set(cells["data_source"]) - {"released"})]
         return found
 
-    def intervals(self, specs, aggregated: pd.DataFrame, preset: str) -> dict:
+    def intervals(self, slots, aggregated: pd.DataFrame, preset: str) -> dict:
         """(dataset, model, λ, kind, metric) -> (low, high) of each measured table cell."""
         chosen = best_groups(aggregated[aggregated["preset"] == preset])
         out = {}
-        for spec in specs:
-            key = (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric)
-            if key in chosen and key not in out and spec.metric != "failed":
-                samples = self.samples(spec.dataset, chosen[key]["run"], spec.kind, preset, spec.metric)
+        for slot in slots:
+            key = (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric)
+            if key in chosen and key not in out and slot.metric != "failed":
+                samples = self.samples(slot.dataset, chosen[key]["run"], slot.kind, preset, slot.metric)
                 out[key] = self.bootstrap.interval(samples) if samples else (math.nan, math.nan)
         return out

@@ -26,7 +26,7 @@ from bench.data.datasets import dataset_label
 from bench.eval.sanity import plain_counterpart
 from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records import stats
-from bench.reports import figures
+from bench.reports import figures, plotting
 from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label
 
@@ -271,7 +271,7 @@ def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: sta
         bands = [bootstrap.interval(s, scale=1.0) for s in seeds]
         return levels, [float(np.mean([v.mean() for v in s])) for s in seeds], [b[0] for b in bands], [b[1] for b in bands]
 
-    figure, axes = figures.line_panels(mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve,
+    figure, axes = plotting.line_panels(mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve,
                                        size=(4.0, 3.4))  # fmt: skip
     titles = {"pgd": "PGD-20 δ", "fgsm": "FGSM δ", "uniform": "uniform δ", "gaussian": "Gaussian δ"}
     for ax, delta in zip(axes, panels, strict=True):
@@ -298,7 +298,7 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
         pooled = [np.concatenate([np.asarray(v, np.float64) for v in rows[rows["block"] == b]["values"]]) for b in blocks]
         return blocks, [np.median(p) for p in pooled], [np.percentile(p, 2.5) for p in pooled], [np.percentile(p, 97.5) for p in pooled]
 
-    figure, axes = figures.line_panels(mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve,
+    figure, axes = plotting.line_panels(mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve,
                                        size=(4.6, 3.4))  # fmt: skip
     for ax, quantity in zip(axes, panels, strict=True):
         ax.axhline(1.0 if quantity == SPECTRAL else 0.0, color="black", linewidth=0.6, linestyle=":")
@@ -316,7 +316,7 @@ def _single(mine: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
 
 
 def drawn(frame: pd.DataFrame, preset: str) -> list:
-    """Each data set's two stability figures, as figures.Drawn (or Skipped). Their bands
+    """Each data set's two stability figures, as plotting.Drawn (or Skipped). Their bands
     draw from a bootstrap of their own, so the report and the figure stage draw the same
     bytes."""
     return [figures.render(figure, stem, caption) if figure is not None else figures.Skipped(stem, "nothing of it recorded")

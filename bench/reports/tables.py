@@ -1,6 +1,6 @@
 """The paper's Tables 1-6: which cells they hold, filled from aggregated records, rendered.
 
-A table is a list of `Spec`s (block, row, column -> which data set, model, λ init, single
+A table is a list of `TableCell`s (block, row, column -> which data set, model, λ init, single
 or ensemble, metric). On CIFAR the rows are the paper's models; on other data (the
 synthetic smoke set) the same tables are built for the depths found in the records, and
 never compared with the paper. Formatting happens only in the `render_*` functions.
@@ -89,7 +89,7 @@ TITLES = {key: table.title for key, table in TABLES.items()}
 
 
 @dataclass(frozen=True)
-class Spec:
+class TableCell:
     block: str  # "" when the table has a single block
     row: str
     column: str
@@ -160,20 +160,20 @@ def row_models(number: int, dataset: str, frame: pd.DataFrame) -> list[ModelEntr
 # --- the six tables -------------------------------------------------------------------------
 
 
-def table_specs(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[Spec]:
+def table_slots(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[TableCell]:
     """The cells of Table `number` for the data in `frame` (records or their per-seed view).
     The paper's own rows on its data sets are always shown; every other row only when its
     model (and, in Table 5, λ initialisation) was measured or, with `runs`, trained."""
     if number not in TABLES or number == "3_all":
         raise ValueError(f"the paper has Tables 1-6, not {number}")
     table = TABLES[number]
-    return table_specs_filter(_all_specs(table, frame), frame, runs, by_lambda=bool(table.lambda_sweep))
+    return table_slots_filter(_all_slots(table, frame), frame, runs, by_lambda=bool(table.lambda_sweep))
 
 
-def table_specs_filter(
-    specs: list[Spec], frame: pd.DataFrame, runs: pd.DataFrame | None = None, by_lambda: bool = False
-) -> list[Spec]:
-    """`specs` without the rows (block, row) that are not the paper's own and whose model
+def table_slots_filter(
+    slots: list[TableCell], frame: pd.DataFrame, runs: pd.DataFrame | None = None, by_lambda: bool = False
+) -> list[TableCell]:
+    """`slots` without the rows (block, row) that are not the paper's own and whose model
     (with `by_lambda`: with its λ initialisation) was neither measured nor trained."""
     seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
     present = {
@@ -182,26 +182,26 @@ def table_specs_filter(
     }
     models = {(d, m) for d, m, _ in present}
 
-    def shown(s: Spec) -> bool:
+    def shown(s: TableCell) -> bool:
         if by_lambda:
             return s.paper_row or (s.dataset, s.model, lambda_key(s.lambda_init)) in present
         return s.paper_row or (s.dataset, s.model) in models
 
-    keep = {(s.block, s.row) for s in specs if shown(s)}
-    return [s for s in specs if (s.block, s.row) in keep]
+    keep = {(s.block, s.row) for s in slots if shown(s)}
+    return [s for s in slots if (s.block, s.row) in keep]
 
 
-def _all_specs(table: Table, frame: pd.DataFrame) -> list[Spec]:
+def _all_slots(table: Table, frame: pd.DataFrame) -> list[TableCell]:
     if table.datasets is None:  # the data sets are the columns
         datasets = shown_datasets(frame)
         models = list(dict.fromkeys(e.name for d in datasets for e in row_models(table.row_table, d, frame)))
         return [
-            spec
+            slot
             for model in models
             for dataset in datasets
-            for spec in _row(table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),))
+            for slot in _row(table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),))
         ]
-    specs: list[Spec] = []
+    slots: list[TableCell] = []
     for dataset in shown_datasets(frame, table.datasets):
         block = dataset_label(dataset)
         for entry in row_models(table.row_table, dataset, frame):
@@ -209,16 +209,16 @@ def _all_specs(table: Table, frame: pd.DataFrame) -> list[Spec]:
                 for init in table.lambda_sweep:
                     init = init or entry.damped_lambda_init
                     row = f"{entry.label}, U[{init[0]:.2f}, {init[1]:.2f}]"
-                    specs += _row(table, block, row, dataset, entry.name, table.columns, init)
+                    slots += _row(table, block, row, dataset, entry.name, table.columns, init)
                 continue
             row = f"{entry.label}, -" if table.lambda_sweep else entry.label
-            specs += _row(table, block, row, dataset, entry.name, table.columns)
+            slots += _row(table, block, row, dataset, entry.name, table.columns)
             if table.ensemble:
-                specs += _row(table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble")
-    return specs
+                slots += _row(table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble")
+    return slots
 
 
-def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spec]:
+def all_attacks_slots(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[TableCell]:
     """Table 3 extended to every attack measured (the registry's, in its order: the paper's,
     the sanity and reference attacks, the worst case) at every radius measured, for the
     main models (Table 1's rows) and their ensembles."""
@@ -231,13 +231,13 @@ def all_attacks_specs(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Spe
         if (metric := metric_name(p.name, eps)) in measured
     )
     table = TABLES["3_all"]
-    return table_specs_filter(_all_specs(replace(table, columns=columns), frame), frame)
+    return table_slots_filter(_all_slots(replace(table, columns=columns), frame), frame)
 
 
-def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[Spec]:
+def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[TableCell]:
     own = dataset in paper_datasets() and table.row_table in model_entry(model).tables
     init = init if init is not None else default_lambda(model)
-    return [Spec(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns]
+    return [TableCell(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns]
 
 
 # --- filling and comparing -----------------------------------------------------------------
@@ -250,13 +250,13 @@ FILLED_COLUMNS = [
 
 
 def fill(
-    specs: list[Spec],
+    slots: list[TableCell],
     aggregated: pd.DataFrame,
     preset: str = "paper",
     table: int | None = None,
     intervals: dict | None = None,
 ) -> pd.DataFrame:
-    """One row per spec (in order) with the measured mean, std and n (NaN when not
+    """One row per slot (in order) with the measured mean, std and n (NaN when not
     measured), its 95% interval `low`, `high` (from `intervals`, keyed like best_groups),
     the published value for the same cell (Table `table`) and the delta."""
     chosen = best_groups(aggregated[aggregated["preset"] == preset])
@@ -264,21 +264,21 @@ def fill(
     if table is not None:
         paper = paper[paper["table"] == table]
     rows = []
-    for spec in specs:
-        found = chosen.get((spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric))
-        value = published_value(paper, spec.dataset, spec.model, spec.lambda_init, spec.kind, spec.metric)
+    for slot in slots:
+        found = chosen.get((slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric))
+        value = published_value(paper, slot.dataset, slot.model, slot.lambda_init, slot.kind, slot.metric)
         mean = found["mean"] if found is not None else math.nan
         low, high = (intervals or {}).get(
-            (spec.dataset, spec.model, lambda_key(spec.lambda_init), spec.kind, spec.metric), (math.nan, math.nan)
+            (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric), (math.nan, math.nan)
         )
         rows.append(
             {
                 **{
-                    k: getattr(spec, k)
+                    k: getattr(slot, k)
                     for k in ("block", "row", "column", "dataset", "model", "kind", "metric")
                 },
-                "lambda_low": spec.lambda_init[0] if spec.lambda_init else math.nan,
-                "lambda_high": spec.lambda_init[1] if spec.lambda_init else math.nan,
+                "lambda_low": slot.lambda_init[0] if slot.lambda_init else math.nan,
+                "lambda_high": slot.lambda_init[1] if slot.lambda_init else math.nan,
                 "mean": mean,
                 "std": found["std"] if found is not None else math.nan,
                 "n": found["n"] if found is not None else 0,
@@ -380,12 +380,12 @@ def missing(filled: pd.DataFrame) -> str:
 
 
 __all__ = [
-    "Spec",
+    "TableCell",
     "fill",
     "missing",
     "published",
     "render",
-    "table_specs",
+    "table_slots",
     "with_failed_runs",
     "published_value",
     "best_groups",

@@ -16,14 +16,13 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import DEFAULT_STEPS
+from bench.attacks.perturbations import DEFAULT_STEPS, pooled_noise
 from bench.core.files import write_all
 from bench.data.datasets import dataset_info, dataset_label
-from bench.data.noise import NOISE_GROUPS
 from bench.eval import sanity
 from bench.records import stats
 from bench.records.schema import SNAPSHOT_FILE, UNKNOWN_DATA
-from bench.reports import figures, stability_report
+from bench.reports import figures, plotting, stability_report
 from bench.reports.claims import claim_rows, share_claim_rows
 from bench.reports.leaderboard import check_metric, leaderboard, leaderboard_texts
 from bench.reports.left_out import left_out_note, left_out_phrases
@@ -31,11 +30,11 @@ from bench.reports.measured import Evidence, Measured, measured
 from bench.reports.tables import (
     TABLES,
     TITLES,
-    all_attacks_specs,
+    all_attacks_slots,
     fill,
     missing,
     render,
-    table_specs,
+    table_slots,
     with_failed_runs,
 )
 
@@ -62,13 +61,13 @@ def write_reports(
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
     for number in (key for key in TABLES if isinstance(key, int)):  # the paper's six; "3_all" below
-        specs = table_specs(number, m.frame, m.runs)
+        specs = table_slots(number, m.frame, m.runs)
         filled = fill(specs, m.aggregated, preset, number, evidence.intervals(specs, m.aggregated, preset))
         if TABLES[number].failed_runs:
             filled = with_failed_runs(filled, m.runs)
         tables[number] = filled
         texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine)))
-    specs = all_attacks_specs(m.frame, mine)
+    specs = all_attacks_slots(m.frame, mine)
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine)))
     texts.update(sanity_texts(results, m, preset))
@@ -108,7 +107,7 @@ def _figure_files(results: Path, drawn: list) -> dict[Path, bytes]:
     return {
         results / "figures" / name: data
         for item in drawn
-        if isinstance(item, figures.Drawn)
+        if isinstance(item, plotting.Drawn)
         for name, data in item.files.items()
     }
 
@@ -158,7 +157,7 @@ def digest_lines(kept: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     images (records.data_sha256), each noise file (its digest), and the training images of
     their checkpoints (meta.json's data.sha256; load_runs' train_sha256), 12 hex digits each,
     with the runs named where runs read different files."""
-    noise = kept["perturbation"].isin(NOISE_GROUPS)
+    noise = kept["perturbation"].isin(pooled_noise())
     clean = [f"{dataset_label(d)}: {_digests(rows, 'data_sha256')}" for d, rows in kept[~noise].groupby("dataset")]
     lines = ["Test images read (sha256 of images and labels): " + "; ".join(clean) + "."]
     files = [f"{dataset_label(d)}: " + ", ".join(f"{g} {_digests(r, 'data_sha256', every='')}" for g, r in rows.groupby("perturbation"))
@@ -263,7 +262,7 @@ def render_report(
     ]
     lines += ["", "## Figures", ""]
     for item in drawn or []:
-        if isinstance(item, figures.Drawn):
+        if isinstance(item, plotting.Drawn):
             lines += [f"![{item.name}](figures/{item.name}.png)", "", f"{item.caption} ([PDF](figures/{item.name}.pdf))", ""]
         else:
             lines += [f"- {item.name} skipped: {item.reason}.", ""]

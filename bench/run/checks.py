@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
 
 
-def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, device: str) -> None:
+def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str) -> None:
     """One error line for a --n-train above a data set's training images: the run would
     train on all of them under a tag that names more (n1180591620717411303424)."""
     totals: dict[str, int] = {}  # training_images reads the whole training set: once per data set
     for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
-        n_train = train_config(task.job, task.seed, spec, options, device).n_train
+        n_train = train_config(task.job, task.seed, suite, options, device).n_train
         if n_train is None:
             continue
         dataset = task.job.dataset
@@ -51,7 +51,7 @@ def _check_training_sizes(tasks: list[Task], spec: Suite, options: RunOptions, d
             if options.n_train is not None:
                 asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
             else:  # the registry names more images than the data dir holds
-                asked, fix = f"the {spec.name} suite's {n_train}", f"give --n-train {total} or fewer"
+                asked, fix = f"the {suite.name} suite's {n_train}", f"give --n-train {total} or fewer"
             raise UserError(f"{asked} is more than the {total:,} training images of {task.job.dataset}: {fix}")
 
 
@@ -134,12 +134,12 @@ def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool
                                "source": info.source, "build": info.build, "timestamp": utc_now()})  # fmt: skip
 
 
-def planned_metrics(jobs: list[Job], spec: Suite, options: RunOptions) -> set[str]:
+def planned_metrics(jobs: list[Job], suite: Suite, options: RunOptions) -> set[str]:
     """Every metric the jobs' cells give (reports may rank by any of them)."""
     metrics = {"noise"}
     for job in jobs:
         for ensemble in (False, True) if job.ensemble_radii else (False,):
-            cells = protocol_cells(eval_config(job, spec, options, "cpu", ensemble))
+            cells = protocol_cells(eval_config(job, suite, options, "cpu", ensemble))
             metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
             metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
     return metrics

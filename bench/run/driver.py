@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.attacks.perturbations import ATTACK, perturbation
+from bench.attacks.perturbations import ATTACK, perturbation, pooled_noise
 from bench.core.files import LOCKS, run_lock
-from bench.data.noise import NOISE_GROUPS
 from bench.eval.defenses import STATE_DICT
 from bench.eval.engine import AuditFailed, CellsDone, EvalData, cell_key, cells_todo
 from bench.eval.protocol import EvalConfig, protocol_cells
@@ -75,9 +74,9 @@ class Driver:
     """Decides each task's work, hands it to an executor and records what comes back.
     With `dry`, it only decides: nothing is written and no run is recorded."""
 
-    def __init__(self, options: RunOptions, spec: Suite, device: str, store: RecordStore, dry: bool = False,
+    def __init__(self, options: RunOptions, suite: Suite, device: str, store: RecordStore, dry: bool = False,
                  defenses: dict[str, Resolved] | None = None):  # fmt: skip
-        self.options, self.spec, self.device, self.store, self.dry = options, spec, device, store, dry
+        self.options, self.suite, self.device, self.store, self.dry = options, suite, device, store, dry
         self.defenses = defenses or {}  # task name -> the defense as built once, before any work
         self.outcome = Outcome()
         self._data: dict[tuple, EvalData | DataSizes] = {}
@@ -89,7 +88,7 @@ class Driver:
         self._ship = options.ray_address is not None  # workers may not see our results dir
         # CPU results depend on the thread count (reduction order): every worker uses this
         # process's, so that records never depend on the executor; a GPU task its CPUs'
-        self._threads = torch.get_num_threads() if device == "cpu" else task_resources(spec, device).cpus
+        self._threads = torch.get_num_threads() if device == "cpu" else task_resources(suite, device).cpus
 
     # --- what is left to do -------------------------------------------------------------
 
@@ -115,7 +114,7 @@ class Driver:
             "run_id": self._run_id,
         }
         if task.kind == TRAIN:
-            config = train_config(task.job, task.seed, self.spec, options, self.device)
+            config = train_config(task.job, task.seed, self.suite, options, self.device)
             meta = finished_run(config, options.results_dir)
             if meta is None:
                 return Work(TRAIN, train=config, **base)
@@ -136,7 +135,7 @@ class Driver:
             digest = ensemble_digest(digests) if ensemble else digests[0]
         if ensemble and not self.dry:
             self.store.add_ensemble(digest, task.run, task.job.dataset, {s: m["sha256"] for s, m in members.items()})
-        config = eval_config(task.job, self.spec, options, self.device, ensemble)
+        config = eval_config(task.job, self.suite, options, self.device, ensemble)
         seed = task.seed
         context = {"run": task.run, "dataset": task.job.dataset, "seed": seed, "members": len(members),
                    "preset": config.preset, "checkpoint_sha256": digest}  # fmt: skip
@@ -156,7 +155,7 @@ class Driver:
         return Work(task.kind, model=task.job.model, run=task.run, dataset=task.job.dataset, seeds=tuple(members),
                     config=config, cells=tuple(todo), checks=checks, transfer_from=transfer and transfer[0],
                     transfer_seed=transfer and transfer[1], files=files, stability=tuple(stable),
-                    stability_config=stability_config(self.spec, options), defense=task.job.defense if defense else None,
+                    stability_config=stability_config(self.suite, options), defense=task.job.defense if defense else None,
                     defense_sha256=digest if defense else "", **base)  # fmt: skip
 
     def _finished(self, task: Task, seed: int) -> dict | None:
@@ -188,7 +187,7 @@ class Driver:
         """The checks not yet recorded for the checkpoint, and the transfer source's run
         and seed."""
         done = self.store.recorded_checks(context)
-        checks = set(self.spec.checks)
+        checks = set(self.suite.checks)
         wanted = ("model",) if {"gradients", "model"} & checks and not set(MODEL_CHECKS) <= done else ()
         transfer = None
         if task.kind in (MEASURE, DEFENSE) and "transfer" in checks and "transfer" not in done:
@@ -201,7 +200,7 @@ class Driver:
         blockwise = task.kind != DEFENSE or self.defenses[task.name].blockwise
         units = stage_units(context["members"], blockwise)
         self.stability_cached[task.name] = len(units)
-        todo = units_todo(context, units, data, stability_config(self.spec, self.options), config, self.store)
+        todo = units_todo(context, units, data, stability_config(self.suite, self.options), config, self.store)
         self.stability_cached[task.name] -= len(todo)
         return todo
 
@@ -212,7 +211,7 @@ class Driver:
         plain = plain_counterpart(job.model)
         if plain is None:
             return None
-        tag = train_config(replace(job, model=plain, lambda_init=None), seed, self.spec, self.options, self.device).tag
+        tag = train_config(replace(job, model=plain, lambda_init=None), seed, self.suite, self.options, self.device).tag
         meta = zoo_checkpoint_dir(self.options.results_dir, job.dataset, tag, seed) / META_FILE
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
             log.info("%s %s seed %d: no finished %s to transfer from; transfer check skipped", job.model, job.dataset, seed, tag)
@@ -374,7 +373,7 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData | DataSizes, 
         return f"{100 * rows['accuracy'].mean():.1f}" if len(rows) else "-"
 
     parts = [f"clean {pct(mine[mine['perturbation'] == 'clean'])}"]
-    parts.append(f"noise {pct(mine[mine['perturbation'].isin(NOISE_GROUPS) & (mine['severity'] == 0)])}")
+    parts.append(f"noise {pct(mine[mine['perturbation'].isin(pooled_noise()) & (mine['severity'] == 0)])}")
     for kind in dict.fromkeys(c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK):
         rows = mine[mine["perturbation"] == kind].sort_values("eps_255")
         if len(rows):

@@ -56,11 +56,11 @@ class DataSizes:
     dir that does not hold the test set yet (the release's sizes are assumed)."""
 
     def __init__(self, dataset: str, data_dir, config: EvalConfig):
-        spec = dataset_info(dataset)
+        info = dataset_info(dataset)
         self.dataset, self.config, self.data_dir = dataset, config, data_dir
-        self.present = is_present(spec, data_dir)
+        self.present = is_present(info, data_dir)
         self._clean: str | None = None
-        self.n_test = spec.sizes[1]
+        self.n_test = info.sizes[1]
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
 
     def n(self, cell: Cell) -> int:
@@ -87,14 +87,14 @@ class DataSizes:
 def training_images(dataset: str, data_dir, n_train: int | None) -> int:
     """The images one epoch trains on: the data dir's training set (the release's size
     when it is not there yet), cut to `n_train`."""
-    spec = dataset_info(dataset)
-    total = len(load_train(dataset, data_dir)) if is_present(spec, data_dir) else spec.sizes[0]
+    info = dataset_info(dataset)
+    total = len(load_train(dataset, data_dir)) if is_present(info, data_dir) else info.sizes[0]
     return min(n_train or total, total)
 
 
-def is_present(spec: DatasetInfo, data_dir) -> bool:
+def is_present(info: DatasetInfo, data_dir) -> bool:
     """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
-    return not spec.files or folder_complete(spec, data_root(data_dir) / spec.folder)
+    return not info.files or folder_complete(info, data_root(data_dir) / info.folder)
 
 
 def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
@@ -122,13 +122,13 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
 
 def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
     options = driver.options
-    config = train_config(task.job, task.seed, driver.spec, options, driver.device)
+    config = train_config(task.job, task.seed, driver.suite, options, driver.device)
     meta = _meta(driver, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
     epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
     images = training_images(task.job.dataset, options.data_dir, config.n_train)
-    tested = driver.data(task.job.dataset, eval_config(task.job, driver.spec, options, driver.device)).n_test
+    tested = driver.data(task.job.dataset, eval_config(task.job, driver.suite, options, driver.device)).n_test
     per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
 
@@ -138,7 +138,7 @@ def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
     planned = {t.seeds[0] for t in tasks if t.kind == TRAIN and t.job == task.job}
     members = [s for s in task.seeds if statuses[s] == "finished" or (statuses[s] != "failed" and s in planned)]
     ensemble = task.kind == ENSEMBLE
-    config = eval_config(task.job, driver.spec, driver.options, driver.device, ensemble)
+    config = eval_config(task.job, driver.suite, driver.options, driver.device, ensemble)
     if not members or (ensemble and len(members) < 2):
         return _cost(0, 0, 0, 0.0, 0.0)
     work = None
@@ -155,7 +155,7 @@ def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
 
 
 def _defense_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
-    config = eval_config(task.job, driver.spec, driver.options, driver.device)
+    config = eval_config(task.job, driver.suite, driver.options, driver.device)
     work = driver.work_for(task)
     units_all = len(stage_units(1, driver.defenses[task.name].blockwise))
     return _work_cost(driver, task, config, 1, list(work.cells) if work else [], list(work.stability) if work else [],
@@ -171,7 +171,7 @@ def _work_cost(driver, task: Task, config: EvalConfig, members: int, todo: list,
         forward, gradient = unit_passes(unit, data.n(unit[0]), config)
         seconds += members * (forward / rates.forward + gradient / rates.gradient)
     cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
-    stable = stability_config(driver.spec, driver.options)
+    stable = stability_config(driver.suite, driver.options)
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
         seconds += forward / rates.forward + gradient / rates.gradient
@@ -220,7 +220,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
         rows.append({
             "model": job.model + init,
             "dataset": job.dataset,
-            "seeds": 1 if job.defense is not None else len(driver.options.seeds or driver.spec.seeds),
+            "seeds": 1 if job.defense is not None else len(driver.options.seeds or driver.suite.seeds),
             "ensemble": "yes" if job.ensemble_radii else "",
             "to train": int(mine["to train"].sum()),
             "cells to run": int(mine["cells to run"].sum()),
@@ -235,7 +235,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
     totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds", "stability to run",
                     "stability cached"]].sum()  # fmt: skip
     return "\n".join([
-        plan_header(driver.spec, options, driver.device, tasks),
+        plan_header(driver.suite, options, driver.device, tasks),
         tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
         f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
         f"{int(totals['cached'])} cached; "
@@ -248,20 +248,20 @@ def render_plan(driver, tasks: list[Task], options) -> str:
     ])  # fmt: skip
 
 
-def plan_header(spec, options, device: str, tasks: list[Task]) -> str:
+def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     """The plan's first line, which the run logs and `--dry-run` prints: suite, preset,
     device, tasks and the test subsets."""
     kinds = Counter(t.kind for t in tasks)
     jobs = {t.job for t in tasks}
-    n_test = options.n_test if options.n_test is not None else spec.n_test
+    n_test = options.n_test if options.n_test is not None else suite.n_test
     tested = "all test images" if n_test is None else f"{n_test} test images"
-    config = eval_config(tasks[0].job, spec, options, device) if tasks else None  # every job's subsets are the same
+    config = eval_config(tasks[0].job, suite, options, device) if tasks else None  # every job's subsets are the same
     smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
     if "stability" in options.stages:
-        n = stability_config(spec, options).n
+        n = stability_config(suite, options).n
         smaller.append(f"stability on {n if n_test is None else min(n, n_test)}")
     return (
-        f"plan: suite {spec.name} ({spec.description}), preset {options.preset}, device {device}; "
+        f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
         f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}" + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
         + f"); {tested}" + "".join(f", {s}" for s in smaller)

@@ -50,7 +50,7 @@ from bench.run.plan import (
     task_resources,
     train_config,
 )
-from bench.run.suites import Suite, suite
+from bench.run.suites import Suite, find_suite
 from bench.train.loop import finished_run
 from models import UserError
 
@@ -63,33 +63,33 @@ def run(options: RunOptions) -> int:
     """Run the stages; returns the exit code (1 when a cell failed its audit or a task
     could not be finished). Every mistake in the options or the environment is found
     before anything is trained."""
-    spec = suite(options.suite)
+    suite = find_suite(options.suite)
     if not options.dry_run:  # a dry run writes nothing, and says how to recover
         recover(options.results_dir)
-    jobs = plan_jobs(spec, options)
+    jobs = plan_jobs(suite, options)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
         return _report(options, figures_only="report" not in options.stages)
-    device = _device(spec, options)
+    device = _device(suite, options)
     for job in jobs:
-        eval_config(job, spec, options, device)
+        eval_config(job, suite, options, device)
     _check_models(jobs)
-    check_metric(options.rank_by, planned_metrics(jobs, spec, options) | recorded_metrics(options))
-    tasks = plan_tasks(jobs, spec, options, device)
+    check_metric(options.rank_by, planned_metrics(jobs, suite, options) | recorded_metrics(options))
+    tasks = plan_tasks(jobs, suite, options, device)
     defenses = resolve_defenses(tasks, options.dry_run)
-    header = plan_header(spec, options, device, tasks)
+    header = plan_header(suite, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
-    _check_training_sizes(tasks, spec, options, device)
+    _check_training_sizes(tasks, suite, options, device)
     checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
     log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
     trained_on = TrainingDigests(options.data_dir)
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
-        config = train_config(task.job, task.seed, spec, options, device)
+        config = train_config(task.job, task.seed, suite, options, device)
         trained_on.compare(finished_run(config, options.results_dir), config)
     if options.dry_run:
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
-        driver = Driver(options, spec, device, store, dry=True, defenses=defenses)
+        driver = Driver(options, suite, device, store, dry=True, defenses=defenses)
         sys.stdout.write(render_plan(driver, tasks, options) + "\n")
         return 0
     check_outputs_and_data(options, jobs)
@@ -100,11 +100,11 @@ def run(options: RunOptions) -> int:
     remove_orphans(data_root(options.data_dir), data_folders())
     if device == "cpu":
         retain_freed_memory()
-    driver = Driver(options, spec, device, store, defenses=defenses)
+    driver = Driver(options, suite, device, store, defenses=defenses)
     began = time.perf_counter()
     if tasks:
         executor = make_executor(options.executor, _workers(options, len(tasks)), options.ray_address,
-                                 task_resources(spec, device), device)  # fmt: skip
+                                 task_resources(suite, device), device)  # fmt: skip
         try:
             driver.execute(tasks, executor)
         finally:
@@ -177,15 +177,15 @@ def _figures(options: RunOptions) -> FigureConfig:
     return FigureConfig(landscape_index=index, landscape_points=points, landscape_radius=radius)
 
 
-def _device(spec: Suite, options: RunOptions) -> str:
+def _device(suite: Suite, options: RunOptions) -> str:
     """The device the run uses; a suite that needs a GPU refuses a machine without one at
     once (an estimate of its cost here would probe every model first: --dry-run does)."""
     if options.dry_run and options.assume_tflops is not None and options.device != "auto":
         return options.device  # an estimate from FLOPs for a device that need not be here
     device = resolve_device(options.device)
-    if spec.needs_gpu and options.device == "auto" and device == "cpu" and not options.dry_run:
+    if suite.needs_gpu and options.device == "auto" and device == "cpu" and not options.dry_run:
         raise UserError(
-            f"suite {spec.name!r} needs a GPU and none is visible: `--dry-run --device cpu` estimates "
+            f"suite {suite.name!r} needs a GPU and none is visible: `--dry-run --device cpu` estimates "
             "its cost on this CPU; pass --device cpu to run it here anyway"
         )
     return device

@@ -69,21 +69,21 @@ class Task:
         return f"{self.kind} {self.job.dataset} {self.run} {who}"
 
 
-def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
+def plan_jobs(suite: Suite, options: RunOptions) -> list[Job]:
     """The suite's jobs, restricted to `options.models` when given (models in none of its
     studies get the first study's protocol), with the options' overrides applied."""
     if options.defenses:
-        return [defense_job(d, spec, options) for d in options.defenses]
+        return [defense_job(d, suite, options) for d in options.defenses]
     wanted = resolve_models(options.models) if options.models is not None else None
     jobs: dict[tuple, Job] = {}
     covered: set[str] = set()
-    for study in spec.studies:
+    for study in suite.studies:
         names = resolve_models(study.models)
         names = [n for n in names if wanted is None or n in wanted]
         covered.update(names)
         _add_jobs(jobs, names, study, options)
     if wanted:
-        _add_jobs(jobs, [n for n in wanted if n not in covered], spec.studies[0], options)
+        _add_jobs(jobs, [n for n in wanted if n not in covered], suite.studies[0], options)
     if options.lambda_init is not None:
         _check_lambda_init(sorted({j.model for j in jobs.values()}), options.lambda_init)
     for dataset in {j.dataset for j in jobs.values()}:
@@ -91,11 +91,11 @@ def plan_jobs(spec: Suite, options: RunOptions) -> list[Job]:
     return list(jobs.values())
 
 
-def defense_job(defense, spec: Suite, options: RunOptions) -> Job:
+def defense_job(defense, suite: Suite, options: RunOptions) -> Job:
     """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
     name, dataset = identity(defense)
     dataset_info(dataset)
-    return Job(name, dataset, None, tuple(sorted(options.radii or spec.studies[0].radii)), defense=defense)
+    return Job(name, dataset, None, tuple(sorted(options.radii or suite.studies[0].radii)), defense=defense)
 
 
 def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
@@ -137,16 +137,16 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
                 )
 
 
-def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -> list[Task]:
+def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) -> list[Task]:
     """The tasks of the asked stages in an order that respects `after` (every training
     first, as one process runs them; executors with more workers start what is ready)."""
-    seeds = seeds_of(spec, options)
-    resources = task_resources(spec, device)
+    seeds = seeds_of(suite, options)
+    resources = task_resources(suite, device)
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
         return [Task(DEFENSE, job, job.model, (0,), (), resources) for job in jobs]
     for job in jobs:
-        run = train_config(job, seeds[0], spec, options, device).tag
+        run = train_config(job, seeds[0], suite, options, device).tag
         trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
         waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
         trains += trained if "train" in options.stages else []
@@ -158,25 +158,25 @@ def plan_tasks(jobs: list[Job], spec: Suite, options: RunOptions, device: str) -
     return trains + measures
 
 
-def task_resources(spec: Suite, device: str) -> Resources:
+def task_resources(suite: Suite, device: str) -> Resources:
     """One GPU per task on a GPU (the suite's models fit one), none on a CPU."""
     gpus = 1.0 if device.startswith("cuda") else 0.0
-    return Resources(gpus, spec.task_cpus, spec.task_memory_gib)
+    return Resources(gpus, suite.task_cpus, suite.task_memory_gib)
 
 
-def seeds_of(spec: Suite, options: RunOptions) -> tuple[int, ...]:
-    return options.seeds if options.seeds is not None else spec.seeds
+def seeds_of(suite: Suite, options: RunOptions) -> tuple[int, ...]:
+    return options.seeds if options.seeds is not None else suite.seeds
 
 
-def train_config(job: Job, seed: int, spec: Suite, options: RunOptions, device: str) -> TrainConfig:
+def train_config(job: Job, seed: int, suite: Suite, options: RunOptions, device: str) -> TrainConfig:
     return TrainConfig(
         job.model,
         job.dataset,
         seed,
         options.preset,
-        options.length or spec.length,
+        options.length or suite.length,
         job.lambda_init,
-        n_train_of(job.dataset, spec, options),
+        n_train_of(job.dataset, suite, options),
         device,
         options.channels_last,
         options.bf16,
@@ -184,19 +184,19 @@ def train_config(job: Job, seed: int, spec: Suite, options: RunOptions, device: 
     )
 
 
-def n_train_of(dataset: str, spec: Suite, options: RunOptions) -> int | None:
+def n_train_of(dataset: str, suite: Suite, options: RunOptions) -> int | None:
     """--n-train, else the suite's subset where the data set has more training images:
     the smoke suite's 2,048 on a data set of 384 trains on all of them, tagged so (a
     --n-train above the images there are is refused before any work)."""
     if options.n_train is not None:
         return options.n_train
-    return spec.n_train if spec.n_train is not None and spec.n_train < dataset_info(dataset).sizes[0] else None
+    return suite.n_train if suite.n_train is not None and suite.n_train < dataset_info(dataset).sizes[0] else None
 
 
-def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
+def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
     attack_radii = job.ensemble_radii if ensemble else job.radii
     extra = []  # the suite's further perturbations; ensembles only at their attack radii
-    for name, radii in spec.extra:
+    for name, radii in suite.extra:
         radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or e in attack_radii)
         extra += [(name, radii)] if radii else []
     return EvalConfig(
@@ -204,24 +204,24 @@ def eval_config(job: Job, spec: Suite, options: RunOptions, device: str, ensembl
         eps_255=job.radii,
         iterative_eps_255=attack_radii if ensemble else None,
         steps=options.steps,
-        n_test=options.n_test if options.n_test is not None else spec.n_test,
+        n_test=options.n_test if options.n_test is not None else suite.n_test,
         noise_source=options.noise_source,
         batch_size=options.batch_size,
         device=device,
         extra=tuple(extra),
-        subsets=subsets(spec, options),
+        subsets=subsets(suite, options),
         trust_unknown_data=not options.recheck_data,
     )
 
 
-def stability_config(spec: Suite, options: RunOptions) -> StabilityConfig:
+def stability_config(suite: Suite, options: RunOptions) -> StabilityConfig:
     """The stability stage's settings: the suite's image count unless `--n-stability`."""
-    return StabilityConfig(n=options.n_stability if options.n_stability is not None else spec.n_stability)
+    return StabilityConfig(n=options.n_stability if options.n_stability is not None else suite.n_stability)
 
 
-def subsets(spec: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
+def subsets(suite: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
     """The suite's smaller test subsets, AutoAttack's replaced by `--n-autoattack`."""
-    own = dict(spec.subsets)
+    own = dict(suite.subsets)
     if options.n_autoattack is not None:
         own["autoattack"] = options.n_autoattack
     return tuple(own.items())

@@ -106,7 +106,7 @@ SUITES: dict[str, Suite] = {
 }
 
 
-def suite(name: str) -> Suite:
+def find_suite(name: str) -> Suite:
     if name not in SUITES:
         raise UserError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
     return SUITES[name]

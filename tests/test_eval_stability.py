@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.eval import krylov
 from bench.eval import stability as st
 from bench.eval.protocol import EvalConfig
 from bench.records.stats import Bootstrap
@@ -96,8 +97,8 @@ def test_a_block_without_branch_has_norm_abs_one_minus_c(c):
     h = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     start = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     with st.unfused(block):
-        sigma, _ = st.spectral_norm(block, h, start, 40, 3e-4)
-        shifted, steps = st.rightmost_eigenvalue(block, h, start, 30)
+        sigma, _ = krylov.spectral_norm(block, h, start, 40, 3e-4)
+        shifted, steps = krylov.rightmost_eigenvalue(block, h, start, 30)
     np.testing.assert_allclose(sigma.numpy(), abs(1 - c), atol=1e-6)
     np.testing.assert_allclose(shifted.numpy(), -c, atol=1e-6)
     assert steps == 1  # J - I = -c I: the Krylov space closes at once, the eigenvalue is exact
@@ -115,7 +116,7 @@ def test_jacobian_products_equal_torch_func_jvp_and_vjp():
         inputs = st.block_inputs(model, chain, torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
         for block, h in zip(chain, inputs, strict=True):
             v = torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
-            forward, transpose = st.jacobian_products(block, h)
+            forward, transpose = krylov.jacobian_products(block, h)
             out, jv = torch.func.jvp(block, (h,), (v,))
             u = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
             (jtu,) = torch.func.vjp(block, h)[1](u)
@@ -134,7 +135,7 @@ def test_the_spectral_norm_is_within_one_percent_of_the_dense_one(name):
             dense = torch.func.vmap(torch.func.jacrev(block))(h.unsqueeze(1)).reshape(len(h), -1, h[0].numel())
             exact = torch.linalg.matrix_norm(dense.double(), 2)
             start = torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
-            sigma, used = st.spectral_norm(block, h, start, config.iterations, config.tolerance)
+            sigma, used = krylov.spectral_norm(block, h, start, config.iterations, config.tolerance)
             assert used <= config.iterations
             assert ((sigma - exact).abs() / exact).max() <= 0.01
             assert (sigma <= exact * (1 + 1e-5)).all()  # Ritz values never exceed σ_max
@@ -171,7 +172,7 @@ def test_arnoldi_finds_the_rightmost_eigenvalue_of_a_known_spectrum():
 
     config = st.StabilityConfig()
     start = torch.randn(20, len(a), generator=torch.Generator().manual_seed(0))
-    value, _ = st.rightmost_eigenvalue(block, torch.zeros(20, len(a)), start, config.krylov, config.tolerance)
+    value, _ = krylov.rightmost_eigenvalue(block, torch.zeros(20, len(a)), start, config.krylov, config.tolerance)
     error = (value - rightmost).numpy()
     assert (np.abs(error) <= 1e-3).sum() == 17
     assert error.max() <= 2e-4 and np.allclose(np.sort(error)[:2], -0.3033, atol=1e-4)

@@ -18,7 +18,7 @@ from bench.records.load import stale_rows
 from bench.records.schema import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS
 from bench.records.selection import chosen_runs, select_measurements
 from bench.reports.left_out import left_out_note
-from bench.reports.tables import fill, render, table_specs
+from bench.reports.tables import fill, render, table_slots
 
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}
 
@@ -176,7 +176,7 @@ def test_tables_show_one_run_per_model_and_name_the_rest():
     aggregated = aggregate(per_seed(kept))
     runs = chosen_runs(aggregated).set_index("run")
     assert runs.loc["resnet110", "chosen"] and not runs.loc["resnet110@smoke", "chosen"]  # the paper's recipe
-    specs = [s for s in table_specs(2, frame) if s.model == "resnet110" and s.dataset == "cifar10"]
+    specs = [s for s in table_slots(2, frame) if s.model == "resnet110" and s.dataset == "cifar10"]
     filled = fill(specs, aggregated, "paper", 2)
     assert render(filled).splitlines()[2] == "| ResNet-110 | 90.00 (n=1) |"
     assert left_out_note(specs, aggregated, left_out) == (

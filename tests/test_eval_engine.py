@@ -10,7 +10,8 @@ import torchattacks
 from torch import nn
 
 from bench.attacks import perturbations
-from bench.attacks.gradient import AttackAuditError, audit, fgsm, iterative_attack, run_seeded
+from bench.attacks.gradient import AttackAuditError, audit, fgsm, run_seeded
+from bench.attacks.perturbations import perturbation
 from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import load_test
 from bench.eval import engine
@@ -116,7 +117,7 @@ def test_fgsm_radii_share_one_gradient_and_equal_torchattacks(images):
 def test_iterative_attacks_are_torchattacks_and_seeded(images):
     model = create_model("resnet8").eval().requires_grad_(False)
     y = torch.tensor([0, 1, 2, 3])
-    pgd = iterative_attack(model, "pgd", 2 / 255, 0.5 / 255, 3)
+    pgd = perturbation("pgd").attack(model, 2 / 255, 0.5 / 255, 3)
     first, again, other = (run_seeded(pgd, images, y, s) for s in (7, 7, 8))
     assert torch.equal(first, again) and not torch.equal(first, other)
     torch.manual_seed(7)
@@ -124,12 +125,13 @@ def test_iterative_attacks_are_torchattacks_and_seeded(images):
     state = torch.get_rng_state()
     run_seeded(pgd, images, y, 9)
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is left as it was
-    ifgsm = iterative_attack(model, "ifgsm", 2 / 255, 0.5 / 255, 3)
+    ifgsm = perturbation("ifgsm").attack(model, 2 / 255, 0.5 / 255, 3)
     assert torch.equal(
         ifgsm(images, y), torchattacks.BIM(model, eps=2 / 255, alpha=0.5 / 255, steps=3)(images, y)
     )
-    with pytest.raises(ValueError, match="at least one step"):
-        iterative_attack(model, "ifgsm", 2 / 255, 1 / 255, 0)
+    assert type(pgd).__name__ == "PGD" and pgd.random_start and type(ifgsm).__name__ == "BIM"
+    with pytest.raises(ValueError, match="ifgsm needs at least one step"):
+        perturbation("ifgsm").attack(model, 2 / 255, 1 / 255, 0)
 
 
 def test_audit_rejects_out_of_ball_and_out_of_range(images):

@@ -15,11 +15,12 @@ from bench.records.load import cell_id
 from bench.records.schema import COLUMNS, RUN_COLUMNS
 from bench.records.selection import seed_metrics, select_measurements
 from bench.records.stats import Bootstrap
+from bench.reports import run_figures
 from bench.reports.claims import claim_rows
 from bench.reports.leaderboard import leaderboard, write_leaderboard
 from bench.reports.measured import Evidence, reduce_records
 from bench.reports.published import published
-from bench.reports.tables import fill, missing, render, table_specs, with_failed_runs
+from bench.reports.tables import fill, missing, render, table_slots, with_failed_runs
 
 PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
 GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))
@@ -129,7 +130,7 @@ def aggregated(frame):
 
 
 def table(number, frame, aggregated, runs=None):
-    filled = fill(table_specs(number, frame), aggregated, "paper", number)
+    filled = fill(table_slots(number, frame), aggregated, "paper", number)
     return with_failed_runs(filled, runs) if number == 5 else filled
 
 
@@ -273,7 +274,7 @@ def test_other_depths_on_cifar_get_rows_and_claims_of_their_own(frame):
     )
     both = pd.concat([frame, pd.DataFrame(small).assign(stale=False)], ignore_index=True)
     aggregated = aggregate(seed_metrics(both))
-    filled = fill(table_specs(3, both), aggregated, "paper", 3)
+    filled = fill(table_slots(3, both), aggregated, "paper", 3)
     rows = list(dict.fromkeys(zip(filled["block"], filled["row"], strict=True)))
     assert rows[:6] == [("CIFAR-10", name) for name in ("ResNet-110", "In-ResNet-110", "λ-In-ResNet-110",
                                                          "ResNet-164", "In-ResNet-164", "λ-In-ResNet-164")]  # fmt: skip
@@ -281,7 +282,7 @@ def test_other_depths_on_cifar_get_rows_and_claims_of_their_own(frame):
     mine = filled[filled["model"] == "in-resnet20"].set_index("metric")
     assert mine.loc["pgd@2", "mean"] == 12.0 and mine["paper"].isna().all()
     assert ("CIFAR-100", "ResNet-20") not in rows  # measured on CIFAR-10 only
-    table4 = fill(table_specs(4, both), aggregated, "paper", 4)
+    table4 = fill(table_slots(4, both), aggregated, "paper", 4)
     assert list(dict.fromkeys(table4["row"]))[-2:] == ["ResNet-20", "In-ResNet-20"]
     claims = claim_rows(both, aggregated).set_index(["claim", "dataset"])
     pgd = claims.loc[("In-ResNet-20 beats ResNet-20 under PGD at 2/255", "cifar10")]
@@ -371,9 +372,9 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
         + coefficient_rows("in-resnet110@lambda0.3-0.4", [50, 50])  # the λ sweep: not Fig. 1
         + coefficient_rows("in-resnet110@quick", [50])  # another recipe: not Fig. 1
     )
-    panels = figures.paper_panels(table, pd.read_csv(figures.PUBLISHED), "paper")
+    panels = run_figures.paper_panels(table, pd.read_csv(run_figures.PUBLISHED), "paper")
     assert set(table.loc[panels, "run"]) == {"in-resnet110"}
-    assert not figures.paper_panels(table, pd.read_csv(figures.PUBLISHED), "authors-code").any()
+    assert not run_figures.paper_panels(table, pd.read_csv(run_figures.PUBLISHED), "authors-code").any()
     shares = share_claim_rows(table, {"cifar10"}).set_index("claim")
     row = shares.loc["79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01"]
     assert (row["seeds"], row["measured"], row["paper"], row["verdict"]) == (5, 80.0, 79.6, "reproduces")

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import run_bench
-from bench.reports import figures
+from bench.data.noise import NOISE_GROUPS
+from bench.reports import figures, landscape, run_figures
 
 PNG, PDF = b"\x89PNG", b"%PDF"
 
@@ -44,18 +45,18 @@ def test_every_figure_draws_from_tiny_inputs():
     assert figures.gain_figure(aggregated[aggregated["kind"] == "single"], "synthetic") is None  # no ensemble
     severity = pd.DataFrame(
         [{"dataset": "synthetic", "run": m, "model": m, "seed": s, "group": g, "severity": v, "value": 60 - 3 * v + s}
-         for m in ("resnet14", "in-resnet14") for s in (0, 1) for g in figures.NOISE_GROUPS for v in figures.SEVERITIES]
+         for m in ("resnet14", "in-resnet14") for s in (0, 1) for g in NOISE_GROUPS for v in figures.SEVERITIES]
     )  # fmt: skip
     assert_drawn(figures.severity_figure(severity, "synthetic"))
     coefficients = pd.DataFrame(
         [{"dataset": "cifar10", "run": "in-resnet110", "model": "in-resnet110", "lambda_low": 0.2, "lambda_high": 0.25,
           "seed": s, "block": b, "coefficient": c} for s in (0, 1) for b, c in enumerate((0.0, 0.3, 1.2, 0.005), start=1)]
     )  # fmt: skip
-    assert_drawn(figures.coefficients_figure(coefficients, pd.read_csv(figures.PUBLISHED)))
-    assert_drawn(figures.coefficients_figure(coefficients, None))
+    assert_drawn(run_figures.coefficients_figure(coefficients, pd.read_csv(run_figures.PUBLISHED)))
+    assert_drawn(run_figures.coefficients_figure(coefficients, None))
     grid = np.linspace(-2, 2, 5)
     panels = [(name, grid, np.random.default_rng(1).random((5, 5)), np.zeros((5, 5), int)) for name in ("A", "B")]
-    assert_drawn(figures.landscape_figure([("image 2", 3, panels), ("image 7", 1, panels)]))
+    assert_drawn(landscape.landscape_figure([("image 2", 3, panels), ("image 7", 1, panels)]))
     training = pd.DataFrame(
         [{"dataset": "synthetic", "run": m, "model": m, "seed": s, "epoch": e, "train_loss": 2.0 / e, "test_accuracy": 30.0 + e,
           "coefficient_p10": c and 0.2, "coefficient_median": c and 0.25 + 0.01 * e, "coefficient_p90": c and 0.3}
@@ -83,10 +84,10 @@ class Linear(nn.Module):
 
 def test_the_landscape_is_the_loss_at_each_grid_point_and_its_directions_are_orthogonal():
     model, x, y = Linear(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([4])
-    d_fgsm, d_orth = figures.directions(model, x, y, seed=5)
+    d_fgsm, d_orth = landscape.directions(model, x, y, seed=5)
     assert d_fgsm.abs().max() == d_orth.abs().max() == 1  # the same L-infinity norm
     assert abs(float((d_fgsm * d_orth).sum())) < 1e-3  # orthogonal
-    offsets, loss, classes = figures.landscape(model, x, y, d_fgsm, d_orth, radius=6.0, points=7, batch=5)
+    offsets, loss, classes = landscape.landscape(model, x, y, d_fgsm, d_orth, radius=6.0, points=7, batch=5)
     assert list(offsets) == [-6, -4, -2, 0, 2, 4, 6]
     for i, j in ((0, 0), (3, 3), (6, 1), (2, 5)):
         point = (x + offsets[i] / 255 * d_fgsm + offsets[j] / 255 * d_orth).clamp(0, 1)
