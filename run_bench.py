@@ -11,7 +11,9 @@ import sys
 from dataclasses import fields
 
 from bench.core.numbers import decimal, integer
+from bench.data.splits import NOISE_SOURCES
 from bench.run.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
+from bench.train.recipes import PRESETS
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
 from models.errors import disk_full, disk_full_message
 
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--datasets", type=_listed("--datasets"), default=None, help=f"comma-separated: {', '.join(DATASETS)}")
     parser.add_argument("--seeds", type=_listed("--seeds", int), default=None, help="comma-separated seeds (default: the suite's)")
-    parser.add_argument("--preset", default="paper", choices=("paper", "authors-code"))
+    parser.add_argument("--preset", default=RunOptions.preset, choices=PRESETS)
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
     )
@@ -81,15 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--list-models", action="store_true", help="list registered names and groups, then exit"
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
+        "--device", default=RunOptions.device, help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
     )
-    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--results-dir", default=RunOptions.results_dir)
     parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     scale = parser.add_argument_group("scale out")
     scale.add_argument(
         "--executor",
-        default="local",
+        default=RunOptions.executor,
         choices=EXECUTORS,
         help="local: this machine (one process, or --workers processes, one per GPU); ray: a Ray cluster",
     )
@@ -138,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument(
         "--steps", type=INTEGER, default=RunOptions.steps, help=f"IFGSM / PGD iterations (default {RunOptions.steps})"
     )
-    evaluation.add_argument("--noise-source", default="auto", choices=("auto", "released", "generated"))
+    evaluation.add_argument("--noise-source", default=RunOptions.noise_source, choices=NOISE_SOURCES)
     evaluation.add_argument(
         "--recheck-data", action="store_true",
         help="measure again the cells recorded before cells recorded their data's digest (shown as 'unknown' "
@@ -149,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     report = parser.add_argument_group("report")
     report.add_argument(
-        "--rank-by", default="pgd@2", help="leaderboard order: a metric such as pgd@2, clean, noise"
+        "--rank-by", default=RunOptions.rank_by, help="leaderboard order: a metric such as pgd@2, clean, noise"
     )
     figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
     figures.add_argument(
@@ -157,9 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="draw Fig. 2 on this clean test image (default: the paper's two CIFAR-C images, shot noise #3 and "
         "speckle noise #8, or clean test images 2 and 7 without the noise files)",
     )
-    figures.add_argument("--landscape-points", type=INTEGER, default=21, help="grid points per axis (default 21)")
+    figures.add_argument("--landscape-points", type=INTEGER, default=RunOptions.landscape[1],
+                         help=f"grid points per axis (default {RunOptions.landscape[1]})")
     figures.add_argument(
-        "--landscape-radius", type=DECIMAL, default=8.0, help="grid half-width in 1/255 (default 8)"
+        "--landscape-radius", type=DECIMAL, default=RunOptions.landscape[2],
+        help=f"grid half-width in 1/255 (default {RunOptions.landscape[2]:g})"
     )
     defense = parser.add_argument_group(
         "rank a defense (instead of the zoo): evaluated with the suite's protocol, recorded, put on the leaderboard"

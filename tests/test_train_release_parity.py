@@ -177,7 +177,7 @@ def train_both(ours: PreActResNet, ref: Release) -> None:
     order = torch.randperm(len(labels), generator=epoch_generator(0, 0))  # train_epoch's first draw
     for start in range(0, len(labels), BATCH):
         idx = order[start : start + BATCH]
-        pixels = (images[idx].float() / 255).double()  # bench.train.loop.augment's conversion, bit for bit
+        pixels = (images[idx].float() / 255).double()  # bench.train.epoch.augment's conversion, bit for bit
         loss = F.cross_entropy(ref(normalise(pixels)), labels[idx])
         optimizer.zero_grad()
         loss.backward()

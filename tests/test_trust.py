@@ -353,7 +353,7 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
     from bench.data.cifar import read_batch, write_batch
     from bench.data.splits import images_digest
     from bench.records.load import load_stability
-    from bench.reports.stability_report import chosen
+    from bench.records.selection import chosen_units
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
@@ -368,7 +368,7 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
     second = load_stability(results)
     black = images_digest(np.zeros_like(images), labels)
     assert list(second["data_sha256"]) == [images_digest(images, labels), black]
-    assert list(chosen(second)["data_sha256"]) == [black]
+    assert list(chosen_units(second)["data_sha256"]) == [black]
 
 
 def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path):

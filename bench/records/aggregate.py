@@ -5,20 +5,8 @@ severities pooled), `noise` (the mean of the four groups, the paper's Tables 4-6
 number), or `<attack>@<eps in 1/255>` such as `pgd@2` (bench.attacks.perturbations names them).
 
 A reported number only ever averages cells that measured the same thing. An *entry* is
-one run (or its ensemble) on one data set under one preset; where an entry measured a
-perturbation in several ways, `select_measurements` keeps one, by these rules in order:
-1. the largest test subset: a smoke-sized rerun never hides a full evaluation (each
-   perturbation its own: AutoAttack may run on a subset of the others' images);
-2. the largest ensemble (ensembles of different sizes are different defenses);
-3. the most faithful data: released files, then unofficial ones; released noise, then
-   generated (from official, then unofficial test files); then, per seed, the data
-   measured last (its digest: cells measured on files since replaced drop out);
-4. the parameters this run asks for (e.g. --steps at the preset's step size), else the
-   strongest set the perturbation knows (for IFGSM / PGD: the most steps, then the
-   largest step);
-5. per seed, the checkpoint measured last (ensembles of the same size, built from
-   different seeds, are both current while all their members are).
-What the rules leave out is returned too, so that reports can say it.
+one run (or its ensemble) on one data set under one preset; which of an entry's
+measurements of a cell counts is decided in bench.records.selection.
 """
 
 from __future__ import annotations

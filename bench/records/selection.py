@@ -1,8 +1,26 @@
-"""What is shown, decided once for every report: per cell, the one measurement kept when
-several exist (largest test subset, largest ensemble, released data first, the asked or
-strongest parameters, the latest checkpoint and data), and per model the one run a table
-row shows (the paper's full recipe, then the largest test subset, then the most seeds).
-Aggregation, tables, measured, claims, figures and the leaderboard all read it."""
+"""What is shown, decided once for every report; aggregation, tables, measured, claims,
+figures and the leaderboard all read it.
+
+Where an entry (a run or its ensemble, on one data set, under one preset) measured a
+perturbation in several ways, `select_measurements` keeps one, by these rules in order:
+1. the largest test subset: a smoke-sized rerun never hides a full evaluation (each
+   perturbation its own: AutoAttack may run on a subset of the others' images);
+2. the largest ensemble (ensembles of different sizes are different defenses);
+3. the most faithful data: released files, then unofficial ones; released noise, then
+   generated (from official, then unofficial test files); then, per seed, the data
+   measured last (its digest: cells measured on files since replaced drop out);
+4. the parameters this run asks for (e.g. --steps at the preset's step size), else the
+   strongest set the perturbation knows (for IFGSM / PGD: the most steps, then the
+   largest step);
+5. per seed, the checkpoint measured last (ensembles of the same size, built from
+   different seeds, are both current while all their members are).
+What the rules leave out is returned too, so that reports can say it.
+
+Per model, the one run a table row shows (`chosen_runs`): the one trained with the
+paper's full recipe, then the largest test subset, then the most seeds. Per checkpoint,
+the stability units shown (`chosen_units`): those of the test images measured last, then
+per unit the one on the most images, then the latest.
+"""
 
 from __future__ import annotations
 
@@ -175,3 +193,24 @@ def seed_metrics(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> pd.DataFram
     """One row per entry x seed (or ensemble) x metric with `value` (accuracy in %),
     `n_test` and `members`, from the measurements `select_measurements` keeps."""
     return per_seed(select_measurements(frame, steps)[0])
+
+
+CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]  # a stability unit's checkpoint, as reports name it
+
+
+def chosen_units(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint the test images measured last (records.data_sha256: units measured
+    on images since replaced drop out, as cells do), then per unit one measurement: the one
+    on the most images, then the one recorded last (a rerun with other estimator settings
+    replaces an older one)."""
+    if frame.empty:
+        return frame
+    checkpoint = [*CHECKPOINT, "checkpoint_sha256"]
+    # ties within a timestamp's second go to the later record (load_stability keeps rowid order)
+    ordered = frame.assign(_order=np.arange(len(frame))).sort_values(["timestamp", "_order"], kind="stable")
+    latest = ordered.groupby(checkpoint, dropna=False)["data_sha256"].transform("last")
+    frame = frame[(frame["data_sha256"] == latest.reindex(frame.index)).to_numpy()]
+    unit = [*checkpoint, "quantity", "perturbation", "eps_255"]
+    last = frame.groupby([*unit, "n", "params"], dropna=False)["timestamp"].max().reset_index()
+    keep = last.sort_values(["n", "timestamp"], kind="stable").groupby(unit, dropna=False).tail(1)
+    return frame.merge(keep[[*unit, "n", "params"]], on=[*unit, "n", "params"])

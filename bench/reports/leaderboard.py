@@ -37,7 +37,7 @@ def leaderboard(
     amplification: dict | None = None,
 ) -> pd.DataFrame:
     """One row per run (or ensemble) x data set, ranked by `rank_by` (descending;
-    unmeasured last). `cells`: the measurements `aggregate.select_measurements` kept, which
+    unmeasured last). `cells`: the measurements `selection.select_measurements` kept, which
     give each row its checkpoints and data sources; `gates`: bench.eval.sanity.summary (default:
     the gates on these aggregates alone); `amplification`: (dataset, run, kind, preset) ->
     the stability stage's PGD amplification (bench.reports.stability_report). Accuracies in %."""

@@ -59,7 +59,7 @@ def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
 
 def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd.DataFrame) -> str:
     """One line naming what a table leaves out although it was measured: other
-    measurements of its cells (the rules of `aggregate.select_measurements`) and other runs
+    measurements of its cells (the rules of `selection.select_measurements`) and other runs
     of its models (`chosen_runs`); '' when nothing is."""
     if aggregated.empty:
         return ""

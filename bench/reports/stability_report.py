@@ -1,6 +1,6 @@
 """The stability stage's records reduced and shown: per-checkpoint figures, the table
 `tables/stability.*`, the mechanism's claims, the two figures per data set and the
-leaderboard's `amplification` column. From the records alone (bench.records.store.load_stability).
+leaderboard's `amplification` column. From the records alone (bench.records.load.load_stability).
 
 Per checkpoint (each figure a mean over the stage's images unless said otherwise):
 - `amplification_<δ>`: an image's growth after the last block over its growth at the stem;
@@ -26,11 +26,11 @@ from bench.data.datasets import dataset_label
 from bench.eval.sanity import plain_counterpart
 from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records import stats
+from bench.records.selection import CHECKPOINT, chosen_units
 from bench.reports import figures, plotting
 from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label
 
-CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]
 PER_IMAGE = ("amplification_fgsm", "amplification_pgd", "amplification_uniform", "amplification_gaussian",
              "contraction_share", "damped_contraction_share", "input_gradient")  # fmt: skip
 # The table's columns: (metric, header, scale, decimals)
@@ -43,31 +43,13 @@ TABLE = (
 )
 
 
-def chosen(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per checkpoint the test images measured last (records.data_sha256: units measured
-    on images since replaced drop out, as cells do), then per unit one measurement: the one
-    on the most images, then the one recorded last (a rerun with other estimator settings
-    replaces an older one)."""
-    if frame.empty:
-        return frame
-    checkpoint = [*CHECKPOINT, "checkpoint_sha256"]
-    # ties within a timestamp's second go to the later record (load_stability keeps rowid order)
-    ordered = frame.assign(_order=np.arange(len(frame))).sort_values(["timestamp", "_order"], kind="stable")
-    latest = ordered.groupby(checkpoint, dropna=False)["data_sha256"].transform("last")
-    frame = frame[(frame["data_sha256"] == latest.reindex(frame.index)).to_numpy()]
-    unit = [*checkpoint, "quantity", "perturbation", "eps_255"]
-    last = frame.groupby([*unit, "n", "params"], dropna=False)["timestamp"].max().reset_index()
-    keep = last.sort_values(["n", "timestamp"], kind="stable").groupby(unit, dropna=False).tail(1)
-    return frame.merge(keep[[*unit, "n", "params"]], on=[*unit, "n", "params"])
-
-
 def per_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per checkpoint x metric: CHECKPOINT, n, metric, value and `per_image` (the
     per-image values behind it, or None for a figure over blocks)."""
     rows: list[dict] = []
     if frame.empty:
         return pd.DataFrame(rows, columns=[*CHECKPOINT, "n", "metric", "value", "per_image"])
-    for key, mine in chosen(frame).groupby(CHECKPOINT, dropna=False):
+    for key, mine in chosen_units(frame).groupby(CHECKPOINT, dropna=False):
         base = dict(zip(CHECKPOINT, key, strict=True))
         n = int(mine["n"].max())
         for metric, values in _figures(mine).items():
@@ -325,7 +307,7 @@ def drawn(frame: pd.DataFrame, preset: str) -> list:
 
 def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list[tuple]:
     """(stem, figure or None, caption) of each data set's two stability figures."""
-    mine = chosen(frame)
+    mine = chosen_units(frame)
     out: list[tuple] = []
     if mine.empty:
         return out

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from bench.attacks.perturbations import PRESET_ALPHA_255
 from bench.data.datasets import dataset_info
 from bench.records.checkpoints import run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
-PRESETS = ("paper", "authors-code")
+PRESETS = tuple(PRESET_ALPHA_255)  # the protocol presets; each fixes its attacks' step size there too
 LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None}  # fraction of the epochs; smoke: SMOKE_EPOCHS
 SMOKE_EPOCHS = 2
 # The authors' release normalised both data sets with CIFAR-10's mean and this std.
