@@ -25,10 +25,12 @@ from hypothesis import strategies as st
 import run_bench
 from bench.data.cifar import read_batch, write_batch
 from bench.data.datasets import DATASETS
+from bench.data.splits import load_train
 from bench.records import sql
 from bench.records import store as records
 from bench.records.load import load_checks, load_records, load_runs
 from bench.records.schema import DB_FILE
+from bench.run import checks, estimate
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,14 +361,19 @@ def test_a_finished_checkpoint_without_its_weights_says_how_to_get_them_back(bas
     assert state(results) == before
 
 
-def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(base, results, capsys, caplog, tmp_path):
+def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(base, results, capsys, caplog, tmp_path,
+                                                                             monkeypatch):
     data = Path(shutil.copytree(base / "data", tmp_path / "data"))
     batch = data / "synthetic" / "cifar-10-batches-py" / "data_batch_1"
     images, labels = read_batch(batch, "labels", 10)
     write_batch(batch, 255 - images, labels)
     before = state(results)
-    code, _ = cli(capsys, results, data, "--stage", "eval", "--seeds", "0")
+    reads = []
+    for module in (checks, estimate):  # every reader of training sets before the work
+        monkeypatch.setattr(module, "load_train", lambda *a: reads.append(a) or load_train(*a))
+    code, _ = cli(capsys, results, data, "--stage", "train,eval", "--seeds", "0")
     assert code == 0 and state(results) == before  # kept, its cells cached: training again is the user's choice
+    assert len(reads) == 1  # the --n-train check and the digest share one read of the training set
     (meta,) = [json.loads(p.read_text()) for p in results.glob(f"checkpoints/synthetic/{RUN}/seed0/meta.json")]
     new = hashlib.sha256(np.ascontiguousarray(255 - images[:1024]).tobytes() + labels[:1024].tobytes()).hexdigest()
     assert (f"{RUN} synthetic seed 0 was trained on images {meta['data']['sha256'][:12]}…, and the data dir's training "

@@ -108,11 +108,13 @@ def test_the_estimate_uses_recorded_seconds_once_a_run_has_finished(tmp_path):
     rows = [
         {**base, "perturbation": "clean", "eps_255": 0.0, "params": "{}", "seconds": 0.5},
         {**base, "perturbation": "pgd", "eps_255": 2.0, "params": '{"alpha_255":2.0,"steps":20}', "seconds": 10.5},
+        # any iterative attack's steps count (the registry's Iterative): 50 steps of 100 images at 400/s
+        {**base, "perturbation": "pgd50", "eps_255": 16.0, "params": '{"alpha_255":0.8,"steps":50}', "seconds": 13.0},
     ]
-    RecordStore(results).add_cells(rows, [np.ones(100, bool)] * 2)
+    RecordStore(results).add_cells(rows, [np.ones(100, bool)] * 3)
     rates = recorded_rates("resnet8", "cpu", results)
-    assert (rates.train, rates.forward, round(rates.gradient, 6)) == (200.0, 200.0, 200.0)
-    assert rates.source == "recorded (1 runs, 2 cells)"
+    assert (rates.train, rates.forward, round(rates.gradient, 6)) == (200.0, 200.0, 300.0)  # the median of 200, 400
+    assert rates.source == "recorded (1 runs, 3 cells)"
     assert recorded_rates("resnet14", "cpu", results) is None  # another model: probed
     flops = flop_rates("resnet110", 10.0)
     assert flops.forward == pytest.approx(10e12 / 0.51e9, rel=0.02) and flops.train == pytest.approx(flops.forward / 3)

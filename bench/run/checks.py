@@ -13,7 +13,7 @@ from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
 from bench.core.files import LOCKS, check_writable
-from bench.data.cifar import data_root
+from bench.data.cifar import ImageSet, data_root
 from bench.data.datasets import dataset_info
 from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import generation_folder, images_digest, load_noise, load_test, load_train
@@ -24,7 +24,7 @@ from bench.eval.stability import blocks
 from bench.records.schema import utc_now
 from bench.records.store import RecordStore
 from bench.reports.landscape import check_landscape_index
-from bench.run.estimate import is_present, training_images
+from bench.run.estimate import is_present
 from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task, eval_config, train_config
 from bench.run.suites import Suite
@@ -37,16 +37,34 @@ log = logging.getLogger(__name__)
 REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
 
 
-def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str) -> None:
+class TrainingSets:
+    """Each data set's training images, read at most once for the checks before the work
+    (the --n-train check, the digests of finished checkpoints) and dropped with them."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir, self._sets = data_dir, {}
+
+    def present(self, dataset: str) -> bool:
+        return is_present(dataset_info(dataset), self.data_dir)
+
+    def images(self, dataset: str) -> ImageSet:
+        if dataset not in self._sets:
+            self._sets[dataset] = load_train(dataset, self.data_dir)
+        return self._sets[dataset]
+
+    def size(self, dataset: str) -> int:
+        """The training images there are (the release's count when the files are not here yet)."""
+        return len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
+
+
+def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str, sets: TrainingSets) -> None:
     """One error line for a --n-train above a data set's training images: the run would
     train on all of them under a tag that names more (n1180591620717411303424)."""
-    totals: dict[str, int] = {}  # training_images reads the whole training set: once per data set
     for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
         n_train = train_config(task.job, task.seed, suite, options, device).n_train
         if n_train is None:
             continue
-        dataset = task.job.dataset
-        total = totals[dataset] = totals.get(dataset) or training_images(dataset, options.data_dir, None)
+        total = sets.size(task.job.dataset)
         if n_train > total:
             if options.n_train is not None:
                 asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
@@ -61,16 +79,16 @@ class TrainingDigests:
     cells stand for those (REPORT.md names both digests); the checkpoint is kept, since
     training again is the user's choice (delete its folder)."""
 
-    def __init__(self, data_dir: str | None):
-        self.data_dir, self._digests = data_dir, {}
+    def __init__(self, sets: TrainingSets):
+        self.sets, self._digests = sets, {}
 
     def compare(self, meta: dict | None, config: TrainConfig) -> None:
         recorded = (meta or {}).get("data", {}).get("sha256")
-        if recorded is None or meta.get("status") != "finished" or not is_present(dataset_info(config.dataset), self.data_dir):
+        if recorded is None or meta.get("status") != "finished" or not self.sets.present(config.dataset):
             return
         key = (config.dataset, config.n_train)
         if key not in self._digests:
-            train = load_train(config.dataset, self.data_dir)
+            train = self.sets.images(config.dataset)
             self._digests[key] = images_digest(train.images[: config.n_train], train.labels[: config.n_train])
         if self._digests[key] != recorded:
             log.warning("%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "

@@ -5,7 +5,7 @@ seconds from each model's throughput, and the wall time on N workers.
 Throughput, per model, from the first source that has it:
 1. `--assume-tflops T`: the model's FLOPs at T achieved TFLOP/s (for a device not here);
 2. recorded: the runs of this model on this device (meta.json's epochs x images / wall
-   seconds; the records' seconds of clean, noise and PGD/IFGSM cells);
+   seconds; the records' seconds of clean, noise and iterative-attack cells);
 3. a probe: a few batches of each kind of pass on the device, after a warm-up; the median.
 """
 

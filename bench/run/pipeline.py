@@ -29,6 +29,7 @@ from bench.reports.plotting import FigureConfig
 from bench.reports.writer import write_figures, write_reports, write_sanity
 from bench.run.checks import (
     TrainingDigests,
+    TrainingSets,
     _check_models,
     _check_training_sizes,
     check_builds,
@@ -79,13 +80,15 @@ def run(options: RunOptions) -> int:
     header = plan_header(suite, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
-    _check_training_sizes(tasks, suite, options, device)
+    training_sets = TrainingSets(options.data_dir)  # read once, for the two checks that need them
+    _check_training_sizes(tasks, suite, options, device, training_sets)
     checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
     log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
-    trained_on = TrainingDigests(options.data_dir)
+    trained_on = TrainingDigests(training_sets)
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
         config = train_config(task.job, task.seed, suite, options, device)
         trained_on.compare(finished_run(config, options.results_dir), config)
+    del training_sets, trained_on  # the training images are not kept through the work
     if options.dry_run:
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)

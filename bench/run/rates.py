@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.attacks.perturbations import NOISE, perturbation
+from bench.attacks.perturbations import CLEAN, NOISE, PERTURBATIONS, Iterative, perturbation
 from bench.core.environment import device_name
 from bench.data.datasets import CIFAR10
 from bench.records.checkpoints import META_FILE, read_meta
@@ -77,8 +77,8 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     if frame is None:
         return None
     mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)]
-    forward_cells = mine[mine["perturbation"].map(lambda p: p == "clean" or _kind(p) == NOISE)]
-    iterative = mine[mine["perturbation"].isin(["pgd", "ifgsm"])]
+    forward_cells = mine[mine["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
+    iterative = mine[mine["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))]  # steps in params
     if not len(forward_cells) or not len(iterative):
         return None
     forward = statistics.median(forward_cells["n"] / forward_cells["seconds"])
