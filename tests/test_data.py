@@ -16,8 +16,8 @@ import torch
 
 from bench.data import cifar, datasets, noise
 from bench.data import splits as data
-from bench.data.cifar import load_split, read_batch, write_batch
-from bench.data.datasets import CIFAR10, CIFAR100, Release
+from bench.data.cifar import read_batch, write_batch
+from bench.data.datasets import CIFAR10, CIFAR100, Release, load_split
 from models import UserError
 
 RNG = np.random.default_rng(7)

@@ -13,8 +13,15 @@ import torch
 
 import run_bench
 from bench.data import datasets
-from bench.data.cifar import ImageSet, load_split
-from bench.data.datasets import CIFAR10, DatasetInfo, dataset_info, paper_datasets, register_dataset
+from bench.data.cifar import ImageSet
+from bench.data.datasets import (
+    CIFAR10,
+    DatasetInfo,
+    dataset_info,
+    load_split,
+    paper_datasets,
+    register_dataset,
+)
 from bench.data.splits import load_noise, load_test, load_train
 from bench.data.synthetic import draw, make_synthetic
 from bench.eval.adapters import module_defense, state_dict_defense

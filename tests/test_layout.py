@@ -17,15 +17,11 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """The project modules `path` imports, at any depth of the file (lazy imports count:
-    they couple modules as much), leaving out `if TYPE_CHECKING:` blocks."""
+    """The project modules `path` imports, at any depth of the file: lazy imports and
+    imports for type hints alone count, since they couple modules as much."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
-               for n in ast.walk(node)}  # fmt: skip
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in ("bench", "models"):
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}  # `from bench.eval import engine`

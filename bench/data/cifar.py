@@ -1,9 +1,10 @@
 """The CIFAR python-batch format: reading, writing, downloading and extracting it.
 
-Every data set of `bench.data.datasets` stored in this format (CIFAR-10, CIFAR-100, the
-synthetic set) is loaded by `load_split`. Reads the python archives with our own loader: no per-image PIL, and unlike torchvision's
-class it also reads files that are not the official ones (test fixtures, the synthetic
-set), reporting instead whether they are. Missing files are downloaded and md5-checked;
+The format alone, knowing no data set: `bench.data.datasets.load_split` loads every
+registered data set stored this way (CIFAR-10, CIFAR-100, the synthetic set). Reads the
+python archives with our own loader: no per-image PIL, and unlike torchvision's class it
+also reads files that are not the official ones (test fixtures, the synthetic set),
+reporting instead whether they are. Missing files are downloaded and md5-checked;
 every file is written atomically, so a failed download or extraction leaves nothing.
 """
 
@@ -21,19 +22,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.core.files import atomic_write, file_digest, file_mode, save_json, temp_prefix
 from models import UserError
 
-if TYPE_CHECKING:
-    from bench.data.datasets import DatasetInfo
-
 log = logging.getLogger(__name__)
 DATA_DIR_ENV = "INRES_BENCH_DATA"
-_WARNED: set[tuple[str, str, Path]] = set()  # (data set, split, folder): said once per process
 
 
 def default_data_dir() -> Path:
@@ -62,50 +58,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def load_split(info: DatasetInfo, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
-    """The `split` ("train" or "test") of `info`, fetching or building it when missing."""
-    root = data_root(data_dir)
-    folder = ensure_folder(info, root)
-    images, labels = [], []
-    for name, _ in info.files[split]:
-        data, targets = read_batch(folder / name, info.label_key, info.num_classes, info.image_size)
-        images.append(data)
-        labels.append(targets)
-    official = is_official(info, split, root)
-    if not official and info.archive_md5 and (info.name, split, folder) not in _WARNED:
-        _WARNED.add((info.name, split, folder))
-        log.warning("%s %s files in %s are not the official release", info.name, split, folder)
-    return ImageSet(np.concatenate(images), np.concatenate(labels), info.name, official)
-
-
-def is_official(info: DatasetInfo, split: str, root: Path) -> bool:
-    """Whether the `split` files under `root` are the official release (md5 of each file);
-    files not there yet count as official: they will be downloaded and checked."""
-    folder = root / info.folder
-    return all(
-        md5 is not None and (not (folder / name).is_file() or _md5(folder / name) == md5)
-        for name, md5 in info.files[split]
-    )
-
-
-def ensure_folder(info: DatasetInfo, root: Path) -> Path:
-    """The folder with all batch files: as found, else extracted from the local archive,
-    else downloaded, else made by `info.make`."""
-    folder = root / info.folder
-    if complete(info, folder):
-        return folder
-    archive = root / info.archive if info.archive else None
-    if archive is not None and not archive.is_file() and info.url:
-        download(info.url, archive, info.archive_md5, hint=f"or the extracted folder {folder}")
-    if archive is not None and archive.is_file():
-        extract(info, archive, root)
-    elif info.make is not None:
-        info.make(folder)
-    if not complete(info, folder):
-        raise UserError(f"{info.name}: {folder} lacks {', '.join(_missing(info, folder))}")
-    return folder
 
 
 def read_batch(
@@ -190,17 +142,6 @@ def download(url: str, dest: Path, md5: str | None, hint: str = "") -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def extract(info: DatasetInfo, archive: Path, root: Path) -> None:
-    """Check the archive's md5, then extract only the batch files, atomically."""
-    if info.archive_md5 is not None and _md5(archive) != info.archive_md5:
-        raise UserError(
-            f"{archive} does not have the official md5 {info.archive_md5}: it is truncated or "
-            "another file; delete it and run again to download it"
-        )
-    names = [name for names in info.files.values() for name, _ in names]
-    extract_members(archive, root, info.folder, names)
-
-
 def extract_members(archive: Path, root: Path, folder: str, names: list[str]) -> None:
     """Extract `folder/name` for each name into root/folder: into a staging folder first,
     then each file renamed into place, so an interrupted run leaves no partial file."""
@@ -232,14 +173,6 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: s
         "filenames": [f"{i:05d}.png" for i in range(len(images))],
     }
     atomic_write(path, lambda f: pickle.dump(batch, f, protocol=2))
-
-
-def complete(info: DatasetInfo, folder: Path) -> bool:
-    return not _missing(info, folder)
-
-
-def _missing(info: DatasetInfo, folder: Path) -> list[str]:
-    return [n for names in info.files.values() for n, _ in names if not (folder / n).is_file()]
 
 
 def _md5(path: Path) -> str:

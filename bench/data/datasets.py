@@ -10,20 +10,94 @@ format, its loader (`load(info, split, data_dir) -> ImageSet`).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.data.cifar import ImageSet, load_split
+import numpy as np
+
+from bench.data.cifar import ImageSet, _md5, data_root, download, extract_members, read_batch
 from bench.data.synthetic import make_synthetic
 from models import CIFAR10_MEAN, CIFAR10_STD, UserError
+
+log = logging.getLogger(__name__)
 
 # Image statistics of the CIFAR-100 training set (the CIFAR-10 ones are the zoo's defaults).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 Loader = Callable[["DatasetInfo", str, "str | os.PathLike | None"], ImageSet]
+
+
+# --- a registered data set's files: the default loader, fetched or made when missing ---------
+
+
+_WARNED: set[tuple[str, str, Path]] = set()  # (data set, split, folder): said once per process
+
+
+def load_split(info: DatasetInfo, split: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    """The `split` ("train" or "test") of `info`, fetching or building it when missing."""
+    root = data_root(data_dir)
+    folder = ensure_folder(info, root)
+    images, labels = [], []
+    for name, _ in info.files[split]:
+        data, targets = read_batch(folder / name, info.label_key, info.num_classes, info.image_size)
+        images.append(data)
+        labels.append(targets)
+    official = is_official(info, split, root)
+    if not official and info.archive_md5 and (info.name, split, folder) not in _WARNED:
+        _WARNED.add((info.name, split, folder))
+        log.warning("%s %s files in %s are not the official release", info.name, split, folder)
+    return ImageSet(np.concatenate(images), np.concatenate(labels), info.name, official)
+
+
+def is_official(info: DatasetInfo, split: str, root: Path) -> bool:
+    """Whether the `split` files under `root` are the official release (md5 of each file);
+    files not there yet count as official: they will be downloaded and checked."""
+    folder = root / info.folder
+    return all(
+        md5 is not None and (not (folder / name).is_file() or _md5(folder / name) == md5)
+        for name, md5 in info.files[split]
+    )
+
+
+def ensure_folder(info: DatasetInfo, root: Path) -> Path:
+    """The folder with all batch files: as found, else extracted from the local archive,
+    else downloaded, else made by `info.make`."""
+    folder = root / info.folder
+    if complete(info, folder):
+        return folder
+    archive = root / info.archive if info.archive else None
+    if archive is not None and not archive.is_file() and info.url:
+        download(info.url, archive, info.archive_md5, hint=f"or the extracted folder {folder}")
+    if archive is not None and archive.is_file():
+        extract(info, archive, root)
+    elif info.make is not None:
+        info.make(folder)
+    if not complete(info, folder):
+        raise UserError(f"{info.name}: {folder} lacks {', '.join(_missing(info, folder))}")
+    return folder
+
+
+def extract(info: DatasetInfo, archive: Path, root: Path) -> None:
+    """Check the archive's md5, then extract only the batch files, atomically."""
+    if info.archive_md5 is not None and _md5(archive) != info.archive_md5:
+        raise UserError(
+            f"{archive} does not have the official md5 {info.archive_md5}: it is truncated or "
+            "another file; delete it and run again to download it"
+        )
+    names = [name for names in info.files.values() for name, _ in names]
+    extract_members(archive, root, info.folder, names)
+
+
+def complete(info: DatasetInfo, folder: Path) -> bool:
+    return not _missing(info, folder)
+
+
+def _missing(info: DatasetInfo, folder: Path) -> list[str]:
+    return [n for names in info.files.values() for n, _ in names if not (folder / n).is_file()]
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,8 @@ import numpy as np
 import torch
 
 from bench.core.files import atomic_write, check_file_target
-from bench.data.cifar import (
-    ImageSet,
-    data_root,
-    download,
-    extract_members,
-    file_md5,
-    is_official,
-    verified_md5,
-)
-from bench.data.datasets import DATASETS, DatasetInfo, dataset_info
+from bench.data.cifar import ImageSet, data_root, download, extract_members, file_md5, verified_md5
+from bench.data.datasets import DATASETS, DatasetInfo, dataset_info, is_official
 from bench.data.noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
 from models import UserError
 

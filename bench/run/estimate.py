@@ -18,9 +18,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.attacks.perturbations import NOISE, perturbation
-from bench.data.cifar import complete as folder_complete
 from bench.data.cifar import data_root
 from bench.data.datasets import DatasetInfo, dataset_info
+from bench.data.datasets import complete as folder_complete
 from bench.data.splits import (
     cell_sources,
     current_noise_file,
