@@ -1,3 +1,3 @@
 """inres-bench harness: runs the paper's protocol over the model zoo and any adapter."""
 
-from bench.attacks import autoattack as reference  # noqa: F401  (registers AutoAttack and its cheap stand-in)
+from bench.attacks import autoattack  # noqa: F401  (registers AutoAttack and its cheap stand-in)

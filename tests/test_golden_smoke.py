@@ -1,7 +1,13 @@
-"""The paper preset's smoke-suite records against a golden copy made before In-ResNet stored
+"""The paper preset's smoke-suite records against golden copies made before In-ResNet stored
 k = 1 - λ (commit edadfdf): every cell of the models whose training that change leaves
 alone (ResNet-14, λ-In-ResNet-14, their ensembles) must be bit-identical, and In-ResNet-14's
-checkpoints must have moved."""
+checkpoints must have moved.
+
+Bit-identity holds only on a CPU that rounds as the golden's did, so there is one golden
+per arithmetic fingerprint (tests/golden/smoke/<fingerprint>/: records.csv, checkpoints.json),
+each made by running edadfdf's smoke suite on that kind of machine. On a machine of another
+kind, two trainings that round differently disagree at a few decision boundaries: the
+records must then lie within the drift measured between the goldens themselves."""
 
 import hashlib
 import json
@@ -43,24 +49,54 @@ def arithmetic_fingerprint() -> str:
     return digest.hexdigest()
 
 
+# Measured between the two machine kinds of tests/golden/smoke (2 epochs, 100 test images a
+# cell): mean |difference| 1.35 images, at most 6. Bounds with room for a third kind, far
+# below a model at chance (10 of 100 correct where the goldens have about 50).
+DRIFT_MEAN, DRIFT_MAX = 3.0, 10
+
+
+def goldens() -> dict[str, tuple[pd.DataFrame, dict]]:
+    """arithmetic fingerprint -> (records, checkpoint facts) of each golden."""
+    out = {}
+    for folder in sorted((GOLDEN / "smoke").iterdir()):
+        facts = json.loads((folder / "checkpoints.json").read_text())
+        out[facts["arithmetic_fingerprint"]] = (pd.read_csv(folder / "records.csv", keep_default_na=False), facts)
+    return out
+
+
+def drift(ours: pd.DataFrame, golden: pd.DataFrame) -> pd.Series:
+    """|correct - golden correct| per cell of the models the k = 1 - λ change leaves alone."""
+    both = golden.merge(ours, on=KEY, how="outer", suffixes=("_golden", ""), indicator=True)
+    assert (both["_merge"] == "both").all() and len(both) == 288  # the same cells, parameters included
+    kept = both[both["model"] != MOVED]
+    return (kept["correct"] - kept["correct_golden"]).abs()
+
+
+def test_the_goldens_of_two_machine_kinds_lie_within_the_drift_bound():
+    (first, _), (second, _) = list(goldens().values())[:2]
+    between = drift(second[[*KEY, "correct"]], first)
+    assert between.max() > 0  # the kinds round differently: the bound is measured, not assumed
+    assert between.mean() <= DRIFT_MEAN and between.max() <= DRIFT_MAX
+
+
 @pytest.mark.slow
 def test_smoke_records_are_the_golden_ones_but_for_in_resnets_training(smoke_run):
     results, run = smoke_run
     assert run.returncode == 0, run.stderr[-2000:]
-    golden = pd.read_csv(GOLDEN / "smoke_records.csv", keep_default_na=False)
-    facts = json.loads((GOLDEN / "smoke_checkpoints.json").read_text())
     ours = load_records(results)[[*KEY, "correct"]]
-    both = golden.merge(ours, on=KEY, how="outer", suffixes=("_golden", ""), indicator=True)
-    assert (both["_merge"] == "both").all() and len(both) == 288  # the same cells, parameters included
-    kept = both[both["model"] != MOVED]
     digests = {}
     for meta in results.glob(f"checkpoints/synthetic/*/seed*/{META_FILE}"):
         m = json.loads(meta.read_text())
         digests[m["model"], m["seed"]] = m["sha256"]
-    before = {(c["model"], c["seed"]): c["sha256"] for c in facts["checkpoints"]}
-    assert all(digests[k] != before[k] for k in before if k[0] == MOVED)  # decay now pulls its λ toward 1
-    if arithmetic_fingerprint() == facts["arithmetic_fingerprint"]:  # this machine rounds as the golden's did
+    known = goldens()
+    here = arithmetic_fingerprint()
+    if here in known:  # this machine rounds as one golden's did: bit for bit
+        golden, facts = known[here]
+        before = {(c["model"], c["seed"]): c["sha256"] for c in facts["checkpoints"]}
+        assert all(digests[k] != before[k] for k in before if k[0] == MOVED)  # decay now pulls its λ toward 1
         assert {k: v for k, v in digests.items() if k[0] != MOVED} == {k: v for k, v in before.items() if k[0] != MOVED}
-        assert kept["correct"].tolist() == kept["correct_golden"].tolist()
-    else:  # another CPU or thread count: weights differ in the last bits, predictions at a few boundaries
-        assert (kept["correct"] - kept["correct_golden"]).abs().max() <= 5
+        assert drift(ours, golden).max() == 0
+    else:  # another kind of CPU or thread count: weights differ in the last bits, predictions at a few boundaries
+        for golden, _ in known.values():
+            differs = drift(ours, golden)
+            assert differs.mean() <= DRIFT_MEAN and differs.max() <= DRIFT_MAX
