@@ -90,3 +90,23 @@ def test_one_name_per_concept():
 def test_each_sub_package_says_what_it_holds():
     for init in sorted(ROOT.glob("bench/*/__init__.py")):
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init.relative_to(ROOT)} has no docstring"
+
+
+def test_the_import_paths_users_were_given_still_work():
+    """The README's and the docs' paths from before the sub-packages: the adapters, the
+    evaluation API, and the two registries users add to."""
+    from bench.adapters import Defense, ensemble_defense, module_defense, state_dict_defense, zoo_defense
+    from bench.attacks import perturbations
+    from bench.data import datasets
+    from bench.datasets import DatasetInfo, register_dataset
+    from bench.eval import adapters, engine
+    from bench.evaluate import EvalConfig, evaluate_defense
+    from bench.perturbations import Perturbation, register
+    from bench.run import api
+
+    assert (Defense, module_defense, state_dict_defense, zoo_defense, ensemble_defense) == (
+        adapters.Defense, adapters.module_defense, adapters.state_dict_defense, adapters.zoo_defense,
+        adapters.ensemble_defense)  # fmt: skip
+    assert (EvalConfig, evaluate_defense) == (engine.EvalConfig, api.evaluate_defense)
+    assert (DatasetInfo, register_dataset, Perturbation, register) == (
+        datasets.DatasetInfo, datasets.register_dataset, perturbations.Perturbation, perturbations.register)
