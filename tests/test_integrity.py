@@ -30,7 +30,7 @@ from bench.records import sql
 from bench.records import store as records
 from bench.records.load import load_checks, load_records, load_runs
 from bench.records.schema import DB_FILE
-from bench.run import checks, estimate
+from bench.run import estimate
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,8 +369,7 @@ def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(b
     write_batch(batch, 255 - images, labels)
     before = state(results)
     reads = []
-    for module in (checks, estimate):  # every reader of training sets before the work
-        monkeypatch.setattr(module, "load_train", lambda *a: reads.append(a) or load_train(*a))
+    monkeypatch.setattr(estimate, "load_train", lambda *a: reads.append(a) or load_train(*a))  # TrainingSets' reader
     code, _ = cli(capsys, results, data, "--stage", "train,eval", "--seeds", "0")
     assert code == 0 and state(results) == before  # kept, its cells cached: training again is the user's choice
     assert len(reads) == 1  # the --n-train check and the digest share one read of the training set

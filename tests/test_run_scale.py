@@ -18,12 +18,14 @@ import pytest
 import run_bench
 from bench.core.environment import device_name
 from bench.data.cifar import write_batch
+from bench.data.splits import load_train
 from bench.data.synthetic import make_synthetic
 from bench.eval.protocol import protocol_cells
 from bench.records.load import load_checks, load_correct, load_records
 from bench.records.schema import COLUMNS, KEY
 from bench.records.store import RecordStore
-from bench.run.estimate import training_images, wall_time
+from bench.run import estimate
+from bench.run.estimate import TrainingSets, wall_time
 from bench.run.options import RunOptions
 from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
 from bench.run.rates import flop_rates, recorded_rates
@@ -81,15 +83,19 @@ def test_wall_time_follows_the_graph_and_the_worker_count():
     assert [wall_time(free, dict.fromkeys([t.name for t in free], 10.0), n) for n in (1, 2, 3)] == [30.0, 20.0, 10.0]
 
 
-def test_the_estimate_counts_the_data_dirs_training_images(tmp_path):
+def test_the_estimate_counts_the_data_dirs_training_images(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     images = np.zeros((11, 32, 32, 3), np.uint8)
     for i in range(1, 6):
         write_batch(folder / f"data_batch_{i}", images[: 6 + i], np.arange(6 + i) % 10)
     write_batch(folder / "test_batch", images[:10], np.arange(10))
-    assert training_images("cifar10", tmp_path, None) == 7 + 8 + 9 + 10 + 11
-    assert training_images("cifar10", tmp_path, 20) == 20
-    assert training_images("cifar10", tmp_path / "elsewhere", None) == 50_000  # not there yet: the release's
+    reads = []
+    monkeypatch.setattr(estimate, "load_train", lambda *a: reads.append(a) or load_train(*a))
+    sets = TrainingSets(tmp_path)
+    assert sets.per_epoch("cifar10", None) == 7 + 8 + 9 + 10 + 11
+    assert sets.per_epoch("cifar10", 20) == 20
+    assert len(reads) == 1  # every training task of the estimate asks: the files are read once
+    assert TrainingSets(tmp_path / "elsewhere").per_epoch("cifar10", None) == 50_000  # not there yet: the release's
     assert not (tmp_path / "elsewhere").exists()
 
 

@@ -89,7 +89,7 @@ class Evidence:
         """Per seed, the per-example accuracy of `metric` (noise: the mean of the four
         groups over all severities) of the kept measurement; [] when not measured."""
         kept = self.m.kept
-        wanted = list(pooled_noise()) if metric == "noise" else [metric]
+        wanted = pooled_noise() if metric == "noise" else [metric]
         rows = kept[
             (kept["dataset"] == dataset)
             & (kept["run"] == run)

@@ -13,10 +13,9 @@ from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
 from bench.core.files import LOCKS, check_writable
-from bench.data.cifar import ImageSet, data_root
-from bench.data.datasets import dataset_info
+from bench.data.cifar import data_root
 from bench.data.noise import NOISE_GROUPS
-from bench.data.splits import generation_folder, images_digest, load_noise, load_test, load_train
+from bench.data.splits import generation_folder, images_digest, load_noise, load_test
 from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import DefenseSpec, built, check_name
 from bench.eval.protocol import protocol_cells
@@ -24,7 +23,7 @@ from bench.eval.stability import blocks
 from bench.records.schema import utc_now
 from bench.records.store import RecordStore
 from bench.reports.landscape import check_landscape_index
-from bench.run.estimate import is_present
+from bench.run.estimate import TrainingSets
 from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task, eval_config, train_config
 from bench.run.suites import Suite
@@ -35,26 +34,6 @@ log = logging.getLogger(__name__)
 
 
 REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
-
-
-class TrainingSets:
-    """Each data set's training images, read at most once for the checks before the work
-    (the --n-train check, the digests of finished checkpoints) and dropped with them."""
-
-    def __init__(self, data_dir: str | None):
-        self.data_dir, self._sets = data_dir, {}
-
-    def present(self, dataset: str) -> bool:
-        return is_present(dataset_info(dataset), self.data_dir)
-
-    def images(self, dataset: str) -> ImageSet:
-        if dataset not in self._sets:
-            self._sets[dataset] = load_train(dataset, self.data_dir)
-        return self._sets[dataset]
-
-    def size(self, dataset: str) -> int:
-        """The training images there are (the release's count when the files are not here yet)."""
-        return len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
 
 
 def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str, sets: TrainingSets) -> None:

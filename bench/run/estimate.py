@@ -18,7 +18,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.attacks.perturbations import NOISE, perturbation
-from bench.data.cifar import data_root
+from bench.data.cifar import ImageSet, data_root
 from bench.data.datasets import DatasetInfo, dataset_info
 from bench.data.datasets import complete as folder_complete
 from bench.data.splits import (
@@ -84,14 +84,6 @@ class DataSizes:
         return self._clean
 
 
-def training_images(dataset: str, data_dir, n_train: int | None) -> int:
-    """The images one epoch trains on: the data dir's training set (the release's size
-    when it is not there yet), cut to `n_train`."""
-    info = dataset_info(dataset)
-    total = len(load_train(dataset, data_dir)) if is_present(info, data_dir) else info.sizes[0]
-    return min(n_train or total, total)
-
-
 def is_present(info: DatasetInfo, data_dir) -> bool:
     """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
     return not info.files or folder_complete(info, data_root(data_dir) / info.folder)
@@ -101,6 +93,7 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
     """One row per task: what it trains or measures, and its seconds; `rates` (model ->
     Rates) is filled with the throughput used."""
     rates = {} if rates is None else rates
+    sets = TrainingSets(options.data_dir)  # each training set read once, not once per training task
     rows = []
     for task in tasks:
         if task.job.model not in rates:
@@ -114,20 +107,23 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
                 rates[task.job.model] = model_rates(
                     task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
                 )
-        cost = _train_cost if task.kind == TRAIN else _defense_cost if task.kind == DEFENSE else _measure_cost
-        rows.append({"task": task.name, "model": task.job.model, **cost(driver, task, tasks, rates[task.job.model])})
+        if task.kind == TRAIN:
+            cost = _train_cost(driver, task, rates[task.job.model], sets)
+        else:
+            cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(driver, task, tasks, rates[task.job.model])
+        rows.append({"task": task.name, "model": task.job.model, **cost})
     return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
                                        "stability to run", "stability cached"])  # fmt: skip
 
 
-def _train_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
+def _train_cost(driver, task: Task, rates: Rates, sets: TrainingSets) -> dict:
     options = driver.options
     config = train_config(task.job, task.seed, driver.suite, options, driver.device)
     meta = _meta(driver, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
     epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
-    images = training_images(task.job.dataset, options.data_dir, config.n_train)
+    images = sets.per_epoch(task.job.dataset, config.n_train)
     tested = driver.data(task.job.dataset, eval_config(task.job, driver.suite, options, driver.device)).n_test
     per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
@@ -278,3 +274,31 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:,.1f} h"
+
+
+class TrainingSets:
+    """Each data set's training images, read at most once for all who ask (the --n-train
+    check, the digests of finished checkpoints, the estimate of every training task), and
+    dropped with this object."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir, self._sets, self._sizes = data_dir, {}, {}
+
+    def present(self, dataset: str) -> bool:
+        return is_present(dataset_info(dataset), self.data_dir)
+
+    def images(self, dataset: str) -> ImageSet:
+        if dataset not in self._sets:
+            self._sets[dataset] = load_train(dataset, self.data_dir)
+        return self._sets[dataset]
+
+    def size(self, dataset: str) -> int:
+        """The training images there are (the release's count when the files are not here yet)."""
+        if dataset not in self._sizes:
+            self._sizes[dataset] = len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
+        return self._sizes[dataset]
+
+    def per_epoch(self, dataset: str, n_train: int | None) -> int:
+        """The images one epoch trains on: the training set cut to `n_train`."""
+        total = self.size(dataset)
+        return min(n_train or total, total)

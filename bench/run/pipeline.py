@@ -29,7 +29,6 @@ from bench.reports.plotting import FigureConfig
 from bench.reports.writer import write_figures, write_reports, write_sanity
 from bench.run.checks import (
     TrainingDigests,
-    TrainingSets,
     _check_models,
     _check_training_sizes,
     check_builds,
@@ -39,7 +38,7 @@ from bench.run.checks import (
     resolve_defenses,
 )
 from bench.run.driver import Driver
-from bench.run.estimate import plan_header, render_plan
+from bench.run.estimate import TrainingSets, plan_header, render_plan
 from bench.run.executors import make_executor
 from bench.run.options import STAGES, RunOptions
 from bench.run.plan import (
