@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default=RunOptions.results_dir)
     parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="the report stage writes tables, REPORT.md and the leaderboard but draws no figures "
+                        "(seconds saved; --stage figures draws them alone)")  # fmt: skip
     scale = parser.add_argument_group("scale out")
     scale.add_argument(
         "--executor",

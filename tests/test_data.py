@@ -370,7 +370,6 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
         data.load_test("svhn", root)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("robustbench") is None, reason="robustbench not installed"
 )
@@ -444,7 +443,6 @@ def test_synthetic_set_is_cifar_format_balanced_and_seeded(tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_resnet8_learns_the_synthetic_set(tmp_path):
     """Learnable in CPU-seconds: two epochs of plain SGD take a ResNet-8 far above chance."""
     from models import create_model

@@ -124,7 +124,6 @@ class ByWidth(torch.nn.Module):
         return x.mean(dim=(1, 2))[:, : x.shape[-1] // 4]
 
 
-@pytest.mark.slow
 def test_a_new_data_set_trains_evaluates_and_reports_end_to_end(tiny, tmp_path):
     results = tmp_path / "results"
     code = run_bench.main(

@@ -1,4 +1,5 @@
-"""The README stays true: its defense example runs as printed, in at most 30 lines."""
+"""The README stays true: its defense example runs as printed, in at most 30 lines; its quick
+start is two commands, and CI runs both test tiers it names."""
 
 import os
 import re
@@ -33,4 +34,6 @@ def test_quick_start_is_two_commands():
         "pip install -e . && python run_bench.py",
         "pip install -e '.[dev,robustbench,cluster]' && python -m pytest",
     ]
-    assert "python -m pytest" in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert "python -m pytest --durations=10" in ci and "python -m pytest -m slow --durations=10" in ci  # both tiers
+    assert "python -m pytest -m slow" in text  # the README names the integration tier

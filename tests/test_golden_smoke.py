@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -79,7 +78,6 @@ def test_the_goldens_of_two_machine_kinds_lie_within_the_drift_bound():
     assert between.mean() <= DRIFT_MEAN and between.max() <= DRIFT_MAX
 
 
-@pytest.mark.slow
 def test_smoke_records_are_the_golden_ones_but_for_in_resnets_training(smoke_run):
     results, run = smoke_run
     assert run.returncode == 0, run.stderr[-2000:]

@@ -28,7 +28,6 @@ def test_parity_fails_when_the_skip_drops_lambdas_gradient(monkeypatch):
     assert eager["logits"] < 1e-5  # the forward is right; only λ learns nothing
 
 
-@pytest.mark.slow
 def test_tiny_check_writes_every_section(tmp_path):
     assert gpu_check.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cpu-tiny.json").read_text())

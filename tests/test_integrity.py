@@ -38,7 +38,7 @@ RUN = "resnet8@smoke@n1024"
 # cells of a seed: clean, 4 noise groups x 5, FGSM / IFGSM / PGD / uniform noise x 3 radii, APGD-CE lite
 SINGLE, ENSEMBLE = 1 + 20 + 4 * 3 + 1, 1 + 20 + 3 + 3 * 1 + 1  # an ensemble: FGSM at 3 radii, the rest at 2/255
 BASE_CELLS = 2 * SINGLE + ENSEMBLE
-BASE = ["--models", "resnet8", "--n-train", "1024", "--n-test", "50", "--steps", "5", "--no-progress"]
+BASE = ["--models", "resnet8", "--n-train", "1024", "--n-test", "50", "--steps", "5", "--no-progress", "--no-figures"]
 
 
 def cli(capsys, results: Path, data: Path, *args: str) -> tuple[int, str]:
@@ -58,9 +58,12 @@ def state(results: Path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """resnet8, seeds 0 and 1 and their ensemble, 50 test images, 5-step attacks."""
+def base(trained, tmp_path_factory):
+    """resnet8, seeds 0 and 1 (the `trained` checkpoints) and their ensemble, 50 test
+    images, 5-step attacks, no figures."""
     root = tmp_path_factory.mktemp("integrity")
+    shutil.copytree(trained / "data", root / "data")
+    shutil.copytree(trained / "results" / "checkpoints", root / "base" / "checkpoints")
     code = run_bench.main([*BASE, "--seeds", "0,1", "--results-dir", str(root / "base"), "--data-dir", str(root / "data")])
     assert code == 0
     return root
@@ -134,7 +137,6 @@ def test_reports_use_the_asked_step_count_never_the_first_recorded(base, results
     assert "iterative-weaker-than-fgsm" not in (results / "leaderboard.md").read_text()
 
 
-@pytest.mark.slow
 def test_a_failed_retrain_or_a_deleted_checkpoint_retires_the_old_rows(base, results, capsys, tmp_path):
     shuffled = Path(shutil.copytree(base / "data", tmp_path / "shuffled"))
     folder = shuffled / "synthetic" / "cifar-10-batches-py"
@@ -414,7 +416,6 @@ def test_workers_never_outnumber_the_tasks(caplog):
     assert _workers(RunOptions(workers=2), 5) == 2 and _workers(RunOptions(), 5) is None
 
 
-@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
     """A file-size limit stands in for a full disk: the checkpoint writes hit it."""
     limit = 100 * 1024  # bytes: resnet8's state.pt is larger
@@ -438,7 +439,6 @@ def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
 # --- sharing a results dir, and what killed runs leave ----------------------------------------
 
 
-@pytest.mark.slow
 def test_two_processes_on_one_results_dir_share_the_work(base, tmp_path):
     command = [sys.executable, "run_bench.py", *BASE, "--seeds", "0,1", "--radii", "2", "--n-test", "20"]
     command += ["--data-dir", str(base / "data"), "--results-dir", str(tmp_path / "r"), "--stage", "train,eval"]
@@ -539,7 +539,6 @@ drawn_options = st.fixed_dictionaries({o: st.sampled_from([None] * 3 * len(v) + 
 drawn_flags = st.lists(st.sampled_from(FLAGS), max_size=2, unique=True)
 
 
-@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(options=drawn_options, flags=drawn_flags)

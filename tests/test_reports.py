@@ -332,7 +332,6 @@ def test_rank_by_must_be_a_metric(tmp_path, capsys):
     )
 
 
-@pytest.mark.slow
 def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp_path):
     import shutil
 

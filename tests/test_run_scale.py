@@ -203,21 +203,20 @@ def _same_records(ours: Path, theirs: Path) -> None:
         assert np.array_equal(load_correct(ours, **key), load_correct(theirs, **key)), key
 
 
-def _run_and_kill(command: list[str], find_worker, timeout: float = 300) -> tuple[str, int | None]:
+def _run_and_kill(command: list[str], find_worker, find_within: float = 150) -> tuple[str, int | None]:
     """Run `command`; once a worker is busy, SIGKILL it (once); returns stderr and the pid."""
     run = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline, killed = time.monotonic() + timeout / 2, None
+    deadline, killed = time.monotonic() + find_within, None
     while killed is None and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.5)
         killed = find_worker(run.pid)
         if killed is not None:
             os.kill(killed, signal.SIGKILL)
-    _, err = run.communicate(timeout=timeout)
+    _, err = run.communicate()  # no timeout: CI's bounds the whole run
     assert run.returncode == 0, err[-3000:]
     return err, killed
 
 
-@pytest.mark.slow
 def test_local_workers_give_the_sequential_records_even_when_one_is_killed(mini_run, tmp_path):
     """Two worker processes evaluate the reference's checkpoints; one is SIGKILLed mid-run:
     its task is retried, and the records equal those of one process, bit for bit.
@@ -240,7 +239,6 @@ def _ray_worker(_: int) -> int | None:
     return int(found[0]) if found else None
 
 
-@pytest.mark.slow
 def test_ray_with_two_workers_gives_the_sequential_records_even_when_one_dies(mini_run, tmp_path):
     pytest.importorskip("ray")
     command, reference = mini_run
@@ -262,7 +260,7 @@ def test_the_smoke_suite_on_ray_gives_the_sequential_records_even_when_a_worker_
     ours = tmp_path / "results"
     command = [sys.executable, "run_bench.py", "--executor", "ray", "--workers", "2", "--no-progress",
                "--stage", "train,eval,check", "--results-dir", str(ours), "--data-dir", str(results.parent / "data")]  # fmt: skip
-    err, killed = _run_and_kill(command, _ray_worker, timeout=1200)
+    err, killed = _run_and_kill(command, _ray_worker, find_within=600)
     assert killed is not None and "trying again (attempt 2 of 3)" in err, err[-3000:]
     _same_records(ours, results)
     columns = ["run", "seed", "members", "check", "value", "passed"]

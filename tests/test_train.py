@@ -182,7 +182,6 @@ def test_diverged_and_chance_runs_are_failed(tmp_path, data_dir, monkeypatch, lr
         zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path)
 
 
-@pytest.mark.slow
 def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
     meta = train(tiny(n_train=5000), tmp_path, data_dir, progress=False)
     assert meta["status"] == "finished" and meta["test_accuracy"] >= 0.4  # chance: 0.1

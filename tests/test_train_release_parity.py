@@ -205,7 +205,6 @@ MODELS = [(20, "basic", "residual"), (20, "basic", "in"), (20, "basic", "lambda-
           (20, "bottleneck", "in"), (20, "bottleneck", "lambda-in")]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("depth, block, rule", MODELS)
 def test_authors_code_network_trains_step_for_step_as_the_release(depth, block, rule):
     ours, ref, names, damped = twins(depth, block, rule)
@@ -227,7 +226,6 @@ def test_authors_code_network_trains_step_for_step_as_the_release(depth, block, 
         assert (ours(x.double()) - ref(normalise(x.double()))).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.slow
 def test_the_parity_check_catches_lambda_stored_as_itself(monkeypatch):
     """In-ResNet storing λ itself (the parametrisation before this check, under which decay
     pulled λ toward 0) computes the same logits from the same weights, but leaves the
@@ -298,7 +296,6 @@ def test_authors_code_pgd_is_the_releases_example_for_example():
     assert (pgd.perturb(ours, x, y, [eps], paper)[0] - x).abs().amax().item() <= eps + 1e-12
 
 
-@pytest.mark.slow
 def test_the_parity_check_catches_lambda_in_resnets_branch_statistics_updated_once(monkeypatch):
     """Without the release's second branch pass (BN momentum 0.19 in λ-In-ResNet's damped
     blocks), parameters and coefficients still agree but the running statistics do not."""

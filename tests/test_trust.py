@@ -61,7 +61,6 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
 # --- AutoAttack ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defense, tmp_path):
     config = EvalConfig(eps_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),))
     records = evaluate_defense(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index("perturbation")
@@ -347,7 +346,7 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
     assert f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)." in (results / "REPORT.md").read_text()
 
 
-def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_defense, tmp_path):
+def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_defense, tmp_path, pipeline):
     """As cells: a unit measured on images since replaced is measured again, not found
     cached, and the report's reduction reads the latest images' units only."""
     from bench.data.cifar import read_batch, write_batch
@@ -357,28 +356,28 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
-    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
+    pipeline(grey_defense, results, data, progress=False, **stability)
     first = load_stability(results)
     batch = data / "cifar-10-batches-py" / "test_batch"
     images, labels = read_batch(batch, "labels", 10)
     assert set(first["data_sha256"]) == {images_digest(images, labels)} and len(first) == 1
     write_batch(batch, np.zeros_like(images), labels)
-    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
-    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)  # cached now: no third row
+    pipeline(grey_defense, results, data, progress=False, **stability)
+    pipeline(grey_defense, results, data, progress=False, **stability)  # cached now: no third row
     second = load_stability(results)
     black = images_digest(np.zeros_like(images), labels)
     assert list(second["data_sha256"]) == [images_digest(images, labels), black]
     assert list(chosen_units(second)["data_sha256"]) == [black]
 
 
-def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path):
+def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path, pipeline):
     from bench.records.load import load_stability
     from bench.records.schema import STABILITY_KEY
     from bench.records.store import needs_migration
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
-    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)
+    pipeline(grey_defense, results, data, progress=False, **stability)
     measured = load_stability(results)
     with sqlite3.connect(results / DB_FILE) as db:  # the table as it was before digests
         columns = [r[1] for r in db.execute("PRAGMA table_info(stability)") if r[1] != "data_sha256"]
@@ -388,11 +387,11 @@ def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_r
         db.execute(f"INSERT INTO stability SELECT {', '.join(columns)} FROM stability_new")
         db.execute("DROP TABLE stability_new")
     assert needs_migration(results)
-    evaluate_defense(grey_defense, None, results, data, progress=False, **stability)  # migrates; the unit is cached
+    pipeline(grey_defense, results, data, progress=False, **stability)  # migrates; the unit is cached
     migrated = load_stability(results)
     assert list(migrated["data_sha256"]) == ["unknown"] and not needs_migration(results)
     assert np.array_equal(migrated["values"].item(), measured["values"].item())
-    evaluate_defense(grey_defense, None, results, data, progress=False, recheck_data=True, **stability)
+    pipeline(grey_defense, results, data, progress=False, recheck_data=True, **stability)
     assert list(load_stability(results)["data_sha256"]) == ["unknown", measured["data_sha256"].item()]
 
 

@@ -22,6 +22,7 @@ report is made: a corrupt store is never written to.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -91,6 +92,24 @@ class RecordStore:
         if self.readonly:
             return closing(_open(self.path, readonly=True))
         return closing(_open(self.path))
+
+    def content_digest(self) -> str:
+        """A digest of what the store holds, that changes with any row added, replaced or
+        removed: each table's row count and last rowid (rows are inserted, or replaced
+        under a new rowid), and the runs' rows but for the time each run was last seen
+        (every run records its sighting again)."""
+        digest = hashlib.sha256()
+        if not self.path.is_file():
+            return digest.hexdigest()
+        with closing(_open(self.path, readonly=True)) as db:
+            tables = [t for (t,) in _execute(db, self.path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            for table in (t for t in tables if t != "runs"):
+                digest.update(repr((table, *_execute(db, self.path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
+            if "runs" in tables:
+                seen = [c for c in RUN_COLUMNS if c != "timestamp"]
+                rows = _execute(db, self.path, f"SELECT {', '.join(seen)} FROM runs")
+                digest.update(repr(sorted(rows, key=repr)).encode())
+        return digest.hexdigest()
 
     def cells(self, context: dict) -> pd.DataFrame:
         """The cells (COLUMNS) of one checkpoint's evaluation: `context` gives every KEY

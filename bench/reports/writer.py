@@ -48,10 +48,12 @@ def write_reports(
     steps: int = DEFAULT_STEPS,
     data_dir: str | os.PathLike | None = None,
     figure_config: figures.FigureConfig | None = None,
+    draw: bool = True,
 ) -> list[Path]:
     """Regenerate every report and figure from the records (and, for Fig. 2, checkpoints
-    and `data_dir`); returns the paths written. Everything is computed before the first
-    file is written: a mistake leaves the old reports whole."""
+    and `data_dir`); returns the paths written. Without `draw`, no figure is drawn (and
+    none is written). Everything is computed before the first file is written: a mistake
+    leaves the old reports whole."""
     results = Path(results_dir)
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
@@ -75,9 +77,11 @@ def write_reports(
     texts.update(stability_report.table_texts(results / "tables", stability_report.stability_table(checkpoints, m.aggregated, preset)))
     mechanism = stability_report.claim_rows(checkpoints, preset, evidence.bootstrap)
     folders = figures.run_folders(results, m.runs, preset)
-    drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
-    drawn += stability_report.drawn(m.stability, preset)
-    texts.update(_figure_files(results, drawn))
+    drawn = None
+    if draw:
+        drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
+        drawn += stability_report.drawn(m.stability, preset)
+        texts.update(_figure_files(results, drawn))
     shares = share_claim_rows(figures.coefficient_table(folders), set(m.frame["dataset"]), preset, evidence,
                               evidence.bootstrap)  # fmt: skip
     texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares, mechanism)
@@ -261,6 +265,8 @@ def render_report(
         "- [Sanity checks](sanity.md) and the [leaderboard](leaderboard.md)",
     ]
     lines += ["", "## Figures", ""]
+    if drawn is None:
+        lines += ["Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them.", ""]
     for item in drawn or []:
         if isinstance(item, plotting.Drawn):
             lines += [f"![{item.name}](figures/{item.name}.png)", "", f"{item.caption} ([PDF](figures/{item.name}.pdf))", ""]

@@ -69,6 +69,7 @@ class RunOptions:
     progress: bool = True
     dry_run: bool = False
     rank_by: str = "pgd@2"  # the leaderboard's order
+    figures: bool = True  # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
     landscape: tuple[int | None, int, float] = (None, 21, 8.0)  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
     executor: str = "local"  # local: this machine's processes; ray: a Ray cluster (bench.run.executors)
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's

@@ -23,6 +23,7 @@ from bench.data.splits import (
 )
 from bench.records.integrity import recover
 from bench.records.store import RecordStore
+from bench.reports import unchanged
 from bench.reports.leaderboard import check_metric
 from bench.reports.measured import NoRecordsError
 from bench.reports.plotting import FigureConfig
@@ -148,6 +149,16 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
     may all have failed) a warning."""
     began = time.perf_counter()
     remove_orphans(options.results_dir, RESULT_FOLDERS)  # a report killed before its renames left .tmp files
+    kind = "sanity" if sanity_only else "figures" if figures_only else "report"
+    what, shown = {"sanity": ("sanity table", "sanity.md"), "figures": ("figures", "figures"), "report": ("reports", "REPORT.md")}[kind]
+    data = data_root(options.data_dir)
+    shaped_by = {"preset": options.preset, "rank_by": options.rank_by, "steps": options.steps,
+                 "data_dir": str(data.resolve()), "figures": _figures(options), "draw": options.figures}  # fmt: skip
+    inputs = unchanged.inputs_digest(options.results_dir, data, kind, shaped_by)
+    if unchanged.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
+        log.info("%s: up to date (nothing they are made from changed since they were written); see %s", what,
+                 Path(options.results_dir) / shown)
+        return 0
     try:
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)
@@ -155,21 +166,22 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
             written = write_figures(options.results_dir, options.preset, options.steps, options.data_dir, _figures(options))
         else:
             written = write_reports(
-                options.results_dir, options.preset, options.rank_by, options.steps, options.data_dir, _figures(options)
+                options.results_dir, options.preset, options.rank_by, options.steps, options.data_dir, _figures(options),
+                draw=options.figures,
             )
     except NoRecordsError as err:
         if not after_work:
             raise
         log.warning("no reports: %s", err)
         return 0
-    what = "sanity table" if sanity_only else "figures" if figures_only else "reports"
+    unchanged.remember(options.results_dir, kind, inputs, written)
     log.info(
         "%s: %d files under %s in %.1f s; see %s",
         what,
         len(written),
         options.results_dir,
         time.perf_counter() - began,
-        written[-1].parent if (sanity_only or figures_only) and written else Path(options.results_dir) / "REPORT.md",
+        Path(options.results_dir) / shown,
     )
     return 0
 

@@ -98,7 +98,7 @@ SUITES: dict[str, Suite] = {
             extra=SANITY + (("apgd-ce-lite", (2.0,)),),  # cheap: never shown as AutoAttack
             subsets=(),
             checks=("gradients", "model"),
-            n_stability=24,
+            n_stability=10,  # one image per class: the stage exercised, its cost a tenth of the cells'
             task_cpus=1,
             task_memory_gib=2.0,
         ),
