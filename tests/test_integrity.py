@@ -577,3 +577,13 @@ def test_the_check_stage_alone_writes_the_sanity_table(base, results, capsys):
     assert set(load_checks(results)["check"]) == {
         "zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"
     }
+
+
+def test_no_figures_writes_the_reports_without_drawing(base, results, capsys):
+    """The base run's reports were made with --no-figures: every table, REPORT.md (which says
+    so) and the leaderboard, and no figure; the report stage without it draws them."""
+    assert not (results / "figures").exists() and (results / "tables" / "table1.md").is_file()
+    assert "Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them." in (
+        results / "REPORT.md").read_text()
+    assert run_bench.main(["--stage", "report", "--results-dir", str(results), "--data-dir", str(base / "data")]) == 0
+    assert any((results / "figures").glob("*.png")) and "Not drawn" not in (results / "REPORT.md").read_text()
