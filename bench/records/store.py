@@ -93,24 +93,6 @@ class RecordStore:
             return closing(_open(self.path, readonly=True))
         return closing(_open(self.path))
 
-    def content_digest(self) -> str:
-        """A digest of what the store holds, that changes with any row added, replaced or
-        removed: each table's row count and last rowid (rows are inserted, or replaced
-        under a new rowid), and the runs' rows but for the time each run was last seen
-        (every run records its sighting again)."""
-        digest = hashlib.sha256()
-        if not self.path.is_file():
-            return digest.hexdigest()
-        with closing(_open(self.path, readonly=True)) as db:
-            tables = [t for (t,) in _execute(db, self.path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-            for table in (t for t in tables if t != "runs"):
-                digest.update(repr((table, *_execute(db, self.path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
-            if "runs" in tables:
-                seen = [c for c in RUN_COLUMNS if c != "timestamp"]
-                rows = _execute(db, self.path, f"SELECT {', '.join(seen)} FROM runs")
-                digest.update(repr(sorted(rows, key=repr)).encode())
-        return digest.hexdigest()
-
     def cells(self, context: dict) -> pd.DataFrame:
         """The cells (COLUMNS) of one checkpoint's evaluation: `context` gives every KEY
         column but the CELL_COLUMNS (further keys are ignored)."""
@@ -222,6 +204,26 @@ class RecordStore:
         sql = f"INSERT OR IGNORE INTO ensemble_members ({', '.join(MEMBER_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
         with self._connect() as db, db:
             db.executemany(sql, [(ensemble_sha256, run, dataset, s, d) for s, d in members.items()])
+
+
+def content_digest(results_dir: str | os.PathLike) -> str:
+    """A digest of what the results dir's store holds, that changes with any row added,
+    replaced or removed: each table's row count and last rowid (rows are inserted, or
+    replaced under a new rowid), and the runs' rows but for the time each run was last seen
+    (every run records its sighting again). Read-only and without the integrity check,
+    which the report that follows runs anyway."""
+    path = check_results_dir(results_dir) / DB_FILE
+    digest = hashlib.sha256()
+    if not path.is_file():
+        return digest.hexdigest()
+    with closing(_open(path, readonly=True)) as db:
+        tables = [t for (t,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        for table in (t for t in tables if t != "runs"):
+            digest.update(repr((table, *_execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
+        if "runs" in tables:
+            seen = [c for c in RUN_COLUMNS if c != "timestamp"]
+            digest.update(repr(sorted(_execute(db, path, f"SELECT {', '.join(seen)} FROM runs"), key=repr)).encode())
+    return digest.hexdigest()
 
 
 def check_results_dir(results_dir: str | os.PathLike) -> Path:

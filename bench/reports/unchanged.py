@@ -18,7 +18,7 @@ from pathlib import Path
 import bench
 import models
 from bench.core.files import atomic_write
-from bench.records.store import RecordStore
+from bench.records.store import content_digest
 
 MANIFEST = ".reports.json"
 _CODE_FILES = ("*.py", "*.csv")  # the code and the published numbers it compares with
@@ -29,7 +29,7 @@ def inputs_digest(results_dir: str | os.PathLike, data_dir: str | os.PathLike | 
     `options` (JSON-able) is computed from."""
     results = Path(results_dir)
     digest = hashlib.sha256(json.dumps({"kind": kind, "options": options}, sort_keys=True, default=str).encode())
-    digest.update(RecordStore(results, readonly=True).content_digest().encode())
+    digest.update(content_digest(results).encode())
     digest.update(repr(_stats(results / "checkpoints", results)).encode())
     if data_dir is not None:
         digest.update(repr(_stats(Path(data_dir), Path(data_dir))).encode())
