@@ -210,13 +210,14 @@ def content_digest(results_dir: str | os.PathLike) -> str:
     """A digest of what the results dir's store holds, that changes with any row added,
     replaced or removed: each table's row count and last rowid (rows are inserted, or
     replaced under a new rowid), and the runs' rows but for the time each run was last seen
-    (every run records its sighting again). Read-only and without the integrity check,
-    which the report that follows runs anyway."""
+    (every run records its sighting again). Read-only, after SQLite's integrity check: a
+    corrupt store is named as such before any row is read."""
     path = check_results_dir(results_dir) / DB_FILE
     digest = hashlib.sha256()
     if not path.is_file():
         return digest.hexdigest()
     with closing(_open(path, readonly=True)) as db:
+        _check_integrity(db, path)
         tables = [t for (t,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
         for table in (t for t in tables if t != "runs"):
             digest.update(repr((table, *_execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
