@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
     )
     parser.add_argument(
+        "--rehearse", action="store_true",
+        help="rehearse the suite: its whole plan (every model at full depth, every data set, study and stage) "
+        "on a few images and training steps, with stand-in data where the data sets are missing; its outputs "
+        "are tagged rehearsal, and its last line compares the measured time per stage with the estimate",
+    )
+    parser.add_argument(
         "--list-models", action="store_true", help="list registered names and groups, then exit"
     )
     parser.add_argument(

@@ -15,9 +15,13 @@ keeps what it measured.
 4. evaluation: clean, FGSM at 3 radii and PGD-20 through the harness, images/s, and PGD-20
    against a hand loop of 20 input-gradient passes;
 5. stability: the stability stage's units against one PGD-20 cell on the same images, and
-   its J v (a vjp of a vjp) against torch.func.jvp on the device.
+   its J v (a vjp of a vjp) against torch.func.jvp on the device;
+6. rehearsal: `run_bench.py --suite paper --rehearse` on the device (every model, data set,
+   study and stage of the paper plan on a few images; stand-in data where CIFAR is
+   missing), cut at 300 s: whether it finished, its records and its last line (the
+   measured time per stage beside the estimate, and the real run's estimate).
 
-    python benchmarks/gpu_check.py               # on a GPU: at most about 8 minutes
+    python benchmarks/gpu_check.py               # on a GPU: at most about 8 minutes, the rehearsal 5 more
     python benchmarks/gpu_check.py --tiny        # anywhere: tiny models, a few steps (CI runs it)
 """
 
@@ -29,6 +33,7 @@ import copy
 import json
 import logging
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +51,7 @@ from bench_train import plain  # noqa: E402
 from bench.eval.adapters import state_dict_defense  # noqa: E402
 from bench.eval.engine import EvalData
 from bench.eval.protocol import Cell, EvalConfig
+from bench.records.load import load_records, load_runs, load_stability  # noqa: E402
 from bench.records.store import RecordStore  # noqa: E402
 from bench.run.estimate import estimate
 from bench.run.options import RunOptions  # noqa: E402
@@ -60,6 +66,7 @@ from bench.train.recipes import (
 from models import create_model  # noqa: E402
 from models.skip import SkipRule  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "parity": ("in-resnet110", "lambda-in-resnet110", "in-resnet-gating110"),
     "training": ("resnet110", "in-resnet110", "lambda-in-resnet110", "resnet164", "resnext29-8x64d"),
@@ -70,6 +77,8 @@ FULL = {
     "learn": ("resnet20", 10_000),
     "stability": ("resnet110", "in-resnet110"),
     "stability_images": 64,
+    # the paper suite's whole plan rehearsed on the device (run_bench.py --rehearse), cut at this many seconds
+    "rehearsal": (("--suite", "paper"), 300),
 }
 TINY = {
     "parity": ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14"),
@@ -81,6 +90,7 @@ TINY = {
     "learn": ("resnet8", 1_024),
     "stability": ("resnet8",),
     "stability_images": 4,
+    "rehearsal": (("--suite", "smoke", "--models", "resnet14"), 300),
 }
 # Each path is compared with the reference on what it is used for, as ||ours - ref|| / ||ref||:
 # training (train mode) needs the logits and the skip parameters' gradients, attacks (eval
@@ -302,6 +312,29 @@ def stability(names, n: int, device: str) -> list[dict]:
     return rows
 
 
+def rehearse(suite: tuple[str, ...], limit_s: float, device: str, folder: Path) -> list[dict]:
+    """The suite's rehearsal on `device` in a process of its own, cut at `limit_s`: whether
+    it finished, in how long, what it recorded and its last line."""
+    results, command = folder / "rehearsal", [sys.executable, str(REPO / "run_bench.py"), *suite, "--rehearse",
+                                              "--device", device, "--no-progress"]  # fmt: skip
+    command += ["--results-dir", str(results), "--data-dir", str(folder / "rehearsal-data")]
+    began = time.perf_counter()
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, cwd=REPO)
+        code, log_text = run.returncode, run.stderr
+    except subprocess.TimeoutExpired as cut:  # what it logged before the cut (bytes, or text, by Python version)
+        code, log_text = None, cut.stderr.decode(errors="replace") if isinstance(cut.stderr, bytes) else cut.stderr or ""
+    seconds = time.perf_counter() - began
+    lines = log_text.strip().splitlines()
+    counts = {}
+    if (results / "records.sqlite").is_file():
+        cells, units = load_records(results), load_stability(results)
+        counts = {"cells": len(cells), "stability units": len(units.drop_duplicates(["run", "seed", "quantity", "perturbation"])),
+                  "checkpoints": len(load_runs(results))}  # fmt: skip
+    return [{"command": " ".join(suite) + " --rehearse", "finished": code == 0, "exit": code, "seconds": round(seconds, 1),
+             **counts, "last line": lines[-1] if lines else ""}]  # fmt: skip
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -345,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models and a few steps: runs anywhere")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--sections", default="parity,learning,training,evaluation,epoch,stability")
+    parser.add_argument("--sections", default="parity,learning,rehearsal,training,evaluation,epoch,stability")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     plan = TINY if args.tiny else FULL
@@ -364,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation": lambda: evaluation(plan["evaluation"], plan["eval_images"], args.device, folder),
             "epoch": lambda: epoch(*plan["epoch"], args.device, report["sections"].get("evaluation", [])),
             "stability": lambda: stability(plan["stability"], plan["stability_images"], args.device),
+            "rehearsal": lambda: rehearse(*plan["rehearsal"], args.device, folder),
         }
         for section in args.sections.split(","):
             began = time.perf_counter()

@@ -31,7 +31,10 @@ def test_parity_fails_when_the_skip_drops_lambdas_gradient(monkeypatch):
 def test_tiny_check_writes_every_section(tmp_path):
     assert gpu_check.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cpu-tiny.json").read_text())
-    assert list(report["sections"]) == ["parity", "learning", "training", "evaluation", "epoch", "stability"]
+    assert list(report["sections"]) == ["parity", "learning", "rehearsal", "training", "evaluation", "epoch", "stability"]
+    (rehearsed,) = report["sections"]["rehearsal"]  # the smoke suite's ResNet-14 rehearsed through the command line
+    assert rehearsed["finished"] and rehearsed["cells"] == 3 * 34 - 6 and rehearsed["checkpoints"] == 2
+    assert rehearsed["last line"].startswith("rehearsal measured: train ")
     parity = report["sections"]["parity"]
     rules = ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14")
     paths = [("eager", "train"), ("compile", "train"), ("compile", "eval"), ("bf16", "train")]

@@ -31,6 +31,7 @@ from torch import nn
 from bench.core.numbers import decimal
 from bench.data.datasets import dataset_info
 from bench.eval.adapters import Defense, module_defense, robustbench_defense, state_dict_defense
+from bench.records.checkpoints import is_rehearsal
 from models import UserError, list_models
 
 MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
@@ -85,6 +86,8 @@ def check_name(name: str, where: str) -> str:
         )
     if name.split("@")[0] in list_models():  # a zoo run's tag is its model's name and its options
         raise UserError(f"{where}: defense name {name!r} reads as a registered model's run: give it another with --name")
+    if is_rehearsal(name):  # a rehearsal's run tag: its numbers would never be reported
+        raise UserError(f"{where}: defense name {name!r} reads as a rehearsal's run (@rehearsal): give it another with --name")
     return name
 
 

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name, perturbation
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
+from bench.records.checkpoints import is_rehearsal
 from models import find_model, list_models, model_entry
 
 GATE_TOLERANCE = 0.5  # points: the least difference that counts (or the seeds' std, if larger)
@@ -45,21 +46,25 @@ class Gate:
     flag: str  # what a failure is called in the `flags` column
     critical: bool  # a failure makes the row unreliable
     figure: str  # what the value is, for the sanity table's legend
+    # it compares attack strengths, which say something only of a trained network measured on
+    # enough images: relaxed for rehearsal runs (measured and flagged, never making a row unreliable)
+    needs_training: bool = False
 
 
 GATES = {
-    "eps-monotone": Gate("eps-not-monotone", False, "largest rise of an attack's accuracy with the radius"),
-    "iterative-vs-fgsm": Gate("iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest"),
-    "large-eps": Gate("large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance"),
-    "noise-vs-pgd": Gate("noise-stronger-than-pgd", True, "PGD minus uniform noise at the same radius, largest"),
-    "reference-gap": Gate("reference-below-pgd", True, "PGD minus the reference attack, largest"),
-    "zero-gradients": Gate("zero-gradients", False, "share of a batch with all-zero input gradients"),
+    "eps-monotone": Gate("eps-not-monotone", False, "largest rise of an attack's accuracy with the radius", needs_training=True),
+    "iterative-vs-fgsm": Gate("iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest", needs_training=True),
+    "large-eps": Gate("large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance", needs_training=True),
+    "noise-vs-pgd": Gate("noise-stronger-than-pgd", True, "PGD minus uniform noise at the same radius, largest", needs_training=True),
+    "reference-gap": Gate("reference-below-pgd", True, "PGD minus the reference attack, largest", needs_training=True),
+    "zero-gradients": Gate("zero-gradients", False, "share of a batch with all-zero input gradients",
+                             needs_training=True),  # a deep net a few steps from its init may vanish them
     "nonfinite-gradients": Gate("nonfinite-gradients", True, "share of a batch with non-finite input gradients"),
     "randomized": Gate("randomized", True, "1 when repeated forward passes differ (AutoAttack's check)"),
     "probabilities": Gate("outputs-probabilities", True, "1 when outputs are probabilities, not logits"),
     "classes": Gate("wrong-classes", True, "outputs minus the data set's classes, in absolute value"),
     "dynamic": Gate("dynamic-forward", True, "1 when the forward pass computes gradients (AutoAttack's check)"),
-    "transfer": Gate("transfer-stronger-than-white-box", True, "points PGD transferred from the plain ResNet beats white-box PGD by"),
+    "transfer": Gate("transfer-stronger-than-white-box", True, "points PGD transferred from the plain ResNet beats white-box PGD by", needs_training=True),
 }  # fmt: skip
 
 
@@ -239,13 +244,32 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     worst = both.sort_values("value").groupby([*ENTRY, "gate"], sort=False).last()
     wide = worst["value"].unstack("gate")
     failed = worst[worst["failed"]].reset_index()
-    flags = failed.groupby(ENTRY)["gate"].agg(lambda g: ";".join(GATES[x].flag for x in sorted(g)))
-    critical = failed.groupby(ENTRY)["gate"].agg(lambda g: any(GATES[x].critical for x in g))
+    failed = failed.assign(relaxed=[relaxed(g, r) for g, r in zip(failed["gate"], failed["run"], strict=True)])
+    failed = failed.assign(
+        flag=[GATES[g].flag + (RELAXED if r else "") for g, r in zip(failed["gate"], failed["relaxed"], strict=True)],
+        critical=[GATES[g].critical and not r for g, r in zip(failed["gate"], failed["relaxed"], strict=True)],
+    ).sort_values("gate", kind="stable")
+    flags = failed.groupby(ENTRY)["flag"].agg(";".join)
+    critical = failed.groupby(ENTRY)["critical"].agg(any)
     out = wide.join(flags.rename("flags")).join(critical.rename("unreliable")).reset_index()
-    out["flags"] = out["flags"].fillna("")
+    out["flags"] = out["flags"].astype(object).fillna("")
     out[["lambda_low", "lambda_high"]] = out[["lambda_low", "lambda_high"]].replace(NO_LAMBDA, float("nan"))
     out = out.reindex(columns=[*ENTRY, *(g for g in GATES if g in out.columns), "flags", "unreliable"])
     return with_verdicts(out)
+
+
+RELAXED = " (relaxed: rehearsal)"  # the flag of a failed gate a rehearsal does not hold to
+
+
+def relaxed(gate: str, run: str) -> bool:
+    """Whether `gate` is relaxed for `run`: one that needs a trained network, on a
+    rehearsal's run (bench.run.rehearsal: a few training steps, a few images)."""
+    return GATES[gate].needs_training and is_rehearsal(run)
+
+
+def relaxed_gates() -> list[str]:
+    """The gates a rehearsal relaxes, by rule: those that need a trained network."""
+    return [g for g, gate in GATES.items() if gate.needs_training]
 
 
 def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:

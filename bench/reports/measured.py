@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,7 @@ from bench.data.noise import SEVERITIES
 from bench.eval import sanity
 from bench.records import stats
 from bench.records.aggregate import aggregate, per_seed, with_worst_case
+from bench.records.checkpoints import is_rehearsal
 from bench.records.load import cell_id, load_bits, load_checks, load_records, load_runs, load_stability
 from bench.records.schema import DB_FILE
 from bench.records.selection import best_groups, lambda_key, select_measurements
@@ -40,6 +41,11 @@ class Measured:
     sanity: pd.DataFrame  # the gates per entry (bench.eval.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
+    # rehearsal runs (bench.run.rehearsal): True when the report is of them alone (every output
+    # says so); else the count of their records left out beside real ones (never mixed)
+    rehearsal: bool = False
+    rehearsal_left_out: int = 0
+    snapshot: pd.DataFrame | None = None  # every record, rehearsals included (records.csv); None: `everything`
 
 
 def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
@@ -60,7 +66,16 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
             "since retrained, failed on retraining or deleted; run the eval stage"
         )
     checks, stability = load_checks(results, runs), load_stability(results, runs)
-    return reduce_records(everything, runs, load_bits(results), checks, steps, stability)
+    rehearsal = everything["run"].map(is_rehearsal).astype(bool)
+    if rehearsal.all():
+        m = reduce_records(everything, runs, load_bits(results), checks, steps, stability)
+        return replace(m, rehearsal=True)
+    if not rehearsal.any():
+        return reduce_records(everything, runs, load_bits(results), checks, steps, stability)
+    real = [frame[~frame["run"].map(is_rehearsal).astype(bool)] if "run" in frame else frame
+            for frame in (everything, runs, checks, stability)]  # fmt: skip
+    m = reduce_records(real[0].reset_index(drop=True), real[1], load_bits(results), real[2], steps, real[3])
+    return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything)
 
 
 def reduce_records(

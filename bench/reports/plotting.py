@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -81,9 +83,27 @@ def styles(models) -> dict[str, str]:
     return {m: STYLES[depths.index("".join(c for c in m if c.isdigit())) % len(STYLES)] for m in models}
 
 
+_STAMP: ContextVar[str] = ContextVar("stamp", default="")
+
+
+@contextmanager
+def stamped(text: str):
+    """Figures rendered inside say `text` across their top, and their captions begin with
+    it (a rehearsal's: its numbers are not measurements); '' stamps nothing."""
+    token = _STAMP.set(text)
+    try:
+        yield
+    finally:
+        _STAMP.reset(token)
+
+
 def render(figure: Figure, name: str, caption: str) -> Drawn:
     """The figure as PNG and PDF bytes, without timestamps (the same inputs give the same
     bytes)."""
+    stamp = _STAMP.get()
+    if stamp:
+        figure.suptitle(stamp, color="tab:red", fontweight="bold")
+        caption = f"{stamp}. {caption}"
     files = {}
     for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
         buffer = io.BytesIO()

@@ -27,6 +27,7 @@ from bench.reports.claims import claim_rows, share_claim_rows
 from bench.reports.leaderboard import check_metric, leaderboard, leaderboard_texts
 from bench.reports.left_out import left_out_note, left_out_phrases
 from bench.reports.measured import Evidence, Measured, measured
+from bench.reports.rehearsals import NOT_JUDGED, REHEARSAL_STAMP, RELAXED_LEGEND, rehearsal_marked
 from bench.reports.tables import (
     TABLES,
     TITLES,
@@ -59,7 +60,7 @@ def write_reports(
     mine = m.aggregated[m.aggregated["preset"] == preset]
     left_mine = m.left_out[m.left_out["preset"] == preset]
     rank_by = check_metric(rank_by, set(m.aggregated["metric"]))
-    texts: dict[Path, str] = {results / SNAPSHOT_FILE: m.everything.to_csv(index=False)}
+    texts: dict[Path, str] = {results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)}
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
     for number in (key for key in TABLES if isinstance(key, int)):  # the paper's six; "3_all" below
@@ -79,15 +80,16 @@ def write_reports(
     folders = figures.run_folders(results, m.runs, preset)
     drawn = None
     if draw:
-        drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
-        drawn += stability_report.drawn(m.stability, preset)
+        with plotting.stamped(REHEARSAL_STAMP if m.rehearsal else ""):
+            drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
+            drawn += stability_report.drawn(m.stability, preset)
         texts.update(_figure_files(results, drawn))
     shares = share_claim_rows(figures.coefficient_table(folders), set(m.frame["dataset"]), preset, evidence,
                               evidence.bootstrap)  # fmt: skip
     texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares, mechanism)
     board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity, stability_report.amplification(checkpoints))
     texts.update(leaderboard_texts(results, board, left_mine))
-    return write_all(texts)
+    return write_all(rehearsal_marked(texts) if m.rehearsal else texts)
 
 
 def write_figures(
@@ -197,7 +199,7 @@ def render_report(
     mechanism: pd.DataFrame | None = None,
 ) -> str:
     frame, aggregated = m.frame, m.aggregated
-    lines = ["# inres-bench report", ""]
+    lines = ["# inres-bench report" + (" (rehearsal)" if m.rehearsal else ""), ""]
     sources = frame.groupby("dataset")["data_source"].agg(lambda s: ", ".join(sorted(set(s))))
     sizes = {d: subset_sizes(rows) for d, rows in frame.groupby("dataset")}
     stale = int(m.everything["stale"].sum())
@@ -211,6 +213,10 @@ def render_report(
     ]
     for line in digest_lines(m.kept, m.runs) if len(m.kept) else []:
         lines += ["", line]
+    if m.rehearsal_left_out:
+        lines += ["", f"{m.rehearsal_left_out} records of rehearsal runs (`--rehearse`, run tags with `@rehearsal`) "
+                  "are not shown: a rehearsal checks that the plan runs, and its numbers are never mixed with "
+                  "measurements (a results dir of rehearsals alone is reported as one)."]  # fmt: skip
     if any(dataset_info(d).synthetic for d in set(frame["dataset"])):
         lines += [
             "",
@@ -222,7 +228,13 @@ def render_report(
     if phrases:
         lines += ["", "Measured but not shown: " + "; ".join(phrases) + "."]
     lines += ["", "## Sanity checks", "", render_sanity(m.sanity, preset), "", SANITY_LEGEND]
+    if m.rehearsal:
+        lines += ["", RELAXED_LEGEND]
     claims = claim_rows(frame, aggregated, preset, evidence)
+    if m.rehearsal:  # judged on nothing: a verdict would read as a finding
+        claims = claims.assign(verdict=NOT_JUDGED)
+        shares = None if shares is None else shares.assign(verdict=NOT_JUDGED)
+        mechanism = None if mechanism is None else mechanism.assign(verdict=NOT_JUDGED)
     shown = claims.assign(
         measured=[_with_interval(v, lo, hi) for v, lo, hi in zip(claims["measured"], claims["low"], claims["high"], strict=True)],
         paper=claims["paper"].map(lambda v: "-" if math.isnan(v) else f"{v:+.2f}"),
@@ -336,7 +348,7 @@ def render_sanity(table: pd.DataFrame, preset: str) -> str:
     gates = [g for g in sanity.GATES if g in rows.columns and rows[g].notna().any()]
     shown = []
     for row in rows.to_dict("records"):
-        failed = set(row["flags"].split(";")) if row["flags"] else set()
+        failed = {f.removesuffix(sanity.RELAXED) for f in row["flags"].split(";")} if row["flags"] else set()
         cells = [_sanity_figure(g, row[g], sanity.GATES[g].flag in failed) for g in gates]
         name = row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else "")
         shown.append([name, dataset_label(row["dataset"]), *cells, row["flags"] or "-",

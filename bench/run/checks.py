@@ -101,8 +101,8 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
             if dry and "never downloads" in str(err):
                 raise UserError(f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)") from None
             raise
+        check_name(task.job.model, f"defense {task.job.model}")  # the name given; a rehearsal's run adds @rehearsal
         info = replace(defense.info, name=task.run)
-        check_name(info.name, f"defense {info.name}")
         resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
     return resolved
 

@@ -68,6 +68,7 @@ class Running:
     locks: ExitStack
     began: float
     cells: int = 0
+    measured: float = 0.0  # seconds of its cells and stability units, as recorded
 
 
 class Driver:
@@ -83,6 +84,9 @@ class Driver:
         self._contexts: dict[str, dict] = {}  # task name -> the KEY columns of its checkpoint
         self.cached: dict[str, int] = {}  # task name -> its cells found in the records
         self.stability_cached: dict[str, int] = {}  # task name -> its stability units found in the records
+        # seconds per stage of this run: train (its tasks' wall), eval (the cells' own seconds),
+        # stability (its units'), check (the rest of a measuring task: checks, loading), report
+        self.stage_seconds: Counter[str] = Counter(dict.fromkeys(("train", "eval", "stability", "check", "report"), 0.0))
         self._host = socket.gethostname()
         self._run_id = uuid.uuid4().hex  # workers' test sets are read again in each run (the files may have changed)
         self._ship = options.ray_address is not None  # workers may not see our results dir
@@ -307,6 +311,7 @@ class Driver:
     def _record(self, state: Running, message) -> None:
         if isinstance(message, CellsDone):
             added = self.store.add_cells(message.rows, message.correct)  # 0 where another process was first
+            self._clock(state, "eval", sum(row["seconds"] for row in message.rows))
             state.cells += added
             self.outcome.cells_run += added
         elif isinstance(message, AuditFailed):
@@ -316,6 +321,7 @@ class Driver:
             log.info("%s", message.summary)
         elif isinstance(message, StabilityDone):
             self.outcome.stability_run += self.store.add_stability(message.rows, message.values) > 0
+            self._clock(state, "stability", max((row["seconds"] for row in message.rows), default=0.0))  # the unit's, on each row
             log.info("%s", message.summary)
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)
@@ -327,8 +333,14 @@ class Driver:
         if meta["status"] == "failed":
             self.outcome.failed_runs.add(f"{tag} {dataset} seed {seed}")
 
+    def _clock(self, state: Running, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] += seconds
+        state.measured += seconds
+
     def _finish(self, state: Running) -> None:
         work = state.work
+        elapsed = time.perf_counter() - state.began
+        self.stage_seconds["train" if work.kind == TRAIN else "check"] += max(elapsed - state.measured, 0.0)
         if work.kind == TRAIN or not work.cells:
             return
         data = self.data(work.dataset, work.config)

@@ -41,11 +41,12 @@ from bench.run.plan import (
     TRAIN,
     Task,
     eval_config,
+    job_seeds,
     stability_config,
     train_config,
 )
-from bench.run.rates import Rates, defense_rates, model_rates
-from bench.train.recipes import recipe_for
+from bench.run.rates import Rates, defense_rates, forward_flops, model_rates
+from bench.train.recipes import recipe_for, training_test_images
 from models import model_entry
 
 WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
@@ -95,6 +96,10 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
     rates = {} if rates is None else rates
     sets = TrainingSets(options.data_dir)  # each training set read once, not once per training task
     rows = []
+    zoo = {t.job.model: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
+    for model in sorted(zoo, key=lambda m: forward_flops(m, zoo[m])) if options.assume_tflops is None else ():
+        if model not in rates:  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
+            rates[model] = model_rates(model, driver.device, options.results_dir, None, zoo[model])
     for task in tasks:
         if task.job.model not in rates:
             shape = dataset_info(task.job.dataset).input_shape
@@ -113,7 +118,7 @@ def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None 
             cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(driver, task, tasks, rates[task.job.model])
         rows.append({"task": task.name, "model": task.job.model, **cost})
     return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
-                                       "stability to run", "stability cached"])  # fmt: skip
+                                       "stability to run", "stability cached", "stability"])  # fmt: skip
 
 
 def _train_cost(driver, task: Task, rates: Rates, sets: TrainingSets) -> dict:
@@ -125,6 +130,7 @@ def _train_cost(driver, task: Task, rates: Rates, sets: TrainingSets) -> dict:
     epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
     images = sets.per_epoch(task.job.dataset, config.n_train)
     tested = driver.data(task.job.dataset, eval_config(task.job, driver.suite, options, driver.device)).n_test
+    tested = min(tested, training_test_images(config.length) or tested)  # a rehearsal's log tests on a few
     per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
 
@@ -167,12 +173,14 @@ def _work_cost(driver, task: Task, config: EvalConfig, members: int, todo: list,
         forward, gradient = unit_passes(unit, data.n(unit[0]), config)
         seconds += members * (forward / rates.forward + gradient / rates.gradient)
     cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
+    cells_seconds = seconds
     stable = stability_config(driver.suite, driver.options)
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
         seconds += forward / rates.forward + gradient / rates.gradient
     stable_cached = units_all - len(stage) if "stability" in driver.options.stages else 0
-    return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached}
+    return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached,
+            "stability": seconds - cells_seconds}  # fmt: skip
 
 
 def _meta(driver, task: Task, seed: int) -> dict:
@@ -182,7 +190,7 @@ def _meta(driver, task: Task, seed: int) -> dict:
 
 def _cost(to_train: int, todo: int, cached: int, train: float, evaluation: float) -> dict:
     return {"to train": to_train, "cells to run": todo, "cached": cached, "train": train, "eval": evaluation,
-            "seconds": train + evaluation, "stability to run": 0, "stability cached": 0}  # fmt: skip
+            "seconds": train + evaluation, "stability to run": 0, "stability cached": 0, "stability": 0.0}  # fmt: skip
 
 
 def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> float:
@@ -216,7 +224,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
         rows.append({
             "model": job.model + init,
             "dataset": job.dataset,
-            "seeds": 1 if job.defense is not None else len(driver.options.seeds or driver.suite.seeds),
+            "seeds": 1 if job.defense is not None else len(job_seeds(job, driver.suite, driver.options)),
             "ensemble": "yes" if job.ensemble_radii else "",
             "to train": int(mine["to train"].sum()),
             "cells to run": int(mine["cells to run"].sum()),

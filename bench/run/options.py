@@ -68,6 +68,7 @@ class RunOptions:
     data_dir: str | None = None
     progress: bool = True
     dry_run: bool = False
+    rehearse: bool = False  # the suite's whole plan on tiny data, tagged rehearsal (bench.run.rehearsal)
     rank_by: str = "pgd@2"  # the leaderboard's order
     figures: bool = True  # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
     landscape: tuple[int | None, int, float] = (None, 21, 8.0)  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
@@ -116,6 +117,9 @@ class RunOptions:
             raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'")
         if self.assume_tflops is not None and not (math.isfinite(self.assume_tflops) and self.assume_tflops > 0):
             raise UserError(f"--assume-tflops must be a positive number, got {self.assume_tflops:g}")
+        if self.rehearse and self.length is not None:
+            raise UserError(f"--length {self.length} and --rehearse: a rehearsal trains for its own length (2 epochs of a "
+                            "few steps, tagged rehearsal); leave --length out, or run without --rehearse")  # fmt: skip
         if self.defenses:
             self._check_defenses()
         check_results_dir(self.results_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.core.environment import resolve_device, retain_freed_memory
@@ -28,6 +29,7 @@ from bench.reports.leaderboard import check_metric
 from bench.reports.measured import NoRecordsError
 from bench.reports.plotting import FigureConfig
 from bench.reports.writer import write_figures, write_reports, write_sanity
+from bench.run import rehearsal
 from bench.run.checks import (
     TrainingDigests,
     _check_models,
@@ -51,6 +53,7 @@ from bench.run.plan import (
     task_resources,
     train_config,
 )
+from bench.run.rehearsal import rehearsal_options, rehearsal_suite
 from bench.run.suites import Suite, find_suite
 from bench.train.loop import finished_run
 from models import UserError
@@ -65,9 +68,14 @@ def run(options: RunOptions) -> int:
     could not be finished). Every mistake in the options or the environment is found
     before anything is trained."""
     suite = find_suite(options.suite)
+    real = replace(options, rehearse=False)  # a rehearsal's last line estimates the real run too
+    if options.rehearse:
+        suite = rehearsal_suite(suite)
     if not options.dry_run:  # a dry run writes nothing, and says how to recover
         recover(options.results_dir)
     jobs = plan_jobs(suite, options)
+    if options.rehearse:
+        options = rehearsal_options(options, jobs)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
         return _report(options, figures_only="report" not in options.stages)
     device = _device(suite, options)
@@ -104,6 +112,7 @@ def run(options: RunOptions) -> int:
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, suite, device, store, defenses=defenses)
+    planned = rehearsal.Planned(driver, tasks, options) if options.rehearse else None  # before the work: the estimate's view
     began = time.perf_counter()
     if tasks:
         executor = make_executor(options.executor, _workers(options, len(tasks)), options.ray_address,
@@ -112,12 +121,14 @@ def run(options: RunOptions) -> int:
             driver.execute(tasks, executor)
         finally:
             executor.close()
+    reporting = time.perf_counter()
     if "report" in options.stages:
         _report(options, after_work=True)
     elif "figures" in options.stages:
         _report(options, after_work=True, figures_only=True)
     elif "check" in options.stages:  # the gates alone: the sanity table
         _report(options, after_work=True, sanity_only=True)
+    driver.stage_seconds["report"] += time.perf_counter() - reporting
     outcome = driver.outcome
     log.info(
         "done in %.0f s: %d cells evaluated, %d cached; %d stability units measured, %d cached; %d failed runs; "
@@ -132,7 +143,19 @@ def run(options: RunOptions) -> int:
     )
     for error in outcome.errors:
         log.error("error: %s", error)
+    if planned is not None:
+        log.info("%s", rehearsal.last_line(planned, driver.stage_seconds, _real_estimate(real, device, planned.rates)))
     return 1 if outcome.errors else 0
+
+
+def _real_estimate(options: RunOptions, device: str, rates: dict) -> rehearsal.StageSeconds:
+    """What the run the rehearsal stands for will cost: its plan's estimate (nothing of a
+    rehearsal counts as cached for it), on the same device and throughput."""
+    suite = find_suite(options.suite)
+    tasks = plan_tasks(plan_jobs(suite, options), suite, options, device)
+    store = RecordStore(options.results_dir, readonly=True)
+    driver = Driver(options, suite, device, store, dry=True, defenses=resolve_defenses(tasks, True))
+    return rehearsal.stage_estimate(driver, tasks, options, rates)
 
 
 def _workers(options: RunOptions, tasks: int) -> int | None:

@@ -19,6 +19,7 @@ from bench.data.datasets import dataset_info
 from bench.eval.defenses import identity
 from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
+from bench.records.checkpoints import REHEARSAL
 from bench.records.schema import ENSEMBLE_SEED
 from bench.run.options import RunOptions
 from bench.run.suites import Study, Suite
@@ -140,12 +141,13 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
 def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) -> list[Task]:
     """The tasks of the asked stages in an order that respects `after` (every training
     first, as one process runs them; executors with more workers start what is ready)."""
-    seeds = seeds_of(suite, options)
     resources = task_resources(suite, device)
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
-        return [Task(DEFENSE, job, job.model, (0,), (), resources) for job in jobs]
+        run = (lambda name: f"{name}@{REHEARSAL}") if suite.rehearsal else (lambda name: name)
+        return [Task(DEFENSE, job, run(job.model), (0,), (), resources) for job in jobs]
     for job in jobs:
+        seeds = job_seeds(job, suite, options)
         run = train_config(job, seeds[0], suite, options, device).tag
         trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
         waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
@@ -166,6 +168,15 @@ def task_resources(suite: Suite, device: str) -> Resources:
 
 def seeds_of(suite: Suite, options: RunOptions) -> tuple[int, ...]:
     return options.seeds if options.seeds is not None else suite.seeds
+
+
+def job_seeds(job: Job, suite: Suite, options: RunOptions) -> tuple[int, ...]:
+    """The seeds a job trains: the run's; in a rehearsal without --seeds, the first one
+    alone unless the job evaluates its seeds' ensemble (which needs two)."""
+    seeds = seeds_of(suite, options)
+    if suite.rehearsal and options.seeds is None and not job.ensemble_radii:
+        return seeds[:1]
+    return seeds
 
 
 def train_config(job: Job, seed: int, suite: Suite, options: RunOptions, device: str) -> TrainConfig:

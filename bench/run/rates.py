@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -20,11 +21,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.attacks.perturbations import CLEAN, NOISE, PERTURBATIONS, Iterative, perturbation
 from bench.core.environment import device_name
 from bench.data.datasets import CIFAR10
-from bench.records.checkpoints import META_FILE, read_meta
+from bench.records.checkpoints import META_FILE, is_rehearsal, read_meta
 from bench.records.load import load_records
 from models import create_model
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
+# A probe predicted (from a probe already made on the device) to take longer than this is not
+# made: the model's FLOPs at the throughput that probe achieved stand in for it.
+PROBE_BUDGET_S = 6.0
+SAME_FLOPS = 0.02  # models within 2% of each other's FLOPs (one architecture, another skip rule) share a probe
+log = logging.getLogger(__name__)
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
 
 
@@ -46,18 +52,56 @@ def model_rates(
     if assume_tflops is not None:
         return flop_rates(model, assume_tflops, shape)
     recorded = recorded_rates(model, device, results_dir)
-    return recorded if recorded is not None else probe(model, device, shape)
+    return recorded if recorded is not None else probed_rates(model, device, shape)
+
+
+_PROBED: dict[tuple[str, tuple[int, ...]], dict[str, tuple[float, Rates]]] = {}  # (device, shape) -> model -> (FLOPs, rates)
+
+
+def probed_rates(model: str, device: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
+    """The model's rates from a probe on `device`, made once per process: a model of the
+    same FLOPs as one probed shares its probe, and one whose probe would take longer than
+    PROBE_BUDGET_S gets its FLOPs at the throughput of the largest model probed."""
+    flops = forward_flops(model, shape)
+    done = _PROBED.setdefault((device_name(device), shape), {})
+    same = [(name, rates) for name, (f, rates) in done.items() if abs(f - flops) <= SAME_FLOPS * flops]
+    if same:
+        return same[0][1]
+    if done:
+        name, (ref_flops, ref) = max(done.items(), key=lambda item: item[1][0])
+        scale = ref_flops / flops
+        guess = Rates(ref.train * scale, ref.forward * scale, ref.gradient * scale,
+                      f"{flops / 1e9:.2f} GFLOPs at the throughput {name}'s probe achieved")  # fmt: skip
+        if probe_seconds(guess) > PROBE_BUDGET_S:
+            log.info("rates of %s on %s: its FLOPs at the throughput of %s's probe (a probe would take ~%.0f s)",
+                     model, device, name, probe_seconds(guess))  # fmt: skip
+            done[model] = (flops, guess)
+            return guess
+    log.info("probing %s on %s: a training step, a forward and an input gradient on batches of %d", model, device, PROBE_BATCH)
+    done[model] = (flops, probe(model, device, shape))
+    return done[model][1]
+
+
+def probe_seconds(rates: Rates) -> float:
+    """How long `probe` takes at `rates`: at least PROBE_WARMUP + 3 batches of each kind."""
+    batches = PROBE_WARMUP + 3
+    return sum(batches * PROBE_BATCH / r for r in (rates.train, rates.forward, rates.gradient))
 
 
 @functools.cache
-def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
-    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of
-    `shape` (counted on the meta device: no weights, no time)."""
+def forward_flops(model: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> float:
+    """FLOPs of one forward pass of one image of `shape` (counted on the meta device: no weights, no time)."""
     with torch.device("meta"):
         net = create_model(model)
         with FlopCounterMode(display=False) as counter:
             net(torch.zeros(1, *shape))
-    per_image = counter.get_total_flops()
+    return float(counter.get_total_flops())
+
+
+@functools.cache
+def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
+    """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of `shape`."""
+    per_image = forward_flops(model, shape)
     rate = tflops * 1e12 / per_image
     return Rates(rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s")
 
@@ -70,13 +114,15 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
         meta["epochs_done"] * meta["data"]["images"] / meta["wall_seconds"]
         for meta in _finished_metas(results_dir)
         if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
+        and not is_rehearsal(meta.get("tag", ""))  # a few steps: their time is the overheads'
     ]
     if not train:
         return None
     frame = _timed_cells(results_dir)
     if frame is None:
         return None
-    mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)]
+    mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)
+                 & ~frame["run"].map(is_rehearsal).astype(bool)]  # fmt: skip
     forward_cells = mine[mine["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
     iterative = mine[mine["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))]  # steps in params
     if not len(forward_cells) or not len(iterative):

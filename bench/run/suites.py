@@ -54,6 +54,7 @@ class Suite:
     # one GPU where there are GPUs: CPU threads and host memory in GiB (Ray schedules by them)
     task_cpus: int = 4
     task_memory_gib: float = 8.0
+    rehearsal: bool = False  # a `--rehearse` plan (bench.run.rehearsal): one seed per job but an ensemble's
 
 
 SUITES: dict[str, Suite] = {

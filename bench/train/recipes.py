@@ -12,12 +12,18 @@ from dataclasses import dataclass, replace
 
 from bench.attacks.perturbations import PRESET_ALPHA_255
 from bench.data.datasets import dataset_info
-from bench.records.checkpoints import run_tag
+from bench.records.checkpoints import REHEARSAL, run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
 PRESETS = tuple(PRESET_ALPHA_255)  # the protocol presets; each fixes its attacks' step size there too
-LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None}  # fraction of the epochs; smoke: SMOKE_EPOCHS
-SMOKE_EPOCHS = 2
+LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None, REHEARSAL: None}  # fraction of the epochs; None: FIXED_EPOCHS
+# smoke: 2 epochs; a rehearsal (`--rehearse`): 2 epochs, so the learning-rate schedule's
+# milestone is crossed, of a handful of steps each (its suite's small training subset)
+FIXED_EPOCHS = {"smoke": 2, REHEARSAL: 2}
+SMOKE_EPOCHS = FIXED_EPOCHS["smoke"]
+# A rehearsal's training log tests on the first 32 test images: the full CIFAR test set
+# would cost ResNeXt-29 minutes per epoch on a CPU, for a number that means nothing.
+REHEARSAL_TEST_IMAGES = 32
 # The authors' release normalised both data sets with CIFAR-10's mean and this std.
 AUTHORS_CODE_STD = (0.2023, 0.1994, 0.2010)
 
@@ -66,9 +72,14 @@ def recipe_for(family: str, dataset: str, preset: str = "paper", length: str = "
 
 def scaled(recipe: Recipe, length: str) -> Recipe:
     fraction = LENGTHS[length]
-    epochs = SMOKE_EPOCHS if fraction is None else max(1, round(recipe.epochs * fraction))
+    epochs = FIXED_EPOCHS[length] if fraction is None else max(1, round(recipe.epochs * fraction))
     milestones = tuple(round(m * epochs / recipe.epochs) for m in recipe.milestones)
     return replace(recipe, epochs=epochs, milestones=milestones)
+
+
+def training_test_images(length: str) -> int | None:
+    """How many test images the training log's per-epoch test pass reads (None: all)."""
+    return REHEARSAL_TEST_IMAGES if length == REHEARSAL else None
 
 
 def preset_model_options(preset: str, entry: ModelEntry) -> dict:
@@ -90,7 +101,7 @@ class TrainConfig:
     dataset: str
     seed: int
     preset: str = "paper"
-    length: str = "full"  # "full", "quick" or "smoke"
+    length: str = "full"  # "full", "quick", "smoke" or "rehearsal" (bench.run.rehearsal)
     lambda_init: tuple[float, float] | None = None
     n_train: int | None = None  # first N training images only (smoke runs, tests)
     device: str = "cpu"

@@ -1,0 +1,198 @@
+"""`--rehearse`: a suite's whole plan (every model at its real depth and width, every data
+set, study and stage) shrunk only in data and length, so that a plan that would take
+GPU-days shows in minutes whether every part of it works.
+
+What shrinks, and why each size (`REHEARSAL`):
+- training: 2 epochs (the schedule's milestone is crossed) on the first 64 training images,
+  one step each, and a training log that tests on 32 images;
+- seeds: one per job, two where the job's study evaluates an ensemble of its seeds;
+- evaluation: 4 class-balanced test images for every perturbation, 2 for AutoAttack and
+  PGD-50, 2 for the stability stage, every attack at its full step count;
+- Fig. 2: a 5 x 5 grid instead of 21 x 21.
+Runs are tagged `rehearsal` (bench.records.checkpoints.is_rehearsal): their checkpoints,
+records and every report say so, and none is compared with the paper or mixed with real runs.
+
+Where the suite's data sets are not in the data dir (no CIFAR download yet), the rehearsal
+writes stand-ins of the same image size and class count, in the data set's own file
+format, in `<data dir>/rehearsal/` (`prepare_data`); a data set that is there is used as
+it is (linked into that folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.core.files import atomic_write
+from bench.data.cifar import data_root, write_batch
+from bench.data.datasets import DatasetInfo, complete, dataset_info, ensure_folder
+from bench.data.synthetic import draw
+from bench.run.suites import Suite
+
+log = logging.getLogger(__name__)
+STANDIN_FOLDER = "rehearsal"  # below the data dir: the stand-ins, and links to the data sets that are there
+
+
+@dataclass(frozen=True)
+class RehearsalSizes:
+    """How far a rehearsal shrinks a suite. Counts are images unless named otherwise."""
+
+    n_train: int = 64  # training subset: one step of the recipe's batch of 128 per epoch
+    n_test: int = 4  # class-balanced test subset of every perturbation
+    n_autoattack: int = 2  # AutoAttack's (and PGD-50's) subset
+    n_stability: int = 2  # the stability stage's subset
+    seeds: int = 2  # the most a job gets: ensembles need two members, every other job gets one
+    landscape_points: int = 5  # Fig. 2's grid points per axis
+    standin_train: int = 320  # stand-in training images (above n_train: the --n-train check has room)
+    standin_test: int = 200  # stand-in test images: two per class of CIFAR-100, and noise groups from them
+
+
+REHEARSAL = RehearsalSizes()
+
+
+def rehearsal_suite(suite: Suite, sizes: RehearsalSizes = REHEARSAL) -> Suite:
+    """`suite`'s plan at rehearsal size: the same studies, models, data sets, stages,
+    perturbations and checks; its length, training subset, test subsets and seeds shrunk."""
+    subsets = tuple((name, min(n, sizes.n_autoattack)) for name, n in suite.subsets) or (("autoattack", sizes.n_autoattack),)
+    return replace(
+        suite,
+        description=f"rehearsal of {suite.name}: its whole plan on {sizes.n_test} test images, 2 epochs of "
+        f"{sizes.n_train} training images",
+        seeds=suite.seeds[: sizes.seeds],
+        length="rehearsal",
+        n_train=sizes.n_train,
+        n_test=sizes.n_test,
+        subsets=subsets,
+        n_stability=sizes.n_stability,
+        needs_gpu=False,  # minutes on a CPU: the point is to find what breaks before the GPU-days
+        rehearsal=True,
+    )
+
+
+def missing(dataset: str, root: Path) -> bool:
+    """Whether `dataset`'s files are neither in `root` nor to be had without a download
+    (extracted, in their archive, or made here like the synthetic set)."""
+    info = dataset_info(dataset)
+    if not info.files or info.make is not None or complete(info, root / info.folder):
+        return False
+    return not (info.archive and (root / info.archive).is_file())
+
+
+def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: bool = False) -> str | None:
+    """The data dir a rehearsal of `datasets` reads: the run's own when every data set is
+    there; else `<data dir>/rehearsal` with stand-ins for the missing ones and links to
+    the others (a dry run writes nothing: it names the folder and what it would hold)."""
+    root = data_root(data_dir)
+    absent = [d for d in datasets if missing(d, root)]
+    if not absent:
+        return None if data_dir is None else str(data_dir)
+    folder = root / STANDIN_FOLDER
+    for dataset in datasets:
+        info = dataset_info(dataset)
+        if dataset in absent:
+            log.info("rehearsal: %s is not in %s; %s stand-ins of its size and class count (%d training, %d test "
+                     "images of random patterns, in its file format) in %s", info.label, root,
+                     "would use" if dry else "using", REHEARSAL.standin_train, REHEARSAL.standin_test, folder / info.folder)  # fmt: skip
+            if not dry and not complete(info, folder / info.folder):
+                write_standin(info, folder / info.folder)
+        elif not dry:
+            _link(info, root, folder)
+    return str(folder)
+
+
+def write_standin(info: DatasetInfo, folder: Path, sizes: RehearsalSizes = REHEARSAL, seed: int = 0) -> None:
+    """Stand-in files for `info`: its batch files (each split's images spread over its
+    files), labels balanced over its classes, in the CIFAR python format; the images are
+    the synthetic set's patterns (their labels carry no meaning past 10 classes)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", sizes.standin_train), ("test", sizes.standin_test)):
+        images, _ = draw(count, rng, info.image_size[0])
+        labels = rng.permutation(np.arange(count) % info.num_classes)
+        names = [name for name, _ in info.files[split]]
+        for name, part in zip(names, np.array_split(np.arange(count), len(names)), strict=True):
+            write_batch(folder / name, images[part], labels[part], info.label_key)
+    meta_name = "batches.meta" if info.label_key == "labels" else "meta"
+    label_names = [f"class {i}" for i in range(info.num_classes)]
+    meta = {"label_names": label_names} if info.label_key == "labels" else {"fine_label_names": label_names}
+    atomic_write(folder / meta_name, lambda f: pickle.dump(meta, f, protocol=2))
+
+
+def _link(info: DatasetInfo, root: Path, folder: Path) -> None:
+    """Link a data set that is there (extracted first when only its archive is) and its
+    released noise groups into the rehearsal's folder."""
+    if info.files:
+        ensure_folder(info, root)
+    for name in (info.folder, info.noise_folder):
+        source, target = root / name, folder / name
+        if name and source.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def rehearsal_options(options, jobs: list) -> object:
+    """The run's options for its rehearsal: the data dir of `prepare_data` and Fig. 2's
+    smaller grid (the suite, bench.run.rehearsal.rehearsal_suite, holds the rest)."""
+    datasets = list(dict.fromkeys(job.dataset for job in jobs))
+    index, points, radius = options.landscape
+    return replace(options, data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run),
+                   landscape=(index, min(points, REHEARSAL.landscape_points), radius))  # fmt: skip
+
+
+STAGE_NAMES = ("train", "eval", "stability", "check", "report")
+
+
+@dataclass(frozen=True)
+class StageSeconds:
+    """Seconds of work per stage (NaN: not estimated), and the wall time on 1, 4 and 16 workers."""
+
+    seconds: dict
+    walls: dict
+
+    def total(self) -> float:
+        return sum(v for v in self.seconds.values() if v == v)
+
+
+def stage_estimate(driver, tasks: list, options, rates: dict) -> StageSeconds:
+    """The estimate of `tasks` per stage (bench.run.estimate, the dry run's own numbers)."""
+    from bench.run.estimate import WORKER_COUNTS, estimate, wall_time
+
+    frame = estimate(driver, tasks, options, rates)
+    seconds = {"train": frame["train"].sum(), "eval": (frame["eval"] - frame["stability"]).sum(),
+               "stability": frame["stability"].sum(), "check": math.nan, "report": math.nan}  # fmt: skip
+    per_task = dict(zip(frame["task"], frame["seconds"], strict=True))
+    return StageSeconds(seconds, {n: wall_time(tasks, per_task, n) for n in WORKER_COUNTS})
+
+
+class Planned:
+    """A rehearsal's plan as the estimate sees it before any work (a dry driver's view of
+    the same store), and the throughput it used, for the last line."""
+
+    def __init__(self, driver, tasks: list, options):
+        from bench.run.driver import Driver
+
+        dry = Driver(options, driver.suite, driver.device, driver.store, dry=True, defenses=driver.defenses)
+        self.rates: dict = {}
+        self.estimate = stage_estimate(dry, tasks, options, self.rates)
+
+
+def last_line(planned: Planned, measured: dict, real: StageSeconds) -> str:
+    """What the rehearsal measured per stage next to what the estimate said for the same
+    work, then the real run's estimate: a bad estimate shows before the GPU-days."""
+    from bench.run.estimate import _duration
+
+    parts = []
+    for stage in STAGE_NAMES:
+        guess = planned.estimate.seconds[stage]
+        said = "not estimated" if guess != guess else f"estimated {_duration(guess)}" + (
+            f", x{measured[stage] / guess:.1f}" if guess > 0 else "")  # fmt: skip
+        parts.append(f"{stage} {_duration(measured[stage])} ({said})")
+    real_parts = ", ".join(f"{s} {_duration(real.seconds[s])}" for s in ("train", "eval", "stability"))
+    walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(w)}" for n, w in real.walls.items())
+    return (f"rehearsal measured: {'; '.join(parts)}. The real run: estimated {_duration(real.total())} of work "
+            f"({real_parts}; checks and reports not estimated), wall time {walls}")  # fmt: skip
