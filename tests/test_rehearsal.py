@@ -114,6 +114,13 @@ def test_a_rehearsal_uses_the_data_that_is_there_and_stand_ins_for_what_is_not(t
     assert (folder / CIFAR10.folder).is_symlink() and (folder / CIFAR10.folder).resolve() == (root / CIFAR10.folder).resolve()
     assert not (folder / CIFAR100.folder).is_symlink() and len(load_split(CIFAR100, "test", folder)) == 200
     assert "CIFAR-100 is not in" in caplog.text and "stand-ins" in caplog.text and "CIFAR-10 is not" not in caplog.text
+    write_standin(CIFAR100, root / CIFAR100.folder, seed=1)  # CIFAR-100 arrives: it replaces the stand-ins
+    assert prepare_data(["cifar10", "cifar100"], root) == str(root)
+    (root / CIFAR10.folder / "test_batch").unlink()  # now CIFAR-10 is missing: the stand-ins' folder, CIFAR-100 linked in
+    folder = Path(prepare_data(["cifar10", "cifar100"], root))
+    assert (folder / CIFAR100.folder).is_symlink() and not (folder / CIFAR10.folder).is_symlink()
+    assert not (root / CIFAR10.folder / "test_batch").exists()  # the stand-ins went beside the user's files, not into them
+    assert (load_split(CIFAR100, "test", folder).images == load_split(CIFAR100, "test", root).images).all()
 
 
 def test_probes_are_shared_by_equal_flops_and_replaced_by_flops_when_slow(monkeypatch):

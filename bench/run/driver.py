@@ -49,6 +49,7 @@ from models import create_model, list_models, model_entry
 log = logging.getLogger(__name__)
 
 
+STAGE_NAMES = ("train", "eval", "stability", "check", "report")  # the stages whose seconds the driver adds up
 MAX_ATTEMPTS = 3  # a task whose worker dies is tried again, up to this many times in all
 
 
@@ -86,7 +87,7 @@ class Driver:
         self.stability_cached: dict[str, int] = {}  # task name -> its stability units found in the records
         # seconds per stage of this run: train (its tasks' wall), eval (the cells' own seconds),
         # stability (its units'), check (the rest of a measuring task: checks, loading), report
-        self.stage_seconds: Counter[str] = Counter(dict.fromkeys(("train", "eval", "stability", "check", "report"), 0.0))
+        self.stage_seconds: Counter[str] = Counter(dict.fromkeys(STAGE_NAMES, 0.0))
         self._host = socket.gethostname()
         self._run_id = uuid.uuid4().hex  # workers' test sets are read again in each run (the files may have changed)
         self._ship = options.ray_address is not None  # workers may not see our results dir

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,8 +100,11 @@ def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: b
             log.info("rehearsal: %s is not in %s; %s stand-ins of its size and class count (%d training, %d test "
                      "images of random patterns, in its file format) in %s", info.label, root,
                      "would use" if dry else "using", REHEARSAL.standin_train, REHEARSAL.standin_test, folder / info.folder)  # fmt: skip
-            if not dry and not complete(info, folder / info.folder):
-                write_standin(info, folder / info.folder)
+            target = folder / info.folder
+            if not dry and target.is_symlink():  # a link to files that have since gone: never write through it
+                target.unlink()
+            if not dry and not complete(info, target):
+                write_standin(info, target)
         elif not dry:
             _link(info, root, folder)
     return str(folder)
@@ -125,14 +129,19 @@ def write_standin(info: DatasetInfo, folder: Path, sizes: RehearsalSizes = REHEA
 
 def _link(info: DatasetInfo, root: Path, folder: Path) -> None:
     """Link a data set that is there (extracted first when only its archive is) and its
-    released noise groups into the rehearsal's folder."""
+    released noise groups into the rehearsal's folder, in place of the stand-ins an earlier
+    rehearsal wrote there before the data set came."""
     if info.files:
         ensure_folder(info, root)
     for name in (info.folder, info.noise_folder):
         source, target = root / name, folder / name
-        if name and source.exists() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(source.resolve(), target_is_directory=True)
+        if not name or not source.exists() or (target.is_symlink() and target.resolve() == source.resolve()):
+            continue
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # stand-ins: the real files are here now
+        target.unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source.resolve(), target_is_directory=True)
 
 
 def rehearsal_options(options, jobs: list) -> object:
@@ -142,9 +151,6 @@ def rehearsal_options(options, jobs: list) -> object:
     index, points, radius = options.landscape
     return replace(options, data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run),
                    landscape=(index, min(points, REHEARSAL.landscape_points), radius))  # fmt: skip
-
-
-STAGE_NAMES = ("train", "eval", "stability", "check", "report")
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,7 @@ class Planned:
 def last_line(planned: Planned, measured: dict, real: StageSeconds) -> str:
     """What the rehearsal measured per stage next to what the estimate said for the same
     work, then the real run's estimate: a bad estimate shows before the GPU-days."""
+    from bench.run.driver import STAGE_NAMES
     from bench.run.estimate import _duration
 
     parts = []
