@@ -149,7 +149,7 @@ def test_audit_rejects_out_of_ball_and_out_of_range(images):
 
 
 def test_a_cell_failing_the_audit_is_reported_not_recorded(grey_root, grey_defense, tmp_path, monkeypatch):
-    def leaky(model, x, y, eps):
+    def leaky(model, x, y, eps, space=None):
         return [(x + 2 * e).clamp(0, 1) for e in eps]
 
     monkeypatch.setattr(perturbations, "fgsm", leaky)  # where the FGSM perturbation calls it
@@ -261,10 +261,13 @@ def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
     assert set(load_records(tmp_path)["checkpoint_sha256"]) == {"f" * 64}
 
 
-def test_authors_code_preset_normalises_noise_files_by_their_own_statistics(
-    grey_root, grey_defense, tmp_path
-):
-    config = EvalConfig(preset="authors-code", eps_255=(1.0,), steps=1)
+RELEASE_PGD = {"authors-code": '{"alpha_255":1.0,"ball":"start","steps":1}',
+               "release-2020-06": '{"alpha_255":2.0,"ball":"start","steps":1,"units":"normalised"}'}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", list(RELEASE_PGD))
+def test_release_presets_normalise_noise_files_by_their_own_statistics(grey_root, grey_defense, tmp_path, preset):
+    config = EvalConfig(preset=preset, eps_255=(1.0,), steps=1)
     data = EvalData("cifar10", grey_root, config)
     mean, std = data.file_stats("impulse_noise")
     images = data.noise("impulse_noise").images.astype(np.float64) / 255
@@ -278,9 +281,11 @@ def test_authors_code_preset_normalises_noise_files_by_their_own_statistics(
     assert torch.allclose(net.normalize(remap(x)), expected, atol=1e-5)
     ran, _, errors = run(grey_defense, config, grey_root, tmp_path)
     frame = load_records(tmp_path)
-    assert errors == [] and (frame["preset"] == "authors-code").all()
+    assert errors == [] and (frame["preset"] == preset).all()
     pgd = frame[frame["perturbation"] == "pgd"]  # the release's ball: recorded, audited to 2 eps
-    assert pgd["params"].tolist() == ['{"alpha_255":1.0,"ball":"start","steps":1}'] and pgd["accuracy"].item() == 0.7
+    assert pgd["params"].tolist() == [RELEASE_PGD[preset]]
+    if preset == "authors-code":
+        assert pgd["accuracy"].item() == 0.7
 
 
 def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp_path):

@@ -47,7 +47,14 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
     cells = {t.name: len(protocol_cells(eval_config(t.job, spec, options, "cuda", t.kind == ENSEMBLE))) for t in tasks if t.kind != TRAIN}
     main = [t for t in tasks if t.kind == MEASURE and t.job.radii == (1.0, 2.0, 4.0)]
     assert len(main) == 90 and {cells[t.name] for t in main} == {36}  # clean, 20 noise, 3 x 4 attacks, PGD-50 x 2, AA
-    assert sum(cells.values()) == 90 * 36 + (15 + 40) * 28 + 6 * 28
+    assert sum(cells.values()) == 90 * 36 + (15 + 40) * 28 + 6 * 30  # an ensemble: 28 and PGD-50 at 16, 64
+    for task in (t for t in tasks if t.kind == ENSEMBLE):  # its large-eps gate can pass: on the AutoAttack subset
+        config = eval_config(task.job, spec, options, "cuda", True)
+        assert dict(config.extra)["pgd50"] == (16.0, 64.0) and config.n_test_of("pgd50") == config.n_test_of("autoattack") == 1000
+    fewer = RunOptions(suite="paper", n_autoattack=200)
+    assert eval_config(next(t for t in tasks if t.kind == ENSEMBLE).job, spec, fewer, "cuda", True).n_test_of("pgd50") == 200
+    single = next(t for t in tasks if t.kind == MEASURE)
+    assert eval_config(single.job, spec, options, "cuda").n_test_of("pgd50") is None  # single models: every image
     order = [t.name for t in tasks]
     for task in tasks:
         assert all(order.index(a) < order.index(task.name) for a in task.after)

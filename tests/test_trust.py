@@ -221,15 +221,28 @@ def test_the_worst_case_is_the_and_of_every_attack_at_a_radius(grey_root, grey_d
 def test_bootstrap_intervals_have_the_known_width():
     boot = Bootstrap(seed=0)
     half = [np.arange(10_000) % 2 == 0]  # one seed, p = 0.5: standard error 0.5 points
-    low, high = boot.interval(half)
+    low, high = boot.interval(half, ("half",))
     assert low == pytest.approx(50 - 1.96 * 0.5, abs=0.2) and high == pytest.approx(50 + 1.96 * 0.5, abs=0.2)
-    same = boot.difference(half, half)
+    same = boot.difference(half, half, ("same",))
     assert same == (0.0, 0.0, 0.0)  # paired: the same examples cancel in every draw
     rng = np.random.default_rng(1)
     seeds = [rng.random(1000) < p for p in (0.6, 0.7, 0.8)]  # seeds that disagree widen it
-    assert np.diff(boot.interval(seeds)) > 2 * np.diff(boot.interval([seeds[1]] * 3))
+    assert np.diff(boot.interval(seeds, ("3",))) > 2 * np.diff(boot.interval([seeds[1]] * 3, ("1",)))
     assert verdict(1.0, 3.0, 2.5) == "reproduces" and verdict(-3.0, -1.0, 2.5) == "contradicts"
     assert verdict(-1.0, 3.0, 2.5) == "inconclusive"
+
+
+def test_an_interval_depends_on_what_it_measures_not_on_what_came_before():
+    """Each interval's generator is seeded by its identity: computing others first, or on
+    another Bootstrap, changes nothing; another identity draws differently."""
+    rng = np.random.default_rng(2)
+    a, b = [rng.random(500) < 0.6 for _ in range(3)], [rng.random(500) < 0.5 for _ in range(3)]
+    fresh = Bootstrap().difference(a, b, ("claim", "x"))
+    busy = Bootstrap()
+    busy.interval(b, ("other",)), busy.over_seeds([1.0, 2.0, 3.0], ("more",)), busy.difference(b, a, ("y",))
+    assert busy.difference(a, b, ("claim", "x")) == fresh
+    assert Bootstrap().difference(a, b, ("claim", "z")) != fresh
+    assert Bootstrap().over_seeds([1.0, 2.0, 4.0], ("s",)) == busy.over_seeds([1.0, 2.0, 4.0], ("s",))
 
 
 # --- RobustBench entries ------------------------------------------------------------------------

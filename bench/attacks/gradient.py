@@ -1,5 +1,5 @@
-"""The gradient attacks written here (FGSM at every radius from one gradient, PGD around
-its start as the release runs it), seeded runs, and the audit that every adversarial
+"""The gradient attacks written here (FGSM at every radius from one gradient, IFGSM and PGD
+as the release writes them, in pixel or normalised units), seeded runs, and the audit that every adversarial
 batch must pass before it counts. IFGSM and PGD through torchattacks are the `IFGSM` and
 `PGD` perturbations (bench.attacks.perturbations).
 
@@ -13,10 +13,14 @@ every argument is always passed explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from models import UserError
+from models.layers import Normalize
 
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
 
@@ -25,33 +29,74 @@ class AttackAuditError(RuntimeError):
     """An adversarial batch left the eps-ball or the image range: the cell is void."""
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float]) -> list[Tensor]:
+@dataclass(frozen=True)
+class Space:
+    """Where a signed-gradient attack steps: radii, steps and random starts are multiplied
+    by `scale` and the images clipped to [low, high] (floats, or tensors broadcast to x,
+    per channel). `PIXELS`: the paper's, radii in pixel units and [0, 1]."""
+
+    scale: Tensor | float = 1.0
+    low: Tensor | float = 0.0
+    high: Tensor | float = 1.0
+
+
+PIXELS = Space()
+
+
+def normalised_space(model: nn.Module) -> Space:
+    """The release's June 2020 scripts (preset release-2020-06): radii and steps in units of
+    the model's normalised input (eps/255 added to (x - mean) / std, so eps x std in
+    pixels) and that normalised input clipped to [0, 1], i.e. pixels to [mean, mean + std],
+    per channel. Read from the model's Normalize layer(s), which must agree."""
+    layers = [m for m in model.modules() if isinstance(m, Normalize)]
+    if not layers or any(not (torch.equal(m.mean, layers[0].mean) and torch.equal(m.std, layers[0].std)) for m in layers):
+        raise UserError(
+            "attacks in normalised units (preset release-2020-06) need a model with one input "
+            "normalisation (a Normalize layer): this defense has " + ("none" if not layers else "several that differ")
+        )
+    mean, std = layers[0].mean, layers[0].std
+    return Space(std, mean, mean + std)
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], space: Space = PIXELS) -> list[Tensor]:
     """FGSM (paper Eq. 19) at every radius in `eps` from one input gradient: the sign of the
     gradient does not depend on the radius, so k radii cost one backward pass, not k.
-    Equals torchattacks.FGSM(model, eps=e)(x, y) for each e exactly (same loss, same ops)."""
+    Equals torchattacks.FGSM(model, eps=e)(x, y) for each e exactly (same loss, same ops) in
+    `PIXELS`. The sign of the gradient is the same in pixel and normalised units (std > 0)."""
     x = x.detach().clone().requires_grad_(True)
     loss = F.cross_entropy(model(x), y)
     sign = torch.autograd.grad(loss, x)[0].sign()
     x = x.detach()
-    return [torch.clamp(x + e * sign, min=0, max=1) for e in eps]
+    return [torch.clamp(x + e * space.scale * sign, min=space.low, max=space.high) for e in eps]
+
+
+def signed_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, *,
+                 random_start: bool, ball: str, space: Space = PIXELS) -> Tensor:  # fmt: skip
+    """IFGSM / PGD as the authors' release writes them (test_ifgsm.py, test_pgd.py): with
+    `random_start`, start at x + U[-eps, eps] (not clipped); `steps` signed-gradient steps of
+    size `alpha`, each projected onto the eps-ball around x (`ball` "image") or around the
+    start ("start"; final images then lie up to 2 eps from x), then clipped to the space's
+    range. The August 2020 scripts attack normalised inputs with radius eps / std and step
+    alpha / std, clipped to the normalised image range: these in `PIXELS`."""
+    if steps < 1:
+        raise ValueError(f"the attack needs at least one step, got {steps}")
+    x_adv = x.detach()
+    if random_start:  # the global RNG, as torchattacks
+        x_adv = x_adv + torch.empty_like(x).uniform_(-eps, eps) * space.scale
+    centre = x_adv if ball == "start" else x.detach()
+    low, high = centre - eps * space.scale, centre + eps * space.scale
+    for _ in range(steps):
+        x_adv = x_adv.clone().requires_grad_(True)
+        grad = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)[0]
+        x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * space.scale * grad.sign(), low), high)
+        x_adv = torch.clamp(x_adv, min=space.low, max=space.high)
+    return x_adv
 
 
 def pgd_around_start(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:
-    """PGD as the authors' release runs it (test_pgd.py): start at x + U[-eps, eps], not
-    clipped to [0, 1]; `steps` signed-gradient steps of size `alpha`, each projected onto the
-    eps-ball around that *start* (not around x), then clipped to [0, 1]. Final images can
-    lie up to 2 eps from x. The release attacks normalised inputs with a per-channel radius
-    eps / std and step alpha / std: the same ball, steps and clipping as these in pixels."""
-    if steps < 1:
-        raise ValueError(f"pgd needs at least one step, got {steps}")
-    start = x.detach() + torch.empty_like(x).uniform_(-eps, eps)  # the global RNG, as torchattacks
-    low, high = start - eps, start + eps
-    x_adv = start.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)[0]
-        x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), low), high).clamp_(0, 1)
-    return x_adv
+    """PGD as the release's August 2020 test_pgd.py runs it (preset authors-code), in pixels:
+    `signed_steps` from a random start, projected around that start."""
+    return signed_steps(model, x, y, eps, alpha, steps, random_start=True, ball="start")
 
 
 def run_seeded(attack, x: Tensor, y: Tensor, seed: int):

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from bench.attacks.gradient import fgsm, pgd_around_start
+from bench.attacks.gradient import PIXELS, Space, fgsm, normalised_space, signed_steps
+from bench.core.presets import NORMALISED, PIXEL, PRESETS, START, preset
 from bench.data.noise import NOISE_GROUPS
 from models import UserError
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     import torchattacks
 
 CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
-PRESET_ALPHA_255 = {"paper": 2.0, "authors-code": 1.0}  # IFGSM / PGD step size, in 1/255
+PRESET_ALPHA_255 = {name: p.alpha_255 for name, p in PRESETS.items()}  # IFGSM / PGD step size, in 1/255
 DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations: every default step count reads this one
 
 
@@ -45,12 +46,17 @@ class AttackSetting:
     @property
     def pgd_ball(self) -> str:
         """Where PGD's projection ball is centred: on the image (the paper's text), or on
-        the random start (the release's test_pgd.py, preset authors-code)."""
-        return "start" if self.preset == "authors-code" else "image"
+        the random start (the release's test_pgd.py)."""
+        return preset(self.preset).pgd_ball
+
+    @property
+    def attack_units(self) -> str:
+        """Units of the preset's FGSM / IFGSM / PGD: pixels, or the model's normalised input."""
+        return preset(self.preset).attack_units
 
     @property
     def alpha(self) -> float:
-        return (self.alpha_255 if self.alpha_255 is not None else PRESET_ALPHA_255[self.preset]) / 255
+        return (self.alpha_255 if self.alpha_255 is not None else preset(self.preset).alpha_255) / 255
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Perturbation:
     reference_for: str | None = None  # a stronger attack the named one must come close to (gate reference-gap)
     chance_from_255: float | None = None  # at radii from this on, any model is at chance (gate large-eps)
     curve: bool = False  # a panel of the robustness figure
+    units: str | None = PIXEL  # the units of its radii: PIXEL, or None: the preset's (FGSM, IFGSM, PGD)
 
     def params(self, setting, eps_255: float) -> dict:
         """The parameters that identify a measurement besides the radius (recorded)."""
@@ -88,8 +95,20 @@ class Perturbation:
 
     def reach(self, setting, eps: float) -> float:
         """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
-        audit allows. The radius, unless the perturbation's ball is centred elsewhere."""
-        return eps
+        audit allows. The radius, unless the perturbation's ball is centred elsewhere; any
+        distance in normalised units, whose clip to the normalised [0, 1] moves a pixel
+        outside [mean, mean + std] by as much as its distance to that box."""
+        return 1.0 if self._units(setting) == NORMALISED else eps
+
+    def _units(self, setting) -> str:
+        return self.units if self.units is not None else setting.attack_units
+
+    def _space(self, model: nn.Module, setting) -> Space:
+        return normalised_space(model) if self._units(setting) == NORMALISED else PIXELS
+
+    def _units_params(self, setting) -> dict:
+        """Recorded: a measurement in normalised units never pools with a pixel one."""
+        return {"units": NORMALISED} if self._units(setting) == NORMALISED else {}
 
     def strength(self, params: dict) -> tuple:
         """Orders parameter sets of one radius: the largest is the strongest attack."""
@@ -123,8 +142,11 @@ class FGSM(Perturbation):
     protocol_radii: str | None = "eps_255"
     curve: bool = True
 
+    def params(self, setting, eps_255):
+        return self._units_params(setting)
+
     def perturb(self, model, x, y, eps, setting):
-        return fgsm(model, x, y, eps)
+        return fgsm(model, x, y, eps, self._space(model, setting))
 
     def passes(self, n, radii, setting):
         return n * radii, n
@@ -137,9 +159,11 @@ class Iterative(Perturbation):
     setting (the preset's alpha, --steps) unless `steps` / `alpha_per_eps` fix them here.
 
     The ball is centred on x ("image", the paper's text) or, for PGD under a setting whose
-    `pgd_ball` is "start" (the authors-code preset), on the unclipped random start, as the
-    release (`ball` None: the setting's). A start-centred measurement records
-    `"ball": "start"` in its params, so it never pools with the paper's PGD."""
+    `pgd_ball` is "start" (the release's presets), on the unclipped random start, as the
+    release (`ball` None: the setting's); radii and steps are in pixel units or, under the
+    release-2020-06 preset, in the model's normalised units (`units` None: the setting's).
+    A start-centred or normalised measurement records `"ball": "start"` / `"units":
+    "normalised"` in its params, so it never pools with the paper's PGD."""
 
     leaderboard: bool = True
     steps: int | None = None  # None: the setting's
@@ -160,8 +184,8 @@ class Iterative(Perturbation):
     def params(self, setting, eps_255):
         steps = self.steps if self.steps is not None else setting.steps
         alpha = self.alpha_per_eps * eps_255 if self.alpha_per_eps is not None else setting.alpha * 255
-        params = {"alpha_255": round(alpha, 6), "steps": int(steps)}
-        return {**params, "ball": "start"} if self._ball(setting) == "start" else params
+        params = {"alpha_255": round(alpha, 6), "steps": int(steps), **self._units_params(setting)}
+        return {**params, "ball": START} if self._ball(setting) == START else params
 
     def _ball(self, setting) -> str:
         return self.ball if self.ball is not None else setting.pgd_ball
@@ -169,12 +193,15 @@ class Iterative(Perturbation):
     def perturb(self, model, x, y, eps, setting):
         params = self.params(setting, eps[0] * 255)
         alpha, steps = params["alpha_255"] / 255, params["steps"]
-        if self._ball(setting) == "start":
-            return [pgd_around_start(model, x, y, eps[0], alpha, steps)]
+        if self._ball(setting) == START or self._units(setting) == NORMALISED:  # the release's loop, ours
+            return [signed_steps(model, x, y, eps[0], alpha, steps, random_start=self.randomized,
+                                 ball=self._ball(setting), space=self._space(model, setting))]  # fmt: skip
         return [self.attack(model, eps[0], alpha, steps)(x, y)]
 
     def reach(self, setting, eps):
-        return 2 * eps if self._ball(setting) == "start" else eps
+        if self._units(setting) == NORMALISED:
+            return super().reach(setting, eps)
+        return 2 * eps if self._ball(setting) == START else eps
 
     def passes(self, n, radii, setting):
         steps = self.steps if self.steps is not None else setting.steps
@@ -296,9 +323,9 @@ def parse_metric(name: str) -> str | None:
 register(Clean("clean", "Acc."))
 for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
-register(FGSM("fgsm", "FGSM"))
-register(IFGSM("ifgsm", "IFGSM", protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
-register(PGD("pgd", "PGD", ball=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
+register(FGSM("fgsm", "FGSM", units=None))
+register(IFGSM("ifgsm", "IFGSM", units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
+register(PGD("pgd", "PGD", ball=None, units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
 register(UniformNoise("uniform", "Uniform noise"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
 # undefended model to chance (Madry et al.'s step rule).

@@ -29,6 +29,7 @@ from bench.attacks.perturbations import (
     perturbation,
 )
 from bench.core.environment import device_name
+from bench.core.presets import PER_FILE, preset
 from bench.data.splits import (
     batches,
     cell_sources,
@@ -273,7 +274,7 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
     pert = perturbation(cell.perturbation)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     remap = None
-    if pert.kind == NOISE and config.preset == "authors-code":
+    if pert.kind == NOISE and preset(config.preset).noise_normalisation == PER_FILE:
         remap = _file_normalization(model, *data.file_stats(cell.perturbation))
     eps = [c.eps_255 / 255 for c in unit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
@@ -315,7 +316,7 @@ def _file_normalization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> 
     normalize = next((m for m in model.modules() if isinstance(m, Normalize)), None)
     if normalize is None:
         raise UserError(
-            "preset authors-code renormalises noise files and needs a model with a Normalize layer"
+            "the release's presets renormalise noise files and need a model with a Normalize layer"
         )
     device = normalize.mean.device
     file_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -13,12 +13,12 @@ from bench.attacks.perturbations import (
     DEFAULT_STEPS,
     NOISE,
     PERTURBATIONS,
-    PRESET_ALPHA_255,
     AttackSetting,
     of_kind,
     perturbation,
 )
 from bench.core.environment import check_device_kind
+from bench.core.presets import preset
 from bench.data.noise import SEVERITIES
 from bench.eval.adapters import Defense
 from models import UserError
@@ -28,7 +28,7 @@ from models import UserError
 class EvalConfig:
     """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
 
-    preset: str = "paper"  # "paper": alpha 2/255; "authors-code": alpha 1/255, PGD's ball around its start, per-file noise normalisation
+    preset: str = "paper"  # a protocol of bench.core.presets: "paper", "authors-code", "release-2020-06"
     eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
     iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
     steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
@@ -47,8 +47,7 @@ class EvalConfig:
     trust_unknown_data: bool = True
 
     def __post_init__(self):
-        if self.preset not in PRESET_ALPHA_255:
-            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_ALPHA_255)}")
+        preset(self.preset)  # one error line for an unknown name
         check_device_kind(self.device)  # whether this machine has one: checked where the work starts
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
@@ -78,6 +77,10 @@ class EvalConfig:
     @property
     def pgd_ball(self) -> str:
         return self.attack_setting.pgd_ball
+
+    @property
+    def attack_units(self) -> str:
+        return self.attack_setting.attack_units
 
     @property
     def alpha(self) -> float:

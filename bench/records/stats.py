@@ -11,6 +11,7 @@ example counts w: one matrix product for all draws. 95% intervals are the 2.5th 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -18,55 +19,68 @@ import numpy as np
 
 DRAWS = 1000
 LEVEL = 0.95
+# What an interval measures, as strings and ints (its generator's seed): e.g. the claim, the
+# data set, each side's run, kind, preset and metric, and the seeds drawn from.
+Identity = Sequence[object]
 
 
 class Bootstrap:
-    """Draws of example counts, shared by every interval with the same number of examples
-    (so differences of the same examples are paired), seeded: the same records give the
-    same intervals."""
+    """Seeded bootstrap draws that depend only on what is measured, never on what else was
+    computed before: each interval draws its seeds from a generator seeded by `what` (the
+    identity of the claim, cells and seeds it measures), and the example counts of n
+    examples come from (seed, n) alone, so two intervals over the same examples (the two
+    sides of a difference, or two cells of one subset) are paired by construction."""
 
     def __init__(self, seed: int = 0, draws: int = DRAWS):
-        self.rng, self.draws, self._examples = np.random.default_rng(seed), draws, {}
+        self.seed, self.draws, self._examples = seed, draws, {}
+
+    def generator(self, what: Identity) -> np.random.Generator:
+        """The generator of one interval: from the base seed and a digest of `what`."""
+        digest = hashlib.sha256(repr(tuple(what)).encode()).digest()
+        return np.random.default_rng([self.seed, *np.frombuffer(digest, dtype=np.uint32).tolist()])
 
     def examples(self, n: int) -> np.ndarray:
         if n not in self._examples:
-            counts = self.rng.multinomial(n, np.full(n, 1 / n), size=self.draws)
+            rng = np.random.default_rng([self.seed, n])
+            counts = rng.multinomial(n, np.full(n, 1 / n), size=self.draws)
             self._examples[n] = counts.astype(np.float32)  # draws x n: 40 MB for 10,000 examples
         return self._examples[n]
 
-    def means(self, samples: Sequence[np.ndarray], scale: float = 100.0) -> np.ndarray:
+    def means(self, samples: Sequence[np.ndarray], what: Identity, scale: float = 100.0,
+              rng: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
         """The bootstrap draws of the mean of `samples` (one per seed, each the per-example
         values over the same n examples), times `scale`: accuracies in [0, 1] give percent;
         scale 1 keeps any other figure's units (bench.reports.stability_report)."""
         m = np.stack([np.asarray(s, dtype=np.float32) for s in samples])  # k x n
         k, n = m.shape
-        seeds = self.rng.multinomial(k, np.full(k, 1 / k), size=self.draws)  # draws x k
+        rng = self.generator(what) if rng is None else rng
+        seeds = rng.multinomial(k, np.full(k, 1 / k), size=self.draws)  # draws x k
         per_seed = (self.examples(n) @ m.T).astype(np.float64)  # draws x k: each seed's sum under each draw
         return scale * (seeds * per_seed).sum(1) / (k * n)
 
-    def interval(self, samples: Sequence[np.ndarray], scale: float = 100.0) -> tuple[float, float]:
-        return _percentiles(self.means(samples, scale))
+    def interval(self, samples: Sequence[np.ndarray], what: Identity, scale: float = 100.0) -> tuple[float, float]:
+        return percentiles(self.means(samples, what, scale))
 
-    def difference(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], scale: float = 100.0
+    def difference(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], what: Identity, scale: float = 100.0
                    ) -> tuple[float, float, float]:  # fmt: skip
         """(mean a - mean b, low, high), in points for accuracies (`scale` as in `means`);
         paired over examples when both were measured on the same number of (hence the same
         class-balanced) examples."""
         estimate = scale * (np.mean([np.mean(s) for s in a]) - np.mean([np.mean(s) for s in b]))
-        return (float(estimate), *_percentiles(self.means(a, scale) - self.means(b, scale)))
+        rng = self.generator(what)
+        return (float(estimate), *percentiles(self.means(a, what, scale, rng) - self.means(b, what, scale, rng)))
 
-
-    def over_seeds(self, values: Sequence[float]) -> tuple[float, float]:
+    def over_seeds(self, values: Sequence[float], what: Identity) -> tuple[float, float]:
         """The 95% interval of the mean of one value per seed, resampling the seeds (NaN
         for fewer than two seeds: one training run says nothing of the spread)."""
         values = np.asarray(values, dtype=np.float64)
         if len(values) < 2:
             return math.nan, math.nan
-        draws = self.rng.choice(values, size=(self.draws, len(values)), replace=True).mean(1)
-        return _percentiles(draws)
+        draws = self.generator(what).choice(values, size=(self.draws, len(values)), replace=True).mean(1)
+        return percentiles(draws)
 
 
-def _percentiles(draws: np.ndarray) -> tuple[float, float]:
+def percentiles(draws: np.ndarray) -> tuple[float, float]:
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
     return float(low), float(high)
@@ -82,12 +96,13 @@ def verdict(low: float, high: float, published: float) -> str:
     return "inconclusive"
 
 
-def level_verdict(low: float, high: float, published: float) -> str:
+def level_verdict(low: float, high: float, published: float, resolution: float = 0.0) -> str:
     """The verdict on a claimed level (a share, not a difference): it reproduces when the
-    measured 95% interval holds the published value, and is contradicted otherwise."""
+    measured 95% interval meets the values that print as the published one (within half its
+    printed `resolution`), and is contradicted otherwise."""
     if math.isnan(low) or math.isnan(published):
         return "the paper has no number" if math.isnan(published) else "no interval (fewer than two seeds)"
-    return "reproduces" if low <= published <= high else "contradicts"
+    return "reproduces" if low <= published + resolution / 2 and published - resolution / 2 <= high else "contradicts"
 
 
 def per_example(bits: np.ndarray, severities: int = 1) -> np.ndarray:

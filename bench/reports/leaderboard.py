@@ -13,6 +13,8 @@ from tabulate import tabulate
 
 from bench.attacks.perturbations import DERIVED, PERTURBATIONS, metric_name, parse_metric
 from bench.core.files import write_all
+from bench.core.presets import preset as preset_of
+from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_label
 from bench.eval import sanity
 from bench.records.aggregate import GROUP
@@ -121,6 +123,7 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
         left_out, lambda r: f"{names.get((r['dataset'], r['run'], r['kind']), r['run'])} ({r['dataset']})"
     )
     note = ("\nMeasured but not shown (see REPORT.md): " + "; ".join(phrases) + ".\n") if phrases else ""
+    note += "".join(f"\n{line}\n" for line in dict.fromkeys(map(test_selected_note, board["preset"])) if line)
     text = (
         "# Leaderboard (accuracy in %)\n\n"
         + tabulate(
@@ -185,7 +188,8 @@ def _footnote(entry: dict) -> str:
     who = f"ensemble of {entry['seeds']}" if entry["kind"] == "ensemble" else f"mean of {entry['seeds']} seed(s)"
     flags = f"; flags: {entry['flags'].replace(';', ', ')}" if entry["flags"] else ""
     unchecked = f"; not checked: {entry['unchecked'].replace(';', ', ')}" if pd.isna(entry["unreliable"]) else ""
-    return f"inres-bench, {who}, preset {entry['preset']}, {int(entry['n_test'])} test images{flags}{unchecked}"
+    chosen = ", checkpoint chosen by test accuracy" if preset_of(entry["preset"]).test_selected else ""
+    return f"inres-bench, {who}, preset {entry['preset']}{chosen}, {int(entry['n_test'])} test images{flags}{unchecked}"
 
 
 def _provenance(entry: dict) -> dict:
@@ -203,6 +207,7 @@ def _provenance(entry: dict) -> dict:
         "model": entry["model"],
         "kind": entry["kind"],
         "preset": entry["preset"],
+        "checkpoint": preset_of(entry["preset"]).checkpoint,  # "last", or "best-test": chosen on the test set
         "data_source": entry["data_source"],
         "n_test": int(entry["n_test"]),
         "seeds": None if pd.isna(entry["seeds"]) else int(entry["seeds"]),

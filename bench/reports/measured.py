@@ -103,6 +103,10 @@ class Evidence:
     def samples(self, dataset: str, run: str, kind: str, preset: str, metric: str) -> list[np.ndarray]:
         """Per seed, the per-example accuracy of `metric` (noise: the mean of the four
         groups over all severities) of the kept measurement; [] when not measured."""
+        return list(self.seeded(dataset, run, kind, preset, metric).values())
+
+    def seeded(self, dataset: str, run: str, kind: str, preset: str, metric: str) -> dict[int, np.ndarray]:
+        """`samples` keyed by seed, in seed order."""
         kept = self.m.kept
         wanted = pooled_noise() if metric == "noise" else [metric]
         rows = kept[
@@ -112,10 +116,10 @@ class Evidence:
             & (kept["preset"] == preset)
             & kept["metric"].isin(wanted)
         ]
-        out = []
-        for _, cells in rows.groupby("seed"):
+        out = {}
+        for seed, cells in rows.groupby("seed"):
             if len(cells) == len(wanted):
-                out.append(np.mean([self._per_example(row) for row in cells.to_dict("records")], axis=0))
+                out[int(seed)] = np.mean([self._per_example(row) for row in cells.to_dict("records")], axis=0)
         return out
 
     def _per_example(self, row: dict) -> np.ndarray:
@@ -141,6 +145,7 @@ class Evidence:
         for slot in slots:
             key = (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric)
             if key in chosen and key not in out and slot.metric != "failed":
-                samples = self.samples(slot.dataset, chosen[key]["run"], slot.kind, preset, slot.metric)
-                out[key] = self.bootstrap.interval(samples) if samples else (math.nan, math.nan)
+                what = (slot.dataset, chosen[key]["run"], slot.kind, preset, slot.metric)
+                seeded = self.seeded(*what)  # the interval's identity: these cells and their seeds
+                out[key] = self.bootstrap.interval(list(seeded.values()), (*what, tuple(seeded))) if seeded else (math.nan, math.nan)
         return out

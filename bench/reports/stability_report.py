@@ -199,7 +199,8 @@ def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstra
                 a, b = _samples(here, model, claim.metric), _samples(here, plain, claim.metric) if plain else []
                 if not a or not b:
                     continue
-                measured, low, high = bootstrap.difference(a, b, scale=1.0)
+                what = ("stability", claim.text, claim.metric, dataset, preset, model, plain, len(a), len(b))
+                measured, low, high = bootstrap.difference(a, b, what, scale=1.0)
                 rows.append({"claim": claim.text.format(a=model_label(model), b=model_label(plain)), "dataset": dataset,
                              "measured": measured, "low": low, "high": high, "seeds": min(len(a), len(b)),
                              "verdict": stats.verdict(low, high, claim.sign)})  # fmt: skip
@@ -250,7 +251,9 @@ def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: sta
     def curve(rows: pd.DataFrame) -> tuple:
         levels = sorted(set(rows["block"]))
         seeds = [[np.asarray(v, np.float64) for v in rows[rows["block"] == b].sort_values("seed")["values"]] for b in levels]
-        bands = [bootstrap.interval(s, scale=1.0) for s in seeds]
+        what = [("growth", dataset, preset, *sorted(set(rows["run"])), *sorted(set(rows["perturbation"])), str(b),
+                 *rows.loc[rows["block"] == b, "seed"].sort_values().tolist()) for b in levels]  # fmt: skip
+        bands = [bootstrap.interval(s, w, scale=1.0) for s, w in zip(seeds, what, strict=True)]
         return levels, [float(np.mean([v.mean() for v in s])) for s in seeds], [b[0] for b in bands], [b[1] for b in bands]
 
     figure, axes = plotting.line_panels(mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve,

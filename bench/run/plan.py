@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
 from bench.eval.defenses import identity
 from bench.eval.protocol import EvalConfig
@@ -206,10 +207,14 @@ def n_train_of(dataset: str, suite: Suite, options: RunOptions) -> int | None:
 
 def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
     attack_radii = job.ensemble_radii if ensemble else job.radii
-    extra = []  # the suite's further perturbations; ensembles only at their attack radii
-    for name, radii in suite.extra:
-        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or e in attack_radii)
+    extra = []  # the suite's further perturbations; ensembles only at their attack radii, except
+    for name, radii in suite.extra:  # the large-eps gate's attack, at its own: every row can pass its gate
+        gate = perturbation(name).chance_from_255 is not None
+        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or gate or e in attack_radii)
         extra += [(name, radii)] if radii else []
+    own = subsets(suite, options)
+    if ensemble and (reference := dict(own).get("autoattack")) is not None:  # on the AutoAttack subset
+        own += tuple((name, reference) for name, _ in extra if perturbation(name).chance_from_255 is not None)
     return EvalConfig(
         preset=options.preset,
         eps_255=job.radii,
@@ -220,7 +225,7 @@ def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemb
         batch_size=options.batch_size,
         device=device,
         extra=tuple(extra),
-        subsets=subsets(suite, options),
+        subsets=own,
         trust_unknown_data=not options.recheck_data,
     )
 

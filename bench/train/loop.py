@@ -5,8 +5,10 @@ come from a generator seeded by (seed, epoch), and crop + flip are one gather on
 device, so there is no DataLoader and a resumed run replays exactly what it missed.
 After every epoch one file, `state.pt` (weights, optimiser, epoch), is replaced
 atomically: it is the commit point. `weights.pt` and `meta.json` beside it are rewritten
-from it (status "running"); at the end they hold the final-epoch weights with status
-"finished", or "failed" with the reason (non-finite loss, or chance-level accuracy).
+from it (status "running"); at the end they hold the final-epoch weights (under preset
+release-2020-06 those of the epoch with the best test accuracy, as the release's June 2020
+train.py keeps) with status "finished", or "failed" with the reason (non-finite loss, or
+chance-level accuracy).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from bench.core.environment import device_name
 from bench.core.files import atomic_write, check_file_target, describe_mismatch
+from bench.core.presets import BEST_TEST, preset
 from bench.data.cifar import ImageSet
 from bench.data.splits import batches, clean_source, images_digest, load_test, load_train
 from bench.records.checkpoints import (
@@ -87,7 +90,8 @@ def _run(
 ) -> dict:
     device = torch.device(config.device)
     optimizer = make_optimizer(model, recipe, config.device)
-    start, wall, epochs = _resume(folder, model, optimizer)
+    start, wall, epochs, best = _resume(folder, model, optimizer)
+    keeps_best = preset(config.preset).checkpoint == BEST_TEST
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory)
     _optimizer_to(optimizer, device)
@@ -137,6 +141,9 @@ def _run(
                    "test_accuracy": tested, "seconds": seconds, **coefficients}  # fmt: skip
             wall += seconds
             epochs.append(row)
+            if keeps_best and finite and tested > best.get("accuracy", -1.0):  # the release's `acc > self.max`
+                best = {"epoch": epoch + 1, "accuracy": tested,
+                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}  # fmt: skip
             if not finite:
                 write_epochs(folder, epochs)
                 return _close(
@@ -156,6 +163,7 @@ def _run(
                 "epoch": epoch + 1,
                 "wall": wall,
                 "epochs": epochs,  # the training log: a resumed run rewrites epochs.csv whole from it
+                "best": best,  # the best test accuracy's weights so far (preset release-2020-06), else {}
             }
             atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
             write_epochs(folder, epochs)
@@ -173,8 +181,12 @@ def _run(
     # the final weights' accuracy: the last epoch's test pass (unless a legacy state lacks it)
     last = epochs[-1] if epochs and epochs[-1]["epoch"] == recipe.epochs else None
     accuracy = last["test_accuracy"] if last is not None else test_accuracy(model, test, device)
+    kept = {"rule": "last", "epoch": recipe.epochs}
+    if keeps_best and best:  # the weights evaluated are those of the best test accuracy, said in meta.json
+        model.load_state_dict(best["model"])
+        accuracy, kept = best["accuracy"], {"rule": BEST_TEST, "epoch": best["epoch"]}
     status, reason = chance_gate(accuracy, model.info.num_classes, is_rehearsal(config.tag))
-    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data)
+    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data, kept)
 
 
 def chance_gate(accuracy: float, classes: int, rehearsal: bool) -> tuple[str, str]:
@@ -266,10 +278,10 @@ def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | 
     return meta if meta.get("status") in ("finished", "failed") else None
 
 
-def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict]]:
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict], dict]:
     path = folder / STATE_FILE
     if not path.is_file():
-        return 0, 0.0, []
+        return 0, 0.0, [], {}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         mismatch = describe_mismatch(model.state_dict(), state["model"])
@@ -280,7 +292,7 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     except Exception as err:  # a state file we wrote atomically should never fail; say so
         raise UserError(f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run") from None
     log.info("resuming %s after epoch %d", folder, state["epoch"])
-    return int(state["epoch"]), float(state["wall"]), list(state.get("epochs", []))
+    return int(state["epoch"]), float(state["wall"]), list(state.get("epochs", [])), dict(state.get("best", {}))
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -291,7 +303,7 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
 
 
 def _save(
-    config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None
+    config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None, kept=None
 ) -> dict:
     meta = {
         "tag": config.tag,
@@ -315,18 +327,21 @@ def _save(
         "status": status,
         "reason": reason,
     }
+    if kept is not None:  # which epoch's weights weights.pt holds: the last, or the best test accuracy's
+        meta["checkpoint"] = kept
     written = save_zoo_checkpoint(
         model, config.dataset, config.seed, folder.parents[3], run=config.tag, **meta
     )
     return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
 
 
-def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None) -> dict:
-    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data)
+def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None, kept=None) -> dict:
+    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data, kept)
     (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
     line = f"{config.tag} {config.dataset} seed {config.seed}: {status}"
     line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
     line += f" ({reason})" if reason else ""
+    line += f", the weights of epoch {kept['epoch']} (best test accuracy)" if kept and kept["rule"] == BEST_TEST else ""
     log.info("%s, %d epochs, %.0f s", line, epochs_done, wall)
     return meta
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bench.attacks.perturbations import PRESET_ALPHA_255
+from bench.core.presets import PRESET_NAMES, preset
 from bench.data.datasets import dataset_info
 from bench.records.checkpoints import REHEARSAL, run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
-PRESETS = tuple(PRESET_ALPHA_255)  # the protocol presets; each fixes its attacks' step size there too
+PRESETS = PRESET_NAMES  # the protocol presets (bench.core.presets): each fixes its training choices here
 LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None, REHEARSAL: None}  # fraction of the epochs; None: FIXED_EPOCHS
 # smoke: 2 epochs; a rehearsal (`--rehearse`): 2 epochs, so the learning-rate schedule's
 # milestone is crossed, of a handful of steps each (its suite's small training subset)
@@ -56,17 +56,15 @@ _PAPER = {
 }
 
 
-def recipe_for(family: str, dataset: str, preset: str = "paper", length: str = "full") -> Recipe:
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+def recipe_for(family: str, dataset: str, preset_name: str = "paper", length: str = "full") -> Recipe:
+    protocol = preset(preset_name)
     if length not in LENGTHS:
         raise UserError(f"unknown run length {length!r}; choose one of {', '.join(LENGTHS)}")
     key = (family, dataset_info(dataset).recipe)
     if key not in _PAPER:
         raise UserError(f"no training recipe for family {family!r} on {dataset!r}")
     recipe = _PAPER[key]
-    if preset == "authors-code":
-        recipe = replace(recipe, pad=2, pad_mode="reflect")
+    recipe = replace(recipe, pad=protocol.pad, pad_mode=protocol.pad_mode)
     return scaled(recipe, length)
 
 
@@ -82,11 +80,11 @@ def training_test_images(length: str) -> int | None:
     return REHEARSAL_TEST_IMAGES if length == REHEARSAL else None
 
 
-def preset_model_options(preset: str, entry: ModelEntry) -> dict:
+def preset_model_options(preset_name: str, entry: ModelEntry) -> dict:
     """Model options a preset fixes: `paper` none (each data set's statistics, the cited
-    networks); `authors-code` the release's normalisation (CIFAR-10's mean with its own
-    std, for both data sets) and, where the release has the family, its network."""
-    if preset != "authors-code":
+    networks); the release's presets its normalisation (CIFAR-10's mean with its own std,
+    for both data sets) and, where the release has the family, its network."""
+    if not preset(preset_name).release_network:
         return {}
     network = {"network": "release"} if "release" in entry.networks else {}
     return {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD, **network}
