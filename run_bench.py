@@ -312,8 +312,15 @@ def _items(text: str, option: str) -> list[str]:
 
 
 def _radii(text: str) -> tuple[float, ...]:
+    """Every item a number (an empty one, as in 1,,2, is a typo, not nothing); the values
+    are checked where every option is (RunOptions)."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise UserError("--radii is empty: give a comma-separated list")
+    if not all(items):
+        raise UserError(f"--radii {text!r} has an empty item: give comma-separated numbers, e.g. 1,2,4")
     try:
-        return tuple(decimal(t) for t in _items(text, "--radii"))
+        return tuple(decimal(t) for t in items)
     except ValueError as err:
         raise UserError(f"--radii takes comma-separated numbers, got {text!r}: {err}") from None
 

@@ -90,7 +90,7 @@ def test_the_run_and_the_dry_run_print_one_plan_header(tmp_path, capsys, caplog,
 
 @pytest.mark.parametrize(
     ("n_test", "n_autoattack", "expected"),
-    [(None, None, 1000), (200, None, 200), (200, 50, 50), (200, 500, 200), (None, 300, 300)],
+    [(None, None, 1000), (200, None, 200), (200, 50, 50), (None, 300, 300)],
 )
 def test_no_smaller_subset_is_larger_than_the_test_subset(n_test, n_autoattack, expected):
     spec = find_suite("quick")
@@ -105,11 +105,15 @@ def test_the_autoattack_subset_is_in_the_plan(tmp_path, capsys):
     argv = ["--suite", "quick", "--device", "cpu", "--models", "resnet110", "--seeds", "0", "--n-test", "200",
             "--dry-run", "--assume-tflops", "50", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path / "d")]  # fmt: skip
     assert run_bench.main(argv) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 200, stability on 200")
-    assert run_bench.main([*argv, "--n-autoattack", "64", "--n-stability", "300"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "; 200 test images, autoattack on 200 (the suite's 1000, capped at the 200 test images), stability on 200"
+    )
+    assert run_bench.main([*argv, "--n-autoattack", "64", "--n-stability", "200"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 64, stability on 200")
     assert run_bench.main([*argv, "--n-stability", "32", "--stage", "train,eval"]) == 0  # no stability stage: not said
-    assert capsys.readouterr().out.splitlines()[0].endswith("; 200 test images, autoattack on 200")
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "; 200 test images, autoattack on 200 (the suite's 1000, capped at the 200 test images)"
+    )
 
 
 # --- λ initialisation on models without λ -------------------------------------------------------
@@ -423,3 +427,214 @@ def test_the_report_stage_removes_what_a_killed_report_left(tmp_path, capsys):
     capsys.readouterr()
     assert not left.exists()
     shutil.rmtree(tmp_path / "figures", ignore_errors=True)
+
+
+# --- round four: replaced checkpoints, stability values, odd options, refused runs, defenses ----
+
+
+def cached_copy(mini_run, tmp_path: Path) -> tuple[list[str], Path]:
+    """A copy of the mini run's finished results dir, and the argv that finds all of it cached."""
+    command, reference = mini_run
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    return [*command[2:], "--no-progress", "--results-dir", str(results)], results
+
+
+def stamp(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_a_cached_rerun_leaves_the_store_as_it_was(mini_run, tmp_path, caplog):
+    argv, results = cached_copy(mini_run, tmp_path)
+    before = stamp(results / "records.sqlite")
+    with caplog.at_level("INFO"):
+        assert run_bench.main(argv) == 0
+    assert "0 cells evaluated" in caplog.text
+    assert stamp(results / "records.sqlite") == before
+
+
+class Planted:
+    """A pickle that would create `path` when loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("replacement", ["other-seed", "pickle"])
+def test_a_replaced_checkpoint_is_refused_and_its_cells_never_reported(mini_run, tmp_path, capsys, replacement):
+    argv, results = cached_copy(mini_run, tmp_path)
+    folder = results / "checkpoints" / "synthetic" / "resnet8@smoke@n1024"
+    weights = folder / "seed0" / "weights.pt"
+    if replacement == "other-seed":
+        shutil.copyfile(folder / "seed1" / "weights.pt", weights)
+    else:
+        weights.write_bytes(pickle.dumps(Planted(tmp_path / "ran")))
+    before = stamp(results / "records.sqlite")
+    line = fails(argv, capsys)
+    assert line.startswith(f"error: {weights} is not the checkpoint its meta.json names (sha256 ")
+    assert line.endswith(f"it was replaced or damaged since training; restore it, or delete {folder / 'seed0'} to "
+                         "train it again")  # fmt: skip
+    assert stamp(results / "records.sqlite") == before and not (tmp_path / "ran").exists()
+    assert run_bench.main(["--stage", "report", "--no-figures", "--results-dir", str(results)]) == 0
+    report = (results / "REPORT.md").read_text()
+    assert "records of replaced or deleted checkpoints are not reported" in report
+    assert "resnet8@smoke@n1024 synthetic seed 0" not in (results / "tables" / "table3.md").read_text()
+    assert not (tmp_path / "ran").exists()
+
+
+def tamper_stability(results: Path, quantity: str, change) -> int:
+    """Apply `change` to the per-image values (and, given back, the mean and median) of one
+    row of `quantity`; returns its rowid."""
+    with sqlite3.connect(results / "records.sqlite") as db:
+        rowid, packed, mean, median = db.execute(
+            "SELECT rowid, per_image, mean, median FROM stability WHERE quantity = ? ORDER BY rowid LIMIT 1", [quantity]
+        ).fetchone()
+        values, mean, median = change(np.frombuffer(packed, dtype="<f4"), mean, median)
+        db.execute("UPDATE stability SET per_image = ?, mean = ?, median = ? WHERE rowid = ?",
+                   [values.astype("<f4").tobytes(), mean, median, rowid])  # fmt: skip
+    return rowid
+
+
+@pytest.mark.parametrize(
+    ("quantity", "change", "said"),
+    [
+        ("spectral_norm", lambda v, m, d: (v * 1000, m, d), "holds mean = "),
+        ("growth", lambda v, m, d: (-v, float(np.mean(-v)), float(np.median(-v))), "holds a per-image growth of -"),
+        ("input_gradient", lambda v, m, d: (v, m, d + 1), "holds median = "),
+    ],
+)
+def test_tampered_stability_values_are_refused(mini_run, tmp_path, capsys, quantity, change, said):
+    _, results = cached_copy(mini_run, tmp_path)
+    rowid = tamper_stability(results, quantity, change)
+    line = fails(["--stage", "report", "--results-dir", str(results)], capsys)
+    assert line.startswith(f"error: records.sqlite has a damaged row: stability row {rowid} (resnet8@smoke@n1024 synthetic ")
+    assert said in line and "DELETE FROM stability WHERE run = 'resnet8@smoke@n1024'" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--radii=-0"], "error: --radii -0: -0 is not a radius: give 0"),
+        (["--radii", "0,-0"], "error: --radii 0,-0: -0 is not a radius: give 0"),
+        (["--radii", "1,1"], "error: --radii 1,1: 1 given twice: give each radius once"),
+        (["--radii", "2,2.0"], "error: --radii 2,2: 2 given twice: give each radius once"),
+        (["--radii", "1,,2"], "error: --radii '1,,2' has an empty item: give comma-separated numbers, e.g. 1,2,4"),
+        (["--radii", ",2"], "error: --radii ',2' has an empty item: give comma-separated numbers, e.g. 1,2,4"),
+        (["--radii", ","], "error: --radii is empty: give a comma-separated list"),
+        (["--n-test", "20", "--n-autoattack", "50"], "error: --n-autoattack 50 is more than the test images it is "
+         "drawn from (--n-test 20): give at most 20, or a larger --n-test"),
+        (["--n-test", "20", "--n-stability", "50"], "error: --n-stability 50 is more than the test images it is "
+         "drawn from (--n-test 20): give at most 20, or a larger --n-test"),
+        (["--n-stability", "500"], "error: --n-stability 500 is more than the test images it is drawn from (the "
+         "smoke suite's 100): give at most 100, or a larger --n-test"),
+    ],
+)  # fmt: skip
+def test_odd_radii_and_subsets_larger_than_their_test_images_are_one_line(tmp_path, capsys, argv, said):
+    assert fails([*argv, "--dry-run", "--results-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")],
+                 capsys) == said  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "blocked", ["REPORT.md", "leaderboard.csv", "tables/table1.csv", "records.csv", "sanity.md", "figures/fig.png"]
+)
+def test_a_refused_run_writes_nothing(mini_run, tmp_path, capsys, blocked):
+    """A folder where an output of the report goes: one line before any work, and the run
+    that had cells to measure (its store deleted) neither creates a store nor records one."""
+    argv, results = cached_copy(mini_run, tmp_path)
+    (results / "records.sqlite").unlink()
+    shutil.rmtree(results / "figures", ignore_errors=True)
+    (results / blocked).unlink(missing_ok=True)
+    (results / blocked).mkdir(parents=True)
+    line = fails(argv, capsys)
+    if blocked.startswith(("tables/", "figures/")):
+        name = blocked.split("/")[0]
+        assert line == (f"error: cannot write the {name} to {results / name}: {results / blocked} is a folder, and "
+                        "only the report's files go there; move it aside and run again")  # fmt: skip
+    else:
+        assert line == f"error: cannot write {results / blocked}: a folder of that name is in its place; move it aside and run again"
+    assert not (results / "records.sqlite").exists()
+
+
+DEFENSE_MODULE = """
+import os, sys
+from torch import nn
+MODE = {mode!r}
+if MODE == "import-exit0":
+    sys.exit(0)
+if MODE == "import-os-exit":
+    os._exit(0)
+def Net():
+    if MODE == "factory-exit3":
+        sys.exit(3)
+    if MODE == "factory-interrupt":
+        raise KeyboardInterrupt
+    if MODE == "factory-os-exit":
+        os._exit(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("import-exit0", "importing {module} called sys.exit(0): a defense must not end the run; remove the call"),
+        ("import-os-exit", "importing {module} called os._exit(0): a defense must not end the process; remove the call"),
+        ("factory-exit3", "Net() called sys.exit(3): a defense must not end the run; remove the call"),
+        ("factory-interrupt", "Net() raised KeyboardInterrupt: a defense must not interrupt the run"),
+        ("factory-os-exit", "Net() called os._exit(0): a defense must not end the process; remove the call"),
+    ],
+)
+def test_a_defense_that_exits_or_interrupts_is_one_line_and_nothing_recorded(trained, tmp_path, mode, said):
+    """In a process of its own: before the guard, os._exit(0) ended the harness with exit 0."""
+    module = tmp_path / "exits.py"
+    module.write_text(DEFENSE_MODULE.format(mode=mode))
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).state_dict(), tmp_path / "w.pt")
+    run = subprocess.run([sys.executable, "run_bench.py", "--suite", "smoke", "--defense", f"{module}:Net", "--weights",
+                          str(tmp_path / "w.pt"), "--dataset", "synthetic", "--no-progress", "--results-dir",
+                          str(tmp_path / "r"), "--data-dir", str(trained / "data")], cwd=REPO, capture_output=True,
+                         text=True)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-1000:]
+    assert run.stderr.strip().splitlines()[-1] == f"error: --defense {module}:Net: " + said.format(module=module)
+    assert not (tmp_path / "r" / "records.sqlite").exists()
+
+
+def test_an_empty_defense_name_is_refused(tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "w.pt")
+    line = fails(["--state-dict", "resnet8", str(tmp_path / "w.pt"), "--name", "", "--dataset", "synthetic",
+                  "--results-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")], capsys)  # fmt: skip
+    assert line == (f"error: --state-dict resnet8 {tmp_path / 'w.pt'}: defense name '' must be 1-100 letters, digits "
+                    "or . _ @ + - (starting with a letter or digit): give another with --name")  # fmt: skip
+
+
+def small_cifar(root: Path, test_images: int = 5) -> Path:
+    """A CIFAR-10 data dir of 10 training images per batch and `test_images` test images."""
+    from bench.data.cifar import write_batch
+
+    folder = root / "cifar-10-batches-py"
+    images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", images, labels)
+    write_batch(folder / "test_batch", images[:test_images], labels[:test_images])
+    return root
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_the_dry_run_checks_the_data_as_the_run_does(tmp_path, capsys, dry):
+    data = small_cifar(tmp_path / "d")
+    argv = ["--models", "resnet8", "--datasets", "cifar10", "--seeds", "0", "--n-train", "10", "--radii", "2",
+            "--results-dir", str(tmp_path / "r"), "--data-dir", str(data), *(["--dry-run"] if dry else [])]  # fmt: skip
+    assert fails([*argv, "--n-test", "20"], capsys) == (
+        f"error: --n-test 20 is more than the 5 test images of cifar10 in {data}: give at most 5, or leave --n-test "
+        "out to test on all"
+    )
+    test_batch = data / "cifar-10-batches-py" / "test_batch"
+    test_batch.unlink()
+    test_batch.mkdir()
+    assert fails(argv, capsys) == (
+        f"error: cifar10: {test_batch} is a folder, not the data set's file test_batch: move it aside and run again"
+    )
+    assert not (tmp_path / "r").exists()

@@ -69,6 +69,7 @@ def ensure_folder(info: DatasetInfo, root: Path) -> Path:
     folder = root / info.folder
     if complete(info, folder):
         return folder
+    check_file_places(info, root)
     archive = root / info.archive if info.archive else None
     if archive is not None and not archive.is_file() and info.url:
         download(info.url, archive, info.archive_md5, hint=f"or the extracted folder {folder}")
@@ -79,6 +80,17 @@ def ensure_folder(info: DatasetInfo, root: Path) -> Path:
     if not complete(info, folder):
         raise UserError(f"{info.name}: {folder} lacks {', '.join(_missing(info, folder))}")
     return folder
+
+
+def check_file_places(info: DatasetInfo, root: Path) -> None:
+    """One error line when something other than a file stands where one of the data set's
+    files goes (a folder named test_batch): it is no file to read, and no download can
+    replace it."""
+    folder = root / info.folder
+    for name in (n for names in info.files.values() for n, _ in names):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise UserError(f"{info.name}: {folder / name} is a folder, not the data set's file {name}: move it aside "
+                            "and run again")  # fmt: skip
 
 
 def extract(info: DatasetInfo, archive: Path, root: Path) -> None:

@@ -15,6 +15,7 @@ the wrong length is one error line before any work. Three sources, one per adapt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -104,11 +105,8 @@ def factory_of(target: str) -> type[nn.Module]:
         raise UserError(f"--defense {target}: {module_name} has no factory {attr!r}; its modules: {', '.join(offered) or '-'}")
 
     def checked() -> nn.Module:
-        try:
-            net = factory()
-        except Exception as err:
-            raise UserError(f"--defense {target}: {attr}() raised {_last_line(err)}") from None
-        return net  # bench.eval.adapters.module_defense checks that it is a network
+        with users_code(f"--defense {target}: {attr}()"):
+            return factory()  # bench.eval.adapters.module_defense checks that it is a network
 
     # the build the records name: a file as the module it is (nets.py: nets), wherever it lies
     checked.__module__ = Path(module_name).stem if module_name.endswith(".py") else module.__name__
@@ -116,7 +114,49 @@ def factory_of(target: str) -> type[nn.Module]:
     return checked
 
 
+class _Exited(BaseException):  # not an Exception: no handler of the user's or ours swallows it
+    """os._exit called by a user's code while the harness runs it (see `users_code`)."""
+
+    def __init__(self, code: object):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def users_code(what: str):
+    """The boundary around a user's code (importing a defense's module, calling its factory):
+    whatever way it leaves, an exception, sys.exit, KeyboardInterrupt or os._exit, is one
+    error line naming `what`, never the harness's own exit (a sys.exit(0) there would end
+    the run as a success having measured nothing). os._exit ends a process without
+    unwinding, so it is replaced while the code runs; exit() called from C is not caught."""
+    real_exit = os._exit
+
+    def refused(code: object = 0):
+        raise _Exited(code)
+
+    os._exit = refused
+    try:
+        yield
+    except UserError:
+        raise
+    except _Exited as err:
+        raise UserError(f"{what} called os._exit({err.code!r}): a defense must not end the process; remove the call") from None
+    except SystemExit as err:
+        raise UserError(f"{what} called sys.exit({err.code!r}): a defense must not end the run; remove the call") from None
+    except KeyboardInterrupt:
+        raise UserError(f"{what} raised KeyboardInterrupt: a defense must not interrupt the run") from None
+    except Exception as err:  # its code's error is the user's
+        raise UserError(f"{what} raised {_last_line(err)}") from None
+    finally:
+        os._exit = real_exit
+
+
 def _import(module_name: str, target: str):
+    with users_code(f"--defense {target}: importing {module_name}"):
+        return _imported(module_name, target)
+
+
+def _imported(module_name: str, target: str):
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()
@@ -163,6 +203,8 @@ def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
         raise UserError(f"{where}: name the defense with exactly one of defense, state-dict, robustbench "
                         f"(got {', '.join(sources) or 'none'})")  # fmt: skip
     source = sources[0]
+    if values.get("name") is not None:  # given, it is checked as given: an empty --name is no name
+        check_name(values["name"], where) if isinstance(values["name"], str) else _text(values["name"], "name", where)
     dataset = _text(values.get("dataset", "cifar10"), "dataset", where)
     dataset_info(dataset)
     allowed = {"defense": {"weights", "mean", "std"}, "state-dict": {"mean", "std"}, "robustbench": {"model-dir", "threat-model"}}

@@ -18,6 +18,7 @@ from bench.attacks.perturbations import (
     perturbation,
 )
 from bench.core.environment import check_device_kind
+from bench.core.numbers import radii_problem
 from bench.core.presets import preset
 from bench.data.noise import SEVERITIES
 from bench.eval.adapters import Defense
@@ -55,11 +56,10 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        radii = (*self.eps_255, *self.radii, *(e for _, extra in self.extra for e in extra))
-        bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
-        if not self.eps_255 or not self.radii or bad:
-            shown = ", ".join(dict.fromkeys(bad)) or "none"
-            raise UserError(f"--radii must be finite numbers of 1/255 in [0, 255], got {shown}")
+        for radii in (self.eps_255, self.radii, *(extra for _, extra in self.extra)):
+            problem = radii_problem(tuple(radii))
+            if problem:
+                raise UserError(f"the radii {', '.join(f'{e:g}' for e in radii) or '(none)'}: {problem}")
         if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
             raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
         for name, _ in self.extra:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.core.files import save_json, save_state_dict
+from bench.core.files import save_json, save_state_dict, sha256_file
 from bench.data.datasets import dataset_info
 from models import InterpolatedNet, ModelInfo, UserError
 
@@ -48,6 +48,7 @@ def save_zoo_checkpoint(
             "dataset": dataset,
             "seed": seed,
             "sha256": digest,
+            STAMP: file_stamp(folder / WEIGHTS_FILE),
             "model_kwargs": model_kwargs(info),
             "lambda_storage": info.lambda_storage,
             **meta,
@@ -55,6 +56,44 @@ def save_zoo_checkpoint(
         folder / META_FILE,
     )
     return folder
+
+
+# meta.json's stamp of weights.pt as written: while the file keeps its size and mtime, it is
+# the file the sha256 names and need not be read again (a rerun of a plan of 100 checkpoints
+# would hash gigabytes); a copy that lost its mtime is hashed, a changed file is refused.
+STAMP = "weights_stamp"
+
+
+def file_stamp(path: Path) -> dict:
+    found = path.stat()
+    return {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
+
+
+def weights_problem(folder: Path, meta: dict) -> str:
+    """'' when the weights.pt of a finished checkpoint is the file its meta.json names (by
+    the stamp, else by its sha256), else what is wrong: every count of a checkpoint's
+    cells is keyed by that sha256, so a file replaced under it must not find them."""
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return missing_weights(folder)
+    try:
+        if meta.get(STAMP) == file_stamp(weights):
+            return ""
+        found = sha256_file(weights)
+    except OSError as err:
+        return f"{weights} cannot be read ({err.strerror or err})"
+    if found == meta["sha256"]:
+        return ""
+    return (f"{weights} is not the checkpoint its meta.json names (sha256 {found[:12]}…, not {meta['sha256'][:12]}…): "
+            f"it was replaced or damaged since training; restore it, or delete {folder} to train it again")  # fmt: skip
+
+
+def check_weights(folder: Path, meta: dict) -> None:
+    """One error line, before any work, for a finished checkpoint whose weights.pt is not
+    the file its meta.json names (`weights_problem`)."""
+    problem = weights_problem(folder, meta)
+    if problem:
+        raise UserError(problem)
 
 
 def model_kwargs(info: ModelInfo) -> dict:
@@ -118,7 +157,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "status": (str,), "reason": (str,), "test_accuracy": (*_NUMBER, type(None)), "epochs_done": (int,),
     "wall_seconds": _NUMBER, "length": (str,), "n_train": (int, type(None)), "preset": (str,), "tag": (str,),
     "lambda_storage": (str,), "recipe": (dict,), "data": (dict,), "device": (str,), "flags": (dict,),
-    "interpolation_coefficients": (list,), "versions": (dict,),
+    "interpolation_coefficients": (list,), "versions": (dict,), STAMP: (dict,), "checkpoint": (dict,),
 }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from bench.records.schema import (
     DB_FILE,
     NULLABLE,
+    STABILITY_FLOORS,
     TABLE_COLUMNS,
     UNKNOWN_DATA,
     _q,
@@ -113,6 +114,8 @@ def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
             _check_values(db, path, table, columns)
     if "cells" in tables:
         _check_bits(db, path)
+    if "stability" in tables:
+        _check_stability(db, path)
 
 
 def _check_bits(db: sqlite3.Connection, path: Path) -> None:
@@ -128,6 +131,47 @@ def _check_bits(db: sqlite3.Connection, path: Path) -> None:
                 f"read or written: restore the store, or delete that row (sqlite3 {path} \"DELETE FROM cells WHERE "
                 f"rowid = {rowid}\") and run again to recompute it"
             )
+
+
+def _check_stability(db: sqlite3.Connection, path: Path) -> None:
+    """Each stability row's per-image values are of its quantity (in its range: norms and
+    growth are never negative), and its stored mean and median are theirs, as the stage
+    computes them (float32, NULL when not finite): the figures and tables read the
+    per-image values, the claims the means, so the two must agree."""
+    rows = _execute(db, path, "SELECT rowid, quantity, block, mean, median, per_image FROM stability")
+    for rowid, quantity, block, mean, median, packed in rows:
+        values = np.frombuffer(packed, dtype="<f4")
+        if quantity not in STABILITY_FLOORS:
+            problem = f"quantity = {quantity!r}, not one of {', '.join(STABILITY_FLOORS)}"
+        elif STABILITY_FLOORS[quantity] is not None and (values < STABILITY_FLOORS[quantity]).any():
+            problem = f"a per-image {quantity} of {float(values.min()):g}, below its least possible {STABILITY_FLOORS[quantity]:g}"
+        else:
+            problem = next((f"{name} = {stored!r}, not {expected!r} (the {name} of its per-image values)"
+                            for name, stored, expected in (("mean", mean, _finite(np.mean(values))),
+                                                           ("median", median, _finite(np.median(values))))
+                            if not _same(stored, expected)), "")  # fmt: skip
+        if problem:
+            run, dataset, seed, digest = _execute(
+                db, path, "SELECT run, dataset, seed, checkpoint_sha256 FROM stability WHERE rowid = ?", [rowid]
+            )[0]
+            unit = f"run = '{run}' AND dataset = '{dataset}' AND seed = {seed} AND quantity = '{quantity}'"
+            raise UserError(
+                f"{path.name} has a damaged row: stability row {rowid} ({run} {dataset} seed {seed}, block {block}) holds "
+                f"{problem} (edited by hand?); nothing was read or written: restore the store, or delete that unit "
+                f"(sqlite3 {path} \"DELETE FROM stability WHERE {unit} AND checkpoint_sha256 = '{digest}'\") and "
+                "run again to measure it"
+            )
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _same(stored: object, expected: float | None) -> bool:
+    """A stored figure equals the one recomputed (to float32's rounding of the sum)."""
+    if expected is None or stored is None:
+        return stored is expected
+    return isinstance(stored, int | float) and abs(stored - expected) <= 1e-6 * max(1.0, abs(expected))
 
 
 def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:

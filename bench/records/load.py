@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 
 from bench.core.files import atomic_write
-from bench.records.checkpoints import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
+from bench.records.checkpoints import (
+    META_FILE,
+    ensemble_digest,
+    read_meta,
+    weights_problem,
+    zoo_checkpoint_dir,
+)
 from bench.records.schema import (
     CHECK_COLUMNS,
     COLUMNS,
@@ -139,14 +145,18 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
 
 def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None, str | None]:
     """(status, sha256, training length, training images, their digest: UNKNOWN_DATA for a
-    checkpoint trained before meta.json had it) of a checkpoint folder's meta.json;
+    checkpoint trained before meta.json had it) of a checkpoint folder's meta.json (status
+    "replaced" when its weights.pt is not the file the sha256 names: its cells are stale);
     ("gone", None, None, None, None) when it is missing; one error line when it is damaged
     (its run's cells would silently drop out of every report)."""
     if not meta_path.exists():
         return "gone", None, None, None, None
     meta = read_meta(meta_path)
     trained_on = meta.get("data", {}).get("sha256", UNKNOWN_DATA)
-    return str(meta.get("status", "finished")), meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on
+    status = str(meta.get("status", "finished"))
+    if status == "finished" and weights_problem(meta_path.parent, meta):  # its cells measured a file no longer there
+        status = "replaced"
+    return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:

@@ -148,6 +148,13 @@ STABILITY_COLUMNS: dict[str, str] = {
 }
 
 
+# The stability stage's quantities and the least value each can take (None: any real number;
+# the rightmost eigenvalue of ∂g/∂x - I has no floor): norms and growth ratios are never negative.
+STABILITY_FLOORS: dict[str, float | None] = {
+    "growth": 0.0, "spectral_norm": 0.0, "shifted_eigenvalue": None, "input_gradient": 0.0,
+}  # fmt: skip
+
+
 STABILITY_KEY = (
     "run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256",
     "quantity", "perturbation", "eps_255", "block", "n", "params", "data_sha256",

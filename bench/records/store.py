@@ -78,14 +78,15 @@ class RecordStore:
             try:
                 _migrate(db, self.path)
                 with db:
-                    db.executescript(";".join(_tables().values()))
-                    # a real write: SQLite opens a read-only file without a word
-                    db.execute(f"PRAGMA user_version = {db.execute('PRAGMA user_version').fetchone()[0]}")
-            except sqlite3.Error as err:
+                    db.executescript(";".join(_tables().values()))  # a store's tables exist: nothing written
+                with open(self.path, "r+b"):  # SQLite opens a read-only file without a word; this does not
+                    pass  # nor does it change the file: a run that finds everything cached leaves it as it was
+            except (sqlite3.Error, OSError) as err:
                 if disk_full(err) is not None:
                     raise UserError(disk_full_message(err, f"to write records to {self.path}")) from None
                 raise UserError(
-                    f"cannot write records to {self.path} ({err}): make it writable or choose another --results-dir"
+                    f"cannot write records to {self.path} ({getattr(err, 'strerror', None) or err}): make it writable "
+                    "or choose another --results-dir"
                 ) from None
 
     def _connect(self) -> closing[sqlite3.Connection]:
@@ -146,7 +147,11 @@ class RecordStore:
         seed) is stored last."""
         key = ("run", "dataset", "seed", "checkpoint_sha256")
         insert = f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
+        seen = [c for c in RUN_COLUMNS if c != "timestamp"]
+        last = f"SELECT {', '.join(seen)} FROM runs WHERE run = ? AND dataset = ? AND seed = ? ORDER BY rowid DESC LIMIT 1"
         with self._connect() as db, db:
+            if db.execute(last, [row["run"], row["dataset"], row["seed"]]).fetchall() == [tuple(row[c] for c in seen)]:
+                return  # the latest sighting already says so: a cached rerun leaves the store as it was
             db.execute(f"DELETE FROM runs WHERE {' AND '.join(f'{k} = ?' for k in key)}", [row[k] for k in key])
             db.execute(insert, [row[k] for k in RUN_COLUMNS])
 

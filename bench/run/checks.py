@@ -12,19 +12,21 @@ import torch
 from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
-from bench.core.files import LOCKS, check_writable
+from bench.core.files import LOCKS, check_file_target, check_writable
 from bench.data.cifar import data_root
+from bench.data.datasets import check_file_places, dataset_info
 from bench.data.noise import NOISE_GROUPS
-from bench.data.splits import generation_folder, images_digest, load_noise, load_test
+from bench.data.splits import generation_folder, images_digest, load_noise, load_test, noise_source
 from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import DefenseSpec, built, check_name
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import blocks
-from bench.records.schema import utc_now
+from bench.records.schema import SNAPSHOT_FILE, utc_now
 from bench.records.store import RecordStore
 from bench.reports.landscape import check_landscape_index
-from bench.run.estimate import TrainingSets
-from bench.run.options import RunOptions
+from bench.reports.unchanged import MANIFEST
+from bench.run.estimate import TrainingSets, is_present
+from bench.run.options import SUBSET_OPTIONS, RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task, eval_config, train_config
 from bench.run.suites import Suite
 from bench.train.recipes import TrainConfig
@@ -33,7 +35,12 @@ from models import UserError, create_model
 log = logging.getLogger(__name__)
 
 
-REPORT_FOLDERS = ("tables", "leaderboard")  # the folders the report stage writes (the figures stage: "figures")
+# What the report stages write (bench.reports.writer): files at the results dir's top, and
+# folders only they write, with how deep their own subfolders go (leaderboard/<data>/<threat>/).
+REPORT_FILES = ("REPORT.md", SNAPSHOT_FILE, "leaderboard.csv", "leaderboard.md", MANIFEST)
+SANITY_FILES = ("sanity.md", "sanity.csv")
+REPORT_FOLDERS = {"tables": 0, "leaderboard": 2}
+FIGURE_FOLDERS = {"figures": 0}
 
 
 def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str, sets: TrainingSets) -> None:
@@ -159,24 +166,81 @@ def _check_models(jobs: list[Job]) -> None:
             raise UserError(f"--lambda-init {init[0]:g},{init[1]:g} does not fit {err}") from None
 
 
+def check_report_targets(options: RunOptions, dry: bool = False) -> None:
+    """Every path the run's report stages will write, checked before any work (a folder
+    where REPORT.md or a table goes, a file where tables/ goes): one line, and nothing of
+    the run written, not a refusal after the evaluation was recorded. A dry run checks
+    the same paths without proving the folders writable (that writes a probe file)."""
+    results, stages = Path(options.results_dir), set(options.stages)
+    files = (*REPORT_FILES, *SANITY_FILES) if "report" in stages else SANITY_FILES if "check" in stages else ()
+    folders = {**REPORT_FOLDERS, **(FIGURE_FOLDERS if options.figures else {})} if "report" in stages else {}
+    folders |= FIGURE_FOLDERS if "figures" in stages else {}
+    for name in files:
+        check_file_target(results / name)
+    for name, depth in folders.items():
+        folder = results / name
+        if dry:
+            check_file_target(folder / "probe")  # a file where the folder goes
+        else:
+            check_writable(folder, f"the {name}", "--results-dir")
+        for path in sorted(folder.glob("/".join("*" * (depth + 1)))):
+            if path.is_dir():
+                raise UserError(f"cannot write the {name} to {folder}: {path} is a folder, and only the report's "
+                                "files go there; move it aside and run again")  # fmt: skip
+
+
 def check_outputs_and_data(options: RunOptions, jobs: list[Job]) -> None:
     """Every folder the run writes and every file it reads, checked before any work: a
-    read-only results dir or a missing noise file is one line now, not after hours."""
+    read-only results dir or a missing noise file is one line now, not after hours. What
+    writes nothing comes first, so that a refused run leaves the results dir as it was."""
+    check_report_targets(options, dry=True)
+    check_data(options, jobs)
     check_writable(options.results_dir, "results", "--results-dir")
     check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")
-    for folder in REPORT_FOLDERS if "report" in options.stages else ():
-        check_writable(Path(options.results_dir) / folder, "the report", "--results-dir")  # before the work, not after it
-    if "figures" in options.stages:
-        check_writable(Path(options.results_dir) / "figures", "the figures", "--results-dir")
+    check_report_targets(options)
+
+
+def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
+    """The data checks of the run, which a dry run makes too (writing and downloading
+    nothing: a data set not there yet, and noise groups still to generate, are assumed
+    as the release has them): each test set's files, shapes and size against --n-test
+    and the subsets, Fig. 2's image, and every noise file."""
     for dataset in sorted({j.dataset for j in jobs}):
-        log.info("data: loading the %s test set from %s", dataset, data_root(options.data_dir))
+        info, root = dataset_info(dataset), data_root(options.data_dir)
+        if dry:
+            check_file_places(info, root)
+            if not is_present(info, options.data_dir):
+                log.info("data: %s is not in %s yet: the run downloads it; its release's sizes are assumed", dataset, root)
+                continue
+        log.info("data: loading the %s test set from %s", dataset, root)
         test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
+        check_test_size(options, dataset, len(test))
         if {"report", "figures"} & set(options.stages):  # Fig. 2's image: found missing now, not after the work
             check_landscape_index(options.landscape[0], len(test), dataset)
-        if "eval" in options.stages:
-            folder = generation_folder(dataset, options.data_dir, options.noise_source)
-            if folder is not None:  # a read-only data dir is fine otherwise
-                check_writable(folder, "generated noise groups", "--data-dir")
-                log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
-            for group in NOISE_GROUPS:  # generated once, not per worker; every file's type and shape checked now
-                load_noise(dataset, group, options.data_dir, options.noise_source, test=test)
+        if "eval" not in options.stages:
+            continue
+        if dry:  # the released files as the run reads them; generated ones are the run's to make
+            if noise_source(dataset, options.data_dir, options.noise_source) == "released" and info.noise_release:
+                for group in NOISE_GROUPS:
+                    load_noise(dataset, group, options.data_dir, "released", test=test)
+            continue
+        folder = generation_folder(dataset, options.data_dir, options.noise_source)
+        if folder is not None:  # a read-only data dir is fine otherwise
+            check_writable(folder, "generated noise groups", "--data-dir")
+            log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
+        for group in NOISE_GROUPS:  # generated once, not per worker; every file's type and shape checked now
+            load_noise(dataset, group, options.data_dir, options.noise_source, test=test)
+
+
+def check_test_size(options: RunOptions, dataset: str, images: int) -> None:
+    """The subset options' rule (RunOptions._check_subsets) against the test set itself:
+    --n-test, or a subset given without it, above the test images there are is refused; a
+    suite's own sizes are capped at them."""
+    for name in ("n_test", *SUBSET_OPTIONS):
+        value = getattr(options, name)
+        if name != "n_test" and options.n_test is not None:
+            continue  # checked against --n-test already
+        if value is not None and value > images:
+            raise UserError(f"--{name.replace('_', '-')} {value} is more than the {images:,} test images of {dataset} "
+                            f"in {data_root(options.data_dir)}: give at most {images:,}"
+                            + (", or leave --n-test out to test on all" if name == "n_test" else ""))  # fmt: skip

@@ -260,16 +260,21 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     n_test = options.n_test if options.n_test is not None else suite.n_test
     tested = "all test images" if n_test is None else f"{n_test} test images"
     config = eval_config(tasks[0].job, suite, options, device) if tasks else None  # every job's subsets are the same
-    smaller = [f"{name} on {config.n_test_of(name)}" for name, _ in config.subsets] if config else []
+    smaller = [f"{name} on {_capped(n, n_test)}" for name, n in config.subsets] if config else []
     if "stability" in options.stages:
-        n = stability_config(suite, options).n
-        smaller.append(f"stability on {n if n_test is None else min(n, n_test)}")
+        smaller.append(f"stability on {_capped(stability_config(suite, options).n, n_test)}")
     return (
         f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
         f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}" + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
         + f"); {tested}" + "".join(f", {s}" for s in smaller)
     )
+
+
+def _capped(n: int, n_test: int | None) -> str:
+    """A subset's size as run: a suite's subset above the test images is capped at them
+    (one given above them was refused, RunOptions._check_subsets), and the header says so."""
+    return f"{n}" if n_test is None or n <= n_test else f"{n_test} (the suite's {n}, capped at the {n_test} test images)"
 
 
 def _count(n: int, noun: str) -> str:

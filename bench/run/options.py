@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.environment import check_device_kind
+from bench.core.numbers import radii_problem
 from bench.data.cifar import data_root
 from bench.eval.defenses import identity
 from bench.records.store import check_results_dir
 from bench.reports.leaderboard import check_metric
+from bench.run.suites import find_suite
 from models import UserError
 
 STAGES = ("train", "eval", "check", "stability", "report", "figures")
@@ -35,6 +37,7 @@ LIMITS: dict[str, tuple[int | float, str]] = {
     "landscape_radius": (255, "255/255 spans the whole pixel range"),
     "assume_tflops": (10**6, "an exaFLOP/s: no device achieves it"),
 }
+SUBSET_OPTIONS = ("n_autoattack", "n_stability")  # subsets of the test images (--n-test)
 LANDSCAPE = ("landscape_index", "landscape_points", "landscape_radius")  # RunOptions.landscape's parts
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 
@@ -91,6 +94,8 @@ class RunOptions:
             twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
             if twice:
                 raise UserError(f"--seeds repeats {', '.join(map(str, twice))}: give each seed once")
+        if self.radii is not None and (problem := radii_problem(tuple(self.radii))):
+            raise UserError(f"--radii {','.join(f'{e:g}' for e in self.radii)}: {problem}")
         if self.lambda_init is not None:
             low, high = self.lambda_init
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
@@ -99,6 +104,7 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        self._check_subsets()
         counts = {**vars(self), **dict(zip(LANDSCAPE, self.landscape, strict=True))}
         for name, (limit, why) in LIMITS.items():
             if counts[name] is not None and counts[name] > limit:
@@ -132,6 +138,19 @@ class RunOptions:
                 f"--landscape-radius, got {index}, {points}, {radius:g}"
             )
 
+
+    def _check_subsets(self) -> None:
+        """The one rule of the subset options (--n-autoattack, --n-stability): a subset the
+        user gives is drawn from the test images (--n-test, else the suite's), so one larger
+        than them is refused, never shrunk in silence; a suite's own subset is capped at
+        them, and the plan's header says so (bench.run.estimate.plan_header)."""
+        n_test = self.n_test if self.n_test is not None else find_suite(self.suite).n_test
+        for name in SUBSET_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and n_test is not None and value > n_test:
+                drawn = f"--n-test {n_test}" if self.n_test is not None else f"the {self.suite} suite's {n_test}"
+                raise UserError(f"--{name.replace('_', '-')} {value} is more than the test images it is drawn from "
+                                f"({drawn}): give at most {n_test}, or a larger --n-test")  # fmt: skip
 
     def _check_defenses(self) -> None:
         """A defense run evaluates the defenses alone: the zoo's and training's options do not apply."""

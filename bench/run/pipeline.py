@@ -35,7 +35,9 @@ from bench.run.checks import (
     _check_models,
     _check_training_sizes,
     check_builds,
+    check_data,
     check_outputs_and_data,
+    check_report_targets,
     planned_metrics,
     recorded_metrics,
     resolve_defenses,
@@ -97,7 +99,9 @@ def run(options: RunOptions) -> int:
         config = train_config(task.job, task.seed, suite, options, device)
         trained_on.compare(finished_run(config, options.results_dir), config)
     del training_sets, trained_on  # the training images are not kept through the work
-    if options.dry_run:
+    if options.dry_run:  # every check of the run's before its work, writing nothing
+        check_report_targets(options, dry=True)
+        check_data(options, jobs, dry=True)
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
         driver = Driver(options, suite, device, store, dry=True, defenses=defenses)

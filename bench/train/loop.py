@@ -42,9 +42,9 @@ from bench.records.checkpoints import (
     STATE_FILE,
     WEIGHTS_FILE,
     check_build,
+    check_weights,
     dataset_defaults,
     is_rehearsal,
-    missing_weights,
     read_meta,
     save_zoo_checkpoint,
     zoo_checkpoint_dir,
@@ -273,8 +273,8 @@ def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | 
             f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
         )
     check_build(meta, planned_info(config.model, config.dataset, config.preset, config.lambda_init), folder)
-    if meta.get("status", "finished") == "finished" and not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(missing_weights(folder))
+    if meta.get("status", "finished") == "finished":  # its cells are found by the sha256 of the file it names
+        check_weights(folder, meta)
     return meta if meta.get("status") in ("finished", "failed") else None
 
 
