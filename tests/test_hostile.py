@@ -552,7 +552,8 @@ def test_a_refused_run_writes_nothing(mini_run, tmp_path, capsys, blocked):
     line = fails(argv, capsys)
     if blocked.startswith(("tables/", "figures/")):
         name = blocked.split("/")[0]
-        assert line == (f"error: cannot write the {name} to {results / name}: {results / blocked} is a folder, and "
+        what = "the figures" if name == "figures" else "the report"
+        assert line == (f"error: cannot write {what} to {results / name}: {results / blocked} is a folder, and "
                         "only the report's files go there; move it aside and run again")  # fmt: skip
     else:
         assert line == f"error: cannot write {results / blocked}: a folder of that name is in its place; move it aside and run again"

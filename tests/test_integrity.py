@@ -313,7 +313,7 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
             f"error: cannot write reports to {results} (Read-only file system): choose another --results-dir",
         ],
         results / DB_FILE: [
-            f"error: cannot write records to {results / DB_FILE} (attempt to write a readonly database): "
+            f"error: cannot write records to {results / DB_FILE} (Read-only file system): "
             "make it writable or choose another --results-dir"
         ],
     }

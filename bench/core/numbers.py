@@ -40,7 +40,7 @@ def radii_problem(radii: tuple[float, ...]) -> str:
         return "no radius given"
     bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
     if bad:
-        return f"{', '.join(dict.fromkeys(bad))} not a finite number of 1/255 in [0, 255]"
+        return f"must be finite numbers of 1/255 in [0, 255], got {', '.join(dict.fromkeys(bad))}"
     if any(e == 0 and math.copysign(1.0, e) < 0 for e in radii):
         return "-0 is not a radius: give 0"
     twice = sorted({e for e in radii if radii.count(e) > 1})

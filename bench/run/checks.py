@@ -178,14 +178,16 @@ def check_report_targets(options: RunOptions, dry: bool = False) -> None:
     for name in files:
         check_file_target(results / name)
     for name, depth in folders.items():
-        folder = results / name
-        if dry:
-            check_file_target(folder / "probe")  # a file where the folder goes
-        else:
-            check_writable(folder, f"the {name}", "--results-dir")
+        folder, what = results / name, "the figures" if name in FIGURE_FOLDERS else "the report"
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # a file where the folder goes
+            raise UserError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or "
+                            "choose another --results-dir")  # fmt: skip
+        if not dry:
+            check_writable(folder, what, "--results-dir")
         for path in sorted(folder.glob("/".join("*" * (depth + 1)))):
             if path.is_dir():
-                raise UserError(f"cannot write the {name} to {folder}: {path} is a folder, and only the report's "
+                raise UserError(f"cannot write {what} to {folder}: {path} is a folder, and only the report's "
                                 "files go there; move it aside and run again")  # fmt: skip
 
 

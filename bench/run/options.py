@@ -95,7 +95,8 @@ class RunOptions:
             if twice:
                 raise UserError(f"--seeds repeats {', '.join(map(str, twice))}: give each seed once")
         if self.radii is not None and (problem := radii_problem(tuple(self.radii))):
-            raise UserError(f"--radii {','.join(f'{e:g}' for e in self.radii)}: {problem}")
+            shown = "" if problem.startswith("must") else f"{','.join(f'{e:g}' for e in self.radii)}: "
+            raise UserError(f"--radii {shown}{problem}")
         if self.lambda_init is not None:
             low, high = self.lambda_init
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
@@ -104,11 +105,11 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        self._check_subsets()
         counts = {**vars(self), **dict(zip(LANDSCAPE, self.landscape, strict=True))}
         for name, (limit, why) in LIMITS.items():
             if counts[name] is not None and counts[name] > limit:
                 raise UserError(f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}")
+        self._check_subsets()  # after the limits: a count of 2**70 is a typo first
         check_device_kind(self.device, auto=True)
         if self.executor not in EXECUTORS:
             raise UserError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
