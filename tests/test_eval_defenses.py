@@ -89,7 +89,10 @@ def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, rea
     extra = ["--n-test", "40", "--device", "cpu", "--data-dir", str(data), "--results-dir", str(results), "--no-progress"]
     run = cli([*command[2:], *extra], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "1 defense); 40 test images, autoattack on 40, stability on 40" in run.stderr
+    assert (
+        "1 defense); 40 test images, autoattack on 40 (the suite's 1000, capped at the 40 test images), "
+        "stability on 40 (the suite's 200, capped at the 40 test images)"
+    ) in run.stderr
     assert "small_cnn synthetic: the transfer check attacks from resnet14@smoke@n2048 seed 0" in run.stderr
     assert "36 cells evaluated, 0 cached; 1 stability units measured, 0 cached" in run.stderr
 
