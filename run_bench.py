@@ -10,12 +10,12 @@ import sqlite3
 import sys
 from dataclasses import fields
 
+from bench.core.messages import disk_full, disk_full_message
 from bench.core.numbers import decimal, integer
-from bench.data.splits import NOISE_SOURCES
-from bench.run.options import DEFENSE_STAGES, EXECUTORS, STAGES, RunOptions
+from bench.data.noise_files import NOISE_SOURCES
+from bench.run.options import DEFENSE_STAGES, EXECUTORS, RunOptions
 from bench.train.recipes import PRESETS
 from models import GROUPS, UserError, list_models, model_entry, resolve_models
-from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger("inres-bench")
 
@@ -277,12 +277,7 @@ def defenses(args: argparse.Namespace) -> tuple:
 def options(args: argparse.Namespace):
     chosen = defenses(args)
     default_stages = ",".join(DEFENSE_STAGES if chosen else RunOptions.stages)
-    stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise UserError(
-            f"unknown stage {unknown[0]!r} in --stage; choose from {', '.join(STAGES)} (or summary)"
-        )
+    stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))  # checked by RunOptions
     given = {f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name in vars(args)}  # same dests
     return RunOptions(**{
         **given,

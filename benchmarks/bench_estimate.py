@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.data.synthetic import make_synthetic  # noqa: E402
 from bench.records.store import RecordStore  # noqa: E402
-from bench.run.driver import Driver
 from bench.run.estimate import estimate  # noqa: E402
 from bench.run.options import RunOptions  # noqa: E402
 from bench.run.pipeline import run
 from bench.run.plan import plan_jobs, plan_tasks  # noqa: E402
 from bench.run.suites import find_suite  # noqa: E402
+from bench.run.todo import ToDo  # noqa: E402
 
 SAME_SIZE = "resnet110,in-resnet110,lambda-in-resnet110"
 
@@ -56,8 +56,8 @@ def scenario(name: str, root: Path) -> RunOptions:
 def estimated(options: RunOptions):
     spec = find_suite(options.suite)
     tasks = plan_tasks(plan_jobs(spec, options), spec, options, "cpu")
-    driver = Driver(options, spec, "cpu", RecordStore(options.results_dir, readonly=True), dry=True)
-    return estimate(driver, tasks, options)
+    todo = ToDo(options, spec, "cpu", RecordStore(options.results_dir, readonly=True), dry=True)
+    return estimate(todo, tasks, options)
 
 
 def main() -> int:

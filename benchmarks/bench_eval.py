@@ -26,8 +26,9 @@ from torch.nn import functional as F
 
 from bench.core.environment import retain_freed_memory
 from bench.eval.adapters import state_dict_defense
-from bench.eval.engine import EvalData, evaluate
+from bench.eval.engine import evaluate
 from bench.eval.protocol import Cell, EvalConfig, Subject
+from bench.eval.testdata import EvalData
 from bench.records.load import load_records
 from bench.records.store import RecordStore
 from models import create_model

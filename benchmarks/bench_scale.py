@@ -42,7 +42,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.eval.engine import cell_key  # noqa: E402
 from bench.eval.protocol import protocol_cells  # noqa: E402
-from bench.eval.sanity import plain_counterpart  # noqa: E402
 from bench.eval.stability import GROWTH, blocks, params_of, stage_units, unit_eps  # noqa: E402
 from bench.records.checkpoints import (  # noqa: E402
     META_FILE,
@@ -59,7 +58,11 @@ from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, eval_config, plan_jobs, pla
 from bench.run.suites import SUITES  # noqa: E402
 from bench.train.loop import _coefficients, model_options  # noqa: E402
 from bench.train.recipes import recipe_for  # noqa: E402
-from models import create_model, model_entry  # noqa: E402
+from models import (  # noqa: E402
+    create_model,
+    model_entry,
+    plain_counterpart,  # noqa: E402
+)
 
 PHASES = ("selection", "report", "figures", "dry-run")
 CHECKS = ("zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic")

@@ -49,8 +49,8 @@ from bench_eval import CELLS, hand_loop_seconds, harness_seconds  # noqa: E402
 from bench_train import plain  # noqa: E402
 
 from bench.eval.adapters import state_dict_defense  # noqa: E402
-from bench.eval.engine import EvalData
 from bench.eval.protocol import Cell, EvalConfig
+from bench.eval.testdata import EvalData
 from bench.records.load import load_records, load_runs, load_stability  # noqa: E402
 from bench.records.store import RecordStore  # noqa: E402
 from bench.run.estimate import estimate
@@ -247,8 +247,8 @@ def epoch(name: str, n: int, device: str, evaluation_rows: list[dict]) -> list[d
 
 def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -> float:
     """The suite's work on one device: `measured`'s rates, other models' scaled by FLOPs."""
-    from bench.run.driver import Driver
     from bench.run.plan import plan_jobs, plan_tasks
+    from bench.run.todo import ToDo
 
     spec = find_suite(suite_name)
     with tempfile.TemporaryDirectory() as empty:
@@ -260,8 +260,8 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
         for model in {t.job.model for t in tasks}:
             factor = flop_rates(model, 1.0).forward / base.forward  # images/s scale as 1 / FLOPs
             scaled[model] = Rates(rates.train * factor, rates.forward * factor, rates.gradient * factor, "scaled")
-        driver = Driver(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
-        return float(estimate(driver, tasks, options, scaled)["seconds"].sum() / 3600)
+        todo = ToDo(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
+        return float(estimate(todo, tasks, options, scaled)["seconds"].sum() / 3600)
 
 
 def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:

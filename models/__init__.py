@@ -13,6 +13,7 @@ from .registry import (
     model_entries,
     model_entry,
     model_label,
+    plain_counterpart,
     register_model,
     resolve_models,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "UserError",
     "create_model",
     "find_model",
+    "plain_counterpart",
     "list_models",
     "model_entries",
     "model_entry",

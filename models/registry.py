@@ -97,6 +97,18 @@ def find_model(arch: str, rule: str) -> ModelEntry | None:
     return next((e for e in _MODELS.values() if (e.arch, e.rule) == (arch, rule)), None)
 
 
+def plain_counterpart(model: str) -> str | None:
+    """The registered ResNet (residual rule) of the same architecture as `model`, or None
+    (for a ResNet itself, an unregistered model, or one without a ResNet)."""
+    if model not in _MODELS:
+        return None
+    entry = _MODELS[model]
+    if entry.rule in ("", "residual"):
+        return None
+    plain = find_model(entry.arch, "residual")
+    return None if plain is None else plain.name
+
+
 def model_label(name: str) -> str:
     """How reports name a model: its registered label, else the name (other defenses)."""
     return _MODELS[name].label if name in _MODELS else name

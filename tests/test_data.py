@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import cifar, datasets, noise
+from bench.data import cifar, datasets, noise, noise_files
 from bench.data import splits as data
 from bench.data.cifar import read_batch, write_batch
 from bench.data.datasets import CIFAR10, CIFAR100, Release, load_split
@@ -197,14 +197,14 @@ def test_a_placed_release_tar_is_checked_by_md5_once(tiny_cifar10, tmp_path, mon
     placed = root / "CIFAR-10-C.tar"
     placed.write_bytes(b"\0" * size)  # right size, wrong content
     with pytest.raises(UserError, match=rf"CIFAR-10-C.tar is not the published CIFAR-10-C.tar \({size} bytes; expected {size} bytes with md5 {digest}\)"):
-        data.load_noise("cifar10", "shot_noise", root, source="released")
+        noise_files.load_noise("cifar10", "shot_noise", root, source="released")
     assert not (root / "CIFAR-10-C").exists()
     shutil.copy(server / "real.tar", placed)
     hashed = []
     monkeypatch.setattr(cifar, "_md5", lambda path: hashed.append(path) or md5(path))
-    assert data.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
+    assert noise_files.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
     shutil.rmtree(root / "CIFAR-10-C")  # extracted again from the same tar: no second hash
-    assert data.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
+    assert noise_files.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
     assert hashed.count(placed) == 1
     assert json.loads((root / "CIFAR-10-C.tar.md5.json").read_text())["md5"] == digest
 
@@ -297,14 +297,14 @@ def tiny_cifar10(tmp_path, monkeypatch):
 def test_generated_layout_and_reuse(tiny_cifar10, monkeypatch, caplog):
     root, test_images, test_labels = tiny_cifar10
     with caplog.at_level(logging.INFO):
-        group = data.load_noise("cifar10", "speckle_noise", root, source="auto", seed=4)
+        group = noise_files.load_noise("cifar10", "speckle_noise", root, source="auto", seed=4)
     assert "no released files" in caplog.text
     folder = root / "generated" / "CIFAR-10-C"
     assert group.source == "generated" and group.path == folder / "speckle_noise.npy"
     assert group.images.shape == (200, 32, 32, 3) and group.n_per_severity == 40
     assert np.array_equal(group.labels, np.tile(test_labels, 5))
     for s in noise.SEVERITIES:
-        rows = data.severity_rows(np.arange(40), 40, s)
+        rows = noise_files.severity_rows(np.arange(40), 40, s)
         assert np.array_equal(group.images[rows], noise.corrupt(test_images, "speckle_noise", s, seed=4))
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{g}.npy" for g in noise.NOISE_GROUPS] + ["labels.npy", "generated.json"]
@@ -313,10 +313,10 @@ def test_generated_layout_and_reuse(tiny_cifar10, monkeypatch, caplog):
     def no_regeneration(*args, **kwargs):
         raise AssertionError("regenerated")
 
-    monkeypatch.setattr(data, "corrupt_groups", no_regeneration)
-    assert data.load_noise("cifar10", "shot_noise", root, seed=4).source == "generated"
+    monkeypatch.setattr(noise_files, "corrupt_groups", no_regeneration)
+    assert noise_files.load_noise("cifar10", "shot_noise", root, seed=4).source == "generated"
     with pytest.raises(AssertionError, match="regenerated"):  # another seed is another set
-        data.load_noise("cifar10", "shot_noise", root, seed=5)
+        noise_files.load_noise("cifar10", "shot_noise", root, seed=5)
 
 
 def test_released_source_extracts_only_the_noise_groups(tiny_cifar10, tmp_path, monkeypatch):
@@ -337,19 +337,19 @@ def test_released_source_extracts_only_the_noise_groups(tiny_cifar10, tmp_path, 
     monkeypatch.setitem(
         datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=release)
     )
-    group = data.load_noise("cifar10", "impulse_noise", root, source="released")
+    group = noise_files.load_noise("cifar10", "impulse_noise", root, source="released")
     assert group.source == "released" and np.array_equal(group.images, np.load(server / "impulse_noise.npy"))
     assert not (root / "CIFAR-10-C" / "fog.npy").exists()
-    assert data.load_noise("cifar10", "shot_noise", root).source == "released"  # auto prefers it
+    assert noise_files.load_noise("cifar10", "shot_noise", root).source == "released"  # auto prefers it
 
     np.save(root / "CIFAR-10-C" / "labels.npy", np.zeros(200, dtype=np.int64))
     with pytest.raises(UserError, match=r"labels.npy is not the test labels repeated 5 times"):
-        data.load_noise("cifar10", "shot_noise", root)
+        noise_files.load_noise("cifar10", "shot_noise", root)
     np.save(root / "CIFAR-10-C" / "shot_noise.npy", np.zeros((10, 32, 32, 3), np.uint8))
     with pytest.raises(
         UserError, match=r"shot_noise.npy: expected uint8 \(200, 32, 32, 3\), got uint8 \(10, 32, 32, 3\)"
     ):
-        data.load_noise("cifar10", "shot_noise", root)
+        noise_files.load_noise("cifar10", "shot_noise", root)
 
 
 def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
@@ -361,11 +361,11 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
     with pytest.raises(
         UserError, match=r"cannot download .*missing.tar .* or the extracted CIFAR-10-C/ folder"
     ):
-        data.load_noise("cifar10", "shot_noise", root, source="released")
+        noise_files.load_noise("cifar10", "shot_noise", root, source="released")
     with pytest.raises(UserError, match="unknown noise group 'fog'"):
-        data.load_noise("cifar10", "fog", root)
+        noise_files.load_noise("cifar10", "fog", root)
     with pytest.raises(UserError, match="unknown noise source 'best'"):
-        data.load_noise("cifar10", "shot_noise", root, source="best")
+        noise_files.load_noise("cifar10", "shot_noise", root, source="best")
     with pytest.raises(UserError, match="unknown dataset 'svhn'"):
         data.load_test("svhn", root)
 
@@ -376,7 +376,7 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
 def test_robustbench_reads_the_generated_folder(tmp_path, monkeypatch):
     write_cifar10(tmp_path / CIFAR10.folder, n_train=2, n_test=10_000)  # robustbench assumes 10,000
     monkeypatch.setitem(datasets.DATASETS, "cifar10", unofficial(CIFAR10))
-    ours = data.load_noise("cifar10", "gaussian_noise", tmp_path, source="generated")
+    ours = noise_files.load_noise("cifar10", "gaussian_noise", tmp_path, source="generated")
     from bench.eval.adapters import _robustbench
 
     _robustbench()  # the autoattack alias robustbench needs to import
@@ -400,15 +400,15 @@ def test_subsets():
     assert data.subset_indices(labels, 50).tolist() == list(range(10))
     # balanced: 5 over 3 classes -> 2 of class 0, 2 of class 1, 1 of class 2, first ones
     assert data.subset_indices(labels, 5, balanced=True).tolist() == [0, 1, 2, 3, 6]
-    with pytest.raises(UserError, match="--n-test must be positive, got 0"):
+    with pytest.raises(ValueError, match="a test subset needs at least one image, got n = 0"):
         data.subset_indices(labels, 0)
 
 
 def test_severity_rows():
-    assert data.severity_rows(np.array([1, 3]), 10, 2).tolist() == [11, 13]
-    assert data.severity_rows(np.array([1, 3]), 10).tolist() == [1, 3, 11, 13, 21, 23, 31, 33, 41, 43]
+    assert noise_files.severity_rows(np.array([1, 3]), 10, 2).tolist() == [11, 13]
+    assert noise_files.severity_rows(np.array([1, 3]), 10).tolist() == [1, 3, 11, 13, 21, 23, 31, 33, 41, 43]
     with pytest.raises(UserError, match="severity must be one of"):
-        data.severity_rows(np.array([1]), 10, 6)
+        noise_files.severity_rows(np.array([1]), 10, 6)
 
 
 def test_batches_stream_uint8_to_unit_floats():
@@ -436,7 +436,7 @@ def test_synthetic_set_is_cifar_format_balanced_and_seeded(tmp_path):
     make_synthetic(tmp_path / "again", seed=0)
     again, _ = read_batch(tmp_path / "again" / "test_batch", "labels", 10)
     assert np.array_equal(again, test.images)
-    group = data.load_noise("synthetic", "gaussian_noise", tmp_path)
+    group = noise_files.load_noise("synthetic", "gaussian_noise", tmp_path)
     assert (
         group.source == "generated"
         and group.path.parent == tmp_path / "generated" / "synthetic" / "CIFAR-10-C"

@@ -22,7 +22,8 @@ from bench.data.datasets import (
     paper_datasets,
     register_dataset,
 )
-from bench.data.splits import load_noise, load_test, load_train
+from bench.data.noise_files import load_noise
+from bench.data.splits import load_test, load_train
 from bench.data.synthetic import draw, make_synthetic
 from bench.eval.adapters import module_defense, state_dict_defense
 from bench.records.checkpoints import dataset_defaults

@@ -16,8 +16,9 @@ from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import load_test
 from bench.eval import engine
 from bench.eval.adapters import Defense, ensemble_defense, state_dict_defense
-from bench.eval.engine import EvalData, evaluate
+from bench.eval.engine import evaluate
 from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells
+from bench.eval.testdata import EvalData
 from bench.records.aggregate import with_pooled_noise
 from bench.records.load import load_correct, load_records, write_snapshot
 from bench.records.schema import COLUMNS
@@ -97,7 +98,7 @@ def test_protocol_cells_and_presets():
     assert EvalConfig().alpha * 255 == pytest.approx(2.0)
     assert EvalConfig(preset="authors-code").alpha * 255 == pytest.approx(1.0)
     assert EvalConfig(alpha_255=0.5).alpha * 255 == pytest.approx(0.5)
-    with pytest.raises(Exception, match="--steps must be at least 1"):
+    with pytest.raises(Exception, match=r"EvalConfig.steps \(the iterations of IFGSM and PGD\) must be at least 1, got 0"):
         EvalConfig(steps=0)
 
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import run_bench
-from bench.core.files import LOCKS, atomic_write, run_lock, temp_prefix, write_all
+from bench.core.files import atomic_write, temp_prefix, write_all
+from bench.core.processes import LOCKS, run_lock
 from bench.data.cifar import read_batch
-from bench.data.splits import ensure_generated
+from bench.data.noise_files import ensure_generated
 from bench.eval import sanity
 from bench.eval.protocol import EvalConfig
 from bench.records.checkpoints import read_meta
@@ -268,7 +269,7 @@ def test_locks_that_cannot_be_taken_are_one_line(tmp_path, monkeypatch):
     (tmp_path / LOCKS).write_text("")
     with pytest.raises(UserError, match=r"\.locks is a file, not a folder"), run_lock(tmp_path / LOCKS / "a.lock"):
         pass
-    from bench.core import files as checkpoints
+    from bench.core import processes as checkpoints
 
     def denied(path, mode):
         raise PermissionError(13, "Permission denied", str(path))

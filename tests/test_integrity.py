@@ -473,8 +473,8 @@ def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, re
 def test_the_cleanup_removes_only_the_orphans_of_its_own_dead_writers_in_its_own_folders(tmp_path):
     """Data dirs are shared with other tools: a file that merely looks temporary, or one of
     ours outside the folders the harness writes, survives; a dead writer's in them does not."""
-    from bench.core.files import remove_orphans
-    from bench.data.splits import data_folders
+    from bench.core.processes import remove_orphans
+    from bench.data.noise_files import data_folders
     from bench.run.pipeline import RESULT_FOLDERS
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -7,6 +7,8 @@ import re
 import shutil
 import signal
 import subprocess
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,8 +19,11 @@ import run_bench
 from bench.data.datasets import DATASETS
 from bench.records.load import load_checks, load_correct, load_records, load_runs, load_stability
 from bench.records.schema import KEY, STABILITY_KEY
+from bench.run import pipeline, plan
+from bench.run.executors import DONE
 from bench.run.pipeline import RunOptions, plan_jobs
 from bench.run.suites import SUITES
+from bench.run.todo import ToDo
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}
@@ -52,6 +57,76 @@ def test_models_option_restricts_or_extends_a_suite():
     ]
 
 
+@pytest.mark.parametrize("suite", ["smoke", "paper"])
+def test_each_config_is_derived_once_on_the_plan(suite, tmp_path, monkeypatch, capsys):
+    """A dry run derives every task's TrainConfig, EvalConfig and StabilityConfig once, in
+    plan_tasks, and nothing else derives them again: the checks, the header and the
+    estimate read them from the tasks (the seeds of a job share one EvalConfig)."""
+    calls = Counter()
+    for name in ("train_config", "eval_config", "stability_config"):
+        real = getattr(plan, name)
+        monkeypatch.setattr(plan, name, lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k))
+    options = RunOptions(suite=suite, dry_run=True, device="cuda" if suite == "paper" else "cpu", assume_tflops=100.0,
+                         results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"))  # fmt: skip
+    assert pipeline.run(options) == 0
+    tasks = plan.plan_tasks(plan.plan_jobs(SUITES[suite], options), SUITES[suite], options, options.device)
+    calls_of_one_plan = Counter({"train_config": sum(t.kind == "train" for t in tasks),
+                                 "eval_config": len({t.job for t in tasks}) + sum(t.kind == "ensemble" for t in tasks),
+                                 "stability_config": 1})  # fmt: skip
+    assert calls == calls_of_one_plan + calls_of_one_plan  # the run's plan, and the one made here
+    assert all(t.eval is not None and (t.kind == "train") == (t.stability is None) for t in tasks)
+    assert all(t.train == plan.train_config(t.job, t.seed, SUITES[suite], options, options.device)
+               for t in tasks if t.kind in ("train", "measure"))  # fmt: skip
+    assert "plan: suite " + suite in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_estimate_the_dry_run_and_the_run_see_the_plans_configs(trained, tmp_path, monkeypatch):
+    """Every task the dry run's estimate and the run decide (bench.run.todo) carries the
+    plan's configs, and the work each sends to a worker is made from them: the same cells,
+    protocol and stability settings in the estimate as in the run."""
+    results = tmp_path / "results"
+    shutil.copytree(trained / "results" / "checkpoints", results / "checkpoints")  # the two ResNet-8 seeds
+    options = RunOptions(models="resnet8", n_train=1024, n_test=24, n_stability=10, radii=(2.0,), progress=False,
+                         stages=("train", "eval", "check", "stability"), device="cpu", data_dir=str(trained / "data"),
+                         results_dir=str(results))  # fmt: skip
+    seen: dict[str, dict] = {"dry": {}, "run": {}}
+    real_decide = ToDo.decide
+
+    def decide(self, task):
+        decision = real_decide(self, task)
+        seen["dry" if self.dry else "run"][task.name] = (task, decision.work)
+        return decision
+
+    class Recording:  # an executor that records the work it gets and says each task is done
+        slots, events = 1, []
+
+        def submit(self, name, work):
+            self.events.append(name)
+
+        def next_event(self):
+            return self.events.pop(0), DONE
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ToDo, "decide", decide)
+    monkeypatch.setattr(pipeline, "make_executor", lambda *a, **k: Recording())
+    assert pipeline.run(replace(options, dry_run=True)) == 0
+    assert pipeline.run(options) == 0
+    planned = {t.name: t for t in plan.plan_tasks(plan.plan_jobs(SUITES["smoke"], options), SUITES["smoke"], options, "cpu")}
+    measuring = {n for n, t in planned.items() if t.kind != "train"}
+    assert set(seen["dry"]) == measuring and set(seen["run"]) == set(planned)  # the run asks of the trainings too
+    for name, (task, work) in seen["run"].items():
+        assert (task.train, task.eval, task.stability) == (planned[name].train, planned[name].eval, planned[name].stability)
+        if name in measuring:
+            dry_task, dry_work = seen["dry"][name]
+            assert dry_task == task and work is not None and dry_work == work
+            assert (work.config, work.stability_config) == (task.eval, task.stability) and work.cells
+        else:
+            assert work is None  # trained already
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     argv = ["--dry-run", "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
     assert run_bench.main(argv) == 0
@@ -76,7 +151,8 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
         ),
         (
             ["--stage", "train,evil"],
-            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, stability, report, figures \(or summary\)\n",
+            r"error: unknown stage 'evil' in --stage; choose from train, eval, check, stability, report, figures "
+            r"\(or summary, alone, on the command line\)\n",
         ),
         (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x': 'x' is not a decimal number \(ASCII digits, e\.g\. 2 or 0\.5\)\n"),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),

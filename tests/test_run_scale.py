@@ -17,15 +17,15 @@ import pytest
 
 import run_bench
 from bench.core.environment import device_name
+from bench.data import splits
 from bench.data.cifar import write_batch
-from bench.data.splits import load_train
+from bench.data.splits import TrainingSets, load_train
 from bench.data.synthetic import make_synthetic
 from bench.eval.protocol import protocol_cells
 from bench.records.load import load_checks, load_correct, load_records
 from bench.records.schema import COLUMNS, KEY
 from bench.records.store import RecordStore
-from bench.run import estimate
-from bench.run.estimate import TrainingSets, wall_time
+from bench.run.estimate import wall_time
 from bench.run.options import RunOptions
 from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
 from bench.run.rates import flop_rates, recorded_rates
@@ -97,7 +97,7 @@ def test_the_estimate_counts_the_data_dirs_training_images(tmp_path, monkeypatch
         write_batch(folder / f"data_batch_{i}", images[: 6 + i], np.arange(6 + i) % 10)
     write_batch(folder / "test_batch", images[:10], np.arange(10))
     reads = []
-    monkeypatch.setattr(estimate, "load_train", lambda *a: reads.append(a) or load_train(*a))
+    monkeypatch.setattr(splits, "load_train", lambda *a: reads.append(a) or load_train(*a))
     sets = TrainingSets(tmp_path)
     assert sets.per_epoch("cifar10", None) == 7 + 8 + 9 + 10 + 11
     assert sets.per_epoch("cifar10", 20) == 20

@@ -24,6 +24,7 @@ from bench.records.stats import Bootstrap, verdict
 from bench.records.store import RecordStore
 from bench.reports.leaderboard import check_metric
 from bench.reports.writer import write_reports
+from models import plain_counterpart
 
 # --- the registry -------------------------------------------------------------------------------
 
@@ -197,9 +198,9 @@ def test_the_transfer_check_flags_a_surrogate_stronger_than_white_box_not_a_weak
 
 
 def test_the_plain_counterpart_is_the_resnet_of_the_same_architecture():
-    assert sanity.plain_counterpart("lambda-in-resnet110") == "resnet110"
-    assert sanity.plain_counterpart("in-resnext29-8x64d") == "resnext29-8x64d"
-    assert sanity.plain_counterpart("resnet110") is None
+    assert plain_counterpart("lambda-in-resnet110") == "resnet110"
+    assert plain_counterpart("in-resnext29-8x64d") == "resnext29-8x64d"
+    assert plain_counterpart("resnet110") is None
 
 
 # --- worst case and intervals -------------------------------------------------------------------

@@ -1,44 +1,27 @@
-"""The harness's file I/O, used by every layer: atomic writes (text, bytes, JSON, state
-dicts), write checks before work, run locks, the orphans of killed processes, digests, and
-safe, checked loading of state_dict files.
-
-Checkpoints are untrusted input: they are only ever read with `weights_only=True`, and a
-file that is missing, truncated, not a state_dict, or that does not fit the model fails
-with one `UserError` line naming the file and the mismatch.
-"""
+"""The harness's file I/O, used by every layer: atomic writes (text, bytes, JSON), checks
+that a path can be written before any work, and digests. Temporary files carry their
+writer's host and pid (`temp_prefix`), so that bench.core.processes can tell the orphans of
+a killed process from the files of a live one."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from bench.core.messages import disk_full, disk_full_message
+from models import UserError
 
-from models.errors import UserError, disk_full, disk_full_message, reason
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
-log = logging.getLogger(__name__)
-_SHOWN = 4  # keys listed per kind of mismatch before "+N more"
 # Temporary files and folders carry their writer's host and pid, so that a later run can
 # tell the orphans of a killed process from the files another live process is writing.
-_TEMP_TAG = re.compile(r"^\..*\.inres-(?P<host>[\w-]+)-(?P<pid>\d+)-[^/]*$")
-LOCKS = ".locks"  # the folder of a results dir that holds its runs' lock files
+TEMP_TAG = re.compile(r"^\..*\.inres-(?P<host>[\w-]+)-(?P<pid>\d+)-[^/]*$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -148,89 +131,6 @@ def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def run_lock(path: str | os.PathLike, blocking: bool = True):
-    """An exclusive lock on `path` (created if needed) for the `with` block; yields whether
-    it is held (always, when `blocking`). Processes sharing a results dir take it around a
-    run's training or evaluation, so that none repeats another's work. Held locks vanish
-    with their process, so a killed run never leaves one behind."""
-    path = Path(path)
-    check_file_target(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+b")  # noqa: SIM115 (closed below, after the lock is released)
-    except OSError as err:
-        raise UserError(
-            f"cannot take the lock {path} ({err.strerror}): make {path.parent} a writable folder "
-            "or choose another --results-dir"
-        ) from None
-    with handle:
-        if fcntl is None:  # no flock (Windows): no sharing of a results dir between processes
-            yield True
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def remove_orphans(root: str | os.PathLike, under: tuple[str, ...] = ()) -> int:
-    """Delete the temporary files and folders that a killed run of this project left
-    directly in `root` or anywhere below its subfolders `under` (the folders the harness
-    writes); returns how many. Only names carrying our tag (`.<name>.inres-<host>-<pid>-…`)
-    whose writer is provably gone from this host are removed: a live writer's, another
-    host's, and any other tool's files (a `.draft.abcdefgh.tmp` of the user's) are left."""
-    root, removed, host = Path(root), 0, socket.gethostname().split(".")[0]
-    if not root.is_dir():
-        return 0
-    places = [(root, [p.name for p in _entries(root)])]
-    for sub in under:
-        for folder, dirs, files in os.walk(root / sub):
-            places.append((Path(folder), [*dirs, *files]))
-    for folder, names in places:
-        for name in names:
-            tagged = _TEMP_TAG.match(name)
-            if not tagged or tagged["host"] != host or _alive(int(tagged["pid"])):
-                continue
-            path = folder / name
-            try:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                removed += 1
-            except OSError:  # a read-only data dir: leave it
-                pass
-    if removed:
-        log.info("removed %d temporary file(s) left under %s by killed runs", removed, root)
-    return removed
-
-
-def _entries(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir())
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
-    """Atomically save `state` (tensors only); returns the file's sha256."""
-    atomic_write(path, lambda f: torch.save(dict(state), f))
-    return sha256_file(path)
-
-
 def write_all(texts: Mapping[Path, str | bytes]) -> list[Path]:
     """Write each file atomically, after checking that every path can become a file: a
     folder in the way of the last one is refused before the first is written."""
@@ -246,62 +146,3 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a state_dict file with weights_only=True. Accepts a bare state_dict or one
-    under a "state_dict" key, and strips a DataParallel "module." prefix."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: check the path (cwd is {Path.cwd()})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file; all mean the same
-        raise UserError(
-            f"checkpoint {path} cannot be read with weights_only=True ({reason(err)}); "
-            "it is truncated, not a torch.save file, or pickles code: re-save its state_dict"
-        ) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise UserError(
-            f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict of named "
-            "tensors: save model.state_dict()"
-        )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> str:
-    """Load `path` into `model` strictly; returns the file's sha256."""
-    state = read_state_dict(path)
-    mismatch = describe_mismatch(model.state_dict(), state)
-    if mismatch:
-        raise UserError(f"checkpoint {path} does not fit {type(model).__name__}: {mismatch}")
-    model.load_state_dict(state, strict=True)
-    return sha256_file(path)
-
-
-def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str:
-    """'' when keys and shapes agree, else a one-line summary of what differs."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [
-        f"{k} file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
-    parts = [
-        f"{label} {listing(items)}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", shapes),
-        )
-        if items
-    ]
-    return "; ".join(parts)
-
-
-def listing(items: list[str]) -> str:
-    more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
-    return ", ".join(items[:_SHOWN]) + more

@@ -108,6 +108,11 @@ def complete(info: DatasetInfo, folder: Path) -> bool:
     return not _missing(info, folder)
 
 
+def is_present(info: DatasetInfo, data_dir) -> bool:
+    """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
+    return not info.files or complete(info, data_root(data_dir) / info.folder)
+
+
 def _missing(info: DatasetInfo, folder: Path) -> list[str]:
     return [n for names in info.files.values() for n, _ in names if not (folder / n).is_file()]
 

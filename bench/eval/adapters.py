@@ -23,13 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench.core.files import (
-    describe_mismatch,
-    listing,
-    load_state_dict_file,
-    read_state_dict,
-    sha256_file,
-)
+from bench.core.files import sha256_file
+from bench.core.weights import describe_mismatch, listing, load_state_dict_file, read_state_dict
 from bench.data.datasets import dataset_info
 from bench.records.checkpoints import (
     META_FILE,

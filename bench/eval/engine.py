@@ -9,7 +9,6 @@ written as soon as it finishes (FGSM's radii together: they share one gradient).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,95 +29,14 @@ from bench.attacks.perturbations import (
 )
 from bench.core.environment import device_name
 from bench.core.presets import PER_FILE, preset
-from bench.data.splits import (
-    batches,
-    cell_sources,
-    current_noise_file,
-    images_digest,
-    load_noise,
-    load_test,
-    noise_digest,
-    noise_file,
-    severity_rows,
-    subset_indices,
-)
 from bench.eval.protocol import Cell, EvalConfig, Subject, _unit_name, _units_cost, protocol_cells, units
+from bench.eval.testdata import EvalData
 from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, utc_now
 from bench.records.store import RecordStore
 from models import UserError
 from models.layers import Normalize
 
 log = logging.getLogger(__name__)
-
-
-class EvalData:
-    """The test set of one data set, its class-balanced subsets and its noise groups,
-    loaded on first use."""
-
-    def __init__(self, dataset: str, data_dir, config: EvalConfig, remember: bool = True):
-        self.dataset, self.data_dir, self.config = dataset, data_dir, config
-        self.remember = remember  # keep noise files' md5s beside them (not in a dry run: it writes nothing)
-        self.test = load_test(dataset, data_dir)
-        self.n_test = len(self.test)
-        self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
-        self.clean_digest = images_digest(self.test.images, self.test.labels)
-        self._digests: dict[str, str] = {}  # noise group -> its file's digest
-
-    @functools.cache  # noqa: B019 (one EvalData per data set and run)
-    def indices(self, n: int | None) -> np.ndarray:
-        return subset_indices(self.test.labels, n, balanced=True)
-
-    def n(self, cell: Cell) -> int:
-        """How many test images `cell` is measured on."""
-        return len(self.indices(self.config.n_test_of(cell.perturbation)))
-
-    def source(self, cell: Cell) -> str:
-        return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
-
-    def digest(self, cell: Cell) -> str | None:
-        """What `cell` reads, as records.data_sha256: the test set's, or its noise file's
-        (None while that file is not made yet: nothing is generated to answer)."""
-        if perturbation(cell.perturbation).kind == NOISE:
-            return self._noise_digest(cell.perturbation)
-        return self.clean_digest
-
-    def _noise_digest(self, group: str) -> str | None:
-        if group not in self._digests:
-            if self.remember:  # the file as a cell will read it: generated (again, for a changed test set) first
-                self._digests[group] = noise_digest(self.noise(group).path)
-            else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
-                path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)
-                if not current_noise_file(path, self.noise_source != "released", self.clean_digest):
-                    return None
-                self._digests[group] = noise_digest(path, remember=False)
-        return self._digests[group]
-
-    @functools.cache  # noqa: B019
-    def noise(self, group: str):
-        source = "released" if self.noise_source == "released" else "generated"
-        return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
-
-    @functools.cache  # noqa: B019
-    def file_stats(self, group: str, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel mean and std of a whole noise file (all severities), in [0, 1] units."""
-        images = self.noise(group).images
-        total, square = np.zeros(3), np.zeros(3)
-        for start in range(0, len(images), chunk):
-            part = images[start : start + chunk].reshape(-1, 3).astype(np.float64) / 255
-            total += part.sum(0)
-            square += (part * part).sum(0)
-        count = images[:1, ..., 0].size * len(images)
-        mean = total / count
-        return mean, np.sqrt(square / count - mean**2)
-
-    def batches(self, cell: Cell, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
-        """The images `cell` perturbs: its noise file's rows at its severity, or clean ones."""
-        indices = self.indices(self.config.n_test_of(cell.perturbation))
-        if perturbation(cell.perturbation).kind == NOISE:
-            noise = self.noise(cell.perturbation)
-            rows = severity_rows(indices, noise.n_per_severity, cell.severity)
-            return batches(noise.images, noise.labels, batch_size, device, rows)
-        return batches(self.test.images, self.test.labels, batch_size, device, indices)
 
 
 @dataclass(frozen=True)
@@ -139,7 +57,7 @@ class AuditFailed:
 def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None) -> list[Cell]:
     """The cells (default: the protocol's) of the checkpoint `context` names that `store`
     lacks. The run, its dry-run estimate and any executor's driver all ask this; `data`
-    gives each cell's source and test-subset size (an EvalData, or the sizes alone)."""
+    gives each cell's source, test-subset size and digest (bench.eval.testdata)."""
     done = store.done(context)
     cells = protocol_cells(config) if cells is None else list(cells)
     todo = []

@@ -24,6 +24,8 @@ from bench.data.noise import SEVERITIES
 from bench.eval.adapters import Defense
 from models import UserError
 
+_NONE_MEANS = {"n_test": "the whole test set", "batch_size": "the device's default"}
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -51,24 +53,25 @@ class EvalConfig:
         preset(self.preset)  # one error line for an unknown name
         check_device_kind(self.device)  # whether this machine has one: checked where the work starts
         if self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
+            raise UserError(f"EvalConfig.steps (the iterations of IFGSM and PGD) must be at least 1, got {self.steps}")
         for name in ("n_test", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for radii in (self.eps_255, self.radii, *(extra for _, extra in self.extra)):
+                raise UserError(f"EvalConfig.{name} must be positive, or None for {_NONE_MEANS[name]}, got {value}")
+        named = [("eps_255", self.eps_255), ("iterative_eps_255", self.radii), *((f"extra {n}", r) for n, r in self.extra)]
+        for field_name, radii in named:
             problem = radii_problem(tuple(radii))
             if problem:
-                raise UserError(f"the radii {', '.join(f'{e:g}' for e in radii) or '(none)'}: {problem}")
+                raise UserError(f"EvalConfig.{field_name} ({', '.join(f'{e:g}' for e in radii) or 'none'}): {problem}")
         if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
-            raise UserError(f"the step size must be a positive number of 1/255, got {self.alpha_255:g}")
+            raise UserError(f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255:g}")
         for name, _ in self.extra:
             if perturbation(name).kind != ATTACK:
                 raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
         for name, n in self.subsets:
             perturbation(name)
             if n < 1:
-                raise UserError(f"the test subset of {name} must be positive, got {n}")
+                raise UserError(f"EvalConfig.subsets: the test subset of {name} must be positive, got {n}")
 
     @property
     def attack_setting(self) -> AttackSetting:

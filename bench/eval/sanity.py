@@ -30,7 +30,7 @@ from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name, pert
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
 from bench.records.checkpoints import is_rehearsal
-from models import find_model, list_models, model_entry
+from models import plain_counterpart
 
 GATE_TOLERANCE = 0.5  # points: the least difference that counts (or the seeds' std, if larger)
 CHANCE_MARGIN = 2.0  # points above chance that PGD-50 at a large radius may leave
@@ -213,18 +213,6 @@ def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, ep
         white_box = float((target(white).argmax(1) == y).float().mean()) * 100
     detail = f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
     return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
-
-
-def plain_counterpart(model: str) -> str | None:
-    """The registered ResNet (residual rule) of the same architecture as `model`, or None
-    (for a ResNet itself, an unregistered model, or one without a ResNet)."""
-    if model not in list_models():
-        return None
-    entry = model_entry(model)
-    if entry.rule in ("", "residual"):
-        return None
-    plain = find_model(entry.arch, "residual")
-    return None if plain is None else plain.name
 
 
 # --- the summary per entry --------------------------------------------------------------------

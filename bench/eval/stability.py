@@ -45,9 +45,10 @@ from bench.attacks.gradient import fgsm, run_seeded
 from bench.attacks.perturbations import params_text, perturbation
 from bench.core.environment import device_name
 from bench.data.splits import batches
-from bench.eval.engine import EvalData, cell_context, prepared
+from bench.eval.engine import cell_context, prepared
 from bench.eval.krylov import _norms, rightmost_eigenvalue, spectral_norm
 from bench.eval.protocol import Cell, EvalConfig, Subject
+from bench.eval.testdata import EvalData
 from bench.records.schema import UNKNOWN_DATA, utc_now
 from models import UserError
 from models.skip import SkipRule
@@ -317,7 +318,7 @@ class StabilityDone:
 
 def n_images(data, config: StabilityConfig) -> int:
     """The stage's images: its own class-balanced subset, never more than the cells' test
-    subset (`data`: an EvalData, or a dry run's DataSizes)."""
+    subset (`data`: bench.eval.testdata.EvalData)."""
     return min(config.n, data.n(Cell("clean")))
 
 

@@ -11,7 +11,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.core.files import save_json, save_state_dict, sha256_file
+from bench.core.files import save_json, sha256_file
+from bench.core.weights import save_state_dict
 from bench.data.datasets import dataset_info
 from models import InterpolatedNet, ModelInfo, UserError
 

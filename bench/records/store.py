@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.core.messages import disk_full, disk_full_message
 from bench.records.integrity import _check_integrity, _columns, _migrate
 from bench.records.schema import (
     CELL_COLUMNS,
@@ -50,7 +51,6 @@ from bench.records.schema import (
 )
 from bench.records.sql import _execute, _open, _typed
 from models import UserError
-from models.errors import disk_full, disk_full_message
 
 log = logging.getLogger(__name__)
 

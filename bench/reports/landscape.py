@@ -15,7 +15,7 @@ from bench.eval.adapters import zoo_defense
 from bench.records.checkpoints import run_tag
 from bench.reports.plotting import FigureConfig, Skipped, render, rule_of
 from bench.reports.run_figures import RunFolder
-from models import UserError, model_label
+from models import UserError, model_label, plain_counterpart
 
 
 def directions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +93,6 @@ def landscape_figure(examples: list[tuple[str, int, list[tuple[str, np.ndarray, 
 def _landscapes(results: Path, data_dir, config: FigureConfig, folders: list[RunFolder]) -> list:
     """Fig. 2 for the first data set with a finished ResNet and interpolated model of the
     same architecture and seed: each model along its own directions."""
-    from bench.eval.sanity import plain_counterpart
-
     present = {(f.dataset, f.run, f.seed) for f in folders}
     for f in folders:
         plain = plain_counterpart(f.model) if rule_of(f.model) in ("in", "lambda-in") else None
@@ -139,7 +137,8 @@ def landscape_images(dataset: str, data_dir, config: FigureConfig) -> list[tuple
     files are on disk (figures never generate or download anything), else the same two
     test images clean."""
     from bench.data.datasets import dataset_info
-    from bench.data.splits import generation_folder, load_noise, load_test
+    from bench.data.noise_files import generation_folder, load_noise
+    from bench.data.splits import load_test
 
     try:
         test = load_test(dataset, data_dir) if _data_present(dataset_info(dataset), data_dir) else None

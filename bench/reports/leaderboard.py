@@ -38,12 +38,11 @@ def leaderboard(
     gates: pd.DataFrame | None = None,
     amplification: dict | None = None,
 ) -> pd.DataFrame:
-    """One row per run (or ensemble) x data set, ranked by `rank_by` (descending;
-    unmeasured last). `cells`: the measurements `selection.select_measurements` kept, which
+    """One row per run (or ensemble) x data set, ranked by `rank_by` (a canonical metric
+    name, as `check_metric` gives it; descending, unmeasured last). `cells`: the measurements `selection.select_measurements` kept, which
     give each row its checkpoints and data sources; `gates`: bench.eval.sanity.summary (default:
     the gates on these aggregates alone); `amplification`: (dataset, run, kind, preset) ->
     the stability stage's PGD amplification (bench.reports.stability_report). Accuracies in %."""
-    rank_by = check_metric(rank_by, set(aggregated["metric"]))
     # a sentinel for "no λ": NaN keys do not align between the pieces joined below
     mine = aggregated[aggregated["preset"] == preset].fillna({"lambda_low": -1.0, "lambda_high": -1.0})
     wide = mine.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")

@@ -23,13 +23,12 @@ from matplotlib.figure import Figure
 from tabulate import tabulate
 
 from bench.data.datasets import dataset_label
-from bench.eval.sanity import plain_counterpart
 from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records import stats
 from bench.records.selection import CHECKPOINT, chosen_units
 from bench.reports import figures, plotting
 from bench.reports.plotting import ordered
-from models import list_models, model_entry, model_label
+from models import list_models, model_entry, model_label, plain_counterpart
 
 PER_IMAGE = ("amplification_fgsm", "amplification_pgd", "amplification_uniform", "amplification_gaussian",
              "contraction_share", "damped_contraction_share", "input_gradient")  # fmt: skip

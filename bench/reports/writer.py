@@ -33,7 +33,7 @@ from bench.reports.comparison import (
     render_closest,
     render_shares,
 )
-from bench.reports.leaderboard import check_metric, leaderboard, leaderboard_texts
+from bench.reports.leaderboard import leaderboard, leaderboard_texts
 from bench.reports.left_out import left_out_note, left_out_phrases
 from bench.reports.measured import Evidence, Measured, measured
 from bench.reports.rehearsals import NOT_JUDGED, REHEARSAL_STAMP, RELAXED_LEGEND, rehearsal_marked
@@ -68,7 +68,6 @@ def write_reports(
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
     left_mine = m.left_out[m.left_out["preset"] == preset]
-    rank_by = check_metric(rank_by, set(m.aggregated["metric"]))
     texts: dict[Path, str] = {results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)}
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}

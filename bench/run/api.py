@@ -8,8 +8,9 @@ import pandas as pd
 
 from bench.core.environment import check_device
 from bench.eval.adapters import Defense
-from bench.eval.engine import EvalData, evaluate
+from bench.eval.engine import evaluate
 from bench.eval.protocol import EvalConfig, Subject
+from bench.eval.testdata import EvalData
 from bench.records.load import load_records
 from bench.records.store import RecordStore
 from bench.run.options import DEFENSE_STAGES, RunOptions

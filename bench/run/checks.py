@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
-from bench.core.files import LOCKS, check_file_target, check_writable
+from bench.core.files import check_file_target, check_writable
+from bench.core.processes import LOCKS
 from bench.data.cifar import data_root
-from bench.data.datasets import check_file_places, dataset_info
+from bench.data.datasets import check_file_places, dataset_info, is_present
 from bench.data.noise import NOISE_GROUPS
-from bench.data.splits import generation_folder, images_digest, load_noise, load_test, noise_source
+from bench.data.noise_files import generation_folder, load_noise, noise_source
+from bench.data.splits import TrainingSets, images_digest, load_test
 from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import DefenseSpec, built, check_name
 from bench.eval.protocol import protocol_cells
@@ -25,9 +27,8 @@ from bench.records.schema import SNAPSHOT_FILE, utc_now
 from bench.records.store import RecordStore
 from bench.reports.landscape import check_landscape_index
 from bench.reports.unchanged import MANIFEST
-from bench.run.estimate import TrainingSets, is_present
 from bench.run.options import SUBSET_OPTIONS, RunOptions
-from bench.run.plan import DEFENSE, TRAIN, Job, Task, eval_config, train_config
+from bench.run.plan import DEFENSE, TRAIN, Job, Task
 from bench.run.suites import Suite
 from bench.train.recipes import TrainConfig
 from models import UserError, create_model
@@ -43,11 +44,11 @@ REPORT_FOLDERS = {"tables": 0, "leaderboard": 2}
 FIGURE_FOLDERS = {"figures": 0}
 
 
-def _check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, device: str, sets: TrainingSets) -> None:
+def check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, sets: TrainingSets) -> None:
     """One error line for a --n-train above a data set's training images: the run would
     train on all of them under a tag that names more (n1180591620717411303424)."""
     for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
-        n_train = train_config(task.job, task.seed, suite, options, device).n_train
+        n_train = task.train.n_train
         if n_train is None:
             continue
         total = sets.size(task.job.dataset)
@@ -138,14 +139,13 @@ def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool
                                "source": info.source, "build": info.build, "timestamp": utc_now()})  # fmt: skip
 
 
-def planned_metrics(jobs: list[Job], suite: Suite, options: RunOptions) -> set[str]:
-    """Every metric the jobs' cells give (reports may rank by any of them)."""
+def planned_metrics(tasks: list[Task]) -> set[str]:
+    """Every metric the tasks' cells give (reports may rank by any of them)."""
     metrics = {"noise"}
-    for job in jobs:
-        for ensemble in (False, True) if job.ensemble_radii else (False,):
-            cells = protocol_cells(eval_config(job, suite, options, "cpu", ensemble))
-            metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
-            metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
+    for config in {t.eval for t in tasks}:
+        cells = protocol_cells(config)
+        metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
+        metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
     return metrics
 
 
@@ -155,7 +155,7 @@ def recorded_metrics(options: RunOptions) -> set[str]:
     return {metric_name(p, e) for p, e in cells} | ({"noise"} if noise else set())
 
 
-def _check_models(jobs: list[Job]) -> None:
+def check_models(jobs: list[Job]) -> None:
     """Build each model with an overridden λ initialisation once, on the meta device (no
     memory, no time), so that a range its rule refuses is an error before any training."""
     for name, init in sorted({(j.model, j.lambda_init) for j in jobs if j.lambda_init is not None}):

@@ -1,5 +1,5 @@
 """What a plan will cost: per task, the checkpoints to train and the cells to run (decided
-by the driver's own `work_for`, so a dry run and the run agree on what is cached), their
+by bench.run.todo, as the driver's are, so a dry run and the run agree on what is cached), their
 seconds from each model's throughput, and the wall time on N workers.
 
 Throughput, per model, from the first source that has it:
@@ -17,20 +17,9 @@ from collections import Counter
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import NOISE, perturbation
-from bench.data.cifar import ImageSet, data_root
-from bench.data.datasets import DatasetInfo, dataset_info
-from bench.data.datasets import complete as folder_complete
-from bench.data.splits import (
-    cell_sources,
-    current_noise_file,
-    images_digest,
-    load_test,
-    load_train,
-    noise_digest,
-    noise_file,
-)
-from bench.eval.protocol import Cell, EvalConfig, protocol_cells, unit_passes, units
+from bench.data.datasets import dataset_info
+from bench.data.splits import TrainingSets
+from bench.eval.protocol import protocol_cells, unit_passes, units
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
@@ -40,151 +29,101 @@ from bench.run.plan import (
     MEASURE,
     TRAIN,
     Task,
-    eval_config,
-    job_seeds,
-    stability_config,
-    train_config,
 )
 from bench.run.rates import Rates, defense_rates, forward_flops, model_rates
+from bench.run.todo import ToDo
 from bench.train.recipes import recipe_for, training_test_images
 from models import model_entry
 
 WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
 
 
-class DataSizes:
-    """The cells' sources and test-subset sizes without the images, for a dry run on a data
-    dir that does not hold the test set yet (the release's sizes are assumed)."""
-
-    def __init__(self, dataset: str, data_dir, config: EvalConfig):
-        info = dataset_info(dataset)
-        self.dataset, self.config, self.data_dir = dataset, config, data_dir
-        self.present = is_present(info, data_dir)
-        self._clean: str | None = None
-        self.n_test = info.sizes[1]
-        self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
-
-    def n(self, cell: Cell) -> int:
-        return min(self.config.n_test_of(cell.perturbation) or self.n_test, self.n_test)
-
-    def source(self, cell: Cell) -> str:
-        return self.noise_source if perturbation(cell.perturbation).kind == NOISE else self.clean_source
-
-    def digest(self, cell: Cell) -> str | None:
-        """The data digest `cell` would read (writing nothing), or None while its files are
-        not there: such a cell is never taken as cached."""
-        if not self.present:
-            return None
-        if self._clean is None:
-            test = load_test(self.dataset, self.data_dir)
-            self._clean = images_digest(test.images, test.labels)
-        if perturbation(cell.perturbation).kind == NOISE:
-            path = noise_file(self.dataset, self.data_dir, self.config.noise_source, cell.perturbation)
-            current = current_noise_file(path, self.noise_source != "released", self._clean)
-            return noise_digest(path, remember=False) if current else None
-        return self._clean
-
-
-def is_present(info: DatasetInfo, data_dir) -> bool:
-    """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
-    return not info.files or folder_complete(info, data_root(data_dir) / info.folder)
-
-
-def estimate(driver, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
-    """One row per task: what it trains or measures, and its seconds; `rates` (model ->
-    Rates) is filled with the throughput used."""
+def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
+    """One row per task: what it trains or measures (as `todo`, a dry bench.run.todo.ToDo,
+    decides), and its seconds; `rates` (model -> Rates) is filled with the throughput used."""
     rates = {} if rates is None else rates
     sets = TrainingSets(options.data_dir)  # each training set read once, not once per training task
     rows = []
     zoo = {t.job.model: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
     for model in sorted(zoo, key=lambda m: forward_flops(m, zoo[m])) if options.assume_tflops is None else ():
         if model not in rates:  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
-            rates[model] = model_rates(model, driver.device, options.results_dir, None, zoo[model])
+            rates[model] = model_rates(model, todo.device, options.results_dir, None, zoo[model])
     for task in tasks:
         if task.job.model not in rates:
             shape = dataset_info(task.job.dataset).input_shape
             if task.kind == DEFENSE:
-                resolved = driver.defenses[task.name]
+                resolved = todo.defenses[task.name]
                 rates[task.job.model] = defense_rates(
-                    resolved.model, resolved.info.num_classes, driver.device, options.assume_tflops, shape
+                    resolved.model, resolved.info.num_classes, todo.device, options.assume_tflops, shape
                 )
             else:
                 rates[task.job.model] = model_rates(
-                    task.job.model, driver.device, options.results_dir, options.assume_tflops, shape
+                    task.job.model, todo.device, options.results_dir, options.assume_tflops, shape
                 )
         if task.kind == TRAIN:
-            cost = _train_cost(driver, task, rates[task.job.model], sets)
+            cost = _train_cost(todo, task, rates[task.job.model], sets)
         else:
-            cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(driver, task, tasks, rates[task.job.model])
+            cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(todo, task, tasks, rates[task.job.model])
         rows.append({"task": task.name, "model": task.job.model, **cost})
     return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
                                        "stability to run", "stability cached", "stability"])  # fmt: skip
 
 
-def _train_cost(driver, task: Task, rates: Rates, sets: TrainingSets) -> dict:
-    options = driver.options
-    config = train_config(task.job, task.seed, driver.suite, options, driver.device)
-    meta = _meta(driver, task, task.seed)
+def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dict:
+    config = task.train
+    meta = _meta(todo, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
-    epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, options.preset, config.length).epochs
+    epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, config.preset, config.length).epochs
     images = sets.per_epoch(task.job.dataset, config.n_train)
-    tested = driver.data(task.job.dataset, eval_config(task.job, driver.suite, options, driver.device)).n_test
+    tested = todo.data(task).n_test
     tested = min(tested, training_test_images(config.length) or tested)  # a rehearsal's log tests on a few
     per_epoch = images / rates.train + tested / rates.forward  # and the training log's pass over the test set
     return _cost(1, 0, 0, (epochs - int(meta.get("epochs_done") or 0)) * per_epoch, 0.0)
 
 
-def _measure_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
-    statuses = {s: _meta(driver, task, s).get("status") for s in task.seeds}
+def _measure_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    statuses = {s: _meta(todo, task, s).get("status") for s in task.seeds}
     planned = {t.seeds[0] for t in tasks if t.kind == TRAIN and t.job == task.job}
     members = [s for s in task.seeds if statuses[s] == "finished" or (statuses[s] != "failed" and s in planned)]
-    ensemble = task.kind == ENSEMBLE
-    config = eval_config(task.job, driver.suite, driver.options, driver.device, ensemble)
+    ensemble, stages = task.kind == ENSEMBLE, todo.options.stages
     if not members or (ensemble and len(members) < 2):
         return _cost(0, 0, 0, 0.0, 0.0)
-    work = None
-    if all(statuses[s] == "finished" for s in members):  # what the run will find: the driver decides
-        work = driver.work_for(task)
-        todo = list(work.cells) if work is not None else []
-    else:
-        todo = protocol_cells(config) if "eval" in driver.options.stages else []
-    stage: list = []
-    if "stability" in driver.options.stages:  # the work's units, or every unit of a checkpoint still to come
-        finished = all(statuses[s] == "finished" for s in members)
-        stage = (list(work.stability) if work is not None else []) if finished else stage_units(len(members))
-    return _work_cost(driver, task, config, len(members), todo, stage, len(stage_units(len(members))), rates)
+    if all(statuses[s] == "finished" for s in members):  # what the run will find: the same decision
+        work = todo.decide(task).work
+        todo_cells = list(work.cells) if work is not None else []
+        stage = list(work.stability) if work is not None and "stability" in stages else []
+    else:  # checkpoints still to come: all of their cells and units
+        todo_cells = protocol_cells(task.eval) if "eval" in stages else []
+        stage = stage_units(len(members)) if "stability" in stages else []
+    return _work_cost(todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates)
 
 
-def _defense_cost(driver, task: Task, tasks: list[Task], rates: Rates) -> dict:
-    config = eval_config(task.job, driver.suite, driver.options, driver.device)
-    work = driver.work_for(task)
-    units_all = len(stage_units(1, driver.defenses[task.name].blockwise))
-    return _work_cost(driver, task, config, 1, list(work.cells) if work else [], list(work.stability) if work else [],
-                      units_all, rates)  # fmt: skip
+def _defense_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> dict:
+    work = todo.decide(task).work
+    units_all = len(stage_units(1, todo.defenses[task.name].blockwise))
+    return _work_cost(todo, task, 1, list(work.cells) if work else [], list(work.stability) if work else [], units_all, rates)
 
 
-def _work_cost(driver, task: Task, config: EvalConfig, members: int, todo: list, stage: list, units_all: int,
-               rates: Rates) -> dict:  # fmt: skip
-    """The seconds of `todo` cells on `members` networks and of the stability units `stage`."""
-    data = driver.data(task.job.dataset, config)
+def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, units_all: int, rates: Rates) -> dict:
+    """The seconds of `cells` on `members` networks and of the stability units `stage`."""
+    config, data, stages = task.eval, todo.data(task), todo.options.stages
     seconds = 0.0
-    for unit in units(todo):
+    for unit in units(cells):
         forward, gradient = unit_passes(unit, data.n(unit[0]), config)
         seconds += members * (forward / rates.forward + gradient / rates.gradient)
-    cached = len(protocol_cells(config)) - len(todo) if "eval" in driver.options.stages else 0
+    cached = len(protocol_cells(config)) - len(cells) if "eval" in stages else 0
     cells_seconds = seconds
-    stable = stability_config(driver.suite, driver.options)
     for unit in stage:
-        forward, gradient = stability_passes(unit, n_images(data, stable), stable, config)
+        forward, gradient = stability_passes(unit, n_images(data, task.stability), task.stability, config)
         seconds += forward / rates.forward + gradient / rates.gradient
-    stable_cached = units_all - len(stage) if "stability" in driver.options.stages else 0
-    return {**_cost(0, len(todo), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached,
+    stable_cached = units_all - len(stage) if "stability" in stages else 0
+    return {**_cost(0, len(cells), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached,
             "stability": seconds - cells_seconds}  # fmt: skip
 
 
-def _meta(driver, task: Task, seed: int) -> dict:
-    folder = zoo_checkpoint_dir(driver.options.results_dir, task.job.dataset, task.run, seed)
+def _meta(todo: ToDo, task: Task, seed: int) -> dict:
+    folder = zoo_checkpoint_dir(todo.options.results_dir, task.job.dataset, task.run, seed)
     return read_meta(folder / META_FILE) if (folder / META_FILE).is_file() else {}
 
 
@@ -210,9 +149,9 @@ def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> flo
     return now
 
 
-def render_plan(driver, tasks: list[Task], options) -> str:
+def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
     rates: dict[str, Rates] = {}
-    frame = estimate(driver, tasks, options, rates)
+    frame = estimate(todo, tasks, options, rates)
     jobs = []
     for task in tasks:
         if task.job not in jobs:
@@ -224,7 +163,7 @@ def render_plan(driver, tasks: list[Task], options) -> str:
         rows.append({
             "model": job.model + init,
             "dataset": job.dataset,
-            "seeds": 1 if job.defense is not None else len(job_seeds(job, driver.suite, driver.options)),
+            "seeds": len({t.seed for t in tasks if t.job == job and t.kind != ENSEMBLE}),
             "ensemble": "yes" if job.ensemble_radii else "",
             "to train": int(mine["to train"].sum()),
             "cells to run": int(mine["cells to run"].sum()),
@@ -239,14 +178,14 @@ def render_plan(driver, tasks: list[Task], options) -> str:
     totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds", "stability to run",
                     "stability cached"]].sum()  # fmt: skip
     return "\n".join([
-        plan_header(driver.suite, options, driver.device, tasks),
+        plan_header(todo.suite, options, todo.device, tasks),
         tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
         f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
         f"{int(totals['cached'])} cached; "
         + (f"{int(totals['stability to run'])} stability units to run, {int(totals['stability cached'])} cached; "
            if "stability" in options.stages else "")
         + f"estimated {_duration(totals['train'])} training + "
-        f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {driver.device}",
+        f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {todo.device}",
         f"wall time (an estimate): {walls}",
         "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
     ])  # fmt: skip
@@ -257,12 +196,13 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     device, tasks and the test subsets."""
     kinds = Counter(t.kind for t in tasks)
     jobs = {t.job for t in tasks}
-    n_test = options.n_test if options.n_test is not None else suite.n_test
+    config = tasks[0].eval if tasks else None  # the first task's: a seed's, whose subsets every job shares
+    n_test = config.n_test if config else options.n_test if options.n_test is not None else suite.n_test
     tested = "all test images" if n_test is None else f"{n_test} test images"
-    config = eval_config(tasks[0].job, suite, options, device) if tasks else None  # every job's subsets are the same
     smaller = [f"{name} on {_capped(n, n_test)}" for name, n in config.subsets] if config else []
-    if "stability" in options.stages:
-        smaller.append(f"stability on {_capped(stability_config(suite, options).n, n_test)}")
+    stable = next((t.stability for t in tasks if t.stability is not None), None)
+    if "stability" in options.stages and stable is not None:
+        smaller.append(f"stability on {_capped(stable.n, n_test)}")
     return (
         f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
@@ -287,31 +227,3 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:,.1f} h"
-
-
-class TrainingSets:
-    """Each data set's training images, read at most once for all who ask (the --n-train
-    check, the digests of finished checkpoints, the estimate of every training task), and
-    dropped with this object."""
-
-    def __init__(self, data_dir: str | None):
-        self.data_dir, self._sets, self._sizes = data_dir, {}, {}
-
-    def present(self, dataset: str) -> bool:
-        return is_present(dataset_info(dataset), self.data_dir)
-
-    def images(self, dataset: str) -> ImageSet:
-        if dataset not in self._sets:
-            self._sets[dataset] = load_train(dataset, self.data_dir)
-        return self._sets[dataset]
-
-    def size(self, dataset: str) -> int:
-        """The training images there are (the release's count when the files are not here yet)."""
-        if dataset not in self._sizes:
-            self._sizes[dataset] = len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
-        return self._sizes[dataset]
-
-    def per_epoch(self, dataset: str, n_train: int | None) -> int:
-        """The images one epoch trains on: the training set cut to `n_train`."""
-        total = self.size(dataset)
-        return min(n_train or total, total)

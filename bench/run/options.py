@@ -87,7 +87,8 @@ class RunOptions:
         """Every value mistake is one error line here, before anything is loaded or run."""
         unknown = [s for s in self.stages if s not in STAGES]
         if not self.stages or unknown:
-            raise UserError(f"unknown stage {(unknown or [''])[0]!r} in --stage; choose from {', '.join(STAGES)}")
+            raise UserError(f"unknown stage {(unknown or [''])[0]!r} in --stage; choose from {', '.join(STAGES)} "
+                            "(or summary, alone, on the command line)")  # fmt: skip
         if self.seeds is not None:
             if not self.seeds or not all(isinstance(s, int) and 0 <= s < SEED_LIMIT for s in self.seeds):
                 raise UserError(f"--seeds takes integers in [0, 2**32), got {list(self.seeds)}")
@@ -131,7 +132,7 @@ class RunOptions:
             self._check_defenses()
         check_results_dir(self.results_dir)
         data_root(self.data_dir)
-        check_metric(self.rank_by)
+        object.__setattr__(self, "rank_by", check_metric(self.rank_by))  # canonical (pgd@2.0: pgd@2) from here on
         index, points, radius = self.landscape
         if (index is not None and index < 0) or points < 2 or not (math.isfinite(radius) and radius > 0):
             raise UserError(

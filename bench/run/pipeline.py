@@ -5,7 +5,7 @@ turns its arguments into `RunOptions` (bench.run.options).
 The driver is the only writer of `records.sqlite`: workers return rows, never write them
 (SQLite must not be written from several hosts over a network file system). Before each
 task it decides, from the records and the checkpoints' meta.json, what is left to do
-(`work_for`); a dry run asks the same question (bench.run.estimate), so the two agree.
+(bench.run.todo); a dry run asks the same question (bench.run.estimate), so the two agree.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.core.environment import resolve_device, retain_freed_memory
-from bench.core.files import LOCKS, remove_orphans
+from bench.core.processes import LOCKS, remove_orphans
 from bench.data.cifar import data_root
-from bench.data.splits import (
-    data_folders,
-)
+from bench.data.noise_files import data_folders
+from bench.data.splits import TrainingSets
 from bench.records.integrity import recover
 from bench.records.store import RecordStore
 from bench.reports import unchanged
@@ -32,31 +31,30 @@ from bench.reports.writer import write_figures, write_reports, write_sanity
 from bench.run import rehearsal
 from bench.run.checks import (
     TrainingDigests,
-    _check_models,
-    _check_training_sizes,
     check_builds,
     check_data,
+    check_models,
     check_outputs_and_data,
     check_report_targets,
+    check_training_sizes,
     planned_metrics,
     recorded_metrics,
     resolve_defenses,
 )
 from bench.run.driver import Driver
-from bench.run.estimate import TrainingSets, plan_header, render_plan
+from bench.run.estimate import plan_header, render_plan
 from bench.run.executors import make_executor
 from bench.run.options import STAGES, RunOptions
 from bench.run.plan import (
     MEASURE,
     TRAIN,
-    eval_config,
     plan_jobs,
     plan_tasks,
     task_resources,
-    train_config,
 )
 from bench.run.rehearsal import rehearsal_options, rehearsal_suite
 from bench.run.suites import Suite, find_suite
+from bench.run.todo import ToDo
 from bench.train.loop import finished_run
 from models import UserError
 
@@ -79,33 +77,31 @@ def run(options: RunOptions) -> int:
     if options.rehearse:
         options = rehearsal_options(options, jobs)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
+        check_metric(options.rank_by, recorded_metrics(options))
         return _report(options, figures_only="report" not in options.stages)
     device = _device(suite, options)
-    for job in jobs:
-        eval_config(job, suite, options, device)
-    _check_models(jobs)
-    check_metric(options.rank_by, planned_metrics(jobs, suite, options) | recorded_metrics(options))
-    tasks = plan_tasks(jobs, suite, options, device)
+    tasks = plan_tasks(jobs, suite, options, device)  # each task's configs made once, checked as made
+    check_models(jobs)
+    check_metric(options.rank_by, planned_metrics(tasks) | recorded_metrics(options))
     defenses = resolve_defenses(tasks, options.dry_run)
     header = plan_header(suite, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
     training_sets = TrainingSets(options.data_dir)  # read once, for the two checks that need them
-    _check_training_sizes(tasks, suite, options, device, training_sets)
+    check_training_sizes(tasks, suite, options, training_sets)
     checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
     log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
     trained_on = TrainingDigests(training_sets)
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
-        config = train_config(task.job, task.seed, suite, options, device)
-        trained_on.compare(finished_run(config, options.results_dir), config)
+        trained_on.compare(finished_run(task.train, options.results_dir), task.train)
     del training_sets, trained_on  # the training images are not kept through the work
     if options.dry_run:  # every check of the run's before its work, writing nothing
         check_report_targets(options, dry=True)
         check_data(options, jobs, dry=True)
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
-        driver = Driver(options, suite, device, store, dry=True, defenses=defenses)
-        sys.stdout.write(render_plan(driver, tasks, options) + "\n")
+        todo = ToDo(options, suite, device, store, dry=True, defenses=defenses)
+        sys.stdout.write(render_plan(todo, tasks, options) + "\n")
         return 0
     check_outputs_and_data(options, jobs)
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
@@ -116,7 +112,7 @@ def run(options: RunOptions) -> int:
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, suite, device, store, defenses=defenses)
-    planned = rehearsal.Planned(driver, tasks, options) if options.rehearse else None  # before the work: the estimate's view
+    planned = rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None  # before the work: the estimate's view
     began = time.perf_counter()
     if tasks:
         executor = make_executor(options.executor, _workers(options, len(tasks)), options.ray_address,
@@ -158,8 +154,8 @@ def _real_estimate(options: RunOptions, device: str, rates: dict) -> rehearsal.S
     suite = find_suite(options.suite)
     tasks = plan_tasks(plan_jobs(suite, options), suite, options, device)
     store = RecordStore(options.results_dir, readonly=True)
-    driver = Driver(options, suite, device, store, dry=True, defenses=resolve_defenses(tasks, True))
-    return rehearsal.stage_estimate(driver, tasks, options, rates)
+    todo = ToDo(options, suite, device, store, dry=True, defenses=resolve_defenses(tasks, True))
+    return rehearsal.stage_estimate(todo, tasks, options, rates)
 
 
 def _workers(options: RunOptions, tasks: int) -> int | None:

@@ -58,6 +58,11 @@ class Task:
     seeds: tuple[int, ...]  # one seed; an ensemble's members
     after: tuple[str, ...]  # names of the tasks that must finish first
     resources: Resources
+    # the configs, derived once here (plan_tasks) and read by the checks, the estimate, the
+    # driver and the workers alike: what is planned, estimated and run cannot differ
+    train: TrainConfig | None = None  # the checkpoint's (a train or measure task's seed)
+    eval: EvalConfig | None = None  # the protocol it is measured with (a train task: its seed's)
+    stability: StabilityConfig | None = None  # the stability stage's (tasks that measure)
 
     @property
     def seed(self) -> int:
@@ -141,23 +146,29 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
 
 def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) -> list[Task]:
     """The tasks of the asked stages in an order that respects `after` (every training
-    first, as one process runs them; executors with more workers start what is ready)."""
+    first, as one process runs them; executors with more workers start what is ready),
+    each with its configs (an option a config refuses: one error line now)."""
     resources = task_resources(suite, device)
+    stable = stability_config(suite, options)
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
         run = (lambda name: f"{name}@{REHEARSAL}") if suite.rehearsal else (lambda name: name)
-        return [Task(DEFENSE, job, run(job.model), (0,), (), resources) for job in jobs]
+        return [Task(DEFENSE, job, run(job.model), (0,), (), resources, eval=eval_config(job, suite, options, device),
+                     stability=stable) for job in jobs]  # fmt: skip
     for job in jobs:
         seeds = job_seeds(job, suite, options)
-        run = train_config(job, seeds[0], suite, options, device).tag
-        trained = [Task(TRAIN, job, run, (s,), (), resources) for s in seeds]
+        evaluated = eval_config(job, suite, options, device)
+        made = {s: train_config(job, s, suite, options, device) for s in seeds}
+        run = made[seeds[0]].tag
+        trained = [Task(TRAIN, job, run, (s,), (), resources, made[s], evaluated) for s in seeds]
         waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
         trains += trained if "train" in options.stages else []
         if not {"eval", "check", "stability"} & set(options.stages):
             continue
-        measures += [Task(MEASURE, job, run, (s,), waits[s], resources) for s in seeds]
+        measures += [Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable) for s in seeds]
         if job.ensemble_radii and len(seeds) >= 2:
-            measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources))
+            measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources,
+                                 eval=eval_config(job, suite, options, device, ensemble=True), stability=stable))  # fmt: skip
     return trains + measures
 
 

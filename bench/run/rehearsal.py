@@ -164,11 +164,11 @@ class StageSeconds:
         return sum(v for v in self.seconds.values() if v == v)
 
 
-def stage_estimate(driver, tasks: list, options, rates: dict) -> StageSeconds:
+def stage_estimate(todo, tasks: list, options, rates: dict) -> StageSeconds:
     """The estimate of `tasks` per stage (bench.run.estimate, the dry run's own numbers)."""
     from bench.run.estimate import WORKER_COUNTS, estimate, wall_time
 
-    frame = estimate(driver, tasks, options, rates)
+    frame = estimate(todo, tasks, options, rates)
     seconds = {"train": frame["train"].sum(), "eval": (frame["eval"] - frame["stability"]).sum(),
                "stability": frame["stability"].sum(), "check": math.nan, "report": math.nan}  # fmt: skip
     per_task = dict(zip(frame["task"], frame["seconds"], strict=True))
@@ -176,13 +176,13 @@ def stage_estimate(driver, tasks: list, options, rates: dict) -> StageSeconds:
 
 
 class Planned:
-    """A rehearsal's plan as the estimate sees it before any work (a dry driver's view of
-    the same store), and the throughput it used, for the last line."""
+    """A rehearsal's plan as the estimate sees it before any work (a dry bench.run.todo.ToDo
+    on the same store and run), and the throughput it used, for the last line."""
 
-    def __init__(self, driver, tasks: list, options):
-        from bench.run.driver import Driver
+    def __init__(self, todo, tasks: list, options):
+        from bench.run.todo import ToDo
 
-        dry = Driver(options, driver.suite, driver.device, driver.store, dry=True, defenses=driver.defenses)
+        dry = ToDo(options, todo.suite, todo.device, todo.store, dry=True, defenses=todo.defenses, run_id=todo.base["run_id"])
         self.rates: dict = {}
         self.estimate = stage_estimate(dry, tasks, options, self.rates)
 

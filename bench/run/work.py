@@ -22,9 +22,10 @@ from bench.core.files import atomic_write
 from bench.eval import sanity
 from bench.eval.adapters import ensemble_defense, zoo_defense
 from bench.eval.defenses import built
-from bench.eval.engine import AuditFailed, CellsDone, EvalData, measure_cells, prepared
+from bench.eval.engine import AuditFailed, CellsDone, measure_cells, prepared
 from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.stability import StabilityConfig, StabilityDone, Unit, stability_stage
+from bench.eval.testdata import EvalData, test_data
 from bench.records.checkpoints import META_FILE, WEIGHTS_FILE, read_meta, zoo_checkpoint_dir
 from bench.records.schema import ENSEMBLE_SEED, utc_now
 from bench.train.loop import train
@@ -115,21 +116,9 @@ def _seed(work: Work) -> int:
     return work.seeds[0] if len(work.seeds) == 1 else ENSEMBLE_SEED
 
 
-_DATA: dict[tuple, EvalData] = {}
-
-
 def eval_data(work: Work) -> EvalData:
-    """One EvalData per data set, data dir, test subsets and noise source in a process
-    (the seeds' and the ensemble's configs differ in radii only), read again in the next
-    run: a process serving several runs (the Python API, a Ray worker) must not measure
-    files since replaced with the images it read before."""
-    config = work.config
-    key = (work.run_id, work.dataset, work.data_dir, config.n_test, config.subsets, config.noise_source)
-    if key not in _DATA:
-        for old in [k for k in _DATA if k[0] != work.run_id]:
-            del _DATA[old]
-        _DATA[key] = EvalData(work.dataset, work.data_dir, config)
-    return _DATA[key]
+    """The work's test data: the run's one view of it in this process (bench.eval.testdata)."""
+    return test_data(work.dataset, work.data_dir, work.config, work.run_id)
 
 
 def _checks(subject: Subject, work: Work) -> ChecksDone:

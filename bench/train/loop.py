@@ -30,10 +30,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from bench.core.environment import device_name
-from bench.core.files import atomic_write, check_file_target, describe_mismatch
+from bench.core.files import atomic_write, check_file_target
+from bench.core.messages import reason as error_reason
 from bench.core.presets import BEST_TEST, preset
+from bench.core.weights import describe_mismatch
 from bench.data.cifar import ImageSet
-from bench.data.splits import batches, clean_source, images_digest, load_test, load_train
+from bench.data.noise_files import clean_source
+from bench.data.splits import batches, images_digest, load_test, load_train
 from bench.records.checkpoints import (
     EPOCHS_FILE,
     GATE_IMAGES,
@@ -52,7 +55,6 @@ from bench.records.checkpoints import (
 from bench.train.epoch import epoch_generator, make_optimizer, test_accuracy, train_epoch
 from bench.train.recipes import Recipe, TrainConfig, preset_model_options, recipe_for, training_test_images
 from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
-from models.errors import reason as error_reason
 from models.skip import uses_lambda
 
 log = logging.getLogger(__name__)
