@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.eval.engine import cell_key  # noqa: E402
 from bench.eval.protocol import protocol_cells  # noqa: E402
-from bench.eval.stability import GROWTH, blocks, params_of, stage_units, unit_eps  # noqa: E402
+from bench.eval.stability import blocks, params_of, stage_units, unit_eps  # noqa: E402
 from bench.records.checkpoints import (  # noqa: E402
     META_FILE,
     WEIGHTS_FILE,
@@ -50,7 +50,10 @@ from bench.records.checkpoints import (  # noqa: E402
     model_kwargs,
     zoo_checkpoint_dir,
 )
-from bench.records.schema import utc_now  # noqa: E402
+from bench.records.schema import (
+    GROWTH,  # noqa: E402
+    utc_now,  # noqa: E402
+)
 from bench.records.store import RecordStore  # noqa: E402
 from bench.run.driver import run_row  # noqa: E402
 from bench.run.options import RunOptions  # noqa: E402
@@ -103,18 +106,18 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
     counts = {"jobs": len(jobs), "checkpoints": 0, "cells": 0, "checks": 0, "stability units": 0}
     test_digest, clean_source = _hex(rng), "released"
     for task in (t for t in tasks if t.kind == TRAIN):
-        digests[task.run, task.job.dataset, task.seed] = _checkpoint(results, task, models, rng)
+        digests[task.run_tag, task.job.dataset, task.seed] = _checkpoint(results, task, models, rng)
         counts["checkpoints"] += 1
     for task in (t for t in tasks if t.kind in (MEASURE, ENSEMBLE)):
         ensemble = task.kind == ENSEMBLE
         config = eval_config(task.job, suite, options, "cpu", ensemble)
-        members = [digests[task.run, task.job.dataset, s] for s in task.seeds]
+        members = [digests[task.run_tag, task.job.dataset, s] for s in task.seeds]
         digest = ensemble_digest(members) if ensemble else members[0]
         if ensemble:
-            store.add_ensemble(digest, task.run, task.job.dataset, dict(zip(task.seeds, members, strict=True)))
+            store.add_ensemble(digest, task.run_tag, task.job.dataset, dict(zip(task.seeds, members, strict=True)))
         entry = model_entry(task.job.model)
         low, high = task.job.lambda_init or entry.damped_lambda_init or (None, None)
-        context = {"model": task.job.model, "run": task.run, "family": entry.family, "dataset": task.job.dataset,
+        context = {"model": task.job.model, "run": task.run_tag, "family": entry.family, "dataset": task.job.dataset,
                    "seed": task.seed, "members": len(task.seeds), "preset": "paper", "checkpoint_sha256": digest,
                    "lambda_low": low, "lambda_high": high}  # fmt: skip
         rows, bits = [], []
@@ -132,7 +135,7 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
             bits.append(correct)
         counts["cells"] += store.add_cells(rows, bits)
         checks = [*CHECKS, *(("transfer",) if plain_counterpart(task.job.model) and not ensemble else ())]
-        store.add_checks([{"run": task.run, "dataset": task.job.dataset, "seed": task.seed, "members": len(task.seeds),
+        store.add_checks([{"run": task.run_tag, "dataset": task.job.dataset, "seed": task.seed, "members": len(task.seeds),
                            "checkpoint_sha256": digest, "check": c, "value": 0.0, "limit": 0.0, "detail": "",
                            "timestamp": utc_now()} for c in checks])  # fmt: skip
         counts["checks"] += len(checks)
@@ -148,16 +151,16 @@ def _checkpoint(results: Path, task, models: _Models, rng: np.random.Generator) 
     built, _, coefficients = models(job.model, job.dataset, job.lambda_init)
     recipe = recipe_for(model_entry(job.model).family, job.dataset)
     meta = {"model": job.model, "dataset": job.dataset, "seed": task.seed, "sha256": _hex(rng), **built,
-            "tag": task.run, "preset": "paper", "length": "full", "n_train": None, "status": "finished", "reason": "",
+            "tag": task.run_tag, "preset": "paper", "length": "full", "n_train": None, "status": "finished", "reason": "",
             "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(recipe).items()},
             "epochs_done": recipe.epochs, "test_accuracy": 0.93, "wall_seconds": 3600.0,
             "interpolation_coefficients": [round(float(c), 6) for c in rng.uniform(0, 0.3, coefficients)],
             "data": {"source": "released", "images": 50_000, "sha256": _hex(rng)}}  # fmt: skip
-    folder = zoo_checkpoint_dir(results, job.dataset, task.run, task.seed)
+    folder = zoo_checkpoint_dir(results, job.dataset, task.run_tag, task.seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).write_text(json.dumps(meta))
     (folder / WEIGHTS_FILE).touch()  # there, as the dry run asks; never loaded here
-    RecordStore(results).add_run(run_row(meta, task.run, job.dataset, task.seed))
+    RecordStore(results).add_run(run_row(meta, task.run_tag, job.dataset, task.seed))
     return meta["sha256"]
 
 

@@ -136,10 +136,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 @pytest.fixture
 def pipeline():
     """The pipeline from Python, exactly what the command line runs: a suite's stages through
-    `bench.evaluate.evaluate_defense(defense, None, results_dir, data_dir, suite=..., ...)`."""
+    `bench.evaluate.evaluate_defense(defense, results_dir, data_dir, suite=..., ...)`."""
     from bench.evaluate import evaluate_defense
 
-    return lambda defense, results_dir, data_dir, **options: evaluate_defense(defense, None, results_dir, data_dir, **options)
+    return lambda defense, results_dir, data_dir, **options: evaluate_defense(defense, results_dir, data_dir, **options)
 
 
 @pytest.fixture(autouse=True)

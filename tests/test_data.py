@@ -201,7 +201,7 @@ def test_a_placed_release_tar_is_checked_by_md5_once(tiny_cifar10, tmp_path, mon
     assert not (root / "CIFAR-10-C").exists()
     shutil.copy(server / "real.tar", placed)
     hashed = []
-    monkeypatch.setattr(cifar, "_md5", lambda path: hashed.append(path) or md5(path))
+    monkeypatch.setattr(cifar, "md5_of", lambda path: hashed.append(path) or md5(path))
     assert noise_files.load_noise("cifar10", "shot_noise", root, source="released").source == "released"
     shutil.rmtree(root / "CIFAR-10-C")  # extracted again from the same tar: no second hash
     assert noise_files.load_noise("cifar10", "shot_noise", root, source="released").source == "released"

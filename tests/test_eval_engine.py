@@ -20,10 +20,10 @@ from bench.eval.engine import evaluate
 from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells
 from bench.eval.testdata import EvalData
 from bench.records.aggregate import with_pooled_noise
-from bench.records.load import load_correct, load_records, write_snapshot
+from bench.records.load import load_correct, load_records
 from bench.records.schema import COLUMNS
 from bench.records.store import RecordStore
-from models import create_model
+from models import UserError, create_model
 
 WRONG = 30  # the grey_root fixture (conftest.py): the first 30 of its 100 test images carry a wrong label
 
@@ -243,7 +243,8 @@ def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
         "accuracy",
         "seconds",
     ]
-    snapshot = pd.read_csv(write_snapshot(tmp_path))
+    (tmp_path / "records.csv").write_text(load_records(tmp_path, include_stale=True).to_csv(index=False))
+    snapshot = pd.read_csv(tmp_path / "records.csv")  # as the report writes it: numbers stay numbers
     assert all(pd.api.types.is_numeric_dtype(snapshot[c]) for c in numeric)
     pooled = with_pooled_noise(frame)
     shot = pooled[(pooled["perturbation"] == "shot_noise") & (pooled["severity"] == 0)].iloc[0]
@@ -299,14 +300,17 @@ def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp
     assert (noise["n"] == 100).all()
 
 
-def test_evaluate_defense_is_the_one_call_for_any_adapter(grey_root, grey_defense, tmp_path):
-    from bench.evaluate import evaluate_defense
+def test_evaluate_protocol_is_the_one_call_for_any_adapter_and_a_protocol_of_ones_own(grey_root, grey_defense, tmp_path):
+    from bench.evaluate import evaluate_defense, evaluate_protocol
 
     config = EvalConfig(eps_255=(2.0,), steps=2)
-    frame = evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)
+    with pytest.raises(UserError, match=r"^evaluate_defense\(defense, EvalConfig\(...\)\) is evaluate_protocol\(defense, "):
+        evaluate_defense(grey_defense, config)  # the call of before the two were split: pointed to the new one
+    assert not (tmp_path / "records.sqlite").exists()
+    frame = evaluate_protocol(grey_defense, config, tmp_path, grey_root, progress=False)
     assert len(frame) == 24 and set(frame["model"]) == {"grey"} and set(frame["family"]) == {"external"}
     assert frame.loc[frame["perturbation"] == "pgd", "accuracy"].item() == 0.7
-    assert len(evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)) == 24  # cached
+    assert len(evaluate_protocol(grey_defense, config, tmp_path, grey_root, progress=False)) == 24  # cached
     from bench.reports.writer import write_reports
 
     write_reports(tmp_path)  # the defense gets its leaderboard row with no other change

@@ -22,8 +22,8 @@ from bench.core.files import atomic_write, temp_prefix, write_all
 from bench.core.processes import LOCKS, run_lock
 from bench.data.cifar import read_batch
 from bench.data.noise_files import ensure_generated
-from bench.eval import sanity
 from bench.eval.protocol import EvalConfig
+from bench.records import sanity
 from bench.records.checkpoints import read_meta
 from bench.records.schema import COLUMNS
 from bench.records.store import RecordStore

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from bench.data.datasets import CIFAR10, CIFAR100, load_split
-from bench.eval import sanity
 from bench.eval.protocol import protocol_cells
+from bench.records import sanity
 from bench.records.checkpoints import is_rehearsal, run_tag
 from bench.records.load import load_checks, load_records, load_runs, load_stability
 from bench.run import rates, rehearsal
@@ -42,7 +42,7 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     assert len({t.job for t in tasks}) == 29 and {t.job.dataset for t in tasks} == {"cifar10", "cifar100"}
     assert Counter(t.kind for t in tasks) == {TRAIN: 35, MEASURE: 35, ENSEMBLE: 6}  # 23 jobs x 1 seed + 6 x 2
     assert {t.seeds for t in tasks if t.kind == ENSEMBLE} == {(0, 1)}
-    assert all(is_rehearsal(t.run) for t in tasks) and not any(is_rehearsal(t.run) for t in real)
+    assert all(is_rehearsal(t.run_tag) for t in tasks) and not any(is_rehearsal(t.run_tag) for t in real)
     # the protocol is the suite's: the same perturbations, radii, checks and stability units, on fewer images
     job = next(t.job for t in tasks if t.job.model == "in-resnet110" and t.job.ensemble_radii)
     config, full = eval_config(job, suite, options, "cpu"), eval_config(job, real_suite, RunOptions(suite="paper"), "cpu")
@@ -51,7 +51,7 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     assert suite.checks == real_suite.checks and suite.studies == real_suite.studies and not suite.needs_gpu
     recipe = recipe_for("preact-resnet", "cifar10", length="rehearsal")
     assert (recipe.epochs, recipe.milestones, recipe.lr) == (2, (1, 2), 0.1)  # the schedule's milestone is crossed
-    assert next(t.run for t in tasks if t.job.model == "resnext29-8x64d") == "resnext29-8x64d@rehearsal@n64"
+    assert next(t.run_tag for t in tasks if t.job.model == "resnext29-8x64d") == "resnext29-8x64d@rehearsal@n64"
 
 
 def test_given_seeds_are_kept_and_a_defense_rehearsal_is_tagged():
@@ -166,15 +166,15 @@ def _every_stage_recorded(results: Path, suite, options, tasks) -> None:
     runs, cells = load_runs(results), load_records(results)
     checks, stability = load_checks(results), load_stability(results)
     for task in tasks:
-        mine = (cells["run"] == task.run) & (cells["dataset"] == task.job.dataset) & (cells["seed"] == task.seed)
+        mine = (cells["run"] == task.run_tag) & (cells["dataset"] == task.job.dataset) & (cells["seed"] == task.seed)
         if task.kind == TRAIN:
-            row = runs[(runs["run"] == task.run) & (runs["seed"] == task.seed) & (runs["dataset"] == task.job.dataset)]
+            row = runs[(runs["run"] == task.run_tag) & (runs["seed"] == task.seed) & (runs["dataset"] == task.job.dataset)]
             assert list(row["status"]) == ["finished"], task.name
             continue
         asked = protocol_cells(eval_config(task.job, suite, options, "cpu", task.kind == ENSEMBLE))
         assert mine.sum() == len(asked), task.name
-        assert ((checks["run"] == task.run) & (checks["seed"] == task.seed)).any(), task.name
-        assert ((stability["run"] == task.run) & (stability["seed"] == task.seed)).any(), task.name
+        assert ((checks["run"] == task.run_tag) & (checks["seed"] == task.seed)).any(), task.name
+        assert ((stability["run"] == task.run_tag) & (stability["seed"] == task.seed)).any(), task.name
     assert set(cells["run"].map(is_rehearsal)) == {True} and set(cells["n"]) <= {2, 4}
 
 

@@ -160,7 +160,7 @@ def test_the_june_preset_trains_as_the_august_one_and_names_its_runs():
     assert (june.pad, june.pad_mode, june.release_network, june.noise_normalisation) == (
         august.pad, august.pad_mode, august.release_network, august.noise_normalisation)  # fmt: skip
     assert (june.alpha_255, june.checkpoint, june.test_selected, august.test_selected) == (2.0, "best-test", True, False)
-    assert TrainConfig("in-resnet110", "cifar10", 0, preset=JUNE).tag == "in-resnet110@release-2020-06"
+    assert TrainConfig("in-resnet110", "cifar10", 0, preset=JUNE).run_tag == "in-resnet110@release-2020-06"
     assert presets.preset(JUNE) is june
     with pytest.raises(UserError, match="unknown preset 'june'"):
         EvalConfig(preset="june")

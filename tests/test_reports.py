@@ -9,9 +9,9 @@ import pytest
 
 import run_bench
 from bench.data.noise import NOISE_GROUPS
-from bench.eval.sanity import record_gates, summary, verdict_text
 from bench.records.aggregate import aggregate
 from bench.records.load import cell_id
+from bench.records.sanity import record_gates, summary, verdict_text
 from bench.records.schema import COLUMNS, RUN_COLUMNS
 from bench.records.selection import seed_metrics, select_measurements
 from bench.records.stats import Bootstrap

@@ -59,9 +59,9 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
     for task in tasks:
         assert all(order.index(a) < order.index(task.name) for a in task.after)
         if task.kind == MEASURE:
-            assert task.after == (f"train {task.job.dataset} {task.run} seed{task.seed}",)
+            assert task.after == (f"train {task.job.dataset} {task.run_tag} seed{task.seed}",)
         if task.kind == ENSEMBLE:  # waits for every seed's training
-            assert task.after == tuple(f"train cifar10 {task.run} seed{s}" for s in range(5))
+            assert task.after == tuple(f"train cifar10 {task.run_tag} seed{s}" for s in range(5))
     assert {t.resources for t in tasks} == {Resources(1.0, 4, 8.0)}
     smoke = SUITES["smoke"]
     assert {t.resources for t in plan_tasks(plan_jobs(smoke, RunOptions()), smoke, RunOptions(), "cpu")} == {

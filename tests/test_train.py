@@ -188,9 +188,9 @@ def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
 
 
 def test_tags_name_every_weight_changing_option():
-    assert tiny().tag == "resnet8@smoke@n1024"
-    assert TrainConfig("in-resnet110", "cifar10", 0).tag == "in-resnet110"
-    assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).tag == (
+    assert tiny().run_tag == "resnet8@smoke@n1024"
+    assert TrainConfig("in-resnet110", "cifar10", 0).run_tag == "in-resnet110"
+    assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).run_tag == (
         "in-resnet110@authors-code@lambda0.3-0.4"
     )
 

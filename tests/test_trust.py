@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from bench.attacks.perturbations import PERTURBATIONS, Perturbation, register
-from bench.eval import sanity
-from bench.evaluate import EvalConfig, evaluate_defense
+from bench.eval import model_checks
+from bench.evaluate import EvalConfig, evaluate_protocol
+from bench.records import sanity
 from bench.records.load import load_correct, load_records
 from bench.records.schema import COLUMNS, DB_FILE, KEY
 from bench.records.stats import Bootstrap, verdict
@@ -45,7 +46,7 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
     register(Darken("darken", "Darken", leaderboard=True))
     try:
         config = EvalConfig(eps_255=(2.0,), steps=1, extra=(("darken", (2.0, 10.5)),))
-        records = evaluate_defense(grey_defense, config, tmp_path / "r", grey_root, progress=False)
+        records = evaluate_protocol(grey_defense, config, tmp_path / "r", grey_root, progress=False)
         darken = records[records["perturbation"] == "darken"].set_index("eps_255")
         # GreyLevel's classes 1-3 lie less than 10.5/255 above the midpoint to the level
         # below: they flip; 7 of the 10 classes keep their 7 correctly labelled images
@@ -64,7 +65,7 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
 
 def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defense, tmp_path):
     config = EvalConfig(eps_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),))
-    records = evaluate_defense(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index("perturbation")
+    records = evaluate_protocol(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index("perturbation")
     assert records.loc["autoattack", "n"] == 40 and records.loc["pgd", "n"] == 100  # its own subset
     assert records.loc["autoattack", "params"] == '{"version":"standard"}'
     aa = load_correct(tmp_path / "a", perturbation="autoattack")
@@ -72,7 +73,7 @@ def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defens
     # the 40 are 4 images of each class, 3 of them wrongly labelled; at 10.5/255 classes 0-3
     # can reach a neighbour's level (0 upwards, 1-3 downwards), 4-9 cannot
     assert aa.sum() <= pgd.sum() and aa.mean() == 6 / 40
-    evaluate_defense(grey_defense, config, tmp_path / "b", grey_root, progress=False)
+    evaluate_protocol(grey_defense, config, tmp_path / "b", grey_root, progress=False)
     assert np.array_equal(load_correct(tmp_path / "b", perturbation="autoattack"), aa)  # seeded
 
 
@@ -151,15 +152,15 @@ class Noisy(Small):  # a randomised forward pass
 )
 def test_model_checks_catch_masked_models(model, failed, images):
     x, y = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.arange(32) % 10
-    results = {check: (value, limit) for check, value, limit, _ in sanity.model_checks(model.eval(), x, y, 10)}
+    results = {check: (value, limit) for check, value, limit, _ in model_checks.model_checks(model.eval(), x, y, 10)}
     assert set(results) == {"zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"}
     assert {check for check, (value, limit) in results.items() if value > limit} == failed
-    assert sanity.model_checks(Small().eval(), x, y, 100)[4][1] == 90  # 10 outputs for 100 classes
+    assert model_checks.model_checks(Small().eval(), x, y, 100)[4][1] == 90  # 10 outputs for 100 classes
 
 
 def test_transfer_from_the_model_itself_equals_white_box():
     model, x, y = Small().eval(), torch.rand(16, 3, 32, 32), torch.arange(16) % 10
-    check, value, limit, detail = sanity.transfer_check(model, model, x, y, EvalConfig(steps=3), 2.0, seed=1)
+    check, value, limit, detail = model_checks.transfer_check(model, model, x, y, EvalConfig(steps=3), 2.0, seed=1)
     assert (check, value, limit) == ("transfer", 0.0, sanity.TRANSFER_MARGIN) and "16 images" in detail
 
 
@@ -190,10 +191,10 @@ def test_the_transfer_check_flags_a_surrogate_stronger_than_white_box_not_a_weak
     gate fails); another network's examples transfer worse than white-box (it passes)."""
     source, x = Linear(0).eval(), torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     y = source(x).argmax(1)  # every image correct for the source
-    masked = sanity.transfer_check(Masked(source).eval(), source, x, y, EvalConfig(steps=5), 2.0, seed=1)
+    masked = model_checks.transfer_check(Masked(source).eval(), source, x, y, EvalConfig(steps=5), 2.0, seed=1)
     assert masked[1] > 50 > sanity.TRANSFER_MARGIN and "white-box 100.0" in masked[3]  # transfer: 26.6
     other = Linear(1).eval()
-    weaker = sanity.transfer_check(other, source, x, other(x).argmax(1), EvalConfig(steps=5), 2.0, seed=1)
+    weaker = model_checks.transfer_check(other, source, x, other(x).argmax(1), EvalConfig(steps=5), 2.0, seed=1)
     assert weaker[1] < -50 < sanity.TRANSFER_MARGIN  # white-box breaks it (12.5), the source's examples do not (96.9)
 
 
@@ -208,7 +209,7 @@ def test_the_plain_counterpart_is_the_resnet_of_the_same_architecture():
 
 def test_the_worst_case_is_the_and_of_every_attack_at_a_radius(grey_root, grey_defense, tmp_path):
     config = EvalConfig(eps_255=(11.0,), steps=2, extra=(("uniform", (11.0,)),))
-    evaluate_defense(grey_defense, config, tmp_path, grey_root, progress=False)
+    evaluate_protocol(grey_defense, config, tmp_path, grey_root, progress=False)
     write_reports(tmp_path)
     survivors = np.logical_and.reduce(
         [load_correct(tmp_path, perturbation=p, eps_255=11.0) for p in ("fgsm", "ifgsm", "pgd", "uniform")]
@@ -259,7 +260,7 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
         monkeypatch.setitem(sys.modules, "autoattack", importlib.import_module("pyautoattack"))
     pytest.importorskip("robustbench")
 
-    evaluate_defense(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
+    evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
     pgd = load_records(tmp_path).query("perturbation == 'pgd'").iloc[0].to_dict()  # AutoAttack stands in:
     reference = {**pgd, "perturbation": "autoattack", "params": '{"version":"standard"}'}  # (see its own test)
     RecordStore(tmp_path).add_cells([reference], [load_correct(tmp_path, perturbation="pgd")])
@@ -291,7 +292,7 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
 
 
 def test_a_store_of_the_older_schema_is_migrated_in_place(grey_root, grey_defense, tmp_path):
-    evaluate_defense(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
+    evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
     before = load_records(tmp_path).sort_values(list(KEY)).reset_index(drop=True)
     bits = load_correct(tmp_path, perturbation="pgd")
     old = tmp_path / "old"
@@ -344,12 +345,12 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
     from bench.data.cifar import read_batch, write_batch
 
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
-    before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    before = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
     assert before.query("perturbation == 'clean'")["accuracy"].item() == 0.7
     batch = data / "cifar-10-batches-py" / "test_batch"
     images, labels = read_batch(batch, "labels", 10)
     write_batch(batch, np.zeros_like(images), labels)
-    after = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    after = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
     assert len(after) == 2 * len(before) and after["data_sha256"].nunique() == 2 + 8  # 2 test sets, 2 x 4 noise files
     write_reports(results)
     board = pd.read_csv(results / "leaderboard.csv")
@@ -411,10 +412,10 @@ def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_r
 
 def test_an_overwritten_noise_file_is_measured_again(grey_root, grey_defense, tmp_path):
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
-    before = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    before = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
     path = data / "generated" / "CIFAR-10-C" / "shot_noise.npy"
     np.save(path, np.zeros_like(np.load(path)))  # zeros of the right shape
-    after = evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    after = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
     assert len(after) == len(before) + 5  # the five severities of that group alone
     again = after[after.duplicated(["perturbation", "severity", "eps_255"], keep=False)]
     assert set(again["perturbation"]) == {"shot_noise"} and again["data_sha256"].nunique() == 2
@@ -424,7 +425,7 @@ def test_cells_recorded_before_digests_count_as_cached_until_rechecked(grey_root
     """A store of the previous schema: migrated in place with data_sha256 "unknown", its
     cells kept as cached and shown as such, measured again on request (--recheck-data)."""
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
-    evaluate_defense(grey_defense, GREY, results, data, progress=False)
+    evaluate_protocol(grey_defense, GREY, results, data, progress=False)
     path = results / DB_FILE
     with sqlite3.connect(path) as db:  # the schema before data digests: no data_sha256 column
         columns = [r[1] for r in db.execute("PRAGMA table_info(cells)") if r[1] not in ("data_sha256", "correct_bits")]
@@ -435,11 +436,11 @@ def test_cells_recorded_before_digests_count_as_cached_until_rechecked(grey_root
         db.execute("DROP TABLE cells_new")
     with pytest.raises(Exception, match="was written before cells had their data's digest: open it for writing once"):
         load_records(results)
-    again = evaluate_defense(grey_defense, GREY, results, data, progress=False)  # migrates, then finds them all
+    again = evaluate_protocol(grey_defense, GREY, results, data, progress=False)  # migrates, then finds them all
     assert set(again["data_sha256"]) == {"unknown"} and len(again) == 24
     write_reports(results)
     assert "CIFAR-10: unknown (recorded before digests) (every run)." in (results / "REPORT.md").read_text()
-    rechecked = evaluate_defense(grey_defense, replace_config(GREY, trust_unknown_data=False), results, data, progress=False)
+    rechecked = evaluate_protocol(grey_defense, replace_config(GREY, trust_unknown_data=False), results, data, progress=False)
     assert len(rechecked) == 48 and (rechecked["data_sha256"] != "unknown").sum() == 24
     write_reports(results)
     assert "(every run)." in (results / "REPORT.md").read_text() and "unknown (recorded" not in (results / "REPORT.md").read_text()

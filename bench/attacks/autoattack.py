@@ -17,7 +17,7 @@ import torch
 from bench.attacks.perturbations import Perturbation, register
 
 # the library warns about randomised or probability-returning models on every batch; our
-# sanity checks (bench.eval.sanity) test that once per model instead
+# sanity checks (bench.eval.model_checks) test that once per model instead
 logging.getLogger("auto-attack").setLevel(logging.ERROR)
 
 

@@ -175,7 +175,7 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: s
     atomic_write(path, lambda f: pickle.dump(batch, f, protocol=2))
 
 
-def _md5(path: Path) -> str:
+def md5_of(path: Path) -> str:
     return file_digest(path, "md5")
 
 
@@ -196,7 +196,7 @@ def file_md5(path: Path, remember: bool = True) -> str:
     except (OSError, ValueError, AttributeError):
         pass
     log.info("computing the md5 of %s (%.2f GB; once)", path, stat.st_size / 1e9)
-    digest = _md5(path)
+    digest = md5_of(path)
     if remember:
         try:
             save_json({**key, "md5": digest}, stamp)

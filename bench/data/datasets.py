@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data.cifar import ImageSet, _md5, data_root, download, extract_members, read_batch
+from bench.data.cifar import ImageSet, data_root, download, extract_members, md5_of, read_batch
 from bench.data.synthetic import make_synthetic
 from models import CIFAR10_MEAN, CIFAR10_STD, UserError
 
@@ -58,7 +58,7 @@ def is_official(info: DatasetInfo, split: str, root: Path) -> bool:
     files not there yet count as official: they will be downloaded and checked."""
     folder = root / info.folder
     return all(
-        md5 is not None and (not (folder / name).is_file() or _md5(folder / name) == md5)
+        md5 is not None and (not (folder / name).is_file() or md5_of(folder / name) == md5)
         for name, md5 in info.files[split]
     )
 
@@ -95,7 +95,7 @@ def check_file_places(info: DatasetInfo, root: Path) -> None:
 
 def extract(info: DatasetInfo, archive: Path, root: Path) -> None:
     """Check the archive's md5, then extract only the batch files, atomically."""
-    if info.archive_md5 is not None and _md5(archive) != info.archive_md5:
+    if info.archive_md5 is not None and md5_of(archive) != info.archive_md5:
         raise UserError(
             f"{archive} does not have the official md5 {info.archive_md5}: it is truncated or "
             "another file; delete it and run again to download it"

@@ -29,7 +29,7 @@ from bench.attacks.perturbations import (
 )
 from bench.core.environment import device_name
 from bench.core.presets import PER_FILE, preset
-from bench.eval.protocol import Cell, EvalConfig, Subject, _unit_name, _units_cost, protocol_cells, units
+from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells, unit_name, units, units_cost
 from bench.eval.testdata import EvalData
 from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, utc_now
 from bench.records.store import RecordStore
@@ -99,7 +99,7 @@ def measure_cells(
     context = cell_context(subject, config)
     model = prepared(subject.defense.model, config)
     work = units(todo)
-    cost = sum(_units_cost(u, data.n(u[0]), config) for u in work)
+    cost = sum(units_cost(u, data.n(u[0]), config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
     # disable=None: bars on a terminal only, not in logs and pipes
     bar = tqdm(
@@ -111,7 +111,7 @@ def measure_cells(
     )
     with bar:
         for unit in work:
-            bar.set_description(f"eval {label} {_unit_name(unit)}")
+            bar.set_description(f"eval {label} {unit_name(unit)}")
             began = time.perf_counter()
             try:
                 correct = _run_unit(model, unit, subject, config, data, bar)
@@ -196,7 +196,7 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
         remap = _file_normalization(model, *data.file_stats(cell.perturbation))
     eps = [c.eps_255 / 255 for c in unit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
-    what = f"{subject.run} {data.dataset} {who} {_unit_name(unit)}"
+    what = f"{subject.run} {data.dataset} {who} {unit_name(unit)}"
     out: list[list[Tensor]] = [[] for _ in unit]
     for index, (x, y) in enumerate(data.batches(cell, batch_size, device)):
         x = x.contiguous(memory_format=memory)
@@ -209,7 +209,7 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
             if pert.kind == ATTACK:
                 audit(x_in, x, pert.reach(config, e), what)
             out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
-        bar.update(_units_cost(unit, len(y), config))
+        bar.update(units_cost(unit, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]
 
 

@@ -75,12 +75,12 @@ def rightmost_ritz(products: Callable[[Tensor], Callable[[Tensor], Tensor]], sta
     for j in range(steps):
         basis[j] = q
         w = matvec(q.to(start.dtype).view(len(q), *start.shape[1:])).reshape(len(q), -1).double()
-        before = _norms(w).cpu()
+        before = row_norms(w).cpu()
         for _ in range(2):  # classical Gram-Schmidt, twice: orthogonal to working precision
             coefficients = torch.einsum("kbd,bd->bk", basis[: j + 1], w)
             hessenberg[rows, : j + 1, j] += coefficients.cpu()
             w = w - torch.einsum("bk,kbd->bd", coefficients, basis[: j + 1])
-        after = _norms(w).cpu()
+        after = row_norms(w).cpu()
         hessenberg[rows, j + 1, j] = after
         ritz = torch.linalg.eigvals(hessenberg[rows, : j + 1, : j + 1]).real.amax(1)
         calm[rows] = torch.where((ritz - value[rows]).abs() <= tolerance * ritz.abs(), calm[rows] + 1, 0)
@@ -99,9 +99,9 @@ def rightmost_ritz(products: Callable[[Tensor], Callable[[Tensor], Tensor]], sta
 
 def _unit(v: Tensor) -> Tensor:
     """Each image's vector scaled to unit norm (a zero vector stays zero)."""
-    norm = _norms(v).clamp_min(1e-300).to(v.dtype)
+    norm = row_norms(v).clamp_min(1e-300).to(v.dtype)
     return v / norm.view(-1, *([1] * (v.dim() - 1)))
 
 
-def _norms(t: Tensor) -> Tensor:
+def row_norms(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1).double(), dim=1)

@@ -155,12 +155,12 @@ def unit_passes(unit: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float
     return perturbation(unit[0].perturbation).passes(n, len(unit), config)
 
 
-def _units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
+def units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
     forward, gradient = unit_passes(unit, n, config)
     return forward * FORWARD + gradient * FORWARD_BACKWARD
 
 
-def _unit_name(unit: list[Cell]) -> str:
+def unit_name(unit: list[Cell]) -> str:
     cell = unit[0]
     if perturbation(cell.perturbation).kind == ATTACK:
         return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"

@@ -46,16 +46,23 @@ from bench.attacks.perturbations import params_text, perturbation
 from bench.core.environment import device_name
 from bench.data.splits import batches
 from bench.eval.engine import cell_context, prepared
-from bench.eval.krylov import _norms, rightmost_eigenvalue, spectral_norm
+from bench.eval.krylov import rightmost_eigenvalue, row_norms, spectral_norm
 from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.testdata import EvalData
-from bench.records.schema import UNKNOWN_DATA, utc_now
+from bench.records.schema import (
+    DELTAS,
+    EIGEN,
+    GRADIENT,
+    GROWTH,
+    SPECTRAL,
+    STABILITY_FLOORS,
+    UNKNOWN_DATA,
+    utc_now,
+)
 from models import UserError
 from models.skip import SkipRule
 
-GROWTH, SPECTRAL, EIGEN, GRADIENT = "growth", "spectral_norm", "shifted_eigenvalue", "input_gradient"
-QUANTITIES = (GROWTH, SPECTRAL, EIGEN, GRADIENT)
-DELTAS = ("fgsm", "pgd", "uniform", "gaussian")  # the perturbations whose growth is followed
+QUANTITIES = tuple(STABILITY_FLOORS)  # GROWTH, SPECTRAL, EIGEN, GRADIENT (bench.records.schema)
 WHOLE_NETWORK = -1  # the `block` of a figure of the whole network (the input gradient)
 DEFAULT_BATCH = 32  # images per pass: the Krylov bases keep up to 40 float64 activations per image
 
@@ -185,7 +192,7 @@ def growth(model: nn.Module, chain: Sequence[nn.Module], x: Tensor, x_perturbed:
     levels: list[Tensor] = []
 
     def distance(h: Tensor) -> Tensor:
-        return _norms(h[n:] - h[:n]) / _norms(h[:n])
+        return row_norms(h[n:] - h[:n]) / row_norms(h[:n])
 
     hooks = [chain[0].register_forward_pre_hook(lambda m, args: levels.append(distance(args[0])))]
     hooks += [b.register_forward_hook(lambda m, args, out: levels.append(distance(out))) for b in chain]

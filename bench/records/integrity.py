@@ -19,10 +19,10 @@ from bench.records.schema import (
     STABILITY_FLOORS,
     TABLE_COLUMNS,
     UNKNOWN_DATA,
-    _q,
-    _tables,
+    quoted,
+    table_statements,
 )
-from bench.records.sql import WRITE_TIMEOUT, _corrupt, _execute, _journal
+from bench.records.sql import WRITE_TIMEOUT, corrupt_message, execute, journal_of
 from models import UserError
 
 log = logging.getLogger(__name__)
@@ -32,26 +32,26 @@ log = logging.getLogger(__name__)
 OLD_ATTACK_COLUMNS = ("alpha_255", "steps")
 
 
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
+def migrate(db: sqlite3.Connection, path: Path) -> None:
     """Rewrite a store of an older schema to this one, in place and in one transaction,
     every cell and stability unit keeping its numbers, bits and values: alpha_255 / steps
     columns become `params`; rows recorded before data digests get `data_sha256` "unknown"."""
-    cells, stability = _columns(db, path, "cells"), _columns(db, path, "stability")
+    cells, stability = table_columns(db, path, "cells"), table_columns(db, path, "stability")
     old_cells = bool(cells) and not {"params", "data_sha256"} <= set(cells)
     old_stability = bool(stability) and "data_sha256" not in stability
     if not (old_cells or old_stability):
         return
     if old_cells and "params" not in cells and not set(OLD_ATTACK_COLUMNS) <= set(cells):
-        raise UserError(_corrupt(path, f"unknown columns {', '.join(cells)}: not a store of this project"))
+        raise UserError(corrupt_message(path, f"unknown columns {', '.join(cells)}: not a store of this project"))
     log.info("migrating %s to the current records schema (once; its records are kept)", path)
     old = [c for c in cells if c not in OLD_ATTACK_COLUMNS]
     params = "params" if "params" in cells else "alpha_255, steps"
-    rows = _execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells") if old_cells else []
+    rows = execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells") if old_cells else []
     db.execute("BEGIN IMMEDIATE")
     try:
         if old_cells:
             db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
-            db.execute(_tables()["cells"])
+            db.execute(table_statements()["cells"])
             names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in cells else [])]
             insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
             unknown = (UNKNOWN_DATA,) if "data_sha256" not in cells else ()
@@ -61,9 +61,9 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
                 db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
             db.execute("DROP TABLE cells_before_migration")
         if old_stability:  # the unique key gains data_sha256: the table is made again, its rows copied
-            kept = ", ".join(_q(c) for c in stability)
+            kept = ", ".join(quoted(c) for c in stability)
             db.execute("ALTER TABLE stability RENAME TO stability_before_migration")
-            db.execute(_tables()["stability"])
+            db.execute(table_statements()["stability"])
             db.execute(f"INSERT INTO stability ({kept}, data_sha256) SELECT {kept}, ? FROM stability_before_migration",
                        [UNKNOWN_DATA])  # fmt: skip
             db.execute("DROP TABLE stability_before_migration")
@@ -73,8 +73,8 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         raise
 
 
-def _columns(db: sqlite3.Connection, path: Path, table: str) -> list[str]:
-    return [row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")]
+def table_columns(db: sqlite3.Connection, path: Path, table: str) -> list[str]:
+    return [row[1] for row in execute(db, path, f"PRAGMA table_info({table})")]
 
 
 def _old_params(alpha_255: float, steps: int) -> str:
@@ -86,28 +86,28 @@ def _old_params(alpha_255: float, steps: int) -> str:
 def recover(results_dir: str | os.PathLike) -> bool:
     """Roll back the write a killed process left half done (a hot journal beside the
     store), as SQLite does on the first writable open; True when there was one. Read-only
-    readers cannot do it and say so (`_execute`)."""
+    readers cannot do it and say so (`execute`)."""
     path = Path(results_dir) / DB_FILE
-    if not (path.is_file() and _journal(path).is_file()):
+    if not (path.is_file() and journal_of(path).is_file()):
         return False
     try:
         with closing(sqlite3.connect(path, timeout=WRITE_TIMEOUT)) as db:
             db.execute("SELECT count(*) FROM sqlite_master").fetchall()  # a hot journal is rolled back here
     except sqlite3.Error:
         return False  # a read-only mount, or a live writer still holds it: the readers say what to do
-    recovered = not _journal(path).is_file()
+    recovered = not journal_of(path).is_file()
     if recovered:
         log.info("records: rolled back a write to %s that a killed process left unfinished", path)
     return recovered
 
 
-def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+def check_integrity(db: sqlite3.Connection, path: Path) -> None:
     """SQLite's own check of the file, then ours of the values: a row edited by hand (a
     radius 'abc', a NULL seed) is one error line naming it, not a ValueError in a report."""
-    result = _execute(db, path, "PRAGMA integrity_check(1)")
+    result = execute(db, path, "PRAGMA integrity_check(1)")
     if result[0][0] != "ok":
-        raise UserError(_corrupt(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
-    tables = {name for (name,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        raise UserError(corrupt_message(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+    tables = {name for (name,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table, columns in TABLE_COLUMNS.items():
         if table in tables:
             _check_columns(db, path, table, columns)
@@ -121,7 +121,7 @@ def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
 def _check_bits(db: sqlite3.Connection, path: Path) -> None:
     """Each cell's bits count its `correct` examples, and nothing past its `n`: the worst
     case and the ensembles read the bits, the tables read `accuracy`, so the two must agree."""
-    rows = _execute(db, path, "SELECT rowid, n, correct, correct_bits FROM cells")
+    rows = execute(db, path, "SELECT rowid, n, correct, correct_bits FROM cells")
     for rowid, n, correct, bits in rows:
         unpacked = np.unpackbits(np.frombuffer(bits, dtype=np.uint8))
         if int(unpacked[:n].sum()) != correct or unpacked[n:].any():
@@ -138,7 +138,7 @@ def _check_stability(db: sqlite3.Connection, path: Path) -> None:
     growth are never negative), and its stored mean and median are theirs, as the stage
     computes them (float32, NULL when not finite): the figures and tables read the
     per-image values, the claims the means, so the two must agree."""
-    rows = _execute(db, path, "SELECT rowid, quantity, block, mean, median, per_image FROM stability")
+    rows = execute(db, path, "SELECT rowid, quantity, block, mean, median, per_image FROM stability")
     for rowid, quantity, block, mean, median, packed in rows:
         values = np.frombuffer(packed, dtype="<f4")
         if quantity not in STABILITY_FLOORS:
@@ -151,7 +151,7 @@ def _check_stability(db: sqlite3.Connection, path: Path) -> None:
                                                            ("median", median, _finite(np.median(values))))
                             if not _same(stored, expected)), "")  # fmt: skip
         if problem:
-            run, dataset, seed, digest = _execute(
+            run, dataset, seed, digest = execute(
                 db, path, "SELECT run, dataset, seed, checkpoint_sha256 FROM stability WHERE rowid = ?", [rowid]
             )[0]
             unit = f"run = '{run}' AND dataset = '{dataset}' AND seed = {seed} AND quantity = '{quantity}'"
@@ -176,7 +176,7 @@ def _same(stored: object, expected: float | None) -> bool:
 
 def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:
     """A cell as a reader knows it: run, data set, seed, perturbation and radius or severity."""
-    run, dataset, seed, kind, eps, severity = _execute(
+    run, dataset, seed, kind, eps, severity = execute(
         db, path, "SELECT run, dataset, seed, perturbation, eps_255, severity FROM cells WHERE rowid = ?", [rowid]
     )[0]
     where = f" severity {severity}" if severity else f" at {eps:g}/255" if isinstance(eps, int | float) and eps else ""
@@ -211,24 +211,24 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
 
 def _check_columns(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
     """A table of ours with columns of its own (another tool's `cells`): not a store of
-    this project. Columns that `_migrate` adds (and the ones it replaces) may be missing."""
-    present = set(_columns(db, path, table))
+    this project. Columns that `migrate` adds (and the ones it replaces) may be missing."""
+    present = set(table_columns(db, path, table))
     missing = [c for c in columns if c not in present and c not in ("params", "data_sha256")]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(_corrupt(path, f"its {table} table lacks the columns {shown}: not a store of this project"))
+        raise UserError(corrupt_message(path, f"its {table} table lacks the columns {shown}: not a store of this project"))
 
 
 def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
-    present = {row[1] for row in _execute(db, path, f"PRAGMA table_info({table})")}
+    present = {row[1] for row in execute(db, path, f"PRAGMA table_info({table})")}
     rules = {c: r for c, r in _value_rules(table, columns).items() if c in present}
-    cases = " ".join(f"WHEN NOT {rule.format(_q(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
+    cases = " ".join(f"WHEN NOT {rule.format(quoted(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
     sql = f"SELECT rowid, bad FROM (SELECT rowid, CASE {cases} END AS bad FROM {table}) WHERE bad IS NOT NULL LIMIT 1"
-    found = _execute(db, path, sql)
+    found = execute(db, path, sql)
     if found:
         rowid, index = found[0]
         column, (_, meaning) = list(rules.items())[index]
-        (value,) = _execute(db, path, f"SELECT {_q(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
+        (value,) = execute(db, path, f"SELECT {quoted(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
         shown = f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
         named = f" ({_cell_named(db, path, rowid)})" if table == "cells" and column not in _NAMING else ""
         raise UserError(

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.core.files import atomic_write
 from bench.records.checkpoints import (
     META_FILE,
     ensemble_digest,
@@ -27,12 +26,11 @@ from bench.records.schema import (
     KEY,
     MEMBER_COLUMNS,
     RUN_COLUMNS,
-    SNAPSHOT_FILE,
     STABILITY_COLUMNS,
     UNKNOWN_DATA,
-    _q,
+    quoted,
 )
-from bench.records.sql import _execute, _open, _read, _typed
+from bench.records.sql import execute, open_store, read_rows, typed
 from models import UserError
 
 
@@ -41,8 +39,8 @@ def load_records(
 ) -> pd.DataFrame:
     """All cells as a DataFrame with COLUMNS plus `stale` (bool), without the bits; `runs`:
     `load_runs(results_dir)` when the caller has it already."""
-    frame = _read(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid", COLUMNS)
-    members = _read(
+    frame = read_rows(results_dir, f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid", COLUMNS)
+    members = read_rows(
         results_dir,
         f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
         MEMBER_COLUMNS,
@@ -98,9 +96,9 @@ def _ensembles_of(digests: tuple[str, ...], members: int) -> frozenset[str]:
 
 def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The sanity checks of current checkpoints (CHECK_COLUMNS plus `passed`)."""
-    sql = f"SELECT {', '.join(_q(k) for k in CHECK_COLUMNS)} FROM checks"
-    checks = _read(results_dir, sql, CHECK_COLUMNS, table="checks")
-    members = _read(
+    sql = f"SELECT {', '.join(quoted(k) for k in CHECK_COLUMNS)} FROM checks"
+    checks = read_rows(results_dir, sql, CHECK_COLUMNS, table="checks")
+    members = read_rows(
         results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS, "ensemble_members"
     )
     stale = stale_rows(checks, load_runs(results_dir) if runs is None else runs, members)
@@ -111,16 +109,16 @@ def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None
 def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The stability rows of current checkpoints (STABILITY_COLUMNS plus `values`, each
     row's per-image float32 array); none for a store without the table."""
-    names = ", ".join(_q(k) for k in STABILITY_COLUMNS)
+    names = ", ".join(quoted(k) for k in STABILITY_COLUMNS)
     path = Path(results_dir) / DB_FILE
     rows: list[tuple] = []
     if path.is_file():
-        with closing(_open(path, readonly=True)) as db:
-            if _execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
-                rows = _execute(db, path, f"SELECT {names}, per_image FROM stability ORDER BY rowid")
-    frame = _typed(pd.DataFrame.from_records([r[:-1] for r in rows], columns=list(STABILITY_COLUMNS)), STABILITY_COLUMNS)
+        with closing(open_store(path, readonly=True)) as db:
+            if execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+                rows = execute(db, path, f"SELECT {names}, per_image FROM stability ORDER BY rowid")
+    frame = typed(pd.DataFrame.from_records([r[:-1] for r in rows], columns=list(STABILITY_COLUMNS)), STABILITY_COLUMNS)
     frame["values"] = pd.Series([np.frombuffer(r[-1], dtype="<f4") for r in rows], index=frame.index, dtype=object)
-    members = _read(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
+    members = read_rows(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
                     "ensemble_members")  # fmt: skip
     stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
     return frame[~stale].reset_index(drop=True)
@@ -131,7 +129,7 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     checkpoint folder decides `status` (finished, failed, running, or gone when the folder
     was deleted), `checkpoint_sha256`, `length` and `n_train` (of its recipe); the other
     columns come from its last sighting."""
-    runs = _read(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
+    runs = read_rows(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
     runs = runs.drop_duplicates(["run", "dataset", "seed"], keep="last").reset_index(drop=True)
     states = [
         checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
@@ -163,8 +161,8 @@ def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
     """Per-example correctness (bool, in test-subset order) of the one cell matching `key`."""
     path = Path(results_dir) / DB_FILE
     where = " AND ".join(f"{k} = ?" for k in key)
-    with closing(_open(path, readonly=True)) as db:
-        rows = _execute(db, path, f"SELECT n, correct_bits FROM cells WHERE {where}", list(key.values()))
+    with closing(open_store(path, readonly=True)) as db:
+        rows = execute(db, path, f"SELECT n, correct_bits FROM cells WHERE {where}", list(key.values()))
     if len(rows) != 1:
         raise UserError(f"{len(rows)} cells match {key}; give more key columns ({', '.join(KEY)})")
     n, blob = rows[0]
@@ -177,8 +175,8 @@ def load_bits(results_dir: str | os.PathLike) -> dict[tuple, np.ndarray]:
     path = Path(results_dir) / DB_FILE
     if not path.is_file():
         return {}
-    with closing(_open(path, readonly=True)) as db:
-        rows = _execute(db, path, f"SELECT {', '.join(KEY)}, correct_bits FROM cells")
+    with closing(open_store(path, readonly=True)) as db:
+        rows = execute(db, path, f"SELECT {', '.join(KEY)}, correct_bits FROM cells")
     bits = {}
     for row in rows:
         key = dict(zip(KEY, row[:-1], strict=True))
@@ -195,12 +193,3 @@ def cell_id(row) -> tuple:
 def _plain(value):
     """numpy scalars as Python ones, so that keys from SQLite and from pandas compare equal."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def write_snapshot(results_dir: str | os.PathLike) -> Path:
-    """records.csv beside the store (every row, stale ones included and flagged), written
-    atomically."""
-    path = Path(results_dir) / SNAPSHOT_FILE
-    text = load_records(results_dir, include_stale=True).to_csv(index=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path

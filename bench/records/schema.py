@@ -92,7 +92,7 @@ RUN_COLUMNS: dict[str, str] = {
 }
 
 
-# Sanity checks run on a checkpoint (bench.eval.sanity): one row per check, the latest kept.
+# Sanity checks run on a checkpoint (bench.eval.model_checks): one row per check, the latest kept.
 CHECK_COLUMNS: dict[str, str] = {
     "run": "TEXT",
     "dataset": "TEXT",
@@ -148,11 +148,13 @@ STABILITY_COLUMNS: dict[str, str] = {
 }
 
 
-# The stability stage's quantities and the least value each can take (None: any real number;
-# the rightmost eigenvalue of ∂g/∂x - I has no floor): norms and growth ratios are never negative.
-STABILITY_FLOORS: dict[str, float | None] = {
-    "growth": 0.0, "spectral_norm": 0.0, "shifted_eigenvalue": None, "input_gradient": 0.0,
-}  # fmt: skip
+# The stability stage's quantities (bench.eval.stability measures them, the reports read them),
+# the perturbations whose growth it follows, and the least value each quantity can take (None:
+# any real number; the rightmost eigenvalue of ∂g/∂x - I has no floor): norms and growth
+# ratios are never negative.
+GROWTH, SPECTRAL, EIGEN, GRADIENT = "growth", "spectral_norm", "shifted_eigenvalue", "input_gradient"
+DELTAS = ("fgsm", "pgd", "uniform", "gaussian")
+STABILITY_FLOORS: dict[str, float | None] = {GROWTH: 0.0, SPECTRAL: 0.0, EIGEN: None, GRADIENT: 0.0}
 
 
 STABILITY_KEY = (
@@ -186,11 +188,11 @@ TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS,
 NULLABLE = {"lambda_low", "lambda_high", "test_accuracy", "mean", "median"}
 
 
-def _tables() -> dict[str, str]:
+def table_statements() -> dict[str, str]:
     """CREATE TABLE statement of every table, by name."""
 
     def table(name: str, columns: dict[str, str], extra: str) -> str:
-        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(f'{_q(k)} {t}' for k, t in columns.items())}, {extra})"
+        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(f'{quoted(k)} {t}' for k, t in columns.items())}, {extra})"
 
     return {
         "cells": table("cells", COLUMNS, f"correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)})"),
@@ -207,6 +209,6 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _q(name: str) -> str:
+def quoted(name: str) -> str:
     """A column name quoted for SQL (`check` and `limit` are keywords)."""
     return f'"{name}"'

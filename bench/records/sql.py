@@ -17,7 +17,7 @@ from models import UserError
 READ_TIMEOUT, WRITE_TIMEOUT = 30, 120  # seconds to wait for another process's lock
 
 
-def _open(path: Path, readonly: bool = False) -> sqlite3.Connection:
+def open_store(path: Path, readonly: bool = False) -> sqlite3.Connection:
     try:
         if readonly:
             return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_TIMEOUT)
@@ -28,7 +28,7 @@ def _open(path: Path, readonly: bool = False) -> sqlite3.Connection:
         ) from None
 
 
-def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence = ()) -> list[tuple]:
+def execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence = ()) -> list[tuple]:
     """`sql`'s rows; a corrupt, foreign or locked store is one error line."""
     try:
         return db.execute(sql, parameters).fetchall()
@@ -43,23 +43,23 @@ def _execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence 
                 "report stage) to migrate it in place"
             ) from None
         if "no such table" in str(err):
-            raise UserError(_corrupt(path, f"{err}: not a store of this project")) from None
-        if "readonly database" in str(err) and _journal(path).is_file():  # SQLite must roll a hot journal back
+            raise UserError(corrupt_message(path, f"{err}: not a store of this project")) from None
+        if "readonly database" in str(err) and journal_of(path).is_file():  # SQLite must roll a hot journal back
             raise UserError(
-                f"{path}: an interrupted write is pending in {_journal(path).name} (a writer was killed in the middle "
+                f"{path}: an interrupted write is pending in {journal_of(path).name} (a writer was killed in the middle "
                 "of a transaction): run any stage once (not --dry-run) to recover it; nothing was lost"
             ) from None
         raise UserError(f"cannot read {path} ({err}): check its permissions") from None
     except sqlite3.DatabaseError as err:  # not a database, malformed pages
-        raise UserError(_corrupt(path, str(err))) from None
+        raise UserError(corrupt_message(path, str(err))) from None
 
 
-def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], table: str = "") -> pd.DataFrame:
+def read_rows(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], table: str = "") -> pd.DataFrame:
     """`sql`'s rows as typed columns; with `table`, none when a store predates that table."""
     path = Path(results_dir) / DB_FILE
     rows: list[tuple] = []
     if path.is_file():
-        with closing(_open(path, readonly=True)) as db:
+        with closing(open_store(path, readonly=True)) as db:
             query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
             missing = [c for c in ("params", "data_sha256") if c in columns and not _has_column(db, path, c)]
             if missing:
@@ -68,25 +68,25 @@ def _read(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], tab
                     f"{path} was written before cells had {what}: open it for writing once "
                     "(any train, eval or report stage) to migrate it in place"
                 )
-            if not table or _execute(db, path, query, [table]):
-                rows = _execute(db, path, sql)
-    return _typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
+            if not table or execute(db, path, query, [table]):
+                rows = execute(db, path, sql)
+    return typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
 
 
 def _has_column(db: sqlite3.Connection, path: Path, column: str) -> bool:
-    return any(row[1] == column for row in _execute(db, path, "PRAGMA table_info(cells)"))
+    return any(row[1] == column for row in execute(db, path, "PRAGMA table_info(cells)"))
 
 
-def _typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+def typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     kinds = {"TEXT": object, "INTEGER": "int64", "REAL": "float64"}
     return frame.astype({k: kinds[t] for k, t in columns.items()})
 
 
-def _journal(path: Path) -> Path:
+def journal_of(path: Path) -> Path:
     return path.with_name(path.name + "-journal")
 
 
-def _corrupt(path: Path, why: str) -> str:
+def corrupt_message(path: Path, why: str) -> str:
     return (
         f"{path.name} is corrupt ({why}): nothing was written to it; move {path} aside and run again "
         f"to recompute its cells (`sqlite3 {path.name} .recover` may salvage rows; {SNAPSHOT_FILE} "

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bench.core.messages import disk_full, disk_full_message
-from bench.records.integrity import _check_integrity, _columns, _migrate
+from bench.records.integrity import check_integrity, migrate, table_columns
 from bench.records.schema import (
     CELL_COLUMNS,
     CHECK_COLUMNS,
@@ -46,10 +46,10 @@ from bench.records.schema import (
     RUN_COLUMNS,
     STABILITY_COLUMNS,
     UNIT_COLUMNS,
-    _q,
-    _tables,
+    quoted,
+    table_statements,
 )
-from bench.records.sql import _execute, _open, _typed
+from bench.records.sql import execute, open_store, typed
 from models import UserError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class RecordStore:
         if readonly:
             if self.path.is_file():
                 with self._connect() as db:
-                    _check_integrity(db, self.path)
+                    check_integrity(db, self.path)
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,11 +74,11 @@ class RecordStore:
                 f"cannot create the results dir {self.path.parent} ({err.strerror}): choose another --results-dir"
             ) from None
         with self._connect() as db:
-            _check_integrity(db, self.path)
+            check_integrity(db, self.path)
             try:
-                _migrate(db, self.path)
+                migrate(db, self.path)
                 with db:
-                    db.executescript(";".join(_tables().values()))  # a store's tables exist: nothing written
+                    db.executescript(";".join(table_statements().values()))  # a store's tables exist: nothing written
                 with open(self.path, "r+b"):  # SQLite opens a read-only file without a word; this does not
                     pass  # nor does it change the file: a run that finds everything cached leaves it as it was
             except (sqlite3.Error, OSError) as err:
@@ -91,21 +91,21 @@ class RecordStore:
 
     def _connect(self) -> closing[sqlite3.Connection]:
         if self.readonly:
-            return closing(_open(self.path, readonly=True))
-        return closing(_open(self.path))
+            return closing(open_store(self.path, readonly=True))
+        return closing(open_store(self.path))
 
     def cells(self, context: dict) -> pd.DataFrame:
         """The cells (COLUMNS) of one checkpoint's evaluation: `context` gives every KEY
         column but the CELL_COLUMNS (further keys are ignored)."""
         if self.readonly and not self.path.is_file():
-            return _typed(pd.DataFrame(columns=list(COLUMNS)), COLUMNS)
+            return typed(pd.DataFrame(columns=list(COLUMNS)), COLUMNS)
         fixed = [k for k in KEY if k not in CELL_COLUMNS]
         where = " AND ".join(f"{k} = ?" for k in fixed)
         with self._connect() as db:
-            rows = _execute(
+            rows = execute(
                 db, self.path, f"SELECT {', '.join(COLUMNS)} FROM cells WHERE {where}", [context[k] for k in fixed]
             )
-        return _typed(pd.DataFrame.from_records(rows, columns=list(COLUMNS)), COLUMNS)
+        return typed(pd.DataFrame.from_records(rows, columns=list(COLUMNS)), COLUMNS)
 
     def done(self, context: dict) -> set[tuple]:
         """The CELL_COLUMNS of the finished cells matching `context` (see `cells`)."""
@@ -118,7 +118,7 @@ class RecordStore:
         keys = ("run", "dataset", "seed", "members", "checkpoint_sha256")
         sql = f"SELECT \"check\" FROM checks WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
         with self._connect() as db:
-            return {c for (c,) in _execute(db, self.path, sql, [context[k] for k in keys])}
+            return {c for (c,) in execute(db, self.path, sql, [context[k] for k in keys])}
 
     def perturbations(self, preset: str) -> set[tuple[str, float]]:
         """(perturbation, eps_255) of every recorded cell of `preset`."""
@@ -126,7 +126,7 @@ class RecordStore:
             return set()
         sql = "SELECT DISTINCT perturbation, eps_255 FROM cells WHERE preset = ?"
         with self._connect() as db:
-            return {(p, float(e)) for p, e in _execute(db, self.path, sql, [preset])}
+            return {(p, float(e)) for p, e in execute(db, self.path, sql, [preset])}
 
     def add_cells(self, rows: Sequence[dict], correct: Sequence[np.ndarray]) -> int:
         """Insert finished cells and their per-example correctness, all or nothing; returns
@@ -158,7 +158,7 @@ class RecordStore:
     def add_checks(self, rows: Sequence[dict]) -> None:
         """Record sanity-check results; a check run again on the same checkpoint replaces
         its earlier result."""
-        names = ", ".join(_q(k) for k in CHECK_COLUMNS)
+        names = ", ".join(quoted(k) for k in CHECK_COLUMNS)
         sql = f"INSERT OR REPLACE INTO checks ({names}) VALUES ({', '.join('?' * len(CHECK_COLUMNS))})"
         with self._connect() as db, db:
             db.executemany(sql, [[row[k] for k in CHECK_COLUMNS] for row in rows])
@@ -171,9 +171,9 @@ class RecordStore:
         keys = ("run", "dataset", "seed", "members", "preset", "checkpoint_sha256")
         sql = f"SELECT DISTINCT {', '.join(UNIT_COLUMNS)} FROM stability WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
         with self._connect() as db:
-            if not _execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
                 return set()  # a read-only store written before the stage existed
-            return set(_execute(db, self.path, sql, [context[k] for k in keys]))
+            return set(execute(db, self.path, sql, [context[k] for k in keys]))
 
     def add_stability(self, rows: Sequence[dict], values: Sequence[np.ndarray]) -> int:
         """Insert one stability unit's rows and per-image values, all or nothing; returns
@@ -193,9 +193,9 @@ class RecordStore:
             return None
         sql = "SELECT build FROM defenses WHERE run = ? AND dataset = ? AND checkpoint_sha256 = ?"
         with self._connect() as db:
-            if not _execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'defenses'"):
+            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'defenses'"):
                 return None  # a read-only store written before defenses were recorded
-            found = _execute(db, self.path, sql, [run, dataset, checkpoint_sha256])
+            found = execute(db, self.path, sql, [run, dataset, checkpoint_sha256])
         return found[0][0] if found else None
 
     def add_defense(self, row: dict) -> None:
@@ -221,14 +221,14 @@ def content_digest(results_dir: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     if not path.is_file():
         return digest.hexdigest()
-    with closing(_open(path, readonly=True)) as db:
-        _check_integrity(db, path)
-        tables = [t for (t,) in _execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    with closing(open_store(path, readonly=True)) as db:
+        check_integrity(db, path)
+        tables = [t for (t,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
         for table in (t for t in tables if t != "runs"):
-            digest.update(repr((table, *_execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
+            digest.update(repr((table, *execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
         if "runs" in tables:
             seen = [c for c in RUN_COLUMNS if c != "timestamp"]
-            digest.update(repr(sorted(_execute(db, path, f"SELECT {', '.join(seen)} FROM runs"), key=repr)).encode())
+            digest.update(repr(sorted(execute(db, path, f"SELECT {', '.join(seen)} FROM runs"), key=repr)).encode())
     return digest.hexdigest()
 
 
@@ -247,8 +247,8 @@ def needs_migration(results_dir: str | os.PathLike) -> bool:
     path = Path(results_dir) / DB_FILE
     if not path.is_file():
         return False
-    with closing(_open(path, readonly=True)) as db:
-        cells, stability = _columns(db, path, "cells"), _columns(db, path, "stability")
+    with closing(open_store(path, readonly=True)) as db:
+        cells, stability = table_columns(db, path, "cells"), table_columns(db, path, "stability")
     return (bool(cells) and not {"params", "data_sha256"} <= set(cells)) or (bool(stability) and "data_sha256" not in stability)
 
 
@@ -257,8 +257,8 @@ def check_store(results_dir: str | os.PathLike) -> bool:
     path = Path(results_dir) / DB_FILE
     if not path.is_file():
         return False
-    with closing(_open(path, readonly=True)) as db:
-        _check_integrity(db, path)
+    with closing(open_store(path, readonly=True)) as db:
+        check_integrity(db, path)
     return True
 
 

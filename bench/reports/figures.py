@@ -24,11 +24,11 @@ from bench.attacks.perturbations import curves, pooled_noise
 from bench.data.datasets import dataset_label
 from bench.data.noise import SEVERITIES
 from bench.records.checkpoints import GATE_IMAGES
-from bench.reports.landscape import _landscapes
-from bench.reports.plotting import FigureConfig, Skipped, _grid, colour, ordered, render, styles
+from bench.reports.landscape import landscape_figures
+from bench.reports.plotting import FigureConfig, Skipped, colour, ordered, panel_grid, render, styles
 from bench.reports.run_figures import (
     RunFolder,
-    _coefficient_figures,
+    coefficient_figures,
     coefficient_table,
     run_folders,
     training_figure,
@@ -97,7 +97,7 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     panels = [a for a in curves() if mine["metric"].str.startswith(a + "@").any()]
     if not panels:
         return None
-    figure, axes = _grid(len(panels), columns=len(panels), size=(4.0, 3.4))
+    figure, axes = panel_grid(len(panels), columns=len(panels), size=(4.0, 3.4))
     runs = ordered(zip(mine["run"], mine["model"], strict=True))
     line = styles({m for _, m in runs})
     for ax, attack in zip(axes, panels, strict=True):
@@ -159,7 +159,7 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
     mine = table[table["dataset"] == dataset]
     if mine.empty:
         return None
-    figure, axes = _grid(len(pooled_noise()), columns=len(pooled_noise()), size=(3.6, 3.2))
+    figure, axes = panel_grid(len(pooled_noise()), columns=len(pooled_noise()), size=(3.6, 3.2))
     runs = ordered(zip(mine["run"], mine["model"], strict=True))
     line = styles({m for _, m in runs})
     for ax, group in zip(axes, pooled_noise(), strict=True):
@@ -196,8 +196,8 @@ def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig 
     if table.empty:
         out.append(Skipped("fig1_coefficients", "no finished In-ResNet or λ-In-ResNet run with scalar coefficients"))
     else:
-        out += _coefficient_figures(table, preset)
-    out += _landscapes(results, data_dir, config, folders)
+        out += coefficient_figures(table, preset)
+    out += landscape_figures(results, data_dir, config, folders)
     severity = severity_table(m.frame, m.kept[m.kept["preset"] == preset])
     training = training_table(folders)
     for dataset in sorted(set(aggregated["dataset"]) | set(training["dataset"])):

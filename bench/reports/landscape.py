@@ -90,7 +90,7 @@ def landscape_figure(examples: list[tuple[str, int, list[tuple[str, np.ndarray, 
     return figure
 
 
-def _landscapes(results: Path, data_dir, config: FigureConfig, folders: list[RunFolder]) -> list:
+def landscape_figures(results: Path, data_dir, config: FigureConfig, folders: list[RunFolder]) -> list:
     """Fig. 2 for the first data set with a finished ResNet and interpolated model of the
     same architecture and seed: each model along its own directions."""
     present = {(f.dataset, f.run, f.seed) for f in folders}

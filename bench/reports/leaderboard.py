@@ -16,7 +16,7 @@ from bench.core.files import write_all
 from bench.core.presets import preset as preset_of
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_label
-from bench.eval import sanity
+from bench.records import sanity
 from bench.records.aggregate import GROUP
 from bench.reports.left_out import left_out_phrases
 from bench.reports.published import published, published_value
@@ -40,7 +40,7 @@ def leaderboard(
 ) -> pd.DataFrame:
     """One row per run (or ensemble) x data set, ranked by `rank_by` (a canonical metric
     name, as `check_metric` gives it; descending, unmeasured last). `cells`: the measurements `selection.select_measurements` kept, which
-    give each row its checkpoints and data sources; `gates`: bench.eval.sanity.summary (default:
+    give each row its checkpoints and data sources; `gates`: bench.records.sanity.summary (default:
     the gates on these aggregates alone); `amplification`: (dataset, run, kind, preset) ->
     the stability stage's PGD amplification (bench.reports.stability_report). Accuracies in %."""
     # a sentinel for "no λ": NaN keys do not align between the pieces joined below

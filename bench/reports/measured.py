@@ -13,8 +13,7 @@ import pandas as pd
 from bench.attacks.perturbations import DEFAULT_STEPS, pooled_noise
 from bench.core.files import check_writable
 from bench.data.noise import SEVERITIES
-from bench.eval import sanity
-from bench.records import stats
+from bench.records import sanity, stats
 from bench.records.aggregate import aggregate, per_seed, with_worst_case
 from bench.records.checkpoints import is_rehearsal
 from bench.records.load import cell_id, load_bits, load_checks, load_records, load_runs, load_stability
@@ -38,7 +37,7 @@ class Measured:
     kept: pd.DataFrame  # select_measurements' choice
     left_out: pd.DataFrame  # ... and what it left out
     aggregated: pd.DataFrame  # mean, std, n per entry and metric
-    sanity: pd.DataFrame  # the gates per entry (bench.eval.sanity.summary)
+    sanity: pd.DataFrame  # the gates per entry (bench.records.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
     # rehearsal runs (bench.run.rehearsal): True when the report is of them alone (every output

@@ -112,7 +112,7 @@ def render(figure: Figure, name: str, caption: str) -> Drawn:
     return Drawn(name, caption, files)
 
 
-def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, list]:
+def panel_grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, list]:
     columns = min(columns, count)
     rows = math.ceil(count / columns)
     figure = Figure(figsize=(size[0] * columns, size[1] * rows), layout="constrained")
@@ -123,7 +123,7 @@ def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) 
 def line_panels(mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]) -> tuple[Figure, list]:
     """A row of panels, a line per (run, model) of `mine` with a band: `rows_of(rows,
     panel)` picks a run's rows of a panel, `curve(rows)` gives (x, middle, low, high)."""
-    figure, axes = _grid(len(panels), columns=len(panels), size=size)
+    figure, axes = panel_grid(len(panels), columns=len(panels), size=size)
     runs = ordered(zip(mine["run"], mine["model"], strict=True))
     line = styles({m for _, m in runs})
     one_run_each = len({m for _, m in runs}) == len(runs)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.eval import sanity
+from bench.records import sanity
 
 REHEARSAL_STAMP = "REHEARSAL: not measurements"  # on every figure of a rehearsal's report
 REHEARSAL_BANNER = (

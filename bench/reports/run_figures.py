@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from bench.data.datasets import dataset_label
 from bench.records.checkpoints import EPOCHS_FILE, META_FILE, zoo_checkpoint_dir
-from bench.reports.plotting import Skipped, _grid, colour, ordered, render, rule_rank, styles
+from bench.reports.plotting import Skipped, colour, ordered, panel_grid, render, rule_rank, styles
 from models import SkipRule, create_model, model_label
 
 PUBLISHED = Path(__file__).with_name("published_figures.csv")
@@ -124,7 +124,7 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> 
         dict.fromkeys(zip(table["dataset"], table["run"], table["model"], strict=True)),
         key=lambda t: (t[0], rule_rank(t[2]), t[2], t[1]),
     )
-    figure, axes = _grid(len(runs))
+    figure, axes = panel_grid(len(runs))
     for ax, (dataset, run, model) in zip(axes, runs, strict=True):
         mine = table[(table["dataset"] == dataset) & (table["run"] == run)]
         for seed, points in mine.groupby("seed"):
@@ -152,7 +152,7 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> 
     return figure
 
 
-def _coefficient_figures(table: pd.DataFrame, preset: str) -> list:
+def coefficient_figures(table: pd.DataFrame, preset: str) -> list:
     """Fig. 1 (the paper's panels) and the coefficients of every other damped run."""
     published = pd.read_csv(PUBLISHED)
     paper = paper_panels(table, published, preset)
@@ -209,7 +209,7 @@ def training_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
     if mine.empty:
         return None
     damped = mine["coefficient_median"].notna().any()
-    figure, axes = _grid(3 if damped else 2, columns=3, size=(4.0, 3.2))
+    figure, axes = panel_grid(3 if damped else 2, columns=3, size=(4.0, 3.2))
     runs = ordered(zip(mine["run"], mine["model"], strict=True))
     line = styles({m for _, m in runs})
     for run, model in runs:

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from tabulate import tabulate
 
 from bench.data.datasets import dataset_label
-from bench.eval.stability import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records import stats
+from bench.records.schema import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records.selection import CHECKPOINT, chosen_units
 from bench.reports import figures, plotting
 from bench.reports.plotting import ordered

@@ -20,8 +20,7 @@ from bench.core.files import write_all
 from bench.core.presets import preset as preset_info
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label
-from bench.eval import sanity
-from bench.records import stats
+from bench.records import sanity, stats
 from bench.records.schema import SNAPSHOT_FILE, UNKNOWN_DATA
 from bench.reports import figures, plotting, stability_report
 from bench.reports.claims import claim_rows, share_claim_rows

@@ -1,4 +1,5 @@
-"""The Python API's one call: evaluate any adapter's defense, as the command line would."""
+"""The Python API: evaluate any adapter's defense with a suite's protocol, as the command line
+would (`evaluate_defense`), or with a protocol of your own (`evaluate_protocol`)."""
 
 from __future__ import annotations
 
@@ -20,36 +21,51 @@ from models import UserError
 
 def evaluate_defense(
     defense: Defense,
-    config: EvalConfig | None = None,
     results_dir: str | os.PathLike = "results",
     data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
     progress: bool = True,
     *,
     suite: str = "paper",
     **options,
 ) -> pd.DataFrame:
-    """Evaluate any adapter's defense on its data set and return its current records.
+    """Evaluate any adapter's defense on its data set, exactly as `run_bench.py --defense
+    ...` does, and return its current records: the suite's protocol (default: the paper's
+    attacks and radii, AutoAttack on its subset, PGD-50, uniform noise, the noise groups),
+    its sanity checks and stability units, then the reports. `options` are
+    bench.run.options.RunOptions fields (device="cuda", n_test=1000, stages=..., ...).
+    Resumable: finished cells are kept. A protocol of your own: `evaluate_protocol`."""
+    if isinstance(results_dir, EvalConfig):
+        raise UserError("evaluate_defense(defense, EvalConfig(...)) is evaluate_protocol(defense, EvalConfig(...)) now: "
+                        "evaluate_defense runs a suite's protocol")  # fmt: skip
+    settings = {"stages": DEFENSE_STAGES, "progress": progress, **options}
+    code = run(RunOptions(suite=suite, results_dir=str(results_dir), data_dir=None if data_dir is None else str(data_dir),
+                          defenses=(defense,), **settings))  # fmt: skip
+    if code != 0:
+        raise UserError(f"the evaluation of {defense.info.name} did not finish: its errors are in the log above")
+    return _records_of(defense, results_dir)
 
-    Without `config`: exactly what `run_bench.py --defense ...` runs, the suite's protocol
-    (default: the paper's attacks and radii, AutoAttack on its subset, PGD-50, uniform noise,
-    the noise groups), its sanity checks and stability units, then the reports; `options`
-    are bench.run.options.RunOptions fields (device="cuda", n_test=1000, stages=..., ...).
-    With `config`: that EvalConfig's cells alone (no checks; `seed` seeds their random
-    starts), a protocol of your own. Both are resumable: finished cells are kept."""
-    if config is None:
-        settings = {"stages": DEFENSE_STAGES, "progress": progress, **options}
-        code = run(RunOptions(suite=suite, results_dir=str(results_dir), data_dir=None if data_dir is None else str(data_dir),
-                              defenses=(defense,), **settings))  # fmt: skip
-        if code != 0:
-            raise UserError(f"the evaluation of {defense.info.name} did not finish: its errors are in the log above")
-    else:
-        check_device(config.device)
-        data = EvalData(defense.info.dataset, data_dir, config)
-        subject = Subject(defense, defense.info.name, defense.info.name, seed)
-        _, _, errors = evaluate(subject, config, RecordStore(results_dir), data, progress)
-        if errors:
-            raise UserError(f"{len(errors)} cell(s) failed the audit, first: {errors[0]}")
+
+def evaluate_protocol(
+    defense: Defense,
+    config: EvalConfig,
+    results_dir: str | os.PathLike = "results",
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The cells of `config`, a protocol of your own, on any adapter's defense (no checks,
+    no stability units, no reports; `seed` seeds the random starts), and its current
+    records. Resumable: finished cells are kept."""
+    check_device(config.device)
+    data = EvalData(defense.info.dataset, data_dir, config)
+    subject = Subject(defense, defense.info.name, defense.info.name, seed)
+    _, _, errors = evaluate(subject, config, RecordStore(results_dir), data, progress)
+    if errors:
+        raise UserError(f"{len(errors)} cell(s) failed the audit, first: {errors[0]}")
+    return _records_of(defense, results_dir)
+
+
+def _records_of(defense: Defense, results_dir) -> pd.DataFrame:
     frame = load_records(results_dir)
     info = defense.info
     return frame[(frame["run"] == info.name) & (frame["checkpoint_sha256"] == info.checkpoint_sha256)]

@@ -80,7 +80,7 @@ class TrainingDigests:
         if self._digests[key] != recorded:
             log.warning("%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "
                         "its cells stand for the images it was trained on; delete its folder to train it on these",
-                        config.tag, config.dataset, config.seed, recorded[:12], self._digests[key][:12])  # fmt: skip
+                        config.run_tag, config.dataset, config.seed, recorded[:12], self._digests[key][:12])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
         source = task.job.defense
         if dry and isinstance(source, DefenseSpec):
             source = replace(source, fetch=False)
-        log.info("defense %s: building it (%s) to check it before any work", task.run, _described(source))
+        log.info("defense %s: building it (%s) to check it before any work", task.run_tag, _described(source))
         try:
             defense = built(source)
         except UserError as err:
@@ -110,7 +110,7 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
                 raise UserError(f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)") from None
             raise
         check_name(task.job.model, f"defense {task.job.model}")  # the name given; a rehearsal's run adds @rehearsal
-        info = replace(defense.info, name=task.run)
+        info = replace(defense.info, name=task.run_tag)
         resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
     return resolved
 

@@ -136,10 +136,10 @@ class Driver:
         locks = ExitStack()
         who = "ensemble" if task.kind == ENSEMBLE else f"seed{task.seed}"
         stage = "train" if task.kind == TRAIN else "eval"
-        path = Path(self.options.results_dir) / LOCKS / task.job.dataset / task.run / f"{who}.{stage}.lock"
+        path = Path(self.options.results_dir) / LOCKS / task.job.dataset / task.run_tag / f"{who}.{stage}.lock"
         if not locks.enter_context(run_lock(path, blocking=blocking)):
             locks.close()
-            log.info("%s %s %s %s: busy in another process; coming back to it later", task.run, task.job.dataset, who, stage)
+            log.info("%s %s %s %s: busy in another process; coming back to it later", task.run_tag, task.job.dataset, who, stage)
             deferred.append(task)
             return
         work = self._decided(task)
@@ -168,9 +168,9 @@ class Driver:
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)
             meta, config = message.meta, state.work.train
-            self.store.add_run(run_row(meta, config.tag, config.dataset, config.seed))
+            self.store.add_run(run_row(meta, config.run_tag, config.dataset, config.seed))
             if meta["status"] == "failed":
-                self.outcome.failed_runs.add(f"{config.tag} {config.dataset} seed {config.seed}")
+                self.outcome.failed_runs.add(f"{config.run_tag} {config.dataset} seed {config.seed}")
 
     def _clock(self, state: Running, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] += seconds

@@ -123,7 +123,7 @@ def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, u
 
 
 def _meta(todo: ToDo, task: Task, seed: int) -> dict:
-    folder = zoo_checkpoint_dir(todo.options.results_dir, task.job.dataset, task.run, seed)
+    folder = zoo_checkpoint_dir(todo.options.results_dir, task.job.dataset, task.run_tag, seed)
     return read_meta(folder / META_FILE) if (folder / META_FILE).is_file() else {}
 
 

@@ -54,7 +54,7 @@ class Resources:
 class Task:
     kind: str  # TRAIN, MEASURE, ENSEMBLE or DEFENSE
     job: Job
-    run: str  # the checkpoint tag shared by the job's seeds
+    run_tag: str  # the checkpoint tag shared by the job's seeds (the records' `run`)
     seeds: tuple[int, ...]  # one seed; an ensemble's members
     after: tuple[str, ...]  # names of the tasks that must finish first
     resources: Resources
@@ -72,8 +72,8 @@ class Task:
     def name(self) -> str:
         who = "ensemble" if self.kind == ENSEMBLE else f"seed{self.seeds[0]}"
         if self.kind == DEFENSE:
-            return f"{self.kind} {self.job.dataset} {self.run}"
-        return f"{self.kind} {self.job.dataset} {self.run} {who}"
+            return f"{self.kind} {self.job.dataset} {self.run_tag}"
+        return f"{self.kind} {self.job.dataset} {self.run_tag} {who}"
 
 
 def plan_jobs(suite: Suite, options: RunOptions) -> list[Job]:
@@ -159,7 +159,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
         seeds = job_seeds(job, suite, options)
         evaluated = eval_config(job, suite, options, device)
         made = {s: train_config(job, s, suite, options, device) for s in seeds}
-        run = made[seeds[0]].tag
+        run = made[seeds[0]].run_tag
         trained = [Task(TRAIN, job, run, (s,), (), resources, made[s], evaluated) for s in seeds]
         waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
         trains += trained if "train" in options.stages else []

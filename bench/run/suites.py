@@ -48,7 +48,7 @@ class Suite:
     # registered perturbations beyond FGSM / IFGSM / PGD: (name, radii or None for the study's)
     extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
     subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
-    checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.eval.sanity's model checks
+    checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.eval.model_checks'
     n_stability: int = 200  # the stability stage's class-balanced test images (bench.eval.stability)
     # what one task (a training run, or a checkpoint's evaluation) asks of a worker, besides
     # one GPU where there are GPUs: CPU threads and host memory in GiB (Ray schedules by them)

@@ -71,9 +71,9 @@ class ToDo:
             config = task.train
             if self.dry:
                 return Decision()
-            log.info("%s %s seed %d: %s already", config.tag, config.dataset, config.seed, meta["status"])
-            failed = [f"{config.tag} {config.dataset} seed {config.seed}"] if meta["status"] == "failed" else []
-            return Decision(runs=[run_row(meta, config.tag, config.dataset, config.seed)], failed=failed)
+            log.info("%s %s seed %d: %s already", config.run_tag, config.dataset, config.seed, meta["status"])
+            failed = [f"{config.run_tag} {config.dataset} seed {config.seed}"] if meta["status"] == "failed" else []
+            return Decision(runs=[run_row(meta, config.run_tag, config.dataset, config.seed)], failed=failed)
         decision = Decision()
         if task.kind == DEFENSE:
             members: dict = {0: None}
@@ -86,8 +86,8 @@ class ToDo:
             digests = [m["sha256"] for m in members.values()]
             digest = ensemble_digest(digests) if task.kind == ENSEMBLE else digests[0]
         if task.kind == ENSEMBLE:
-            decision.ensemble = (digest, task.run, task.job.dataset, {s: m["sha256"] for s, m in members.items()})
-        decision.context = context = {"run": task.run, "dataset": task.job.dataset, "seed": task.seed,
+            decision.ensemble = (digest, task.run_tag, task.job.dataset, {s: m["sha256"] for s, m in members.items()})
+        decision.context = context = {"run": task.run_tag, "dataset": task.job.dataset, "seed": task.seed,
                                       "members": len(members), "preset": task.eval.preset, "checkpoint_sha256": digest}  # fmt: skip
         stages = self.options.stages
         todo, asked = [], protocol_cells(task.eval)
@@ -102,11 +102,11 @@ class ToDo:
 
     def _work(self, task: Task, members: dict, digest: str, todo: list, checks: tuple, transfer, stable: list) -> Work:
         options, defense = self.options, task.kind == DEFENSE
-        folders = [] if defense else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run, s) for s in members]
+        folders = [] if defense else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run_tag, s) for s in members]
         if transfer is not None:
             folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, *transfer))
         files = {relative(options.results_dir, f): checkpoint_files(f) for f in folders} if self._ship else {}
-        return Work(task.kind, model=task.job.model, run=task.run, dataset=task.job.dataset, seeds=tuple(members),
+        return Work(task.kind, model=task.job.model, run_tag=task.run_tag, dataset=task.job.dataset, seeds=tuple(members),
                     config=task.eval, cells=tuple(todo), checks=checks, transfer_from=transfer and transfer[0],
                     transfer_seed=transfer and transfer[1], files=files, stability=tuple(stable),
                     stability_config=task.stability, defense=task.job.defense if defense else None,
@@ -116,8 +116,8 @@ class ToDo:
         """The meta.json of a finished checkpoint (its run seen, for the records); None,
         with the reason logged, for a missing, unfinished or failed one."""
         job = task.job
-        folder = zoo_checkpoint_dir(self.options.results_dir, job.dataset, task.run, seed)
-        what = f"{task.run} {job.dataset} seed {seed}"
+        folder = zoo_checkpoint_dir(self.options.results_dir, job.dataset, task.run_tag, seed)
+        what = f"{task.run_tag} {job.dataset} seed {seed}"
         if not (folder / META_FILE).is_file():
             log.warning("%s: no checkpoint in %s (run the train stage); skipped", what, folder)
             decision.missing.append(what)
@@ -129,7 +129,7 @@ class ToDo:
             decision.missing.append(what)
             return None
         if task.kind == MEASURE:
-            decision.runs.append(run_row(meta, task.run, job.dataset, seed))
+            decision.runs.append(run_row(meta, task.run_tag, job.dataset, seed))
         if status == "failed":
             if task.kind == MEASURE:
                 log.warning("%s: run failed (%s); not evaluated", what, meta.get("reason", ""))
@@ -162,7 +162,7 @@ class ToDo:
         plain = plain_counterpart(job.model)
         if plain is None:
             return None
-        tag = replace(task.train, model=plain, lambda_init=None).tag  # the same recipe, length and subset
+        tag = replace(task.train, model=plain, lambda_init=None).run_tag  # the same recipe, length and subset
         meta = zoo_checkpoint_dir(self.options.results_dir, job.dataset, tag, seed) / META_FILE
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
             log.info("%s %s seed %d: no finished %s to transfer from; transfer check skipped", job.model, job.dataset, seed, tag)
@@ -188,11 +188,11 @@ class ToDo:
                 found.append((order[model], path.parent.parent.name, int(path.parent.name[4:])))
         if not found:
             log.info("%s %s: no finished %s in %s to transfer from; transfer check skipped (train one, e.g. "
-                     "--models %s --datasets %s --stage train)", task.run, dataset, wanted or "ResNet",
+                     "--models %s --datasets %s --stage train)", task.run_tag, dataset, wanted or "ResNet",
                      Path(options.results_dir) / "checkpoints" / dataset, wanted or "resnet110", dataset)  # fmt: skip
             return None
         _, tag, seed = min(found)
-        log.info("%s %s: the transfer check attacks from %s seed %d", task.run, dataset, tag, seed)
+        log.info("%s %s: the transfer check attacks from %s seed %d", task.run_tag, dataset, tag, seed)
         return tag, seed
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bench.core.files import atomic_write
-from bench.eval import sanity
+from bench.eval import model_checks
 from bench.eval.adapters import ensemble_defense, zoo_defense
 from bench.eval.defenses import built
 from bench.eval.engine import AuditFailed, CellsDone, measure_cells, prepared
@@ -33,7 +33,7 @@ from bench.train.recipes import TrainConfig
 from models import UserError
 
 CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE)
-MODEL_CHECKS = ("zero-gradients", "randomized")  # what sanity.model_checks records
+MODEL_CHECKS = ("zero-gradients", "randomized")  # what model_checks.model_checks records
 TRANSFER_SEED_OFFSET = 7919  # any offset: the same random starts for the attack and its transfer source
 
 
@@ -51,7 +51,7 @@ class Work:
     run_id: str = ""  # the driver's run: data read in a worker is kept for that run only
     train: TrainConfig | None = None
     model: str = ""
-    run: str = ""
+    run_tag: str = ""  # the checkpoint tag (the records' `run`)
     dataset: str = ""
     seeds: tuple[int, ...] = ()
     config: EvalConfig | None = None
@@ -89,20 +89,20 @@ def execute(work: Work) -> Iterator[Message]:
     if work.train is not None:
         config = work.train
         meta = train(config, work.results_dir, work.data_dir, work.progress)
-        folder = zoo_checkpoint_dir(work.results_dir, config.dataset, config.tag, config.seed)
+        folder = zoo_checkpoint_dir(work.results_dir, config.dataset, config.run_tag, config.seed)
         remote = socket.gethostname() != work.driver_host
         yield Trained(meta, {relative(work.results_dir, folder): checkpoint_files(folder)} if remote else {})
         return
     if work.defense is not None:
         members = [built(work.defense)]
         if members[0].info.checkpoint_sha256 != work.defense_sha256:
-            raise UserError(f"defense {work.run}: {members[0].info.checkpoint} changed since the run began (its sha256 "
+            raise UserError(f"defense {work.run_tag}: {members[0].info.checkpoint} changed since the run began (its sha256 "
                             "is another): run again to evaluate the file as it is now")  # fmt: skip
     else:
-        members = [zoo_defense(work.run, work.dataset, s, work.results_dir) for s in work.seeds]
-    defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run)
+        members = [zoo_defense(work.run_tag, work.dataset, s, work.results_dir) for s in work.seeds]
+    defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run_tag)
     init = lambda_init_of(members[0].model)  # an ensemble's: its members'
-    subject = Subject(defense, work.model, work.run, _seed(work), len(work.seeds), init)
+    subject = Subject(defense, work.model, work.run_tag, _seed(work), len(work.seeds), init)
     if work.cells:
         yield from measure_cells(subject, work.config, eval_data(work), work.cells, work.progress)
     if work.checks:
@@ -122,18 +122,18 @@ def eval_data(work: Work) -> EvalData:
 
 
 def _checks(subject: Subject, work: Work) -> ChecksDone:
-    """bench.eval.sanity's checkpoint checks the driver asked for."""
+    """bench.eval.model_checks' checkpoint checks the driver asked for."""
     config = work.config
     model = prepared(subject.defense.model, config)
-    x, y = sanity.batch(eval_data(work), device=config.device)
+    x, y = model_checks.batch(eval_data(work), device=config.device)
     results = []
     if "model" in work.checks:
-        results += sanity.model_checks(model, x, y, subject.defense.info.num_classes)
+        results += model_checks.model_checks(model, x, y, subject.defense.info.num_classes)
     if "transfer" in work.checks and work.transfer_from is not None:
         source_seed = subject.seed if work.transfer_seed is None else work.transfer_seed
         source = prepared(zoo_defense(work.transfer_from, work.dataset, source_seed, work.results_dir).model, config)
         seed = subject.seed + TRANSFER_SEED_OFFSET
-        check, value, limit, detail = sanity.transfer_check(model, source, x, y, config, 2.0, seed)
+        check, value, limit, detail = model_checks.transfer_check(model, source, x, y, config, 2.0, seed)
         if work.defense is not None:  # not its own ResNet: the source is named
             detail += f" (from {work.transfer_from} seed {source_seed})"
         results.append((check, value, limit, detail))
@@ -141,7 +141,7 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
     summary = f"{subject.run} {work.dataset} {who}: {len(results)} checks, "
     summary += "failed: " + ", ".join(failed) if failed else "all pass"
-    return ChecksDone(sanity.check_rows(subject, results, utc_now()), summary)
+    return ChecksDone(model_checks.check_rows(subject, results, utc_now()), summary)
 
 
 def lambda_init_of(model: nn.Module) -> tuple[float, float] | None:

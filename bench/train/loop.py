@@ -65,12 +65,12 @@ def train(
     config: TrainConfig, results_dir: str | Path = "results", data_dir=None, progress: bool = True
 ) -> dict:
     """Train (or resume, or skip when done) one run; returns its metadata."""
-    folder = zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed)
+    folder = zoo_checkpoint_dir(results_dir, config.dataset, config.run_tag, config.seed)
     recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
     done = _finished_meta(folder, recipe, config)
     if done is not None:
         log.info(
-            "%s %s seed %d: %s already (%s)", config.tag, config.dataset, config.seed, done["status"], folder
+            "%s %s seed %d: %s already (%s)", config.run_tag, config.dataset, config.seed, done["status"], folder
         )
         return done
     model = _build(config)
@@ -122,7 +122,7 @@ def _run(
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr_at(epoch)
             bar.set_description(
-                f"train {config.tag} {config.dataset} seed{config.seed} epoch {epoch + 1}/{recipe.epochs}"
+                f"train {config.run_tag} {config.dataset} seed{config.seed} epoch {epoch + 1}/{recipe.epochs}"
             )
             loss, accuracy = train_epoch(
                 step_model,
@@ -187,7 +187,7 @@ def _run(
     if keeps_best and best:  # the weights evaluated are those of the best test accuracy, said in meta.json
         model.load_state_dict(best["model"])
         accuracy, kept = best["accuracy"], {"rule": BEST_TEST, "epoch": best["epoch"]}
-    status, reason = chance_gate(accuracy, model.info.num_classes, is_rehearsal(config.tag))
+    status, reason = chance_gate(accuracy, model.info.num_classes, is_rehearsal(config.run_tag))
     return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data, kept)
 
 
@@ -260,7 +260,7 @@ def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> di
     """The meta.json of `config`'s run when it has ended (finished or failed), else None;
     one error line when the folder holds a run of another recipe or model build."""
     recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
-    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.tag, config.seed), recipe, config)
+    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.run_tag, config.seed), recipe, config)
 
 
 def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | None:
@@ -308,7 +308,7 @@ def _save(
     config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None, kept=None
 ) -> dict:
     meta = {
-        "tag": config.tag,
+        "tag": config.run_tag,
         "preset": config.preset,
         "length": config.length,
         "recipe": _jsonable(asdict(recipe)),
@@ -332,7 +332,7 @@ def _save(
     if kept is not None:  # which epoch's weights weights.pt holds: the last, or the best test accuracy's
         meta["checkpoint"] = kept
     written = save_zoo_checkpoint(
-        model, config.dataset, config.seed, folder.parents[3], run=config.tag, **meta
+        model, config.dataset, config.seed, folder.parents[3], run=config.run_tag, **meta
     )
     return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
 
@@ -340,7 +340,7 @@ def _save(
 def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None, kept=None) -> dict:
     meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data, kept)
     (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
-    line = f"{config.tag} {config.dataset} seed {config.seed}: {status}"
+    line = f"{config.run_tag} {config.dataset} seed {config.seed}: {status}"
     line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
     line += f" ({reason})" if reason else ""
     line += f", the weights of epoch {kept['epoch']} (best test accuracy)" if kept and kept["rule"] == BEST_TEST else ""

@@ -108,5 +108,5 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
 
     @property
-    def tag(self) -> str:
+    def run_tag(self) -> str:
         return run_tag(self.model, self.preset, self.length, self.lambda_init, self.n_train)

@@ -1,15 +1,16 @@
-"""Sanity gates: evidence that a row's numbers are not an artefact of broken gradients.
+"""Sanity gates: evidence that a row's numbers are not an artefact of broken gradients,
+judged from the records alone.
 
 Two kinds, each with its measured figure and the limit above which it fails:
 - gates on the records (`record_gates`, recomputed by every report): accuracy falls with
   the radius; IFGSM and PGD are at least as strong as FGSM; PGD-50 at 16/255 and 64/255
   leaves at most chance + 2 points; random noise in the eps-ball is weaker than PGD; the
   reference attack (AutoAttack) is not far below PGD;
-- checks on a checkpoint (`model_checks`, run once by the check stage and recorded):
-  input gradients on a batch are finite and not zero; the model is deterministic in eval
-  mode, returns logits (not probabilities) of the data set's classes, has no dynamic
-  forward (AutoAttack's own checks); PGD crafted on the plain ResNet of the same depth does
-  not beat white-box PGD on the interpolated model (transfer).
+- checks on a checkpoint, measured once by the check stage (bench.eval.model_checks) and
+  recorded: input gradients on a batch are finite and not zero; the model is deterministic
+  in eval mode, returns logits (not probabilities) of the data set's classes, has no
+  dynamic forward (AutoAttack's own checks); PGD crafted on the plain ResNet of the same
+  depth does not beat white-box PGD on the interpolated model (transfer).
 A failed gate is a flag; a failed critical gate makes the row `unreliable`. A row is
 reliable only when every critical gate that applies to it was measured and passed;
 otherwise `unreliable` is missing ("not checked") and `unchecked` names the gates not
@@ -18,15 +19,12 @@ measured (transfer applies to interpolated models with a registered ResNet, alon
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
-from torch.nn import functional as F
 
-from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name, perturbation
+from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
 from bench.records.checkpoints import is_rehearsal
@@ -37,7 +35,6 @@ CHANCE_MARGIN = 2.0  # points above chance that PGD-50 at a large radius may lea
 REFERENCE_GAP = 5.0  # points the reference attack may be below PGD
 TRANSFER_MARGIN = 2.0  # points a transfer attack may beat white-box PGD by (batch noise)
 ZERO_GRADIENTS = 0.10  # share of a batch with an all-zero input gradient
-CHECK_BATCH = 256  # images the model checks use
 NO_LAMBDA = -1.0
 
 
@@ -146,75 +143,6 @@ def _gates(means: dict, stds: dict, classes: int):
             yield (gate, *found)
 
 
-# --- checks on a checkpoint -------------------------------------------------------------------
-
-
-class _Captured(logging.Handler):
-    """Collects the warnings AutoAttack's checks log."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _autoattack_check(check, *args) -> tuple[bool, object]:
-    """(warned, result) of one of AutoAttack's checks, its warning captured, not logged."""
-    logger = logging.getLogger("inres-bench.eval.sanity.autoattack")
-    logger.propagate = False
-    handler = _Captured()
-    logger.addHandler(handler)
-    try:
-        result = check(*args, logger=logger)
-    finally:
-        logger.removeHandler(handler)
-    return bool(handler.messages), result
-
-
-def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> list[tuple]:
-    """(check, value, limit, detail) for a batch `x`, `y` on the model's device: input
-    gradients, determinism, logits, classes and dynamic forward passes."""
-    from pyautoattack import checks
-
-    x_in = x.detach().clone().requires_grad_(True)
-    loss = F.cross_entropy(model(x_in), y, reduction="sum")
-    grad = torch.autograd.grad(loss, x_in)[0].flatten(1)
-    zero = float((grad.abs().sum(1) == 0).float().mean())
-    nonfinite = float((~torch.isfinite(grad)).any(1).float().mean())
-    randomized, _ = _autoattack_check(checks.check_randomized, model, x, y, len(x))
-    probabilities, outputs = _autoattack_check(checks.check_range_output, model, x)
-    dynamic, _ = _autoattack_check(checks.check_dynamic, model, x, False)
-    n = len(x)
-    return [
-        ("zero-gradients", zero, ZERO_GRADIENTS, f"{round(zero * n)} of {n} images"),
-        ("nonfinite-gradients", nonfinite, 0.0, f"{round(nonfinite * n)} of {n} images"),
-        ("randomized", float(randomized), 0.0, "5 forward passes of one batch"),
-        ("probabilities", float(probabilities), 0.0, "outputs in [0, 1] summing to 1"),
-        ("classes", float(abs(outputs - classes)), 0.0, f"{outputs} outputs, {classes} classes"),
-        ("dynamic", float(dynamic), 0.0, "backward calls inside the forward pass"),
-    ]
-
-
-def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int) -> tuple:
-    """('transfer', value, limit, detail): how many points PGD crafted on `source` beats
-    white-box PGD on `target` by (its white-box accuracy minus its accuracy on the
-    transferred examples), same images and random starts. Positive beyond the margin is
-    the gradient-masking sign: the white-box attack did not find what a surrogate's did."""
-    from bench.attacks.gradient import run_seeded
-
-    pgd = perturbation("pgd")
-    eps = [eps_255 / 255]
-    crafted = run_seeded(lambda a, b: pgd.perturb(source, a, b, eps, setting), x, y, seed)[0]
-    white = run_seeded(lambda a, b: pgd.perturb(target, a, b, eps, setting), x, y, seed)[0]
-    with torch.no_grad():
-        transfer = float((target(crafted).argmax(1) == y).float().mean()) * 100
-        white_box = float((target(white).argmax(1) == y).float().mean()) * 100
-    detail = f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
-    return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
-
-
 # --- the summary per entry --------------------------------------------------------------------
 
 
@@ -302,32 +230,3 @@ def with_entries(checks: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=[*ENTRY, "check", "value", "limit", "detail"])
     entries = kept[[*ENTRY, *[k for k in keys if k not in ENTRY]]].drop_duplicates()
     return checks.merge(entries, on=["run", "dataset", "seed", "members", "checkpoint_sha256"], how="inner")
-
-
-def check_rows(subject, results: list[tuple], timestamp: str) -> list[dict]:
-    """Records rows of checkpoint checks (records.CHECK_COLUMNS) for an eval Subject."""
-    info = subject.defense.info
-    return [
-        {
-            "run": subject.run,
-            "dataset": info.dataset,
-            "seed": subject.seed,
-            "members": subject.members,
-            "checkpoint_sha256": info.checkpoint_sha256,
-            "check": check,
-            "value": float(value),
-            "limit": float(limit),
-            "detail": detail,
-            "timestamp": timestamp,
-        }
-        for check, value, limit, detail in results
-    ]
-
-
-def batch(data, n: int = CHECK_BATCH, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` images of the evaluation's clean subset, as one batch."""
-    from bench.eval.protocol import Cell
-
-    x, y = next(iter(data.batches(Cell("clean"), n, device)))
-    return x, y
-
