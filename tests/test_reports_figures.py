@@ -1,5 +1,6 @@
-"""Figures: each draws from tiny inputs, the landscape is the loss it claims, the figure
-stage needs only the records (but Fig. 2) and gives the same bytes twice."""
+"""Figures: each draws from tiny inputs, the landscape is the loss it claims and is drawn
+from its records as measured, the figure stage needs only the records and gives the same
+bytes twice."""
 
 import shutil
 
@@ -12,7 +13,16 @@ from torch.nn import functional as F
 
 import run_bench
 from bench.data.noise import NOISE_GROUPS
+from bench.eval import landscape as measuring
+from bench.eval.engine import prepared
+from bench.eval.protocol import EvalConfig, Subject
+from bench.eval.testdata import EvalData
+from bench.records.load import load_landscapes
+from bench.records.schema import LandscapeConfig
+from bench.records.store import RecordStore
 from bench.reports import figures, landscape, run_figures
+from bench.reports.plotting import Skipped
+from bench.reports.run_figures import RunFolder
 
 PNG, PDF = b"\x89PNG", b"%PDF"
 
@@ -84,10 +94,10 @@ class Linear(nn.Module):
 
 def test_the_landscape_is_the_loss_at_each_grid_point_and_its_directions_are_orthogonal():
     model, x, y = Linear(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([4])
-    d_fgsm, d_orth = landscape.directions(model, x, y, seed=5)
+    d_fgsm, d_orth = measuring.directions(model, x, y, seed=5)
     assert d_fgsm.abs().max() == d_orth.abs().max() == 1  # the same L-infinity norm
     assert abs(float((d_fgsm * d_orth).sum())) < 1e-3  # orthogonal
-    offsets, loss, classes = landscape.landscape(model, x, y, d_fgsm, d_orth, radius=6.0, points=7, batch=5)
+    offsets, loss, classes = measuring.landscape(model, x, y, d_fgsm, d_orth, radius=6.0, points=7, batch=5)
     assert list(offsets) == [-6, -4, -2, 0, 2, 4, 6]
     for i, j in ((0, 0), (3, 3), (6, 1), (2, 5)):
         point = (x + offsets[i] / 255 * d_fgsm + offsets[j] / 255 * d_orth).clamp(0, 1)
@@ -97,7 +107,37 @@ def test_the_landscape_is_the_loss_at_each_grid_point_and_its_directions_are_ort
         assert classes[i, j] == int(logits.argmax())
 
 
-def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself(smoke_run, tmp_path, capsys):
+def test_fig2_is_drawn_from_the_landscapes_recorded_as_measured(grey_root, grey_defense, tmp_path):
+    """The stability stage's measurement (bench.eval.landscape), recorded and read back,
+    holds exactly the grid a direct computation gives; the figure draws those values
+    from the records, with no network and no data."""
+    config, setting = LandscapeConfig(index=33, points=5, radius=4.0), EvalConfig()
+    data = EvalData("cifar10", grey_root, setting)
+    plain, interpolated = (Subject(grey_defense, model, model, 0) for model in ("resnet14", "in-resnet14"))
+    store = RecordStore(tmp_path)
+    for subject in (plain, interpolated):
+        (done,) = measuring.measure_landscapes(subject, setting, data, config, measuring.images_of(data, config))
+        store.add_landscape(done.row, done.loss, done.classes)
+    net = prepared(grey_defense.model, setting)
+    x = torch.from_numpy(np.array(data.test.images[33:34])).permute(0, 3, 1, 2).float() / 255
+    y = torch.tensor([int(data.test.labels[33])])
+    _, loss, classes = measuring.landscape(net, x, y, *measuring.directions(net, x, y, 0), 4.0, 5)
+    runs = pd.DataFrame({"run": ["resnet14", "in-resnet14"], "dataset": "cifar10", "seed": 0, "status": "finished",
+                         "checkpoint_sha256": grey_defense.info.checkpoint_sha256})  # fmt: skip
+    recorded = load_landscapes(tmp_path, runs)
+    assert len(recorded) == 2 and set(recorded["image_group"]) == {"clean"} and set(recorded["image_row"]) == {33}
+    for row in recorded.itertuples():
+        assert np.array_equal(row.loss, loss.astype(np.float32)) and np.array_equal(row.classes, classes)
+        assert (row.label, row.right, row.points, row.eps_255) == (int(y), int(net(x).argmax() == y), 5, 4.0)
+    folders = [RunFolder("cifar10", run, model, 0, None, (), None) for run, model in (("resnet14", "resnet14"), ("in-resnet14", "in-resnet14"))]
+    (drawn,) = landscape.landscape_figures(recorded, config, folders)
+    assert drawn.name == "fig2_landscape" and "(1) clean test image 33: " in drawn.caption
+    (skipped,) = landscape.landscape_figures(recorded, LandscapeConfig(index=33, points=7, radius=4.0), folders)
+    assert isinstance(skipped, Skipped) and skipped.reason == (
+        "no landscape of resnet14 and in-resnet14 recorded on this grid (7 points, radius 4/255): the stability stage records it")
+
+
+def test_the_figure_stage_needs_only_the_records_and_repeats_itself(smoke_run, tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(smoke_run[0], results)
     shutil.rmtree(results / "figures")
@@ -107,8 +147,8 @@ def test_the_figure_stage_needs_only_the_records_but_for_fig2_and_repeats_itself
     assert run_bench.main(argv) == 0
     drawn = {p.name: p.read_bytes() for p in (results / "figures").iterdir()}
     stems = ("coefficients_other", "fig3_ensemble_gain_synthetic", "robustness_synthetic", "severity_synthetic",
-             "training_synthetic", "stability_growth_synthetic", "stability_spectral_synthetic")  # fmt: skip
-    assert set(drawn) == {f"{stem}.{fmt}" for stem in stems for fmt in ("png", "pdf")}  # no data: no landscape
+             "training_synthetic", "stability_growth_synthetic", "stability_spectral_synthetic", "fig2_landscape")  # fmt: skip
+    assert set(drawn) == {f"{stem}.{fmt}" for stem in stems for fmt in ("png", "pdf")}  # no data: Fig. 2 from its records
     assert run_bench.main(argv) == 0
     assert {p.name: p.read_bytes() for p in (results / "figures").iterdir()} == drawn
     report = (smoke_run[0] / "REPORT.md").read_text()

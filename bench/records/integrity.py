@@ -116,6 +116,8 @@ def check_integrity(db: sqlite3.Connection, path: Path) -> None:
         _check_bits(db, path)
     if "stability" in tables:
         _check_stability(db, path)
+    if "landscapes" in tables:
+        _check_landscapes(db, path)
 
 
 def _check_bits(db: sqlite3.Connection, path: Path) -> None:
@@ -163,6 +165,21 @@ def _check_stability(db: sqlite3.Connection, path: Path) -> None:
             )
 
 
+def _check_landscapes(db: sqlite3.Connection, path: Path) -> None:
+    """Each landscape's grids hold what they can: cross-entropy losses (finite, never
+    negative) and class indices (never negative)."""
+    for rowid, run, dataset, seed, loss, classes in execute(db, path, "SELECT rowid, run, dataset, seed, loss, classes FROM landscapes"):
+        losses, labels = np.frombuffer(loss, dtype="<f4"), np.frombuffer(classes, dtype="<i2")
+        problem = ("a loss that is negative or not finite" if not (np.isfinite(losses).all() and (losses >= 0).all())
+                   else "a negative class" if (labels < 0).any() else "")  # fmt: skip
+        if problem:
+            raise UserError(
+                f"{path.name} has a damaged row: landscapes row {rowid} ({run} {dataset} seed {seed}) holds {problem} "
+                f"(edited by hand?); nothing was read or written: restore the store, or delete that row (sqlite3 {path} "
+                f"\"DELETE FROM landscapes WHERE rowid = {rowid}\") and run again to measure it"
+            )
+
+
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -194,7 +211,9 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
               "accuracy": ("{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6", "in [0, 1] and equal to correct / n"),
               "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
               "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
-              "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'")}  # fmt: skip
+              "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'"),
+              "points": ("{0} >= 2", "at least 2"), "right": ("{0} IN (0, 1)", "0 or 1"), "label": ("{0} >= 0", "at least 0"),
+              "image_row": ("{0} >= 0", "at least 0")}  # fmt: skip
     rules = {}
     for name, kind in columns.items():
         condition, meaning = ranges.get(name, ("1", ""))
@@ -206,6 +225,9 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
         rules["correct_bits"] = ("(typeof({0}) = 'blob' AND length({0}) = (n + 7) / 8)", "n bits, packed")
     if table == "stability":
         rules["per_image"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * n)", "n float32 values")
+    if table == "landscapes":
+        rules["loss"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * points * points)", "points x points float32 values")
+        rules["classes"] = ("(typeof({0}) = 'blob' AND length({0}) = 2 * points * points)", "points x points int16 values")
     return rules
 
 

@@ -24,6 +24,7 @@ from bench.records.schema import (
     COLUMNS,
     DB_FILE,
     KEY,
+    LANDSCAPE_COLUMNS,
     MEMBER_COLUMNS,
     RUN_COLUMNS,
     STABILITY_COLUMNS,
@@ -121,6 +122,27 @@ def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = N
     members = read_rows(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
                     "ensemble_members")  # fmt: skip
     stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
+    return frame[~stale].reset_index(drop=True)
+
+
+def load_landscapes(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Fig. 2's landscapes of current checkpoints (LANDSCAPE_COLUMNS plus `loss` and
+    `classes`, each a points x points array); none for a store without the table."""
+    names = ", ".join(quoted(k) for k in LANDSCAPE_COLUMNS)
+    path = Path(results_dir) / DB_FILE
+    rows: list[tuple] = []
+    if path.is_file():
+        with closing(open_store(path, readonly=True)) as db:
+            if execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'landscapes'"):
+                rows = execute(db, path, f"SELECT {names}, loss, classes FROM landscapes ORDER BY rowid")
+    frame = typed(pd.DataFrame.from_records([r[:-2] for r in rows], columns=list(LANDSCAPE_COLUMNS)), LANDSCAPE_COLUMNS)
+    grid = [int(r[list(LANDSCAPE_COLUMNS).index("points")]) for r in rows]
+    frame["loss"] = pd.Series([np.frombuffer(r[-2], "<f4").reshape(g, g) for r, g in zip(rows, grid, strict=True)],
+                              index=frame.index, dtype=object)  # fmt: skip
+    frame["classes"] = pd.Series([np.frombuffer(r[-1], "<i2").reshape(g, g) for r, g in zip(rows, grid, strict=True)],
+                                 index=frame.index, dtype=object)  # fmt: skip
+    no_members = pd.DataFrame(columns=list(MEMBER_COLUMNS))
+    stale = stale_rows(frame.assign(members=1), load_runs(results_dir) if runs is None else runs, no_members)
     return frame[~stale].reset_index(drop=True)
 
 

@@ -6,6 +6,7 @@ Units: `eps_255` (and a parameter set's `alpha_255`) in 1/255 of the pixel range
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
@@ -176,12 +177,56 @@ DEFENSE_COLUMNS: dict[str, str] = {
 }
 
 
+# Fig. 2's loss landscapes (bench.eval.landscape), one row per checkpoint and image, with
+# its loss (float32) and predicted-class (int16) grids of points x points as blobs: the
+# figure is drawn from these rows alone.
+LANDSCAPE_COLUMNS: dict[str, str] = {
+    "model": "TEXT",
+    "run": "TEXT",
+    "dataset": "TEXT",
+    "seed": "INTEGER",
+    "checkpoint_sha256": "TEXT",
+    "image_group": "TEXT",  # "clean", or the noise group the image is a row of (at severity 1)
+    "image_row": "INTEGER",  # its row (of the test set, or of the group's file)
+    "data_source": "TEXT",  # as the cells' (released, generated, ...)
+    "data_sha256": "TEXT",  # the file the image was read from, as the cells'
+    "eps_255": "REAL",  # the grid's radius on each direction, in 1/255
+    "points": "INTEGER",  # grid points per axis
+    "direction_seed": "INTEGER",  # d_orth's random signs
+    "label": "INTEGER",  # the image's true class
+    "right": "INTEGER",  # 1 when the network classifies the image itself right
+    "torch_version": "TEXT",
+    "device": "TEXT",
+    "seconds": "REAL",
+    "timestamp": "TEXT",
+}
+# Its images: the paper's "3rd image of the shot-noise group" and "8th of the speckle-noise
+# group" of CIFAR-10-C. A group file starts with severity 1, so these are its rows 2 and 7:
+# test images 2 and 7 at severity 1. Without the noise files: those two clean (LANDSCAPE_CLEAN).
+PAPER_LANDSCAPE_IMAGES = (("shot_noise", 2), ("speckle_noise", 7))
+LANDSCAPE_CLEAN = "clean"  # the image group of a clean test image
+@dataclass(frozen=True)
+class LandscapeConfig:
+    """Fig. 2's grid, which tells its recorded landscapes apart: `points` per axis over
+    [-radius, radius] / 255 on each direction, on the image `index` or the paper's two."""
+
+    index: int | None = None  # one clean test image; None: the paper's two (PAPER_LANDSCAPE_IMAGES)
+    points: int = 21
+    radius: float = 8.0  # in 1/255
+    seed: int = 0  # d_orth's random signs
+    batch: int = 256  # grid points per forward pass
+
+
+LANDSCAPE_KEY = ("run", "dataset", "seed", "checkpoint_sha256", "image_group", "image_row", "data_sha256", "eps_255",
+                 "points", "direction_seed")  # fmt: skip
+
+
 # What tells a checkpoint's stability units apart (all rows of a unit are one transaction).
 UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params", "data_sha256")
 
 
 TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS,
-                 "stability": STABILITY_COLUMNS, "defenses": DEFENSE_COLUMNS}  # fmt: skip
+                 "stability": STABILITY_COLUMNS, "defenses": DEFENSE_COLUMNS, "landscapes": LANDSCAPE_COLUMNS}  # fmt: skip
 
 
 # no λ; a run that failed before its test; a stability figure that is not finite
@@ -201,6 +246,8 @@ def table_statements() -> dict[str, str]:
         "checks": table("checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'),
         "stability": table("stability", STABILITY_COLUMNS, f"per_image BLOB NOT NULL, UNIQUE ({', '.join(STABILITY_KEY)})"),
         "defenses": table("defenses", DEFENSE_COLUMNS, "UNIQUE (run, dataset, checkpoint_sha256)"),
+        "landscapes": table("landscapes", LANDSCAPE_COLUMNS,
+                            f"loss BLOB NOT NULL, classes BLOB NOT NULL, UNIQUE ({', '.join(LANDSCAPE_KEY)})"),
     }
 
 

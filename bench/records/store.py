@@ -42,6 +42,7 @@ from bench.records.schema import (
     DB_FILE,
     DEFENSE_COLUMNS,
     KEY,
+    LANDSCAPE_COLUMNS,
     MEMBER_COLUMNS,
     RUN_COLUMNS,
     STABILITY_COLUMNS,
@@ -185,6 +186,29 @@ class RecordStore:
         with self._connect() as db, db:
             before = db.total_changes
             db.executemany(sql, data)
+            return db.total_changes - before
+
+    def landscapes_done(self, context: dict) -> set[tuple]:
+        """(image_group, image_row, data_sha256, eps_255, points, direction_seed) of the
+        Fig. 2 landscapes recorded for the checkpoint `context` names."""
+        if self.readonly and not self.path.is_file():
+            return set()
+        keys = ("run", "dataset", "seed", "checkpoint_sha256")
+        sql = (f"SELECT image_group, image_row, data_sha256, eps_255, points, direction_seed FROM landscapes "
+               f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}")  # fmt: skip
+        with self._connect() as db:
+            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'landscapes'"):
+                return set()  # a read-only store written before landscapes were recorded
+            return set(execute(db, self.path, sql, [context[k] for k in keys]))
+
+    def add_landscape(self, row: dict, loss: np.ndarray, classes: np.ndarray) -> int:
+        """Insert one landscape (its grids as blobs); returns 1 when it was new."""
+        names = [*LANDSCAPE_COLUMNS, "loss", "classes"]
+        values = [row[k] for k in LANDSCAPE_COLUMNS] + [np.asarray(loss, "<f4").tobytes(), np.asarray(classes, "<i2").tobytes()]
+        sql = f"INSERT OR IGNORE INTO landscapes ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        with self._connect() as db, db:
+            before = db.total_changes
+            db.execute(sql, values)
             return db.total_changes - before
 
     def defense_build(self, run: str, dataset: str, checkpoint_sha256: str) -> str | None:

@@ -24,8 +24,9 @@ from bench.attacks.perturbations import curves, pooled_noise
 from bench.data.datasets import dataset_label
 from bench.data.noise import SEVERITIES
 from bench.records.checkpoints import GATE_IMAGES
+from bench.records.schema import LandscapeConfig
 from bench.reports.landscape import landscape_figures
-from bench.reports.plotting import FigureConfig, Skipped, colour, ordered, panel_grid, render, styles
+from bench.reports.plotting import Skipped, colour, ordered, panel_grid, render, styles
 from bench.reports.run_figures import (
     RunFolder,
     coefficient_figures,
@@ -183,12 +184,11 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
 # --- all of them ----------------------------------------------------------------------------------
 
 
-def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig | None = None,
+def draw_all(m, results: Path, preset: str, landscape: LandscapeConfig | None = None,
              folders: list[RunFolder] | None = None) -> list:  # fmt: skip
     """Every figure the records (and, for Figures 1-2 and the training curves, the
     checkpoint folders and data) allow: a `Drawn` or a `Skipped` for each. `m`:
     measured.Measured; `folders`: run_folders(results, m.runs, preset) when already read."""
-    config = config or FigureConfig()
     aggregated = m.aggregated[m.aggregated["preset"] == preset]
     folders = run_folders(results, m.runs, preset) if folders is None else folders
     out: list = []
@@ -197,7 +197,7 @@ def draw_all(m, results: Path, preset: str, data_dir=None, config: FigureConfig 
         out.append(Skipped("fig1_coefficients", "no finished In-ResNet or λ-In-ResNet run with scalar coefficients"))
     else:
         out += coefficient_figures(table, preset)
-    out += landscape_figures(results, data_dir, config, folders)
+    out += landscape_figures(m.landscapes, landscape or LandscapeConfig(), folders)
     severity = severity_table(m.frame, m.kept[m.kept["preset"] == preset])
     training = training_table(folders)
     for dataset in sorted(set(aggregated["dataset"]) | set(training["dataset"])):

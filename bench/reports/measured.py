@@ -16,7 +16,15 @@ from bench.data.noise import SEVERITIES
 from bench.records import sanity, stats
 from bench.records.aggregate import aggregate, per_seed, with_worst_case
 from bench.records.checkpoints import is_rehearsal
-from bench.records.load import cell_id, load_bits, load_checks, load_records, load_runs, load_stability
+from bench.records.load import (
+    cell_id,
+    load_bits,
+    load_checks,
+    load_landscapes,
+    load_records,
+    load_runs,
+    load_stability,
+)
 from bench.records.schema import DB_FILE
 from bench.records.selection import best_groups, lambda_key, select_measurements
 from bench.records.store import RecordStore, check_results_dir, needs_migration
@@ -40,6 +48,7 @@ class Measured:
     sanity: pd.DataFrame  # the gates per entry (bench.records.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
+    landscapes: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_landscapes' current rows (Fig. 2)
     # rehearsal runs (bench.run.rehearsal): True when the report is of them alone (every output
     # says so); else the count of their records left out beside real ones (never mixed)
     rehearsal: bool = False
@@ -65,16 +74,17 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
             "since retrained, failed on retraining or deleted; run the eval stage"
         )
     checks, stability = load_checks(results, runs), load_stability(results, runs)
+    landscapes = load_landscapes(results, runs)
     rehearsal = everything["run"].map(is_rehearsal).astype(bool)
     if rehearsal.all():
         m = reduce_records(everything, runs, load_bits(results), checks, steps, stability)
-        return replace(m, rehearsal=True)
+        return replace(m, rehearsal=True, landscapes=landscapes)
     if not rehearsal.any():
-        return reduce_records(everything, runs, load_bits(results), checks, steps, stability)
+        return replace(reduce_records(everything, runs, load_bits(results), checks, steps, stability), landscapes=landscapes)
     real = [frame[~frame["run"].map(is_rehearsal).astype(bool)] if "run" in frame else frame
-            for frame in (everything, runs, checks, stability)]  # fmt: skip
+            for frame in (everything, runs, checks, stability, landscapes)]  # fmt: skip
     m = reduce_records(real[0].reset_index(drop=True), real[1], load_bits(results), real[2], steps, real[3])
-    return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything)
+    return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything, landscapes=real[4])
 
 
 def reduce_records(

@@ -34,17 +34,6 @@ OTHER_COLOUR = "tab:gray"
 STYLES = ("-", "--", ":", "-.")
 
 
-@dataclass(frozen=True)
-class FigureConfig:
-    """Fig. 2's settings; radii in 1/255."""
-
-    landscape_index: int | None = None  # one clean test image; None: the paper's two (PAPER_LANDSCAPE_IMAGES)
-    landscape_points: int = 21  # grid points per axis
-    landscape_radius: float = 8.0  # the grid spans [-radius, radius] along both directions
-    landscape_batch: int = 256  # grid points per forward pass
-    landscape_seed: int = 0  # d_orth's random signs
-
-
 @dataclass
 class Drawn:
     name: str  # file stem under results/figures/

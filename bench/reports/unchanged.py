@@ -24,15 +24,13 @@ MANIFEST = ".reports.json"
 _CODE_FILES = ("*.py", "*.csv")  # the code and the published numbers it compares with
 
 
-def inputs_digest(results_dir: str | os.PathLike, data_dir: str | os.PathLike | None, kind: str, options: dict) -> str:
+def inputs_digest(results_dir: str | os.PathLike, kind: str, options: dict) -> str:
     """The digest of everything a report of `kind` ("report", "figures", "sanity") with
     `options` (JSON-able) is computed from."""
     results = Path(results_dir)
     digest = hashlib.sha256(json.dumps({"kind": kind, "options": options}, sort_keys=True, default=str).encode())
     digest.update(content_digest(results).encode())
     digest.update(repr(_stats(results / "checkpoints", results)).encode())
-    if data_dir is not None:
-        digest.update(repr(_stats(Path(data_dir), Path(data_dir))).encode())
     for package in (bench, models):
         root = Path(package.__file__).parent
         for pattern in _CODE_FILES:

@@ -21,7 +21,7 @@ from bench.core.presets import preset as preset_info
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label
 from bench.records import sanity, stats
-from bench.records.schema import SNAPSHOT_FILE, UNKNOWN_DATA
+from bench.records.schema import SNAPSHOT_FILE, UNKNOWN_DATA, LandscapeConfig
 from bench.reports import figures, plotting, stability_report
 from bench.reports.claims import claim_rows, share_claim_rows
 from bench.reports.comparison import (
@@ -55,12 +55,11 @@ def write_reports(
     preset: str = "paper",
     rank_by: str = "pgd@2",
     steps: int = DEFAULT_STEPS,
-    data_dir: str | os.PathLike | None = None,
-    figure_config: figures.FigureConfig | None = None,
+    landscape: LandscapeConfig | None = None,
     draw: bool = True,
 ) -> list[Path]:
-    """Regenerate every report and figure from the records (and, for Fig. 2, checkpoints
-    and `data_dir`); returns the paths written. Without `draw`, no figure is drawn (and
+    """Regenerate every report and figure from the records (and the checkpoint folders'
+    meta.json and training logs; `landscape`: Fig. 2's grid); returns the paths written. Without `draw`, no figure is drawn (and
     none is written). Everything is computed before the first file is written: a mistake
     leaves the old reports whole."""
     results = Path(results_dir)
@@ -91,7 +90,7 @@ def write_reports(
     drawn = None
     if draw:
         with plotting.stamped(REHEARSAL_STAMP if m.rehearsal else ""):
-            drawn = figures.draw_all(m, results, preset, data_dir, figure_config or figures.FigureConfig(), folders)
+            drawn = figures.draw_all(m, results, preset, landscape, folders)
             drawn += stability_report.drawn(m.stability, preset)
         texts.update(_figure_files(results, drawn))
     shares = {p: share_claim_rows(figures.coefficient_table(folders if p == preset else figures.run_folders(results, m.runs, p)),
@@ -107,12 +106,11 @@ def write_figures(
     results_dir: str | os.PathLike,
     preset: str = "paper",
     steps: int = DEFAULT_STEPS,
-    data_dir=None,
-    figure_config: figures.FigureConfig | None = None,
+    landscape: LandscapeConfig | None = None,
 ) -> list[Path]:
     """The figures alone (`--stage figures`), under results/figures/."""
     m = measured(results_dir, steps)
-    drawn = figures.draw_all(m, Path(results_dir), preset, data_dir, figure_config or figures.FigureConfig())
+    drawn = figures.draw_all(m, Path(results_dir), preset, landscape)
     drawn += stability_report.drawn(m.stability, preset)
     for item in drawn:
         if isinstance(item, figures.Skipped):

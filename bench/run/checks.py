@@ -21,11 +21,11 @@ from bench.data.noise_files import generation_folder, load_noise, noise_source
 from bench.data.splits import TrainingSets, images_digest, load_test
 from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import DefenseSpec, built, check_name
+from bench.eval.landscape import check_landscape_index
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import blocks
 from bench.records.schema import SNAPSHOT_FILE, utc_now
 from bench.records.store import RecordStore
-from bench.reports.landscape import check_landscape_index
 from bench.reports.unchanged import MANIFEST
 from bench.run.options import SUBSET_OPTIONS, RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task

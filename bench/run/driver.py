@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.attacks.perturbations import ATTACK, perturbation, pooled_noise
 from bench.core.processes import LOCKS, run_lock
 from bench.eval.engine import AuditFailed, CellsDone, cell_key
+from bench.eval.landscape import LandscapeDone
 from bench.eval.protocol import EvalConfig, protocol_cells
 from bench.eval.stability import StabilityDone
 from bench.eval.testdata import EvalData
@@ -164,6 +165,10 @@ class Driver:
         elif isinstance(message, StabilityDone):
             self.outcome.stability_run += self.store.add_stability(message.rows, message.values) > 0
             self._clock(state, "stability", max((row["seconds"] for row in message.rows), default=0.0))  # the unit's, on each row
+            log.info("%s", message.summary)
+        elif isinstance(message, LandscapeDone):
+            self.store.add_landscape(message.row, message.loss, message.classes)
+            self._clock(state, "stability", message.row["seconds"])
             log.info("%s", message.summary)
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)

@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from bench.data.datasets import dataset_info
 from bench.data.splits import TrainingSets
+from bench.eval.landscape import image_count, image_passes
 from bench.eval.protocol import protocol_cells, unit_passes, units
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
@@ -93,10 +94,12 @@ def _measure_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> di
         work = todo.decide(task).work
         todo_cells = list(work.cells) if work is not None else []
         stage = list(work.stability) if work is not None and "stability" in stages else []
+        drawn = len(work.landscapes) if work is not None else 0
     else:  # checkpoints still to come: all of their cells and units
         todo_cells = protocol_cells(task.eval) if "eval" in stages else []
         stage = stage_units(len(members)) if "stability" in stages else []
-    return _work_cost(todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates)
+        drawn = image_count(task.landscape) if "stability" in stages and task.landscape else 0
+    return _work_cost(todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates, drawn)
 
 
 def _defense_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> dict:
@@ -105,8 +108,10 @@ def _defense_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> di
     return _work_cost(todo, task, 1, list(work.cells) if work else [], list(work.stability) if work else [], units_all, rates)
 
 
-def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, units_all: int, rates: Rates) -> dict:
-    """The seconds of `cells` on `members` networks and of the stability units `stage`."""
+def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, units_all: int, rates: Rates,
+               drawn: int = 0) -> dict:  # fmt: skip
+    """The seconds of `cells` on `members` networks, of the stability units `stage` and of
+    `drawn` Fig. 2 landscapes (the stability stage's too)."""
     config, data, stages = task.eval, todo.data(task), todo.options.stages
     seconds = 0.0
     for unit in units(cells):
@@ -117,6 +122,9 @@ def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, u
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, task.stability), task.stability, config)
         seconds += forward / rates.forward + gradient / rates.gradient
+    if drawn:
+        forward, gradient = image_passes(task.landscape)
+        seconds += drawn * (forward / rates.forward + gradient / rates.gradient)
     stable_cached = units_all - len(stage) if "stability" in stages else 0
     return {**_cost(0, len(cells), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached,
             "stability": seconds - cells_seconds}  # fmt: skip

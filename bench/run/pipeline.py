@@ -26,7 +26,6 @@ from bench.records.store import RecordStore
 from bench.reports import unchanged
 from bench.reports.leaderboard import check_metric
 from bench.reports.measured import NoRecordsError
-from bench.reports.plotting import FigureConfig
 from bench.reports.writer import write_figures, write_reports, write_sanity
 from bench.run import rehearsal
 from bench.run.checks import (
@@ -48,6 +47,7 @@ from bench.run.options import STAGES, RunOptions
 from bench.run.plan import (
     MEASURE,
     TRAIN,
+    landscape_config,
     plan_jobs,
     plan_tasks,
     task_resources,
@@ -174,10 +174,9 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
     remove_orphans(options.results_dir, RESULT_FOLDERS)  # a report killed before its renames left .tmp files
     kind = "sanity" if sanity_only else "figures" if figures_only else "report"
     what, shown = {"sanity": ("sanity table", "sanity.md"), "figures": ("figures", "figures"), "report": ("reports", "REPORT.md")}[kind]
-    data = data_root(options.data_dir)
     shaped_by = {"preset": options.preset, "rank_by": options.rank_by, "steps": options.steps,
-                 "data_dir": str(data.resolve()), "figures": _figures(options), "draw": options.figures}  # fmt: skip
-    inputs = unchanged.inputs_digest(options.results_dir, data, kind, shaped_by)
+                 "landscape": landscape_config(options), "draw": options.figures}  # fmt: skip
+    inputs = unchanged.inputs_digest(options.results_dir, kind, shaped_by)  # the records and checkpoints: no data
     if unchanged.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
         log.info("%s: up to date (nothing they are made from changed since they were written); see %s", what,
                  Path(options.results_dir) / shown)
@@ -186,10 +185,10 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)
         elif figures_only:
-            written = write_figures(options.results_dir, options.preset, options.steps, options.data_dir, _figures(options))
+            written = write_figures(options.results_dir, options.preset, options.steps, landscape_config(options))
         else:
             written = write_reports(
-                options.results_dir, options.preset, options.rank_by, options.steps, options.data_dir, _figures(options),
+                options.results_dir, options.preset, options.rank_by, options.steps, landscape_config(options),
                 draw=options.figures,
             )
     except NoRecordsError as err:
@@ -207,11 +206,6 @@ def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = F
         Path(options.results_dir) / shown,
     )
     return 0
-
-
-def _figures(options: RunOptions) -> FigureConfig:
-    index, points, radius = options.landscape
-    return FigureConfig(landscape_index=index, landscape_points=points, landscape_radius=radius)
 
 
 def _device(suite: Suite, options: RunOptions) -> str:

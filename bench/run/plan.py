@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
 from bench.eval.defenses import identity
+from bench.eval.landscape import LandscapeConfig, drawn_for
 from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
 from bench.records.checkpoints import REHEARSAL
@@ -63,6 +64,7 @@ class Task:
     train: TrainConfig | None = None  # the checkpoint's (a train or measure task's seed)
     eval: EvalConfig | None = None  # the protocol it is measured with (a train task: its seed's)
     stability: StabilityConfig | None = None  # the stability stage's (tasks that measure)
+    landscape: LandscapeConfig | None = None  # Fig. 2's grid, for a seed of a model the figure can show
 
     @property
     def seed(self) -> int:
@@ -165,7 +167,8 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
         trains += trained if "train" in options.stages else []
         if not {"eval", "check", "stability"} & set(options.stages):
             continue
-        measures += [Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable) for s in seeds]
+        drawn = landscape_config(options) if drawn_for(job.model) else None
+        measures += [Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable, drawn) for s in seeds]
         if job.ensemble_radii and len(seeds) >= 2:
             measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources,
                                  eval=eval_config(job, suite, options, device, ensemble=True), stability=stable))  # fmt: skip
@@ -244,6 +247,12 @@ def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemb
 def stability_config(suite: Suite, options: RunOptions) -> StabilityConfig:
     """The stability stage's settings: the suite's image count unless `--n-stability`."""
     return StabilityConfig(n=options.n_stability if options.n_stability is not None else suite.n_stability)
+
+
+def landscape_config(options: RunOptions) -> LandscapeConfig:
+    """Fig. 2's grid as the options give it (bench.eval.landscape)."""
+    index, points, radius = options.landscape
+    return LandscapeConfig(index=index, points=points, radius=radius)
 
 
 def subsets(suite: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:

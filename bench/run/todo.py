@@ -16,6 +16,7 @@ import torch
 
 from bench.eval.defenses import STATE_DICT
 from bench.eval.engine import cells_todo
+from bench.eval.landscape import image_source, images_of
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import Unit, stage_units, units_todo
 from bench.eval.testdata import EvalData, test_data
@@ -96,11 +97,13 @@ class ToDo:
             decision.cached = len(asked) - len(todo)
         checks, transfer = self._checks_todo(task, context) if "check" in stages else ((), None)
         stable = self._stability_todo(task, context, decision) if "stability" in stages else []
-        if todo or checks or stable:
-            decision.work = self._work(task, members, digest, todo, checks, transfer, stable)
+        drawn = self._landscapes_todo(task, context) if "stability" in stages and task.landscape else []
+        if todo or checks or stable or drawn:
+            decision.work = self._work(task, members, digest, todo, checks, transfer, stable, drawn)
         return decision
 
-    def _work(self, task: Task, members: dict, digest: str, todo: list, checks: tuple, transfer, stable: list) -> Work:
+    def _work(self, task: Task, members: dict, digest: str, todo: list, checks: tuple, transfer, stable: list,
+              drawn: list) -> Work:  # fmt: skip
         options, defense = self.options, task.kind == DEFENSE
         folders = [] if defense else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run_tag, s) for s in members]
         if transfer is not None:
@@ -109,7 +112,8 @@ class ToDo:
         return Work(task.kind, model=task.job.model, run_tag=task.run_tag, dataset=task.job.dataset, seeds=tuple(members),
                     config=task.eval, cells=tuple(todo), checks=checks, transfer_from=transfer and transfer[0],
                     transfer_seed=transfer and transfer[1], files=files, stability=tuple(stable),
-                    stability_config=task.stability, defense=task.job.defense if defense else None,
+                    stability_config=task.stability, landscapes=tuple(drawn), landscape_config=task.landscape,
+                    defense=task.job.defense if defense else None,
                     defense_sha256=digest if defense else "", **self.base)  # fmt: skip
 
     def _finished(self, task: Task, seed: int, decision: Decision) -> dict | None:
@@ -154,6 +158,13 @@ class ToDo:
         todo = units_todo(context, units, self.data(task), task.stability, task.eval, self.store)
         decision.stability_cached = len(units) - len(todo)
         return todo
+
+    def _landscapes_todo(self, task: Task, context: dict) -> list[tuple[str, int]]:
+        """Fig. 2's images not yet recorded for the checkpoint on this grid and these files."""
+        data, grid = self.data(task), task.landscape
+        done = self.store.landscapes_done(context)
+        return [(group, row) for group, row in images_of(data, grid)
+                if (group, row, image_source(data, group)[1], grid.radius, grid.points, grid.seed) not in done]  # fmt: skip
 
     def _transfer_source(self, task: Task) -> tuple[str, int] | None:
         """The finished ResNet of the same architecture, data set, seed and recipe as the

@@ -23,6 +23,7 @@ from bench.eval import model_checks
 from bench.eval.adapters import ensemble_defense, zoo_defense
 from bench.eval.defenses import built
 from bench.eval.engine import AuditFailed, CellsDone, measure_cells, prepared
+from bench.eval.landscape import LandscapeConfig, LandscapeDone, measure_landscapes
 from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.stability import StabilityConfig, StabilityDone, Unit, stability_stage
 from bench.eval.testdata import EvalData, test_data
@@ -63,6 +64,8 @@ class Work:
     defense_sha256: str = ""  # the weights' digest the driver planned for (a file changed since: an error)
     stability: tuple[Unit, ...] = ()  # the stability stage's units still to measure
     stability_config: StabilityConfig | None = None
+    landscapes: tuple[tuple[str, int], ...] = ()  # Fig. 2's images still to measure: (image group, row)
+    landscape_config: LandscapeConfig | None = None
     # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
@@ -79,7 +82,7 @@ class Trained:
     files: dict[str, dict[str, bytes]]  # empty when the worker shares the driver's results dir
 
 
-Message = CellsDone | AuditFailed | ChecksDone | StabilityDone | Trained
+Message = CellsDone | AuditFailed | ChecksDone | StabilityDone | LandscapeDone | Trained
 
 
 def execute(work: Work) -> Iterator[Message]:
@@ -110,6 +113,8 @@ def execute(work: Work) -> Iterator[Message]:
     if work.stability:
         data = eval_data(work)
         yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
+    if work.landscapes:
+        yield from measure_landscapes(subject, work.config, eval_data(work), work.landscape_config, work.landscapes)
 
 
 def _seed(work: Work) -> int:
