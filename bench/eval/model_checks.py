@@ -29,7 +29,7 @@ class _Captured(logging.Handler):
 
 def _autoattack_check(check, *args) -> tuple[bool, object]:
     """(warned, result) of one of AutoAttack's checks, its warning captured, not logged."""
-    logger = logging.getLogger("inres-bench.eval.sanity.autoattack")
+    logger = logging.getLogger("inres-bench.eval.model_checks.autoattack")
     logger.propagate = False
     handler = _Captured()
     logger.addHandler(handler)
