@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import run_bench
+from bench.data import splits
 from bench.data.cifar import read_batch, write_batch
 from bench.data.datasets import DATASETS
 from bench.data.splits import load_train
@@ -30,7 +31,6 @@ from bench.records import sql
 from bench.records import store as records
 from bench.records.load import load_checks, load_records, load_runs
 from bench.records.schema import DB_FILE
-from bench.run import estimate
 from models import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,7 +371,7 @@ def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(b
     write_batch(batch, 255 - images, labels)
     before = state(results)
     reads = []
-    monkeypatch.setattr(estimate, "load_train", lambda *a: reads.append(a) or load_train(*a))  # TrainingSets' reader
+    monkeypatch.setattr(splits, "load_train", lambda *a: reads.append(a) or load_train(*a))  # TrainingSets' reader
     code, _ = cli(capsys, results, data, "--stage", "train,eval", "--seeds", "0")
     assert code == 0 and state(results) == before  # kept, its cells cached: training again is the user's choice
     assert len(reads) == 1  # the --n-train check and the digest share one read of the training set
@@ -399,7 +399,7 @@ def test_stores_and_folders_that_cannot_be_ours_get_the_right_advice(tmp_path, c
     def full(db, path):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(records, "_migrate", full)
+    monkeypatch.setattr(records, "migrate", full)
     with pytest.raises(UserError, match=r"^no space left to write records to .*/records.sqlite \(database or disk is full\): free space"):
         records.RecordStore(tmp_path / "fresh")
 

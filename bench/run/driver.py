@@ -11,6 +11,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from bench.attacks.perturbations import ATTACK, perturbation, pooled_noise
 from bench.core.processes import LOCKS, run_lock
 from bench.eval.engine import AuditFailed, CellsDone, cell_key
@@ -200,7 +202,8 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     frame = store.cells(context)
     asked = {cell_key(c, data.source(c), config, data.n(c), data.digest(c)) for c in protocol_cells(config)}
     asked |= {(*k[:-1], UNKNOWN_DATA) for k in asked} if config.trust_unknown_data else set()
-    frame = frame[[key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]]
+    mask = [key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]
+    frame = frame[pd.Series(mask, index=frame.index, dtype=bool)]  # a list would select columns when empty
     # a cell measured again on other data (or once more after its digest was unknown): the last measurement
     frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(["perturbation", "eps_255", "severity"], keep="last")
     mine = with_pooled_noise(frame)
