@@ -110,15 +110,8 @@ def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None
 def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The stability rows of current checkpoints (STABILITY_COLUMNS plus `values`, each
     row's per-image float32 array); none for a store without the table."""
-    names = ", ".join(quoted(k) for k in STABILITY_COLUMNS)
-    path = Path(results_dir) / DB_FILE
-    rows: list[tuple] = []
-    if path.is_file():
-        with closing(open_store(path, readonly=True)) as db:
-            if execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
-                rows = execute(db, path, f"SELECT {names}, per_image FROM stability ORDER BY rowid")
-    frame = typed(pd.DataFrame.from_records([r[:-1] for r in rows], columns=list(STABILITY_COLUMNS)), STABILITY_COLUMNS)
-    frame["values"] = pd.Series([np.frombuffer(r[-1], dtype="<f4") for r in rows], index=frame.index, dtype=object)
+    frame, (values,) = _with_blobs(results_dir, "stability", STABILITY_COLUMNS, ("per_image",))
+    frame["values"] = pd.Series([np.frombuffer(v, dtype="<f4") for v in values], index=frame.index, dtype=object)
     members = read_rows(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
                     "ensemble_members")  # fmt: skip
     stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
@@ -128,22 +121,28 @@ def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = N
 def load_landscapes(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Fig. 2's landscapes of current checkpoints (LANDSCAPE_COLUMNS plus `loss` and
     `classes`, each a points x points array); none for a store without the table."""
-    names = ", ".join(quoted(k) for k in LANDSCAPE_COLUMNS)
+    frame, (losses, classes) = _with_blobs(results_dir, "landscapes", LANDSCAPE_COLUMNS, ("loss", "classes"))
+    for name, blobs, dtype in (("loss", losses, "<f4"), ("classes", classes, "<i2")):
+        frame[name] = pd.Series([np.frombuffer(b, dtype).reshape(g, g) for b, g in zip(blobs, frame["points"], strict=True)],
+                                index=frame.index, dtype=object)  # fmt: skip
+    single = frame.assign(members=1)  # one checkpoint each: stale when it is not the run's checkpoint now
+    stale = stale_rows(single, load_runs(results_dir) if runs is None else runs, pd.DataFrame(columns=list(MEMBER_COLUMNS)))
+    return frame[~stale].reset_index(drop=True)
+
+
+def _with_blobs(results_dir, table: str, columns: dict[str, str], blobs: tuple[str, ...]) -> tuple[pd.DataFrame, list]:
+    """A table's typed columns in rowid order, and each of its `blobs` columns as a list of
+    bytes; empty for a store without the table."""
     path = Path(results_dir) / DB_FILE
     rows: list[tuple] = []
     if path.is_file():
         with closing(open_store(path, readonly=True)) as db:
-            if execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'landscapes'"):
-                rows = execute(db, path, f"SELECT {names}, loss, classes FROM landscapes ORDER BY rowid")
-    frame = typed(pd.DataFrame.from_records([r[:-2] for r in rows], columns=list(LANDSCAPE_COLUMNS)), LANDSCAPE_COLUMNS)
-    grid = [int(r[list(LANDSCAPE_COLUMNS).index("points")]) for r in rows]
-    frame["loss"] = pd.Series([np.frombuffer(r[-2], "<f4").reshape(g, g) for r, g in zip(rows, grid, strict=True)],
-                              index=frame.index, dtype=object)  # fmt: skip
-    frame["classes"] = pd.Series([np.frombuffer(r[-1], "<i2").reshape(g, g) for r, g in zip(rows, grid, strict=True)],
-                                 index=frame.index, dtype=object)  # fmt: skip
-    no_members = pd.DataFrame(columns=list(MEMBER_COLUMNS))
-    stale = stale_rows(frame.assign(members=1), load_runs(results_dir) if runs is None else runs, no_members)
-    return frame[~stale].reset_index(drop=True)
+            if execute(db, path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table]):
+                names = ", ".join([*(quoted(k) for k in columns), *blobs])
+                rows = execute(db, path, f"SELECT {names} FROM {table} ORDER BY rowid")
+    kept = len(columns)
+    frame = typed(pd.DataFrame.from_records([r[:kept] for r in rows], columns=list(columns)), columns)
+    return frame, [[r[kept + i] for r in rows] for i in range(len(blobs))]
 
 
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
