@@ -25,8 +25,6 @@ from bench.eval.testdata import EvalData
 from bench.records.schema import LANDSCAPE_CLEAN, PAPER_LANDSCAPE_IMAGES, LandscapeConfig, utc_now
 from models import UserError, model_entry, plain_counterpart
 
-PAPER_IMAGES, CLEAN = PAPER_LANDSCAPE_IMAGES, LANDSCAPE_CLEAN  # the figure's images (bench.records.schema)
-
 
 def drawn_for(model: str) -> bool:
     """Whether Fig. 2 can show `model`: a registered ResNet, or an In-ResNet or λ-In-ResNet
@@ -43,17 +41,17 @@ def image_passes(config: LandscapeConfig) -> tuple[float, float]:
 
 def image_count(config: LandscapeConfig) -> int:
     """The images the figure shows (`images_of` without the data dir)."""
-    return 1 if config.index is not None else len(PAPER_IMAGES)
+    return 1 if config.index is not None else len(PAPER_LANDSCAPE_IMAGES)
 
 
 def images_of(data: EvalData, config: LandscapeConfig) -> list[tuple[str, int]]:
     """(image group, row) of each image the figure shows, as the data dir holds them now."""
     if config.index is not None:
         check_landscape_index(config.index, data.n_test, data.dataset)
-        return [(CLEAN, config.index)]
+        return [(LANDSCAPE_CLEAN, config.index)]
     if generation_folder(data.dataset, data.data_dir, "auto") is None:  # the noise files are there: read them
-        return list(PAPER_IMAGES)
-    return [(CLEAN, row) for _, row in PAPER_IMAGES]
+        return list(PAPER_LANDSCAPE_IMAGES)
+    return [(LANDSCAPE_CLEAN, row) for _, row in PAPER_LANDSCAPE_IMAGES]
 
 
 def check_landscape_index(index: int | None, images: int, dataset: str) -> None:
@@ -65,7 +63,7 @@ def check_landscape_index(index: int | None, images: int, dataset: str) -> None:
 
 def image_source(data: EvalData, group: str) -> tuple[str, str | None]:
     """(data source, data digest) of an image of `group`, as the cells record theirs."""
-    cell = Cell("clean") if group == CLEAN else Cell(group, 0.0, 1)
+    cell = Cell("clean") if group == LANDSCAPE_CLEAN else Cell(group, 0.0, 1)
     return data.source(cell), data.digest(cell)
 
 
@@ -120,8 +118,8 @@ def measure_landscapes(subject: Subject, setting, data: EvalData, config: Landsc
     info = subject.defense.info
     for group, row in images:
         began = time.perf_counter()
-        images_, labels = (data.test.images, data.test.labels) if group == CLEAN else (data.noise(group).images,
-                                                                                      data.noise(group).labels)  # fmt: skip
+        source_set = data.test if group == LANDSCAPE_CLEAN else data.noise(group)  # both have .images, .labels
+        images_, labels = source_set.images, source_set.labels
         x = torch.from_numpy(np.array(images_[row : row + 1])).permute(0, 3, 1, 2).float().div(255).to(setting.device)
         y = torch.tensor([int(labels[row])], device=setting.device)
         d_fgsm, d_orth = directions(model, x, y, config.seed)
