@@ -133,6 +133,22 @@ def test_the_estimate_uses_recorded_seconds_once_a_run_has_finished(tmp_path):
     assert flops.forward == pytest.approx(10e12 / 0.51e9, rel=0.02) and flops.train == pytest.approx(flops.forward / 3)
 
 
+def test_a_paper_dry_run_under_the_june_preset_lists_each_ensembles_gate_cells_and_tags_its_runs(tmp_path, capsys):
+    """`--preset release-2020-06` is accepted; each row is its run's tag (the checkpoints'
+    and records' name) and each of Table 6's six ensembles lists its PGD-50 cells."""
+    assert run_bench.main(["--suite", "paper", "--preset", "release-2020-06", "--device", "cuda", "--assume-tflops", "10",
+                           "--dry-run", "--no-progress", "--results-dir", str(tmp_path / "r"),
+                           "--data-dir", str(tmp_path / "d")]) == 0  # fmt: skip
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| run ")]  # fmt: skip
+    assert len(rows) == 29 and all(row[0].split("@")[1] == "release-2020-06" for row in rows)
+    ensembles = {row[0] for row in rows if row[3]}
+    assert ensembles == {f"{m}@release-2020-06" for m in ("resnet110", "in-resnet110", "lambda-in-resnet110", "resnet164",
+                                                          "in-resnet164", "lambda-in-resnet164")}  # fmt: skip
+    assert {row[3] for row in rows if row[3]} == {"30 cells (PGD-50 at 16, 64/255 on 1000 images)"}
+    assert "in-resnet110@release-2020-06@lambda0.3-0.4" in {row[0] for row in rows}
+
+
 def test_a_dry_run_finds_exactly_the_cells_the_run_finds_cached(tmp_path, capsys, caplog):
     """On a CIFAR-10-format folder (unofficial files: the synthetic set) of 2,000 test
     images: after a run with --n-test 50, a dry run with --n-test 50 says all cached; with

@@ -17,6 +17,7 @@ from collections import Counter
 import pandas as pd
 from tabulate import tabulate
 
+from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
 from bench.data.splits import TrainingSets
 from bench.eval.landscape import image_count, image_passes
@@ -167,12 +168,12 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
     rows = []
     for job in jobs:
         mine = frame[[t.job == job for t in tasks]]
-        init = f" λ~U[{job.lambda_init[0]:g}, {job.lambda_init[1]:g}]" if job.lambda_init else ""
+        ensemble = next((t for t in tasks if t.job == job and t.kind == ENSEMBLE), None)
         rows.append({
-            "model": job.model + init,
+            "run": next(t.run_tag for t in tasks if t.job == job),  # as the checkpoints and records name it
             "dataset": job.dataset,
             "seeds": len({t.seed for t in tasks if t.job == job and t.kind != ENSEMBLE}),
-            "ensemble": "yes" if job.ensemble_radii else "",
+            "ensemble": _ensemble_cells(ensemble) if ensemble else "",
             "to train": int(mine["to train"].sum()),
             "cells to run": int(mine["cells to run"].sum()),
             "cached": int(mine["cached"].sum()),
@@ -197,6 +198,21 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
         f"wall time (an estimate): {walls}",
         "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
     ])  # fmt: skip
+
+
+def _ensemble_cells(task: Task) -> str:
+    """An ensemble's cells, its large-eps gate's named: an ensemble row can pass its gate
+    only if they are measured on the ensemble itself (a member's are never copied)."""
+    cells = protocol_cells(task.eval)
+    gates = {}
+    for cell in cells:
+        if perturbation(cell.perturbation).chance_from_255 is not None:
+            gates.setdefault(cell.perturbation, []).append(f"{cell.eps_255:g}")
+    on = {name: task.eval.n_test_of(name) for name in gates}  # the AutoAttack subset (planned so)
+    named = "; ".join(f"{perturbation(name).label} at {', '.join(radii)}/255 on "
+                      + ("every test image" if on[name] is None else f"{on[name]} images")
+                      for name, radii in gates.items())  # fmt: skip
+    return f"{len(cells)} cells" + (f" ({named})" if named else "")
 
 
 def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
