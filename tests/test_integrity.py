@@ -211,7 +211,7 @@ def test_negative_lambda_pairs_and_canonical_metric_names_are_accepted(base, res
     capsys.readouterr()
     assert run_bench.main([*BASE, "--results-dir", str(results), "--data-dir", str(base / "data"), *args]) == 0
     out = capsys.readouterr()
-    assert out.err == "" and re.search(r"^\| in-resnet-sig14 λ~U\[-3, -2\] +\| synthetic \|", out.out, re.M)
+    assert out.err == "" and re.search(r"^\| in-resnet-sig14@smoke@lambda-3--2@n1024 +\| synthetic \|", out.out, re.M)
 
 
 def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):

@@ -136,7 +136,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert run_bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: suite smoke (the whole pipeline on synthetic data")
-    assert re.search(r"^\| resnet14 +\| synthetic \| +2 \| yes +\| +2 \| +96 \| +0 \|", out, re.M)
+    assert re.search(r"^\| resnet14@smoke@n2048 +\| synthetic \| +2 \| 28 cells +\| +2 \| +96 \| +0 \|", out, re.M)
     assert "total: 6 checkpoints to train, 288 cells to run, 0 cached; 45 stability units to run, 0 cached; estimated" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
