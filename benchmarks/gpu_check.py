@@ -3,7 +3,7 @@
 saved as soon as it ends (JSON and Markdown, named by the device), so a run cut short
 keeps what it measured.
 
-1. parity: the damped skip (rules in, lambda-in, in-gating) eager, under torch.compile and
+1. parity: the damped skip (rules in, lambda-in, in-gating-sig) eager, under torch.compile and
    in bf16 autocast against a plain-autograd reference of Eq. 21 (logits, input gradient,
    the gradients of λ / the gate), within stated tolerances; then a short synthetic-data
    training run must learn (test accuracy above twice chance, as on a CPU);
@@ -68,7 +68,7 @@ from models.skip import SkipRule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {
-    "parity": ("in-resnet110", "lambda-in-resnet110", "in-resnet-gating110"),
+    "parity": ("in-resnet110", "lambda-in-resnet110", "in-resnet-gating-sig110"),
     "training": ("resnet110", "in-resnet110", "lambda-in-resnet110", "resnet164", "resnext29-8x64d"),
     "steps": 30,
     "epoch": ("resnet110", 50_000),
@@ -81,7 +81,7 @@ FULL = {
     "rehearsal": (("--suite", "paper"), 300),
 }
 TINY = {
-    "parity": ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14"),
+    "parity": ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating-sig14"),
     "training": ("in-resnet14",),
     "steps": 2,
     "epoch": ("resnet8", 1_024),

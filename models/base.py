@@ -113,7 +113,8 @@ class InterpolatedNet(nn.Module):
         """act(d_n) of every damped block, in depth order: 0 for ResNet, 1 for plain.
 
         Scalar rules give shape (n_damped,). Gating rules depend on the input: pass a batch
-        `x` in [0, 1] (N x 3 x H x W) and get shape (n_damped, N), one row per block.
+        `x` in [0, 1] (N x 3 x H x W) and get shape (n_damped, N), one row per block, each
+        example's mean over its channels and positions.
         """
         skips = self.damped_skips()
         if not any(s.is_input_dependent for s in skips):
@@ -132,7 +133,8 @@ class InterpolatedNet(nn.Module):
             self.train(was_training)
             for h in hooks:
                 h.remove()
-        return torch.stack([r.reshape(-1).expand(len(x)).float().cpu() for r in rows])
+        # a gate's coefficients are one per element: each example's mean over channels and positions
+        return torch.stack([r.reshape(len(x), -1).mean(1).float().cpu() for r in rows])
 
     def named(self, name: str) -> InterpolatedNet:
         self.info = replace(self.info, name=name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .base import InterpolatedNet
 from .errors import UserError
-from .skip import DEFAULT_LAMBDA_INIT, uses_lambda
+from .skip import DEFAULT_LAMBDA_INIT, init_for_coefficients, uses_lambda
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,16 @@ class ModelEntry:
     label: str = ""  # how tables and figures name it, e.g. "λ-In-ResNet-110"
     tables: tuple[int, ...] = ()  # the paper's tables with a row for it
     networks: tuple[str, ...] = ("paper",)  # models.base.NETWORKS it can be built as
+    refused: str = ""  # why the benchmark's plan refuses to train it ('' when it trains)
 
     @property
     def damped_lambda_init(self) -> tuple[float, float] | None:
         """The default λ initialisation, or None where the rule has no λ (residual, plain)."""
         return self.lambda_init if uses_lambda(self.rule) else None
+
+    def init_for(self, coefficients: tuple[float, float]) -> tuple[float, float]:
+        """The λ (or gate bias) interval that starts this model's coefficients in U[a, b]."""
+        return init_for_coefficients(self.rule, coefficients)
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -55,7 +60,7 @@ def register_model(
     name: str, *, groups: Iterable[str] = (), description: str = "", **facts
 ) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
     """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`, with the
-    facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables, networks) that
+    facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables, networks, refused) that
     can be read without building it."""
 
     def add(factory: Callable[..., InterpolatedNet]) -> Callable[..., InterpolatedNet]:

@@ -37,7 +37,7 @@ class Rule:
     """
 
     act: Callable[[Tensor], Tensor] | None
-    kind: str  # _SCALAR: one λ_n per block; _GATE: d = W_d GAP(x) + b_d; _FIXED: no parameter
+    kind: str  # _SCALAR: one λ_n per block; _GATE: d(x) = W_d x + b_d per element (`SkipGate`); _FIXED: none
     scales_branch: bool  # s = 1 + act(d) (Eq. 15) instead of 1
     stores_k: bool = False
 
@@ -55,11 +55,27 @@ RULES: dict[str, Rule] = {
     "in": Rule(F.relu, _SCALAR, False, stores_k=True),  # Eq. 13, k as the release: decay pulls λ to 1
     "lambda-in": Rule(F.relu, _SCALAR, True),  # Eq. 15: s = 1 + ReLU(λ); λ as the release: decay to 0
     # The release has no code for the variants: d is stored as the equations write it (a
-    # gate is an nn.Linear), so decay pulls d toward 0: coefficient 0.5 (sig), 0 (gating).
+    # gate's W_d and b_d), so decay pulls d toward 0: coefficient 0.5 (sig), 0 (gating).
     "in-sig": Rule(torch.sigmoid, _SCALAR, False),
     "in-gating": Rule(F.relu, _GATE, False),
     "in-gating-sig": Rule(torch.sigmoid, _GATE, False),
 }
+
+
+# The sigmoid never reaches a coefficient of 0: an interval starting at 0 starts its d at He
+# et al.'s gate bias of -6 ("Identity Mappings", Table 1: coefficient sigmoid(-6) = 0.0025).
+SIGMOID_FLOOR = -6.0
+
+
+def init_for_coefficients(rule: str, coefficients: tuple[float, float]) -> tuple[float, float]:
+    """The interval of d (λ_n, or a gate's b_d) that starts `rule` at coefficients act(d) in
+    U[a, b]: the interval itself for the ReLU rules, where act(d) = d on it, its logit for
+    the sigmoid rules (which would otherwise start at sigmoid(0.2) = 0.55, a skip weight of
+    0.45 against In-ResNet's 0.75-0.8), floored at SIGMOID_FLOOR."""
+    if RULES[rule].act is not torch.sigmoid:
+        return coefficients
+    low, high = (math.log(c / (1 - c)) if c > 0 else SIGMOID_FLOOR for c in coefficients)
+    return max(low, SIGMOID_FLOOR), max(high, SIGMOID_FLOOR)
 
 
 def uses_lambda(rule: str) -> bool:
@@ -84,11 +100,8 @@ class SkipRule(nn.Module):
         damped: False turns the block into a plain residual one whatever `rule` says; the
             authors' release keeps the first block and the projection blocks so.
 
-    Gating rules (paper Sec. 4.4, d(x) = W_d x + b_d): the paper leaves the shape of W_d
-    open. We global-average-pool x to C numbers and map them linearly to one scalar per
-    example (C + 1 parameters), so the gate costs nothing next to the convolutions. W_d
-    starts at zero, so at initialisation every example gets act(b_d): the same starting
-    coefficients as the scalar rule with the same `init`.
+    Gating rules (paper Sec. 4.4): d(x) = W_d x + b_d is a `SkipGate`, He et al.'s shortcut-only
+    gate: one coefficient per position and channel.
     """
 
     def __init__(
@@ -121,9 +134,7 @@ class SkipRule(nn.Module):
         elif facts.kind == _SCALAR:
             self.lam = nn.Parameter(torch.empty(()).uniform_(low, high))
         elif facts.kind == _GATE:
-            self.gate = nn.Linear(channels, 1)
-            nn.init.zeros_(self.gate.weight)
-            nn.init.uniform_(self.gate.bias, low, high)
+            self.gate = SkipGate(channels, init)
 
     @property
     def is_input_dependent(self) -> bool:
@@ -151,7 +162,7 @@ class SkipRule(nn.Module):
             self.scalar_lambda().fill_(value)  # the parameter itself, or one error line
 
     def coefficient(self, x: Tensor | None = None) -> Tensor:
-        """act(d(x)): a 0-d tensor, or shape (N, 1, 1, 1) for the gating rules (needs `x`)."""
+        """act(d(x)): a 0-d tensor, or for the gating rules one per element of `x` (needs `x`)."""
         if self.rule == "residual":
             return torch.zeros(())
         if self.rule == "plain":
@@ -159,7 +170,7 @@ class SkipRule(nn.Module):
         if self.is_input_dependent:
             if x is None:
                 raise ValueError(f"the {self.rule} coefficient depends on the input; pass x")
-            return self.act(self.gate(x.mean(dim=(2, 3))))[:, :, None, None]
+            return self.act(self.gate(x))
         return self.act(self.scalar_lambda())
 
     def forward(self, x: Tensor, fx: Tensor) -> Tensor:
@@ -178,6 +189,36 @@ class SkipRule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, damped={self.damped}"
+
+
+class SkipGate(nn.Module):
+    """d(x) = W_d x̂ + b_d: a 1x1 convolution, C -> C, of the block's input x standardised per
+    channel (x̂ = BN(x), no affine part). Input and output N x C x H x W.
+
+    Why a 1x1 convolution: the paper calls In-ResNet-gating-sig He et al.'s shortcut-only
+    gating ("Identity Mappings", Sec. 3.1), whose gate is a 1x1 convolution of the unit's
+    input, one value per position and channel.
+    Why standardised: at evaluation BN is a fixed per-channel affine map, so d is exactly
+    an affine function W'x + b' of x_n, Eq. 21's form. In training it keeps the gate's
+    gradient from growing with the scale of the residual stream (|x| reaches 50-90 in
+    ResNet-110 at initialisation): reading x itself, the sigmoid gate's weights grow to
+    27-140 in 30 steps at lr 0.1 and its loss barely moves (docs/PROTOCOL.md).
+    Why W_d = 0 and b_d ~ U[a, b]: every position starts at the coefficients act(U[a, b])
+    of the scalar rule with the same interval, so one grid of intervals means the same
+    starting point for every rule; He et al. found the gate's bias decisive, and the
+    paper's selection over intervals (Table 4) chooses it.
+    """
+
+    def __init__(self, channels: int, init: tuple[float, float]):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        # Parameters, not an nn.Conv2d: a network's Kaiming loop over its convolutions
+        # must not overwrite the zero start.
+        self.weight = nn.Parameter(torch.zeros(channels, channels, 1, 1))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(*init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.norm(x), self.weight, self.bias)
 
 
 class _DampedSum(torch.autograd.Function):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
-
-import torch
 
 from .preact_resnet import PreActResNet
 from .registry import register_model
 from .resnext import ResNeXt
-from .skip import DEFAULT_LAMBDA_INIT, RULES
+from .skip import DEFAULT_LAMBDA_INIT, init_for_coefficients
 
 # Registry prefix, human name and table label of each skip rule (paper Eq. 13, 15, Sec. 4.4).
 RULE_NAMES = {
@@ -24,20 +21,15 @@ RULE_NAMES = {
 }
 MAIN_RULES = ("residual", "in", "lambda-in")
 VARIANT_RULES = ("in-sig", "in-gating", "in-gating-sig")
+# Models the plan refuses to train, and why (measured: docs/PROTOCOL.md, "Table 4").
+REFUSED = {
+    ("in-gating", 110): "its ReLU gate diverges under the paper's recipe (lr 0.1, no warm-up): at every seed "
+    "and initialisation tried, a live gate's weights blow up within a few steps and the loss turns NaN or stays at chance",
+}
 # Depth 14 is the shallowest with damped blocks (at depth 8 every block is the first or a
 # projection one); resnet8 alone is kept as the quickest sanity model.
 BASIC_DEPTHS = (14, 20, 32, 44, 56, 110)
 SMALL_DEPTHS = (8, 14, 20)
-
-
-def default_init(rule: str, coefficients: tuple[float, float]) -> tuple[float, float]:
-    """The d initialisation that starts a rule at coefficients in U[a, b] (the paper's λ_n
-    interval): the interval itself for the ReLU rules, where act(λ) = λ on it, and its
-    logit for the sigmoid rules, which would otherwise start at sigmoid(0.2) = 0.55 (a skip
-    weight of 0.45, against In-ResNet's 0.75-0.8)."""
-    if RULES[rule].act is torch.sigmoid:
-        return tuple(math.log(c / (1 - c)) for c in coefficients)
-    return coefficients
 
 
 def _groups(rule: str, depth: int, paper_depth: bool) -> tuple[str, ...]:
@@ -65,7 +57,7 @@ def _tables(rule: str, depth: int, family: str) -> tuple[int, ...]:
 
 def _register_preact(rule: str, depth: int, block: str, coefficients: tuple[float, float]) -> None:
     prefix, title, label = RULE_NAMES[rule]
-    init = default_init(rule, coefficients)
+    init = init_for_coefficients(rule, coefficients)
     register_model(
         f"{prefix}{depth}",
         groups=_groups(rule, depth, paper_depth=depth in (110, 164)),
@@ -77,6 +69,7 @@ def _register_preact(rule: str, depth: int, block: str, coefficients: tuple[floa
         label=f"{label}-{depth}",
         tables=_tables(rule, depth, "preact-resnet"),
         networks=("paper", "release"),
+        refused=REFUSED.get((rule, depth), ""),
         description=f"{title}: pre-activation ResNet-{depth}, {block} blocks, "
         f"lambda ~ U[{init[0]:.4g}, {init[1]:.4g}]",
     )(partial(PreActResNet, depth=depth, rule=rule, block=block, lambda_init=init))

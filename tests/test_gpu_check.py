@@ -36,7 +36,7 @@ def test_tiny_check_writes_every_section(tmp_path):
     assert rehearsed["finished"] and rehearsed["cells"] == 3 * 34 - 6 and rehearsed["checkpoints"] == 2
     assert rehearsed["last line"].startswith("rehearsal measured: train ")
     parity = report["sections"]["parity"]
-    rules = ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating14")
+    rules = ("in-resnet14", "lambda-in-resnet14", "in-resnet-gating-sig14")
     paths = [("eager", "train"), ("compile", "train"), ("compile", "eval"), ("bf16", "train")]
     assert [(r["model"], r["path"], r["mode"]) for r in parity] == [(m, *p) for m in rules for p in paths]
     assert all(r["pass"] for r in parity), [r for r in parity if not r["pass"]]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models import SkipRule
+from models import SkipRule, create_model
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck
 
 # The rule writes its result into fx (as torchvision's `out += identity`): calls pass a clone.
@@ -37,23 +37,44 @@ def test_sig_rule_uses_sigmoid():
 
 
 @pytest.mark.parametrize("rule, act", [("in-gating", F.relu), ("in-gating-sig", torch.sigmoid)])
-def test_gating_rule_is_a_per_example_linear_gate(rule, act):
+def test_gating_rule_is_he_et_als_elementwise_1x1_convolution_gate(rule, act):
+    """d(x) = W_d BN(x) + b_d, a 1x1 convolution C -> C: one coefficient per example,
+    channel and position, and at evaluation an affine map of x itself (Eq. 21's W_d x + b_d)."""
+    torch.manual_seed(0)
     skip = SkipRule(rule, 8)
     with torch.no_grad():
-        skip.gate.weight.copy_(torch.linspace(-1, 1, 8)[None])
-        skip.gate.bias.fill_(0.1)
-    d = X.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 8) + 0.1  # W_d GAP(x) + b_d, one per example
-    c = act(d)[:, None, None, None]
-    assert torch.allclose(skip(X, FX.clone()), (1 - c) * X + FX, atol=1e-6)
-    assert skip.coefficient(X).shape == (3, 1, 1, 1)
-    assert len(set(c.flatten().tolist())) == 3  # really input dependent
+        skip.gate.weight.normal_(0, 0.5)
+    skip.train()
+    skip.coefficient(X)  # one batch sets the standardisation's running statistics (momentum 0.1)
+    skip.eval()
+    mean, var = skip.gate.norm.running_mean, skip.gate.norm.running_var
+    scale = 1 / torch.sqrt(var + skip.gate.norm.eps)
+    w = skip.gate.weight[:, :, 0, 0] * scale[None, :]  # W' = W diag(1/σ), b' = b - W' μ
+    b = skip.gate.bias - w @ mean
+    d = torch.einsum("oc,nchw->nohw", w, X) + b[None, :, None, None]
+    c = act(d)
+    assert skip.coefficient(X).shape == X.shape == (3, 8, 5, 5)
+    assert torch.allclose(skip.coefficient(X), c, atol=1e-5)
+    assert torch.allclose(skip(X, FX.clone()), (1 - c) * X + FX, atol=1e-5)
+    per_position = c[0, 0].flatten()  # one example, one channel: varies over the positions
+    assert per_position.max() - per_position.min() > 0.01
+    assert (c[0, :, 0, 0].max() - c[0, :, 0, 0].min()) > 0.01  # and over the channels
 
 
 def test_gate_starts_at_the_scalar_rules_coefficients():
+    torch.manual_seed(0)
     skip = SkipRule("in-gating", 8, init=(0.2, 0.25))
-    assert torch.count_nonzero(skip.gate.weight) == 0
-    assert 0.2 <= skip.gate.bias.item() <= 0.25
-    assert torch.allclose(skip.coefficient(X).flatten(), skip.gate.bias.expand(3))
+    assert skip.gate.weight.shape == (8, 8, 1, 1) and torch.count_nonzero(skip.gate.weight) == 0
+    assert skip.gate.bias.shape == (8,) and 0.2 <= skip.gate.bias.min() <= skip.gate.bias.max() <= 0.25
+    assert torch.equal(skip.coefficient(X), skip.gate.bias[None, :, None, None].expand(3, 8, 5, 5))
+
+
+def test_a_networks_convolution_init_leaves_the_gate_at_zero():
+    """PreActResNet and ResNeXt Kaiming-initialise their convolutions after building: the gate's
+    W_d must still be 0, so each block starts at its interval's coefficients."""
+    for name in ("in-resnet-gating-sig20", "in-resnet-gating20"):
+        model = create_model(name)
+        assert all(torch.count_nonzero(s.gate.weight) == 0 for s in model.damped_skips())
 
 
 def test_residual_plain_and_undamped():
@@ -81,6 +102,8 @@ def test_in_resnet_stores_k_as_the_release_and_lambda_in_resnet_stores_lambda():
     assert [n for n, _ in lambda_in.named_parameters()] == ["lam"] and 0.2 <= lambda_in.lam.item() <= 0.25
     assert in_resnet.coefficient().item() == pytest.approx(1 - in_resnet.k.item(), abs=1e-7)
     assert [n for n, _ in SkipRule("in-gating", 8).named_parameters()] == ["gate.weight", "gate.bias"]
+    assert [n for n, _ in SkipRule("in-gating", 8).named_buffers()] == [
+        "gate.norm.running_mean", "gate.norm.running_var", "gate.norm.num_batches_tracked"]
     with pytest.raises(ValueError, match="the in-gating rule has no scalar λ"):
         SkipRule("in-gating", 8).set_lambda(0.3)
 
@@ -158,3 +181,23 @@ def test_damped_sum_gradients_are_exact(layout, scaled):
     frozen = fx.detach().clone()  # frozen parameters (an attack): fx's memory holds the result
     out = _DampedSum.apply(x, frozen, a.detach(), None if b is None else b.detach())
     assert out.data_ptr() == frozen.data_ptr() and torch.allclose(out, expected)
+
+
+@pytest.mark.parametrize("rule", ["in-gating", "in-gating-sig"])
+def test_the_fused_gated_sum_equals_plain_autograd(rule):
+    """The gated skip written into fx's memory (training, attacks) and out of place (the
+    stability stage's torch.func transforms) give the same output and gradients."""
+    torch.manual_seed(0)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        skip = SkipRule(rule, 8)
+        with torch.no_grad():
+            skip.gate.weight.normal_(0, 0.5)
+        skip.fused = fused
+        x, fx = X.clone().requires_grad_(), FX.clone().requires_grad_()
+        out = skip(x, fx * 1)  # fx * 1: the block's fresh branch output, which the fused sum overwrites
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, fx.grad, skip.gate.weight.grad, skip.gate.bias.grad))
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain)

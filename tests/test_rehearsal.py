@@ -39,8 +39,8 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     real = plan_tasks(plan_jobs(real_suite, options), real_suite, options, "cpu")
     suite, options, tasks = _plan("paper")
     assert {t.job.model for t in tasks} == {t.job.model for t in real}  # every model, at its real depth and width
-    assert len({t.job for t in tasks}) == 29 and {t.job.dataset for t in tasks} == {"cifar10", "cifar100"}
-    assert Counter(t.kind for t in tasks) == {TRAIN: 35, MEASURE: 35, ENSEMBLE: 6}  # 23 jobs x 1 seed + 6 x 2
+    assert len({t.job for t in tasks}) == 36 and {t.job.dataset for t in tasks} == {"cifar10", "cifar100"}
+    assert Counter(t.kind for t in tasks) == {TRAIN: 42, MEASURE: 42, ENSEMBLE: 6}  # 30 jobs x 1 seed + 6 x 2
     assert {t.seeds for t in tasks if t.kind == ENSEMBLE} == {(0, 1)}
     assert all(is_rehearsal(t.run_tag) for t in tasks) and not any(is_rehearsal(t.run_tag) for t in real)
     # the protocol is the suite's: the same perturbations, radii, checks and stability units, on fewer images

@@ -17,10 +17,12 @@ from bench.records.selection import seed_metrics, select_measurements
 from bench.records.stats import Bootstrap
 from bench.reports import run_figures
 from bench.reports.claims import claim_rows
+from bench.reports.intervals import refusals, select_intervals, with_failed_runs
 from bench.reports.leaderboard import leaderboard, write_leaderboard
 from bench.reports.measured import Evidence, reduce_records
 from bench.reports.published import published
-from bench.reports.tables import fill, missing, render, table_slots, with_failed_runs
+from bench.reports.tables import VARIANT_GRID, fill, missing, render, table_slots
+from models import model_entry
 
 PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
 GROUPS = dict(zip(("impulse", "speckle", "gaussian", "shot"), NOISE_GROUPS, strict=True))
@@ -131,7 +133,7 @@ def aggregated(frame):
 
 def table(number, frame, aggregated, runs=None):
     filled = fill(table_slots(number, frame), aggregated, "paper", number)
-    return with_failed_runs(filled, runs) if number == 5 else filled
+    return select_intervals(with_failed_runs(filled, runs) if number == 5 else filled, number)[0]
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -210,6 +212,51 @@ def test_missing_cells_are_named(frame, aggregated):
         .splitlines()[4]
         .endswith("| -           | -           | -           | -           | -           |")
     )
+
+
+def variant_cells(model: str, scores: dict[int, tuple[int, int | None]]) -> list[dict]:
+    """Two seeds of `model` at intervals of Table 4's grid (index -> clean, noise correct of
+    100; noise None: not measured), recorded with the d its rule starts there."""
+    rows = []
+    for index, (clean, noisy) in scores.items():
+        init = model_entry(model).init_for(VARIANT_GRID[index])
+        values = {"clean": clean, **(noise(*[noisy] * 4) if noisy is not None else {}), "pgd@2": index}
+        for seed in (0, 1):
+            rows += cells("cifar10", model, seed, values, lam=init, run=f"{model}@{index}")
+    return rows
+
+
+def test_table4_shows_each_variants_interval_of_largest_clean_plus_noise(frame):
+    """Sec. 4.4: each variant's row is the interval with the largest mean clean + mean noise
+    accuracy, labelled as chosen on the test set; ties go to the earlier interval; an interval
+    without both numbers is not a candidate; the others are listed under the table."""
+    gating = variant_cells("in-resnet-gating-sig110", {0: (90, 60), 1: (85, 70), 2: (88, 67), 4: (95, None)})
+    sig = variant_cells("in-resnet-sig110", {3: (91, 55)})
+    both = pd.concat([frame, pd.DataFrame(gating + sig).assign(stale=False)], ignore_index=True)
+    filled = fill(table_slots(4, both), aggregate(seed_metrics(both)), "paper", 4)
+    shown, others = select_intervals(filled, 4)
+    rows = list(dict.fromkeys(shown["row"]))
+    assert rows == [
+        "ResNet-110",
+        "In-ResNet-110",
+        "In-ResNet-sig-110, U[0.25, 0.30] (chosen on the test set, 1 of 5 intervals)",
+        "In-ResNet-gating-110",  # refused by the plan: nothing measured, named alone
+        "In-ResNet-gating-sig-110, U[0.10, 0.20] (chosen on the test set, 3 of 5 intervals)",  # 155, tied with 2
+    ]
+    chosen = shown[shown["model"] == "in-resnet-gating-sig110"].set_index("metric")
+    assert (chosen.loc["clean", "mean"], chosen.loc["noise", "mean"], chosen.loc["pgd@2", "mean"]) == (85, 70, 1)
+    assert chosen.loc["clean", "paper"] == 90.68  # the published row, whichever interval was chosen
+    assert (chosen["lambda_low"].iloc[0], chosen["lambda_high"].iloc[0]) == pytest.approx(
+        (math.log(0.1 / 0.9), math.log(0.2 / 0.8)))  # fmt: skip
+    assert list(dict.fromkeys(others["row"])) == [
+        "In-ResNet-gating-sig-110, U[0.00, 0.10]",  # d from He et al.'s -6: sigmoid never reaches 0
+        "In-ResNet-gating-sig-110, U[0.20, 0.25]",
+        "In-ResNet-gating-sig-110, U[0.30, 0.40]",  # clean only: listed, never chosen
+    ]
+    assert others.set_index(["row", "metric"]).loc[("In-ResNet-gating-sig-110, U[0.00, 0.10]", "clean"), "lambda_low"] == -6
+    assert refusals(shown).startswith("In-ResNet-gating-110 is not trained: its ReLU gate diverges")
+    nothing, rest = select_intervals(fill(table_slots(4, frame), aggregate(seed_metrics(frame)), "paper", 4), 4)
+    assert "In-ResNet-gating-sig-110" in set(nothing["row"]) and rest.empty
 
 
 def test_published_numbers_are_consistent_across_the_papers_tables():
@@ -582,3 +629,18 @@ def test_a_smoke_run_with_two_presets_reports_the_claims_of_each(smoke_run, tmp_
     assert "(preset `release-2020-06` in the tables)" in (results / "REPORT.md").read_text()
     assert "the best test accuracy" in (results / "tables" / "table3.md").read_text()
     assert (results / "tables" / "table3_vs_paper_paper.md").is_file()
+
+
+def test_report_lists_each_failed_run_with_its_reason(runs):
+    """REPORT.md's "Failed runs": every failed run of the report's kind (real, or rehearsal in
+    a rehearsal's report), with the reason its meta.json gives; no section when none failed."""
+    from bench.reports.left_out import failed_run_lines
+
+    reason = "non-finite loss in epoch 2, step 3 of 391: first non-finite: the output of layer2.1.skip (SkipRule)"
+    rehearsed = {**runs.iloc[0].to_dict(), "run": "resnet110@rehearsal@n64", "status": "failed", "reason": "x"}
+    frame = pd.concat([runs.assign(reason=[None, None, None, None, reason]), pd.DataFrame([rehearsed])], ignore_index=True)
+    lines = failed_run_lines(frame, rehearsal=False)
+    assert lines[:3] == ["", "## Failed runs", ""] and lines[-1] == f"- in-resnet110@lambda0.3-0.4, CIFAR-10, seed 1: {reason}"
+    assert len(lines) == 6  # the legend, then one run: the rehearsal's is not listed beside it
+    assert failed_run_lines(frame, rehearsal=True)[-1] == "- resnet110@rehearsal@n64, CIFAR-10, seed 0: x"
+    assert failed_run_lines(runs[runs["status"] == "finished"], rehearsal=False) == []

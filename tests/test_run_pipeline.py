@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -24,6 +25,7 @@ from bench.run.executors import DONE
 from bench.run.pipeline import RunOptions, plan_jobs
 from bench.run.suites import SUITES
 from bench.run.todo import ToDo
+from models import model_entry
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}
@@ -31,13 +33,14 @@ SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}
 
 def test_paper_suite_plan_merges_its_studies():
     jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
-    assert len(jobs) == 9 * 2 + 3 + 2 * 4  # Tables 1-3 on both data sets, Table 4's 3 extra, Table 5's sweep
+    assert len(jobs) == 9 * 2 + 2 * 5 + 2 * 4  # Tables 1-3 on both data sets, Table 4's grid, Table 5's sweep
     by_key = {(j.model, j.dataset, j.lambda_init): j for j in jobs}
     assert by_key["in-resnet110", "cifar10", None].radii == (1.0, 2.0, 4.0)
     assert by_key["in-resnet110", "cifar10", None].ensemble_radii == (2.0,)
     assert by_key["in-resnet110", "cifar100", None].ensemble_radii == ()
     assert by_key["in-resnet110", "cifar10", (0.3, 0.4)].radii == (2.0,)
-    assert by_key["in-resnet-gating-sig110", "cifar10", None].radii == (2.0,)
+    gated = model_entry("in-resnet-gating-sig110").init_for((0.2, 0.25))  # the default interval, as its d
+    assert by_key["in-resnet-gating-sig110", "cifar10", gated].radii == (2.0,)
     assert not any(j.ensemble_radii for j in jobs if "resnext" in j.model)
 
 
@@ -295,3 +298,28 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(mini_run, tmp
     assert len(theirs) == 2 * (4 * 5 + 3 + 1 + 1) + 1
     assert ours.drop(columns="values").equals(theirs.drop(columns="values"))
     assert all(np.array_equal(a, b) for a, b in zip(ours["values"], theirs["values"], strict=True))
+
+
+def test_the_paper_plan_trains_table4s_variants_at_every_interval_and_refuses_the_relu_gate(caplog):
+    """Table 4's selection needs every interval of its grid, each variant at the d that starts
+    its coefficients there; In-ResNet-gating-110 is left out with one line, and naming it is
+    one error line."""
+    from bench.reports.tables import VARIANT_GRID
+    from models import UserError
+
+    with caplog.at_level("INFO", logger="bench.run.plan"):
+        jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
+    for name in ("in-resnet-sig110", "in-resnet-gating-sig110"):
+        inits = [j.lambda_init for j in jobs if j.model == name]
+        assert inits == [model_entry(name).init_for(c) for c in VARIANT_GRID] and len(set(inits)) == 5
+        assert all(j.radii == (2.0,) and j.dataset == "cifar10" for j in jobs if j.model == name)
+    assert inits[0] == (-6.0, pytest.approx(math.log(0.1 / 0.9)))  # the sigmoid's 0: He et al.'s bias
+    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii == (2.0,)][:1] == [(0.0, 0.1)]
+    assert "in-resnet-gating110" not in {j.model for j in jobs}
+    lines = [r.message for r in caplog.records if "left out of the plan" in r.message]
+    assert lines == [f"in-resnet-gating110 left out of the plan: {model_entry('in-resnet-gating110').refused} "
+                     "(docs/PROTOCOL.md, Table 4)"]  # fmt: skip
+    chosen = plan_jobs(SUITES["paper"], RunOptions(suite="paper", models="variants"))  # a group: left out, no error
+    assert {j.model for j in chosen} == {"in-resnet-sig110", "in-resnet-gating-sig110"} and len(chosen) == 10
+    with pytest.raises(UserError, match=r"^in-resnet-gating110 is not trained by the benchmark: its ReLU gate"):
+        plan_jobs(SUITES["paper"], RunOptions(suite="paper", models="resnet110,in-resnet-gating110"))

@@ -40,14 +40,15 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
     jobs = plan_jobs(spec, options)
     tasks = plan_tasks(jobs, spec, options, "cuda")
     kinds = Counter(t.kind for t in tasks)
-    # training runs: Tables 1-3 (9 models x 2 data sets), Table 4 (3 variants), Table 5 (8 more λ
-    # initialisations), 5 seeds each; one measurement per run; Table 6's 6 ensembles
-    assert kinds == {TRAIN: (18 + 3 + 8) * 5, MEASURE: 145, ENSEMBLE: 6}
+    # training runs: Tables 1-3 (9 models x 2 data sets), Table 4 (2 variants x 5 intervals: the
+    # ReLU gate is refused), Table 5 (8 more λ initialisations), 5 seeds each; one measurement
+    # per run; Table 6's 6 ensembles
+    assert kinds == {TRAIN: (18 + 10 + 8) * 5, MEASURE: 180, ENSEMBLE: 6}
     assert len({t.name for t in tasks}) == len(tasks)
     cells = {t.name: len(protocol_cells(eval_config(t.job, spec, options, "cuda", t.kind == ENSEMBLE))) for t in tasks if t.kind != TRAIN}
     main = [t for t in tasks if t.kind == MEASURE and t.job.radii == (1.0, 2.0, 4.0)]
     assert len(main) == 90 and {cells[t.name] for t in main} == {36}  # clean, 20 noise, 3 x 4 attacks, PGD-50 x 2, AA
-    assert sum(cells.values()) == 90 * 36 + (15 + 40) * 28 + 6 * 30  # an ensemble: 28 and PGD-50 at 16, 64
+    assert sum(cells.values()) == 90 * 36 + (50 + 40) * 28 + 6 * 30  # an ensemble: 28 and PGD-50 at 16, 64
     for task in (t for t in tasks if t.kind == ENSEMBLE):  # its large-eps gate can pass: on the AutoAttack subset
         config = eval_config(task.job, spec, options, "cuda", True)
         assert dict(config.extra)["pgd50"] == (16.0, 64.0) and config.n_test_of("pgd50") == config.n_test_of("autoattack") == 1000
@@ -69,7 +70,7 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
     }
     evaluate_only = RunOptions(suite="paper", stages=("eval",))
     alone = plan_tasks(jobs, spec, evaluate_only, "cuda")
-    assert not any(t.kind == TRAIN or t.after for t in alone) and len(alone) == 151
+    assert not any(t.kind == TRAIN or t.after for t in alone) and len(alone) == 186
 
 
 def test_wall_time_follows_the_graph_and_the_worker_count():
@@ -141,7 +142,7 @@ def test_a_paper_dry_run_under_the_june_preset_lists_each_ensembles_gate_cells_a
                            "--data-dir", str(tmp_path / "d")]) == 0  # fmt: skip
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| run ")]  # fmt: skip
-    assert len(rows) == 29 and all(row[0].split("@")[1] == "release-2020-06" for row in rows)
+    assert len(rows) == 36 and all(row[0].split("@")[1] == "release-2020-06" for row in rows)
     ensembles = {row[0] for row in rows if row[3]}
     assert ensembles == {f"{m}@release-2020-06" for m in ("resnet110", "in-resnet110", "lambda-in-resnet110", "resnet164",
                                                           "in-resnet164", "lambda-in-resnet164")}  # fmt: skip

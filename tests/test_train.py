@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 from dataclasses import replace
 
 import pandas as pd
@@ -12,7 +13,7 @@ from bench.core.files import sha256_file
 from bench.data.splits import load_train
 from bench.eval.adapters import zoo_defense
 from bench.train import loop as training
-from bench.train.epoch import augment
+from bench.train.epoch import augment, make_optimizer
 from bench.train.loop import train
 from bench.train.recipes import AUTHORS_CODE_STD, Recipe, TrainConfig, preset_model_options, recipe_for
 from models import CIFAR10_MEAN, UserError, create_model, model_entry
@@ -171,7 +172,11 @@ def test_a_different_recipe_in_the_same_folder_is_refused(tmp_path, data_dir, mo
 
 @pytest.mark.parametrize(
     "lr, reason",
-    [(float("inf"), "non-finite loss in epoch 1"), (0.0, r"test accuracy 0\.\d+ at chance level")],
+    [
+        # step 1's update (lr inf) breaks the weights: step 2's loss is the first non-finite one
+        (float("inf"), "non-finite loss in epoch 1, step 2 of 8: first non-finite: parameter conv1.weight"),
+        (0.0, r"test accuracy 0\.\d+ at chance level"),
+    ],
 )
 def test_diverged_and_chance_runs_are_failed(tmp_path, data_dir, monkeypatch, lr, reason):
     monkeypatch.setattr(training, "recipe_for", lambda *a: Recipe(2, lr, (1,), 0.0))
@@ -180,6 +185,67 @@ def test_diverged_and_chance_runs_are_failed(tmp_path, data_dir, monkeypatch, lr
     assert __import__("re").fullmatch(reason, meta["reason"])
     with pytest.raises(UserError, match="is 'failed', not a finished run"):
         zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path)
+
+
+def test_a_diverging_run_stops_at_the_step_and_names_the_first_nonfinite_activation(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    """From the 7th step on (epoch 2, step 3), the second damped block's skip returns NaN:
+    training stops at that step, before its update, says where, and is recorded as failed."""
+    from models.skip import SkipRule
+
+    real_skip, real_loss, losses = SkipRule.forward, torch.nn.functional.cross_entropy, []
+
+    def skip(self, x, fx):
+        out = real_skip(self, x, fx)
+        return out * float("nan") if getattr(self, "poisoned", False) and len(losses) >= 6 else out
+
+    def loss(logits, labels):
+        losses.append(1)
+        return real_loss(logits, labels)
+
+    def build(config):
+        model = real_build(config)
+        model.damped_skips()[1].poisoned = True  # layer2.1's; the diagnosis's copy keeps the mark
+        return model
+
+    real_build = training._build
+    monkeypatch.setattr(SkipRule, "forward", skip)
+    monkeypatch.setattr("bench.train.epoch.F.cross_entropy", loss)
+    monkeypatch.setattr(training, "_build", build)
+    with caplog.at_level("INFO", logger="bench.train.loop"):
+        meta = train(tiny(model="in-resnet14", n_train=512), tmp_path, data_dir, progress=False)
+    assert meta["status"] == "failed" and meta["epochs_done"] == 1
+    assert meta["reason"] == (  # the BN statistics that step's forward folded NaN into are named after it
+        "non-finite loss in epoch 2, step 3 of 4: first non-finite: the output of layer2.1.skip (SkipRule)"
+    )
+    assert len(losses) == 7  # 4 + 3: nothing trained after the first non-finite loss
+    line = next(r.message for r in caplog.records if "failed" in r.message)
+    assert line.startswith("in-resnet14@smoke@n512 synthetic seed 0: failed (non-finite loss in epoch 2, step 3 of 4")
+    folder = tmp_path / "checkpoints" / "synthetic" / "in-resnet14@smoke@n512" / "seed0"
+    assert pd.read_csv(folder / "epochs.csv")["epoch"].tolist() == [1] and not (folder / "state.pt").exists()
+
+
+def test_a_saved_state_that_is_not_finite_is_never_resumed(tmp_path, data_dir, monkeypatch):
+    real_epoch, calls = training.train_epoch, []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), tmp_path, data_dir, progress=False)
+    folder = tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
+    state = torch.load(folder / "state.pt", weights_only=True)
+    state["model"]["layer1.0.conv2.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(state, folder / "state.pt")
+    meta = train(tiny(), tmp_path, data_dir, progress=False)
+    assert len(calls) == 2  # no epoch trained on from it
+    assert (meta["status"], meta["reason"]) == (
+        "failed", "the saved state after epoch 1 holds a non-finite parameter layer1.0.conv2.weight: not resumed")
 
 
 def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
@@ -282,3 +348,55 @@ def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path
     assert build_mismatch(legacy["lambda-in-resnet14"], release) == (
         "std [0.247, 0.2435, 0.2616] (now [0.2023, 0.1994, 0.201]); network 'paper' (now 'release')"
     )
+
+
+# --- Table 4's gating variants under the paper's recipe -----------------------------------------
+
+
+def first_losses(name: str, seed: int, data_dir, steps: int = 20, blown: float = 1000.0) -> tuple[list[float], float]:
+    """The losses of `name`'s first `steps` steps under the paper's recipe (SGD, lr 0.1 from
+    the first step, momentum 0.9, weight decay 1e-4, batch 128, crop and flip) on the
+    synthetic set, and its gates' largest |weight| at the end; stops at a non-finite loss
+    or once a gate weight passes `blown` (they start at 0)."""
+    recipe = recipe_for("preact-resnet", "cifar10")
+    train_set = load_train("synthetic", data_dir)
+    torch.manual_seed(seed)
+    model = create_model(name).train()
+    optimizer = make_optimizer(model, recipe, "cpu")
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.1
+    generator = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(train_set.images).permute(0, 3, 1, 2)
+    y_all = torch.from_numpy(train_set.labels)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(y_all), (recipe.batch_size,), generator=generator)
+        shifts = torch.randint(0, 2 * recipe.pad + 1, (2, recipe.batch_size), generator=generator)
+        flips = torch.rand(recipe.batch_size, generator=generator) < 0.5
+        loss = torch.nn.functional.cross_entropy(model(augment(x_all[idx], *shifts, flips, recipe)), y_all[idx])
+        losses.append(loss.item())
+        if not torch.isfinite(loss):
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if gate_weight(model) > blown:
+            break
+    return losses, gate_weight(model)
+
+
+def gate_weight(model) -> float:
+    return max(s.gate.weight.abs().max().item() for s in model.damped_skips())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_gating_variants_at_depth_110_under_the_papers_recipe(seed, data_dir):
+    """In-ResNet-gating-sig-110 (He et al.'s gate on the standardised input) trains at lr 0.1
+    without warm-up: every loss finite, the last five lower than the first five. The ReLU
+    gate does not, which is why the plan refuses In-ResNet-gating-110: within 20 steps its
+    loss is not finite or its gate weights have passed 1,000 (they start at 0)."""
+    losses, gate = first_losses("in-resnet-gating-sig110", seed, data_dir)
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    assert gate < 20
+    relu_losses, relu_gate = first_losses("in-resnet-gating110", seed, data_dir)
+    assert not math.isfinite(relu_losses[-1]) or relu_gate > 1000, (relu_losses, relu_gate)

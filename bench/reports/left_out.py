@@ -1,5 +1,5 @@
 """The lines under a table naming what it left out and why: other runs, recipes, subsets
-or parameter sets of the same cell, in words."""
+or parameter sets of the same cell, in words; and REPORT.md's list of the failed runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import pandas as pd
 
 from bench.attacks.perturbations import PERTURBATIONS, pooled_noise
+from bench.data.datasets import dataset_label
+from bench.records.checkpoints import is_rehearsal
 from bench.records.schema import UNKNOWN_DATA
 from bench.records.selection import (
     LARGEST_ENSEMBLE,
@@ -89,3 +91,21 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
     if not phrases:
         return ""
     return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
+
+
+def failed_run_lines(runs: pd.DataFrame, rehearsal: bool) -> list[str]:
+    """REPORT.md's list of the failed training runs (of rehearsals in a rehearsal's report,
+    of real runs otherwise), each with the reason its meta.json gives; none: no lines."""
+    failed = runs[(runs["status"] == "failed") & (runs["run"].map(is_rehearsal).astype(bool) == rehearsal)]
+    if failed.empty:
+        return []
+    items = [f"- {r.run}, {dataset_label(r.dataset)}, seed {r.seed}: {r.reason or 'no reason recorded'}"
+             for r in failed.sort_values(["dataset", "run", "seed"]).itertuples()]  # fmt: skip
+    return ["", "## Failed runs", "", FAILED_LEGEND, "", *items]
+
+
+FAILED_LEGEND = (
+    "Training runs that ended without a network to measure: none of their numbers is in a table (Table 5 "
+    "counts them). A diverged run stops at the step whose loss was not finite and names what went "
+    "non-finite first (docs/PROTOCOL.md, Training)."
+)

@@ -32,8 +32,9 @@ from bench.reports.comparison import (
     render_closest,
     render_shares,
 )
+from bench.reports.intervals import refusals, select_intervals, with_failed_runs
 from bench.reports.leaderboard import leaderboard, leaderboard_texts
-from bench.reports.left_out import left_out_note, left_out_phrases
+from bench.reports.left_out import failed_run_lines, left_out_note, left_out_phrases
 from bench.reports.measured import Evidence, Measured, measured
 from bench.reports.rehearsals import NOT_JUDGED, REHEARSAL_STAMP, RELAXED_LEGEND, rehearsal_marked
 from bench.reports.tables import (
@@ -44,7 +45,6 @@ from bench.reports.tables import (
     missing,
     render,
     table_slots,
-    with_failed_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,12 @@ def write_reports(
         filled = fill(specs, m.aggregated, preset, number, evidence.intervals(specs, m.aggregated, preset))
         if TABLES[number].failed_runs:
             filled = with_failed_runs(filled, m.runs)
+        filled, others = select_intervals(filled, number)
         tables[number] = filled
-        texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine), preset))
+        texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine), preset, others))
         for other in presets_with_runs(m.aggregated, preset)[1:]:  # every other preset's, against the paper
-            theirs = fill(specs, m.aggregated, other, number, evidence.intervals(specs, m.aggregated, other))
-            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(number, theirs, other)
+            theirs, rest = select_intervals(fill(specs, m.aggregated, other, number, evidence.intervals(specs, m.aggregated, other)), number)
+            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(number, theirs, other, others=rest)
     specs = all_attacks_slots(m.frame, mine)
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine), preset))
@@ -133,27 +134,44 @@ def write_sanity(results_dir: str | os.PathLike, preset: str = "paper", steps: i
     return write_all(sanity_texts(Path(results_dir), m, preset))
 
 
-def _table_texts(folder: Path, number: int | str, filled: pd.DataFrame, left: str, preset: str) -> dict[Path, str]:
-    footer = "".join("\n\n" + line for line in (missing(filled), left, test_selected_note(preset)) if line) + "\n"
+def _table_texts(
+    folder: Path, number: int | str, filled: pd.DataFrame, left: str, preset: str, others: pd.DataFrame | None = None
+) -> dict[Path, str]:
+    notes = (missing(filled), refusals(filled), left, test_selected_note(preset))
+    footer = "".join("\n\n" + line for line in notes if line) + "\n"
     title = f"# {TITLES[number]}\n\n"
+    rest = others if others is not None else filled.iloc[0:0]
     return {
-        folder / f"table{number}.md": title + render(filled) + footer,
+        folder / f"table{number}.md": title + render(filled) + _others(rest) + footer,
         folder / f"table{number}_std.md": title
         + "Mean ± sample std over seeds (Appendix D).\n\n"
         + render(filled, "std")
+        + _others(rest, "std")
         + footer,
-        folder / f"table{number}_vs_paper.md": _vs_paper_text(number, filled, preset, footer),
-        folder / f"table{number}.csv": filled.to_csv(index=False),
+        folder / f"table{number}_vs_paper.md": _vs_paper_text(number, filled, preset, footer, rest),
+        folder / f"table{number}.csv": pd.concat([filled, rest], ignore_index=True).to_csv(index=False),
         folder / f"table{number}.tex": render(filled, fmt="latex_booktabs") + "\n",
     }
 
 
-def _vs_paper_text(number: int | str, filled: pd.DataFrame, preset: str, footer: str | None = None) -> str:
+def _others(rest: pd.DataFrame, view: str = "mean") -> str:
+    """The intervals a selecting table did not choose, under it ('' when none was measured)."""
+    if rest.empty:
+        return ""
+    return ("\n\nThe other initialisation intervals measured (not chosen; the interval is of the starting "
+            "coefficients act(d)):\n\n" + render(rest, view))  # fmt: skip
+
+
+def _vs_paper_text(
+    number: int | str, filled: pd.DataFrame, preset: str, footer: str | None = None, others: pd.DataFrame | None = None
+) -> str:
     """One preset's measured-vs-published view of a table, labelled with the preset."""
     if footer is None:
-        footer = "".join("\n\n" + line for line in (missing(filled), test_selected_note(preset)) if line) + "\n"
+        notes = (missing(filled), refusals(filled), test_selected_note(preset))
+        footer = "".join("\n\n" + line for line in notes if line) + "\n"
+    rest = _others(others) if others is not None else ""
     return (f"# {TITLES[number]}\n\nMeasured under preset `{preset}` / published (measured - published).\n\n"
-            + render(filled, "paper") + footer)  # fmt: skip
+            + render(filled, "paper") + rest + footer)  # fmt: skip
 
 
 # --- REPORT.md --------------------------------------------------------------------------------
@@ -264,6 +282,7 @@ def render_report(
     if mechanism is not None and len(mechanism):
         lines += ["", "## The paper's mechanism: stability through depth", "", stability_report.CLAIMS_LEGEND, "",
                   stability_report.render_claims(mechanism)]  # fmt: skip
+    lines += failed_run_lines(m.runs, m.rehearsal)
     lines += ["", "## Tables", ""]
     for number, filled in tables.items():
         measured = int(filled["mean"].notna().sum())

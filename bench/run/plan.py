@@ -84,11 +84,16 @@ def plan_jobs(suite: Suite, options: RunOptions) -> list[Job]:
     if options.defenses:
         return [defense_job(d, suite, options) for d in options.defenses]
     wanted = resolve_models(options.models) if options.models is not None else None
+    if wanted is not None:
+        _log_refused(wanted)
+        wanted = trainable(wanted, options.models)
     jobs: dict[tuple, Job] = {}
     covered: set[str] = set()
     for study in suite.studies:
         names = resolve_models(study.models)
-        names = [n for n in names if wanted is None or n in wanted]
+        if wanted is None:
+            _log_refused(names)
+        names = [n for n in trainable(names) if wanted is None or n in wanted]
         covered.update(names)
         _add_jobs(jobs, names, study, options)
     if wanted:
@@ -98,6 +103,24 @@ def plan_jobs(suite: Suite, options: RunOptions) -> list[Job]:
     for dataset in {j.dataset for j in jobs.values()}:
         dataset_info(dataset)
     return list(jobs.values())
+
+
+def trainable(names: list[str], asked: str | list[str] | None = None) -> list[str]:
+    """`names` without the models the registry marks refused (models.zoo.REFUSED); one
+    error line when `asked` (--models) names one itself."""
+    literal = {p.strip() for p in (asked.split(",") if isinstance(asked, str) else asked or ())}
+    for name in names:
+        reason = model_entry(name).refused
+        if reason and name in literal:
+            raise UserError(f"{name} is not trained by the benchmark: {reason} (docs/PROTOCOL.md, Table 4); "
+                            "leave it out of --models")  # fmt: skip
+    return [n for n in names if not model_entry(n).refused]
+
+
+def _log_refused(names: list[str]) -> None:
+    """One line for each refused model a plan leaves out."""
+    for name in dict.fromkeys(n for n in names if model_entry(n).refused):
+        log.info("%s left out of the plan: %s (docs/PROTOCOL.md, Table 4)", name, model_entry(name).refused)
 
 
 def defense_job(defense, suite: Suite, options: RunOptions) -> Job:
@@ -131,8 +154,11 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
     for name in names:
         if not has_lambda(name):
             inits = (None,)
-        else:
-            inits = (options.lambda_init,) if options.lambda_init else study.lambda_inits
+        elif options.lambda_init:
+            inits = (options.lambda_init,)
+        else:  # the study's intervals of starting coefficients, as this model's d
+            entry = model_entry(name)
+            inits = tuple(dict.fromkeys(None if c is None else entry.init_for(c) for c in study.lambda_inits))
         for dataset in options.datasets or study.datasets:
             for init in inits:
                 key = (name, dataset, init)

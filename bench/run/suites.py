@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.reports.tables import LAMBDA_SWEEP
+from bench.reports.tables import LAMBDA_SWEEP, VARIANT_GRID
 from models import UserError
 
 ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resnet164,lambda-in-resnet164"
@@ -16,9 +16,13 @@ ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resne
 
 @dataclass(frozen=True)
 class Study:
-    """`models` (names, globs or groups) trained on each of `datasets` with each λ
-    initialisation (None: the model's default), evaluated with FGSM / IFGSM / PGD at
-    `radii`; with `ensemble_radii`, the seeds' ensemble is evaluated too (at those radii)."""
+    """`models` (names, globs or groups) trained on each of `datasets` with each
+    initialisation in `lambda_inits`, evaluated with FGSM / IFGSM / PGD at `radii`; with
+    `ensemble_radii`, the seeds' ensemble is evaluated too (at those radii).
+
+    `lambda_inits` are intervals of the starting coefficients act(d) (None: the model's
+    default); each model gets the d that starts there (ModelEntry.init_for: the interval
+    itself for the ReLU rules, its logit for the sigmoid ones)."""
 
     table: str  # which of the paper's tables it feeds
     models: str
@@ -65,7 +69,8 @@ SUITES: dict[str, Suite] = {
             "every table of the paper: 5 seeds, the paper's epochs, full test sets",
             (
                 Study("1-3", "main", ("cifar10", "cifar100")),
-                Study("4", "variants", ("cifar10",), radii=(2.0,)),
+                # the paper's selection of the variants' initialisation: every interval of the grid
+                Study("4", "variants", ("cifar10",), (2.0,), VARIANT_GRID),
                 Study("5", "in-resnet110,lambda-in-resnet110", ("cifar10",), (2.0,), LAMBDA_SWEEP),
                 Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
             ),

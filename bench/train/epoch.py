@@ -3,6 +3,8 @@ padding, horizontal flip) on the device, the seeded order of the images, test ac
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -36,7 +38,8 @@ def train_epoch(
     bar: tqdm | None = None,
 ) -> tuple[float, float]:
     """One pass in the generator's order; returns mean loss and train accuracy. Sums stay
-    on the device (no per-step sync); a non-finite loss shows in the returned mean."""
+    on the device; each step's loss is checked (one sync a step, as AMP's GradScaler
+    makes): a non-finite one raises `Diverged` before its gradients touch the weights."""
     model.train()
     n = len(y_train)
     order = torch.randperm(n, generator=generator).to(x_train.device)
@@ -52,6 +55,9 @@ def train_epoch(
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(x.contiguous(memory_format=memory))
             loss = F.cross_entropy(logits, y_train[idx])
+        if not torch.isfinite(loss):  # before backward: the weights stay those that made it
+            where = first_nonfinite(model, x, memory, config.bf16)
+            raise Diverged(start // recipe.batch_size + 1, -(-n // recipe.batch_size), where)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -63,6 +69,56 @@ def train_epoch(
                 seen = min(start + recipe.batch_size, n)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
     return loss_sum.item() / n, correct.item() / n
+
+
+class Diverged(Exception):
+    """A training step whose loss is not finite: `step` of `steps` (1-based, in its epoch),
+    `where` names the first parameter, buffer or activation that is not finite."""
+
+    def __init__(self, step: int, steps: int, where: str):
+        super().__init__(f"step {step} of {steps}: first non-finite: {where}")
+        self.step, self.steps, self.where = step, steps, where
+
+
+def nonfinite_tensor(model: nn.Module, buffers: bool = True) -> str:
+    """The first parameter (then, with `buffers`, buffer) of `model`, in registration order,
+    holding a value that is not finite, as "parameter NAME" / "buffer NAME"; '' if none."""
+    named = [("parameter", model.named_parameters())] + ([("buffer", model.named_buffers())] if buffers else [])
+    for kind, tensors in named:
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{kind} {name}"
+    return ""
+
+
+@torch.no_grad()
+def first_nonfinite(
+    model: nn.Module, x: Tensor, memory: torch.memory_format = torch.contiguous_format, bf16: bool = False
+) -> str:
+    """What went non-finite first on the batch `x`: a parameter, else the first module (in
+    the order the forward pass finishes them) whose output is not finite, run on a copy of
+    the model in its own mode, else a buffer. Buffers come last: the failing forward pass
+    itself has already folded its non-finite activations into the BN running statistics."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module
+    found = nonfinite_tensor(model, buffers=False)
+    if found:
+        return found
+    copy = deepcopy(model)
+    names = {module: name for name, module in copy.named_modules()}
+    first: list[str] = []
+
+    def check(module: nn.Module, _, out) -> None:
+        if not first and isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+            first.append(f"the output of {names[module] or 'the network'} ({type(module).__name__})")
+
+    hooks = [m.register_forward_hook(check) for m in copy.modules()]
+    try:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            copy(x.contiguous(memory_format=memory))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return first[0] if first else nonfinite_tensor(model) or "the loss (every activation finite: the logits overflow it)"
 
 
 def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> Tensor:

@@ -52,7 +52,14 @@ from bench.records.checkpoints import (
     save_zoo_checkpoint,
     zoo_checkpoint_dir,
 )
-from bench.train.epoch import epoch_generator, make_optimizer, test_accuracy, train_epoch
+from bench.train.epoch import (
+    Diverged,
+    epoch_generator,
+    make_optimizer,
+    nonfinite_tensor,
+    test_accuracy,
+    train_epoch,
+)
 from bench.train.recipes import Recipe, TrainConfig, preset_model_options, recipe_for, training_test_images
 from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
 from models.skip import uses_lambda
@@ -93,6 +100,10 @@ def _run(
     device = torch.device(config.device)
     optimizer = make_optimizer(model, recipe, config.device)
     start, wall, epochs, best = _resume(folder, model, optimizer)
+    broken = nonfinite_tensor(model) if start else ""
+    if broken:  # a state saved by other code, or before these checks: never train on from it
+        return _close(config, recipe, model, folder, start, wall, "failed",
+                      f"the saved state after epoch {start} holds a non-finite {broken}: not resumed", data=None)  # fmt: skip
     keeps_best = preset(config.preset).checkpoint == BEST_TEST
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory)
@@ -124,41 +135,27 @@ def _run(
             bar.set_description(
                 f"train {config.run_tag} {config.dataset} seed{config.seed} epoch {epoch + 1}/{recipe.epochs}"
             )
-            loss, accuracy = train_epoch(
-                step_model,
-                optimizer,
-                x_train,
-                y_train,
-                recipe,
-                epoch_generator(config.seed, epoch),
-                config,
-                bar,
-            )
-            finite = bool(np.isfinite(loss))
-            # a diverged network's accuracy is not worth a pass over the test set
-            tested = test_accuracy(model, test, device) if finite else float("nan")
+            try:
+                loss, accuracy = train_epoch(
+                    step_model, optimizer, x_train, y_train, recipe, epoch_generator(config.seed, epoch), config, bar
+                )
+            except Diverged as err:  # stop now: the rest of the schedule would train a NaN network
+                return _stop(config, recipe, model, folder, epoch, wall + time.perf_counter() - began, epochs, data,
+                             f"non-finite loss in epoch {epoch + 1}, {err}")  # fmt: skip
+            broken = nonfinite_tensor(model)  # every loss finite, yet the last step's update was not
+            if broken:
+                return _stop(config, recipe, model, folder, epoch, wall + time.perf_counter() - began, epochs, data,
+                             f"non-finite weights after epoch {epoch + 1}: {broken}")  # fmt: skip
+            tested = test_accuracy(model, test, device)
             coefficients = coefficient_columns(model, test, device)
             seconds = round(time.perf_counter() - began, 3)  # training and the test pass
             row = {"epoch": epoch + 1, "lr": recipe.lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy,
                    "test_accuracy": tested, "seconds": seconds, **coefficients}  # fmt: skip
             wall += seconds
             epochs.append(row)
-            if keeps_best and finite and tested > best.get("accuracy", -1.0):  # the release's `acc > self.max`
+            if keeps_best and tested > best.get("accuracy", -1.0):  # the release's `acc > self.max`
                 best = {"epoch": epoch + 1, "accuracy": tested,
                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}  # fmt: skip
-            if not finite:
-                write_epochs(folder, epochs)
-                return _close(
-                    config,
-                    recipe,
-                    model,
-                    folder,
-                    epoch,
-                    wall,
-                    "failed",
-                    f"non-finite loss in epoch {epoch + 1}",
-                    data=data,
-                )
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -189,6 +186,13 @@ def _run(
         accuracy, kept = best["accuracy"], {"rule": BEST_TEST, "epoch": best["epoch"]}
     status, reason = chance_gate(accuracy, model.info.num_classes, is_rehearsal(config.run_tag))
     return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data, kept)
+
+
+def _stop(config, recipe, model, folder, epoch, wall, epochs, data, reason: str) -> dict:
+    """End a diverged run at once: the log of the epochs that finished, failed with `reason`."""
+    if epochs:
+        write_epochs(folder, epochs)
+    return _close(config, recipe, model, folder, epoch, wall, "failed", reason, data=data)
 
 
 def chance_gate(accuracy: float, classes: int, rehearsal: bool) -> tuple[str, str]:
