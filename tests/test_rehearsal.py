@@ -211,14 +211,16 @@ def test_the_smoke_rehearsal_runs_every_stage_and_every_output_names_itself_a_re
 
 def test_a_paper_study_rehearses_at_full_depth_with_ensembles_transfer_and_autoattack(tmp_path):
     results, data = tmp_path / "results", tmp_path / "data"
-    picked = ("--suite", "paper", "--device", "cpu", "--models", "resnet110,in-resnet-sig110", "--datasets", "cifar10")
+    # one interval of Table 4's grid (--lambda-init): the study's five would rehearse five runs
+    picked = ("--suite", "paper", "--device", "cpu", "--models", "resnet110,in-resnet-sig110", "--datasets", "cifar10",
+              "--lambda-init", "0.2,0.25")  # fmt: skip
     run = _rehearse(results, data, *picked)
     assert "CIFAR-10 is not in" in run.stderr and "stand-ins" in run.stderr  # no CIFAR here
-    suite, options, tasks = _plan("paper", models="resnet110,in-resnet-sig110", datasets=("cifar10",))
+    suite, options, tasks = _plan("paper", models="resnet110,in-resnet-sig110", datasets=("cifar10",), lambda_init=(0.2, 0.25))
     assert Counter(t.kind for t in tasks) == {TRAIN: 3, MEASURE: 3, ENSEMBLE: 1}
     _every_stage_recorded(results, suite, options, tasks)
     checks = load_checks(results)
-    assert set(checks[checks["run"] == "in-resnet-sig110@rehearsal@n64"]["check"]) >= {"transfer", "randomized"}
+    assert set(checks[checks["run"] == "in-resnet-sig110@rehearsal@lambda0.2-0.25@n64"]["check"]) >= {"transfer", "randomized"}
     cells = load_records(results)
     assert {"autoattack", "pgd50"} <= set(cells["perturbation"]) and set(cells["n"]) == {2, 4}
     meta = (results / "checkpoints/cifar10/resnet110@rehearsal@n64/seed0/meta.json").read_text()

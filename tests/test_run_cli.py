@@ -22,7 +22,7 @@ def test_summary_table(capsys):
         "| resnet8            | preact-resnet8-basic  | residual  |   77,850 |               0 | 0/3      | -                 | -                | -            |\n"
         "| in-resnet14        | preact-resnet14-basic | in        |  175,066 |               3 | 3/6      | U[0.2, 0.25]      | [0.2, 0.25]      | k = 1 - λ    |\n"
         "| in-resnet-sig14    | preact-resnet14-basic | in-sig    |  175,066 |               3 | 3/6      | U[-1.386, -1.099] | [0.2, 0.25]      | λ            |\n"
-        "| in-resnet-gating14 | preact-resnet14-basic | in-gating |  175,066 |             115 | 3/6      | U[0.2, 0.25]      | [0.2, 0.25]      | W_d, b_d     |\n"
+        "| in-resnet-gating14 | preact-resnet14-basic | in-gating |  175,066 |           5,488 | 3/6      | U[0.2, 0.25]      | [0.2, 0.25]      | W_d, b_d     |\n"
     )
 
 
