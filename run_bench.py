@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from dataclasses import fields
 
+from bench.core.environment import tolerant_streams
 from bench.core.messages import disk_full, disk_full_message
 from bench.core.numbers import decimal, integer
 from bench.data.noise_files import NOISE_SOURCES
@@ -223,6 +224,7 @@ def _joined_negatives(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerant_streams()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = parse_args(argv)
@@ -245,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    sys.stderr.write(f"error: {message}\n")
+    """The one error line: a name or value holding a newline or another control character
+    is shown escaped, so that the line stays one line."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    sys.stderr.write(f"error: {line}\n")
     return 2
 
 

@@ -272,7 +272,7 @@ def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
         torch.manual_seed(0)
         path = folder / f"{name}.pt"
         torch.save(create_model(name).state_dict(), path)
-        defense = state_dict_defense(name, path, "synthetic")
+        defense = state_dict_defense(name, path, "synthetic", name=f"timed-{name}")
         model = defense.model.to(device, memory_format=torch.channels_last)
         x, y = next(data.batches(Cell("clean"), n, device))
         harness_seconds(defense, data, config, CELLS["clean"])  # warm-up

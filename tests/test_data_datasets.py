@@ -114,7 +114,8 @@ def test_a_defense_is_checked_at_its_data_sets_input_size(tiny, tmp_path):
     torch.save({}, tmp_path / "none.pt")
     identity = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     assert module_defense("by-width", ByWidth, tmp_path / "none.pt", dataset="tiny16", **identity).info.num_classes == 4
-    with pytest.raises(UserError, match=r"returns \(2, 8\) for a 2x3x32x32 batch; expected finite \(2, 10\) logits"):
+    with pytest.raises(UserError, match=r"returns \(2, 8\) torch.float32 for a 2x3x32x32 batch of \[0, 1\] images; expected finite "
+                                         r"floating-point \(2, 10\) logits"):
         module_defense("by-width", ByWidth, tmp_path / "none.pt", dataset="cifar10", **identity)
 
 

@@ -118,10 +118,10 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     ]
     for path, arch, pattern in cases:
         with pytest.raises(UserError, match=pattern) as err:
-            state_dict_defense(arch, path)
+            state_dict_defense(arch, path, name="mine")
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"shape mismatch fc.weight file \(10, 64\) vs model \(100, 64\)"):
-        state_dict_defense("resnet8", good, dataset="cifar100")
+        state_dict_defense("resnet8", good, dataset="cifar100", name="mine")
     torch.save(create_model("in-resnet14").state_dict(), tmp_path / "in.pt")
     with pytest.raises(
         UserError, match="unexpected keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"
@@ -133,7 +133,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     ):
         state_dict_defense("in-resnet14", tmp_path / "res.pt")
     with pytest.raises(UserError, match="unknown dataset .svhn.; choose one of cifar10, cifar100, synthetic"):
-        state_dict_defense("resnet8", good, dataset="svhn")
+        state_dict_defense("resnet8", good, dataset="svhn", name="mine")
 
 
 # --- 3. any module ---------------------------------------------------------------------------
@@ -162,7 +162,8 @@ def test_module_defense_checks_the_output(tmp_path):
     torch.save(TinyNet(7).state_dict(), tmp_path / "seven.pt")
     with pytest.raises(
         UserError,
-        match=r"defense odd returns \(2, 7\) for a 2x3x32x32 batch; expected finite \(2, 10\) logits",
+        match=r"defense odd returns \(2, 7\) torch.float32 for a 2x3x32x32 batch of \[0, 1\] images; expected finite "
+        r"floating-point \(2, 10\) logits",
     ):
         module_defense("odd", lambda: TinyNet(7), tmp_path / "seven.pt", mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -220,8 +221,8 @@ def test_nan_weights_are_named(tmp_path):
     with pytest.raises(UserError) as err:
         state_dict_defense("resnet8", tmp_path / "nan.pt", name="broken")
     assert str(err.value) == (
-        "defense broken returns non-finite logits for a 2x3x32x32 batch (its weights hold NaN or inf in "
-        f"fc.weight): check {tmp_path / 'nan.pt'}"
+        "defense broken returns non-finite logits for a 2x3x32x32 batch of [0, 1] images (its weights hold NaN or "
+        f"inf in fc.weight: check {tmp_path / 'nan.pt'})"
     )
 
 

@@ -1,6 +1,7 @@
 """Ranking a defense from the command line (bench.eval.defenses): the README's one-liner, the
 RobustBench fetch, several defenses from a TOML file, and every bad input as one line."""
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -192,8 +193,9 @@ def test_a_toml_of_two_defenses_on_two_workers_records_what_one_after_the_other_
     stable_both, stable_apart = load_stability(both), load_stability(apart)
     assert [v.tolist() for v in stable_both.sort_values("run")["values"]] == [v.tolist() for v in stable_apart.sort_values("run")["values"]]
     builds = sqlite3.connect(both / "records.sqlite").execute("SELECT run, build FROM defenses ORDER BY run").fetchall()
-    assert builds == [(n, '{"factory":"small_cnn:SmallCNN","mean":[0.4914,0.4822,0.4465],"std":[0.247,0.2435,0.2616]}')
-                      for n in ("cnn-a", "cnn-b")]  # fmt: skip
+    code = hashlib.sha256(README_SMALL_CNN.encode()).hexdigest()  # small_cnn.py, as written
+    assert builds == [(n, f'{{"code":"{code}","factory":"small_cnn:SmallCNN","mean":[0.4914,0.4822,0.4465],'
+                          '"std":[0.247,0.2435,0.2616]}') for n in ("cnn-a", "cnn-b")]  # fmt: skip
 
 
 def test_a_dry_run_of_one_defense_plans_the_paper_protocol_and_says_the_transfer_check_is_skipped(
@@ -378,13 +380,36 @@ def test_the_same_weights_built_otherwise_are_refused_not_found_cached(workspace
     base = [*MODULE, "--suite", "smoke", "--stage", "check", "--results-dir", "r", "--data-dir", str(grey_root)]
     assert main([*base, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]) == 0 and calls == [1]
     assert main(base) == 2
+    code = hashlib.sha256((workspace / "small_cnn.py").read_bytes()).hexdigest()  # the build's code: its file
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: defense small_cnn on cifar10: the records measured these weights "
-        f"({__import__('hashlib').sha256((workspace / 'small_cnn.pt').read_bytes()).hexdigest()[:12]}) built as "
-        '{"factory":"small_cnn:SmallCNN","mean":[0.5,0.5,0.5],"std":[0.25,0.25,0.25]}, now built as '
-        '{"factory":"small_cnn:SmallCNN","mean":null,"std":null}: give this build another --name, or use another --results-dir'
+        f"({hashlib.sha256((workspace / 'small_cnn.pt').read_bytes()).hexdigest()[:12]}) built as "
+        f'{{"code":"{code}","factory":"small_cnn:SmallCNN","mean":[0.5,0.5,0.5],"std":[0.25,0.25,0.25]}}, now built as '
+        f'{{"code":"{code}","factory":"small_cnn:SmallCNN","mean":null,"std":null}}: give this build another --name, or use '
+        "another --results-dir"
     )
     assert calls == [1]
+
+
+def test_another_file_with_the_same_names_is_another_build(workspace, grey_root, capsys, monkeypatch):
+    """The module stem, class name, weights and normalisation were the build's identity: a
+    small_cnn.py elsewhere whose SmallCNN negates its logits was served the first one's cells."""
+    from bench.run import pipeline
+
+    monkeypatch.setattr(pipeline.Driver, "execute", lambda self, tasks, executor: None)
+    other = workspace / "elsewhere"
+    other.mkdir()
+    (other / "small_cnn.py").write_text(README_SMALL_CNN.replace("return self.", "return -self.", 1))
+    assert "return -self." in (other / "small_cnn.py").read_text()
+    base = ["--weights", "small_cnn.pt", "--name", "cnn", "--suite", "smoke", "--stage", "check", "--results-dir", "r",
+            "--data-dir", str(grey_root)]  # fmt: skip
+    assert main(["--defense", "small_cnn.py:SmallCNN", *base]) == 0
+    capsys.readouterr()
+    assert main(["--defense", "elsewhere/small_cnn.py:SmallCNN", *base]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: defense cnn on cifar10: the records measured these weights") and line.endswith(
+        "give this build another --name, or use another --results-dir")
+    assert main(["--defense", "small_cnn.py:SmallCNN", *base]) == 0  # the first build is still itself
 
 
 @needs_robustbench

@@ -35,7 +35,7 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
-def resnet8_defense(tmp_path: Path, seed: int = 0, name: str = "resnet8") -> Defense:
+def resnet8_defense(tmp_path: Path, seed: int = 0, name: str = "mine8") -> Defense:
     torch.manual_seed(seed)
     path = tmp_path / f"{name}-{seed}.pt"
     torch.save(create_model("resnet8").state_dict(), path)
@@ -98,7 +98,7 @@ def test_protocol_cells_and_presets():
     assert EvalConfig().alpha * 255 == pytest.approx(2.0)
     assert EvalConfig(preset="authors-code").alpha * 255 == pytest.approx(1.0)
     assert EvalConfig(alpha_255=0.5).alpha * 255 == pytest.approx(0.5)
-    with pytest.raises(Exception, match=r"EvalConfig.steps \(the iterations of IFGSM and PGD\) must be at least 1, got 0"):
+    with pytest.raises(Exception, match=r"EvalConfig.steps \(the iterations of IFGSM and PGD\) must be an integer at least 1, got 0"):
         EvalConfig(steps=0)
 
 
@@ -200,12 +200,12 @@ def test_resume_skips_finished_cells(grey_root, grey_defense, tmp_path):
     config = EvalConfig(eps_255=(1.0,), steps=4, batch_size=50)  # 100 images: 2 batches per cell
     assert run(counted, config, grey_root, tmp_path)[:2] == (24, 0)
     first = counted.model.calls
-    assert first == 2 * (1 + 20 + (1 + 1) + 2 * (4 + 1))
+    assert first == 1 + 2 * (1 + 20 + (1 + 1) + 2 * (4 + 1))  # the probe batch, then 2 batches per cell
     assert run(counted, config, grey_root, tmp_path)[:2] == (0, 24)
     assert counted.model.calls == first  # nothing recomputed
     wider = EvalConfig(eps_255=(1.0, 3.0), steps=4, batch_size=50)
     assert run(counted, wider, grey_root, tmp_path)[:2] == (3, 24)
-    assert counted.model.calls - first == 2 * ((1 + 1) + 2 * (4 + 1))  # fgsm@3, ifgsm@3, pgd@3 only
+    assert counted.model.calls - first == 1 + 2 * ((1 + 1) + 2 * (4 + 1))  # the probe; fgsm@3, ifgsm@3, pgd@3 only
     assert len(load_records(tmp_path)) == 27
 
 

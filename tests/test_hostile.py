@@ -481,7 +481,7 @@ def test_a_replaced_checkpoint_is_refused_and_its_cells_never_reported(mini_run,
     assert stamp(results / "records.sqlite") == before and not (tmp_path / "ran").exists()
     assert run_bench.main(["--stage", "report", "--no-figures", "--results-dir", str(results)]) == 0
     report = (results / "REPORT.md").read_text()
-    assert "records of replaced or deleted checkpoints are not reported" in report
+    assert "records of replaced or retrained checkpoints are not reported" in report
     assert "resnet8@smoke@n1024 synthetic seed 0" not in (results / "tables" / "table3.md").read_text()
     assert not (tmp_path / "ran").exists()
 

@@ -290,3 +290,49 @@ def test_the_smoke_suite_on_ray_gives_the_sequential_records_even_when_a_worker_
     columns = ["run", "seed", "members", "check", "value", "passed"]
     mine = load_checks(ours)[columns].sort_values(columns[:4]).reset_index(drop=True)
     assert mine.equals(load_checks(results)[columns].sort_values(columns[:4]).reset_index(drop=True))
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets in LISTEN
+    state that `pids` hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads /proc/net (Linux)")
+def test_a_local_ray_is_reachable_from_this_machine_only():
+    """Before: Ray swapped 127.0.0.1 for the machine's outward address and its GCS, raylet and
+    workers listened on every interface (docs/SCALING.md said otherwise)."""
+    ray = pytest.importorskip("ray")
+    from bench.run.executors import RayExecutor
+    from bench.run.plan import Resources
+    from bench.run.reaper import descendants
+
+    before = set(descendants())
+    executor = RayExecutor(None, 1, Resources(gpus=0, cpus=1, memory_gib=1), 0)
+    try:
+        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        listening = _listening(set(descendants()) - before)
+        assert listening and set(listening) <= LOOPBACK, listening
+    finally:
+        executor.close()
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # undone after the start

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import platform
 import re
+import sys
 
 import torch
 
@@ -64,3 +65,12 @@ def retain_freed_memory() -> bool:
         )
     except (OSError, AttributeError):  # a libc without mallopt (musl)
         return False
+
+
+def tolerant_streams() -> None:
+    """Let stdout and stderr write any text: a character their encoding lacks (λ, ε on an
+    ASCII terminal, PYTHONIOENCODING=ascii) is written as a backslash escape, never an
+    UnicodeEncodeError in --help, the plan or a log line."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")

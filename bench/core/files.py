@@ -88,6 +88,36 @@ def check_file_target(path: str | os.PathLike) -> None:
         raise UserError(f"cannot write {path}: {parent} is a file, not a folder; move it aside and run again")
 
 
+def check_not_link(path: str | os.PathLike) -> None:
+    """One error line when `path`, about to be opened for appending, locking or as a
+    database, is a symbolic link: opening it would write wherever the link points (an
+    atomic write replaces a link instead, and needs no check)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): the harness never writes through a "
+                        "link it did not make; remove the link and run again")  # fmt: skip
+
+
+def check_no_links(root: str | os.PathLike, folders: tuple[str, ...], names: tuple[str, ...] = ()) -> None:
+    """One error line for a symbolic link under `root`'s `folders` (or at its top-level
+    `names`) that points outside `root`: what the harness writes there stays there. A
+    link within `root` is harmless; `root` itself may be a link."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    inside = root.resolve()
+    found = [root / n for n in names if (root / n).is_symlink()]
+    for sub in folders:
+        top = root / sub
+        found += [top] if top.is_symlink() else []
+        for folder, dirs, files in os.walk(top):  # links to folders are listed, never followed
+            found += [Path(folder) / n for n in (*dirs, *files) if (Path(folder) / n).is_symlink()]
+    for link in found:
+        if not link.resolve().is_relative_to(inside):
+            raise UserError(f"{link} is a symbolic link to {os.readlink(link)}, outside {root}: the harness never "
+                            "writes through a link it did not make; replace it with a folder or file of its own")  # fmt: skip
+
+
 def _cannot_write(path: Path, err: OSError) -> str:
     if disk_full(err) is not None:
         return disk_full_message(err, f"to write {path}")
@@ -112,16 +142,21 @@ def _why(folder: Path, err: OSError) -> str:
     return err.strerror or type(err).__name__
 
 
-def check_writable(folder: str | os.PathLike, what: str, option: str) -> Path:
-    """Create `folder` if needed and prove it takes new files (a read-only mount or a
-    folder of another user's does not): one error line naming `option` otherwise."""
+def check_writable(folder: str | os.PathLike, what: str, option: str, create: bool = True) -> Path:
+    """Prove that `folder` takes new files (a read-only mount or a folder of another user's
+    does not): one error line naming `option` otherwise. With `create`, `folder` is made
+    if needed; without, nothing is made: a missing folder's nearest existing parent is
+    probed instead (a read-only results dir is refused before the data checks write
+    generated files, and a refused run leaves no empty folder)."""
     folder = Path(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or choose another {option}")
+    probed = folder if create else next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("probe"), suffix=".tmp")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=probed, prefix=temp_prefix("probe"), suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:

@@ -32,6 +32,9 @@ def integer(text: str) -> int:
     return int(text)
 
 
+SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
+
+
 def radii_problem(radii: tuple[float, ...]) -> str:
     """'' when `radii` (in 1/255) are radii an attack can take, else why not: at least one,
     each finite in [0, 255], none a negative zero (-0 would be recorded as a cell of its

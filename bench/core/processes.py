@@ -11,7 +11,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from bench.core.files import TEMP_TAG, check_file_target
+from bench.core.files import TEMP_TAG, check_file_target, check_not_link
 from models import UserError
 
 try:
@@ -31,6 +31,7 @@ def run_lock(path: str | os.PathLike, blocking: bool = True):
     with their process, so a killed run never leaves one behind."""
     path = Path(path)
     check_file_target(path)
+    check_not_link(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+b")  # noqa: SIM115 (closed below, after the lock is released)

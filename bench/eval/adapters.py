@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from bench.core.files import sha256_file
 from bench.core.weights import describe_mismatch, listing, load_state_dict_file, read_state_dict
 from bench.data.datasets import dataset_info
+from bench.eval.identity import NAME, build_text, check_name, check_run_name, code_digest
 from bench.records.checkpoints import (
     META_FILE,
     WEIGHTS_FILE,
@@ -39,6 +39,8 @@ from bench.records.checkpoints import (
 )
 from models import UserError, create_model
 from models.layers import Normalize
+
+STD_FLOOR = torch.finfo(torch.float32).tiny  # the smallest std a float32 division takes without overflow
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,16 @@ def state_dict_defense(
     arch: str, path: str | os.PathLike, dataset: str = "cifar10", name: str | None = None, **overrides
 ) -> Defense:
     """Registered architecture `arch` (see list_models) with weights from `path`; mean/std
-    and num_classes default to the dataset's and can be overridden."""
+    and num_classes default to the dataset's and can be overridden. `name` (default: the
+    weights file's stem, as --state-dict) names its records: --name's rule applies."""
+    name = check_name(Path(path).stem if name is None else name, f"state_dict_defense({arch!r}, {str(path)!r})")
     net = create_model(arch, **{**dataset_defaults(dataset), **overrides})
     digest = load_state_dict_file(net, path)
     build = build_text({"arch": arch, **model_kwargs(net.info)})
     return _finish(
         net,
         DefenseInfo(
-            name or arch, net.info.family, dataset, net.info.num_classes, "state-dict", str(path), digest, build
+            name, net.info.family, dataset, net.info.num_classes, "state-dict", str(path), digest, build
         ),
     )
 
@@ -141,14 +145,19 @@ def module_defense(
     family: str = "external",
 ) -> Defense:
     """`factory()` builds the user's network (expecting (x - mean) / std inputs); its
-    weights come from `path`. mean=None, std=None: a network on [0, 1] inputs."""
+    weights come from `path`. mean=None, std=None: a network on [0, 1] inputs. `name`
+    names its records (--name's rule), `family` labels it (the same characters)."""
+    check_name(name, "module_defense")
+    if not isinstance(family, str) or not NAME.fullmatch(family):
+        raise UserError(f"module_defense {name}: family {family!r} must be 1-100 letters, digits or . _ @ + -")
     channels = dataset_info(dataset).input_shape[0]
     if (mean is None) != (std is None):
         raise UserError(f"defense {name}: give both mean and std (one number per channel), or neither for a [0, 1] network")
     mean, std = (_per_channel(values, f"defense {name}: {label}", channels, dataset) for label, values in
                  (("mean", mean), ("std", std)))  # fmt: skip
-    if std is not None and not all(math.isfinite(s) and s > 0 for s in std):
-        raise UserError(f"defense {name}: std must be positive finite numbers, got {list(std)}")
+    if std is not None and not all(math.isfinite(s) and s >= STD_FLOOR for s in std):
+        raise UserError(f"defense {name}: std must be finite numbers of at least {STD_FLOOR:.3g} (float32's smallest "
+                        f"normal: below it x / std overflows), got {list(std)}")  # fmt: skip
     factory_name = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
     try:
         net = factory()
@@ -161,7 +170,7 @@ def module_defense(
     digest = load_state_dict_file(net, path)
     model = net if mean is None else NormalizedModel(net, mean, std)
     classes = dataset_defaults(dataset)["num_classes"]
-    build = build_text({"factory": factory_name, "mean": _floats(mean), "std": _floats(std)})
+    build = build_text({"factory": factory_name, "mean": _floats(mean), "std": _floats(std), "code": code_digest(factory, net)})
     return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest, build))
 
 
@@ -171,18 +180,13 @@ def _per_channel(values, what: str, channels: int, dataset: str) -> tuple[float,
         return None
     try:
         numbers = tuple(float(v) for v in values) if not isinstance(values, str | bytes) else ()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         numbers = ()
     if not numbers or not all(math.isfinite(v) for v in numbers):
         raise UserError(f"{what} must be finite numbers, one per channel, got {values!r}")
     if len(numbers) != channels:
         raise UserError(f"{what} needs {channels} numbers (one per channel of {dataset}), got {len(numbers)}")
     return numbers
-
-
-def build_text(build: dict) -> str:
-    """DefenseInfo.build: canonical JSON."""
-    return json.dumps(build, sort_keys=True, separators=(",", ":"))
 
 
 def _floats(values: Sequence[float] | None) -> list[float] | None:
@@ -311,6 +315,8 @@ def ensemble_defense(defenses: Sequence[Defense], name: str | None = None) -> De
     the ensemble a different checkpoint."""
     if len(defenses) < 2:
         raise UserError(f"an ensemble needs at least 2 members, got {len(defenses)}")
+    if name is not None:
+        check_run_name(name, "ensemble_defense", zoo=all(d.info.source == "zoo" for d in defenses))
     first = defenses[0].info
     if any((d.info.dataset, d.info.num_classes) != (first.dataset, first.num_classes) for d in defenses):
         raise UserError(
@@ -335,25 +341,31 @@ def _finish(model: nn.Module, info: DefenseInfo) -> Defense:
     """Eval mode, frozen parameters (attacks differentiate w.r.t. the input only), and a
     one-batch check that the module really returns logits of the expected shape."""
     model.eval().requires_grad_(False)
-    batch = (2, *dataset_info(info.dataset).input_shape)
-    size = "x".join(map(str, batch))
+    check_logits(model, info, torch.full((2, *dataset_info(info.dataset).input_shape), 0.5))
+    return Defense(model, info)
+
+
+def check_logits(model: nn.Module, info: DefenseInfo, x: Tensor, where: str = "") -> None:
+    """One error line unless `model` maps the batch `x` (N x C x H x W in [0, 1]) to finite
+    floating-point N x classes logits: run on 2 constant images when a defense is built,
+    and on the first batch of test images, at the evaluation's batch size, before its
+    first cell. `where`: the images, in words."""
+    size = "x".join(map(str, x.shape))
+    batch = f"a {size} batch of " + (where or "[0, 1] images")
     try:
         with torch.no_grad():
-            out = model(torch.full(batch, 0.5))
+            out = model(x)
     except Exception as err:  # the user's forward: one line, not a traceback through ours
         reason = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"defense {info.name} fails on a {size} batch of [0, 1] images ({type(err).__name__}: "
-                        f"{reason}): check its forward and the data set it is for") from None  # fmt: skip
-    if not isinstance(out, Tensor) or tuple(out.shape) != (2, info.num_classes):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise UserError(
-            f"defense {info.name} returns {shape} for a {size} batch; expected finite (2, {info.num_classes}) logits"
-        )
+        raise UserError(f"defense {info.name} fails on {batch} ({type(err).__name__}: {reason}): check its "
+                        "forward and the data set it is for") from None  # fmt: skip
+    expected = (len(x), info.num_classes)
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected or not out.is_floating_point():
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise UserError(f"defense {info.name} returns {got} for {batch}; expected finite floating-point "
+                        f"{expected} logits")  # fmt: skip
     if not out.isfinite().all():
         broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-        where = f"its weights hold NaN or inf in {listing(broken)}" if broken else "its forward overflows"
-        raise UserError(
-            f"defense {info.name} returns non-finite logits for a {size} batch ({where}): "
-            f"check {info.checkpoint}"
-        )
-    return Defense(model, info)
+        why = (f"its weights hold NaN or inf in {listing(broken)}: check {info.checkpoint}" if broken else
+                 "its weights are finite, so its forward overflows: check its normalisation (mean, std) and forward")  # fmt: skip
+        raise UserError(f"defense {info.name} returns non-finite logits for {batch} ({why})")

@@ -21,23 +21,23 @@ import importlib
 import importlib.util
 import math
 import os
-import re
 import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from bench.core.numbers import decimal
 from bench.data.datasets import dataset_info
 from bench.eval.adapters import Defense, module_defense, robustbench_defense, state_dict_defense
-from bench.records.checkpoints import is_rehearsal
-from models import UserError, list_models
+from bench.eval.identity import check_name
+from models import UserError
 
 MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a folder and a file name
 # a defenses.toml table's keys: the command line's options, without their dashes
+DEFENSES_FILE_LIMIT = 1 << 20  # bytes: a defenses.toml is a few lines per defense
 KEYS = ("defense", "weights", "mean", "std", "dataset", "state-dict", "robustbench", "model-dir", "threat-model")
 
 
@@ -77,21 +77,6 @@ def built(source: DefenseSpec | Defense) -> Defense:
     return source if isinstance(source, Defense) else source.build()
 
 
-def check_name(name: str, where: str) -> str:
-    """A defense's name, which names its records, locks and leaderboard files: not a
-    registered model's (its rows would read as the zoo's)."""
-    if not NAME.fullmatch(name):
-        raise UserError(
-            f"{where}: defense name {name!r} must be 1-100 letters, digits or . _ @ + - (starting with a letter or "
-            "digit): give another with --name"
-        )
-    if name.split("@")[0] in list_models():  # a zoo run's tag is its model's name and its options
-        raise UserError(f"{where}: defense name {name!r} reads as a registered model's run: give it another with --name")
-    if is_rehearsal(name):  # a rehearsal's run tag: its numbers would never be reported
-        raise UserError(f"{where}: defense name {name!r} reads as a rehearsal's run (@rehearsal): give it another with --name")
-    return name
-
-
 def factory_of(target: str) -> type[nn.Module]:
     """The factory `module:attr` (a module path, or a .py file path) names; one error line
     for a module that does not import (its error's last line) or a missing attribute."""
@@ -111,6 +96,7 @@ def factory_of(target: str) -> type[nn.Module]:
     # the build the records name: a file as the module it is (nets.py: nets), wherever it lies
     checked.__module__ = Path(module_name).stem if module_name.endswith(".py") else module.__name__
     checked.__qualname__ = attr
+    checked.__wrapped__ = factory  # its source file is part of the build (adapters.code_digest)
     return checked
 
 
@@ -130,6 +116,7 @@ def users_code(what: str):
     the run as a success having measured nothing). os._exit ends a process without
     unwinding, so it is replaced while the code runs; exit() called from C is not caught."""
     real_exit = os._exit
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
 
     def refused(code: object = 0):
         raise _Exited(code)
@@ -149,6 +136,13 @@ def users_code(what: str):
         raise UserError(f"{what} raised {_last_line(err)}") from None
     finally:
         os._exit = real_exit
+    changed = [f"torch.set_grad_enabled({not grad})"] if torch.is_grad_enabled() != grad else []
+    changed += [f"torch.set_default_dtype({torch.get_default_dtype()})"] if torch.get_default_dtype() != dtype else []
+    if changed:  # attacks need autograd, and every tensor the harness makes would change type
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        raise UserError(f"{what} changed torch's global state ({', '.join(changed)}): a defense must leave it as it "
+                        "found it; remove the call (or make it inside its forward, undone before it returns)")  # fmt: skip
 
 
 def _import(module_name: str, target: str):
@@ -215,21 +209,21 @@ def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
     if source == "defense":
         if values.get("weights") is None:
             raise UserError(f"{where}: a defense needs its weights (--weights PATH, a state_dict file)")
-        target, weights = _text(values["defense"], "defense", where), _path(values["weights"], base)
+        target, weights = _text(values["defense"], "defense", where), _path(values["weights"], base, "weights", where)
         module, _, attr = target.rpartition(":")
-        target = f"{_path(module, base) if module.endswith('.py') else module}:{attr}"
+        target = f"{_path(module, base, 'defense', where) if module.endswith('.py') else module}:{attr}"
         name = values.get("name") or Path(weights).stem
         spec = DefenseSpec(MODULE, name, dataset, target, weights, mean, std)
     elif source == "state-dict":
         pair = values["state-dict"]
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             raise UserError(f"{where}: state-dict takes an architecture and a path, e.g. [\"resnet110\", \"mine.pt\"]")
-        weights = _path(pair[1], base)
+        weights = _path(pair[1], base, "state-dict", where)
         spec = DefenseSpec(STATE_DICT, values.get("name") or Path(weights).stem, dataset, pair[0], weights, mean, std)
     else:
         name = _text(values["robustbench"], "robustbench", where)
         spec = DefenseSpec(ROBUSTBENCH, values.get("name") or name, dataset, name,
-                           model_dir=_path(values.get("model-dir", "models"), base),
+                           model_dir=_path(values.get("model-dir", "models"), base, "model-dir", where),
                            threat_model=_text(values.get("threat-model", "Linf"), "threat-model", where))  # fmt: skip
     if (mean is None) != (std is None):
         raise UserError(f"{where}: give --mean and --std together (one number per channel), or neither")
@@ -242,7 +236,13 @@ def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
     command line's keys (relative paths from the file's folder)."""
     path = Path(path)
     try:
-        tables = tomllib.loads(path.read_text())
+        if not path.is_file():  # a FIFO would wait for a writer, /dev/zero never ends
+            raise UserError(f"--defenses {path} is not a regular file: give a TOML file")
+        if path.stat().st_size > DEFENSES_FILE_LIMIT:
+            raise UserError(f"--defenses {path} is {path.stat().st_size:,} bytes, more than a list of defenses "
+                            f"takes ({DEFENSES_FILE_LIMIT:,} at most): give a TOML file of [name] tables")  # fmt: skip
+        with open(path, "rb") as file:
+            tables = tomllib.loads(file.read(DEFENSES_FILE_LIMIT + 1).decode())
     except OSError as err:
         raise UserError(f"--defenses {path}: cannot read it ({err.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -251,7 +251,7 @@ def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
         raise UserError(f"--defenses {path} names no defense: give one [name] table per defense")
     specs = []
     for name, values in tables.items():
-        where = f"--defenses {path} [{name}]"
+        where = f"--defenses {path} [{name}]" if name.isprintable() else f"--defenses {path} [{name!r}]"
         if not isinstance(values, dict):
             raise UserError(f"{where} must be a table of options (e.g. defense = \"nets.py:SmallCNN\")")
         if "name" in values:
@@ -266,8 +266,8 @@ def _text(value, key: str, where: str) -> str:
     return value.strip()
 
 
-def _path(value, base: Path, key: str = "a path", where: str = "") -> str:
-    return str((base / Path(os.path.expanduser(_text(value, key, where or str(base))))).resolve())
+def _path(value, base: Path, key: str, where: str) -> str:
+    return str((base / Path(os.path.expanduser(_text(value, key, where)))).resolve())
 
 
 def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
@@ -279,6 +279,6 @@ def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
         numbers = tuple(decimal(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool))
         if len(numbers) != len(items) or not numbers or not all(math.isfinite(v) for v in numbers):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise UserError(f"{where}: {key} takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got {value!r}") from None
     return numbers

@@ -29,6 +29,7 @@ from bench.attacks.perturbations import (
 )
 from bench.core.environment import device_name
 from bench.core.presets import PER_FILE, preset
+from bench.eval.adapters import check_logits
 from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells, unit_name, units, units_cost
 from bench.eval.testdata import EvalData
 from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, utc_now
@@ -98,6 +99,8 @@ def measure_cells(
     done, so that a caller can record it before the next starts)."""
     context = cell_context(subject, config)
     model = prepared(subject.defense.model, config)
+    if todo:
+        probe(model, subject, config, data)
     work = units(todo)
     cost = sum(units_cost(u, data.n(u[0]), config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
@@ -109,6 +112,7 @@ def measure_cells(
         unit_scale=True,
         dynamic_ncols=True,
     )
+    finished = 0
     with bar:
         for unit in work:
             bar.set_description(f"eval {label} {unit_name(unit)}")
@@ -119,12 +123,39 @@ def measure_cells(
                 log.error("error: %s (not recorded)", err)
                 yield AuditFailed(str(err))
                 continue
+            except UserError:
+                raise
+            except Exception as err:
+                if subject.defense.info.source in OURS:  # our networks' failure is ours to debug: the traceback
+                    raise
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise UserError(f"defense {subject.run} on {data.dataset} failed in the cell {unit_name(unit)} "
+                                f"({type(err).__name__}: {reason}); the {finished} cells finished before it are "
+                                "kept in the records: fix its forward and run again to compute the rest") from None  # fmt: skip
+            finished += len(unit)
             seconds = (time.perf_counter() - began) / len(unit)
             rows = [
                 _row(context, cell, data, bits, seconds, config)
                 for cell, bits in zip(unit, correct, strict=True)
             ]
             yield CellsDone(rows, correct)
+
+
+OURS = ("zoo", "ensemble")  # defense sources whose code is this project's
+
+
+def probe(model: nn.Module, subject: Subject, config: EvalConfig, data: EvalData) -> None:
+    """The first batch of test images at the evaluation's batch size, and the size of its
+    last batch, through the model before any cell: a defense that fails on the batches it
+    will see, or returns integer or misshapen logits, is one line before anything is
+    recorded (the build check saw 2 constant images only)."""
+    n = data.n(Cell("clean"))
+    size = min(_batch_size(config), n)
+    x, _ = next(iter(data.batches(Cell("clean"), size, torch.device(config.device))))
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=memory)
+    for rows in dict.fromkeys((len(x), n % size or len(x))):
+        check_logits(model, subject.defense.info, x[:rows], f"{data.dataset} test images (the evaluation's batch size)")
 
 
 def cell_context(subject: Subject, config: EvalConfig) -> dict:
@@ -146,9 +177,12 @@ def cell_context(subject: Subject, config: EvalConfig) -> dict:
 
 
 def cell_key(cell: Cell, source: str, config: EvalConfig, n: int, digest: str | None) -> tuple:
-    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them and
-    `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
-    params = perturbation(cell.perturbation).params(config, cell.eps_255)
+    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them (and,
+    for a randomized one, EvalConfig.seed unless 0, the command line's) and `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
+    pert = perturbation(cell.perturbation)
+    params = pert.params(config, cell.eps_255)
+    if pert.randomized and config.seed:  # its random numbers come from the seed: another seed, another cell
+        params = {**params, "seed": config.seed}
     return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params), digest)
 
 

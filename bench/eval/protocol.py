@@ -18,9 +18,10 @@ from bench.attacks.perturbations import (
     perturbation,
 )
 from bench.core.environment import check_device_kind
-from bench.core.numbers import radii_problem
+from bench.core.numbers import SEED_LIMIT, radii_problem
 from bench.core.presets import preset
 from bench.data.noise import SEVERITIES
+from bench.data.noise_files import NOISE_SOURCES
 from bench.eval.adapters import Defense
 from models import UserError
 
@@ -50,28 +51,40 @@ class EvalConfig:
     trust_unknown_data: bool = True
 
     def __post_init__(self):
+        """Every value checked as made, as the command line checks its options: one error
+        line, never a silent coercion (1.5 steps) or a failure after cells were recorded."""
+        for name in ("preset", "device", "noise_source"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"EvalConfig.{name} must be a string, got {getattr(self, name)!r}")
         preset(self.preset)  # one error line for an unknown name
         check_device_kind(self.device)  # whether this machine has one: checked where the work starts
-        if self.steps < 1:
-            raise UserError(f"EvalConfig.steps (the iterations of IFGSM and PGD) must be at least 1, got {self.steps}")
+        if self.noise_source not in NOISE_SOURCES:
+            raise UserError(f"EvalConfig.noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}")
+        _whole(self.steps, "EvalConfig.steps (the iterations of IFGSM and PGD)", 1)
+        _whole(self.seed, "EvalConfig.seed (of the random starts and noise)", 0, SEED_LIMIT)
         for name in ("n_test", "batch_size"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"EvalConfig.{name} must be positive, or None for {_NONE_MEANS[name]}, got {value}")
+            if value is not None:
+                _whole(value, f"EvalConfig.{name} (None: {_NONE_MEANS[name]})", 1)
+        for name in ("channels_last", "trust_unknown_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"EvalConfig.{name} must be True or False, got {getattr(self, name)!r}")
         named = [("eps_255", self.eps_255), ("iterative_eps_255", self.radii), *((f"extra {n}", r) for n, r in self.extra)]
         for field_name, radii in named:
+            if not isinstance(radii, tuple) or not all(_is_number(e) for e in radii):
+                raise UserError(f"EvalConfig.{field_name} must be a tuple of numbers (radii in 1/255), got {radii!r}")
             problem = radii_problem(tuple(radii))
             if problem:
                 raise UserError(f"EvalConfig.{field_name} ({', '.join(f'{e:g}' for e in radii) or 'none'}): {problem}")
-        if self.alpha_255 is not None and not (math.isfinite(self.alpha_255) and self.alpha_255 > 0):
-            raise UserError(f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255:g}")
+        if self.alpha_255 is not None and not (_is_number(self.alpha_255) and math.isfinite(self.alpha_255)
+                                               and self.alpha_255 > 0):  # fmt: skip
+            raise UserError(f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255!r}")
         for name, _ in self.extra:
             if perturbation(name).kind != ATTACK:
                 raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
         for name, n in self.subsets:
             perturbation(name)
-            if n < 1:
-                raise UserError(f"EvalConfig.subsets: the test subset of {name} must be positive, got {n}")
+            _whole(n, f"EvalConfig.subsets: the test subset of {name}", 1)
 
     @property
     def attack_setting(self) -> AttackSetting:
@@ -100,6 +113,17 @@ class EvalConfig:
         if own is None or self.n_test is None:
             return self.n_test if own is None else own
         return min(own, self.n_test)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: object, what: str, low: int, limit: int | None = None) -> None:
+    """One error line unless `value` is an integer (not a bool, not 1.5) in [low, limit)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (limit is not None and value >= limit):
+        bound = f"in [{low}, {limit})" if limit is not None else f"at least {low}"
+        raise UserError(f"{what} must be an integer {bound}, got {value!r}")
 
 
 def attack_names() -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from bench.attacks.perturbations import NOISE, perturbation
+from bench.data.cifar import data_root
 from bench.data.datasets import dataset_info, is_present
 from bench.data.noise_files import (
     cell_sources,
@@ -27,6 +28,7 @@ from bench.data.noise_files import (
 )
 from bench.data.splits import batches, images_digest, load_test, subset_indices
 from bench.eval.protocol import Cell, EvalConfig
+from models import UserError
 
 
 class EvalData:
@@ -47,6 +49,15 @@ class EvalData:
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def indices(self, n: int | None) -> np.ndarray:
         return subset_indices(self.test.labels, n, balanced=True)
+
+    def check_sizes(self) -> None:
+        """One error line when the config asks for more test images than there are (a
+        suite's sizes are capped at them; a protocol of the user's is never shrunk in silence)."""
+        asked = [("n_test", self.config.n_test), *((f"subsets {n}", k) for n, k in self.config.subsets)]
+        for what, n in asked:
+            if n is not None and n > self.n_test:
+                raise UserError(f"EvalConfig.{what} = {n:,} is more than the {self.n_test:,} test images of "
+                                f"{self.dataset} in {data_root(self.data_dir)}: give at most {self.n_test:,}")  # fmt: skip
 
     def n(self, cell: Cell) -> int:
         """How many test images `cell` is measured on."""

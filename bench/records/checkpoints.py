@@ -136,6 +136,32 @@ def check_build(meta: dict, info: ModelInfo, folder: Path) -> None:
         )
 
 
+def check_identity(folder: Path, meta: dict, dataset: str, seed: int) -> None:
+    """One error line when the folder of (data set, seed) holds another run's checkpoint,
+    as its meta.json says: a copied or renamed folder is never a second seed."""
+    for key, wanted in (("dataset", dataset), ("seed", seed)):
+        if key in meta and meta[key] != wanted:
+            raise UserError(
+                f"{folder} holds the checkpoint of {key} {meta[key]!r} (its {META_FILE} says so), not of {key} "
+                f"{wanted!r}: a copied or renamed folder is never another run; move it back or delete it"
+            )
+
+
+def check_distinct(metas: dict[Path, dict]) -> None:
+    """One error line when two finished checkpoint folders hold the same weights (one
+    sha256): a checkpoint must never count twice in a mean or an ensemble."""
+    seen: dict[str, Path] = {}
+    for folder, meta in metas.items():
+        if meta.get("status", "finished") != "finished":
+            continue
+        first = seen.setdefault(meta["sha256"], folder)
+        if first != folder:
+            raise UserError(
+                f"{first} and {folder} hold the same checkpoint (sha256 {meta['sha256'][:12]}…): one checkpoint "
+                "never counts as two seeds; delete the copy"
+            )
+
+
 def missing_weights(folder: Path) -> str:
     """The error line of a checkpoint folder whose meta.json is there but not its weights:
     the train stage skips it (its meta says it ended), so "train it" would be wrong advice."""

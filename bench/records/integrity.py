@@ -107,6 +107,7 @@ def check_integrity(db: sqlite3.Connection, path: Path) -> None:
     result = execute(db, path, "PRAGMA integrity_check(1)")
     if result[0][0] != "ok":
         raise UserError(corrupt_message(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+    _check_objects(db, path)
     tables = {name for (name,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table, columns in TABLE_COLUMNS.items():
         if table in tables:
@@ -118,6 +119,18 @@ def check_integrity(db: sqlite3.Connection, path: Path) -> None:
         _check_stability(db, path)
     if "landscapes" in tables:
         _check_landscapes(db, path)
+
+
+def _check_objects(db: sqlite3.Connection, path: Path) -> None:
+    """The store holds only what the harness made: its tables and their unique indexes. A
+    trigger can rewrite every row as it is recorded and a view or another table is read by
+    no one honest; either is named in one line and the store refused."""
+    foreign = [f"{kind} {name!r}" for kind, name in execute(db, path, "SELECT type, name FROM sqlite_master")
+               if not (kind == "table" and name in TABLE_COLUMNS or kind == "index" and name.startswith("sqlite_autoindex_"))]  # fmt: skip
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{path} holds {shown}, which this harness never makes (planted?): nothing was read or written; "
+                        "restore the store, or move it aside and run again to recompute it")  # fmt: skip
 
 
 def _check_bits(db: sqlite3.Connection, path: Path) -> None:
@@ -200,6 +213,15 @@ def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:
     return f"{run} {dataset} seed {seed}, {kind}{where}"
 
 
+# The text columns that reach tables, the leaderboard and REPORT.md as they are: each holds a
+# name of the characters run names may have (bench.eval.identity.NAME), so that no row can
+# add a row of its own to a Markdown table or a line to a report.
+NAME_COLUMNS = ("run", "model", "family", "dataset", "data_source", "perturbation", "preset", "quantity", "check")
+NAME_RULE = ("length({0}) BETWEEN 1 AND 200 AND {0} NOT GLOB '*[^A-Za-z0-9._@+-]*' "
+             "AND substr({0}, 1, 1) GLOB '[A-Za-z0-9]'")  # fmt: skip
+NAME_MEANING = "of 1-200 letters, digits and . _ @ + - (the characters --name takes)"
+
+
 def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, str]]:
     """column -> (SQL condition every row meets, what it means): each value of its SQL
     type (NULL only where a column allows it), and counts and shares in their ranges."""
@@ -213,7 +235,10 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
               "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
               "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'"),
               "points": ("{0} >= 2", "at least 2"), "right": ("{0} IN (0, 1)", "0 or 1"), "label": ("{0} >= 0", "at least 0"),
-              "image_row": ("{0} >= 0", "at least 0")}  # fmt: skip
+              "image_row": ("{0} >= 0", "at least 0"),
+              **dict.fromkeys(NAME_COLUMNS, (NAME_RULE, NAME_MEANING))}  # fmt: skip
+    if table == "stability":  # a unit without a perturbation (spectral norms, input gradients)
+        ranges["perturbation"] = (f"({{0}} = '' OR {NAME_RULE})", f"empty or {NAME_MEANING}")
     rules = {}
     for name, kind in columns.items():
         condition, meaning = ranges.get(name, ("1", ""))

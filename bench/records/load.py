@@ -14,6 +14,7 @@ import pandas as pd
 
 from bench.records.checkpoints import (
     META_FILE,
+    WEIGHTS_FILE,
     ensemble_digest,
     read_meta,
     weights_problem,
@@ -26,6 +27,7 @@ from bench.records.schema import (
     KEY,
     LANDSCAPE_COLUMNS,
     MEMBER_COLUMNS,
+    NOT_ON_DISK,
     RUN_COLUMNS,
     STABILITY_COLUMNS,
     UNKNOWN_DATA,
@@ -147,35 +149,43 @@ def _with_blobs(results_dir, table: str, columns: dict[str, str], blobs: tuple[s
 
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per training run (run, data set, seed) ever seen, as it stands now: its
-    checkpoint folder decides `status` (finished, failed, running, or gone when the folder
-    was deleted), `checkpoint_sha256`, `length` and `n_train` (of its recipe); the other
-    columns come from its last sighting."""
+    checkpoint folder's meta.json decides `status` (finished, failed, running, or replaced
+    when weights.pt now holds other weights), `checkpoint_sha256`, `length`, `n_train` and
+    `train_sha256` (of its recipe); `on_disk` says whether its weights.pt is there. A folder
+    deleted (or not copied along with records.sqlite) leaves the run as last recorded: the
+    records are the evidence, and nothing has replaced what they measured."""
     runs = read_rows(results_dir, f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY rowid", RUN_COLUMNS)
     runs = runs.drop_duplicates(["run", "dataset", "seed"], keep="last").reset_index(drop=True)
     states = [
-        checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE)
-        for run, dataset, seed in zip(runs["run"], runs["dataset"], runs["seed"], strict=True)
+        checkpoint_state(zoo_checkpoint_dir(results_dir, dataset, run, seed) / META_FILE, status, sha)
+        for run, dataset, seed, status, sha in zip(
+            runs["run"], runs["dataset"], runs["seed"], runs["status"], runs["checkpoint_sha256"], strict=True
+        )
     ]
-    columns = ["status", "checkpoint_sha256", "length", "n_train", "train_sha256"]
+    columns = ["status", "checkpoint_sha256", "length", "n_train", "train_sha256", "on_disk"]
     return runs.drop(columns=["status", "checkpoint_sha256"]).assign(
         **{c: pd.Series([s[i] for s in states], index=runs.index, dtype=object) for i, c in enumerate(columns)}
     )[[*RUN_COLUMNS, *columns[2:]]]
 
 
-def checkpoint_state(meta_path: Path) -> tuple[str, str | None, str | None, int | None, str | None]:
-    """(status, sha256, training length, training images, their digest: UNKNOWN_DATA for a
-    checkpoint trained before meta.json had it) of a checkpoint folder's meta.json (status
-    "replaced" when its weights.pt is not the file the sha256 names: its cells are stale);
-    ("gone", None, None, None, None) when it is missing; one error line when it is damaged
-    (its run's cells would silently drop out of every report)."""
+def checkpoint_state(
+    meta_path: Path, recorded_status: str, recorded_sha256: str
+) -> tuple[str, str, str | None, int | None, str, bool]:
+    """(status, sha256, training length, training images, their digest, weights on disk) of
+    a checkpoint folder's meta.json: the digest is UNKNOWN_DATA for a checkpoint trained
+    before meta.json had it; status "replaced" when weights.pt holds other weights than the
+    sha256 names (its cells are stale). A missing meta.json gives the run as recorded (status
+    and sha256 from the store). One error line when meta.json is damaged (its run's cells
+    would silently drop out of every report)."""
     if not meta_path.exists():
-        return "gone", None, None, None, None
+        return recorded_status, recorded_sha256, None, None, NOT_ON_DISK, False
     meta = read_meta(meta_path)
     trained_on = meta.get("data", {}).get("sha256", UNKNOWN_DATA)
     status = str(meta.get("status", "finished"))
-    if status == "finished" and weights_problem(meta_path.parent, meta):  # its cells measured a file no longer there
+    on_disk = (meta_path.parent / WEIGHTS_FILE).is_file()
+    if status == "finished" and on_disk and weights_problem(meta_path.parent, meta):  # holds other weights now
         status = "replaced"
-    return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on
+    return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on, on_disk
 
 
 def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:

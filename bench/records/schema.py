@@ -74,6 +74,7 @@ CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "para
 
 
 UNKNOWN_DATA = "unknown"  # the data digest of cells recorded before cells had one
+NOT_ON_DISK = "not on disk"  # load_runs' training digest of a run whose meta.json is gone
 
 
 # Training runs seen by the train and eval stages, failed ones included; the last sighting
@@ -85,7 +86,7 @@ RUN_COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     "lambda_low": "REAL",
     "lambda_high": "REAL",
-    "status": "TEXT",  # finished or failed (load_runs: also running, gone)
+    "status": "TEXT",  # finished or failed (load_runs: also running, replaced)
     "reason": "TEXT",
     "test_accuracy": "REAL",
     "checkpoint_sha256": "TEXT",

@@ -11,16 +11,32 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.core.files import check_not_link
 from bench.records.schema import DB_FILE, SNAPSHOT_FILE
 from models import UserError
 
 READ_TIMEOUT, WRITE_TIMEOUT = 30, 120  # seconds to wait for another process's lock
 
 
+SQLITE_PATH_LIMIT = 512  # characters SQLite's unix VFS takes for a file's path, its journal's included
+
+
+def check_store_path(path: Path) -> None:
+    """One error line when the store's path is too long for SQLite (which would say only
+    "unable to open database file", read as a permissions problem)."""
+    longest = len(str(path.absolute())) + len("-journal")
+    if longest > SQLITE_PATH_LIMIT:
+        raise UserError(f"cannot open {path}: its path (and its journal's) is {longest} characters, more than "
+                        f"SQLite's {SQLITE_PATH_LIMIT}; choose a shorter --results-dir")  # fmt: skip
+
+
 def open_store(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    check_store_path(path)
     try:
         if readonly:
             return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_TIMEOUT)
+        for written in (path, path.with_name(path.name + "-journal")):  # SQLite follows links
+            check_not_link(written)
         return sqlite3.connect(path, timeout=WRITE_TIMEOUT)
     except sqlite3.Error as err:
         raise UserError(

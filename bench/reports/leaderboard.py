@@ -106,31 +106,31 @@ def check_metric(name: str, available: set[str] | None = None) -> str:
     return canonical
 
 
-def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame) -> dict[Path, str]:
-    """leaderboard.csv, leaderboard.md (with a line naming the measurements left out) and
-    one JSON file per entry."""
-    table = board.drop(columns=["checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"])
-    shown = table.copy()
+def render_board(board: pd.DataFrame, brief: bool = False) -> str:
+    """The leaderboard's rows as a Markdown table (accuracy in %, '-' where not measured);
+    `brief`: the names, data set, seeds, accuracies and verdict alone (REPORT.md's headline)."""
+    hidden = ["model", "data_source", "preset", "n_test", "amplification", "flags"] if brief else []
+    shown = board.drop(columns=["checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"])
     metrics = [c for c in shown.columns if c in leaderboard_metrics() or "@" in c]
     shown[metrics] = shown[metrics].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
     shown["amplification"] = shown["amplification"].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
     shown["dataset"] = shown["dataset"].map(lambda d: dataset_label(d))
     shown["unreliable"] = [sanity.verdict_text(u, c) for u, c in zip(shown["unreliable"], shown["unchecked"], strict=True)]
-    shown = shown.drop(columns=["unchecked"])
+    shown = shown.drop(columns=["unchecked", *hidden])
+    return tabulate(shown.values.tolist(), headers=list(shown.columns), tablefmt="github", disable_numparse=True)
+
+
+def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame) -> dict[Path, str]:
+    """leaderboard.csv, leaderboard.md (with a line naming the measurements left out) and
+    one JSON file per entry."""
+    table = board.drop(columns=["checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"])
     names = dict(zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True))
     phrases = left_out_phrases(
         left_out, lambda r: f"{names.get((r['dataset'], r['run'], r['kind']), r['run'])} ({r['dataset']})"
     )
     note = ("\nMeasured but not shown (see REPORT.md): " + "; ".join(phrases) + ".\n") if phrases else ""
     note += "".join(f"\n{line}\n" for line in dict.fromkeys(map(test_selected_note, board["preset"])) if line)
-    text = (
-        "# Leaderboard (accuracy in %)\n\n"
-        + tabulate(
-            shown.values.tolist(), headers=list(shown.columns), tablefmt="github", disable_numparse=True
-        )
-        + "\n"
-        + note
-    )
+    text = "# Leaderboard (accuracy in %)\n\n" + render_board(board) + "\n" + note
     texts = {results / "leaderboard.csv": table.to_csv(index=False), results / "leaderboard.md": text}
     paper = published()
     for entry in board.to_dict("records"):

@@ -99,9 +99,15 @@ def failed_run_lines(runs: pd.DataFrame, rehearsal: bool) -> list[str]:
     failed = runs[(runs["status"] == "failed") & (runs["run"].map(is_rehearsal).astype(bool) == rehearsal)]
     if failed.empty:
         return []
-    items = [f"- {r.run}, {dataset_label(r.dataset)}, seed {r.seed}: {r.reason or 'no reason recorded'}"
+    items = [f"- {r.run}, {dataset_label(r.dataset)}, seed {r.seed}: {one_line(r.reason) or 'no reason recorded'}"
              for r in failed.sort_values(["dataset", "run", "seed"]).itertuples()]  # fmt: skip
     return ["", "## Failed runs", "", FAILED_LEGEND, "", *items]
+
+
+def one_line(text: str | None) -> str:
+    """Free text from the records (a failure's reason) as one Markdown line: control
+    characters escaped, so that it can neither end the line nor start a table row."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text or "")).replace("|", "\\|")
 
 
 FAILED_LEGEND = (

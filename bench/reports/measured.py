@@ -69,10 +69,8 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
     if everything.empty:
         raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
     if everything["stale"].all():
-        raise NoRecordsError(
-            f"no current records in {results / DB_FILE}: its {len(everything)} records all measured checkpoints "
-            "since retrained, failed on retraining or deleted; run the eval stage"
-        )
+        raise NoRecordsError(f"no current records in {results / DB_FILE}: its {len(everything)} records all measured "
+                             f"checkpoints since retrained, replaced or failed on retraining; {_advice(runs)}")  # fmt: skip
     checks, stability = load_checks(results, runs), load_stability(results, runs)
     landscapes = load_landscapes(results, runs)
     rehearsal = everything["run"].map(is_rehearsal).astype(bool)
@@ -85,6 +83,15 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
             for frame in (everything, runs, checks, stability, landscapes)]  # fmt: skip
     m = reduce_records(real[0].reset_index(drop=True), real[1], load_bits(results), real[2], steps, real[3])
     return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything, landscapes=real[4])
+
+
+def _advice(runs: pd.DataFrame) -> str:
+    """What to do about a store whose records are all stale: evaluate only where a finished
+    checkpoint stands on disk to be measured."""
+    standing = int(((runs["status"] == "finished") & runs["on_disk"].astype(bool)).sum())
+    if standing:
+        return f"run the eval stage to measure the {standing} finished checkpoint{'s' * (standing != 1)} that stand now"
+    return "no finished checkpoint stands to be measured: restore the replaced weights, or train again"
 
 
 def reduce_records(

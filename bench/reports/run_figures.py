@@ -4,7 +4,6 @@ run (with the paper's shares), and the training curves from each run's epochs.cs
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bench.data.datasets import dataset_label
-from bench.records.checkpoints import EPOCHS_FILE, META_FILE, zoo_checkpoint_dir
+from bench.records.checkpoints import EPOCHS_FILE, META_FILE, read_meta, zoo_checkpoint_dir
 from bench.reports.plotting import Skipped, colour, ordered, panel_grid, render, rule_rank, styles
 from models import SkipRule, create_model, model_label
 
@@ -73,14 +72,16 @@ def read_epochs(folder: Path) -> pd.DataFrame | None:
 
 
 def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunFolder]:
-    """Every finished run of `preset` (its meta.json says which), read once."""
+    """Every finished run of `preset` (its meta.json says which) whose folder is on disk, read once."""
     out = []
     finished = runs[runs["status"] == "finished"]
     for run, dataset, seed, model, low, high in zip(finished["run"], finished["dataset"], finished["seed"],
                                                     finished["model"], finished["lambda_low"], finished["lambda_high"],
                                                     strict=True):  # fmt: skip
         folder = zoo_checkpoint_dir(results_dir, dataset, run, seed)
-        meta = json.loads((folder / META_FILE).read_text())
+        if not (folder / META_FILE).is_file():  # not on disk: its records stand, its curves are not there
+            continue
+        meta = read_meta(folder / META_FILE)
         if meta.get("preset", "paper") != preset:
             continue
         init = None if pd.isna(low) else (float(low), float(high))

@@ -8,8 +8,10 @@ import os
 import pandas as pd
 
 from bench.core.environment import check_device
+from bench.core.numbers import SEED_LIMIT
 from bench.eval.adapters import Defense
-from bench.eval.engine import evaluate
+from bench.eval.engine import OURS, evaluate
+from bench.eval.identity import check_run_name
 from bench.eval.protocol import EvalConfig, Subject
 from bench.eval.testdata import EvalData
 from bench.records.load import load_records
@@ -56,13 +58,28 @@ def evaluate_protocol(
     """The cells of `config`, a protocol of your own, on any adapter's defense (no checks,
     no stability units, no reports; `seed` seeds the random starts), and its current
     records. Resumable: finished cells are kept."""
+    _check_recordable(defense, seed)
+    if not isinstance(config, EvalConfig):
+        raise UserError(f"evaluate_protocol takes an EvalConfig, got {type(config).__name__}")
     check_device(config.device)
     data = EvalData(defense.info.dataset, data_dir, config)
+    data.check_sizes()
     subject = Subject(defense, defense.info.name, defense.info.name, seed)
     _, _, errors = evaluate(subject, config, RecordStore(results_dir), data, progress)
     if errors:
         raise UserError(f"{len(errors)} cell(s) failed the audit, first: {errors[0]}")
     return _records_of(defense, results_dir)
+
+
+def _check_recordable(defense: Defense, seed: object) -> None:
+    """What the command line refuses, refused here too, before any work: a defense whose
+    name --name would not take (a zoo checkpoint keeps its model's name), a seed out of range."""
+    if not isinstance(defense, Defense):
+        raise UserError(f"evaluate_protocol takes a Defense (bench.eval.adapters), got {type(defense).__name__}")
+    check_run_name(defense.info.name, "evaluate_protocol", zoo=defense.info.source in OURS)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"evaluate_protocol: seed (the records' seed of this checkpoint) must be an integer in "
+                        f"[0, 2**32), got {seed!r}")  # fmt: skip
 
 
 def _records_of(defense: Defense, results_dir) -> pd.DataFrame:

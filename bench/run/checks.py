@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
-from bench.core.files import check_file_target, check_writable
+from bench.core.files import check_file_target, check_no_links, check_writable
 from bench.core.processes import LOCKS
 from bench.data.cifar import data_root
 from bench.data.datasets import check_file_places, dataset_info, is_present
@@ -20,11 +20,13 @@ from bench.data.noise import NOISE_GROUPS
 from bench.data.noise_files import generation_folder, load_noise, noise_source
 from bench.data.splits import TrainingSets, images_digest, load_test
 from bench.eval.adapters import DefenseInfo
-from bench.eval.defenses import DefenseSpec, built, check_name
+from bench.eval.defenses import DefenseSpec, built
+from bench.eval.identity import check_name
 from bench.eval.landscape import check_landscape_index
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import blocks
-from bench.records.schema import SNAPSHOT_FILE, utc_now
+from bench.records.schema import DB_FILE, SNAPSHOT_FILE, utc_now
+from bench.records.sql import check_store_path
 from bench.records.store import RecordStore
 from bench.reports.unchanged import MANIFEST
 from bench.run.options import SUBSET_OPTIONS, RunOptions
@@ -42,6 +44,15 @@ REPORT_FILES = ("REPORT.md", SNAPSHOT_FILE, "leaderboard.csv", "leaderboard.md",
 SANITY_FILES = ("sanity.md", "sanity.csv")
 REPORT_FOLDERS = {"tables": 0, "leaderboard": 2}
 FIGURE_FOLDERS = {"figures": 0}
+
+
+def check_no_planted_links(options: RunOptions) -> None:
+    """One error line, before anything is written, for a symbolic link planted where the
+    run writes (its results dir's files and folders, the data dir's generated groups) that
+    points elsewhere: logs, locks, the store and reports stay inside their folders."""
+    names = (DB_FILE, f"{DB_FILE}-journal", *REPORT_FILES, *SANITY_FILES)
+    check_no_links(options.results_dir, (*REPORT_FOLDERS, *FIGURE_FOLDERS, "checkpoints", LOCKS), names)
+    check_no_links(data_root(options.data_dir), ("generated",))
 
 
 def check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, sets: TrainingSets) -> None:
@@ -196,6 +207,8 @@ def check_outputs_and_data(options: RunOptions, jobs: list[Job]) -> None:
     read-only results dir or a missing noise file is one line now, not after hours. What
     writes nothing comes first, so that a refused run leaves the results dir as it was."""
     check_report_targets(options, dry=True)
+    check_store_path(Path(options.results_dir) / DB_FILE)
+    check_writable(options.results_dir, "results", "--results-dir", create=False)
     check_data(options, jobs)
     check_writable(options.results_dir, "results", "--results-dir")
     check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")

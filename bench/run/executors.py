@@ -12,6 +12,7 @@ when the task itself failed (the driver stops with its error).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from bench.core.environment import tolerant_streams
 from bench.run.plan import Resources
 from bench.run.reaper import Reaper, descendants
 from bench.run.work import Work, execute
@@ -79,6 +81,7 @@ class Inline:
 def _worker(inbox, outbox, environment: dict[str, str]) -> None:
     """A worker process: runs the tasks sent to it, streaming every message back."""
     os.environ.update(environment)
+    tolerant_streams()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     while (item := inbox.get()) is not None:
         name, work = item
@@ -100,6 +103,7 @@ class Processes:
         self._outbox = self._context.Queue()
         self._workers: list = [None] * slots
         self._busy: dict[int, str] = {}  # worker index -> task name
+        self._reaper = Reaper({})  # the workers die with the driver, even a SIGKILLed one
         for index in range(slots):
             self._start(index)
 
@@ -111,6 +115,7 @@ class Processes:
         )
         process.start()
         self._workers[index] = (process, inbox)
+        self._reaper.add({pid: start for pid, start in descendants().items() if pid == process.pid})
 
     def submit(self, name: str, work: Work) -> None:
         index = next(i for i in range(self.slots) if i not in self._busy)
@@ -146,6 +151,7 @@ class Processes:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+        self._reaper.close()
 
 
 class RayExecutor:
@@ -162,14 +168,15 @@ class RayExecutor:
         if address is None:  # a private Ray on this machine, reachable from localhost only
             slots = workers or (max(1, num_gpus) if resources.gpus else 1)
             before = descendants()
-            ray.init(
-                num_cpus=slots * max(1, resources.cpus),
-                num_gpus=num_gpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                logging_level=logging.WARNING,
-                configure_logging=False,
-            )
+            with _loopback(ray):
+                ray.init(
+                    num_cpus=slots * max(1, resources.cpus),
+                    num_gpus=num_gpus,
+                    include_dashboard=False,  # its head still runs, with no UI, on 127.0.0.1
+                    _node_ip_address="127.0.0.1",
+                    logging_level=logging.WARNING,
+                    configure_logging=False,
+                )
             # what this init started dies with the driver, even a SIGKILLed one
             self._reaper = Reaper({p: t for p, t in descendants().items() if p not in before})
         else:
@@ -211,6 +218,27 @@ class RayExecutor:
             self._reaper.close()
 
 
+@contextlib.contextmanager
+def _loopback(ray):
+    """Ray's local-only mode while a private Ray starts: its node address and every port
+    it opens are on 127.0.0.1. Otherwise Ray replaces the address asked for by the
+    machine's outward one and binds GCS, raylet and workers to all interfaces. The switch
+    is Ray's own (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS and Windows default):
+    the processes started now inherit it, and it is undone after."""
+    constants = ray._private.ray_constants
+    variable, saved = constants.ENABLE_RAY_CLUSTERS_ENV_VAR, constants.ENABLE_RAY_CLUSTER
+    before = os.environ.get(variable)
+    os.environ[variable], constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
+
+
 def _join(ray, address: str) -> None:
     """Join the cluster at `address` in bounded time: one error line when nothing listens
     there (Ray itself would retry for minutes) or Ray refuses."""
@@ -232,6 +260,7 @@ def _join(ray, address: str) -> None:
 
 
 def _ray_task(work: Work):
+    tolerant_streams()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     yield from execute(work)
 

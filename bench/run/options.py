@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.environment import check_device_kind
-from bench.core.numbers import radii_problem
+from bench.core.numbers import SEED_LIMIT, radii_problem
 from bench.data.cifar import data_root
 from bench.eval.defenses import identity
 from bench.records.store import check_results_dir
@@ -21,7 +21,6 @@ from models import UserError
 STAGES = ("train", "eval", "check", "stability", "report", "figures")
 DEFENSE_STAGES = ("eval", "check", "stability", "report")  # a defense's default: it is never trained here
 EXECUTORS = ("local", "ray")
-SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
 # Upper bounds of the counts, each with why: a value past one is a typo (2**70), and it
 # would overflow SQLite's 64-bit integers or ask for memory no machine has, not run.
 LIMITS: dict[str, tuple[int | float, str]] = {

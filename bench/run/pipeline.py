@@ -21,6 +21,7 @@ from bench.core.processes import LOCKS, remove_orphans
 from bench.data.cifar import data_root
 from bench.data.noise_files import data_folders
 from bench.data.splits import TrainingSets
+from bench.records.checkpoints import check_distinct, zoo_checkpoint_dir
 from bench.records.integrity import recover
 from bench.records.store import RecordStore
 from bench.reports import unchanged
@@ -33,6 +34,7 @@ from bench.run.checks import (
     check_builds,
     check_data,
     check_models,
+    check_no_planted_links,
     check_outputs_and_data,
     check_report_targets,
     check_training_sizes,
@@ -71,6 +73,7 @@ def run(options: RunOptions) -> int:
     real = replace(options, rehearse=False)  # a rehearsal's last line estimates the real run too
     if options.rehearse:
         suite = rehearsal_suite(suite)
+    check_no_planted_links(options)
     if not options.dry_run:  # a dry run writes nothing, and says how to recover
         recover(options.results_dir)
     jobs = plan_jobs(suite, options)
@@ -92,8 +95,13 @@ def run(options: RunOptions) -> int:
     checked = [t for t in tasks if t.kind in (TRAIN, MEASURE)]
     log.info("checking the builds of %d planned checkpoints against the results dir", len(checked))
     trained_on = TrainingDigests(training_sets)
+    metas = {}
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
-        trained_on.compare(finished_run(task.train, options.results_dir), task.train)
+        config = task.train
+        folder = zoo_checkpoint_dir(options.results_dir, config.dataset, config.run_tag, config.seed)
+        meta = metas[folder] = finished_run(config, options.results_dir)
+        trained_on.compare(meta, config)
+    check_distinct({folder: meta for folder, meta in metas.items() if meta is not None})
     del training_sets, trained_on  # the training images are not kept through the work
     if options.dry_run:  # every check of the run's before its work, writing nothing
         check_report_targets(options, dry=True)

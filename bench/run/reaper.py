@@ -1,10 +1,11 @@
-"""A reaper for the local Ray a driver starts: when the driver dies, even by SIGKILL, the
+"""A reaper for the local workers and the local Ray a driver starts: when the driver dies, even by SIGKILL, the
 processes it started go with it.
 
 Ray ties its own daemons (GCS, raylet) to the driver, but the raylet's agents outlive a
 killed driver. `Reaper(pids)` starts `python -m bench.run.reaper` in a session of its own
 and hands it the processes (pid and start time, so that a reused pid is never killed);
-the driver holds the write end of its stdin. When that pipe closes — `close()`, or the
+the driver holds the write end of its stdin (and may hand it more, one JSON line each:
+a local worker restarted after a crash). When that pipe closes — `close()`, or the
 driver's death, which the kernel turns into end-of-file — the reaper terminates every
 listed process still alive (SIGTERM, then SIGKILL after a grace period) and exits.
 Linux only (it reads /proc); elsewhere it does nothing.
@@ -57,14 +58,20 @@ class Reaper:
 
     def __init__(self, processes: dict[int, int]) -> None:
         self._process = None
+        self.add(processes)
+
+    def add(self, processes: dict[int, int]) -> None:
+        """Hand the reaper processes (more of them: a worker started after it); the reaper
+        process starts with the first (none where there is no /proc)."""
         if not processes or not Path("/proc").is_dir():
             return
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.run.reaper"],
-            stdin=subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C of the driver's terminal does not reach it
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        if self._process is None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bench.run.reaper"],
+                stdin=subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C of the driver's terminal does not reach it
+                cwd=Path(__file__).resolve().parent.parent,
+            )
         self._process.stdin.write((json.dumps(processes) + "\n").encode())
         self._process.stdin.flush()
 
@@ -103,8 +110,9 @@ def _signal(pid: int, sig: int) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    processes = {int(pid): start for pid, start in json.loads(sys.stdin.readline()).items()}
-    sys.stdin.read()  # blocks until the driver closes the pipe or dies
+    processes: dict[int, int] = {}
+    for line in sys.stdin:  # until the driver closes the pipe or dies: each line lists more
+        processes.update({int(pid): start for pid, start in json.loads(line).items()})
     reap(processes)
 
 

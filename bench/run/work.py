@@ -10,6 +10,7 @@ their files travel in the messages (`Work.files`, `Trained.files`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,13 +109,32 @@ def execute(work: Work) -> Iterator[Message]:
     subject = Subject(defense, work.model, work.run_tag, _seed(work), len(work.seeds), init)
     if work.cells:
         yield from measure_cells(subject, work.config, eval_data(work), work.cells, work.progress)
-    if work.checks:
-        yield _checks(subject, work)
-    if work.stability:
-        data = eval_data(work)
-        yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
-    if work.landscapes:
-        yield from measure_landscapes(subject, work.config, eval_data(work), work.landscape_config, work.landscapes)
+    with users_forward(work, "its sanity checks"):
+        if work.checks:
+            yield _checks(subject, work)
+    with users_forward(work, "the stability stage"):
+        if work.stability:
+            data = eval_data(work)
+            yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
+    with users_forward(work, "Fig. 2's landscapes"):
+        if work.landscapes:
+            yield from measure_landscapes(subject, work.config, eval_data(work), work.landscape_config, work.landscapes)
+
+
+@contextlib.contextmanager
+def users_forward(work: Work, stage: str):
+    """A defense of the user's that fails in `stage` is one error line (what it measured
+    before is recorded and kept); a failure of the zoo's networks keeps its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if work.defense is None:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"defense {work.run_tag} on {work.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
+                        "what it finished before is kept in the records: fix its forward and run again") from None  # fmt: skip
 
 
 def _seed(work: Work) -> int:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from bench.core.environment import device_name
-from bench.core.files import atomic_write, check_file_target
+from bench.core.files import atomic_write, check_file_target, check_not_link
 from bench.core.messages import reason as error_reason
 from bench.core.presets import BEST_TEST, preset
 from bench.core.weights import describe_mismatch
@@ -45,6 +45,7 @@ from bench.records.checkpoints import (
     STATE_FILE,
     WEIGHTS_FILE,
     check_build,
+    check_identity,
     check_weights,
     dataset_defaults,
     is_rehearsal,
@@ -81,6 +82,7 @@ def train(
         )
         return done
     model = _build(config)
+    check_not_link(folder / LOG_FILE)
     handler = logging.FileHandler(_writable(folder) / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     level = log.level
@@ -274,6 +276,7 @@ def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | 
     if not path.is_file():
         return None
     meta = read_meta(path)
+    check_identity(folder, meta, config.dataset, config.seed)
     if meta.get("recipe") != _jsonable(asdict(recipe)):
         raise UserError(
             f"{folder} holds a run with another recipe ({meta.get('recipe')}); delete it or use another --results-dir"
