@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="suites: " + "; ".join(f"{s.name}: {s.description}" for s in SUITES.values()),
     )
     parser.add_argument(
-        "--suite", default=None, choices=tuple(SUITES),
+        "--suite",
+        default=None,
+        choices=tuple(SUITES),
         help="what to reproduce, or the protocol a defense is evaluated with (default: smoke; paper for a defense)",
     )
     parser.add_argument(
@@ -74,14 +76,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: the suite's",
     )
-    parser.add_argument("--datasets", type=_listed("--datasets"), default=None, help=f"comma-separated: {', '.join(DATASETS)}")
-    parser.add_argument("--seeds", type=_listed("--seeds", int), default=None, help="comma-separated seeds (default: the suite's)")
+    parser.add_argument(
+        "--datasets", type=_listed("--datasets"), default=None, help=f"comma-separated: {', '.join(DATASETS)}"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_listed("--seeds", int),
+        default=None,
+        help="comma-separated seeds (default: the suite's)",
+    )
     parser.add_argument("--preset", default=RunOptions.preset, choices=PRESETS)
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
     )
     parser.add_argument(
-        "--rehearse", action="store_true",
+        "--rehearse",
+        action="store_true",
         help="rehearse the suite: its whole plan (every model at full depth, every data set, study and stage) "
         "on a few images and training steps, with stand-in data where the data sets are missing; its outputs "
         "are tagged rehearsal, and its last line compares the measured time per stage with the estimate",
@@ -95,9 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default=RunOptions.results_dir)
     parser.add_argument("--data-dir", default=None, help="default: $INRES_BENCH_DATA or ./data")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--no-figures", dest="figures", action="store_false",
-                        help="the report stage writes tables, REPORT.md and the leaderboard but draws no figures "
-                        "(seconds saved; --stage figures draws them alone)")  # fmt: skip
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="the report stage writes tables, REPORT.md and the leaderboard but draws no figures "
+        "(seconds saved; --stage figures draws them alone)",
+    )
     scale = parser.add_argument_group("scale out")
     scale.add_argument(
         "--executor",
@@ -106,10 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="local: this machine (one process, or --workers processes, one per GPU); ray: a Ray cluster",
     )
     scale.add_argument(
-        "--workers", type=INTEGER, default=None, help="tasks at once (default: one per visible GPU, else 1; Ray: the cluster's)"
+        "--workers",
+        type=INTEGER,
+        default=None,
+        help="tasks at once (default: one per visible GPU, else 1; Ray: the cluster's)",
     )
     scale.add_argument(
-        "--ray-address", default=None, help="join this Ray cluster (e.g. auto, or host:6379); default: a Ray on localhost only"
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. auto, or host:6379); default: a Ray on localhost only",
     )
     scale.add_argument(
         "--assume-tflops",
@@ -122,18 +141,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--length", default=None, choices=("full", "quick", "smoke"), help="epochs: paper's, 1/5, 2"
     )
     train.add_argument(
-        "--lambda-init", type=_pair, default=None, help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)"
+        "--lambda-init",
+        type=_pair,
+        default=None,
+        help="a,b: lambda_n ~ U[a, b] instead of the suite's (e.g. -0.1,0)",
     )
     train.add_argument("--n-train", type=INTEGER, default=None, help="train on the first N images only")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
     train.add_argument(
-        "--contiguous", dest="channels_last", action="store_false", help="train in the contiguous (NCHW) layout, not channels_last"
+        "--contiguous",
+        dest="channels_last",
+        action="store_false",
+        help="train in the contiguous (NCHW) layout, not channels_last",
     )
     train.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     evaluation = parser.add_argument_group("eval")
-    evaluation.add_argument("--n-test", type=INTEGER, default=None, help="class-balanced test subset of N images")
     evaluation.add_argument(
-        "--n-autoattack", type=INTEGER, default=None,
+        "--n-test", type=INTEGER, default=None, help="class-balanced test subset of N images"
+    )
+    evaluation.add_argument(
+        "--n-autoattack",
+        type=INTEGER,
+        default=None,
         help="AutoAttack's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
     evaluation.add_argument(
@@ -144,65 +173,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "must give the clean accuracy, a check of the attack path",
     )
     evaluation.add_argument(
-        "--n-stability", type=INTEGER, default=None,
+        "--n-stability",
+        type=INTEGER,
+        default=None,
         help="the stability stage's class-balanced subset of N images (default: the suite's, never more than --n-test)",
     )
     evaluation.add_argument(
-        "--steps", type=INTEGER, default=RunOptions.steps, help=f"IFGSM / PGD iterations (default {RunOptions.steps})"
+        "--steps",
+        type=INTEGER,
+        default=RunOptions.steps,
+        help=f"IFGSM / PGD iterations (default {RunOptions.steps})",
     )
     evaluation.add_argument("--noise-source", default=RunOptions.noise_source, choices=NOISE_SOURCES)
-    evaluation.add_argument(
-        "--recheck-data", action="store_true",
-        help="measure again the cells recorded before cells recorded their data's digest (shown as 'unknown' "
-        "in REPORT.md); by default they count as cached",
-    )
     evaluation.add_argument(
         "--batch-size", type=INTEGER, default=None, help="default: 256 on a CPU, 512 on a GPU"
     )
     report = parser.add_argument_group("report")
     report.add_argument(
-        "--rank-by", default=RunOptions.rank_by, help="leaderboard order: a metric such as pgd@2, clean, noise"
+        "--rank-by",
+        default=RunOptions.rank_by,
+        help="leaderboard order: a metric such as pgd@2, clean, noise",
     )
     figures = parser.add_argument_group("figures (Fig. 2's loss landscape)")
     figures.add_argument(
-        "--landscape-index", type=INTEGER, default=None,
+        "--landscape-index",
+        type=INTEGER,
+        default=None,
         help="draw Fig. 2 on this clean test image (default: the paper's two CIFAR-C images, shot noise #3 and "
         "speckle noise #8, or clean test images 2 and 7 without the noise files)",
     )
-    figures.add_argument("--landscape-points", type=INTEGER, default=RunOptions.landscape[1],
-                         help=f"grid points per axis (default {RunOptions.landscape[1]})")
     figures.add_argument(
-        "--landscape-radius", type=DECIMAL, default=RunOptions.landscape[2],
-        help=f"grid half-width in 1/255 (default {RunOptions.landscape[2]:g})"
+        "--landscape-points",
+        type=INTEGER,
+        default=RunOptions.landscape[1],
+        help=f"grid points per axis (default {RunOptions.landscape[1]})",
+    )
+    figures.add_argument(
+        "--landscape-radius",
+        type=DECIMAL,
+        default=RunOptions.landscape[2],
+        help=f"grid half-width in 1/255 (default {RunOptions.landscape[2]:g})",
     )
     defense = parser.add_argument_group(
         "rank a defense (instead of the zoo): evaluated with the suite's protocol, recorded, put on the leaderboard"
     )
     defense.add_argument(
-        "--defense", default=None, metavar="MODULE:FACTORY",
+        "--defense",
+        default=None,
+        metavar="MODULE:FACTORY",
         help="your network: a module (my_pkg.nets:SmallCNN) or file (nets.py:SmallCNN) and the class or function "
         "that builds it; with --weights",
     )
     defense.add_argument("--weights", default=None, metavar="PATH", help="its state_dict file (torch.save)")
     defense.add_argument(
-        "--mean", default=None, help="the normalisation your network expects, per channel (e.g. 0.4914,0.4822,0.4465); "
+        "--mean",
+        default=None,
+        help="the normalisation your network expects, per channel (e.g. 0.4914,0.4822,0.4465); "
         "default: none, the network takes [0, 1] pixels",
     )
     defense.add_argument("--std", default=None, help="per channel, with --mean (e.g. 0.2470,0.2435,0.2616)")
     defense.add_argument("--dataset", default=None, help="the defense's data set (default: cifar10)")
-    defense.add_argument("--name", default=None, help="its name in the records and the leaderboard (default: the weights' file name)")
     defense.add_argument(
-        "--state-dict", nargs=2, default=None, metavar=("ARCH", "PATH"),
+        "--name",
+        default=None,
+        help="its name in the records and the leaderboard (default: the weights' file name)",
+    )
+    defense.add_argument(
+        "--state-dict",
+        nargs=2,
+        default=None,
+        metavar=("ARCH", "PATH"),
         help="a registered architecture (see --list-models) with your weights",
     )
     defense.add_argument(
-        "--robustbench", default=None, metavar="NAME",
+        "--robustbench",
+        default=None,
+        metavar="NAME",
         help="a RobustBench zoo model (e.g. Carmon2019Unlabeled), fetched by RobustBench's own loader when missing",
     )
-    defense.add_argument("--model-dir", default=None, help="RobustBench's checkpoint folder (default: models)")
-    defense.add_argument("--threat-model", default=None, help="RobustBench's threat model: Linf, L2, corruptions (default: Linf)")
     defense.add_argument(
-        "--defenses", dest="defenses_file", default=None, metavar="TOML",
+        "--model-dir", default=None, help="RobustBench's checkpoint folder (default: models)"
+    )
+    defense.add_argument(
+        "--threat-model",
+        default=None,
+        help="RobustBench's threat model: Linf, L2, corruptions (default: Linf)",
+    )
+    defense.add_argument(
+        "--defenses",
+        dest="defenses_file",
+        default=None,
+        metavar="TOML",
         help="several defenses at once: one [name] table each, with the keys above (defense, weights, mean, std, "
         "dataset, state-dict, robustbench, model-dir, threat-model)",
     )
@@ -242,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         full = disk_full(err)
         if full is None:
             raise
-        where = f"for {full.filename}" if getattr(full, "filename", None) else "on the disk of the results or data"
+        where = (
+            f"for {full.filename}"
+            if getattr(full, "filename", None)
+            else "on the disk of the results or data"
+        )
         return _fail(disk_full_message(full, where))
 
 
@@ -254,8 +319,18 @@ def _fail(message: str) -> int:
     return 2
 
 
-DEFENSE_OPTIONS = ("defense", "weights", "mean", "std", "dataset", "name", "state_dict", "robustbench", "model_dir",
-                   "threat_model")  # fmt: skip
+DEFENSE_OPTIONS = (
+    "defense",
+    "weights",
+    "mean",
+    "std",
+    "dataset",
+    "name",
+    "state_dict",
+    "robustbench",
+    "model_dir",
+    "threat_model",
+)
 
 
 def defenses(args: argparse.Namespace) -> tuple:
@@ -268,29 +343,39 @@ def defenses(args: argparse.Namespace) -> tuple:
     given = {k.replace("_", "-"): getattr(args, k) for k in DEFENSE_OPTIONS if getattr(args, k) is not None}
     if args.defenses_file is not None:
         if given:
-            raise UserError(f"--{next(iter(given))} and --defenses: name the defenses in one place (the file, or the options)")
+            raise UserError(
+                f"--{next(iter(given))} and --defenses: name the defenses in one place (the file, or the options)"
+            )
         return load_defenses(args.defenses_file)
     sources = [f"--{k}" for k in ("defense", "state-dict", "robustbench") if k in given]
     if not sources:
         if given:
-            raise UserError(f"--{next(iter(given))} describes a defense: name it with --defense, --state-dict or --robustbench")
+            raise UserError(
+                f"--{next(iter(given))} describes a defense: name it with --defense, --state-dict or --robustbench"
+            )
         return ()
-    where = " ".join([sources[0], *([str(given[sources[0][2:]])] if sources[0] != "--state-dict" else given["state-dict"])])
+    where = " ".join(
+        [sources[0], *([str(given[sources[0][2:]])] if sources[0] != "--state-dict" else given["state-dict"])]
+    )
     return (spec_from(given, where, Path.cwd()),)
 
 
 def options(args: argparse.Namespace):
     chosen = defenses(args)
     default_stages = ",".join(DEFENSE_STAGES if chosen else RunOptions.stages)
-    stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))  # checked by RunOptions
+    stages = tuple(
+        _items(args.stage if args.stage is not None else default_stages, "--stage")
+    )  # checked by RunOptions
     given = {f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name in vars(args)}  # same dests
-    return RunOptions(**{
-        **given,
-        "suite": args.suite or ("paper" if chosen else "smoke"),
-        "stages": stages,
-        "landscape": (args.landscape_index, args.landscape_points, args.landscape_radius),
-        "defenses": chosen,
-    })
+    return RunOptions(
+        **{
+            **given,
+            "suite": args.suite or ("paper" if chosen else "smoke"),
+            "stages": stages,
+            "landscape": (args.landscape_index, args.landscape_points, args.landscape_radius),
+            "defenses": chosen,
+        }
+    )
 
 
 def print_summary(args: argparse.Namespace) -> int:

@@ -44,13 +44,16 @@ def small_cifar(root: Path, n_train: int = 4660, n_test: int = 500) -> None:
 
 
 def scenario(name: str, root: Path) -> RunOptions:
-    common = {"results_dir": str(root / "results"), "data_dir": str(root / "data"), "progress": False,
-              "stages": ("train", "eval")}  # fmt: skip
+    common = {
+        "results_dir": str(root / "results"),
+        "data_dir": str(root / "data"),
+        "progress": False,
+        "stages": ("train", "eval"),
+    }
     if name == "smoke":
         return RunOptions(**common)
     small_cifar(root / "data")
-    return RunOptions(models=SAME_SIZE, datasets=("cifar10",), seeds=(0,), n_test=50, radii=(2.0,),
-                      **common)  # fmt: skip
+    return RunOptions(models=SAME_SIZE, datasets=("cifar10",), seeds=(0,), n_test=50, radii=(2.0,), **common)
 
 
 def estimated(options: RunOptions):
@@ -73,7 +76,9 @@ def main() -> int:
                 frame = estimated(options)
                 per_model = frame.groupby("model", sort=False)["seconds"].sum()
                 spread = per_model.max() / per_model.min()
-                print(f"same-size models, estimated seconds: {per_model.round(1).to_dict()} (max/min {spread:.2f})")
+                print(
+                    f"same-size models, estimated seconds: {per_model.round(1).to_dict()} (max/min {spread:.2f})"
+                )
             else:
                 frame = estimated(options)
             guess = frame["seconds"].sum()

@@ -114,34 +114,84 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
         members = [digests[task.run_tag, task.job.dataset, s] for s in task.seeds]
         digest = ensemble_digest(members) if ensemble else members[0]
         if ensemble:
-            store.add_ensemble(digest, task.run_tag, task.job.dataset, dict(zip(task.seeds, members, strict=True)))
+            store.add_ensemble(
+                digest, task.run_tag, task.job.dataset, dict(zip(task.seeds, members, strict=True))
+            )
         entry = model_entry(task.job.model)
         low, high = task.job.lambda_init or entry.damped_lambda_init or (None, None)
-        context = {"model": task.job.model, "run": task.run_tag, "family": entry.family, "dataset": task.job.dataset,
-                   "seed": task.seed, "members": len(task.seeds), "preset": "paper", "checkpoint_sha256": digest,
-                   "lambda_low": low, "lambda_high": high}  # fmt: skip
+        context = {
+            "model": task.job.model,
+            "run": task.run_tag,
+            "family": entry.family,
+            "dataset": task.job.dataset,
+            "seed": task.seed,
+            "members": len(task.seeds),
+            "preset": "paper",
+            "checkpoint_sha256": digest,
+            "lambda_low": low,
+            "lambda_high": high,
+        }
         rows, bits = [], []
         accuracy = rng.uniform(0.55, 0.95)
         for cell in protocol_cells(config):
             n = config.n_test_of(cell.perturbation) or 10_000
-            correct = rng.random(n) < accuracy * (0.9 ** cell.eps_255)
+            correct = rng.random(n) < accuracy * (0.9**cell.eps_255)
             source = "generated" if cell.severity else clean_source
             key = cell_key(cell, source, config, n, test_digest)
-            rows.append({**context, **dict(zip(("data_source", "perturbation", "eps_255", "severity", "n", "params",
-                                                "data_sha256"), key, strict=True)),
-                         "correct": int(correct.sum()), "accuracy": float(correct.mean()), "torch_version": "2.14.1",
-                         "torchattacks_version": "3.5.1", "device": "cuda (NVIDIA H200)", "batch_size": 512,
-                         "seconds": 1.0, "timestamp": utc_now()})  # fmt: skip
+            rows.append(
+                {
+                    **context,
+                    **dict(
+                        zip(
+                            (
+                                "data_source",
+                                "perturbation",
+                                "eps_255",
+                                "severity",
+                                "n",
+                                "params",
+                                "data_sha256",
+                            ),
+                            key,
+                            strict=True,
+                        )
+                    ),
+                    "correct": int(correct.sum()),
+                    "accuracy": float(correct.mean()),
+                    "torch_version": "2.14.1",
+                    "torchattacks_version": "3.5.1",
+                    "device": "cuda (NVIDIA H200)",
+                    "batch_size": 512,
+                    "seconds": 1.0,
+                    "timestamp": utc_now(),
+                }
+            )
             bits.append(correct)
         counts["cells"] += store.add_cells(rows, bits)
         checks = [*CHECKS, *(("transfer",) if plain_counterpart(task.job.model) and not ensemble else ())]
-        store.add_checks([{"run": task.run_tag, "dataset": task.job.dataset, "seed": task.seed, "members": len(task.seeds),
-                           "checkpoint_sha256": digest, "check": c, "value": 0.0, "limit": 0.0, "detail": "",
-                           "timestamp": utc_now()} for c in checks])  # fmt: skip
+        store.add_checks(
+            [
+                {
+                    "run": task.run_tag,
+                    "dataset": task.job.dataset,
+                    "seed": task.seed,
+                    "members": len(task.seeds),
+                    "checkpoint_sha256": digest,
+                    "check": c,
+                    "value": 0.0,
+                    "limit": 0.0,
+                    "detail": "",
+                    "timestamp": utc_now(),
+                }
+                for c in checks
+            ]
+        )
         counts["checks"] += len(checks)
         _, damped, _ = models(task.job.model, task.job.dataset, task.job.lambda_init)
         for unit in stage_units(len(task.seeds)):
-            counts["stability units"] += _stability(store, context, unit, damped, stable, config, test_digest, rng)
+            counts["stability units"] += _stability(
+                store, context, unit, damped, stable, config, test_digest, rng
+            )
     return counts
 
 
@@ -150,12 +200,25 @@ def _checkpoint(results: Path, task, models: _Models, rng: np.random.Generator) 
     job = task.job
     built, _, coefficients = models(job.model, job.dataset, job.lambda_init)
     recipe = recipe_for(model_entry(job.model).family, job.dataset)
-    meta = {"model": job.model, "dataset": job.dataset, "seed": task.seed, "sha256": _hex(rng), **built,
-            "tag": task.run_tag, "preset": "paper", "length": "full", "n_train": None, "status": "finished", "reason": "",
-            "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(recipe).items()},
-            "epochs_done": recipe.epochs, "test_accuracy": 0.93, "wall_seconds": 3600.0,
-            "interpolation_coefficients": [round(float(c), 6) for c in rng.uniform(0, 0.3, coefficients)],
-            "data": {"source": "released", "images": 50_000, "sha256": _hex(rng)}}  # fmt: skip
+    meta = {
+        "model": job.model,
+        "dataset": job.dataset,
+        "seed": task.seed,
+        "sha256": _hex(rng),
+        **built,
+        "tag": task.run_tag,
+        "preset": "paper",
+        "length": "full",
+        "n_train": None,
+        "status": "finished",
+        "reason": "",
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(recipe).items()},
+        "epochs_done": recipe.epochs,
+        "test_accuracy": 0.93,
+        "wall_seconds": 3600.0,
+        "interpolation_coefficients": [round(float(c), 6) for c in rng.uniform(0, 0.3, coefficients)],
+        "data": {"source": "released", "images": 50_000, "sha256": _hex(rng)},
+    }
     folder = zoo_checkpoint_dir(results, job.dataset, task.run_tag, task.seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).write_text(json.dumps(meta))
@@ -173,11 +236,27 @@ def _stability(store, context, unit, damped, stable, config, digest, rng) -> int
     else:
         rows = [(b + 1, int(d)) for b, d in enumerate(damped)]
     values = [rng.uniform(0.5, 2.0, n).astype(np.float32) for _ in rows]
-    records = [{**context, "data_source": "released", "quantity": unit.quantity, "perturbation": unit.perturbation,
-                "eps_255": unit_eps(unit, stable), "block": b, "damped": d, "n": n, "params": params_of(unit, stable, config),
-                "data_sha256": digest, "mean": float(np.mean(v)), "median": float(np.median(v)), "torch_version": "2.14.1",
-                "device": "cuda (NVIDIA H200)", "seconds": 1.0, "timestamp": utc_now()}
-               for (b, d), v in zip(rows, values, strict=True)]  # fmt: skip
+    records = [
+        {
+            **context,
+            "data_source": "released",
+            "quantity": unit.quantity,
+            "perturbation": unit.perturbation,
+            "eps_255": unit_eps(unit, stable),
+            "block": b,
+            "damped": d,
+            "n": n,
+            "params": params_of(unit, stable, config),
+            "data_sha256": digest,
+            "mean": float(np.mean(v)),
+            "median": float(np.median(v)),
+            "torch_version": "2.14.1",
+            "device": "cuda (NVIDIA H200)",
+            "seconds": 1.0,
+            "timestamp": utc_now(),
+        }
+        for (b, d), v in zip(rows, values, strict=True)
+    ]
     return int(store.add_stability(records, values) > 0)
 
 
@@ -193,14 +272,27 @@ def phase(name: str, results: Path) -> None:
 
         stage = "report" if name == "report" else "figures"
         extra = ["--no-figures"] if name == "report" else []
-        code = run_bench.main(["--stage", stage, "--results-dir", str(results), "--data-dir", str(results / "data"), *extra])
+        code = run_bench.main(
+            ["--stage", stage, "--results-dir", str(results), "--data-dir", str(results / "data"), *extra]
+        )
         if code:
             raise SystemExit(code)
     else:
         import run_bench
 
-        code = run_bench.main(["--suite", "paper", "--dry-run", "--device", "cpu", "--results-dir", str(results),
-                               "--data-dir", str(results / "data")])  # fmt: skip
+        code = run_bench.main(
+            [
+                "--suite",
+                "paper",
+                "--dry-run",
+                "--device",
+                "cpu",
+                "--results-dir",
+                str(results),
+                "--data-dir",
+                str(results / "data"),
+            ]
+        )
         if code:
             raise SystemExit(code)
 
@@ -208,8 +300,11 @@ def phase(name: str, results: Path) -> None:
 def timed(name: str, results: Path) -> tuple[float, float]:
     """(seconds, peak RSS in GiB) of one phase in a fresh process."""
     began = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, "--phase", name, "--results", str(results)],
-                             stdout=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--phase", name, "--results", str(results)],
+        stdout=subprocess.DEVNULL,
+        cwd=REPO,
+    )
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"phase {name} failed (exit {os.waitstatus_to_exitcode(status)})")
@@ -235,18 +330,25 @@ def main(argv: list[str] | None = None) -> int:
             size = (results / "records.sqlite").stat().st_size / 2**20
             times = {name: timed(name, results) for name in PHASES}
             rows.append((fraction, counts, size, filled, times))
-            print(f"fraction {fraction:g}: {counts}, store {size:.0f} MiB (filled in {filled:.0f} s); "
-                  + "; ".join(f"{n} {s:.1f} s {m:.2f} GiB" for n, (s, m) in times.items()), flush=True)  # fmt: skip
+            print(
+                f"fraction {fraction:g}: {counts}, store {size:.0f} MiB (filled in {filled:.0f} s); "
+                + "; ".join(f"{n} {s:.1f} s {m:.2f} GiB" for n, (s, m) in times.items()),
+                flush=True,
+            )
     print("\n| plan | jobs | checkpoints | cells | stability units | store | " + " | ".join(PHASES) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(PHASES))
     for fraction, counts, size, _, times in rows:
-        print(f"| {fraction:g} | {counts['jobs']} | {counts['checkpoints']} | {counts['cells']:,} | {counts['stability units']:,} "
-              f"| {size:.0f} MiB | " + " | ".join(f"{s:.1f} s, {m:.2f} GiB" for s, m in times.values()) + " |")  # fmt: skip
+        print(
+            f"| {fraction:g} | {counts['jobs']} | {counts['checkpoints']} | {counts['cells']:,} | {counts['stability units']:,} "
+            f"| {size:.0f} MiB | " + " | ".join(f"{s:.1f} s, {m:.2f} GiB" for s, m in times.values()) + " |"
+        )
     if len(rows) > 1:
         (f0, c0, _, _, t0), (f1, c1, _, _, t1) = rows[0], rows[-1]
         growth = {n: t1[n][0] / t0[n][0] for n in PHASES}
-        print(f"\ngrowth from {f0:g} to {f1:g} of the plan ({c1['cells'] / c0['cells']:.1f}x the cells): "
-              + ", ".join(f"{n} x{g:.1f}" for n, g in growth.items()))  # fmt: skip
+        print(
+            f"\ngrowth from {f0:g} to {f1:g} of the plan ({c1['cells'] / c0['cells']:.1f}x the cells): "
+            + ", ".join(f"{n} x{g:.1f}" for n, g in growth.items())
+        )
     return 0
 
 

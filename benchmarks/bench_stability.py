@@ -37,7 +37,9 @@ def pgd_cell(model, x, y, setting: EvalConfig) -> float:
     began = time.perf_counter()
     for start in range(0, len(x), 256):
         xb, yb = x[start : start + 256], y[start : start + 256]
-        adversarial = run_seeded(lambda a, b: perturbation("pgd").perturb(model, a, b, [2 / 255], setting), xb, yb, 0)
+        adversarial = run_seeded(
+            lambda a, b: perturbation("pgd").perturb(model, a, b, [2 / 255], setting), xb, yb, 0
+        )
         with torch.no_grad():
             model(adversarial[0]).argmax(1)
     return time.perf_counter() - began
@@ -53,7 +55,10 @@ def costs(name: str, n: int, device: str = "cpu") -> tuple[float, dict[str, floa
     model = prepared(create_model(name), setting)
     pgd_cell(model, x[:2], y[:2], setting)  # warm-up: the first pass of a model allocates
     pgd = _timed(lambda: pgd_cell(model, x, y, setting), device)
-    units = {unit.name: _timed(lambda u=unit: measure(model, u, x, y, config, setting, 0), device) for unit in stage_units(1)}
+    units = {
+        unit.name: _timed(lambda u=unit: measure(model, u, x, y, config, setting, 0), device)
+        for unit in stage_units(1)
+    }
     return pgd, units
 
 
@@ -71,13 +76,17 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20, help="images (default 20)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.n} images, {args.device}, "
-          f"defaults {StabilityConfig()}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.n} images, {args.device}, "
+        f"defaults {StabilityConfig()}"
+    )
     for name in args.models.split(","):
         pgd, units = costs(name, args.n, args.device)
         stage = sum(units.values())
-        print(f"\n{name}: PGD-20 cell {pgd / args.n * 1000:.1f} ms/image; stage {stage / args.n * 1000:.1f} ms/image "
-              f"= {stage / pgd:.2f} PGD-20 cells on the same images")  # fmt: skip
+        print(
+            f"\n{name}: PGD-20 cell {pgd / args.n * 1000:.1f} ms/image; stage {stage / args.n * 1000:.1f} ms/image "
+            f"= {stage / pgd:.2f} PGD-20 cells on the same images"
+        )
         for unit, seconds in units.items():
             print(f"  {unit:22s} {seconds / args.n * 1000:8.1f} ms/image  ({seconds / pgd:.2f} of the cell)")
         for suite in SUITES.values():

@@ -135,12 +135,17 @@ def _outputs(model, x, y, device, bf16: bool = False) -> dict[str, torch.Tensor]
         logits = model(x)
     logits = logits.to(x.dtype)  # bf16 autocast's logits in the input's precision (float32 or float64)
     F.cross_entropy(logits, y).backward()
+
     def gradients(params) -> torch.Tensor:
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
     skip = [p for n, p in model.named_parameters() if n.endswith((".lam", ".k")) or ".gate." in n]
-    return {"logits": logits.detach(), "input gradient": x.grad, "skip gradient": gradients(skip),
-            "all gradients": gradients(model.parameters())}  # fmt: skip
+    return {
+        "logits": logits.detach(),
+        "input gradient": x.grad,
+        "skip gradient": gradients(skip),
+        "all gradients": gradients(model.parameters()),
+    }
 
 
 def parity(names, device: str, paths=tuple(PATHS)) -> list[dict]:
@@ -161,8 +166,13 @@ def parity(names, device: str, paths=tuple(PATHS)) -> list[dict]:
                     reference = _outputs(net, inputs, y, device)
                 if path == "compile" and compiled is None:
                     compiled = torch.compile(model)
-                ours = _outputs(compiled if path == "compile" else net, inputs, y, device, bf16=path == "bf16")
-                errors = {k: float((ours[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-12)) for k in compared}
+                ours = _outputs(
+                    compiled if path == "compile" else net, inputs, y, device, bf16=path == "bf16"
+                )
+                errors = {
+                    k: float((ours[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-12))
+                    for k in compared
+                }
                 rows.append({**row, **errors, "pass": max(errors.values()) <= tolerance})
             except Exception as err:  # a path that cannot run is a failure, with its reason
                 rows.append({**row, "pass": False, "error": _first_line(err)})
@@ -175,13 +185,25 @@ def learns(name: str, n_train: int, device: str, folder: Path) -> list[dict]:
     config = TrainConfig(name, "synthetic", 0, length="smoke", n_train=n_train, device=device)
     meta = train(config, folder / "results", folder / "data", progress=False)
     accuracy = meta["test_accuracy"]
-    return [{"model": name, "images": n_train, "epochs": 2, "test accuracy": accuracy,
-             "seconds": round(time.perf_counter() - began, 1), "pass": accuracy is not None and accuracy > 0.2}]  # fmt: skip
+    return [
+        {
+            "model": name,
+            "images": n_train,
+            "epochs": 2,
+            "test accuracy": accuracy,
+            "seconds": round(time.perf_counter() - began, 1),
+            "pass": accuracy is not None and accuracy > 0.2,
+        }
+    ]
 
 
-def _ours(name, images, labels, device, channels_last=True, bf16=False, compile_mode=None) -> tuple[float, float]:
+def _ours(
+    name, images, labels, device, channels_last=True, bf16=False, compile_mode=None
+) -> tuple[float, float]:
     """Our training loop (bench.train.loop.train_epoch): images/s and peak memory in GiB."""
-    model = create_model(name).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = create_model(name).to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     recipe = recipe_for(model.info.family, "cifar10")
     optimizer = make_optimizer(model, recipe, device)
     config = TrainConfig(name, "cifar10", 0, device=device, channels_last=channels_last, bf16=bf16)
@@ -218,12 +240,21 @@ def training(names, steps: int, device: str) -> list[dict]:
         torch.manual_seed(0)
         config = TrainConfig(name, "cifar10", 0, device=device)
         baseline = plain(name, images, labels, config, workers=4 if gpu else 0)
-        rows.append({"model": name, "loop": "plain (DataLoader)", "images/s": round(baseline, 1), "vs plain": 1.0})
+        rows.append(
+            {"model": name, "loop": "plain (DataLoader)", "images/s": round(baseline, 1), "vs plain": 1.0}
+        )
         for label, flags in variants.items():
             try:
                 rate, peak = _ours(name, images, labels, device, **flags)
-                rows.append({"model": name, "loop": label, "images/s": round(rate, 1), "vs plain": round(rate / baseline, 2),
-                             "peak GiB": None if peak is None else round(peak, 2)})  # fmt: skip
+                rows.append(
+                    {
+                        "model": name,
+                        "loop": label,
+                        "images/s": round(rate, 1),
+                        "vs plain": round(rate / baseline, 2),
+                        "peak GiB": None if peak is None else round(peak, 2),
+                    }
+                )
             except Exception as err:
                 rows.append({"model": name, "loop": label, "error": _first_line(err)})
     return rows
@@ -236,12 +267,16 @@ def epoch(name: str, n: int, device: str, evaluation_rows: list[dict]) -> list[d
     images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
     gpu = device.startswith("cuda")
     rate, _ = _ours(name, images, labels, device, bf16=gpu, compile_mode="default" if gpu else None)
-    rows = [{"model": name, "images": n, "epoch seconds": round(n / rate, 2), "train images/s": round(rate, 1)}]
+    rows = [
+        {"model": name, "images": n, "epoch seconds": round(n / rate, 2), "train images/s": round(rate, 1)}
+    ]
     forward = next((r["clean img/s"] for r in evaluation_rows if r.get("model") == name), None)
     gradient = next((r["hand loop img/s"] for r in evaluation_rows if r.get("model") == name), None)
     if forward and gradient:
-        rows[0]["projected hours"] = {s: round(projected_hours(s, name, Rates(rate, forward, gradient, "measured"), device), 1)
-                                      for s in ("paper", "quick")}  # fmt: skip
+        rows[0]["projected hours"] = {
+            s: round(projected_hours(s, name, Rates(rate, forward, gradient, "measured"), device), 1)
+            for s in ("paper", "quick")
+        }
     return rows
 
 
@@ -252,21 +287,30 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
 
     spec = find_suite(suite_name)
     with tempfile.TemporaryDirectory() as empty:
-        options = RunOptions(suite=suite_name, results_dir=str(Path(empty) / "r"), data_dir=str(Path(empty) / "d"),
-                             device=device, dry_run=True)  # fmt: skip
+        options = RunOptions(
+            suite=suite_name,
+            results_dir=str(Path(empty) / "r"),
+            data_dir=str(Path(empty) / "d"),
+            device=device,
+            dry_run=True,
+        )
         tasks = plan_tasks(plan_jobs(spec, options), spec, options, device)
         base = flop_rates(measured, 1.0)
         scaled = {}
         for model in {t.job.model for t in tasks}:
             factor = flop_rates(model, 1.0).forward / base.forward  # images/s scale as 1 / FLOPs
-            scaled[model] = Rates(rates.train * factor, rates.forward * factor, rates.gradient * factor, "scaled")
+            scaled[model] = Rates(
+                rates.train * factor, rates.forward * factor, rates.gradient * factor, "scaled"
+            )
         todo = ToDo(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
         return float(estimate(todo, tasks, options, scaled)["seconds"].sum() / 3600)
 
 
 def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
     data = EvalData("synthetic", folder / "data", EvalConfig(n_test=n))
-    config = EvalConfig(eps_255=(1.0, 2.0, 4.0), iterative_eps_255=(2.0,), n_test=n, batch_size=n, device=device)
+    config = EvalConfig(
+        eps_255=(1.0, 2.0, 4.0), iterative_eps_255=(2.0,), n_test=n, batch_size=n, device=device
+    )
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -276,11 +320,18 @@ def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
         model = defense.model.to(device, memory_format=torch.channels_last)
         x, y = next(data.batches(Cell("clean"), n, device))
         harness_seconds(defense, data, config, CELLS["clean"])  # warm-up
-        seconds = {key: harness_seconds(defense, data, config, CELLS[key]) for key in ("clean", "fgsm x3", "pgd-20")}
+        seconds = {
+            key: harness_seconds(defense, data, config, CELLS[key]) for key in ("clean", "fgsm x3", "pgd-20")
+        }
         hand = hand_loop_seconds(model, x.contiguous(memory_format=torch.channels_last), y, config.steps)
-        rows.append({"model": name, **{f"{k} img/s": round(n / s, 1) for k, s in seconds.items()},
-                     "hand loop img/s": round(n * config.steps / hand, 1),
-                     "PGD-20 vs hand loop": round(hand / seconds["pgd-20"], 3)})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                **{f"{k} img/s": round(n / s, 1) for k, s in seconds.items()},
+                "hand loop img/s": round(n * config.steps / hand, 1),
+                "PGD-20 vs hand loop": round(hand / seconds["pgd-20"], 3),
+            }
+        )
     return rows
 
 
@@ -304,35 +355,70 @@ def stability(names, n: int, device: str) -> list[dict]:
             forward, _ = jacobian_products(chain[1], h)
             exact = torch.func.jvp(chain[1], (h,), (v,))[1]
             error = ((forward(v) - exact).norm() / exact.norm()).item()
-        rows.append({"model": name, "PGD-20 ms/img": round(pgd / n * 1000, 2),
-                     "stage ms/img": round(sum(units.values()) / n * 1000, 2),
-                     "stage / PGD-20": round(sum(units.values()) / pgd, 2),
-                     **{f"{k} ms/img": round(s / n * 1000, 2) for k, s in units.items() if not k.startswith("growth@")},
-                     "Jv vs jvp (rel.)": error})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "PGD-20 ms/img": round(pgd / n * 1000, 2),
+                "stage ms/img": round(sum(units.values()) / n * 1000, 2),
+                "stage / PGD-20": round(sum(units.values()) / pgd, 2),
+                **{
+                    f"{k} ms/img": round(s / n * 1000, 2)
+                    for k, s in units.items()
+                    if not k.startswith("growth@")
+                },
+                "Jv vs jvp (rel.)": error,
+            }
+        )
     return rows
 
 
 def rehearse(suite: tuple[str, ...], limit_s: float, device: str, folder: Path) -> list[dict]:
     """The suite's rehearsal on `device` in a process of its own, cut at `limit_s`: whether
     it finished, in how long, what it recorded and its last line."""
-    results, command = folder / "rehearsal", [sys.executable, str(REPO / "run_bench.py"), *suite, "--rehearse",
-                                              "--device", device, "--no-progress"]  # fmt: skip
+    results, command = (
+        folder / "rehearsal",
+        [
+            sys.executable,
+            str(REPO / "run_bench.py"),
+            *suite,
+            "--rehearse",
+            "--device",
+            device,
+            "--no-progress",
+        ],
+    )
     command += ["--results-dir", str(results), "--data-dir", str(folder / "rehearsal-data")]
     began = time.perf_counter()
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, cwd=REPO)
         code, log_text = run.returncode, run.stderr
-    except subprocess.TimeoutExpired as cut:  # what it logged before the cut (bytes, or text, by Python version)
-        code, log_text = None, cut.stderr.decode(errors="replace") if isinstance(cut.stderr, bytes) else cut.stderr or ""
+    except (
+        subprocess.TimeoutExpired
+    ) as cut:  # what it logged before the cut (bytes, or text, by Python version)
+        code, log_text = (
+            None,
+            cut.stderr.decode(errors="replace") if isinstance(cut.stderr, bytes) else cut.stderr or "",
+        )
     seconds = time.perf_counter() - began
     lines = log_text.strip().splitlines()
     counts = {}
     if (results / "records.sqlite").is_file():
         cells, units = load_records(results), load_stability(results)
-        counts = {"cells": len(cells), "stability units": len(units.drop_duplicates(["run", "seed", "quantity", "perturbation"])),
-                  "checkpoints": len(load_runs(results))}  # fmt: skip
-    return [{"command": " ".join(suite) + " --rehearse", "finished": code == 0, "exit": code, "seconds": round(seconds, 1),
-             **counts, "last line": lines[-1] if lines else ""}]  # fmt: skip
+        counts = {
+            "cells": len(cells),
+            "stability units": len(units.drop_duplicates(["run", "seed", "quantity", "perturbation"])),
+            "checkpoints": len(load_runs(results)),
+        }
+    return [
+        {
+            "command": " ".join(suite) + " --rehearse",
+            "finished": code == 0,
+            "exit": code,
+            "seconds": round(seconds, 1),
+            **counts,
+            "last line": lines[-1] if lines else "",
+        }
+    ]
 
 
 def _sync(device: str) -> None:
@@ -355,7 +441,12 @@ def device_slug(device: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, {report['mode']} mode, {report['when']}", ""]
+    lines = [
+        f"# GPU check: {report['device']}",
+        "",
+        f"torch {report['torch']}, {report['mode']} mode, {report['when']}",
+        "",
+    ]
     for section, rows in report["sections"].items():
         lines += [f"## {section} ({report['seconds'][section]:.0f} s)", ""]
         columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -385,9 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     slug = device_slug(args.device) + ("-tiny" if args.tiny else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "mode": "tiny" if args.tiny else "full",
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sections": {}, "seconds": {}}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "mode": "tiny" if args.tiny else "full",
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sections": {},
+        "seconds": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         steps = {

@@ -80,15 +80,7 @@ class InterpolatedNet(nn.Module):
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
         self.info = ModelInfo(
-            arch,
-            family,
-            rule,
-            num_classes,
-            tuple(mean),
-            tuple(std),
-            tuple(lambda_init),
-            damp_scope,
-            network,
+            arch, family, rule, num_classes, tuple(mean), tuple(std), tuple(lambda_init), damp_scope, network
         )
         self.normalize = Normalize(mean, std)
 

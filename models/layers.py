@@ -25,7 +25,9 @@ class Normalize(nn.Module):
         if len(mean) != len(std) or min(std) <= 0:
             raise ValueError(f"need one positive std per mean channel, got {mean=} {std=}")
         if min(std) < torch.finfo(torch.float32).tiny:  # subnormal in float32: x / std overflows to inf
-            raise ValueError(f"std must be at least {torch.finfo(torch.float32).tiny:.3g} (float32's smallest normal), got {min(std):g}")
+            raise ValueError(
+                f"std must be at least {torch.finfo(torch.float32).tiny:.3g} (float32's smallest normal), got {min(std):g}"
+            )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

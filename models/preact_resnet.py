@@ -23,7 +23,9 @@ from .skip import DEFAULT_LAMBDA_INIT, SkipRule
 class PreActBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, skip: SkipRule, own_projection: bool = False):
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, skip: SkipRule, own_projection: bool = False
+    ):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = conv3x3(in_planes, planes, stride)
@@ -45,7 +47,9 @@ class PreActBasicBlock(nn.Module):
 class PreActBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, skip: SkipRule, own_projection: bool = False):
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, skip: SkipRule, own_projection: bool = False
+    ):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = conv1x1(in_planes, planes)

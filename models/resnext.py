@@ -59,7 +59,9 @@ class ResNeXt(InterpolatedNet):
         network: str = "paper",
     ):
         if network != "paper":  # the authors' release has pre-activation ResNets only
-            raise ValueError(f"ResNeXt has one network, 'paper' (Xie et al.); the authors' release has no ResNeXt, got {network!r}")
+            raise ValueError(
+                f"ResNeXt has one network, 'paper' (Xie et al.); the authors' release has no ResNeXt, got {network!r}"
+            )
         if depth < 11 or (depth - 2) % 9:
             raise ValueError(f"ResNeXt needs depth = 9n+2 (n >= 1), got {depth}")
         if len(widths) != 3 or any(w % widths[0] for w in widths) or widths[0] % 4:
@@ -91,13 +93,7 @@ class ResNeXt(InterpolatedNet):
         self.check_damping()
 
     def _make_layer(
-        self,
-        out_ch: int,
-        blocks: int,
-        stride: int,
-        cardinality: int,
-        width: int,
-        first: bool = False,
+        self, out_ch: int, blocks: int, stride: int, cardinality: int, width: int, first: bool = False
     ) -> nn.Sequential:
         layers = []
         for i in range(blocks):

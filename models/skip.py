@@ -105,11 +105,7 @@ class SkipRule(nn.Module):
     """
 
     def __init__(
-        self,
-        rule: str,
-        channels: int,
-        init: tuple[float, float] = DEFAULT_LAMBDA_INIT,
-        damped: bool = True,
+        self, rule: str, channels: int, init: tuple[float, float] = DEFAULT_LAMBDA_INIT, damped: bool = True
     ):
         super().__init__()
         if rule not in RULES:

@@ -24,7 +24,7 @@ VARIANT_RULES = ("in-sig", "in-gating", "in-gating-sig")
 # Models the plan refuses to train, and why (measured: docs/PROTOCOL.md, "Table 4").
 REFUSED = {
     ("in-gating", 110): "its ReLU gate diverges under the paper's recipe (lr 0.1, no warm-up): at every seed "
-    "and initialisation tried, a live gate's weights blow up within a few steps and the loss turns NaN or stays at chance",
+    "and initialisation tried, a live gate's weights blow up within a few steps and the loss turns NaN or stays at chance"
 }
 # Depth 14 is the shallowest with damped blocks (at depth 8 every block is the first or a
 # projection one); resnet8 alone is kept as the quickest sanity model.

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,78 +15,16 @@ from bench.data.cifar import write_batch
 from bench.eval.adapters import Defense, module_defense
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the tier rules on sample tests
+pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the tier guards on sample tests
 
 # --- the two tiers ------------------------------------------------------------------------------
 # `python -m pytest` runs the fast tier (pyproject: -m "not slow"); `python -m pytest -m slow`
-# the integration tier. A test's tier follows from what it does, never from a hand-set mark:
-# it is slow when its code, a helper or fixture it uses, or a fixture under those, calls a
-# command-line entry point (run_bench.main, `run_bench.py` in a process, a benchmark script's
-# main) or trains a network (bench.train.loop.train, or a loop of its own: it loads a training
-# set and builds a torch.optim optimiser). A fast test that runs the pipeline's work
-# anyway fails, and so does one over the fast tier's budget, so the tier stays fast.
+# the integration tier: the tests marked `@pytest.mark.slow`, by hand, because they run the
+# command line, train a network or use a fixture that does. A fast test that runs the
+# pipeline's work anyway fails, and so does one over the fast tier's budget, so the tier
+# stays fast.
 FAST_BUDGET_S = 15.0  # setup or call of one fast test, on a quiet 2-core machine (twice the slowest today); scaled by load
 BUDGET_ENV = "INRES_TEST_BUDGET_S"  # another budget in seconds (0: none), e.g. for a slower kind of machine
-SCRIPTS = {"run_bench"} | {p.stem for p in (REPO / "benchmarks").glob("*.py")}
-
-
-def _entry_points() -> set[int]:
-    import run_bench
-    from bench.train import loop
-
-    return {id(run_bench.main), id(loop.train)}
-
-
-def _runs_work(code: types.CodeType, names: dict, entry: set[int], seen: set[int], folders: set[Path]) -> bool:
-    """Whether `code` (a test's or fixture's), or a function of the tests (in `folders`) it
-    refers to, calls an entry point, starts `run_bench.py` or trains."""
-    if id(code) in seen:
-        return False
-    seen.add(id(code))
-    strings = [c for c in code.co_consts if isinstance(c, str)]
-    if "run_bench.py" in strings:  # an argument of a command line
-        return True
-    if {"load_train", "optim"} <= set(code.co_names):  # a training loop of its own
-        return True
-    for name in code.co_names:
-        value = names.get(name)
-        if id(value) in entry:
-            return True
-        if isinstance(value, types.ModuleType) and value.__name__ in SCRIPTS and "main" in code.co_names:
-            return True
-        if isinstance(value, list | tuple) and "run_bench.py" in value:
-            return True
-        inner = getattr(value, "__wrapped__", value)
-        if isinstance(inner, types.FunctionType) and Path(inner.__code__.co_filename).parent in folders:
-            if _runs_work(inner.__code__, inner.__globals__, entry, seen, folders):
-                return True
-    nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
-    return any(_runs_work(c, names, entry, seen, folders) for c in nested)
-
-
-PIPELINE_FIXTURES = {"pipeline"}  # fixtures that run the pipeline without a command line
-
-
-def _is_integration(item: pytest.Item, entry: set[int]) -> bool:
-    if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return True
-    functions = [item.function] if isinstance(item, pytest.Function) else []
-    for name in getattr(item, "fixturenames", ()):
-        for definition in item._fixtureinfo.name2fixturedefs.get(name, ()):
-            functions.append(definition.func)
-    folders = {REPO / "tests", Path(item.path).parent}
-    for function in functions:
-        function = getattr(function, "__wrapped__", function)
-        if _runs_work(function.__code__, function.__globals__, entry, set(), folders):
-            return True
-    return False
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    entry = _entry_points()
-    for item in items:
-        if _is_integration(item, entry):
-            item.add_marker(pytest.mark.slow)
 
 
 def _calibration_seconds() -> float:
@@ -125,11 +62,13 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     report = outcome.get_result()
     if report.when == "teardown" or not report.passed or item.get_closest_marker("slow"):
         return
-    if report.duration > fast_budget() and report.duration > fast_budget(recheck=True):  # re-measured under load
+    if report.duration > fast_budget() and report.duration > fast_budget(
+        recheck=True
+    ):  # re-measured under load
         report.outcome = "failed"
         report.longrepr = (
             f"{item.nodeid}: {report.when} took {report.duration:.1f} s, over the fast tier's budget of "
-            f"{fast_budget():.1f} s: make it faster, or let it use a pipeline fixture (the slow tier)"
+            f"{fast_budget():.1f} s: make it faster, or mark it @pytest.mark.slow (the integration tier)"
         )
 
 
@@ -137,9 +76,11 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 def pipeline():
     """The pipeline from Python, exactly what the command line runs: a suite's stages through
     `bench.evaluate.evaluate_defense(defense, results_dir, data_dir, suite=..., ...)`."""
-    from bench.evaluate import evaluate_defense
+    from bench import evaluate_defense
 
-    return lambda defense, results_dir, data_dir, **options: evaluate_defense(defense, results_dir, data_dir, **options)
+    return lambda defense, results_dir, data_dir, **options: evaluate_defense(
+        defense, results_dir, data_dir, **options
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -151,8 +92,11 @@ def _fast_tier_runs_no_pipeline(request, monkeypatch):
     from bench.run import executors
 
     def refuse(work):
-        pytest.fail(f"{request.node.nodeid} runs the pipeline's work ({work.kind}) in the fast tier: run it from a "
-                    "fixture or helper that calls run_bench.main, or the `pipeline` fixture (either puts it in the slow tier)", pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} runs the pipeline's work ({work.kind}) in the fast tier: mark it "
+            "@pytest.mark.slow (the integration tier)",
+            pytrace=False,
+        )
 
     monkeypatch.setattr(executors, "execute", refuse)
 
@@ -194,12 +138,26 @@ def smoke_run(tmp_path_factory):
         "--data-dir",
         str(root / "data"),
     ]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)  # no timeout: CI's bounds the whole run
+    run = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True
+    )  # no timeout: CI's bounds the whole run
     return root / "results", run
 
 
-MINI_RUN = ["run_bench.py", "--models", "resnet8", "--n-train", "1024", "--n-test", "24", "--n-stability", "10", "--radii", "2",
-            "--no-progress"]  # fmt: skip
+MINI_RUN = [
+    "run_bench.py",
+    "--models",
+    "resnet8",
+    "--n-train",
+    "1024",
+    "--n-test",
+    "24",
+    "--n-stability",
+    "10",
+    "--radii",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="session")
@@ -208,8 +166,23 @@ def trained(tmp_path_factory) -> Path:
     run through the command line: `results/checkpoints/` and `data/` under the returned root.
     Integration tests copy the checkpoints instead of training their own."""
     root = tmp_path_factory.mktemp("trained")
-    command = [sys.executable, "run_bench.py", "--stage", "train", "--models", "resnet8", "--seeds", "0,1", "--n-train",
-               "1024", "--no-progress", "--results-dir", str(root / "results"), "--data-dir", str(root / "data")]  # fmt: skip
+    command = [
+        sys.executable,
+        "run_bench.py",
+        "--stage",
+        "train",
+        "--models",
+        "resnet8",
+        "--seeds",
+        "0,1",
+        "--n-train",
+        "1024",
+        "--no-progress",
+        "--results-dir",
+        str(root / "results"),
+        "--data-dir",
+        str(root / "data"),
+    ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     return root
@@ -230,9 +203,13 @@ def mini_run(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     command = [sys.executable, *MINI_RUN, "--data-dir", str(trained / "data")]
     reference = with_trained_checkpoints(trained, root / "reference")
-    run = subprocess.run([*command, "--results-dir", str(reference)], cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run(
+        [*command, "--results-dir", str(reference)], cwd=REPO, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "resnet8@smoke@n1024 synthetic seed 1: finished already" in run.stderr  # trained once, by `trained`
+    assert (
+        "resnet8@smoke@n1024 synthetic seed 1: finished already" in run.stderr
+    )  # trained once, by `trained`
     return command, reference
 
 

@@ -169,7 +169,9 @@ def test_protocol_5_batches_load_and_bad_labels_are_refused(tmp_path):
     assert np.array_equal(loaded, images) and labels.tolist() == [1, 2, 3]
     for bad, shown in (([1, 2.5, 3], "float64"), ([1, 2, 2**70], "object"), ([True, False, True], "bool")):
         (tmp_path / "bad").write_bytes(pickle.dumps({"data": rows, "labels": bad}, protocol=2))
-        with pytest.raises(UserError, match=rf"labels under 'labels' must be integers in \[0, 10\), got {shown}"):
+        with pytest.raises(
+            UserError, match=rf"labels under 'labels' must be integers in \[0, 10\), got {shown}"
+        ):
             read_batch(tmp_path / "bad", "labels", 10)
 
 
@@ -193,10 +195,15 @@ def test_a_placed_release_tar_is_checked_by_md5_once(tiny_cifar10, tmp_path, mon
     make_tar(server / "real.tar", server, "CIFAR-10-C", names)
     size, digest = (server / "real.tar").stat().st_size, md5(server / "real.tar")
     release = Release((tmp_path / "offline.tar").as_uri(), "CIFAR-10-C.tar", size, digest)
-    monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=release))
+    monkeypatch.setitem(
+        datasets.DATASETS, "cifar10", dataclasses.replace(datasets.DATASETS["cifar10"], noise_release=release)
+    )
     placed = root / "CIFAR-10-C.tar"
     placed.write_bytes(b"\0" * size)  # right size, wrong content
-    with pytest.raises(UserError, match=rf"CIFAR-10-C.tar is not the published CIFAR-10-C.tar \({size} bytes; expected {size} bytes with md5 {digest}\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"CIFAR-10-C.tar is not the published CIFAR-10-C.tar \({size} bytes; expected {size} bytes with md5 {digest}\)",
+    ):
         noise_files.load_noise("cifar10", "shot_noise", root, source="released")
     assert not (root / "CIFAR-10-C").exists()
     shutil.copy(server / "real.tar", placed)
@@ -443,6 +450,7 @@ def test_synthetic_set_is_cifar_format_balanced_and_seeded(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resnet8_learns_the_synthetic_set(tmp_path):
     """Learnable in CPU-seconds: two epochs of plain SGD take a ResNet-8 far above chance."""
     from models import create_model

@@ -67,8 +67,11 @@ def test_the_registry_answers_every_question_about_a_data_set():
     assert dataset_info("synthetic").recipe == "cifar10" and dataset_info("synthetic").synthetic
     assert CIFAR10.input_shape == (3, 32, 32)
     assert dataset_info("synthetic").not_compared() == "synthetic data" and CIFAR10.not_compared() == ""
-    assert dataset_defaults("cifar100") == {"num_classes": 100, "mean": (0.5071, 0.4865, 0.4409),
-                                            "std": (0.2673, 0.2564, 0.2762)}  # fmt: skip
+    assert dataset_defaults("cifar100") == {
+        "num_classes": 100,
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+    }
     with pytest.raises(UserError, match="unknown dataset 'svhn'; choose one of cifar10, cifar100, synthetic"):
         dataset_info("svhn")
     with pytest.raises(ValueError, match="registered twice"):
@@ -110,12 +113,24 @@ def test_a_defense_is_checked_at_its_data_sets_input_size(tiny, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(create_model("resnet8", **dataset_defaults("tiny16")).state_dict(), weights)
     defense = state_dict_defense("resnet8", weights, dataset="tiny16")
-    assert defense.info.num_classes == 4 and defense.model.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    assert defense.info.num_classes == 4 and defense.model.normalize.mean.flatten().tolist() == [
+        0.5,
+        0.5,
+        0.5,
+    ]
     torch.save({}, tmp_path / "none.pt")
     identity = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    assert module_defense("by-width", ByWidth, tmp_path / "none.pt", dataset="tiny16", **identity).info.num_classes == 4
-    with pytest.raises(UserError, match=r"returns \(2, 8\) torch.float32 for a 2x3x32x32 batch of \[0, 1\] images; expected finite "
-                                         r"floating-point \(2, 10\) logits"):
+    assert (
+        module_defense(
+            "by-width", ByWidth, tmp_path / "none.pt", dataset="tiny16", **identity
+        ).info.num_classes
+        == 4
+    )
+    with pytest.raises(
+        UserError,
+        match=r"returns \(2, 8\) torch.float32 for a 2x3x32x32 batch of \[0, 1\] images; expected finite "
+        r"floating-point \(2, 10\) logits",
+    ):
         module_defense("by-width", ByWidth, tmp_path / "none.pt", dataset="cifar10", **identity)
 
 
@@ -126,13 +141,30 @@ class ByWidth(torch.nn.Module):
         return x.mean(dim=(1, 2))[:, : x.shape[-1] // 4]
 
 
+@pytest.mark.slow
 def test_a_new_data_set_trains_evaluates_and_reports_end_to_end(tiny, tmp_path):
     results = tmp_path / "results"
     code = run_bench.main(
-        ["--datasets", "tiny16", "--models", "resnet14,in-resnet14", "--seeds", "0", "--radii", "2",
-         "--steps", "3", "--n-test", "40", "--no-progress", "--results-dir", str(results),
-         "--data-dir", str(tmp_path / "data")]
-    )  # fmt: skip
+        [
+            "--datasets",
+            "tiny16",
+            "--models",
+            "resnet14,in-resnet14",
+            "--seeds",
+            "0",
+            "--radii",
+            "2",
+            "--steps",
+            "3",
+            "--n-test",
+            "40",
+            "--no-progress",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     assert code == 0
     records = pd.read_csv(results / "records.csv")
     assert set(records["dataset"]) == {"tiny16"} and set(records["data_source"]) == {"tiny16"}
@@ -144,8 +176,13 @@ def test_a_new_data_set_trains_evaluates_and_reports_end_to_end(tiny, tmp_path):
     assert "CIFAR" not in table1  # no CIFAR record: the paper's rows are not shown
     report = (results / "REPORT.md").read_text()
     assert "Tiny-16: tiny16" in report
-    claim = next(line for line in report.splitlines() if line.startswith("| In-ResNet-14 beats ResNet-14 on the noise"))
+    claim = next(
+        line for line in report.splitlines() if line.startswith("| In-ResNet-14 beats ResNet-14 on the noise")
+    )
     cells = [c.strip() for c in claim.strip("|").split("|")]
-    assert cells[1:3] == ["1", "Tiny-16"] and cells[5] == "not comparable with the paper (tiny16 is not in the paper)"
+    assert (
+        cells[1:3] == ["1", "Tiny-16"]
+        and cells[5] == "not comparable with the paper (tiny16 is not in the paper)"
+    )
     board = pd.read_csv(results / "leaderboard.csv")
     assert set(board["dataset"]) == {"tiny16"} and len(board) == 2

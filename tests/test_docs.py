@@ -35,5 +35,7 @@ def test_quick_start_is_two_commands():
         "pip install -e '.[dev,robustbench,cluster]' && python -m pytest",
     ]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert "python -m pytest --durations=10" in ci and "python -m pytest -m slow --durations=10" in ci  # both tiers
+    assert (
+        "python -m pytest --durations=10" in ci and "python -m pytest -m slow --durations=10" in ci
+    )  # both tiers
     assert "python -m pytest -m slow" in text  # the README names the integration tier

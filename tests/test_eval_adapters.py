@@ -123,14 +123,10 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"shape mismatch fc.weight file \(10, 64\) vs model \(100, 64\)"):
         state_dict_defense("resnet8", good, dataset="cifar100", name="mine")
     torch.save(create_model("in-resnet14").state_dict(), tmp_path / "in.pt")
-    with pytest.raises(
-        UserError, match="unexpected keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"
-    ):
+    with pytest.raises(UserError, match="unexpected keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"):
         state_dict_defense("resnet14", tmp_path / "in.pt")
     torch.save(create_model("resnet14").state_dict(), tmp_path / "res.pt")
-    with pytest.raises(
-        UserError, match="missing keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"
-    ):
+    with pytest.raises(UserError, match="missing keys layer1.1.skip.k, layer2.1.skip.k, layer3.1.skip.k$"):
         state_dict_defense("in-resnet14", tmp_path / "res.pt")
     with pytest.raises(UserError, match="unknown dataset .svhn.; choose one of cifar10, cifar100, synthetic"):
         state_dict_defense("resnet8", good, dataset="svhn", name="mine")
@@ -182,15 +178,30 @@ def _raises() -> nn.Module:
     raise ValueError("width must be even")
 
 
-@pytest.mark.parametrize("factory, mean, said", [
-    (_five, None, r"defense bad: its factory \S+:_five\(\) returned an object of type int, not a torch.nn.Module"),
-    (_raises, None, r"defense bad: its factory \S+:_raises\(\) raised ValueError: width must be even"),
-    (NoForward, None, r"defense bad fails on a 2x3x32x32 batch of \[0, 1\] images \(NotImplementedError: Module \[NoForward\] is "
-                      r"missing the required \"forward\" function\): check its forward and the data set it is for"),
-    (TinyNet, ("a", 0, 0), r"defense bad: mean must be finite numbers, one per channel, got \('a', 0, 0\)"),
-    (TinyNet, 0.5, r"defense bad: mean must be finite numbers, one per channel, got 0.5"),
-    (TinyNet, (0.5, 0.5), r"defense bad: mean needs 3 numbers \(one per channel of cifar10\), got 2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory, mean, said",
+    [
+        (
+            _five,
+            None,
+            r"defense bad: its factory \S+:_five\(\) returned an object of type int, not a torch.nn.Module",
+        ),
+        (_raises, None, r"defense bad: its factory \S+:_raises\(\) raised ValueError: width must be even"),
+        (
+            NoForward,
+            None,
+            r"defense bad fails on a 2x3x32x32 batch of \[0, 1\] images \(NotImplementedError: Module \[NoForward\] is "
+            r"missing the required \"forward\" function\): check its forward and the data set it is for",
+        ),
+        (
+            TinyNet,
+            ("a", 0, 0),
+            r"defense bad: mean must be finite numbers, one per channel, got \('a', 0, 0\)",
+        ),
+        (TinyNet, 0.5, r"defense bad: mean must be finite numbers, one per channel, got 0.5"),
+        (TinyNet, (0.5, 0.5), r"defense bad: mean needs 3 numbers \(one per channel of cifar10\), got 2"),
+    ],
+)
 def test_the_api_says_in_one_line_what_the_command_line_says(tmp_path, factory, mean, said):
     """The Python API's mistakes are UserErrors as the CLI's are, never an AttributeError
     or a ValueError from deep inside."""
@@ -203,14 +214,20 @@ def test_the_api_says_in_one_line_what_the_command_line_says(tmp_path, factory, 
 def test_a_normalized_model_of_unlike_mean_and_std_is_one_line():
     from bench.eval.adapters import NormalizedModel
 
-    with pytest.raises(UserError, match=r"^NormalizedModel: need one positive std per mean channel, got mean=\(0.1, 0.2\) std=\(1, 1, 1\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^NormalizedModel: need one positive std per mean channel, got mean=\(0.1, 0.2\) std=\(1, 1, 1\)$",
+    ):
         NormalizedModel(nn.Identity(), (0.1, 0.2), (1, 1, 1))
 
 
 def test_an_eval_config_for_a_device_no_run_takes_is_refused_when_made():
     from bench.eval.protocol import EvalConfig
 
-    with pytest.raises(UserError, match=r"^device 'gpu' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu$"):
+    with pytest.raises(
+        UserError,
+        match=r"^device 'gpu' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu$",
+    ):
         EvalConfig(device="gpu")
 
 

@@ -27,7 +27,9 @@ from run_bench import main
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-needs_robustbench = pytest.mark.skipif(importlib.util.find_spec("robustbench") is None, reason="robustbench extra")
+needs_robustbench = pytest.mark.skipif(
+    importlib.util.find_spec("robustbench") is None, reason="robustbench extra"
+)
 RB_NAME = "Hendrycks2020AugMix_WRN"  # 2.2M parameters: the smallest CIFAR-10 entry
 README_SMALL_CNN = ""  # the README's small_cnn.py (set by the autouse fixture below)
 
@@ -69,13 +71,19 @@ def trained_weights(folder: Path, data_dir: Path, name: str, seed: int, steps: i
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_bench.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 # --- the README's one-liner -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, readme_example):
     """The README's command on the synthetic set, into a copy of the smoke suite's results
     (whose ResNet-14 is the transfer check's source): the paper suite's protocol, the checks,
@@ -88,7 +96,17 @@ def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, rea
     command = shlex.split(readme_example("rank-defense", "bash"))
     assert command[:2] == ["python", "run_bench.py"] and command[command.index("--dataset") + 1] == "cifar10"
     command[command.index("--dataset") + 1] = "synthetic"
-    extra = ["--n-test", "40", "--device", "cpu", "--data-dir", str(data), "--results-dir", str(results), "--no-progress"]
+    extra = [
+        "--n-test",
+        "40",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data),
+        "--results-dir",
+        str(results),
+        "--no-progress",
+    ]
     run = cli([*command[2:], *extra], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (
@@ -103,30 +121,61 @@ def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, rea
         ["clean", "fgsm", "ifgsm", "pgd", "uniform", "pgd50", "autoattack", *NOISE_GROUPS]
     )
     assert set(cells["n"]) == {40} and set(cells.query("perturbation == 'pgd50'")["eps_255"]) == {16.0, 64.0}
-    assert json.loads(cells.query("perturbation == 'autoattack'")["params"].iloc[0]) == {"version": "standard"}
+    assert json.loads(cells.query("perturbation == 'autoattack'")["params"].iloc[0]) == {
+        "version": "standard"
+    }
     checks = load_checks(results).query("run == 'small_cnn'")
     assert sorted(checks["check"]) == sorted(
-        ["zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic", "transfer"]
+        [
+            "zero-gradients",
+            "nonfinite-gradients",
+            "randomized",
+            "probabilities",
+            "classes",
+            "dynamic",
+            "transfer",
+        ]
     )
-    assert checks["passed"].all() and "(from resnet14@smoke@n2048 seed 0)" in checks.query("check == 'transfer'")["detail"].iloc[0]
+    assert (
+        checks["passed"].all()
+        and "(from resnet14@smoke@n2048 seed 0)" in checks.query("check == 'transfer'")["detail"].iloc[0]
+    )
     assert list(load_stability(results).query("run == 'small_cnn'")["quantity"]) == ["input_gradient"]
 
     board = pd.read_csv(results / "leaderboard.csv").set_index("name")
     row = board.loc["small_cnn"]
-    assert (row["model"], row["dataset"], row["n_test"], row["seeds"], row["preset"]) == ("small_cnn", "synthetic", 40, 1, "paper")
+    assert (row["model"], row["dataset"], row["n_test"], row["seeds"], row["preset"]) == (
+        "small_cnn",
+        "synthetic",
+        40,
+        1,
+        "paper",
+    )
     assert pd.isna(row["flags"]) and not row["unreliable"]  # every critical gate measured and passed
     assert row["clean"] > 50 and row["pgd@2"] < row["clean"] and row["autoattack@2"] <= row["pgd@2"] + 5
     entry = json.loads((results / "leaderboard" / "synthetic" / "Linf" / "small_cnn.json").read_text())
     assert entry["unreliable"] is False and entry["inres_bench"]["unchecked"] == []
     assert float(entry["autoattack_acc"]) == pytest.approx(row["autoattack@2"], abs=0.006)
     lines = (results / "REPORT.md").read_text().splitlines()
-    header = [c.strip() for c in next(line for line in lines if line.startswith("| entry ")).strip("|").split("|")]
-    mine = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| small_cnn "))
-    shown = dict(zip(header, mine, strict=True))  # REPORT.md's sanity section: every gate measured, transfer included
-    assert (shown["data"], shown["flags"], shown["unreliable"]) == ("synthetic", "-", "no") and shown["transfer"] != ""
-    assert float(shown["transfer"]) == pytest.approx(checks.query("check == 'transfer'")["value"].iloc[0], abs=0.006)
+    header = [
+        c.strip() for c in next(line for line in lines if line.startswith("| entry ")).strip("|").split("|")
+    ]
+    mine = next(
+        [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| small_cnn ")
+    )
+    shown = dict(
+        zip(header, mine, strict=True)
+    )  # REPORT.md's sanity section: every gate measured, transfer included
+    assert (shown["data"], shown["flags"], shown["unreliable"]) == ("synthetic", "-", "no") and shown[
+        "transfer"
+    ] != ""
+    assert float(shown["transfer"]) == pytest.approx(
+        checks.query("check == 'transfer'")["value"].iloc[0], abs=0.006
+    )
 
-    again = cli([*command[2:], *extra, "--stage", "eval,check,stability"], tmp_path)  # the reports were checked above
+    again = cli(
+        [*command[2:], *extra, "--stage", "eval,check,stability"], tmp_path
+    )  # the reports were checked above
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 cells evaluated, 36 cached; 0 stability units measured, 1 cached" in again.stderr
     assert "the transfer check attacks from" not in again.stderr  # recorded: not run again
@@ -150,9 +199,20 @@ mean = "0.4914,0.4822,0.4465"
 std = "0.2470,0.2435,0.2616"
 dataset = "synthetic"
 """
-SMALL = ["--suite", "smoke", "--n-test", "20", "--radii", "2", "--stage", "eval,check,stability", "--no-progress"]
+SMALL = [
+    "--suite",
+    "smoke",
+    "--n-test",
+    "20",
+    "--radii",
+    "2",
+    "--stage",
+    "eval,check,stability",
+    "--no-progress",
+]
 
 
+@pytest.mark.slow
 def test_a_toml_of_two_defenses_on_two_workers_records_what_one_after_the_other_does(smoke_run, tmp_path):
     """Two local workers, against one defense by the CLI and the other by evaluate_defense
     (the Python API runs exactly what the CLI runs): the same cells, bit for bit, the same
@@ -162,24 +222,82 @@ def test_a_toml_of_two_defenses_on_two_workers_records_what_one_after_the_other_
     trained_weights(tmp_path, data, "b.pt", seed=2, steps=60)
     (tmp_path / "defenses.toml").write_text(TOML)
     both, apart = tmp_path / "both", tmp_path / "apart"
-    dry = cli(["--defenses", "defenses.toml", *SMALL, "--data-dir", str(data), "--results-dir", str(both), "--dry-run"], tmp_path)
+    dry = cli(
+        [
+            "--defenses",
+            "defenses.toml",
+            *SMALL,
+            "--data-dir",
+            str(data),
+            "--results-dir",
+            str(both),
+            "--dry-run",
+        ],
+        tmp_path,
+    )
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "(0 to train, 0 to evaluate, 0 ensembles, 2 defenses)" in dry.stdout
-    assert "total: 0 checkpoints to train, 52 cells to run, 0 cached; 2 stability units to run, 0 cached" in dry.stdout
+    assert (
+        "total: 0 checkpoints to train, 52 cells to run, 0 cached; 2 stability units to run, 0 cached"
+        in dry.stdout
+    )
     assert not both.exists()  # a dry run writes nothing
-    run = cli(["--defenses", "defenses.toml", *SMALL, "--workers", "2", "--data-dir", str(data), "--results-dir", str(both)], tmp_path)
+    run = cli(
+        [
+            "--defenses",
+            "defenses.toml",
+            *SMALL,
+            "--workers",
+            "2",
+            "--data-dir",
+            str(data),
+            "--results-dir",
+            str(both),
+        ],
+        tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
 
-    one = cli(["--defense", "small_cnn.py:SmallCNN", "--weights", "a.pt", "--name", "cnn-a", "--mean", ",".join(map(str, MEAN)),
-               "--std", ",".join(map(str, STD)), "--dataset", "synthetic", *SMALL, "--data-dir", str(data),
-               "--results-dir", str(apart)], tmp_path)  # fmt: skip
+    one = cli(
+        [
+            "--defense",
+            "small_cnn.py:SmallCNN",
+            "--weights",
+            "a.pt",
+            "--name",
+            "cnn-a",
+            "--mean",
+            ",".join(map(str, MEAN)),
+            "--std",
+            ",".join(map(str, STD)),
+            "--dataset",
+            "synthetic",
+            *SMALL,
+            "--data-dir",
+            str(data),
+            "--results-dir",
+            str(apart),
+        ],
+        tmp_path,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    from bench.evaluate import evaluate_defense
+    from bench import evaluate_defense
 
-    defense = module_defense("cnn-b", small_cnn_class(tmp_path), tmp_path / "b.pt", mean=MEAN, std=STD, dataset="synthetic")
+    defense = module_defense(
+        "cnn-b", small_cnn_class(tmp_path), tmp_path / "b.pt", mean=MEAN, std=STD, dataset="synthetic"
+    )
     torch.set_num_threads(int(os.environ.get("INRES_TEST_THREADS", torch.get_num_threads())))
-    rows = evaluate_defense(defense, results_dir=apart, data_dir=data, progress=False, suite="smoke", n_test=20,
-                            radii=(2.0,), stages=("eval", "check", "stability"), device="cpu")  # fmt: skip
+    rows = evaluate_defense(
+        defense,
+        results_dir=apart,
+        data_dir=data,
+        progress=False,
+        suite="smoke",
+        n_test=20,
+        radii=(2.0,),
+        stages=("eval", "check", "stability"),
+        device="cpu",
+    )
     assert len(rows) == 26 and set(rows["run"]) == {"cnn-b"}
 
     def same(frame: pd.DataFrame, drop: list[str]) -> pd.DataFrame:
@@ -188,76 +306,156 @@ def test_a_toml_of_two_defenses_on_two_workers_records_what_one_after_the_other_
 
     timing = ["timestamp", "seconds", "batch_size", "device"]
     assert same(load_records(both), timing).equals(same(load_records(apart), timing))
-    checks_both, checks_apart = same(load_checks(both), ["timestamp"]), same(load_checks(apart), ["timestamp"])
+    checks_both, checks_apart = (
+        same(load_checks(both), ["timestamp"]),
+        same(load_checks(apart), ["timestamp"]),
+    )
     assert checks_both.equals(checks_apart) and len(checks_both) == 12
     stable_both, stable_apart = load_stability(both), load_stability(apart)
-    assert [v.tolist() for v in stable_both.sort_values("run")["values"]] == [v.tolist() for v in stable_apart.sort_values("run")["values"]]
-    builds = sqlite3.connect(both / "records.sqlite").execute("SELECT run, build FROM defenses ORDER BY run").fetchall()
+    assert [v.tolist() for v in stable_both.sort_values("run")["values"]] == [
+        v.tolist() for v in stable_apart.sort_values("run")["values"]
+    ]
+    builds = (
+        sqlite3.connect(both / "records.sqlite")
+        .execute("SELECT run, build FROM defenses ORDER BY run")
+        .fetchall()
+    )
     code = hashlib.sha256(README_SMALL_CNN.encode()).hexdigest()  # small_cnn.py, as written
-    assert builds == [(n, f'{{"code":"{code}","factory":"small_cnn:SmallCNN","mean":[0.4914,0.4822,0.4465],'
-                          '"std":[0.247,0.2435,0.2616]}') for n in ("cnn-a", "cnn-b")]  # fmt: skip
+    assert builds == [
+        (
+            n,
+            f'{{"code":"{code}","factory":"small_cnn:SmallCNN","mean":[0.4914,0.4822,0.4465],'
+            '"std":[0.247,0.2435,0.2616]}',
+        )
+        for n in ("cnn-a", "cnn-b")
+    ]
 
 
+@pytest.mark.slow
 def test_a_dry_run_of_one_defense_plans_the_paper_protocol_and_says_the_transfer_check_is_skipped(
     workspace, grey_root, capsys, caplog
 ):
     caplog.set_level(logging.INFO)
-    code = main([*MODULE, "--device", "cpu", "--dry-run", "--data-dir", str(grey_root), "--results-dir", str(workspace / "r")])
+    code = main(
+        [
+            *MODULE,
+            "--device",
+            "cpu",
+            "--dry-run",
+            "--data-dir",
+            str(grey_root),
+            "--results-dir",
+            str(workspace / "r"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and not (workspace / "r").exists()
-    assert ("plan: suite paper (every table of the paper: 5 seeds, the paper's epochs, full test sets), preset paper, device "
-            "cpu; 1 job, 1 task (0 to train, 0 to evaluate, 0 ensembles, 1 defense); all test images, autoattack on 1000, "
-            "stability on 200") in out  # fmt: skip
-    assert "total: 0 checkpoints to train, 36 cells to run, 0 cached; 1 stability units to run, 0 cached" in out
-    assert (f"small_cnn cifar10: no finished ResNet in {workspace}/r/checkpoints/cifar10 to transfer from; transfer check "
-            "skipped (train one, e.g. --models resnet110 --datasets cifar10 --stage train)") in caplog.messages  # fmt: skip
+    assert (
+        "plan: suite paper (every table of the paper: 5 seeds, the paper's epochs, full test sets), preset paper, device "
+        "cpu; 1 job, 1 task (0 to train, 0 to evaluate, 0 ensembles, 1 defense); all test images, autoattack on 1000, "
+        "stability on 200"
+    ) in out
+    assert (
+        "total: 0 checkpoints to train, 36 cells to run, 0 cached; 1 stability units to run, 0 cached" in out
+    )
+    assert (
+        f"small_cnn cifar10: no finished ResNet in {workspace}/r/checkpoints/cifar10 to transfer from; transfer check "
+        "skipped (train one, e.g. --models resnet110 --datasets cifar10 --stage train)"
+    ) in caplog.messages
 
 
+@pytest.mark.slow
 def test_a_registered_architecture_with_your_weights_gets_every_stability_unit(workspace, grey_root, capsys):
     from models import create_model
 
     torch.save(create_model("resnet8").state_dict(), workspace / "mine.pt")
-    code = main(["--state-dict", "resnet8", "mine.pt", "--suite", "smoke", "--dry-run", "--data-dir", str(grey_root),
-                 "--results-dir", str(workspace / "r")])  # fmt: skip
+    code = main(
+        [
+            "--state-dict",
+            "resnet8",
+            "mine.pt",
+            "--suite",
+            "smoke",
+            "--dry-run",
+            "--data-dir",
+            str(grey_root),
+            "--results-dir",
+            str(workspace / "r"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and re.search(r"^\| mine +\| cifar10 +\| +1 \|", out, re.M), out
-    assert "total: 0 checkpoints to train, 34 cells to run, 0 cached; 7 stability units to run, 0 cached" in out
+    assert (
+        "total: 0 checkpoints to train, 34 cells to run, 0 cached; 7 stability units to run, 0 cached" in out
+    )
 
 
 # --- RobustBench: fetched by its own loader --------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_robustbench
-def test_a_missing_robustbench_checkpoint_is_fetched_with_load_model_then_loaded(grey_root, tmp_path, monkeypatch, capsys):
+def test_a_missing_robustbench_checkpoint_is_fetched_with_load_model_then_loaded(
+    grey_root, tmp_path, monkeypatch, capsys
+):
     from bench.eval.adapters import _robustbench
 
-    model_dicts, BenchmarkDataset, ThreatModel = _robustbench()  # robustbench imports `autoattack`: aliased first
+    model_dicts, BenchmarkDataset, ThreatModel = (
+        _robustbench()
+    )  # robustbench imports `autoattack`: aliased first
     import robustbench.utils
 
     net = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("corruptions")][RB_NAME]["model"]()
     asked = []
 
-    def fetch(name, model_dir, dataset, threat_model):  # what load_model leaves: its layout, a DataParallel file
-        asked.append((name, model_dir, dataset, threat_model, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")))
+    def fetch(
+        name, model_dir, dataset, threat_model
+    ):  # what load_model leaves: its layout, a DataParallel file
+        asked.append(
+            (name, model_dir, dataset, threat_model, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"))
+        )
         folder = Path(model_dir) / dataset / threat_model
         folder.mkdir(parents=True)
-        torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, folder / f"{name}.pt")
+        torch.save(
+            {"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, folder / f"{name}.pt"
+        )
         return net
 
     data = tmp_path / "data"
     shutil.copytree(grey_root, data)
     monkeypatch.setattr(robustbench.utils, "load_model", fetch)
-    args = ["--robustbench", RB_NAME, "--threat-model", "corruptions", "--model-dir", str(tmp_path / "zoo"), "--suite", "smoke",
-            "--n-test", "10", "--radii", "2", "--stage", "eval", "--data-dir", str(data), "--results-dir", str(tmp_path / "r"),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "--robustbench",
+        RB_NAME,
+        "--threat-model",
+        "corruptions",
+        "--model-dir",
+        str(tmp_path / "zoo"),
+        "--suite",
+        "smoke",
+        "--n-test",
+        "10",
+        "--radii",
+        "2",
+        "--stage",
+        "eval",
+        "--data-dir",
+        str(data),
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
     assert main(args) == 0
-    assert asked == [(RB_NAME, str(tmp_path / "zoo"), "cifar10", "corruptions", "1")]  # torch.load forced to weights only
+    assert asked == [
+        (RB_NAME, str(tmp_path / "zoo"), "cifar10", "corruptions", "1")
+    ]  # torch.load forced to weights only
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # and restored
     cells = load_records(tmp_path / "r")
     assert set(cells["run"]) == {RB_NAME} and set(cells["family"]) == {"robustbench"} and len(cells) == 26
     assert main(args) == 0 and len(asked) == 1  # present now: never fetched again
 
 
+@pytest.mark.slow
 @needs_robustbench
 def test_an_offline_robustbench_fetch_is_one_line(tmp_path, monkeypatch, capsys):
     from bench.eval.adapters import _robustbench
@@ -266,11 +464,25 @@ def test_an_offline_robustbench_fetch_is_one_line(tmp_path, monkeypatch, capsys)
     import robustbench.utils
 
     def offline(*args, **kwargs):
-        raise ConnectionError("HTTPSConnectionPool(host='drive.google.com'): Max retries exceeded\nFailed to resolve")
+        raise ConnectionError(
+            "HTTPSConnectionPool(host='drive.google.com'): Max retries exceeded\nFailed to resolve"
+        )
 
     monkeypatch.setattr(robustbench.utils, "load_model", offline)
-    code = main(["--robustbench", RB_NAME, "--threat-model", "corruptions", "--model-dir", str(tmp_path / "zoo"),
-                 "--device", "cpu", "--results-dir", str(tmp_path / "r")])  # fmt: skip
+    code = main(
+        [
+            "--robustbench",
+            RB_NAME,
+            "--threat-model",
+            "corruptions",
+            "--model-dir",
+            str(tmp_path / "zoo"),
+            "--device",
+            "cpu",
+            "--results-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error == (
         f"error: RobustBench checkpoint {tmp_path}/zoo/cifar10/corruptions/{RB_NAME}.pt not found and its download failed "
@@ -318,46 +530,81 @@ BAD = {
         "checkpoint {tmp}/other.pt does not fit SmallCNN: missing keys features.0.weight, features.0.bias, "
         "features.3.weight, features.3.bias (+2 more); unexpected keys conv.weight",
     ),
-    "missing weights": (["--defense", "small_cnn.py:SmallCNN"], "--defense small_cnn.py:SmallCNN: a defense needs its weights "
-                        "(--weights PATH, a state_dict file)"),  # fmt: skip
+    "missing weights": (
+        ["--defense", "small_cnn.py:SmallCNN"],
+        "--defense small_cnn.py:SmallCNN: a defense needs its weights (--weights PATH, a state_dict file)",
+    ),
     "mean of the wrong length": (
         [*MODULE, "--mean", "0.5,0.5", "--std", "0.2,0.2"],
         "defense small_cnn: mean needs 3 numbers (one per channel of cifar10), got 2",
     ),
-    "mean not numbers": ([*MODULE, "--mean", "a,b,c", "--std", "1,1,1"],
-                         "--defense small_cnn.py:SmallCNN: mean takes finite numbers, one per channel (e.g. "
-                         "0.4914,0.4822,0.4465), got 'a,b,c'"),  # fmt: skip
-    "mean without std": ([*MODULE, "--mean", "0.5,0.5,0.5"],
-                         "--defense small_cnn.py:SmallCNN: give --mean and --std together (one number per channel), or "
-                         "neither"),  # fmt: skip
-    "weights without a defense": (["--weights", "small_cnn.pt"],
-                                  "--weights describes a defense: name it with --defense, --state-dict or --robustbench"),
-    "two sources": ([*MODULE, "--state-dict", "resnet8", "small_cnn.pt"],
-                    "--defense small_cnn.py:SmallCNN: name the defense with exactly one of defense, state-dict, "
-                    "robustbench (got defense, state-dict)"),  # fmt: skip
-    "a registered name": ([*MODULE, "--name", "resnet110"], "--defense small_cnn.py:SmallCNN: defense name 'resnet110' reads "
-                          "as a registered model's run: give it another with --name"),  # fmt: skip
-    "a name that is a path": ([*MODULE, "--name", "../up"], "--defense small_cnn.py:SmallCNN: defense name '../up' must be "
-                              "1-100 letters, digits or . _ @ + - (starting with a letter or digit): give another with --name"),
-    "with --models": ([*MODULE, "--models", "resnet8"], "--models selects zoo models, and this run evaluates defenses: leave "
-                      "it out (a defense's data set is its --dataset), or run the zoo without --defense"),  # fmt: skip
-    "with the train stage": ([*MODULE, "--stage", "train,eval"], "a defense is evaluated here, never trained: leave train "
-                             "out of --stage (e.g. --stage eval,check,stability,report)"),  # fmt: skip
+    "mean not numbers": (
+        [*MODULE, "--mean", "a,b,c", "--std", "1,1,1"],
+        "--defense small_cnn.py:SmallCNN: mean takes finite numbers, one per channel (e.g. "
+        "0.4914,0.4822,0.4465), got 'a,b,c'",
+    ),
+    "mean without std": (
+        [*MODULE, "--mean", "0.5,0.5,0.5"],
+        "--defense small_cnn.py:SmallCNN: give --mean and --std together (one number per channel), or "
+        "neither",
+    ),
+    "weights without a defense": (
+        ["--weights", "small_cnn.pt"],
+        "--weights describes a defense: name it with --defense, --state-dict or --robustbench",
+    ),
+    "two sources": (
+        [*MODULE, "--state-dict", "resnet8", "small_cnn.pt"],
+        "--defense small_cnn.py:SmallCNN: name the defense with exactly one of defense, state-dict, "
+        "robustbench (got defense, state-dict)",
+    ),
+    "a registered name": (
+        [*MODULE, "--name", "resnet110"],
+        "--defense small_cnn.py:SmallCNN: defense name 'resnet110' reads "
+        "as a registered model's run: give it another with --name",
+    ),
+    "a name that is a path": (
+        [*MODULE, "--name", "../up"],
+        "--defense small_cnn.py:SmallCNN: defense name '../up' must be "
+        "1-100 letters, digits or . _ @ + - (starting with a letter or digit): give another with --name",
+    ),
+    "with --models": (
+        [*MODULE, "--models", "resnet8"],
+        "--models selects zoo models, and this run evaluates defenses: leave "
+        "it out (a defense's data set is its --dataset), or run the zoo without --defense",
+    ),
+    "with the train stage": (
+        [*MODULE, "--stage", "train,eval"],
+        "a defense is evaluated here, never trained: leave train "
+        "out of --stage (e.g. --stage eval,check,stability,report)",
+    ),
     "unknown data set": ([*MODULE, "--dataset", "svhn"], None),
-    "state dict that does not fit": (["--state-dict", "resnet8", "small_cnn.pt"], "checkpoint {tmp}/small_cnn.pt does not "
-                                     "fit PreActResNet: missing keys normalize.mean, "),  # fmt: skip
-    "toml unknown key": (["--defenses", "unknown.toml"], "--defenses unknown.toml [mine]: unknown key 'wieghts'; the keys are "
-                         "defense, weights, mean, std, dataset, state-dict, robustbench, model-dir, threat-model"),
+    "state dict that does not fit": (
+        ["--state-dict", "resnet8", "small_cnn.pt"],
+        "checkpoint {tmp}/small_cnn.pt does not fit PreActResNet: missing keys normalize.mean, ",
+    ),
+    "toml unknown key": (
+        ["--defenses", "unknown.toml"],
+        "--defenses unknown.toml [mine]: unknown key 'wieghts'; the keys are "
+        "defense, weights, mean, std, dataset, state-dict, robustbench, model-dir, threat-model",
+    ),
     "toml syntax": (["--defenses", "syntax.toml"], "--defenses syntax.toml is not valid TOML: "),
-    "toml and options": (["--defenses", "syntax.toml", "--weights", "a.pt"],
-                         "--weights and --defenses: name the defenses in one place (the file, or the options)"),
-    "toml weights missing": (["--defenses", "missing.toml"], "checkpoint {tmp}/x.pt not found: check the path (cwd is {tmp})"),
+    "toml and options": (
+        ["--defenses", "syntax.toml", "--weights", "a.pt"],
+        "--weights and --defenses: name the defenses in one place (the file, or the options)",
+    ),
+    "toml weights missing": (
+        ["--defenses", "missing.toml"],
+        "checkpoint {tmp}/x.pt not found: check the path (cwd is {tmp})",
+    ),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_defense_is_one_line_before_any_work(workspace, capsys, case):
-    (workspace / "unknown.toml").write_text('[mine]\ndefense = "small_cnn.py:SmallCNN"\nwieghts = "small_cnn.pt"\n')
+    (workspace / "unknown.toml").write_text(
+        '[mine]\ndefense = "small_cnn.py:SmallCNN"\nwieghts = "small_cnn.pt"\n'
+    )
     (workspace / "syntax.toml").write_text('[mine\ndefense = "x"\n')
     (workspace / "missing.toml").write_text('[a]\nstate-dict = ["resnet8", "x.pt"]\n')
     args, expected = BAD[case]
@@ -366,18 +613,33 @@ def test_a_bad_defense_is_one_line_before_any_work(workspace, capsys, case):
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     if expected is not None:
         expected = expected.format(tmp=workspace)
-        assert err[-1] == f"error: {expected}" or (expected.endswith(" ") and err[-1].startswith(f"error: {expected}")), err[-1]
+        assert err[-1] == f"error: {expected}" or (
+            expected.endswith(" ") and err[-1].startswith(f"error: {expected}")
+        ), err[-1]
     assert not (workspace / "r").exists()  # nothing recorded, not even an empty store
 
 
-def test_the_same_weights_built_otherwise_are_refused_not_found_cached(workspace, grey_root, capsys, monkeypatch):
+@pytest.mark.slow
+def test_the_same_weights_built_otherwise_are_refused_not_found_cached(
+    workspace, grey_root, capsys, monkeypatch
+):
     """The records key a defense's cells by its weights' digest: a run of the same weights
     with another normalisation must not read them as its own."""
     from bench.run import pipeline
 
     calls = []
     monkeypatch.setattr(pipeline.Driver, "execute", lambda self, tasks, executor: calls.append(len(tasks)))
-    base = [*MODULE, "--suite", "smoke", "--stage", "check", "--results-dir", "r", "--data-dir", str(grey_root)]
+    base = [
+        *MODULE,
+        "--suite",
+        "smoke",
+        "--stage",
+        "check",
+        "--results-dir",
+        "r",
+        "--data-dir",
+        str(grey_root),
+    ]
     assert main([*base, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]) == 0 and calls == [1]
     assert main(base) == 2
     code = hashlib.sha256((workspace / "small_cnn.py").read_bytes()).hexdigest()  # the build's code: its file
@@ -391,6 +653,7 @@ def test_the_same_weights_built_otherwise_are_refused_not_found_cached(workspace
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_another_file_with_the_same_names_is_another_build(workspace, grey_root, capsys, monkeypatch):
     """The module stem, class name, weights and normalisation were the build's identity: a
     small_cnn.py elsewhere whose SmallCNN negates its logits was served the first one's cells."""
@@ -401,27 +664,58 @@ def test_another_file_with_the_same_names_is_another_build(workspace, grey_root,
     other.mkdir()
     (other / "small_cnn.py").write_text(README_SMALL_CNN.replace("return self.", "return -self.", 1))
     assert "return -self." in (other / "small_cnn.py").read_text()
-    base = ["--weights", "small_cnn.pt", "--name", "cnn", "--suite", "smoke", "--stage", "check", "--results-dir", "r",
-            "--data-dir", str(grey_root)]  # fmt: skip
+    base = [
+        "--weights",
+        "small_cnn.pt",
+        "--name",
+        "cnn",
+        "--suite",
+        "smoke",
+        "--stage",
+        "check",
+        "--results-dir",
+        "r",
+        "--data-dir",
+        str(grey_root),
+    ]
     assert main(["--defense", "small_cnn.py:SmallCNN", *base]) == 0
     capsys.readouterr()
     assert main(["--defense", "elsewhere/small_cnn.py:SmallCNN", *base]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("error: defense cnn on cifar10: the records measured these weights") and line.endswith(
-        "give this build another --name, or use another --results-dir")
+    assert line.startswith(
+        "error: defense cnn on cifar10: the records measured these weights"
+    ) and line.endswith("give this build another --name, or use another --results-dir")
     assert main(["--defense", "small_cnn.py:SmallCNN", *base]) == 0  # the first build is still itself
 
 
+@pytest.mark.slow
 @needs_robustbench
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("Carmon2019Unlabelled", "RobustBench has no cifar10/Linf model 'Carmon2019Unlabelled'; closest: Carmon2019Unlabeled, Kang2021Stable"),
-        ("Chen2020Adversarial", "RobustBench model 'Chen2020Adversarial' is an ensemble of several files, which this harness "
-                                "does not load: choose a single-file model"),  # fmt: skip
+        (
+            "Carmon2019Unlabelled",
+            "RobustBench has no cifar10/Linf model 'Carmon2019Unlabelled'; closest: Carmon2019Unlabeled, Kang2021Stable",
+        ),
+        (
+            "Chen2020Adversarial",
+            "RobustBench model 'Chen2020Adversarial' is an ensemble of several files, which this harness "
+            "does not load: choose a single-file model",
+        ),
     ],
 )
 def test_a_robustbench_name_it_cannot_rank_is_one_line(tmp_path, capsys, name, expected):
-    code = main(["--robustbench", name, "--model-dir", str(tmp_path / "zoo"), "--device", "cpu", "--results-dir", str(tmp_path / "r")])
+    code = main(
+        [
+            "--robustbench",
+            name,
+            "--model-dir",
+            str(tmp_path / "zoo"),
+            "--device",
+            "cpu",
+            "--results-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
     assert not (tmp_path / "r").exists() and not (tmp_path / "zoo").exists()  # nothing fetched

@@ -73,7 +73,10 @@ def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_pa
     correct = load_correct(tmp_path, perturbation="clean")
     assert correct.tolist() == [False] * WRONG + [True] * (100 - WRONG)
     frame = load_records(tmp_path)
-    assert set(frame["data_source"]) == {"unofficial", "generated-unofficial"}  # fixture files, noise from them
+    assert set(frame["data_source"]) == {
+        "unofficial",
+        "generated-unofficial",
+    }  # fixture files, noise from them
     iterative = frame["perturbation"].isin(["ifgsm", "pgd"])
     assert (frame.loc[iterative, "params"] == '{"alpha_255":2.0,"steps":20}').all()
     assert (frame.loc[~iterative, "params"] == "{}").all()
@@ -98,7 +101,10 @@ def test_protocol_cells_and_presets():
     assert EvalConfig().alpha * 255 == pytest.approx(2.0)
     assert EvalConfig(preset="authors-code").alpha * 255 == pytest.approx(1.0)
     assert EvalConfig(alpha_255=0.5).alpha * 255 == pytest.approx(0.5)
-    with pytest.raises(Exception, match=r"EvalConfig.steps \(the iterations of IFGSM and PGD\) must be an integer at least 1, got 0"):
+    with pytest.raises(
+        Exception,
+        match=r"EvalConfig.steps \(the iterations of IFGSM and PGD\) must be an integer at least 1, got 0",
+    ):
         EvalConfig(steps=0)
 
 
@@ -205,7 +211,9 @@ def test_resume_skips_finished_cells(grey_root, grey_defense, tmp_path):
     assert counted.model.calls == first  # nothing recomputed
     wider = EvalConfig(eps_255=(1.0, 3.0), steps=4, batch_size=50)
     assert run(counted, wider, grey_root, tmp_path)[:2] == (3, 24)
-    assert counted.model.calls - first == 1 + 2 * ((1 + 1) + 2 * (4 + 1))  # the probe; fgsm@3, ifgsm@3, pgd@3 only
+    assert counted.model.calls - first == 1 + 2 * (
+        (1 + 1) + 2 * (4 + 1)
+    )  # the probe; fgsm@3, ifgsm@3, pgd@3 only
     assert len(load_records(tmp_path)) == 27
 
 
@@ -233,16 +241,7 @@ def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
         row["checkpoint_sha256"] == grey_defense.info.checkpoint_sha256
         and row["torchattacks_version"] == "3.5.1"
     )
-    numeric = [
-        "seed",
-        "members",
-        "eps_255",
-        "severity",
-        "n",
-        "correct",
-        "accuracy",
-        "seconds",
-    ]
+    numeric = ["seed", "members", "eps_255", "severity", "n", "correct", "accuracy", "seconds"]
     (tmp_path / "records.csv").write_text(load_records(tmp_path, include_stale=True).to_csv(index=False))
     snapshot = pd.read_csv(tmp_path / "records.csv")  # as the report writes it: numbers stay numbers
     assert all(pd.api.types.is_numeric_dtype(snapshot[c]) for c in numeric)
@@ -263,12 +262,16 @@ def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
     assert set(load_records(tmp_path)["checkpoint_sha256"]) == {"f" * 64}
 
 
-RELEASE_PGD = {"authors-code": '{"alpha_255":1.0,"ball":"start","steps":1}',
-               "release-2020-06": '{"alpha_255":2.0,"ball":"start","steps":1,"units":"normalised"}'}  # fmt: skip
+RELEASE_PGD = {
+    "authors-code": '{"alpha_255":1.0,"ball":"start","steps":1}',
+    "release-2020-06": '{"alpha_255":2.0,"ball":"start","steps":1,"units":"normalised"}',
+}
 
 
 @pytest.mark.parametrize("preset", list(RELEASE_PGD))
-def test_release_presets_normalise_noise_files_by_their_own_statistics(grey_root, grey_defense, tmp_path, preset):
+def test_release_presets_normalise_noise_files_by_their_own_statistics(
+    grey_root, grey_defense, tmp_path, preset
+):
     config = EvalConfig(preset=preset, eps_255=(1.0,), steps=1)
     data = EvalData("cifar10", grey_root, config)
     mean, std = data.file_stats("impulse_noise")
@@ -300,12 +303,14 @@ def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp
     assert (noise["n"] == 100).all()
 
 
-def test_evaluate_protocol_is_the_one_call_for_any_adapter_and_a_protocol_of_ones_own(grey_root, grey_defense, tmp_path):
-    from bench.evaluate import evaluate_defense, evaluate_protocol
+def test_evaluate_protocol_is_the_one_call_for_any_adapter_and_a_protocol_of_ones_own(
+    grey_root, grey_defense, tmp_path
+):
+    from bench import evaluate_defense, evaluate_protocol
 
     config = EvalConfig(eps_255=(2.0,), steps=2)
-    with pytest.raises(UserError, match=r"^evaluate_defense\(defense, EvalConfig\(...\)\) is evaluate_protocol\(defense, "):
-        evaluate_defense(grey_defense, config)  # the call of before the two were split: pointed to the new one
+    with pytest.raises(UserError, match=r"^results_dir must be a folder's path, got EvalConfig$"):
+        evaluate_defense(grey_defense, config)  # a protocol of one's own is evaluate_protocol's
     assert not (tmp_path / "records.sqlite").exists()
     frame = evaluate_protocol(grey_defense, config, tmp_path, grey_root, progress=False)
     assert len(frame) == 24 and set(frame["model"]) == {"grey"} and set(frame["family"]) == {"external"}

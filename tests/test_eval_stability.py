@@ -52,7 +52,11 @@ class TwoBlockLinear(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-STEM, BLOCKS, HEAD = (1.0, 2.0, 0.5), (((0.5, -0.2, 0.1), 0.3), ((0.0, 0.4, -0.6), 0.6)), ((1.0, -1.0, 2.0), (0.5, 0.5, 0.0))
+STEM, BLOCKS, HEAD = (
+    (1.0, 2.0, 0.5),
+    (((0.5, -0.2, 0.1), 0.3), ((0.0, 0.4, -0.6), 0.6)),
+    ((1.0, -1.0, 2.0), (0.5, 0.5, 0.0)),
+)
 
 
 def _linear_network():
@@ -76,7 +80,9 @@ def test_two_block_linear_network_growth_and_norms_equal_their_closed_forms():
     head = np.array(HEAD)
     logits = (scales[-1] * xs.mean((2, 3))) @ head.T
     moved = (scales[-1] * ds.mean((2, 3))) @ head.T
-    expected = np.stack([*(relative(s) for s in scales), np.linalg.norm(moved, axis=1) / np.linalg.norm(logits, axis=1)], 1)
+    expected = np.stack(
+        [*(relative(s) for s in scales), np.linalg.norm(moved, axis=1) / np.linalg.norm(logits, axis=1)], 1
+    )
     found = st.growth(model, st.blocks(model), x, x + delta).numpy()
     assert found.shape == (5, 4)
     np.testing.assert_allclose(found, expected, rtol=1e-4)
@@ -120,7 +126,9 @@ def test_jacobian_products_equal_torch_func_jvp_and_vjp(name):
     model = _small_model(name)
     chain = st.blocks(model)
     with st.unfused(model):
-        inputs = st.block_inputs(model, chain, torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+        inputs = st.block_inputs(
+            model, chain, torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        )
         for block, h in zip(chain, inputs, strict=True):
             v = torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
             forward, transpose = krylov.jacobian_products(block, h)
@@ -137,9 +145,13 @@ def test_the_spectral_norm_is_within_one_percent_of_the_dense_one(name):
     model, config = _small_model(name), st.StabilityConfig()
     chain = st.blocks(model)
     with st.unfused(model):
-        inputs = st.block_inputs(model, chain, torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+        inputs = st.block_inputs(
+            model, chain, torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        )
         for block, h in zip(chain, inputs, strict=True):
-            dense = torch.func.vmap(torch.func.jacrev(block))(h.unsqueeze(1)).reshape(len(h), -1, h[0].numel())
+            dense = torch.func.vmap(torch.func.jacrev(block))(h.unsqueeze(1)).reshape(
+                len(h), -1, h[0].numel()
+            )
             exact = torch.linalg.matrix_norm(dense.double(), 2)
             start = torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
             sigma, used = krylov.spectral_norm(block, h, start, config.iterations, config.tolerance)
@@ -179,7 +191,9 @@ def test_arnoldi_finds_the_rightmost_eigenvalue_of_a_known_spectrum():
 
     config = st.StabilityConfig()
     start = torch.randn(20, len(a), generator=torch.Generator().manual_seed(0))
-    value, _ = krylov.rightmost_eigenvalue(block, torch.zeros(20, len(a)), start, config.krylov, config.tolerance)
+    value, _ = krylov.rightmost_eigenvalue(
+        block, torch.zeros(20, len(a)), start, config.krylov, config.tolerance
+    )
     error = (value - rightmost).numpy()
     assert (np.abs(error) <= 1e-3).sum() == 17
     assert error.max() <= 2e-4 and np.allclose(np.sort(error)[:2], -0.3033, atol=1e-4)
@@ -215,20 +229,63 @@ def test_measurements_are_seeded_and_depend_on_the_model_seed():
 # --- reports from known records ------------------------------------------------------------------
 
 
-def _rows(model: str, seed: int, amplification: float, sigma: tuple[float, float], gradient: float) -> list[dict]:
+def _rows(
+    model: str, seed: int, amplification: float, sigma: tuple[float, float], gradient: float
+) -> list[dict]:
     """Stability rows of a 2-block network measured on 2 images (growth of the PGD δ only)."""
-    base = {"model": model, "run": model, "family": "preact-resnet", "dataset": "cifar10", "data_source": "released",
-            "seed": seed, "members": 1, "preset": "paper", "checkpoint_sha256": f"{model}{seed}", "n": 2,
-            "params": "{}", "data_sha256": "a" * 64, "timestamp": "2026-12-01T00:00:00+00:00"}  # fmt: skip
+    base = {
+        "model": model,
+        "run": model,
+        "family": "preact-resnet",
+        "dataset": "cifar10",
+        "data_source": "released",
+        "seed": seed,
+        "members": 1,
+        "preset": "paper",
+        "checkpoint_sha256": f"{model}{seed}",
+        "n": 2,
+        "params": "{}",
+        "data_sha256": "a" * 64,
+        "timestamp": "2026-12-01T00:00:00+00:00",
+    }
     rows = []
-    for block, value in enumerate((1.0, 1.5, amplification, 9.0)):  # stem, block 1, block 2 (the last), logits
-        rows.append({**base, "quantity": st.GROWTH, "perturbation": "pgd", "eps_255": 2.0, "block": block,
-                     "damped": int(block == 2), "values": np.array([value, value], np.float32)})  # fmt: skip
+    for block, value in enumerate(
+        (1.0, 1.5, amplification, 9.0)
+    ):  # stem, block 1, block 2 (the last), logits
+        rows.append(
+            {
+                **base,
+                "quantity": st.GROWTH,
+                "perturbation": "pgd",
+                "eps_255": 2.0,
+                "block": block,
+                "damped": int(block == 2),
+                "values": np.array([value, value], np.float32),
+            }
+        )
     for block, value in enumerate(sigma, start=1):
-        rows.append({**base, "quantity": st.SPECTRAL, "perturbation": "", "eps_255": 0.0, "block": block,
-                     "damped": int(block == 2), "values": np.array([value, value + 0.5], np.float32)})  # fmt: skip
-    rows.append({**base, "quantity": st.GRADIENT, "perturbation": "", "eps_255": 0.0, "block": -1, "damped": 0,
-                 "values": np.array([gradient, gradient], np.float32)})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "quantity": st.SPECTRAL,
+                "perturbation": "",
+                "eps_255": 0.0,
+                "block": block,
+                "damped": int(block == 2),
+                "values": np.array([value, value + 0.5], np.float32),
+            }
+        )
+    rows.append(
+        {
+            **base,
+            "quantity": st.GRADIENT,
+            "perturbation": "",
+            "eps_255": 0.0,
+            "block": -1,
+            "damped": 0,
+            "values": np.array([gradient, gradient], np.float32),
+        }
+    )
     return rows
 
 
@@ -242,15 +299,25 @@ def _known_frame() -> pd.DataFrame:
 
 def test_the_stability_table_renders_known_records_exactly():
     checkpoints = sr.per_checkpoint(_known_frame())
-    aggregated = pd.DataFrame({"preset": ["paper"], "kind": ["single"], "metric": ["fgsm@2"], "dataset": ["cifar10"],
-                               "run": ["resnet110"], "mean": [41.25]})  # fmt: skip
+    aggregated = pd.DataFrame(
+        {
+            "preset": ["paper"],
+            "kind": ["single"],
+            "metric": ["fgsm@2"],
+            "dataset": ["cifar10"],
+            "run": ["resnet110"],
+            "mean": [41.25],
+        }
+    )
     table = sr.stability_table(checkpoints, aggregated, "paper")
     assert sr.render_table(table).splitlines()[2:] == [
         "| resnet110    | CIFAR-10 | 3.250 ± 0.354           | 2.000 ± 0.000  | 0.0 ± 0.0              | -                        | 10.50 ± 0.71 | 41.25        | 2       | 2        |",
         "| in-resnet110 | CIFAR-10 | 2.250 ± 0.354           | 1.050 ± 0.000  | 50.0 ± 0.0             | -                        | 8.00 ± 0.00  | -            | 2       | 2        |",
-    ]  # fmt: skip
-    assert sr.amplification(checkpoints) == {("cifar10", "in-resnet110", "single", "paper"): 2.25,
-                                             ("cifar10", "resnet110", "single", "paper"): 3.25}  # fmt: skip
+    ]
+    assert sr.amplification(checkpoints) == {
+        ("cifar10", "in-resnet110", "single", "paper"): 2.25,
+        ("cifar10", "resnet110", "single", "paper"): 3.25,
+    }
 
 
 def test_the_mechanism_claims_are_judged_on_paired_images():
@@ -263,6 +330,9 @@ def test_the_mechanism_claims_are_judged_on_paired_images():
         "the damped blocks of In-ResNet-110 are contractions more often than ResNet-110's",
     ]
     amplification, contraction = claims.to_dict("records")
-    assert amplification["measured"] == -1.0 and -1.5 <= amplification["low"] < -1.0 < amplification["high"] <= -0.5
+    assert (
+        amplification["measured"] == -1.0
+        and -1.5 <= amplification["low"] < -1.0 < amplification["high"] <= -0.5
+    )
     assert (contraction["measured"], contraction["low"], contraction["high"]) == (1.0, 1.0, 1.0)
     assert claims["verdict"].tolist() == ["reproduces", "reproduces"] and claims["seeds"].tolist() == [2, 2]

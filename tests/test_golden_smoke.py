@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -31,9 +32,17 @@ def arithmetic_fingerprint() -> str:
     the thread count: CPUs (or thread counts) that round differently give another digest.
     Nothing of this project runs in it, so a change of ours cannot change it."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.rand(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -59,7 +68,10 @@ def goldens() -> dict[str, tuple[pd.DataFrame, dict]]:
     out = {}
     for folder in sorted((GOLDEN / "smoke").iterdir()):
         facts = json.loads((folder / "checkpoints.json").read_text())
-        out[facts["arithmetic_fingerprint"]] = (pd.read_csv(folder / "records.csv", keep_default_na=False), facts)
+        out[facts["arithmetic_fingerprint"]] = (
+            pd.read_csv(folder / "records.csv", keep_default_na=False),
+            facts,
+        )
     return out
 
 
@@ -78,6 +90,7 @@ def test_the_goldens_of_two_machine_kinds_lie_within_the_drift_bound():
     assert between.mean() <= DRIFT_MEAN and between.max() <= DRIFT_MAX
 
 
+@pytest.mark.slow
 def test_smoke_records_are_the_golden_ones_but_for_in_resnets_training(smoke_run):
     results, run = smoke_run
     assert run.returncode == 0, run.stderr[-2000:]
@@ -92,7 +105,9 @@ def test_smoke_records_are_the_golden_ones_but_for_in_resnets_training(smoke_run
         golden, facts = known[here]
         before = {(c["model"], c["seed"]): c["sha256"] for c in facts["checkpoints"]}
         assert all(digests[k] != before[k] for k in before if k[0] == MOVED)  # decay now pulls its λ toward 1
-        assert {k: v for k, v in digests.items() if k[0] != MOVED} == {k: v for k, v in before.items() if k[0] != MOVED}
+        assert {k: v for k, v in digests.items() if k[0] != MOVED} == {
+            k: v for k, v in before.items() if k[0] != MOVED
+        }
         assert drift(ours, golden).max() == 0
     else:  # another kind of CPU or thread count: weights differ in the last bits, predictions at a few boundaries
         for golden, _ in known.values():

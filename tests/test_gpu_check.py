@@ -28,11 +28,22 @@ def test_parity_fails_when_the_skip_drops_lambdas_gradient(monkeypatch):
     assert eager["logits"] < 1e-5  # the forward is right; only λ learns nothing
 
 
+@pytest.mark.slow
 def test_tiny_check_writes_every_section(tmp_path):
     assert gpu_check.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cpu-tiny.json").read_text())
-    assert list(report["sections"]) == ["parity", "learning", "rehearsal", "training", "evaluation", "epoch", "stability"]
-    (rehearsed,) = report["sections"]["rehearsal"]  # the smoke suite's ResNet-14 rehearsed through the command line
+    assert list(report["sections"]) == [
+        "parity",
+        "learning",
+        "rehearsal",
+        "training",
+        "evaluation",
+        "epoch",
+        "stability",
+    ]
+    (rehearsed,) = report["sections"][
+        "rehearsal"
+    ]  # the smoke suite's ResNet-14 rehearsed through the command line
     assert rehearsed["finished"] and rehearsed["cells"] == 3 * 34 - 6 and rehearsed["checkpoints"] == 2
     assert rehearsed["last line"].startswith("rehearsal measured: train ")
     parity = report["sections"]["parity"]
@@ -40,7 +51,9 @@ def test_tiny_check_writes_every_section(tmp_path):
     paths = [("eager", "train"), ("compile", "train"), ("compile", "eval"), ("bf16", "train")]
     assert [(r["model"], r["path"], r["mode"]) for r in parity] == [(m, *p) for m in rules for p in paths]
     assert all(r["pass"] for r in parity), [r for r in parity if not r["pass"]]
-    assert max(r["skip gradient"] for r in parity if r["path"] == "eager") < 1e-5  # our autograd = plain autograd
+    assert (
+        max(r["skip gradient"] for r in parity if r["path"] == "eager") < 1e-5
+    )  # our autograd = plain autograd
     (learning,) = report["sections"]["learning"]
     assert learning["pass"] and learning["test accuracy"] > 0.2  # the short run learns
     loops = [r["loop"] for r in report["sections"]["training"] if "images/s" in r]

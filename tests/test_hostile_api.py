@@ -37,18 +37,42 @@ GREY = {"mean": (0, 0, 0), "std": (1, 1, 1)}
 @pytest.mark.parametrize(
     ("values", "said"),
     [
-        ({"seed": -1}, "EvalConfig.seed (of the random starts and noise) must be an integer in [0, 4294967296), got -1"),
-        ({"steps": 1.5}, "EvalConfig.steps (the iterations of IFGSM and PGD) must be an integer at least 1, got 1.5"),
-        ({"n_test": 2.5}, "EvalConfig.n_test (None: the whole test set) must be an integer at least 1, got 2.5"),
-        ({"steps": True}, "EvalConfig.steps (the iterations of IFGSM and PGD) must be an integer at least 1, got True"),
-        ({"noise_source": "bogus"}, "EvalConfig.noise_source must be one of auto, released, generated, got 'bogus'"),
-        ({"eps_255": (1, "2")}, "EvalConfig.eps_255 must be a tuple of numbers (radii in 1/255), got (1, '2')"),
+        (
+            {"seed": -1},
+            "EvalConfig.seed (of the random starts and noise) must be an integer in [0, 4294967296), got -1",
+        ),
+        (
+            {"steps": 1.5},
+            "EvalConfig.steps (the iterations of IFGSM and PGD) must be an integer at least 1, got 1.5",
+        ),
+        (
+            {"n_test": 2.5},
+            "EvalConfig.n_test (None: the whole test set) must be an integer at least 1, got 2.5",
+        ),
+        (
+            {"steps": True},
+            "EvalConfig.steps (the iterations of IFGSM and PGD) must be an integer at least 1, got True",
+        ),
+        (
+            {"noise_source": "bogus"},
+            "EvalConfig.noise_source must be one of auto, released, generated, got 'bogus'",
+        ),
+        (
+            {"eps_255": (1, "2")},
+            "EvalConfig.eps_255 must be a tuple of numbers (radii in 1/255), got (1, '2')",
+        ),
         ({"eps_255": [1, 2]}, "EvalConfig.eps_255 must be a tuple of numbers (radii in 1/255), got [1, 2]"),
-        ({"alpha_255": "2"}, "EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got '2'"),
-        ({"subsets": (("autoattack", 0.5),)}, "EvalConfig.subsets: the test subset of autoattack must be an integer at least 1, got 0.5"),
+        (
+            {"alpha_255": "2"},
+            "EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got '2'",
+        ),
+        (
+            {"subsets": (("autoattack", 0.5),)},
+            "EvalConfig.subsets: the test subset of autoattack must be an integer at least 1, got 0.5",
+        ),
         ({"channels_last": 1}, "EvalConfig.channels_last must be True or False, got 1"),
     ],
-)  # fmt: skip
+)
 def test_an_eval_config_the_command_line_would_refuse_is_refused_when_made(values, said):
     """Before: seed=-1 recorded 23 cells, then raised numpy's ValueError; 1.5 steps became 1;
     noise_source="bogus" ran."""
@@ -57,8 +81,14 @@ def test_an_eval_config_the_command_line_would_refuse_is_refused_when_made(value
     assert str(err.value) == said
 
 
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8),
-                st.lists(st.integers(-3, 300), max_size=3).map(tuple))  # fmt: skip
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 300), max_size=3).map(tuple),
+)
 FIELDS = ("seed", "steps", "n_test", "batch_size", "noise_source", "eps_255", "alpha_255", "preset", "device")
 
 
@@ -101,7 +131,9 @@ def grey(grey_defense, tmp_path):
     """module_defense of a Grey, by name and failure."""
     levels = type(grey_defense.model.net)
     torch.save(Grey(levels).state_dict(), tmp_path / "grey.pt")
-    return lambda name="grey", fail=None: module_defense(name, lambda: Grey(levels, fail), tmp_path / "grey.pt", **GREY)
+    return lambda name="grey", fail=None: module_defense(
+        name, lambda: Grey(levels, fail), tmp_path / "grey.pt", **GREY
+    )
 
 
 @pytest.mark.parametrize("name", ["../../pwn", "a\n| 0 | FAKE | 99.99 |", "resnet110", "x@rehearsal", ""])
@@ -110,18 +142,27 @@ def test_a_name_the_command_line_refuses_is_refused_by_every_adapter(grey, tmp_p
     with pytest.raises(UserError, match=r"^module_defense: defense name .* (must be|reads as)"):
         grey(name)
     torch.save(create_model("resnet8").state_dict(), tmp_path / "resnet8.pt")
-    with pytest.raises(UserError, match=r"^state_dict_defense\('resnet8', '.*'\): defense name 'resnet8' reads as a registered"):
+    with pytest.raises(
+        UserError,
+        match=r"^state_dict_defense\('resnet8', '.*'\): defense name 'resnet8' reads as a registered",
+    ):
         state_dict_defense("resnet8", tmp_path / "resnet8.pt")  # named after its file, as --state-dict
 
 
-def test_more_test_images_than_there_are_and_a_negative_seed_are_refused_before_work(grey, grey_root, tmp_path):
+def test_more_test_images_than_there_are_and_a_negative_seed_are_refused_before_work(
+    grey, grey_root, tmp_path
+):
     """Before: n_test=5000 was shrunk to the 100 test images in silence."""
     defense = grey()
     with pytest.raises(UserError) as err:
         evaluate_protocol(defense, EvalConfig(n_test=5000), tmp_path / "r", grey_root, progress=False)
-    assert str(err.value) == (f"EvalConfig.n_test = 5,000 is more than the 100 test images of cifar10 in {grey_root}: "
-                              "give at most 100")  # fmt: skip
-    with pytest.raises(UserError, match=r"^evaluate_protocol: seed .* must be an integer in \[0, 2\*\*32\), got -1$"):
+    assert str(err.value) == (
+        f"EvalConfig.n_test = 5,000 is more than the 100 test images of cifar10 in {grey_root}: "
+        "give at most 100"
+    )
+    with pytest.raises(
+        UserError, match=r"^evaluate_protocol: seed .* must be an integer in \[0, 2\*\*32\), got -1$"
+    ):
         evaluate_protocol(defense, EvalConfig(), tmp_path / "r", grey_root, seed=-1, progress=False)
     assert not (tmp_path / "r").exists()
 
@@ -131,8 +172,12 @@ def test_another_eval_seed_is_another_cell(grey, grey_root, tmp_path):
     defense = grey()
     config = {"eps_255": (20.0,), "iterative_eps_255": (20.0,), "steps": 2}
     first = evaluate_protocol(defense, EvalConfig(**config), tmp_path / "r", grey_root, progress=False)
-    second = evaluate_protocol(defense, EvalConfig(**config, seed=5), tmp_path / "r", grey_root, progress=False)
-    assert len(first) == 24 and len(second) == 24 + 1  # PGD again (its random start); the rest is the same cells
+    second = evaluate_protocol(
+        defense, EvalConfig(**config, seed=5), tmp_path / "r", grey_root, progress=False
+    )
+    assert (
+        len(first) == 24 and len(second) == 24 + 1
+    )  # PGD again (its random start); the rest is the same cells
     params = set(load_records(tmp_path / "r").query("perturbation == 'pgd'")["params"])
     assert params == {'{"alpha_255":2.0,"steps":2}', '{"alpha_255":2.0,"seed":5,"steps":2}'}
 
@@ -150,24 +195,34 @@ def after_25(net, x):
         raise RuntimeError("out of patience")
 
 
-def test_a_forward_that_fails_on_the_evaluations_batches_is_one_line_before_any_cell(grey, grey_root, tmp_path):
+def test_a_forward_that_fails_on_the_evaluations_batches_is_one_line_before_any_cell(
+    grey, grey_root, tmp_path
+):
     defense = grey(fail=only_two)  # the build check's batch of 2 passes
     with pytest.raises(UserError) as err:
         evaluate_protocol(defense, EvalConfig(batch_size=64), tmp_path / "r", grey_root, progress=False)
-    assert str(err.value) == ("defense grey fails on a 64x3x32x32 batch of cifar10 test images (the evaluation's batch "
-                              "size) (RuntimeError: expected a batch of 2, got 64): check its forward and the data set "
-                              "it is for")  # fmt: skip
+    assert str(err.value) == (
+        "defense grey fails on a 64x3x32x32 batch of cifar10 test images (the evaluation's batch "
+        "size) (RuntimeError: expected a batch of 2, got 64): check its forward and the data set "
+        "it is for"
+    )
     assert not (tmp_path / "r" / "records.sqlite").exists() or load_records(tmp_path / "r").empty
 
 
-def test_a_forward_that_fails_after_some_calls_names_the_cell_and_keeps_the_finished_ones(grey, grey_root, tmp_path):
+def test_a_forward_that_fails_after_some_calls_names_the_cell_and_keeps_the_finished_ones(
+    grey, grey_root, tmp_path
+):
     defense = grey(fail=after_25)
     with pytest.raises(UserError) as err:
-        evaluate_protocol(defense, EvalConfig(eps_255=(1.0,), steps=4), tmp_path / "r", grey_root, progress=False)
+        evaluate_protocol(
+            defense, EvalConfig(eps_255=(1.0,), steps=4), tmp_path / "r", grey_root, progress=False
+        )
     kept = len(load_records(tmp_path / "r"))
-    assert str(err.value) == (f"defense grey on cifar10 failed in the cell ifgsm@1 (RuntimeError: out of patience); the "
-                              f"{kept} cells finished before it are kept in the records: fix its forward and run again "
-                              "to compute the rest")  # fmt: skip
+    assert str(err.value) == (
+        f"defense grey on cifar10 failed in the cell ifgsm@1 (RuntimeError: out of patience); the "
+        f"{kept} cells finished before it are kept in the records: fix its forward and run again "
+        "to compute the rest"
+    )
     assert kept == 1 + 20 + 1  # clean, the noise cells, FGSM
 
 
@@ -181,26 +236,37 @@ def test_integer_logits_are_refused_at_the_build_check(tmp_path):
     torch.save({}, tmp_path / "none.pt")
     with pytest.raises(UserError) as err:
         module_defense("ints", IntegerLogits, tmp_path / "none.pt", **GREY)
-    assert str(err.value) == ("defense ints returns (2, 10) torch.int64 for a 2x3x32x32 batch of [0, 1] images; "
-                              "expected finite floating-point (2, 10) logits")  # fmt: skip
+    assert str(err.value) == (
+        "defense ints returns (2, 10) torch.int64 for a 2x3x32x32 batch of [0, 1] images; "
+        "expected finite floating-point (2, 10) logits"
+    )
 
 
-@pytest.mark.parametrize(("call", "said"), [("torch.set_grad_enabled(False)", "torch.set_grad_enabled(False)"),
-                                            ("torch.set_default_dtype(torch.float64)", "torch.set_default_dtype(torch.float64)")])
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        ("torch.set_grad_enabled(False)", "torch.set_grad_enabled(False)"),
+        ("torch.set_default_dtype(torch.float64)", "torch.set_default_dtype(torch.float64)"),
+    ],
+)
 def test_a_module_that_changes_torchs_global_state_at_import_is_refused(tmp_path, call, said):
     module = tmp_path / f"state_{abs(hash(call))}.py"
     module.write_text(f"import torch\n{call}\nNet = torch.nn.Linear\n")
     with pytest.raises(UserError) as err:
         factory_of(f"{module}:Net")
-    assert str(err.value) == (f"--defense {module}:Net: importing {module} changed torch's global state ({said}): a "
-                              "defense must leave it as it found it; remove the call (or make it inside its forward, "
-                              "undone before it returns)")  # fmt: skip
+    assert str(err.value) == (
+        f"--defense {module}:Net: importing {module} changed torch's global state ({said}): a "
+        "defense must leave it as it found it; remove the call (or make it inside its forward, "
+        "undone before it returns)"
+    )
     assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
 
 
 def test_a_subnormal_std_is_named_not_blamed_on_the_weights(tmp_path):
     torch.save({}, tmp_path / "none.pt")
-    with pytest.raises(UserError, match=r"^defense tiny: std must be finite numbers of at least 1.18e-38 \(float32's"):
+    with pytest.raises(
+        UserError, match=r"^defense tiny: std must be finite numbers of at least 1.18e-38 \(float32's"
+    ):
         module_defense("tiny", IntegerLogits, tmp_path / "none.pt", mean=(0, 0, 0), std=(1e-40, 1, 1))
 
 
@@ -211,14 +277,25 @@ def test_a_subnormal_std_is_named_not_blamed_on_the_weights(tmp_path):
     ("text", "said"),
     [
         ('[a]\ndefense = "n.py:Net"\nweights = 5\n', "[a]: weights must be a non-empty string, got 5"),
-        ('[a]\ndefense = "n.py:Net"\nweights = "w.pt"\nmean = [' + "9" * 400 + ", 1, 1]\nstd = [1, 1, 1]\n",
-         "[a]: mean takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got [" + "9" * 400 + ", 1, 1]"),
-        ('["a\\nb"]\ndefense = "n.py:Net"\nweights = "w.pt"\n',
-         "['a\\nb']: defense name 'a\\nb' must be 1-100 letters, digits or . _ @ + -"),
-        ('[a]\nstate-dict = ["resnet8", 5]\n', '[a]: state-dict takes an architecture and a path, e.g. ["resnet110", "mine.pt"]'),
+        (
+            '[a]\ndefense = "n.py:Net"\nweights = "w.pt"\nmean = ['
+            + "9" * 400
+            + ", 1, 1]\nstd = [1, 1, 1]\n",
+            "[a]: mean takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got ["
+            + "9" * 400
+            + ", 1, 1]",
+        ),
+        (
+            '["a\\nb"]\ndefense = "n.py:Net"\nweights = "w.pt"\n',
+            "['a\\nb']: defense name 'a\\nb' must be 1-100 letters, digits or . _ @ + -",
+        ),
+        (
+            '[a]\nstate-dict = ["resnet8", 5]\n',
+            '[a]: state-dict takes an architecture and a path, e.g. ["resnet110", "mine.pt"]',
+        ),
         ('[a]\nrobustbench = "X"\nmodel-dir = 3\n', "[a]: model-dir must be a non-empty string, got 3"),
     ],
-)  # fmt: skip
+)
 def test_an_odd_toml_value_is_one_line_naming_file_table_and_key(tmp_path, text, said):
     path = tmp_path / "defenses.toml"
     path.write_text(text)
@@ -238,21 +315,38 @@ def toml_value(value) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-HOSTILE = st.one_of(st.text(max_size=12), st.sampled_from(["n.py:Net", "w.pt", "resnet8", "cifar10", "Linf", "../../pwn"]),
-                    st.integers(-(2**80), 2**80), st.floats(), st.booleans(),
-                    st.lists(st.one_of(st.floats(), st.integers(-(10**400), 10**400), st.text(max_size=4)), max_size=4))  # fmt: skip
-TABLES = st.dictionaries(st.text(min_size=1, max_size=10), st.dictionaries(st.sampled_from(KEYS), HOSTILE, max_size=4),
-                         min_size=1, max_size=2)  # fmt: skip
+HOSTILE = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["n.py:Net", "w.pt", "resnet8", "cifar10", "Linf", "../../pwn"]),
+    st.integers(-(2**80), 2**80),
+    st.floats(),
+    st.booleans(),
+    st.lists(st.one_of(st.floats(), st.integers(-(10**400), 10**400), st.text(max_size=4)), max_size=4),
+)
+TABLES = st.dictionaries(
+    st.text(min_size=1, max_size=10),
+    st.dictionaries(st.sampled_from(KEYS), HOSTILE, max_size=4),
+    min_size=1,
+    max_size=2,
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(tables=TABLES)
 def test_any_defenses_toml_is_read_or_refused_in_one_line(tmp_path, tables):
     """Every key with hostile values (huge integers, NaN, newlines, lists of anything): specs
     with the types they claim, or one line naming the file."""
     path = tmp_path / "defenses.toml"
-    path.write_text("".join(f"[{json.dumps(name)}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
-                            for name, values in tables.items()))  # fmt: skip
+    path.write_text(
+        "".join(
+            f"[{json.dumps(name)}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+            for name, values in tables.items()
+        )
+    )
     try:
         specs = load_defenses(path)
     except UserError as err:
@@ -269,9 +363,11 @@ def test_a_defenses_file_without_end_is_refused_before_reading(tmp_path):
     os.mkfifo(fifo)
     big = tmp_path / "big.toml"
     big.write_text("# padding\n" * 200_000)
-    for path, said in ((Path("/dev/zero"), "is not a regular file: give a TOML file"),
-                       (fifo, "is not a regular file: give a TOML file"),
-                       (big, "is 2,000,000 bytes, more than a list of defenses takes (1,048,576 at most)")):  # fmt: skip
+    for path, said in (
+        (Path("/dev/zero"), "is not a regular file: give a TOML file"),
+        (fifo, "is not a regular file: give a TOML file"),
+        (big, "is 2,000,000 bytes, more than a list of defenses takes (1,048,576 at most)"),
+    ):
         with pytest.raises(UserError) as err:
             load_defenses(path)
         assert str(err.value).startswith(f"--defenses {path} {said}")
@@ -280,6 +376,7 @@ def test_a_defenses_file_without_end_is_refused_before_reading(tmp_path):
 # --- the terminal: one line, any encoding --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_error_line_holding_a_newline_stays_one_line(tmp_path, capsys):
     path = tmp_path / "defenses.toml"
     path.write_text('["a\\nb"]\ndefense = "n.py:Net"\nweights = "w.pt"\n')
@@ -288,11 +385,16 @@ def test_an_error_line_holding_a_newline_stays_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: --defenses {path} ['a\\nb']: defense name")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--list-models"], ["--stage", "summary", "--results-dir", "absent"]])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--list-models"], ["--stage", "summary", "--results-dir", "absent"]]
+)
 def test_a_terminal_that_cannot_write_lambda_gets_escapes_not_a_traceback(argv, tmp_path):
     """Before: --help, the dry run and the summary raised UnicodeEncodeError on 'λ'."""
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
-    run = subprocess.run([sys.executable, str(REPO / "run_bench.py"), *argv], cwd=tmp_path, env=env, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "run_bench.py"), *argv], cwd=tmp_path, env=env, capture_output=True
+    )
     assert b"UnicodeEncodeError" not in run.stderr and b"Traceback" not in run.stderr, run.stderr[-500:]
     out = run.stdout + run.stderr
     assert all(b < 128 for b in out) and (b"\\u03bb" in out or argv[0] != "--help")
@@ -313,7 +415,9 @@ time.sleep(120)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc (Linux)")
 def test_local_workers_die_with_a_sigkilled_driver():
     """Before: killing the driver of --workers 2 left both workers alive, asleep on a pipe."""
-    driver = subprocess.Popen([sys.executable, "-c", WORKERS_DRIVER], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", WORKERS_DRIVER], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     workers = [int(pid) for pid in driver.stdout.readline().split()]
     assert len(workers) == 2 and set(workers) <= set(descendants(driver.pid))
     driver.send_signal(signal.SIGKILL)
@@ -322,5 +426,9 @@ def test_local_workers_die_with_a_sigkilled_driver():
     alive = workers
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in workers if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        alive = [
+            p
+            for p in workers
+            if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
+        ]
     assert alive == []

@@ -41,8 +41,12 @@ def finished_copy(mini_run, tmp_path: Path) -> tuple[list[str], Path]:
 
 def report_files(results: Path) -> dict[str, bytes]:
     """The tables and the leaderboard, by path below the results dir."""
-    found = [*results.glob("tables/*"), *results.glob("leaderboard/**/*"), results / "leaderboard.md",
-             results / "leaderboard.csv"]  # fmt: skip
+    found = [
+        *results.glob("tables/*"),
+        *results.glob("leaderboard/**/*"),
+        results / "leaderboard.md",
+        results / "leaderboard.csv",
+    ]
     return {str(p.relative_to(results)): p.read_bytes() for p in found if p.is_file()}
 
 
@@ -53,6 +57,7 @@ def seed_folder(results: Path, seed: int) -> Path:
 # --- records alone make the report -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_records_and_meta_json_alone_render_the_same_tables_and_leaderboard(mini_run, tmp_path, capsys):
     """Before: "no current records ...: its 96 records all measured checkpoints since retrained,
     failed on retraining or deleted; run the eval stage" (and the eval stage refused too)."""
@@ -66,8 +71,10 @@ def test_records_and_meta_json_alone_render_the_same_tables_and_leaderboard(mini
     assert run_bench.main(["--stage", "report", "--no-figures", "--results-dir", str(copy)]) == 0
     assert report_files(copy) == report_files(results) and len(report_files(results)) > 20
     line = (copy / "REPORT.md").read_text().splitlines()[2]
-    assert line.endswith("2 of the checkpoints these records measured are not on disk (their weights.pt or folder was "
-                         "deleted or not copied): their records stand, and measuring them again needs the weights.")  # fmt: skip
+    assert line.endswith(
+        "2 of the checkpoints these records measured are not on disk (their weights.pt or folder was "
+        "deleted or not copied): their records stand, and measuring them again needs the weights."
+    )
     assert "not on disk" not in (results / "REPORT.md").read_text()
     for seed in (0, 1):  # deleting only the weights in place: the same report
         (seed_folder(results, seed) / "weights.pt").unlink()
@@ -85,23 +92,31 @@ def retrain(folder: Path) -> None:
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 def test_the_eval_stage_is_advised_only_where_a_checkpoint_stands_to_be_measured(mini_run, tmp_path, capsys):
     _, results = finished_copy(mini_run, tmp_path)
     for seed in (0, 1):
         retrain(seed_folder(results, seed))
     said = fails(["--stage", "report", "--results-dir", str(results)], capsys)
-    assert said.endswith("records all measured checkpoints since retrained, replaced or failed on retraining; run the "
-                         "eval stage to measure the 2 finished checkpoints that stand now")  # fmt: skip
+    assert said.endswith(
+        "records all measured checkpoints since retrained, replaced or failed on retraining; run the "
+        "eval stage to measure the 2 finished checkpoints that stand now"
+    )
     for seed in (0, 1):  # weights.pt replaced under a meta.json that still names the old ones
         meta = json.loads((seed_folder(results, seed) / "meta.json").read_text())
-        (seed_folder(results, seed) / "meta.json").write_text(json.dumps({**meta, STAMP: {}, "sha256": "0" * 64}))
+        (seed_folder(results, seed) / "meta.json").write_text(
+            json.dumps({**meta, STAMP: {}, "sha256": "0" * 64})
+        )
     said = fails(["--stage", "report", "--results-dir", str(results)], capsys)
-    assert said.endswith("; no finished checkpoint stands to be measured: restore the replaced weights, or train again")
+    assert said.endswith(
+        "; no finished checkpoint stands to be measured: restore the replaced weights, or train again"
+    )
 
 
 # --- a checkpoint is what it holds --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_copied_or_renamed_checkpoint_folder_is_never_another_seed(mini_run, tmp_path, capsys):
     """Before: `cp -a seed0 seed2` and --seeds 0,1,2 recorded seed 2 with seed 0's sha256 and
     an "ensemble of 3" holding seed 0 twice; a folder renamed to seed7 was recorded as seed 7."""
@@ -113,7 +128,9 @@ def test_a_copied_or_renamed_checkpoint_folder_is_never_another_seed(mini_run, t
         "copied or renamed folder is never another run; move it back or delete it"
     )
     meta = json.loads((seed_folder(results, 2) / "meta.json").read_text())
-    (seed_folder(results, 2) / "meta.json").write_text(json.dumps({**meta, "seed": 2}))  # the copy edited to pass
+    (seed_folder(results, 2) / "meta.json").write_text(
+        json.dumps({**meta, "seed": 2})
+    )  # the copy edited to pass
     assert fails([*argv, "--seeds", "0,1,2", "--stage", "eval,report"], capsys) == (
         f"error: {seed_folder(results, 0)} and {seed_folder(results, 2)} hold the same checkpoint (sha256 "
         f"{meta['sha256'][:12]}…): one checkpoint never counts as two seeds; delete the copy"
@@ -121,28 +138,35 @@ def test_a_copied_or_renamed_checkpoint_folder_is_never_another_seed(mini_run, t
     shutil.rmtree(seed_folder(results, 2))
     seed_folder(results, 1).rename(seed_folder(results, 7))
     assert fails([*argv, "--seeds", "0,7", "--stage", "eval,report"], capsys).startswith(
-        f"error: {seed_folder(results, 7)} holds the checkpoint of seed 1 (its meta.json says so), not of seed 7")
+        f"error: {seed_folder(results, 7)} holds the checkpoint of seed 1 (its meta.json says so), not of seed 7"
+    )
     assert (results / "records.sqlite").read_bytes() == before
 
 
 # --- nothing is written through a planted link ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", ["train.log", "lock", "tables"])
 def test_a_planted_link_is_refused_and_nothing_written_through_it(mini_run, tmp_path, capsys, planted):
     """Before: a train.log link got three log lines appended; a dangling lock link created its target."""
     argv, results = finished_copy(mini_run, tmp_path)
     outside = tmp_path / "outside"
-    link = {"train.log": seed_folder(results, 0) / "train.log",
-            "lock": results / ".locks" / "synthetic" / "planted.lock", "tables": results / "tables"}[planted]  # fmt: skip
+    link = {
+        "train.log": seed_folder(results, 0) / "train.log",
+        "lock": results / ".locks" / "synthetic" / "planted.lock",
+        "tables": results / "tables",
+    }[planted]
     if link.is_dir():
         shutil.rmtree(link)
     link.unlink(missing_ok=True)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(outside)
     said = fails(argv, capsys)
-    assert said == (f"error: {link} is a symbolic link to {outside}, outside {results}: the harness never writes through "
-                    "a link it did not make; replace it with a folder or file of its own")  # fmt: skip
+    assert said == (
+        f"error: {link} is a symbolic link to {outside}, outside {results}: the harness never writes through "
+        "a link it did not make; replace it with a folder or file of its own"
+    )
     assert not outside.exists()
 
 
@@ -152,28 +176,40 @@ def test_a_lock_or_log_is_never_opened_through_a_link(tmp_path):
     lock.symlink_to(outside)
     with pytest.raises(UserError) as err, run_lock(lock):
         pass
-    assert str(err.value) == (f"{lock} is a symbolic link (to {outside}): the harness never writes through a link it "
-                              "did not make; remove the link and run again")  # fmt: skip
+    assert str(err.value) == (
+        f"{lock} is a symbolic link (to {outside}): the harness never writes through a link it "
+        "did not make; remove the link and run again"
+    )
     assert not outside.exists()
 
 
 # --- the store holds only what the harness made ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sql", "said"),
     [
-        ("CREATE TRIGGER inflate AFTER INSERT ON cells BEGIN UPDATE cells SET accuracy = 1.0 WHERE rowid = new.rowid; END",
-         "holds trigger 'inflate', which this harness never makes (planted?)"),
-        ("CREATE VIEW best AS SELECT * FROM cells", "holds view 'best', which this harness never makes (planted?)"),
+        (
+            "CREATE TRIGGER inflate AFTER INSERT ON cells BEGIN UPDATE cells SET accuracy = 1.0 WHERE rowid = new.rowid; END",
+            "holds trigger 'inflate', which this harness never makes (planted?)",
+        ),
+        (
+            "CREATE VIEW best AS SELECT * FROM cells",
+            "holds view 'best', which this harness never makes (planted?)",
+        ),
         ("CREATE TABLE notes (x TEXT)", "holds table 'notes', which this harness never makes (planted?)"),
-        (f"UPDATE cells SET run = '{RUN}' || char(10) || '| 0 | FAKE | 99.99 |' WHERE rowid = 1",
-         "holds run = 'resnet8@smoke@n1024\\n| 0 | FAKE | 99.99 |', not a string of 1-200 letters, digits and . _ @ + - "
-         "(the characters --name takes)"),
-        ("UPDATE runs SET model = '../../pwn' WHERE rowid = 1",
-         "runs row 1 holds model = '../../pwn', not a string of 1-200 letters, digits and . _ @ + -"),
+        (
+            f"UPDATE cells SET run = '{RUN}' || char(10) || '| 0 | FAKE | 99.99 |' WHERE rowid = 1",
+            "holds run = 'resnet8@smoke@n1024\\n| 0 | FAKE | 99.99 |', not a string of 1-200 letters, digits and . _ @ + - "
+            "(the characters --name takes)",
+        ),
+        (
+            "UPDATE runs SET model = '../../pwn' WHERE rowid = 1",
+            "runs row 1 holds model = '../../pwn', not a string of 1-200 letters, digits and . _ @ + -",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_store_with_what_the_harness_never_made_is_refused(mini_run, tmp_path, capsys, sql, said):
     """Before: a trigger turned a 10% defense into 100%, and a run name holding a newline put a
     FAKE row into leaderboard.md, REPORT.md and leaderboard.csv."""
@@ -186,7 +222,10 @@ def test_a_store_with_what_the_harness_never_made_is_refused(mini_run, tmp_path,
     assert (results / "leaderboard.md").read_bytes() == board
 
 
-def test_a_read_only_results_dir_is_refused_before_noise_is_generated(mini_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_a_read_only_results_dir_is_refused_before_noise_is_generated(
+    mini_run, tmp_path, capsys, monkeypatch
+):
     command, _ = mini_run
     results, data = tmp_path / "results", Path(command[command.index("--data-dir") + 1])
     fresh = tmp_path / "data"
@@ -199,17 +238,29 @@ def test_a_read_only_results_dir_is_refused_before_noise_is_generated(mini_run, 
         return real_mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)
-    argv = [*command[2:command.index("--data-dir")], "--data-dir", str(fresh), "--results-dir", str(results)]
-    assert fails(argv, capsys) == f"error: cannot write results to {results} (Permission denied): choose another --results-dir"
+    argv = [
+        *command[2 : command.index("--data-dir")],
+        "--data-dir",
+        str(fresh),
+        "--results-dir",
+        str(results),
+    ]
+    assert (
+        fails(argv, capsys)
+        == f"error: cannot write results to {results} (Permission denied): choose another --results-dir"
+    )
     assert not (fresh / "generated").exists() and not results.exists()
 
 
+@pytest.mark.slow
 def test_a_results_path_too_long_for_sqlite_is_named_as_such(mini_run, tmp_path, capsys):
     """Before: "cannot open ... (unable to open database file): check the permissions"."""
     command, _ = mini_run
     deep = tmp_path.joinpath(*["d" * 100] * 5)
     said = fails([*command[2:], "--no-progress", "--results-dir", str(deep)], capsys)
-    assert said == (f"error: cannot open {deep / 'records.sqlite'}: its path (and its journal's) is "
-                    f"{len(str(deep / 'records.sqlite')) + 8} characters, more than SQLite's 512; choose a shorter "
-                    "--results-dir")  # fmt: skip
+    assert said == (
+        f"error: cannot open {deep / 'records.sqlite'}: its path (and its journal's) is "
+        f"{len(str(deep / 'records.sqlite')) + 8} characters, more than SQLite's 512; choose a shorter "
+        "--results-dir"
+    )
     assert not os.path.exists(deep)

@@ -36,9 +36,23 @@ from models import UserError
 REPO = Path(__file__).resolve().parents[1]
 RUN = "resnet8@smoke@n1024"
 # cells of a seed: clean, 4 noise groups x 5, FGSM / IFGSM / PGD / uniform noise x 3 radii, APGD-CE lite
-SINGLE, ENSEMBLE = 1 + 20 + 4 * 3 + 1, 1 + 20 + 3 + 3 * 1 + 1  # an ensemble: FGSM at 3 radii, the rest at 2/255
+SINGLE, ENSEMBLE = (
+    1 + 20 + 4 * 3 + 1,
+    1 + 20 + 3 + 3 * 1 + 1,
+)  # an ensemble: FGSM at 3 radii, the rest at 2/255
 BASE_CELLS = 2 * SINGLE + ENSEMBLE
-BASE = ["--models", "resnet8", "--n-train", "1024", "--n-test", "50", "--steps", "5", "--no-progress", "--no-figures"]
+BASE = [
+    "--models",
+    "resnet8",
+    "--n-train",
+    "1024",
+    "--n-test",
+    "50",
+    "--steps",
+    "5",
+    "--no-progress",
+    "--no-figures",
+]
 
 
 def cli(capsys, results: Path, data: Path, *args: str) -> tuple[int, str]:
@@ -64,7 +78,9 @@ def base(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     shutil.copytree(trained / "data", root / "data")
     shutil.copytree(trained / "results" / "checkpoints", root / "base" / "checkpoints")
-    code = run_bench.main([*BASE, "--seeds", "0,1", "--results-dir", str(root / "base"), "--data-dir", str(root / "data")])
+    code = run_bench.main(
+        [*BASE, "--seeds", "0,1", "--results-dir", str(root / "base"), "--data-dir", str(root / "data")]
+    )
     assert code == 0
     return root
 
@@ -89,9 +105,12 @@ def current_mean(results: Path, **where) -> float:
 # --- the four ways to show a wrong number, and replaced checkpoints ---------------------------
 
 
+@pytest.mark.slow
 def test_a_smaller_rerun_never_pools_with_the_full_test_set(base, results, capsys):
     before = board(results).loc[RUN]
-    code, _ = cli(capsys, results, base / "data", "--seeds", "0", "--n-test", "20", "--steps", "1", "--stage", "eval")
+    code, _ = cli(
+        capsys, results, base / "data", "--seeds", "0", "--n-test", "20", "--steps", "1", "--stage", "eval"
+    )
     assert code == 0 and cli(capsys, results, base / "data", "--stage", "report")[0] == 0
     after = board(results).loc[RUN]
     assert (after["n_test"], after["seeds"]) == (50, 2)  # was 70 and <NA>: 5x50 + 5x20 images pooled
@@ -103,16 +122,21 @@ def test_a_smaller_rerun_never_pools_with_the_full_test_set(base, results, capsy
     assert "In-ResNet-8" not in table1  # rows of models never trained are not shown
 
 
+@pytest.mark.slow
 def test_ensembles_of_different_sizes_are_never_averaged(base, results, capsys):
     assert cli(capsys, results, base / "data", "--seeds", "0,1,2")[0] == 0
     three = current_mean(results, run=RUN, members=3, perturbation="clean")
     pgd = current_mean(results, run=RUN, members=3, perturbation="pgd", eps_255=2.0)
     entry = board(results).loc[f"{RUN} (ensemble)"]
     assert (entry["clean"], entry["pgd@2"], entry["seeds"]) == (round(three, 6), round(pgd, 6), 3)
-    assert f"| synthetic   | ResNet-8, ens | {three:.2f} (n=3) |" in (results / "tables" / "table6.md").read_text()
+    assert (
+        f"| synthetic   | ResNet-8, ens | {three:.2f} (n=3) |"
+        in (results / "tables" / "table6.md").read_text()
+    )
     assert "ResNet-8, ens: ensemble of 2 (clean" in (results / "tables" / "table6.md").read_text()
 
 
+@pytest.mark.slow
 def test_duplicate_seeds_are_refused(base, results, capsys):
     before = state(results)
     assert cli(capsys, results, base / "data", "--seeds", "0,0") == (
@@ -122,22 +146,31 @@ def test_duplicate_seeds_are_refused(base, results, capsys):
     assert state(results) == before
 
 
+@pytest.mark.slow
 def test_reports_use_the_asked_step_count_never_the_first_recorded(base, results, capsys):
     assert cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", "1", "--stage", "eval")[0] == 0
     for steps in ("5", "1", "20"):  # 20 was never measured: the most steps, 5, are shown
-        assert cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", steps, "--stage", "report")[0] == 0
+        assert (
+            cli(capsys, results, base / "data", "--seeds", "0,1", "--steps", steps, "--stage", "report")[0]
+            == 0
+        )
         shown_steps = 1 if steps == "1" else 5
         params = f'{{"alpha_255":2.0,"steps":{shown_steps}}}'
         pgd4 = current_mean(results, run=RUN, members=1, perturbation="pgd", eps_255=4.0, params=params)
         row = (results / "tables" / "table3.md").read_text().splitlines()[4]
         assert row.endswith(f"| {pgd4:.2f} (n=2) |"), (steps, row)
         other = 5 if shown_steps == 1 else 1
-        note = f"{other} step{'' if other == 1 else 's'} at α 2/255 (ifgsm@1, ifgsm@2, ifgsm@4, pgd@1, +2 more)"
+        note = (
+            f"{other} step{'' if other == 1 else 's'} at α 2/255 (ifgsm@1, ifgsm@2, ifgsm@4, pgd@1, +2 more)"
+        )
         assert note in (results / "tables" / "table3.md").read_text()
     assert "iterative-weaker-than-fgsm" not in (results / "leaderboard.md").read_text()
 
 
-def test_a_failed_retrain_retires_the_old_rows_and_a_deleted_checkpoint_does_not(base, results, capsys, tmp_path):
+@pytest.mark.slow
+def test_a_failed_retrain_retires_the_old_rows_and_a_deleted_checkpoint_does_not(
+    base, results, capsys, tmp_path
+):
     shuffled = Path(shutil.copytree(base / "data", tmp_path / "shuffled"))
     folder = shuffled / "synthetic" / "cifar-10-batches-py"
     rng = np.random.default_rng(0)
@@ -156,7 +189,9 @@ def test_a_failed_retrain_retires_the_old_rows_and_a_deleted_checkpoint_does_not
     report = (results / "REPORT.md").read_text()
     assert re.search(r"; \d+ records of replaced or retrained checkpoints are not reported\.\n", report)
     table5 = (results / "tables" / "table5.md").read_bytes()
-    shutil.rmtree(results / "checkpoints" / "synthetic" / RUN / "seed1")  # gone, not retrained: its records stand
+    shutil.rmtree(
+        results / "checkpoints" / "synthetic" / RUN / "seed1"
+    )  # gone, not retrained: its records stand
     assert cli(capsys, results, base / "data", "--stage", "report")[0] == 0
     assert (results / "tables" / "table5.md").read_bytes() == table5 and board(results).loc[RUN, "seeds"] == 1
     assert "1 of the checkpoints these records measured is not on disk" in (results / "REPORT.md").read_text()
@@ -172,31 +207,74 @@ BAD = [
     (["--radii", "1,-1"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got -1"),
     (["--seeds", "²"], r"--seeds takes non-negative integers, got '²'"),
     (["--seeds", str(2**64)], r"--seeds takes integers in \[0, 2\*\*32\), got \[18446744073709551616\]"),
-    (["--device", "meta"], r"device 'meta' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu"),
+    (
+        ["--device", "meta"],
+        r"device 'meta' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu",
+    ),
     (["--data-dir", "{file}"], r"data dir .*/afile is a file, not a folder: choose another --data-dir"),
     (["--data-dir", ""], r"--data-dir is empty: give a folder \(default: \$INRES_BENCH_DATA or ./data\)"),
     (["--results-dir", ""], r"--results-dir is empty: give a folder \(default: results\)"),
-    (["--results-dir", "{file}"], r"--results-dir .*/afile is a file, not a folder: choose another --results-dir"),
-    (["--rank-by", "pgd@3"], r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of .*, pgd@2, .*"),
-    (["--rank-by", "pgd3"], r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2"),
-    (["--models", "in-resnet14", "--lambda-init", "5,6"], r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the stable range: rule 'in' needs high <= 2 .*"),
+    (
+        ["--results-dir", "{file}"],
+        r"--results-dir .*/afile is a file, not a folder: choose another --results-dir",
+    ),
+    (
+        ["--rank-by", "pgd@3"],
+        r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of .*, pgd@2, .*",
+    ),
+    (
+        ["--rank-by", "pgd3"],
+        r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2",
+    ),
+    (
+        ["--models", "in-resnet14", "--lambda-init", "5,6"],
+        r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the stable range: rule 'in' needs high <= 2 .*",
+    ),
     (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
     (["--lambda-init", "0.3,0.2"], r"--lambda-init a,b needs finite numbers with a <= b, got 0.3,0.2"),
     (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3': 1 given"),
-    (["--n-test", "x"], r"argument --n-test: 'x' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)"),
-    (["--n-test", "٢٠"], r"argument --n-test: '٢٠' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)"),
-    (["--radii", "1e-400"], r"--radii takes comma-separated numbers, got '1e-400': 1e-400 is nonzero but below the smallest float \(it would be read as 0\)"),
-    (["--radii", "2,٢"], r"--radii takes comma-separated numbers, got '2,٢': '٢' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\)"),
-    (["--landscape-radius", "٨"], r"argument --landscape-radius: '٨' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\) \(see --help\)"),
-    (["--lambda-init", "0.1,0.2,0.3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '0.1,0.2,0.3': 3 given"),
-    (["--n-train", "20000"], r"--n-train 20000 is more than the 10,000 training images of synthetic: give at most that many, or leave --n-train out to train on all"),
-    (["--landscape-index", "2000"], r"--landscape-index 2000 is beyond the 2,000 test images of synthetic: give 0 to 1999, or leave it out for the paper's two images"),
+    (
+        ["--n-test", "x"],
+        r"argument --n-test: 'x' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)",
+    ),
+    (
+        ["--n-test", "٢٠"],
+        r"argument --n-test: '٢٠' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)",
+    ),
+    (
+        ["--radii", "1e-400"],
+        r"--radii takes comma-separated numbers, got '1e-400': 1e-400 is nonzero but below the smallest float \(it would be read as 0\)",
+    ),
+    (
+        ["--radii", "2,٢"],
+        r"--radii takes comma-separated numbers, got '2,٢': '٢' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\)",
+    ),
+    (
+        ["--landscape-radius", "٨"],
+        r"argument --landscape-radius: '٨' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\) \(see --help\)",
+    ),
+    (
+        ["--lambda-init", "0.1,0.2,0.3"],
+        r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '0.1,0.2,0.3': 3 given",
+    ),
+    (
+        ["--n-train", "20000"],
+        r"--n-train 20000 is more than the 10,000 training images of synthetic: give at most that many, or leave --n-train out to train on all",
+    ),
+    (
+        ["--landscape-index", "2000"],
+        r"--landscape-index 2000 is beyond the 2,000 test images of synthetic: give 0 to 1999, or leave it out for the paper's two images",
+    ),
     (["--steps", "0"], r"--steps must be positive, got 0"),
     (["--datasets", ""], r"--datasets is empty: give a comma-separated list"),
-    (["--stage", "report", "--results-dir", "{empty}"], r"no records in .*/empty/records.sqlite: run the eval stage first, or check --results-dir"),
-]  # fmt: skip
+    (
+        ["--stage", "report", "--results-dir", "{empty}"],
+        r"no records in .*/empty/records.sqlite: run the eval stage first, or check --results-dir",
+    ),
+]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) or "empty" for a, _ in BAD])
 def test_bad_input_is_one_line_before_any_work(base, results, capsys, tmp_path, args, message):
     (tmp_path / "afile").write_text("a file")
@@ -207,30 +285,50 @@ def test_bad_input_is_one_line_before_any_work(base, results, capsys, tmp_path, 
     assert state(results) == before and not (tmp_path / "empty").exists()
 
 
+@pytest.mark.slow
 def test_negative_lambda_pairs_and_canonical_metric_names_are_accepted(base, results, capsys):
     args = ["--models", "in-resnet-sig14", "--lambda-init", "-3,-2", "--rank-by", "pgd@2.0", "--dry-run"]
     capsys.readouterr()
-    assert run_bench.main([*BASE, "--results-dir", str(results), "--data-dir", str(base / "data"), *args]) == 0
+    assert (
+        run_bench.main([*BASE, "--results-dir", str(results), "--data-dir", str(base / "data"), *args]) == 0
+    )
     out = capsys.readouterr()
-    assert out.err == "" and re.search(r"^\| in-resnet-sig14@smoke@lambda-3--2@n1024 +\| synthetic \|", out.out, re.M)
+    assert out.err == "" and re.search(
+        r"^\| in-resnet-sig14@smoke@lambda-3--2@n1024 +\| synthetic \|", out.out, re.M
+    )
 
 
+@pytest.mark.slow
 def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "data" / "cifar-10-batches-py"
     images = np.zeros((4, 32, 32, 3), np.uint8)
     for i in range(1, 6):
         write_batch(folder / f"data_batch_{i}", images, np.arange(4))
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
-    for labels, shown in (([0, 1, 2, 2**70], "object values such as \\[0\\]"), ([0.0, 1.5, 2.0, 3.0], "float64 values such as \\[0.0\\]")):
+    for labels, shown in (
+        ([0, 1, 2, 2**70], "object values such as \\[0\\]"),
+        ([0.0, 1.5, 2.0, 3.0], "float64 values such as \\[0.0\\]"),
+    ):
         rows = {"data": images.transpose(0, 3, 1, 2).reshape(4, 3072), "labels": labels}
         (folder / "test_batch").write_bytes(__import__("pickle").dumps(rows, protocol=2))
-        code, err = cli(capsys, tmp_path / "results", tmp_path / "data", "--datasets", "cifar10", "--seeds", "0", "--n-train", "20")
+        code, err = cli(
+            capsys,
+            tmp_path / "results",
+            tmp_path / "data",
+            "--datasets",
+            "cifar10",
+            "--seeds",
+            "0",
+            "--n-train",
+            "20",
+        )
         assert code == 2 and re.fullmatch(
             rf"error: .*test_batch: labels under 'labels' must be integers in \[0, 10\), got {shown}\n", err
         ), err
     assert not (tmp_path / "results" / DB_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_suite_subset_above_the_training_images_there_are_names_the_suite(tmp_path, capsys, monkeypatch):
     """The smoke suite trains on 2,048 images; a data dir holding 20 is refused before any
     work, saying whose number it was (the user gave no --n-train)."""
@@ -239,10 +337,24 @@ def test_a_suite_subset_above_the_training_images_there_are_names_the_suite(tmp_
         write_batch(folder / name, np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
     capsys.readouterr()
-    code = run_bench.main(["--datasets", "cifar10", "--models", "resnet8", "--seeds", "0", "--no-progress",
-                           "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")])  # fmt: skip
+    code = run_bench.main(
+        [
+            "--datasets",
+            "cifar10",
+            "--models",
+            "resnet8",
+            "--seeds",
+            "0",
+            "--no-progress",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     assert code == 2 and capsys.readouterr().err == (
-        "error: the smoke suite's 2048 is more than the 20 training images of cifar10: give --n-train 20 or fewer\n")
+        "error: the smoke suite's 2048 is more than the 20 training images of cifar10: give --n-train 20 or fewer\n"
+    )
     assert not (tmp_path / "results" / DB_FILE).exists()
 
 
@@ -261,11 +373,15 @@ def corrupt(path: Path, how: str) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("how, why", [
-    ("truncated", "database disk image is malformed"),
-    ("garbled page", "Page 3: btreeInitPage\\(\\) returns error code 11"),
-    ("not a database", "file is not a database"),
-])  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how, why",
+    [
+        ("truncated", "database disk image is malformed"),
+        ("garbled page", "Page 3: btreeInitPage\\(\\) returns error code 11"),
+        ("not a database", "file is not a database"),
+    ],
+)
 def test_a_corrupt_store_is_named_and_never_written(base, results, capsys, how, why):
     corrupt(results / DB_FILE, how)
     damaged = (results / DB_FILE).read_bytes()
@@ -280,6 +396,7 @@ def test_a_corrupt_store_is_named_and_never_written(base, results, capsys, how, 
         assert (results / DB_FILE).read_bytes() == damaged
 
 
+@pytest.mark.slow
 def test_a_locked_store_is_one_line(base, results, capsys, monkeypatch):
     monkeypatch.setattr(sql, "READ_TIMEOUT", 0.2)
     holder = sqlite3.connect(results / DB_FILE)
@@ -302,11 +419,14 @@ def _can_mount() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare to mount a read-only file system")
 def test_a_read_only_results_dir_or_store_is_one_line(base, results):
     """The results dir, then the store alone, on a read-only mount (in a private mount
     namespace): one error line each, found before anything is trained."""
-    run = [f"{sys.executable} run_bench.py {' '.join(BASE)} --seeds 0,1,2 --data-dir {base / 'data'} --results-dir {results}"]
+    run = [
+        f"{sys.executable} run_bench.py {' '.join(BASE)} --seeds 0,1,2 --data-dir {base / 'data'} --results-dir {results}"
+    ]
     report = [f"{sys.executable} run_bench.py --stage report --results-dir {results}"]
     expected = {
         results: [
@@ -322,7 +442,9 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
         commands = run + (report if target == results else [])
         script = f"mount --bind {target} {target} && mount -o remount,bind,ro {target}"
         script += "".join(f" && {{ {c} ; echo rc=$? ; }}" for c in commands)
-        done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True
+        )
         assert done.stdout == "rc=2\n" * len(commands), done.stderr[-2000:]
         assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == errors
         assert "Traceback" not in done.stderr and len(load_records(results, include_stale=True)) == BASE_CELLS
@@ -330,9 +452,12 @@ def test_a_read_only_results_dir_or_store_is_one_line(base, results):
     cached = run[0].replace("--seeds 0,1,2", "--seeds 0,1")
     script = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && {cached}"
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and f"0 cells evaluated, {BASE_CELLS} cached" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0 and f"0 cells evaluated, {BASE_CELLS} cached" in done.stderr, done.stderr[
+        -2000:
+    ]
 
 
+@pytest.mark.slow
 def test_what_a_run_reads_or_writes_is_checked_before_any_work(base, results, capsys, tmp_path):
     """A noise file of the wrong shape (not only the first group's) and a report folder
     that cannot be written: one line before any cell is recorded, not after 11 or 34."""
@@ -341,16 +466,22 @@ def test_what_a_run_reads_or_writes_is_checked_before_any_work(base, results, ca
     np.save(noise, np.zeros((10, 32, 32, 3), np.uint8))
     before = state(results)
     code, err = cli(capsys, results, data, "--seeds", "0,1,2")
-    assert code == 2 and re.fullmatch(rf"error: {noise}: expected uint8 \(10000, 32, 32, 3\), got uint8 \(10, 32, 32, 3\)\n", err), err
+    assert code == 2 and re.fullmatch(
+        rf"error: {noise}: expected uint8 \(10000, 32, 32, 3\), got uint8 \(10, 32, 32, 3\)\n", err
+    ), err
     assert state(results) == before
     shutil.rmtree(results / "tables")
     (results / "tables").write_text("not a folder")
     code, err = cli(capsys, results, base / "data", "--seeds", "0,1,2")
-    assert code == 2 and re.fullmatch(r"error: cannot write the report to .*/tables: .*/tables is a file, not a folder; "
-                                      r"move it aside or choose another --results-dir\n", err), err  # fmt: skip
+    assert code == 2 and re.fullmatch(
+        r"error: cannot write the report to .*/tables: .*/tables is a file, not a folder; "
+        r"move it aside or choose another --results-dir\n",
+        err,
+    ), err
     assert state(results) == before
 
 
+@pytest.mark.slow
 def test_a_finished_checkpoint_without_its_weights_says_how_to_get_them_back(base, results, capsys):
     """The train stage skips a run whose meta.json says it finished, so "train it first"
     would loop: both stages say to restore the weights or delete the folder."""
@@ -364,24 +495,37 @@ def test_a_finished_checkpoint_without_its_weights_says_how_to_get_them_back(bas
     assert state(results) == before
 
 
-def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(base, results, capsys, caplog, tmp_path,
-                                                                             monkeypatch):
+@pytest.mark.slow
+def test_a_checkpoint_trained_on_other_images_than_the_data_dir_holds_is_named(
+    base, results, capsys, caplog, tmp_path, monkeypatch
+):
     data = Path(shutil.copytree(base / "data", tmp_path / "data"))
     batch = data / "synthetic" / "cifar-10-batches-py" / "data_batch_1"
     images, labels = read_batch(batch, "labels", 10)
     write_batch(batch, 255 - images, labels)
     before = state(results)
     reads = []
-    monkeypatch.setattr(splits, "load_train", lambda *a: reads.append(a) or load_train(*a))  # TrainingSets' reader
+    monkeypatch.setattr(
+        splits, "load_train", lambda *a: reads.append(a) or load_train(*a)
+    )  # TrainingSets' reader
     code, _ = cli(capsys, results, data, "--stage", "train,eval", "--seeds", "0")
-    assert code == 0 and state(results) == before  # kept, its cells cached: training again is the user's choice
+    assert (
+        code == 0 and state(results) == before
+    )  # kept, its cells cached: training again is the user's choice
     assert len(reads) == 1  # the --n-train check and the digest share one read of the training set
-    (meta,) = [json.loads(p.read_text()) for p in results.glob(f"checkpoints/synthetic/{RUN}/seed0/meta.json")]
-    new = hashlib.sha256(np.ascontiguousarray(255 - images[:1024]).tobytes() + labels[:1024].tobytes()).hexdigest()
-    assert (f"{RUN} synthetic seed 0 was trained on images {meta['data']['sha256'][:12]}…, and the data dir's training "
-            f"images are now {new[:12]}…: its cells stand for the images it was trained on") in caplog.text  # fmt: skip
+    (meta,) = [
+        json.loads(p.read_text()) for p in results.glob(f"checkpoints/synthetic/{RUN}/seed0/meta.json")
+    ]
+    new = hashlib.sha256(
+        np.ascontiguousarray(255 - images[:1024]).tobytes() + labels[:1024].tobytes()
+    ).hexdigest()
+    assert (
+        f"{RUN} synthetic seed 0 was trained on images {meta['data']['sha256'][:12]}…, and the data dir's training "
+        f"images are now {new[:12]}…: its cells stand for the images it was trained on"
+    ) in caplog.text
 
 
+@pytest.mark.slow
 def test_stores_and_folders_that_cannot_be_ours_get_the_right_advice(tmp_path, capsys, monkeypatch):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -390,18 +534,27 @@ def test_stores_and_folders_that_cannot_be_ours_get_the_right_advice(tmp_path, c
         db.execute("INSERT INTO cells VALUES (1, 2)")
     for stage in ("report", "eval"):
         code, err = cli(capsys, foreign, tmp_path / "data", "--stage", stage)
-        more = len(records.COLUMNS) - 2 - 3  # params and data_sha256 are added by the migration
-        assert code == 2 and f"(its cells table lacks the columns model, run, family and {more} more: not a store of this project)" in err, err
+        more = len(records.COLUMNS) - 3
+        assert (
+            code == 2
+            and f"(its cells table lacks the columns model, run, family and {more} more: not a store of this project)"
+            in err
+        ), err
     if Path("/proc").is_dir():  # a folder that takes no new folders
         code, err = cli(capsys, Path("/proc/no-such/results"), tmp_path / "data")
-        assert code == 2 and err == ("error: cannot write results to /proc/no-such/results (/proc takes no new folders: "
-                                     "No such file or directory): choose another --results-dir\n"), err  # fmt: skip
+        assert code == 2 and err == (
+            "error: cannot write results to /proc/no-such/results (/proc takes no new folders: "
+            "No such file or directory): choose another --results-dir\n"
+        ), err
 
-    def full(db, path):
+    def full():
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(records, "migrate", full)
-    with pytest.raises(UserError, match=r"^no space left to write records to .*/records.sqlite \(database or disk is full\): free space"):
+    monkeypatch.setattr(records, "table_statements", full)
+    with pytest.raises(
+        UserError,
+        match=r"^no space left to write records to .*/records.sqlite \(database or disk is full\): free space",
+    ):
         records.RecordStore(tmp_path / "fresh")
 
 
@@ -417,6 +570,7 @@ def test_workers_never_outnumber_the_tasks(caplog):
     assert _workers(RunOptions(workers=2), 5) == 2 and _workers(RunOptions(), 5) is None
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
     """A file-size limit stands in for a full disk: the checkpoint writes hit it."""
     limit = 100 * 1024  # bytes: resnet8's state.pt is larger
@@ -426,7 +580,11 @@ def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
 
     command = [sys.executable, "run_bench.py", *BASE, "--seeds", "0", "--data-dir", str(base / "data")]
     run = subprocess.run(
-        [*command, "--results-dir", str(tmp_path / "r")], cwd=REPO, capture_output=True, text=True, preexec_fn=small_files
+        [*command, "--results-dir", str(tmp_path / "r")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
     )
     assert run.returncode == 2, run.stderr[-2000:]
     assert re.fullmatch(
@@ -440,9 +598,17 @@ def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
 # --- sharing a results dir, and what killed runs leave ----------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_results_dir_share_the_work(base, tmp_path):
     command = [sys.executable, "run_bench.py", *BASE, "--seeds", "0,1", "--radii", "2", "--n-test", "20"]
-    command += ["--data-dir", str(base / "data"), "--results-dir", str(tmp_path / "r"), "--stage", "train,eval"]
+    command += [
+        "--data-dir",
+        str(base / "data"),
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--stage",
+        "train,eval",
+    ]
     first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -454,10 +620,20 @@ def test_two_processes_on_one_results_dir_share_the_work(base, tmp_path):
     assert sum(trained) == 2, logs  # each seed trained once
 
 
+@pytest.mark.slow
 def test_a_run_removes_what_killed_runs_left_and_writes_shareable_files(base, results, capsys, monkeypatch):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host = __import__("socket").gethostname().split(".")[0]
-    orphan = results / "checkpoints" / "synthetic" / RUN / "seed0" / f".state.pt.inres-{host}-{dead.stdout.strip()}-abc.tmp"
+    orphan = (
+        results
+        / "checkpoints"
+        / "synthetic"
+        / RUN
+        / "seed0"
+        / f".state.pt.inres-{host}-{dead.stdout.strip()}-abc.tmp"
+    )
     alive = results / f".records.csv.inres-{host}-{os.getpid()}-xyz.tmp"  # a writer still at work
     orphan.write_bytes(b"partial")
     alive.write_bytes(b"partial")
@@ -478,24 +654,35 @@ def test_the_cleanup_removes_only_the_orphans_of_its_own_dead_writers_in_its_own
     from bench.data.noise_files import data_folders
     from bench.run.pipeline import RESULT_FOLDERS
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host, pid = __import__("socket").gethostname().split(".")[0], dead.stdout.strip()
     data, results = tmp_path / "data", tmp_path / "results"
-    gone = [data / "cifar-10-batches-py" / f".data_batch_1.inres-{host}-{pid}-abc.tmp",
-            data / f".cifar-10-python.tar.gz.inres-{host}-{pid}-abc.part",
-            data / "generated" / "CIFAR-10-C" / f".shot_noise.npy.inres-{host}-{pid}-abc.tmp",
-            results / "tables" / f".table1.md.inres-{host}-{pid}-abc.tmp",
-            results / f".REPORT.md.inres-{host}-{pid}-abc.tmp"]  # fmt: skip
-    kept = [data / "notes" / ".draft.abcdefgh.tmp", data / "generated" / ".draft.abcdefgh.part",
-            data / "notes" / f".draft.inres-{host}-{pid}-abc.tmp", results / "mine" / ".draft.abcdefgh.tmp",
-            results / "mine" / f".x.inres-{host}-{pid}-abc.tmp", results / f".REPORT.md.inres-{host}-{os.getpid()}-abc.tmp",
-            results / f".REPORT.md.inres-otherhost-{pid}-abc.tmp"]  # fmt: skip
+    gone = [
+        data / "cifar-10-batches-py" / f".data_batch_1.inres-{host}-{pid}-abc.tmp",
+        data / f".cifar-10-python.tar.gz.inres-{host}-{pid}-abc.part",
+        data / "generated" / "CIFAR-10-C" / f".shot_noise.npy.inres-{host}-{pid}-abc.tmp",
+        results / "tables" / f".table1.md.inres-{host}-{pid}-abc.tmp",
+        results / f".REPORT.md.inres-{host}-{pid}-abc.tmp",
+    ]
+    kept = [
+        data / "notes" / ".draft.abcdefgh.tmp",
+        data / "generated" / ".draft.abcdefgh.part",
+        data / "notes" / f".draft.inres-{host}-{pid}-abc.tmp",
+        results / "mine" / ".draft.abcdefgh.tmp",
+        results / "mine" / f".x.inres-{host}-{pid}-abc.tmp",
+        results / f".REPORT.md.inres-{host}-{os.getpid()}-abc.tmp",
+        results / f".REPORT.md.inres-otherhost-{pid}-abc.tmp",
+    ]
     for path in gone + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("partial")
         os.utime(path, (time.time() - 7 * 24 * 3600,) * 2)  # a week old
     assert remove_orphans(results, RESULT_FOLDERS) + remove_orphans(data, data_folders()) == len(gone)
-    assert [p.exists() for p in gone] == [False] * len(gone) and [p.exists() for p in kept] == [True] * len(kept)
+    assert [p.exists() for p in gone] == [False] * len(gone) and [p.exists() for p in kept] == [True] * len(
+        kept
+    )
 
 
 # --- fuzz -----------------------------------------------------------------------------------
@@ -508,12 +695,42 @@ POOLS = {  # valid values few (so that most valid runs find their work cached), 
     "--n-test": ["50", "50", "50", "0", "x", "-1", HUGE, "20000000"],
     "--n-autoattack": ["10", "0", HUGE],
     "--n-stability": ["8", "0", "-2", HUGE],
-    "--radii": ["2", "2", "1,2", "inf", "nan", "-1", "x", "", "300", "1e400", "1,1", "2,2.0", "1,,2", ",2", ",",
-                "-0", "0,-0", "+0"],
+    "--radii": [
+        "2",
+        "2",
+        "1,2",
+        "inf",
+        "nan",
+        "-1",
+        "x",
+        "",
+        "300",
+        "1e400",
+        "1,1",
+        "2,2.0",
+        "1,,2",
+        ",2",
+        ",",
+        "-0",
+        "0,-0",
+        "+0",
+    ],
     "--steps": ["5", "5", "0", "-1", "x", HUGE],
     "--lambda-init": ["-0.1,0", "5,6", "inf,inf", "1", "0.3,0.2", "a,b", "nan,1"],
-    "--stage": ["train", "eval", "check", "report", "train,eval", "eval,report", "summary", "x", "", "report,report",
-                "stability", "eval,stability"],
+    "--stage": [
+        "train",
+        "eval",
+        "check",
+        "report",
+        "train,eval",
+        "eval,report",
+        "summary",
+        "x",
+        "",
+        "report,report",
+        "stability",
+        "eval,stability",
+    ],
     "--rank-by": ["pgd@2", "pgd@2.0", "pgd@3", "clean", "x", "noise", "fgsm@1", "pgd@", "worst@2"],
     "--device": ["cpu", "auto", "meta", "tpu", "cuda:9", ""],
     "--batch-size": ["64", "0", "x", HUGE],
@@ -541,8 +758,13 @@ drawn_options = st.fixed_dictionaries({o: st.sampled_from([None] * 3 * len(v) + 
 drawn_flags = st.lists(st.sampled_from(FLAGS), max_size=2, unique=True)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@pytest.mark.slow
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(options=drawn_options, flags=drawn_flags)
 def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path, options, flags):
     """Option combinations drawn by hypothesis over every option, with the hostile values
@@ -553,11 +775,28 @@ def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path, opt
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "afile").write_text("a file")
     # the last value given wins: the pools override these (reports and figures only when drawn from them)
-    args = ["--no-progress", "--models", "resnet8", "--n-train", "1024", "--steps", "5", "--radii", "2", "--stage", "train,eval",
-            "--results-dir", str(results), "--data-dir", str(base / "data")]  # fmt: skip
+    args = [
+        "--no-progress",
+        "--models",
+        "resnet8",
+        "--n-train",
+        "1024",
+        "--steps",
+        "5",
+        "--radii",
+        "2",
+        "--stage",
+        "train,eval",
+        "--results-dir",
+        str(results),
+        "--data-dir",
+        str(base / "data"),
+    ]
     for option, value in options.items():
         if value is not None:
-            args.append(f"{option}={value.format(results=results, data=base / 'data', file=tmp_path / 'afile')}")
+            args.append(
+                f"{option}={value.format(results=results, data=base / 'data', file=tmp_path / 'afile')}"
+            )
     args += flags
     before = state(results)
     capsys.readouterr()
@@ -569,6 +808,7 @@ def test_fuzz_the_command_line(base, results, capsys, monkeypatch, tmp_path, opt
         assert state(results) == before, args
 
 
+@pytest.mark.slow
 def test_the_check_stage_alone_writes_the_sanity_table(base, results, capsys):
     (results / "sanity.md").unlink()
     report = (results / "REPORT.md").read_text()
@@ -577,15 +817,26 @@ def test_the_check_stage_alone_writes_the_sanity_table(base, results, capsys):
     assert table.startswith("# Sanity checks\n\n| entry ") and f"| {RUN} (ensemble) | synthetic |" in table
     assert (results / "REPORT.md").read_text() == report  # the other reports are the report stage's
     assert set(load_checks(results)["check"]) == {
-        "zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"
+        "zero-gradients",
+        "nonfinite-gradients",
+        "randomized",
+        "probabilities",
+        "classes",
+        "dynamic",
     }
 
 
+@pytest.mark.slow
 def test_no_figures_writes_the_reports_without_drawing(base, results, capsys):
     """The base run's reports were made with --no-figures: every table, REPORT.md (which says
     so) and the leaderboard, and no figure; the report stage without it draws them."""
     assert not (results / "figures").exists() and (results / "tables" / "table1.md").is_file()
-    assert "Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them." in (
-        results / "REPORT.md").read_text()
-    assert run_bench.main(["--stage", "report", "--results-dir", str(results), "--data-dir", str(base / "data")]) == 0
+    assert (
+        "Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them."
+        in (results / "REPORT.md").read_text()
+    )
+    assert (
+        run_bench.main(["--stage", "report", "--results-dir", str(results), "--data-dir", str(base / "data")])
+        == 0
+    )
     assert any((results / "figures").glob("*.png")) and "Not drawn" not in (results / "REPORT.md").read_text()

@@ -3,15 +3,7 @@
 import pytest
 import torch
 
-from models import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    PreActResNet,
-    ResNeXt,
-    SkipRule,
-    UserError,
-    create_model,
-)
+from models import CIFAR10_MEAN, CIFAR10_STD, PreActResNet, ResNeXt, SkipRule, UserError, create_model
 
 
 def n_params(model) -> int:
@@ -37,7 +29,12 @@ def test_parameter_counts_match_the_reference(name, classes, expected):
 
 @pytest.mark.parametrize(
     "name, classes, expected",
-    [("resnet110", 10, 1_730_618), ("resnet110", 100, 1_736_468), ("resnet164", 10, 1_703_674), ("resnet164", 100, 1_726_804)],
+    [
+        ("resnet110", 10, 1_730_618),
+        ("resnet110", 100, 1_736_468),
+        ("resnet164", 10, 1_703_674),
+        ("resnet164", 100, 1_726_804),
+    ],
 )
 def test_the_release_network_adds_a_bn_to_each_projection(name, classes, expected):
     """The release's Downsample has a BN of its own: 2 x (16 + 32) parameters more in
@@ -145,15 +142,21 @@ def test_lambda_init_defaults_and_override():
     assert within("in-resnet20", 0.3, 0.4, lambda_init=(0.3, 0.4))
 
 
-@pytest.mark.parametrize("name", ["in-resnet-sig110", "in-resnet-gating-sig110", "in-resnet-gating110", "in-resnet110"])
+@pytest.mark.parametrize(
+    "name", ["in-resnet-sig110", "in-resnet-gating-sig110", "in-resnet-gating110", "in-resnet110"]
+)
 def test_every_rule_starts_at_in_resnets_coefficients(name, images):
     """Table 4's variants start where In-ResNet-110 does, act(d) in [0.2, 0.25]: the sig rules
     from d ~ U[logit 0.2, logit 0.25] (sigmoid of the ReLU rules' U[0.2, 0.25] would be 0.55)."""
     model = create_model(name)
     coefficients = model.interpolation_coefficients(images)  # a gate's: each example's mean
     assert coefficients.min() >= 0.2 - 1e-6 and coefficients.max() <= 0.25 + 1e-6
-    each = torch.cat([s.act(s.gate.bias).detach() if s.is_input_dependent else s.coefficient().reshape(1)
-                      for s in model.damped_skips()])  # fmt: skip
+    each = torch.cat(
+        [
+            s.act(s.gate.bias).detach() if s.is_input_dependent else s.coefficient().reshape(1)
+            for s in model.damped_skips()
+        ]
+    )
     assert each.min() >= 0.2 - 1e-6 and each.max() <= 0.25 + 1e-6
     assert each.max() - each.min() > 0.045  # drawn over the interval
 

@@ -103,7 +103,10 @@ def test_in_resnet_stores_k_as_the_release_and_lambda_in_resnet_stores_lambda():
     assert in_resnet.coefficient().item() == pytest.approx(1 - in_resnet.k.item(), abs=1e-7)
     assert [n for n, _ in SkipRule("in-gating", 8).named_parameters()] == ["gate.weight", "gate.bias"]
     assert [n for n, _ in SkipRule("in-gating", 8).named_buffers()] == [
-        "gate.norm.running_mean", "gate.norm.running_var", "gate.norm.num_batches_tracked"]
+        "gate.norm.running_mean",
+        "gate.norm.running_var",
+        "gate.norm.num_batches_tracked",
+    ]
     with pytest.raises(ValueError, match="the in-gating rule has no scalar λ"):
         SkipRule("in-gating", 8).set_lambda(0.3)
 

@@ -23,17 +23,46 @@ from bench.reports.tables import fill, render, table_slots
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}
 
 
-def cell(run, seed, perturbation, correct, n, *, eps=0.0, severity=0, members=1, source="released",
-         steps=0, alpha=0.0, preset="paper", model="resnet110", dataset="cifar10", digest=None, time=0):
+def cell(
+    run,
+    seed,
+    perturbation,
+    correct,
+    n,
+    *,
+    eps=0.0,
+    severity=0,
+    members=1,
+    source="released",
+    steps=0,
+    alpha=0.0,
+    preset="paper",
+    model="resnet110",
+    dataset="cifar10",
+    digest=None,
+    time=0,
+):
     return {
         **dict.fromkeys(COLUMNS),
-        "model": model, "run": run, "family": "preact-resnet", "dataset": dataset, "data_source": source, "data_sha256": "d" * 64,
-        "seed": seed, "members": members, "perturbation": perturbation, "eps_255": eps, "severity": severity,
-        "n": n, "correct": correct, "accuracy": correct / n, "preset": preset,
+        "model": model,
+        "run": run,
+        "family": "preact-resnet",
+        "dataset": dataset,
+        "data_source": source,
+        "data_sha256": "d" * 64,
+        "seed": seed,
+        "members": members,
+        "perturbation": perturbation,
+        "eps_255": eps,
+        "severity": severity,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "preset": preset,
         "params": params_text({"alpha_255": alpha, "steps": steps}) if steps else "{}",
         "checkpoint_sha256": digest or f"{run}-{seed}-{members}",
         "timestamp": f"2026-11-27T00:00:{time:02d}+00:00",
-    }  # fmt: skip
+    }
 
 
 def random_records(rng: random.Random) -> pd.DataFrame:
@@ -68,8 +97,18 @@ def random_records(rng: random.Random) -> pd.DataFrame:
                 for attack, steps, alpha in itertools.product(("ifgsm", "pgd"), (1, 5, 20), (1.0, 2.0)):
                     if rng.random() < 0.4:
                         rows.append(
-                            cell(run, seed, attack, rng.randrange(n + 1), n, eps=eps, source=source,
-                                 steps=steps, alpha=alpha, **base)  # fmt: skip
+                            cell(
+                                run,
+                                seed,
+                                attack,
+                                rng.randrange(n + 1),
+                                n,
+                                eps=eps,
+                                source=source,
+                                steps=steps,
+                                alpha=alpha,
+                                **base,
+                            )
                         )
     return pd.DataFrame(rows).assign(stale=False)
 
@@ -80,7 +119,9 @@ def variant_means(frame: pd.DataFrame) -> dict:
     out: dict = {}
     frame = frame.assign(kind=np.where(frame["members"] > 1, "ensemble", "single"))
     noise = frame["perturbation"].isin(NOISE_GROUPS)
-    for keys, rows in frame[noise].groupby(["run", "kind", "seed", "members", "n", "data_source", "perturbation"]):
+    for keys, rows in frame[noise].groupby(
+        ["run", "kind", "seed", "members", "n", "data_source", "perturbation"]
+    ):
         if rows["severity"].nunique() == 5:
             run, kind, seed, members, n, source, group = keys
             out.setdefault((run, kind, group), {}).setdefault((n, members, source, 0, 0.0), []).append(
@@ -114,7 +155,10 @@ def test_no_reported_number_mixes_measurements(steps):
             variants = truth[(row.run, row.kind, row.metric)]
             attack = row.metric.split("@")[0]
             assert row.n_test == max(
-                v[0] for k, d in truth.items() if k[:2] == (row.run, row.kind) and k[2].split("@")[0] == attack for v in d
+                v[0]
+                for k, d in truth.items()
+                if k[:2] == (row.run, row.kind) and k[2].split("@")[0] == attack
+                for v in d
             )  # the largest test subset the entry measured this perturbation on
             matches = [
                 v
@@ -155,13 +199,19 @@ def test_each_entry_takes_one_test_size_ensemble_size_and_step_count():
     most = aggregate(per_seed(select_measurements(frame, steps=20)[0])).set_index(["kind", "metric"])
     assert most.loc[("single", "pgd@4"), "mean"] == 61.0  # 20 not measured: the most steps
     _, left_out = select_measurements(frame, steps=5)
-    assert sorted(left_out["rule"].unique()) == ["asked parameters", "largest ensemble", "largest test subset"]
+    assert sorted(left_out["rule"].unique()) == [
+        "asked parameters",
+        "largest ensemble",
+        "largest test subset",
+    ]
 
 
 def test_released_data_before_generated_noise_and_unofficial_files():
     rows = []
     for source, correct in (("generated", 10), ("released", 30)):
-        rows += [cell("r", 0, g, correct, 50, severity=s, source=source) for g in NOISE_GROUPS for s in range(1, 6)]
+        rows += [
+            cell("r", 0, g, correct, 50, severity=s, source=source) for g in NOISE_GROUPS for s in range(1, 6)
+        ]
     rows += [cell("r", 0, "clean", 5, 50, source="unofficial"), cell("r", 0, "clean", 45, 50)]
     frame = pd.DataFrame(rows).assign(stale=False)
     wide = aggregate(per_seed(select_measurements(frame)[0])).set_index("metric")
@@ -206,12 +256,19 @@ def test_stale_rows_follow_the_checkpoint_folders_and_the_ensemble_members():
         ]
     )
     runs = runs_frame(
-        ("m", "cifar10", 0, "failed", "new0"), ("m", "cifar10", 1, "finished", "a1"), ("m", "cifar10", 2, "gone", None)
+        ("m", "cifar10", 0, "failed", "new0"),
+        ("m", "cifar10", 1, "finished", "a1"),
+        ("m", "cifar10", 2, "gone", None),
     )
     members = pd.DataFrame(
-        [("ens01", "m", "cifar10", 0, "old0"), ("ens01", "m", "cifar10", 1, "a1"), ("ens12", "m", "cifar10", 1, "a1"),
-         ("ens12", "m", "cifar10", 2, "a2")], columns=list(MEMBER_COLUMNS)
-    )  # fmt: skip
+        [
+            ("ens01", "m", "cifar10", 0, "old0"),
+            ("ens01", "m", "cifar10", 1, "a1"),
+            ("ens12", "m", "cifar10", 1, "a1"),
+            ("ens12", "m", "cifar10", 2, "a2"),
+        ],
+        columns=list(MEMBER_COLUMNS),
+    )
     assert stale_rows(cells, runs, members).tolist() == [True, False, True, True, True, True, False]
     runs.loc[2, ["status", "checkpoint_sha256"]] = "finished", "a2"
     assert stale_rows(cells, runs, members).tolist() == [True, False, False, True, False, True, False]
@@ -223,7 +280,9 @@ def test_an_ensemble_recorded_without_its_members_is_current_only_on_current_che
         [
             cell("m", -1, "clean", 1, 2, members=2, digest=ensemble_digest(["a1", "a0"])),  # any order
             cell("m", -1, "clean", 1, 2, members=3, digest=ensemble_digest(["a0", "a1", "a2"])),
-            cell("m", -1, "clean", 1, 2, members=2, digest=ensemble_digest(["a0", "old"])),  # retrained member
+            cell(
+                "m", -1, "clean", 1, 2, members=2, digest=ensemble_digest(["a0", "old"])
+            ),  # retrained member
         ]
     )
     none = pd.DataFrame(columns=list(MEMBER_COLUMNS))

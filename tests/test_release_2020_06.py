@@ -57,7 +57,12 @@ def june_iterative(net, z, y, eps, alpha, steps, start=None):
 @pytest.fixture(scope="module")
 def subject():
     torch.manual_seed(0)
-    ours = PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release").double().eval().requires_grad_(False)
+    ours = (
+        PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release")
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     return ours, x, torch.arange(8) % 10
 
@@ -91,9 +96,11 @@ def test_june_attacks_are_the_releases_example_for_example(subject, name):
     assert (mine - x).abs().amax().item() > 0.2
     config = EvalConfig(preset=JUNE)
     assert perturbation(name).reach(config, EPS) == 1.0  # the audit checks the range only
-    expected_params = {"fgsm": {"units": "normalised"},
-                       "ifgsm": {"alpha_255": 2.0, "steps": 20, "units": "normalised"},
-                       "pgd": {"alpha_255": 2.0, "steps": 20, "units": "normalised", "ball": "start"}}  # fmt: skip
+    expected_params = {
+        "fgsm": {"units": "normalised"},
+        "ifgsm": {"alpha_255": 2.0, "steps": 20, "units": "normalised"},
+        "pgd": {"alpha_255": 2.0, "steps": 20, "units": "normalised", "ball": "start"},
+    }
     assert perturbation(name).params(config, 4.0) == expected_params[name]
 
 
@@ -103,33 +110,43 @@ def _mutate(monkeypatch, **change):
 
 MUTATIONS = {
     "alpha 1/255 (the August scripts)": (("ifgsm", "pgd"), lambda mp: _mutate(mp, alpha_255=1.0)),
-    "pixel units, eps / std per channel (the August scripts)": (("fgsm", "ifgsm", "pgd"),
-                                                                 lambda mp: _mutate(mp, attack_units=PIXEL)),
+    "pixel units, eps / std per channel (the August scripts)": (
+        ("fgsm", "ifgsm", "pgd"),
+        lambda mp: _mutate(mp, attack_units=PIXEL),
+    ),
     "PGD's ball around x (the paper's text)": (("pgd",), lambda mp: _mutate(mp, pgd_ball=IMAGE)),
     "pixels clipped to [0, 1], not the normalised input": (
         ("fgsm", "ifgsm", "pgd"),
-        lambda mp: mp.setattr(perturbations, "normalised_space",
-                              lambda model: replace(gradient.normalised_space(model), low=0.0, high=1.0)),
+        lambda mp: mp.setattr(
+            perturbations,
+            "normalised_space",
+            lambda model: replace(gradient.normalised_space(model), low=0.0, high=1.0),
+        ),
     ),
     "the random start clipped to the range": (
         ("pgd",),
         lambda mp: mp.setattr(perturbations, "signed_steps", _clipped_start(gradient.signed_steps)),
     ),
-}  # fmt: skip
+}
 
 
 def _clipped_start(signed_steps):
     def clipped(model, x, y, eps, alpha, steps, *, random_start, ball, space):
         if not random_start:
             return signed_steps(model, x, y, eps, alpha, steps, random_start=False, ball=ball, space=space)
-        start = (x + torch.empty_like(x).uniform_(-eps, eps) * space.scale).clamp(min=space.low, max=space.high)
+        start = (x + torch.empty_like(x).uniform_(-eps, eps) * space.scale).clamp(
+            min=space.low, max=space.high
+        )
         low, high = start - eps * space.scale, start + eps * space.scale
         x_adv = start
         for _ in range(steps):
             x_adv = x_adv.clone().requires_grad_(True)
             grad = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)[0]
-            x_adv = torch.clamp(torch.minimum(torch.maximum(x_adv.detach() + alpha * space.scale * grad.sign(), low),
-                                              high), min=space.low, max=space.high)  # fmt: skip
+            x_adv = torch.clamp(
+                torch.minimum(torch.maximum(x_adv.detach() + alpha * space.scale * grad.sign(), low), high),
+                min=space.low,
+                max=space.high,
+            )
         return x_adv
 
     return clipped
@@ -158,8 +175,17 @@ def test_attacks_in_normalised_units_need_one_normalisation(subject):
 def test_the_june_preset_trains_as_the_august_one_and_names_its_runs():
     june, august = PRESETS[JUNE], PRESETS["authors-code"]
     assert (june.pad, june.pad_mode, june.release_network, june.noise_normalisation) == (
-        august.pad, august.pad_mode, august.release_network, august.noise_normalisation)  # fmt: skip
-    assert (june.alpha_255, june.checkpoint, june.test_selected, august.test_selected) == (2.0, "best-test", True, False)
+        august.pad,
+        august.pad_mode,
+        august.release_network,
+        august.noise_normalisation,
+    )
+    assert (june.alpha_255, june.checkpoint, june.test_selected, august.test_selected) == (
+        2.0,
+        "best-test",
+        True,
+        False,
+    )
     assert TrainConfig("in-resnet110", "cifar10", 0, preset=JUNE).run_tag == "in-resnet110@release-2020-06"
     assert presets.preset(JUNE) is june
     with pytest.raises(UserError, match="unknown preset 'june'"):
@@ -191,30 +217,60 @@ def _scripted(monkeypatch, accuracies):
 
 
 def _config(**kw) -> TrainConfig:
-    return TrainConfig(**{"model": "in-resnet14", "dataset": "synthetic", "seed": 0, "preset": JUNE, "length": "smoke",
-                          "n_train": 256, **kw})  # fmt: skip
+    return TrainConfig(
+        **{
+            "model": "in-resnet14",
+            "dataset": "synthetic",
+            "seed": 0,
+            "preset": JUNE,
+            "length": "smoke",
+            "n_train": 256,
+            **kw,
+        }
+    )
 
 
+@pytest.mark.slow
 def test_june_runs_keep_the_weights_of_the_best_test_accuracy(tmp_path, data_dir, monkeypatch):
     seen = _scripted(monkeypatch, [0.5, 0.3])  # 2 epochs: the first is the best
     meta = train(_config(), tmp_path, data_dir, progress=False)
-    assert (meta["status"], meta["test_accuracy"], meta["checkpoint"]) == ("finished", 0.5, {"rule": "best-test", "epoch": 1})
-    stored = torch.load(tmp_path / "checkpoints" / "synthetic" / "in-resnet14@release-2020-06@smoke@n256" / "seed0" / "weights.pt",
-                        weights_only=True)  # fmt: skip
+    assert (meta["status"], meta["test_accuracy"], meta["checkpoint"]) == (
+        "finished",
+        0.5,
+        {"rule": "best-test", "epoch": 1},
+    )
+    stored = torch.load(
+        tmp_path
+        / "checkpoints"
+        / "synthetic"
+        / "in-resnet14@release-2020-06@smoke@n256"
+        / "seed0"
+        / "weights.pt",
+        weights_only=True,
+    )
     assert all(torch.equal(stored[k], seen[0][k]) for k in seen[0])
     assert any(not torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # the last epoch's weights differ
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_check_catches_the_last_epochs_weights(tmp_path, data_dir, monkeypatch):
     seen = _scripted(monkeypatch, [0.5, 0.3])
     monkeypatch.setitem(PRESETS, JUNE, replace(PRESETS[JUNE], checkpoint=LAST))
     meta = train(_config(), tmp_path, data_dir, progress=False)
-    stored = torch.load(tmp_path / "checkpoints" / "synthetic" / "in-resnet14@release-2020-06@smoke@n256" / "seed0" / "weights.pt",
-                        weights_only=True)  # fmt: skip
+    stored = torch.load(
+        tmp_path
+        / "checkpoints"
+        / "synthetic"
+        / "in-resnet14@release-2020-06@smoke@n256"
+        / "seed0"
+        / "weights.pt",
+        weights_only=True,
+    )
     assert meta["checkpoint"] == {"rule": "last", "epoch": 2} and meta["test_accuracy"] == 0.3
     assert any(not torch.equal(stored[k], seen[0][k]) for k in seen[0])
 
 
+@pytest.mark.slow
 def test_a_resumed_june_run_remembers_its_best_epoch(tmp_path, data_dir, monkeypatch):
     """Killed after epoch 1 (its best), resumed: epoch 2 is worse, so epoch 1's weights stay."""
     seen = _scripted(monkeypatch, [0.5])
@@ -232,7 +288,18 @@ def test_a_resumed_june_run_remembers_its_best_epoch(tmp_path, data_dir, monkeyp
     monkeypatch.setattr(loop, "write_epochs", original)
     _scripted(monkeypatch, [0.4])
     meta = train(_config(), tmp_path, data_dir, progress=False)
-    assert calls == [1] and meta["checkpoint"] == {"rule": "best-test", "epoch": 1} and meta["test_accuracy"] == 0.5
-    stored = torch.load(tmp_path / "checkpoints" / "synthetic" / "in-resnet14@release-2020-06@smoke@n256" / "seed0" / "weights.pt",
-                        weights_only=True)  # fmt: skip
+    assert (
+        calls == [1]
+        and meta["checkpoint"] == {"rule": "best-test", "epoch": 1}
+        and meta["test_accuracy"] == 0.5
+    )
+    stored = torch.load(
+        tmp_path
+        / "checkpoints"
+        / "synthetic"
+        / "in-resnet14@release-2020-06@smoke@n256"
+        / "seed0"
+        / "weights.pt",
+        weights_only=True,
+    )
     assert all(torch.equal(stored[k], seen[0][k]) for k in seen[0])

@@ -49,7 +49,11 @@ def cells(dataset, model, seed, values, members=1, lam=(None, None), run=None, f
                         "perturbation": perturbation,
                     },
                     **{"eps_255": float(eps or 0), "severity": severity, "n": 100, "correct": correct},
-                    **{"accuracy": correct / 100, "preset": "paper", "params": PGD_PARAMS if iterative else "{}"},
+                    **{
+                        "accuracy": correct / 100,
+                        "preset": "paper",
+                        "params": PGD_PARAMS if iterative else "{}",
+                    },
                     **{"lambda_low": lam[0], "lambda_high": lam[1]},
                     **{"checkpoint_sha256": f"{model}{seed}", "timestamp": "2026-11-27T00:00:00+00:00"},
                 }
@@ -159,11 +163,17 @@ def test_aggregate_means_sample_std_and_seed_counts(aggregated):
 def test_gates_flag_non_monotone_radii_and_weak_iterative_attacks(aggregated):
     gates = summary(record_gates(aggregated))
     by_model = {
-        row.model + ("/ens" if row.kind == "ensemble" else ""): (row.flags, verdict_text(row.unreliable, row.unchecked))
+        row.model + ("/ens" if row.kind == "ensemble" else ""): (
+            row.flags,
+            verdict_text(row.unreliable, row.unchecked),
+        )
         for row in gates.itertuples()
         if row.dataset == "cifar10"
     }
-    assert by_model["masked"] == ("eps-not-monotone;iterative-weaker-than-fgsm", "yes")  # failed: whatever is missing
+    assert by_model["masked"] == (
+        "eps-not-monotone;iterative-weaker-than-fgsm",
+        "yes",
+    )  # failed: whatever is missing
     # these records hold no checkpoint checks, no PGD-50 and no noise in the eps-ball: passing what was measured
     # is not enough to be called reliable
     unmeasured = "large-eps, noise-vs-pgd, reference-gap, nonfinite-gradients, randomized, probabilities, classes, dynamic"
@@ -236,26 +246,41 @@ def test_table4_shows_each_variants_interval_of_largest_clean_plus_noise(frame):
     filled = fill(table_slots(4, both), aggregate(seed_metrics(both)), "paper", 4)
     shown, others = select_intervals(filled, 4)
     rows = list(dict.fromkeys(shown["row"]))
-    assert rows == [
-        "ResNet-110",
-        "In-ResNet-110",
-        "In-ResNet-sig-110, U[0.25, 0.30] (chosen on the test set, 1 of 5 intervals)",
-        "In-ResNet-gating-110",  # refused by the plan: nothing measured, named alone
-        "In-ResNet-gating-sig-110, U[0.10, 0.20] (chosen on the test set, 3 of 5 intervals)",  # 155, tied with 2
-    ]
+    assert (
+        rows
+        == [
+            "ResNet-110",
+            "In-ResNet-110",
+            "In-ResNet-sig-110, U[0.25, 0.30] (chosen on the test set, 1 of 5 intervals)",
+            "In-ResNet-gating-110",  # refused by the plan: nothing measured, named alone
+            "In-ResNet-gating-sig-110, U[0.10, 0.20] (chosen on the test set, 3 of 5 intervals)",  # 155, tied with 2
+        ]
+    )
     chosen = shown[shown["model"] == "in-resnet-gating-sig110"].set_index("metric")
-    assert (chosen.loc["clean", "mean"], chosen.loc["noise", "mean"], chosen.loc["pgd@2", "mean"]) == (85, 70, 1)
+    assert (chosen.loc["clean", "mean"], chosen.loc["noise", "mean"], chosen.loc["pgd@2", "mean"]) == (
+        85,
+        70,
+        1,
+    )
     assert chosen.loc["clean", "paper"] == 90.68  # the published row, whichever interval was chosen
     assert (chosen["lambda_low"].iloc[0], chosen["lambda_high"].iloc[0]) == pytest.approx(
-        (math.log(0.1 / 0.9), math.log(0.2 / 0.8)))  # fmt: skip
+        (math.log(0.1 / 0.9), math.log(0.2 / 0.8))
+    )
     assert list(dict.fromkeys(others["row"])) == [
         "In-ResNet-gating-sig-110, U[0.00, 0.10]",  # d from He et al.'s -6: sigmoid never reaches 0
         "In-ResNet-gating-sig-110, U[0.20, 0.25]",
         "In-ResNet-gating-sig-110, U[0.30, 0.40]",  # clean only: listed, never chosen
     ]
-    assert others.set_index(["row", "metric"]).loc[("In-ResNet-gating-sig-110, U[0.00, 0.10]", "clean"), "lambda_low"] == -6
+    assert (
+        others.set_index(["row", "metric"]).loc[
+            ("In-ResNet-gating-sig-110, U[0.00, 0.10]", "clean"), "lambda_low"
+        ]
+        == -6
+    )
     assert refusals(shown).startswith("In-ResNet-gating-110 is not trained: its ReLU gate diverges")
-    nothing, rest = select_intervals(fill(table_slots(4, frame), aggregate(seed_metrics(frame)), "paper", 4), 4)
+    nothing, rest = select_intervals(
+        fill(table_slots(4, frame), aggregate(seed_metrics(frame)), "paper", 4), 4
+    )
     assert "In-ResNet-gating-sig-110" in set(nothing["row"]) and rest.empty
 
 
@@ -291,7 +316,9 @@ def bits_of(frame):
 
 def test_claims_have_intervals_verdicts_and_never_compare_synthetic_data(frame, runs):
     m = reduce_records(frame, runs.assign(length="full", n_train=None), bits_of(frame), pd.DataFrame())
-    claims = claim_rows(m.frame, m.aggregated, "paper", Evidence(m, Bootstrap())).set_index(["claim", "dataset"])
+    claims = claim_rows(m.frame, m.aggregated, "paper", Evidence(m, Bootstrap())).set_index(
+        ["claim", "dataset"]
+    )
     noise = claims.loc[("In-ResNet-110 beats ResNet-110 on the noise groups (avg.)", "cifar10")]
     assert (noise["measured"], round(noise["paper"], 2), noise["verdict"]) == (18.25, 18.97, "reproduces")
     assert 10 < noise["low"] < 18.25 < noise["high"] < 27  # the first In-ResNet seed against two ResNet seeds
@@ -303,10 +330,14 @@ def test_claims_have_intervals_verdicts_and_never_compare_synthetic_data(frame, 
     rows = claim_rows(synthetic, aggregate(seed_metrics(synthetic)))
     assert set(rows["dataset"]) == {"synthetic"} and rows["paper"].isna().all()
     assert (
-        rows.loc[rows["measured"].notna(), "verdict"].eq("not comparable with the paper (synthetic data)").all()
+        rows.loc[rows["measured"].notna(), "verdict"]
+        .eq("not comparable with the paper (synthetic data)")
+        .all()
     )
     short = reduce_records(frame, runs.assign(length="quick", n_train=None), bits_of(frame), pd.DataFrame())
-    quick = claim_rows(short.frame, short.aggregated, "paper", Evidence(short, Bootstrap())).set_index(["claim", "dataset"])
+    quick = claim_rows(short.frame, short.aggregated, "paper", Evidence(short, Bootstrap())).set_index(
+        ["claim", "dataset"]
+    )
     assert quick.loc[("In-ResNet-110 beats ResNet-110 on the noise groups (avg.)", "cifar10"), "verdict"] == (
         "not comparable with the paper (quick length)"
     )
@@ -324,7 +355,10 @@ def test_claims_render_the_same_whichever_other_claims_are_judged(frame, runs, m
     def rendered(order) -> dict:
         monkeypatch.setattr(claims_module, "CLAIMS", tuple(order))
         rows = claim_rows(m.frame, m.aggregated, "paper", Evidence(m, Bootstrap()))
-        return {(c, d): render_claims(rows.iloc[[i]]) for i, (c, d) in enumerate(zip(rows["claim"], rows["dataset"], strict=True))}
+        return {
+            (c, d): render_claims(rows.iloc[[i]])
+            for i, (c, d) in enumerate(zip(rows["claim"], rows["dataset"], strict=True))
+        }
 
     full = rendered(every)
     assert sum("[" in text for text in full.values()) >= 2  # intervals to compare
@@ -344,9 +378,21 @@ def test_other_depths_on_cifar_get_rows_and_claims_of_their_own(frame):
     aggregated = aggregate(seed_metrics(both))
     filled = fill(table_slots(3, both), aggregated, "paper", 3)
     rows = list(dict.fromkeys(zip(filled["block"], filled["row"], strict=True)))
-    assert rows[:6] == [("CIFAR-10", name) for name in ("ResNet-110", "In-ResNet-110", "λ-In-ResNet-110",
-                                                         "ResNet-164", "In-ResNet-164", "λ-In-ResNet-164")]  # fmt: skip
-    assert rows[6:8] == [("CIFAR-10", "ResNet-20"), ("CIFAR-10", "In-ResNet-20")]  # λ-In-ResNet-20: not measured
+    assert rows[:6] == [
+        ("CIFAR-10", name)
+        for name in (
+            "ResNet-110",
+            "In-ResNet-110",
+            "λ-In-ResNet-110",
+            "ResNet-164",
+            "In-ResNet-164",
+            "λ-In-ResNet-164",
+        )
+    ]
+    assert rows[6:8] == [
+        ("CIFAR-10", "ResNet-20"),
+        ("CIFAR-10", "In-ResNet-20"),
+    ]  # λ-In-ResNet-20: not measured
     mine = filled[filled["model"] == "in-resnet20"].set_index("metric")
     assert mine.loc["pgd@2", "mean"] == 12.0 and mine["paper"].isna().all()
     assert ("CIFAR-100", "ResNet-20") not in rows  # measured on CIFAR-10 only
@@ -382,17 +428,30 @@ def test_leaderboard_ranks_flags_and_writes_numbers(frame, aggregated, tmp_path)
     for column in ("rank", "n_test", "seeds", "clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2"):
         assert pd.api.types.is_numeric_dtype(csv[column]), column
     assert csv.loc[0, "pgd@2"] == 40.0 and csv.loc[4, "seeds"] == 2
-    entry = json.loads((tmp_path / "leaderboard" / "cifar10" / "corruptions" / "resnet110_ensemble.json").read_text())
-    assert (entry["clean_acc"], entry["corruptions_acc"], entry["number_forward_passes"]) == ("95.00", "55.50", 2)
+    entry = json.loads(
+        (tmp_path / "leaderboard" / "cifar10" / "corruptions" / "resnet110_ensemble.json").read_text()
+    )
+    assert (entry["clean_acc"], entry["corruptions_acc"], entry["number_forward_passes"]) == (
+        "95.00",
+        "55.50",
+        2,
+    )
     ours = entry["inres_bench"]
-    assert ours["robust_acc"]["pgd"] == {"2": 7.0} and ours["seeds"] == 2 and ours["accuracy"]["noise"] == 55.5
-    assert ours["checkpoint_sha256"] == ["resnet110-1"] and entry["unreliable"] is None  # no checkpoint checks
+    assert (
+        ours["robust_acc"]["pgd"] == {"2": 7.0} and ours["seeds"] == 2 and ours["accuracy"]["noise"] == 55.5
+    )
+    assert (
+        ours["checkpoint_sha256"] == ["resnet110-1"] and entry["unreliable"] is None
+    )  # no checkpoint checks
     assert ours["unchecked"][:2] == ["large-eps", "noise-vs-pgd"] and "transfer" not in ours["unchecked"]
-    assert not (tmp_path / "leaderboard" / "cifar10" / "Linf").exists()  # no AutoAttack measured: no Linf entry
+    assert not (
+        tmp_path / "leaderboard" / "cifar10" / "Linf"
+    ).exists()  # no AutoAttack measured: no Linf entry
     md = (tmp_path / "leaderboard.md").read_text().splitlines()
     assert md[5].startswith("| 2      | in-resnet110               | in-resnet110 | CIFAR-10  |")
 
 
+@pytest.mark.slow
 def test_rank_by_must_be_a_metric(tmp_path, capsys):
     assert run_bench.main(["--stage", "report", "--results-dir", str(tmp_path), "--rank-by", "pgd2"]) == 2
     assert capsys.readouterr().err == (
@@ -400,6 +459,7 @@ def test_rank_by_must_be_a_metric(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp_path):
     import shutil
 
@@ -423,7 +483,9 @@ def test_report_stage_on_the_smoke_records_renders_all_six_tables(smoke_run, tmp
     )
 
 
-def coefficient_rows(run: str, above_per_seed: list[int], model: str = "in-resnet110", low: float = 0.2) -> list[dict]:
+def coefficient_rows(
+    run: str, above_per_seed: list[int], model: str = "in-resnet110", low: float = 0.2
+) -> list[dict]:
     """A coefficient table's rows read from real networks with hand-set coefficients: per
     seed, `above` of the damped blocks at λ = 0.3 and the rest at 0 (as meta.json records
     them: model.interpolation_coefficients())."""
@@ -434,9 +496,19 @@ def coefficient_rows(run: str, above_per_seed: list[int], model: str = "in-resne
         net = create_model(model)
         for n, skip in enumerate(net.damped_skips()):
             skip.set_lambda(0.3 if n < above else 0.0)
-        rows += [{"dataset": "cifar10", "run": run, "model": model, "lambda_low": low, "lambda_high": low + 0.05,
-                  "seed": seed, "block": b + 1, "coefficient": float(c)}
-                 for b, c in enumerate(net.interpolation_coefficients())]  # fmt: skip
+        rows += [
+            {
+                "dataset": "cifar10",
+                "run": run,
+                "model": model,
+                "lambda_low": low,
+                "lambda_high": low + 0.05,
+                "seed": seed,
+                "block": b + 1,
+                "coefficient": float(c),
+            }
+            for b, c in enumerate(net.interpolation_coefficients())
+        ]
     return rows
 
 
@@ -446,20 +518,33 @@ def test_fig1_share_is_counted_over_the_blocks_the_release_logs():
     published share, and 78.4% of the damped blocks; 36 of 51 in In-ResNet-164 is 39/54."""
     from bench.reports.claims import share_claim_rows
 
-    assert run_figures.never_trained_blocks("in-resnet110") == run_figures.never_trained_blocks("in-resnet164") == 3
-    table = pd.DataFrame(coefficient_rows("in-resnet110", [40, 40]) + coefficient_rows("in-resnet164", [36, 36], "in-resnet164", 0.1))
+    assert (
+        run_figures.never_trained_blocks("in-resnet110")
+        == run_figures.never_trained_blocks("in-resnet164")
+        == 3
+    )
+    table = pd.DataFrame(
+        coefficient_rows("in-resnet110", [40, 40])
+        + coefficient_rows("in-resnet164", [36, 36], "in-resnet164", 0.1)
+    )
     assert len(table) == 4 * 51
     shares = share_claim_rows(table, {"cifar10"}).set_index("claim")
     r110 = shares.loc["79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01"]
-    assert round(r110["measured"], 4) == round(100 * 43 / 54, 4) and round(r110["damped"], 4) == round(100 * 40 / 51, 4)
+    assert round(r110["measured"], 4) == round(100 * 43 / 54, 4) and round(r110["damped"], 4) == round(
+        100 * 40 / 51, 4
+    )
     assert r110["verdict"] == "reproduces"  # [79.63, 79.63] meets the printed 79.6
     r164 = shares.loc["72.2% of In-ResNet-164's coefficients act(λ_n) are above 0.01"]
-    assert round(r164["measured"], 4) == round(100 * 39 / 54, 4) and round(r164["damped"], 4) == round(100 * 36 / 51, 4)
+    assert round(r164["measured"], 4) == round(100 * 39 / 54, 4) and round(r164["damped"], 4) == round(
+        100 * 36 / 51, 4
+    )
     assert r164["verdict"] == "reproduces"
     damped_only = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [41, 41])), {"cifar10"})
     assert damped_only["verdict"].iloc[0] == "contradicts"  # 44/54 = 81.5%: no count out of 51 gives 79.6
     either_side = run_figures.seed_shares(pd.DataFrame(coefficient_rows("in-resnet110", [40], low=0.0)))
-    assert math.isnan(either_side["logged"].iloc[0]) and round(either_side["damped"].iloc[0], 4) == round(100 * 40 / 51, 4)
+    assert math.isnan(either_side["logged"].iloc[0]) and round(either_side["damped"].iloc[0], 4) == round(
+        100 * 40 / 51, 4
+    )
 
 
 def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
@@ -476,15 +561,25 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
     assert not run_figures.paper_panels(table, pd.read_csv(run_figures.PUBLISHED), "authors-code").any()
     shares = share_claim_rows(table, {"cifar10"}).set_index("claim")
     row = shares.loc["79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01"]
-    assert (row["seeds"], round(row["measured"], 4), row["paper"], row["verdict"]) == (5, round(100 * 43 / 54, 4), 79.6, "reproduces")
+    assert (row["seeds"], round(row["measured"], 4), row["paper"], row["verdict"]) == (
+        5,
+        round(100 * 43 / 54, 4),
+        79.6,
+        "reproduces",
+    )
     assert 78.0 <= row["low"] < 79.6 < row["high"] <= 81.5
-    assert shares.loc["72.2% of In-ResNet-164's coefficients act(λ_n) are above 0.01", "verdict"] == "not measured"
+    assert (
+        shares.loc["72.2% of In-ResNet-164's coefficients act(λ_n) are above 0.01", "verdict"]
+        == "not measured"
+    )
     wrong = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [50, 49, 50])), {"cifar10"})
     assert wrong["verdict"].tolist() == ["contradicts", "not measured"]
     one = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [40])), {"cifar10"})
     assert one["verdict"].iloc[0] == "no interval (fewer than two seeds)"
     assert share_claim_rows(table, {"synthetic"}).empty  # the paper draws Fig. 1 on CIFAR-10 only
-    assert list(figures.coefficient_table([]).columns) == list(table.columns)  # an empty table keeps its columns
+    assert list(figures.coefficient_table([]).columns) == list(
+        table.columns
+    )  # an empty table keeps its columns
     from bench.reports.comparison import render_shares
 
     assert render_shares(share_claim_rows(table, {"cifar10"}).head(1).assign(low=78.8, high=81.2)) == (
@@ -503,7 +598,9 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
 def with_preset(frame, runs, name: str, by: int):
     """`frame` and `runs` plus a copy of them under preset `name`, every cell `by` images
     more correct (clipped to the 100 images), tagged as its runs are (`model@name`)."""
-    other = frame.assign(preset=name, run=frame["run"] + f"@{name}", correct=(frame["correct"] + by).clip(0, 100))
+    other = frame.assign(
+        preset=name, run=frame["run"] + f"@{name}", correct=(frame["correct"] + by).clip(0, 100)
+    )
     other = other.assign(accuracy=other["correct"] / other["n"])
     both = pd.concat([frame, other], ignore_index=True)
     every = pd.concat([runs, runs.assign(run=runs["run"] + f"@{name}")], ignore_index=True)
@@ -520,12 +617,18 @@ CLOSEST_HEAD = (
 @pytest.mark.parametrize(
     "by, sentence, row",
     [
-        (15, "closer than `authors-code` (its mean squared gap is larger by 216.55 [32.62, 394.38] points²).",
-         "| `authors-code` | the release's August 2020 scripts (commit 4dbc17d) | 19      | 14.07 [6.88, 20.48]              | 2 of 3              |"),
-        (5, "not told apart from `authors-code` (its mean squared gap is larger by 28.45 [-37.30, 92.71] points²).",
-         "| `authors-code` | the release's August 2020 scripts (commit 4dbc17d) | 19      | 3.12 [0.00, 10.78]               | 2 of 3              |"),
+        (
+            15,
+            "closer than `authors-code` (its mean squared gap is larger by 216.55 [32.62, 394.38] points²).",
+            "| `authors-code` | the release's August 2020 scripts (commit 4dbc17d) | 19      | 14.07 [6.88, 20.48]              | 2 of 3              |",
+        ),
+        (
+            5,
+            "not told apart from `authors-code` (its mean squared gap is larger by 28.45 [-37.30, 92.71] points²).",
+            "| `authors-code` | the release's August 2020 scripts (commit 4dbc17d) | 19      | 3.12 [0.00, 10.78]               | 2 of 3              |",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_closest_preset_is_named_with_intervals(frame, runs, by, sentence, row):
     """The fixture's cells sit near the published ones (their noise is 100 images' worth);
     the same records under `authors-code`, `by` images more correct everywhere, sit farther."""
@@ -598,6 +701,7 @@ def claim_lines(measured: set[str]) -> list[str]:
     return rows
 
 
+@pytest.mark.slow
 def test_a_smoke_run_with_two_presets_reports_the_claims_of_each(smoke_run, tmp_path):
     """The smoke suite, then ResNet-14 and In-ResNet-14 (seed 0) under `release-2020-06`
     into the same results dir: REPORT.md judges the claims under each preset, the run's own
@@ -607,8 +711,25 @@ def test_a_smoke_run_with_two_presets_reports_the_claims_of_each(smoke_run, tmp_
     results, data = tmp_path / "results", tmp_path / "data"
     shutil.copytree(smoke_run[0], results)
     shutil.copytree(smoke_run[0].parent / "data", data)
-    assert run_bench.main(["--preset", "release-2020-06", "--models", "resnet14,in-resnet14", "--seeds", "0",
-                           "--no-progress", "--no-figures", "--results-dir", str(results), "--data-dir", str(data)]) == 0  # fmt: skip
+    assert (
+        run_bench.main(
+            [
+                "--preset",
+                "release-2020-06",
+                "--models",
+                "resnet14,in-resnet14",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--no-figures",
+                "--results-dir",
+                str(results),
+                "--data-dir",
+                str(data),
+            ]
+        )
+        == 0
+    )
     every = set(CLAIMS_OF) - {"λ ~ U[0.3, 0.4] makes In-ResNet-14 more robust than U[0, 0.1] (PGD at 2/255)"}
     pair = {c for c in every if "λ-In" not in c and "ensemble" not in c}
     assert layout_of((results / "REPORT.md").read_text()) == [
@@ -636,11 +757,23 @@ def test_report_lists_each_failed_run_with_its_reason(runs):
     a rehearsal's report), with the reason its meta.json gives; no section when none failed."""
     from bench.reports.left_out import failed_run_lines
 
-    reason = "non-finite loss in epoch 2, step 3 of 391: first non-finite: the output of layer2.1.skip (SkipRule)"
-    rehearsed = {**runs.iloc[0].to_dict(), "run": "resnet110@rehearsal@n64", "status": "failed", "reason": "x"}
-    frame = pd.concat([runs.assign(reason=[None, None, None, None, reason]), pd.DataFrame([rehearsed])], ignore_index=True)
+    reason = (
+        "non-finite loss in epoch 2, step 3 of 391: first non-finite: the output of layer2.1.skip (SkipRule)"
+    )
+    rehearsed = {
+        **runs.iloc[0].to_dict(),
+        "run": "resnet110@rehearsal@n64",
+        "status": "failed",
+        "reason": "x",
+    }
+    frame = pd.concat(
+        [runs.assign(reason=[None, None, None, None, reason]), pd.DataFrame([rehearsed])], ignore_index=True
+    )
     lines = failed_run_lines(frame, rehearsal=False)
-    assert lines[:3] == ["", "## Failed runs", ""] and lines[-1] == f"- in-resnet110@lambda0.3-0.4, CIFAR-10, seed 1: {reason}"
+    assert (
+        lines[:3] == ["", "## Failed runs", ""]
+        and lines[-1] == f"- in-resnet110@lambda0.3-0.4, CIFAR-10, seed 1: {reason}"
+    )
     assert len(lines) == 6  # the legend, then one run: the rehearsal's is not listed beside it
     assert failed_run_lines(frame, rehearsal=True)[-1] == "- resnet110@rehearsal@n64, CIFAR-10, seed 0: x"
     assert failed_run_lines(runs[runs["status"] == "finished"], rehearsal=False) == []

@@ -6,9 +6,19 @@ import os
 from bench.records.store import RecordStore
 from bench.reports import unchanged
 
-RUN = {"model": "resnet8", "run": "resnet8", "dataset": "synthetic", "seed": 0, "lambda_low": None, "lambda_high": None,
-       "status": "finished", "reason": "", "test_accuracy": 0.5, "checkpoint_sha256": "ab" * 32,
-       "timestamp": "2026-12-03T00:00:00Z"}  # fmt: skip
+RUN = {
+    "model": "resnet8",
+    "run": "resnet8",
+    "dataset": "synthetic",
+    "seed": 0,
+    "lambda_low": None,
+    "lambda_high": None,
+    "status": "finished",
+    "reason": "",
+    "test_accuracy": 0.5,
+    "checkpoint_sha256": "ab" * 32,
+    "timestamp": "2026-12-03T00:00:00Z",
+}
 OPTIONS = {"preset": "paper", "rank_by": "pgd@2", "steps": 20}
 
 
@@ -40,7 +50,9 @@ def test_the_digest_follows_records_checkpoints_and_options_not_sightings_nor_th
     fourth = digest(results)
     assert fourth != third
     batch = data / "cifar-10-batches-py" / "test_batch"
-    os.utime(batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10**9))  # touched: the reports read no data
+    os.utime(
+        batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10**9)
+    )  # touched: the reports read no data
     assert digest(results) == fourth  # (Fig. 2's landscapes are records: bench.eval.landscape)
 
 

@@ -7,15 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import run_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_summary_table(capsys):
     """Sizes, damped blocks, d's initialisation, the coefficients it starts at (the sig rule
     from the logit of In-ResNet's interval) and what is trained in place of λ."""
-    assert run_bench.main(["--stage", "summary", "--models", "resnet8,in-resnet14,in-resnet-sig14,in-resnet-gating14"]) == 0
+    assert (
+        run_bench.main(
+            ["--stage", "summary", "--models", "resnet8,in-resnet14,in-resnet-sig14,in-resnet-gating14"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == (
         "| model              | arch                  | rule      |   params |   interp_params | damped   | lambda init       | act(d) at init   | trained as   |\n"
         "|--------------------|-----------------------|-----------|----------|-----------------|----------|-------------------|------------------|--------------|\n"
@@ -26,6 +34,7 @@ def test_summary_table(capsys):
     )
 
 
+@pytest.mark.slow
 def test_summary_of_the_paper_models_cifar100(capsys):
     assert run_bench.main(["--stage", "summary", "--models", "main", "--num-classes", "100"]) == 0
     rows = [
@@ -38,6 +47,7 @@ def test_summary_of_the_paper_models_cifar100(capsys):
     assert len(params) == 9
 
 
+@pytest.mark.slow
 def test_list_models(capsys):
     assert run_bench.main(["--list-models"]) == 0
     out = capsys.readouterr().out
@@ -47,6 +57,7 @@ def test_list_models(capsys):
     assert "  variants   the In-ResNet-110 variants of Table 4" in out
 
 
+@pytest.mark.slow
 def test_unknown_model_is_one_line_and_exit_2():
     run = subprocess.run(
         [sys.executable, "run_bench.py", "--models", "in-resnet111"],
@@ -62,6 +73,7 @@ def test_unknown_model_is_one_line_and_exit_2():
     )
 
 
+@pytest.mark.slow
 def test_train_stage_trains_and_then_skips(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     argv = [
@@ -92,6 +104,7 @@ def test_train_stage_trains_and_then_skips(tmp_path, caplog):
     assert "resnet8@smoke@n1024 synthetic seed 0: finished already" in caplog.text
 
 
+@pytest.mark.slow
 def test_train_stage_errors_are_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -68,18 +68,33 @@ def test_each_config_is_derived_once_on_the_plan(suite, tmp_path, monkeypatch, c
     calls = Counter()
     for name in ("train_config", "eval_config", "stability_config"):
         real = getattr(plan, name)
-        monkeypatch.setattr(plan, name, lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k))
-    options = RunOptions(suite=suite, dry_run=True, device="cuda" if suite == "paper" else "cpu", assume_tflops=100.0,
-                         results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"))  # fmt: skip
+        monkeypatch.setattr(
+            plan, name, lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k)
+        )
+    options = RunOptions(
+        suite=suite,
+        dry_run=True,
+        device="cuda" if suite == "paper" else "cpu",
+        assume_tflops=100.0,
+        results_dir=str(tmp_path / "results"),
+        data_dir=str(tmp_path / "data"),
+    )
     assert pipeline.run(options) == 0
     tasks = plan.plan_tasks(plan.plan_jobs(SUITES[suite], options), SUITES[suite], options, options.device)
-    calls_of_one_plan = Counter({"train_config": sum(t.kind == "train" for t in tasks),
-                                 "eval_config": len({t.job for t in tasks}) + sum(t.kind == "ensemble" for t in tasks),
-                                 "stability_config": 1})  # fmt: skip
+    calls_of_one_plan = Counter(
+        {
+            "train_config": sum(t.kind == "train" for t in tasks),
+            "eval_config": len({t.job for t in tasks}) + sum(t.kind == "ensemble" for t in tasks),
+            "stability_config": 1,
+        }
+    )
     assert calls == calls_of_one_plan + calls_of_one_plan  # the run's plan, and the one made here
     assert all(t.eval is not None and (t.kind == "train") == (t.stability is None) for t in tasks)
-    assert all(t.train == plan.train_config(t.job, t.seed, SUITES[suite], options, options.device)
-               for t in tasks if t.kind in ("train", "measure"))  # fmt: skip
+    assert all(
+        t.train == plan.train_config(t.job, t.seed, SUITES[suite], options, options.device)
+        for t in tasks
+        if t.kind in ("train", "measure")
+    )
     assert "plan: suite " + suite in capsys.readouterr().out
 
 
@@ -90,9 +105,18 @@ def test_the_estimate_the_dry_run_and_the_run_see_the_plans_configs(trained, tmp
     protocol and stability settings in the estimate as in the run."""
     results = tmp_path / "results"
     shutil.copytree(trained / "results" / "checkpoints", results / "checkpoints")  # the two ResNet-8 seeds
-    options = RunOptions(models="resnet8", n_train=1024, n_test=24, n_stability=10, radii=(2.0,), progress=False,
-                         stages=("train", "eval", "check", "stability"), device="cpu", data_dir=str(trained / "data"),
-                         results_dir=str(results))  # fmt: skip
+    options = RunOptions(
+        models="resnet8",
+        n_train=1024,
+        n_test=24,
+        n_stability=10,
+        radii=(2.0,),
+        progress=False,
+        stages=("train", "eval", "check", "stability"),
+        device="cpu",
+        data_dir=str(trained / "data"),
+        results_dir=str(results),
+    )
     seen: dict[str, dict] = {"dry": {}, "run": {}}
     real_decide = ToDo.decide
 
@@ -117,33 +141,51 @@ def test_the_estimate_the_dry_run_and_the_run_see_the_plans_configs(trained, tmp
     monkeypatch.setattr(pipeline, "make_executor", lambda *a, **k: Recording())
     assert pipeline.run(replace(options, dry_run=True)) == 0
     assert pipeline.run(options) == 0
-    planned = {t.name: t for t in plan.plan_tasks(plan.plan_jobs(SUITES["smoke"], options), SUITES["smoke"], options, "cpu")}
+    planned = {
+        t.name: t
+        for t in plan.plan_tasks(plan.plan_jobs(SUITES["smoke"], options), SUITES["smoke"], options, "cpu")
+    }
     measuring = {n for n, t in planned.items() if t.kind != "train"}
-    assert set(seen["dry"]) == measuring and set(seen["run"]) == set(planned)  # the run asks of the trainings too
+    assert set(seen["dry"]) == measuring and set(seen["run"]) == set(
+        planned
+    )  # the run asks of the trainings too
     for name, (task, work) in seen["run"].items():
-        assert (task.train, task.eval, task.stability) == (planned[name].train, planned[name].eval, planned[name].stability)
+        assert (task.train, task.eval, task.stability) == (
+            planned[name].train,
+            planned[name].eval,
+            planned[name].stability,
+        )
         if name in measuring:
             dry_task, dry_work = seen["dry"][name]
             assert dry_task == task and work is not None
             # the same work, but for the run's id and which Fig. 2 images: a dry run generates no noise
             # files, so it plans the two clean ones where the run reads the two noise images it generated
             assert replace(dry_work, run_id="", landscapes=()) == replace(work, run_id="", landscapes=())
-            assert len(dry_work.landscapes) == len(work.landscapes) == (2 if task.kind == "measure" else 0)  # seeds alone
+            assert (
+                len(dry_work.landscapes) == len(work.landscapes) == (2 if task.kind == "measure" else 0)
+            )  # seeds alone
             assert (work.config, work.stability_config) == (task.eval, task.stability) and work.cells
         else:
             assert work is None  # trained already
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     argv = ["--dry-run", "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
     assert run_bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: suite smoke (the whole pipeline on synthetic data")
-    assert re.search(r"^\| resnet14@smoke@n2048 +\| synthetic \| +2 \| 28 cells +\| +2 \| +96 \| +0 \|", out, re.M)
-    assert "total: 6 checkpoints to train, 288 cells to run, 0 cached; 45 stability units to run, 0 cached; estimated" in out
+    assert re.search(
+        r"^\| resnet14@smoke@n2048 +\| synthetic \| +2 \| 28 cells +\| +2 \| +96 \| +0 \|", out, re.M
+    )
+    assert (
+        "total: 6 checkpoints to train, 288 cells to run, 0 cached; 45 stability units to run, 0 cached; estimated"
+        in out
+    )
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypatch):
     from dataclasses import replace
@@ -161,7 +203,10 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
             r"error: unknown stage 'evil' in --stage; choose from train, eval, check, stability, report, figures "
             r"\(or summary, alone, on the command line\)\n",
         ),
-        (["--radii", "1,x"], r"error: --radii takes comma-separated numbers, got '1,x': 'x' is not a decimal number \(ASCII digits, e\.g\. 2 or 0\.5\)\n"),
+        (
+            ["--radii", "1,x"],
+            r"error: --radii takes comma-separated numbers, got '1,x': 'x' is not a decimal number \(ASCII digits, e\.g\. 2 or 0\.5\)\n",
+        ),
         (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
     ]
     for extra, pattern in cases:
@@ -171,6 +216,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
     assert len(load_records(results)) == 0 and not any(results.glob("checkpoints/**/meta.json"))
 
 
+@pytest.mark.slow
 def test_smoke_suite_end_to_end(smoke_run):
     results, run = smoke_run
     assert run.returncode == 0, run.stderr[-3000:]
@@ -191,11 +237,22 @@ def test_smoke_suite_end_to_end(smoke_run):
         len(re.findall(r"synthetic seed \d: clean [\d.]+ \| noise [\d.]+ \| fgsm@1/2/4/255", run.stderr)) == 6
     )
     assert len(re.findall(r"synthetic ensemble of 2: clean", run.stderr)) == 3
-    for name in ("records.csv", "REPORT.md", "leaderboard.md", "leaderboard.csv", "tables/table6.md", "sanity.md"):
+    for name in (
+        "records.csv",
+        "REPORT.md",
+        "leaderboard.md",
+        "leaderboard.csv",
+        "tables/table6.md",
+        "sanity.md",
+    ):
         assert (results / name).is_file(), name
-    assert set(frame["perturbation"]) >= {"uniform", "apgd-ce-lite"} and "autoattack" not in set(frame["perturbation"])
+    assert set(frame["perturbation"]) >= {"uniform", "apgd-ce-lite"} and "autoattack" not in set(
+        frame["perturbation"]
+    )
     board = pd.read_csv(results / "leaderboard.csv")
-    assert board["autoattack@2"].isna().all() and board["worst@2"].notna().all()  # the lite one is not AutoAttack
+    assert (
+        board["autoattack@2"].isna().all() and board["worst@2"].notna().all()
+    )  # the lite one is not AutoAttack
     assert (board["worst@2"] <= board[["fgsm@2", "ifgsm@2", "pgd@2"]].min(axis=1)).all()
     checks = load_checks(results)
     assert len(checks) == 9 * 6 and checks["passed"].all()  # 6 model checks of each seed and ensemble
@@ -206,7 +263,10 @@ def test_smoke_suite_end_to_end(smoke_run):
     assert units == 6 * 7 + 3 and (stable["n"] == 10).all() and stable["mean"].notna().all()
     assert len(re.findall(r"synthetic seed \d: stability spectral_norm on 10 images", run.stderr)) == 6
     ensemble = board["name"].str.endswith("(ensemble)")
-    assert board.loc[ensemble, "amplification"].isna().all() and (board.loc[~ensemble, "amplification"] > 0).all()
+    assert (
+        board.loc[ensemble, "amplification"].isna().all()
+        and (board.loc[~ensemble, "amplification"] > 0).all()
+    )
     assert "## The paper's mechanism: stability through depth" in report and "tables/stability.md" in report
     # what every number read: the test images (cells and stability), each noise file, the training images
     (clean,) = frame.loc[frame["perturbation"] == "clean", "data_sha256"].unique()
@@ -214,22 +274,34 @@ def test_smoke_suite_end_to_end(smoke_run):
     assert f"Test images read (sha256 of images and labels): synthetic: {clean[:12]} (every run)." in report
     (shot,) = frame.loc[frame["perturbation"] == "shot_noise", "data_sha256"].unique()
     assert f", shot_noise {shot[:12]}, " in report and shot != clean
-    (trained,) = {json.loads(p.read_text())["data"]["sha256"] for p in results.glob("checkpoints/**/meta.json")}
-    assert f"Training images read (sha256 of images and labels, from each checkpoint's meta.json): synthetic: {trained[:12]} (every run)." in report
-    for name in ("tables/stability.md", "tables/stability.csv", "figures/stability_growth_synthetic.png",
-                 "figures/stability_spectral_synthetic.pdf"):  # fmt: skip
+    (trained,) = {
+        json.loads(p.read_text())["data"]["sha256"] for p in results.glob("checkpoints/**/meta.json")
+    }
+    assert (
+        f"Training images read (sha256 of images and labels, from each checkpoint's meta.json): synthetic: {trained[:12]} (every run)."
+        in report
+    )
+    for name in (
+        "tables/stability.md",
+        "tables/stability.csv",
+        "figures/stability_growth_synthetic.png",
+        "figures/stability_spectral_synthetic.pdf",
+    ):
         assert (results / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_smoke_suite_rerun_is_all_cached(smoke_run, capsys):
     results, _ = smoke_run
     data = results.parent / "data"
     assert run_bench.main(["--dry-run", "--results-dir", str(results), "--data-dir", str(data)]) == 0
-    assert "total: 0 checkpoints to train, 0 cells to run, 288 cached; 0 stability units to run, 45 cached;" in (
-        capsys.readouterr().out
+    assert (
+        "total: 0 checkpoints to train, 0 cells to run, 288 cached; 0 stability units to run, 45 cached;"
+        in (capsys.readouterr().out)
     )
 
 
+@pytest.mark.slow
 def test_a_cached_rerun_does_no_work_and_rewrites_no_report(smoke_run, tmp_path, caplog):
     """Everything cached: no cell, unit or report is made again, and no report file is
     touched; a changed option, or a report file removed, writes the reports again."""
@@ -238,12 +310,21 @@ def test_a_cached_rerun_does_no_work_and_rewrites_no_report(smoke_run, tmp_path,
     argv = ["--results-dir", str(results), "--data-dir", str(smoke_run[0].parent / "data"), "--no-progress"]
 
     def written() -> dict:
-        return {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file() and "checkpoints" not in p.parts
-                and p.name != "records.sqlite" and ".locks" not in p.parts}  # fmt: skip
+        return {
+            p: p.stat().st_mtime_ns
+            for p in results.rglob("*")
+            if p.is_file()
+            and "checkpoints" not in p.parts
+            and p.name != "records.sqlite"
+            and ".locks" not in p.parts
+        }
 
     before = written()
     assert run_bench.main(argv) == 0
-    assert "reports: up to date" in caplog.text and "0 cells evaluated, 288 cached; 0 stability units measured, 45 cached" in caplog.text
+    assert (
+        "reports: up to date" in caplog.text
+        and "0 cells evaluated, 288 cached; 0 stability units measured, 45 cached" in caplog.text
+    )
     assert written() == before
     caplog.clear()
     assert run_bench.main([*argv, "--rank-by", "fgsm@2"]) == 0  # another ranking: the reports are made again
@@ -255,6 +336,7 @@ def test_a_cached_rerun_does_no_work_and_rewrites_no_report(smoke_run, tmp_path,
     assert re.search(r"reports: \d+ files under", caplog.text) and (results / "REPORT.md").is_file()
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(mini_run, tmp_path):
     """SIGKILL a real run_bench.py at random moments (in training, evaluation or the report)
     up to four times, starting it again each time, then let it finish; its records must equal
@@ -292,8 +374,10 @@ def test_killed_runs_resume_to_the_records_of_an_uninterrupted_run(mini_run, tmp
         }
         assert np.array_equal(load_correct(tmp_path / "killed", **key), load_correct(reference, **key))
     # the stability stage, killed or not, records the same figures (its draws are seeded)
-    ours, theirs = (load_stability(r).drop(columns=volatile).sort_values(list(STABILITY_KEY)).reset_index(drop=True)
-                    for r in (tmp_path / "killed", reference))  # fmt: skip
+    ours, theirs = (
+        load_stability(r).drop(columns=volatile).sort_values(list(STABILITY_KEY)).reset_index(drop=True)
+        for r in (tmp_path / "killed", reference)
+    )
     # per seed: 4 δ x 5 levels, 3 spectral norms, 1 square block's eigenvalue, the gradient; the ensemble's gradient
     assert len(theirs) == 2 * (4 * 5 + 3 + 1 + 1) + 1
     assert ours.drop(columns="values").equals(theirs.drop(columns="values"))
@@ -314,12 +398,20 @@ def test_the_paper_plan_trains_table4s_variants_at_every_interval_and_refuses_th
         assert inits == [model_entry(name).init_for(c) for c in VARIANT_GRID] and len(set(inits)) == 5
         assert all(j.radii == (2.0,) and j.dataset == "cifar10" for j in jobs if j.model == name)
     assert inits[0] == (-6.0, pytest.approx(math.log(0.1 / 0.9)))  # the sigmoid's 0: He et al.'s bias
-    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii == (2.0,)][:1] == [(0.0, 0.1)]
+    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii == (2.0,)][:1] == [
+        (0.0, 0.1)
+    ]
     assert "in-resnet-gating110" not in {j.model for j in jobs}
     lines = [r.message for r in caplog.records if "left out of the plan" in r.message]
-    assert lines == [f"in-resnet-gating110 left out of the plan: {model_entry('in-resnet-gating110').refused} "
-                     "(docs/PROTOCOL.md, Table 4)"]  # fmt: skip
-    chosen = plan_jobs(SUITES["paper"], RunOptions(suite="paper", models="variants"))  # a group: left out, no error
+    assert lines == [
+        f"in-resnet-gating110 left out of the plan: {model_entry('in-resnet-gating110').refused} "
+        "(docs/PROTOCOL.md, Table 4)"
+    ]
+    chosen = plan_jobs(
+        SUITES["paper"], RunOptions(suite="paper", models="variants")
+    )  # a group: left out, no error
     assert {j.model for j in chosen} == {"in-resnet-sig110", "in-resnet-gating-sig110"} and len(chosen) == 10
-    with pytest.raises(UserError, match=r"^in-resnet-gating110 is not trained by the benchmark: its ReLU gate"):
+    with pytest.raises(
+        UserError, match=r"^in-resnet-gating110 is not trained by the benchmark: its ReLU gate"
+    ):
         plan_jobs(SUITES["paper"], RunOptions(suite="paper", models="resnet110,in-resnet-gating110"))

@@ -49,8 +49,13 @@ def test_paper_recipes_and_presets():
     released = recipe_for("preact-resnet", "cifar10", "authors-code")
     assert (released.pad, released.pad_mode, released.epochs) == (2, "reflect", 160)
     release = {"mean": CIFAR10_MEAN, "std": AUTHORS_CODE_STD}
-    assert preset_model_options("authors-code", model_entry("in-resnet110")) == {**release, "network": "release"}
-    assert preset_model_options("authors-code", model_entry("resnext29-8x64d")) == release  # the release has no ResNeXt
+    assert preset_model_options("authors-code", model_entry("in-resnet110")) == {
+        **release,
+        "network": "release",
+    }
+    assert (
+        preset_model_options("authors-code", model_entry("resnext29-8x64d")) == release
+    )  # the release has no ResNeXt
     assert preset_model_options("paper", model_entry("in-resnet110")) == {}
     quick = recipe_for("preact-resnet", "cifar10", length="quick")
     assert (quick.epochs, quick.milestones) == (32, (16, 24))  # same fractions: 1/2, 3/4
@@ -89,6 +94,7 @@ def test_crop_and_flip_are_one_gather():
 # --- runs -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
     a = train(tiny(), tmp_path / "a", data_dir, progress=False)
     train(tiny(), tmp_path / "b", data_dir, progress=False)
@@ -121,6 +127,7 @@ def test_same_seed_same_bits_and_complete_metadata(tmp_path, data_dir):
     assert defense.info.checkpoint_sha256 == meta["sha256"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identical(tmp_path, data_dir, monkeypatch):
     reference = train(tiny(), tmp_path / "straight", data_dir, progress=False)
     real_epoch, calls = training.train_epoch, []
@@ -144,11 +151,15 @@ def test_killed_run_resumes_bit_identical(tmp_path, data_dir, monkeypatch):
     straight = weights(tmp_path / "straight" / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0")
     assert all(torch.equal(straight[k], v) for k, v in weights(folder).items())
     assert resumed["test_accuracy"] == reference["test_accuracy"]
-    logs = [pd.read_csv(f / "epochs.csv") for f in (folder, tmp_path / "straight" / folder.relative_to(tmp_path / "killed"))]
+    logs = [
+        pd.read_csv(f / "epochs.csv")
+        for f in (folder, tmp_path / "straight" / folder.relative_to(tmp_path / "killed"))
+    ]
     volatile = ["seconds"]
     assert logs[0].drop(columns=volatile).equals(logs[1].drop(columns=volatile))  # the resumed log is whole
 
 
+@pytest.mark.slow
 def test_finished_runs_are_not_trained_again(tmp_path, data_dir, monkeypatch):
     first = train(tiny(), tmp_path, data_dir, progress=False)
     monkeypatch.setattr(training, "train_epoch", lambda *a, **k: pytest.fail("trained again"))
@@ -163,6 +174,7 @@ def test_finished_runs_are_not_trained_again(tmp_path, data_dir, monkeypatch):
     assert first["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_different_recipe_in_the_same_folder_is_refused(tmp_path, data_dir, monkeypatch):
     train(tiny(), tmp_path, data_dir, progress=False)
     monkeypatch.setattr(training, "recipe_for", lambda *a: Recipe(2, 0.5, (1,), 0.0))
@@ -170,6 +182,7 @@ def test_a_different_recipe_in_the_same_folder_is_refused(tmp_path, data_dir, mo
         train(tiny(), tmp_path, data_dir, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "lr, reason",
     [
@@ -187,6 +200,7 @@ def test_diverged_and_chance_runs_are_failed(tmp_path, data_dir, monkeypatch, lr
         zoo_defense("resnet8@smoke@n1024", "synthetic", 0, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_step_and_names_the_first_nonfinite_activation(
     tmp_path, data_dir, monkeypatch, caplog
 ):
@@ -221,11 +235,14 @@ def test_a_diverging_run_stops_at_the_step_and_names_the_first_nonfinite_activat
     )
     assert len(losses) == 7  # 4 + 3: nothing trained after the first non-finite loss
     line = next(r.message for r in caplog.records if "failed" in r.message)
-    assert line.startswith("in-resnet14@smoke@n512 synthetic seed 0: failed (non-finite loss in epoch 2, step 3 of 4")
+    assert line.startswith(
+        "in-resnet14@smoke@n512 synthetic seed 0: failed (non-finite loss in epoch 2, step 3 of 4"
+    )
     folder = tmp_path / "checkpoints" / "synthetic" / "in-resnet14@smoke@n512" / "seed0"
     assert pd.read_csv(folder / "epochs.csv")["epoch"].tolist() == [1] and not (folder / "state.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_saved_state_that_is_not_finite_is_never_resumed(tmp_path, data_dir, monkeypatch):
     real_epoch, calls = training.train_epoch, []
 
@@ -245,9 +262,12 @@ def test_a_saved_state_that_is_not_finite_is_never_resumed(tmp_path, data_dir, m
     meta = train(tiny(), tmp_path, data_dir, progress=False)
     assert len(calls) == 2  # no epoch trained on from it
     assert (meta["status"], meta["reason"]) == (
-        "failed", "the saved state after epoch 1 holds a non-finite parameter layer1.0.conv2.weight: not resumed")
+        "failed",
+        "the saved state after epoch 1 holds a non-finite parameter layer1.0.conv2.weight: not resumed",
+    )
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
     meta = train(tiny(n_train=5000), tmp_path, data_dir, progress=False)
     assert meta["status"] == "finished" and meta["test_accuracy"] >= 0.4  # chance: 0.1
@@ -256,11 +276,12 @@ def test_a_tiny_model_learns_the_synthetic_set(tmp_path, data_dir):
 def test_tags_name_every_weight_changing_option():
     assert tiny().run_tag == "resnet8@smoke@n1024"
     assert TrainConfig("in-resnet110", "cifar10", 0).run_tag == "in-resnet110"
-    assert TrainConfig("in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)).run_tag == (
-        "in-resnet110@authors-code@lambda0.3-0.4"
-    )
+    assert TrainConfig(
+        "in-resnet110", "cifar10", 0, preset="authors-code", lambda_init=(0.3, 0.4)
+    ).run_tag == ("in-resnet110@authors-code@lambda0.3-0.4")
 
 
+@pytest.mark.slow
 def test_unreadable_metadata_is_one_line(tmp_path, data_dir):
     train(tiny(), tmp_path, data_dir, progress=False)
     meta = tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0" / "meta.json"
@@ -269,6 +290,7 @@ def test_unreadable_metadata_is_one_line(tmp_path, data_dir):
         train(tiny(), tmp_path, data_dir, progress=False)
 
 
+@pytest.mark.slow
 def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
     folder = tmp_path / "checkpoints" / "synthetic" / "resnet8@smoke@n1024" / "seed0"
     folder.mkdir(parents=True)
@@ -280,8 +302,10 @@ def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
     )
     other = create_model("resnet14")
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    torch.save({"model": other.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "wall": 1.0},
-               folder / "state.pt")  # fmt: skip
+    torch.save(
+        {"model": other.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "wall": 1.0},
+        folder / "state.pt",
+    )
     with pytest.raises(UserError) as err:
         train(tiny(), tmp_path, data_dir, progress=False)
     assert "\n" not in str(err.value) and str(err.value).startswith(
@@ -292,6 +316,7 @@ def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
 # --- the training log, the parametrisation in the metadata --------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["in-resnet14", "in-resnet-gating14"])
 def test_each_epoch_is_logged_with_its_coefficients(tmp_path, data_dir, model):
     meta = train(tiny(model=model, n_train=256), tmp_path, data_dir, progress=False)
@@ -304,8 +329,12 @@ def test_each_epoch_is_logged_with_its_coefficients(tmp_path, data_dir, model):
     assert list(log.columns) == base + per_block
     assert log["epoch"].tolist() == [1, 2] and log["lr"].tolist() == [0.1, 0.01]  # smoke: milestones 1, 2
     assert all(pd.api.types.is_numeric_dtype(log[c]) for c in log.columns)
-    assert log["test_accuracy"].iloc[-1] == meta["test_accuracy"]  # the final weights' accuracy, measured once
-    assert (log["seconds"] > 0).all() and meta["wall_seconds"] == pytest.approx(log["seconds"].sum(), abs=0.01)
+    assert (
+        log["test_accuracy"].iloc[-1] == meta["test_accuracy"]
+    )  # the final weights' accuracy, measured once
+    assert (log["seconds"] > 0).all() and meta["wall_seconds"] == pytest.approx(
+        log["seconds"].sum(), abs=0.01
+    )
     if model == "in-resnet14":
         assert log[per_block].iloc[-1].tolist() == meta["interpolation_coefficients"]
         assert meta["lambda_storage"] == "k = 1 - λ" and meta["model_kwargs"]["network"] == "paper"
@@ -314,6 +343,7 @@ def test_each_epoch_is_logged_with_its_coefficients(tmp_path, data_dir, model):
         assert (log["coefficient_1_median"] <= log["coefficient_1_max"]).all()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path, data_dir):
     """Checkpoints written before λ's storage was recorded stored λ itself for every rule: an
     In-ResNet one trained with decay pulling λ toward 0 and is refused for the new run (by
@@ -331,8 +361,10 @@ def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path
         meta_path.write_text(json.dumps(legacy[model]))
     assert train(tiny(model="lambda-in-resnet14"), tmp_path, data_dir, progress=False)["status"] == "finished"
     zoo_defense("lambda-in-resnet14@smoke@n1024", "synthetic", 0, tmp_path)
-    expected = (r"holds a checkpoint of another build of in-resnet14: λ trained as λ \(now as k = 1 - λ, as the "
-                r"authors' release: weight decay pulled λ the other way\); delete the folder to train it anew")  # fmt: skip
+    expected = (
+        r"holds a checkpoint of another build of in-resnet14: λ trained as λ \(now as k = 1 - λ, as the "
+        r"authors' release: weight decay pulled λ the other way\); delete the folder to train it anew"
+    )
     with pytest.raises(UserError, match=expected) as err:
         train(tiny(model="in-resnet14"), tmp_path, data_dir, progress=False)
     assert "\n" not in str(err.value)
@@ -340,8 +372,21 @@ def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path
         zoo_defense("in-resnet14@smoke@n1024", "synthetic", 0, tmp_path)
     import run_bench
 
-    argv = ["--models", "in-resnet14", "--seeds", "0", "--n-train", "1024", "--stage", "eval", "--no-progress",
-            "--results-dir", str(tmp_path), "--data-dir", str(data_dir)]  # fmt: skip
+    argv = [
+        "--models",
+        "in-resnet14",
+        "--seeds",
+        "0",
+        "--n-train",
+        "1024",
+        "--stage",
+        "eval",
+        "--no-progress",
+        "--results-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(data_dir),
+    ]
     assert run_bench.main(argv) == 2  # the evaluation refuses it before any work
     assert not (tmp_path / "records.sqlite").exists()
     release = training.planned_info("lambda-in-resnet14", "synthetic", "authors-code", None)
@@ -353,7 +398,9 @@ def test_a_checkpoint_of_the_old_parametrisation_is_refused_in_one_line(tmp_path
 # --- Table 4's gating variants under the paper's recipe -----------------------------------------
 
 
-def first_losses(name: str, seed: int, data_dir, steps: int = 20, blown: float = 1000.0) -> tuple[list[float], float]:
+def first_losses(
+    name: str, seed: int, data_dir, steps: int = 20, blown: float = 1000.0
+) -> tuple[list[float], float]:
     """The losses of `name`'s first `steps` steps under the paper's recipe (SGD, lr 0.1 from
     the first step, momentum 0.9, weight decay 1e-4, batch 128, crop and flip) on the
     synthetic set, and its gates' largest |weight| at the end; stops at a non-finite loss
@@ -372,7 +419,9 @@ def first_losses(name: str, seed: int, data_dir, steps: int = 20, blown: float =
         idx = torch.randint(0, len(y_all), (recipe.batch_size,), generator=generator)
         shifts = torch.randint(0, 2 * recipe.pad + 1, (2, recipe.batch_size), generator=generator)
         flips = torch.rand(recipe.batch_size, generator=generator) < 0.5
-        loss = torch.nn.functional.cross_entropy(model(augment(x_all[idx], *shifts, flips, recipe)), y_all[idx])
+        loss = torch.nn.functional.cross_entropy(
+            model(augment(x_all[idx], *shifts, flips, recipe)), y_all[idx]
+        )
         losses.append(loss.item())
         if not torch.isfinite(loss):
             break
@@ -388,6 +437,7 @@ def gate_weight(model) -> float:
     return max(s.gate.weight.abs().max().item() for s in model.damped_skips())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_gating_variants_at_depth_110_under_the_papers_recipe(seed, data_dir):
     """In-ResNet-gating-sig-110 (He et al.'s gate on the standardised input) trains at lr 0.1

@@ -56,7 +56,10 @@ class Branch(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int):
         super().__init__()
-        self.norm, self.conv = nn.BatchNorm2d(in_planes), nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        self.norm, self.conv = (
+            nn.BatchNorm2d(in_planes),
+            nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+        )
 
     def forward(self, x):
         return self.conv(F.relu(self.norm(x)))
@@ -85,7 +88,9 @@ class Release(nn.Module):
         self.fc = nn.Linear(64 * expansion, classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # N(0, 2 / (k * k * out_channels))
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                m.weight.data.normal_(
+                    0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels))
+                )
             elif isinstance(m, nn.BatchNorm2d):
                 m.weight.data.fill_(1)
                 m.bias.data.zero_()
@@ -109,15 +114,20 @@ class Release(nn.Module):
         return self.fc(x.flatten(1))
 
     def coefficients(self, damped: list[int]) -> torch.Tensor:
-        return torch.stack([F.relu(1 - self.ks[i]) if self.rule == "in" else F.relu(self.ks[i]) for i in damped]).flatten()
+        return torch.stack(
+            [F.relu(1 - self.ks[i]) if self.rule == "in" else F.relu(self.ks[i]) for i in damped]
+        ).flatten()
 
 
 def correspondence(ours: PreActResNet, ref: Release) -> tuple[dict[str, str], list[int]]:
     """Our state_dict name -> the release's, and the release indices of the damped blocks."""
     names, damped = {"conv1.weight": "conv1.weight"}, []
     blocks = [b for layer in (ours.layer1, ours.layer2, ours.layer3) for b in layer]
-    prefix = {id(b): f"layer{k}.{j}" for k, layer in enumerate((ours.layer1, ours.layer2, ours.layer3), 1)
-              for j, b in enumerate(layer)}  # fmt: skip
+    prefix = {
+        id(b): f"layer{k}.{j}"
+        for k, layer in enumerate((ours.layer1, ours.layer2, ours.layer3), 1)
+        for j, b in enumerate(layer)
+    }
     stats = ("weight", "bias", "running_mean", "running_var")
     for i, block in enumerate(blocks):
         ours_prefix, ref_block = prefix[id(block)], f"blocks.{i}"
@@ -126,7 +136,11 @@ def correspondence(ours: PreActResNet, ref: Release) -> tuple[dict[str, str], li
             names |= {f"{ours_prefix}.bn{j + 1}.{s}": f"{ref_block}.norms.{j}.{s}" for s in stats}
             names[f"{ours_prefix}.conv{j + 1}.weight"] = f"{ref_block}.convs.{j}.weight"
         if block.shortcut is not None:
-            down = "downsample1" if i == 0 else ("downsample21" if ref.blocks[i].planes == 32 else "downsample31")
+            down = (
+                "downsample1"
+                if i == 0
+                else ("downsample21" if ref.blocks[i].planes == 32 else "downsample31")
+            )
             names |= {f"{ours_prefix}.shortcut.0.{s}": f"{down}.norm.{s}" for s in stats}
             names[f"{ours_prefix}.shortcut.2.weight"] = f"{down}.conv.weight"
         if block.skip.has_scalar:
@@ -143,7 +157,9 @@ def twins(depth: int, block: str, rule: str) -> tuple[PreActResNet, Release, dic
     ours = PreActResNet(depth, rule, block, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release")
     names, damped = correspondence(ours, ref)
     state = ours.state_dict()
-    assert set(names) == {k for k in state if not k.endswith("num_batches_tracked") and not k.startswith("normalize.")}
+    assert set(names) == {
+        k for k in state if not k.endswith("num_batches_tracked") and not k.startswith("normalize.")
+    }
     ours.load_state_dict({**state, **{k: release_value(ref, names, k, state[k].shape) for k in names}})
     return ours, ref, names, damped
 
@@ -171,7 +187,9 @@ def train_both(ours: PreActResNet, ref: Release) -> None:
     labels = torch.randint(0, 10, (STEPS * BATCH,), generator=gen)
     recipe = Recipe(1, 0.1, (), 1e-4, momentum=0.9, batch_size=BATCH, pad=0, flip=False)  # no augmentation
     config = TrainConfig("in-resnet20", "cifar10", 0, preset="authors-code", channels_last=False)
-    train_epoch(ours, make_optimizer(ours, recipe, "cpu"), images, labels, recipe, epoch_generator(0, 0), config)
+    train_epoch(
+        ours, make_optimizer(ours, recipe, "cpu"), images, labels, recipe, epoch_generator(0, 0), config
+    )
     optimizer = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     ref.train()
     order = torch.randperm(len(labels), generator=epoch_generator(0, 0))  # train_epoch's first draw
@@ -190,25 +208,38 @@ def largest_gaps(ours, ref, names, damped) -> dict[str, float]:
     and the coefficients ReLU(λ_n)."""
     mine = ours.state_dict()
     gaps = {
-        "parameters": max((mine[k] - release_value(ref, names, k, mine[k].shape)).abs().max().item()
-                          for k in names if not k.endswith(("running_mean", "running_var"))),
-        "running statistics": max((mine[k] - release_value(ref, names, k, mine[k].shape)).abs().max().item()
-                                  for k in names if k.endswith(("running_mean", "running_var"))),
-    }  # fmt: skip
+        "parameters": max(
+            (mine[k] - release_value(ref, names, k, mine[k].shape)).abs().max().item()
+            for k in names
+            if not k.endswith(("running_mean", "running_var"))
+        ),
+        "running statistics": max(
+            (mine[k] - release_value(ref, names, k, mine[k].shape)).abs().max().item()
+            for k in names
+            if k.endswith(("running_mean", "running_var"))
+        ),
+    }
     if damped:
         mine = torch.stack([s.coefficient().detach() for s in ours.damped_skips()])
         gaps["coefficients"] = (mine - ref.coefficients(damped).detach()).abs().max().item()
     return gaps
 
 
-MODELS = [(20, "basic", "residual"), (20, "basic", "in"), (20, "basic", "lambda-in"),
-          (20, "bottleneck", "in"), (20, "bottleneck", "lambda-in")]  # fmt: skip
+MODELS = [
+    (20, "basic", "residual"),
+    (20, "basic", "in"),
+    (20, "basic", "lambda-in"),
+    (20, "bottleneck", "in"),
+    (20, "bottleneck", "lambda-in"),
+]
 
 
 @pytest.mark.parametrize("depth, block, rule", MODELS)
 def test_authors_code_network_trains_step_for_step_as_the_release(depth, block, rule):
     ours, ref, names, damped = twins(depth, block, rule)
-    assert len(damped) == (0 if rule == "residual" else 3 * ((depth - 2) // (9 if block == "bottleneck" else 6)) - 3)
+    assert len(damped) == (
+        0 if rule == "residual" else 3 * ((depth - 2) // (9 if block == "bottleneck" else 6)) - 3
+    )
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for mode in (False, True):  # eval (running statistics) and train (batch statistics)
@@ -219,7 +250,10 @@ def test_authors_code_network_trains_step_for_step_as_the_release(depth, block, 
     train_both(ours, ref)
     gaps = largest_gaps(ours, ref, names, damped)
     assert max(gaps.values()) <= TOLERANCE, gaps
-    assert ref.state_dict()["fc.weight"].sub(twins(depth, block, rule)[1].state_dict()["fc.weight"]).abs().max() > 1e-2
+    assert (
+        ref.state_dict()["fc.weight"].sub(twins(depth, block, rule)[1].state_dict()["fc.weight"]).abs().max()
+        > 1e-2
+    )
     ours.eval()
     ref.eval()
     with torch.no_grad():
@@ -271,15 +305,27 @@ def test_authors_code_pgd_is_the_releases_example_for_example():
     from bench.eval.protocol import EvalConfig
 
     torch.manual_seed(0)
-    ours = PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release").double().eval().requires_grad_(False)
+    ours = (
+        PreActResNet(8, mean=CIFAR10_MEAN, std=AUTHORS_CODE_STD, network="release")
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     y = torch.arange(8) % 10
     eps, alpha = 4 / 255, 1 / 255
     torch.manual_seed(11)
     start = torch.empty_like(x).uniform_(-eps, eps)  # the draw pgd_around_start makes first
     std = torch.tensor(AUTHORS_CODE_STD).to(x.dtype).view(1, 3, 1, 1)
-    expected = release_pgd(lambda v: ours.forward(v * std + torch.tensor(CIFAR10_MEAN).to(x.dtype).view(1, 3, 1, 1)),
-                           normalise(x), y, eps, alpha, 20, start / std)  # fmt: skip
+    expected = release_pgd(
+        lambda v: ours.forward(v * std + torch.tensor(CIFAR10_MEAN).to(x.dtype).view(1, 3, 1, 1)),
+        normalise(x),
+        y,
+        eps,
+        alpha,
+        20,
+        start / std,
+    )
     torch.manual_seed(11)
     mine = pgd_around_start(ours, x, y, eps, alpha, 20)
     mean = torch.tensor(CIFAR10_MEAN).to(x.dtype).view(1, 3, 1, 1)
@@ -291,7 +337,10 @@ def test_authors_code_pgd_is_the_releases_example_for_example():
     assert pgd.params(authors, 4.0) == {"alpha_255": 1.0, "steps": 20, "ball": "start"}
     assert pgd.params(paper, 4.0) == {"alpha_255": 2.0, "steps": 20}  # the paper's cells keep their key
     assert pgd.reach(authors, eps) == 2 * eps and pgd.reach(paper, eps) == eps
-    assert perturbation("pgd50").params(authors, 16.0) == {"alpha_255": 0.8, "steps": 50}  # a gate: the paper's ball
+    assert perturbation("pgd50").params(authors, 16.0) == {
+        "alpha_255": 0.8,
+        "steps": 50,
+    }  # a gate: the paper's ball
     torch.manual_seed(11)
     assert (pgd.perturb(ours, x, y, [eps], paper)[0] - x).abs().amax().item() <= eps + 1e-12
 

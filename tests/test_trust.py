@@ -1,5 +1,5 @@
 """Trustworthy numbers: perturbations as registered specs, AutoAttack as the reference,
-sanity gates, confidence intervals, RobustBench entries, older stores migrated."""
+sanity gates, confidence intervals, RobustBench entries, older stores refused."""
 
 import importlib
 import json
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+from bench import EvalConfig, UserError, evaluate_protocol
 from bench.attacks.perturbations import PERTURBATIONS, Perturbation, register
 from bench.eval import model_checks
-from bench.evaluate import EvalConfig, evaluate_protocol
 from bench.records import sanity
 from bench.records.load import load_correct, load_records
 from bench.records.schema import COLUMNS, DB_FILE, KEY
@@ -64,8 +64,12 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
 
 
 def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defense, tmp_path):
-    config = EvalConfig(eps_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),))
-    records = evaluate_protocol(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index("perturbation")
+    config = EvalConfig(
+        eps_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),)
+    )
+    records = evaluate_protocol(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index(
+        "perturbation"
+    )
     assert records.loc["autoattack", "n"] == 40 and records.loc["pgd", "n"] == 100  # its own subset
     assert records.loc["autoattack", "params"] == '{"version":"standard"}'
     aa = load_correct(tmp_path / "a", perturbation="autoattack")
@@ -83,7 +87,9 @@ def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defens
 def aggregates(means: dict, std: float = float("nan"), dataset: str = "cifar10") -> pd.DataFrame:
     entry = {"dataset": dataset, "model": "m", "run": "m", "lambda_low": np.nan, "lambda_high": np.nan}
     entry |= {"kind": "single", "preset": "paper"}
-    return pd.DataFrame([{**entry, "metric": k, "mean": v, "std": std, "n": 2, "n_test": 100} for k, v in means.items()])
+    return pd.DataFrame(
+        [{**entry, "metric": k, "mean": v, "std": std, "n": 2, "n_test": 100} for k, v in means.items()]
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +126,9 @@ class Small(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -152,15 +160,26 @@ class Noisy(Small):  # a randomised forward pass
 )
 def test_model_checks_catch_masked_models(model, failed, images):
     x, y = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.arange(32) % 10
-    results = {check: (value, limit) for check, value, limit, _ in model_checks.model_checks(model.eval(), x, y, 10)}
-    assert set(results) == {"zero-gradients", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"}
+    results = {
+        check: (value, limit) for check, value, limit, _ in model_checks.model_checks(model.eval(), x, y, 10)
+    }
+    assert set(results) == {
+        "zero-gradients",
+        "nonfinite-gradients",
+        "randomized",
+        "probabilities",
+        "classes",
+        "dynamic",
+    }
     assert {check for check, (value, limit) in results.items() if value > limit} == failed
     assert model_checks.model_checks(Small().eval(), x, y, 100)[4][1] == 90  # 10 outputs for 100 classes
 
 
 def test_transfer_from_the_model_itself_equals_white_box():
     model, x, y = Small().eval(), torch.rand(16, 3, 32, 32), torch.arange(16) % 10
-    check, value, limit, detail = model_checks.transfer_check(model, model, x, y, EvalConfig(steps=3), 2.0, seed=1)
+    check, value, limit, detail = model_checks.transfer_check(
+        model, model, x, y, EvalConfig(steps=3), 2.0, seed=1
+    )
     assert (check, value, limit) == ("transfer", 0.0, sanity.TRANSFER_MARGIN) and "16 images" in detail
 
 
@@ -169,7 +188,9 @@ class Linear(nn.Module):
 
     def __init__(self, seed: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(seed)))
+        self.weight = nn.Parameter(
+            torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(seed))
+        )
 
     def forward(self, x):
         return x.flatten(1) @ self.weight.T
@@ -191,11 +212,17 @@ def test_the_transfer_check_flags_a_surrogate_stronger_than_white_box_not_a_weak
     gate fails); another network's examples transfer worse than white-box (it passes)."""
     source, x = Linear(0).eval(), torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     y = source(x).argmax(1)  # every image correct for the source
-    masked = model_checks.transfer_check(Masked(source).eval(), source, x, y, EvalConfig(steps=5), 2.0, seed=1)
+    masked = model_checks.transfer_check(
+        Masked(source).eval(), source, x, y, EvalConfig(steps=5), 2.0, seed=1
+    )
     assert masked[1] > 50 > sanity.TRANSFER_MARGIN and "white-box 100.0" in masked[3]  # transfer: 26.6
     other = Linear(1).eval()
-    weaker = model_checks.transfer_check(other, source, x, other(x).argmax(1), EvalConfig(steps=5), 2.0, seed=1)
-    assert weaker[1] < -50 < sanity.TRANSFER_MARGIN  # white-box breaks it (12.5), the source's examples do not (96.9)
+    weaker = model_checks.transfer_check(
+        other, source, x, other(x).argmax(1), EvalConfig(steps=5), 2.0, seed=1
+    )
+    assert (
+        weaker[1] < -50 < sanity.TRANSFER_MARGIN
+    )  # white-box breaks it (12.5), the source's examples do not (96.9)
 
 
 def test_the_plain_counterpart_is_the_resnet_of_the_same_architecture():
@@ -216,7 +243,9 @@ def test_the_worst_case_is_the_and_of_every_attack_at_a_radius(grey_root, grey_d
     )
     board = pd.read_csv(tmp_path / "leaderboard.csv")
     assert "worst@11" not in board.columns  # the leaderboard shows 2/255; the full table has it
-    worst = json.loads(next((tmp_path / "leaderboard" / "cifar10" / "corruptions").glob("*.json")).read_text())
+    worst = json.loads(
+        next((tmp_path / "leaderboard" / "cifar10" / "corruptions").glob("*.json")).read_text()
+    )
     assert worst["inres_bench"]["robust_acc"]["worst"]["11"] == 100 * survivors.mean()
 
 
@@ -262,13 +291,29 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
 
     evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
     pgd = load_records(tmp_path).query("perturbation == 'pgd'").iloc[0].to_dict()  # AutoAttack stands in:
-    reference = {**pgd, "perturbation": "autoattack", "params": '{"version":"standard"}'}  # (see its own test)
+    reference = {
+        **pgd,
+        "perturbation": "autoattack",
+        "params": '{"version":"standard"}',
+    }  # (see its own test)
     RecordStore(tmp_path).add_cells([reference], [load_correct(tmp_path, perturbation="pgd")])
     write_reports(tmp_path)
     entry = json.loads((tmp_path / "leaderboard" / "cifar10" / "Linf" / "grey.json").read_text())
-    assert (entry["eps"], entry["clean_acc"], entry["autoattack_acc"], entry["unreliable"]) == ("2/255", "70.00", "70.00", None)
+    assert (entry["eps"], entry["clean_acc"], entry["autoattack_acc"], entry["unreliable"]) == (
+        "2/255",
+        "70.00",
+        "70.00",
+        None,
+    )
     assert entry["inres_bench"]["unchecked"] == [  # evaluate_defense runs no checkpoint checks, no PGD-50
-        "large-eps", "noise-vs-pgd", "nonfinite-gradients", "randomized", "probabilities", "classes", "dynamic"]
+        "large-eps",
+        "noise-vs-pgd",
+        "nonfinite-gradients",
+        "randomized",
+        "probabilities",
+        "classes",
+        "dynamic",
+    ]
     assert entry["inres_bench"]["robust_acc"]["pgd"] == {"2": 70.0} and entry["number_forward_passes"] == 1
     corruptions = json.loads((tmp_path / "leaderboard" / "cifar10" / "corruptions" / "grey.json").read_text())
     assert float(corruptions["corruptions_acc"]) == entry["inres_bench"]["accuracy"]["noise"]
@@ -277,7 +322,11 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
         warnings.simplefilter("ignore")
         from robustbench.leaderboard import template
     fields = ["link", "name", "footnote", "clean_acc", "additional_data", "architecture", "venue"]
-    text = "{% for model in models %}" + "|".join(f"{{{{ model.{f} }}}}" for f in fields) + "|{{ model[acc_field] }}\n{% endfor %}"
+    text = (
+        "{% for model in models %}"
+        + "|".join(f"{{{{ model.{f} }}}}" for f in fields)
+        + "|{{ model[acc_field] }}\n{% endfor %}"
+    )
     loader = jinja2.DictLoader({"leaderboard.html.j2": text})
     monkeypatch.setattr(template, "PackageLoader", lambda *args: loader)
     monkeypatch.setattr(template, "select_autoescape", lambda *args: False)
@@ -291,25 +340,34 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
 # --- older stores -------------------------------------------------------------------------------
 
 
-def test_a_store_of_the_older_schema_is_migrated_in_place(grey_root, grey_defense, tmp_path):
+def test_a_store_of_an_earlier_layout_is_refused_in_one_line(grey_root, grey_defense, tmp_path):
+    """No migration before a first release: a store whose tables lack a column of this
+    version is refused by every reader and writer, in one line, and left as it is."""
     evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
-    before = load_records(tmp_path).sort_values(list(KEY)).reset_index(drop=True)
-    bits = load_correct(tmp_path, perturbation="pgd")
     old = tmp_path / "old"
     old.mkdir()
     _downgrade(tmp_path / DB_FILE, old / DB_FILE)
-    with pytest.raises(Exception, match="was written before cells had a params column: open it for writing once"):
-        load_records(old)
-    write_reports(old)  # the report stage migrates it
-    after = load_records(old).sort_values(list(KEY)).reset_index(drop=True)
-    assert after.drop(columns="stale").equals(before.drop(columns="stale"))
-    assert np.array_equal(load_correct(old, perturbation="pgd"), bits)
+    before = (old / DB_FILE).read_bytes()
+    said = r"was written by an earlier version of inres-bench \(.*\): run again with a new --results-dir"
+    for read in (
+        load_records,
+        write_reports,
+        lambda r: evaluate_protocol(grey_defense, EvalConfig(), r, grey_root, progress=False),
+    ):
+        with pytest.raises(UserError, match=said):
+            read(old)
+    assert (old / DB_FILE).read_bytes() == before
 
 
 def _downgrade(source: Path, target: Path) -> None:
     """The store as the version before `params` wrote it: alpha_255 and steps columns."""
     columns = [c for c in COLUMNS if c != "params"]
-    old_columns = [*columns[: columns.index("preset") + 1], "alpha_255", "steps", *columns[columns.index("preset") + 1 :]]
+    old_columns = [
+        *columns[: columns.index("preset") + 1],
+        "alpha_255",
+        "steps",
+        *columns[columns.index("preset") + 1 :],
+    ]
     key = [k if k != "params" else "alpha_255, steps" for k in KEY]
     with sqlite3.connect(source) as new, sqlite3.connect(target) as db:
         db.execute(
@@ -321,7 +379,10 @@ def _downgrade(source: Path, target: Path) -> None:
             params = json.loads(values.pop("params"))
             values |= {"alpha_255": params.get("alpha_255", 0.0), "steps": params.get("steps", 0)}
             names = [*old_columns, "correct_bits"]
-            db.execute(f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", [values[n] for n in names])
+            db.execute(
+                f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [values[n] for n in names],
+            )
         for table in ("runs", "ensemble_members", "checks"):
             db.execute(new.execute("SELECT sql FROM sqlite_master WHERE name = ?", [table]).fetchone()[0])
 
@@ -351,16 +412,22 @@ def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, gre
     images, labels = read_batch(batch, "labels", 10)
     write_batch(batch, np.zeros_like(images), labels)
     after = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
-    assert len(after) == 2 * len(before) and after["data_sha256"].nunique() == 2 + 8  # 2 test sets, 2 x 4 noise files
+    assert (
+        len(after) == 2 * len(before) and after["data_sha256"].nunique() == 2 + 8
+    )  # 2 test sets, 2 x 4 noise files
     write_reports(results)
     board = pd.read_csv(results / "leaderboard.csv")
     assert board["clean"].item() == 10.0  # the latest data is shown: black images are all of the first class
     from bench.data.splits import images_digest
 
     black = images_digest(np.zeros_like(images), labels)
-    assert f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)." in (results / "REPORT.md").read_text()
+    assert (
+        f"Test images read (sha256 of images and labels): CIFAR-10: {black[:12]} (every run)."
+        in (results / "REPORT.md").read_text()
+    )
 
 
+@pytest.mark.slow
 def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_defense, tmp_path, pipeline):
     """As cells: a unit measured on images since replaced is measured again, not found
     cached, and the report's reduction reads the latest images' units only."""
@@ -385,31 +452,6 @@ def test_stability_units_are_keyed_by_the_test_images_they_read(grey_root, grey_
     assert list(chosen_units(second)["data_sha256"]) == [black]
 
 
-def test_stability_units_recorded_before_digests_are_migrated_and_rechecked_on_request(grey_root, grey_defense, tmp_path, pipeline):
-    from bench.records.load import load_stability
-    from bench.records.schema import STABILITY_KEY
-    from bench.records.store import needs_migration
-
-    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
-    stability = {"suite": "smoke", "stages": ("stability",), "device": "cpu", "n_stability": 20}
-    pipeline(grey_defense, results, data, progress=False, **stability)
-    measured = load_stability(results)
-    with sqlite3.connect(results / DB_FILE) as db:  # the table as it was before digests
-        columns = [r[1] for r in db.execute("PRAGMA table_info(stability)") if r[1] != "data_sha256"]
-        db.execute("ALTER TABLE stability RENAME TO stability_new")
-        key = [k for k in STABILITY_KEY if k != "data_sha256"]
-        db.execute(f"CREATE TABLE stability ({', '.join(columns)}, UNIQUE ({', '.join(key)}))")
-        db.execute(f"INSERT INTO stability SELECT {', '.join(columns)} FROM stability_new")
-        db.execute("DROP TABLE stability_new")
-    assert needs_migration(results)
-    pipeline(grey_defense, results, data, progress=False, **stability)  # migrates; the unit is cached
-    migrated = load_stability(results)
-    assert list(migrated["data_sha256"]) == ["unknown"] and not needs_migration(results)
-    assert np.array_equal(migrated["values"].item(), measured["values"].item())
-    pipeline(grey_defense, results, data, progress=False, recheck_data=True, **stability)
-    assert list(load_stability(results)["data_sha256"]) == ["unknown", measured["data_sha256"].item()]
-
-
 def test_an_overwritten_noise_file_is_measured_again(grey_root, grey_defense, tmp_path):
     data, results = _copied(grey_root, tmp_path), tmp_path / "r"
     before = evaluate_protocol(grey_defense, GREY, results, data, progress=False)
@@ -419,34 +461,3 @@ def test_an_overwritten_noise_file_is_measured_again(grey_root, grey_defense, tm
     assert len(after) == len(before) + 5  # the five severities of that group alone
     again = after[after.duplicated(["perturbation", "severity", "eps_255"], keep=False)]
     assert set(again["perturbation"]) == {"shot_noise"} and again["data_sha256"].nunique() == 2
-
-
-def test_cells_recorded_before_digests_count_as_cached_until_rechecked(grey_root, grey_defense, tmp_path):
-    """A store of the previous schema: migrated in place with data_sha256 "unknown", its
-    cells kept as cached and shown as such, measured again on request (--recheck-data)."""
-    data, results = _copied(grey_root, tmp_path), tmp_path / "r"
-    evaluate_protocol(grey_defense, GREY, results, data, progress=False)
-    path = results / DB_FILE
-    with sqlite3.connect(path) as db:  # the schema before data digests: no data_sha256 column
-        columns = [r[1] for r in db.execute("PRAGMA table_info(cells)") if r[1] not in ("data_sha256", "correct_bits")]
-        db.execute("ALTER TABLE cells RENAME TO cells_new")
-        key = [k for k in KEY if k != "data_sha256"]
-        db.execute(f"CREATE TABLE cells ({', '.join(columns)}, correct_bits BLOB NOT NULL, UNIQUE ({', '.join(key)}))")
-        db.execute(f"INSERT INTO cells SELECT {', '.join(columns)}, correct_bits FROM cells_new")
-        db.execute("DROP TABLE cells_new")
-    with pytest.raises(Exception, match="was written before cells had their data's digest: open it for writing once"):
-        load_records(results)
-    again = evaluate_protocol(grey_defense, GREY, results, data, progress=False)  # migrates, then finds them all
-    assert set(again["data_sha256"]) == {"unknown"} and len(again) == 24
-    write_reports(results)
-    assert "CIFAR-10: unknown (recorded before digests) (every run)." in (results / "REPORT.md").read_text()
-    rechecked = evaluate_protocol(grey_defense, replace_config(GREY, trust_unknown_data=False), results, data, progress=False)
-    assert len(rechecked) == 48 and (rechecked["data_sha256"] != "unknown").sum() == 24
-    write_reports(results)
-    assert "(every run)." in (results / "REPORT.md").read_text() and "unknown (recorded" not in (results / "REPORT.md").read_text()
-
-
-def replace_config(config: EvalConfig, **changes) -> EvalConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)

@@ -64,8 +64,16 @@ class APGDLite(Perturbation):
         from pyautoattack.autopgd_base import APGDAttack
 
         seed = int(torch.randint(0, 2**31 - 1, ()))
-        attack = APGDAttack(model, n_iter=self.iterations, norm="Linf", n_restarts=1, eps=eps[0], seed=seed,
-                            loss="ce", device=x.device)  # fmt: skip
+        attack = APGDAttack(
+            model,
+            n_iter=self.iterations,
+            norm="Linf",
+            n_restarts=1,
+            eps=eps[0],
+            seed=seed,
+            loss="ce",
+            device=x.device,
+        )
         return [attack.perturb(x.contiguous(), y)]  # NCHW, as AutoAttack's code needs
 
     def passes(self, n, radii, setting):

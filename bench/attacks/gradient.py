@@ -49,10 +49,13 @@ def normalised_space(model: nn.Module) -> Space:
     pixels) and that normalised input clipped to [0, 1], i.e. pixels to [mean, mean + std],
     per channel. Read from the model's Normalize layer(s), which must agree."""
     layers = [m for m in model.modules() if isinstance(m, Normalize)]
-    if not layers or any(not (torch.equal(m.mean, layers[0].mean) and torch.equal(m.std, layers[0].std)) for m in layers):
+    if not layers or any(
+        not (torch.equal(m.mean, layers[0].mean) and torch.equal(m.std, layers[0].std)) for m in layers
+    ):
         raise UserError(
             "attacks in normalised units (preset release-2020-06) need a model with one input "
-            "normalisation (a Normalize layer): this defense has " + ("none" if not layers else "several that differ")
+            "normalisation (a Normalize layer): this defense has "
+            + ("none" if not layers else "several that differ")
         )
     mean, std = layers[0].mean, layers[0].std
     return Space(std, mean, mean + std)
@@ -70,8 +73,18 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], space: Sp
     return [torch.clamp(x + e * space.scale * sign, min=space.low, max=space.high) for e in eps]
 
 
-def signed_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, *,
-                 random_start: bool, ball: str, space: Space = PIXELS) -> Tensor:  # fmt: skip
+def signed_steps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    *,
+    random_start: bool,
+    ball: str,
+    space: Space = PIXELS,
+) -> Tensor:
     """IFGSM / PGD as the authors' release writes them (test_ifgsm.py, test_pgd.py): with
     `random_start`, start at x + U[-eps, eps] (not clipped); `steps` signed-gradient steps of
     size `alpha`, each projected onto the eps-ball around x (`ball` "image") or around the

@@ -72,10 +72,14 @@ class Perturbation:
     # The protocol's facts about it, read by the engine, the gates, tables and figures:
     protocol_radii: str | None = None  # measured by every run at "eps_255" or at the "iterative" radii
     pools: bool = False  # averaged with the others that pool into the "noise" metric (Table 1's Avg.)
-    falls_with_radius: bool = True  # an attack whose accuracy must not rise with the radius (gate eps-monotone)
+    falls_with_radius: bool = (
+        True  # an attack whose accuracy must not rise with the radius (gate eps-monotone)
+    )
     not_weaker_than: str | None = None  # may not leave more accuracy than this one (gate iterative-vs-fgsm)
     noise_check_of: str | None = None  # random noise the named attack must beat (gate noise-vs-pgd)
-    reference_for: str | None = None  # a stronger attack the named one must come close to (gate reference-gap)
+    reference_for: str | None = (
+        None  # a stronger attack the named one must come close to (gate reference-gap)
+    )
     chance_from_255: float | None = None  # at radii from this on, any model is at chance (gate large-eps)
     curve: bool = False  # a panel of the robustness figure
     units: str | None = PIXEL  # the units of its radii: PIXEL, or None: the preset's (FGSM, IFGSM, PGD)
@@ -194,8 +198,19 @@ class Iterative(Perturbation):
         params = self.params(setting, eps[0] * 255)
         alpha, steps = params["alpha_255"] / 255, params["steps"]
         if self._ball(setting) == START or self._units(setting) == NORMALISED:  # the release's loop, ours
-            return [signed_steps(model, x, y, eps[0], alpha, steps, random_start=self.randomized,
-                                 ball=self._ball(setting), space=self._space(model, setting))]  # fmt: skip
+            return [
+                signed_steps(
+                    model,
+                    x,
+                    y,
+                    eps[0],
+                    alpha,
+                    steps,
+                    random_start=self.randomized,
+                    ball=self._ball(setting),
+                    space=self._space(model, setting),
+                )
+            ]
         return [self.attack(model, eps[0], alpha, steps)(x, y)]
 
     def reach(self, setting, eps):
@@ -325,7 +340,9 @@ for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
 register(FGSM("fgsm", "FGSM", units=None))
 register(IFGSM("ifgsm", "IFGSM", units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
-register(PGD("pgd", "PGD", ball=None, units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
+register(
+    PGD("pgd", "PGD", ball=None, units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True)
+)
 register(UniformNoise("uniform", "Uniform noise"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
 # undefended model to chance (Madry et al.'s step rule).

@@ -82,7 +82,9 @@ def check_file_target(path: str | os.PathLike) -> None:
     one of its parents is a file."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"cannot write {path}: a folder of that name is in its place; move it aside and run again")
+        raise UserError(
+            f"cannot write {path}: a folder of that name is in its place; move it aside and run again"
+        )
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UserError(f"cannot write {path}: {parent} is a file, not a folder; move it aside and run again")
@@ -94,8 +96,10 @@ def check_not_link(path: str | os.PathLike) -> None:
     atomic write replaces a link instead, and needs no check)."""
     path = Path(path)
     if path.is_symlink():
-        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): the harness never writes through a "
-                        "link it did not make; remove the link and run again")  # fmt: skip
+        raise UserError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): the harness never writes through a "
+            "link it did not make; remove the link and run again"
+        )
 
 
 def check_no_links(root: str | os.PathLike, folders: tuple[str, ...], names: tuple[str, ...] = ()) -> None:
@@ -114,8 +118,10 @@ def check_no_links(root: str | os.PathLike, folders: tuple[str, ...], names: tup
             found += [Path(folder) / n for n in (*dirs, *files) if (Path(folder) / n).is_symlink()]
     for link in found:
         if not link.resolve().is_relative_to(inside):
-            raise UserError(f"{link} is a symbolic link to {os.readlink(link)}, outside {root}: the harness never "
-                            "writes through a link it did not make; replace it with a folder or file of its own")  # fmt: skip
+            raise UserError(
+                f"{link} is a symbolic link to {os.readlink(link)}, outside {root}: the harness never "
+                "writes through a link it did not make; replace it with a folder or file of its own"
+            )
 
 
 def _cannot_write(path: Path, err: OSError) -> str:
@@ -151,7 +157,9 @@ def check_writable(folder: str | os.PathLike, what: str, option: str, create: bo
     folder = Path(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UserError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or choose another {option}")
+        raise UserError(
+            f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or choose another {option}"
+        )
     probed = folder if create else next(p for p in (folder, *folder.parents) if p.exists())
     try:
         if create:
@@ -162,7 +170,9 @@ def check_writable(folder: str | os.PathLike, what: str, option: str, create: bo
     except OSError as err:
         if disk_full(err) is not None:
             raise UserError(disk_full_message(err, f"to write {what} to {folder}")) from None
-        raise UserError(f"cannot write {what} to {folder} ({_why(folder, err)}): choose another {option}") from None
+        raise UserError(
+            f"cannot write {what} to {folder} ({_why(folder, err)}): choose another {option}"
+        ) from None
     return folder
 
 
@@ -179,5 +189,3 @@ def write_all(texts: Mapping[Path, str | bytes]) -> list[Path]:
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
-
-

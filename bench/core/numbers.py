@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import re
 
-_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.ASCII | re.IGNORECASE)
+_DECIMAL = re.compile(
+    r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.ASCII | re.IGNORECASE
+)
 _INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 
 

@@ -13,10 +13,19 @@ from dataclasses import dataclass
 
 from models import UserError
 
-PIXEL, NORMALISED = "pixel", "normalised"  # attack units: of the [0, 1] image, or of the model's normalised input
+PIXEL, NORMALISED = (
+    "pixel",
+    "normalised",
+)  # attack units: of the [0, 1] image, or of the model's normalised input
 IMAGE, START = "image", "start"  # PGD's projection ball: around x, or around its random start
-TRAINING, PER_FILE = "training", "per-file"  # CIFAR-C normalisation: the training statistics, or each file's own
-LAST, BEST_TEST = "last", "best-test"  # the evaluated weights: the final epoch's, or those of the best test accuracy
+TRAINING, PER_FILE = (
+    "training",
+    "per-file",
+)  # CIFAR-C normalisation: the training statistics, or each file's own
+LAST, BEST_TEST = (
+    "last",
+    "best-test",
+)  # the evaluated weights: the final epoch's, or those of the best test accuracy
 
 
 @dataclass(frozen=True)
@@ -26,11 +35,15 @@ class Preset:
     name: str
     alpha_255: float  # IFGSM / PGD step size
     pgd_ball: str = IMAGE
-    attack_units: str = PIXEL  # NORMALISED: eps and alpha added to the normalised input, which is clipped to [0, 1]
+    attack_units: str = (
+        PIXEL  # NORMALISED: eps and alpha added to the normalised input, which is clipped to [0, 1]
+    )
     noise_normalisation: str = TRAINING
     pad: int = 4  # training augmentation: pixels of padding before the random crop
     pad_mode: str = "constant"
-    release_network: bool = False  # the release's input normalisation and, where it has the family, its network
+    release_network: bool = (
+        False  # the release's input normalisation and, where it has the family, its network
+    )
     checkpoint: str = LAST
     source: str = ""  # where the protocol comes from, in words
 
@@ -83,5 +96,7 @@ def test_selected_note(name: str) -> str:
     carries when their checkpoints were chosen by test accuracy ('' otherwise)."""
     if not preset(name).test_selected:
         return ""
-    return (f"Preset `{name}` evaluates the checkpoint of the epoch with the best test accuracy, as the "
-            "release's June 2020 train.py keeps it: chosen on the test set, so its numbers are optimistic.")  # fmt: skip
+    return (
+        f"Preset `{name}` evaluates the checkpoint of the epoch with the best test accuracy, as the "
+        "release's June 2020 train.py keeps it: chosen on the test set, so its numbers are optimistic."
+    )

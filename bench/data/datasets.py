@@ -89,8 +89,10 @@ def check_file_places(info: DatasetInfo, root: Path) -> None:
     folder = root / info.folder
     for name in (n for names in info.files.values() for n, _ in names):
         if (folder / name).exists() and not (folder / name).is_file():
-            raise UserError(f"{info.name}: {folder / name} is a folder, not the data set's file {name}: move it aside "
-                            "and run again")  # fmt: skip
+            raise UserError(
+                f"{info.name}: {folder / name} is a folder, not the data set's file {name}: move it aside "
+                "and run again"
+            )
 
 
 def extract(info: DatasetInfo, archive: Path, root: Path) -> None:

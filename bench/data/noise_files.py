@@ -131,7 +131,11 @@ def current_noise_file(path: Path, generated: bool, test_digest: str) -> bool:
 def noise_file(dataset: str, data_dir: str | os.PathLike | None, option: str, group: str) -> Path:
     """Where the group's file of `option`'s source is (or will be)."""
     info, root = dataset_info(dataset), data_root(data_dir)
-    folder = root / info.noise_folder if noise_source(dataset, data_dir, option) == "released" else root / "generated" / info.noise_folder
+    folder = (
+        root / info.noise_folder
+        if noise_source(dataset, data_dir, option) == "released"
+        else root / "generated" / info.noise_folder
+    )
     return folder / f"{group}.npy"
 
 
@@ -149,7 +153,9 @@ def generation_folder(dataset: str, data_dir: str | os.PathLike | None, source: 
     if info.noise_release is not None and noise_source(dataset, data_dir, source) == "released":
         return None
     folder = root / "generated" / info.noise_folder
-    return None if _has_groups(folder) and isinstance(_read_record(folder / "generated.json"), dict) else folder
+    return (
+        None if _has_groups(folder) and isinstance(_read_record(folder / "generated.json"), dict) else folder
+    )
 
 
 def fetch_release(info: DatasetInfo, root: Path) -> None:

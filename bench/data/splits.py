@@ -20,6 +20,7 @@ from bench.data.datasets import dataset_info, is_present
 
 log = logging.getLogger(__name__)
 
+
 def load_test(dataset: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
     info = dataset_info(dataset)
     return info.load(info, "test", data_dir)
@@ -54,7 +55,9 @@ class TrainingSets:
     def size(self, dataset: str) -> int:
         """The training images there are (the release's count when the files are not here yet)."""
         if dataset not in self._sizes:
-            self._sizes[dataset] = len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
+            self._sizes[dataset] = (
+                len(self.images(dataset)) if self.present(dataset) else dataset_info(dataset).sizes[0]
+            )
         return self._sizes[dataset]
 
     def per_epoch(self, dataset: str, n_train: int | None) -> int:

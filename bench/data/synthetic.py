@@ -82,5 +82,9 @@ def make_synthetic(
     for i, part in enumerate(parts, start=1):
         write_batch(folder / f"data_batch_{i}", images[part], labels[part])
     write_batch(folder / "test_batch", *draw(n_test, rng, size, classes))
-    meta = {"label_names": list(CLASSES[:classes]), "num_cases_per_batch": len(parts[0]), "num_vis": images[0].size}
+    meta = {
+        "label_names": list(CLASSES[:classes]),
+        "num_cases_per_batch": len(parts[0]),
+        "num_vis": images[0].size,
+    }
     atomic_write(folder / "batches.meta", lambda f: pickle.dump(meta, f, protocol=2))

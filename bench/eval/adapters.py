@@ -119,7 +119,9 @@ def state_dict_defense(
     """Registered architecture `arch` (see list_models) with weights from `path`; mean/std
     and num_classes default to the dataset's and can be overridden. `name` (default: the
     weights file's stem, as --state-dict) names its records: --name's rule applies."""
-    name = check_name(Path(path).stem if name is None else name, f"state_dict_defense({arch!r}, {str(path)!r})")
+    name = check_name(
+        Path(path).stem if name is None else name, f"state_dict_defense({arch!r}, {str(path)!r})"
+    )
     net = create_model(arch, **{**dataset_defaults(dataset), **overrides})
     digest = load_state_dict_file(net, path)
     build = build_text({"arch": arch, **model_kwargs(net.info)})
@@ -149,28 +151,49 @@ def module_defense(
     names its records (--name's rule), `family` labels it (the same characters)."""
     check_name(name, "module_defense")
     if not isinstance(family, str) or not NAME.fullmatch(family):
-        raise UserError(f"module_defense {name}: family {family!r} must be 1-100 letters, digits or . _ @ + -")
+        raise UserError(
+            f"module_defense {name}: family {family!r} must be 1-100 letters, digits or . _ @ + -"
+        )
     channels = dataset_info(dataset).input_shape[0]
     if (mean is None) != (std is None):
-        raise UserError(f"defense {name}: give both mean and std (one number per channel), or neither for a [0, 1] network")
-    mean, std = (_per_channel(values, f"defense {name}: {label}", channels, dataset) for label, values in
-                 (("mean", mean), ("std", std)))  # fmt: skip
+        raise UserError(
+            f"defense {name}: give both mean and std (one number per channel), or neither for a [0, 1] network"
+        )
+    mean, std = (
+        _per_channel(values, f"defense {name}: {label}", channels, dataset)
+        for label, values in (("mean", mean), ("std", std))
+    )
     if std is not None and not all(math.isfinite(s) and s >= STD_FLOOR for s in std):
-        raise UserError(f"defense {name}: std must be finite numbers of at least {STD_FLOOR:.3g} (float32's smallest "
-                        f"normal: below it x / std overflows), got {list(std)}")  # fmt: skip
-    factory_name = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
+        raise UserError(
+            f"defense {name}: std must be finite numbers of at least {STD_FLOOR:.3g} (float32's smallest "
+            f"normal: below it x / std overflows), got {list(std)}"
+        )
+    factory_name = (
+        f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
+    )
     try:
         net = factory()
     except UserError:
         raise
     except Exception as err:  # the user's code: its failure in one line, not a traceback through ours
-        raise UserError(f"defense {name}: its factory {factory_name}() raised {type(err).__name__}: {err}") from None
+        raise UserError(
+            f"defense {name}: its factory {factory_name}() raised {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(net, nn.Module):
-        raise UserError(f"defense {name}: its factory {factory_name}() returned an object of type {type(net).__name__}, not a torch.nn.Module")
+        raise UserError(
+            f"defense {name}: its factory {factory_name}() returned an object of type {type(net).__name__}, not a torch.nn.Module"
+        )
     digest = load_state_dict_file(net, path)
     model = net if mean is None else NormalizedModel(net, mean, std)
     classes = dataset_defaults(dataset)["num_classes"]
-    build = build_text({"factory": factory_name, "mean": _floats(mean), "std": _floats(std), "code": code_digest(factory, net)})
+    build = build_text(
+        {
+            "factory": factory_name,
+            "mean": _floats(mean),
+            "std": _floats(std),
+            "code": code_digest(factory, net),
+        }
+    )
     return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest, build))
 
 
@@ -218,7 +241,9 @@ def robustbench_defense(
             f"RobustBench has no {dataset}/{threat_model} model {name!r}; closest: {', '.join(close) or '-'}"
         )
     if entries[name]["gdrive_id"] is None:
-        raise UserError(f"RobustBench model {name!r} has no checkpoint file (RobustBench serves it through timm): not supported")
+        raise UserError(
+            f"RobustBench model {name!r} has no checkpoint file (RobustBench serves it through timm): not supported"
+        )
     if isinstance(entries[name]["gdrive_id"], list):
         raise UserError(
             f"RobustBench model {name!r} is an ensemble of several files, which this harness does not "
@@ -226,13 +251,17 @@ def robustbench_defense(
         )
     path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
     if not path.is_file():
-        how = (f"fetch it once with robustbench.utils.load_model({name!r}, model_dir={str(model_dir)!r}, "
-               f"dataset={dataset!r}, threat_model={threat_model!r}) or copy it there")  # fmt: skip
+        how = (
+            f"fetch it once with robustbench.utils.load_model({name!r}, model_dir={str(model_dir)!r}, "
+            f"dataset={dataset!r}, threat_model={threat_model!r}) or copy it there"
+        )
         if not fetch:
             raise UserError(f"RobustBench checkpoint {path} not found (this adapter never downloads): {how}")
         failed = _fetch(name, dataset, threat_model, model_dir)
         if not path.is_file():
-            raise UserError(f"RobustBench checkpoint {path} not found and its download failed ({failed}): {how}")
+            raise UserError(
+                f"RobustBench checkpoint {path} not found and its download failed ({failed}): {how}"
+            )
     net = entries[name]["model"]()
     state = read_state_dict(path)
     unprefixed = {k.removeprefix("model."): v for k, v in state.items()}
@@ -246,7 +275,9 @@ def robustbench_defense(
     build = build_text({"robustbench": name, "threat_model": threat_model})
     return _finish(
         net,
-        DefenseInfo(name, "robustbench", dataset, classes, "robustbench", str(path), sha256_file(path), build),
+        DefenseInfo(
+            name, "robustbench", dataset, classes, "robustbench", str(path), sha256_file(path), build
+        ),
     )
 
 
@@ -256,7 +287,10 @@ def _fetch(name: str, dataset: str, threat_model: str, model_dir: str | os.PathL
     to weights_only while it runs: the file is untrusted until our loader has read it."""
     from robustbench.utils import load_model
 
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved = {
+        k: os.environ.pop(k, None)
+        for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with warnings.catch_warnings():
@@ -264,7 +298,11 @@ def _fetch(name: str, dataset: str, threat_model: str, model_dir: str | os.PathL
             load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
         return ""
     except Exception as err:  # requests, gdown and torch raise many types; the line is what matters
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}".rstrip(": ")
+        return (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}".rstrip(
+                ": "
+            )
+        )
     finally:
         os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         os.environ.update({k: v for k, v in saved.items() if v is not None})
@@ -357,15 +395,23 @@ def check_logits(model: nn.Module, info: DefenseInfo, x: Tensor, where: str = ""
             out = model(x)
     except Exception as err:  # the user's forward: one line, not a traceback through ours
         reason = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"defense {info.name} fails on {batch} ({type(err).__name__}: {reason}): check its "
-                        "forward and the data set it is for") from None  # fmt: skip
+        raise UserError(
+            f"defense {info.name} fails on {batch} ({type(err).__name__}: {reason}): check its "
+            "forward and the data set it is for"
+        ) from None
     expected = (len(x), info.num_classes)
     if not isinstance(out, Tensor) or tuple(out.shape) != expected or not out.is_floating_point():
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-        raise UserError(f"defense {info.name} returns {got} for {batch}; expected finite floating-point "
-                        f"{expected} logits")  # fmt: skip
+        raise UserError(
+            f"defense {info.name} returns {got} for {batch}; expected finite floating-point {expected} logits"
+        )
     if not out.isfinite().all():
-        broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-        why = (f"its weights hold NaN or inf in {listing(broken)}: check {info.checkpoint}" if broken else
-                 "its weights are finite, so its forward overflows: check its normalisation (mean, std) and forward")  # fmt: skip
+        broken = [
+            k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        why = (
+            f"its weights hold NaN or inf in {listing(broken)}: check {info.checkpoint}"
+            if broken
+            else "its weights are finite, so its forward overflows: check its normalisation (mean, std) and forward"
+        )
         raise UserError(f"defense {info.name} returns non-finite logits for {batch} ({why})")

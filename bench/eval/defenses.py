@@ -38,7 +38,17 @@ from models import UserError
 MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
 # a defenses.toml table's keys: the command line's options, without their dashes
 DEFENSES_FILE_LIMIT = 1 << 20  # bytes: a defenses.toml is a few lines per defense
-KEYS = ("defense", "weights", "mean", "std", "dataset", "state-dict", "robustbench", "model-dir", "threat-model")
+KEYS = (
+    "defense",
+    "weights",
+    "mean",
+    "std",
+    "dataset",
+    "state-dict",
+    "robustbench",
+    "model-dir",
+    "threat-model",
+)
 
 
 @dataclass(frozen=True)
@@ -50,26 +60,42 @@ class DefenseSpec:
     dataset: str = "cifar10"
     target: str = ""  # MODULE: "module:factory" or "file.py:factory"; STATE_DICT: the architecture; ROBUSTBENCH: its name
     weights: str = ""  # MODULE, STATE_DICT: the state_dict file
-    mean: tuple[float, ...] | None = None  # MODULE: the network's input normalisation; STATE_DICT: overrides the data set's
+    mean: tuple[float, ...] | None = (
+        None  # MODULE: the network's input normalisation; STATE_DICT: overrides the data set's
+    )
     std: tuple[float, ...] | None = None
-    model_dir: str = "models"  # ROBUSTBENCH: RobustBench's layout <model_dir>/<dataset>/<threat_model>/<name>.pt
+    model_dir: str = (
+        "models"  # ROBUSTBENCH: RobustBench's layout <model_dir>/<dataset>/<threat_model>/<name>.pt
+    )
     threat_model: str = "Linf"
     fetch: bool = field(default=True, compare=False)  # ROBUSTBENCH: download a missing checkpoint
 
     def build(self) -> Defense:
         if self.source == MODULE:
-            return module_defense(self.name, factory_of(self.target), self.weights, mean=self.mean, std=self.std,
-                                  dataset=self.dataset)  # fmt: skip
+            return module_defense(
+                self.name,
+                factory_of(self.target),
+                self.weights,
+                mean=self.mean,
+                std=self.std,
+                dataset=self.dataset,
+            )
         if self.source == STATE_DICT:
             norm = {} if self.mean is None else {"mean": self.mean, "std": self.std}
             return state_dict_defense(self.target, self.weights, self.dataset, name=self.name, **norm)
-        defense = robustbench_defense(self.target, self.dataset, self.threat_model, self.model_dir, fetch=self.fetch)
+        defense = robustbench_defense(
+            self.target, self.dataset, self.threat_model, self.model_dir, fetch=self.fetch
+        )
         return Defense(defense.model, replace(defense.info, name=self.name))
 
 
 def identity(source: DefenseSpec | Defense) -> tuple[str, str]:
     """(name, data set) of a defense, named or handed over built."""
-    return (source.info.name, source.info.dataset) if isinstance(source, Defense) else (source.name, source.dataset)
+    return (
+        (source.info.name, source.info.dataset)
+        if isinstance(source, Defense)
+        else (source.name, source.dataset)
+    )
 
 
 def built(source: DefenseSpec | Defense) -> Defense:
@@ -82,12 +108,18 @@ def factory_of(target: str) -> type[nn.Module]:
     for a module that does not import (its error's last line) or a missing attribute."""
     module_name, _, attr = target.rpartition(":")
     if not module_name or not attr:
-        raise UserError(f"--defense {target!r} is not module:factory (e.g. my_pkg.nets:SmallCNN or nets.py:SmallCNN)")
+        raise UserError(
+            f"--defense {target!r} is not module:factory (e.g. my_pkg.nets:SmallCNN or nets.py:SmallCNN)"
+        )
     module = _import(module_name, target)
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        offered = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
-        raise UserError(f"--defense {target}: {module_name} has no factory {attr!r}; its modules: {', '.join(offered) or '-'}")
+        offered = sorted(
+            n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
+        )
+        raise UserError(
+            f"--defense {target}: {module_name} has no factory {attr!r}; its modules: {', '.join(offered) or '-'}"
+        )
 
     def checked() -> nn.Module:
         with users_code(f"--defense {target}: {attr}()"):
@@ -127,9 +159,13 @@ def users_code(what: str):
     except UserError:
         raise
     except _Exited as err:
-        raise UserError(f"{what} called os._exit({err.code!r}): a defense must not end the process; remove the call") from None
+        raise UserError(
+            f"{what} called os._exit({err.code!r}): a defense must not end the process; remove the call"
+        ) from None
     except SystemExit as err:
-        raise UserError(f"{what} called sys.exit({err.code!r}): a defense must not end the run; remove the call") from None
+        raise UserError(
+            f"{what} called sys.exit({err.code!r}): a defense must not end the run; remove the call"
+        ) from None
     except KeyboardInterrupt:
         raise UserError(f"{what} raised KeyboardInterrupt: a defense must not interrupt the run") from None
     except Exception as err:  # its code's error is the user's
@@ -137,12 +173,18 @@ def users_code(what: str):
     finally:
         os._exit = real_exit
     changed = [f"torch.set_grad_enabled({not grad})"] if torch.is_grad_enabled() != grad else []
-    changed += [f"torch.set_default_dtype({torch.get_default_dtype()})"] if torch.get_default_dtype() != dtype else []
+    changed += (
+        [f"torch.set_default_dtype({torch.get_default_dtype()})"]
+        if torch.get_default_dtype() != dtype
+        else []
+    )
     if changed:  # attacks need autograd, and every tensor the harness makes would change type
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
-        raise UserError(f"{what} changed torch's global state ({', '.join(changed)}): a defense must leave it as it "
-                        "found it; remove the call (or make it inside its forward, undone before it returns)")  # fmt: skip
+        raise UserError(
+            f"{what} changed torch's global state ({', '.join(changed)}): a defense must leave it as it "
+            "found it; remove the call (or make it inside its forward, undone before it returns)"
+        )
 
 
 def _import(module_name: str, target: str):
@@ -194,22 +236,37 @@ def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)}")
     sources = [k for k in ("defense", "state-dict", "robustbench") if values.get(k) is not None]
     if len(sources) != 1:
-        raise UserError(f"{where}: name the defense with exactly one of defense, state-dict, robustbench "
-                        f"(got {', '.join(sources) or 'none'})")  # fmt: skip
+        raise UserError(
+            f"{where}: name the defense with exactly one of defense, state-dict, robustbench "
+            f"(got {', '.join(sources) or 'none'})"
+        )
     source = sources[0]
     if values.get("name") is not None:  # given, it is checked as given: an empty --name is no name
-        check_name(values["name"], where) if isinstance(values["name"], str) else _text(values["name"], "name", where)
+        check_name(values["name"], where) if isinstance(values["name"], str) else _text(
+            values["name"], "name", where
+        )
     dataset = _text(values.get("dataset", "cifar10"), "dataset", where)
     dataset_info(dataset)
-    allowed = {"defense": {"weights", "mean", "std"}, "state-dict": {"mean", "std"}, "robustbench": {"model-dir", "threat-model"}}
-    stray = sorted(k for k in values if k in KEYS and k not in {source, "dataset", *allowed[source]} and values[k] is not None)
+    allowed = {
+        "defense": {"weights", "mean", "std"},
+        "state-dict": {"mean", "std"},
+        "robustbench": {"model-dir", "threat-model"},
+    }
+    stray = sorted(
+        k
+        for k in values
+        if k in KEYS and k not in {source, "dataset", *allowed[source]} and values[k] is not None
+    )
     if stray:
         raise UserError(f"{where}: {stray[0]} does not apply to a {source} defense")
     mean, std = (_numbers(values.get(k), k, where) for k in ("mean", "std"))
     if source == "defense":
         if values.get("weights") is None:
             raise UserError(f"{where}: a defense needs its weights (--weights PATH, a state_dict file)")
-        target, weights = _text(values["defense"], "defense", where), _path(values["weights"], base, "weights", where)
+        target, weights = (
+            _text(values["defense"], "defense", where),
+            _path(values["weights"], base, "weights", where),
+        )
         module, _, attr = target.rpartition(":")
         target = f"{_path(module, base, 'defense', where) if module.endswith('.py') else module}:{attr}"
         name = values.get("name") or Path(weights).stem
@@ -217,14 +274,23 @@ def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
     elif source == "state-dict":
         pair = values["state-dict"]
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-            raise UserError(f"{where}: state-dict takes an architecture and a path, e.g. [\"resnet110\", \"mine.pt\"]")
+            raise UserError(
+                f'{where}: state-dict takes an architecture and a path, e.g. ["resnet110", "mine.pt"]'
+            )
         weights = _path(pair[1], base, "state-dict", where)
-        spec = DefenseSpec(STATE_DICT, values.get("name") or Path(weights).stem, dataset, pair[0], weights, mean, std)
+        spec = DefenseSpec(
+            STATE_DICT, values.get("name") or Path(weights).stem, dataset, pair[0], weights, mean, std
+        )
     else:
         name = _text(values["robustbench"], "robustbench", where)
-        spec = DefenseSpec(ROBUSTBENCH, values.get("name") or name, dataset, name,
-                           model_dir=_path(values.get("model-dir", "models"), base, "model-dir", where),
-                           threat_model=_text(values.get("threat-model", "Linf"), "threat-model", where))  # fmt: skip
+        spec = DefenseSpec(
+            ROBUSTBENCH,
+            values.get("name") or name,
+            dataset,
+            name,
+            model_dir=_path(values.get("model-dir", "models"), base, "model-dir", where),
+            threat_model=_text(values.get("threat-model", "Linf"), "threat-model", where),
+        )
     if (mean is None) != (std is None):
         raise UserError(f"{where}: give --mean and --std together (one number per channel), or neither")
     check_name(_text(spec.name, "name", where), where)
@@ -239,8 +305,10 @@ def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
         if not path.is_file():  # a FIFO would wait for a writer, /dev/zero never ends
             raise UserError(f"--defenses {path} is not a regular file: give a TOML file")
         if path.stat().st_size > DEFENSES_FILE_LIMIT:
-            raise UserError(f"--defenses {path} is {path.stat().st_size:,} bytes, more than a list of defenses "
-                            f"takes ({DEFENSES_FILE_LIMIT:,} at most): give a TOML file of [name] tables")  # fmt: skip
+            raise UserError(
+                f"--defenses {path} is {path.stat().st_size:,} bytes, more than a list of defenses "
+                f"takes ({DEFENSES_FILE_LIMIT:,} at most): give a TOML file of [name] tables"
+            )
         with open(path, "rb") as file:
             tables = tomllib.loads(file.read(DEFENSES_FILE_LIMIT + 1).decode())
     except OSError as err:
@@ -253,9 +321,11 @@ def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
     for name, values in tables.items():
         where = f"--defenses {path} [{name}]" if name.isprintable() else f"--defenses {path} [{name!r}]"
         if not isinstance(values, dict):
-            raise UserError(f"{where} must be a table of options (e.g. defense = \"nets.py:SmallCNN\")")
+            raise UserError(f'{where} must be a table of options (e.g. defense = "nets.py:SmallCNN")')
         if "name" in values:
-            raise UserError(f"{where}: unknown key 'name' (the table's name is the defense's); the keys are {', '.join(KEYS)}")
+            raise UserError(
+                f"{where}: unknown key 'name' (the table's name is the defense's); the keys are {', '.join(KEYS)}"
+            )
         specs.append(spec_from({**values, "name": name}, where, path.resolve().parent))
     return tuple(specs)
 
@@ -276,9 +346,13 @@ def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
         return None
     try:
         items = value.split(",") if isinstance(value, str) else list(value)
-        numbers = tuple(decimal(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool))
+        numbers = tuple(
+            decimal(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool)
+        )
         if len(numbers) != len(items) or not numbers or not all(math.isfinite(v) for v in numbers):
             raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
-        raise UserError(f"{where}: {key} takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got {value!r}") from None
+        raise UserError(
+            f"{where}: {key} takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got {value!r}"
+        ) from None
     return numbers

@@ -21,18 +21,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from bench.attacks.gradient import AttackAuditError, audit, run_seeded
-from bench.attacks.perturbations import (
-    ATTACK,
-    NOISE,
-    params_text,
-    perturbation,
-)
+from bench.attacks.perturbations import ATTACK, NOISE, params_text, perturbation
 from bench.core.environment import device_name
 from bench.core.presets import PER_FILE, preset
 from bench.eval.adapters import check_logits
 from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells, unit_name, units, units_cost
 from bench.eval.testdata import EvalData
-from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, UNKNOWN_DATA, utc_now
+from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, utc_now
 from bench.records.store import RecordStore
 from models import UserError
 from models.layers import Normalize
@@ -55,7 +50,9 @@ class AuditFailed:
     error: str
 
 
-def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None) -> list[Cell]:
+def cells_todo(
+    context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None
+) -> list[Cell]:
     """The cells (default: the protocol's) of the checkpoint `context` names that `store`
     lacks. The run, its dry-run estimate and any executor's driver all ask this; `data`
     gives each cell's source, test-subset size and digest (bench.eval.testdata)."""
@@ -63,9 +60,7 @@ def cells_todo(context: dict, config: EvalConfig, data, store: RecordStore, cell
     cells = protocol_cells(config) if cells is None else list(cells)
     todo = []
     for cell in cells:
-        key = cell_key(cell, data.source(cell), config, data.n(cell), data.digest(cell))
-        legacy = config.trust_unknown_data and (*key[:-1], UNKNOWN_DATA) in done  # recorded before digests
-        if key not in done and not legacy:
+        if cell_key(cell, data.source(cell), config, data.n(cell), data.digest(cell)) not in done:
             todo.append(cell)
     return todo
 
@@ -126,12 +121,16 @@ def measure_cells(
             except UserError:
                 raise
             except Exception as err:
-                if subject.defense.info.source in OURS:  # our networks' failure is ours to debug: the traceback
+                if (
+                    subject.defense.info.source in OURS
+                ):  # our networks' failure is ours to debug: the traceback
                     raise
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise UserError(f"defense {subject.run} on {data.dataset} failed in the cell {unit_name(unit)} "
-                                f"({type(err).__name__}: {reason}); the {finished} cells finished before it are "
-                                "kept in the records: fix its forward and run again to compute the rest") from None  # fmt: skip
+                raise UserError(
+                    f"defense {subject.run} on {data.dataset} failed in the cell {unit_name(unit)} "
+                    f"({type(err).__name__}: {reason}); the {finished} cells finished before it are "
+                    "kept in the records: fix its forward and run again to compute the rest"
+                ) from None
             finished += len(unit)
             seconds = (time.perf_counter() - began) / len(unit)
             rows = [
@@ -155,7 +154,9 @@ def probe(model: nn.Module, subject: Subject, config: EvalConfig, data: EvalData
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=memory)
     for rows in dict.fromkeys((len(x), n % size or len(x))):
-        check_logits(model, subject.defense.info, x[:rows], f"{data.dataset} test images (the evaluation's batch size)")
+        check_logits(
+            model, subject.defense.info, x[:rows], f"{data.dataset} test images (the evaluation's batch size)"
+        )
 
 
 def cell_context(subject: Subject, config: EvalConfig) -> dict:

@@ -22,16 +22,22 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a
 def check_name(name: object, where: str) -> str:
     """A defense's name, which names its records, locks and leaderboard files: not a
     registered model's (its rows would read as the zoo's)."""
-    option = "--name" if where.startswith(("--", "defense ")) else "name="  # the command line's words, or the API's
+    option = (
+        "--name" if where.startswith(("--", "defense ")) else "name="
+    )  # the command line's words, or the API's
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(
             f"{where}: defense name {name!r} must be 1-100 letters, digits or . _ @ + - (starting with a letter or "
             f"digit): give another with {option}"
         )
     if name.split("@")[0] in list_models():  # a zoo run's tag is its model's name and its options
-        raise UserError(f"{where}: defense name {name!r} reads as a registered model's run: give it another with {option}")
+        raise UserError(
+            f"{where}: defense name {name!r} reads as a registered model's run: give it another with {option}"
+        )
     if is_rehearsal(name):  # a rehearsal's run tag: its numbers would never be reported
-        raise UserError(f"{where}: defense name {name!r} reads as a rehearsal's run (@rehearsal): give it another with {option}")
+        raise UserError(
+            f"{where}: defense name {name!r} reads as a rehearsal's run (@rehearsal): give it another with {option}"
+        )
     return name
 
 

@@ -23,8 +23,9 @@ def jacobian_products(block: Callable[[Tensor], Tensor], h: Tensor) -> tuple[Cal
     return (lambda v: push((v,))[0]), (lambda u: pullback(u)[0])
 
 
-def spectral_norm(block: Callable[[Tensor], Tensor], h: Tensor, start: Tensor, iterations: int, tolerance: float
-                  ) -> tuple[Tensor, int]:  # fmt: skip
+def spectral_norm(
+    block: Callable[[Tensor], Tensor], h: Tensor, start: Tensor, iterations: int, tolerance: float
+) -> tuple[Tensor, int]:
     """σ_max(∂block/∂x at h) per image, and the most iterations an image took. Power
     iteration on JᵀJ from `start` (h's shape), its estimate refined by Rayleigh-Ritz over
     every iterate so far (Lanczos: the same products, never below the last iterate's ‖Jv‖,
@@ -40,8 +41,9 @@ def spectral_norm(block: Callable[[Tensor], Tensor], h: Tensor, start: Tensor, i
     return squared.clamp_min(0).sqrt(), done
 
 
-def rightmost_eigenvalue(block: Callable[[Tensor], Tensor], h: Tensor, start: Tensor, steps: int,
-                         tolerance: float = 0.0) -> tuple[Tensor, int]:  # fmt: skip
+def rightmost_eigenvalue(
+    block: Callable[[Tensor], Tensor], h: Tensor, start: Tensor, steps: int, tolerance: float = 0.0
+) -> tuple[Tensor, int]:
     """max Re λ(∂block/∂x - I) at h per image, by Arnoldi from `start`: the rightmost Ritz
     value after `steps` steps (an image stops earlier as `spectral_norm`'s do)."""
 
@@ -52,8 +54,9 @@ def rightmost_eigenvalue(block: Callable[[Tensor], Tensor], h: Tensor, start: Te
     return rightmost_ritz(products, start, steps, tolerance)
 
 
-def rightmost_ritz(products: Callable[[Tensor], Callable[[Tensor], Tensor]], start: Tensor, steps: int,
-                   tolerance: float) -> tuple[Tensor, int]:  # fmt: skip
+def rightmost_ritz(
+    products: Callable[[Tensor], Callable[[Tensor], Tensor]], start: Tensor, steps: int, tolerance: float
+) -> tuple[Tensor, int]:
     """The largest real part of the Ritz values of a linear map per image after up to
     `steps` Arnoldi steps from `start` (Gram-Schmidt done twice), and the most steps an image
     took. `products(rows)` gives the map on the images `rows` of the batch (each image's
@@ -86,7 +89,9 @@ def rightmost_ritz(products: Callable[[Tensor], Callable[[Tensor], Tensor]], sta
         calm[rows] = torch.where((ritz - value[rows]).abs() <= tolerance * ritz.abs(), calm[rows] + 1, 0)
         value[rows] = ritz
         # closed: what is left is rounding of the products (in the activations' precision)
-        going = ((calm[rows] < 2) | (j + 1 < steps // 2)) & (after > 100 * torch.finfo(start.dtype).eps * before.clamp_min(1e-300))
+        going = ((calm[rows] < 2) | (j + 1 < steps // 2)) & (
+            after > 100 * torch.finfo(start.dtype).eps * before.clamp_min(1e-300)
+        )
         if not bool(going.any()):
             break
         if not bool(going.all()):  # the rest stop here: the map and basis on the images left only

@@ -30,7 +30,9 @@ def drawn_for(model: str) -> bool:
     """Whether Fig. 2 can show `model`: a registered ResNet, or an In-ResNet or λ-In-ResNet
     with a registered ResNet of its architecture (the figure sets the two side by side)."""
     entry = model_entry(model)
-    return entry.rule == "residual" or (entry.rule in ("in", "lambda-in") and plain_counterpart(model) is not None)
+    return entry.rule == "residual" or (
+        entry.rule in ("in", "lambda-in") and plain_counterpart(model) is not None
+    )
 
 
 def image_passes(config: LandscapeConfig) -> tuple[float, float]:
@@ -57,8 +59,10 @@ def images_of(data: EvalData, config: LandscapeConfig) -> list[tuple[str, int]]:
 def check_landscape_index(index: int | None, images: int, dataset: str) -> None:
     """One error line for a Fig. 2 image beyond the test set (never another image drawn)."""
     if index is not None and index >= images:
-        raise UserError(f"--landscape-index {index} is beyond the {images:,} test images of {dataset}: give 0 to "
-                        f"{images - 1}, or leave it out for the paper's two images")  # fmt: skip
+        raise UserError(
+            f"--landscape-index {index} is beyond the {images:,} test images of {dataset}: give 0 to "
+            f"{images - 1}, or leave it out for the paper's two images"
+        )
 
 
 def image_source(data: EvalData, group: str) -> tuple[str, str | None]:
@@ -67,7 +71,9 @@ def image_source(data: EvalData, group: str) -> tuple[str, str | None]:
     return data.source(cell), data.digest(cell)
 
 
-def directions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def directions(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_fgsm, d_orth) for one image `x` (1 x C x H x W in [0, 1]): the FGSM direction
     sign(grad of the loss), and random signs made orthogonal to it and rescaled to the
     same L-infinity norm (1)."""
@@ -80,8 +86,16 @@ def directions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: i
     return d_fgsm.detach(), orth / orth.abs().max()
 
 
-def landscape(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, d_fgsm: torch.Tensor, d_orth: torch.Tensor,
-              radius: float, points: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def landscape(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    d_fgsm: torch.Tensor,
+    d_orth: torch.Tensor,
+    radius: float,
+    points: int,
+    batch: int = 256,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets in 1/255, loss, predicted class) over the grid x + a d_fgsm + b d_orth,
     a (rows) and b (columns) in [-radius, radius] / 255, inputs clamped to [0, 1];
     computed `batch` grid points at a time."""
@@ -91,7 +105,9 @@ def landscape(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, d_fgsm: 
     losses, classes = [], []
     with torch.no_grad():
         for chunk in coords.split(batch):
-            inputs = (x + chunk[:, 0, None, None, None] * d_fgsm + chunk[:, 1, None, None, None] * d_orth).clamp(0, 1)
+            inputs = (
+                x + chunk[:, 0, None, None, None] * d_fgsm + chunk[:, 1, None, None, None] * d_orth
+            ).clamp(0, 1)
             logits = model(inputs)
             losses.append(F.cross_entropy(logits, y.expand(len(chunk)), reduction="none").cpu())
             classes.append(logits.argmax(1).cpu())
@@ -110,17 +126,26 @@ class LandscapeDone:
     summary: str
 
 
-def measure_landscapes(subject: Subject, setting, data: EvalData, config: LandscapeConfig,
-                       images: Sequence[tuple[str, int]]) -> Iterator[LandscapeDone]:  # fmt: skip
+def measure_landscapes(
+    subject: Subject, setting, data: EvalData, config: LandscapeConfig, images: Sequence[tuple[str, int]]
+) -> Iterator[LandscapeDone]:
     """Each of `images` ((group, row), as `images_of` names them) on `subject`'s network,
     along its own directions; `setting`: the cells' EvalConfig (device, memory layout)."""
     model = prepared(subject.defense.model, setting)
     info = subject.defense.info
     for group, row in images:
         began = time.perf_counter()
-        source_set = data.test if group == LANDSCAPE_CLEAN else data.noise(group)  # both have .images, .labels
+        source_set = (
+            data.test if group == LANDSCAPE_CLEAN else data.noise(group)
+        )  # both have .images, .labels
         images_, labels = source_set.images, source_set.labels
-        x = torch.from_numpy(np.array(images_[row : row + 1])).permute(0, 3, 1, 2).float().div(255).to(setting.device)
+        x = (
+            torch.from_numpy(np.array(images_[row : row + 1]))
+            .permute(0, 3, 1, 2)
+            .float()
+            .div(255)
+            .to(setting.device)
+        )
         y = torch.tensor([int(labels[row])], device=setting.device)
         d_fgsm, d_orth = directions(model, x, y, config.seed)
         _, loss, classes = landscape(model, x, y, d_fgsm, d_orth, config.radius, config.points, config.batch)
@@ -128,10 +153,25 @@ def measure_landscapes(subject: Subject, setting, data: EvalData, config: Landsc
             right = int(model(x).argmax(1).item() == int(y))
         source, digest = image_source(data, group)
         seconds = time.perf_counter() - began
-        record = {"model": subject.model, "run": subject.run, "dataset": info.dataset, "seed": subject.seed,
-                  "checkpoint_sha256": info.checkpoint_sha256, "image_group": group, "image_row": row,
-                  "data_source": source, "data_sha256": digest, "eps_255": float(config.radius), "points": config.points,
-                  "direction_seed": config.seed, "label": int(y), "right": right, "torch_version": torch.__version__,
-                  "device": device_name(setting.device), "seconds": round(seconds, 3), "timestamp": utc_now()}  # fmt: skip
+        record = {
+            "model": subject.model,
+            "run": subject.run,
+            "dataset": info.dataset,
+            "seed": subject.seed,
+            "checkpoint_sha256": info.checkpoint_sha256,
+            "image_group": group,
+            "image_row": row,
+            "data_source": source,
+            "data_sha256": digest,
+            "eps_255": float(config.radius),
+            "points": config.points,
+            "direction_seed": config.seed,
+            "label": int(y),
+            "right": right,
+            "torch_version": torch.__version__,
+            "device": device_name(setting.device),
+            "seconds": round(seconds, 3),
+            "timestamp": utc_now(),
+        }
         line = f"{subject.run} {info.dataset} seed {subject.seed}: Fig. 2's landscape of {group} #{row} ({seconds:.1f} s)"
         yield LandscapeDone(record, loss.astype(np.float32), classes.astype(np.int16), line)

@@ -64,7 +64,9 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, class
     ]
 
 
-def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int) -> tuple:
+def transfer_check(
+    target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int
+) -> tuple:
     """('transfer', value, limit, detail): how many points PGD crafted on `source` beats
     white-box PGD on `target` by (its white-box accuracy minus its accuracy on the
     transferred examples), same images and random starts. Positive beyond the margin is
@@ -78,7 +80,9 @@ def transfer_check(target, source, x: torch.Tensor, y: torch.Tensor, setting, ep
     with torch.no_grad():
         transfer = float((target(crafted).argmax(1) == y).float().mean()) * 100
         white_box = float((target(white).argmax(1) == y).float().mean()) * 100
-    detail = f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
+    detail = (
+        f"PGD at {eps_255:g}/255 on {len(x)} images: transferred {transfer:.1f}, white-box {white_box:.1f}"
+    )
     return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
 
 

@@ -47,8 +47,6 @@ class EvalConfig:
     extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
     subsets: tuple[tuple[str, int], ...] = ()
-    # cells recorded before cells had a data digest count as cached (False: measure them again)
-    trust_unknown_data: bool = True
 
     def __post_init__(self):
         """Every value checked as made, as the command line checks its options: one error
@@ -59,29 +57,43 @@ class EvalConfig:
         preset(self.preset)  # one error line for an unknown name
         check_device_kind(self.device)  # whether this machine has one: checked where the work starts
         if self.noise_source not in NOISE_SOURCES:
-            raise UserError(f"EvalConfig.noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}")
+            raise UserError(
+                f"EvalConfig.noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}"
+            )
         _whole(self.steps, "EvalConfig.steps (the iterations of IFGSM and PGD)", 1)
         _whole(self.seed, "EvalConfig.seed (of the random starts and noise)", 0, SEED_LIMIT)
         for name in ("n_test", "batch_size"):
             value = getattr(self, name)
             if value is not None:
                 _whole(value, f"EvalConfig.{name} (None: {_NONE_MEANS[name]})", 1)
-        for name in ("channels_last", "trust_unknown_data"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"EvalConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        named = [("eps_255", self.eps_255), ("iterative_eps_255", self.radii), *((f"extra {n}", r) for n, r in self.extra)]
+        if not isinstance(self.channels_last, bool):
+            raise UserError(f"EvalConfig.channels_last must be True or False, got {self.channels_last!r}")
+        named = [
+            ("eps_255", self.eps_255),
+            ("iterative_eps_255", self.radii),
+            *((f"extra {n}", r) for n, r in self.extra),
+        ]
         for field_name, radii in named:
             if not isinstance(radii, tuple) or not all(_is_number(e) for e in radii):
-                raise UserError(f"EvalConfig.{field_name} must be a tuple of numbers (radii in 1/255), got {radii!r}")
+                raise UserError(
+                    f"EvalConfig.{field_name} must be a tuple of numbers (radii in 1/255), got {radii!r}"
+                )
             problem = radii_problem(tuple(radii))
             if problem:
-                raise UserError(f"EvalConfig.{field_name} ({', '.join(f'{e:g}' for e in radii) or 'none'}): {problem}")
-        if self.alpha_255 is not None and not (_is_number(self.alpha_255) and math.isfinite(self.alpha_255)
-                                               and self.alpha_255 > 0):  # fmt: skip
-            raise UserError(f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255!r}")
+                raise UserError(
+                    f"EvalConfig.{field_name} ({', '.join(f'{e:g}' for e in radii) or 'none'}): {problem}"
+                )
+        if self.alpha_255 is not None and not (
+            _is_number(self.alpha_255) and math.isfinite(self.alpha_255) and self.alpha_255 > 0
+        ):
+            raise UserError(
+                f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255!r}"
+            )
         for name, _ in self.extra:
             if perturbation(name).kind != ATTACK:
-                raise UserError(f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}")
+                raise UserError(
+                    f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}"
+                )
         for name, n in self.subsets:
             perturbation(name)
             _whole(n, f"EvalConfig.subsets: the test subset of {name}", 1)
@@ -121,7 +133,12 @@ def _is_number(value: object) -> bool:
 
 def _whole(value: object, what: str, low: int, limit: int | None = None) -> None:
     """One error line unless `value` is an integer (not a bool, not 1.5) in [low, limit)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (limit is not None and value >= limit):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (limit is not None and value >= limit)
+    ):
         bound = f"in [{low}, {limit})" if limit is not None else f"at least {low}"
         raise UserError(f"{what} must be an integer {bound}, got {value!r}")
 
@@ -153,7 +170,9 @@ def protocol_cells(config: EvalConfig) -> list[Cell]:
     cells = [Cell("clean")]
     cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
     radii = {"eps_255": config.eps_255, "iterative": config.radii}
-    cells += [Cell(p.name, e) for p in PERTURBATIONS.values() if p.protocol_radii for e in radii[p.protocol_radii]]
+    cells += [
+        Cell(p.name, e) for p in PERTURBATIONS.values() if p.protocol_radii for e in radii[p.protocol_radii]
+    ]
     cells += [Cell(name, e) for name, radii in config.extra for e in radii]
     return list(dict.fromkeys(cells))
 

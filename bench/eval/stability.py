@@ -49,16 +49,7 @@ from bench.eval.engine import cell_context, prepared
 from bench.eval.krylov import rightmost_eigenvalue, row_norms, spectral_norm
 from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.testdata import EvalData
-from bench.records.schema import (
-    DELTAS,
-    EIGEN,
-    GRADIENT,
-    GROWTH,
-    SPECTRAL,
-    STABILITY_FLOORS,
-    UNKNOWN_DATA,
-    utc_now,
-)
+from bench.records.schema import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL, STABILITY_FLOORS, utc_now
 from models import UserError
 from models.skip import SkipRule
 
@@ -81,11 +72,15 @@ class StabilityConfig:
 
     def __post_init__(self):
         if self.n < 1 or self.iterations < 1 or self.krylov < 1:
-            raise UserError(f"the stability stage needs positive counts, got n {self.n}, iterations "
-                            f"{self.iterations}, krylov {self.krylov}")  # fmt: skip
+            raise UserError(
+                f"the stability stage needs positive counts, got n {self.n}, iterations "
+                f"{self.iterations}, krylov {self.krylov}"
+            )
         if not (math.isfinite(self.eps_255) and 0 < self.eps_255 <= 255) or not 0 < self.tolerance < 1:
-            raise UserError(f"the stability radius must be in (0, 255] (1/255) and the tolerance in (0, 1), "
-                            f"got {self.eps_255:g}, {self.tolerance:g}")  # fmt: skip
+            raise UserError(
+                f"the stability radius must be in (0, 255] (1/255) and the tolerance in (0, 1), "
+                f"got {self.eps_255:g}, {self.tolerance:g}"
+            )
 
     @property
     def batch(self) -> int:
@@ -116,7 +111,11 @@ def unit_params(unit: Unit, config: StabilityConfig, setting) -> dict:
     """The parameters that identify a unit's measurement (recorded as canonical JSON);
     `setting`: the cells' EvalConfig (PGD's step size and steps)."""
     if unit.quantity == GROWTH:
-        own = perturbation(unit.perturbation).params(setting, config.eps_255) if unit.perturbation == "pgd" else {}
+        own = (
+            perturbation(unit.perturbation).params(setting, config.eps_255)
+            if unit.perturbation == "pgd"
+            else {}
+        )
         return {**own, "seed": config.seed}
     if unit.quantity == SPECTRAL:
         return {"iterations": config.iterations, "seed": config.seed, "tolerance": config.tolerance}
@@ -171,7 +170,9 @@ def unfused(model: nn.Module):
 def block_inputs(model: nn.Module, chain: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     """h_{n-1}(x), the input of every block of `chain`, from one forward pass."""
     seen: list[Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in chain]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in chain
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -229,14 +230,17 @@ class UnitFigures:
     iterations: int = 0  # power iterations of the slowest batch (spectral norms)
 
 
-def measure(model: nn.Module, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, model_seed: int
-            ) -> UnitFigures:  # fmt: skip
+def measure(
+    model: nn.Module, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, model_seed: int
+) -> UnitFigures:
     """`unit` on the images `x` (labels `y`), in batches; `model` prepared (eval, frozen,
     on the device). Random draws depend on (config.seed, model_seed, unit, batch) only."""
     began = time.perf_counter()
     chain = blocks(model)
     if unit.quantity != GRADIENT and not chain:
-        raise UserError(f"{unit.name} needs a network of residual blocks (a zoo model), not {type(model).__name__}")
+        raise UserError(
+            f"{unit.name} needs a network of residual blocks (a zoo model), not {type(model).__name__}"
+        )
     parts, iterations = [], 0
     for index, start in enumerate(range(0, len(x), config.batch)):
         xb, yb = x[start : start + config.batch], y[start : start + config.batch]
@@ -266,14 +270,17 @@ def _square(block: nn.Module) -> bool:
     return getattr(block, "shortcut", None) is None
 
 
-def _batch(model, chain, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, seed: int
-           ) -> tuple[Tensor, int]:  # fmt: skip
+def _batch(
+    model, chain, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, seed: int
+) -> tuple[Tensor, int]:
     """The unit's values on one batch: rows x images (float64, CPU), and iterations used."""
     if unit.quantity == GRADIENT:
         return input_gradient_l1(model, x, y).cpu()[None], 0
     if unit.quantity == GROWTH:
         eps = config.eps_255 / 255
-        perturbed = run_seeded(lambda a, b: _perturbed(model, unit.perturbation, a, b, eps, setting), x, y, seed)
+        perturbed = run_seeded(
+            lambda a, b: _perturbed(model, unit.perturbation, a, b, eps, setting), x, y, seed
+        )
         return growth(model, chain, x, perturbed).cpu().T, 0
     generator = torch.Generator().manual_seed(seed)
     rows, used = [], 0
@@ -329,36 +336,57 @@ def n_images(data, config: StabilityConfig) -> int:
     return min(config.n, data.n(Cell("clean")))
 
 
-def units_todo(context: dict, units: Sequence[Unit], data, config: StabilityConfig, setting, store) -> list[Unit]:
+def units_todo(
+    context: dict, units: Sequence[Unit], data, config: StabilityConfig, setting, store
+) -> list[Unit]:
     """The units of the checkpoint `context` names (cell_context's keys) that `store` lacks."""
     done = store.stability_done(context)
     source, n, digest = data.source(Cell("clean")), n_images(data, config), data.digest(Cell("clean"))
-    # as for cells: a unit counts on the same test images, or recorded before digests (unless asked again)
-    digests = {digest, UNKNOWN_DATA} if setting.trust_unknown_data else {digest}
-    return [u for u in units if not any((source, u.quantity, u.perturbation, unit_eps(u, config), n,
-                                         params_of(u, config, setting), d) in done for d in digests)]  # fmt: skip
+    # as for cells: a unit counts on the same test images
+    return [
+        u
+        for u in units
+        if (source, u.quantity, u.perturbation, unit_eps(u, config), n, params_of(u, config, setting), digest)
+        not in done
+    ]
 
 
-def stability_stage(subject: Subject, setting: EvalConfig, data: EvalData, config: StabilityConfig,
-                    units: Sequence[Unit]) -> Iterator[StabilityDone]:  # fmt: skip
+def stability_stage(
+    subject: Subject, setting: EvalConfig, data: EvalData, config: StabilityConfig, units: Sequence[Unit]
+) -> Iterator[StabilityDone]:
     """Measure `units` of `subject` on the stage's images, yielding each unit as it ends."""
     model = prepared(subject.defense.model, setting)
     indices = data.indices(n_images(data, config))
     memory = torch.channels_last if setting.channels_last else torch.contiguous_format
     x, y = next(batches(data.test.images, data.test.labels, len(indices), setting.device, indices))
     x = x.contiguous(memory_format=memory)
-    context = {**cell_context(subject, setting), "data_source": data.source(Cell("clean")),
-               "data_sha256": data.digest(Cell("clean"))}  # fmt: skip
+    context = {
+        **cell_context(subject, setting),
+        "data_source": data.source(Cell("clean")),
+        "data_sha256": data.digest(Cell("clean")),
+    }
     for unit in units:
         found = measure(model, unit, x, y, config, setting, subject.seed)
         values = found.values.astype(np.float32)
         rows = [
-            {**context, "quantity": unit.quantity, "perturbation": unit.perturbation, "eps_255": unit_eps(unit, config),
-             "block": block, "damped": int(damped), "n": len(indices), "params": params_of(unit, config, setting),
-             "mean": _finite(np.mean(v)), "median": _finite(np.median(v)), "torch_version": torch.__version__,
-             "device": device_name(setting.device), "seconds": round(found.seconds, 3), "timestamp": utc_now()}
+            {
+                **context,
+                "quantity": unit.quantity,
+                "perturbation": unit.perturbation,
+                "eps_255": unit_eps(unit, config),
+                "block": block,
+                "damped": int(damped),
+                "n": len(indices),
+                "params": params_of(unit, config, setting),
+                "mean": _finite(np.mean(v)),
+                "median": _finite(np.median(v)),
+                "torch_version": torch.__version__,
+                "device": device_name(setting.device),
+                "seconds": round(found.seconds, 3),
+                "timestamp": utc_now(),
+            }
             for block, damped, v in zip(found.blocks, found.damped, values, strict=True)
-        ]  # fmt: skip
+        ]
         who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
         line = f"{subject.run} {data.dataset} {who}: stability {unit.name} on {len(indices)} images ({found.seconds:.1f} s"
         line += f", {found.iterations} power iterations)" if unit.quantity == SPECTRAL else ")"

@@ -56,8 +56,10 @@ class EvalData:
         asked = [("n_test", self.config.n_test), *((f"subsets {n}", k) for n, k in self.config.subsets)]
         for what, n in asked:
             if n is not None and n > self.n_test:
-                raise UserError(f"EvalConfig.{what} = {n:,} is more than the {self.n_test:,} test images of "
-                                f"{self.dataset} in {data_root(self.data_dir)}: give at most {self.n_test:,}")  # fmt: skip
+                raise UserError(
+                    f"EvalConfig.{what} = {n:,} is more than the {self.n_test:,} test images of "
+                    f"{self.dataset} in {data_root(self.data_dir)}: give at most {self.n_test:,}"
+                )
 
     def n(self, cell: Cell) -> int:
         """How many test images `cell` is measured on."""
@@ -78,7 +80,9 @@ class EvalData:
 
     def _noise_digest(self, group: str) -> str | None:
         if group not in self._digests:
-            if not self.dry:  # the file as a cell will read it: generated (again, for a changed test set) first
+            if (
+                not self.dry
+            ):  # the file as a cell will read it: generated (again, for a changed test set) first
                 self._digests[group] = noise_digest(self.noise(group).path)
             else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
                 path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)
@@ -124,8 +128,15 @@ def test_data(dataset: str, data_dir, config: EvalConfig, run_id: str, dry: bool
     the estimate and an in-process worker share it. Read again in the next run (another
     `run_id`): a process serving several runs (the Python API, a Ray worker) must not
     measure files since replaced with the images it read before."""
-    key = (run_id, dataset, None if data_dir is None else str(data_dir), config.n_test, config.subsets,
-           config.noise_source, dry)  # fmt: skip
+    key = (
+        run_id,
+        dataset,
+        None if data_dir is None else str(data_dir),
+        config.n_test,
+        config.subsets,
+        config.noise_source,
+        dry,
+    )
     if key not in _VIEWS:
         for old in [k for k in _VIEWS if k[0] != run_id]:
             del _VIEWS[old]

@@ -14,12 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.attacks.perturbations import (
-    ATTACK,
-    of_kind,
-    params_text,
-    pooled_noise,
-)
+from bench.attacks.perturbations import ATTACK, of_kind, params_text, pooled_noise
 from bench.data.noise import SEVERITIES
 from bench.records.load import cell_id
 from bench.records.schema import KEY
@@ -40,7 +35,10 @@ def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
         severities=("severity", "nunique"),
         n_sum=("n", "sum"),
         correct=("correct", "sum"),
-        **{c: (c, "max" if c in ("timestamp", "_order") else "sum" if c == "seconds" else "first") for c in rest},
+        **{
+            c: (c, "max" if c in ("timestamp", "_order") else "sum" if c == "seconds" else "first")
+            for c in rest
+        },
     )
     pooled = pooled[pooled["severities"] == len(SEVERITIES)].reset_index()
     pooled = pooled.drop(columns=["severities", "n"]).rename(columns={"n_sum": "n"})
@@ -55,7 +53,18 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     it correct (from the stored bits `records.load_bits` gives; nothing is recomputed).
     The worst cells' bits are added to `bits`."""
     attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK)])]
-    group = ["run", "dataset", "data_source", "data_sha256", "seed", "members", "preset", "checkpoint_sha256", "n", "eps_255"]
+    group = [
+        "run",
+        "dataset",
+        "data_source",
+        "data_sha256",
+        "seed",
+        "members",
+        "preset",
+        "checkpoint_sha256",
+        "n",
+        "eps_255",
+    ]
     rows = []
     for _, cells in attacks.groupby(group, dropna=False, sort=False):
         found = [bits.get(cell_id(row)) for row in cells.itertuples(index=False)]
@@ -104,8 +113,8 @@ def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
     if per_seed.empty:
         return pd.DataFrame(columns=columns)
     grouped = per_seed.groupby([*GROUP, "metric"], dropna=False)
-    out = grouped["value"].agg(mean="mean", std="std", seeds="count").join(
-        grouped[["members", "n_test"]].max()
+    out = (
+        grouped["value"].agg(mean="mean", std="std", seeds="count").join(grouped[["members", "n_test"]].max())
     )
     out["n"] = np.where(out["members"] > 1, out["members"], out["seeds"])
     out[["mean", "std"]] = out[["mean", "std"]].round(6)  # no float dust in the CSVs

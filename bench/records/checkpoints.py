@@ -85,8 +85,10 @@ def weights_problem(folder: Path, meta: dict) -> str:
         return f"{weights} cannot be read ({err.strerror or err})"
     if found == meta["sha256"]:
         return ""
-    return (f"{weights} is not the checkpoint its meta.json names (sha256 {found[:12]}…, not {meta['sha256'][:12]}…): "
-            f"it was replaced or damaged since training; restore it, or delete {folder} to train it again")  # fmt: skip
+    return (
+        f"{weights} is not the checkpoint its meta.json names (sha256 {found[:12]}…, not {meta['sha256'][:12]}…): "
+        f"it was replaced or damaged since training; restore it, or delete {folder} to train it again"
+    )
 
 
 def check_weights(folder: Path, meta: dict) -> None:
@@ -116,12 +118,17 @@ def build_mismatch(meta: dict, info: ModelInfo) -> str:
     network "paper" and stored λ itself for every scalar rule."""
     stored = {"network": "paper", **meta.get("model_kwargs", {})}
     differs = [
-        f"{key} {stored.get(key)!r} (now {value!r})" for key, value in model_kwargs(info).items() if stored.get(key) != value
+        f"{key} {stored.get(key)!r} (now {value!r})"
+        for key, value in model_kwargs(info).items()
+        if stored.get(key) != value
     ]
     storage = meta.get("lambda_storage", "λ" if info.lambda_storage == "k = 1 - λ" else info.lambda_storage)
     if storage != info.lambda_storage:
-        differs.insert(0, f"λ trained as {storage} (now as {info.lambda_storage}, as the authors' release: "
-                          "weight decay pulled λ the other way)")  # fmt: skip
+        differs.insert(
+            0,
+            f"λ trained as {storage} (now as {info.lambda_storage}, as the authors' release: "
+            "weight decay pulled λ the other way)",
+        )
     return "; ".join(differs)
 
 
@@ -165,8 +172,10 @@ def check_distinct(metas: dict[Path, dict]) -> None:
 def missing_weights(folder: Path) -> str:
     """The error line of a checkpoint folder whose meta.json is there but not its weights:
     the train stage skips it (its meta says it ended), so "train it" would be wrong advice."""
-    return (f"{folder} holds {META_FILE} but not {WEIGHTS_FILE} (deleted?): restore {WEIGHTS_FILE}, or delete the "
-            "folder and run the train stage to train it again")  # fmt: skip
+    return (
+        f"{folder} holds {META_FILE} but not {WEIGHTS_FILE} (deleted?): restore {WEIGHTS_FILE}, or delete the "
+        "folder and run the train stage to train it again"
+    )
 
 
 def ensemble_digest(digests: Sequence[str]) -> str:
@@ -180,18 +189,40 @@ _NUMBER = (int, float)
 
 
 META_TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,), "sha256": (str,), "model_kwargs": (dict,), "dataset": (str,), "seed": (int,),
-    "status": (str,), "reason": (str,), "test_accuracy": (*_NUMBER, type(None)), "epochs_done": (int,),
-    "wall_seconds": _NUMBER, "length": (str,), "n_train": (int, type(None)), "preset": (str,), "tag": (str,),
-    "lambda_storage": (str,), "recipe": (dict,), "data": (dict,), "device": (str,), "flags": (dict,),
-    "interpolation_coefficients": (list,), "versions": (dict,), STAMP: (dict,), "checkpoint": (dict,),
-}  # fmt: skip
+    "model": (str,),
+    "sha256": (str,),
+    "model_kwargs": (dict,),
+    "dataset": (str,),
+    "seed": (int,),
+    "status": (str,),
+    "reason": (str,),
+    "test_accuracy": (*_NUMBER, type(None)),
+    "epochs_done": (int,),
+    "wall_seconds": _NUMBER,
+    "length": (str,),
+    "n_train": (int, type(None)),
+    "preset": (str,),
+    "tag": (str,),
+    "lambda_storage": (str,),
+    "recipe": (dict,),
+    "data": (dict,),
+    "device": (str,),
+    "flags": (dict,),
+    "interpolation_coefficients": (list,),
+    "versions": (dict,),
+    STAMP: (dict,),
+    "checkpoint": (dict,),
+}
 
 
 MODEL_KWARG_TYPES: dict[str, tuple[type, ...]] = {
-    "num_classes": (int,), "mean": (list,), "std": (list,), "lambda_init": (list,), "damp_scope": (str,),
+    "num_classes": (int,),
+    "mean": (list,),
+    "std": (list,),
+    "lambda_init": (list,),
+    "damp_scope": (str,),
     "network": (str,),
-}  # fmt: skip
+}
 
 
 STATUSES = ("finished", "failed", "running")
@@ -223,8 +254,9 @@ def meta_problem(meta: dict) -> str:
                 names = dict.fromkeys(_json_name(t) for t in allowed if not (t is int and float in allowed))
                 return f"{where}{key} must be {' or '.join(names)}, got {fields[key]!r}"
     kwargs = meta["model_kwargs"]
-    if kwargs.get("num_classes", 1) < 1 or any(not _is(v, _NUMBER) for k in ("mean", "std", "lambda_init")
-                                                for v in kwargs.get(k, [])):  # fmt: skip
+    if kwargs.get("num_classes", 1) < 1 or any(
+        not _is(v, _NUMBER) for k in ("mean", "std", "lambda_init") for v in kwargs.get(k, [])
+    ):
         return f"model_kwargs {kwargs!r} are not a model's options"
     if meta.get("status", "finished") not in STATUSES:
         return f"status must be one of {', '.join(STATUSES)}, got {meta['status']!r}"
@@ -234,7 +266,9 @@ def meta_problem(meta: dict) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
         return f"sha256 must be 64 hex digits, got {meta['sha256']!r}"
     trained_on = meta.get("data", {}).get("sha256")  # the training images' digest, shown in the report
-    if trained_on is not None and not (isinstance(trained_on, str) and re.fullmatch(r"[0-9a-f]{64}", trained_on)):
+    if trained_on is not None and not (
+        isinstance(trained_on, str) and re.fullmatch(r"[0-9a-f]{64}", trained_on)
+    ):
         return f"data.sha256 must be 64 hex digits, got {trained_on!r}"
     return ""
 
@@ -244,8 +278,14 @@ def _is(value: object, allowed: tuple[type, ...]) -> bool:
 
 
 def _json_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list",
-            type(None): "null"}[kind]  # fmt: skip
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        dict: "an object",
+        list: "a list",
+        type(None): "null",
+    }[kind]
 
 
 STATE_FILE, LOG_FILE, EPOCHS_FILE = "state.pt", "train.log", "epochs.csv"
@@ -263,8 +303,13 @@ def is_rehearsal(run: str) -> bool:
     return REHEARSAL in str(run).split("@")[1:]
 
 
-def run_tag(model: str, preset: str = "paper", length: str = "full", lambda_init: tuple[float, float] | None = None,
-            n_train: int | None = None) -> str:  # fmt: skip
+def run_tag(
+    model: str,
+    preset: str = "paper",
+    length: str = "full",
+    lambda_init: tuple[float, float] | None = None,
+    n_train: int | None = None,
+) -> str:
     """A run's name, its checkpoint folder: the model and every option that changed its
     weights (the only place a tag is made: training, figures and tables read it)."""
     parts = [model]

@@ -1,10 +1,9 @@
 """What makes a store trustworthy before it is written to: SQLite's integrity check, the
-columns and value ranges of every table, the packed bits, the migration of older stores,
-and the recovery of a hot journal."""
+columns and value ranges of every table, the packed bits, and the recovery of a hot
+journal. A store of an earlier layout is refused in one line (no migration before a release)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -13,74 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.records.schema import (
-    DB_FILE,
-    NULLABLE,
-    STABILITY_FLOORS,
-    TABLE_COLUMNS,
-    UNKNOWN_DATA,
-    quoted,
-    table_statements,
-)
+from bench.records.schema import DB_FILE, NULLABLE, STABILITY_FLOORS, TABLE_COLUMNS, quoted
 from bench.records.sql import WRITE_TIMEOUT, corrupt_message, execute, journal_of
 from models import UserError
 
 log = logging.getLogger(__name__)
 
 
-# Before the `params` column, the iterative attacks' parameters had columns of their own.
-OLD_ATTACK_COLUMNS = ("alpha_255", "steps")
-
-
-def migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Rewrite a store of an older schema to this one, in place and in one transaction,
-    every cell and stability unit keeping its numbers, bits and values: alpha_255 / steps
-    columns become `params`; rows recorded before data digests get `data_sha256` "unknown"."""
-    cells, stability = table_columns(db, path, "cells"), table_columns(db, path, "stability")
-    old_cells = bool(cells) and not {"params", "data_sha256"} <= set(cells)
-    old_stability = bool(stability) and "data_sha256" not in stability
-    if not (old_cells or old_stability):
-        return
-    if old_cells and "params" not in cells and not set(OLD_ATTACK_COLUMNS) <= set(cells):
-        raise UserError(corrupt_message(path, f"unknown columns {', '.join(cells)}: not a store of this project"))
-    log.info("migrating %s to the current records schema (once; its records are kept)", path)
-    old = [c for c in cells if c not in OLD_ATTACK_COLUMNS]
-    params = "params" if "params" in cells else "alpha_255, steps"
-    rows = execute(db, path, f"SELECT {', '.join(c for c in old if c != 'params')}, {params} FROM cells") if old_cells else []
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if old_cells:
-            db.execute("ALTER TABLE cells RENAME TO cells_before_migration")
-            db.execute(table_statements()["cells"])
-            names = [*(c for c in old if c != "params"), "params", *(["data_sha256"] if "data_sha256" not in cells else [])]
-            insert = f"INSERT INTO cells ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-            unknown = (UNKNOWN_DATA,) if "data_sha256" not in cells else ()
-            if "params" in cells:
-                db.executemany(insert, [(*row, *unknown) for row in rows])
-            else:
-                db.executemany(insert, [(*row[:-2], _old_params(*row[-2:]), *unknown) for row in rows])
-            db.execute("DROP TABLE cells_before_migration")
-        if old_stability:  # the unique key gains data_sha256: the table is made again, its rows copied
-            kept = ", ".join(quoted(c) for c in stability)
-            db.execute("ALTER TABLE stability RENAME TO stability_before_migration")
-            db.execute(table_statements()["stability"])
-            db.execute(f"INSERT INTO stability ({kept}, data_sha256) SELECT {kept}, ? FROM stability_before_migration",
-                       [UNKNOWN_DATA])  # fmt: skip
-            db.execute("DROP TABLE stability_before_migration")
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
-
-
 def table_columns(db: sqlite3.Connection, path: Path, table: str) -> list[str]:
     return [row[1] for row in execute(db, path, f"PRAGMA table_info({table})")]
-
-
-def _old_params(alpha_255: float, steps: int) -> str:
-    if not steps:
-        return "{}"
-    return json.dumps({"alpha_255": round(float(alpha_255), 6), "steps": int(steps)}, sort_keys=True, separators=(",", ":"))
 
 
 def recover(results_dir: str | os.PathLike) -> bool:
@@ -106,7 +46,9 @@ def check_integrity(db: sqlite3.Connection, path: Path) -> None:
     radius 'abc', a NULL seed) is one error line naming it, not a ValueError in a report."""
     result = execute(db, path, "PRAGMA integrity_check(1)")
     if result[0][0] != "ok":
-        raise UserError(corrupt_message(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split())))
+        raise UserError(
+            corrupt_message(path, " ".join(str(result[0][0]).replace("*** in database main ***", "").split()))
+        )
     _check_objects(db, path)
     tables = {name for (name,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table, columns in TABLE_COLUMNS.items():
@@ -125,12 +67,22 @@ def _check_objects(db: sqlite3.Connection, path: Path) -> None:
     """The store holds only what the harness made: its tables and their unique indexes. A
     trigger can rewrite every row as it is recorded and a view or another table is read by
     no one honest; either is named in one line and the store refused."""
-    foreign = [f"{kind} {name!r}" for kind, name in execute(db, path, "SELECT type, name FROM sqlite_master")
-               if not (kind == "table" and name in TABLE_COLUMNS or kind == "index" and name.startswith("sqlite_autoindex_"))]  # fmt: skip
+    foreign = [
+        f"{kind} {name!r}"
+        for kind, name in execute(db, path, "SELECT type, name FROM sqlite_master")
+        if not (
+            kind == "table"
+            and name in TABLE_COLUMNS
+            or kind == "index"
+            and name.startswith("sqlite_autoindex_")
+        )
+    ]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{path} holds {shown}, which this harness never makes (planted?): nothing was read or written; "
-                        "restore the store, or move it aside and run again to recompute it")  # fmt: skip
+        raise UserError(
+            f"{path} holds {shown}, which this harness never makes (planted?): nothing was read or written; "
+            "restore the store, or move it aside and run again to recompute it"
+        )
 
 
 def _check_bits(db: sqlite3.Connection, path: Path) -> None:
@@ -143,8 +95,8 @@ def _check_bits(db: sqlite3.Connection, path: Path) -> None:
             raise UserError(
                 f"{path.name} has a damaged row: cells row {rowid} ({_cell_named(db, path, rowid)}) holds correct_bits "
                 f"with {int(unpacked.sum())} correct examples, not correct = {correct} (edited by hand?); nothing was "
-                f"read or written: restore the store, or delete that row (sqlite3 {path} \"DELETE FROM cells WHERE "
-                f"rowid = {rowid}\") and run again to recompute it"
+                f'read or written: restore the store, or delete that row (sqlite3 {path} "DELETE FROM cells WHERE '
+                f'rowid = {rowid}") and run again to recompute it'
             )
 
 
@@ -161,13 +113,23 @@ def _check_stability(db: sqlite3.Connection, path: Path) -> None:
         elif STABILITY_FLOORS[quantity] is not None and (values < STABILITY_FLOORS[quantity]).any():
             problem = f"a per-image {quantity} of {float(values.min()):g}, below its least possible {STABILITY_FLOORS[quantity]:g}"
         else:
-            problem = next((f"{name} = {stored!r}, not {expected!r} (the {name} of its per-image values)"
-                            for name, stored, expected in (("mean", mean, _finite(np.mean(values))),
-                                                           ("median", median, _finite(np.median(values))))
-                            if not _same(stored, expected)), "")  # fmt: skip
+            problem = next(
+                (
+                    f"{name} = {stored!r}, not {expected!r} (the {name} of its per-image values)"
+                    for name, stored, expected in (
+                        ("mean", mean, _finite(np.mean(values))),
+                        ("median", median, _finite(np.median(values))),
+                    )
+                    if not _same(stored, expected)
+                ),
+                "",
+            )
         if problem:
             run, dataset, seed, digest = execute(
-                db, path, "SELECT run, dataset, seed, checkpoint_sha256 FROM stability WHERE rowid = ?", [rowid]
+                db,
+                path,
+                "SELECT run, dataset, seed, checkpoint_sha256 FROM stability WHERE rowid = ?",
+                [rowid],
             )[0]
             unit = f"run = '{run}' AND dataset = '{dataset}' AND seed = {seed} AND quantity = '{quantity}'"
             raise UserError(
@@ -181,15 +143,22 @@ def _check_stability(db: sqlite3.Connection, path: Path) -> None:
 def _check_landscapes(db: sqlite3.Connection, path: Path) -> None:
     """Each landscape's grids hold what they can: cross-entropy losses (finite, never
     negative) and class indices (never negative)."""
-    for rowid, run, dataset, seed, loss, classes in execute(db, path, "SELECT rowid, run, dataset, seed, loss, classes FROM landscapes"):
+    for rowid, run, dataset, seed, loss, classes in execute(
+        db, path, "SELECT rowid, run, dataset, seed, loss, classes FROM landscapes"
+    ):
         losses, labels = np.frombuffer(loss, dtype="<f4"), np.frombuffer(classes, dtype="<i2")
-        problem = ("a loss that is negative or not finite" if not (np.isfinite(losses).all() and (losses >= 0).all())
-                   else "a negative class" if (labels < 0).any() else "")  # fmt: skip
+        problem = (
+            "a loss that is negative or not finite"
+            if not (np.isfinite(losses).all() and (losses >= 0).all())
+            else "a negative class"
+            if (labels < 0).any()
+            else ""
+        )
         if problem:
             raise UserError(
                 f"{path.name} has a damaged row: landscapes row {rowid} ({run} {dataset} seed {seed}) holds {problem} "
                 f"(edited by hand?); nothing was read or written: restore the store, or delete that row (sqlite3 {path} "
-                f"\"DELETE FROM landscapes WHERE rowid = {rowid}\") and run again to measure it"
+                f'"DELETE FROM landscapes WHERE rowid = {rowid}") and run again to measure it'
             )
 
 
@@ -207,18 +176,39 @@ def _same(stored: object, expected: float | None) -> bool:
 def _cell_named(db: sqlite3.Connection, path: Path, rowid: int) -> str:
     """A cell as a reader knows it: run, data set, seed, perturbation and radius or severity."""
     run, dataset, seed, kind, eps, severity = execute(
-        db, path, "SELECT run, dataset, seed, perturbation, eps_255, severity FROM cells WHERE rowid = ?", [rowid]
+        db,
+        path,
+        "SELECT run, dataset, seed, perturbation, eps_255, severity FROM cells WHERE rowid = ?",
+        [rowid],
     )[0]
-    where = f" severity {severity}" if severity else f" at {eps:g}/255" if isinstance(eps, int | float) and eps else ""
+    where = (
+        f" severity {severity}"
+        if severity
+        else f" at {eps:g}/255"
+        if isinstance(eps, int | float) and eps
+        else ""
+    )
     return f"{run} {dataset} seed {seed}, {kind}{where}"
 
 
 # The text columns that reach tables, the leaderboard and REPORT.md as they are: each holds a
 # name of the characters run names may have (bench.eval.identity.NAME), so that no row can
 # add a row of its own to a Markdown table or a line to a report.
-NAME_COLUMNS = ("run", "model", "family", "dataset", "data_source", "perturbation", "preset", "quantity", "check")
-NAME_RULE = ("length({0}) BETWEEN 1 AND 200 AND {0} NOT GLOB '*[^A-Za-z0-9._@+-]*' "
-             "AND substr({0}, 1, 1) GLOB '[A-Za-z0-9]'")  # fmt: skip
+NAME_COLUMNS = (
+    "run",
+    "model",
+    "family",
+    "dataset",
+    "data_source",
+    "perturbation",
+    "preset",
+    "quantity",
+    "check",
+)
+NAME_RULE = (
+    "length({0}) BETWEEN 1 AND 200 AND {0} NOT GLOB '*[^A-Za-z0-9._@+-]*' "
+    "AND substr({0}, 1, 1) GLOB '[A-Za-z0-9]'"
+)
 NAME_MEANING = "of 1-200 letters, digits and . _ @ + - (the characters --name takes)"
 
 
@@ -227,22 +217,35 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
     type (NULL only where a column allows it), and counts and shares in their ranges."""
     typeof = {"TEXT": "('text')", "INTEGER": "('integer')", "REAL": "('real', 'integer')"}
     words = {"TEXT": "a string", "INTEGER": "an integer", "REAL": "a number"}
-    ranges = {"n": ("{0} >= 1", "at least 1"), "members": ("{0} >= 1", "at least 1"),
-              "block": ("{0} >= -1", "at least -1"), "damped": ("{0} IN (0, 1)", "0 or 1"),
-              "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"), "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
-              "accuracy": ("{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6", "in [0, 1] and equal to correct / n"),
-              "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
-              "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
-              "data_sha256": (f"(length({{0}}) = 64 OR {{0}} = '{UNKNOWN_DATA}')", f"of 64 hex digits or '{UNKNOWN_DATA}'"),
-              "points": ("{0} >= 2", "at least 2"), "right": ("{0} IN (0, 1)", "0 or 1"), "label": ("{0} >= 0", "at least 0"),
-              "image_row": ("{0} >= 0", "at least 0"),
-              **dict.fromkeys(NAME_COLUMNS, (NAME_RULE, NAME_MEANING))}  # fmt: skip
+    ranges = {
+        "n": ("{0} >= 1", "at least 1"),
+        "members": ("{0} >= 1", "at least 1"),
+        "block": ("{0} >= -1", "at least -1"),
+        "damped": ("{0} IN (0, 1)", "0 or 1"),
+        "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"),
+        "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
+        "accuracy": (
+            "{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6",
+            "in [0, 1] and equal to correct / n",
+        ),
+        "correct": ("{0} BETWEEN 0 AND n", "in [0, n]"),
+        "test_accuracy": ("{0} BETWEEN 0 AND 1", "in [0, 1]"),
+        "data_sha256": ("length({0}) = 64 AND {0} NOT GLOB '*[^0-9a-f]*'", "of 64 hex digits"),
+        "points": ("{0} >= 2", "at least 2"),
+        "right": ("{0} IN (0, 1)", "0 or 1"),
+        "label": ("{0} >= 0", "at least 0"),
+        "image_row": ("{0} >= 0", "at least 0"),
+        **dict.fromkeys(NAME_COLUMNS, (NAME_RULE, NAME_MEANING)),
+    }
     if table == "stability":  # a unit without a perturbation (spectral norms, input gradients)
         ranges["perturbation"] = (f"({{0}} = '' OR {NAME_RULE})", f"empty or {NAME_MEANING}")
     rules = {}
     for name, kind in columns.items():
         condition, meaning = ranges.get(name, ("1", ""))
-        rule, what = f"(typeof({{0}}) IN {typeof[kind]} AND ({condition}))", f"{words[kind]} {meaning}".strip()
+        rule, what = (
+            f"(typeof({{0}}) IN {typeof[kind]} AND ({condition}))",
+            f"{words[kind]} {meaning}".strip(),
+        )
         if name in NULLABLE:
             rule, what = f"({rule} OR typeof({{0}}) = 'null')", f"{what} or NULL"
         rules[name] = (rule, what)
@@ -251,8 +254,14 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
     if table == "stability":
         rules["per_image"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * n)", "n float32 values")
     if table == "landscapes":
-        rules["loss"] = ("(typeof({0}) = 'blob' AND length({0}) = 4 * points * points)", "points x points float32 values")
-        rules["classes"] = ("(typeof({0}) = 'blob' AND length({0}) = 2 * points * points)", "points x points int16 values")
+        rules["loss"] = (
+            "(typeof({0}) = 'blob' AND length({0}) = 4 * points * points)",
+            "points x points float32 values",
+        )
+        rules["classes"] = (
+            "(typeof({0}) = 'blob' AND length({0}) = 2 * points * points)",
+            "points x points int16 values",
+        )
     return rules
 
 
@@ -260,29 +269,49 @@ def _check_columns(db: sqlite3.Connection, path: Path, table: str, columns: dict
     """A table of ours with columns of its own (another tool's `cells`): not a store of
     this project. Columns that `migrate` adds (and the ones it replaces) may be missing."""
     present = set(table_columns(db, path, table))
-    missing = [c for c in columns if c not in present and c not in ("params", "data_sha256")]
+    missing = [c for c in columns if c not in present]
+    if (
+        missing and {"run", "checkpoint_sha256"} <= present
+    ):  # ours, of an earlier layout: no migration before a release
+        raise UserError(
+            f"{path} was written by an earlier version of inres-bench (its {table} table lacks {missing[0]}): "
+            "run again with a new --results-dir; the old store is left as it is"
+        )
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(corrupt_message(path, f"its {table} table lacks the columns {shown}: not a store of this project"))
+        raise UserError(
+            corrupt_message(path, f"its {table} table lacks the columns {shown}: not a store of this project")
+        )
 
 
 def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[str, str]) -> None:
     present = {row[1] for row in execute(db, path, f"PRAGMA table_info({table})")}
     rules = {c: r for c, r in _value_rules(table, columns).items() if c in present}
-    cases = " ".join(f"WHEN NOT {rule.format(quoted(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items()))
+    cases = " ".join(
+        f"WHEN NOT {rule.format(quoted(c))} THEN {i}" for i, (c, (rule, _)) in enumerate(rules.items())
+    )
     sql = f"SELECT rowid, bad FROM (SELECT rowid, CASE {cases} END AS bad FROM {table}) WHERE bad IS NOT NULL LIMIT 1"
     found = execute(db, path, sql)
     if found:
         rowid, index = found[0]
         column, (_, meaning) = list(rules.items())[index]
         (value,) = execute(db, path, f"SELECT {quoted(column)} FROM {table} WHERE rowid = ?", [rowid])[0]
-        shown = f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
+        shown = (
+            f"{len(value)} bytes" if isinstance(value, bytes) else "NULL" if value is None else repr(value)
+        )
         named = f" ({_cell_named(db, path, rowid)})" if table == "cells" and column not in _NAMING else ""
         raise UserError(
             f"{path.name} has a damaged row: {table} row {rowid}{named} holds {column} = {shown}, not {meaning} (edited "
             f"by hand?); nothing was read or written: restore the store, or delete that row "
-            f"(sqlite3 {path} \"DELETE FROM {table} WHERE rowid = {rowid}\") and run again to recompute it"
+            f'(sqlite3 {path} "DELETE FROM {table} WHERE rowid = {rowid}") and run again to recompute it'
         )
 
 
-_NAMING = ("run", "dataset", "seed", "perturbation", "eps_255", "severity")  # a cell's name: shown only when valid
+_NAMING = (
+    "run",
+    "dataset",
+    "seed",
+    "perturbation",
+    "eps_255",
+    "severity",
+)  # a cell's name: shown only when valid

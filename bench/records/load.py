@@ -27,10 +27,9 @@ from bench.records.schema import (
     KEY,
     LANDSCAPE_COLUMNS,
     MEMBER_COLUMNS,
-    NOT_ON_DISK,
+    NO_TRAINING_DIGEST,
     RUN_COLUMNS,
     STABILITY_COLUMNS,
-    UNKNOWN_DATA,
     quoted,
 )
 from bench.records.sql import execute, open_store, read_rows, typed
@@ -74,7 +73,12 @@ def stale_rows(cells: pd.DataFrame, runs: pd.DataFrame, members: pd.DataFrame) -
     latest = latest.reindex(cells.index)
     stale = []
     for run, dataset, seed, count, sha, last in zip(
-        cells["run"], cells["dataset"], cells["seed"], cells["members"], cells["checkpoint_sha256"], latest,
+        cells["run"],
+        cells["dataset"],
+        cells["seed"],
+        cells["members"],
+        cells["checkpoint_sha256"],
+        latest,
         strict=True,
     ):
         key = (run, dataset, int(seed))
@@ -102,7 +106,10 @@ def load_checks(results_dir: str | os.PathLike, runs: pd.DataFrame | None = None
     sql = f"SELECT {', '.join(quoted(k) for k in CHECK_COLUMNS)} FROM checks"
     checks = read_rows(results_dir, sql, CHECK_COLUMNS, table="checks")
     members = read_rows(
-        results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS, "ensemble_members"
+        results_dir,
+        f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
+        MEMBER_COLUMNS,
+        "ensemble_members",
     )
     stale = stale_rows(checks, load_runs(results_dir) if runs is None else runs, members)
     checks = checks[~stale].reset_index(drop=True)
@@ -113,9 +120,15 @@ def load_stability(results_dir: str | os.PathLike, runs: pd.DataFrame | None = N
     """The stability rows of current checkpoints (STABILITY_COLUMNS plus `values`, each
     row's per-image float32 array); none for a store without the table."""
     frame, (values,) = _with_blobs(results_dir, "stability", STABILITY_COLUMNS, ("per_image",))
-    frame["values"] = pd.Series([np.frombuffer(v, dtype="<f4") for v in values], index=frame.index, dtype=object)
-    members = read_rows(results_dir, f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members", MEMBER_COLUMNS,
-                    "ensemble_members")  # fmt: skip
+    frame["values"] = pd.Series(
+        [np.frombuffer(v, dtype="<f4") for v in values], index=frame.index, dtype=object
+    )
+    members = read_rows(
+        results_dir,
+        f"SELECT {', '.join(MEMBER_COLUMNS)} FROM ensemble_members",
+        MEMBER_COLUMNS,
+        "ensemble_members",
+    )
     stale = stale_rows(frame, load_runs(results_dir) if runs is None else runs, members)
     return frame[~stale].reset_index(drop=True)
 
@@ -125,14 +138,21 @@ def load_landscapes(results_dir: str | os.PathLike, runs: pd.DataFrame | None = 
     `classes`, each a points x points array); none for a store without the table."""
     frame, (losses, classes) = _with_blobs(results_dir, "landscapes", LANDSCAPE_COLUMNS, ("loss", "classes"))
     for name, blobs, dtype in (("loss", losses, "<f4"), ("classes", classes, "<i2")):
-        frame[name] = pd.Series([np.frombuffer(b, dtype).reshape(g, g) for b, g in zip(blobs, frame["points"], strict=True)],
-                                index=frame.index, dtype=object)  # fmt: skip
+        frame[name] = pd.Series(
+            [np.frombuffer(b, dtype).reshape(g, g) for b, g in zip(blobs, frame["points"], strict=True)],
+            index=frame.index,
+            dtype=object,
+        )
     single = frame.assign(members=1)  # one checkpoint each: stale when it is not the run's checkpoint now
-    stale = stale_rows(single, load_runs(results_dir) if runs is None else runs, pd.DataFrame(columns=list(MEMBER_COLUMNS)))
+    stale = stale_rows(
+        single, load_runs(results_dir) if runs is None else runs, pd.DataFrame(columns=list(MEMBER_COLUMNS))
+    )
     return frame[~stale].reset_index(drop=True)
 
 
-def _with_blobs(results_dir, table: str, columns: dict[str, str], blobs: tuple[str, ...]) -> tuple[pd.DataFrame, list]:
+def _with_blobs(
+    results_dir, table: str, columns: dict[str, str], blobs: tuple[str, ...]
+) -> tuple[pd.DataFrame, list]:
     """A table's typed columns in rowid order, and each of its `blobs` columns as a list of
     bytes; empty for a store without the table."""
     path = Path(results_dir) / DB_FILE
@@ -164,7 +184,10 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     ]
     columns = ["status", "checkpoint_sha256", "length", "n_train", "train_sha256", "on_disk"]
     return runs.drop(columns=["status", "checkpoint_sha256"]).assign(
-        **{c: pd.Series([s[i] for s in states], index=runs.index, dtype=object) for i, c in enumerate(columns)}
+        **{
+            c: pd.Series([s[i] for s in states], index=runs.index, dtype=object)
+            for i, c in enumerate(columns)
+        }
     )[[*RUN_COLUMNS, *columns[2:]]]
 
 
@@ -172,18 +195,19 @@ def checkpoint_state(
     meta_path: Path, recorded_status: str, recorded_sha256: str
 ) -> tuple[str, str, str | None, int | None, str, bool]:
     """(status, sha256, training length, training images, their digest, weights on disk) of
-    a checkpoint folder's meta.json: the digest is UNKNOWN_DATA for a checkpoint trained
-    before meta.json had it; status "replaced" when weights.pt holds other weights than the
+    a checkpoint folder's meta.json (NO_TRAINING_DIGEST when it names none); status "replaced" when weights.pt holds other weights than the
     sha256 names (its cells are stale). A missing meta.json gives the run as recorded (status
     and sha256 from the store). One error line when meta.json is damaged (its run's cells
     would silently drop out of every report)."""
     if not meta_path.exists():
-        return recorded_status, recorded_sha256, None, None, NOT_ON_DISK, False
+        return recorded_status, recorded_sha256, None, None, NO_TRAINING_DIGEST, False
     meta = read_meta(meta_path)
-    trained_on = meta.get("data", {}).get("sha256", UNKNOWN_DATA)
+    trained_on = meta.get("data", {}).get("sha256", NO_TRAINING_DIGEST)
     status = str(meta.get("status", "finished"))
     on_disk = (meta_path.parent / WEIGHTS_FILE).is_file()
-    if status == "finished" and on_disk and weights_problem(meta_path.parent, meta):  # holds other weights now
+    if (
+        status == "finished" and on_disk and weights_problem(meta_path.parent, meta)
+    ):  # holds other weights now
         status = "replaced"
     return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on, on_disk
 
@@ -211,7 +235,9 @@ def load_bits(results_dir: str | os.PathLike) -> dict[tuple, np.ndarray]:
     bits = {}
     for row in rows:
         key = dict(zip(KEY, row[:-1], strict=True))
-        bits[cell_id(key)] = np.unpackbits(np.frombuffer(row[-1], dtype=np.uint8), count=key["n"]).astype(bool)
+        bits[cell_id(key)] = np.unpackbits(np.frombuffer(row[-1], dtype=np.uint8), count=key["n"]).astype(
+            bool
+        )
     return bits
 
 

@@ -49,20 +49,43 @@ class Gate:
 
 
 GATES = {
-    "eps-monotone": Gate("eps-not-monotone", False, "largest rise of an attack's accuracy with the radius", needs_training=True),
-    "iterative-vs-fgsm": Gate("iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest", needs_training=True),
-    "large-eps": Gate("large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance", needs_training=True),
-    "noise-vs-pgd": Gate("noise-stronger-than-pgd", True, "PGD minus uniform noise at the same radius, largest", needs_training=True),
-    "reference-gap": Gate("reference-below-pgd", True, "PGD minus the reference attack, largest", needs_training=True),
-    "zero-gradients": Gate("zero-gradients", False, "share of a batch with all-zero input gradients",
-                             needs_training=True),  # a deep net a few steps from its init may vanish them
-    "nonfinite-gradients": Gate("nonfinite-gradients", True, "share of a batch with non-finite input gradients"),
+    "eps-monotone": Gate(
+        "eps-not-monotone", False, "largest rise of an attack's accuracy with the radius", needs_training=True
+    ),
+    "iterative-vs-fgsm": Gate(
+        "iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest", needs_training=True
+    ),
+    "large-eps": Gate(
+        "large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance", needs_training=True
+    ),
+    "noise-vs-pgd": Gate(
+        "noise-stronger-than-pgd",
+        True,
+        "PGD minus uniform noise at the same radius, largest",
+        needs_training=True,
+    ),
+    "reference-gap": Gate(
+        "reference-below-pgd", True, "PGD minus the reference attack, largest", needs_training=True
+    ),
+    "zero-gradients": Gate(
+        "zero-gradients", False, "share of a batch with all-zero input gradients", needs_training=True
+    ),  # a deep net a few steps from its init may vanish them
+    "nonfinite-gradients": Gate(
+        "nonfinite-gradients", True, "share of a batch with non-finite input gradients"
+    ),
     "randomized": Gate("randomized", True, "1 when repeated forward passes differ (AutoAttack's check)"),
     "probabilities": Gate("outputs-probabilities", True, "1 when outputs are probabilities, not logits"),
     "classes": Gate("wrong-classes", True, "outputs minus the data set's classes, in absolute value"),
-    "dynamic": Gate("dynamic-forward", True, "1 when the forward pass computes gradients (AutoAttack's check)"),
-    "transfer": Gate("transfer-stronger-than-white-box", True, "points PGD transferred from the plain ResNet beats white-box PGD by", needs_training=True),
-}  # fmt: skip
+    "dynamic": Gate(
+        "dynamic-forward", True, "1 when the forward pass computes gradients (AutoAttack's check)"
+    ),
+    "transfer": Gate(
+        "transfer-stronger-than-white-box",
+        True,
+        "points PGD transferred from the plain ResNet beats white-box PGD by",
+        needs_training=True,
+    ),
+}
 
 
 def adversarial() -> list[str]:
@@ -85,7 +108,15 @@ def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
         stds = dict(zip(metrics["metric"], metrics["std"], strict=True))
         classes = dataset_info(entry[0]).num_classes
         for gate, value, limit, detail in _gates(means, stds, classes):
-            rows.append({**dict(zip(ENTRY, entry, strict=True)), "gate": gate, "value": value, "limit": limit, "detail": detail})
+            rows.append(
+                {
+                    **dict(zip(ENTRY, entry, strict=True)),
+                    "gate": gate,
+                    "value": value,
+                    "limit": limit,
+                    "detail": detail,
+                }
+            )
     return pd.DataFrame(rows, columns=[*ENTRY, "gate", "value", "limit", "detail"])
 
 
@@ -104,7 +135,9 @@ def _gates(means: dict, stds: dict, classes: int):
         (means[b] - means[a] - tolerance(a, b), means[b] - means[a], tolerance(a, b), f"{a} -> {b}")
         for attack in adversarial()
         for a, b in zip(
-            [metric_name(attack, e) for e in radii(attack)], [metric_name(attack, e) for e in radii(attack)][1:], strict=False
+            [metric_name(attack, e) for e in radii(attack)],
+            [metric_name(attack, e) for e in radii(attack)][1:],
+            strict=False,
         )
     )
     weaker = worst(
@@ -150,7 +183,9 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     """One row per entry: each gate's figure (the worst over seeds for checkpoint checks),
     `flags` (failed gates, ';'-joined, '' when all pass) and `unreliable` (a critical one
     failed). `gates`: record_gates; `checks`: records.load_checks joined to ENTRY columns."""
-    parts = [gates] + ([checks.rename(columns={"check": "gate"})[gates.columns]] if checks is not None else [])
+    parts = [gates] + (
+        [checks.rename(columns={"check": "gate"})[gates.columns]] if checks is not None else []
+    )
     both = pd.concat(parts, ignore_index=True)
     if both.empty:
         return with_verdicts(pd.DataFrame(columns=[*ENTRY, "flags", "unreliable"]))
@@ -160,10 +195,17 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     worst = both.sort_values("value").groupby([*ENTRY, "gate"], sort=False).last()
     wide = worst["value"].unstack("gate")
     failed = worst[worst["failed"]].reset_index()
-    failed = failed.assign(relaxed=[relaxed(g, r) for g, r in zip(failed["gate"], failed["run"], strict=True)])
     failed = failed.assign(
-        flag=[GATES[g].flag + (RELAXED if r else "") for g, r in zip(failed["gate"], failed["relaxed"], strict=True)],
-        critical=[GATES[g].critical and not r for g, r in zip(failed["gate"], failed["relaxed"], strict=True)],
+        relaxed=[relaxed(g, r) for g, r in zip(failed["gate"], failed["run"], strict=True)]
+    )
+    failed = failed.assign(
+        flag=[
+            GATES[g].flag + (RELAXED if r else "")
+            for g, r in zip(failed["gate"], failed["relaxed"], strict=True)
+        ],
+        critical=[
+            GATES[g].critical and not r for g, r in zip(failed["gate"], failed["relaxed"], strict=True)
+        ],
     ).sort_values("gate", kind="stable")
     flags = failed.groupby(ENTRY)["flag"].agg(";".join)
     critical = failed.groupby(ENTRY)["critical"].agg(any)
@@ -193,7 +235,9 @@ def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     `unreliable` as a nullable boolean: True when a critical gate failed, False when every
     one that applies was measured and passed, missing ("not checked") otherwise."""
     table = table.copy()
-    unchecked = pd.Series([unchecked_gates(row) for row in table.to_dict("records")], index=table.index, dtype=object)
+    unchecked = pd.Series(
+        [unchecked_gates(row) for row in table.to_dict("records")], index=table.index, dtype=object
+    )
     failed = table["unreliable"].eq(True) if "unreliable" in table else pd.Series(False, index=table.index)
     verdict = pd.Series(pd.NA, index=table.index, dtype="boolean").mask(failed, True)
     table["unchecked"], table["unreliable"] = unchecked, verdict.mask(~failed & unchecked.eq(""), False)
@@ -204,7 +248,9 @@ def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
 def unchecked_gates(entry: dict) -> str:
     """The critical gates that apply to `entry` (its model and kind) and that it has no
     figure for (gate name -> value in `entry`), ';'-joined."""
-    return ";".join(g for g in required_gates(entry["model"], entry["kind"]) if pd.isna(entry.get(g, float("nan"))))
+    return ";".join(
+        g for g in required_gates(entry["model"], entry["kind"]) if pd.isna(entry.get(g, float("nan")))
+    )
 
 
 def required_gates(model: str, kind: str) -> list[str]:

@@ -1,5 +1,5 @@
 """The store's tables, their columns and SQLite types, their unique keys, and the values
-that mark what is not a measurement (ENSEMBLE_SEED, UNKNOWN_DATA).
+that mark what is not a measurement (ENSEMBLE_SEED).
 
 Units: `eps_255` (and a parameter set's `alpha_255`) in 1/255 of the pixel range;
 `severity` 1-5 for noise cells (0 otherwise); `seed` -1 for an ensemble; `accuracy` in [0, 1]."""
@@ -15,8 +15,6 @@ DB_FILE, SNAPSHOT_FILE = "records.sqlite", "records.csv"
 ENSEMBLE_SEED = -1
 
 
-
-
 # name -> SQL type; the order of the CSV snapshot's columns.
 COLUMNS: dict[str, str] = {
     "model": "TEXT",  # registered name or the defense's name
@@ -27,7 +25,7 @@ COLUMNS: dict[str, str] = {
     # (synthetic); noise cells: released, generated, generated-unofficial (from unofficial files)
     "data_source": "TEXT",
     # what the cell read: sha256 of the test images and labels (clean and attack cells), or of
-    # the noise group file's and labels' md5s; "unknown" for cells recorded before digests
+    # the noise group file's and labels' md5s
     "data_sha256": "TEXT",
     "seed": "INTEGER",
     "members": "INTEGER",  # 1, or the ensemble's size
@@ -73,8 +71,7 @@ KEY = (
 CELL_COLUMNS = ("data_source", "perturbation", "eps_255", "severity", "n", "params", "data_sha256")
 
 
-UNKNOWN_DATA = "unknown"  # the data digest of cells recorded before cells had one
-NOT_ON_DISK = "not on disk"  # load_runs' training digest of a run whose meta.json is gone
+NO_TRAINING_DIGEST = "not known"  # load_runs' training digest of a run whose meta.json is gone or lacks it
 
 
 # Training runs seen by the train and eval stages, failed ones included; the last sighting
@@ -140,7 +137,7 @@ STABILITY_COLUMNS: dict[str, str] = {
     "damped": "INTEGER",  # 1 where the model's rule damps the block (the same positions in a ResNet)
     "n": "INTEGER",
     "params": "TEXT",  # the estimator's parameters, canonical JSON
-    "data_sha256": "TEXT",  # the test images read, as the cells' (UNKNOWN_DATA: recorded before digests)
+    "data_sha256": "TEXT",  # the test images read, as the cells'
     "mean": "REAL",  # over the images (NULL when a value is not finite)
     "median": "REAL",
     "torch_version": "TEXT",
@@ -160,9 +157,21 @@ STABILITY_FLOORS: dict[str, float | None] = {GROWTH: 0.0, SPECTRAL: 0.0, EIGEN: 
 
 
 STABILITY_KEY = (
-    "run", "dataset", "data_source", "seed", "members", "preset", "checkpoint_sha256",
-    "quantity", "perturbation", "eps_255", "block", "n", "params", "data_sha256",
-)  # fmt: skip
+    "run",
+    "dataset",
+    "data_source",
+    "seed",
+    "members",
+    "preset",
+    "checkpoint_sha256",
+    "quantity",
+    "perturbation",
+    "eps_255",
+    "block",
+    "n",
+    "params",
+    "data_sha256",
+)
 
 
 # How each defense of the user's was built (bench.eval.adapters.DefenseInfo.build): its cells are
@@ -206,6 +215,8 @@ LANDSCAPE_COLUMNS: dict[str, str] = {
 # test images 2 and 7 at severity 1. Without the noise files: those two clean (LANDSCAPE_CLEAN).
 PAPER_LANDSCAPE_IMAGES = (("shot_noise", 2), ("speckle_noise", 7))
 LANDSCAPE_CLEAN = "clean"  # the image group of a clean test image
+
+
 @dataclass(frozen=True)
 class LandscapeConfig:
     """Fig. 2's grid, which tells its recorded landscapes apart: `points` per axis over
@@ -218,16 +229,33 @@ class LandscapeConfig:
     batch: int = 256  # grid points per forward pass
 
 
-LANDSCAPE_KEY = ("run", "dataset", "seed", "checkpoint_sha256", "image_group", "image_row", "data_sha256", "eps_255",
-                 "points", "direction_seed")  # fmt: skip
+LANDSCAPE_KEY = (
+    "run",
+    "dataset",
+    "seed",
+    "checkpoint_sha256",
+    "image_group",
+    "image_row",
+    "data_sha256",
+    "eps_255",
+    "points",
+    "direction_seed",
+)
 
 
 # What tells a checkpoint's stability units apart (all rows of a unit are one transaction).
 UNIT_COLUMNS = ("data_source", "quantity", "perturbation", "eps_255", "n", "params", "data_sha256")
 
 
-TABLE_COLUMNS = {"cells": COLUMNS, "runs": RUN_COLUMNS, "checks": CHECK_COLUMNS, "ensemble_members": MEMBER_COLUMNS,
-                 "stability": STABILITY_COLUMNS, "defenses": DEFENSE_COLUMNS, "landscapes": LANDSCAPE_COLUMNS}  # fmt: skip
+TABLE_COLUMNS = {
+    "cells": COLUMNS,
+    "runs": RUN_COLUMNS,
+    "checks": CHECK_COLUMNS,
+    "ensemble_members": MEMBER_COLUMNS,
+    "stability": STABILITY_COLUMNS,
+    "defenses": DEFENSE_COLUMNS,
+    "landscapes": LANDSCAPE_COLUMNS,
+}
 
 
 # no λ; a run that failed before its test; a stability figure that is not finite
@@ -244,11 +272,18 @@ def table_statements() -> dict[str, str]:
         "cells": table("cells", COLUMNS, f"correct_bits BLOB NOT NULL, UNIQUE ({', '.join(KEY)})"),
         "runs": table("runs", RUN_COLUMNS, "UNIQUE (run, dataset, seed, checkpoint_sha256)"),
         "ensemble_members": table("ensemble_members", MEMBER_COLUMNS, "UNIQUE (ensemble_sha256, seed)"),
-        "checks": table("checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'),
-        "stability": table("stability", STABILITY_COLUMNS, f"per_image BLOB NOT NULL, UNIQUE ({', '.join(STABILITY_KEY)})"),
+        "checks": table(
+            "checks", CHECK_COLUMNS, 'UNIQUE (run, dataset, seed, members, checkpoint_sha256, "check")'
+        ),
+        "stability": table(
+            "stability", STABILITY_COLUMNS, f"per_image BLOB NOT NULL, UNIQUE ({', '.join(STABILITY_KEY)})"
+        ),
         "defenses": table("defenses", DEFENSE_COLUMNS, "UNIQUE (run, dataset, checkpoint_sha256)"),
-        "landscapes": table("landscapes", LANDSCAPE_COLUMNS,
-                            f"loss BLOB NOT NULL, classes BLOB NOT NULL, UNIQUE ({', '.join(LANDSCAPE_KEY)})"),
+        "landscapes": table(
+            "landscapes",
+            LANDSCAPE_COLUMNS,
+            f"loss BLOB NOT NULL, classes BLOB NOT NULL, UNIQUE ({', '.join(LANDSCAPE_KEY)})",
+        ),
     }
 
 

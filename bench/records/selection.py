@@ -46,8 +46,16 @@ from bench.records.schema import KEY
 
 SOURCE_RANK = {"released": 4, "unofficial": 3, "generated": 2, "generated-unofficial": 1}
 # the names of the selection rules, as left-out rows carry them
-LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = "largest test subset", "largest ensemble", "released data first"
-ASKED_PARAMETERS, STRONGEST, LATEST_CHECKPOINT = "asked parameters", "strongest parameters", "latest checkpoint"
+LARGEST_SUBSET, LARGEST_ENSEMBLE, RELEASED_FIRST = (
+    "largest test subset",
+    "largest ensemble",
+    "released data first",
+)
+ASKED_PARAMETERS, STRONGEST, LATEST_CHECKPOINT = (
+    "asked parameters",
+    "strongest parameters",
+    "latest checkpoint",
+)
 LATEST_DATA = "latest data"
 
 
@@ -63,7 +71,9 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     cells = with_pooled_noise(unique.assign(_order=np.arange(len(unique))))
     cells = cells[cells["severity"] == 0].copy()
     noise = cells["perturbation"].isin(pooled_noise())
-    cells["metric"] = [metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)]
+    cells["metric"] = [
+        metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)
+    ]
     cells["kind"] = np.where(cells["members"] > 1, "ensemble", "single")
     cells["n_test"] = np.where(noise, cells["n"] // len(SEVERITIES), cells["n"])
     scores = {
@@ -71,7 +81,9 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
         "source": cells["data_source"].map(SOURCE_RANK).fillna(0),
         "asked": [
             int(params == asked_params(p, preset, eps, steps))
-            for p, preset, eps, params in zip(cells["perturbation"], cells["preset"], cells["eps_255"], cells["params"], strict=True)
+            for p, preset, eps, params in zip(
+                cells["perturbation"], cells["preset"], cells["eps_255"], cells["params"], strict=True
+            )
         ],
         "strength": _strength_ranks(cells),
         "measured": cells.groupby([*ENTRY, "seed", "checkpoint_sha256"], dropna=False)["timestamp"].transform(
@@ -81,8 +93,11 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
         "read": np.where(noise, cells["perturbation"], "test images"),
     }
     when = cells["timestamp"].astype(str) + "#" + cells["_order"].map("{:012d}".format)
-    scores["data"] = when.groupby([cells[c] for c in [*ENTRY, "seed"]] + [pd.Series(scores["read"], index=cells.index),
-                                  cells["data_sha256"]], dropna=False).transform("max")  # fmt: skip
+    scores["data"] = when.groupby(
+        [cells[c] for c in [*ENTRY, "seed"]]
+        + [pd.Series(scores["read"], index=cells.index), cells["data_sha256"]],
+        dropna=False,
+    ).transform("max")
     cells = cells.assign(**{f"_{k}": v for k, v in scores.items()})
     rules = (
         (LARGEST_SUBSET, [*ENTRY, "perturbation"], "n_test"),
@@ -173,7 +188,9 @@ def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
     runs["lam"] = [v if isinstance(v, tuple) else None for v in runs["lam"]]  # groupby made None NaN
     runs["paper_recipe"] = [
         run in paper_recipe_tags(model, preset, lam)
-        for run, model, preset, lam in zip(runs["run"], runs["model"], runs["preset"], runs["lam"], strict=True)
+        for run, model, preset, lam in zip(
+            runs["run"], runs["model"], runs["preset"], runs["lam"], strict=True
+        )
     ]
     runs = runs.sort_values(["paper_recipe", "n_test", "seeds", "run"], kind="stable")
     runs["chosen"] = ~runs.duplicated(keys, keep="last")
@@ -195,7 +212,14 @@ def seed_metrics(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> pd.DataFram
     return per_seed(select_measurements(frame, steps)[0])
 
 
-CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]  # a stability unit's checkpoint, as reports name it
+CHECKPOINT = [
+    "dataset",
+    "run",
+    "model",
+    "seed",
+    "members",
+    "preset",
+]  # a stability unit's checkpoint, as reports name it
 
 
 def chosen_units(frame: pd.DataFrame) -> pd.DataFrame:

@@ -26,8 +26,10 @@ def check_store_path(path: Path) -> None:
     "unable to open database file", read as a permissions problem)."""
     longest = len(str(path.absolute())) + len("-journal")
     if longest > SQLITE_PATH_LIMIT:
-        raise UserError(f"cannot open {path}: its path (and its journal's) is {longest} characters, more than "
-                        f"SQLite's {SQLITE_PATH_LIMIT}; choose a shorter --results-dir")  # fmt: skip
+        raise UserError(
+            f"cannot open {path}: its path (and its journal's) is {longest} characters, more than "
+            f"SQLite's {SQLITE_PATH_LIMIT}; choose a shorter --results-dir"
+        )
 
 
 def open_store(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -55,12 +57,14 @@ def execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence =
             ) from None
         if "no such column" in str(err):
             raise UserError(
-                f"{path} was written by an older version ({err}): open it for writing once (any train, eval or "
-                "report stage) to migrate it in place"
+                f"{path} was written by an earlier version of inres-bench ({err}): run again with a new "
+                "--results-dir; the old store is left as it is"
             ) from None
         if "no such table" in str(err):
             raise UserError(corrupt_message(path, f"{err}: not a store of this project")) from None
-        if "readonly database" in str(err) and journal_of(path).is_file():  # SQLite must roll a hot journal back
+        if (
+            "readonly database" in str(err) and journal_of(path).is_file()
+        ):  # SQLite must roll a hot journal back
             raise UserError(
                 f"{path}: an interrupted write is pending in {journal_of(path).name} (a writer was killed in the middle "
                 "of a transaction): run any stage once (not --dry-run) to recover it; nothing was lost"
@@ -70,27 +74,18 @@ def execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence =
         raise UserError(corrupt_message(path, str(err))) from None
 
 
-def read_rows(results_dir: str | os.PathLike, sql: str, columns: dict[str, str], table: str = "") -> pd.DataFrame:
+def read_rows(
+    results_dir: str | os.PathLike, sql: str, columns: dict[str, str], table: str = ""
+) -> pd.DataFrame:
     """`sql`'s rows as typed columns; with `table`, none when a store predates that table."""
     path = Path(results_dir) / DB_FILE
     rows: list[tuple] = []
     if path.is_file():
         with closing(open_store(path, readonly=True)) as db:
             query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-            missing = [c for c in ("params", "data_sha256") if c in columns and not _has_column(db, path, c)]
-            if missing:
-                what = "a params column" if missing[0] == "params" else "their data's digest"
-                raise UserError(
-                    f"{path} was written before cells had {what}: open it for writing once "
-                    "(any train, eval or report stage) to migrate it in place"
-                )
             if not table or execute(db, path, query, [table]):
                 rows = execute(db, path, sql)
     return typed(pd.DataFrame.from_records(rows, columns=list(columns)), columns)
-
-
-def _has_column(db: sqlite3.Connection, path: Path, column: str) -> bool:
-    return any(row[1] == column for row in execute(db, path, "PRAGMA table_info(cells)"))
 
 
 def typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

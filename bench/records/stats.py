@@ -46,8 +46,13 @@ class Bootstrap:
             self._examples[n] = counts.astype(np.float32)  # draws x n: 40 MB for 10,000 examples
         return self._examples[n]
 
-    def means(self, samples: Sequence[np.ndarray], what: Identity, scale: float = 100.0,
-              rng: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
+    def means(
+        self,
+        samples: Sequence[np.ndarray],
+        what: Identity,
+        scale: float = 100.0,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
         """The bootstrap draws of the mean of `samples` (one per seed, each the per-example
         values over the same n examples), times `scale`: accuracies in [0, 1] give percent;
         scale 1 keeps any other figure's units (bench.reports.stability_report)."""
@@ -58,17 +63,23 @@ class Bootstrap:
         per_seed = (self.examples(n) @ m.T).astype(np.float64)  # draws x k: each seed's sum under each draw
         return scale * (seeds * per_seed).sum(1) / (k * n)
 
-    def interval(self, samples: Sequence[np.ndarray], what: Identity, scale: float = 100.0) -> tuple[float, float]:
+    def interval(
+        self, samples: Sequence[np.ndarray], what: Identity, scale: float = 100.0
+    ) -> tuple[float, float]:
         return percentiles(self.means(samples, what, scale))
 
-    def difference(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], what: Identity, scale: float = 100.0
-                   ) -> tuple[float, float, float]:  # fmt: skip
+    def difference(
+        self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], what: Identity, scale: float = 100.0
+    ) -> tuple[float, float, float]:
         """(mean a - mean b, low, high), in points for accuracies (`scale` as in `means`);
         paired over examples when both were measured on the same number of (hence the same
         class-balanced) examples."""
         estimate = scale * (np.mean([np.mean(s) for s in a]) - np.mean([np.mean(s) for s in b]))
         rng = self.generator(what)
-        return (float(estimate), *percentiles(self.means(a, what, scale, rng) - self.means(b, what, scale, rng)))
+        return (
+            float(estimate),
+            *percentiles(self.means(a, what, scale, rng) - self.means(b, what, scale, rng)),
+        )
 
     def over_seeds(self, values: Sequence[float], what: Identity) -> tuple[float, float]:
         """The 95% interval of the mean of one value per seed, resampling the seeds (NaN
@@ -102,7 +113,11 @@ def level_verdict(low: float, high: float, published: float, resolution: float =
     printed `resolution`), and is contradicted otherwise."""
     if math.isnan(low) or math.isnan(published):
         return "the paper has no number" if math.isnan(published) else "no interval (fewer than two seeds)"
-    return "reproduces" if low <= published + resolution / 2 and published - resolution / 2 <= high else "contradicts"
+    return (
+        "reproduces"
+        if low <= published + resolution / 2 and published - resolution / 2 <= high
+        else "contradicts"
+    )
 
 
 def per_example(bits: np.ndarray, severities: int = 1) -> np.ndarray:

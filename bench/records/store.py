@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bench.core.messages import disk_full, disk_full_message
-from bench.records.integrity import check_integrity, migrate, table_columns
+from bench.records.integrity import check_integrity
 from bench.records.schema import (
     CELL_COLUMNS,
     CHECK_COLUMNS,
@@ -77,9 +77,10 @@ class RecordStore:
         with self._connect() as db:
             check_integrity(db, self.path)
             try:
-                migrate(db, self.path)
                 with db:
-                    db.executescript(";".join(table_statements().values()))  # a store's tables exist: nothing written
+                    db.executescript(
+                        ";".join(table_statements().values())
+                    )  # a store's tables exist: nothing written
                 with open(self.path, "r+b"):  # SQLite opens a read-only file without a word; this does not
                     pass  # nor does it change the file: a run that finds everything cached leaves it as it was
             except (sqlite3.Error, OSError) as err:
@@ -104,7 +105,10 @@ class RecordStore:
         where = " AND ".join(f"{k} = ?" for k in fixed)
         with self._connect() as db:
             rows = execute(
-                db, self.path, f"SELECT {', '.join(COLUMNS)} FROM cells WHERE {where}", [context[k] for k in fixed]
+                db,
+                self.path,
+                f"SELECT {', '.join(COLUMNS)} FROM cells WHERE {where}",
+                [context[k] for k in fixed],
             )
         return typed(pd.DataFrame.from_records(rows, columns=list(COLUMNS)), COLUMNS)
 
@@ -117,7 +121,7 @@ class RecordStore:
         if self.readonly and not self.path.is_file():
             return set()
         keys = ("run", "dataset", "seed", "members", "checkpoint_sha256")
-        sql = f"SELECT \"check\" FROM checks WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        sql = f'SELECT "check" FROM checks WHERE {" AND ".join(f"{k} = ?" for k in keys)}'
         with self._connect() as db:
             return {c for (c,) in execute(db, self.path, sql, [context[k] for k in keys])}
 
@@ -151,9 +155,13 @@ class RecordStore:
         seen = [c for c in RUN_COLUMNS if c != "timestamp"]
         last = f"SELECT {', '.join(seen)} FROM runs WHERE run = ? AND dataset = ? AND seed = ? ORDER BY rowid DESC LIMIT 1"
         with self._connect() as db, db:
-            if db.execute(last, [row["run"], row["dataset"], row["seed"]]).fetchall() == [tuple(row[c] for c in seen)]:
+            if db.execute(last, [row["run"], row["dataset"], row["seed"]]).fetchall() == [
+                tuple(row[c] for c in seen)
+            ]:
                 return  # the latest sighting already says so: a cached rerun leaves the store as it was
-            db.execute(f"DELETE FROM runs WHERE {' AND '.join(f'{k} = ?' for k in key)}", [row[k] for k in key])
+            db.execute(
+                f"DELETE FROM runs WHERE {' AND '.join(f'{k} = ?' for k in key)}", [row[k] for k in key]
+            )
             db.execute(insert, [row[k] for k in RUN_COLUMNS])
 
     def add_checks(self, rows: Sequence[dict]) -> None:
@@ -172,7 +180,9 @@ class RecordStore:
         keys = ("run", "dataset", "seed", "members", "preset", "checkpoint_sha256")
         sql = f"SELECT DISTINCT {', '.join(UNIT_COLUMNS)} FROM stability WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
         with self._connect() as db:
-            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"):
+            if not execute(
+                db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stability'"
+            ):
                 return set()  # a read-only store written before the stage existed
             return set(execute(db, self.path, sql, [context[k] for k in keys]))
 
@@ -180,8 +190,10 @@ class RecordStore:
         """Insert one stability unit's rows and per-image values, all or nothing; returns
         how many were new."""
         names = [*STABILITY_COLUMNS, "per_image"]
-        data = [[row[k] for k in STABILITY_COLUMNS] + [np.asarray(v, dtype="<f4").tobytes()]
-                for row, v in zip(rows, values, strict=True)]  # fmt: skip
+        data = [
+            [row[k] for k in STABILITY_COLUMNS] + [np.asarray(v, dtype="<f4").tobytes()]
+            for row, v in zip(rows, values, strict=True)
+        ]
         sql = f"INSERT OR IGNORE INTO stability ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         with self._connect() as db, db:
             before = db.total_changes
@@ -194,17 +206,24 @@ class RecordStore:
         if self.readonly and not self.path.is_file():
             return set()
         keys = ("run", "dataset", "seed", "checkpoint_sha256")
-        sql = (f"SELECT image_group, image_row, data_sha256, eps_255, points, direction_seed FROM landscapes "
-               f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}")  # fmt: skip
+        sql = (
+            f"SELECT image_group, image_row, data_sha256, eps_255, points, direction_seed FROM landscapes "
+            f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        )
         with self._connect() as db:
-            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'landscapes'"):
+            if not execute(
+                db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'landscapes'"
+            ):
                 return set()  # a read-only store written before landscapes were recorded
             return set(execute(db, self.path, sql, [context[k] for k in keys]))
 
     def add_landscape(self, row: dict, loss: np.ndarray, classes: np.ndarray) -> int:
         """Insert one landscape (its grids as blobs); returns 1 when it was new."""
         names = [*LANDSCAPE_COLUMNS, "loss", "classes"]
-        values = [row[k] for k in LANDSCAPE_COLUMNS] + [np.asarray(loss, "<f4").tobytes(), np.asarray(classes, "<i2").tobytes()]
+        values = [row[k] for k in LANDSCAPE_COLUMNS] + [
+            np.asarray(loss, "<f4").tobytes(),
+            np.asarray(classes, "<i2").tobytes(),
+        ]
         sql = f"INSERT OR IGNORE INTO landscapes ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         with self._connect() as db, db:
             before = db.total_changes
@@ -217,7 +236,9 @@ class RecordStore:
             return None
         sql = "SELECT build FROM defenses WHERE run = ? AND dataset = ? AND checkpoint_sha256 = ?"
         with self._connect() as db:
-            if not execute(db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'defenses'"):
+            if not execute(
+                db, self.path, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'defenses'"
+            ):
                 return None  # a read-only store written before defenses were recorded
             found = execute(db, self.path, sql, [run, dataset, checkpoint_sha256])
         return found[0][0] if found else None
@@ -247,12 +268,19 @@ def content_digest(results_dir: str | os.PathLike) -> str:
         return digest.hexdigest()
     with closing(open_store(path, readonly=True)) as db:
         check_integrity(db, path)
-        tables = [t for (t,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        tables = [
+            t
+            for (t,) in execute(db, path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        ]
         for table in (t for t in tables if t != "runs"):
-            digest.update(repr((table, *execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode())
+            digest.update(
+                repr((table, *execute(db, path, f"SELECT count(*), max(rowid) FROM {table}")[0])).encode()
+            )
         if "runs" in tables:
             seen = [c for c in RUN_COLUMNS if c != "timestamp"]
-            digest.update(repr(sorted(execute(db, path, f"SELECT {', '.join(seen)} FROM runs"), key=repr)).encode())
+            digest.update(
+                repr(sorted(execute(db, path, f"SELECT {', '.join(seen)} FROM runs"), key=repr)).encode()
+            )
     return digest.hexdigest()
 
 
@@ -266,16 +294,6 @@ def check_results_dir(results_dir: str | os.PathLike) -> Path:
     return path
 
 
-def needs_migration(results_dir: str | os.PathLike) -> bool:
-    """Whether the store was written by a version before the `params` or `data_sha256` column."""
-    path = Path(results_dir) / DB_FILE
-    if not path.is_file():
-        return False
-    with closing(open_store(path, readonly=True)) as db:
-        cells, stability = table_columns(db, path, "cells"), table_columns(db, path, "stability")
-    return (bool(cells) and not {"params", "data_sha256"} <= set(cells)) or (bool(stability) and "data_sha256" not in stability)
-
-
 def check_store(results_dir: str | os.PathLike) -> bool:
     """Whether a store exists in `results_dir`; a corrupt or unreadable one is an error."""
     path = Path(results_dir) / DB_FILE
@@ -286,4 +304,4 @@ def check_store(results_dir: str | os.PathLike) -> bool:
     return True
 
 
-# --- opening, checking, migrating and reading the store ----------------------------------------
+# --- opening, checking and reading the store ----------------------------------------

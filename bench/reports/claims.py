@@ -35,10 +35,30 @@ class Claim:
 
 
 CLAIMS = (
-    Claim("{a} beats {b} on the noise groups (avg.)", 1, "noise", ("in", None, "single"), ("residual", None, "single")),
-    Claim("{a} beats {b} under PGD at 2/255", 3, "pgd@2", ("in", None, "single"), ("residual", None, "single")),
-    Claim("{a} beats {b} under PGD at 2/255", 3, "pgd@2", ("lambda-in", None, "single"), ("residual", None, "single")),
-    Claim("{a} is more accurate than {b} on clean data", 2, "clean", ("residual", None, "single"), ("in", None, "single")),
+    Claim(
+        "{a} beats {b} on the noise groups (avg.)",
+        1,
+        "noise",
+        ("in", None, "single"),
+        ("residual", None, "single"),
+    ),
+    Claim(
+        "{a} beats {b} under PGD at 2/255", 3, "pgd@2", ("in", None, "single"), ("residual", None, "single")
+    ),
+    Claim(
+        "{a} beats {b} under PGD at 2/255",
+        3,
+        "pgd@2",
+        ("lambda-in", None, "single"),
+        ("residual", None, "single"),
+    ),
+    Claim(
+        "{a} is more accurate than {b} on clean data",
+        2,
+        "clean",
+        ("residual", None, "single"),
+        ("in", None, "single"),
+    ),
     Claim(
         "the ensemble of {a} beats its single models under PGD at 2/255",
         6,
@@ -90,16 +110,32 @@ def claim_rows(
         for dataset in shown_datasets(frame, TABLES[claim.table].datasets):
             for arch in claim_archs(claim, frame, dataset):
                 a, b = _model(arch, claim.a), _model(arch, claim.b)
-                sides = [_side(chosen, dataset, entry, side, claim.metric) for entry, side in ((a, claim.a), (b, claim.b))]
+                sides = [
+                    _side(chosen, dataset, entry, side, claim.metric)
+                    for entry, side in ((a, claim.a), (b, claim.b))
+                ]
                 measured = math.nan if None in sides else sides[0]["mean"] - sides[1]["mean"]
                 low = high = math.nan
                 if evidence is not None and None not in sides:
-                    seeded = [evidence.seeded(dataset, side["run"], kind, preset, claim.metric)
-                              for side, kind in zip(sides, (claim.a[2], claim.b[2]), strict=True)]  # fmt: skip
+                    seeded = [
+                        evidence.seeded(dataset, side["run"], kind, preset, claim.metric)
+                        for side, kind in zip(sides, (claim.a[2], claim.b[2]), strict=True)
+                    ]
                     if all(seeded):
-                        what = (claim.text, claim.table, dataset, arch, preset,
-                                *((side["run"], kind, tuple(s)) for side, kind, s in zip(sides, (claim.a[2], claim.b[2]), seeded, strict=True)))  # fmt: skip
-                        measured, low, high = evidence.bootstrap.difference(*(list(s.values()) for s in seeded), what)
+                        what = (
+                            claim.text,
+                            claim.table,
+                            dataset,
+                            arch,
+                            preset,
+                            *(
+                                (side["run"], kind, tuple(s))
+                                for side, kind, s in zip(sides, (claim.a[2], claim.b[2]), seeded, strict=True)
+                            ),
+                        )
+                        measured, low, high = evidence.bootstrap.difference(
+                            *(list(s.values()) for s in seeded), what
+                        )
                 published_delta = _paper(paper, claim, dataset, a, b)
                 why = _not_comparable(dataset, sides, evidence) if None not in sides else ""
                 rows.append(
@@ -129,7 +165,9 @@ def _side(chosen: dict, dataset: str, entry: ModelEntry, side: Side, metric: str
 def _paper(paper: pd.DataFrame, claim: Claim, dataset: str, a: ModelEntry, b: ModelEntry) -> float:
     table = paper[paper["table"] == claim.table]
     first, second = (
-        published_value(table, dataset, entry.name, side[1] or entry.damped_lambda_init, side[2], claim.metric)
+        published_value(
+            table, dataset, entry.name, side[1] or entry.damped_lambda_init, side[2], claim.metric
+        )
         for entry, side in ((a, claim.a), (b, claim.b))
     )
     return first - second
@@ -141,7 +179,9 @@ def _not_comparable(dataset: str, sides: list[dict], evidence: Evidence | None) 
     under any preset (each is a protocol that could have made the published numbers)."""
     if not dataset_info(dataset).paper:
         return dataset_info(dataset).not_compared()
-    reasons = [] if evidence is None else [r for side in sides for r in evidence.departures(dataset, side["run"])]
+    reasons = (
+        [] if evidence is None else [r for side in sides for r in evidence.departures(dataset, side["run"])]
+    )
     return ", ".join(dict.fromkeys(reasons))
 
 
@@ -155,8 +195,6 @@ def _verdict(measured: float, low: float, high: float, paper: float, why: str) -
     if math.isnan(low):
         return "no interval (no per-example records)"
     return stats.verdict(low, high, paper)
-
-
 
 
 # --- Fig. 1: the share of coefficients above 0.01 ----------------------------------------------
@@ -179,16 +217,30 @@ def share_claim_rows(
     from bench.reports.run_figures import PUBLISHED, paper_panels, seed_shares
 
     published = pd.read_csv(PUBLISHED)
-    published = published[(published["figure"] == 1) & (published["metric"] == "share_above_0.01")
-                          & published["dataset"].isin(datasets)]  # fmt: skip
+    published = published[
+        (published["figure"] == 1)
+        & (published["metric"] == "share_above_0.01")
+        & published["dataset"].isin(datasets)
+    ]
     mine = coefficients[paper_panels(coefficients, published, preset)]
     bootstrap = bootstrap or stats.Bootstrap()
     rows = []
-    for dataset, model, paper in zip(published["dataset"], published["model"], published["value"], strict=True):
+    for dataset, model, paper in zip(
+        published["dataset"], published["model"], published["value"], strict=True
+    ):
         runs = mine[(mine["dataset"] == dataset) & (mine["model"] == model)]
-        shares = pd.concat([seed_shares(r) for _, r in runs.groupby("run")]) if len(runs) else seed_shares(runs)
+        shares = (
+            pd.concat([seed_shares(r) for _, r in runs.groupby("run")]) if len(runs) else seed_shares(runs)
+        )
         measured = float(shares["logged"].mean()) if len(shares) else math.nan
-        what = ("fig1-share", dataset, model, preset, tuple(dict.fromkeys(runs["run"])), tuple(shares["seed"]))
+        what = (
+            "fig1-share",
+            dataset,
+            model,
+            preset,
+            tuple(dict.fromkeys(runs["run"])),
+            tuple(shares["seed"]),
+        )
         low, high = bootstrap.over_seeds(shares["logged"].tolist(), what)
         why = _not_comparable(dataset, [{"run": r} for r in dict.fromkeys(runs["run"])], evidence)
         if math.isnan(measured):
@@ -197,12 +249,35 @@ def share_claim_rows(
             verdict = f"not comparable with the paper ({why})"
         else:
             verdict = stats.level_verdict(low, high, paper, PUBLISHED_SHARE_RESOLUTION)
-        rows.append({"claim": f"{paper:.1f}% of {model_entry(model).label}'s coefficients act(λ_n) are above 0.01",
-                     "figure": 1, "dataset": dataset, "preset": preset, "measured": measured, "low": low, "high": high,
-                     "damped": float(shares["damped"].mean()) if len(shares) else math.nan, "paper": paper,
-                     "seeds": len(shares), "verdict": verdict})  # fmt: skip
+        rows.append(
+            {
+                "claim": f"{paper:.1f}% of {model_entry(model).label}'s coefficients act(λ_n) are above 0.01",
+                "figure": 1,
+                "dataset": dataset,
+                "preset": preset,
+                "measured": measured,
+                "low": low,
+                "high": high,
+                "damped": float(shares["damped"].mean()) if len(shares) else math.nan,
+                "paper": paper,
+                "seeds": len(shares),
+                "verdict": verdict,
+            }
+        )
     return pd.DataFrame(rows, columns=SHARE_COLUMNS)
 
 
-SHARE_COLUMNS = ["claim", "figure", "dataset", "preset", "measured", "low", "high", "damped", "paper", "seeds", "verdict"]
+SHARE_COLUMNS = [
+    "claim",
+    "figure",
+    "dataset",
+    "preset",
+    "measured",
+    "low",
+    "high",
+    "damped",
+    "paper",
+    "seeds",
+    "verdict",
+]
 PUBLISHED_SHARE_RESOLUTION = 0.1  # the paper prints shares to 0.1%: 43/54 = 79.63% is its 79.6

@@ -34,7 +34,9 @@ def published_cells() -> pd.DataFrame:
     """The published single-model cells of Tables 1-3 (the four noise groups, not their
     average), each (data set, model, metric) once."""
     paper = published()
-    paper = paper[paper["table"].isin(CLOSEST_TABLES) & (paper["kind"] == "single") & (paper["metric"] != "noise")]
+    paper = paper[
+        paper["table"].isin(CLOSEST_TABLES) & (paper["kind"] == "single") & (paper["metric"] != "noise")
+    ]
     return paper.drop_duplicates(["dataset", "model", "metric"]).reset_index(drop=True)
 
 
@@ -61,7 +63,10 @@ def closest_rows(aggregated: pd.DataFrame, evidence: Evidence, presets: list[str
             row |= {"gap": _root(point), "low": _root(low), "high": _root(high)}
             if name != best:
                 behind = draws - squared[best][1]  # independent draws: the presets' runs are distinct
-                row |= {"behind": point - squared[best][0], **dict(zip(("behind_low", "behind_high"), stats.percentiles(behind), strict=True))}
+                row |= {
+                    "behind": point - squared[best][0],
+                    **dict(zip(("behind_low", "behind_high"), stats.percentiles(behind), strict=True)),
+                }
         rows.append(row)
     return pd.DataFrame(rows, columns=CLOSEST_COLUMNS)
 
@@ -114,21 +119,33 @@ def closest_sentence(closest: pd.DataFrame) -> str:
     preset is told apart from it."""
     measured = closest[closest["gap"].notna()]
     if measured.empty:
-        return ("No preset has runs that can be set against the published numbers (the full recipe on the "
-                "official CIFAR data, measured on the cells of Tables 1-3): none is closer than another yet.")  # fmt: skip
+        return (
+            "No preset has runs that can be set against the published numbers (the full recipe on the "
+            "official CIFAR data, measured on the cells of Tables 1-3): none is closer than another yet."
+        )
     best = measured.loc[measured["behind"].isna()].iloc[0]
-    text = (f"root mean squared gap {best['gap']:.2f} [{best['low']:.2f}, {best['high']:.2f}] points over "
-            f"the {int(best['cells'])} published cells of Tables 1-3")  # fmt: skip
+    text = (
+        f"root mean squared gap {best['gap']:.2f} [{best['low']:.2f}, {best['high']:.2f}] points over "
+        f"the {int(best['cells'])} published cells of Tables 1-3"
+    )
     if len(measured) == 1:
         return f"Only preset `{best['preset']}` has runs comparable with the paper: {text}."
     others = [
         f"{'closer than' if low > 0 else 'not told apart from'} `{name}` (its mean squared gap is larger by "
         f"{behind:.2f} [{low:.2f}, {high:.2f}] points²)"
-        for name, behind, low, high in zip(measured["preset"], measured["behind"], measured["behind_low"],
-                                           measured["behind_high"], strict=True) if name != best["preset"]
-    ]  # fmt: skip
-    return (f"Closest to the published numbers: preset `{best['preset']}`, {text} that every preset measured; "
-            f"{'; '.join(others)}.")  # fmt: skip
+        for name, behind, low, high in zip(
+            measured["preset"],
+            measured["behind"],
+            measured["behind_low"],
+            measured["behind_high"],
+            strict=True,
+        )
+        if name != best["preset"]
+    ]
+    return (
+        f"Closest to the published numbers: preset `{best['preset']}`, {text} that every preset measured; "
+        f"{'; '.join(others)}."
+    )
 
 
 def render_closest(closest: pd.DataFrame, claims: dict[str, pd.DataFrame]) -> str:
@@ -136,39 +153,82 @@ def render_closest(closest: pd.DataFrame, claims: dict[str, pd.DataFrame]) -> st
     rows = []
     for name in claims:
         row = closest[closest["preset"] == name]
-        gap = "-" if row.empty or math.isnan(row["gap"].iloc[0]) else (
-            f"{row['gap'].iloc[0]:.2f} [{row['low'].iloc[0]:.2f}, {row['high'].iloc[0]:.2f}]")  # fmt: skip
+        gap = (
+            "-"
+            if row.empty or math.isnan(row["gap"].iloc[0])
+            else (f"{row['gap'].iloc[0]:.2f} [{row['low'].iloc[0]:.2f}, {row['high'].iloc[0]:.2f}]")
+        )
         judged = claims[name]["verdict"].isin(JUDGED)
         reproduced = f"{int((claims[name]['verdict'] == 'reproduces').sum())} of {int(judged.sum())}"
-        rows.append([f"`{name}`", preset(name).source, "-" if row.empty else f"{int(row['cells'].iloc[0])}", gap, reproduced])
-    return tabulate(rows, headers=["preset", "protocol", "cells", "root mean squared gap (points)", "claims reproduced"],
-                    tablefmt="github", disable_numparse=True)  # fmt: skip
+        rows.append(
+            [
+                f"`{name}`",
+                preset(name).source,
+                "-" if row.empty else f"{int(row['cells'].iloc[0])}",
+                gap,
+                reproduced,
+            ]
+        )
+    return tabulate(
+        rows,
+        headers=["preset", "protocol", "cells", "root mean squared gap (points)", "claims reproduced"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def render_claims(claims: pd.DataFrame) -> str:
     """One preset's claims: claim, table, data, measured [interval], paper, verdict."""
     shown = claims.assign(
-        measured=[with_interval(v, lo, hi) for v, lo, hi in zip(claims["measured"], claims["low"], claims["high"], strict=True)],
+        measured=[
+            with_interval(v, lo, hi)
+            for v, lo, hi in zip(claims["measured"], claims["low"], claims["high"], strict=True)
+        ],
         paper=claims["paper"].map(lambda v: "-" if math.isnan(v) else f"{v:+.2f}"),
         dataset=claims["dataset"].map(dataset_label),
     )[["claim", "table", "dataset", "measured", "paper", "verdict"]]
-    return tabulate(shown.values.tolist(), headers=["claim", "table", "data", "measured", "paper", "verdict"],
-                    tablefmt="github", disable_numparse=True)  # fmt: skip
+    return tabulate(
+        shown.values.tolist(),
+        headers=["claim", "table", "data", "measured", "paper", "verdict"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def render_shares(shares: pd.DataFrame) -> str:
     """Fig. 1's claims as a table: claim, data, seeds, the share as the release counts it
     [interval], the damped blocks' share, paper, verdict."""
     rows = [
-        [claim, dataset_label(dataset), f"{seeds}",
-         "-" if math.isnan(value) else f"{value:.1f}" + ("" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]"),
-         "-" if math.isnan(damped) else f"{damped:.1f}", f"{paper:.1f}", verdict]
+        [
+            claim,
+            dataset_label(dataset),
+            f"{seeds}",
+            "-"
+            if math.isnan(value)
+            else f"{value:.1f}" + ("" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]"),
+            "-" if math.isnan(damped) else f"{damped:.1f}",
+            f"{paper:.1f}",
+            verdict,
+        ]
         for claim, dataset, seeds, value, low, high, damped, paper, verdict in zip(
-            shares["claim"], shares["dataset"], shares["seeds"], shares["measured"], shares["low"], shares["high"],
-            shares["damped"], shares["paper"], shares["verdict"], strict=True)
-    ]  # fmt: skip
-    return tabulate(rows, headers=["claim", "data", "seeds", "all blocks (%)", "damped blocks (%)", "paper (%)",
-                                   "verdict"], tablefmt="github", disable_numparse=True)  # fmt: skip
+            shares["claim"],
+            shares["dataset"],
+            shares["seeds"],
+            shares["measured"],
+            shares["low"],
+            shares["high"],
+            shares["damped"],
+            shares["paper"],
+            shares["verdict"],
+            strict=True,
+        )
+    ]
+    return tabulate(
+        rows,
+        headers=["claim", "data", "seeds", "all blocks (%)", "damped blocks (%)", "paper (%)", "verdict"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def with_interval(value: float, low: float, high: float) -> str:

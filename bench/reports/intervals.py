@@ -40,7 +40,11 @@ def select_intervals(filled: pd.DataFrame, number: int) -> tuple[pd.DataFrame, p
             keep = max(scored, key=lambda i: (scores[i], -i))
         for i, (row, c) in enumerate(rows):
             if i == keep:
-                label = f"{row} (chosen on the test set, {len(scored)} of {len(rows)} intervals)" if scored else row
+                label = (
+                    f"{row} (chosen on the test set, {len(scored)} of {len(rows)} intervals)"
+                    if scored
+                    else row
+                )
                 shown.append(c.assign(row=label if c["mean"].notna().any() else entries[model].label))
             elif c["mean"].notna().any():
                 others.append(c)

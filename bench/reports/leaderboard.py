@@ -48,12 +48,19 @@ def leaderboard(
     wide = mine.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")
     seeds = mine.groupby(GROUP, dropna=False)["n"].max()
     # the entry's test subset is its clean cells' (AutoAttack may use a subset of it)
-    n_test = mine.assign(clean=mine["metric"] == "clean").sort_values("clean").groupby(GROUP, dropna=False)["n_test"].last()
+    n_test = (
+        mine.assign(clean=mine["metric"] == "clean")
+        .sort_values("clean")
+        .groupby(GROUP, dropna=False)["n_test"]
+        .last()
+    )
     metrics = leaderboard_metrics()
     wide = wide.reindex(columns=sorted(set(wide.columns) | set(metrics) | {rank_by}))
     if gates is None:
         gates = sanity.summary(sanity.record_gates(mine))
-    verdict = gates.fillna({"lambda_low": -1.0, "lambda_high": -1.0}).set_index(GROUP)[["flags", "unchecked", "unreliable"]]
+    verdict = gates.fillna({"lambda_low": -1.0, "lambda_high": -1.0}).set_index(GROUP)[
+        ["flags", "unchecked", "unreliable"]
+    ]
     board = wide.assign(seeds=seeds.astype("Int64"), n_test=n_test).join(verdict).reset_index()
     board["flags"] = board["flags"].fillna("")
     ungated = board["unchecked"].isna()  # no gate measured at all: every one is unchecked
@@ -67,7 +74,9 @@ def leaderboard(
     entries = list(zip(board["dataset"], board["run"], board["kind"], strict=True))
     board["name"] = board["run"] + board["kind"].map({"single": "", "ensemble": " (ensemble)"})
     board["data_source"] = [";".join(sorted(sources.get(e, ()))) for e in entries]
-    every = mine.groupby(GROUP, dropna=False)[["metric", "mean"]].apply(lambda f: dict(zip(f["metric"], f["mean"], strict=True)))
+    every = mine.groupby(GROUP, dropna=False)[["metric", "mean"]].apply(
+        lambda f: dict(zip(f["metric"], f["mean"], strict=True))
+    )
     board["measured"] = [every.get(k, {}) for k in zip(*(board[c] for c in GROUP), strict=True)]
     board["checkpoints"] = [sorted(digests.get(e, ())) for e in entries]
     found = amplification or {}
@@ -76,19 +85,24 @@ def leaderboard(
         drop=True
     )
     board.insert(0, "rank", range(1, len(board) + 1))
-    columns = [
-        "rank",
-        "name",
-        "model",
-        "dataset",
-        "data_source",
-        "preset",
-        "n_test",
-        "seeds",
-        *metrics,
-    ]
+    columns = ["rank", "name", "model", "dataset", "data_source", "preset", "n_test", "seeds", *metrics]
     extra = [rank_by] if rank_by not in metrics else []
-    return board[[*columns, *extra, "amplification", "flags", "unchecked", "unreliable", "checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"]]
+    return board[
+        [
+            *columns,
+            *extra,
+            "amplification",
+            "flags",
+            "unchecked",
+            "unreliable",
+            "checkpoints",
+            "measured",
+            "kind",
+            "run",
+            "lambda_low",
+            "lambda_high",
+        ]
+    ]
 
 
 def check_metric(name: str, available: set[str] | None = None) -> str:
@@ -115,16 +129,22 @@ def render_board(board: pd.DataFrame, brief: bool = False) -> str:
     shown[metrics] = shown[metrics].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
     shown["amplification"] = shown["amplification"].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
     shown["dataset"] = shown["dataset"].map(lambda d: dataset_label(d))
-    shown["unreliable"] = [sanity.verdict_text(u, c) for u, c in zip(shown["unreliable"], shown["unchecked"], strict=True)]
+    shown["unreliable"] = [
+        sanity.verdict_text(u, c) for u, c in zip(shown["unreliable"], shown["unchecked"], strict=True)
+    ]
     shown = shown.drop(columns=["unchecked", *hidden])
-    return tabulate(shown.values.tolist(), headers=list(shown.columns), tablefmt="github", disable_numparse=True)
+    return tabulate(
+        shown.values.tolist(), headers=list(shown.columns), tablefmt="github", disable_numparse=True
+    )
 
 
 def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame) -> dict[Path, str]:
     """leaderboard.csv, leaderboard.md (with a line naming the measurements left out) and
     one JSON file per entry."""
     table = board.drop(columns=["checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"])
-    names = dict(zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True))
+    names = dict(
+        zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True)
+    )
     phrases = left_out_phrases(
         left_out, lambda r: f"{names.get((r['dataset'], r['run'], r['kind']), r['run'])} ({r['dataset']})"
     )
@@ -149,7 +169,11 @@ def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[
     were; RobustBench's fields (accuracies as strings with two decimals, as its files have
     them) plus our provenance in an `inres_bench` block."""
     measured = entry["measured"]
-    lam = None if entry["lambda_low"] in (None, -1.0) or pd.isna(entry["lambda_low"]) else (entry["lambda_low"], entry["lambda_high"])
+    lam = (
+        None
+        if entry["lambda_low"] in (None, -1.0) or pd.isna(entry["lambda_low"])
+        else (entry["lambda_low"], entry["lambda_high"])
+    )
 
     def percent(value) -> str:
         return f"{value:.2f}"
@@ -175,18 +199,36 @@ def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[
     name, out = _file_name(entry["name"]), {}
     reference = metric_name("autoattack", 2.0)
     if reference in measured:
-        linf = {**common, "eps": "2/255", "reported": reported("pgd@2"), "autoattack_acc": percent(measured[reference])}
+        linf = {
+            **common,
+            "eps": "2/255",
+            "reported": reported("pgd@2"),
+            "autoattack_acc": percent(measured[reference]),
+        }
         out[folder / entry["dataset"] / "Linf" / f"{name}.json"] = json.dumps(linf, indent=2) + "\n"
     if "noise" in measured:
-        corruptions = {**common, "eps": None, "reported": reported("noise"), "corruptions_acc": percent(measured["noise"])}
-        out[folder / entry["dataset"] / "corruptions" / f"{name}.json"] = json.dumps(corruptions, indent=2) + "\n"
+        corruptions = {
+            **common,
+            "eps": None,
+            "reported": reported("noise"),
+            "corruptions_acc": percent(measured["noise"]),
+        }
+        out[folder / entry["dataset"] / "corruptions" / f"{name}.json"] = (
+            json.dumps(corruptions, indent=2) + "\n"
+        )
     return out
 
 
 def _footnote(entry: dict) -> str:
-    who = f"ensemble of {entry['seeds']}" if entry["kind"] == "ensemble" else f"mean of {entry['seeds']} seed(s)"
+    who = (
+        f"ensemble of {entry['seeds']}"
+        if entry["kind"] == "ensemble"
+        else f"mean of {entry['seeds']} seed(s)"
+    )
     flags = f"; flags: {entry['flags'].replace(';', ', ')}" if entry["flags"] else ""
-    unchecked = f"; not checked: {entry['unchecked'].replace(';', ', ')}" if pd.isna(entry["unreliable"]) else ""
+    unchecked = (
+        f"; not checked: {entry['unchecked'].replace(';', ', ')}" if pd.isna(entry["unreliable"]) else ""
+    )
     chosen = ", checkpoint chosen by test accuracy" if preset_of(entry["preset"]).test_selected else ""
     return f"inres-bench, {who}, preset {entry['preset']}{chosen}, {int(entry['n_test'])} test images{flags}{unchecked}"
 
@@ -214,10 +256,14 @@ def _provenance(entry: dict) -> dict:
         "robust_acc": attacks,  # every attack (and the worst case) at every measured radius
         "flags": [f for f in str(entry["flags"] or "").split(";") if f],
         "unreliable": _verdict(entry["unreliable"]),
-        "unchecked": [g for g in str(entry["unchecked"] or "").split(";") if g],  # critical gates not measured
+        "unchecked": [
+            g for g in str(entry["unchecked"] or "").split(";") if g
+        ],  # critical gates not measured
         "checkpoint_sha256": list(entry["checkpoints"]),
         # the stability stage's growth of a PGD-20 perturbation from the stem to the last block
-        "amplification": None if pd.isna(entry.get("amplification", math.nan)) else round(float(entry["amplification"]), 6),
+        "amplification": None
+        if pd.isna(entry.get("amplification", math.nan))
+        else round(float(entry["amplification"]), 6),
     }
 
 

@@ -10,7 +10,6 @@ import pandas as pd
 from bench.attacks.perturbations import PERTURBATIONS, pooled_noise
 from bench.data.datasets import dataset_label
 from bench.records.checkpoints import is_rehearsal
-from bench.records.schema import UNKNOWN_DATA
 from bench.records.selection import (
     LARGEST_ENSEMBLE,
     LARGEST_SUBSET,
@@ -37,7 +36,7 @@ def variant_text(row) -> str:
     if rule == LATEST_CHECKPOINT:
         return "an earlier checkpoint"
     if rule == LATEST_DATA:
-        return "data since replaced" if row["data_sha256"] != UNKNOWN_DATA else "data of unknown digest"
+        return "data since replaced"
     slot = PERTURBATIONS.get(row["perturbation"])  # the parameter rules
     params = json.loads(row["params"] or "{}")
     return (slot.describe(params) if slot is not None else row["params"]) or "other parameters"
@@ -73,14 +72,23 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
         rows[key] = (name, metrics)
     runs = chosen_runs(aggregated)
     runs = runs[[tuple(k) in rows for k in runs[["dataset", "model", "lam", "kind"]].itertuples(index=False)]]
-    shown = {tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values}
+    shown = {
+        tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values
+    }
 
     def key_of(r) -> tuple:
         return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
 
-    mine = left_out[
-        [shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1] for _, r in left_out.iterrows()]
-    ] if not left_out.empty else left_out
+    mine = (
+        left_out[
+            [
+                shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1]
+                for _, r in left_out.iterrows()
+            ]
+        ]
+        if not left_out.empty
+        else left_out
+    )
     phrases = left_out_phrases(mine, lambda r: rows[key_of(r)][0])
     phrases += [
         f"{rows[(d, m, lam, k)][0]}: run {run} (n={int(n)}, {int(seeds)} {'members' if k == 'ensemble' else 'seeds'})"
@@ -90,7 +98,11 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
     ]
     if not phrases:
         return ""
-    return "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): " + "; ".join(phrases) + "."
+    return (
+        "Measured but not shown (one measurement per cell, chosen by the rules in REPORT.md): "
+        + "; ".join(phrases)
+        + "."
+    )
 
 
 def failed_run_lines(runs: pd.DataFrame, rehearsal: bool) -> list[str]:
@@ -99,8 +111,10 @@ def failed_run_lines(runs: pd.DataFrame, rehearsal: bool) -> list[str]:
     failed = runs[(runs["status"] == "failed") & (runs["run"].map(is_rehearsal).astype(bool) == rehearsal)]
     if failed.empty:
         return []
-    items = [f"- {r.run}, {dataset_label(r.dataset)}, seed {r.seed}: {one_line(r.reason) or 'no reason recorded'}"
-             for r in failed.sort_values(["dataset", "run", "seed"]).itertuples()]  # fmt: skip
+    items = [
+        f"- {r.run}, {dataset_label(r.dataset)}, seed {r.seed}: {one_line(r.reason) or 'no reason recorded'}"
+        for r in failed.sort_values(["dataset", "run", "seed"]).itertuples()
+    ]
     return ["", "## Failed runs", "", FAILED_LEGEND, "", *items]
 
 

@@ -27,7 +27,7 @@ from bench.records.load import (
 )
 from bench.records.schema import DB_FILE
 from bench.records.selection import best_groups, lambda_key, select_measurements
-from bench.records.store import RecordStore, check_results_dir, needs_migration
+from bench.records.store import RecordStore, check_results_dir
 from models import UserError
 
 
@@ -48,29 +48,39 @@ class Measured:
     sanity: pd.DataFrame  # the gates per entry (bench.records.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
-    landscapes: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_landscapes' current rows (Fig. 2)
+    landscapes: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # records.load_landscapes' current rows (Fig. 2)
     # rehearsal runs (bench.run.rehearsal): True when the report is of them alone (every output
     # says so); else the count of their records left out beside real ones (never mixed)
     rehearsal: bool = False
     rehearsal_left_out: int = 0
-    snapshot: pd.DataFrame | None = None  # every record, rehearsals included (records.csv); None: `everything`
+    snapshot: pd.DataFrame | None = (
+        None  # every record, rehearsals included (records.csv); None: `everything`
+    )
 
 
 def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
-    """Read and reduce the records of `results_dir` (migrating an older store first); one
+    """Read and reduce the records of `results_dir`; one
     error line when there are none, or none current."""
     results = check_results_dir(results_dir)
     if not (results / DB_FILE).is_file():
-        raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
+        raise NoRecordsError(
+            f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir"
+        )
     check_writable(results, "reports", "--results-dir")
-    RecordStore(results, readonly=not needs_migration(results))  # checked (and migrated)
+    RecordStore(results, readonly=True)  # checked
     runs = load_runs(results)
     everything = load_records(results, include_stale=True, runs=runs)
     if everything.empty:
-        raise NoRecordsError(f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir")
+        raise NoRecordsError(
+            f"no records in {results / DB_FILE}: run the eval stage first, or check --results-dir"
+        )
     if everything["stale"].all():
-        raise NoRecordsError(f"no current records in {results / DB_FILE}: its {len(everything)} records all measured "
-                             f"checkpoints since retrained, replaced or failed on retraining; {_advice(runs)}")  # fmt: skip
+        raise NoRecordsError(
+            f"no current records in {results / DB_FILE}: its {len(everything)} records all measured "
+            f"checkpoints since retrained, replaced or failed on retraining; {_advice(runs)}"
+        )
     checks, stability = load_checks(results, runs), load_stability(results, runs)
     landscapes = load_landscapes(results, runs)
     rehearsal = everything["run"].map(is_rehearsal).astype(bool)
@@ -78,9 +88,14 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
         m = reduce_records(everything, runs, load_bits(results), checks, steps, stability)
         return replace(m, rehearsal=True, landscapes=landscapes)
     if not rehearsal.any():
-        return replace(reduce_records(everything, runs, load_bits(results), checks, steps, stability), landscapes=landscapes)
-    real = [frame[~frame["run"].map(is_rehearsal).astype(bool)] if "run" in frame else frame
-            for frame in (everything, runs, checks, stability, landscapes)]  # fmt: skip
+        return replace(
+            reduce_records(everything, runs, load_bits(results), checks, steps, stability),
+            landscapes=landscapes,
+        )
+    real = [
+        frame[~frame["run"].map(is_rehearsal).astype(bool)] if "run" in frame else frame
+        for frame in (everything, runs, checks, stability, landscapes)
+    ]
     m = reduce_records(real[0].reset_index(drop=True), real[1], load_bits(results), real[2], steps, real[3])
     return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything, landscapes=real[4])
 
@@ -95,7 +110,11 @@ def _advice(runs: pd.DataFrame) -> str:
 
 
 def reduce_records(
-    everything: pd.DataFrame, runs: pd.DataFrame, bits: dict, checks: pd.DataFrame, steps: int = DEFAULT_STEPS,
+    everything: pd.DataFrame,
+    runs: pd.DataFrame,
+    bits: dict,
+    checks: pd.DataFrame,
+    steps: int = DEFAULT_STEPS,
     stability: pd.DataFrame | None = None,
 ) -> Measured:
     """Everything a report shows, from the records alone (pure: no files)."""
@@ -163,5 +182,9 @@ class Evidence:
             if key in chosen and key not in out and slot.metric != "failed":
                 what = (slot.dataset, chosen[key]["run"], slot.kind, preset, slot.metric)
                 seeded = self.seeded(*what)  # the interval's identity: these cells and their seeds
-                out[key] = self.bootstrap.interval(list(seeded.values()), (*what, tuple(seeded))) if seeded else (math.nan, math.nan)
+                out[key] = (
+                    self.bootstrap.interval(list(seeded.values()), (*what, tuple(seeded)))
+                    if seeded
+                    else (math.nan, math.nan)
+                )
         return out

@@ -109,7 +109,9 @@ def panel_grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3
     return figure, axes
 
 
-def line_panels(mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]) -> tuple[Figure, list]:
+def line_panels(
+    mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]
+) -> tuple[Figure, list]:
     """A row of panels, a line per (run, model) of `mine` with a band: `rows_of(rows,
     panel)` picks a run's rows of a panel, `curve(rows)` gives (x, middle, low, high)."""
     figure, axes = panel_grid(len(panels), columns=len(panels), size=size)
@@ -122,7 +124,14 @@ def line_panels(mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[fl
             if rows.empty:
                 continue
             x, middle, low, high = curve(rows)
-            ax.plot(x, middle, color=colour(model), linestyle=line[model], marker="o", markersize=2,
-                    label=model_label(model) if one_run_each else run)  # fmt: skip
+            ax.plot(
+                x,
+                middle,
+                color=colour(model),
+                linestyle=line[model],
+                marker="o",
+                markersize=2,
+                label=model_label(model) if one_run_each else run,
+            )
             ax.fill_between(x, low, high, color=colour(model), alpha=0.15, linewidth=0)
     return figure, axes

@@ -12,7 +12,7 @@ from bench.core.presets import preset as preset_info
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label
 from bench.records import sanity
-from bench.records.schema import NOT_ON_DISK, UNKNOWN_DATA
+from bench.records.schema import NO_TRAINING_DIGEST
 from bench.reports import plotting, stability_report
 from bench.reports.claims import claim_rows
 from bench.reports.comparison import (
@@ -48,25 +48,37 @@ def digest_lines(kept: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     their checkpoints (meta.json's data.sha256; load_runs' train_sha256), 12 hex digits each,
     with the runs named where runs read different files."""
     noise = kept["perturbation"].isin(pooled_noise())
-    clean = [f"{dataset_label(d)}: {_digests(rows, 'data_sha256')}" for d, rows in kept[~noise].groupby("dataset")]
+    clean = [
+        f"{dataset_label(d)}: {_digests(rows, 'data_sha256')}" for d, rows in kept[~noise].groupby("dataset")
+    ]
     lines = ["Test images read (sha256 of images and labels): " + "; ".join(clean) + "."]
-    files = [f"{dataset_label(d)}: " + ", ".join(f"{g} {_digests(r, 'data_sha256', every='')}" for g, r in rows.groupby("perturbation"))
-             for d, rows in kept[noise].groupby("dataset")]  # fmt: skip
+    files = [
+        f"{dataset_label(d)}: "
+        + ", ".join(f"{g} {_digests(r, 'data_sha256', every='')}" for g, r in rows.groupby("perturbation"))
+        for d, rows in kept[noise].groupby("dataset")
+    ]
     if files:
-        lines.append("Noise files read (sha256 of the md5s of each file and its labels; runs named where they differ): "
-                     + "; ".join(files) + ".")  # fmt: skip
+        lines.append(
+            "Noise files read (sha256 of the md5s of each file and its labels; runs named where they differ): "
+            + "; ".join(files)
+            + "."
+        )
     shown = kept[["run", "dataset", "seed"]].drop_duplicates()
     trained = runs[runs["status"] == "finished"].merge(shown, on=["run", "dataset", "seed"])
     if len(trained):
-        lines.append("Training images read (sha256 of images and labels, from each checkpoint's meta.json): "
-                     + "; ".join(f"{dataset_label(d)}: {_digests(r, 'train_sha256')}" for d, r in trained.groupby("dataset"))
-                     + ".")  # fmt: skip
+        lines.append(
+            "Training images read (sha256 of images and labels, from each checkpoint's meta.json): "
+            + "; ".join(
+                f"{dataset_label(d)}: {_digests(r, 'train_sha256')}" for d, r in trained.groupby("dataset")
+            )
+            + "."
+        )
     return lines
 
 
 def _digests(rows: pd.DataFrame, column: str, every: str = " (every run)") -> str:
     by_digest = rows.groupby(column)["run"].agg(lambda r: sorted(set(r)))
-    named = {UNKNOWN_DATA: "unknown (recorded before digests)", NOT_ON_DISK: "unknown (meta.json not on disk)"}
+    named = {NO_TRAINING_DIGEST: "not known (no meta.json, or none naming it)"}
     if len(by_digest) == 1:
         return f"{named.get(by_digest.index[0], by_digest.index[0][:12])}{every}"
     return ", ".join(f"{named.get(d, d[:12])} ({', '.join(r)})" for d, r in by_digest.items())
@@ -89,16 +101,30 @@ def render_report(
     lines = ["# inres-bench report" + (" (rehearsal)" if m.rehearsal else ""), "", *_summary(m, preset)]
     lines += _headline(tables, board)
     lines += _claims(m, preset, evidence, shares, mechanism)
-    lines += ["", "## Sanity checks", "", render_sanity(m.sanity, preset), "",
-              "Each gate is defined under [Provenance](#provenance)."]  # fmt: skip
+    lines += [
+        "",
+        "## Sanity checks",
+        "",
+        render_sanity(m.sanity, preset),
+        "",
+        "Each gate is defined under [Provenance](#provenance).",
+    ]
     lines += failed_run_lines(m.runs, m.rehearsal)
     lines += ["", "## Tables", "", *_table_links(tables, presets_with_runs(m.aggregated, preset)[1:])]
     lines += ["", "## Figures", ""]
     if drawn is None:
-        lines += ["Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them.", ""]
+        lines += [
+            "Not drawn in this run (`--no-figures`): `python run_bench.py --stage figures` draws them.",
+            "",
+        ]
     for item in drawn or []:
         if isinstance(item, plotting.Drawn):
-            lines += [f"![{item.name}](figures/{item.name}.png)", "", f"{item.caption} ([PDF](figures/{item.name}.pdf))", ""]
+            lines += [
+                f"![{item.name}](figures/{item.name}.png)",
+                "",
+                f"{item.caption} ([PDF](figures/{item.name}.pdf))",
+                "",
+            ]
         else:
             lines += [f"- {item.name} skipped: {item.reason}.", ""]
     lines += _provenance(m, preset, steps)
@@ -112,22 +138,35 @@ HEADLINE_TABLES = (1, 2, 3)  # the tables shown against the paper in REPORT.md
 def _summary(m: Measured, preset: str) -> list[str]:
     """What the numbers below are: how many records, what is not reported, what is not on disk."""
     stale = int(m.everything["stale"].sum())
-    lines = [f"Generated from {len(m.everything) - stale} current records (preset `{preset}` in the tables)"
-             + (f"; {stale} records of replaced or retrained checkpoints are not reported." if stale else ".")]  # fmt: skip
+    lines = [
+        f"Generated from {len(m.everything) - stale} current records (preset `{preset}` in the tables)"
+        + (f"; {stale} records of replaced or retrained checkpoints are not reported." if stale else ".")
+    ]
     absent = not_on_disk(m)
     if absent:
-        lines[0] += (f" {absent} of the checkpoints these records measured {'is' if absent == 1 else 'are'} not on "
-                     "disk (their weights.pt or folder was deleted or not copied): their records stand, and "
-                     "measuring them again needs the weights.")  # fmt: skip
+        lines[0] += (
+            f" {absent} of the checkpoints these records measured {'is' if absent == 1 else 'are'} not on "
+            "disk (their weights.pt or folder was deleted or not copied): their records stand, and "
+            "measuring them again needs the weights."
+        )
     if m.rehearsal_left_out:
-        lines += ["", f"{m.rehearsal_left_out} records of rehearsal runs (`--rehearse`, run tags with `@rehearsal`) "
-                  "are not shown: a rehearsal checks that the plan runs, and its numbers are never mixed with "
-                  "measurements (a results dir of rehearsals alone is reported as one)."]  # fmt: skip
+        lines += [
+            "",
+            f"{m.rehearsal_left_out} records of rehearsal runs (`--rehearse`, run tags with `@rehearsal`) "
+            "are not shown: a rehearsal checks that the plan runs, and its numbers are never mixed with "
+            "measurements (a results dir of rehearsals alone is reported as one).",
+        ]
     if any(dataset_info(d).synthetic for d in set(m.frame["dataset"])):
-        lines += ["", "Synthetic-data numbers check the pipeline only: they are never compared with the paper's "
-                  "CIFAR numbers."]  # fmt: skip
-    lines += ["", "Where the numbers come from (data read, how each number is chosen, the sanity gates' "
-              "definitions): [Provenance](#provenance), at the end."]  # fmt: skip
+        lines += [
+            "",
+            "Synthetic-data numbers check the pipeline only: they are never compared with the paper's "
+            "CIFAR numbers.",
+        ]
+    lines += [
+        "",
+        "Where the numbers come from (data read, how each number is chosen, the sanity gates' "
+        "definitions): [Provenance](#provenance), at the end.",
+    ]
     return lines
 
 
@@ -145,15 +184,33 @@ def _headline(tables: dict, board: pd.DataFrame | None) -> list[str]:
     lines = ["", "## Headline results"]
     if board is not None and len(board):
         top = min(HEADLINE_ROWS, len(board))
-        lines += ["", f"The leaderboard's top {top} of {len(board)} entries (accuracy in %; all in "
-                  "[leaderboard.md](leaderboard.md), with each entry's model, data and flags):", "", render_board(board.head(top), brief=True)]  # fmt: skip
-    compared = [n for n in HEADLINE_TABLES if n in tables and (tables[n]["mean"].notna() & tables[n]["paper"].notna()).any()]
+        lines += [
+            "",
+            f"The leaderboard's top {top} of {len(board)} entries (accuracy in %; all in "
+            "[leaderboard.md](leaderboard.md), with each entry's model, data and flags):",
+            "",
+            render_board(board.head(top), brief=True),
+        ]
+    compared = [
+        n
+        for n in HEADLINE_TABLES
+        if n in tables and (tables[n]["mean"].notna() & tables[n]["paper"].notna()).any()
+    ]
     for number in compared:
-        lines += ["", f"### {TITLES[number]}", "", "Measured [95% interval] / published (measured - published).", "",
-                  render(tables[number], "paper")]  # fmt: skip
+        lines += [
+            "",
+            f"### {TITLES[number]}",
+            "",
+            "Measured [95% interval] / published (measured - published).",
+            "",
+            render(tables[number], "paper"),
+        ]
     if not compared:
-        lines += ["", "No cell of Tables 1-3 compares with a published number (only the paper's models on the "
-                  "official CIFAR data do): the tables are linked under [Tables](#tables)."]  # fmt: skip
+        lines += [
+            "",
+            "No cell of Tables 1-3 compares with a published number (only the paper's models on the "
+            "official CIFAR data do): the tables are linked under [Tables](#tables).",
+        ]
     return lines
 
 
@@ -176,11 +233,25 @@ def _claims(m: Measured, preset: str, evidence, shares, mechanism) -> list[str]:
     lines += ["", CLAIMS_LEGEND]
     if evidence is not None:
         closest = closest_rows(aggregated, evidence, list(claims))
-        lines += ["", "### Which preset comes closest", "", closest_sentence(closest), "",
-                  render_closest(closest, claims), "", CLOSEST_LEGEND]  # fmt: skip
+        lines += [
+            "",
+            "### Which preset comes closest",
+            "",
+            closest_sentence(closest),
+            "",
+            render_closest(closest, claims),
+            "",
+            CLOSEST_LEGEND,
+        ]
     if mechanism is not None and len(mechanism):
-        lines += ["", "## The paper's mechanism: stability through depth", "",
-                  stability_report.render_claims(mechanism), "", stability_report.CLAIMS_LEGEND]  # fmt: skip
+        lines += [
+            "",
+            "## The paper's mechanism: stability through depth",
+            "",
+            stability_report.render_claims(mechanism),
+            "",
+            stability_report.CLAIMS_LEGEND,
+        ]
     return lines
 
 
@@ -206,8 +277,14 @@ def _provenance(m: Measured, preset: str, steps: int) -> list[str]:
     """The data read, how numbers are chosen, what was measured but not shown, the gates."""
     sources = m.frame.groupby("dataset")["data_source"].agg(lambda s: ", ".join(sorted(set(s))))
     sizes = {d: subset_sizes(rows) for d, rows in m.frame.groupby("dataset")}
-    lines = ["", "## Provenance", "", "Data (data set: sources of its cells): "
-             + "; ".join(f"{dataset_label(d)}: {s} ({sizes[d]})" for d, s in sources.items()) + "."]  # fmt: skip
+    lines = [
+        "",
+        "## Provenance",
+        "",
+        "Data (data set: sources of its cells): "
+        + "; ".join(f"{dataset_label(d)}: {s} ({sizes[d]})" for d, s in sources.items())
+        + ".",
+    ]
     for line in digest_lines(m.kept, m.runs) if len(m.kept) else []:
         lines += ["", line]
     lines += ["", "### How numbers are chosen", "", SELECTION_RULES.format(steps=steps)]
@@ -249,6 +326,7 @@ CLOSEST_LEGEND = (
 def subset_sizes(cells: pd.DataFrame) -> str:
     """The test subsets of a data set's cells, in words: '100 test images', and the
     perturbations measured on a smaller subset (AutoAttack), e.g. ', autoattack on 50'."""
+
     def sizes(rows) -> str:
         return "/".join(str(n) for n in sorted(set(rows["n"])))
 
@@ -280,9 +358,21 @@ def render_sanity(table: pd.DataFrame, preset: str) -> str:
         failed = {f.removesuffix(sanity.RELAXED) for f in row["flags"].split(";")} if row["flags"] else set()
         cells = [_sanity_figure(g, row[g], sanity.GATES[g].flag in failed) for g in gates]
         name = row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else "")
-        shown.append([name, dataset_label(row["dataset"]), *cells, row["flags"] or "-",
-                      sanity.verdict_text(row["unreliable"], row["unchecked"])])  # fmt: skip
-    return tabulate(shown, headers=["entry", "data", *gates, "flags", "unreliable"], tablefmt="github", disable_numparse=True)
+        shown.append(
+            [
+                name,
+                dataset_label(row["dataset"]),
+                *cells,
+                row["flags"] or "-",
+                sanity.verdict_text(row["unreliable"], row["unchecked"]),
+            ]
+        )
+    return tabulate(
+        shown,
+        headers=["entry", "data", *gates, "flags", "unreliable"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def _sanity_figure(gate: str, value: float, failed: bool) -> str:
@@ -297,5 +387,3 @@ def _sanity_figure(gate: str, value: float, failed: bool) -> str:
     else:
         text = f"{value:+.2f}"
     return text + (" ✗" if failed else "")
-
-

@@ -47,7 +47,9 @@ def seed_shares(rows: pd.DataFrame) -> pd.DataFrame:
     for seed, mine in rows.groupby("seed"):
         above, blocks = int((mine["coefficient"] > SHARE_THRESHOLD).sum()), len(mine)
         logged = 100 * (above + never) / (blocks + never) if init_above or never == 0 else math.nan
-        out.append({"seed": int(seed), "damped": 100 * above / blocks, "logged": logged, "blocks": blocks + never})
+        out.append(
+            {"seed": int(seed), "damped": 100 * above / blocks, "logged": logged, "blocks": blocks + never}
+        )
     return pd.DataFrame(out, columns=["seed", "damped", "logged", "blocks"])
 
 
@@ -75,9 +77,15 @@ def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunF
     """Every finished run of `preset` (its meta.json says which) whose folder is on disk, read once."""
     out = []
     finished = runs[runs["status"] == "finished"]
-    for run, dataset, seed, model, low, high in zip(finished["run"], finished["dataset"], finished["seed"],
-                                                    finished["model"], finished["lambda_low"], finished["lambda_high"],
-                                                    strict=True):  # fmt: skip
+    for run, dataset, seed, model, low, high in zip(
+        finished["run"],
+        finished["dataset"],
+        finished["seed"],
+        finished["model"],
+        finished["lambda_low"],
+        finished["lambda_high"],
+        strict=True,
+    ):
         folder = zoo_checkpoint_dir(results_dir, dataset, run, seed)
         if not (folder / META_FILE).is_file():  # not on disk: its records stand, its curves are not there
             continue
@@ -86,8 +94,18 @@ def run_folders(results_dir: Path, runs: pd.DataFrame, preset: str) -> list[RunF
             continue
         init = None if pd.isna(low) else (float(low), float(high))
         recipe = (meta.get("preset", "paper"), meta.get("length", "full"), meta.get("n_train"))
-        out.append(RunFolder(dataset, run, model, int(seed), init,
-                             tuple(meta.get("interpolation_coefficients") or ()), read_epochs(folder), recipe))  # fmt: skip
+        out.append(
+            RunFolder(
+                dataset,
+                run,
+                model,
+                int(seed),
+                init,
+                tuple(meta.get("interpolation_coefficients") or ()),
+                read_epochs(folder),
+                recipe,
+            )
+        )
     return out
 
 
@@ -95,13 +113,23 @@ def coefficient_table(folders: list[RunFolder]) -> pd.DataFrame:
     """act(d_n) per damped block of every run with scalar coefficients (In-, λ-In-, sig
     rules): dataset, run, model, lambda_low, lambda_high, seed, block (from 1), coefficient."""
     rows = [
-        {"dataset": f.dataset, "run": f.run, "model": f.model, "lambda_low": f.lambda_init[0],
-         "lambda_high": f.lambda_init[1], "seed": f.seed, "block": i + 1, "coefficient": c}
+        {
+            "dataset": f.dataset,
+            "run": f.run,
+            "model": f.model,
+            "lambda_low": f.lambda_init[0],
+            "lambda_high": f.lambda_init[1],
+            "seed": f.seed,
+            "block": i + 1,
+            "coefficient": c,
+        }
         for f in folders
         if f.lambda_init is not None
         for i, c in enumerate(f.coefficients)
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=["dataset", "run", "model", "lambda_low", "lambda_high", "seed", "block", "coefficient"])
+    ]
+    return pd.DataFrame(
+        rows, columns=["dataset", "run", "model", "lambda_low", "lambda_high", "seed", "block", "coefficient"]
+    )
 
 
 def paper_panels(table: pd.DataFrame, published: pd.DataFrame, preset: str) -> pd.Series:
@@ -111,10 +139,16 @@ def paper_panels(table: pd.DataFrame, published: pd.DataFrame, preset: str) -> p
     from bench.records.selection import paper_recipe_tags
 
     panels = published[published["figure"] == 1]
-    wanted = {(d, r) for d, m in zip(panels["dataset"], panels["model"], strict=True)
-              for r in paper_recipe_tags(m, preset, None)}  # fmt: skip
-    return pd.Series([(d, r) in wanted for d, r in zip(table["dataset"], table["run"], strict=True)], index=table.index,
-                     dtype=bool)  # fmt: skip
+    wanted = {
+        (d, r)
+        for d, m in zip(panels["dataset"], panels["model"], strict=True)
+        for r in paper_recipe_tags(m, preset, None)
+    }
+    return pd.Series(
+        [(d, r) in wanted for d, r in zip(table["dataset"], table["run"], strict=True)],
+        index=table.index,
+        dtype=bool,
+    )
 
 
 def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> Figure:
@@ -129,12 +163,22 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> 
     for ax, (dataset, run, model) in zip(axes, runs, strict=True):
         mine = table[(table["dataset"] == dataset) & (table["run"] == run)]
         for seed, points in mine.groupby("seed"):
-            ax.scatter(points["block"], points["coefficient"], s=9, alpha=0.45, color=colour(model),
-                       label="seeds" if seed == mine["seed"].min() else None)  # fmt: skip
+            ax.scatter(
+                points["block"],
+                points["coefficient"],
+                s=9,
+                alpha=0.45,
+                color=colour(model),
+                label="seeds" if seed == mine["seed"].min() else None,
+            )
         mean = mine.groupby("block")["coefficient"].mean()
         ax.plot(mean.index, mean.values, color="black", linewidth=1.2, label="mean over seeds")
         shares = seed_shares(mine)
-        damped, logged, blocks = shares["damped"].mean(), shares["logged"].mean(), int(shares["blocks"].iloc[0])
+        damped, logged, blocks = (
+            shares["damped"].mean(),
+            shares["logged"].mean(),
+            int(shares["blocks"].iloc[0]),
+        )
         counted = f"{damped:.1f}% of damped" + ("" if math.isnan(logged) else f", {logged:.1f}% of {blocks}")
         name = model_label(model) + ("" if run == model else f" ({run})")
         if published is None:
@@ -158,25 +202,36 @@ def coefficient_figures(table: pd.DataFrame, preset: str) -> list:
     published = pd.read_csv(PUBLISHED)
     paper = paper_panels(table, published, preset)
     wanted = published[published["figure"] == 1]
-    names = " and ".join(f"{model_label(m)} on {dataset_label(d)}" for d, m in zip(wanted["dataset"], wanted["model"], strict=True))
+    names = " and ".join(
+        f"{model_label(m)} on {dataset_label(d)}"
+        for d, m in zip(wanted["dataset"], wanted["model"], strict=True)
+    )
     out = []
     if paper.any():
         runs = ", ".join(dict.fromkeys(table.loc[paper, "run"]))
-        caption = (f"Fig. 1: interpolation coefficients act(λ_n) per damped block of {names} (the paper's panels: its "
-                   f"full recipe, default initialisation), each seed and their mean. Titles give two shares above "
-                   f"0.01: of the damped blocks, and of all blocks as the release's print_ks logs them (the published "
-                   f"count: the never-trained first and projection blocks at their initial value, above 0.01), "
-                   f"against the published share (runs: {runs}).")  # fmt: skip
+        caption = (
+            f"Fig. 1: interpolation coefficients act(λ_n) per damped block of {names} (the paper's panels: its "
+            f"full recipe, default initialisation), each seed and their mean. Titles give two shares above "
+            f"0.01: of the damped blocks, and of all blocks as the release's print_ks logs them (the published "
+            f"count: the never-trained first and projection blocks at their initial value, above 0.01), "
+            f"against the published share (runs: {runs})."
+        )
         out.append(render(coefficients_figure(table[paper], published), "fig1_coefficients", caption))
     else:
-        out.append(Skipped("fig1_coefficients", f"no finished run of {names} with the paper's full recipe at the "
-                                                "default initialisation"))  # fmt: skip
+        out.append(
+            Skipped(
+                "fig1_coefficients",
+                f"no finished run of {names} with the paper's full recipe at the default initialisation",
+            )
+        )
     if (~paper).any():
         runs = ", ".join(dict.fromkeys(table.loc[~paper, "run"]))
-        caption = (f"Interpolation coefficients act(λ_n) per damped block of the other damped runs, each seed and their "
-                   f"mean, with the shares above 0.01 (of the damped blocks; of all blocks as the release counts, where "
-                   f"the initialisation decides the never-trained ones); each panel names its initialisation and data set, and none is "
-                   f"compared with the paper (runs: {runs}).")  # fmt: skip
+        caption = (
+            f"Interpolation coefficients act(λ_n) per damped block of the other damped runs, each seed and their "
+            f"mean, with the shares above 0.01 (of the damped blocks; of all blocks as the release counts, where "
+            f"the initialisation decides the never-trained ones); each panel names its initialisation and data set, and none is "
+            f"compared with the paper (runs: {runs})."
+        )
         out.append(render(coefficients_figure(table[~paper], None), "coefficients_other", caption))
     return out
 
@@ -189,17 +244,42 @@ def training_table(folders: list[RunFolder]) -> pd.DataFrame:
     for f in folders:
         if f.epochs is None:
             continue
-        coefficients = f.epochs[[c for c in f.epochs.columns if c.startswith("coefficient_")
-                                 and (c.count("_") == 1 or c.endswith("_median"))]]  # fmt: skip
+        coefficients = f.epochs[
+            [
+                c
+                for c in f.epochs.columns
+                if c.startswith("coefficient_") and (c.count("_") == 1 or c.endswith("_median"))
+            ]
+        ]
         for i, epoch in enumerate(f.epochs.to_dict("records")):
             values = coefficients.iloc[i].to_numpy(dtype=float) if len(coefficients.columns) else np.array([])
             low, mid, high = np.percentile(values, [10, 50, 90]) if values.size else (np.nan,) * 3
-            rows.append({"dataset": f.dataset, "run": f.run, "model": f.model, "seed": f.seed,
-                         "epoch": int(epoch["epoch"]), "train_loss": epoch["train_loss"],
-                         "test_accuracy": 100 * epoch["test_accuracy"], "coefficient_p10": low,
-                         "coefficient_median": mid, "coefficient_p90": high})  # fmt: skip
-    columns = ["dataset", "run", "model", "seed", "epoch", "train_loss", "test_accuracy", "coefficient_p10",
-               "coefficient_median", "coefficient_p90"]  # fmt: skip
+            rows.append(
+                {
+                    "dataset": f.dataset,
+                    "run": f.run,
+                    "model": f.model,
+                    "seed": f.seed,
+                    "epoch": int(epoch["epoch"]),
+                    "train_loss": epoch["train_loss"],
+                    "test_accuracy": 100 * epoch["test_accuracy"],
+                    "coefficient_p10": low,
+                    "coefficient_median": mid,
+                    "coefficient_p90": high,
+                }
+            )
+    columns = [
+        "dataset",
+        "run",
+        "model",
+        "seed",
+        "epoch",
+        "train_loss",
+        "test_accuracy",
+        "coefficient_p10",
+        "coefficient_median",
+        "coefficient_p90",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -221,9 +301,17 @@ def training_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
         axes[1].plot(curve.index, curve["test_accuracy"], label=label, **style)
         if damped and curve["coefficient_median"].notna().any():
             axes[2].plot(curve.index, curve["coefficient_median"], label=label, **style)
-            axes[2].fill_between(curve.index, curve["coefficient_p10"], curve["coefficient_p90"], color=colour(model),
-                                 alpha=0.15, linewidth=0)  # fmt: skip
-    for ax, ylabel in zip(axes, ("training loss", "test accuracy (%)", "act(λ_n): median, 10-90% of blocks"), strict=False):
+            axes[2].fill_between(
+                curve.index,
+                curve["coefficient_p10"],
+                curve["coefficient_p90"],
+                color=colour(model),
+                alpha=0.15,
+                linewidth=0,
+            )
+    for ax, ylabel in zip(
+        axes, ("training loss", "test accuracy (%)", "act(λ_n): median, 10-90% of blocks"), strict=False
+    ):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

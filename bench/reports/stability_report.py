@@ -30,8 +30,15 @@ from bench.reports import figures, plotting
 from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label, plain_counterpart
 
-PER_IMAGE = ("amplification_fgsm", "amplification_pgd", "amplification_uniform", "amplification_gaussian",
-             "contraction_share", "damped_contraction_share", "input_gradient")  # fmt: skip
+PER_IMAGE = (
+    "amplification_fgsm",
+    "amplification_pgd",
+    "amplification_uniform",
+    "amplification_gaussian",
+    "contraction_share",
+    "damped_contraction_share",
+    "input_gradient",
+)
 # The table's columns: (metric, header, scale, decimals)
 TABLE = (
     ("amplification_pgd", "amplification (PGD δ)", 1.0, 3),
@@ -53,8 +60,15 @@ def per_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
         n = int(mine["n"].max())
         for metric, values in _figures(mine).items():
             value = float(np.nanmean(values)) if isinstance(values, np.ndarray) else values
-            rows.append({**base, "n": n, "metric": metric, "value": value,
-                         "per_image": values if isinstance(values, np.ndarray) else None})  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "n": n,
+                    "metric": metric,
+                    "value": value,
+                    "per_image": values if isinstance(values, np.ndarray) else None,
+                }
+            )
     return pd.DataFrame(rows, columns=[*CHECKPOINT, "n", "metric", "value", "per_image"])
 
 
@@ -113,7 +127,12 @@ def stability_table(checkpoints: pd.DataFrame, aggregated: pd.DataFrame, preset:
     table = table.reset_index()
     order = {run: i for i, (run, _) in enumerate(ordered(zip(table["run"], table["model"], strict=True)))}
     rank = table["run"].map(order) + len(order) * (table["kind"] == "ensemble")
-    return table.assign(_rank=rank).sort_values(["dataset", "_rank"], kind="stable").drop(columns="_rank").reset_index(drop=True)
+    return (
+        table.assign(_rank=rank)
+        .sort_values(["dataset", "_rank"], kind="stable")
+        .drop(columns="_rank")
+        .reset_index(drop=True)
+    )
 
 
 def render_table(table: pd.DataFrame, fmt: str = "github") -> str:
@@ -122,10 +141,17 @@ def render_table(table: pd.DataFrame, fmt: str = "github") -> str:
         return "No stability records yet: run the stability stage."
     rows = []
     for row in table.to_dict("records"):
-        cells = [row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else ""), dataset_label(row["dataset"])]
+        cells = [
+            row["run"] + (" (ensemble)" if row["kind"] == "ensemble" else ""),
+            dataset_label(row["dataset"]),
+        ]
         for metric, _, _, decimals in TABLE:
             cells.append(_pm(row[f"{metric}_mean"], row[f"{metric}_std"], decimals))
-        cells += ["-" if pd.isna(row["fgsm@2"]) else f"{row['fgsm@2']:.2f}", f"{int(row['seeds'])}", f"{int(row['n'])}"]
+        cells += [
+            "-" if pd.isna(row["fgsm@2"]) else f"{row['fgsm@2']:.2f}",
+            f"{int(row['seeds'])}",
+            f"{int(row['n'])}",
+        ]
         rows.append(cells)
     headers = ["run", "data", *(h for _, h, _, _ in TABLE), "FGSM@2 (%)", "seeds", "images"]
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
@@ -173,13 +199,25 @@ class StabilityClaim:
 
 
 STABILITY_CLAIMS = (
-    StabilityClaim("{a} amplifies an adversarial (PGD) perturbation less than {b} through depth", "in",
-                   "amplification_pgd", -1.0),
-    StabilityClaim("{a} amplifies an adversarial (PGD) perturbation less than {b} through depth", "lambda-in",
-                   "amplification_pgd", -1.0),
-    StabilityClaim("the damped blocks of {a} are contractions more often than {b}'s", "in",
-                   "damped_contraction_share", 1.0),
-)  # fmt: skip
+    StabilityClaim(
+        "{a} amplifies an adversarial (PGD) perturbation less than {b} through depth",
+        "in",
+        "amplification_pgd",
+        -1.0,
+    ),
+    StabilityClaim(
+        "{a} amplifies an adversarial (PGD) perturbation less than {b} through depth",
+        "lambda-in",
+        "amplification_pgd",
+        -1.0,
+    ),
+    StabilityClaim(
+        "the damped blocks of {a} are contractions more often than {b}'s",
+        "in",
+        "damped_contraction_share",
+        1.0,
+    ),
+)
 
 
 def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> pd.DataFrame:
@@ -193,16 +231,29 @@ def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstra
     for claim in STABILITY_CLAIMS:
         for dataset in sorted(set(mine["dataset"])):
             here = mine[mine["dataset"] == dataset]
-            for model in sorted(m for m in set(here["model"]) if m in registered and model_entry(m).rule == claim.rule):
+            for model in sorted(
+                m for m in set(here["model"]) if m in registered and model_entry(m).rule == claim.rule
+            ):
                 plain = plain_counterpart(model)
-                a, b = _samples(here, model, claim.metric), _samples(here, plain, claim.metric) if plain else []
+                a, b = (
+                    _samples(here, model, claim.metric),
+                    _samples(here, plain, claim.metric) if plain else [],
+                )
                 if not a or not b:
                     continue
                 what = ("stability", claim.text, claim.metric, dataset, preset, model, plain, len(a), len(b))
                 measured, low, high = bootstrap.difference(a, b, what, scale=1.0)
-                rows.append({"claim": claim.text.format(a=model_label(model), b=model_label(plain)), "dataset": dataset,
-                             "measured": measured, "low": low, "high": high, "seeds": min(len(a), len(b)),
-                             "verdict": stats.verdict(low, high, claim.sign)})  # fmt: skip
+                rows.append(
+                    {
+                        "claim": claim.text.format(a=model_label(model), b=model_label(plain)),
+                        "dataset": dataset,
+                        "measured": measured,
+                        "low": low,
+                        "high": high,
+                        "seeds": min(len(a), len(b)),
+                        "verdict": stats.verdict(low, high, claim.sign),
+                    }
+                )
     return pd.DataFrame(rows, columns=["claim", "dataset", "measured", "low", "high", "seeds", "verdict"])
 
 
@@ -212,7 +263,9 @@ def _samples(rows: pd.DataFrame, model: str, metric: str) -> list[np.ndarray]:
     if mine.empty:
         return []
     run = mine.groupby("run")["seed"].nunique().sort_index().idxmax()
-    return [np.asarray(v, dtype=np.float64) for v in mine[mine["run"] == run].sort_values("seed")["per_image"]]
+    return [
+        np.asarray(v, dtype=np.float64) for v in mine[mine["run"] == run].sort_values("seed")["per_image"]
+    ]
 
 
 CLAIMS_LEGEND = (
@@ -227,17 +280,33 @@ CLAIMS_LEGEND = (
 
 
 def render_claims(claims: pd.DataFrame) -> str:
-    rows = [[c, dataset_label(d), f"{s}", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]", v]
-            for c, d, s, m, lo, hi, v in zip(claims["claim"], claims["dataset"], claims["seeds"], claims["measured"],
-                                             claims["low"], claims["high"], claims["verdict"], strict=True)]  # fmt: skip
-    return tabulate(rows, headers=["claim", "data", "seeds", "measured", "verdict"], tablefmt="github",
-                    disable_numparse=True)  # fmt: skip
+    rows = [
+        [c, dataset_label(d), f"{s}", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]", v]
+        for c, d, s, m, lo, hi, v in zip(
+            claims["claim"],
+            claims["dataset"],
+            claims["seeds"],
+            claims["measured"],
+            claims["low"],
+            claims["high"],
+            claims["verdict"],
+            strict=True,
+        )
+    ]
+    return tabulate(
+        rows,
+        headers=["claim", "data", "seeds", "measured", "verdict"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 # --- the figures ------------------------------------------------------------------------------
 
 
-def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: stats.Bootstrap) -> Figure | None:
+def growth_figure(
+    frame: pd.DataFrame, dataset: str, preset: str, bootstrap: stats.Bootstrap
+) -> Figure | None:
     """Relative perturbation against the level (0 stem, blocks, logits), a panel per δ, a
     line per run of a single model: the mean over seeds and images, the band its 95%
     interval (bootstrap over seeds and images). `frame`: `chosen` stability rows."""
@@ -249,14 +318,33 @@ def growth_figure(frame: pd.DataFrame, dataset: str, preset: str, bootstrap: sta
 
     def curve(rows: pd.DataFrame) -> tuple:
         levels = sorted(set(rows["block"]))
-        seeds = [[np.asarray(v, np.float64) for v in rows[rows["block"] == b].sort_values("seed")["values"]] for b in levels]
-        what = [("growth", dataset, preset, *sorted(set(rows["run"])), *sorted(set(rows["perturbation"])), str(b),
-                 *rows.loc[rows["block"] == b, "seed"].sort_values().tolist()) for b in levels]  # fmt: skip
+        seeds = [
+            [np.asarray(v, np.float64) for v in rows[rows["block"] == b].sort_values("seed")["values"]]
+            for b in levels
+        ]
+        what = [
+            (
+                "growth",
+                dataset,
+                preset,
+                *sorted(set(rows["run"])),
+                *sorted(set(rows["perturbation"])),
+                str(b),
+                *rows.loc[rows["block"] == b, "seed"].sort_values().tolist(),
+            )
+            for b in levels
+        ]
         bands = [bootstrap.interval(s, w, scale=1.0) for s, w in zip(seeds, what, strict=True)]
-        return levels, [float(np.mean([v.mean() for v in s])) for s in seeds], [b[0] for b in bands], [b[1] for b in bands]
+        return (
+            levels,
+            [float(np.mean([v.mean() for v in s])) for s in seeds],
+            [b[0] for b in bands],
+            [b[1] for b in bands],
+        )
 
-    figure, axes = plotting.line_panels(mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve,
-                                       size=(4.0, 3.4))  # fmt: skip
+    figure, axes = plotting.line_panels(
+        mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve, size=(4.0, 3.4)
+    )
     titles = {"pgd": "PGD-20 δ", "fgsm": "FGSM δ", "uniform": "uniform δ", "gaussian": "Gaussian δ"}
     for ax, delta in zip(axes, panels, strict=True):
         ax.set_title(titles[delta], fontsize=10)
@@ -279,15 +367,28 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
 
     def curve(rows: pd.DataFrame) -> tuple:
         blocks = sorted(set(rows["block"]))
-        pooled = [np.concatenate([np.asarray(v, np.float64) for v in rows[rows["block"] == b]["values"]]) for b in blocks]
-        return blocks, [np.median(p) for p in pooled], [np.percentile(p, 2.5) for p in pooled], [np.percentile(p, 97.5) for p in pooled]
+        pooled = [
+            np.concatenate([np.asarray(v, np.float64) for v in rows[rows["block"] == b]["values"]])
+            for b in blocks
+        ]
+        return (
+            blocks,
+            [np.median(p) for p in pooled],
+            [np.percentile(p, 2.5) for p in pooled],
+            [np.percentile(p, 97.5) for p in pooled],
+        )
 
-    figure, axes = plotting.line_panels(mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve,
-                                       size=(4.6, 3.4))  # fmt: skip
+    figure, axes = plotting.line_panels(
+        mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve, size=(4.6, 3.4)
+    )
     for ax, quantity in zip(axes, panels, strict=True):
         ax.axhline(1.0 if quantity == SPECTRAL else 0.0, color="black", linewidth=0.6, linestyle=":")
-        ax.set_title("σ_max(∂g_n/∂x) (Lanczos power iteration)" if quantity == SPECTRAL else "max Re λ(∂g_n/∂x - I) (Arnoldi)",
-                     fontsize=10)  # fmt: skip
+        ax.set_title(
+            "σ_max(∂g_n/∂x) (Lanczos power iteration)"
+            if quantity == SPECTRAL
+            else "max Re λ(∂g_n/∂x - I) (Arnoldi)",
+            fontsize=10,
+        )
         ax.set_xlabel("block n")
     axes[0].legend(fontsize=7, loc="upper right")
     figure.suptitle(f"Local stability of each block map, {dataset_label(dataset)}", fontsize=10)
@@ -303,8 +404,12 @@ def drawn(frame: pd.DataFrame, preset: str) -> list:
     """Each data set's two stability figures, as plotting.Drawn (or Skipped). Their bands
     draw from a bootstrap of their own, so the report and the figure stage draw the same
     bytes."""
-    return [figures.render(figure, stem, caption) if figure is not None else figures.Skipped(stem, "nothing of it recorded")
-            for stem, figure, caption in figure_specs(frame, preset, stats.Bootstrap())]  # fmt: skip
+    return [
+        figures.render(figure, stem, caption)
+        if figure is not None
+        else figures.Skipped(stem, "nothing of it recorded")
+        for stem, figure, caption in figure_specs(frame, preset, stats.Bootstrap())
+    ]
 
 
 def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list[tuple]:
@@ -316,22 +421,33 @@ def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -
     mine = mine[mine["preset"] == preset]
     for dataset in sorted(set(mine["dataset"])):
         name, n = dataset_label(dataset), int(mine.loc[mine["dataset"] == dataset, "n"].max())
-        radii = "/".join(f"{e:g}" for e in sorted(set(mine.loc[(mine["dataset"] == dataset) & (mine["quantity"] == GROWTH), "eps_255"])))
+        radii = "/".join(
+            f"{e:g}"
+            for e in sorted(
+                set(mine.loc[(mine["dataset"] == dataset) & (mine["quantity"] == GROWTH), "eps_255"])
+            )
+        )
         params = mine[(mine["dataset"] == dataset) & (mine["quantity"] == SPECTRAL)]["params"]
         estimator = params.iloc[0] if len(params) else "-"
         krylov = mine[(mine["dataset"] == dataset) & (mine["quantity"] == EIGEN)]["params"]
         out += [
-            (f"stability_growth_{dataset}", growth_figure(mine, dataset, preset, bootstrap),
-             f"Perturbation growth through depth on {name}: ‖h_n(x+δ) - h_n(x)‖₂ / ‖h_n(x)‖₂ at the stem, after each "
-             f"block and at the logits, for the FGSM and PGD-20 δ, uniform noise and Gaussian noise (std = radius) at "
-             f"{radii}/255, on {n} class-balanced test images; the mean over seeds and images, the band its "
-             f"95% interval (bootstrap over seeds and images)."),
-            (f"stability_spectral_{dataset}", spectral_figure(mine, dataset, preset),
-             f"Local stability of each block map g_n on {name}, on {n} class-balanced test images: the spectral norm "
-             f"of ∂g_n/∂x by power iteration on JᵀJ with Rayleigh-Ritz over its iterates ({estimator}) and the rightmost real part of the eigenvalues of "
-             f"∂g_n/∂x - I by Arnoldi ({krylov.iloc[0] if len(krylov) else '-'}; square blocks only); the median "
-             f"over seeds' images, the band their 2.5-97.5% range."),
-        ]  # fmt: skip
+            (
+                f"stability_growth_{dataset}",
+                growth_figure(mine, dataset, preset, bootstrap),
+                f"Perturbation growth through depth on {name}: ‖h_n(x+δ) - h_n(x)‖₂ / ‖h_n(x)‖₂ at the stem, after each "
+                f"block and at the logits, for the FGSM and PGD-20 δ, uniform noise and Gaussian noise (std = radius) at "
+                f"{radii}/255, on {n} class-balanced test images; the mean over seeds and images, the band its "
+                f"95% interval (bootstrap over seeds and images).",
+            ),
+            (
+                f"stability_spectral_{dataset}",
+                spectral_figure(mine, dataset, preset),
+                f"Local stability of each block map g_n on {name}, on {n} class-balanced test images: the spectral norm "
+                f"of ∂g_n/∂x by power iteration on JᵀJ with Rayleigh-Ritz over its iterates ({estimator}) and the rightmost real part of the eigenvalues of "
+                f"∂g_n/∂x - I by Arnoldi ({krylov.iloc[0] if len(krylov) else '-'}; square blocks only); the median "
+                f"over seeds' images, the band their 2.5-97.5% range.",
+            ),
+        ]
     return out
 
 

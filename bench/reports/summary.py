@@ -60,6 +60,16 @@ def render_summary(table: pd.DataFrame) -> str:
     ]
     shown["trained as"] = table["lambda_storage"]
     shown["damped"] = [f"{d}/{b}" for d, b in zip(table["damped_blocks"], table["blocks"], strict=True)]
-    columns = ["model", "arch", "rule", "params", "interp_params", "damped", "lambda init", "act(d) at init", "trained as"]
+    columns = [
+        "model",
+        "arch",
+        "rule",
+        "params",
+        "interp_params",
+        "damped",
+        "lambda init",
+        "act(d) at init",
+        "trained as",
+    ]
     shown = shown[columns]
     return tabulate(shown, headers="keys", tablefmt="github", showindex=False, intfmt=",")

@@ -16,10 +16,7 @@ from tabulate import tabulate
 
 from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
 from bench.data.datasets import dataset_label, paper_datasets
-from bench.records.selection import (
-    best_groups,
-    lambda_key,
-)
+from bench.records.selection import best_groups, lambda_key
 from bench.reports.published import published, published_value
 from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
 from models.zoo import VARIANT_RULES
@@ -42,7 +39,9 @@ NOISE_COLUMNS = (
     ("Avg.", "noise"),
 )
 AT_2 = (("Acc.", "clean"), ("noise", "noise"), ("FGSM", "fgsm@2"), ("IFGSM", "ifgsm@2"), ("PGD", "pgd@2"))
-ATTACKS_AT_124 = tuple((f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4))
+ATTACKS_AT_124 = tuple(
+    (f"{a.upper()} {e}/255", f"{a}@{e}") for a in ("fgsm", "ifgsm", "pgd") for e in (1, 2, 4)
+)
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,18 @@ TABLES: dict[int | str, Table] = {
     for t in (
         Table(1, "Table 1: accuracy (%) on the stochastic noise groups, all five severities", NOISE_COLUMNS),
         Table(2, "Table 2: clean test accuracy (%)", (("", "clean"),), datasets=None),
-        Table(3, "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255", ATTACKS_AT_124),
-        Table(4, "Table 4: the In-ResNet variants, attacks at 2/255", AT_2, ("cifar10",), lambda_sweep=VARIANT_GRID,
-              sweep_rules=VARIANT_RULES, selects=True),  # fmt: skip
+        Table(
+            3, "Table 3: accuracy (%) under FGSM, IFGSM and PGD at radius 1/255, 2/255, 4/255", ATTACKS_AT_124
+        ),
+        Table(
+            4,
+            "Table 4: the In-ResNet variants, attacks at 2/255",
+            AT_2,
+            ("cifar10",),
+            lambda_sweep=VARIANT_GRID,
+            sweep_rules=VARIANT_RULES,
+            selects=True,
+        ),
         Table(
             5,
             "Table 5: λ initialisation, attacks at 2/255",
@@ -85,8 +93,13 @@ TABLES: dict[int | str, Table] = {
             lambda_sweep=LAMBDA_SWEEP,
             failed_runs=True,
         ),
-        Table(6, "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255", AT_2,
-              ("cifar10",), ensemble=True),  # fmt: skip
+        Table(
+            6,
+            "Table 6: single models (mean) against the ensemble of their seeds, attacks at 2/255",
+            AT_2,
+            ("cifar10",),
+            ensemble=True,
+        ),
         Table(
             "3_all",
             "Table 3, every attack measured: the paper's, the sanity and reference attacks, the worst case",
@@ -186,10 +199,14 @@ def table_slots_filter(
 ) -> list[TableCell]:
     """`slots` without the rows (block, row) that are not the paper's own and whose model
     (with `by_lambda`: with its λ initialisation) was neither measured nor trained."""
-    seen = pd.concat([f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None])
+    seen = pd.concat(
+        [f[["dataset", "model", "lambda_low", "lambda_high"]] for f in (frame, runs) if f is not None]
+    )
     present = {
         (d, m, lambda_key((lo, hi)))
-        for d, m, lo, hi in zip(seen["dataset"], seen["model"], seen["lambda_low"], seen["lambda_high"], strict=True)
+        for d, m, lo, hi in zip(
+            seen["dataset"], seen["model"], seen["lambda_low"], seen["lambda_high"], strict=True
+        )
     }
     models = {(d, m) for d, m, _ in present}
 
@@ -210,7 +227,9 @@ def _all_slots(table: Table, frame: pd.DataFrame) -> list[TableCell]:
             slot
             for model in models
             for dataset in datasets
-            for slot in _row(table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),))
+            for slot in _row(
+                table, "", model_label(model), dataset, model, ((dataset_label(dataset), "clean"),)
+            )
         ]
     slots: list[TableCell] = []
     for dataset in shown_datasets(frame, table.datasets):
@@ -226,7 +245,9 @@ def _all_slots(table: Table, frame: pd.DataFrame) -> list[TableCell]:
             row = f"{entry.label}, -" if table.lambda_sweep and not table.selects else entry.label
             slots += _row(table, block, row, dataset, entry.name, table.columns)
             if table.ensemble:
-                slots += _row(table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble")
+                slots += _row(
+                    table, block, row + ", ens", dataset, entry.name, table.columns, kind="ensemble"
+                )
     return slots
 
 
@@ -255,7 +276,9 @@ def all_attacks_slots(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Tab
 def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[TableCell]:
     own = dataset in paper_datasets() and table.row_table in model_entry(model).tables
     init = init if init is not None else default_lambda(model)
-    return [TableCell(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns]
+    return [
+        TableCell(block, row, column, dataset, model, init, kind, metric, own) for column, metric in columns
+    ]
 
 
 # --- filling and comparing -----------------------------------------------------------------
@@ -287,7 +310,8 @@ def fill(
         value = published_value(paper, slot.dataset, slot.model, slot.lambda_init, slot.kind, slot.metric)
         mean = found["mean"] if found is not None else math.nan
         low, high = (intervals or {}).get(
-            (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric), (math.nan, math.nan)
+            (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind, slot.metric),
+            (math.nan, math.nan),
         )
         rows.append(
             {

@@ -28,14 +28,18 @@ def inputs_digest(results_dir: str | os.PathLike, kind: str, options: dict) -> s
     """The digest of everything a report of `kind` ("report", "figures", "sanity") with
     `options` (JSON-able) is computed from."""
     results = Path(results_dir)
-    digest = hashlib.sha256(json.dumps({"kind": kind, "options": options}, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps({"kind": kind, "options": options}, sort_keys=True, default=str).encode()
+    )
     digest.update(content_digest(results).encode())
     digest.update(repr(_stats(results / "checkpoints", results)).encode())
     for package in (bench, models):
         root = Path(package.__file__).parent
         for pattern in _CODE_FILES:
             for path in sorted(root.rglob(pattern)):
-                digest.update(path.relative_to(root).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
+                digest.update(
+                    path.relative_to(root).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest()
+                )
     return digest.hexdigest()
 
 
@@ -43,7 +47,11 @@ def up_to_date(results_dir: str | os.PathLike, kind: str, digest: str) -> bool:
     """Whether the last report of `kind` was made from inputs of this digest and each of
     its files is still as it was written."""
     entry = _manifest(Path(results_dir)).get(kind)
-    if not isinstance(entry, dict) or entry.get("inputs") != digest or not isinstance(entry.get("files"), dict):
+    if (
+        not isinstance(entry, dict)
+        or entry.get("inputs") != digest
+        or not isinstance(entry.get("files"), dict)
+    ):
         return False
     results = Path(results_dir)
     return all(_stat(results / name) == stat for name, stat in entry["files"].items())
@@ -53,7 +61,10 @@ def remember(results_dir: str | os.PathLike, kind: str, digest: str, written: li
     """Record that `written` is the report of `kind` made from inputs of `digest`."""
     results = Path(results_dir)
     manifest = _manifest(results)
-    manifest[kind] = {"inputs": digest, "files": {p.relative_to(results).as_posix(): _stat(p) for p in written}}
+    manifest[kind] = {
+        "inputs": digest,
+        "files": {p.relative_to(results).as_posix(): _stat(p) for p in written},
+    }
     atomic_write(results / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

@@ -21,24 +21,14 @@ from bench.records import stats
 from bench.records.schema import SNAPSHOT_FILE, LandscapeConfig
 from bench.reports import figures, plotting, stability_report
 from bench.reports.claims import share_claim_rows
-from bench.reports.comparison import (
-    presets_with_runs,
-)
+from bench.reports.comparison import presets_with_runs
 from bench.reports.intervals import refusals, select_intervals, with_failed_runs
 from bench.reports.leaderboard import leaderboard, leaderboard_texts
 from bench.reports.left_out import left_out_note
 from bench.reports.measured import Evidence, Measured, measured
 from bench.reports.rehearsals import REHEARSAL_STAMP, rehearsal_marked
 from bench.reports.report_page import SANITY_LEGEND, render_report, render_sanity
-from bench.reports.tables import (
-    TABLES,
-    TITLES,
-    all_attacks_slots,
-    fill,
-    missing,
-    render,
-    table_slots,
-)
+from bench.reports.tables import TABLES, TITLES, all_attacks_slots, fill, missing, render, table_slots
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +49,9 @@ def write_reports(
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
     left_mine = m.left_out[m.left_out["preset"] == preset]
-    texts: dict[Path, str] = {results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)}
+    texts: dict[Path, str] = {
+        results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)
+    }
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
     for number in (key for key in TABLES if isinstance(key, int)):  # the paper's six; "3_all" below
@@ -69,16 +61,31 @@ def write_reports(
             filled = with_failed_runs(filled, m.runs)
         filled, others = select_intervals(filled, number)
         tables[number] = filled
-        texts.update(_table_texts(results / "tables", number, filled, left_out_note(specs, mine, left_mine), preset, others))
+        texts.update(
+            _table_texts(
+                results / "tables", number, filled, left_out_note(specs, mine, left_mine), preset, others
+            )
+        )
         for other in presets_with_runs(m.aggregated, preset)[1:]:  # every other preset's, against the paper
-            theirs, rest = select_intervals(fill(specs, m.aggregated, other, number, evidence.intervals(specs, m.aggregated, other)), number)
-            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(number, theirs, other, others=rest)
+            theirs, rest = select_intervals(
+                fill(specs, m.aggregated, other, number, evidence.intervals(specs, m.aggregated, other)),
+                number,
+            )
+            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(
+                number, theirs, other, others=rest
+            )
     specs = all_attacks_slots(m.frame, mine)
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
-    texts.update(_table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine), preset))
+    texts.update(
+        _table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine), preset)
+    )
     texts.update(sanity_texts(results, m, preset))
     checkpoints = stability_report.per_checkpoint(m.stability)
-    texts.update(stability_report.table_texts(results / "tables", stability_report.stability_table(checkpoints, m.aggregated, preset)))
+    texts.update(
+        stability_report.table_texts(
+            results / "tables", stability_report.stability_table(checkpoints, m.aggregated, preset)
+        )
+    )
     mechanism = stability_report.claim_rows(checkpoints, preset, evidence.bootstrap)
     folders = figures.run_folders(results, m.runs, preset)
     drawn = None
@@ -87,11 +94,22 @@ def write_reports(
             drawn = figures.draw_all(m, results, preset, landscape, folders)
             drawn += stability_report.drawn(m.stability, preset)
         texts.update(_figure_files(results, drawn))
-    shares = {p: share_claim_rows(figures.coefficient_table(folders if p == preset else figures.run_folders(results, m.runs, p)),
-                                  set(m.frame["dataset"]), p, evidence, evidence.bootstrap)
-              for p in presets_with_runs(m.aggregated, preset)}  # fmt: skip
-    board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity, stability_report.amplification(checkpoints))
-    texts[results / "REPORT.md"] = render_report(m, tables, preset, steps, evidence, drawn, shares, mechanism, board)
+    shares = {
+        p: share_claim_rows(
+            figures.coefficient_table(folders if p == preset else figures.run_folders(results, m.runs, p)),
+            set(m.frame["dataset"]),
+            p,
+            evidence,
+            evidence.bootstrap,
+        )
+        for p in presets_with_runs(m.aggregated, preset)
+    }
+    board = leaderboard(
+        m.kept, m.aggregated, preset, rank_by, m.sanity, stability_report.amplification(checkpoints)
+    )
+    texts[results / "REPORT.md"] = render_report(
+        m, tables, preset, steps, evidence, drawn, shares, mechanism, board
+    )
     texts.update(leaderboard_texts(results, board, left_mine))
     return write_all(rehearsal_marked(texts) if m.rehearsal else texts)
 
@@ -121,14 +139,21 @@ def _figure_files(results: Path, drawn: list) -> dict[Path, bytes]:
     }
 
 
-def write_sanity(results_dir: str | os.PathLike, preset: str = "paper", steps: int = DEFAULT_STEPS) -> list[Path]:
+def write_sanity(
+    results_dir: str | os.PathLike, preset: str = "paper", steps: int = DEFAULT_STEPS
+) -> list[Path]:
     """The sanity section alone (`--stage check`): sanity.md and sanity.csv."""
     m = measured(results_dir, steps)
     return write_all(sanity_texts(Path(results_dir), m, preset))
 
 
 def _table_texts(
-    folder: Path, number: int | str, filled: pd.DataFrame, left: str, preset: str, others: pd.DataFrame | None = None
+    folder: Path,
+    number: int | str,
+    filled: pd.DataFrame,
+    left: str,
+    preset: str,
+    others: pd.DataFrame | None = None,
 ) -> dict[Path, str]:
     notes = (missing(filled), refusals(filled), left, test_selected_note(preset))
     footer = "".join("\n\n" + line for line in notes if line) + "\n"
@@ -151,20 +176,30 @@ def _others(rest: pd.DataFrame, view: str = "mean") -> str:
     """The intervals a selecting table did not choose, under it ('' when none was measured)."""
     if rest.empty:
         return ""
-    return ("\n\nThe other initialisation intervals measured (not chosen; the interval is of the starting "
-            "coefficients act(d)):\n\n" + render(rest, view))  # fmt: skip
+    return (
+        "\n\nThe other initialisation intervals measured (not chosen; the interval is of the starting "
+        "coefficients act(d)):\n\n" + render(rest, view)
+    )
 
 
 def _vs_paper_text(
-    number: int | str, filled: pd.DataFrame, preset: str, footer: str | None = None, others: pd.DataFrame | None = None
+    number: int | str,
+    filled: pd.DataFrame,
+    preset: str,
+    footer: str | None = None,
+    others: pd.DataFrame | None = None,
 ) -> str:
     """One preset's measured-vs-published view of a table, labelled with the preset."""
     if footer is None:
         notes = (missing(filled), refusals(filled), test_selected_note(preset))
         footer = "".join("\n\n" + line for line in notes if line) + "\n"
     rest = _others(others) if others is not None else ""
-    return (f"# {TITLES[number]}\n\nMeasured under preset `{preset}` / published (measured - published).\n\n"
-            + render(filled, "paper") + rest + footer)  # fmt: skip
+    return (
+        f"# {TITLES[number]}\n\nMeasured under preset `{preset}` / published (measured - published).\n\n"
+        + render(filled, "paper")
+        + rest
+        + footer
+    )
 
 
 def sanity_texts(results: Path, m: Measured, preset: str) -> dict[Path, str]:
@@ -172,5 +207,3 @@ def sanity_texts(results: Path, m: Measured, preset: str) -> dict[Path, str]:
     table = m.sanity[m.sanity["preset"] == preset]
     text = "# Sanity checks\n\n" + render_sanity(m.sanity, preset) + "\n\n" + SANITY_LEGEND + "\n"
     return {results / "sanity.md": text, results / "sanity.csv": table.to_csv(index=False)}
-
-

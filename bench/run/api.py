@@ -36,14 +36,21 @@ def evaluate_defense(
     its sanity checks and stability units, then the reports. `options` are
     bench.run.options.RunOptions fields (device="cuda", n_test=1000, stages=..., ...).
     Resumable: finished cells are kept. A protocol of your own: `evaluate_protocol`."""
-    if isinstance(results_dir, EvalConfig):
-        raise UserError("evaluate_defense(defense, EvalConfig(...)) is evaluate_protocol(defense, EvalConfig(...)) now: "
-                        "evaluate_defense runs a suite's protocol")  # fmt: skip
+    _check_folders(results_dir, data_dir)
     settings = {"stages": DEFENSE_STAGES, "progress": progress, **options}
-    code = run(RunOptions(suite=suite, results_dir=str(results_dir), data_dir=None if data_dir is None else str(data_dir),
-                          defenses=(defense,), **settings))  # fmt: skip
+    code = run(
+        RunOptions(
+            suite=suite,
+            results_dir=str(results_dir),
+            data_dir=None if data_dir is None else str(data_dir),
+            defenses=(defense,),
+            **settings,
+        )
+    )
     if code != 0:
-        raise UserError(f"the evaluation of {defense.info.name} did not finish: its errors are in the log above")
+        raise UserError(
+            f"the evaluation of {defense.info.name} did not finish: its errors are in the log above"
+        )
     return _records_of(defense, results_dir)
 
 
@@ -58,6 +65,7 @@ def evaluate_protocol(
     """The cells of `config`, a protocol of your own, on any adapter's defense (no checks,
     no stability units, no reports; `seed` seeds the random starts), and its current
     records. Resumable: finished cells are kept."""
+    _check_folders(results_dir, data_dir)
     _check_recordable(defense, seed)
     if not isinstance(config, EvalConfig):
         raise UserError(f"evaluate_protocol takes an EvalConfig, got {type(config).__name__}")
@@ -71,15 +79,25 @@ def evaluate_protocol(
     return _records_of(defense, results_dir)
 
 
+def _check_folders(results_dir: object, data_dir: object) -> None:
+    for name, value in (("results_dir", results_dir), ("data_dir", data_dir)):
+        if not isinstance(value, str | os.PathLike) and not (name == "data_dir" and value is None):
+            raise UserError(f"{name} must be a folder's path, got {type(value).__name__}")
+
+
 def _check_recordable(defense: Defense, seed: object) -> None:
     """What the command line refuses, refused here too, before any work: a defense whose
     name --name would not take (a zoo checkpoint keeps its model's name), a seed out of range."""
     if not isinstance(defense, Defense):
-        raise UserError(f"evaluate_protocol takes a Defense (bench.eval.adapters), got {type(defense).__name__}")
+        raise UserError(
+            f"evaluate_protocol takes a Defense (bench.eval.adapters), got {type(defense).__name__}"
+        )
     check_run_name(defense.info.name, "evaluate_protocol", zoo=defense.info.source in OURS)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"evaluate_protocol: seed (the records' seed of this checkpoint) must be an integer in "
-                        f"[0, 2**32), got {seed!r}")  # fmt: skip
+        raise UserError(
+            f"evaluate_protocol: seed (the records' seed of this checkpoint) must be an integer in "
+            f"[0, 2**32), got {seed!r}"
+        )
 
 
 def _records_of(defense: Defense, results_dir) -> pd.DataFrame:

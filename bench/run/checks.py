@@ -65,10 +65,15 @@ def check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, s
         total = sets.size(task.job.dataset)
         if n_train > total:
             if options.n_train is not None:
-                asked, fix = f"--n-train {n_train}", "give at most that many, or leave --n-train out to train on all"
+                asked, fix = (
+                    f"--n-train {n_train}",
+                    "give at most that many, or leave --n-train out to train on all",
+                )
             else:  # the registry names more images than the data dir holds
                 asked, fix = f"the {suite.name} suite's {n_train}", f"give --n-train {total} or fewer"
-            raise UserError(f"{asked} is more than the {total:,} training images of {task.job.dataset}: {fix}")
+            raise UserError(
+                f"{asked} is more than the {total:,} training images of {task.job.dataset}: {fix}"
+            )
 
 
 class TrainingDigests:
@@ -89,9 +94,15 @@ class TrainingDigests:
             train = self.sets.images(config.dataset)
             self._digests[key] = images_digest(train.images[: config.n_train], train.labels[: config.n_train])
         if self._digests[key] != recorded:
-            log.warning("%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "
-                        "its cells stand for the images it was trained on; delete its folder to train it on these",
-                        config.run_tag, config.dataset, config.seed, recorded[:12], self._digests[key][:12])  # fmt: skip
+            log.warning(
+                "%s %s seed %d was trained on images %s…, and the data dir's training images are now %s…: "
+                "its cells stand for the images it was trained on; delete its folder to train it on these",
+                config.run_tag,
+                config.dataset,
+                config.seed,
+                recorded[:12],
+                self._digests[key][:12],
+            )
 
 
 @dataclass(frozen=True)
@@ -118,9 +129,13 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
             defense = built(source)
         except UserError as err:
             if dry and "never downloads" in str(err):
-                raise UserError(f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)") from None
+                raise UserError(
+                    f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)"
+                ) from None
             raise
-        check_name(task.job.model, f"defense {task.job.model}")  # the name given; a rehearsal's run adds @rehearsal
+        check_name(
+            task.job.model, f"defense {task.job.model}"
+        )  # the name given; a rehearsal's run adds @rehearsal
         info = replace(defense.info, name=task.run_tag)
         resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
     return resolved
@@ -146,8 +161,16 @@ def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool
                 "another --name, or use another --results-dir"
             )
         if record and before is None:
-            store.add_defense({"run": info.name, "dataset": info.dataset, "checkpoint_sha256": info.checkpoint_sha256,
-                               "source": info.source, "build": info.build, "timestamp": utc_now()})  # fmt: skip
+            store.add_defense(
+                {
+                    "run": info.name,
+                    "dataset": info.dataset,
+                    "checkpoint_sha256": info.checkpoint_sha256,
+                    "source": info.source,
+                    "build": info.build,
+                    "timestamp": utc_now(),
+                }
+            )
 
 
 def planned_metrics(tasks: list[Task]) -> set[str]:
@@ -156,7 +179,9 @@ def planned_metrics(tasks: list[Task]) -> set[str]:
     for config in {t.eval for t in tasks}:
         cells = protocol_cells(config)
         metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
-        metrics |= {metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK}
+        metrics |= {
+            metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK
+        }
     return metrics
 
 
@@ -183,7 +208,9 @@ def check_report_targets(options: RunOptions, dry: bool = False) -> None:
     the run written, not a refusal after the evaluation was recorded. A dry run checks
     the same paths without proving the folders writable (that writes a probe file)."""
     results, stages = Path(options.results_dir), set(options.stages)
-    files = (*REPORT_FILES, *SANITY_FILES) if "report" in stages else SANITY_FILES if "check" in stages else ()
+    files = (
+        (*REPORT_FILES, *SANITY_FILES) if "report" in stages else SANITY_FILES if "check" in stages else ()
+    )
     folders = {**REPORT_FOLDERS, **(FIGURE_FOLDERS if options.figures else {})} if "report" in stages else {}
     folders |= FIGURE_FOLDERS if "figures" in stages else {}
     for name in files:
@@ -192,14 +219,18 @@ def check_report_targets(options: RunOptions, dry: bool = False) -> None:
         folder, what = results / name, "the figures" if name in FIGURE_FOLDERS else "the report"
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:  # a file where the folder goes
-            raise UserError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or "
-                            "choose another --results-dir")  # fmt: skip
+            raise UserError(
+                f"cannot write {what} to {folder}: {blocker} is a file, not a folder; move it aside or "
+                "choose another --results-dir"
+            )
         if not dry:
             check_writable(folder, what, "--results-dir")
         for path in sorted(folder.glob("/".join("*" * (depth + 1)))):
             if path.is_dir():
-                raise UserError(f"cannot write {what} to {folder}: {path} is a folder, and only the report's "
-                                "files go there; move it aside and run again")  # fmt: skip
+                raise UserError(
+                    f"cannot write {what} to {folder}: {path} is a folder, and only the report's "
+                    "files go there; move it aside and run again"
+                )
 
 
 def check_outputs_and_data(options: RunOptions, jobs: list[Job]) -> None:
@@ -225,17 +256,26 @@ def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
         if dry:
             check_file_places(info, root)
             if not is_present(info, options.data_dir):
-                log.info("data: %s is not in %s yet: the run downloads it; its release's sizes are assumed", dataset, root)
+                log.info(
+                    "data: %s is not in %s yet: the run downloads it; its release's sizes are assumed",
+                    dataset,
+                    root,
+                )
                 continue
         log.info("data: loading the %s test set from %s", dataset, root)
         test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
         check_test_size(options, dataset, len(test))
-        if {"report", "figures"} & set(options.stages):  # Fig. 2's image: found missing now, not after the work
+        if {"report", "figures"} & set(
+            options.stages
+        ):  # Fig. 2's image: found missing now, not after the work
             check_landscape_index(options.landscape[0], len(test), dataset)
         if "eval" not in options.stages:
             continue
         if dry:  # the released files as the run reads them; generated ones are the run's to make
-            if noise_source(dataset, options.data_dir, options.noise_source) == "released" and info.noise_release:
+            if (
+                noise_source(dataset, options.data_dir, options.noise_source) == "released"
+                and info.noise_release
+            ):
                 for group in NOISE_GROUPS:
                     load_noise(dataset, group, options.data_dir, "released", test=test)
             continue
@@ -256,6 +296,8 @@ def check_test_size(options: RunOptions, dataset: str, images: int) -> None:
         if name != "n_test" and options.n_test is not None:
             continue  # checked against --n-test already
         if value is not None and value > images:
-            raise UserError(f"--{name.replace('_', '-')} {value} is more than the {images:,} test images of {dataset} "
-                            f"in {data_root(options.data_dir)}: give at most {images:,}"
-                            + (", or leave --n-test out to test on all" if name == "n_test" else ""))  # fmt: skip
+            raise UserError(
+                f"--{name.replace('_', '-')} {value} is more than the {images:,} test images of {dataset} "
+                f"in {data_root(options.data_dir)}: give at most {images:,}"
+                + (", or leave --n-test out to test on all" if name == "n_test" else "")
+            )

@@ -21,16 +21,12 @@ from bench.eval.protocol import EvalConfig, protocol_cells
 from bench.eval.stability import StabilityDone
 from bench.eval.testdata import EvalData
 from bench.records.aggregate import with_pooled_noise
-from bench.records.schema import CELL_COLUMNS, UNKNOWN_DATA
+from bench.records.schema import CELL_COLUMNS
 from bench.records.store import RecordStore
 from bench.run.checks import Resolved
 from bench.run.executors import DONE, Crashed, Executor, Raised
 from bench.run.options import RunOptions
-from bench.run.plan import (
-    ENSEMBLE,
-    TRAIN,
-    Task,
-)
+from bench.run.plan import ENSEMBLE, TRAIN, Task
 from bench.run.suites import Suite
 from bench.run.todo import ToDo, run_row
 from bench.run.work import ChecksDone, Trained, Work, place_files
@@ -65,8 +61,14 @@ class Driver:
     """Hands each task's work (decided by bench.run.todo) to an executor and records what
     comes back: the only writer of the records."""
 
-    def __init__(self, options: RunOptions, suite: Suite, device: str, store: RecordStore,
-                 defenses: dict[str, Resolved] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        options: RunOptions,
+        suite: Suite,
+        device: str,
+        store: RecordStore,
+        defenses: dict[str, Resolved] | None = None,
+    ):
         self.options, self.store = options, store
         self.outcome = Outcome()
         self._contexts: dict[str, dict] = {}  # task name -> the KEY columns of its checkpoint
@@ -125,10 +127,18 @@ class Driver:
                 if isinstance(event, Crashed):
                     attempts[name] += 1
                     if attempts[name] < MAX_ATTEMPTS:
-                        log.warning("%s: %s; trying again (attempt %d of %d)", name, event.reason, attempts[name] + 1, MAX_ATTEMPTS)
+                        log.warning(
+                            "%s: %s; trying again (attempt %d of %d)",
+                            name,
+                            event.reason,
+                            attempts[name] + 1,
+                            MAX_ATTEMPTS,
+                        )
                         pending.insert(0, done.task)
                         continue
-                    self.outcome.errors.append(f"{name}: {event.reason}; gave up after {MAX_ATTEMPTS} attempts")
+                    self.outcome.errors.append(
+                        f"{name}: {event.reason}; gave up after {MAX_ATTEMPTS} attempts"
+                    )
                 else:
                     self._finish(done)
                 finished.add(name)
@@ -139,10 +149,18 @@ class Driver:
         locks = ExitStack()
         who = "ensemble" if task.kind == ENSEMBLE else f"seed{task.seed}"
         stage = "train" if task.kind == TRAIN else "eval"
-        path = Path(self.options.results_dir) / LOCKS / task.job.dataset / task.run_tag / f"{who}.{stage}.lock"
+        path = (
+            Path(self.options.results_dir) / LOCKS / task.job.dataset / task.run_tag / f"{who}.{stage}.lock"
+        )
         if not locks.enter_context(run_lock(path, blocking=blocking)):
             locks.close()
-            log.info("%s %s %s %s: busy in another process; coming back to it later", task.run_tag, task.job.dataset, who, stage)
+            log.info(
+                "%s %s %s %s: busy in another process; coming back to it later",
+                task.run_tag,
+                task.job.dataset,
+                who,
+                stage,
+            )
             deferred.append(task)
             return
         work = self._decided(task)
@@ -166,7 +184,9 @@ class Driver:
             log.info("%s", message.summary)
         elif isinstance(message, StabilityDone):
             self.outcome.stability_run += self.store.add_stability(message.rows, message.values) > 0
-            self._clock(state, "stability", max((row["seconds"] for row in message.rows), default=0.0))  # the unit's, on each row
+            self._clock(
+                state, "stability", max((row["seconds"] for row in message.rows), default=0.0)
+            )  # the unit's, on each row
             log.info("%s", message.summary)
         elif isinstance(message, LandscapeDone):
             self.store.add_landscape(message.row, message.loss, message.classes)
@@ -192,7 +212,13 @@ class Driver:
         data = self.todo.data(state.task)
         line = summary_line(self._contexts[state.task.name], work.config, data, self.store)
         cached = len(protocol_cells(work.config)) - len(work.cells)
-        log.info("%s (%d cells run, %d cached, %.0f s)", line, state.cells, cached, time.perf_counter() - state.began)
+        log.info(
+            "%s (%d cells run, %d cached, %.0f s)",
+            line,
+            state.cells,
+            cached,
+            time.perf_counter() - state.began,
+        )
 
 
 def summary_line(context: dict, config: EvalConfig, data: EvalData, store: RecordStore) -> str:
@@ -201,11 +227,12 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     the checkpoint `context` names."""
     frame = store.cells(context)
     asked = {cell_key(c, data.source(c), config, data.n(c), data.digest(c)) for c in protocol_cells(config)}
-    asked |= {(*k[:-1], UNKNOWN_DATA) for k in asked} if config.trust_unknown_data else set()
     mask = [key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]
     frame = frame[pd.Series(mask, index=frame.index, dtype=bool)]  # a list would select columns when empty
-    # a cell measured again on other data (or once more after its digest was unknown): the last measurement
-    frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(["perturbation", "eps_255", "severity"], keep="last")
+    # a cell measured again on other data: the last measurement
+    frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(
+        ["perturbation", "eps_255", "severity"], keep="last"
+    )
     mine = with_pooled_noise(frame)
 
     def pct(rows) -> str:
@@ -213,7 +240,9 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
 
     parts = [f"clean {pct(mine[mine['perturbation'] == 'clean'])}"]
     parts.append(f"noise {pct(mine[mine['perturbation'].isin(pooled_noise()) & (mine['severity'] == 0)])}")
-    for kind in dict.fromkeys(c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK):
+    for kind in dict.fromkeys(
+        c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK
+    ):
         rows = mine[mine["perturbation"] == kind].sort_values("eps_255")
         if len(rows):
             radii = "/".join(f"{e:g}" for e in rows["eps_255"])

@@ -25,13 +25,7 @@ from bench.eval.protocol import protocol_cells, unit_passes, units
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
-from bench.run.plan import (
-    DEFENSE,
-    ENSEMBLE,
-    MEASURE,
-    TRAIN,
-    Task,
-)
+from bench.run.plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task
 from bench.run.rates import Rates, defense_rates, forward_flops, model_rates
 from bench.run.todo import ToDo
 from bench.train.recipes import recipe_for, training_test_images
@@ -48,7 +42,9 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
     rows = []
     zoo = {t.job.model: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
     for model in sorted(zoo, key=lambda m: forward_flops(m, zoo[m])) if options.assume_tflops is None else ():
-        if model not in rates:  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
+        if (
+            model not in rates
+        ):  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
             rates[model] = model_rates(model, todo.device, options.results_dir, None, zoo[model])
     for task in tasks:
         if task.job.model not in rates:
@@ -65,10 +61,26 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
         if task.kind == TRAIN:
             cost = _train_cost(todo, task, rates[task.job.model], sets)
         else:
-            cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(todo, task, tasks, rates[task.job.model])
+            cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(
+                todo, task, tasks, rates[task.job.model]
+            )
         rows.append({"task": task.name, "model": task.job.model, **cost})
-    return pd.DataFrame(rows, columns=["task", "model", "to train", "cells to run", "cached", "train", "eval", "seconds",
-                                       "stability to run", "stability cached", "stability"])  # fmt: skip
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "task",
+            "model",
+            "to train",
+            "cells to run",
+            "cached",
+            "train",
+            "eval",
+            "seconds",
+            "stability to run",
+            "stability cached",
+            "stability",
+        ],
+    )
 
 
 def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dict:
@@ -76,7 +88,9 @@ def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dic
     meta = _meta(todo, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
-    epochs = recipe_for(model_entry(task.job.model).family, task.job.dataset, config.preset, config.length).epochs
+    epochs = recipe_for(
+        model_entry(task.job.model).family, task.job.dataset, config.preset, config.length
+    ).epochs
     images = sets.per_epoch(task.job.dataset, config.n_train)
     tested = todo.data(task).n_test
     tested = min(tested, training_test_images(config.length) or tested)  # a rehearsal's log tests on a few
@@ -87,7 +101,9 @@ def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dic
 def _measure_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> dict:
     statuses = {s: _meta(todo, task, s).get("status") for s in task.seeds}
     planned = {t.seeds[0] for t in tasks if t.kind == TRAIN and t.job == task.job}
-    members = [s for s in task.seeds if statuses[s] == "finished" or (statuses[s] != "failed" and s in planned)]
+    members = [
+        s for s in task.seeds if statuses[s] == "finished" or (statuses[s] != "failed" and s in planned)
+    ]
     ensemble, stages = task.kind == ENSEMBLE, todo.options.stages
     if not members or (ensemble and len(members) < 2):
         return _cost(0, 0, 0, 0.0, 0.0)
@@ -100,17 +116,35 @@ def _measure_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> di
         todo_cells = protocol_cells(task.eval) if "eval" in stages else []
         stage = stage_units(len(members)) if "stability" in stages else []
         drawn = image_count(task.landscape) if "stability" in stages and task.landscape else 0
-    return _work_cost(todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates, drawn)
+    return _work_cost(
+        todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates, drawn
+    )
 
 
 def _defense_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> dict:
     work = todo.decide(task).work
     units_all = len(stage_units(1, todo.defenses[task.name].blockwise))
-    return _work_cost(todo, task, 1, list(work.cells) if work else [], list(work.stability) if work else [], units_all, rates)
+    return _work_cost(
+        todo,
+        task,
+        1,
+        list(work.cells) if work else [],
+        list(work.stability) if work else [],
+        units_all,
+        rates,
+    )
 
 
-def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, units_all: int, rates: Rates,
-               drawn: int = 0) -> dict:  # fmt: skip
+def _work_cost(
+    todo: ToDo,
+    task: Task,
+    members: int,
+    cells: list,
+    stage: list,
+    units_all: int,
+    rates: Rates,
+    drawn: int = 0,
+) -> dict:
     """The seconds of `cells` on `members` networks, of the stability units `stage` and of
     `drawn` Fig. 2 landscapes (the stability stage's too)."""
     config, data, stages = task.eval, todo.data(task), todo.options.stages
@@ -127,8 +161,12 @@ def _work_cost(todo: ToDo, task: Task, members: int, cells: list, stage: list, u
         forward, gradient = image_passes(task.landscape)
         seconds += drawn * (forward / rates.forward + gradient / rates.gradient)
     stable_cached = units_all - len(stage) if "stability" in stages else 0
-    return {**_cost(0, len(cells), cached, 0.0, seconds), "stability to run": len(stage), "stability cached": stable_cached,
-            "stability": seconds - cells_seconds}  # fmt: skip
+    return {
+        **_cost(0, len(cells), cached, 0.0, seconds),
+        "stability to run": len(stage),
+        "stability cached": stable_cached,
+        "stability": seconds - cells_seconds,
+    }
 
 
 def _meta(todo: ToDo, task: Task, seed: int) -> dict:
@@ -137,8 +175,17 @@ def _meta(todo: ToDo, task: Task, seed: int) -> dict:
 
 
 def _cost(to_train: int, todo: int, cached: int, train: float, evaluation: float) -> dict:
-    return {"to train": to_train, "cells to run": todo, "cached": cached, "train": train, "eval": evaluation,
-            "seconds": train + evaluation, "stability to run": 0, "stability cached": 0, "stability": 0.0}  # fmt: skip
+    return {
+        "to train": to_train,
+        "cells to run": todo,
+        "cached": cached,
+        "train": train,
+        "eval": evaluation,
+        "seconds": train + evaluation,
+        "stability to run": 0,
+        "stability cached": 0,
+        "stability": 0.0,
+    }
 
 
 def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> float:
@@ -169,35 +216,56 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
     for job in jobs:
         mine = frame[[t.job == job for t in tasks]]
         ensemble = next((t for t in tasks if t.job == job and t.kind == ENSEMBLE), None)
-        rows.append({
-            "run": next(t.run_tag for t in tasks if t.job == job),  # as the checkpoints and records name it
-            "dataset": job.dataset,
-            "seeds": len({t.seed for t in tasks if t.job == job and t.kind != ENSEMBLE}),
-            "ensemble": _ensemble_cells(ensemble) if ensemble else "",
-            "to train": int(mine["to train"].sum()),
-            "cells to run": int(mine["cells to run"].sum()),
-            "cached": int(mine["cached"].sum()),
-            "train": _duration(mine["train"].sum()),
-            "eval": _duration(mine["eval"].sum()),
-            "total": _duration(mine["seconds"].sum()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": next(
+                    t.run_tag for t in tasks if t.job == job
+                ),  # as the checkpoints and records name it
+                "dataset": job.dataset,
+                "seeds": len({t.seed for t in tasks if t.job == job and t.kind != ENSEMBLE}),
+                "ensemble": _ensemble_cells(ensemble) if ensemble else "",
+                "to train": int(mine["to train"].sum()),
+                "cells to run": int(mine["cells to run"].sum()),
+                "cached": int(mine["cached"].sum()),
+                "train": _duration(mine["train"].sum()),
+                "eval": _duration(mine["eval"].sum()),
+                "total": _duration(mine["seconds"].sum()),
+            }
+        )
     seconds = dict(zip(frame["task"], frame["seconds"], strict=True))
     counts = sorted({*WORKER_COUNTS, *([options.workers] if options.workers else [])})
-    walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts)
-    totals = frame[["to train", "cells to run", "cached", "train", "eval", "seconds", "stability to run",
-                    "stability cached"]].sum()  # fmt: skip
-    return "\n".join([
-        plan_header(todo.suite, options, todo.device, tasks),
-        tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
-        f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
-        f"{int(totals['cached'])} cached; "
-        + (f"{int(totals['stability to run'])} stability units to run, {int(totals['stability cached'])} cached; "
-           if "stability" in options.stages else "")
-        + f"estimated {_duration(totals['train'])} training + "
-        f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {todo.device}",
-        f"wall time (an estimate): {walls}",
-        "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
-    ])  # fmt: skip
+    walls = ", ".join(
+        f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts
+    )
+    totals = frame[
+        [
+            "to train",
+            "cells to run",
+            "cached",
+            "train",
+            "eval",
+            "seconds",
+            "stability to run",
+            "stability cached",
+        ]
+    ].sum()
+    return "\n".join(
+        [
+            plan_header(todo.suite, options, todo.device, tasks),
+            tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False),
+            f"total: {int(totals['to train'])} checkpoints to train, {int(totals['cells to run'])} cells to run, "
+            f"{int(totals['cached'])} cached; "
+            + (
+                f"{int(totals['stability to run'])} stability units to run, {int(totals['stability cached'])} cached; "
+                if "stability" in options.stages
+                else ""
+            )
+            + f"estimated {_duration(totals['train'])} training + "
+            f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {todo.device}",
+            f"wall time (an estimate): {walls}",
+            "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
+        ]
+    )
 
 
 def _ensemble_cells(task: Task) -> str:
@@ -209,9 +277,11 @@ def _ensemble_cells(task: Task) -> str:
         if perturbation(cell.perturbation).chance_from_255 is not None:
             gates.setdefault(cell.perturbation, []).append(f"{cell.eps_255:g}")
     on = {name: task.eval.n_test_of(name) for name in gates}  # the AutoAttack subset (planned so)
-    named = "; ".join(f"{perturbation(name).label} at {', '.join(radii)}/255 on "
-                      + ("every test image" if on[name] is None else f"{on[name]} images")
-                      for name, radii in gates.items())  # fmt: skip
+    named = "; ".join(
+        f"{perturbation(name).label} at {', '.join(radii)}/255 on "
+        + ("every test image" if on[name] is None else f"{on[name]} images")
+        for name, radii in gates.items()
+    )
     return f"{len(cells)} cells" + (f" ({named})" if named else "")
 
 
@@ -230,15 +300,21 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     return (
         f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
-        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}" + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
-        + f"); {tested}" + "".join(f", {s}" for s in smaller)
+        f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}"
+        + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
+        + f"); {tested}"
+        + "".join(f", {s}" for s in smaller)
     )
 
 
 def _capped(n: int, n_test: int | None) -> str:
     """A subset's size as run: a suite's subset above the test images is capped at them
     (one given above them was refused, RunOptions._check_subsets), and the header says so."""
-    return f"{n}" if n_test is None or n <= n_test else f"{n_test} (the suite's {n}, capped at the {n_test} test images)"
+    return (
+        f"{n}"
+        if n_test is None or n <= n_test
+        else f"{n_test} (the suite's {n}, capped at the {n_test} test images)"
+    )
 
 
 def _count(n: int, noun: str) -> str:

@@ -110,9 +110,7 @@ class Processes:
     def _start(self, index: int) -> None:
         environment = {"CUDA_VISIBLE_DEVICES": str(index % self._gpus)} if self._gpus else {}
         inbox = self._context.Queue()
-        process = self._context.Process(
-            target=_worker, args=(inbox, self._outbox, environment), daemon=True
-        )
+        process = self._context.Process(target=_worker, args=(inbox, self._outbox, environment), daemon=True)
         process.start()
         self._workers[index] = (process, inbox)
         self._reaper.add({pid: start for pid, start in descendants().items() if pid == process.pid})
@@ -132,7 +130,9 @@ class Processes:
                     if not process.is_alive():  # killed: its task is lost, a fresh worker takes its slot
                         del self._busy[index]
                         self._start(index)
-                        return name, Crashed(f"worker process {process.pid} exited with code {process.exitcode}")
+                        return name, Crashed(
+                            f"worker process {process.pid} exited with code {process.exitcode}"
+                        )
                 continue
             if isinstance(message, str | Raised):  # DONE or a failure: the worker is free
                 self._busy = {i: n for i, n in self._busy.items() if n != name}
@@ -273,7 +273,9 @@ def _cluster_slots(total: dict, resources: Resources) -> int:
     return max(1, int(min(limits)))
 
 
-def make_executor(kind: str, workers: int | None, address: str | None, resources: Resources, device: str) -> Executor:
+def make_executor(
+    kind: str, workers: int | None, address: str | None, resources: Resources, device: str
+) -> Executor:
     """The executor the options ask for; `local` with one slot is Inline."""
     gpus = _visible_gpus() if device.startswith("cuda") else 0
     if kind == "ray":

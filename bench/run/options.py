@@ -54,13 +54,16 @@ class RunOptions:
     length: str | None = None
     n_train: int | None = None
     n_test: int | None = None
-    n_autoattack: int | None = None  # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
-    n_stability: int | None = None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
+    n_autoattack: int | None = (
+        None  # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
+    )
+    n_stability: int | None = (
+        None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
+    )
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
     radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
     steps: int = DEFAULT_STEPS
     noise_source: str = "auto"
-    recheck_data: bool = False  # measure again the cells recorded before cells had a data digest
     batch_size: int | None = None
     device: str = "auto"  # auto: a GPU when there is one
     bf16: bool = False
@@ -72,8 +75,14 @@ class RunOptions:
     dry_run: bool = False
     rehearse: bool = False  # the suite's whole plan on tiny data, tagged rehearsal (bench.run.rehearsal)
     rank_by: str = "pgd@2"  # the leaderboard's order
-    figures: bool = True  # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
-    landscape: tuple[int | None, int, float] = (None, 21, 8.0)  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
+    figures: bool = (
+        True  # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
+    )
+    landscape: tuple[int | None, int, float] = (
+        None,
+        21,
+        8.0,
+    )  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
     executor: str = "local"  # local: this machine's processes; ray: a Ray cluster (bench.run.executors)
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's
     ray_address: str | None = None  # join this Ray cluster; None: a Ray of this machine, on localhost only
@@ -86,8 +95,10 @@ class RunOptions:
         """Every value mistake is one error line here, before anything is loaded or run."""
         unknown = [s for s in self.stages if s not in STAGES]
         if not self.stages or unknown:
-            raise UserError(f"unknown stage {(unknown or [''])[0]!r} in --stage; choose from {', '.join(STAGES)} "
-                            "(or summary, alone, on the command line)")  # fmt: skip
+            raise UserError(
+                f"unknown stage {(unknown or [''])[0]!r} in --stage; choose from {', '.join(STAGES)} "
+                "(or summary, alone, on the command line)"
+            )
         if self.seeds is not None:
             if not self.seeds or not all(isinstance(s, int) and 0 <= s < SEED_LIMIT for s in self.seeds):
                 raise UserError(f"--seeds takes integers in [0, 2**32), got {list(self.seeds)}")
@@ -108,7 +119,9 @@ class RunOptions:
         counts = {**vars(self), **dict(zip(LANDSCAPE, self.landscape, strict=True))}
         for name, (limit, why) in LIMITS.items():
             if counts[name] is not None and counts[name] > limit:
-                raise UserError(f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}"
+                )
         self._check_subsets()  # after the limits: a count of 2**70 is a typo first
         check_device_kind(self.device, auto=True)
         if self.executor not in EXECUTORS:
@@ -122,23 +135,28 @@ class RunOptions:
             )
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise UserError("--executor ray needs Ray: pip install -e '.[cluster]'")
-        if self.assume_tflops is not None and not (math.isfinite(self.assume_tflops) and self.assume_tflops > 0):
+        if self.assume_tflops is not None and not (
+            math.isfinite(self.assume_tflops) and self.assume_tflops > 0
+        ):
             raise UserError(f"--assume-tflops must be a positive number, got {self.assume_tflops:g}")
         if self.rehearse and self.length is not None:
-            raise UserError(f"--length {self.length} and --rehearse: a rehearsal trains for its own length (2 epochs of a "
-                            "few steps, tagged rehearsal); leave --length out, or run without --rehearse")  # fmt: skip
+            raise UserError(
+                f"--length {self.length} and --rehearse: a rehearsal trains for its own length (2 epochs of a "
+                "few steps, tagged rehearsal); leave --length out, or run without --rehearse"
+            )
         if self.defenses:
             self._check_defenses()
         check_results_dir(self.results_dir)
         data_root(self.data_dir)
-        object.__setattr__(self, "rank_by", check_metric(self.rank_by))  # canonical (pgd@2.0: pgd@2) from here on
+        object.__setattr__(
+            self, "rank_by", check_metric(self.rank_by)
+        )  # canonical (pgd@2.0: pgd@2) from here on
         index, points, radius = self.landscape
         if (index is not None and index < 0) or points < 2 or not (math.isfinite(radius) and radius > 0):
             raise UserError(
                 f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
                 f"--landscape-radius, got {index}, {points}, {radius:g}"
             )
-
 
     def _check_subsets(self) -> None:
         """The one rule of the subset options (--n-autoattack, --n-stability): a subset the
@@ -149,25 +167,41 @@ class RunOptions:
         for name in SUBSET_OPTIONS:
             value = getattr(self, name)
             if value is not None and n_test is not None and value > n_test:
-                drawn = f"--n-test {n_test}" if self.n_test is not None else f"the {self.suite} suite's {n_test}"
-                raise UserError(f"--{name.replace('_', '-')} {value} is more than the test images it is drawn from "
-                                f"({drawn}): give at most {n_test}, or a larger --n-test")  # fmt: skip
+                drawn = (
+                    f"--n-test {n_test}" if self.n_test is not None else f"the {self.suite} suite's {n_test}"
+                )
+                raise UserError(
+                    f"--{name.replace('_', '-')} {value} is more than the test images it is drawn from "
+                    f"({drawn}): give at most {n_test}, or a larger --n-test"
+                )
 
     def _check_defenses(self) -> None:
         """A defense run evaluates the defenses alone: the zoo's and training's options do not apply."""
-        zoo = {"models": "--models", "datasets": "--datasets", "seeds": "--seeds", "lambda_init": "--lambda-init",
-               "length": "--length", "n_train": "--n-train"}  # fmt: skip
+        zoo = {
+            "models": "--models",
+            "datasets": "--datasets",
+            "seeds": "--seeds",
+            "lambda_init": "--lambda-init",
+            "length": "--length",
+            "n_train": "--n-train",
+        }
         given = [flag for name, flag in zoo.items() if getattr(self, name) is not None]
         if given:
-            raise UserError(f"{given[0]} selects zoo models, and this run evaluates defenses: leave it out (a defense's "
-                            "data set is its --dataset), or run the zoo without --defense")  # fmt: skip
+            raise UserError(
+                f"{given[0]} selects zoo models, and this run evaluates defenses: leave it out (a defense's "
+                "data set is its --dataset), or run the zoo without --defense"
+            )
         if "train" in self.stages:
-            raise UserError("a defense is evaluated here, never trained: leave train out of --stage "
-                            "(e.g. --stage eval,check,stability,report)")  # fmt: skip
+            raise UserError(
+                "a defense is evaluated here, never trained: leave train out of --stage "
+                "(e.g. --stage eval,check,stability,report)"
+            )
         names = [identity(d) for d in self.defenses]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise UserError(f"defense {twice[0][0]!r} on {twice[0][1]} is named twice: give each defense its own name")
+            raise UserError(
+                f"defense {twice[0][0]!r} on {twice[0][1]} is named twice: give each defense its own name"
+            )
 
 
 def _ray_address(text: str) -> bool:

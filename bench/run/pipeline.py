@@ -46,14 +46,7 @@ from bench.run.driver import Driver
 from bench.run.estimate import plan_header, render_plan
 from bench.run.executors import make_executor
 from bench.run.options import STAGES, RunOptions
-from bench.run.plan import (
-    MEASURE,
-    TRAIN,
-    landscape_config,
-    plan_jobs,
-    plan_tasks,
-    task_resources,
-)
+from bench.run.plan import MEASURE, TRAIN, landscape_config, plan_jobs, plan_tasks, task_resources
 from bench.run.rehearsal import rehearsal_options, rehearsal_suite
 from bench.run.suites import Suite, find_suite
 from bench.run.todo import ToDo
@@ -61,7 +54,13 @@ from bench.train.loop import finished_run
 from models import UserError
 
 log = logging.getLogger(__name__)
-RESULT_FOLDERS = ("checkpoints", "tables", "figures", "leaderboard", LOCKS)  # what a run writes below the results dir
+RESULT_FOLDERS = (
+    "checkpoints",
+    "tables",
+    "figures",
+    "leaderboard",
+    LOCKS,
+)  # what a run writes below the results dir
 __all__ = ["STAGES", "RunOptions", "plan_jobs", "run"]
 
 
@@ -120,11 +119,18 @@ def run(options: RunOptions) -> int:
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, suite, device, store, defenses=defenses)
-    planned = rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None  # before the work: the estimate's view
+    planned = (
+        rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None
+    )  # before the work: the estimate's view
     began = time.perf_counter()
     if tasks:
-        executor = make_executor(options.executor, _workers(options, len(tasks)), options.ray_address,
-                                 task_resources(suite, device), device)  # fmt: skip
+        executor = make_executor(
+            options.executor,
+            _workers(options, len(tasks)),
+            options.ray_address,
+            task_resources(suite, device),
+            device,
+        )
         try:
             driver.execute(tasks, executor)
         finally:
@@ -152,7 +158,10 @@ def run(options: RunOptions) -> int:
     for error in outcome.errors:
         log.error("error: %s", error)
     if planned is not None:
-        log.info("%s", rehearsal.last_line(planned, driver.stage_seconds, _real_estimate(real, device, planned.rates)))
+        log.info(
+            "%s",
+            rehearsal.last_line(planned, driver.stage_seconds, _real_estimate(real, device, planned.rates)),
+        )
     return 1 if outcome.errors else 0
 
 
@@ -174,29 +183,51 @@ def _workers(options: RunOptions, tasks: int) -> int | None:
     return max(tasks, 1)
 
 
-def _report(options: RunOptions, after_work: bool = False, sanity_only: bool = False, figures_only: bool = False) -> int:
+def _report(
+    options: RunOptions, after_work: bool = False, sanity_only: bool = False, figures_only: bool = False
+) -> int:
     """Write the reports and figures (or the sanity table, or the figures alone); the
     report stage alone is an error without records, after the other stages (whose runs
     may all have failed) a warning."""
     began = time.perf_counter()
     remove_orphans(options.results_dir, RESULT_FOLDERS)  # a report killed before its renames left .tmp files
     kind = "sanity" if sanity_only else "figures" if figures_only else "report"
-    what, shown = {"sanity": ("sanity table", "sanity.md"), "figures": ("figures", "figures"), "report": ("reports", "REPORT.md")}[kind]
-    shaped_by = {"preset": options.preset, "rank_by": options.rank_by, "steps": options.steps,
-                 "landscape": landscape_config(options), "draw": options.figures}  # fmt: skip
-    inputs = unchanged.inputs_digest(options.results_dir, kind, shaped_by)  # the records and checkpoints: no data
+    what, shown = {
+        "sanity": ("sanity table", "sanity.md"),
+        "figures": ("figures", "figures"),
+        "report": ("reports", "REPORT.md"),
+    }[kind]
+    shaped_by = {
+        "preset": options.preset,
+        "rank_by": options.rank_by,
+        "steps": options.steps,
+        "landscape": landscape_config(options),
+        "draw": options.figures,
+    }
+    inputs = unchanged.inputs_digest(
+        options.results_dir, kind, shaped_by
+    )  # the records and checkpoints: no data
     if unchanged.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
-        log.info("%s: up to date (nothing they are made from changed since they were written); see %s", what,
-                 Path(options.results_dir) / shown)
+        log.info(
+            "%s: up to date (nothing they are made from changed since they were written); see %s",
+            what,
+            Path(options.results_dir) / shown,
+        )
         return 0
     try:
         if sanity_only:
             written = write_sanity(options.results_dir, options.preset, options.steps)
         elif figures_only:
-            written = write_figures(options.results_dir, options.preset, options.steps, landscape_config(options))
+            written = write_figures(
+                options.results_dir, options.preset, options.steps, landscape_config(options)
+            )
         else:
             written = write_reports(
-                options.results_dir, options.preset, options.rank_by, options.steps, landscape_config(options),
+                options.results_dir,
+                options.preset,
+                options.rank_by,
+                options.steps,
+                landscape_config(options),
                 draw=options.figures,
             )
     except NoRecordsError as err:

@@ -39,7 +39,9 @@ class Job:
     lambda_init: tuple[float, float] | None
     radii: tuple[float, ...]
     ensemble_radii: tuple[float, ...] = ()
-    defense: object = None  # a defense's job: its bench.eval.defenses.DefenseSpec (or built Defense); `model` is its name
+    defense: object = (
+        None  # a defense's job: its bench.eval.defenses.DefenseSpec (or built Defense); `model` is its name
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,10 @@ def trainable(names: list[str], asked: str | list[str] | None = None) -> list[st
     for name in names:
         reason = model_entry(name).refused
         if reason and name in literal:
-            raise UserError(f"{name} is not trained by the benchmark: {reason} (docs/PROTOCOL.md, Table 4); "
-                            "leave it out of --models")  # fmt: skip
+            raise UserError(
+                f"{name} is not trained by the benchmark: {reason} (docs/PROTOCOL.md, Table 4); "
+                "leave it out of --models"
+            )
     return [n for n in names if not model_entry(n).refused]
 
 
@@ -141,7 +145,9 @@ def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
             f"({', '.join(without)}): leave it out, or choose interpolated models (e.g. in-resnet*)"
         )
     if without:
-        log.info("--lambda-init %s applies to the models with a λ; not to %s (no λ)", shown, ", ".join(without))
+        log.info(
+            "--lambda-init %s applies to the models with a λ; not to %s (no λ)", shown, ", ".join(without)
+        )
 
 
 def has_lambda(model: str) -> bool:
@@ -181,23 +187,49 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
         run = (lambda name: f"{name}@{REHEARSAL}") if suite.rehearsal else (lambda name: name)
-        return [Task(DEFENSE, job, run(job.model), (0,), (), resources, eval=eval_config(job, suite, options, device),
-                     stability=stable) for job in jobs]  # fmt: skip
+        return [
+            Task(
+                DEFENSE,
+                job,
+                run(job.model),
+                (0,),
+                (),
+                resources,
+                eval=eval_config(job, suite, options, device),
+                stability=stable,
+            )
+            for job in jobs
+        ]
     for job in jobs:
         seeds = job_seeds(job, suite, options)
         evaluated = eval_config(job, suite, options, device)
         made = {s: train_config(job, s, suite, options, device) for s in seeds}
         run = made[seeds[0]].run_tag
         trained = [Task(TRAIN, job, run, (s,), (), resources, made[s], evaluated) for s in seeds]
-        waits = {s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)}
+        waits = {
+            s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)
+        }
         trains += trained if "train" in options.stages else []
         if not {"eval", "check", "stability"} & set(options.stages):
             continue
         drawn = landscape_config(options) if drawn_for(job.model) else None
-        measures += [Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable, drawn) for s in seeds]
+        measures += [
+            Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable, drawn)
+            for s in seeds
+        ]
         if job.ensemble_radii and len(seeds) >= 2:
-            measures.append(Task(ENSEMBLE, job, run, seeds, sum(waits.values(), ()), resources,
-                                 eval=eval_config(job, suite, options, device, ensemble=True), stability=stable))  # fmt: skip
+            measures.append(
+                Task(
+                    ENSEMBLE,
+                    job,
+                    run,
+                    seeds,
+                    sum(waits.values(), ()),
+                    resources,
+                    eval=eval_config(job, suite, options, device, ensemble=True),
+                    stability=stable,
+                )
+            )
     return trains + measures
 
 
@@ -242,15 +274,25 @@ def n_train_of(dataset: str, suite: Suite, options: RunOptions) -> int | None:
     --n-train above the images there are is refused before any work)."""
     if options.n_train is not None:
         return options.n_train
-    return suite.n_train if suite.n_train is not None and suite.n_train < dataset_info(dataset).sizes[0] else None
+    return (
+        suite.n_train
+        if suite.n_train is not None and suite.n_train < dataset_info(dataset).sizes[0]
+        else None
+    )
 
 
-def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False) -> EvalConfig:
+def eval_config(
+    job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False
+) -> EvalConfig:
     attack_radii = job.ensemble_radii if ensemble else job.radii
     extra = []  # the suite's further perturbations; ensembles only at their attack radii, except
     for name, radii in suite.extra:  # the large-eps gate's attack, at its own: every row can pass its gate
         gate = perturbation(name).chance_from_255 is not None
-        radii = attack_radii if radii is None else tuple(e for e in radii if not ensemble or gate or e in attack_radii)
+        radii = (
+            attack_radii
+            if radii is None
+            else tuple(e for e in radii if not ensemble or gate or e in attack_radii)
+        )
         extra += [(name, radii)] if radii else []
     own = subsets(suite, options)
     if ensemble and (reference := dict(own).get("autoattack")) is not None:  # on the AutoAttack subset
@@ -266,7 +308,6 @@ def eval_config(job: Job, suite: Suite, options: RunOptions, device: str, ensemb
         device=device,
         extra=tuple(extra),
         subsets=own,
-        trust_unknown_data=not options.recheck_data,
     )
 
 

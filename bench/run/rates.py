@@ -29,7 +29,9 @@ PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
 # A probe predicted (from a probe already made on the device) to take longer than this is not
 # made: the model's FLOPs at the throughput that probe achieved stand in for it.
 PROBE_BUDGET_S = 6.0
-SAME_FLOPS = 0.02  # models within 2% of each other's FLOPs (one architecture, another skip rule) share a probe
+SAME_FLOPS = (
+    0.02  # models within 2% of each other's FLOPs (one architecture, another skip rule) share a probe
+)
 log = logging.getLogger(__name__)
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
 
@@ -45,7 +47,11 @@ class Rates:
 
 
 def model_rates(
-    model: str, device: str, results_dir, assume_tflops: float | None, shape: tuple[int, ...] = CIFAR10.input_shape
+    model: str,
+    device: str,
+    results_dir,
+    assume_tflops: float | None,
+    shape: tuple[int, ...] = CIFAR10.input_shape,
 ) -> Rates:
     """Rates of `model` on inputs of `shape` (C x H x W): at `assume_tflops`, else as
     recorded by finished runs, else probed here."""
@@ -55,7 +61,9 @@ def model_rates(
     return recorded if recorded is not None else probed_rates(model, device, shape)
 
 
-_PROBED: dict[tuple[str, tuple[int, ...]], dict[str, tuple[float, Rates]]] = {}  # (device, shape) -> model -> (FLOPs, rates)
+_PROBED: dict[
+    tuple[str, tuple[int, ...]], dict[str, tuple[float, Rates]]
+] = {}  # (device, shape) -> model -> (FLOPs, rates)
 
 
 def probed_rates(model: str, device: str, shape: tuple[int, ...] = CIFAR10.input_shape) -> Rates:
@@ -70,14 +78,28 @@ def probed_rates(model: str, device: str, shape: tuple[int, ...] = CIFAR10.input
     if done:
         name, (ref_flops, ref) = max(done.items(), key=lambda item: item[1][0])
         scale = ref_flops / flops
-        guess = Rates(ref.train * scale, ref.forward * scale, ref.gradient * scale,
-                      f"{flops / 1e9:.2f} GFLOPs at the throughput {name}'s probe achieved")  # fmt: skip
+        guess = Rates(
+            ref.train * scale,
+            ref.forward * scale,
+            ref.gradient * scale,
+            f"{flops / 1e9:.2f} GFLOPs at the throughput {name}'s probe achieved",
+        )
         if probe_seconds(guess) > PROBE_BUDGET_S:
-            log.info("rates of %s on %s: its FLOPs at the throughput of %s's probe (a probe would take ~%.0f s)",
-                     model, device, name, probe_seconds(guess))  # fmt: skip
+            log.info(
+                "rates of %s on %s: its FLOPs at the throughput of %s's probe (a probe would take ~%.0f s)",
+                model,
+                device,
+                name,
+                probe_seconds(guess),
+            )
             done[model] = (flops, guess)
             return guess
-    log.info("probing %s on %s: a training step, a forward and an input gradient on batches of %d", model, device, PROBE_BATCH)
+    log.info(
+        "probing %s on %s: a training step, a forward and an input gradient on batches of %d",
+        model,
+        device,
+        PROBE_BATCH,
+    )
     done[model] = (flops, probe(model, device, shape))
     return done[model][1]
 
@@ -103,7 +125,9 @@ def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input
     """Rates at `tflops` achieved TFLOP/s from the model's forward FLOPs per image of `shape`."""
     per_image = forward_flops(model, shape)
     rate = tflops * 1e12 / per_image
-    return Rates(rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s")
+    return Rates(
+        rate / TRAIN_FLOPS, rate, rate / GRADIENT_FLOPS, f"{per_image / 1e9:.2f} GFLOPs at {tflops:g} TFLOP/s"
+    )
 
 
 def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
@@ -113,7 +137,9 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     train = [
         meta["epochs_done"] * meta["data"]["images"] / meta["wall_seconds"]
         for meta in _finished_metas(results_dir)
-        if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
+        if meta["model"] == model
+        and meta.get("device") == name
+        and meta.get("wall_seconds", 0) > 0
         and not is_rehearsal(meta.get("tag", ""))  # a few steps: their time is the overheads'
     ]
     if not train:
@@ -121,17 +147,26 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     frame = _timed_cells(results_dir)
     if frame is None:
         return None
-    mine = frame[(frame["model"] == model) & (frame["device"] == name) & (frame["seconds"] > 0) & (frame["members"] == 1)
-                 & ~frame["run"].map(is_rehearsal).astype(bool)]  # fmt: skip
+    mine = frame[
+        (frame["model"] == model)
+        & (frame["device"] == name)
+        & (frame["seconds"] > 0)
+        & (frame["members"] == 1)
+        & ~frame["run"].map(is_rehearsal).astype(bool)
+    ]
     forward_cells = mine[mine["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
-    iterative = mine[mine["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))]  # steps in params
+    iterative = mine[
+        mine["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))
+    ]  # steps in params
     if not len(forward_cells) or not len(iterative):
         return None
     forward = statistics.median(forward_cells["n"] / forward_cells["seconds"])
     steps = iterative["params"].map(lambda p: json.loads(p)["steps"])
     gradient_seconds = (iterative["seconds"] - iterative["n"] / forward).clip(lower=1e-9)
     gradient = statistics.median(iterative["n"] * steps / gradient_seconds)
-    return Rates(statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)")
+    return Rates(
+        statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)"
+    )
 
 
 def _timed_cells(results_dir) -> pd.DataFrame | None:
@@ -169,8 +204,9 @@ def probe(model_name: str, device: str, shape: tuple[int, ...] = CIFAR10.input_s
     return probe_module(model, model.info.num_classes, device, shape)
 
 
-def defense_rates(model: torch.nn.Module, classes: int, device: str, assume_tflops: float | None,
-                  shape: tuple[int, ...]) -> Rates:  # fmt: skip
+def defense_rates(
+    model: torch.nn.Module, classes: int, device: str, assume_tflops: float | None, shape: tuple[int, ...]
+) -> Rates:
     """A defense's rates: its forward FLOPs at `assume_tflops`, else probed (it is never
     trained here: its training rate is not measured)."""
     if assume_tflops is None:
@@ -178,10 +214,17 @@ def defense_rates(model: torch.nn.Module, classes: int, device: str, assume_tflo
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.cpu()(torch.zeros(1, *shape))
     rate = assume_tflops * 1e12 / counter.get_total_flops()
-    return Rates(float("nan"), rate, rate / GRADIENT_FLOPS, f"{counter.get_total_flops() / 1e9:.2f} GFLOPs at {assume_tflops:g} TFLOP/s")
+    return Rates(
+        float("nan"),
+        rate,
+        rate / GRADIENT_FLOPS,
+        f"{counter.get_total_flops() / 1e9:.2f} GFLOPs at {assume_tflops:g} TFLOP/s",
+    )
 
 
-def probe_module(model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True) -> Rates:
+def probe_module(
+    model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True
+) -> Rates:
     """`probe`'s measurement of a built module (`train`: its training step too)."""
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)

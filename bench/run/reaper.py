@@ -70,7 +70,9 @@ class Reaper:
                 [sys.executable, "-m", "bench.run.reaper"],
                 stdin=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C of the driver's terminal does not reach it
-                cwd=Path(__file__).resolve().parent.parent,
+                cwd=Path(__file__)
+                .resolve()
+                .parents[2],  # the repository: `-m bench.run.reaper` finds the package there
             )
         self._process.stdin.write((json.dumps(processes) + "\n").encode())
         self._process.stdin.flush()

@@ -60,7 +60,9 @@ REHEARSAL = RehearsalSizes()
 def rehearsal_suite(suite: Suite, sizes: RehearsalSizes = REHEARSAL) -> Suite:
     """`suite`'s plan at rehearsal size: the same studies, models, data sets, stages,
     perturbations and checks; its length, training subset, test subsets and seeds shrunk."""
-    subsets = tuple((name, min(n, sizes.n_autoattack)) for name, n in suite.subsets) or (("autoattack", sizes.n_autoattack),)
+    subsets = tuple((name, min(n, sizes.n_autoattack)) for name, n in suite.subsets) or (
+        ("autoattack", sizes.n_autoattack),
+    )
     return replace(
         suite,
         description=f"rehearsal of {suite.name}: its whole plan on {sizes.n_test} test images, 2 epochs of "
@@ -97,11 +99,20 @@ def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: b
     for dataset in datasets:
         info = dataset_info(dataset)
         if dataset in absent:
-            log.info("rehearsal: %s is not in %s; %s stand-ins of its size and class count (%d training, %d test "
-                     "images of random patterns, in its file format) in %s", info.label, root,
-                     "would use" if dry else "using", REHEARSAL.standin_train, REHEARSAL.standin_test, folder / info.folder)  # fmt: skip
+            log.info(
+                "rehearsal: %s is not in %s; %s stand-ins of its size and class count (%d training, %d test "
+                "images of random patterns, in its file format) in %s",
+                info.label,
+                root,
+                "would use" if dry else "using",
+                REHEARSAL.standin_train,
+                REHEARSAL.standin_test,
+                folder / info.folder,
+            )
             target = folder / info.folder
-            if not dry and target.is_symlink():  # a link to files that have since gone: never write through it
+            if (
+                not dry and target.is_symlink()
+            ):  # a link to files that have since gone: never write through it
                 target.unlink()
             if not dry and not complete(info, target):
                 write_standin(info, target)
@@ -149,8 +160,11 @@ def rehearsal_options(options, jobs: list) -> object:
     smaller grid (the suite, bench.run.rehearsal.rehearsal_suite, holds the rest)."""
     datasets = list(dict.fromkeys(job.dataset for job in jobs))
     index, points, radius = options.landscape
-    return replace(options, data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run),
-                   landscape=(index, min(points, REHEARSAL.landscape_points), radius))  # fmt: skip
+    return replace(
+        options,
+        data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run),
+        landscape=(index, min(points, REHEARSAL.landscape_points), radius),
+    )
 
 
 @dataclass(frozen=True)
@@ -169,8 +183,13 @@ def stage_estimate(todo, tasks: list, options, rates: dict) -> StageSeconds:
     from bench.run.estimate import WORKER_COUNTS, estimate, wall_time
 
     frame = estimate(todo, tasks, options, rates)
-    seconds = {"train": frame["train"].sum(), "eval": (frame["eval"] - frame["stability"]).sum(),
-               "stability": frame["stability"].sum(), "check": math.nan, "report": math.nan}  # fmt: skip
+    seconds = {
+        "train": frame["train"].sum(),
+        "eval": (frame["eval"] - frame["stability"]).sum(),
+        "stability": frame["stability"].sum(),
+        "check": math.nan,
+        "report": math.nan,
+    }
     per_task = dict(zip(frame["task"], frame["seconds"], strict=True))
     return StageSeconds(seconds, {n: wall_time(tasks, per_task, n) for n in WORKER_COUNTS})
 
@@ -182,7 +201,15 @@ class Planned:
     def __init__(self, todo, tasks: list, options):
         from bench.run.todo import ToDo
 
-        dry = ToDo(options, todo.suite, todo.device, todo.store, dry=True, defenses=todo.defenses, run_id=todo.base["run_id"])
+        dry = ToDo(
+            options,
+            todo.suite,
+            todo.device,
+            todo.store,
+            dry=True,
+            defenses=todo.defenses,
+            run_id=todo.base["run_id"],
+        )
         self.rates: dict = {}
         self.estimate = stage_estimate(dry, tasks, options, self.rates)
 
@@ -196,10 +223,15 @@ def last_line(planned: Planned, measured: dict, real: StageSeconds) -> str:
     parts = []
     for stage in STAGE_NAMES:
         guess = planned.estimate.seconds[stage]
-        said = "not estimated" if guess != guess else f"estimated {_duration(guess)}" + (
-            f", x{measured[stage] / guess:.1f}" if guess > 0 else "")  # fmt: skip
+        said = (
+            "not estimated"
+            if guess != guess
+            else f"estimated {_duration(guess)}" + (f", x{measured[stage] / guess:.1f}" if guess > 0 else "")
+        )
         parts.append(f"{stage} {_duration(measured[stage])} ({said})")
     real_parts = ", ".join(f"{s} {_duration(real.seconds[s])}" for s in ("train", "eval", "stability"))
     walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(w)}" for n, w in real.walls.items())
-    return (f"rehearsal measured: {'; '.join(parts)}. The real run: estimated {_duration(real.total())} of work "
-            f"({real_parts}; checks and reports not estimated), wall time {walls}")  # fmt: skip
+    return (
+        f"rehearsal measured: {'; '.join(parts)}. The real run: estimated {_duration(real.total())} of work "
+        f"({real_parts}; checks and reports not estimated), wall time {walls}"
+    )

@@ -53,8 +53,16 @@ class ToDo:
     """Answers, for each task, what is left to do, from the records, the checkpoints'
     meta.json and the test data (one view per data set, bench.eval.testdata)."""
 
-    def __init__(self, options: RunOptions, suite: Suite, device: str, store: RecordStore, dry: bool = False,
-                 defenses: dict[str, Resolved] | None = None, run_id: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        options: RunOptions,
+        suite: Suite,
+        device: str,
+        store: RecordStore,
+        dry: bool = False,
+        defenses: dict[str, Resolved] | None = None,
+        run_id: str | None = None,
+    ):
         self.options, self.suite, self.device, self.store, self.dry = options, suite, device, store, dry
         self.base = work_base(options, suite, device, run_id)  # the Work fields every task shares
         self.defenses = defenses or {}  # task name -> the defense as built once, before any work
@@ -73,7 +81,11 @@ class ToDo:
             if self.dry:
                 return Decision()
             log.info("%s %s seed %d: %s already", config.run_tag, config.dataset, config.seed, meta["status"])
-            failed = [f"{config.run_tag} {config.dataset} seed {config.seed}"] if meta["status"] == "failed" else []
+            failed = (
+                [f"{config.run_tag} {config.dataset} seed {config.seed}"]
+                if meta["status"] == "failed"
+                else []
+            )
             return Decision(runs=[run_row(meta, config.run_tag, config.dataset, config.seed)], failed=failed)
         decision = Decision()
         if task.kind == DEFENSE:
@@ -87,9 +99,20 @@ class ToDo:
             digests = [m["sha256"] for m in members.values()]
             digest = ensemble_digest(digests) if task.kind == ENSEMBLE else digests[0]
         if task.kind == ENSEMBLE:
-            decision.ensemble = (digest, task.run_tag, task.job.dataset, {s: m["sha256"] for s, m in members.items()})
-        decision.context = context = {"run": task.run_tag, "dataset": task.job.dataset, "seed": task.seed,
-                                      "members": len(members), "preset": task.eval.preset, "checkpoint_sha256": digest}  # fmt: skip
+            decision.ensemble = (
+                digest,
+                task.run_tag,
+                task.job.dataset,
+                {s: m["sha256"] for s, m in members.items()},
+            )
+        decision.context = context = {
+            "run": task.run_tag,
+            "dataset": task.job.dataset,
+            "seed": task.seed,
+            "members": len(members),
+            "preset": task.eval.preset,
+            "checkpoint_sha256": digest,
+        }
         stages = self.options.stages
         todo, asked = [], protocol_cells(task.eval)
         if "eval" in stages:
@@ -102,19 +125,46 @@ class ToDo:
             decision.work = self._work(task, members, digest, todo, checks, transfer, stable, drawn)
         return decision
 
-    def _work(self, task: Task, members: dict, digest: str, todo: list, checks: tuple, transfer, stable: list,
-              drawn: list) -> Work:  # fmt: skip
+    def _work(
+        self,
+        task: Task,
+        members: dict,
+        digest: str,
+        todo: list,
+        checks: tuple,
+        transfer,
+        stable: list,
+        drawn: list,
+    ) -> Work:
         options, defense = self.options, task.kind == DEFENSE
-        folders = [] if defense else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run_tag, s) for s in members]
+        folders = (
+            []
+            if defense
+            else [zoo_checkpoint_dir(options.results_dir, task.job.dataset, task.run_tag, s) for s in members]
+        )
         if transfer is not None:
             folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, *transfer))
         files = {relative(options.results_dir, f): checkpoint_files(f) for f in folders} if self._ship else {}
-        return Work(task.kind, model=task.job.model, run_tag=task.run_tag, dataset=task.job.dataset, seeds=tuple(members),
-                    config=task.eval, cells=tuple(todo), checks=checks, transfer_from=transfer and transfer[0],
-                    transfer_seed=transfer and transfer[1], files=files, stability=tuple(stable),
-                    stability_config=task.stability, landscapes=tuple(drawn), landscape_config=task.landscape,
-                    defense=task.job.defense if defense else None,
-                    defense_sha256=digest if defense else "", **self.base)  # fmt: skip
+        return Work(
+            task.kind,
+            model=task.job.model,
+            run_tag=task.run_tag,
+            dataset=task.job.dataset,
+            seeds=tuple(members),
+            config=task.eval,
+            cells=tuple(todo),
+            checks=checks,
+            transfer_from=transfer and transfer[0],
+            transfer_seed=transfer and transfer[1],
+            files=files,
+            stability=tuple(stable),
+            stability_config=task.stability,
+            landscapes=tuple(drawn),
+            landscape_config=task.landscape,
+            defense=task.job.defense if defense else None,
+            defense_sha256=digest if defense else "",
+            **self.base,
+        )
 
     def _finished(self, task: Task, seed: int, decision: Decision) -> dict | None:
         """The meta.json of a finished checkpoint (its run seen, for the records); None,
@@ -148,7 +198,9 @@ class ToDo:
         wanted = ("model",) if {"gradients", "model"} & checks and not set(MODEL_CHECKS) <= done else ()
         transfer = None
         if task.kind in (MEASURE, DEFENSE) and "transfer" in checks and "transfer" not in done:
-            transfer = self._transfer_source(task) if task.kind == MEASURE else self._defense_transfer_source(task)
+            transfer = (
+                self._transfer_source(task) if task.kind == MEASURE else self._defense_transfer_source(task)
+            )
         return wanted + (("transfer",) if transfer else ()), transfer
 
     def _stability_todo(self, task: Task, context: dict, decision: Decision) -> list[Unit]:
@@ -163,8 +215,11 @@ class ToDo:
         """Fig. 2's images not yet recorded for the checkpoint on this grid and these files."""
         data, grid = self.data(task), task.landscape
         done = self.store.landscapes_done(context)
-        return [(group, row) for group, row in images_of(data, grid)
-                if (group, row, image_source(data, group)[1], grid.radius, grid.points, grid.seed) not in done]  # fmt: skip
+        return [
+            (group, row)
+            for group, row in images_of(data, grid)
+            if (group, row, image_source(data, group)[1], grid.radius, grid.points, grid.seed) not in done
+        ]
 
     def _transfer_source(self, task: Task) -> tuple[str, int] | None:
         """The finished ResNet of the same architecture, data set, seed and recipe as the
@@ -176,7 +231,13 @@ class ToDo:
         tag = replace(task.train, model=plain, lambda_init=None).run_tag  # the same recipe, length and subset
         meta = zoo_checkpoint_dir(self.options.results_dir, job.dataset, tag, seed) / META_FILE
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
-            log.info("%s %s seed %d: no finished %s to transfer from; transfer check skipped", job.model, job.dataset, seed, tag)
+            log.info(
+                "%s %s seed %d: no finished %s to transfer from; transfer check skipped",
+                job.model,
+                job.dataset,
+                seed,
+                tag,
+            )
             return None
         return tag, seed
 
@@ -194,13 +255,25 @@ class ToDo:
         for path in (Path(options.results_dir) / "checkpoints" / dataset).glob(f"*/seed*/{META_FILE}"):
             meta = read_meta(path)
             model = meta["model"]
-            if meta.get("status", "finished") == "finished" and model in order and model_entry(model).rule == "residual" \
-                    and wanted in (None, model) and path.parent.name[4:].isdigit():  # fmt: skip
+            if (
+                meta.get("status", "finished") == "finished"
+                and model in order
+                and model_entry(model).rule == "residual"
+                and wanted in (None, model)
+                and path.parent.name[4:].isdigit()
+            ):
                 found.append((order[model], path.parent.parent.name, int(path.parent.name[4:])))
         if not found:
-            log.info("%s %s: no finished %s in %s to transfer from; transfer check skipped (train one, e.g. "
-                     "--models %s --datasets %s --stage train)", task.run_tag, dataset, wanted or "ResNet",
-                     Path(options.results_dir) / "checkpoints" / dataset, wanted or "resnet110", dataset)  # fmt: skip
+            log.info(
+                "%s %s: no finished %s in %s to transfer from; transfer check skipped (train one, e.g. "
+                "--models %s --datasets %s --stage train)",
+                task.run_tag,
+                dataset,
+                wanted or "ResNet",
+                Path(options.results_dir) / "checkpoints" / dataset,
+                wanted or "resnet110",
+                dataset,
+            )
             return None
         _, tag, seed = min(found)
         log.info("%s %s: the transfer check attacks from %s seed %d", task.run_tag, dataset, tag, seed)
@@ -217,7 +290,8 @@ def work_base(options: RunOptions, suite: Suite, device: str, run_id: str | None
         "data_dir": None if options.data_dir is None else str(options.data_dir),
         "progress": options.progress,
         "driver_host": socket.gethostname(),
-        "run_id": run_id or uuid.uuid4().hex,  # test sets are read again in each run (the files may have changed)
+        "run_id": run_id
+        or uuid.uuid4().hex,  # test sets are read again in each run (the files may have changed)
     }
 
 

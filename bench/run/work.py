@@ -100,8 +100,10 @@ def execute(work: Work) -> Iterator[Message]:
     if work.defense is not None:
         members = [built(work.defense)]
         if members[0].info.checkpoint_sha256 != work.defense_sha256:
-            raise UserError(f"defense {work.run_tag}: {members[0].info.checkpoint} changed since the run began (its sha256 "
-                            "is another): run again to evaluate the file as it is now")  # fmt: skip
+            raise UserError(
+                f"defense {work.run_tag}: {members[0].info.checkpoint} changed since the run began (its sha256 "
+                "is another): run again to evaluate the file as it is now"
+            )
     else:
         members = [zoo_defense(work.run_tag, work.dataset, s, work.results_dir) for s in work.seeds]
     defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run_tag)
@@ -118,7 +120,9 @@ def execute(work: Work) -> Iterator[Message]:
             yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
     with users_forward(work, "Fig. 2's landscapes"):
         if work.landscapes:
-            yield from measure_landscapes(subject, work.config, eval_data(work), work.landscape_config, work.landscapes)
+            yield from measure_landscapes(
+                subject, work.config, eval_data(work), work.landscape_config, work.landscapes
+            )
 
 
 @contextlib.contextmanager
@@ -133,8 +137,10 @@ def users_forward(work: Work, stage: str):
         if work.defense is None:
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"defense {work.run_tag} on {work.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
-                        "what it finished before is kept in the records: fix its forward and run again") from None  # fmt: skip
+        raise UserError(
+            f"defense {work.run_tag} on {work.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
+            "what it finished before is kept in the records: fix its forward and run again"
+        ) from None
 
 
 def _seed(work: Work) -> int:
@@ -156,7 +162,9 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
         results += model_checks.model_checks(model, x, y, subject.defense.info.num_classes)
     if "transfer" in work.checks and work.transfer_from is not None:
         source_seed = subject.seed if work.transfer_seed is None else work.transfer_seed
-        source = prepared(zoo_defense(work.transfer_from, work.dataset, source_seed, work.results_dir).model, config)
+        source = prepared(
+            zoo_defense(work.transfer_from, work.dataset, source_seed, work.results_dir).model, config
+        )
         seed = subject.seed + TRANSFER_SEED_OFFSET
         check, value, limit, detail = model_checks.transfer_check(model, source, x, y, config, 2.0, seed)
         if work.defense is not None:  # not its own ResNet: the source is named

@@ -83,7 +83,9 @@ class Diverged(Exception):
 def nonfinite_tensor(model: nn.Module, buffers: bool = True) -> str:
     """The first parameter (then, with `buffers`, buffer) of `model`, in registration order,
     holding a value that is not finite, as "parameter NAME" / "buffer NAME"; '' if none."""
-    named = [("parameter", model.named_parameters())] + ([("buffer", model.named_buffers())] if buffers else [])
+    named = [("parameter", model.named_parameters())] + (
+        [("buffer", model.named_buffers())] if buffers else []
+    )
     for kind, tensors in named:
         for name, tensor in tensors:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -118,7 +120,11 @@ def first_nonfinite(
     finally:
         for hook in hooks:
             hook.remove()
-    return first[0] if first else nonfinite_tensor(model) or "the loss (every activation finite: the logits overflow it)"
+    return (
+        first[0]
+        if first
+        else nonfinite_tensor(model) or "the loss (every activation finite: the logits overflow it)"
+    )
 
 
 def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> Tensor:
@@ -130,7 +136,9 @@ def augment(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, recipe: Recipe) -> 
         x = F.pad(x, (recipe.pad,) * 4, mode=recipe.pad_mode)
     down, across = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
     rows = (dy[:, None] + down)[:, None, :, None]
-    cols = torch.where(flip[:, None], dx[:, None] + width - 1 - across, dx[:, None] + across)[:, None, None, :]
+    cols = torch.where(flip[:, None], dx[:, None] + width - 1 - across, dx[:, None] + across)[
+        :, None, None, :
+    ]
     batch = torch.arange(len(x), device=x.device)[:, None, None, None]
     channel = torch.arange(3, device=x.device)[None, :, None, None]
     return x[batch, channel, rows, cols]
@@ -149,5 +157,7 @@ def test_accuracy(model: nn.Module, test, device: torch.device, batch_size: int 
     and 1,000 on a GPU."""
     model.eval()
     size = batch_size or (256 if torch.device(device).type == "cpu" else 1000)
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches(test.images, test.labels, size, device))
+    correct = sum(
+        (model(x).argmax(1) == y).sum().item() for x, y in batches(test.images, test.labels, size, device)
+    )
     return correct / len(test)

@@ -78,7 +78,12 @@ def train(
     done = _finished_meta(folder, recipe, config)
     if done is not None:
         log.info(
-            "%s %s seed %d: %s already (%s)", config.run_tag, config.dataset, config.seed, done["status"], folder
+            "%s %s seed %d: %s already (%s)",
+            config.run_tag,
+            config.dataset,
+            config.seed,
+            done["status"],
+            folder,
         )
         return done
     model = _build(config)
@@ -104,8 +109,17 @@ def _run(
     start, wall, epochs, best = _resume(folder, model, optimizer)
     broken = nonfinite_tensor(model) if start else ""
     if broken:  # a state saved by other code, or before these checks: never train on from it
-        return _close(config, recipe, model, folder, start, wall, "failed",
-                      f"the saved state after epoch {start} holds a non-finite {broken}: not resumed", data=None)  # fmt: skip
+        return _close(
+            config,
+            recipe,
+            model,
+            folder,
+            start,
+            wall,
+            "failed",
+            f"the saved state after epoch {start} holds a non-finite {broken}: not resumed",
+            data=None,
+        )
     keeps_best = preset(config.preset).checkpoint == BEST_TEST
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory)
@@ -139,25 +153,60 @@ def _run(
             )
             try:
                 loss, accuracy = train_epoch(
-                    step_model, optimizer, x_train, y_train, recipe, epoch_generator(config.seed, epoch), config, bar
+                    step_model,
+                    optimizer,
+                    x_train,
+                    y_train,
+                    recipe,
+                    epoch_generator(config.seed, epoch),
+                    config,
+                    bar,
                 )
             except Diverged as err:  # stop now: the rest of the schedule would train a NaN network
-                return _stop(config, recipe, model, folder, epoch, wall + time.perf_counter() - began, epochs, data,
-                             f"non-finite loss in epoch {epoch + 1}, {err}")  # fmt: skip
+                return _stop(
+                    config,
+                    recipe,
+                    model,
+                    folder,
+                    epoch,
+                    wall + time.perf_counter() - began,
+                    epochs,
+                    data,
+                    f"non-finite loss in epoch {epoch + 1}, {err}",
+                )
             broken = nonfinite_tensor(model)  # every loss finite, yet the last step's update was not
             if broken:
-                return _stop(config, recipe, model, folder, epoch, wall + time.perf_counter() - began, epochs, data,
-                             f"non-finite weights after epoch {epoch + 1}: {broken}")  # fmt: skip
+                return _stop(
+                    config,
+                    recipe,
+                    model,
+                    folder,
+                    epoch,
+                    wall + time.perf_counter() - began,
+                    epochs,
+                    data,
+                    f"non-finite weights after epoch {epoch + 1}: {broken}",
+                )
             tested = test_accuracy(model, test, device)
             coefficients = coefficient_columns(model, test, device)
             seconds = round(time.perf_counter() - began, 3)  # training and the test pass
-            row = {"epoch": epoch + 1, "lr": recipe.lr_at(epoch), "train_loss": loss, "train_accuracy": accuracy,
-                   "test_accuracy": tested, "seconds": seconds, **coefficients}  # fmt: skip
+            row = {
+                "epoch": epoch + 1,
+                "lr": recipe.lr_at(epoch),
+                "train_loss": loss,
+                "train_accuracy": accuracy,
+                "test_accuracy": tested,
+                "seconds": seconds,
+                **coefficients,
+            }
             wall += seconds
             epochs.append(row)
             if keeps_best and tested > best.get("accuracy", -1.0):  # the release's `acc > self.max`
-                best = {"epoch": epoch + 1, "accuracy": tested,
-                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}  # fmt: skip
+                best = {
+                    "epoch": epoch + 1,
+                    "accuracy": tested,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                }
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -220,7 +269,10 @@ def coefficient_columns(model: InterpolatedNet, test, device: torch.device) -> d
     if not uses_lambda(model.info.rule):
         return {}
     if not any(s.is_input_dependent for s in model.damped_skips()):
-        return {f"coefficient_{n}": round(float(c), 6) for n, c in enumerate(model.interpolation_coefficients(), 1)}
+        return {
+            f"coefficient_{n}": round(float(c), 6)
+            for n, c in enumerate(model.interpolation_coefficients(), 1)
+        }
     rows = np.arange(min(GATE_IMAGES, len(test)))
     x, _ = next(iter(batches(test.images, test.labels, len(rows), device, rows)))
     columns = {}
@@ -242,7 +294,9 @@ def write_epochs(folder: Path, epochs: list[dict]) -> None:
 
 def _build(config: TrainConfig) -> InterpolatedNet:
     torch.manual_seed(config.seed)  # initial weights and lambdas depend on the seed only
-    return create_model(config.model, **model_options(config.model, config.dataset, config.preset, config.lambda_init))
+    return create_model(
+        config.model, **model_options(config.model, config.dataset, config.preset, config.lambda_init)
+    )
 
 
 def model_options(model: str, dataset: str, preset: str, lambda_init: tuple[float, float] | None) -> dict:
@@ -266,7 +320,9 @@ def finished_run(config: TrainConfig, results_dir: str | Path = "results") -> di
     """The meta.json of `config`'s run when it has ended (finished or failed), else None;
     one error line when the folder holds a run of another recipe or model build."""
     recipe = recipe_for(model_entry(config.model).family, config.dataset, config.preset, config.length)
-    return _finished_meta(zoo_checkpoint_dir(results_dir, config.dataset, config.run_tag, config.seed), recipe, config)
+    return _finished_meta(
+        zoo_checkpoint_dir(results_dir, config.dataset, config.run_tag, config.seed), recipe, config
+    )
 
 
 def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | None:
@@ -287,7 +343,9 @@ def _finished_meta(folder: Path, recipe: Recipe, config: TrainConfig) -> dict | 
     return meta if meta.get("status") in ("finished", "failed") else None
 
 
-def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict], dict]:
+def _resume(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, float, list[dict], dict]:
     path = folder / STATE_FILE
     if not path.is_file():
         return 0, 0.0, [], {}
@@ -299,9 +357,16 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except Exception as err:  # a state file we wrote atomically should never fail; say so
-        raise UserError(f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run") from None
+        raise UserError(
+            f"cannot resume from {path} ({error_reason(err)}); delete it to restart this run"
+        ) from None
     log.info("resuming %s after epoch %d", folder, state["epoch"])
-    return int(state["epoch"]), float(state["wall"]), list(state.get("epochs", [])), dict(state.get("best", {}))
+    return (
+        int(state["epoch"]),
+        float(state["wall"]),
+        list(state.get("epochs", [])),
+        dict(state.get("best", {})),
+    )
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -344,13 +409,19 @@ def _save(
     return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
 
 
-def _close(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None, kept=None) -> dict:
+def _close(
+    config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None, kept=None
+) -> dict:
     meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data, kept)
     (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
     line = f"{config.run_tag} {config.dataset} seed {config.seed}: {status}"
     line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
     line += f" ({reason})" if reason else ""
-    line += f", the weights of epoch {kept['epoch']} (best test accuracy)" if kept and kept["rule"] == BEST_TEST else ""
+    line += (
+        f", the weights of epoch {kept['epoch']} (best test accuracy)"
+        if kept and kept["rule"] == BEST_TEST
+        else ""
+    )
     log.info("%s, %d epochs, %.0f s", line, epochs_done, wall)
     return meta
 

@@ -16,7 +16,12 @@ from bench.records.checkpoints import REHEARSAL, run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
 PRESETS = PRESET_NAMES  # the protocol presets (bench.core.presets): each fixes its training choices here
-LENGTHS = {"full": 1.0, "quick": 0.2, "smoke": None, REHEARSAL: None}  # fraction of the epochs; None: FIXED_EPOCHS
+LENGTHS = {
+    "full": 1.0,
+    "quick": 0.2,
+    "smoke": None,
+    REHEARSAL: None,
+}  # fraction of the epochs; None: FIXED_EPOCHS
 # smoke: 2 epochs; a rehearsal (`--rehearse`): 2 epochs, so the learning-rate schedule's
 # milestone is crossed, of a handful of steps each (its suite's small training subset)
 FIXED_EPOCHS = {"smoke": 2, REHEARSAL: 2}
