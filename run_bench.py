@@ -303,11 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         full = disk_full(err)
         if full is None:
             raise
-        where = (
-            f"for {full.filename}"
-            if getattr(full, "filename", None)
-            else "on the disk of the results or data"
-        )
+        filename = getattr(full, "filename", None)
+        where = f"for {filename}" if filename else "on the disk of the results or data"
         return _fail(disk_full_message(full, where))
 
 
@@ -379,7 +376,7 @@ def options(args: argparse.Namespace):
 
 
 def print_summary(args: argparse.Namespace) -> int:
-    from bench.reports.summary import model_summary, render_summary
+    from bench.run.summary import model_summary, render_summary
 
     names = resolve_models(args.models or "all")
     log.info("building %d model(s): %s", len(names), ", ".join(names))

@@ -17,7 +17,7 @@ from models import UserError
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 LOCKS = ".locks"  # the folder of a results dir that holds its runs' lock files
@@ -61,13 +61,13 @@ def remove_orphans(root: str | os.PathLike, under: tuple[str, ...] = ()) -> int:
     writes); returns how many. Only names carrying our tag (`.<name>.inres-<host>-<pid>-…`)
     whose writer is provably gone from this host are removed: a live writer's, another
     host's, and any other tool's files (a `.draft.abcdefgh.tmp` of the user's) are left."""
-    root, removed, host = Path(root), 0, socket.gethostname().split(".")[0]
-    if not root.is_dir():
+    top, removed, host = Path(root), 0, socket.gethostname().split(".")[0]
+    if not top.is_dir():
         return 0
-    places = [(root, [p.name for p in _entries(root)])]
+    places = [(top, [p.name for p in _entries(top)])]
     for sub in under:
-        for folder, dirs, files in os.walk(root / sub):
-            places.append((Path(folder), [*dirs, *files]))
+        for walked, dirs, files in os.walk(top / sub):
+            places.append((Path(walked), [*dirs, *files]))
     for folder, names in places:
         for name in names:
             tagged = TEMP_TAG.match(name)
@@ -80,7 +80,7 @@ def remove_orphans(root: str | os.PathLike, under: tuple[str, ...] = ()) -> int:
             except OSError:  # a read-only data dir: leave it
                 pass
     if removed:
-        log.info("removed %d temporary file(s) left under %s by killed runs", removed, root)
+        log.info("removed %d temporary file(s) left under %s by killed runs", removed, top)
     return removed
 
 

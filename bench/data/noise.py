@@ -122,7 +122,7 @@ def _count_levels(c: float) -> np.ndarray:
     """uint8 level of each count k, by the published float64 formula itself, so that exact
     ties (k / c * 255 an integer) truncate as they did there."""
     k = np.arange(int(np.ceil(c + 14 * np.sqrt(c) + 30)) + 1)
-    return np.uint8(np.clip(k / c, 0, 1) * 255)
+    return (np.clip(k / c, 0, 1) * 255).astype(np.uint8)
 
 
 # uint8 chunk (n, H, W, 3), c, stream -> uint8 chunk, the published recipe end to end.

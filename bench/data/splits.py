@@ -42,7 +42,9 @@ class TrainingSets:
     dropped with this object."""
 
     def __init__(self, data_dir: str | None):
-        self.data_dir, self._sets, self._sizes = data_dir, {}, {}
+        self.data_dir = data_dir
+        self._sets: dict = {}
+        self._sizes: dict = {}
 
     def present(self, dataset: str) -> bool:
         return is_present(dataset_info(dataset), self.data_dir)

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -71,7 +72,7 @@ def code_digest(factory: Callable, net: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _source_file(obj: object) -> str:
+def _source_file(obj: Any) -> str:
     try:
         name = inspect.getsourcefile(obj)
     except (TypeError, OSError):

@@ -32,7 +32,8 @@ class Bootstrap:
     sides of a difference, or two cells of one subset) are paired by construction."""
 
     def __init__(self, seed: int = 0, draws: int = DRAWS):
-        self.seed, self.draws, self._examples = seed, draws, {}
+        self.seed, self.draws = seed, draws
+        self._examples: dict = {}
 
     def generator(self, what: Identity) -> np.random.Generator:
         """The generator of one interval: from the base seed and a digest of `what`."""
@@ -84,10 +85,10 @@ class Bootstrap:
     def over_seeds(self, values: Sequence[float], what: Identity) -> tuple[float, float]:
         """The 95% interval of the mean of one value per seed, resampling the seeds (NaN
         for fewer than two seeds: one training run says nothing of the spread)."""
-        values = np.asarray(values, dtype=np.float64)
-        if len(values) < 2:
+        drawn = np.asarray(values, dtype=np.float64)
+        if len(drawn) < 2:
             return math.nan, math.nan
-        draws = self.generator(what).choice(values, size=(self.draws, len(values)), replace=True).mean(1)
+        draws = self.generator(what).choice(drawn, size=(self.draws, len(drawn)), replace=True).mean(1)
         return percentiles(draws)
 
 

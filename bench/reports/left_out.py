@@ -64,7 +64,7 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
     of its models (`chosen_runs`); '' when nothing is."""
     if aggregated.empty:
         return ""
-    rows = {}
+    rows: dict[tuple, tuple[str, set]] = {}
     for slot in slots:
         key = (slot.dataset, slot.model, lambda_key(slot.lambda_init), slot.kind)
         name, metrics = rows.get(key, (f"{slot.block} {slot.row}".strip(), set()))

@@ -49,7 +49,7 @@ def write_reports(
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
     left_mine = m.left_out[m.left_out["preset"] == preset]
-    texts: dict[Path, str] = {
+    texts: dict[Path, str | bytes] = {
         results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)
     }
     evidence = Evidence(m, stats.Bootstrap())

@@ -28,9 +28,9 @@ from bench.eval.stability import blocks
 from bench.records.schema import DB_FILE, SNAPSHOT_FILE, utc_now
 from bench.records.sql import check_store_path
 from bench.records.store import RecordStore
-from bench.reports.unchanged import MANIFEST
 from bench.run.options import SUBSET_OPTIONS, RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task
+from bench.run.report_cache import MANIFEST
 from bench.run.suites import Suite
 from bench.train.recipes import TrainConfig
 from models import UserError, create_model

@@ -206,4 +206,4 @@ class RunOptions:
 
 def _ray_address(text: str) -> bool:
     match = RAY_ADDRESS.fullmatch(text)
-    return bool(match) and (text == "auto" or 1 <= int(match["port"]) <= 65535)
+    return match is not None and (text == "auto" or 1 <= int(match["port"]) <= 65535)

@@ -24,11 +24,10 @@ from bench.data.splits import TrainingSets
 from bench.records.checkpoints import check_distinct, zoo_checkpoint_dir
 from bench.records.integrity import recover
 from bench.records.store import RecordStore
-from bench.reports import unchanged
 from bench.reports.leaderboard import check_metric
 from bench.reports.measured import NoRecordsError
 from bench.reports.writer import write_figures, write_reports, write_sanity
-from bench.run import rehearsal
+from bench.run import rehearsal, report_cache
 from bench.run.checks import (
     TrainingDigests,
     check_builds,
@@ -204,10 +203,10 @@ def _report(
         "landscape": landscape_config(options),
         "draw": options.figures,
     }
-    inputs = unchanged.inputs_digest(
+    inputs = report_cache.inputs_digest(
         options.results_dir, kind, shaped_by
     )  # the records and checkpoints: no data
-    if unchanged.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
+    if report_cache.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
         log.info(
             "%s: up to date (nothing they are made from changed since they were written); see %s",
             what,
@@ -235,7 +234,7 @@ def _report(
             raise
         log.warning("no reports: %s", err)
         return 0
-    unchanged.remember(options.results_dir, kind, inputs, written)
+    report_cache.remember(options.results_dir, kind, inputs, written)
     log.info(
         "%s: %d files under %s in %.1f s; see %s",
         what,

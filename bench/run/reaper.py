@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL
+REPOSITORY = Path(__file__).resolve().parents[2]  # where `-m bench.run.reaper` finds the package
 
 
 def descendants(pid: int | None = None) -> dict[int, int]:
@@ -57,7 +58,7 @@ class Reaper:
     """Kills `processes` (pid -> start time) when this process closes it or dies."""
 
     def __init__(self, processes: dict[int, int]) -> None:
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
         self.add(processes)
 
     def add(self, processes: dict[int, int]) -> None:
@@ -70,17 +71,18 @@ class Reaper:
                 [sys.executable, "-m", "bench.run.reaper"],
                 stdin=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C of the driver's terminal does not reach it
-                cwd=Path(__file__)
-                .resolve()
-                .parents[2],  # the repository: `-m bench.run.reaper` finds the package there
+                cwd=REPOSITORY,
             )
-        self._process.stdin.write((json.dumps(processes) + "\n").encode())
-        self._process.stdin.flush()
+        pipe = self._process.stdin
+        assert pipe is not None  # stdin=PIPE
+        pipe.write((json.dumps(processes) + "\n").encode())
+        pipe.flush()
 
     def close(self) -> None:
         """Reap now (what `ray.shutdown` left) and wait for the reaper to finish."""
         if self._process is not None:
-            self._process.stdin.close()
+            if self._process.stdin is not None:
+                self._process.stdin.close()
             self._process.wait(timeout=GRACE_SECONDS + 10)
             self._process = None
 

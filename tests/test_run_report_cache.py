@@ -4,7 +4,7 @@ from changed, or one of its files is no longer as written."""
 import os
 
 from bench.records.store import RecordStore
-from bench.reports import unchanged
+from bench.run import report_cache as unchanged
 
 RUN = {
     "model": "resnet8",

@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import bench
 import models
 from bench.core.files import atomic_write
 from bench.records.store import content_digest
@@ -33,8 +32,7 @@ def inputs_digest(results_dir: str | os.PathLike, kind: str, options: dict) -> s
     )
     digest.update(content_digest(results).encode())
     digest.update(repr(_stats(results / "checkpoints", results)).encode())
-    for package in (bench, models):
-        root = Path(package.__file__).parent
+    for root in (Path(__file__).resolve().parents[1], Path(models.__file__).parent):  # bench/, models/
         for pattern in _CODE_FILES:
             for path in sorted(root.rglob(pattern)):
                 digest.update(
