@@ -184,7 +184,7 @@ def module_defense(
             f"defense {name}: its factory {factory_name}() returned an object of type {type(net).__name__}, not a torch.nn.Module"
         )
     digest = load_state_dict_file(net, path)
-    model = net if mean is None else NormalizedModel(net, mean, std)
+    model = net if mean is None or std is None else NormalizedModel(net, mean, std)  # both or neither
     classes = dataset_defaults(dataset)["num_classes"]
     build = build_text(
         {

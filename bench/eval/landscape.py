@@ -138,6 +138,7 @@ def measure_landscapes(
         source_set = (
             data.test if group == LANDSCAPE_CLEAN else data.noise(group)
         )  # both have .images, .labels
+        assert source_set is not None  # the test set is loaded for any measurement
         images_, labels = source_set.images, source_set.labels
         x = (
             torch.from_numpy(np.array(images_[row : row + 1]))

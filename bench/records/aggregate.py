@@ -68,9 +68,10 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     rows = []
     for _, cells in attacks.groupby(group, dropna=False, sort=False):
         found = [bits.get(cell_id(row)) for row in cells.itertuples(index=False)]
-        if cells["perturbation"].nunique() < 2 or any(b is None for b in found):
+        measured = [b for b in found if b is not None]
+        if cells["perturbation"].nunique() < 2 or len(measured) < len(found):
             continue
-        correct = np.logical_and.reduce(found)
+        correct = np.logical_and.reduce(measured)
         of = sorted(set(cells["perturbation"]))
         row = {
             **cells.iloc[0].to_dict(),

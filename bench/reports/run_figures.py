@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from bench.data.datasets import dataset_label
 from bench.records.checkpoints import EPOCHS_FILE, META_FILE, read_meta, zoo_checkpoint_dir
-from bench.reports.plotting import Skipped, colour, ordered, panel_grid, render, rule_rank, styles
+from bench.reports.plotting import Drawn, Skipped, colour, ordered, panel_grid, render, rule_rank, styles
 from models import SkipRule, create_model, model_label
 
 PUBLISHED = Path(__file__).with_name("published_figures.csv")
@@ -206,7 +206,7 @@ def coefficient_figures(table: pd.DataFrame, preset: str) -> list:
         f"{model_label(m)} on {dataset_label(d)}"
         for d, m in zip(wanted["dataset"], wanted["model"], strict=True)
     )
-    out = []
+    out: list[Drawn | Skipped] = []
     if paper.any():
         runs = ", ".join(dict.fromkeys(table.loc[paper, "run"]))
         caption = (

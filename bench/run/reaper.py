@@ -2,7 +2,7 @@
 processes it started go with it.
 
 Ray ties its own daemons (GCS, raylet) to the driver, but the raylet's agents outlive a
-killed driver. `Reaper(pids)` starts `python -m bench.run.reaper` in a session of its own
+killed driver. `Reaper(pids)` starts this file as a script in a session of its own
 and hands it the processes (pid and start time, so that a reused pid is never killed);
 the driver holds the write end of its stdin (and may hand it more, one JSON line each:
 a local worker restarted after a crash). When that pipe closes — `close()`, or the
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL
-REPOSITORY = Path(__file__).resolve().parents[2]  # where `-m bench.run.reaper` finds the package
 
 
 def descendants(pid: int | None = None) -> dict[int, int]:
@@ -68,10 +67,9 @@ class Reaper:
             return
         if self._process is None:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "bench.run.reaper"],
+                [sys.executable, __file__],  # as a script: no package import, no torch (stdlib alone)
                 stdin=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C of the driver's terminal does not reach it
-                cwd=REPOSITORY,
             )
         pipe = self._process.stdin
         assert pipe is not None  # stdin=PIPE
