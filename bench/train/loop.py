@@ -162,31 +162,13 @@ def _run(
                     config,
                     bar,
                 )
+                broken = nonfinite_tensor(model)  # every loss finite, yet the last step's update was not
+                stopped = f"non-finite weights after epoch {epoch + 1}: {broken}" if broken else ""
             except Diverged as err:  # stop now: the rest of the schedule would train a NaN network
-                return _stop(
-                    config,
-                    recipe,
-                    model,
-                    folder,
-                    epoch,
-                    wall + time.perf_counter() - began,
-                    epochs,
-                    data,
-                    f"non-finite loss in epoch {epoch + 1}, {err}",
-                )
-            broken = nonfinite_tensor(model)  # every loss finite, yet the last step's update was not
-            if broken:
-                return _stop(
-                    config,
-                    recipe,
-                    model,
-                    folder,
-                    epoch,
-                    wall + time.perf_counter() - began,
-                    epochs,
-                    data,
-                    f"non-finite weights after epoch {epoch + 1}: {broken}",
-                )
+                stopped = f"non-finite loss in epoch {epoch + 1}, {err}"
+            if stopped:
+                seconds = wall + time.perf_counter() - began
+                return _stop(config, recipe, model, folder, epoch, seconds, epochs, data, stopped)
             tested = test_accuracy(model, test, device)
             coefficients = coefficient_columns(model, test, device)
             seconds = round(time.perf_counter() - began, 3)  # training and the test pass
