@@ -16,7 +16,7 @@ from bench.core.numbers import decimal, integer
 from bench.data.noise_files import NOISE_SOURCES
 from bench.run.options import DEFENSE_STAGES, EXECUTORS, RunOptions
 from bench.train.recipes import PRESETS
-from models import GROUPS, UserError, list_models, model_entry, resolve_models
+from models import GROUPS, FieldError, UserError, list_models, model_entry, resolve_models
 
 log = logging.getLogger("inres-bench")
 
@@ -167,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     evaluation.add_argument(
         "--radii",
+        dest="radii_255",
         type=_radii,
         default=None,
         help="attack radii in 1/255, comma-separated (default 1,2,4); 0 is allowed: an attack at radius 0 "
@@ -297,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.run.pipeline import run
 
         return run(options(args))
+    except FieldError as err:  # a config's field: named by the option that set it
+        option = OPTION_OF_FIELD.get(err.field)
+        return _fail(err.naming(option) if option else str(err))
     except UserError as err:
         return _fail(str(err))
     except (OSError, RuntimeError, sqlite3.Error) as err:  # a full disk under a library's own error
@@ -306,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         filename = getattr(full, "filename", None)
         where = f"for {filename}" if filename else "on the disk of the results or data"
         return _fail(disk_full_message(full, where))
+
+
+# The options whose values a config checks where it uses them (bench.eval.protocol.EvalConfig)
+OPTION_OF_FIELD = {"radii_255": "--radii", "n_test": "--n-test", "subsets autoattack": "--n-autoattack"}
 
 
 def _fail(message: str) -> int:
@@ -395,7 +403,7 @@ def _items(text: str, option: str) -> list[str]:
 
 def _radii(text: str) -> tuple[float, ...]:
     """Every item a number (an empty one, as in 1,,2, is a typo, not nothing); the values
-    are checked where every option is (RunOptions)."""
+    are checked where they are used (EvalConfig)."""
     items = [t.strip() for t in text.split(",")]
     if not any(items):
         raise UserError("--radii is empty: give a comma-separated list")

@@ -53,7 +53,9 @@ def scenario(name: str, root: Path) -> RunOptions:
     if name == "smoke":
         return RunOptions(**common)
     small_cifar(root / "data")
-    return RunOptions(models=SAME_SIZE, datasets=("cifar10",), seeds=(0,), n_test=50, radii=(2.0,), **common)
+    return RunOptions(
+        models=SAME_SIZE, datasets=("cifar10",), seeds=(0,), n_test=50, radii_255=(2.0,), **common
+    )
 
 
 def estimated(options: RunOptions):

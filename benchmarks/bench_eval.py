@@ -67,7 +67,7 @@ def measure(name: str, args, data: EvalData, folder: Path) -> dict:
     path = folder / f"{name}.pt"
     torch.save(create_model(name).state_dict(), path)
     defense = state_dict_defense(name, path, "synthetic", name=f"timed-{name}")
-    config = EvalConfig(eps_255=(2.0,), n_test=args.n, batch_size=args.n, device=args.device)
+    config = EvalConfig(radii_255=(2.0,), n_test=args.n, batch_size=args.n, device=args.device)
     model = defense.model.to(args.device, memory_format=torch.channels_last)
     x, y = next(data.batches(Cell("clean"), args.n, args.device))
     x = x.contiguous(memory_format=torch.channels_last)

@@ -309,7 +309,7 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
 def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
     data = EvalData("synthetic", folder / "data", EvalConfig(n_test=n))
     config = EvalConfig(
-        eps_255=(1.0, 2.0, 4.0), iterative_eps_255=(2.0,), n_test=n, batch_size=n, device=device
+        radii_255=(1.0, 2.0, 4.0), iterative_radii_255=(2.0,), n_test=n, batch_size=n, device=device
     )
     rows = []
     for name in names:

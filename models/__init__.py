@@ -2,7 +2,7 @@
 
 from . import zoo as _zoo  # noqa: F401  (registers the names)
 from .base import CIFAR10_MEAN, CIFAR10_STD, InterpolatedNet, ModelInfo
-from .errors import UserError
+from .errors import FieldError, UserError
 from .preact_resnet import PreActResNet
 from .registry import (
     GROUPS,
@@ -31,6 +31,7 @@ __all__ = [
     "RULES",
     "ResNeXt",
     "SkipRule",
+    "FieldError",
     "UserError",
     "create_model",
     "find_model",

@@ -294,7 +294,7 @@ def test_a_toml_of_two_defenses_on_two_workers_records_what_one_after_the_other_
         progress=False,
         suite="smoke",
         n_test=20,
-        radii=(2.0,),
+        radii_255=(2.0,),
         stages=("eval", "check", "stability"),
         device="cpu",
     )

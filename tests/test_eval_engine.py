@@ -61,7 +61,7 @@ def accuracies(results) -> dict:
 
 
 def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_path):
-    config = EvalConfig(eps_255=(1.0, 4.0, 20.0))  # the paper's 20 steps of 2/255
+    config = EvalConfig(radii_255=(1.0, 4.0, 20.0))  # the paper's 20 steps of 2/255
     ran, cached, errors = run(grey_defense, config, grey_root, tmp_path)
     assert (ran, cached, errors) == (1 + 20 + 9, 0, [])
     got = accuracies(tmp_path)
@@ -84,7 +84,7 @@ def test_known_accuracy_under_every_perturbation(grey_root, grey_defense, tmp_pa
 
 def test_zero_radius_attacks_equal_clean(synthetic_root, tmp_path):
     defense = resnet8_defense(tmp_path)
-    run(defense, EvalConfig(eps_255=(0.0,), n_test=64, steps=3), synthetic_root, tmp_path)
+    run(defense, EvalConfig(radii_255=(0.0,), n_test=64, steps=3), synthetic_root, tmp_path)
     clean = load_correct(tmp_path, perturbation="clean")
     assert 0 < clean.sum() < 64
     for kind in ("fgsm", "ifgsm", "pgd"):
@@ -92,7 +92,7 @@ def test_zero_radius_attacks_equal_clean(synthetic_root, tmp_path):
 
 
 def test_protocol_cells_and_presets():
-    cells = protocol_cells(EvalConfig(eps_255=(1.0, 2.0), iterative_eps_255=(2.0,)))
+    cells = protocol_cells(EvalConfig(radii_255=(1.0, 2.0), iterative_radii_255=(2.0,)))
     assert cells[0] == Cell("clean") and len(cells) == 1 + 20 + 2 + 2
     assert [c for c in cells if c.perturbation == "pgd"] == [Cell("pgd", 2.0)]
     work = engine.units(cells)
@@ -160,7 +160,7 @@ def test_a_cell_failing_the_audit_is_reported_not_recorded(grey_root, grey_defen
         return [(x + 2 * e).clamp(0, 1) for e in eps]
 
     monkeypatch.setattr(perturbations, "fgsm", leaky)  # where the FGSM perturbation calls it
-    ran, cached, errors = run(grey_defense, EvalConfig(eps_255=(2.0,), steps=1), grey_root, tmp_path)
+    ran, cached, errors = run(grey_defense, EvalConfig(radii_255=(2.0,), steps=1), grey_root, tmp_path)
     assert ran == 23 and len(errors) == 1 and "fgsm@2" in errors[0] and "fails the audit" in errors[0]
     recorded = set(load_records(tmp_path)["perturbation"])
     assert "fgsm" not in recorded and {"clean", "ifgsm", "pgd"} <= recorded
@@ -175,7 +175,7 @@ def test_ensemble_of_identical_members_equals_the_member(synthetic_root, tmp_pat
     ensemble = ensemble_defense([member, twin], name="pair")
     x = torch.rand(8, 3, 32, 32)
     assert torch.allclose(ensemble.model(x), torch.log_softmax(member.model(x), 1), atol=1e-6)
-    config = EvalConfig(eps_255=(2.0,), n_test=64, steps=5)
+    config = EvalConfig(radii_255=(2.0,), n_test=64, steps=5)
     run(member, config, synthetic_root, tmp_path / "member")
     run(ensemble, config, synthetic_root, tmp_path / "ensemble", seed=-1, members=2)
     for cell in protocol_cells(config):
@@ -203,13 +203,13 @@ class Counting(nn.Module):
 
 def test_resume_skips_finished_cells(grey_root, grey_defense, tmp_path):
     counted = Defense(Counting(grey_defense.model), grey_defense.info)
-    config = EvalConfig(eps_255=(1.0,), steps=4, batch_size=50)  # 100 images: 2 batches per cell
+    config = EvalConfig(radii_255=(1.0,), steps=4, batch_size=50)  # 100 images: 2 batches per cell
     assert run(counted, config, grey_root, tmp_path)[:2] == (24, 0)
     first = counted.model.calls
     assert first == 1 + 2 * (1 + 20 + (1 + 1) + 2 * (4 + 1))  # the probe batch, then 2 batches per cell
     assert run(counted, config, grey_root, tmp_path)[:2] == (0, 24)
     assert counted.model.calls == first  # nothing recomputed
-    wider = EvalConfig(eps_255=(1.0, 3.0), steps=4, batch_size=50)
+    wider = EvalConfig(radii_255=(1.0, 3.0), steps=4, batch_size=50)
     assert run(counted, wider, grey_root, tmp_path)[:2] == (3, 24)
     assert counted.model.calls - first == 1 + 2 * (
         (1 + 1) + 2 * (4 + 1)
@@ -219,7 +219,7 @@ def test_resume_skips_finished_cells(grey_root, grey_defense, tmp_path):
 
 def test_same_seed_same_numbers(synthetic_root, tmp_path):
     defense = resnet8_defense(tmp_path)
-    config = EvalConfig(eps_255=(8.0,), n_test=64, steps=2)
+    config = EvalConfig(radii_255=(8.0,), n_test=64, steps=2)
     for name in ("a", "b"):
         run(defense, config, synthetic_root, tmp_path / name)
     a, b = load_records(tmp_path / "a"), load_records(tmp_path / "b")
@@ -230,7 +230,7 @@ def test_same_seed_same_numbers(synthetic_root, tmp_path):
 
 
 def test_records_schema_types_and_stale_rows(grey_root, grey_defense, tmp_path):
-    config = EvalConfig(eps_255=(1.0,), steps=1)
+    config = EvalConfig(radii_255=(1.0,), steps=1)
     run(grey_defense, config, grey_root, tmp_path)
     frame = load_records(tmp_path, include_stale=True)
     assert list(frame.columns) == [*COLUMNS, "stale"]
@@ -272,7 +272,7 @@ RELEASE_PGD = {
 def test_release_presets_normalise_noise_files_by_their_own_statistics(
     grey_root, grey_defense, tmp_path, preset
 ):
-    config = EvalConfig(preset=preset, eps_255=(1.0,), steps=1)
+    config = EvalConfig(preset=preset, radii_255=(1.0,), steps=1)
     data = EvalData("cifar10", grey_root, config)
     mean, std = data.file_stats("impulse_noise")
     images = data.noise("impulse_noise").images.astype(np.float64) / 255
@@ -294,7 +294,7 @@ def test_release_presets_normalise_noise_files_by_their_own_statistics(
 
 
 def test_noise_cells_cover_every_group_and_severity(grey_root, grey_defense, tmp_path):
-    run(grey_defense, EvalConfig(eps_255=(1.0,), steps=1), grey_root, tmp_path)
+    run(grey_defense, EvalConfig(radii_255=(1.0,), steps=1), grey_root, tmp_path)
     frame = load_records(tmp_path)
     noise = frame[frame["perturbation"].isin(NOISE_GROUPS)]
     assert sorted(set(zip(noise["perturbation"], noise["severity"], strict=True))) == sorted(
@@ -308,7 +308,7 @@ def test_evaluate_protocol_is_the_one_call_for_any_adapter_and_a_protocol_of_one
 ):
     from bench import evaluate_defense, evaluate_protocol
 
-    config = EvalConfig(eps_255=(2.0,), steps=2)
+    config = EvalConfig(radii_255=(2.0,), steps=2)
     with pytest.raises(UserError, match=r"^results_dir must be a folder's path, got EvalConfig$"):
         evaluate_defense(grey_defense, config)  # a protocol of one's own is evaluate_protocol's
     assert not (tmp_path / "records.sqlite").exists()

@@ -202,9 +202,9 @@ def test_a_failed_retrain_retires_the_old_rows_and_a_deleted_checkpoint_does_not
 # --- every bad input is one line, exit 2, before anything is trained or recorded --------------
 
 BAD = [
-    (["--radii", "inf"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got inf"),
-    (["--radii", "nan"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got nan"),
-    (["--radii", "1,-1"], r"--radii must be finite numbers of 1/255 in \[0, 255\], got -1"),
+    (["--radii", "inf"], r"--radii inf: must be finite numbers of 1/255 in \[0, 255\], got inf"),
+    (["--radii", "nan"], r"--radii nan: must be finite numbers of 1/255 in \[0, 255\], got nan"),
+    (["--radii", "1,-1"], r"--radii -1,1: must be finite numbers of 1/255 in \[0, 255\], got -1"),
     (["--seeds", "²"], r"--seeds takes non-negative integers, got '²'"),
     (["--seeds", str(2**64)], r"--seeds takes integers in \[0, 2\*\*32\), got \[18446744073709551616\]"),
     (

@@ -46,12 +46,12 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     assert {t.seeds for t in tasks if t.kind == ENSEMBLE} == {(0, 1)}
     assert all(is_rehearsal(t.run_tag) for t in tasks) and not any(is_rehearsal(t.run_tag) for t in real)
     # the protocol is the suite's: the same perturbations, radii, checks and stability units, on fewer images
-    job = next(t.job for t in tasks if t.job.model == "in-resnet110" and t.job.ensemble_radii)
+    job = next(t.job for t in tasks if t.job.model == "in-resnet110" and t.job.ensemble_radii_255)
     config, full = (
         eval_config(job, suite, options, "cpu"),
         eval_config(job, real_suite, RunOptions(suite="paper"), "cpu"),
     )
-    assert (config.eps_255, config.extra, config.steps) == (full.eps_255, full.extra, full.steps)
+    assert (config.radii_255, config.extra, config.steps) == (full.radii_255, full.extra, full.steps)
     assert (config.n_test, config.n_test_of("autoattack"), stability_config(suite, options).n) == (4, 2, 2)
     assert suite.checks == real_suite.checks and suite.studies == real_suite.studies and not suite.needs_gpu
     recipe = recipe_for("preact-resnet", "cifar10", length="rehearsal")

@@ -35,13 +35,13 @@ def test_paper_suite_plan_merges_its_studies():
     jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
     assert len(jobs) == 9 * 2 + 2 * 5 + 2 * 4  # Tables 1-3 on both data sets, Table 4's grid, Table 5's sweep
     by_key = {(j.model, j.dataset, j.lambda_init): j for j in jobs}
-    assert by_key["in-resnet110", "cifar10", None].radii == (1.0, 2.0, 4.0)
-    assert by_key["in-resnet110", "cifar10", None].ensemble_radii == (2.0,)
-    assert by_key["in-resnet110", "cifar100", None].ensemble_radii == ()
-    assert by_key["in-resnet110", "cifar10", (0.3, 0.4)].radii == (2.0,)
+    assert by_key["in-resnet110", "cifar10", None].radii_255 == (1.0, 2.0, 4.0)
+    assert by_key["in-resnet110", "cifar10", None].ensemble_radii_255 == (2.0,)
+    assert by_key["in-resnet110", "cifar100", None].ensemble_radii_255 == ()
+    assert by_key["in-resnet110", "cifar10", (0.3, 0.4)].radii_255 == (2.0,)
     gated = model_entry("in-resnet-gating-sig110").init_for((0.2, 0.25))  # the default interval, as its d
-    assert by_key["in-resnet-gating-sig110", "cifar10", gated].radii == (2.0,)
-    assert not any(j.ensemble_radii for j in jobs if "resnext" in j.model)
+    assert by_key["in-resnet-gating-sig110", "cifar10", gated].radii_255 == (2.0,)
+    assert not any(j.ensemble_radii_255 for j in jobs if "resnext" in j.model)
 
 
 def test_models_option_restricts_or_extends_a_suite():
@@ -54,8 +54,8 @@ def test_models_option_restricts_or_extends_a_suite():
         ("cifar10", (0.3, 0.4)),
         ("cifar100", (0.2, 0.25)),
     ]
-    new = plan_jobs(SUITES["smoke"], RunOptions(models="resnet20", radii=(8.0,), datasets=("cifar10",)))
-    assert [(j.model, j.dataset, j.radii, j.ensemble_radii) for j in new] == [
+    new = plan_jobs(SUITES["smoke"], RunOptions(models="resnet20", radii_255=(8.0,), datasets=("cifar10",)))
+    assert [(j.model, j.dataset, j.radii_255, j.ensemble_radii_255) for j in new] == [
         ("resnet20", "cifar10", (8.0,), (8.0,))
     ]
 
@@ -110,7 +110,7 @@ def test_the_estimate_the_dry_run_and_the_run_see_the_plans_configs(trained, tmp
         n_train=1024,
         n_test=24,
         n_stability=10,
-        radii=(2.0,),
+        radii_255=(2.0,),
         progress=False,
         stages=("train", "eval", "check", "stability"),
         device="cpu",
@@ -207,7 +207,7 @@ def test_eval_errors_are_one_line_and_record_nothing(tmp_path, capsys, monkeypat
             ["--radii", "1,x"],
             r"error: --radii takes comma-separated numbers, got '1,x': 'x' is not a decimal number \(ASCII digits, e\.g\. 2 or 0\.5\)\n",
         ),
-        (["--models", "resnet8", "--n-test", "0"], r"error: --n-test must be positive, got 0\n"),
+        (["--models", "resnet8", "--n-test", "0"], r"error: --n-test 0: must be positive\n"),
     ]
     for extra, pattern in cases:
         assert run_bench.main(["--results-dir", str(results), "--no-progress", *extra]) == 2, extra
@@ -396,9 +396,9 @@ def test_the_paper_plan_trains_table4s_variants_at_every_interval_and_refuses_th
     for name in ("in-resnet-sig110", "in-resnet-gating-sig110"):
         inits = [j.lambda_init for j in jobs if j.model == name]
         assert inits == [model_entry(name).init_for(c) for c in VARIANT_GRID] and len(set(inits)) == 5
-        assert all(j.radii == (2.0,) and j.dataset == "cifar10" for j in jobs if j.model == name)
+        assert all(j.radii_255 == (2.0,) and j.dataset == "cifar10" for j in jobs if j.model == name)
     assert inits[0] == (-6.0, pytest.approx(math.log(0.1 / 0.9)))  # the sigmoid's 0: He et al.'s bias
-    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii == (2.0,)][:1] == [
+    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii_255 == (2.0,)][:1] == [
         (0.0, 0.1)
     ]
     assert "in-resnet-gating110" not in {j.model for j in jobs}

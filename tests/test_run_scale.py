@@ -50,7 +50,7 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
         for t in tasks
         if t.kind != TRAIN
     }
-    main = [t for t in tasks if t.kind == MEASURE and t.job.radii == (1.0, 2.0, 4.0)]
+    main = [t for t in tasks if t.kind == MEASURE and t.job.radii_255 == (1.0, 2.0, 4.0)]
     assert len(main) == 90 and {cells[t.name] for t in main} == {
         36
     }  # clean, 20 noise, 3 x 4 attacks, PGD-50 x 2, AA

@@ -45,7 +45,7 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
     leaderboard and --rank-by take it with no change to their code."""
     register(Darken("darken", "Darken", leaderboard=True))
     try:
-        config = EvalConfig(eps_255=(2.0,), steps=1, extra=(("darken", (2.0, 10.5)),))
+        config = EvalConfig(radii_255=(2.0,), steps=1, extra=(("darken", (2.0, 10.5)),))
         records = evaluate_protocol(grey_defense, config, tmp_path / "r", grey_root, progress=False)
         darken = records[records["perturbation"] == "darken"].set_index("eps_255")
         # GreyLevel's classes 1-3 lie less than 10.5/255 above the midpoint to the level
@@ -65,7 +65,7 @@ def test_a_perturbation_registered_elsewhere_flows_through_evaluation_records_an
 
 def test_autoattack_runs_seeded_and_is_no_weaker_than_pgd(grey_root, grey_defense, tmp_path):
     config = EvalConfig(
-        eps_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),)
+        radii_255=(10.5,), steps=10, extra=(("autoattack", (10.5,)),), subsets=(("autoattack", 40),)
     )
     records = evaluate_protocol(grey_defense, config, tmp_path / "a", grey_root, progress=False).set_index(
         "perturbation"
@@ -235,7 +235,7 @@ def test_the_plain_counterpart_is_the_resnet_of_the_same_architecture():
 
 
 def test_the_worst_case_is_the_and_of_every_attack_at_a_radius(grey_root, grey_defense, tmp_path):
-    config = EvalConfig(eps_255=(11.0,), steps=2, extra=(("uniform", (11.0,)),))
+    config = EvalConfig(radii_255=(11.0,), steps=2, extra=(("uniform", (11.0,)),))
     evaluate_protocol(grey_defense, config, tmp_path, grey_root, progress=False)
     write_reports(tmp_path)
     survivors = np.logical_and.reduce(
@@ -289,7 +289,9 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
         monkeypatch.setitem(sys.modules, "autoattack", importlib.import_module("pyautoattack"))
     pytest.importorskip("robustbench")
 
-    evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
+    evaluate_protocol(
+        grey_defense, EvalConfig(radii_255=(2.0,), steps=2), tmp_path, grey_root, progress=False
+    )
     pgd = load_records(tmp_path).query("perturbation == 'pgd'").iloc[0].to_dict()  # AutoAttack stands in:
     reference = {
         **pgd,
@@ -343,7 +345,9 @@ def test_robustbench_renders_our_leaderboard_folder(grey_root, grey_defense, tmp
 def test_a_store_of_an_earlier_layout_is_refused_in_one_line(grey_root, grey_defense, tmp_path):
     """No migration before a first release: a store whose tables lack a column of this
     version is refused by every reader and writer, in one line, and left as it is."""
-    evaluate_protocol(grey_defense, EvalConfig(eps_255=(2.0,), steps=2), tmp_path, grey_root, progress=False)
+    evaluate_protocol(
+        grey_defense, EvalConfig(radii_255=(2.0,), steps=2), tmp_path, grey_root, progress=False
+    )
     old = tmp_path / "old"
     old.mkdir()
     _downgrade(tmp_path / DB_FILE, old / DB_FILE)
@@ -397,7 +401,7 @@ def _copied(grey_root: Path, tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-GREY = EvalConfig(eps_255=(2.0,), steps=2)
+GREY = EvalConfig(radii_255=(2.0,), steps=2)
 
 
 def test_replaced_test_images_are_measured_again_not_found_cached(grey_root, grey_defense, tmp_path):

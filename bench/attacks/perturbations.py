@@ -70,7 +70,8 @@ class Perturbation:
     leaderboard: bool = False  # a column of the leaderboard at 2/255
     randomized: bool = False  # draws random numbers: seeded per batch by the engine
     # The protocol's facts about it, read by the engine, the gates, tables and figures:
-    protocol_radii: str | None = None  # measured by every run at "eps_255" or at the "iterative" radii
+    in_protocol: bool = False  # measured by every run, at EvalConfig's radii (bench.eval.protocol)
+    iterative: bool = False  # in the protocol at EvalConfig.iterative_radii_255, which an ensemble narrows
     pools: bool = False  # averaged with the others that pool into the "noise" metric (Table 1's Avg.)
     falls_with_radius: bool = (
         True  # an attack whose accuracy must not rise with the radius (gate eps-monotone)
@@ -92,10 +93,10 @@ class Perturbation:
         """The perturbed batch for each radius in `eps` (pixel units)."""
         return [x for _ in eps]
 
-    def passes(self, n: int, radii: int, setting) -> tuple[float, float]:
-        """(forward, forward+backward) image passes for `n` images at `radii` radii, the
+    def passes(self, n: int, n_radii: int, setting) -> tuple[float, float]:
+        """(forward, forward+backward) image passes for `n` images at `n_radii` radii, the
         final classifying forward included: for progress bars and estimates."""
-        return n * radii, 0.0
+        return n * n_radii, 0.0
 
     def reach(self, setting, eps: float) -> float:
         """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
@@ -143,7 +144,7 @@ class FGSM(Perturbation):
 
     shares_radii: bool = True
     leaderboard: bool = True
-    protocol_radii: str | None = "eps_255"
+    in_protocol: bool = True
     curve: bool = True
 
     def params(self, setting, eps_255):
@@ -152,8 +153,8 @@ class FGSM(Perturbation):
     def perturb(self, model, x, y, eps, setting):
         return fgsm(model, x, y, eps, self._space(model, setting))
 
-    def passes(self, n, radii, setting):
-        return n * radii, n
+    def passes(self, n, n_radii, setting):
+        return n * n_radii, n
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ class Iterative(Perturbation):
         return self.ball if self.ball is not None else setting.pgd_ball
 
     def perturb(self, model, x, y, eps, setting):
-        params = self.params(setting, eps[0] * 255)
-        alpha, steps = params["alpha_255"] / 255, params["steps"]
+        steps = self.steps if self.steps is not None else setting.steps
+        alpha = self.alpha_per_eps * eps[0] if self.alpha_per_eps is not None else setting.alpha
         if self._ball(setting) == START or self._units(setting) == NORMALISED:  # the release's loop, ours
             return [
                 signed_steps(
@@ -218,9 +219,9 @@ class Iterative(Perturbation):
             return super().reach(setting, eps)
         return 2 * eps if self._ball(setting) == START else eps
 
-    def passes(self, n, radii, setting):
+    def passes(self, n, n_radii, setting):
         steps = self.steps if self.steps is not None else setting.steps
-        return n * radii, n * radii * steps
+        return n * n_radii, n * n_radii * steps
 
     def strength(self, params):
         return (params.get("steps", 0), params.get("alpha_255", 0.0))
@@ -339,9 +340,20 @@ register(Clean("clean", "Acc."))
 for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
 register(FGSM("fgsm", "FGSM", units=None))
-register(IFGSM("ifgsm", "IFGSM", units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True))
 register(
-    PGD("pgd", "PGD", ball=None, units=None, protocol_radii="iterative", not_weaker_than="fgsm", curve=True)
+    IFGSM("ifgsm", "IFGSM", units=None, in_protocol=True, iterative=True, not_weaker_than="fgsm", curve=True)
+)
+register(
+    PGD(
+        "pgd",
+        "PGD",
+        ball=None,
+        units=None,
+        in_protocol=True,
+        iterative=True,
+        not_weaker_than="fgsm",
+        curve=True,
+    )
 )
 register(UniformNoise("uniform", "Uniform noise"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any

@@ -5,7 +5,6 @@ value its user never wrote."""
 
 from __future__ import annotations
 
-import math
 import re
 
 _DECIMAL = re.compile(
@@ -35,20 +34,3 @@ def integer(text: str) -> int:
 
 
 SEED_LIMIT = 2**32  # seeds are 32-bit: every generator and the records take them as they are
-
-
-def radii_problem(radii: tuple[float, ...]) -> str:
-    """'' when `radii` (in 1/255) are radii an attack can take, else why not: at least one,
-    each finite in [0, 255], none a negative zero (-0 would be recorded as a cell of its
-    own at radius 0), none twice."""
-    if not radii:
-        return "no radius given"
-    bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
-    if bad:
-        return f"must be finite numbers of 1/255 in [0, 255], got {', '.join(dict.fromkeys(bad))}"
-    if any(e == 0 and math.copysign(1.0, e) < 0 for e in radii):
-        return "-0 is not a radius: give 0"
-    twice = sorted({e for e in radii if radii.count(e) > 1})
-    if twice:
-        return f"{', '.join(f'{e:g}' for e in twice)} given twice: give each radius once"
-    return ""

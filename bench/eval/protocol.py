@@ -14,18 +14,22 @@ from bench.attacks.perturbations import (
     NOISE,
     PERTURBATIONS,
     AttackSetting,
+    Perturbation,
     of_kind,
     perturbation,
 )
 from bench.core.environment import check_device_kind
-from bench.core.numbers import SEED_LIMIT, radii_problem
+from bench.core.numbers import SEED_LIMIT
 from bench.core.presets import preset
 from bench.data.noise import SEVERITIES
 from bench.data.noise_files import NOISE_SOURCES
 from bench.eval.adapters import Defense
-from models import UserError
+from models import FieldError, UserError
 
 _NONE_MEANS = {"n_test": "the whole test set", "batch_size": "the device's default"}
+# An upper bound of a test subset, with why: a value past it is a typo (2**70) that would
+# overflow SQLite's 64-bit integers, not a run.
+TEST_IMAGES_LIMIT = (10**7, "no data set here has more test images (CIFAR: 10,000)")
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,10 @@ class EvalConfig:
     """How cells are computed. Radii and steps are in 1/255 of the pixel range."""
 
     preset: str = "paper"  # a protocol of bench.core.presets: "paper", "authors-code", "release-2020-06"
-    eps_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # FGSM radii
-    iterative_eps_255: tuple[float, ...] | None = None  # IFGSM / PGD radii; None: eps_255
+    radii_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # the attacks' radii (FGSM, IFGSM, PGD)
+    iterative_radii_255: tuple[float, ...] | None = (
+        None  # IFGSM / PGD's instead (an ensemble's); None: radii_255
+    )
     steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
     alpha_255: float | None = None  # None: the preset's
     n_test: int | None = None  # class-balanced test subset; None: the whole test set
@@ -62,27 +68,23 @@ class EvalConfig:
             )
         _whole(self.steps, "EvalConfig.steps (the iterations of IFGSM and PGD)", 1)
         _whole(self.seed, "EvalConfig.seed (of the random starts and noise)", 0, SEED_LIMIT)
-        for name in ("n_test", "batch_size"):
-            value = getattr(self, name)
-            if value is not None:
-                _whole(value, f"EvalConfig.{name} (None: {_NONE_MEANS[name]})", 1)
+        if self.batch_size is not None:
+            _whole(self.batch_size, f"EvalConfig.batch_size (None: {_NONE_MEANS['batch_size']})", 1)
+        if self.n_test is not None:
+            _count("n_test", self.n_test)
         if not isinstance(self.channels_last, bool):
             raise UserError(f"EvalConfig.channels_last must be True or False, got {self.channels_last!r}")
         named = [
-            ("eps_255", self.eps_255),
-            ("iterative_eps_255", self.radii),
+            ("radii_255", self.radii_255),
+            *(
+                [("iterative_radii_255", self.iterative_radii_255)]
+                if self.iterative_radii_255 is not None
+                else []
+            ),
             *((f"extra {n}", r) for n, r in self.extra),
         ]
         for field_name, radii in named:
-            if not isinstance(radii, tuple) or not all(_is_number(e) for e in radii):
-                raise UserError(
-                    f"EvalConfig.{field_name} must be a tuple of numbers (radii in 1/255), got {radii!r}"
-                )
-            problem = radii_problem(tuple(radii))
-            if problem:
-                raise UserError(
-                    f"EvalConfig.{field_name} ({', '.join(f'{e:g}' for e in radii) or 'none'}): {problem}"
-                )
+            _check_radii(field_name, radii)
         if self.alpha_255 is not None and not (
             _is_number(self.alpha_255) and math.isfinite(self.alpha_255) and self.alpha_255 > 0
         ):
@@ -96,7 +98,15 @@ class EvalConfig:
                 )
         for name, n in self.subsets:
             perturbation(name)
-            _whole(n, f"EvalConfig.subsets: the test subset of {name}", 1)
+            _count(f"subsets {name}", n)
+            if self.n_test is not None and n > self.n_test:
+                raise FieldError(
+                    "EvalConfig",
+                    f"subsets {name}",
+                    f"{n}",
+                    f"more than the {self.n_test} test images it is drawn from: give at most "
+                    f"{self.n_test}, or test on more images",
+                )
 
     @property
     def attack_setting(self) -> AttackSetting:
@@ -114,21 +124,58 @@ class EvalConfig:
     def alpha(self) -> float:
         return self.attack_setting.alpha
 
-    @property
-    def radii(self) -> tuple[float, ...]:
-        return self.iterative_eps_255 if self.iterative_eps_255 is not None else self.eps_255
+    def radii_255_of(self, p: Perturbation) -> tuple[float, ...]:
+        """The radii a protocol attack is measured at (bench.attacks.perturbations' `iterative`)."""
+        return (
+            self.iterative_radii_255
+            if p.iterative and self.iterative_radii_255 is not None
+            else self.radii_255
+        )
 
     def n_test_of(self, name: str) -> int | None:
-        """The class-balanced subset size of a perturbation's cells (None: all images): a
-        smaller subset of its own, never larger than the test subset."""
-        own = dict(self.subsets).get(name)
-        if own is None or self.n_test is None:
-            return self.n_test if own is None else own
-        return min(own, self.n_test)
+        """The class-balanced subset size of a perturbation's cells (None: all images)."""
+        return dict(self.subsets).get(name, self.n_test)
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_radii(field: str, radii: object) -> None:
+    """One error line unless `radii` are radii an attack can take: a tuple of at least one
+    number of 1/255, each finite in [0, 255], none a negative zero (-0 would be recorded
+    as a cell of its own at radius 0), none twice."""
+    if not isinstance(radii, tuple) or not all(_is_number(e) for e in radii):
+        raise UserError(f"EvalConfig.{field} must be a tuple of numbers (radii in 1/255), got {radii!r}")
+    shown = ",".join(f"{e:g}" for e in radii)
+    bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
+    twice = sorted({e for e in radii if radii.count(e) > 1})
+    if not radii:
+        problem = "no radius given"
+    elif bad:
+        problem = f"must be finite numbers of 1/255 in [0, 255], got {', '.join(dict.fromkeys(bad))}"
+    elif any(e == 0 and math.copysign(1.0, e) < 0 for e in radii):
+        problem = "-0 is not a radius: give 0"
+    elif twice:
+        problem = f"{', '.join(f'{e:g}' for e in twice)} given twice: give each radius once"
+    else:
+        return
+    raise FieldError("EvalConfig", field, shown, problem)
+
+
+def _count(field: str, value: object) -> None:
+    """One error line unless `value` is a count of test images: an integer (not a bool,
+    not 1.5) from 1 up to TEST_IMAGES_LIMIT."""
+    limit, why = TEST_IMAGES_LIMIT
+    if not isinstance(value, int) or isinstance(value, bool):
+        problem = "must be a whole number of test images (None: the whole test set)"
+    elif value < 1:
+        problem = "must be positive"
+    elif value > limit:
+        problem = f"is above its limit {limit:,}: {why}"
+    else:
+        return
+    raise FieldError("EvalConfig", field, f"{value!r}", problem)
 
 
 def _whole(value: object, what: str, low: int, limit: int | None = None) -> None:
@@ -169,9 +216,8 @@ class Subject:
 def protocol_cells(config: EvalConfig) -> list[Cell]:
     cells = [Cell("clean")]
     cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
-    radii = {"eps_255": config.eps_255, "iterative": config.radii}
     cells += [
-        Cell(p.name, e) for p in PERTURBATIONS.values() if p.protocol_radii for e in radii[p.protocol_radii]
+        Cell(p.name, e) for p in PERTURBATIONS.values() if p.in_protocol for e in config.radii_255_of(p)
     ]
     cells += [Cell(name, e) for name, radii in config.extra for e in radii]
     return list(dict.fromkeys(cells))

@@ -28,7 +28,7 @@ from bench.eval.stability import blocks
 from bench.records.schema import DB_FILE, SNAPSHOT_FILE, utc_now
 from bench.records.sql import check_store_path
 from bench.records.store import RecordStore
-from bench.run.options import SUBSET_OPTIONS, RunOptions
+from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task
 from bench.run.report_cache import MANIFEST
 from bench.run.suites import Suite
@@ -288,10 +288,10 @@ def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
 
 
 def check_test_size(options: RunOptions, dataset: str, images: int) -> None:
-    """The subset options' rule (RunOptions._check_subsets) against the test set itself:
+    """The test subsets' rule (EvalConfig, bench.run.plan.stability_config) against the test set itself:
     --n-test, or a subset given without it, above the test images there are is refused; a
     suite's own sizes are capped at them."""
-    for name in ("n_test", *SUBSET_OPTIONS):
+    for name in ("n_test", "n_autoattack", "n_stability"):
         value = getattr(options, name)
         if name != "n_test" and options.n_test is not None:
             continue  # checked against --n-test already

@@ -291,30 +291,31 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     kinds = Counter(t.kind for t in tasks)
     jobs = {t.job for t in tasks}
     config = tasks[0].eval if tasks else None  # the first task's: a seed's, whose subsets every job shares
-    n_test = config.n_test if config else options.n_test if options.n_test is not None else suite.n_test
-    tested = "all test images" if n_test is None else f"{n_test} test images"
-    smaller = [f"{name} on {_capped(n, n_test)}" for name, n in config.subsets] if config else []
+    n_test = config.n_test if config else None
+    tested = "" if config is None else "; all test images" if n_test is None else f"; {n_test} test images"
+    own = dict(suite.subsets)
+    smaller = (
+        [f"{name} on {_capped(n, own.get(name, n), n_test)}" for name, n in config.subsets] if config else []
+    )
     stable = next((t.stability for t in tasks if t.stability is not None), None)
     if "stability" in options.stages and stable is not None:
-        smaller.append(f"stability on {_capped(stable.n, n_test)}")
+        smaller.append(f"stability on {_capped(stable.n, stable.n, n_test)}")
     return (
         f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "
         f"evaluate, {_count(kinds[ENSEMBLE], 'ensemble')}"
         + (f", {_count(kinds[DEFENSE], 'defense')}" if kinds[DEFENSE] else "")
-        + f"); {tested}"
+        + f"){tested}"
         + "".join(f", {s}" for s in smaller)
     )
 
 
-def _capped(n: int, n_test: int | None) -> str:
+def _capped(n: int, suite_n: int, n_test: int | None) -> str:
     """A subset's size as run: a suite's subset above the test images is capped at them
-    (one given above them was refused, RunOptions._check_subsets), and the header says so."""
-    return (
-        f"{n}"
-        if n_test is None or n <= n_test
-        else f"{n_test} (the suite's {n}, capped at the {n_test} test images)"
-    )
+    (one given above them is refused), and the header says so."""
+    if n_test is None or max(n, suite_n) <= n_test:
+        return f"{n}"
+    return f"{n_test} (the suite's {suite_n}, capped at the {n_test} test images)" if n >= n_test else f"{n}"
 
 
 def _count(n: int, noun: str) -> str:

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.environment import check_device_kind
-from bench.core.numbers import SEED_LIMIT, radii_problem
+from bench.core.numbers import SEED_LIMIT
 from bench.data.cifar import data_root
 from bench.eval.defenses import identity
 from bench.records.store import check_results_dir
 from bench.reports.leaderboard import check_metric
-from bench.run.suites import find_suite
 from models import UserError
 
 STAGES = ("train", "eval", "check", "stability", "report", "figures")
@@ -25,8 +24,6 @@ EXECUTORS = ("local", "ray")
 # would overflow SQLite's 64-bit integers or ask for memory no machine has, not run.
 LIMITS: dict[str, tuple[int | float, str]] = {
     "n_train": (10**7, "no data set here has more images (CIFAR: 50,000); leave it out to train on all"),
-    "n_test": (10**7, "no data set here has more images (CIFAR: 10,000); leave it out to test on all"),
-    "n_autoattack": (10**7, "no data set here has more test images (CIFAR: 10,000)"),
     "n_stability": (10**7, "no data set here has more test images (CIFAR: 10,000)"),
     "batch_size": (2**16, "a larger batch of these models does not fit any GPU's memory"),
     "steps": (10**4, "500 times the protocol's 20 steps; PGD has long converged"),
@@ -36,7 +33,6 @@ LIMITS: dict[str, tuple[int | float, str]] = {
     "landscape_radius": (255, "255/255 spans the whole pixel range"),
     "assume_tflops": (10**6, "an exaFLOP/s: no device achieves it"),
 }
-SUBSET_OPTIONS = ("n_autoattack", "n_stability")  # subsets of the test images (--n-test)
 LANDSCAPE = ("landscape_index", "landscape_points", "landscape_radius")  # RunOptions.landscape's parts
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 
@@ -61,7 +57,7 @@ class RunOptions:
         None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
     )
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
-    radii: tuple[float, ...] | None = None  # in 1/255; replaces every study's radii
+    radii_255: tuple[float, ...] | None = None  # replaces every study's radii (checked by EvalConfig)
     steps: int = DEFAULT_STEPS
     noise_source: str = "auto"
     batch_size: int | None = None
@@ -105,14 +101,11 @@ class RunOptions:
             twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
             if twice:
                 raise UserError(f"--seeds repeats {', '.join(map(str, twice))}: give each seed once")
-        if self.radii is not None and (problem := radii_problem(tuple(self.radii))):
-            shown = "" if problem.startswith("must") else f"{','.join(f'{e:g}' for e in self.radii)}: "
-            raise UserError(f"--radii {shown}{problem}")
         if self.lambda_init is not None:
             low, high = self.lambda_init
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                 raise UserError(f"--lambda-init a,b needs finite numbers with a <= b, got {low:g},{high:g}")
-        for name in ("n_train", "n_test", "n_autoattack", "n_stability", "batch_size", "steps", "workers"):
+        for name in ("n_train", "n_stability", "batch_size", "steps", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -122,7 +115,6 @@ class RunOptions:
                 raise UserError(
                     f"--{name.replace('_', '-')} {counts[name]} is above its limit {limit:,}: {why}"
                 )
-        self._check_subsets()  # after the limits: a count of 2**70 is a typo first
         check_device_kind(self.device, auto=True)
         if self.executor not in EXECUTORS:
             raise UserError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
@@ -157,23 +149,6 @@ class RunOptions:
                 f"the landscape needs --landscape-index >= 0, --landscape-points >= 2 and a positive finite "
                 f"--landscape-radius, got {index}, {points}, {radius:g}"
             )
-
-    def _check_subsets(self) -> None:
-        """The one rule of the subset options (--n-autoattack, --n-stability): a subset the
-        user gives is drawn from the test images (--n-test, else the suite's), so one larger
-        than them is refused, never shrunk in silence; a suite's own subset is capped at
-        them, and the plan's header says so (bench.run.estimate.plan_header)."""
-        n_test = self.n_test if self.n_test is not None else find_suite(self.suite).n_test
-        for name in SUBSET_OPTIONS:
-            value = getattr(self, name)
-            if value is not None and n_test is not None and value > n_test:
-                drawn = (
-                    f"--n-test {n_test}" if self.n_test is not None else f"the {self.suite} suite's {n_test}"
-                )
-                raise UserError(
-                    f"--{name.replace('_', '-')} {value} is more than the test images it is drawn from "
-                    f"({drawn}): give at most {n_test}, or a larger --n-test"
-                )
 
     def _check_defenses(self) -> None:
         """A defense run evaluates the defenses alone: the zoo's and training's options do not apply."""

@@ -37,8 +37,8 @@ class Job:
     model: str
     dataset: str
     lambda_init: tuple[float, float] | None
-    radii: tuple[float, ...]
-    ensemble_radii: tuple[float, ...] = ()
+    radii_255: tuple[float, ...]
+    ensemble_radii_255: tuple[float, ...] = ()
     defense: object = (
         None  # a defense's job: its bench.eval.defenses.DefenseSpec (or built Defense); `model` is its name
     )
@@ -131,7 +131,9 @@ def defense_job(defense, suite: Suite, options: RunOptions) -> Job:
     """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
     name, dataset = identity(defense)
     dataset_info(dataset)
-    return Job(name, dataset, None, tuple(sorted(options.radii or suite.studies[0].radii)), defense=defense)
+    return Job(
+        name, dataset, None, tuple(sorted(options.radii_255 or suite.studies[0].radii_255)), defense=defense
+    )
 
 
 def _check_lambda_init(models: list[str], init: tuple[float, float]) -> None:
@@ -155,8 +157,8 @@ def has_lambda(model: str) -> bool:
 
 
 def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: RunOptions) -> None:
-    radii = options.radii or study.radii
-    ensemble = (options.radii or study.ensemble_radii) if study.ensemble_radii else ()
+    radii = options.radii_255 or study.radii_255
+    ensemble = (options.radii_255 or study.ensemble_radii_255) if study.ensemble_radii_255 else ()
     for name in names:
         if not has_lambda(name):
             inits = (None,)
@@ -173,9 +175,15 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
                     name,
                     dataset,
                     init,
-                    tuple(sorted({*old.radii, *radii})),
-                    tuple(sorted({*old.ensemble_radii, *ensemble})),
+                    _merged(old.radii_255, radii),
+                    _merged(old.ensemble_radii_255, ensemble),
                 )
+
+
+def _merged(old: tuple[float, ...], new: tuple[float, ...]) -> tuple[float, ...]:
+    """Two studies' radii as one sorted tuple; a radius given twice in one (--radii 2,2)
+    stays twice, for EvalConfig to refuse."""
+    return tuple(sorted((*old, *(e for e in new if e not in old))))
 
 
 def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) -> list[Task]:
@@ -217,7 +225,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
             Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable, drawn)
             for s in seeds
         ]
-        if job.ensemble_radii and len(seeds) >= 2:
+        if job.ensemble_radii_255 and len(seeds) >= 2:
             measures.append(
                 Task(
                     ENSEMBLE,
@@ -247,7 +255,7 @@ def job_seeds(job: Job, suite: Suite, options: RunOptions) -> tuple[int, ...]:
     """The seeds a job trains: the run's; in a rehearsal without --seeds, the first one
     alone unless the job evaluates its seeds' ensemble (which needs two)."""
     seeds = seeds_of(suite, options)
-    if suite.rehearsal and options.seeds is None and not job.ensemble_radii:
+    if suite.rehearsal and options.seeds is None and not job.ensemble_radii_255:
         return seeds[:1]
     return seeds
 
@@ -284,7 +292,7 @@ def n_train_of(dataset: str, suite: Suite, options: RunOptions) -> int | None:
 def eval_config(
     job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False
 ) -> EvalConfig:
-    attack_radii = job.ensemble_radii if ensemble else job.radii
+    attack_radii = job.ensemble_radii_255 if ensemble else job.radii_255
     extra = []  # the suite's further perturbations; ensembles only at their attack radii, except
     for name, radii in suite.extra:  # the large-eps gate's attack, at its own: every row can pass its gate
         gate = perturbation(name).chance_from_255 is not None
@@ -299,10 +307,10 @@ def eval_config(
         own += tuple((name, reference) for name, _ in extra if perturbation(name).chance_from_255 is not None)
     return EvalConfig(
         preset=options.preset,
-        eps_255=job.radii,
-        iterative_eps_255=attack_radii if ensemble else None,
+        radii_255=job.radii_255,
+        iterative_radii_255=attack_radii if ensemble else None,
         steps=options.steps,
-        n_test=options.n_test if options.n_test is not None else suite.n_test,
+        n_test=n_test_of(suite, options),
         noise_source=options.noise_source,
         batch_size=options.batch_size,
         device=device,
@@ -312,8 +320,17 @@ def eval_config(
 
 
 def stability_config(suite: Suite, options: RunOptions) -> StabilityConfig:
-    """The stability stage's settings: the suite's image count unless `--n-stability`."""
-    return StabilityConfig(n=options.n_stability if options.n_stability is not None else suite.n_stability)
+    """The stability stage's settings: the suite's image count (capped at the test images
+    where it runs) unless `--n-stability`, which may not be more than the test images."""
+    n_test = n_test_of(suite, options)
+    if options.n_stability is None:
+        return StabilityConfig(n=suite.n_stability)
+    if n_test is not None and options.n_stability > n_test:
+        raise UserError(
+            f"--n-stability {options.n_stability}: more than the {n_test} test images it is drawn from: "
+            f"give at most {n_test}, or test on more images"
+        )
+    return StabilityConfig(n=options.n_stability)
 
 
 def landscape_config(options: RunOptions) -> LandscapeConfig:
@@ -322,9 +339,17 @@ def landscape_config(options: RunOptions) -> LandscapeConfig:
     return LandscapeConfig(index=index, points=points, radius=radius)
 
 
+def n_test_of(suite: Suite, options: RunOptions) -> int | None:
+    """The test images of every cell: --n-test, else the suite's (None: all of them)."""
+    return options.n_test if options.n_test is not None else suite.n_test
+
+
 def subsets(suite: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
-    """The suite's smaller test subsets, AutoAttack's replaced by `--n-autoattack`."""
-    own = dict(suite.subsets)
+    """The suite's smaller test subsets, capped at the test images they are drawn from (the
+    plan's header says so), AutoAttack's replaced by `--n-autoattack` (EvalConfig refuses
+    one above them: a subset the user gives is never shrunk in silence)."""
+    n_test = n_test_of(suite, options)
+    own = {name: n if n_test is None else min(n, n_test) for name, n in suite.subsets}
     if options.n_autoattack is not None:
         own["autoattack"] = options.n_autoattack
     return tuple(own.items())

@@ -17,8 +17,8 @@ ENSEMBLE_MODELS = "resnet110,in-resnet110,lambda-in-resnet110,resnet164,in-resne
 @dataclass(frozen=True)
 class Study:
     """`models` (names, globs or groups) trained on each of `datasets` with each
-    initialisation in `lambda_inits`, evaluated with FGSM / IFGSM / PGD at `radii`; with
-    `ensemble_radii`, the seeds' ensemble is evaluated too (at those radii).
+    initialisation in `lambda_inits`, evaluated with FGSM / IFGSM / PGD at `radii_255`; with
+    `ensemble_radii_255`, the seeds' ensemble is evaluated too (at those radii).
 
     `lambda_inits` are intervals of the starting coefficients act(d) (None: the model's
     default); each model gets the d that starts there (ModelEntry.init_for: the interval
@@ -27,9 +27,9 @@ class Study:
     table: str  # which of the paper's tables it feeds
     models: str
     datasets: tuple[str, ...]
-    radii: tuple[float, ...] = (1.0, 2.0, 4.0)
+    radii_255: tuple[float, ...] = (1.0, 2.0, 4.0)
     lambda_inits: tuple[tuple[float, float] | None, ...] = (None,)
-    ensemble_radii: tuple[float, ...] = ()
+    ensemble_radii_255: tuple[float, ...] = ()
 
 
 # Registered perturbations every suite adds to the paper's protocol, each at its radii
@@ -72,7 +72,7 @@ SUITES: dict[str, Suite] = {
                 # the paper's selection of the variants' initialisation: every interval of the grid
                 Study("4", "variants", ("cifar10",), (2.0,), VARIANT_GRID),
                 Study("5", "in-resnet110,lambda-in-resnet110", ("cifar10",), (2.0,), LAMBDA_SWEEP),
-                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii_255=(2.0,)),
             ),
             seeds=(0, 1, 2, 3, 4),
             length="full",
@@ -82,7 +82,7 @@ SUITES: dict[str, Suite] = {
             "the main models on CIFAR-10: 2 seeds, 1/5 of the epochs, full test set (about 38 GPU-hours: an estimate)",
             (
                 Study("1-3", "main", ("cifar10",)),
-                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii=(2.0,)),
+                Study("6", ENSEMBLE_MODELS, ("cifar10",), (2.0,), ensemble_radii_255=(2.0,)),
             ),
             seeds=(0, 1),
             length="quick",
@@ -93,7 +93,10 @@ SUITES: dict[str, Suite] = {
             "λ-In-ResNet, 2 seeds, 2 epochs, a test subset, every perturbation at full step count",
             (
                 Study(
-                    "1-3, 6", "resnet14,in-resnet14,lambda-in-resnet14", ("synthetic",), ensemble_radii=(2.0,)
+                    "1-3, 6",
+                    "resnet14,in-resnet14,lambda-in-resnet14",
+                    ("synthetic",),
+                    ensemble_radii_255=(2.0,),
                 ),
             ),
             seeds=(0, 1),
