@@ -387,7 +387,12 @@ def rehearse(suite: tuple[str, ...], limit_s: float, device: str, folder: Path) 
             "--no-progress",
         ],
     )
-    command += ["--results-dir", str(results), "--data-dir", str(folder / "rehearsal-data")]
+    command += [
+        "--results-dir",
+        str(folder),
+        "--data-dir",
+        str(folder / "rehearsal-data"),
+    ]  # into folder/rehearsal
     began = time.perf_counter()
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, cwd=REPO)

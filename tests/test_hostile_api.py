@@ -130,7 +130,7 @@ def grey(grey_defense, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["../../pwn", "a\n| 0 | FAKE | 99.99 |", "resnet110", "x@rehearsal", ""])
+@pytest.mark.parametrize("name", ["../../pwn", "a\n| 0 | FAKE | 99.99 |", "resnet110", ""])
 def test_a_name_the_command_line_refuses_is_refused_by_every_adapter(grey, tmp_path, name):
     """Before: module_defense(name="x\\n| 0 | FAKE |") plus evaluate_protocol put a FAKE row into the leaderboard."""
     with pytest.raises(UserError, match=r"^module_defense: defense name .* (must be|reads as)"):

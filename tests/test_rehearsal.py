@@ -1,6 +1,7 @@
 """`--rehearse`: a suite's whole plan on tiny data, its stand-in data, its relaxed gates by
-rule, its tags, and outputs that can never be shown as real numbers."""
+rule, its tags, its own results folder, and outputs that can never be shown as real numbers."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import run_bench
 from bench.data.datasets import CIFAR10, CIFAR100, load_split
 from bench.eval.protocol import protocol_cells
 from bench.records import sanity
-from bench.records.checkpoints import is_rehearsal, run_tag
+from bench.records.checkpoints import run_tag
 from bench.records.load import load_checks, load_records, load_runs, load_stability
 from bench.run import rates, rehearsal
 from bench.run.options import RunOptions
@@ -26,6 +28,11 @@ from bench.train.loop import chance_gate
 from bench.train.recipes import recipe_for
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _rehearsed(run: str) -> bool:
+    """A zoo run tag of a rehearsal's length."""
+    return "rehearsal" in run.split("@")[1:]
 
 
 def _plan(suite_name: str, **given):
@@ -44,7 +51,7 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     assert len({t.job for t in tasks}) == 36 and {t.job.dataset for t in tasks} == {"cifar10", "cifar100"}
     assert Counter(t.kind for t in tasks) == {TRAIN: 42, MEASURE: 42, ENSEMBLE: 6}  # 30 jobs x 1 seed + 6 x 2
     assert {t.seeds for t in tasks if t.kind == ENSEMBLE} == {(0, 1)}
-    assert all(is_rehearsal(t.run_tag) for t in tasks) and not any(is_rehearsal(t.run_tag) for t in real)
+    assert all(_rehearsed(t.run_tag) for t in tasks) and not any(_rehearsed(t.run_tag) for t in real)
     # the protocol is the suite's: the same perturbations, radii, checks and stability units, on fewer images
     job = next(t.job for t in tasks if t.job.model == "in-resnet110" and t.job.ensemble_radii_255)
     config, full = (
@@ -65,15 +72,10 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     )
 
 
-def test_given_seeds_are_kept_and_a_defense_rehearsal_is_tagged():
+def test_given_seeds_are_kept_and_a_rehearsal_is_tagged_with_its_length():
     _, _, tasks = _plan("smoke", seeds=(3,))
     assert {t.seeds for t in tasks} == {(3,)} and not [t for t in tasks if t.kind == ENSEMBLE]
     assert run_tag("resnet14", length="rehearsal", n_train=64) == "resnet14@rehearsal@n64"
-    assert (
-        is_rehearsal("mynet@rehearsal")
-        and not is_rehearsal("rehearsal")
-        and not is_rehearsal("resnet14@smoke@n2048")
-    )
 
 
 def test_the_chance_gate_is_relaxed_for_a_rehearsal_alone():
@@ -109,27 +111,31 @@ def _gates(run: str, large_eps: float) -> pd.DataFrame:
     return pd.DataFrame([{**entry, "gate": g, "value": v, "limit": lim, "detail": ""} for g, v, lim in rows])
 
 
-def test_gates_that_need_a_trained_network_are_relaxed_by_rule_for_rehearsal_runs():
-    assert sanity.relaxed_gates() == [
-        "eps-monotone",
-        "iterative-vs-fgsm",
-        "large-eps",
-        "noise-vs-pgd",
-        "reference-gap",
-        "zero-gradients",
-        "transfer",
-    ]
+def test_gates_that_need_a_trained_network_are_relaxed_by_rule_in_a_rehearsal():
+    assert (
+        list(rehearsal_suite(SUITES["smoke"]).relaxed_gates)
+        == sanity.training_gates()
+        == [
+            "eps-monotone",
+            "iterative-vs-fgsm",
+            "large-eps",
+            "noise-vs-pgd",
+            "reference-gap",
+            "zero-gradients",
+            "transfer",
+        ]
+    )
     real = sanity.summary(_gates("resnet110", 40.0)).iloc[0]
     assert real["flags"] == "large-eps-above-chance" and real["unreliable"] == True  # noqa: E712
-    rehearsed = sanity.summary(_gates("resnet110@rehearsal@n64", 40.0)).iloc[0]
+    relaxed = frozenset(rehearsal_suite(SUITES["smoke"]).relaxed_gates)
+    rehearsed = sanity.summary(_gates("resnet110@rehearsal@n64", 40.0), relaxed=relaxed).iloc[0]
     assert (
-        rehearsed["flags"] == "large-eps-above-chance (relaxed: rehearsal)"
-        and rehearsed["unreliable"] == False  # noqa: E712 (a numpy bool: `is False` would not hold)
+        rehearsed["flags"] == "large-eps-above-chance (relaxed)" and rehearsed["unreliable"] == False  # noqa: E712 (a numpy bool: `is False` would not hold)
     )
     # a model check is never relaxed
     broken = _gates("resnet110@rehearsal@n64", 0.0)
     broken.loc[broken["gate"] == "randomized", "value"] = 1.0
-    assert sanity.summary(broken).iloc[0]["unreliable"] == True  # noqa: E712
+    assert sanity.summary(broken, relaxed=relaxed).iloc[0]["unreliable"] == True  # noqa: E712
 
 
 def test_standins_have_the_data_sets_files_shapes_and_classes(tmp_path):
@@ -261,7 +267,7 @@ def _every_stage_recorded(results: Path, suite, options, tasks) -> None:
         assert mine.sum() == len(asked), task.name
         assert ((checks["run"] == task.run_tag) & (checks["seed"] == task.seed)).any(), task.name
         assert ((stability["run"] == task.run_tag) & (stability["seed"] == task.seed)).any(), task.name
-    assert set(cells["run"].map(is_rehearsal)) == {True} and set(cells["n"]) <= {2, 4}
+    assert set(cells["run"].map(_rehearsed)) == {True} and set(cells["n"]) <= {2, 4}
 
 
 def _outputs_say_rehearsal(results: Path) -> None:
@@ -277,7 +283,7 @@ def _outputs_say_rehearsal(results: Path) -> None:
         assert (
             len(frame) == 0
             or ("rehearsal" in frame and frame["rehearsal"].all())
-            or frame["run"].map(is_rehearsal).all()
+            or frame["run"].map(_rehearsed).all()
         ), path
     board = pd.read_csv(results / "leaderboard.csv")
     assert len(board) and board["name"].str.contains("@rehearsal").all()
@@ -293,8 +299,9 @@ def _outputs_say_rehearsal(results: Path) -> None:
 
 @pytest.mark.slow
 def test_the_smoke_rehearsal_runs_every_stage_and_every_output_names_itself_a_rehearsal(tmp_path):
-    results, data = tmp_path / "results", tmp_path / "data"
-    run = _rehearse(results, data)
+    data = tmp_path / "data"
+    run = _rehearse(tmp_path / "results", data)
+    results = tmp_path / "results" / "rehearsal"  # its own folder
     suite, options, tasks = _plan("smoke")
     _every_stage_recorded(results, suite, options, tasks)
     _outputs_say_rehearsal(results)
@@ -304,13 +311,14 @@ def test_the_smoke_rehearsal_runs_every_stage_and_every_output_names_itself_a_re
         r"run: estimated .* of work \(train .*, eval .*, stability .*\), wall time 1 worker .*",
         last,
     ), last
-    again = _rehearse(results, data)  # everything cached: nothing measured again
+    again = _rehearse(tmp_path / "results", data)  # everything cached: nothing measured again
     assert "0 cells evaluated, " in again.stderr and "stability units measured, 0 cached" not in again.stderr
 
 
 @pytest.mark.slow
 def test_a_paper_study_rehearses_at_full_depth_with_ensembles_transfer_and_autoattack(tmp_path):
-    results, data = tmp_path / "results", tmp_path / "data"
+    data = tmp_path / "data"
+    results = tmp_path / "results" / "rehearsal"
     # one interval of Table 4's grid (--lambda-init): the study's five would rehearse five runs
     picked = (
         "--suite",
@@ -324,7 +332,7 @@ def test_a_paper_study_rehearses_at_full_depth_with_ensembles_transfer_and_autoa
         "--lambda-init",
         "0.2,0.25",
     )
-    run = _rehearse(results, data, *picked)
+    run = _rehearse(results.parent, data, *picked)
     assert "CIFAR-10 is not in" in run.stderr and "stand-ins" in run.stderr  # no CIFAR here
     suite, options, tasks = _plan(
         "paper", models="resnet110,in-resnet-sig110", datasets=("cifar10",), lambda_init=(0.2, 0.25)
@@ -346,41 +354,31 @@ def test_a_paper_study_rehearses_at_full_depth_with_ensembles_transfer_and_autoa
 
 
 @pytest.mark.slow
-def test_rehearsal_records_are_never_shown_beside_real_ones(mini_run, tmp_path):
+def test_a_rehearsal_has_a_folder_of_its_own_and_measurements_never_share_it(mini_run, tmp_path, capsys):
     command, reference = mini_run
     results = tmp_path / "results"
     shutil.copytree(reference, results)
-    before = {
-        p.relative_to(results): p.read_bytes()
-        for p in [results / "REPORT.md", results / "leaderboard.csv", *results.glob("tables/*")]
-    }
-    data = command[command.index("--data-dir") + 1]
-    _rehearse(results, Path(data), "--models", "resnet8", "--radii", "2")
-    assert load_records(results)["run"].map(is_rehearsal).any()  # both kinds in one store
-    for path in [
-        results / "leaderboard.csv",
-        results / "leaderboard.md",
-        results / "sanity.md",
-        results / "sanity.csv",
-        *results.glob("tables/*"),
-        *results.glob("leaderboard/*/*/*.json"),
-    ]:
-        assert "rehearsal" not in path.read_text(), path
-    report = (results / "REPORT.md").read_text()
-    assert report.startswith("# inres-bench report\n")
-    rehearsed = int(load_records(results)["run"].map(is_rehearsal).sum())
-    naming = [
-        line for line in report.splitlines() if "rehearsal" in line
-    ]  # one line says they are left out, no other
-    assert naming == [
-        f"{rehearsed} records of rehearsal runs (`--rehearse`, run tags with `@rehearsal`) are not shown: a "
-        "rehearsal checks that the plan runs, and its numbers are never mixed with measurements (a results "
-        "dir of rehearsals alone is reported as one)."
-    ]
-    for name, old in before.items():  # the real numbers are unchanged
-        if name.suffix == ".csv" and name.parent.name == "tables":
-            assert (results / name).read_bytes() == old, name
-    assert "records.csv" in {p.name for p in results.iterdir()}
+    before = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    data = Path(command[command.index("--data-dir") + 1])
+    _rehearse(results, data, "--models", "resnet8", "--radii", "2")
+    after = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != "rehearsal"} == before  # not a byte of it changed
+    own = results / "rehearsal"
+    assert load_records(own)["run"].map(_rehearsed).all() and (own / "REPORT.md").is_file()
+    assert json.loads((own / "rehearsal.json").read_text())["relaxed_gates"] == sanity.training_gates()
+    base = ["--no-progress", "--data-dir", str(data), "--models", "resnet8", "--radii", "2"]
+    assert run_bench.main([*base, "--results-dir", str(own)]) == 2  # a run that measures
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and all(
+        p in said for p in (str(own), "rehearsal's results folder", "--results-dir")
+    )
+    assert run_bench.main([*base, "--results-dir", str(own), "--stage", "report"]) == 0  # its reports again
+    assert (own / "REPORT.md").read_text().startswith("# inres-bench report (rehearsal)")
+    capsys.readouterr()
     assert (
-        pd.read_csv(results / "records.csv")["run"].map(is_rehearsal).any()
-    )  # the snapshot keeps every record
+        run_bench.main([*base, "--results-dir", str(tmp_path), "--rehearse", "--dry-run"]) == 0
+    )  # results/ is not it
+    shutil.copytree(reference, tmp_path / "y" / "rehearsal")  # measurements where a rehearsal would go
+    assert run_bench.main([*base, "--results-dir", str(tmp_path / "y"), "--rehearse"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds measurements, not a rehearsal's records" in said and "--results-dir" in said

@@ -753,27 +753,17 @@ def test_a_smoke_run_with_two_presets_reports_the_claims_of_each(smoke_run, tmp_
 
 
 def test_report_lists_each_failed_run_with_its_reason(runs):
-    """REPORT.md's "Failed runs": every failed run of the report's kind (real, or rehearsal in
-    a rehearsal's report), with the reason its meta.json gives; no section when none failed."""
+    """REPORT.md's "Failed runs": every failed run, with the reason its meta.json gives; no
+    section when none failed."""
     from bench.reports.left_out import failed_run_lines
 
     reason = (
         "non-finite loss in epoch 2, step 3 of 391: first non-finite: the output of layer2.1.skip (SkipRule)"
     )
-    rehearsed = {
-        **runs.iloc[0].to_dict(),
-        "run": "resnet110@rehearsal@n64",
-        "status": "failed",
-        "reason": "x",
-    }
-    frame = pd.concat(
-        [runs.assign(reason=[None, None, None, None, reason]), pd.DataFrame([rehearsed])], ignore_index=True
-    )
-    lines = failed_run_lines(frame, rehearsal=False)
+    lines = failed_run_lines(runs.assign(reason=[None, None, None, None, reason]))
     assert (
         lines[:3] == ["", "## Failed runs", ""]
         and lines[-1] == f"- in-resnet110@lambda0.3-0.4, CIFAR-10, seed 1: {reason}"
     )
-    assert len(lines) == 6  # the legend, then one run: the rehearsal's is not listed beside it
-    assert failed_run_lines(frame, rehearsal=True)[-1] == "- resnet110@rehearsal@n64, CIFAR-10, seed 0: x"
-    assert failed_run_lines(runs[runs["status"] == "finished"], rehearsal=False) == []
+    assert len(lines) == 6  # the legend, then the one failed run
+    assert failed_run_lines(runs[runs["status"] == "finished"]) == []

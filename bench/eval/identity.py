@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from bench.records.checkpoints import is_rehearsal
 from models import UserError, list_models
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a folder and a file name
@@ -34,10 +33,6 @@ def check_name(name: object, where: str) -> str:
     if name.split("@")[0] in list_models():  # a zoo run's tag is its model's name and its options
         raise UserError(
             f"{where}: defense name {name!r} reads as a registered model's run: give it another with {option}"
-        )
-    if is_rehearsal(name):  # a rehearsal's run tag: its numbers would never be reported
-        raise UserError(
-            f"{where}: defense name {name!r} reads as a rehearsal's run (@rehearsal): give it another with {option}"
         )
     return name
 

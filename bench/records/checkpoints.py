@@ -294,15 +294,6 @@ STATE_FILE, LOG_FILE, EPOCHS_FILE = "state.pt", "train.log", "epochs.csv"
 GATE_IMAGES = 1000  # test images over which a gating rule's per-epoch coefficients are summarised
 
 
-REHEARSAL = "rehearsal"  # the length of a `--rehearse` run: a part of its tag, so of its folder and records
-
-
-def is_rehearsal(run: str) -> bool:
-    """Whether a run tag (a checkpoint folder, the records' `run`) is a rehearsal's: its
-    numbers check the pipeline and are never reported as measurements."""
-    return REHEARSAL in str(run).split("@")[1:]
-
-
 def run_tag(
     model: str,
     preset: str = "paper",

@@ -27,7 +27,6 @@ import pandas as pd
 from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
-from bench.records.checkpoints import is_rehearsal
 from models import plain_counterpart
 
 GATE_TOLERANCE = 0.5  # points: the least difference that counts (or the seeds' std, if larger)
@@ -44,7 +43,7 @@ class Gate:
     critical: bool  # a failure makes the row unreliable
     figure: str  # what the value is, for the sanity table's legend
     # it compares attack strengths, which say something only of a trained network measured on
-    # enough images: relaxed for rehearsal runs (measured and flagged, never making a row unreliable)
+    # enough images: a rehearsal's suite relaxes it (measured and flagged, never making a row unreliable)
     needs_training: bool = False
 
 
@@ -179,10 +178,13 @@ def _gates(means: dict, stds: dict, classes: int):
 # --- the summary per entry --------------------------------------------------------------------
 
 
-def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataFrame:
+def summary(
+    gates: pd.DataFrame, checks: pd.DataFrame | None = None, relaxed: frozenset[str] = frozenset()
+) -> pd.DataFrame:
     """One row per entry: each gate's figure (the worst over seeds for checkpoint checks),
     `flags` (failed gates, ';'-joined, '' when all pass) and `unreliable` (a critical one
-    failed). `gates`: record_gates; `checks`: records.load_checks joined to ENTRY columns."""
+    failed, unless `relaxed` names it: flagged, never critical). `gates`: record_gates;
+    `checks`: records.load_checks joined to ENTRY columns."""
     parts = [gates] + (
         [checks.rename(columns={"check": "gate"})[gates.columns]] if checks is not None else []
     )
@@ -195,9 +197,7 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     worst = both.sort_values("value").groupby([*ENTRY, "gate"], sort=False).last()
     wide = worst["value"].unstack("gate")
     failed = worst[worst["failed"]].reset_index()
-    failed = failed.assign(
-        relaxed=[relaxed(g, r) for g, r in zip(failed["gate"], failed["run"], strict=True)]
-    )
+    failed = failed.assign(relaxed=failed["gate"].isin(relaxed))
     failed = failed.assign(
         flag=[
             GATES[g].flag + (RELAXED if r else "")
@@ -216,17 +216,11 @@ def summary(gates: pd.DataFrame, checks: pd.DataFrame | None = None) -> pd.DataF
     return with_verdicts(out)
 
 
-RELAXED = " (relaxed: rehearsal)"  # the flag of a failed gate a rehearsal does not hold to
+RELAXED = " (relaxed)"  # the flag of a failed gate the suite does not hold to (a rehearsal's)
 
 
-def relaxed(gate: str, run: str) -> bool:
-    """Whether `gate` is relaxed for `run`: one that needs a trained network, on a
-    rehearsal's run (bench.run.rehearsal: a few training steps, a few images)."""
-    return GATES[gate].needs_training and is_rehearsal(run)
-
-
-def relaxed_gates() -> list[str]:
-    """The gates a rehearsal relaxes, by rule: those that need a trained network."""
+def training_gates() -> list[str]:
+    """The gates that need a trained network measured on enough images (a rehearsal relaxes them)."""
     return [g for g, gate in GATES.items() if gate.needs_training]
 
 

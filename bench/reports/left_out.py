@@ -9,7 +9,6 @@ import pandas as pd
 
 from bench.attacks.perturbations import PERTURBATIONS, pooled_noise
 from bench.data.datasets import dataset_label
-from bench.records.checkpoints import is_rehearsal
 from bench.records.selection import (
     LARGEST_ENSEMBLE,
     LARGEST_SUBSET,
@@ -105,10 +104,10 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
     )
 
 
-def failed_run_lines(runs: pd.DataFrame, rehearsal: bool) -> list[str]:
-    """REPORT.md's list of the failed training runs (of rehearsals in a rehearsal's report,
-    of real runs otherwise), each with the reason its meta.json gives; none: no lines."""
-    failed = runs[(runs["status"] == "failed") & (runs["run"].map(is_rehearsal).astype(bool) == rehearsal)]
+def failed_run_lines(runs: pd.DataFrame) -> list[str]:
+    """REPORT.md's list of the failed training runs, each with the reason its meta.json
+    gives; none: no lines."""
+    failed = runs[runs["status"] == "failed"]
     if failed.empty:
         return []
     items = [

@@ -15,7 +15,6 @@ from bench.core.files import check_writable
 from bench.data.noise import SEVERITIES
 from bench.records import sanity, stats
 from bench.records.aggregate import aggregate, per_seed, with_worst_case
-from bench.records.checkpoints import is_rehearsal
 from bench.records.load import (
     cell_id,
     load_bits,
@@ -28,6 +27,7 @@ from bench.records.load import (
 from bench.records.schema import DB_FILE
 from bench.records.selection import best_groups, lambda_key, select_measurements
 from bench.records.store import RecordStore, check_results_dir
+from bench.reports.rehearsals import Rehearsal, rehearsal_of
 from models import UserError
 
 
@@ -51,13 +51,7 @@ class Measured:
     landscapes: pd.DataFrame = field(
         default_factory=pd.DataFrame
     )  # records.load_landscapes' current rows (Fig. 2)
-    # rehearsal runs (bench.run.rehearsal): True when the report is of them alone (every output
-    # says so); else the count of their records left out beside real ones (never mixed)
-    rehearsal: bool = False
-    rehearsal_left_out: int = 0
-    snapshot: pd.DataFrame | None = (
-        None  # every record, rehearsals included (records.csv); None: `everything`
-    )
+    rehearsal: Rehearsal | None = None  # the rehearsal the folder holds (every output says so)
 
 
 def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
@@ -83,21 +77,10 @@ def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Meas
         )
     checks, stability = load_checks(results, runs), load_stability(results, runs)
     landscapes = load_landscapes(results, runs)
-    rehearsal = everything["run"].map(is_rehearsal).astype(bool)
-    if rehearsal.all():
-        m = reduce_records(everything, runs, load_bits(results), checks, steps, stability)
-        return replace(m, rehearsal=True, landscapes=landscapes)
-    if not rehearsal.any():
-        return replace(
-            reduce_records(everything, runs, load_bits(results), checks, steps, stability),
-            landscapes=landscapes,
-        )
-    real = [
-        frame[~frame["run"].map(is_rehearsal).astype(bool)] if "run" in frame else frame
-        for frame in (everything, runs, checks, stability, landscapes)
-    ]
-    m = reduce_records(real[0].reset_index(drop=True), real[1], load_bits(results), real[2], steps, real[3])
-    return replace(m, rehearsal_left_out=int(rehearsal.sum()), snapshot=everything, landscapes=real[4])
+    rehearsal = rehearsal_of(results)
+    relaxed = rehearsal.relaxed_gates if rehearsal else frozenset()
+    m = reduce_records(everything, runs, load_bits(results), checks, steps, stability, relaxed)
+    return replace(m, landscapes=landscapes, rehearsal=rehearsal)
 
 
 def _advice(runs: pd.DataFrame) -> str:
@@ -116,13 +99,14 @@ def reduce_records(
     checks: pd.DataFrame,
     steps: int = DEFAULT_STEPS,
     stability: pd.DataFrame | None = None,
+    relaxed: frozenset[str] = frozenset(),
 ) -> Measured:
     """Everything a report shows, from the records alone (pure: no files)."""
     current = everything[~everything["stale"]].drop(columns="stale").reset_index(drop=True)
     frame = with_worst_case(current, bits)
     kept, left_out = select_measurements(frame, steps)
     aggregated = aggregate(per_seed(kept))
-    gates = sanity.summary(sanity.record_gates(aggregated), sanity.with_entries(checks, kept))
+    gates = sanity.summary(sanity.record_gates(aggregated), sanity.with_entries(checks, kept), relaxed)
     stability = pd.DataFrame() if stability is None else stability
     return Measured(everything, frame, runs, kept, left_out, aggregated, gates, bits, stability)
 

@@ -26,7 +26,7 @@ from bench.reports.comparison import (
 from bench.reports.leaderboard import render_board
 from bench.reports.left_out import failed_run_lines, left_out_phrases
 from bench.reports.measured import Evidence, Measured
-from bench.reports.rehearsals import NOT_JUDGED, RELAXED_LEGEND
+from bench.reports.rehearsals import NOT_JUDGED, relaxed_legend
 from bench.reports.tables import TITLES, render
 
 SELECTION_RULES = (
@@ -109,7 +109,7 @@ def render_report(
         "",
         "Each gate is defined under [Provenance](#provenance).",
     ]
-    lines += failed_run_lines(m.runs, m.rehearsal)
+    lines += failed_run_lines(m.runs)
     lines += ["", "## Tables", "", *_table_links(tables, presets_with_runs(m.aggregated, preset)[1:])]
     lines += ["", "## Figures", ""]
     if drawn is None:
@@ -149,13 +149,6 @@ def _summary(m: Measured, preset: str) -> list[str]:
             "disk (their weights.pt or folder was deleted or not copied): their records stand, and "
             "measuring them again needs the weights."
         )
-    if m.rehearsal_left_out:
-        lines += [
-            "",
-            f"{m.rehearsal_left_out} records of rehearsal runs (`--rehearse`, run tags with `@rehearsal`) "
-            "are not shown: a rehearsal checks that the plan runs, and its numbers are never mixed with "
-            "measurements (a results dir of rehearsals alone is reported as one).",
-        ]
     if any(dataset_info(d).synthetic for d in set(m.frame["dataset"])):
         lines += [
             "",
@@ -293,7 +286,7 @@ def _provenance(m: Measured, preset: str, steps: int) -> list[str]:
     if phrases:
         lines += ["", "Measured but not shown: " + "; ".join(phrases) + "."]
     lines += ["", "### The sanity gates", "", SANITY_LEGEND]
-    return lines + (["", RELAXED_LEGEND] if m.rehearsal else [])
+    return lines + (["", relaxed_legend(m.rehearsal)] if m.rehearsal else [])
 
 
 SHARE_LEGEND = (

@@ -49,9 +49,7 @@ def write_reports(
     m = measured(results, steps)
     mine = m.aggregated[m.aggregated["preset"] == preset]
     left_mine = m.left_out[m.left_out["preset"] == preset]
-    texts: dict[Path, str | bytes] = {
-        results / SNAPSHOT_FILE: (m.everything if m.snapshot is None else m.snapshot).to_csv(index=False)
-    }
+    texts: dict[Path, str | bytes] = {results / SNAPSHOT_FILE: m.everything.to_csv(index=False)}
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
     for number in (key for key in TABLES if isinstance(key, int)):  # the paper's six; "3_all" below

@@ -133,9 +133,7 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
                     f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)"
                 ) from None
             raise
-        check_name(
-            task.job.model, f"defense {task.job.model}"
-        )  # the name given; a rehearsal's run adds @rehearsal
+        check_name(task.job.model, f"defense {task.job.model}")
         info = replace(defense.info, name=task.run_tag)
         resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
     return resolved

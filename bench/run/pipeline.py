@@ -71,6 +71,10 @@ def run(options: RunOptions) -> int:
     real = replace(options, rehearse=False)  # a rehearsal's last line estimates the real run too
     if options.rehearse:
         suite = rehearsal_suite(suite)
+        options = replace(options, results_dir=rehearsal.results_folder(options.results_dir))
+        log.info("rehearsal: its results go to %s, a folder of its own", options.results_dir)
+    measures = bool({"train", "eval", "check", "stability"} & set(options.stages))
+    rehearsal.check_results_folder(options.results_dir, options.rehearse, measures)
     check_no_planted_links(options)
     if not options.dry_run:  # a dry run writes nothing, and says how to recover
         recover(options.results_dir)
@@ -110,6 +114,8 @@ def run(options: RunOptions) -> int:
         sys.stdout.write(render_plan(todo, tasks, options) + "\n")
         return 0
     check_outputs_and_data(options, jobs)
+    if options.rehearse:
+        rehearsal.mark_results_folder(options.results_dir, suite, real.suite)
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")
     store = RecordStore(options.results_dir)  # fails now if the store is corrupt or read-only
     check_builds(store, defenses, record=True)

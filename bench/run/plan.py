@@ -21,7 +21,6 @@ from bench.eval.defenses import identity
 from bench.eval.landscape import LandscapeConfig, drawn_for
 from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
-from bench.records.checkpoints import REHEARSAL
 from bench.records.schema import ENSEMBLE_SEED
 from bench.run.options import RunOptions
 from bench.run.suites import Study, Suite
@@ -194,12 +193,11 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
     stable = stability_config(suite, options)
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
-        run = (lambda name: f"{name}@{REHEARSAL}") if suite.rehearsal else (lambda name: name)
         return [
             Task(
                 DEFENSE,
                 job,
-                run(job.model),
+                job.model,
                 (0,),
                 (),
                 resources,

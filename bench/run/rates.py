@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.attacks.perturbations import CLEAN, NOISE, PERTURBATIONS, Iterative, perturbation
 from bench.core.environment import device_name
 from bench.data.datasets import CIFAR10
-from bench.records.checkpoints import META_FILE, is_rehearsal, read_meta
+from bench.records.checkpoints import META_FILE, read_meta
 from bench.records.load import load_records
+from bench.reports.rehearsals import rehearsal_of
 from models import create_model
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
@@ -132,15 +133,15 @@ def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input
 
 def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     """Rates measured by this model's finished runs and cells on this device, or None
-    when it has neither a finished run nor clean and iterative-attack cells."""
+    when it has neither a finished run nor clean and iterative-attack cells, or when the
+    folder is a rehearsal's (a few steps: their time is the overheads')."""
+    if rehearsal_of(Path(results_dir)) is not None:
+        return None
     name = device_name(device)
     train = [
         meta["epochs_done"] * meta["data"]["images"] / meta["wall_seconds"]
         for meta in _finished_metas(results_dir)
-        if meta["model"] == model
-        and meta.get("device") == name
-        and meta.get("wall_seconds", 0) > 0
-        and not is_rehearsal(meta.get("tag", ""))  # a few steps: their time is the overheads'
+        if meta["model"] == model and meta.get("device") == name and meta.get("wall_seconds", 0) > 0
     ]
     if not train:
         return None
@@ -152,7 +153,6 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
         & (frame["device"] == name)
         & (frame["seconds"] > 0)
         & (frame["members"] == 1)
-        & ~frame["run"].map(is_rehearsal).astype(bool)
     ]
     forward_cells = mine[mine["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
     iterative = mine[

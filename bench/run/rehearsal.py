@@ -9,8 +9,11 @@ What shrinks, and why each size (`REHEARSAL`):
 - evaluation: 4 class-balanced test images for every perturbation, 2 for AutoAttack and
   PGD-50, 2 for the stability stage, every attack at its full step count;
 - Fig. 2: a 5 x 5 grid instead of 21 x 21.
-Runs are tagged `rehearsal` (bench.records.checkpoints.is_rehearsal): their checkpoints,
-records and every report say so, and none is compared with the paper or mixed with real runs.
+A rehearsal writes to a results folder of its own, `<results dir>/rehearsal/`, marked by
+`rehearsal.json` (bench.reports.rehearsals): its reports say so on every page, table and
+figure, its suite relaxes the gates that need a trained network, and no measurement ever
+shares its folder. Its zoo runs are tagged with their length, `rehearsal`, as a smoke run's
+are with `smoke`.
 
 Where the suite's data sets are not in the data dir (no CIFAR download yet), the rehearsal
 writes stand-ins of the same image size and class count, in the data set's own file
@@ -20,6 +23,7 @@ it is (linked into that folder).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,10 +38,15 @@ from bench.core.files import atomic_write
 from bench.data.cifar import data_root, write_batch
 from bench.data.datasets import DatasetInfo, complete, dataset_info, ensure_folder
 from bench.data.synthetic import draw
+from bench.records.sanity import training_gates
+from bench.records.store import DB_FILE
+from bench.reports.rehearsals import REHEARSAL_FILE, rehearsal_of
 from bench.run.suites import Suite
+from models import UserError
 
 log = logging.getLogger(__name__)
 STANDIN_FOLDER = "rehearsal"  # below the data dir: the stand-ins, and links to the data sets that are there
+RESULTS_FOLDER = "rehearsal"  # below the results dir: the rehearsal's own results
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,37 @@ def rehearsal_suite(suite: Suite, sizes: RehearsalSizes = REHEARSAL) -> Suite:
         n_stability=sizes.n_stability,
         needs_gpu=False,  # minutes on a CPU: the point is to find what breaks before the GPU-days
         rehearsal=True,
+        relaxed_gates=tuple(training_gates()),
     )
+
+
+def results_folder(results_dir: str | os.PathLike) -> str:
+    """Where a rehearsal of a run into `results_dir` writes: a folder of its own."""
+    return str(Path(results_dir) / RESULTS_FOLDER)
+
+
+def check_results_folder(results_dir: str | os.PathLike, rehearse: bool, measures: bool) -> None:
+    """Measurements and a rehearsal never share a results folder: a rehearsal refuses a
+    folder of measurements, and a run that measures refuses a rehearsal's (its reports may
+    be made again there)."""
+    results = Path(results_dir)
+    marked = rehearsal_of(results) is not None
+    if rehearse and not marked and (results / DB_FILE).exists():
+        raise UserError(
+            f"{results} holds measurements, not a rehearsal's records: a rehearsal writes to a folder of "
+            f"its own; move {results} away, or rehearse with another --results-dir"
+        )
+    if not rehearse and marked and measures:
+        raise UserError(
+            f"{results} is a rehearsal's results folder ({REHEARSAL_FILE}): measurements never share it; "
+            "choose another --results-dir, or add --rehearse to rehearse again"
+        )
+
+
+def mark_results_folder(results_dir: str | os.PathLike, suite: Suite, rehearsed: str) -> None:
+    """Say in the folder that it is a rehearsal's (of suite `rehearsed`), and which gates its suite relaxes."""
+    said = {"suite": rehearsed, "relaxed_gates": list(suite.relaxed_gates)}
+    atomic_write(Path(results_dir) / REHEARSAL_FILE, json.dumps(said, indent=1) + "\n")
 
 
 def missing(dataset: str, root: Path) -> bool:

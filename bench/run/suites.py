@@ -59,6 +59,7 @@ class Suite:
     task_cpus: int = 4
     task_memory_gib: float = 8.0
     rehearsal: bool = False  # a `--rehearse` plan (bench.run.rehearsal): one seed per job but an ensemble's
+    relaxed_gates: tuple[str, ...] = ()  # sanity gates flagged but never critical (a rehearsal's)
 
 
 SUITES: dict[str, Suite] = {

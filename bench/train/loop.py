@@ -48,7 +48,6 @@ from bench.records.checkpoints import (
     check_identity,
     check_weights,
     dataset_defaults,
-    is_rehearsal,
     read_meta,
     save_zoo_checkpoint,
     zoo_checkpoint_dir,
@@ -61,7 +60,14 @@ from bench.train.epoch import (
     test_accuracy,
     train_epoch,
 )
-from bench.train.recipes import Recipe, TrainConfig, preset_model_options, recipe_for, training_test_images
+from bench.train.recipes import (
+    REHEARSAL,
+    Recipe,
+    TrainConfig,
+    preset_model_options,
+    recipe_for,
+    training_test_images,
+)
 from models import InterpolatedNet, ModelInfo, UserError, create_model, model_entry
 from models.skip import uses_lambda
 
@@ -217,7 +223,7 @@ def _run(
     if keeps_best and best:  # the weights evaluated are those of the best test accuracy, said in meta.json
         model.load_state_dict(best["model"])
         accuracy, kept = best["accuracy"], {"rule": BEST_TEST, "epoch": best["epoch"]}
-    status, reason = chance_gate(accuracy, model.info.num_classes, is_rehearsal(config.run_tag))
+    status, reason = chance_gate(accuracy, model.info.num_classes, config.length == REHEARSAL)
     return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data, kept)
 
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 
 from bench.core.presets import PRESET_NAMES, preset
 from bench.data.datasets import dataset_info
-from bench.records.checkpoints import REHEARSAL, run_tag
+from bench.records.checkpoints import run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
 PRESETS = PRESET_NAMES  # the protocol presets (bench.core.presets): each fixes its training choices here
+REHEARSAL = "rehearsal"  # the length of a `--rehearse` run (bench.run.rehearsal): part of its run tag
 LENGTHS = {
     "full": 1.0,
     "quick": 0.2,
