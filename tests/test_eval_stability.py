@@ -13,7 +13,7 @@ from bench.eval import krylov
 from bench.eval import stability as st
 from bench.eval.protocol import EvalConfig
 from bench.records.stats import Bootstrap
-from bench.reports import stability_report as sr
+from bench.reports import stability as sr
 from models import create_model
 from models.skip import SkipRule
 

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# as `ruff format` lays the code out (one argument a line where a call does not fit 110 columns)
-MAX_LINES = 500
+# as `ruff format` lays the code out (one argument a line where a call does not fit 110 columns);
+# a module is one kind of output or one stage (bench/reports/writer.py: REPORT.md and the writing)
+MAX_LINES = 600
 SOURCES = sorted([*ROOT.glob("bench/**/*.py"), *ROOT.glob("models/*.py"), ROOT / "run_bench.py"])
 
 

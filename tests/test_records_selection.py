@@ -17,7 +17,7 @@ from bench.records.checkpoints import ensemble_digest
 from bench.records.load import stale_rows
 from bench.records.schema import COLUMNS, MEMBER_COLUMNS, RUN_COLUMNS
 from bench.records.selection import chosen_runs, select_measurements
-from bench.reports.left_out import left_out_note
+from bench.reports.leaderboard import left_out_note
 from bench.reports.tables import fill, render, table_slots
 
 PRESET_ALPHA = {"paper": 2.0, "authors-code": 1.0}

@@ -15,13 +15,21 @@ from bench.records.sanity import record_gates, summary, verdict_text
 from bench.records.schema import COLUMNS, RUN_COLUMNS
 from bench.records.selection import seed_metrics, select_measurements
 from bench.records.stats import Bootstrap
-from bench.reports import run_figures
+from bench.reports import plotting
 from bench.reports.claims import claim_rows
-from bench.reports.intervals import refusals, select_intervals, with_failed_runs
 from bench.reports.leaderboard import leaderboard, write_leaderboard
 from bench.reports.measured import Evidence, reduce_records
-from bench.reports.published import published
-from bench.reports.tables import VARIANT_GRID, fill, missing, render, table_slots
+from bench.reports.tables import (
+    VARIANT_GRID,
+    fill,
+    missing,
+    published,
+    refusals,
+    render,
+    select_intervals,
+    table_slots,
+    with_failed_runs,
+)
 from models import model_entry
 
 PGD_PARAMS = '{"alpha_255":2.0,"steps":20}'
@@ -347,7 +355,7 @@ def test_claims_render_the_same_whichever_other_claims_are_judged(frame, runs, m
     """Permuting the claims, or leaving some out, leaves every remaining claim's rendered
     row byte for byte as it was: no interval depends on computation order."""
     from bench.reports import claims as claims_module
-    from bench.reports.comparison import render_claims
+    from bench.reports.claims import render_claims
 
     m = reduce_records(frame, runs.assign(length="full", n_train=None), bits_of(frame), pd.DataFrame())
     every = claims_module.CLAIMS
@@ -518,11 +526,7 @@ def test_fig1_share_is_counted_over_the_blocks_the_release_logs():
     published share, and 78.4% of the damped blocks; 36 of 51 in In-ResNet-164 is 39/54."""
     from bench.reports.claims import share_claim_rows
 
-    assert (
-        run_figures.never_trained_blocks("in-resnet110")
-        == run_figures.never_trained_blocks("in-resnet164")
-        == 3
-    )
+    assert plotting.never_trained_blocks("in-resnet110") == plotting.never_trained_blocks("in-resnet164") == 3
     table = pd.DataFrame(
         coefficient_rows("in-resnet110", [40, 40])
         + coefficient_rows("in-resnet164", [36, 36], "in-resnet164", 0.1)
@@ -541,7 +545,7 @@ def test_fig1_share_is_counted_over_the_blocks_the_release_logs():
     assert r164["verdict"] == "reproduces"
     damped_only = share_claim_rows(pd.DataFrame(coefficient_rows("in-resnet110", [41, 41])), {"cifar10"})
     assert damped_only["verdict"].iloc[0] == "contradicts"  # 44/54 = 81.5%: no count out of 51 gives 79.6
-    either_side = run_figures.seed_shares(pd.DataFrame(coefficient_rows("in-resnet110", [40], low=0.0)))
+    either_side = plotting.seed_shares(pd.DataFrame(coefficient_rows("in-resnet110", [40], low=0.0)))
     assert math.isnan(either_side["logged"].iloc[0]) and round(either_side["damped"].iloc[0], 4) == round(
         100 * 40 / 51, 4
     )
@@ -556,9 +560,9 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
         + coefficient_rows("in-resnet110@lambda0.3-0.4", [50, 50])  # the λ sweep: not Fig. 1
         + coefficient_rows("in-resnet110@quick", [50])  # another recipe: not Fig. 1
     )
-    panels = run_figures.paper_panels(table, pd.read_csv(run_figures.PUBLISHED), "paper")
+    panels = plotting.paper_panels(table, pd.read_csv(plotting.PUBLISHED), "paper")
     assert set(table.loc[panels, "run"]) == {"in-resnet110"}
-    assert not run_figures.paper_panels(table, pd.read_csv(run_figures.PUBLISHED), "authors-code").any()
+    assert not plotting.paper_panels(table, pd.read_csv(plotting.PUBLISHED), "authors-code").any()
     shares = share_claim_rows(table, {"cifar10"}).set_index("claim")
     row = shares.loc["79.6% of In-ResNet-110's coefficients act(λ_n) are above 0.01"]
     assert (row["seeds"], round(row["measured"], 4), row["paper"], row["verdict"]) == (
@@ -580,7 +584,7 @@ def test_fig1_is_the_papers_panels_and_its_share_claim_is_judged_over_seeds():
     assert list(figures.coefficient_table([]).columns) == list(
         table.columns
     )  # an empty table keeps its columns
-    from bench.reports.comparison import render_shares
+    from bench.reports.claims import render_shares
 
     assert render_shares(share_claim_rows(table, {"cifar10"}).head(1).assign(low=78.8, high=81.2)) == (
         "| claim                                                         | data     | seeds   | all blocks (%)    | "
@@ -632,7 +636,7 @@ CLOSEST_HEAD = (
 def test_the_closest_preset_is_named_with_intervals(frame, runs, by, sentence, row):
     """The fixture's cells sit near the published ones (their noise is 100 images' worth);
     the same records under `authors-code`, `by` images more correct everywhere, sit farther."""
-    from bench.reports.comparison import closest_rows, closest_sentence, render_closest
+    from bench.reports.claims import closest_rows, closest_sentence, render_closest
 
     m = with_preset(frame, runs, "authors-code", by)
     evidence = Evidence(m, Bootstrap())
@@ -652,7 +656,7 @@ def test_the_closest_presets_gap_is_unbiased_where_the_mean_absolute_gap_is_not(
     and over: its sampling-corrected squared gap averages 0 (within 3 standard errors),
     while the mean |gap| a bootstrap would show averages about 4 points (2/sqrt(2π) x its
     noise of 5 points), enough to make a perfect protocol look worse than a noiseless one."""
-    from bench.reports.comparison import _squared_gap
+    from bench.reports.claims import _squared_gap
 
     rng, evidence = np.random.default_rng(7), type("Draws", (), {"bootstrap": Bootstrap()})()
     key, squared, absolute = (1, "cifar10", "resnet110", "clean"), [], []
@@ -755,7 +759,7 @@ def test_a_smoke_run_with_two_presets_reports_the_claims_of_each(smoke_run, tmp_
 def test_report_lists_each_failed_run_with_its_reason(runs):
     """REPORT.md's "Failed runs": every failed run, with the reason its meta.json gives; no
     section when none failed."""
-    from bench.reports.left_out import failed_run_lines
+    from bench.reports.leaderboard import failed_run_lines
 
     reason = (
         "non-finite loss in epoch 2, step 3 of 391: first non-finite: the output of layer2.1.skip (SkipRule)"

@@ -20,9 +20,8 @@ from bench.eval.testdata import EvalData
 from bench.records.load import load_landscapes
 from bench.records.schema import LandscapeConfig
 from bench.records.store import RecordStore
-from bench.reports import figures, landscape, run_figures
-from bench.reports.plotting import Skipped
-from bench.reports.run_figures import RunFolder
+from bench.reports import figures, plotting
+from bench.reports.plotting import RunFolder, Skipped
 
 PNG, PDF = b"\x89PNG", b"%PDF"
 
@@ -106,13 +105,13 @@ def test_every_figure_draws_from_tiny_inputs():
             for b, c in enumerate((0.0, 0.3, 1.2, 0.005), start=1)
         ]
     )
-    assert_drawn(run_figures.coefficients_figure(coefficients, pd.read_csv(run_figures.PUBLISHED)))
-    assert_drawn(run_figures.coefficients_figure(coefficients, None))
+    assert_drawn(plotting.coefficients_figure(coefficients, pd.read_csv(plotting.PUBLISHED)))
+    assert_drawn(plotting.coefficients_figure(coefficients, None))
     grid = np.linspace(-2, 2, 5)
     panels = [
         (name, grid, np.random.default_rng(1).random((5, 5)), np.zeros((5, 5), int)) for name in ("A", "B")
     ]
-    assert_drawn(landscape.landscape_figure([("image 2", 3, panels), ("image 7", 1, panels)]))
+    assert_drawn(figures.landscape_figure([("image 2", 3, panels), ("image 7", 1, panels)]))
     training = pd.DataFrame(
         [
             {
@@ -210,11 +209,9 @@ def test_fig2_is_drawn_from_the_landscapes_recorded_as_measured(grey_root, grey_
         RunFolder("cifar10", run, model, 0, None, (), None)
         for run, model in (("resnet14", "resnet14"), ("in-resnet14", "in-resnet14"))
     ]
-    (drawn,) = landscape.landscape_figures(recorded, config, folders)
+    (drawn,) = figures.landscape_figures(recorded, config, folders)
     assert drawn.name == "fig2_landscape" and "(1) clean test image 33: " in drawn.caption
-    (skipped,) = landscape.landscape_figures(
-        recorded, LandscapeConfig(index=33, points=7, radius=4.0), folders
-    )
+    (skipped,) = figures.landscape_figures(recorded, LandscapeConfig(index=33, points=7, radius=4.0), folders)
     assert isinstance(skipped, Skipped) and skipped.reason == (
         "no landscape of resnet14 and in-resnet14 recorded on this grid (7 points, radius 4/255): the stability stage records it"
     )

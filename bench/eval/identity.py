@@ -1,5 +1,5 @@
 """What names and identifies a defense in the records: its name (the characters --name
-takes, never a registered model's or a rehearsal's), and its build (what besides the
+takes, never a registered model's), and its build (what besides the
 weights made the network, as canonical JSON, the source files of its code included)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fig. 2's measurement: the loss landscape of a test image on the plane of the FGSM
 direction and a random sign direction orthogonal to it, per checkpoint, made by the
 stability stage and recorded (bench.records: the `landscapes` table), so that the figure is
-drawn from the records alone (bench.reports.landscape).
+drawn from the records alone (bench.reports.figures).
 
 The images: one clean test image (`LandscapeConfig.index`), else the paper's two noise
 images when the noise files are there, else the same two test images clean.

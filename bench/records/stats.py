@@ -56,7 +56,7 @@ class Bootstrap:
     ) -> np.ndarray:
         """The bootstrap draws of the mean of `samples` (one per seed, each the per-example
         values over the same n examples), times `scale`: accuracies in [0, 1] give percent;
-        scale 1 keeps any other figure's units (bench.reports.stability_report)."""
+        scale 1 keeps any other figure's units (bench.reports.stability)."""
         m = np.stack([np.asarray(s, dtype=np.float32) for s in samples])  # k x n
         k, n = m.shape
         rng = self.generator(what) if rng is None else rng

@@ -1,16 +1,16 @@
 """Figures: the paper's Figures 1-3, robustness, severity and training curves.
 
 Everything comes from what is recorded and trained: the records (curves, Fig. 3), each
-checkpoint's meta.json (Fig. 1's coefficients) and epochs.csv (training curves) and, for
-Fig. 2's loss landscape, two checkpoints and the paper's two test images. Drawn with
-matplotlib's object API on the Agg backend (no display, no global state), as PNG and PDF,
-byte-for-byte the same for the same inputs.
-A figure whose inputs are missing is skipped, with the reason, never an error.
+checkpoint's meta.json (Fig. 1's coefficients) and epochs.csv (training curves), and the
+landscapes the stability stage recorded (Fig. 2: the loss landscape of a test image on
+the plane of the FGSM direction and a random sign direction orthogonal to it, measured by
+bench.eval.landscape: no network runs here). Drawn with matplotlib's object API on the
+Agg backend (no display, no global state), as PNG and PDF, byte-for-byte the same for the
+same inputs. A figure whose inputs are missing is skipped, with the reason, never an error.
 
 Colours follow the skip rule across every figure (ResNet blue, In-ResNet orange,
 λ-In-ResNet green, the Table 4 variants and other defenses in their own colours); depths
-differ by line style.
-"""
+differ by line style."""
 
 from __future__ import annotations
 
@@ -23,19 +23,183 @@ from matplotlib.figure import Figure
 from bench.attacks.perturbations import curves, pooled_noise
 from bench.data.datasets import dataset_label
 from bench.data.noise import SEVERITIES
-from bench.records.checkpoints import GATE_IMAGES
-from bench.records.schema import LandscapeConfig
-from bench.reports.landscape import landscape_figures
-from bench.reports.plotting import Skipped, colour, ordered, panel_grid, render, styles
-from bench.reports.run_figures import (
+from bench.records.checkpoints import GATE_IMAGES, run_tag
+from bench.records.schema import LANDSCAPE_CLEAN, PAPER_LANDSCAPE_IMAGES, LandscapeConfig
+from bench.reports.plotting import (
     RunFolder,
+    Skipped,
     coefficient_figures,
     coefficient_table,
+    colour,
+    ordered,
+    panel_grid,
+    render,
+    rule_of,
     run_folders,
+    styles,
     training_figure,
     training_table,
 )
-from models import model_label
+from models import model_label, plain_counterpart
+
+
+def landscape_figure(
+    examples: list[tuple[str, int, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]],
+) -> Figure:
+    """Per example (title, true class, panels), two rows; per model's panel (name, offsets,
+    loss, classes) a column: the loss as a heat map (one colour scale for all) over the map
+    of predicted classes."""
+    columns = max(len(panels) for _, _, panels in examples)
+    figure = Figure(figsize=(4.4 * columns, 3.7 * 2 * len(examples)), layout="constrained")
+    low = min(float(p[2].min()) for _, _, panels in examples for p in panels)
+    high = max(float(p[2].max()) for _, _, panels in examples for p in panels)
+    tops, bottoms = [], []
+    for row, (title, true_class, panels) in enumerate(examples):
+        for i, (name, offsets, loss, classes) in enumerate(panels):
+            extent = (float(offsets[0]), float(offsets[-1]), float(offsets[0]), float(offsets[-1]))
+            top = figure.add_subplot(2 * len(examples), columns, 2 * row * columns + i + 1)
+            image = top.imshow(
+                loss.T, origin="lower", extent=extent, vmin=low, vmax=high, cmap="viridis", aspect="auto"
+            )
+            top.set_title(f"{title}\n{name}: loss", fontsize=9)
+            bottom = figure.add_subplot(2 * len(examples), columns, (2 * row + 1) * columns + i + 1)
+            classes_image = bottom.imshow(
+                classes.T,
+                origin="lower",
+                extent=extent,
+                cmap="tab10",
+                vmin=-0.5,
+                vmax=9.5,
+                aspect="auto",
+                interpolation="nearest",
+            )
+            bottom.set_title(f"{name}: predicted class (true: {true_class})", fontsize=9)
+            for ax in (top, bottom):
+                ax.set_xlabel("a along its d_fgsm (1/255)")
+                ax.set_ylabel("b along its d_orth (1/255)")
+                ax.plot([0], [0], marker="+", color="white", markersize=10)
+            tops.append(top)
+            bottoms.append(bottom)
+    figure.colorbar(image, ax=tops + bottoms, label="cross-entropy loss", shrink=0.6, location="right")
+    classes_bar = figure.colorbar(
+        classes_image,
+        ax=tops + bottoms,
+        label="predicted class",
+        shrink=0.6,
+        location="bottom",
+        ticks=range(10),
+    )
+    classes_bar.ax.tick_params(labelsize=7)
+    return figure
+
+
+def landscape_figures(landscapes: pd.DataFrame, config: LandscapeConfig, folders: list[RunFolder]) -> list:
+    """Fig. 2 from the recorded landscapes (bench.records.load.load_landscapes), for the
+    first data set with a finished ResNet and interpolated model of the same architecture
+    and seed whose landscapes on this grid are recorded: each model along its own directions."""
+    present = {(f.dataset, f.run, f.seed) for f in folders}
+    grid = (
+        landscapes[
+            (landscapes["eps_255"] == float(config.radius))
+            & (landscapes["points"] == config.points)
+            & (landscapes["direction_seed"] == config.seed)
+        ]
+        if len(landscapes)
+        else landscapes
+    )
+    pairs = []
+    for f in folders:
+        plain = plain_counterpart(f.model) if rule_of(f.model) in ("in", "lambda-in") else None
+        preset, length, n_train = f.recipe  # the ResNet has no λ, so no @lambda part
+        partner = run_tag(plain, preset, length, None, n_train) if plain else None
+        if partner is None or (f.dataset, partner, f.seed) not in present:
+            continue
+        pairs.append(f"{partner} and {f.run}")
+        assert plain is not None  # a partner is the plain counterpart's run
+        pair = [(partner, plain), (f.run, f.model)]
+        examples = _examples(grid, f.dataset, f.seed, pair, config.index)
+        if not examples:
+            continue
+        notes = [
+            f"({n}) {title}: {_agreement([model_label(name) for _, name in pair], right)}"
+            for n, (title, _, _, right) in enumerate(examples, 1)
+        ]
+        caption = (
+            f"Fig. 2: loss and predicted class on x + a·d_fgsm + b·d_orth ({dataset_label(f.dataset)}, seed {f.seed}; "
+            f"runs {pair[0][0]}, {pair[1][0]}), each model along its own FGSM direction d_fgsm and its own "
+            f"random direction d_orth orthogonal to it, as the paper draws it. " + "; ".join(notes) + "."
+        )
+        drawn = [(title, label, panels) for title, label, panels, _ in examples]
+        return [render(landscape_figure(drawn), "fig2_landscape", caption)]
+    if pairs:
+        return [
+            Skipped(
+                "fig2_landscape",
+                f"no landscape of {pairs[0]} recorded on this grid ({config.points} "
+                f"points, radius {config.radius:g}/255): the stability stage records it",
+            )
+        ]
+    return [
+        Skipped("fig2_landscape", "no finished ResNet and In-ResNet (or λ-In-ResNet) of one depth and seed")
+    ]
+
+
+def _examples(
+    grid: pd.DataFrame, dataset: str, seed: int, pair: list[tuple[str, str]], index: int | None
+) -> list:
+    """(title, true class, panels, rightness per model) of each image recorded for both
+    models of `pair` ((run, model)): the clean image `index`, else the paper's noise
+    images, else the same two clean; each model's latest landscape of it."""
+    mine = grid[(grid["dataset"] == dataset) & (grid["seed"] == seed)]
+    if index is not None:
+        choices = [[(LANDSCAPE_CLEAN, index)]]
+    else:
+        choices = [
+            list(PAPER_LANDSCAPE_IMAGES),
+            [(LANDSCAPE_CLEAN, row) for _, row in PAPER_LANDSCAPE_IMAGES],
+        ]
+    for images in choices:
+        found = []
+        for group, row in images:
+            rows = [
+                mine[(mine["run"] == run) & (mine["image_group"] == group) & (mine["image_row"] == row)]
+                for run, _ in pair
+            ]
+            if any(r.empty for r in rows):
+                break
+            latest = [r.iloc[-1] for r in rows]
+            offsets = np.linspace(-latest[0]["eps_255"], latest[0]["eps_255"], int(latest[0]["points"]))
+            panels = [
+                (model_label(name), offsets, r["loss"], r["classes"])
+                for (_, name), r in zip(pair, latest, strict=True)
+            ]
+            found.append(
+                (
+                    _title(group, row, latest[0]["data_source"], index),
+                    int(latest[0]["label"]),
+                    panels,
+                    [bool(r["right"]) for r in latest],
+                )
+            )
+        else:
+            return found
+    return []
+
+
+def _title(group: str, row: int, source: str, index: int | None) -> str:
+    if group != LANDSCAPE_CLEAN:  # a noise file is the release's, or generated (this data set's own included)
+        made = "released" if source == "released" else "generated"
+        return f"{made} {group.replace('_', ' ')} #{row + 1} (severity 1, test image {row})"
+    return f"clean test image {row}" + ("" if index is not None else " (no noise files)")
+
+
+def _agreement(names: list[str], right: list[bool]) -> str:
+    if all(right):
+        return "both models right"
+    if not any(right):
+        return "both models wrong"
+    return "only " + " and ".join(n for n, r in zip(names, right, strict=True) if r) + " right"
+
 
 GAIN_METRICS = ("clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2", "autoattack@2", "worst@2")
 

@@ -1,25 +1,53 @@
-"""The paper's Tables 1-6: which cells they hold, filled from aggregated records, rendered.
+"""The paper's Tables 1-6: which cells they hold, filled from aggregated records, rendered
+beside the published numbers (published.csv: mean and std per cell as printed).
 
 A table is a list of `TableCell`s (block, row, column -> which data set, model, λ init, single
 or ensemble, metric). On CIFAR the rows are the paper's models; on other data (the
 synthetic smoke set) the same tables are built for the depths found in the records, and
-never compared with the paper. Formatting happens only in the `render_*` functions.
-"""
+never compared with the paper. Tables 4 and 5 have a row per initialisation interval:
+Table 4 shows each variant at the interval the paper's rule chooses (Sec. 4.4), Table 5
+counts each interval's failed runs. Formatting happens only in the `render_*` functions."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
 from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
-from bench.data.datasets import dataset_label, paper_datasets
+from bench.data.datasets import dataset_info, dataset_label, paper_datasets
 from bench.records.selection import best_groups, lambda_key
-from bench.reports.published import published, published_value
 from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
 from models.zoo import VARIANT_RULES
+
+PUBLISHED = Path(__file__).with_name("published.csv")
+
+
+def published() -> pd.DataFrame:
+    return pd.read_csv(PUBLISHED)
+
+
+def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
+    """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
+    data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
+    if not dataset_info(dataset).paper:
+        return math.nan
+    match = paper[
+        (paper["dataset"] == dataset)
+        & (paper["model"] == model)
+        & (paper["kind"] == kind)
+        & (paper["metric"] == metric)
+    ]
+    if init is not None and match["lambda_low"].notna().any():
+        match = match[
+            (match["lambda_low"].round(6) == round(init[0], 6))
+            & (match["lambda_high"].round(6) == round(init[1], 6))
+        ]
+    return float(match["value"].iloc[0]) if len(match) else math.nan
+
 
 # The initialisations of the paper's Table 5 study, as intervals of the starting coefficient
 # act(λ_n) (None: each model's default, U[0.2, 0.25]).
@@ -239,6 +267,7 @@ def _all_slots(table: Table, frame: pd.DataFrame) -> list[TableCell]:
                 for coefficients in table.lambda_sweep:  # labelled by the starting coefficients
                     init = entry.init_for(coefficients) if coefficients else entry.damped_lambda_init
                     shown = coefficients or init
+                    assert shown is not None  # a swept model has a λ (ModelEntry.damped_lambda_init)
                     row = f"{entry.label}, U[{shown[0]:.2f}, {shown[1]:.2f}]"
                     slots += _row(table, block, row, dataset, entry.name, table.columns, init)
                 continue
@@ -395,3 +424,97 @@ __all__ = [
     "published_value",
     "best_groups",
 ]
+
+
+def select_intervals(filled: pd.DataFrame, number: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shown, others): Table `number`'s filled cells with one row per swept model, the
+    interval with the largest mean clean accuracy + mean noise-group accuracy (the paper's
+    Sec. 4.4 rule; ties go to the earlier interval of the grid), and the other intervals'
+    rows that measured anything. The chosen row is labelled as chosen on the test set,
+    among how many of the grid's intervals had both numbers. A model with no such interval
+    keeps its default interval's row (named by the model alone when it measured nothing).
+    Tables that select nothing pass through."""
+    table = TABLES[number]
+    if not table.selects or filled.empty:
+        return filled, filled.iloc[0:0]
+    entries = {name: model_entry(name) for name in set(filled["model"]) if name in list_models()}
+    shown, others = [], []
+    for (_, model), cells in filled.groupby(["block", "model"], sort=False):
+        rows = list(cells.groupby("row", sort=False))
+        if model not in entries or not swept(table, entries[model]):
+            shown += [c for _, c in rows]
+            continue
+        scores = [_score(c) for _, c in rows]
+        scored = [i for i, v in enumerate(scores) if not math.isnan(v)]
+        if not scored:
+            default = lambda_key(entries[model].damped_lambda_init)
+            keep = next((i for i, (_, c) in enumerate(rows) if _init_key(c) == default), 0)
+        else:
+            keep = max(scored, key=lambda i: (scores[i], -i))
+        for i, (row, c) in enumerate(rows):
+            if i == keep:
+                label = (
+                    f"{row} (chosen on the test set, {len(scored)} of {len(rows)} intervals)"
+                    if scored
+                    else row
+                )
+                shown.append(c.assign(row=label if c["mean"].notna().any() else entries[model].label))
+            elif c["mean"].notna().any():
+                others.append(c)
+    return _concat(shown, filled), _concat(others, filled)
+
+
+def _concat(parts: list[pd.DataFrame], like: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat(parts, ignore_index=True) if parts else like.iloc[0:0]
+
+
+def _score(cells: pd.DataFrame) -> float:
+    means = cells.set_index("metric")["mean"]
+    return float(sum(means.get(m, math.nan) for m in SELECTION_SCORE))
+
+
+def _init_key(cells: pd.DataFrame) -> tuple | None:
+    first = cells.iloc[0]
+    return lambda_key((first["lambda_low"], first["lambda_high"]))
+
+
+def refusals(filled: pd.DataFrame) -> str:
+    """One line naming the table's models the plan refuses to train, and why ('' if none)."""
+    names = [n for n in dict.fromkeys(filled["model"]) if n in list_models() and model_entry(n).refused]
+    return " ".join(f"{model_label(n)} is not trained: {model_entry(n).refused}." for n in names)
+
+
+def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 5's last column: failed training runs out of all runs seen per row (mean =
+    failed, n = runs), and the paper's (5 minus the seeds it averaged)."""
+    seeds = (
+        published().query("table == 5 and metric == 'clean'").assign(value=lambda f: FULL_SEEDS - f["seeds"])
+    )
+    keys = pd.Series(
+        [lambda_key(p) for p in zip(runs["lambda_low"], runs["lambda_high"], strict=True)], index=runs.index
+    )
+    rows = []
+    for _, cells in filled.groupby(["block", "row"], sort=False):
+        first = cells.iloc[0].to_dict()
+        init = lambda_key((first["lambda_low"], first["lambda_high"]))
+        mine = runs[
+            (runs["dataset"] == first["dataset"])
+            & (runs["model"] == first["model"])
+            & keys.map(lambda key, init=init: key == init).astype(bool)
+        ]
+        mine = mine[mine["status"].isin(["finished", "failed"])]  # not running, nor deleted
+        failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
+        paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
+        rows.append(
+            {
+                **first,
+                "column": "Failed",
+                "metric": "failed",
+                "mean": failed,
+                "std": math.nan,
+                "n": len(mine),
+                "paper": paper,
+                "delta": failed - paper,
+            }
+        )
+    return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)

@@ -23,7 +23,7 @@ from bench.core.environment import device_name
 from bench.data.datasets import CIFAR10
 from bench.records.checkpoints import META_FILE, read_meta
 from bench.records.load import load_records
-from bench.reports.rehearsals import rehearsal_of
+from bench.reports.measured import rehearsal_of
 from models import create_model
 
 PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0

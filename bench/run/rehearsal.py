@@ -10,7 +10,7 @@ What shrinks, and why each size (`REHEARSAL`):
   PGD-50, 2 for the stability stage, every attack at its full step count;
 - Fig. 2: a 5 x 5 grid instead of 21 x 21.
 A rehearsal writes to a results folder of its own, `<results dir>/rehearsal/`, marked by
-`rehearsal.json` (bench.reports.rehearsals): its reports say so on every page, table and
+`rehearsal.json` (bench.reports.measured): its reports say so on every page, table and
 figure, its suite relaxes the gates that need a trained network, and no measurement ever
 shares its folder. Its zoo runs are tagged with their length, `rehearsal`, as a smoke run's
 are with `smoke`.
@@ -40,7 +40,7 @@ from bench.data.datasets import DatasetInfo, complete, dataset_info, ensure_fold
 from bench.data.synthetic import draw
 from bench.records.sanity import training_gates
 from bench.records.store import DB_FILE
-from bench.reports.rehearsals import REHEARSAL_FILE, rehearsal_of
+from bench.reports.measured import REHEARSAL_FILE, rehearsal_of
 from bench.run.suites import Suite
 from models import UserError
 

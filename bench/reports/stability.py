@@ -9,8 +9,7 @@ Per checkpoint (each figure a mean over the stage's images unless said otherwise
 - `damped_contraction_share`: the same over the blocks the rule damps (a ResNet's blocks at
   those positions), what the contraction claim compares;
 - `median_shifted_eigenvalue`: the median over square blocks of the median max Re λ(J - I);
-- `input_gradient`: ‖∇ₓ L‖₁.
-"""
+- `input_gradient`: ‖∇ₓ L‖₁."""
 
 from __future__ import annotations
 
@@ -239,7 +238,7 @@ def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstra
                     _samples(here, model, claim.metric),
                     _samples(here, plain, claim.metric) if plain else [],
                 )
-                if not a or not b:
+                if not a or not b or plain is None:
                     continue
                 what = ("stability", claim.text, claim.metric, dataset, preset, model, plain, len(a), len(b))
                 measured, low, high = bootstrap.difference(a, b, what, scale=1.0)
