@@ -93,7 +93,7 @@ def _fast_tier_runs_no_pipeline(request, monkeypatch):
 
     def refuse(work):
         pytest.fail(
-            f"{request.node.nodeid} runs the pipeline's work ({work.kind}) in the fast tier: mark it "
+            f"{request.node.nodeid} runs the pipeline's work ({work.task.kind}) in the fast tier: mark it "
             "@pytest.mark.slow (the integration tier)",
             pytrace=False,
         )

@@ -164,7 +164,7 @@ def test_the_estimate_the_dry_run_and_the_run_see_the_plans_configs(trained, tmp
             assert (
                 len(dry_work.landscapes) == len(work.landscapes) == (2 if task.kind == "measure" else 0)
             )  # seeds alone
-            assert (work.config, work.stability_config) == (task.eval, task.stability) and work.cells
+            assert work.task == task and work.cells
         else:
             assert work is None  # trained already
 

@@ -51,7 +51,7 @@ from types import SimpleNamespace
 from bench.run import executors
 
 def test_works():
-    list(executors.execute(SimpleNamespace(kind="train")))
+    list(executors.execute(SimpleNamespace(task=SimpleNamespace(kind="train"))))
 """
     )
     result = sandbox.runpytest()

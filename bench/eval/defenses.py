@@ -36,6 +36,7 @@ from bench.eval.identity import check_name
 from models import UserError
 
 MODULE, STATE_DICT, ROBUSTBENCH = "module", "state-dict", "robustbench"
+BUILT = "built"  # handed over built, through the Python API (DefenseSpec.of)
 # a defenses.toml table's keys: the command line's options, without their dashes
 DEFENSES_FILE_LIMIT = 1 << 20  # bytes: a defenses.toml is a few lines per defense
 KEYS = (
@@ -69,8 +70,16 @@ class DefenseSpec:
     )
     threat_model: str = "Linf"
     fetch: bool = field(default=True, compare=False)  # ROBUSTBENCH: download a missing checkpoint
+    built: Defense | None = field(default=None, compare=False, repr=False)  # BUILT: the defense itself
+
+    @classmethod
+    def of(cls, defense: Defense) -> DefenseSpec:
+        """A defense handed over built (the Python API), as the one type a run plans with."""
+        return cls(BUILT, defense.info.name, defense.info.dataset, built=defense)
 
     def build(self) -> Defense:
+        if self.built is not None:
+            return self.built
         if self.source == MODULE:
             return module_defense(
                 self.name,
@@ -87,20 +96,6 @@ class DefenseSpec:
             self.target, self.dataset, self.threat_model, self.model_dir, fetch=self.fetch
         )
         return Defense(defense.model, replace(defense.info, name=self.name))
-
-
-def identity(source: DefenseSpec | Defense) -> tuple[str, str]:
-    """(name, data set) of a defense, named or handed over built."""
-    return (
-        (source.info.name, source.info.dataset)
-        if isinstance(source, Defense)
-        else (source.name, source.dataset)
-    )
-
-
-def built(source: DefenseSpec | Defense) -> Defense:
-    """The defense a task evaluates: built from its spec, or handed over built (Python API)."""
-    return source if isinstance(source, Defense) else source.build()
 
 
 def factory_of(target: str) -> type[nn.Module]:

@@ -10,6 +10,7 @@ import pandas as pd
 from bench.core.environment import check_device
 from bench.core.numbers import SEED_LIMIT
 from bench.eval.adapters import Defense
+from bench.eval.defenses import DefenseSpec
 from bench.eval.engine import OURS, evaluate
 from bench.eval.identity import check_run_name
 from bench.eval.protocol import EvalConfig, Subject
@@ -37,13 +38,14 @@ def evaluate_defense(
     bench.run.options.RunOptions fields (device="cuda", n_test=1000, stages=..., ...).
     Resumable: finished cells are kept. A protocol of your own: `evaluate_protocol`."""
     _check_folders(results_dir, data_dir)
+    _check_defense(defense, "evaluate_defense")
     settings = {"stages": DEFENSE_STAGES, "progress": progress, **options}
     code = run(
         RunOptions(
             suite=suite,
             results_dir=str(results_dir),
             data_dir=None if data_dir is None else str(data_dir),
-            defenses=(defense,),
+            defenses=(DefenseSpec.of(defense),),
             **settings,
         )
     )
@@ -85,13 +87,15 @@ def _check_folders(results_dir: object, data_dir: object) -> None:
             raise UserError(f"{name} must be a folder's path, got {type(value).__name__}")
 
 
+def _check_defense(defense: object, where: str) -> None:
+    if not isinstance(defense, Defense):
+        raise UserError(f"{where} takes a Defense (bench.eval.adapters), got {type(defense).__name__}")
+
+
 def _check_recordable(defense: Defense, seed: object) -> None:
     """What the command line refuses, refused here too, before any work: a defense whose
     name --name would not take (a zoo checkpoint keeps its model's name), a seed out of range."""
-    if not isinstance(defense, Defense):
-        raise UserError(
-            f"evaluate_protocol takes a Defense (bench.eval.adapters), got {type(defense).__name__}"
-        )
+    _check_defense(defense, "evaluate_protocol")
     check_run_name(defense.info.name, "evaluate_protocol", zoo=defense.info.source in OURS)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
         raise UserError(

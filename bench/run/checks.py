@@ -20,7 +20,7 @@ from bench.data.noise import NOISE_GROUPS
 from bench.data.noise_files import generation_folder, load_noise, noise_source
 from bench.data.splits import TrainingSets, images_digest, load_test
 from bench.eval.adapters import DefenseInfo
-from bench.eval.defenses import DefenseSpec, built
+from bench.eval.defenses import DefenseSpec
 from bench.eval.identity import check_name
 from bench.eval.landscape import check_landscape_index
 from bench.eval.protocol import protocol_cells
@@ -122,11 +122,12 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
     resolved = {}
     for task in (t for t in tasks if t.kind == DEFENSE):
         source = task.job.defense
-        if dry and isinstance(source, DefenseSpec):
+        assert source is not None  # a defense task's job
+        if dry:
             source = replace(source, fetch=False)
         log.info("defense %s: building it (%s) to check it before any work", task.run_tag, _described(source))
         try:
-            defense = built(source)
+            defense = source.build()
         except UserError as err:
             if dry and "never downloads" in str(err):
                 raise UserError(
@@ -139,10 +140,10 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
     return resolved
 
 
-def _described(source) -> str:
-    if isinstance(source, DefenseSpec):
-        return f"{source.source} {source.target}" + (f" with {source.weights}" if source.weights else "")
-    return f"{source.info.source}, {source.info.checkpoint}"
+def _described(source: DefenseSpec) -> str:
+    if source.built is not None:
+        return f"{source.built.info.source}, {source.built.info.checkpoint}"
+    return f"{source.source} {source.target}" + (f" with {source.weights}" if source.weights else "")
 
 
 def check_builds(store: RecordStore, defenses: dict[str, Resolved], record: bool) -> None:

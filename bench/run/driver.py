@@ -194,7 +194,7 @@ class Driver:
             log.info("%s", message.summary)
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)
-            meta, config = message.meta, state.work.train
+            meta, config = message.meta, state.work.task.train
             self.store.add_run(run_row(meta, config.run_tag, config.dataset, config.seed))
             if meta["status"] == "failed":
                 self.outcome.failed_runs.add(f"{config.run_tag} {config.dataset} seed {config.seed}")
@@ -206,12 +206,13 @@ class Driver:
     def _finish(self, state: Running) -> None:
         work = state.work
         elapsed = time.perf_counter() - state.began
-        self.stage_seconds["train" if work.kind == TRAIN else "check"] += max(elapsed - state.measured, 0.0)
-        if work.kind == TRAIN or not work.cells:
+        kind = work.task.kind
+        self.stage_seconds["train" if kind == TRAIN else "check"] += max(elapsed - state.measured, 0.0)
+        if kind == TRAIN or not work.cells:
             return
         data = self.todo.data(state.task)
-        line = summary_line(self._contexts[state.task.name], work.config, data, self.store)
-        cached = len(protocol_cells(work.config)) - len(work.cells)
+        line = summary_line(self._contexts[state.task.name], work.task.eval, data, self.store)
+        cached = len(protocol_cells(work.task.eval)) - len(work.cells)
         log.info(
             "%s (%d cells run, %d cached, %.0f s)",
             line,

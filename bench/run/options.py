@@ -12,7 +12,7 @@ from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.environment import check_device_kind
 from bench.core.numbers import SEED_LIMIT
 from bench.data.cifar import data_root
-from bench.eval.defenses import identity
+from bench.eval.defenses import DefenseSpec
 from bench.records.store import check_results_dir
 from bench.reports.leaderboard import check_metric
 from models import UserError
@@ -83,9 +83,9 @@ class RunOptions:
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's
     ray_address: str | None = None  # join this Ray cluster; None: a Ray of this machine, on localhost only
     assume_tflops: float | None = None  # estimates from FLOPs at this achieved rate, instead of a probe
-    # defenses to evaluate with the suite's protocol instead of the zoo (bench.eval.defenses.DefenseSpec, or a
-    # built bench.eval.adapters.Defense from the Python API); their data sets are their own
-    defenses: tuple = ()
+    # defenses to evaluate with the suite's protocol instead of the zoo (a built one from the Python API:
+    # DefenseSpec.of); their data sets are their own
+    defenses: tuple[DefenseSpec, ...] = ()
 
     def __post_init__(self):
         """Every value mistake is one error line here, before anything is loaded or run."""
@@ -171,7 +171,7 @@ class RunOptions:
                 "a defense is evaluated here, never trained: leave train out of --stage "
                 "(e.g. --stage eval,check,stability,report)"
             )
-        names = [identity(d) for d in self.defenses]
+        names = [(d.name, d.dataset) for d in self.defenses]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise UserError(

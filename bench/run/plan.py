@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
-from bench.eval.defenses import identity
+from bench.eval.defenses import DefenseSpec
 from bench.eval.landscape import LandscapeConfig, drawn_for
 from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
@@ -38,9 +38,7 @@ class Job:
     lambda_init: tuple[float, float] | None
     radii_255: tuple[float, ...]
     ensemble_radii_255: tuple[float, ...] = ()
-    defense: object = (
-        None  # a defense's job: its bench.eval.defenses.DefenseSpec (or built Defense); `model` is its name
-    )
+    defense: DefenseSpec | None = None  # a defense's job (`model` is its name); None: the zoo's
 
 
 @dataclass(frozen=True)
@@ -126,12 +124,15 @@ def _log_refused(names: list[str]) -> None:
         log.info("%s left out of the plan: %s (docs/PROTOCOL.md, Table 4)", name, model_entry(name).refused)
 
 
-def defense_job(defense, suite: Suite, options: RunOptions) -> Job:
+def defense_job(defense: DefenseSpec, suite: Suite, options: RunOptions) -> Job:
     """A defense's job: the suite's first study's attack radii (or --radii), on its data set."""
-    name, dataset = identity(defense)
-    dataset_info(dataset)
+    dataset_info(defense.dataset)
     return Job(
-        name, dataset, None, tuple(sorted(options.radii_255 or suite.studies[0].radii_255)), defense=defense
+        defense.name,
+        defense.dataset,
+        None,
+        tuple(sorted(options.radii_255 or suite.studies[0].radii_255)),
+        defense=defense,
     )
 
 

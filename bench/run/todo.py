@@ -76,7 +76,7 @@ class ToDo:
         if task.kind == TRAIN:
             meta = finished_run(task.train, self.options.results_dir)
             if meta is None:
-                return Decision(Work(TRAIN, train=task.train, **self.base))
+                return Decision(Work(task, **self.base))
             config = task.train
             if self.dry:
                 return Decision()
@@ -146,22 +146,15 @@ class ToDo:
             folders.append(zoo_checkpoint_dir(options.results_dir, task.job.dataset, *transfer))
         files = {relative(options.results_dir, f): checkpoint_files(f) for f in folders} if self._ship else {}
         return Work(
-            task.kind,
-            model=task.job.model,
-            run_tag=task.run_tag,
-            dataset=task.job.dataset,
+            task,
             seeds=tuple(members),
-            config=task.eval,
             cells=tuple(todo),
             checks=checks,
             transfer_from=transfer and transfer[0],
             transfer_seed=transfer and transfer[1],
             files=files,
             stability=tuple(stable),
-            stability_config=task.stability,
             landscapes=tuple(drawn),
-            landscape_config=task.landscape,
-            defense=task.job.defense if defense else None,
             defense_sha256=digest if defense else "",
             **self.base,
         )

@@ -22,16 +22,15 @@ from torch import nn
 from bench.core.files import atomic_write
 from bench.eval import model_checks
 from bench.eval.adapters import ensemble_defense, zoo_defense
-from bench.eval.defenses import built
 from bench.eval.engine import AuditFailed, CellsDone, measure_cells, prepared
-from bench.eval.landscape import LandscapeConfig, LandscapeDone, measure_landscapes
-from bench.eval.protocol import Cell, EvalConfig, Subject
-from bench.eval.stability import StabilityConfig, StabilityDone, Unit, stability_stage
+from bench.eval.landscape import LandscapeDone, measure_landscapes
+from bench.eval.protocol import Cell, Subject
+from bench.eval.stability import StabilityDone, Unit, stability_stage
 from bench.eval.testdata import EvalData, test_data
 from bench.records.checkpoints import META_FILE, WEIGHTS_FILE, read_meta, zoo_checkpoint_dir
 from bench.records.schema import ENSEMBLE_SEED, utc_now
+from bench.run.plan import TRAIN, Task
 from bench.train.loop import train
-from bench.train.recipes import TrainConfig
 from models import UserError
 
 CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE)
@@ -44,29 +43,23 @@ class Work:
     """One task, with everything a worker on any host needs and nothing it must look up
     in the records: the cells and checks to compute were decided by the driver."""
 
-    kind: str  # bench.run.plan.TRAIN, MEASURE or ENSEMBLE
+    task: Task  # what the plan asked: its kind, job, run tag and configs
     threads: int  # torch's CPU threads: a CPU's numbers depend on them, so every worker uses the driver's
     results_dir: str
     data_dir: str | None
     progress: bool
     driver_host: str
     run_id: str = ""  # the driver's run: data read in a worker is kept for that run only
-    train: TrainConfig | None = None
-    model: str = ""
-    run_tag: str = ""  # the checkpoint tag (the records' `run`)
-    dataset: str = ""
-    seeds: tuple[int, ...] = ()
-    config: EvalConfig | None = None
+    seeds: tuple[int, ...] = ()  # the checkpoints measured (an ensemble's finished members)
     cells: tuple[Cell, ...] = ()
     checks: tuple[str, ...] = ()  # "model" (MODEL_CHECKS) and "transfer"
     transfer_from: str | None = None  # the plain run whose attack transfers
     transfer_seed: int | None = None  # its seed (None: the subject's)
-    defense: object = None  # a defense's task: its bench.eval.defenses.DefenseSpec (or built Defense)
-    defense_sha256: str = ""  # the weights' digest the driver planned for (a file changed since: an error)
+    defense_sha256: str = (
+        ""  # a defense's weights' digest the driver planned for (a file changed since: an error)
+    )
     stability: tuple[Unit, ...] = ()  # the stability stage's units still to measure
-    stability_config: StabilityConfig | None = None
     landscapes: tuple[tuple[str, int], ...] = ()  # Fig. 2's images still to measure: (image group, row)
-    landscape_config: LandscapeConfig | None = None
     # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
@@ -90,38 +83,42 @@ def execute(work: Work) -> Iterator[Message]:
     """Run `work`, yielding each finished piece; exceptions are the task's failure."""
     torch.set_num_threads(work.threads)
     place_files(work.results_dir, work.files)
-    if work.train is not None:
-        config = work.train
+    task = work.task
+    if task.kind == TRAIN:
+        config = task.train
+        assert config is not None  # a training task's
         meta = train(config, work.results_dir, work.data_dir, work.progress)
         folder = zoo_checkpoint_dir(work.results_dir, config.dataset, config.run_tag, config.seed)
         remote = socket.gethostname() != work.driver_host
         yield Trained(meta, {relative(work.results_dir, folder): checkpoint_files(folder)} if remote else {})
         return
-    if work.defense is not None:
-        members = [built(work.defense)]
+    if task.job.defense is not None:
+        members = [task.job.defense.build()]
         if members[0].info.checkpoint_sha256 != work.defense_sha256:
             raise UserError(
-                f"defense {work.run_tag}: {members[0].info.checkpoint} changed since the run began (its sha256 "
+                f"defense {work.task.run_tag}: {members[0].info.checkpoint} changed since the run began (its sha256 "
                 "is another): run again to evaluate the file as it is now"
             )
     else:
-        members = [zoo_defense(work.run_tag, work.dataset, s, work.results_dir) for s in work.seeds]
-    defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.run_tag)
+        members = [
+            zoo_defense(work.task.run_tag, work.task.job.dataset, s, work.results_dir) for s in work.seeds
+        ]
+    defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.task.run_tag)
     init = lambda_init_of(members[0].model)  # an ensemble's: its members'
-    subject = Subject(defense, work.model, work.run_tag, _seed(work), len(work.seeds), init)
+    subject = Subject(defense, work.task.job.model, work.task.run_tag, _seed(work), len(work.seeds), init)
     if work.cells:
-        yield from measure_cells(subject, work.config, eval_data(work), work.cells, work.progress)
+        yield from measure_cells(subject, work.task.eval, eval_data(work), work.cells, work.progress)
     with users_forward(work, "its sanity checks"):
         if work.checks:
             yield _checks(subject, work)
     with users_forward(work, "the stability stage"):
         if work.stability:
             data = eval_data(work)
-            yield from stability_stage(subject, work.config, data, work.stability_config, work.stability)
+            yield from stability_stage(subject, work.task.eval, data, work.task.stability, work.stability)
     with users_forward(work, "Fig. 2's landscapes"):
         if work.landscapes:
             yield from measure_landscapes(
-                subject, work.config, eval_data(work), work.landscape_config, work.landscapes
+                subject, work.task.eval, eval_data(work), work.task.landscape, work.landscapes
             )
 
 
@@ -134,11 +131,11 @@ def users_forward(work: Work, stage: str):
     except UserError:
         raise
     except Exception as err:
-        if work.defense is None:
+        if work.task.job.defense is None:
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
-            f"defense {work.run_tag} on {work.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
+            f"defense {work.task.run_tag} on {work.task.job.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
             "what it finished before is kept in the records: fix its forward and run again"
         ) from None
 
@@ -149,12 +146,12 @@ def _seed(work: Work) -> int:
 
 def eval_data(work: Work) -> EvalData:
     """The work's test data: the run's one view of it in this process (bench.eval.testdata)."""
-    return test_data(work.dataset, work.data_dir, work.config, work.run_id)
+    return test_data(work.task.job.dataset, work.data_dir, work.task.eval, work.run_id)
 
 
 def _checks(subject: Subject, work: Work) -> ChecksDone:
     """bench.eval.model_checks' checkpoint checks the driver asked for."""
-    config = work.config
+    config = work.task.eval
     model = prepared(subject.defense.model, config)
     x, y = model_checks.batch(eval_data(work), device=config.device)
     results = []
@@ -163,16 +160,17 @@ def _checks(subject: Subject, work: Work) -> ChecksDone:
     if "transfer" in work.checks and work.transfer_from is not None:
         source_seed = subject.seed if work.transfer_seed is None else work.transfer_seed
         source = prepared(
-            zoo_defense(work.transfer_from, work.dataset, source_seed, work.results_dir).model, config
+            zoo_defense(work.transfer_from, work.task.job.dataset, source_seed, work.results_dir).model,
+            config,
         )
         seed = subject.seed + TRANSFER_SEED_OFFSET
         check, value, limit, detail = model_checks.transfer_check(model, source, x, y, config, 2.0, seed)
-        if work.defense is not None:  # not its own ResNet: the source is named
+        if work.task.job.defense is not None:  # not its own ResNet: the source is named
             detail += f" (from {work.transfer_from} seed {source_seed})"
         results.append((check, value, limit, detail))
     failed = [c for c, value, limit, _ in results if value > limit]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
-    summary = f"{subject.run} {work.dataset} {who}: {len(results)} checks, "
+    summary = f"{subject.run} {work.task.job.dataset} {who}: {len(results)} checks, "
     summary += "failed: " + ", ".join(failed) if failed else "all pass"
     return ChecksDone(model_checks.check_rows(subject, results, utc_now()), summary)
 
