@@ -13,9 +13,9 @@ from dataclasses import fields
 from bench.core.environment import tolerant_streams
 from bench.core.messages import disk_full, disk_full_message
 from bench.core.numbers import decimal, integer
+from bench.core.presets import PRESET_NAMES
 from bench.data.noise_files import NOISE_SOURCES
 from bench.run.options import DEFENSE_STAGES, EXECUTORS, RunOptions
-from bench.train.recipes import PRESETS
 from models import GROUPS, FieldError, UserError, list_models, model_entry, resolve_models
 
 log = logging.getLogger("inres-bench")
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated seeds (default: the suite's)",
     )
-    parser.add_argument("--preset", default=RunOptions.preset, choices=PRESETS)
+    parser.add_argument("--preset", default=RunOptions.preset, choices=PRESET_NAMES)
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
     )

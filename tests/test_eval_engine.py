@@ -95,9 +95,9 @@ def test_protocol_cells_and_presets():
     cells = protocol_cells(EvalConfig(radii_255=(1.0, 2.0), iterative_radii_255=(2.0,)))
     assert cells[0] == Cell("clean") and len(cells) == 1 + 20 + 2 + 2
     assert [c for c in cells if c.perturbation == "pgd"] == [Cell("pgd", 2.0)]
-    work = engine.units(cells)
+    work = engine.cell_groups(cells)
     assert len(work) == 1 + 20 + 1 + 2 and work[21] == [Cell("fgsm", 1.0), Cell("fgsm", 2.0)]
-    assert engine.units([Cell("clean"), Cell("pgd", 2.0)]) == [[Cell("clean")], [Cell("pgd", 2.0)]]
+    assert engine.cell_groups([Cell("clean"), Cell("pgd", 2.0)]) == [[Cell("clean")], [Cell("pgd", 2.0)]]
     assert EvalConfig().alpha * 255 == pytest.approx(2.0)
     assert EvalConfig(preset="authors-code").alpha * 255 == pytest.approx(1.0)
     assert EvalConfig(alpha_255=0.5).alpha * 255 == pytest.approx(0.5)

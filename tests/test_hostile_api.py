@@ -150,9 +150,10 @@ def test_more_test_images_than_there_are_and_a_negative_seed_are_refused_before_
     defense = grey()
     with pytest.raises(UserError) as err:
         evaluate_protocol(defense, EvalConfig(n_test=5000), tmp_path / "r", grey_root, progress=False)
-    assert str(err.value) == (
-        f"EvalConfig.n_test = 5,000 is more than the 100 test images of cifar10 in {grey_root}: "
-        "give at most 100"
+    said = str(err.value)
+    assert all(
+        p in said
+        for p in ("EvalConfig.n_test", "5,000", "100 test images of cifar10", str(grey_root), "at most 100")
     )
     with pytest.raises(
         UserError, match=r"^evaluate_protocol: seed .* must be an integer in \[0, 2\*\*32\), got -1$"
@@ -195,10 +196,10 @@ def test_a_forward_that_fails_on_the_evaluations_batches_is_one_line_before_any_
     defense = grey(fail=only_two)  # the build check's batch of 2 passes
     with pytest.raises(UserError) as err:
         evaluate_protocol(defense, EvalConfig(batch_size=64), tmp_path / "r", grey_root, progress=False)
-    assert str(err.value) == (
-        "defense grey fails on a 64x3x32x32 batch of cifar10 test images (the evaluation's batch "
-        "size) (RuntimeError: expected a batch of 2, got 64): check its forward and the data set "
-        "it is for"
+    said = str(err.value)
+    assert all(
+        p in said
+        for p in ("defense grey", "64x3x32x32", "expected a batch of 2, got 64", "check its forward")
     )
     assert not (tmp_path / "r" / "records.sqlite").exists() or load_records(tmp_path / "r").empty
 
@@ -212,10 +213,9 @@ def test_a_forward_that_fails_after_some_calls_names_the_cell_and_keeps_the_fini
             defense, EvalConfig(radii_255=(1.0,), steps=4), tmp_path / "r", grey_root, progress=False
         )
     kept = len(load_records(tmp_path / "r"))
-    assert str(err.value) == (
-        f"defense grey on cifar10 failed in the cell ifgsm@1 (RuntimeError: out of patience); the "
-        f"{kept} cells finished before it are kept in the records: fix its forward and run again "
-        "to compute the rest"
+    said = str(err.value)
+    assert all(
+        p in said for p in ("defense grey", "ifgsm@1", "out of patience", f"{kept} cells", "fix its forward")
     )
     assert kept == 1 + 20 + 1  # clean, the noise cells, FGSM
 
@@ -230,9 +230,9 @@ def test_integer_logits_are_refused_at_the_build_check(tmp_path):
     torch.save({}, tmp_path / "none.pt")
     with pytest.raises(UserError) as err:
         module_defense("ints", IntegerLogits, tmp_path / "none.pt", **GREY)
-    assert str(err.value) == (
-        "defense ints returns (2, 10) torch.int64 for a 2x3x32x32 batch of [0, 1] images; "
-        "expected finite floating-point (2, 10) logits"
+    said = str(err.value)
+    assert all(
+        p in said for p in ("defense ints", "torch.int64", "expected finite floating-point (2, 10) logits")
     )
 
 
@@ -248,10 +248,9 @@ def test_a_module_that_changes_torchs_global_state_at_import_is_refused(tmp_path
     module.write_text(f"import torch\n{call}\nNet = torch.nn.Linear\n")
     with pytest.raises(UserError) as err:
         factory_of(f"{module}:Net")
-    assert str(err.value) == (
-        f"--defense {module}:Net: importing {module} changed torch's global state ({said}): a "
-        "defense must leave it as it found it; remove the call (or make it inside its forward, "
-        "undone before it returns)"
+    message = str(err.value)
+    assert all(
+        p in message for p in (f"--defense {module}:Net", "torch's global state", said, "remove the call")
     )
     assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
 

@@ -176,10 +176,8 @@ def test_a_lock_or_log_is_never_opened_through_a_link(tmp_path):
     lock.symlink_to(outside)
     with pytest.raises(UserError) as err, run_lock(lock):
         pass
-    assert str(err.value) == (
-        f"{lock} is a symbolic link (to {outside}): the harness never writes through a link it "
-        "did not make; remove the link and run again"
-    )
+    said = str(err.value)
+    assert all(p in said for p in (str(lock), "symbolic link", str(outside), "remove the link"))
     assert not outside.exists()
 
 

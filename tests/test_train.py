@@ -297,9 +297,8 @@ def test_a_broken_state_file_is_one_line(tmp_path, data_dir):
     (folder / "state.pt").write_bytes(b"")
     with pytest.raises(UserError) as err:
         train(tiny(), tmp_path, data_dir, progress=False)
-    assert str(err.value) == (
-        f"cannot resume from {folder / 'state.pt'} (empty or truncated file); delete it to restart this run"
-    )
+    said = str(err.value)
+    assert all(p in said for p in (str(folder / "state.pt"), "empty or truncated", "delete it to restart"))
     other = create_model("resnet14")
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     torch.save(

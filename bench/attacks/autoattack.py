@@ -10,11 +10,13 @@ its own name, never shown as AutoAttack.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
 
-from bench.attacks.perturbations import Perturbation, register
+from bench.attacks.perturbations import Perturbation, Setting, register
 
 # the library warns about randomised or probability-returning models on every batch; our
 # sanity checks (bench.eval.model_checks) test that once per model instead
@@ -28,10 +30,12 @@ class AutoAttack(Perturbation):
 
     randomized: bool = True  # seeded from the engine's per-batch seed
 
-    def params(self, setting, eps_255):
+    def params(self, setting: Setting, eps_255: float) -> dict:
         return {"version": "standard"}
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         from pyautoattack import AutoAttack as Official
 
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the generator the engine seeded
@@ -40,10 +44,10 @@ class AutoAttack(Perturbation):
         # the library views gradients as (N, -1): it needs the default (NCHW) memory layout
         return [attack.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))[0]]
 
-    def passes(self, n, radii, setting):
+    def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
         # APGD-CE 100 + APGD-T 9 x 100 + FAB-T 9 x 100 gradient steps; Square's 5,000 queries
         # run only on the points still robust: counted as a third of the images
-        return n * radii * (1 + 5000 / 3), n * radii * 1900
+        return n * n_radii * (1 + 5000 / 3), n * n_radii * 1900
 
     def describe(self, params):
         return f"{params.get('version', '?')} version"
@@ -57,10 +61,12 @@ class APGDLite(Perturbation):
     randomized: bool = True
     iterations: int = 10
 
-    def params(self, setting, eps_255):
+    def params(self, setting: Setting, eps_255: float) -> dict:
         return {"iterations": self.iterations, "loss": "ce", "restarts": 1}
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         from pyautoattack.autopgd_base import APGDAttack
 
         seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -76,8 +82,8 @@ class APGDLite(Perturbation):
         )
         return [attack.perturb(x.contiguous(), y)]  # NCHW, as AutoAttack's code needs
 
-    def passes(self, n, radii, setting):
-        return n * radii * 2, n * radii * self.iterations
+    def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
+        return n * n_radii * 2, n * n_radii * self.iterations
 
     def describe(self, params):
         return f"{params.get('iterations')} iterations"

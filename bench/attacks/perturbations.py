@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,21 @@ if TYPE_CHECKING:
 CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
 PRESET_ALPHA_255 = {name: p.alpha_255 for name, p in PRESETS.items()}  # IFGSM / PGD step size, in 1/255
 DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations: every default step count reads this one
+
+
+class Setting(Protocol):
+    """What a perturbation reads of a protocol: an AttackSetting, or an EvalConfig (bench.eval.protocol)."""
+
+    @property
+    def preset(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def pgd_ball(self) -> str: ...
+    @property
+    def attack_units(self) -> str: ...
+    @property
+    def alpha(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -85,33 +100,35 @@ class Perturbation:
     curve: bool = False  # a panel of the robustness figure
     units: str | None = PIXEL  # the units of its radii: PIXEL, or None: the preset's (FGSM, IFGSM, PGD)
 
-    def params(self, setting, eps_255: float) -> dict:
+    def params(self, setting: Setting, eps_255: float) -> dict:
         """The parameters that identify a measurement besides the radius (recorded)."""
         return {}
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting) -> list[Tensor]:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         """The perturbed batch for each radius in `eps` (pixel units)."""
         return [x for _ in eps]
 
-    def passes(self, n: int, n_radii: int, setting) -> tuple[float, float]:
+    def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
         """(forward, forward+backward) image passes for `n` images at `n_radii` radii, the
         final classifying forward included: for progress bars and estimates."""
         return n * n_radii, 0.0
 
-    def reach(self, setting, eps: float) -> float:
+    def reach(self, setting: Setting, eps: float) -> float:
         """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
         audit allows. The radius, unless the perturbation's ball is centred elsewhere; any
         distance in normalised units, whose clip to the normalised [0, 1] moves a pixel
         outside [mean, mean + std] by as much as its distance to that box."""
         return 1.0 if self._units(setting) == NORMALISED else eps
 
-    def _units(self, setting) -> str:
+    def _units(self, setting: Setting) -> str:
         return self.units if self.units is not None else setting.attack_units
 
-    def _space(self, model: nn.Module, setting) -> Space:
+    def _space(self, model: nn.Module, setting: Setting) -> Space:
         return normalised_space(model) if self._units(setting) == NORMALISED else PIXELS
 
-    def _units_params(self, setting) -> dict:
+    def _units_params(self, setting: Setting) -> dict:
         """Recorded: a measurement in normalised units never pools with a pixel one."""
         return {"units": NORMALISED} if self._units(setting) == NORMALISED else {}
 
@@ -147,13 +164,15 @@ class FGSM(Perturbation):
     in_protocol: bool = True
     curve: bool = True
 
-    def params(self, setting, eps_255):
+    def params(self, setting: Setting, eps_255: float) -> dict:
         return self._units_params(setting)
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         return fgsm(model, x, y, eps, self._space(model, setting))
 
-    def passes(self, n, n_radii, setting):
+    def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
         return n * n_radii, n
 
 
@@ -186,16 +205,18 @@ class Iterative(Perturbation):
     def _torchattack(self, torchattacks, model, eps, alpha, steps):
         raise NotImplementedError
 
-    def params(self, setting, eps_255):
+    def params(self, setting: Setting, eps_255: float) -> dict:
         steps = self.steps if self.steps is not None else setting.steps
         alpha = self.alpha_per_eps * eps_255 if self.alpha_per_eps is not None else setting.alpha * 255
         params = {"alpha_255": round(alpha, 6), "steps": int(steps), **self._units_params(setting)}
         return {**params, "ball": START} if self._ball(setting) == START else params
 
-    def _ball(self, setting) -> str:
+    def _ball(self, setting: Setting) -> str:
         return self.ball if self.ball is not None else setting.pgd_ball
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         steps = self.steps if self.steps is not None else setting.steps
         alpha = self.alpha_per_eps * eps[0] if self.alpha_per_eps is not None else setting.alpha
         if self._ball(setting) == START or self._units(setting) == NORMALISED:  # the release's loop, ours
@@ -214,12 +235,12 @@ class Iterative(Perturbation):
             ]
         return [self.attack(model, eps[0], alpha, steps)(x, y)]
 
-    def reach(self, setting, eps):
+    def reach(self, setting: Setting, eps: float) -> float:
         if self._units(setting) == NORMALISED:
             return super().reach(setting, eps)
         return 2 * eps if self._ball(setting) == START else eps
 
-    def passes(self, n, n_radii, setting):
+    def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
         steps = self.steps if self.steps is not None else setting.steps
         return n * n_radii, n * n_radii * steps
 
@@ -259,7 +280,9 @@ class UniformNoise(Perturbation):
     noise_check_of: str | None = "pgd"
     curve: bool = True
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         return [torch.clamp(x + e * (2 * torch.rand_like(x) - 1), 0, 1) for e in eps]
 
 
@@ -271,7 +294,9 @@ class Worst(Perturbation):
     kind: str = DERIVED
     leaderboard: bool = True
 
-    def perturb(self, model, x, y, eps, setting):
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
         raise UserError("the worst case is computed from recorded cells, not evaluated")
 
     def describe(self, params):

@@ -25,7 +25,7 @@ from bench.attacks.perturbations import ATTACK, NOISE, params_text, perturbation
 from bench.core.environment import device_name
 from bench.core.presets import PER_FILE, preset
 from bench.eval.adapters import check_logits
-from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells, unit_name, units, units_cost
+from bench.eval.protocol import Cell, EvalConfig, Subject, cell_groups, group_cost, group_name, protocol_cells
 from bench.eval.testdata import EvalData
 from bench.records.schema import CELL_COLUMNS, ENSEMBLE_SEED, utc_now
 from bench.records.store import RecordStore
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CellsDone:
-    """Finished cells of one unit of work: their records rows and per-example correctness."""
+    """Finished cells of one group (one pass over the data): their records rows and per-example correctness."""
 
     rows: list[dict]
     correct: list[np.ndarray]
@@ -45,7 +45,7 @@ class CellsDone:
 
 @dataclass(frozen=True)
 class AuditFailed:
-    """A unit whose attack failed the audit: never recorded; `error` names the cell."""
+    """A group whose attack failed the audit: never recorded; `error` names the cell."""
 
     error: str
 
@@ -90,14 +90,14 @@ def evaluate(
 def measure_cells(
     subject: Subject, config: EvalConfig, data: EvalData, todo: Sequence[Cell], progress: bool = True
 ) -> Iterator[CellsDone | AuditFailed]:
-    """Compute `todo`, one unit of work at a time (its result yielded as soon as it is
+    """Compute `todo`, one group of cells at a time (its result yielded as soon as it is
     done, so that a caller can record it before the next starts)."""
     context = cell_context(subject, config)
     model = prepared(subject.defense.model, config)
     if todo:
         probe(model, subject, config, data)
-    work = units(todo)
-    cost = sum(units_cost(u, data.n(u[0]), config) for u in work)
+    work = cell_groups(todo)
+    cost = sum(group_cost(u, data.n(u[0]), config) for u in work)
     label = f"{subject.run} {data.dataset} {'ens' if subject.members > 1 else f'seed{subject.seed}'}"
     # disable=None: bars on a terminal only, not in logs and pipes
     bar = tqdm(
@@ -109,11 +109,11 @@ def measure_cells(
     )
     finished = 0
     with bar:
-        for unit in work:
-            bar.set_description(f"eval {label} {unit_name(unit)}")
+        for group in work:
+            bar.set_description(f"eval {label} {group_name(group)}")
             began = time.perf_counter()
             try:
-                correct = _run_unit(model, unit, subject, config, data, bar)
+                correct = _run_group(model, group, subject, config, data, bar)
             except AttackAuditError as err:  # `err` names the cell
                 log.error("error: %s (not recorded)", err)
                 yield AuditFailed(str(err))
@@ -127,15 +127,15 @@ def measure_cells(
                     raise
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 raise UserError(
-                    f"defense {subject.run} on {data.dataset} failed in the cell {unit_name(unit)} "
+                    f"defense {subject.run} on {data.dataset} failed in the cell {group_name(group)} "
                     f"({type(err).__name__}: {reason}); the {finished} cells finished before it are "
                     "kept in the records: fix its forward and run again to compute the rest"
                 ) from None
-            finished += len(unit)
-            seconds = (time.perf_counter() - began) / len(unit)
+            finished += len(group)
+            seconds = (time.perf_counter() - began) / len(group)
             rows = [
                 _row(context, cell, data, bits, seconds, config)
-                for cell, bits in zip(unit, correct, strict=True)
+                for cell, bits in zip(group, correct, strict=True)
             ]
             yield CellsDone(rows, correct)
 
@@ -203,15 +203,15 @@ def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds
     }
 
 
-def _run_unit(
-    model: nn.Module, unit: list[Cell], subject: Subject, config: EvalConfig, data: EvalData, bar
-) -> list:
-    """Per-example correctness (bool, test-subset order) for each cell of the unit; on a GPU
+def _run_group(
+    model: nn.Module, group: list[Cell], subject: Subject, config: EvalConfig, data: EvalData, bar: tqdm
+) -> list[np.ndarray]:
+    """Per-example correctness (bool, test-subset order) for each cell of the group; on a GPU
     out of memory, retried with half the batch size (unless the size was given)."""
     batch_size = _batch_size(config)
     while True:
         try:
-            return _correct(model, unit, subject, config, data, batch_size, bar)
+            return _correct(model, group, subject, config, data, batch_size, bar)
         except torch.cuda.OutOfMemoryError:
             if config.batch_size is not None or batch_size == 1:
                 raise UserError(
@@ -222,17 +222,25 @@ def _run_unit(
             log.warning("out of GPU memory: retrying with batch size %d", batch_size)
 
 
-def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.ndarray]:
-    cell, device = unit[0], torch.device(config.device)
+def _correct(
+    model: nn.Module,
+    group: list[Cell],
+    subject: Subject,
+    config: EvalConfig,
+    data: EvalData,
+    batch_size: int,
+    bar: tqdm,
+) -> list[np.ndarray]:
+    cell, device = group[0], torch.device(config.device)
     pert = perturbation(cell.perturbation)
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
     remap = None
     if pert.kind == NOISE and preset(config.preset).noise_normalisation == PER_FILE:
         remap = _file_normalization(model, *data.file_stats(cell.perturbation))
-    eps = [c.eps_255 / 255 for c in unit]
+    eps = [c.eps_255 / 255 for c in group]
     who = f"ensemble of {subject.members}" if subject.members > 1 else f"seed {subject.seed}"
-    what = f"{subject.run} {data.dataset} {who} {unit_name(unit)}"
-    out: list[list[Tensor]] = [[] for _ in unit]
+    what = f"{subject.run} {data.dataset} {who} {group_name(group)}"
+    out: list[list[Tensor]] = [[] for _ in group]
     for index, (x, y) in enumerate(data.batches(cell, batch_size, device)):
         x = x.contiguous(memory_format=memory)
         if pert.randomized:  # its random numbers depend on (seed, model seed, radius, batch) only
@@ -244,7 +252,7 @@ def _correct(model, unit, subject, config, data, batch_size, bar) -> list[np.nda
             if pert.kind == ATTACK:
                 audit(x_in, x, pert.reach(config, e), what)
             out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
-        bar.update(units_cost(unit, len(y), config))
+        bar.update(group_cost(group, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]
 
 

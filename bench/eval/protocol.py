@@ -1,6 +1,6 @@
 """The protocol as data: `EvalConfig` (preset, radii in 1/255, steps, subsets, extras),
-the cells it asks for, the subject they measure, and how cells group into units of work
-(one pass over the data) and what those cost."""
+the cells it asks for, the subject they measure, and how cells form groups (those computed
+in one pass over the data) and what those cost."""
 
 from __future__ import annotations
 
@@ -223,8 +223,8 @@ def protocol_cells(config: EvalConfig) -> list[Cell]:
     return list(dict.fromkeys(cells))
 
 
-def units(cells: Sequence[Cell]) -> list[list[Cell]]:
-    """Units of work, in protocol order: the cells of a perturbation that shares one pass
+def cell_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Groups of cells, in protocol order: the cells of a perturbation that shares one pass
     over the data between its radii (FGSM's gradient) together, every other cell alone."""
     work: list[list[Cell]] = []
     shared: dict[str, list[Cell]] = {}
@@ -239,20 +239,20 @@ def units(cells: Sequence[Cell]) -> list[list[Cell]]:
     return work
 
 
-def unit_passes(unit: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float, float]:
-    """(forward, forward+backward) image passes of a unit of `n` images."""
-    return perturbation(unit[0].perturbation).passes(n, len(unit), config)
+def group_passes(group: Sequence[Cell], n: int, config: EvalConfig) -> tuple[float, float]:
+    """(forward, forward+backward) image passes of a group of `n` images."""
+    return perturbation(group[0].perturbation).passes(n, len(group), config)
 
 
-def units_cost(unit: Sequence[Cell], n: int, config: EvalConfig) -> float:
-    forward, gradient = unit_passes(unit, n, config)
+def group_cost(group: Sequence[Cell], n: int, config: EvalConfig) -> float:
+    forward, gradient = group_passes(group, n, config)
     return forward * FORWARD + gradient * FORWARD_BACKWARD
 
 
-def unit_name(unit: list[Cell]) -> str:
-    cell = unit[0]
+def group_name(group: list[Cell]) -> str:
+    cell = group[0]
     if perturbation(cell.perturbation).kind == ATTACK:
-        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in unit)}"
+        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255:g}' for c in group)}"
     return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
 
 

@@ -294,14 +294,4 @@ def check_results_dir(results_dir: str | os.PathLike) -> Path:
     return path
 
 
-def check_store(results_dir: str | os.PathLike) -> bool:
-    """Whether a store exists in `results_dir`; a corrupt or unreadable one is an error."""
-    path = Path(results_dir) / DB_FILE
-    if not path.is_file():
-        return False
-    with closing(open_store(path, readonly=True)) as db:
-        check_integrity(db, path)
-    return True
-
-
 # --- opening, checking and reading the store ----------------------------------------

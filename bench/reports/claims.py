@@ -447,13 +447,13 @@ def share_claim_rows(
         & (published["metric"] == "share_above_0.01")
         & published["dataset"].isin(datasets)
     ]
-    mine = coefficients[paper_panels(coefficients, published, preset)]
+    paper_runs = coefficients[paper_panels(coefficients, published, preset)]
     bootstrap = bootstrap or stats.Bootstrap()
     rows = []
     for dataset, model, paper in zip(
         published["dataset"], published["model"], published["value"], strict=True
     ):
-        runs = mine[(mine["dataset"] == dataset) & (mine["model"] == model)]
+        runs = paper_runs[(paper_runs["dataset"] == dataset) & (paper_runs["model"] == model)]
         shares = (
             pd.concat([seed_shares(r) for _, r in runs.groupby("run")]) if len(runs) else seed_shares(runs)
         )

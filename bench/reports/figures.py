@@ -150,7 +150,7 @@ def _examples(
     """(title, true class, panels, rightness per model) of each image recorded for both
     models of `pair` ((run, model)): the clean image `index`, else the paper's noise
     images, else the same two clean; each model's latest landscape of it."""
-    mine = grid[(grid["dataset"] == dataset) & (grid["seed"] == seed)]
+    grid_rows = grid[(grid["dataset"] == dataset) & (grid["seed"] == seed)]
     if index is not None:
         choices = [[(LANDSCAPE_CLEAN, index)]]
     else:
@@ -162,7 +162,11 @@ def _examples(
         found = []
         for group, row in images:
             rows = [
-                mine[(mine["run"] == run) & (mine["image_group"] == group) & (mine["image_row"] == row)]
+                grid_rows[
+                    (grid_rows["run"] == run)
+                    & (grid_rows["image_group"] == group)
+                    & (grid_rows["image_row"] == row)
+                ]
                 for run, _ in pair
             ]
             if any(r.empty for r in rows):
@@ -225,8 +229,10 @@ GAIN_METRICS = ("clean", "noise", "fgsm@2", "ifgsm@2", "pgd@2", "autoattack@2", 
 def gain_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     """Per model with an ensemble: the ensemble's accuracy minus the mean of its single
     models, per perturbation."""
-    mine = aggregated[aggregated["dataset"] == dataset]
-    wide = mine.pivot_table(index=["run", "model", "kind"], columns="metric", values="mean", aggfunc="first")
+    on_dataset = aggregated[aggregated["dataset"] == dataset]
+    wide = on_dataset.pivot_table(
+        index=["run", "model", "kind"], columns="metric", values="mean", aggfunc="first"
+    )
     with_ensemble = {(a, m) for a, m, k in wide.index if k == "ensemble"}
     runs = [r for r, _ in ordered(with_ensemble)]
     metrics = [m for m in GAIN_METRICS if m in wide.columns]
@@ -268,16 +274,16 @@ def gain_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
 def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     """Accuracy against the radius per attack, every single model, mean ± std over seeds;
     in the PGD panel the worst case (×) and AutoAttack (★) where recorded."""
-    mine = aggregated[(aggregated["dataset"] == dataset) & (aggregated["kind"] == "single")]
-    panels = [a for a in curves() if mine["metric"].str.startswith(a + "@").any()]
+    singles = aggregated[(aggregated["dataset"] == dataset) & (aggregated["kind"] == "single")]
+    panels = [a for a in curves() if singles["metric"].str.startswith(a + "@").any()]
     if not panels:
         return None
     figure, axes = panel_grid(len(panels), columns=len(panels), size=(4.0, 3.4))
-    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    runs = ordered(zip(singles["run"], singles["model"], strict=True))
     line = styles({m for _, m in runs})
     for ax, attack in zip(axes, panels, strict=True):
         for run, model in runs:
-            rows = _curve(mine, run, attack)
+            rows = _curve(singles, run, attack)
             if rows.empty:
                 continue
             ax.plot(
@@ -299,12 +305,12 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
             )
             if attack == "pgd":
                 for extra, marker in (("worst", "x"), ("autoattack", "*")):
-                    points = _curve(mine, run, extra)
+                    points = _curve(singles, run, extra)
                     ax.scatter(
                         points["eps"], points["mean"], marker=marker, s=40, color=colour(model), zorder=3
                     )
         ax.set_title(attack.upper() if attack != "uniform" else "uniform noise", fontsize=10)
-        ax.set_xticks(sorted(_curve(mine, None, attack)["eps"].unique()))
+        ax.set_xticks(sorted(_curve(singles, None, attack)["eps"].unique()))
         ax.set_xlabel("radius ε (1/255)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(bottom=0)
@@ -323,10 +329,11 @@ def robustness_figure(aggregated: pd.DataFrame, dataset: str) -> Figure | None:
     return figure
 
 
-def _curve(mine: pd.DataFrame, run: str | None, attack: str) -> pd.DataFrame:
+def _curve(singles: pd.DataFrame, run: str | None, attack: str) -> pd.DataFrame:
     """`attack`'s accuracy against the radius, of one run (None: every run)."""
-    rows = mine[
-        ((mine["run"] == run) if run is not None else True) & mine["metric"].str.startswith(attack + "@")
+    rows = singles[
+        ((singles["run"] == run) if run is not None else True)
+        & singles["metric"].str.startswith(attack + "@")
     ]
     rows = rows.assign(eps=rows["metric"].str.split("@").str[1].astype(float)).sort_values("eps")
     return rows.assign(std=rows["std"].fillna(0.0))
@@ -367,16 +374,16 @@ def severity_table(frame: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
 
 def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
     """Accuracy against the severity per noise group, every single model, mean ± std over seeds."""
-    mine = table[table["dataset"] == dataset]
-    if mine.empty:
+    on_dataset = table[table["dataset"] == dataset]
+    if on_dataset.empty:
         return None
     figure, axes = panel_grid(len(pooled_noise()), columns=len(pooled_noise()), size=(3.6, 3.2))
-    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    runs = ordered(zip(on_dataset["run"], on_dataset["model"], strict=True))
     line = styles({m for _, m in runs})
     for ax, group in zip(axes, pooled_noise(), strict=True):
         for run, model in runs:
             stats = (
-                mine[(mine["run"] == run) & (mine["group"] == group)]
+                on_dataset[(on_dataset["run"] == run) & (on_dataset["group"] == group)]
                 .groupby("severity")["value"]
                 .agg(["mean", "std"])
             )

@@ -90,7 +90,7 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
     def key_of(r) -> tuple:
         return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
 
-    mine = (
+    left_of_shown = (
         left_out[
             [
                 shown.get(key_of(r)) == r["run"] and r["metric"] in rows[key_of(r)][1]
@@ -100,7 +100,7 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
         if not left_out.empty
         else left_out
     )
-    phrases = left_out_phrases(mine, lambda r: rows[key_of(r)][0])
+    phrases = left_out_phrases(left_of_shown, lambda r: rows[key_of(r)][0])
     phrases += [
         f"{rows[(d, m, lam, k)][0]}: run {run} (n={int(n)}, {int(seeds)} {'members' if k == 'ensemble' else 'seeds'})"
         for d, m, lam, k, run, n, seeds in runs[~runs["chosen"]][
@@ -163,12 +163,12 @@ def leaderboard(
     the gates on these aggregates alone); `amplification`: (dataset, run, kind, preset) ->
     the stability stage's PGD amplification (bench.reports.stability). Accuracies in %."""
     # a sentinel for "no λ": NaN keys do not align between the pieces joined below
-    mine = aggregated[aggregated["preset"] == preset].fillna({"lambda_low": -1.0, "lambda_high": -1.0})
-    wide = mine.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")
-    seeds = mine.groupby(GROUP, dropna=False)["n"].max()
+    at_preset = aggregated[aggregated["preset"] == preset].fillna({"lambda_low": -1.0, "lambda_high": -1.0})
+    wide = at_preset.groupby([*GROUP, "metric"], dropna=False)["mean"].first().unstack("metric")
+    seeds = at_preset.groupby(GROUP, dropna=False)["n"].max()
     # the entry's test subset is its clean cells' (AutoAttack may use a subset of it)
     n_test = (
-        mine.assign(clean=mine["metric"] == "clean")
+        at_preset.assign(clean=at_preset["metric"] == "clean")
         .sort_values("clean")
         .groupby(GROUP, dropna=False)["n_test"]
         .last()
@@ -176,7 +176,7 @@ def leaderboard(
     metrics = leaderboard_metrics()
     wide = wide.reindex(columns=sorted(set(wide.columns) | set(metrics) | {rank_by}))
     if gates is None:
-        gates = sanity.summary(sanity.record_gates(mine))
+        gates = sanity.summary(sanity.record_gates(at_preset))
     verdict = gates.fillna({"lambda_low": -1.0, "lambda_high": -1.0}).set_index(GROUP)[
         ["flags", "unchecked", "unreliable"]
     ]
@@ -193,7 +193,7 @@ def leaderboard(
     entries = list(zip(board["dataset"], board["run"], board["kind"], strict=True))
     board["name"] = board["run"] + board["kind"].map({"single": "", "ensemble": " (ensemble)"})
     board["data_source"] = [";".join(sorted(sources.get(e, ()))) for e in entries]
-    every = mine.groupby(GROUP, dropna=False)[["metric", "mean"]].apply(
+    every = at_preset.groupby(GROUP, dropna=False)[["metric", "mean"]].apply(
         lambda f: dict(zip(f["metric"], f["mean"], strict=True))
     )
     board["measured"] = [every.get(k, {}) for k in zip(*(board[c] for c in GROUP), strict=True)]

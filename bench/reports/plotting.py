@@ -119,17 +119,17 @@ def panel_grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3
 
 
 def line_panels(
-    mine: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]
+    frame: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]
 ) -> tuple[Figure, list]:
-    """A row of panels, a line per (run, model) of `mine` with a band: `rows_of(rows,
+    """A row of panels, a line per (run, model) of `frame` with a band: `rows_of(rows,
     panel)` picks a run's rows of a panel, `curve(rows)` gives (x, middle, low, high)."""
     figure, axes = panel_grid(len(panels), columns=len(panels), size=size)
-    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    runs = ordered(zip(frame["run"], frame["model"], strict=True))
     line = styles({m for _, m in runs})
     one_run_each = len({m for _, m in runs}) == len(runs)
     for ax, panel in zip(axes, panels, strict=True):
         for run, model in runs:
-            rows = rows_of(mine[mine["run"] == run], panel)
+            rows = rows_of(frame[frame["run"] == run], panel)
             if rows.empty:
                 continue
             x, middle, low, high = curve(rows)
@@ -171,8 +171,8 @@ def seed_shares(rows: pd.DataFrame) -> pd.DataFrame:
     never = never_trained_blocks(rows["model"].iloc[0]) if len(rows) else 0
     init_above = rows["lambda_low"].iloc[0] > SHARE_THRESHOLD if len(rows) else True
     out = []
-    for seed, mine in rows.groupby("seed"):
-        above, blocks = int((mine["coefficient"] > SHARE_THRESHOLD).sum()), len(mine)
+    for seed, seed_rows in rows.groupby("seed"):
+        above, blocks = int((seed_rows["coefficient"] > SHARE_THRESHOLD).sum()), len(seed_rows)
         logged = 100 * (above + never) / (blocks + never) if init_above or never == 0 else math.nan
         out.append(
             {"seed": int(seed), "damped": 100 * above / blocks, "logged": logged, "blocks": blocks + never}
@@ -288,19 +288,19 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> 
     )
     figure, axes = panel_grid(len(runs))
     for ax, (dataset, run, model) in zip(axes, runs, strict=True):
-        mine = table[(table["dataset"] == dataset) & (table["run"] == run)]
-        for seed, points in mine.groupby("seed"):
+        run_rows = table[(table["dataset"] == dataset) & (table["run"] == run)]
+        for seed, points in run_rows.groupby("seed"):
             ax.scatter(
                 points["block"],
                 points["coefficient"],
                 s=9,
                 alpha=0.45,
                 color=colour(model),
-                label="seeds" if seed == mine["seed"].min() else None,
+                label="seeds" if seed == run_rows["seed"].min() else None,
             )
-        mean = mine.groupby("block")["coefficient"].mean()
+        mean = run_rows.groupby("block")["coefficient"].mean()
         ax.plot(mean.index, mean.values, color="black", linewidth=1.2, label="mean over seeds")
-        shares = seed_shares(mine)
+        shares = seed_shares(run_rows)
         damped, logged, blocks = (
             shares["damped"].mean(),
             shares["logged"].mean(),
@@ -309,7 +309,7 @@ def coefficients_figure(table: pd.DataFrame, published: pd.DataFrame | None) -> 
         counted = f"{damped:.1f}% of damped" + ("" if math.isnan(logged) else f", {logged:.1f}% of {blocks}")
         name = model_label(model) + ("" if run == model else f" ({run})")
         if published is None:
-            low, high = mine["lambda_low"].iloc[0], mine["lambda_high"].iloc[0]
+            low, high = run_rows["lambda_low"].iloc[0], run_rows["lambda_high"].iloc[0]
             title = f"{name}, λ~U[{low:.4g}, {high:.4g}], {dataset_label(dataset)}: > 0.01: {counted}"
         else:
             paper = published[(published["dataset"] == dataset) & (published["model"] == model)]["value"]
@@ -413,15 +413,15 @@ def training_table(folders: list[RunFolder]) -> pd.DataFrame:
 def training_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
     """Per run (mean over seeds): the training loss and test accuracy per epoch, and for the
     damped runs the coefficients' median per epoch with their 10-90% band over blocks."""
-    mine = table[table["dataset"] == dataset]
-    if mine.empty:
+    on_dataset = table[table["dataset"] == dataset]
+    if on_dataset.empty:
         return None
-    damped = mine["coefficient_median"].notna().any()
+    damped = on_dataset["coefficient_median"].notna().any()
     figure, axes = panel_grid(3 if damped else 2, columns=3, size=(4.0, 3.2))
-    runs = ordered(zip(mine["run"], mine["model"], strict=True))
+    runs = ordered(zip(on_dataset["run"], on_dataset["model"], strict=True))
     line = styles({m for _, m in runs})
     for run, model in runs:
-        curve = mine[mine["run"] == run].groupby("epoch").mean(numeric_only=True)
+        curve = on_dataset[on_dataset["run"] == run].groupby("epoch").mean(numeric_only=True)
         label = model_label(model) if len({m for _, m in runs}) == len(runs) else run
         style = {"color": colour(model), "linestyle": line[model], "marker": "o", "markersize": 2}
         axes[0].plot(curve.index, curve["train_loss"], label=label, **style)

@@ -29,15 +29,6 @@ from bench.reports import figures, plotting
 from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label, plain_counterpart
 
-PER_IMAGE = (
-    "amplification_fgsm",
-    "amplification_pgd",
-    "amplification_uniform",
-    "amplification_gaussian",
-    "contraction_share",
-    "damped_contraction_share",
-    "input_gradient",
-)
 # The table's columns: (metric, header, scale, decimals)
 TABLE = (
     ("amplification_pgd", "amplification (PGD δ)", 1.0, 3),
@@ -54,10 +45,10 @@ def per_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
     rows: list[dict] = []
     if frame.empty:
         return pd.DataFrame(rows, columns=[*CHECKPOINT, "n", "metric", "value", "per_image"])
-    for key, mine in chosen_units(frame).groupby(CHECKPOINT, dropna=False):
+    for key, checkpoint_rows in chosen_units(frame).groupby(CHECKPOINT, dropna=False):
         base = dict(zip(CHECKPOINT, key, strict=True))
-        n = int(mine["n"].max())
-        for metric, values in _figures(mine).items():
+        n = int(checkpoint_rows["n"].max())
+        for metric, values in _figures(checkpoint_rows).items():
             value = float(np.nanmean(values)) if isinstance(values, np.ndarray) else values
             rows.append(
                 {
@@ -76,25 +67,27 @@ def _matrix(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(rows["values"].to_list()).astype(np.float64), rows["damped"].to_numpy().astype(bool)
 
 
-def _figures(mine: pd.DataFrame) -> dict:
+def _figures(checkpoint_rows: pd.DataFrame) -> dict:
     out: dict = {}
     for delta in DELTAS:
-        rows = mine[(mine["quantity"] == GROWTH) & (mine["perturbation"] == delta)]
+        rows = checkpoint_rows[
+            (checkpoint_rows["quantity"] == GROWTH) & (checkpoint_rows["perturbation"] == delta)
+        ]
         if len(rows):
             growth, _ = _matrix(rows)
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[f"amplification_{delta}"] = growth[-2] / growth[0]  # after the last block over the stem
-    rows = mine[mine["quantity"] == SPECTRAL]
+    rows = checkpoint_rows[checkpoint_rows["quantity"] == SPECTRAL]
     if len(rows):
         sigma, damped = _matrix(rows)
         out["median_spectral_norm"] = float(np.median(np.median(sigma, axis=1)))
         out["contraction_share"] = (sigma < 1).mean(0)
         if damped.any():
             out["damped_contraction_share"] = (sigma[damped] < 1).mean(0)
-    rows = mine[mine["quantity"] == EIGEN]
+    rows = checkpoint_rows[checkpoint_rows["quantity"] == EIGEN]
     if len(rows):
         out["median_shifted_eigenvalue"] = float(np.median(np.median(_matrix(rows)[0], axis=1)))
-    rows = mine[mine["quantity"] == GRADIENT]
+    rows = checkpoint_rows[checkpoint_rows["quantity"] == GRADIENT]
     if len(rows):
         out["input_gradient"] = _matrix(rows)[0][0]
     return out
@@ -107,14 +100,14 @@ def stability_table(checkpoints: pd.DataFrame, aggregated: pd.DataFrame, preset:
     """Per data set and run (single models, then ensembles, which have the input gradient
     only): mean and std over seeds of each TABLE metric, the FGSM accuracy at 2/255 beside
     the gradient norm, seeds (an ensemble: 1) and images."""
-    mine = checkpoints[checkpoints["preset"] == preset]
-    if mine.empty:
+    at_preset = checkpoints[checkpoints["preset"] == preset]
+    if at_preset.empty:
         return pd.DataFrame()
-    mine = mine.assign(kind=np.where(mine["members"] > 1, "ensemble", "single"))
+    at_preset = at_preset.assign(kind=np.where(at_preset["members"] > 1, "ensemble", "single"))
     entry = ["dataset", "run", "model", "kind"]
-    stats_ = mine.groupby([*entry, "metric"])["value"].agg(["mean", "std"]).unstack("metric")
-    seeds = mine.groupby(entry)["seed"].nunique()
-    images = mine.groupby(entry)["n"].max()
+    stats_ = at_preset.groupby([*entry, "metric"])["value"].agg(["mean", "std"]).unstack("metric")
+    seeds = at_preset.groupby(entry)["seed"].nunique()
+    images = at_preset.groupby(entry)["n"].max()
     fgsm = aggregated[(aggregated["preset"] == preset) & (aggregated["metric"] == "fgsm@2")]
     fgsm = fgsm.groupby(["dataset", "run", "kind"])["mean"].first()
     table = pd.DataFrame(index=stats_.index)
@@ -224,12 +217,12 @@ def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstra
     (the same depth and family) on each data set: the difference of the means over seeds
     and images, a 95% interval (bootstrap over seeds and images, paired on images when both
     were measured on the same ones), and the verdict against the expected sign."""
-    mine = checkpoints[(checkpoints["preset"] == preset) & (checkpoints["members"] == 1)]
+    singles = checkpoints[(checkpoints["preset"] == preset) & (checkpoints["members"] == 1)]
     rows = []
     registered = set(list_models())
     for claim in STABILITY_CLAIMS:
-        for dataset in sorted(set(mine["dataset"])):
-            here = mine[mine["dataset"] == dataset]
+        for dataset in sorted(set(singles["dataset"])):
+            here = singles[singles["dataset"] == dataset]
             for model in sorted(
                 m for m in set(here["model"]) if m in registered and model_entry(m).rule == claim.rule
             ):
@@ -258,12 +251,13 @@ def claim_rows(checkpoints: pd.DataFrame, preset: str, bootstrap: stats.Bootstra
 
 def _samples(rows: pd.DataFrame, model: str, metric: str) -> list[np.ndarray]:
     """Per seed, the per-image values of `metric` of the model's run with the most seeds."""
-    mine = rows[(rows["model"] == model) & (rows["metric"] == metric)]
-    if mine.empty:
+    model_rows = rows[(rows["model"] == model) & (rows["metric"] == metric)]
+    if model_rows.empty:
         return []
-    run = mine.groupby("run")["seed"].nunique().sort_index().idxmax()
+    run = model_rows.groupby("run")["seed"].nunique().sort_index().idxmax()
     return [
-        np.asarray(v, dtype=np.float64) for v in mine[mine["run"] == run].sort_values("seed")["per_image"]
+        np.asarray(v, dtype=np.float64)
+        for v in model_rows[model_rows["run"] == run].sort_values("seed")["per_image"]
     ]
 
 
@@ -309,9 +303,9 @@ def growth_figure(
     """Relative perturbation against the level (0 stem, blocks, logits), a panel per δ, a
     line per run of a single model: the mean over seeds and images, the band its 95%
     interval (bootstrap over seeds and images). `frame`: `chosen` stability rows."""
-    mine = _single(frame, dataset, preset)
-    mine = mine[mine["quantity"] == GROWTH]
-    panels = [d for d in DELTAS if (mine["perturbation"] == d).any()]
+    singles = _single(frame, dataset, preset)
+    singles = singles[singles["quantity"] == GROWTH]
+    panels = [d for d in DELTAS if (singles["perturbation"] == d).any()]
     if not panels:
         return None
 
@@ -342,7 +336,7 @@ def growth_figure(
         )
 
     figure, axes = plotting.line_panels(
-        mine, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve, size=(4.0, 3.4)
+        singles, panels, lambda rows, delta: rows[rows["perturbation"] == delta], curve, size=(4.0, 3.4)
     )
     titles = {"pgd": "PGD-20 δ", "fgsm": "FGSM δ", "uniform": "uniform δ", "gaussian": "Gaussian δ"}
     for ax, delta in zip(axes, panels, strict=True):
@@ -359,8 +353,8 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
     """Per block: the spectral norm of ∂g_n/∂x and the rightmost real part of the
     eigenvalues of ∂g_n/∂x - I, a line per run (median over seeds' images), the band the
     2.5-97.5% range over images. `frame`: `chosen` stability rows."""
-    mine = _single(frame, dataset, preset)
-    panels = [q for q in (SPECTRAL, EIGEN) if (mine["quantity"] == q).any()]
+    singles = _single(frame, dataset, preset)
+    panels = [q for q in (SPECTRAL, EIGEN) if (singles["quantity"] == q).any()]
     if not panels:
         return None
 
@@ -378,7 +372,7 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
         )
 
     figure, axes = plotting.line_panels(
-        mine, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve, size=(4.6, 3.4)
+        singles, panels, lambda rows, quantity: rows[rows["quantity"] == quantity], curve, size=(4.6, 3.4)
     )
     for ax, quantity in zip(axes, panels, strict=True):
         ax.axhline(1.0 if quantity == SPECTRAL else 0.0, color="black", linewidth=0.6, linestyle=":")
@@ -394,9 +388,9 @@ def spectral_figure(frame: pd.DataFrame, dataset: str, preset: str) -> Figure | 
     return figure
 
 
-def _single(mine: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
-    """The single models' rows of one data set and preset; `mine`: already `chosen`."""
-    return mine[(mine["dataset"] == dataset) & (mine["preset"] == preset) & (mine["members"] == 1)]
+def _single(chosen: pd.DataFrame, dataset: str, preset: str) -> pd.DataFrame:
+    """The single models' rows of one data set and preset of `chosen` (chosen_units' rows)."""
+    return chosen[(chosen["dataset"] == dataset) & (chosen["preset"] == preset) & (chosen["members"] == 1)]
 
 
 def drawn(frame: pd.DataFrame, preset: str) -> list:
@@ -413,26 +407,26 @@ def drawn(frame: pd.DataFrame, preset: str) -> list:
 
 def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -> list[tuple]:
     """(stem, figure or None, caption) of each data set's two stability figures."""
-    mine = chosen_units(frame)
+    chosen = chosen_units(frame)
     out: list[tuple] = []
-    if mine.empty:
+    if chosen.empty:
         return out
-    mine = mine[mine["preset"] == preset]
-    for dataset in sorted(set(mine["dataset"])):
-        name, n = dataset_label(dataset), int(mine.loc[mine["dataset"] == dataset, "n"].max())
+    chosen = chosen[chosen["preset"] == preset]
+    for dataset in sorted(set(chosen["dataset"])):
+        name, n = dataset_label(dataset), int(chosen.loc[chosen["dataset"] == dataset, "n"].max())
         radii = "/".join(
             f"{e:g}"
             for e in sorted(
-                set(mine.loc[(mine["dataset"] == dataset) & (mine["quantity"] == GROWTH), "eps_255"])
+                set(chosen.loc[(chosen["dataset"] == dataset) & (chosen["quantity"] == GROWTH), "eps_255"])
             )
         )
-        params = mine[(mine["dataset"] == dataset) & (mine["quantity"] == SPECTRAL)]["params"]
+        params = chosen[(chosen["dataset"] == dataset) & (chosen["quantity"] == SPECTRAL)]["params"]
         estimator = params.iloc[0] if len(params) else "-"
-        krylov = mine[(mine["dataset"] == dataset) & (mine["quantity"] == EIGEN)]["params"]
+        krylov = chosen[(chosen["dataset"] == dataset) & (chosen["quantity"] == EIGEN)]["params"]
         out += [
             (
                 f"stability_growth_{dataset}",
-                growth_figure(mine, dataset, preset, bootstrap),
+                growth_figure(chosen, dataset, preset, bootstrap),
                 f"Perturbation growth through depth on {name}: ‖h_n(x+δ) - h_n(x)‖₂ / ‖h_n(x)‖₂ at the stem, after each "
                 f"block and at the logits, for the FGSM and PGD-20 δ, uniform noise and Gaussian noise (std = radius) at "
                 f"{radii}/255, on {n} class-balanced test images; the mean over seeds and images, the band its "
@@ -440,7 +434,7 @@ def figure_specs(frame: pd.DataFrame, preset: str, bootstrap: stats.Bootstrap) -
             ),
             (
                 f"stability_spectral_{dataset}",
-                spectral_figure(mine, dataset, preset),
+                spectral_figure(chosen, dataset, preset),
                 f"Local stability of each block map g_n on {name}, on {n} class-balanced test images: the spectral norm "
                 f"of ∂g_n/∂x by power iteration on JᵀJ with Rayleigh-Ritz over its iterates ({estimator}) and the rightmost real part of the eigenvalues of "
                 f"∂g_n/∂x - I by Arnoldi ({krylov.iloc[0] if len(krylov) else '-'}; square blocks only); the median "

@@ -497,13 +497,15 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     for _, cells in filled.groupby(["block", "row"], sort=False):
         first = cells.iloc[0].to_dict()
         init = lambda_key((first["lambda_low"], first["lambda_high"]))
-        mine = runs[
+        interval_runs = runs[
             (runs["dataset"] == first["dataset"])
             & (runs["model"] == first["model"])
             & keys.map(lambda key, init=init: key == init).astype(bool)
         ]
-        mine = mine[mine["status"].isin(["finished", "failed"])]  # not running, nor deleted
-        failed = float((mine["status"] == "failed").sum()) if len(mine) else math.nan
+        interval_runs = interval_runs[
+            interval_runs["status"].isin(["finished", "failed"])
+        ]  # not running, nor deleted
+        failed = float((interval_runs["status"] == "failed").sum()) if len(interval_runs) else math.nan
         paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
         rows.append(
             {
@@ -512,7 +514,7 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                 "metric": "failed",
                 "mean": failed,
                 "std": math.nan,
-                "n": len(mine),
+                "n": len(interval_runs),
                 "paper": paper,
                 "delta": failed - paper,
             }

@@ -435,8 +435,8 @@ def write_reports(
     leaves the old reports whole."""
     results = Path(results_dir)
     m = measured(results, steps)
-    mine = m.aggregated[m.aggregated["preset"] == preset]
-    left_mine = m.left_out[m.left_out["preset"] == preset]
+    at_preset = m.aggregated[m.aggregated["preset"] == preset]
+    left_at_preset = m.left_out[m.left_out["preset"] == preset]
     texts: dict[Path, str | bytes] = {results / SNAPSHOT_FILE: m.everything.to_csv(index=False)}
     evidence = Evidence(m, stats.Bootstrap())
     tables = {}
@@ -449,7 +449,12 @@ def write_reports(
         tables[number] = filled
         texts.update(
             _table_texts(
-                results / "tables", number, filled, left_out_note(specs, mine, left_mine), preset, others
+                results / "tables",
+                number,
+                filled,
+                left_out_note(specs, at_preset, left_at_preset),
+                preset,
+                others,
             )
         )
         for other in presets_with_runs(m.aggregated, preset)[1:]:  # every other preset's, against the paper
@@ -460,10 +465,12 @@ def write_reports(
             texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(
                 number, theirs, other, others=rest
             )
-    specs = all_attacks_slots(m.frame, mine)
+    specs = all_attacks_slots(m.frame, at_preset)
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(
-        _table_texts(results / "tables", "3_all", filled, left_out_note(specs, mine, left_mine), preset)
+        _table_texts(
+            results / "tables", "3_all", filled, left_out_note(specs, at_preset, left_at_preset), preset
+        )
     )
     texts.update(sanity_texts(results, m, preset))
     checkpoints = stability.per_checkpoint(m.stability)
@@ -494,7 +501,7 @@ def write_reports(
     texts[results / "REPORT.md"] = render_report(
         m, tables, preset, steps, evidence, drawn, shares, mechanism, board
     )
-    texts.update(leaderboard_texts(results, board, left_mine))
+    texts.update(leaderboard_texts(results, board, left_at_preset))
     return write_all(rehearsal_marked(texts) if m.rehearsal else texts)
 
 

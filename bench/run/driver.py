@@ -234,17 +234,17 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(
         ["perturbation", "eps_255", "severity"], keep="last"
     )
-    mine = with_pooled_noise(frame)
+    cells = with_pooled_noise(frame)
 
     def pct(rows) -> str:
         return f"{100 * rows['accuracy'].mean():.1f}" if len(rows) else "-"
 
-    parts = [f"clean {pct(mine[mine['perturbation'] == 'clean'])}"]
-    parts.append(f"noise {pct(mine[mine['perturbation'].isin(pooled_noise()) & (mine['severity'] == 0)])}")
+    parts = [f"clean {pct(cells[cells['perturbation'] == 'clean'])}"]
+    parts.append(f"noise {pct(cells[cells['perturbation'].isin(pooled_noise()) & (cells['severity'] == 0)])}")
     for kind in dict.fromkeys(
         c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK
     ):
-        rows = mine[mine["perturbation"] == kind].sort_values("eps_255")
+        rows = cells[cells["perturbation"] == kind].sort_values("eps_255")
         if len(rows):
             radii = "/".join(f"{e:g}" for e in rows["eps_255"])
             parts.append(f"{kind}@{radii}/255 " + "/".join(f"{100 * a:.1f}" for a in rows["accuracy"]))

@@ -21,7 +21,7 @@ from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
 from bench.data.splits import TrainingSets
 from bench.eval.landscape import image_count, image_passes
-from bench.eval.protocol import protocol_cells, unit_passes, units
+from bench.eval.protocol import cell_groups, group_passes, protocol_cells
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
@@ -111,13 +111,13 @@ def _measure_cost(todo: ToDo, task: Task, tasks: list[Task], rates: Rates) -> di
         work = todo.decide(task).work
         todo_cells = list(work.cells) if work is not None else []
         stage = list(work.stability) if work is not None and "stability" in stages else []
-        drawn = len(work.landscapes) if work is not None else 0
+        n_landscapes = len(work.landscapes) if work is not None else 0
     else:  # checkpoints still to come: all of their cells and units
         todo_cells = protocol_cells(task.eval) if "eval" in stages else []
         stage = stage_units(len(members)) if "stability" in stages else []
-        drawn = image_count(task.landscape) if "stability" in stages and task.landscape else 0
+        n_landscapes = image_count(task.landscape) if "stability" in stages and task.landscape else 0
     return _work_cost(
-        todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates, drawn
+        todo, task, len(members), todo_cells, stage, len(stage_units(len(members))), rates, n_landscapes
     )
 
 
@@ -143,23 +143,23 @@ def _work_cost(
     stage: list,
     units_all: int,
     rates: Rates,
-    drawn: int = 0,
+    n_landscapes: int = 0,
 ) -> dict:
     """The seconds of `cells` on `members` networks, of the stability units `stage` and of
-    `drawn` Fig. 2 landscapes (the stability stage's too)."""
+    `n_landscapes` of Fig. 2 (the stability stage's too)."""
     config, data, stages = task.eval, todo.data(task), todo.options.stages
     seconds = 0.0
-    for unit in units(cells):
-        forward, gradient = unit_passes(unit, data.n(unit[0]), config)
+    for group in cell_groups(cells):
+        forward, gradient = group_passes(group, data.n(group[0]), config)
         seconds += members * (forward / rates.forward + gradient / rates.gradient)
     cached = len(protocol_cells(config)) - len(cells) if "eval" in stages else 0
     cells_seconds = seconds
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, task.stability), task.stability, config)
         seconds += forward / rates.forward + gradient / rates.gradient
-    if drawn:
+    if n_landscapes:
         forward, gradient = image_passes(task.landscape)
-        seconds += drawn * (forward / rates.forward + gradient / rates.gradient)
+        seconds += n_landscapes * (forward / rates.forward + gradient / rates.gradient)
     stable_cached = units_all - len(stage) if "stability" in stages else 0
     return {
         **_cost(0, len(cells), cached, 0.0, seconds),
@@ -214,7 +214,7 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
             jobs.append(task.job)
     rows = []
     for job in jobs:
-        mine = frame[[t.job == job for t in tasks]]
+        job_rows = frame[[t.job == job for t in tasks]]
         ensemble = next((t for t in tasks if t.job == job and t.kind == ENSEMBLE), None)
         rows.append(
             {
@@ -224,12 +224,12 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
                 "dataset": job.dataset,
                 "seeds": len({t.seed for t in tasks if t.job == job and t.kind != ENSEMBLE}),
                 "ensemble": _ensemble_cells(ensemble) if ensemble else "",
-                "to train": int(mine["to train"].sum()),
-                "cells to run": int(mine["cells to run"].sum()),
-                "cached": int(mine["cached"].sum()),
-                "train": _duration(mine["train"].sum()),
-                "eval": _duration(mine["eval"].sum()),
-                "total": _duration(mine["seconds"].sum()),
+                "to train": int(job_rows["to train"].sum()),
+                "cells to run": int(job_rows["cells to run"].sum()),
+                "cached": int(job_rows["cached"].sum()),
+                "train": _duration(job_rows["train"].sum()),
+                "eval": _duration(job_rows["eval"].sum()),
+                "total": _duration(job_rows["seconds"].sum()),
             }
         )
     seconds = dict(zip(frame["task"], frame["seconds"], strict=True))
@@ -297,9 +297,9 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     smaller = (
         [f"{name} on {_capped(n, own.get(name, n), n_test)}" for name, n in config.subsets] if config else []
     )
-    stable = next((t.stability for t in tasks if t.stability is not None), None)
-    if "stability" in options.stages and stable is not None:
-        smaller.append(f"stability on {_capped(stable.n, stable.n, n_test)}")
+    stability = next((t.stability for t in tasks if t.stability is not None), None)
+    if "stability" in options.stages and stability is not None:
+        smaller.append(f"stability on {_capped(stability.n, stability.n, n_test)}")
     return (
         f"plan: suite {suite.name} ({suite.description}), preset {options.preset}, device {device}; "
         f"{_count(len(jobs), 'job')}, {_count(len(tasks), 'task')} ({kinds[TRAIN]} to train, {kinds[MEASURE]} to "

@@ -155,7 +155,7 @@ class Processes:
 
 
 class RayExecutor:
-    """Ray tasks (streaming generators, so each unit of work reaches the driver when
+    """Ray tasks (streaming generators, so each finished piece reaches the driver when
     done). Ray's own retries are off: a crashed task comes back as Crashed and the
     driver resubmits it with what is still missing."""
 

@@ -160,6 +160,7 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
     radii = options.radii_255 or study.radii_255
     ensemble = (options.radii_255 or study.ensemble_radii_255) if study.ensemble_radii_255 else ()
     for name in names:
+        inits: tuple[tuple[float, float] | None, ...]
         if not has_lambda(name):
             inits = (None,)
         elif options.lambda_init:
@@ -191,7 +192,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
     first, as one process runs them; executors with more workers start what is ready),
     each with its configs (an option a config refuses: one error line now)."""
     resources = task_resources(suite, device)
-    stable = stability_config(suite, options)
+    stability = stability_config(suite, options)
     trains, measures = [], []
     if any(job.defense is not None for job in jobs):
         return [
@@ -203,7 +204,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
                 (),
                 resources,
                 eval=eval_config(job, suite, options, device),
-                stability=stable,
+                stability=stability,
             )
             for job in jobs
         ]
@@ -219,9 +220,9 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
         trains += trained if "train" in options.stages else []
         if not {"eval", "check", "stability"} & set(options.stages):
             continue
-        drawn = landscape_config(options) if drawn_for(job.model) else None
+        landscape = landscape_config(options) if drawn_for(job.model) else None
         measures += [
-            Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stable, drawn)
+            Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stability, landscape)
             for s in seeds
         ]
         if job.ensemble_radii_255 and len(seeds) >= 2:
@@ -234,7 +235,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
                     sum(waits.values(), ()),
                     resources,
                     eval=eval_config(job, suite, options, device, ensemble=True),
-                    stability=stable,
+                    stability=stability,
                 )
             )
     return trains + measures

@@ -148,15 +148,15 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     frame = _timed_cells(results_dir)
     if frame is None:
         return None
-    mine = frame[
+    timed = frame[
         (frame["model"] == model)
         & (frame["device"] == name)
         & (frame["seconds"] > 0)
         & (frame["members"] == 1)
     ]
-    forward_cells = mine[mine["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
-    iterative = mine[
-        mine["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))
+    forward_cells = timed[timed["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
+    iterative = timed[
+        timed["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))
     ]  # steps in params
     if not len(forward_cells) or not len(iterative):
         return None
@@ -165,7 +165,7 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     gradient_seconds = (iterative["seconds"] - iterative["n"] / forward).clip(lower=1e-9)
     gradient = statistics.median(iterative["n"] * steps / gradient_seconds)
     return Rates(
-        statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(mine)} cells)"
+        statistics.median(train), forward, gradient, f"recorded ({len(train)} runs, {len(timed)} cells)"
     )
 
 

@@ -119,10 +119,12 @@ class ToDo:
             todo = cells_todo(context, task.eval, self.data(task), self.store, asked)
             decision.cached = len(asked) - len(todo)
         checks, transfer = self._checks_todo(task, context) if "check" in stages else ((), None)
-        stable = self._stability_todo(task, context, decision) if "stability" in stages else []
-        drawn = self._landscapes_todo(task, context) if "stability" in stages and task.landscape else []
-        if todo or checks or stable or drawn:
-            decision.work = self._work(task, members, digest, todo, checks, transfer, stable, drawn)
+        stability_units = self._stability_todo(task, context, decision) if "stability" in stages else []
+        landscapes = self._landscapes_todo(task, context) if "stability" in stages and task.landscape else []
+        if todo or checks or stability_units or landscapes:
+            decision.work = self._work(
+                task, members, digest, todo, checks, transfer, stability_units, landscapes
+            )
         return decision
 
     def _work(
@@ -133,8 +135,8 @@ class ToDo:
         todo: list,
         checks: tuple,
         transfer,
-        stable: list,
-        drawn: list,
+        stability_units: list,
+        landscapes: list,
     ) -> Work:
         options, defense = self.options, task.kind == DEFENSE
         folders = (
@@ -153,8 +155,8 @@ class ToDo:
             transfer_from=transfer and transfer[0],
             transfer_seed=transfer and transfer[1],
             files=files,
-            stability=tuple(stable),
-            landscapes=tuple(drawn),
+            stability=tuple(stability_units),
+            landscapes=tuple(landscapes),
             defense_sha256=digest if defense else "",
             **self.base,
         )

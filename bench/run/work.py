@@ -1,7 +1,7 @@
 """What a worker does with one task (bench.run.plan): train a checkpoint, or measure a seed's
 or an ensemble's cells and checks. A worker never writes the records: it yields what it
 finished (bench.eval.engine.CellsDone, AuditFailed; ChecksDone; bench.eval.stability.StabilityDone;
-Trained), one unit of work at
+Trained), one piece at
 a time, and the driver alone writes `records.sqlite`. Checkpoints are the exception:
 training writes them into the results dir with the atomic rules of bench.train.loop, and when
 the driver's results dir is not the worker's (a cluster without a shared file system),

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bench.core.presets import PRESET_NAMES, preset
+from bench.core.presets import preset
 from bench.data.datasets import dataset_info
 from bench.records.checkpoints import run_tag
 from models import CIFAR10_MEAN, ModelEntry, UserError
 
-PRESETS = PRESET_NAMES  # the protocol presets (bench.core.presets): each fixes its training choices here
 REHEARSAL = "rehearsal"  # the length of a `--rehearse` run (bench.run.rehearsal): part of its run tag
 LENGTHS = {
     "full": 1.0,
@@ -26,7 +25,6 @@ LENGTHS = {
 # smoke: 2 epochs; a rehearsal (`--rehearse`): 2 epochs, so the learning-rate schedule's
 # milestone is crossed, of a handful of steps each (its suite's small training subset)
 FIXED_EPOCHS = {"smoke": 2, REHEARSAL: 2}
-SMOKE_EPOCHS = FIXED_EPOCHS["smoke"]
 # A rehearsal's training log tests on the first 32 test images: the full CIFAR test set
 # would cost ResNeXt-29 minutes per epoch on a CPU, for a number that means nothing.
 REHEARSAL_TEST_IMAGES = 32
