@@ -117,10 +117,10 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
             store.add_ensemble(
                 digest, task.run_tag, task.job.dataset, dict(zip(task.seeds, members, strict=True))
             )
-        entry = model_entry(task.job.model)
+        entry = model_entry(task.job.name)
         low, high = task.job.lambda_init or entry.damped_lambda_init or (None, None)
         context = {
-            "model": task.job.model,
+            "model": task.job.name,
             "run": task.run_tag,
             "family": entry.family,
             "dataset": task.job.dataset,
@@ -168,7 +168,7 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
             )
             bits.append(correct)
         counts["cells"] += store.add_cells(rows, bits)
-        checks = [*CHECKS, *(("transfer",) if plain_counterpart(task.job.model) and not ensemble else ())]
+        checks = [*CHECKS, *(("transfer",) if plain_counterpart(task.job.name) and not ensemble else ())]
         store.add_checks(
             [
                 {
@@ -187,7 +187,7 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
             ]
         )
         counts["checks"] += len(checks)
-        _, damped, _ = models(task.job.model, task.job.dataset, task.job.lambda_init)
+        _, damped, _ = models(task.job.name, task.job.dataset, task.job.lambda_init)
         for unit in stage_units(len(task.seeds)):
             counts["stability units"] += _stability(
                 store, context, unit, damped, stable, config, test_digest, rng
@@ -198,10 +198,10 @@ def fill(results: Path, fraction: float, seed: int = 0) -> dict:
 def _checkpoint(results: Path, task, models: _Models, rng: np.random.Generator) -> str:
     """A finished checkpoint's meta.json (no weights) and its run row; returns its digest."""
     job = task.job
-    built, _, coefficients = models(job.model, job.dataset, job.lambda_init)
-    recipe = recipe_for(model_entry(job.model).family, job.dataset)
+    built, _, coefficients = models(job.name, job.dataset, job.lambda_init)
+    recipe = recipe_for(model_entry(job.name).family, job.dataset)
     meta = {
-        "model": job.model,
+        "model": job.name,
         "dataset": job.dataset,
         "seed": task.seed,
         "sha256": _hex(rng),

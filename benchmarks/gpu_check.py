@@ -297,7 +297,7 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
         tasks = plan_tasks(plan_jobs(spec, options), spec, options, device)
         base = flop_rates(measured, 1.0)
         scaled = {}
-        for model in {t.job.model for t in tasks}:
+        for model in {t.job.name for t in tasks}:
             factor = flop_rates(model, 1.0).forward / base.forward  # images/s scale as 1 / FLOPs
             scaled[model] = Rates(
                 rates.train * factor, rates.forward * factor, rates.gradient * factor, "scaled"

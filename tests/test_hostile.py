@@ -181,7 +181,7 @@ def test_lambda_init_on_models_without_lambda(tmp_path, capsys, caplog):
     )
     caplog.set_level("INFO")
     jobs = plan_jobs(find_suite("smoke"), RunOptions(models="resnet8,in-resnet14", lambda_init=(0.5, 0.6)))
-    assert {(j.model, j.lambda_init) for j in jobs} == {("resnet8", None), ("in-resnet14", (0.5, 0.6))}
+    assert {(j.name, j.lambda_init) for j in jobs} == {("resnet8", None), ("in-resnet14", (0.5, 0.6))}
     assert "--lambda-init 0.5,0.6 applies to the models with a λ; not to resnet8 (no λ)" in caplog.messages
 
 

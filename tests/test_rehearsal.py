@@ -45,15 +45,15 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
     real_suite, options = SUITES["paper"], RunOptions(suite="paper")
     real = plan_tasks(plan_jobs(real_suite, options), real_suite, options, "cpu")
     suite, options, tasks = _plan("paper")
-    assert {t.job.model for t in tasks} == {
-        t.job.model for t in real
+    assert {t.job.name for t in tasks} == {
+        t.job.name for t in real
     }  # every model, at its real depth and width
     assert len({t.job for t in tasks}) == 36 and {t.job.dataset for t in tasks} == {"cifar10", "cifar100"}
     assert Counter(t.kind for t in tasks) == {TRAIN: 42, MEASURE: 42, ENSEMBLE: 6}  # 30 jobs x 1 seed + 6 x 2
     assert {t.seeds for t in tasks if t.kind == ENSEMBLE} == {(0, 1)}
     assert all(_rehearsed(t.run_tag) for t in tasks) and not any(_rehearsed(t.run_tag) for t in real)
     # the protocol is the suite's: the same perturbations, radii, checks and stability units, on fewer images
-    job = next(t.job for t in tasks if t.job.model == "in-resnet110" and t.job.ensemble_radii_255)
+    job = next(t.job for t in tasks if t.job.name == "in-resnet110" and t.job.ensemble_radii_255)
     config, full = (
         eval_config(job, suite, options, "cpu"),
         eval_config(job, real_suite, RunOptions(suite="paper"), "cpu"),
@@ -68,7 +68,7 @@ def test_the_paper_rehearsal_is_the_paper_plan_with_one_seed_per_job_but_an_ense
         0.1,
     )  # the schedule's milestone is crossed
     assert (
-        next(t.run_tag for t in tasks if t.job.model == "resnext29-8x64d") == "resnext29-8x64d@rehearsal@n64"
+        next(t.run_tag for t in tasks if t.job.name == "resnext29-8x64d") == "resnext29-8x64d@rehearsal@n64"
     )
 
 

@@ -34,14 +34,14 @@ SMOKE_MODELS = {"resnet14", "in-resnet14", "lambda-in-resnet14"}
 def test_paper_suite_plan_merges_its_studies():
     jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
     assert len(jobs) == 9 * 2 + 2 * 5 + 2 * 4  # Tables 1-3 on both data sets, Table 4's grid, Table 5's sweep
-    by_key = {(j.model, j.dataset, j.lambda_init): j for j in jobs}
+    by_key = {(j.name, j.dataset, j.lambda_init): j for j in jobs}
     assert by_key["in-resnet110", "cifar10", None].radii_255 == (1.0, 2.0, 4.0)
     assert by_key["in-resnet110", "cifar10", None].ensemble_radii_255 == (2.0,)
     assert by_key["in-resnet110", "cifar100", None].ensemble_radii_255 == ()
     assert by_key["in-resnet110", "cifar10", (0.3, 0.4)].radii_255 == (2.0,)
     gated = model_entry("in-resnet-gating-sig110").init_for((0.2, 0.25))  # the default interval, as its d
     assert by_key["in-resnet-gating-sig110", "cifar10", gated].radii_255 == (2.0,)
-    assert not any(j.ensemble_radii_255 for j in jobs if "resnext" in j.model)
+    assert not any(j.ensemble_radii_255 for j in jobs if "resnext" in j.name)
 
 
 def test_models_option_restricts_or_extends_a_suite():
@@ -55,7 +55,7 @@ def test_models_option_restricts_or_extends_a_suite():
         ("cifar100", (0.2, 0.25)),
     ]
     new = plan_jobs(SUITES["smoke"], RunOptions(models="resnet20", radii_255=(8.0,), datasets=("cifar10",)))
-    assert [(j.model, j.dataset, j.radii_255, j.ensemble_radii_255) for j in new] == [
+    assert [(j.name, j.dataset, j.radii_255, j.ensemble_radii_255) for j in new] == [
         ("resnet20", "cifar10", (8.0,), (8.0,))
     ]
 
@@ -394,14 +394,14 @@ def test_the_paper_plan_trains_table4s_variants_at_every_interval_and_refuses_th
     with caplog.at_level("INFO", logger="bench.run.plan"):
         jobs = plan_jobs(SUITES["paper"], RunOptions(suite="paper"))
     for name in ("in-resnet-sig110", "in-resnet-gating-sig110"):
-        inits = [j.lambda_init for j in jobs if j.model == name]
+        inits = [j.lambda_init for j in jobs if j.name == name]
         assert inits == [model_entry(name).init_for(c) for c in VARIANT_GRID] and len(set(inits)) == 5
-        assert all(j.radii_255 == (2.0,) and j.dataset == "cifar10" for j in jobs if j.model == name)
+        assert all(j.radii_255 == (2.0,) and j.dataset == "cifar10" for j in jobs if j.name == name)
     assert inits[0] == (-6.0, pytest.approx(math.log(0.1 / 0.9)))  # the sigmoid's 0: He et al.'s bias
-    assert [j.lambda_init for j in jobs if j.model == "in-resnet110" and j.radii_255 == (2.0,)][:1] == [
+    assert [j.lambda_init for j in jobs if j.name == "in-resnet110" and j.radii_255 == (2.0,)][:1] == [
         (0.0, 0.1)
     ]
-    assert "in-resnet-gating110" not in {j.model for j in jobs}
+    assert "in-resnet-gating110" not in {j.name for j in jobs}
     lines = [r.message for r in caplog.records if "left out of the plan" in r.message]
     assert lines == [
         f"in-resnet-gating110 left out of the plan: {model_entry('in-resnet-gating110').refused} "
@@ -410,7 +410,7 @@ def test_the_paper_plan_trains_table4s_variants_at_every_interval_and_refuses_th
     chosen = plan_jobs(
         SUITES["paper"], RunOptions(suite="paper", models="variants")
     )  # a group: left out, no error
-    assert {j.model for j in chosen} == {"in-resnet-sig110", "in-resnet-gating-sig110"} and len(chosen) == 10
+    assert {j.name for j in chosen} == {"in-resnet-sig110", "in-resnet-gating-sig110"} and len(chosen) == 10
     with pytest.raises(
         UserError, match=r"^in-resnet-gating110 is not trained by the benchmark: its ReLU gate"
     ):

@@ -134,7 +134,7 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
                     f"{err} (a dry run downloads nothing: run without --dry-run to fetch it)"
                 ) from None
             raise
-        check_name(task.job.model, f"defense {task.job.model}")
+        check_name(task.job.name, f"defense {task.job.name}")
         info = replace(defense.info, name=task.run_tag)
         resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
     return resolved
@@ -193,7 +193,7 @@ def recorded_metrics(options: RunOptions) -> set[str]:
 def check_models(jobs: list[Job]) -> None:
     """Build each model with an overridden λ initialisation once, on the meta device (no
     memory, no time), so that a range its rule refuses is an error before any training."""
-    for name, init in sorted({(j.model, j.lambda_init) for j in jobs if j.lambda_init is not None}):
+    for name, init in sorted({(j.name, j.lambda_init) for j in jobs if j.lambda_init is not None}):
         try:
             with torch.device("meta"):
                 create_model(name, lambda_init=init)

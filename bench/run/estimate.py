@@ -40,31 +40,31 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
     rates = {} if rates is None else rates
     sets = TrainingSets(options.data_dir)  # each training set read once, not once per training task
     rows = []
-    zoo = {t.job.model: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
+    zoo = {t.job.name: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
     for model in sorted(zoo, key=lambda m: forward_flops(m, zoo[m])) if options.assume_tflops is None else ():
         if (
             model not in rates
         ):  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
             rates[model] = model_rates(model, todo.device, options.results_dir, None, zoo[model])
     for task in tasks:
-        if task.job.model not in rates:
+        if task.job.name not in rates:
             shape = dataset_info(task.job.dataset).input_shape
             if task.kind == DEFENSE:
                 resolved = todo.defenses[task.name]
-                rates[task.job.model] = defense_rates(
+                rates[task.job.name] = defense_rates(
                     resolved.model, resolved.info.num_classes, todo.device, options.assume_tflops, shape
                 )
             else:
-                rates[task.job.model] = model_rates(
-                    task.job.model, todo.device, options.results_dir, options.assume_tflops, shape
+                rates[task.job.name] = model_rates(
+                    task.job.name, todo.device, options.results_dir, options.assume_tflops, shape
                 )
         if task.kind == TRAIN:
-            cost = _train_cost(todo, task, rates[task.job.model], sets)
+            cost = _train_cost(todo, task, rates[task.job.name], sets)
         else:
             cost = (_defense_cost if task.kind == DEFENSE else _measure_cost)(
-                todo, task, tasks, rates[task.job.model]
+                todo, task, tasks, rates[task.job.name]
             )
-        rows.append({"task": task.name, "model": task.job.model, **cost})
+        rows.append({"task": task.name, "model": task.job.name, **cost})
     return pd.DataFrame(
         rows,
         columns=[
@@ -89,7 +89,7 @@ def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dic
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
     epochs = recipe_for(
-        model_entry(task.job.model).family, task.job.dataset, config.preset, config.length
+        model_entry(task.job.name).family, task.job.dataset, config.preset, config.length
     ).epochs
     images = sets.per_epoch(task.job.dataset, config.n_train)
     tested = todo.data(task).n_test

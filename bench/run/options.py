@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from bench.attacks.perturbations import DEFAULT_STEPS
 from bench.core.environment import check_device_kind
 from bench.core.numbers import SEED_LIMIT
-from bench.data.cifar import data_root
 from bench.eval.defenses import DefenseSpec
-from bench.records.store import check_results_dir
 from bench.reports.leaderboard import check_metric
 from models import UserError
 
@@ -138,8 +136,6 @@ class RunOptions:
             )
         if self.defenses:
             self._check_defenses()
-        check_results_dir(self.results_dir)
-        data_root(self.data_dir)
         object.__setattr__(
             self, "rank_by", check_metric(self.rank_by)
         )  # canonical (pgd@2.0: pgd@2) from here on

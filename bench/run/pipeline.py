@@ -23,7 +23,7 @@ from bench.data.noise_files import data_folders
 from bench.data.splits import TrainingSets
 from bench.records.checkpoints import check_distinct, zoo_checkpoint_dir
 from bench.records.integrity import recover
-from bench.records.store import RecordStore
+from bench.records.store import RecordStore, check_results_dir
 from bench.reports.leaderboard import check_metric
 from bench.reports.measured import NoRecordsError
 from bench.reports.writer import write_figures, write_reports, write_sanity
@@ -67,6 +67,8 @@ def run(options: RunOptions) -> int:
     """Run the stages; returns the exit code (1 when a cell failed its audit or a task
     could not be finished). Every mistake in the options or the environment is found
     before anything is trained."""
+    check_results_dir(options.results_dir)  # the folders' names, before anything reads or writes them
+    data_root(options.data_dir)
     suite = find_suite(options.suite)
     real = replace(options, rehearse=False)  # a rehearsal's last line estimates the real run too
     if options.rehearse:

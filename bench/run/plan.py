@@ -33,12 +33,12 @@ TRAIN, MEASURE, ENSEMBLE, DEFENSE = "train", "measure", "ensemble", "defense"
 
 @dataclass(frozen=True)
 class Job:
-    model: str
+    name: str  # the registered model's name; a defense's job: the defense's own name
     dataset: str
     lambda_init: tuple[float, float] | None
     radii_255: tuple[float, ...]
     ensemble_radii_255: tuple[float, ...] = ()
-    defense: DefenseSpec | None = None  # a defense's job (`model` is its name); None: the zoo's
+    defense: DefenseSpec | None = None  # a defense's job; None: the zoo's
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def plan_jobs(suite: Suite, options: RunOptions) -> list[Job]:
     if wanted:
         _add_jobs(jobs, [n for n in wanted if n not in covered], suite.studies[0], options)
     if options.lambda_init is not None:
-        _check_lambda_init(sorted({j.model for j in jobs.values()}), options.lambda_init)
+        _check_lambda_init(sorted({j.name for j in jobs.values()}), options.lambda_init)
     for dataset in {j.dataset for j in jobs.values()}:
         dataset_info(dataset)
     return list(jobs.values())
@@ -199,7 +199,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
             Task(
                 DEFENSE,
                 job,
-                job.model,
+                job.name,
                 (0,),
                 (),
                 resources,
@@ -220,7 +220,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
         trains += trained if "train" in options.stages else []
         if not {"eval", "check", "stability"} & set(options.stages):
             continue
-        landscape = landscape_config(options) if drawn_for(job.model) else None
+        landscape = landscape_config(options) if drawn_for(job.name) else None
         measures += [
             Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stability, landscape)
             for s in seeds
@@ -262,7 +262,7 @@ def job_seeds(job: Job, suite: Suite, options: RunOptions) -> tuple[int, ...]:
 
 def train_config(job: Job, seed: int, suite: Suite, options: RunOptions, device: str) -> TrainConfig:
     return TrainConfig(
-        job.model,
+        job.name,
         job.dataset,
         seed,
         options.preset,

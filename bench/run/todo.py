@@ -220,7 +220,7 @@ class ToDo:
         """The finished ResNet of the same architecture, data set, seed and recipe as the
         task's interpolated model (the source of the transfer check), or None."""
         job, seed = task.job, task.seed
-        plain = plain_counterpart(job.model)
+        plain = plain_counterpart(job.name)
         if plain is None:
             return None
         tag = replace(task.train, model=plain, lambda_init=None).run_tag  # the same recipe, length and subset
@@ -228,7 +228,7 @@ class ToDo:
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
             log.info(
                 "%s %s seed %d: no finished %s to transfer from; transfer check skipped",
-                job.model,
+                job.name,
                 job.dataset,
                 seed,
                 tag,

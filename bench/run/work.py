@@ -105,7 +105,7 @@ def execute(work: Work) -> Iterator[Message]:
         ]
     defense = members[0] if len(members) == 1 else ensemble_defense(members, name=work.task.run_tag)
     init = lambda_init_of(members[0].model)  # an ensemble's: its members'
-    subject = Subject(defense, work.task.job.model, work.task.run_tag, _seed(work), len(work.seeds), init)
+    subject = Subject(defense, work.task.job.name, work.task.run_tag, _seed(work), len(work.seeds), init)
     if work.cells:
         yield from measure_cells(subject, work.task.eval, eval_data(work), work.cells, work.progress)
     with users_forward(work, "its sanity checks"):
