@@ -419,6 +419,13 @@ def _sanity_figure(gate: str, value: float, failed: bool) -> str:
 
 
 log = logging.getLogger(__name__)
+# What the writer writes under a results dir, so that a run checks every path before any
+# work (bench.run.checks): files at its top, and folders only it writes, with how deep
+# their own subfolders go (leaderboard/<data set>/<threat model>/).
+WRITTEN_FILES = ("REPORT.md", SNAPSHOT_FILE, "leaderboard.csv", "leaderboard.md")
+SANITY_FILES = ("sanity.md", "sanity.csv")
+REPORT_FOLDERS = {"tables": 0, "leaderboard": 2}
+FIGURE_FOLDERS = {"figures": 0}
 
 
 def write_reports(

@@ -5,11 +5,10 @@ run writes and every file it reads. A mistake is one line before anything is tra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
 from bench.core.files import check_file_target, check_no_links, check_writable
@@ -19,31 +18,27 @@ from bench.data.datasets import check_file_places, dataset_info, is_present
 from bench.data.noise import NOISE_GROUPS
 from bench.data.noise_files import generation_folder, load_noise, noise_source
 from bench.data.splits import TrainingSets, images_digest, load_test
-from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import DefenseSpec
 from bench.eval.identity import check_name
 from bench.eval.landscape import check_landscape_index
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import blocks
-from bench.records.schema import DB_FILE, SNAPSHOT_FILE, utc_now
+from bench.records.schema import DB_FILE, utc_now
 from bench.records.sql import check_store_path
 from bench.records.store import RecordStore
+from bench.reports.writer import FIGURE_FOLDERS, REPORT_FOLDERS, SANITY_FILES, WRITTEN_FILES
 from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, TRAIN, Job, Task
 from bench.run.report_cache import MANIFEST
 from bench.run.suites import Suite
+from bench.run.todo import Resolved
 from bench.train.recipes import TrainConfig
 from models import UserError, create_model
 
 log = logging.getLogger(__name__)
 
 
-# What the report stages write (bench.reports.writer): files at the results dir's top, and
-# folders only they write, with how deep their own subfolders go (leaderboard/<data>/<threat>/).
-REPORT_FILES = ("REPORT.md", SNAPSHOT_FILE, "leaderboard.csv", "leaderboard.md", MANIFEST)
-SANITY_FILES = ("sanity.md", "sanity.csv")
-REPORT_FOLDERS = {"tables": 0, "leaderboard": 2}
-FIGURE_FOLDERS = {"figures": 0}
+REPORT_FILES = (*WRITTEN_FILES, MANIFEST)  # the writer's, and the report cache's manifest
 
 
 def check_no_planted_links(options: RunOptions) -> None:
@@ -103,17 +98,6 @@ class TrainingDigests:
                 recorded[:12],
                 self._digests[key][:12],
             )
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A defense as the driver built it once, before any work: its facts, whether it has
-    the zoo's residual blocks (the stability stage's per-block units), and for a dry run
-    the module its throughput is probed on."""
-
-    info: DefenseInfo
-    blockwise: bool
-    model: nn.Module | None = None
 
 
 def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:

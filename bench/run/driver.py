@@ -23,12 +23,11 @@ from bench.eval.testdata import EvalData
 from bench.records.aggregate import with_pooled_noise
 from bench.records.schema import CELL_COLUMNS
 from bench.records.store import RecordStore
-from bench.run.checks import Resolved
 from bench.run.executors import DONE, Crashed, Executor, Raised
 from bench.run.options import RunOptions
 from bench.run.plan import ENSEMBLE, TRAIN, Task
 from bench.run.suites import Suite
-from bench.run.todo import ToDo, run_row
+from bench.run.todo import Resolved, ToDo, run_row
 from bench.run.work import ChecksDone, Trained, Work, place_files
 
 log = logging.getLogger(__name__)

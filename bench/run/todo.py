@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import STATE_DICT
 from bench.eval.engine import cells_todo
 from bench.eval.landscape import image_source, images_of
@@ -23,7 +25,6 @@ from bench.eval.testdata import EvalData, test_data
 from bench.records.checkpoints import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
 from bench.records.schema import utc_now
 from bench.records.store import RecordStore
-from bench.run.checks import Resolved
 from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task, task_resources
 from bench.run.suites import Suite
@@ -32,6 +33,17 @@ from bench.train.loop import finished_run
 from models import create_model, list_models, model_entry, plain_counterpart
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A defense as the driver built it once, before any work: its facts, whether it has
+    the zoo's residual blocks (the stability stage's per-block units), and for a dry run
+    the module its throughput is probed on."""
+
+    info: DefenseInfo
+    blockwise: bool
+    model: nn.Module | None = None
 
 
 @dataclass
