@@ -368,9 +368,8 @@ def defenses(args: argparse.Namespace) -> tuple:
 def options(args: argparse.Namespace):
     chosen = defenses(args)
     default_stages = ",".join(DEFENSE_STAGES if chosen else RunOptions.stages)
-    stages = tuple(
-        _items(args.stage if args.stage is not None else default_stages, "--stage")
-    )  # checked by RunOptions
+    # checked by RunOptions
+    stages = tuple(_items(args.stage if args.stage is not None else default_stages, "--stage"))
     given = {f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name in vars(args)}  # same dests
     return RunOptions(
         **{

@@ -88,14 +88,12 @@ class Perturbation:
     in_protocol: bool = False  # measured by every run, at EvalConfig's radii (bench.eval.protocol)
     iterative: bool = False  # in the protocol at EvalConfig.iterative_radii_255, which an ensemble narrows
     pools: bool = False  # averaged with the others that pool into the "noise" metric (Table 1's Avg.)
-    falls_with_radius: bool = (
-        True  # an attack whose accuracy must not rise with the radius (gate eps-monotone)
-    )
+    # an attack whose accuracy must not rise with the radius (gate eps-monotone)
+    falls_with_radius: bool = True
     not_weaker_than: str | None = None  # may not leave more accuracy than this one (gate iterative-vs-fgsm)
     noise_check_of: str | None = None  # random noise the named attack must beat (gate noise-vs-pgd)
-    reference_for: str | None = (
-        None  # a stronger attack the named one must come close to (gate reference-gap)
-    )
+    # a stronger attack the named one must come close to (gate reference-gap)
+    reference_for: str | None = None
     chance_from_255: float | None = None  # at radii from this on, any model is at chance (gate large-eps)
     curve: bool = False  # a panel of the robustness figure
     units: str | None = PIXEL  # the units of its radii: PIXEL, or None: the preset's (FGSM, IFGSM, PGD)

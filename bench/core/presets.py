@@ -13,19 +13,13 @@ from dataclasses import dataclass
 
 from models import UserError
 
-PIXEL, NORMALISED = (
-    "pixel",
-    "normalised",
-)  # attack units: of the [0, 1] image, or of the model's normalised input
+# attack units: of the [0, 1] image, or of the model's normalised input
+PIXEL, NORMALISED = ("pixel", "normalised")
 IMAGE, START = "image", "start"  # PGD's projection ball: around x, or around its random start
-TRAINING, PER_FILE = (
-    "training",
-    "per-file",
-)  # CIFAR-C normalisation: the training statistics, or each file's own
-LAST, BEST_TEST = (
-    "last",
-    "best-test",
-)  # the evaluated weights: the final epoch's, or those of the best test accuracy
+# CIFAR-C normalisation: the training statistics, or each file's own
+TRAINING, PER_FILE = ("training", "per-file")
+# the evaluated weights: the final epoch's, or those of the best test accuracy
+LAST, BEST_TEST = ("last", "best-test")
 
 
 @dataclass(frozen=True)
@@ -35,15 +29,13 @@ class Preset:
     name: str
     alpha_255: float  # IFGSM / PGD step size
     pgd_ball: str = IMAGE
-    attack_units: str = (
-        PIXEL  # NORMALISED: eps and alpha added to the normalised input, which is clipped to [0, 1]
-    )
+    # NORMALISED: eps and alpha added to the normalised input, which is clipped to [0, 1]
+    attack_units: str = PIXEL
     noise_normalisation: str = TRAINING
     pad: int = 4  # training augmentation: pixels of padding before the random crop
     pad_mode: str = "constant"
-    release_network: bool = (
-        False  # the release's input normalisation and, where it has the family, its network
-    )
+    # the release's input normalisation and, where it has the family, its network
+    release_network: bool = False
     checkpoint: str = LAST
     source: str = ""  # where the protocol comes from, in words
 

@@ -61,13 +61,11 @@ class DefenseSpec:
     dataset: str = "cifar10"
     target: str = ""  # MODULE: "module:factory" or "file.py:factory"; STATE_DICT: the architecture; ROBUSTBENCH: its name
     weights: str = ""  # MODULE, STATE_DICT: the state_dict file
-    mean: tuple[float, ...] | None = (
-        None  # MODULE: the network's input normalisation; STATE_DICT: overrides the data set's
-    )
+    # MODULE: the network's input normalisation; STATE_DICT: overrides the data set's
+    mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    model_dir: str = (
-        "models"  # ROBUSTBENCH: RobustBench's layout <model_dir>/<dataset>/<threat_model>/<name>.pt
-    )
+    # ROBUSTBENCH: RobustBench's layout <model_dir>/<dataset>/<threat_model>/<name>.pt
+    model_dir: str = "models"
     threat_model: str = "Linf"
     fetch: bool = field(default=True, compare=False)  # ROBUSTBENCH: download a missing checkpoint
     built: Defense | None = field(default=None, compare=False, repr=False)  # BUILT: the defense itself

@@ -121,9 +121,8 @@ def measure_cells(
             except UserError:
                 raise
             except Exception as err:
-                if (
-                    subject.defense.info.source in OURS
-                ):  # our networks' failure is ours to debug: the traceback
+                # our networks' failure is ours to debug: the traceback
+                if subject.defense.info.source in OURS:
                     raise
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 raise UserError(

@@ -22,9 +22,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")  # a defense's name is a
 def check_name(name: object, where: str) -> str:
     """A defense's name, which names its records, locks and leaderboard files: not a
     registered model's (its rows would read as the zoo's)."""
-    option = (
-        "--name" if where.startswith(("--", "defense ")) else "name="
-    )  # the command line's words, or the API's
+    # the command line's words, or the API's
+    option = "--name" if where.startswith(("--", "defense ")) else "name="
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(
             f"{where}: defense name {name!r} must be 1-100 letters, digits or . _ @ + - (starting with a letter or "

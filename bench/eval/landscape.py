@@ -135,9 +135,8 @@ def measure_landscapes(
     info = subject.defense.info
     for group, row in images:
         began = time.perf_counter()
-        source_set = (
-            data.test if group == LANDSCAPE_CLEAN else data.noise(group)
-        )  # both have .images, .labels
+        # both have .images, .labels
+        source_set = data.test if group == LANDSCAPE_CLEAN else data.noise(group)
         assert source_set is not None  # the test set is loaded for any measurement
         images_, labels = source_set.images, source_set.labels
         x = (

@@ -38,9 +38,8 @@ class EvalConfig:
 
     preset: str = "paper"  # a protocol of bench.core.presets: "paper", "authors-code", "release-2020-06"
     radii_255: tuple[float, ...] = (1.0, 2.0, 4.0)  # the attacks' radii (FGSM, IFGSM, PGD)
-    iterative_radii_255: tuple[float, ...] | None = (
-        None  # IFGSM / PGD's instead (an ensemble's); None: radii_255
-    )
+    # IFGSM / PGD's instead (an ensemble's); None: radii_255
+    iterative_radii_255: tuple[float, ...] | None = None
     steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
     alpha_255: float | None = None  # None: the preset's
     n_test: int | None = None  # class-balanced test subset; None: the whole test set

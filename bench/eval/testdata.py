@@ -80,9 +80,8 @@ class EvalData:
 
     def _noise_digest(self, group: str) -> str | None:
         if group not in self._digests:
-            if (
-                not self.dry
-            ):  # the file as a cell will read it: generated (again, for a changed test set) first
+            # the file as a cell will read it: generated (again, for a changed test set) first
+            if not self.dry:
                 self._digests[group] = noise_digest(self.noise(group).path)
             else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
                 path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)

@@ -270,9 +270,8 @@ def _check_columns(db: sqlite3.Connection, path: Path, table: str, columns: dict
     this project. Columns that `migrate` adds (and the ones it replaces) may be missing."""
     present = set(table_columns(db, path, table))
     missing = [c for c in columns if c not in present]
-    if (
-        missing and {"run", "checkpoint_sha256"} <= present
-    ):  # ours, of an earlier layout: no migration before a release
+    # ours, of an earlier layout: no migration before a release
+    if missing and {"run", "checkpoint_sha256"} <= present:
         raise UserError(
             f"{path} was written by an earlier version of inres-bench (its {table} table lacks {missing[0]}): "
             "run again with a new --results-dir; the old store is left as it is"
@@ -307,11 +306,5 @@ def _check_values(db: sqlite3.Connection, path: Path, table: str, columns: dict[
         )
 
 
-_NAMING = (
-    "run",
-    "dataset",
-    "seed",
-    "perturbation",
-    "eps_255",
-    "severity",
-)  # a cell's name: shown only when valid
+# a cell's name: shown only when valid
+_NAMING = ("run", "dataset", "seed", "perturbation", "eps_255", "severity")

@@ -205,9 +205,8 @@ def checkpoint_state(
     trained_on = meta.get("data", {}).get("sha256", NO_TRAINING_DIGEST)
     status = str(meta.get("status", "finished"))
     on_disk = (meta_path.parent / WEIGHTS_FILE).is_file()
-    if (
-        status == "finished" and on_disk and weights_problem(meta_path.parent, meta)
-    ):  # holds other weights now
+    # holds other weights now
+    if status == "finished" and on_disk and weights_problem(meta_path.parent, meta):
         status = "replaced"
     return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on, on_disk
 

@@ -212,14 +212,8 @@ def seed_metrics(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> pd.DataFram
     return per_seed(select_measurements(frame, steps)[0])
 
 
-CHECKPOINT = [
-    "dataset",
-    "run",
-    "model",
-    "seed",
-    "members",
-    "preset",
-]  # a stability unit's checkpoint, as reports name it
+# a stability unit's checkpoint, as reports name it
+CHECKPOINT = ["dataset", "run", "model", "seed", "members", "preset"]
 
 
 def chosen_units(frame: pd.DataFrame) -> pd.DataFrame:

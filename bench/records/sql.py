@@ -62,9 +62,8 @@ def execute(db: sqlite3.Connection, path: Path, sql: str, parameters: Sequence =
             ) from None
         if "no such table" in str(err):
             raise UserError(corrupt_message(path, f"{err}: not a store of this project")) from None
-        if (
-            "readonly database" in str(err) and journal_of(path).is_file()
-        ):  # SQLite must roll a hot journal back
+        # SQLite must roll a hot journal back
+        if "readonly database" in str(err) and journal_of(path).is_file():
             raise UserError(
                 f"{path}: an interrupted write is pending in {journal_of(path).name} (a writer was killed in the middle "
                 "of a transaction): run any stage once (not --dry-run) to recover it; nothing was lost"

@@ -77,10 +77,9 @@ class RecordStore:
         with self._connect() as db:
             check_integrity(db, self.path)
             try:
+                # a store's tables exist: nothing written
                 with db:
-                    db.executescript(
-                        ";".join(table_statements().values())
-                    )  # a store's tables exist: nothing written
+                    db.executescript(";".join(table_statements().values()))
                 with open(self.path, "r+b"):  # SQLite opens a read-only file without a word; this does not
                     pass  # nor does it change the file: a run that finds everything cached leaves it as it was
             except (sqlite3.Error, OSError) as err:

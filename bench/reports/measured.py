@@ -121,9 +121,8 @@ class Measured:
     sanity: pd.DataFrame  # the gates per entry (bench.records.sanity.summary)
     bits: dict  # per-example correctness of every cell, by KEY
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # records.load_stability's current rows
-    landscapes: pd.DataFrame = field(
-        default_factory=pd.DataFrame
-    )  # records.load_landscapes' current rows (Fig. 2)
+    # records.load_landscapes' current rows (Fig. 2)
+    landscapes: pd.DataFrame = field(default_factory=pd.DataFrame)
     rehearsal: Rehearsal | None = None  # the rehearsal the folder holds (every output says so)
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
+from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label, paper_datasets
 from bench.records.selection import best_groups, lambda_key
 from models import ModelEntry, find_model, list_models, model_entries, model_entry, model_label
@@ -502,9 +503,8 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             & (runs["model"] == first["model"])
             & keys.map(lambda key, init=init: key == init).astype(bool)
         ]
-        interval_runs = interval_runs[
-            interval_runs["status"].isin(["finished", "failed"])
-        ]  # not running, nor deleted
+        # not running, nor deleted
+        interval_runs = interval_runs[interval_runs["status"].isin(["finished", "failed"])]
         failed = float((interval_runs["status"] == "failed").sum()) if len(interval_runs) else math.nan
         paper = published_value(seeds, first["dataset"], first["model"], init, "single", "clean")
         rows.append(
@@ -520,3 +520,59 @@ def with_failed_runs(filled: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.concat([filled, pd.DataFrame(rows)], ignore_index=True)
+
+
+def table_texts(
+    folder: Path,
+    number: int | str,
+    filled: pd.DataFrame,
+    left: str,
+    preset: str,
+    others: pd.DataFrame | None = None,
+) -> dict[Path, str]:
+    """A table's files: its Markdown (mean, and mean ± std), its view against the paper, CSV and LaTeX."""
+    notes = (missing(filled), refusals(filled), left, test_selected_note(preset))
+    footer = "".join("\n\n" + line for line in notes if line) + "\n"
+    title = f"# {TITLES[number]}\n\n"
+    rest = others if others is not None else filled.iloc[0:0]
+    return {
+        folder / f"table{number}.md": title + render(filled) + _others(rest) + footer,
+        folder / f"table{number}_std.md": title
+        + "Mean ± sample std over seeds (Appendix D).\n\n"
+        + render(filled, "std")
+        + _others(rest, "std")
+        + footer,
+        folder / f"table{number}_vs_paper.md": vs_paper_text(number, filled, preset, footer, rest),
+        folder / f"table{number}.csv": pd.concat([filled, rest], ignore_index=True).to_csv(index=False),
+        folder / f"table{number}.tex": render(filled, fmt="latex_booktabs") + "\n",
+    }
+
+
+def _others(rest: pd.DataFrame, view: str = "mean") -> str:
+    """The intervals a selecting table did not choose, under it ('' when none was measured)."""
+    if rest.empty:
+        return ""
+    return (
+        "\n\nThe other initialisation intervals measured (not chosen; the interval is of the starting "
+        "coefficients act(d)):\n\n" + render(rest, view)
+    )
+
+
+def vs_paper_text(
+    number: int | str,
+    filled: pd.DataFrame,
+    preset: str,
+    footer: str | None = None,
+    others: pd.DataFrame | None = None,
+) -> str:
+    """One preset's measured-vs-published view of a table, labelled with the preset."""
+    if footer is None:
+        notes = (missing(filled), refusals(filled), test_selected_note(preset))
+        footer = "".join("\n\n" + line for line in notes if line) + "\n"
+    rest = _others(others) if others is not None else ""
+    return (
+        f"# {TITLES[number]}\n\nMeasured under preset `{preset}` / published (measured - published).\n\n"
+        + render(filled, "paper")
+        + rest
+        + footer
+    )

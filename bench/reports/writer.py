@@ -57,11 +57,11 @@ from bench.reports.tables import (
     TITLES,
     all_attacks_slots,
     fill,
-    missing,
-    refusals,
     render,
     select_intervals,
     table_slots,
+    table_texts,
+    vs_paper_text,
     with_failed_runs,
 )
 
@@ -455,7 +455,7 @@ def write_reports(
         filled, others = select_intervals(filled, number)
         tables[number] = filled
         texts.update(
-            _table_texts(
+            table_texts(
                 results / "tables",
                 number,
                 filled,
@@ -469,13 +469,13 @@ def write_reports(
                 fill(specs, m.aggregated, other, number, evidence.intervals(specs, m.aggregated, other)),
                 number,
             )
-            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = _vs_paper_text(
+            texts[results / "tables" / f"table{number}_vs_paper_{other}.md"] = vs_paper_text(
                 number, theirs, other, others=rest
             )
     specs = all_attacks_slots(m.frame, at_preset)
     filled = fill(specs, m.aggregated, preset, None, evidence.intervals(specs, m.aggregated, preset))
     texts.update(
-        _table_texts(
+        table_texts(
             results / "tables", "3_all", filled, left_out_note(specs, at_preset, left_at_preset), preset
         )
     )
@@ -543,61 +543,6 @@ def write_sanity(
     """The sanity section alone (`--stage check`): sanity.md and sanity.csv."""
     m = measured(results_dir, steps)
     return write_all(sanity_texts(Path(results_dir), m, preset))
-
-
-def _table_texts(
-    folder: Path,
-    number: int | str,
-    filled: pd.DataFrame,
-    left: str,
-    preset: str,
-    others: pd.DataFrame | None = None,
-) -> dict[Path, str]:
-    notes = (missing(filled), refusals(filled), left, test_selected_note(preset))
-    footer = "".join("\n\n" + line for line in notes if line) + "\n"
-    title = f"# {TITLES[number]}\n\n"
-    rest = others if others is not None else filled.iloc[0:0]
-    return {
-        folder / f"table{number}.md": title + render(filled) + _others(rest) + footer,
-        folder / f"table{number}_std.md": title
-        + "Mean ± sample std over seeds (Appendix D).\n\n"
-        + render(filled, "std")
-        + _others(rest, "std")
-        + footer,
-        folder / f"table{number}_vs_paper.md": _vs_paper_text(number, filled, preset, footer, rest),
-        folder / f"table{number}.csv": pd.concat([filled, rest], ignore_index=True).to_csv(index=False),
-        folder / f"table{number}.tex": render(filled, fmt="latex_booktabs") + "\n",
-    }
-
-
-def _others(rest: pd.DataFrame, view: str = "mean") -> str:
-    """The intervals a selecting table did not choose, under it ('' when none was measured)."""
-    if rest.empty:
-        return ""
-    return (
-        "\n\nThe other initialisation intervals measured (not chosen; the interval is of the starting "
-        "coefficients act(d)):\n\n" + render(rest, view)
-    )
-
-
-def _vs_paper_text(
-    number: int | str,
-    filled: pd.DataFrame,
-    preset: str,
-    footer: str | None = None,
-    others: pd.DataFrame | None = None,
-) -> str:
-    """One preset's measured-vs-published view of a table, labelled with the preset."""
-    if footer is None:
-        notes = (missing(filled), refusals(filled), test_selected_note(preset))
-        footer = "".join("\n\n" + line for line in notes if line) + "\n"
-    rest = _others(others) if others is not None else ""
-    return (
-        f"# {TITLES[number]}\n\nMeasured under preset `{preset}` / published (measured - published).\n\n"
-        + render(filled, "paper")
-        + rest
-        + footer
-    )
 
 
 def sanity_texts(results: Path, m: Measured, preset: str) -> dict[Path, str]:

@@ -248,9 +248,8 @@ def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
         log.info("data: loading the %s test set from %s", dataset, root)
         test = load_test(dataset, options.data_dir)  # missing data: fail before anything is trained
         check_test_size(options, dataset, len(test))
-        if {"report", "figures"} & set(
-            options.stages
-        ):  # Fig. 2's image: found missing now, not after the work
+        # Fig. 2's image: found missing now, not after the work
+        if {"report", "figures"} & set(options.stages):
             check_landscape_index(options.landscape[0], len(test), dataset)
         if "eval" not in options.stages:
             continue

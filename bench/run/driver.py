@@ -183,9 +183,8 @@ class Driver:
             log.info("%s", message.summary)
         elif isinstance(message, StabilityDone):
             self.outcome.stability_run += self.store.add_stability(message.rows, message.values) > 0
-            self._clock(
-                state, "stability", max((row["seconds"] for row in message.rows), default=0.0)
-            )  # the unit's, on each row
+            # the unit's, on each row
+            self._clock(state, "stability", max((row["seconds"] for row in message.rows), default=0.0))
             log.info("%s", message.summary)
         elif isinstance(message, LandscapeDone):
             self.store.add_landscape(message.row, message.loss, message.classes)

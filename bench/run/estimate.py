@@ -42,9 +42,8 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
     rows = []
     zoo = {t.job.name: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
     for model in sorted(zoo, key=lambda m: forward_flops(m, zoo[m])) if options.assume_tflops is None else ():
-        if (
-            model not in rates
-        ):  # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
+        # the smallest first: a large model's probe may be replaced by its FLOPs at their rate
+        if model not in rates:
             rates[model] = model_rates(model, todo.device, options.results_dir, None, zoo[model])
     for task in tasks:
         if task.job.name not in rates:

@@ -48,12 +48,10 @@ class RunOptions:
     length: str | None = None
     n_train: int | None = None
     n_test: int | None = None
-    n_autoattack: int | None = (
-        None  # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
-    )
-    n_stability: int | None = (
-        None  # the stability stage's class-balanced subset; None: the suite's (never above n_test)
-    )
+    # AutoAttack's class-balanced subset; None: the suite's (never above n_test)
+    n_autoattack: int | None = None
+    # the stability stage's class-balanced subset; None: the suite's (never above n_test)
+    n_stability: int | None = None
     lambda_init: tuple[float, float] | None = None  # replaces every study's initialisations
     radii_255: tuple[float, ...] | None = None  # replaces every study's radii (checked by EvalConfig)
     steps: int = DEFAULT_STEPS
@@ -69,14 +67,10 @@ class RunOptions:
     dry_run: bool = False
     rehearse: bool = False  # the suite's whole plan on tiny data, tagged rehearsal (bench.run.rehearsal)
     rank_by: str = "pgd@2"  # the leaderboard's order
-    figures: bool = (
-        True  # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
-    )
-    landscape: tuple[int | None, int, float] = (
-        None,
-        21,
-        8.0,
-    )  # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
+    # the report stage draws the figures (False: tables, REPORT.md and leaderboard alone)
+    figures: bool = True
+    # Fig. 2: clean test image (None: the paper's), grid points, radius in 1/255
+    landscape: tuple[int | None, int, float] = (None, 21, 8.0)
     executor: str = "local"  # local: this machine's processes; ray: a Ray cluster (bench.run.executors)
     workers: int | None = None  # tasks at once; None: one per visible GPU, else 1 (local) or the cluster's
     ray_address: str | None = None  # join this Ray cluster; None: a Ray of this machine, on localhost only
@@ -136,9 +130,8 @@ class RunOptions:
             )
         if self.defenses:
             self._check_defenses()
-        object.__setattr__(
-            self, "rank_by", check_metric(self.rank_by)
-        )  # canonical (pgd@2.0: pgd@2) from here on
+        # canonical (pgd@2.0: pgd@2) from here on
+        object.__setattr__(self, "rank_by", check_metric(self.rank_by))
         index, points, radius = self.landscape
         if (index is not None and index < 0) or points < 2 or not (math.isfinite(radius) and radius > 0):
             raise UserError(

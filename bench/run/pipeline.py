@@ -53,13 +53,8 @@ from bench.train.loop import finished_run
 from models import UserError
 
 log = logging.getLogger(__name__)
-RESULT_FOLDERS = (
-    "checkpoints",
-    "tables",
-    "figures",
-    "leaderboard",
-    LOCKS,
-)  # what a run writes below the results dir
+# what a run writes below the results dir
+RESULT_FOLDERS = ("checkpoints", "tables", "figures", "leaderboard", LOCKS)
 __all__ = ["STAGES", "RunOptions", "plan_jobs", "run"]
 
 
@@ -126,9 +121,8 @@ def run(options: RunOptions) -> int:
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, suite, device, store, defenses=defenses)
-    planned = (
-        rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None
-    )  # before the work: the estimate's view
+    # before the work: the estimate's view
+    planned = rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None
     began = time.perf_counter()
     if tasks:
         executor = make_executor(
@@ -211,9 +205,8 @@ def _report(
         "landscape": landscape_config(options),
         "draw": options.figures,
     }
-    inputs = report_cache.inputs_digest(
-        options.results_dir, kind, shaped_by
-    )  # the records and checkpoints: no data
+    # the records and checkpoints: no data
+    inputs = report_cache.inputs_digest(options.results_dir, kind, shaped_by)
     if report_cache.up_to_date(options.results_dir, kind, inputs):  # a cached rerun rewrites nothing
         log.info(
             "%s: up to date (nothing they are made from changed since they were written); see %s",

@@ -157,8 +157,8 @@ def has_lambda(model: str) -> bool:
 
 
 def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: RunOptions) -> None:
-    radii = options.radii_255 or study.radii_255
-    ensemble = (options.radii_255 or study.ensemble_radii_255) if study.ensemble_radii_255 else ()
+    radii_255 = options.radii_255 or study.radii_255
+    ensemble_255 = (options.radii_255 or study.ensemble_radii_255) if study.ensemble_radii_255 else ()
     for name in names:
         inits: tuple[tuple[float, float] | None, ...]
         if not has_lambda(name):
@@ -176,8 +176,8 @@ def _add_jobs(jobs: dict[tuple, Job], names: list[str], study: Study, options: R
                     name,
                     dataset,
                     init,
-                    _merged(old.radii_255, radii),
-                    _merged(old.ensemble_radii_255, ensemble),
+                    _merged(old.radii_255, radii_255),
+                    _merged(old.ensemble_radii_255, ensemble_255),
                 )
 
 
@@ -292,23 +292,25 @@ def n_train_of(dataset: str, suite: Suite, options: RunOptions) -> int | None:
 def eval_config(
     job: Job, suite: Suite, options: RunOptions, device: str, ensemble: bool = False
 ) -> EvalConfig:
-    attack_radii = job.ensemble_radii_255 if ensemble else job.radii_255
-    extra = []  # the suite's further perturbations; ensembles only at their attack radii, except
-    for name, radii in suite.extra:  # the large-eps gate's attack, at its own: every row can pass its gate
+    attack_radii_255 = job.ensemble_radii_255 if ensemble else job.radii_255
+    # the suite's further perturbations; ensembles only at their attack radii, except the
+    # large-eps gate's attack, at its own: every row can pass its gate
+    extra = []
+    for name, radii_255 in suite.extra:
         gate = perturbation(name).chance_from_255 is not None
-        radii = (
-            attack_radii
-            if radii is None
-            else tuple(e for e in radii if not ensemble or gate or e in attack_radii)
+        radii_255 = (
+            attack_radii_255
+            if radii_255 is None
+            else tuple(e for e in radii_255 if not ensemble or gate or e in attack_radii_255)
         )
-        extra += [(name, radii)] if radii else []
+        extra += [(name, radii_255)] if radii_255 else []
     own = subsets(suite, options)
     if ensemble and (reference := dict(own).get("autoattack")) is not None:  # on the AutoAttack subset
         own += tuple((name, reference) for name, _ in extra if perturbation(name).chance_from_255 is not None)
     return EvalConfig(
         preset=options.preset,
         radii_255=job.radii_255,
-        iterative_radii_255=attack_radii if ensemble else None,
+        iterative_radii_255=attack_radii_255 if ensemble else None,
         steps=options.steps,
         n_test=n_test_of(suite, options),
         noise_source=options.noise_source,

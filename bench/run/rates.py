@@ -30,9 +30,8 @@ PROBE_BATCH, PROBE_WARMUP, PROBE_REPEATS, PROBE_SECONDS = 32, 2, 7, 3.0
 # A probe predicted (from a probe already made on the device) to take longer than this is not
 # made: the model's FLOPs at the throughput that probe achieved stand in for it.
 PROBE_BUDGET_S = 6.0
-SAME_FLOPS = (
-    0.02  # models within 2% of each other's FLOPs (one architecture, another skip rule) share a probe
-)
+# models within 2% of each other's FLOPs (one architecture, another skip rule) share a probe
+SAME_FLOPS = 0.02
 log = logging.getLogger(__name__)
 TRAIN_FLOPS, GRADIENT_FLOPS = 3.0, 2.0  # a training step ~ 3 forwards; an input gradient ~ 2
 
@@ -155,9 +154,8 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
         & (frame["members"] == 1)
     ]
     forward_cells = timed[timed["perturbation"].map(lambda p: _kind(p) in (CLEAN, NOISE))]
-    iterative = timed[
-        timed["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))
-    ]  # steps in params
+    # steps in params
+    iterative = timed[timed["perturbation"].map(lambda p: isinstance(PERTURBATIONS.get(p), Iterative))]
     if not len(forward_cells) or not len(iterative):
         return None
     forward = statistics.median(forward_cells["n"] / forward_cells["seconds"])

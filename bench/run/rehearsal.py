@@ -149,9 +149,8 @@ def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: b
                 folder / info.folder,
             )
             target = folder / info.folder
-            if (
-                not dry and target.is_symlink()
-            ):  # a link to files that have since gone: never write through it
+            # a link to files that have since gone: never write through it
+            if not dry and target.is_symlink():
                 target.unlink()
             if not dry and not complete(info, target):
                 write_standin(info, target)

@@ -55,9 +55,8 @@ class Work:
     checks: tuple[str, ...] = ()  # "model" (MODEL_CHECKS) and "transfer"
     transfer_from: str | None = None  # the plain run whose attack transfers
     transfer_seed: int | None = None  # its seed (None: the subject's)
-    defense_sha256: str = (
-        ""  # a defense's weights' digest the driver planned for (a file changed since: an error)
-    )
+    # a defense's weights' digest the driver planned for (a file changed since: an error)
+    defense_sha256: str = ""
     stability: tuple[Unit, ...] = ()  # the stability stage's units still to measure
     landscapes: tuple[tuple[str, int], ...] = ()  # Fig. 2's images still to measure: (image group, row)
     # results-dir-relative path -> {file name: bytes}: checkpoints to place before the work
