@@ -46,7 +46,8 @@ class ModelInfo:
     def damped_lambda_init(self) -> tuple[float, float] | None:
         """The λ initialisation records and tables carry: None where no skip is damped by λ
         (the residual and plain rules ignore it)."""
-        return tuple(self.lambda_init) if uses_lambda(self.rule) else None
+        low, high = self.lambda_init
+        return (low, high) if uses_lambda(self.rule) else None
 
     @property
     def lambda_storage(self) -> str:
@@ -80,7 +81,15 @@ class InterpolatedNet(nn.Module):
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
         self.info = ModelInfo(
-            arch, family, rule, num_classes, tuple(mean), tuple(std), tuple(lambda_init), damp_scope, network
+            arch,
+            family,
+            rule,
+            num_classes,
+            tuple(mean),
+            tuple(std),
+            (lambda_init[0], lambda_init[1]),
+            damp_scope,
+            network,
         )
         self.normalize = Normalize(mean, std)
 

@@ -23,7 +23,7 @@ from bench.eval.defenses import KEYS, factory_of, load_defenses
 from bench.eval.identity import NAME
 from bench.eval.protocol import EvalConfig
 from bench.records.load import load_records
-from bench.run.api import evaluate_protocol
+from bench.run.api import evaluate_defense, evaluate_protocol
 from bench.run.reaper import descendants
 from models import UserError, create_model
 
@@ -188,6 +188,38 @@ def only_two(net, x):
 def after_25(net, x):
     if net.calls > 25:  # the build check, the probe, clean, 20 noise cells, FGSM's 2 passes
         raise RuntimeError("out of patience")
+
+
+def no_gradients(net, x):
+    if x.requires_grad:  # the build check and the cells without attacks pass
+        raise RuntimeError("no input gradients here")
+
+
+@pytest.mark.slow
+def test_a_forward_that_fails_in_the_sanity_checks_is_one_line_naming_the_stage(grey, grey_root, tmp_path):
+    """A defense of the user's that breaks in the check stage (a worker, through the
+    pipeline): one line naming it, its data set, the stage and its error; not a traceback."""
+    with pytest.raises(UserError) as err:
+        evaluate_defense(
+            grey(fail=no_gradients),
+            tmp_path / "r",
+            grey_root,
+            progress=False,
+            suite="smoke",
+            stages=("check",),
+            n_test=20,
+            device="cpu",
+        )
+    said = str(err.value)
+    assert "\n" not in said and all(
+        p in said
+        for p in (
+            "defense grey on cifar10",
+            "its sanity checks",
+            "no input gradients here",
+            "fix its forward",
+        )
+    ), said
 
 
 def test_a_forward_that_fails_on_the_evaluations_batches_is_one_line_before_any_cell(

@@ -56,6 +56,12 @@ class DefenseInfo:
     # canonical JSON: the same weights built otherwise are another defense (bench.records.store)
     build: str = "{}"
 
+    @property
+    def ours(self) -> bool:
+        """Whether its code is this project's (a zoo checkpoint, an ensemble of them): its
+        failure is ours to debug, with the traceback; a user's defense fails in one line."""
+        return self.source in ("zoo", "ensemble")
+
 
 @dataclass(frozen=True)
 class Defense:

@@ -11,7 +11,7 @@ from bench.core.environment import check_device
 from bench.core.numbers import SEED_LIMIT
 from bench.eval.adapters import Defense
 from bench.eval.defenses import DefenseSpec
-from bench.eval.engine import OURS, evaluate
+from bench.eval.engine import evaluate
 from bench.eval.identity import check_run_name
 from bench.eval.protocol import EvalConfig, Subject
 from bench.eval.testdata import EvalData
@@ -96,7 +96,7 @@ def _check_recordable(defense: Defense, seed: object) -> None:
     """What the command line refuses, refused here too, before any work: a defense whose
     name --name would not take (a zoo checkpoint keeps its model's name), a seed out of range."""
     _check_defense(defense, "evaluate_protocol")
-    check_run_name(defense.info.name, "evaluate_protocol", zoo=defense.info.source in OURS)
+    check_run_name(defense.info.name, "evaluate_protocol", zoo=defense.info.ours)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
         raise UserError(
             f"evaluate_protocol: seed (the records' seed of this checkpoint) must be an integer in "

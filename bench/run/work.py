@@ -107,14 +107,14 @@ def execute(work: Work) -> Iterator[Message]:
     subject = Subject(defense, work.task.job.name, work.task.run_tag, _seed(work), len(work.seeds), init)
     if work.cells:
         yield from measure_cells(subject, work.task.eval, eval_data(work), work.cells, work.progress)
-    with users_forward(work, "its sanity checks"):
+    with users_forward(subject, work.task.job.dataset, "its sanity checks"):
         if work.checks:
             yield _checks(subject, work)
-    with users_forward(work, "the stability stage"):
+    with users_forward(subject, work.task.job.dataset, "the stability stage"):
         if work.stability:
             data = eval_data(work)
             yield from stability_stage(subject, work.task.eval, data, work.task.stability, work.stability)
-    with users_forward(work, "Fig. 2's landscapes"):
+    with users_forward(subject, work.task.job.dataset, "Fig. 2's landscapes"):
         if work.landscapes:
             yield from measure_landscapes(
                 subject, work.task.eval, eval_data(work), work.task.landscape, work.landscapes
@@ -122,7 +122,7 @@ def execute(work: Work) -> Iterator[Message]:
 
 
 @contextlib.contextmanager
-def users_forward(work: Work, stage: str):
+def users_forward(subject: Subject, dataset: str, stage: str) -> Iterator[None]:
     """A defense of the user's that fails in `stage` is one error line (what it measured
     before is recorded and kept); a failure of the zoo's networks keeps its traceback."""
     try:
@@ -130,11 +130,11 @@ def users_forward(work: Work, stage: str):
     except UserError:
         raise
     except Exception as err:
-        if work.task.job.defense is None:
+        if subject.defense.info.ours:
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
-            f"defense {work.task.run_tag} on {work.task.job.dataset} failed in {stage} ({type(err).__name__}: {reason}); "
+            f"defense {subject.run} on {dataset} failed in {stage} ({type(err).__name__}: {reason}); "
             "what it finished before is kept in the records: fix its forward and run again"
         ) from None
 
