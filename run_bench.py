@@ -8,7 +8,9 @@ import logging
 import re
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from typing import NoReturn, TypeVar
 
 from bench.core.environment import tolerant_streams
 from bench.core.messages import disk_full, disk_full_message
@@ -19,12 +21,13 @@ from bench.run.options import DEFENSE_STAGES, EXECUTORS, RunOptions
 from models import GROUPS, FieldError, UserError, list_models, model_entry, resolve_models
 
 log = logging.getLogger("inres-bench")
+T = TypeVar("T")
 
 
-def _option_type(read):
+def _option_type(read: Callable[[str], T]) -> Callable[[str], T]:
     """An argparse type of bench.core.numbers' reader: its reason in the error line."""
 
-    def parse(text: str):
+    def parse(text: str) -> T:
         try:
             return read(text)
         except ValueError as err:
@@ -36,7 +39,7 @@ def _option_type(read):
 INTEGER, DECIMAL = _option_type(integer), _option_type(decimal)
 
 
-def _listed(option: str, read=str):
+def _listed(option: str, read: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
     """An argparse type: a comma-separated list of `read` values as a tuple; a mistake is
     the option's own error line (UserError passes through argparse unchanged)."""
     return lambda text: tuple(read(t) for t in _items(text, option))
@@ -45,7 +48,7 @@ def _listed(option: str, read=str):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake is our one `error:` line (and exit 2), not usage + error."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see --help)")
 
 
@@ -77,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated names, globs (in-resnet*) or groups ({', '.join(GROUPS)}); default: the suite's",
     )
     parser.add_argument(
-        "--datasets", type=_listed("--datasets"), default=None, help=f"comma-separated: {', '.join(DATASETS)}"
+        "--datasets",
+        type=_listed("--datasets", str),
+        default=None,
+        help=f"comma-separated: {', '.join(DATASETS)}",
     )
     parser.add_argument(
         "--seeds",
@@ -365,7 +371,7 @@ def defenses(args: argparse.Namespace) -> tuple:
     return (spec_from(given, where, Path.cwd()),)
 
 
-def options(args: argparse.Namespace):
+def options(args: argparse.Namespace) -> RunOptions:
     chosen = defenses(args)
     default_stages = ",".join(DEFENSE_STAGES if chosen else RunOptions.stages)
     # checked by RunOptions

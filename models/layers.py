@@ -20,6 +20,9 @@ class Normalize(nn.Module):
     """Maps [0, 1] pixels to (x - mean) / std per channel, so that every model takes [0, 1]
     inputs and an attack radius is always in pixel units (RobustBench convention)."""
 
+    mean: Tensor  # buffers, 1 x C x 1 x 1
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         if len(mean) != len(std) or min(std) <= 0:

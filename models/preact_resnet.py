@@ -81,7 +81,8 @@ def projection(in_planes: int, out_planes: int, stride: int, own: bool) -> nn.Mo
     return nn.Sequential(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), conv) if own else conv
 
 
-BLOCKS = {"basic": (PreActBasicBlock, 6), "bottleneck": (PreActBottleneck, 9)}
+Block = type[PreActBasicBlock] | type[PreActBottleneck]
+BLOCKS: dict[str, tuple[Block, int]] = {"basic": (PreActBasicBlock, 6), "bottleneck": (PreActBottleneck, 9)}
 
 
 class PreActResNet(InterpolatedNet):
@@ -140,7 +141,7 @@ class PreActResNet(InterpolatedNet):
         self.check_damping()
 
     def _make_layer(
-        self, block: type[nn.Module], planes: int, blocks: int, stride: int, first: bool = False
+        self, block: Block, planes: int, blocks: int, stride: int, first: bool = False
     ) -> nn.Sequential:
         layers = []
         for i in range(blocks):
@@ -169,5 +170,5 @@ def _branch_statistics_twice(block: nn.Module) -> None:
     statistics twice with the same batch statistics, r <- (1 - m)^2 r + (1 - (1 - m)^2) μ.
     That is one update with momentum 1 - (1 - m)^2 (0.19 for PyTorch's 0.1)."""
     for name, norm in block.named_modules():
-        if isinstance(norm, nn.BatchNorm2d) and not name.startswith("shortcut"):
+        if isinstance(norm, nn.BatchNorm2d) and norm.momentum is not None and not name.startswith("shortcut"):
             norm.momentum = 1 - (1 - norm.momentum) ** 2

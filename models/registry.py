@@ -12,6 +12,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .base import InterpolatedNet
 from .errors import UserError
@@ -57,7 +58,7 @@ GROUPS = {
 
 
 def register_model(
-    name: str, *, groups: Iterable[str] = (), description: str = "", **facts
+    name: str, *, groups: Iterable[str] = (), description: str = "", **facts: Any
 ) -> Callable[[Callable[..., InterpolatedNet]], Callable[..., InterpolatedNet]]:
     """Decorator: register `factory(**kwargs) -> InterpolatedNet` under `name`, with the
     facts of `ModelEntry` (arch, family, rule, depth, lambda_init, label, tables, networks, refused) that
@@ -141,7 +142,7 @@ def resolve_models(wanted: str | Iterable[str]) -> list[str]:
     return names
 
 
-def create_model(name: str, **kwargs) -> InterpolatedNet:
+def create_model(name: str, **kwargs: Any) -> InterpolatedNet:
     """Build a registered model; kwargs override the factory's defaults (num_classes, mean,
     std, lambda_init, damp_scope, network, ...). The result takes [0, 1] inputs and carries `.info`."""
     factory = model_entry(name).factory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,15 +160,14 @@ class SkipRule(nn.Module):
 
     def coefficient(self, x: Tensor | None = None) -> Tensor:
         """act(d(x)): a 0-d tensor, or for the gating rules one per element of `x` (needs `x`)."""
-        if self.rule == "residual":
-            return torch.zeros(())
-        if self.rule == "plain":
-            return torch.ones(())
+        act = self.act
+        if act is None:  # the fixed rules: c = 0 (residual) or 1 (plain)
+            return torch.zeros(()) if self.rule == "residual" else torch.ones(())
         if self.is_input_dependent:
             if x is None:
                 raise ValueError(f"the {self.rule} coefficient depends on the input; pass x")
-            return self.act(self.gate(x))
-        return self.act(self.scalar_lambda())
+            return act(self.gate(x))
+        return act(self.scalar_lambda())
 
     def forward(self, x: Tensor, fx: Tensor) -> Tensor:
         """`fx` must be the block's fresh branch output: like torchvision's `out += identity`,
@@ -227,17 +227,17 @@ class _DampedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, fx: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, fx: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
         _, _, need_a, need_b = ctx.needs_input_grad
         # Keep activations alive only for the gradients that need them (frozen attacks don't).
         ctx.save_for_backward(x if need_a else None, fx if need_b else None, a, b)
-        if need_b:
+        if need_b and b is not None:
             return (fx * b).addcmul_(x, a)  # fx itself is kept for b's gradient
         ctx.mark_dirty(fx)
         return (fx if b is None else fx.mul_(b)).addcmul_(x, a)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, fx, a, b = ctx.saved_tensors
         need_x, need_fx, need_a, need_b = ctx.needs_input_grad
         grad_x = g * a if need_x else None

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import re
 
 import pytest
 import torch
@@ -257,11 +256,8 @@ def test_unreadable_checkpoints_say_why_in_whole_words(tmp_path):
     for name, why in expected.items():
         with pytest.raises(UserError) as err:
             state_dict_defense("resnet8", tmp_path / name)
-        assert re.fullmatch(
-            rf"checkpoint .*{name} cannot be read with weights_only=True \({why}\); it is truncated, not a "
-            r"torch.save file, or pickles code: re-save its state_dict",
-            str(err.value),
-        ), str(err.value)
+        parts = (f"{tmp_path / name} cannot be read with weights_only=True", why, "re-save its state_dict")
+        assert all(p in str(err.value) for p in parts), str(err.value)
 
 
 # --- 4. RobustBench --------------------------------------------------------------------------

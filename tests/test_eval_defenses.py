@@ -508,93 +508,131 @@ def workspace(tmp_path, monkeypatch):
 
 
 MODULE = ["--defense", "small_cnn.py:SmallCNN", "--weights", "small_cnn.pt"]
+# each mistake: the parts of its one line a user must read (the place, the value, the fix)
 BAD = {
     "module does not import": (
         ["--defense", "no_such_pkg.nets:SmallCNN", "--weights", "small_cnn.pt"],
-        "--defense no_such_pkg.nets:SmallCNN: cannot import no_such_pkg.nets: ModuleNotFoundError: No module named 'no_such_pkg'",
+        (
+            "--defense no_such_pkg.nets:SmallCNN",
+            "cannot import no_such_pkg.nets",
+            "ModuleNotFoundError",
+            "No module named 'no_such_pkg'",
+        ),
     ),
     "module raises": (
         ["--defense", "broken.py:Net", "--weights", "small_cnn.pt"],
-        "--defense {tmp}/broken.py:Net: cannot import {tmp}/broken.py: RuntimeError: no GPU driver here",
+        (
+            "--defense {tmp}/broken.py:Net",
+            "cannot import {tmp}/broken.py",
+            "RuntimeError",
+            "no GPU driver here",
+        ),
     ),
     "no such factory": (
         ["--defense", "small_cnn.py:BigCNN", "--weights", "small_cnn.pt"],
-        "--defense {tmp}/small_cnn.py:BigCNN: {tmp}/small_cnn.py has no factory 'BigCNN'; its modules: SmallCNN",
+        (
+            "--defense {tmp}/small_cnn.py:BigCNN",
+            "{tmp}/small_cnn.py has no factory 'BigCNN'; its modules",
+            "SmallCNN",
+        ),
     ),
     "factory raises": (
         ["--defense", "raises.py:Net", "--weights", "small_cnn.pt"],
-        "--defense {tmp}/raises.py:Net: Net() raised ValueError: width must be even",
+        ("--defense {tmp}/raises.py:Net", "Net() raised ValueError", "width must be even"),
     ),
     "weights do not fit": (
         ["--defense", "small_cnn.py:SmallCNN", "--weights", "other.pt"],
-        "checkpoint {tmp}/other.pt does not fit SmallCNN: missing keys features.0.weight, features.0.bias, "
-        "features.3.weight, features.3.bias (+2 more); unexpected keys conv.weight",
+        (
+            "checkpoint {tmp}/other.pt does not fit SmallCNN",
+            "missing keys features.0.weight, features.0.bias, features.3.weight, features.3.bias (+2 more); unexpected keys conv.weight",
+        ),
     ),
     "missing weights": (
         ["--defense", "small_cnn.py:SmallCNN"],
-        "--defense small_cnn.py:SmallCNN: a defense needs its weights (--weights PATH, a state_dict file)",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "a defense needs its weights (--weights PATH, a state_dict file)",
+        ),
     ),
     "mean of the wrong length": (
         [*MODULE, "--mean", "0.5,0.5", "--std", "0.2,0.2"],
-        "defense small_cnn: mean needs 3 numbers (one per channel of cifar10), got 2",
+        ("defense small_cnn", "mean needs 3 numbers (one per channel of cifar10), got 2"),
     ),
     "mean not numbers": (
         [*MODULE, "--mean", "a,b,c", "--std", "1,1,1"],
-        "--defense small_cnn.py:SmallCNN: mean takes finite numbers, one per channel (e.g. "
-        "0.4914,0.4822,0.4465), got 'a,b,c'",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "mean takes finite numbers, one per channel (e.g. 0.4914,0.4822,0.4465), got 'a,b,c'",
+        ),
     ),
     "mean without std": (
         [*MODULE, "--mean", "0.5,0.5,0.5"],
-        "--defense small_cnn.py:SmallCNN: give --mean and --std together (one number per channel), or "
-        "neither",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "give --mean and --std together (one number per channel), or neither",
+        ),
     ),
     "weights without a defense": (
         ["--weights", "small_cnn.pt"],
-        "--weights describes a defense: name it with --defense, --state-dict or --robustbench",
+        ("--weights describes a defense", "name it with --defense, --state-dict or --robustbench"),
     ),
     "two sources": (
         [*MODULE, "--state-dict", "resnet8", "small_cnn.pt"],
-        "--defense small_cnn.py:SmallCNN: name the defense with exactly one of defense, state-dict, "
-        "robustbench (got defense, state-dict)",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "name the defense with exactly one of defense, state-dict, robustbench (got defense, state-dict)",
+        ),
     ),
     "a registered name": (
         [*MODULE, "--name", "resnet110"],
-        "--defense small_cnn.py:SmallCNN: defense name 'resnet110' reads "
-        "as a registered model's run: give it another with --name",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "defense name 'resnet110' reads as a registered model's run",
+            "give it another with --name",
+        ),
     ),
     "a name that is a path": (
         [*MODULE, "--name", "../up"],
-        "--defense small_cnn.py:SmallCNN: defense name '../up' must be "
-        "1-100 letters, digits or . _ @ + - (starting with a letter or digit): give another with --name",
+        (
+            "--defense small_cnn.py:SmallCNN",
+            "defense name '../up' must be 1-100 letters, digits or . _ @ + - (starting with a letter or digit)",
+            "give another with --name",
+        ),
     ),
     "with --models": (
         [*MODULE, "--models", "resnet8"],
-        "--models selects zoo models, and this run evaluates defenses: leave "
-        "it out (a defense's data set is its --dataset), or run the zoo without --defense",
+        (
+            "--models selects zoo models, and this run evaluates defenses",
+            "leave it out (a defense's data set is its --dataset), or run the zoo without --defense",
+        ),
     ),
     "with the train stage": (
         [*MODULE, "--stage", "train,eval"],
-        "a defense is evaluated here, never trained: leave train "
-        "out of --stage (e.g. --stage eval,check,stability,report)",
+        (
+            "a defense is evaluated here, never trained",
+            "leave train out of --stage (e.g. --stage eval,check,stability,report)",
+        ),
     ),
     "unknown data set": ([*MODULE, "--dataset", "svhn"], None),
     "state dict that does not fit": (
         ["--state-dict", "resnet8", "small_cnn.pt"],
-        "checkpoint {tmp}/small_cnn.pt does not fit PreActResNet: missing keys normalize.mean, ",
+        ("checkpoint {tmp}/small_cnn.pt does not fit PreActResNet", "missing keys normalize.mean,"),
     ),
     "toml unknown key": (
         ["--defenses", "unknown.toml"],
-        "--defenses unknown.toml [mine]: unknown key 'wieghts'; the keys are "
-        "defense, weights, mean, std, dataset, state-dict, robustbench, model-dir, threat-model",
+        (
+            "--defenses unknown.toml [mine]",
+            "unknown key 'wieghts'; the keys are defense, weights, mean, std, dataset, state-dict, robustbench, model-dir, threat-model",
+        ),
     ),
-    "toml syntax": (["--defenses", "syntax.toml"], "--defenses syntax.toml is not valid TOML: "),
+    "toml syntax": (["--defenses", "syntax.toml"], ("--defenses syntax.toml is not valid TOML",)),
     "toml and options": (
         ["--defenses", "syntax.toml", "--weights", "a.pt"],
-        "--weights and --defenses: name the defenses in one place (the file, or the options)",
+        ("--weights and --defenses", "name the defenses in one place (the file, or the options)"),
     ),
     "toml weights missing": (
         ["--defenses", "missing.toml"],
-        "checkpoint {tmp}/x.pt not found: check the path (cwd is {tmp})",
+        ("checkpoint {tmp}/x.pt not found", "check the path (cwd is {tmp})"),
     ),
 }
 
@@ -612,10 +650,7 @@ def test_a_bad_defense_is_one_line_before_any_work(workspace, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     if expected is not None:
-        expected = expected.format(tmp=workspace)
-        assert err[-1] == f"error: {expected}" or (
-            expected.endswith(" ") and err[-1].startswith(f"error: {expected}")
-        ), err[-1]
+        assert [p for p in expected if p.format(tmp=workspace) not in err[-1]] == [], err[-1]
     assert not (workspace / "r").exists()  # nothing recorded, not even an empty store
 
 
@@ -695,13 +730,9 @@ def test_another_file_with_the_same_names_is_another_build(workspace, grey_root,
     [
         (
             "Carmon2019Unlabelled",
-            "RobustBench has no cifar10/Linf model 'Carmon2019Unlabelled'; closest: Carmon2019Unlabeled, Kang2021Stable",
+            ("no cifar10/Linf model 'Carmon2019Unlabelled'", "closest: Carmon2019Unlabeled, Kang2021Stable"),
         ),
-        (
-            "Chen2020Adversarial",
-            "RobustBench model 'Chen2020Adversarial' is an ensemble of several files, which this harness "
-            "does not load: choose a single-file model",
-        ),
+        ("Chen2020Adversarial", ("'Chen2020Adversarial' is an ensemble", "choose a single-file model")),
     ],
 )
 def test_a_robustbench_name_it_cannot_rank_is_one_line(tmp_path, capsys, name, expected):
@@ -717,5 +748,6 @@ def test_a_robustbench_name_it_cannot_rank_is_one_line(tmp_path, capsys, name, e
             str(tmp_path / "r"),
         ]
     )
-    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error: ") and all(p in line for p in expected), line
     assert not (tmp_path / "r").exists() and not (tmp_path / "zoo").exists()  # nothing fetched

@@ -486,10 +486,9 @@ def test_a_checkpoint_folder_with_a_folder_for_its_metadata_refuses_before_train
         ],
         capsys,
     )
-    assert (
-        line
-        == f"error: cannot write {meta}: a folder of that name is in its place; move it aside and run again"
-    )
+    assert all(
+        p in line for p in (f"error: cannot write {meta}", "a folder of that name", "move it aside")
+    ), line
     assert not (meta.parent / "weights.pt").exists() and not (tmp_path / "r" / "records.sqlite").exists()
 
 
@@ -761,19 +760,19 @@ def test_tampered_stability_values_are_refused(mini_run, tmp_path, capsys, quant
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (["--radii=-0"], "error: --radii -0: -0 is not a radius: give 0"),
-        (["--radii", "0,-0"], "error: --radii 0,-0: -0 is not a radius: give 0"),
-        (["--radii", "1,1"], "error: --radii 1,1: 1 given twice: give each radius once"),
-        (["--radii", "2,2.0"], "error: --radii 2,2: 2 given twice: give each radius once"),
+        (["--radii=-0"], ("error: --radii -0", "-0 is not a radius", "give 0")),
+        (["--radii", "0,-0"], ("error: --radii 0,-0", "-0 is not a radius", "give 0")),
+        (["--radii", "1,1"], ("error: --radii 1,1", "1 given twice", "give each radius once")),
+        (["--radii", "2,2.0"], ("error: --radii 2,2", "2 given twice", "give each radius once")),
         (
             ["--radii", "1,,2"],
-            "error: --radii '1,,2' has an empty item: give comma-separated numbers, e.g. 1,2,4",
+            ("error: --radii '1,,2' has an empty item", "give comma-separated numbers, e.g. 1,2,4"),
         ),
         (
             ["--radii", ",2"],
-            "error: --radii ',2' has an empty item: give comma-separated numbers, e.g. 1,2,4",
+            ("error: --radii ',2' has an empty item", "give comma-separated numbers, e.g. 1,2,4"),
         ),
-        (["--radii", ","], "error: --radii is empty: give a comma-separated list"),
+        (["--radii", ","], ("error: --radii is empty", "give a comma-separated list")),
         (
             ["--n-test", "20", "--n-autoattack", "50"],
             ("error: --n-autoattack 50:", "the 20 test images", "at most 20"),
@@ -791,7 +790,7 @@ def test_odd_radii_and_subsets_larger_than_their_test_images_are_one_line(tmp_pa
     out = fails(
         [*argv, "--dry-run", "--results-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")], capsys
     )
-    assert out == said if isinstance(said, str) else all(part in out for part in said), out
+    assert all(part in out for part in said), out
     assert not (tmp_path / "r").exists()
 
 
@@ -812,15 +811,18 @@ def test_a_refused_run_writes_nothing(mini_run, tmp_path, capsys, blocked):
     if blocked.startswith(("tables/", "figures/")):
         name = blocked.split("/")[0]
         what = "the figures" if name == "figures" else "the report"
-        assert line == (
-            f"error: cannot write {what} to {results / name}: {results / blocked} is a folder, and "
-            "only the report's files go there; move it aside and run again"
+        parts = (
+            f"error: cannot write {what} to {results / name}",
+            f"{results / blocked} is a folder",
+            "move it aside",
         )
     else:
-        assert (
-            line
-            == f"error: cannot write {results / blocked}: a folder of that name is in its place; move it aside and run again"
+        parts = (
+            f"error: cannot write {results / blocked}",
+            "a folder of that name is in its place",
+            "move it aside",
         )
+    assert all(p in line for p in parts), line
     assert not (results / "records.sqlite").exists()
 
 
@@ -849,15 +851,18 @@ def Net():
     [
         (
             "import-exit0",
-            "importing {module} called sys.exit(0): a defense must not end the run; remove the call",
+            ("importing {module} called sys.exit(0)", "a defense must not end the run; remove the call"),
         ),
         (
             "import-os-exit",
-            "importing {module} called os._exit(0): a defense must not end the process; remove the call",
+            ("importing {module} called os._exit(0)", "a defense must not end the process; remove the call"),
         ),
-        ("factory-exit3", "Net() called sys.exit(3): a defense must not end the run; remove the call"),
-        ("factory-interrupt", "Net() raised KeyboardInterrupt: a defense must not interrupt the run"),
-        ("factory-os-exit", "Net() called os._exit(0): a defense must not end the process; remove the call"),
+        ("factory-exit3", ("Net() called sys.exit(3)", "a defense must not end the run; remove the call")),
+        ("factory-interrupt", ("Net() raised KeyboardInterrupt", "a defense must not interrupt the run")),
+        (
+            "factory-os-exit",
+            ("Net() called os._exit(0)", "a defense must not end the process; remove the call"),
+        ),
     ],
 )
 def test_a_defense_that_exits_or_interrupts_is_one_line_and_nothing_recorded(trained, tmp_path, mode, said):
@@ -891,9 +896,9 @@ def test_a_defense_that_exits_or_interrupts_is_one_line_and_nothing_recorded(tra
         text=True,
     )
     assert run.returncode == 2, run.stderr[-1000:]
-    assert run.stderr.strip().splitlines()[-1] == f"error: --defense {module}:Net: " + said.format(
-        module=module
-    )
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --defense {module}:Net: "), last
+    assert all(part.format(module=module) in last for part in said), last
     assert not (tmp_path / "r" / "records.sqlite").exists()
 
 

@@ -243,9 +243,10 @@ def test_a_read_only_results_dir_is_refused_before_noise_is_generated(
         "--results-dir",
         str(results),
     ]
-    assert (
-        fails(argv, capsys)
-        == f"error: cannot write results to {results} (Permission denied): choose another --results-dir"
+    line = fails(argv, capsys)
+    assert all(
+        p in line
+        for p in (f"cannot write results to {results}", "Permission denied", "another --results-dir")
     )
     assert not (fresh / "generated").exists() and not results.exists()
 

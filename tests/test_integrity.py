@@ -201,87 +201,68 @@ def test_a_failed_retrain_retires_the_old_rows_and_a_deleted_checkpoint_does_not
 
 # --- every bad input is one line, exit 2, before anything is trained or recorded --------------
 
+# each bad input: what the user must read in its one line (the value, the option, the fix)
 BAD = [
-    (["--radii", "inf"], r"--radii inf: must be finite numbers of 1/255 in \[0, 255\], got inf"),
-    (["--radii", "nan"], r"--radii nan: must be finite numbers of 1/255 in \[0, 255\], got nan"),
-    (["--radii", "1,-1"], r"--radii -1,1: must be finite numbers of 1/255 in \[0, 255\], got -1"),
-    (["--seeds", "²"], r"--seeds takes non-negative integers, got '²'"),
-    (["--seeds", str(2**64)], r"--seeds takes integers in \[0, 2\*\*32\), got \[18446744073709551616\]"),
-    (
-        ["--device", "meta"],
-        r"device 'meta' is not usable here \(the benchmark runs on cpu, cuda, cuda:N or mps\); use --device cpu",
-    ),
-    (["--data-dir", "{file}"], r"data dir .*/afile is a file, not a folder: choose another --data-dir"),
-    (["--data-dir", ""], r"--data-dir is empty: give a folder \(default: \$INRES_BENCH_DATA or ./data\)"),
-    (["--results-dir", ""], r"--results-dir is empty: give a folder \(default: results\)"),
+    (["--radii", "inf"], ("--radii inf", "finite numbers of 1/255 in [0, 255]", "got inf")),
+    (["--radii", "nan"], ("--radii nan", "finite numbers of 1/255 in [0, 255]", "got nan")),
+    (["--radii", "1,-1"], ("--radii -1,1", "finite numbers of 1/255 in [0, 255]", "got -1")),
+    (["--seeds", "²"], ("--seeds", "non-negative integers", "'²'")),
+    (["--seeds", str(2**64)], ("--seeds", "[0, 2**32)", "18446744073709551616")),
+    (["--device", "meta"], ("device 'meta'", "cpu, cuda, cuda:N or mps", "use --device cpu")),
+    (["--data-dir", "{file}"], ("{file}", "is a file, not a folder", "choose another --data-dir")),
+    (["--data-dir", ""], ("--data-dir is empty", "give a folder", "$INRES_BENCH_DATA or ./data")),
+    (["--results-dir", ""], ("--results-dir is empty", "give a folder", "default: results")),
     (
         ["--results-dir", "{file}"],
-        r"--results-dir .*/afile is a file, not a folder: choose another --results-dir",
+        ("--results-dir {file}", "is a file, not a folder", "choose another --results-dir"),
     ),
-    (
-        ["--rank-by", "pgd@3"],
-        r"--rank-by 'pgd@3' is not measured in this run or the records; choose one of .*, pgd@2, .*",
-    ),
-    (
-        ["--rank-by", "pgd3"],
-        r"--rank-by 'pgd3' is not a metric: use clean, noise, a noise group, or e.g. pgd@2",
-    ),
+    (["--rank-by", "pgd@3"], ("--rank-by 'pgd@3'", "not measured in this run or the records", "pgd@2")),
+    (["--rank-by", "pgd3"], ("--rank-by 'pgd3'", "not a metric", "e.g. pgd@2")),
     (
         ["--models", "in-resnet14", "--lambda-init", "5,6"],
-        r"--lambda-init 5,6 does not fit model 'in-resnet14': lambda init U\[5.0, 6.0\] leaves the stable range: rule 'in' needs high <= 2 .*",
+        ("--lambda-init 5,6", "in-resnet14", "U[5.0, 6.0] leaves the stable range", "needs high <= 2"),
     ),
-    (["--lambda-init", "inf,inf"], r"--lambda-init a,b needs finite numbers with a <= b, got inf,inf"),
-    (["--lambda-init", "0.3,0.2"], r"--lambda-init a,b needs finite numbers with a <= b, got 0.3,0.2"),
-    (["--lambda-init", "-3"], r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '-3': 1 given"),
-    (
-        ["--n-test", "x"],
-        r"argument --n-test: 'x' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)",
-    ),
-    (
-        ["--n-test", "٢٠"],
-        r"argument --n-test: '٢٠' is not an integer \(ASCII digits, e.g. 100\) \(see --help\)",
-    ),
-    (
-        ["--radii", "1e-400"],
-        r"--radii takes comma-separated numbers, got '1e-400': 1e-400 is nonzero but below the smallest float \(it would be read as 0\)",
-    ),
-    (
-        ["--radii", "2,٢"],
-        r"--radii takes comma-separated numbers, got '2,٢': '٢' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\)",
-    ),
-    (
-        ["--landscape-radius", "٨"],
-        r"argument --landscape-radius: '٨' is not a decimal number \(ASCII digits, e.g. 2 or 0.5\) \(see --help\)",
-    ),
-    (
-        ["--lambda-init", "0.1,0.2,0.3"],
-        r"--lambda-init takes two numbers a,b \(e.g. 0.2,0.25\), got '0.1,0.2,0.3': 3 given",
-    ),
+    (["--lambda-init", "inf,inf"], ("--lambda-init", "finite numbers with a <= b", "got inf,inf")),
+    (["--lambda-init", "0.3,0.2"], ("--lambda-init", "finite numbers with a <= b", "got 0.3,0.2")),
+    (["--lambda-init", "-3"], ("--lambda-init", "two numbers a,b (e.g. 0.2,0.25)", "'-3'", "1 given")),
+    (["--n-test", "x"], ("--n-test", "'x' is not an integer", "e.g. 100", "see --help")),
+    (["--n-test", "٢٠"], ("--n-test", "'٢٠' is not an integer", "ASCII digits")),
+    (["--radii", "1e-400"], ("--radii", "'1e-400'", "below the smallest float")),
+    (["--radii", "2,٢"], ("--radii", "'٢' is not a decimal number", "ASCII digits")),
+    (["--landscape-radius", "٨"], ("--landscape-radius", "'٨' is not a decimal number", "ASCII digits")),
+    (["--lambda-init", "0.1,0.2,0.3"], ("--lambda-init", "two numbers a,b", "'0.1,0.2,0.3'", "3 given")),
     (
         ["--n-train", "20000"],
-        r"--n-train 20000 is more than the 10,000 training images of synthetic: give at most that many, or leave --n-train out to train on all",
+        (
+            "--n-train 20000",
+            "10,000 training images of synthetic",
+            "give at most that many",
+            "leave --n-train out",
+        ),
     ),
     (
         ["--landscape-index", "2000"],
-        r"--landscape-index 2000 is beyond the 2,000 test images of synthetic: give 0 to 1999, or leave it out for the paper's two images",
+        ("--landscape-index 2000", "2,000 test images of synthetic", "give 0 to 1999", "leave it out"),
     ),
-    (["--steps", "0"], r"--steps must be positive, got 0"),
-    (["--datasets", ""], r"--datasets is empty: give a comma-separated list"),
+    (["--steps", "0"], ("--steps", "must be positive", "got 0")),
+    (["--datasets", ""], ("--datasets is empty", "give a comma-separated list")),
     (
         ["--stage", "report", "--results-dir", "{empty}"],
-        r"no records in .*/empty/records.sqlite: run the eval stage first, or check --results-dir",
+        ("no records in {empty}/records.sqlite", "run the eval stage first", "check --results-dir"),
     ),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) or "empty" for a, _ in BAD])
-def test_bad_input_is_one_line_before_any_work(base, results, capsys, tmp_path, args, message):
+@pytest.mark.parametrize("args, said", BAD, ids=[" ".join(a) or "empty" for a, _ in BAD])
+def test_bad_input_is_one_line_before_any_work(base, results, capsys, tmp_path, args, said):
     (tmp_path / "afile").write_text("a file")
-    args = [a.format(file=tmp_path / "afile", empty=tmp_path / "empty") for a in args]
+    paths = {"file": tmp_path / "afile", "empty": tmp_path / "empty"}
+    args = [a.format(**paths) for a in args]
     before = state(results)
     code, err = cli(capsys, results, base / "data", "--seeds", "0,1,2", *args)  # seed 2: work to do
-    assert code == 2 and re.fullmatch(f"error: {message}\n", err), err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert [part for part in (p.format(**paths) for p in said) if part not in err] == [], err
     assert state(results) == before and not (tmp_path / "empty").exists()
 
 
@@ -306,8 +287,8 @@ def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
         write_batch(folder / f"data_batch_{i}", images, np.arange(4))
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], url="file:///nonexistent"))
     for labels, shown in (
-        ([0, 1, 2, 2**70], "object values such as \\[0\\]"),
-        ([0.0, 1.5, 2.0, 3.0], "float64 values such as \\[0.0\\]"),
+        ([0, 1, 2, 2**70], "object values such as [0]"),
+        ([0.0, 1.5, 2.0, 3.0], "float64 values such as [0.0]"),
     ):
         rows = {"data": images.transpose(0, 3, 1, 2).reshape(4, 3072), "labels": labels}
         (folder / "test_batch").write_bytes(__import__("pickle").dumps(rows, protocol=2))
@@ -322,9 +303,8 @@ def test_bad_labels_in_a_cifar_batch_are_refused(tmp_path, capsys, monkeypatch):
             "--n-train",
             "20",
         )
-        assert code == 2 and re.fullmatch(
-            rf"error: .*test_batch: labels under 'labels' must be integers in \[0, 10\), got {shown}\n", err
-        ), err
+        parts = ("test_batch", "labels under 'labels'", "integers in [0, 10)", f"got {shown}")
+        assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
     assert not (tmp_path / "results" / DB_FILE).exists()
 
 
@@ -378,7 +358,7 @@ def corrupt(path: Path, how: str) -> None:
     "how, why",
     [
         ("truncated", "database disk image is malformed"),
-        ("garbled page", "Page 3: btreeInitPage\\(\\) returns error code 11"),
+        ("garbled page", "Page 3: btreeInitPage() returns error code 11"),
         ("not a database", "file is not a database"),
     ],
 )
@@ -387,12 +367,11 @@ def test_a_corrupt_store_is_named_and_never_written(base, results, capsys, how, 
     damaged = (results / DB_FILE).read_bytes()
     for stage in ("train,eval,report", "report"):
         code, err = cli(capsys, results, base / "data", "--seeds", "0,1", "--stage", stage)
-        assert code == 2 and re.fullmatch(
-            rf"error: records.sqlite is corrupt \({why}\): nothing was written to it; move .*records.sqlite aside "
-            r"and run again to recompute its cells \(`sqlite3 records.sqlite .recover` may salvage rows; "
-            r"records.csv beside it holds the numbers of the last report\)\n",
-            err,
-        ), err
+        parts = (f"records.sqlite is corrupt ({why})", "nothing was written", "move", "aside and run again")
+        assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
+        assert (
+            "`sqlite3 records.sqlite .recover`" in err and "records.csv beside it" in err
+        )  # what can be saved
         assert (results / DB_FILE).read_bytes() == damaged
 
 
@@ -406,11 +385,8 @@ def test_a_locked_store_is_one_line(base, results, capsys, monkeypatch):
     finally:
         holder.rollback()
         holder.close()
-    assert code == 2 and re.fullmatch(
-        r"error: .*records.sqlite is locked by another process \(database is locked\): "
-        r"wait for it to finish, then run again\n",
-        err,
-    ), err
+    parts = ("records.sqlite is locked by another process", "wait for it to finish, then run again")
+    assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
 
 
 def _can_mount() -> bool:
@@ -466,18 +442,14 @@ def test_what_a_run_reads_or_writes_is_checked_before_any_work(base, results, ca
     np.save(noise, np.zeros((10, 32, 32, 3), np.uint8))
     before = state(results)
     code, err = cli(capsys, results, data, "--seeds", "0,1,2")
-    assert code == 2 and re.fullmatch(
-        rf"error: {noise}: expected uint8 \(10000, 32, 32, 3\), got uint8 \(10, 32, 32, 3\)\n", err
-    ), err
+    parts = (str(noise), "expected uint8 (10000, 32, 32, 3)", "got uint8 (10, 32, 32, 3)")
+    assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
     assert state(results) == before
     shutil.rmtree(results / "tables")
     (results / "tables").write_text("not a folder")
     code, err = cli(capsys, results, base / "data", "--seeds", "0,1,2")
-    assert code == 2 and re.fullmatch(
-        r"error: cannot write the report to .*/tables: .*/tables is a file, not a folder; "
-        r"move it aside or choose another --results-dir\n",
-        err,
-    ), err
+    parts = (f"cannot write the report to {results / 'tables'}", "is a file, not a folder", "move it aside")
+    assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
     assert state(results) == before
 
 
@@ -488,10 +460,10 @@ def test_a_finished_checkpoint_without_its_weights_says_how_to_get_them_back(bas
     folder = results / "checkpoints" / "synthetic" / RUN / "seed0"
     (folder / "weights.pt").unlink()
     before = state(results)
-    said = rf"error: {folder} holds meta.json but not weights.pt \(deleted\?\): restore weights.pt, or delete the folder and run the train stage to train it again\n"
+    parts = (f"{folder} holds meta.json but not weights.pt", "restore weights.pt", "or delete the folder")
     for stages in ("train,eval,report", "eval"):
         code, err = cli(capsys, results, base / "data", "--stage", stages)
-        assert code == 2 and re.fullmatch(said, err), err
+        assert code == 2 and err.count("\n") == 1 and all(p in err for p in parts), err
     assert state(results) == before
 
 
@@ -587,11 +559,9 @@ def test_a_full_disk_is_one_line_naming_the_file(base, tmp_path):
         preexec_fn=small_files,
     )
     assert run.returncode == 2, run.stderr[-2000:]
-    assert re.fullmatch(
-        r"error: no space left to write .*/seed0/state.pt \(File too large\): free space there or choose "
-        r"another --results-dir / --data-dir; finished work is kept",
-        run.stderr.splitlines()[-1],
-    ), run.stderr[-2000:]
+    last = run.stderr.splitlines()[-1]
+    parts = ("error: no space left to write", "/seed0/state.pt", "free space there", "finished work is kept")
+    assert all(p in last for p in parts), run.stderr[-2000:]
     assert not list((tmp_path / "r").glob("**/.*.tmp"))  # no partial file left behind
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import run_bench
 from bench.data.datasets import CIFAR10, CIFAR100, load_split
@@ -207,9 +208,8 @@ def test_probes_are_shared_by_equal_flops_and_replaced_by_flops_when_slow(monkey
 
 
 def test_the_last_line_sets_each_stage_beside_its_estimate():
-    planned = object.__new__(rehearsal.Planned)
     nan = float("nan")
-    planned.estimate = rehearsal.StageSeconds(
+    rehearsed = rehearsal.StageSeconds(
         {"train": 60.0, "eval": 200.0, "stability": 0.0, "check": nan, "report": nan}, {}
     )
     real = rehearsal.StageSeconds(
@@ -217,7 +217,7 @@ def test_the_last_line_sets_each_stage_beside_its_estimate():
         {1: 11160.0, 4: 3000.0, 16: 900.0},
     )
     measured = {"train": 90.0, "eval": 100.0, "stability": 5.0, "check": 30.0, "report": 12.0}
-    assert rehearsal.last_line(planned, measured, real) == (
+    assert rehearsal.last_line(rehearsed, real, measured) == (
         "rehearsal measured: train 90 s (estimated 60 s, x1.5); eval 100 s (estimated 3 min, x0.5); stability 5 s "
         "(estimated 0 s); check 30 s (not estimated); report 12 s (not estimated). The real run: estimated 3.1 h of "
         "work (train 2.0 h, eval 60 min, stability 6 min; checks and reports not estimated), wall time 1 worker 3.1 h, "
@@ -313,6 +313,39 @@ def test_the_smoke_rehearsal_runs_every_stage_and_every_output_names_itself_a_re
     ), last
     again = _rehearse(tmp_path / "results", data)  # everything cached: nothing measured again
     assert "0 cells evaluated, " in again.stderr and "stability units measured, 0 cached" not in again.stderr
+
+
+NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+"""
+
+
+@pytest.mark.slow
+def test_a_defense_rehearses_and_its_last_line_estimates_the_real_run(tmp_path):
+    (tmp_path / "net.py").write_text(NET)
+    weights = {"fc.weight": torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(0)) / 50}
+    torch.save(weights | {"fc.bias": torch.zeros(10)}, tmp_path / "net.pt")
+    defense = ["--defense", f"{tmp_path / 'net.py'}:Net", "--weights", str(tmp_path / "net.pt")]
+    run = _rehearse(tmp_path / "results", tmp_path / "data", *defense, "--dataset", "synthetic")
+    cells = load_records(tmp_path / "results" / "rehearsal")
+    assert set(cells["run"]) == {"net"} and set(cells["n"]) <= {2, 4}
+    last = run.stderr.strip().splitlines()[-1]
+    # the defense built once, kept for the probe that both estimates share
+    assert re.fullmatch(
+        r"rehearsal measured: train 0 s \(estimated 0 s\); eval .*\. The real run: estimated .* of work "
+        r"\(train 0 s, eval (?!0 s).*",
+        last,
+    ), last
 
 
 @pytest.mark.slow

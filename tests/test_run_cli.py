@@ -108,21 +108,18 @@ def test_train_stage_trains_and_then_skips(tmp_path, caplog):
 def test_train_stage_errors_are_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    cases = [
-        (["--device", "cuda:7"], r"error: device 'cuda:7' is not usable here \(.*\); use --device cpu\n"),
-        (["--device", "tpu"], r"error: device 'tpu' is not usable here \(.*\); use --device cpu\n"),
+    cases = [  # each: what its one line must say (the value, the place, the fix)
+        (["--device", "cuda:7"], ("device 'cuda:7' is not usable here", "use --device cpu")),
+        (["--device", "tpu"], ("device 'tpu' is not usable here", "use --device cpu")),
         (
             ["--results-dir", str(blocker), "--datasets", "synthetic", "--data-dir", str(tmp_path)],
-            r"error: --results-dir .*/file is a file, not a folder: choose another --results-dir\n",
+            (f"--results-dir {blocker}", "is a file, not a folder", "choose another --results-dir"),
         ),
-        (
-            ["--datasets", "svhn"],
-            r"error: unknown dataset 'svhn'; choose one of cifar10, cifar100, synthetic\n",
-        ),
-        (["--seeds", "1,x"], r"error: --seeds takes non-negative integers, got '1,x'\n"),
+        (["--datasets", "svhn"], ("unknown dataset 'svhn'", "cifar10, cifar100, synthetic")),
+        (["--seeds", "1,x"], ("--seeds", "non-negative integers", "'1,x'")),
     ]
-    for extra, pattern in cases:
+    for extra, parts in cases:
         assert run_bench.main(["--stage", "train", "--models", "resnet8", "--seeds", "0", *extra]) == 2
         err = capsys.readouterr().err
-        assert re.fullmatch(pattern, err), err
+        assert err.startswith("error: ") and err.count("\n") == 1 and all(p in err for p in parts), err
     assert not any((tmp_path / "results").glob("**/meta.json"))

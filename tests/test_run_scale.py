@@ -25,9 +25,19 @@ from bench.eval.protocol import protocol_cells
 from bench.records.load import load_checks, load_correct, load_records
 from bench.records.schema import COLUMNS, KEY
 from bench.records.store import RecordStore
-from bench.run.estimate import wall_time
+from bench.run.estimate import plan_header, wall_time
 from bench.run.options import RunOptions
-from bench.run.plan import ENSEMBLE, MEASURE, TRAIN, Resources, Task, eval_config, plan_jobs, plan_tasks
+from bench.run.plan import (
+    ENSEMBLE,
+    MEASURE,
+    TRAIN,
+    Resources,
+    Task,
+    eval_config,
+    plan_jobs,
+    plan_tasks,
+    stability_config,
+)
 from bench.run.rates import flop_rates, recorded_rates
 from bench.run.suites import SUITES
 from bench.run.work import checkpoint_files, place_files
@@ -92,20 +102,22 @@ def test_the_paper_suite_is_a_graph_of_tasks_with_the_expected_counts():
 
 
 def test_wall_time_follows_the_graph_and_the_worker_count():
-    job = plan_jobs(SUITES["smoke"], RunOptions(models="resnet8"))[0]
+    suite, options = SUITES["smoke"], RunOptions(models="resnet8")
+    job = plan_jobs(suite, options)[0]
     r = Resources(0, 1, 1)
+    configs = (eval_config(job, suite, options, "cpu"), stability_config(suite, options))
     tasks = [
-        Task(TRAIN, job, "a", (0,), (), r),
-        Task(TRAIN, job, "a", (1,), (), r),
-        Task(MEASURE, job, "a", (0,), ("train synthetic a seed0",), r),
-        Task(MEASURE, job, "a", (1,), ("train synthetic a seed1",), r),
-        Task(ENSEMBLE, job, "a", (0, 1), ("train synthetic a seed0", "train synthetic a seed1"), r),
+        Task(TRAIN, job, "a", (0,), (), r, *configs),
+        Task(TRAIN, job, "a", (1,), (), r, *configs),
+        Task(MEASURE, job, "a", (0,), ("train synthetic a seed0",), r, *configs),
+        Task(MEASURE, job, "a", (1,), ("train synthetic a seed1",), r, *configs),
+        Task(ENSEMBLE, job, "a", (0, 1), ("train synthetic a seed0", "train synthetic a seed1"), r, *configs),
     ]
     seconds = dict(zip([t.name for t in tasks], [10.0, 30.0, 5.0, 5.0, 20.0], strict=True))
     assert wall_time(tasks, seconds, 1) == 70.0
     assert wall_time(tasks, seconds, 2) == 50.0  # the ensemble waits for the 30 s training
     assert wall_time(tasks, seconds, 16) == 50.0
-    free = [Task(TRAIN, job, "b", (s,), (), r) for s in range(3)]
+    free = [Task(TRAIN, job, "b", (s,), (), r, *configs) for s in range(3)]
     assert [wall_time(free, dict.fromkeys([t.name for t in free], 10.0), n) for n in (1, 2, 3)] == [
         30.0,
         20.0,
@@ -512,3 +524,17 @@ def test_a_local_ray_is_reachable_from_this_machine_only():
     finally:
         executor.close()
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # undone after the start
+
+
+def test_the_plan_header_calls_only_the_suites_own_subset_capped():
+    """--n-autoattack equal to --n-test is the user's size, not the suite's 1,000 capped."""
+    suite = SUITES["paper"]
+    for n_autoattack, said in (
+        (None, "autoattack on 50 (the suite's 1000, capped at the 50 test images)"),
+        (50, "autoattack on 50, "),
+    ):
+        options = RunOptions(models="resnet110", datasets=("cifar10",), n_test=50, n_autoattack=n_autoattack)
+        header = plan_header(
+            suite, options, "cuda", plan_tasks(plan_jobs(suite, options), suite, options, "cuda")
+        )
+        assert said in header, header

@@ -49,7 +49,7 @@ class AutoAttack(Perturbation):
         # run only on the points still robust: counted as a third of the images
         return n * n_radii * (1 + 5000 / 3), n * n_radii * 1900
 
-    def describe(self, params):
+    def describe(self, params: dict) -> str:
         return f"{params.get('version', '?')} version"
 
 
@@ -85,7 +85,7 @@ class APGDLite(Perturbation):
     def passes(self, n: int, n_radii: int, setting: Setting) -> tuple[float, float]:
         return n * n_radii * 2, n * n_radii * self.iterations
 
-    def describe(self, params):
+    def describe(self, params: dict) -> str:
         return f"{params.get('iterations')} iterations"
 
 

@@ -12,8 +12,9 @@ every argument is always passed explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 from models import UserError
 from models.layers import Normalize
 
+T = TypeVar("T")
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
 
 
@@ -38,6 +40,11 @@ class Space:
     scale: Tensor | float = 1.0
     low: Tensor | float = 0.0
     high: Tensor | float = 1.0
+
+    def clip(self, x: Tensor) -> Tensor:
+        # torch.clamp takes numbers or tensors for both bounds; its stubs take one kind
+        # at a time, so the union of the two is not an overload they list
+        return torch.clamp(x, min=self.low, max=self.high)  # type: ignore[arg-type]
 
 
 PIXELS = Space()
@@ -70,7 +77,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], space: Sp
     loss = F.cross_entropy(model(x), y)
     sign = torch.autograd.grad(loss, x)[0].sign()
     x = x.detach()
-    return [torch.clamp(x + e * space.scale * sign, min=space.low, max=space.high) for e in eps]
+    return [space.clip(x + e * space.scale * sign) for e in eps]
 
 
 def signed_steps(
@@ -102,7 +109,7 @@ def signed_steps(
         x_adv = x_adv.clone().requires_grad_(True)
         grad = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)[0]
         x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * space.scale * grad.sign(), low), high)
-        x_adv = torch.clamp(x_adv, min=space.low, max=space.high)
+        x_adv = space.clip(x_adv)
     return x_adv
 
 
@@ -112,7 +119,7 @@ def pgd_around_start(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: 
     return signed_steps(model, x, y, eps, alpha, steps, random_start=True, ball="start")
 
 
-def run_seeded(attack, x: Tensor, y: Tensor, seed: int):
+def run_seeded(attack: Callable[[Tensor, Tensor], T], x: Tensor, y: Tensor, seed: int) -> T:
     """Run `attack(x, y)` with the global RNGs (where torchattacks draws PGD's start) seeded
     by `seed` and restored afterwards: the same seed gives the same starts and adversarials."""
     devices = [x.device.index or 0] if x.device.type == "cuda" else []

@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -200,7 +200,7 @@ class Iterative(Perturbation):
 
         return self._torchattack(torchattacks, model, eps, alpha, steps)
 
-    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+    def _torchattack(self, torchattacks: Any, model: nn.Module, eps: float, alpha: float, steps: int) -> Any:
         raise NotImplementedError
 
     def params(self, setting: Setting, eps_255: float) -> dict:
@@ -242,10 +242,10 @@ class Iterative(Perturbation):
         steps = self.steps if self.steps is not None else setting.steps
         return n * n_radii, n * n_radii * steps
 
-    def strength(self, params):
+    def strength(self, params: dict) -> tuple:
         return (params.get("steps", 0), params.get("alpha_255", 0.0))
 
-    def describe(self, params):
+    def describe(self, params: dict) -> str:
         steps = params["steps"]
         return f"{steps} step{'' if steps == 1 else 's'} at α {params['alpha_255']:g}/255"
 
@@ -254,7 +254,7 @@ class Iterative(Perturbation):
 class IFGSM(Iterative):
     """Paper Eq. 20: torchattacks.BIM, which starts at x."""
 
-    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+    def _torchattack(self, torchattacks: Any, model: nn.Module, eps: float, alpha: float, steps: int) -> Any:
         return torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps)
 
 
@@ -264,7 +264,7 @@ class PGD(Iterative):
 
     randomized: bool = True
 
-    def _torchattack(self, torchattacks, model, eps, alpha, steps):
+    def _torchattack(self, torchattacks: Any, model: nn.Module, eps: float, alpha: float, steps: int) -> Any:
         return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
 
 
@@ -297,7 +297,7 @@ class Worst(Perturbation):
     ) -> list[Tensor]:
         raise UserError("the worst case is computed from recorded cells, not evaluated")
 
-    def describe(self, params):
+    def describe(self, params: dict) -> str:
         return "over " + ", ".join(params.get("of", []))
 
 

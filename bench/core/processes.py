@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.core.files import TEMP_TAG, check_file_target, check_not_link
@@ -24,7 +25,7 @@ LOCKS = ".locks"  # the folder of a results dir that holds its runs' lock files
 
 
 @contextlib.contextmanager
-def run_lock(path: str | os.PathLike, blocking: bool = True):
+def run_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
     """An exclusive lock on `path` (created if needed) for the `with` block; yields whether
     it is held (always, when `blocking`). Processes sharing a results dir take it around a
     run's training or evaluation, so that none repeats another's work. Held locks vanish

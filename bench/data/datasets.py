@@ -110,7 +110,7 @@ def complete(info: DatasetInfo, folder: Path) -> bool:
     return not _missing(info, folder)
 
 
-def is_present(info: DatasetInfo, data_dir) -> bool:
+def is_present(info: DatasetInfo, data_dir: str | os.PathLike | None) -> bool:
     """Whether the data dir holds the data set's files (one with its own loader: assumed)."""
     return not info.files or complete(info, data_root(data_dir) / info.folder)
 

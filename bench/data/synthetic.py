@@ -48,7 +48,7 @@ def draw(
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), labels.astype(np.int64)
 
 
-def _patterns(u, w, r, period) -> list[np.ndarray]:
+def _patterns(u: np.ndarray, w: np.ndarray, r: np.ndarray, period: np.ndarray) -> list[np.ndarray]:
     radius = np.sqrt(u * u + w * w)
     box = (np.abs(u) < r) & (np.abs(w) < r)
     wave = 2 * np.pi / period

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +121,7 @@ def zoo_defense(model: str, dataset: str, seed: int, results_dir: str | os.PathL
 
 
 def state_dict_defense(
-    arch: str, path: str | os.PathLike, dataset: str = "cifar10", name: str | None = None, **overrides
+    arch: str, path: str | os.PathLike, dataset: str = "cifar10", name: str | None = None, **overrides: Any
 ) -> Defense:
     """Registered architecture `arch` (see list_models) with weights from `path`; mean/std
     and num_classes default to the dataset's and can be overridden. `name` (default: the
@@ -203,7 +204,7 @@ def module_defense(
     return _finish(model, DefenseInfo(name, family, dataset, classes, "module", str(path), digest, build))
 
 
-def _per_channel(values, what: str, channels: int, dataset: str) -> tuple[float, ...] | None:
+def _per_channel(values: Any, what: str, channels: int, dataset: str) -> tuple[float, ...] | None:
     """A mean or std as floats (a list, tuple, array or tensor of numbers), one per channel."""
     if values is None:
         return None
@@ -314,7 +315,7 @@ def _fetch(name: str, dataset: str, threat_model: str, model_dir: str | os.PathL
         os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
-def _robustbench():
+def _robustbench() -> Any:
     # robustbench imports `autoattack`, which PyPI ships as `pyautoattack`: alias it.
     if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack"):
         sys.modules["autoattack"] = importlib.import_module("pyautoattack")

@@ -23,8 +23,11 @@ import math
 import os
 import sys
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -96,7 +99,7 @@ class DefenseSpec:
         return Defense(defense.model, replace(defense.info, name=self.name))
 
 
-def factory_of(target: str) -> type[nn.Module]:
+def factory_of(target: str) -> Callable[[], nn.Module]:
     """The factory `module:attr` (a module path, or a .py file path) names; one error line
     for a module that does not import (its error's last line) or a missing attribute."""
     module_name, _, attr = target.rpartition(":")
@@ -121,7 +124,7 @@ def factory_of(target: str) -> type[nn.Module]:
     # the build the records name: a file as the module it is (nets.py: nets), wherever it lies
     checked.__module__ = Path(module_name).stem if module_name.endswith(".py") else module.__name__
     checked.__qualname__ = attr
-    checked.__wrapped__ = factory  # its source file is part of the build (adapters.code_digest)
+    vars(checked)["__wrapped__"] = factory  # its source file is part of the build (adapters.code_digest)
     return checked
 
 
@@ -134,7 +137,7 @@ class _Exited(BaseException):  # not an Exception: no handler of the user's or o
 
 
 @contextlib.contextmanager
-def users_code(what: str):
+def users_code(what: str) -> Iterator[None]:
     """The boundary around a user's code (importing a defense's module, calling its factory):
     whatever way it leaves, an exception, sys.exit, KeyboardInterrupt or os._exit, is one
     error line naming `what`, never the harness's own exit (a sys.exit(0) there would end
@@ -143,8 +146,8 @@ def users_code(what: str):
     real_exit = os._exit
     grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
 
-    def refused(code: object = 0):
-        raise _Exited(code)
+    def refused(status: int) -> NoReturn:
+        raise _Exited(status)
 
     os._exit = refused
     try:
@@ -180,12 +183,12 @@ def users_code(what: str):
         )
 
 
-def _import(module_name: str, target: str):
+def _import(module_name: str, target: str) -> ModuleType:
     with users_code(f"--defense {target}: importing {module_name}"):
         return _imported(module_name, target)
 
 
-def _imported(module_name: str, target: str):
+def _imported(module_name: str, target: str) -> ModuleType:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()
@@ -194,6 +197,8 @@ def _imported(module_name: str, target: str):
             name = "inres_defense_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
             if name not in sys.modules:
                 spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise UserError(f"--defense {target}: {path} cannot be imported as a module")
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
                 try:
@@ -323,17 +328,17 @@ def load_defenses(path: str | os.PathLike) -> tuple[DefenseSpec, ...]:
     return tuple(specs)
 
 
-def _text(value, key: str, where: str) -> str:
+def _text(value: object, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: {key} must be a non-empty string, got {value!r}")
     return value.strip()
 
 
-def _path(value, base: Path, key: str, where: str) -> str:
+def _path(value: object, base: Path, key: str, where: str) -> str:
     return str((base / Path(os.path.expanduser(_text(value, key, where)))).resolve())
 
 
-def _numbers(value, key: str, where: str) -> tuple[float, ...] | None:
+def _numbers(value: Any, key: str, where: str) -> tuple[float, ...] | None:
     """--mean 0.49,0.48,0.45 or mean = [0.49, 0.48, 0.45]."""
     if value is None:
         return None

@@ -51,7 +51,7 @@ class AuditFailed:
 
 
 def cells_todo(
-    context: dict, config: EvalConfig, data, store: RecordStore, cells: Sequence[Cell] | None = None
+    context: dict, config: EvalConfig, data: EvalData, store: RecordStore, cells: Sequence[Cell] | None = None
 ) -> list[Cell]:
     """The cells (default: the protocol's) of the checkpoint `context` names that `store`
     lacks. The run, its dry-run estimate and any executor's driver all ask this; `data`
@@ -183,7 +183,9 @@ def cell_key(cell: Cell, source: str, config: EvalConfig, n: int, digest: str | 
     return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params), digest)
 
 
-def _row(context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config) -> dict:
+def _row(
+    context: dict, cell: Cell, data: EvalData, correct: np.ndarray, seconds: float, config: EvalConfig
+) -> dict:
     key = cell_key(cell, data.source(cell), config, len(correct), data.digest(cell))
     return {
         **context,
@@ -284,7 +286,8 @@ def _file_normalization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> 
 def prepared(model: nn.Module, config: EvalConfig) -> nn.Module:
     """`model` on the config's device and memory layout, in eval mode, frozen."""
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
-    return model.to(torch.device(config.device), memory_format=memory).eval().requires_grad_(False)
+    # torch's stubs take the device and the layout in separate calls
+    return model.to(torch.device(config.device)).to(memory_format=memory).eval().requires_grad_(False)
 
 
 def _batch_size(config: EvalConfig) -> int:

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from bench.core.environment import device_name
 from bench.data.noise_files import generation_folder
 from bench.eval.engine import prepared
-from bench.eval.protocol import Cell, Subject
+from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.testdata import EvalData
 from bench.records.schema import LANDSCAPE_CLEAN, PAPER_LANDSCAPE_IMAGES, LandscapeConfig, utc_now
 from models import UserError, model_entry, plain_counterpart
@@ -127,7 +127,11 @@ class LandscapeDone:
 
 
 def measure_landscapes(
-    subject: Subject, setting, data: EvalData, config: LandscapeConfig, images: Sequence[tuple[str, int]]
+    subject: Subject,
+    setting: EvalConfig,
+    data: EvalData,
+    config: LandscapeConfig,
+    images: Sequence[tuple[str, int]],
 ) -> Iterator[LandscapeDone]:
     """Each of `images` ((group, row), as `images_of` names them) on `subject`'s network,
     along its own directions; `setting`: the cells' EvalConfig (device, memory layout)."""

@@ -6,28 +6,34 @@ ResNet of the same architecture."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from bench.attacks.perturbations import perturbation
+from bench.attacks.perturbations import Setting, perturbation
+from bench.eval.protocol import Cell, Subject
+from bench.eval.testdata import EvalData
 from bench.records.sanity import TRANSFER_MARGIN, ZERO_GRADIENTS
 
 CHECK_BATCH = 256  # images the model checks use
+T = TypeVar("T")
 
 
 class _Captured(logging.Handler):
     """Collects the warnings AutoAttack's checks log."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
 
-def _autoattack_check(check, *args) -> tuple[bool, object]:
+def _autoattack_check(check: Callable[..., T], *args: object) -> tuple[bool, T]:
     """(warned, result) of one of AutoAttack's checks, its warning captured, not logged."""
     logger = logging.getLogger("inres-bench.eval.model_checks.autoattack")
     logger.propagate = False
@@ -65,7 +71,13 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, class
 
 
 def transfer_check(
-    target, source, x: torch.Tensor, y: torch.Tensor, setting, eps_255: float, seed: int
+    target: nn.Module,
+    source: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    setting: Setting,
+    eps_255: float,
+    seed: int,
 ) -> tuple:
     """('transfer', value, limit, detail): how many points PGD crafted on `source` beats
     white-box PGD on `target` by (its white-box accuracy minus its accuracy on the
@@ -86,7 +98,7 @@ def transfer_check(
     return ("transfer", white_box - transfer, TRANSFER_MARGIN, detail)
 
 
-def check_rows(subject, results: list[tuple], timestamp: str) -> list[dict]:
+def check_rows(subject: Subject, results: list[tuple], timestamp: str) -> list[dict]:
     """Records rows of checkpoint checks (records.CHECK_COLUMNS) for an eval Subject."""
     info = subject.defense.info
     return [
@@ -106,9 +118,7 @@ def check_rows(subject, results: list[tuple], timestamp: str) -> list[dict]:
     ]
 
 
-def batch(data, n: int = CHECK_BATCH, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def batch(data: EvalData, n: int = CHECK_BATCH, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` images of the evaluation's clean subset, as one batch."""
-    from bench.eval.protocol import Cell
-
     x, y = next(iter(data.batches(Cell("clean"), n, device)))
     return x, y

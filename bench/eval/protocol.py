@@ -53,7 +53,7 @@ class EvalConfig:
     # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
     subsets: tuple[tuple[str, int], ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         """Every value checked as made, as the command line checks its options: one error
         line, never a silent coercion (1.5 steps) or a failure after cells were recorded."""
         for name in ("preset", "device", "noise_source"):

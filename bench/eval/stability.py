@@ -50,6 +50,7 @@ from bench.eval.krylov import rightmost_eigenvalue, row_norms, spectral_norm
 from bench.eval.protocol import Cell, EvalConfig, Subject
 from bench.eval.testdata import EvalData
 from bench.records.schema import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL, STABILITY_FLOORS, utc_now
+from bench.records.store import RecordStore
 from models import UserError
 from models.skip import SkipRule
 
@@ -70,7 +71,7 @@ class StabilityConfig:
     seed: int = 0  # δ's random draws and the start vectors come from (seed, model seed, batch)
     batch_size: int | None = None  # None: DEFAULT_BATCH
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n < 1 or self.iterations < 1 or self.krylov < 1:
             raise UserError(
                 f"the stability stage needs positive counts, got n {self.n}, iterations "
@@ -107,7 +108,7 @@ def stage_units(members: int, blockwise: bool = True) -> list[Unit]:
     return [*(Unit(GROWTH, d) for d in DELTAS), Unit(SPECTRAL), Unit(EIGEN), Unit(GRADIENT)]
 
 
-def unit_params(unit: Unit, config: StabilityConfig, setting) -> dict:
+def unit_params(unit: Unit, config: StabilityConfig, setting: EvalConfig) -> dict:
     """The parameters that identify a unit's measurement (recorded as canonical JSON);
     `setting`: the cells' EvalConfig (PGD's step size and steps)."""
     if unit.quantity == GROWTH:
@@ -124,7 +125,7 @@ def unit_params(unit: Unit, config: StabilityConfig, setting) -> dict:
     return {"loss": "cross-entropy", "norm": "l1"}
 
 
-def unit_passes(unit: Unit, n: int, config: StabilityConfig, setting) -> tuple[float, float]:
+def unit_passes(unit: Unit, n: int, config: StabilityConfig, setting: EvalConfig) -> tuple[float, float]:
     """(forward, forward+backward) image passes of a unit on `n` images, for estimates. The
     Krylov units in gradient passes of the whole network per iteration cap, as measured by
     benchmarks/bench_stability.py (a J v, a vjp of a vjp, costs about four of its block's
@@ -153,7 +154,7 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def unfused(model: nn.Module):
+def unfused(model: nn.Module) -> Iterator[nn.Module]:
     """Every damped sum of `model` as plain autograd ops (models.skip.SkipRule.fused), for
     torch.func's transforms; restored afterwards."""
     skips = [m for m in model.modules() if isinstance(m, SkipRule)]
@@ -231,7 +232,13 @@ class UnitFigures:
 
 
 def measure(
-    model: nn.Module, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, model_seed: int
+    model: nn.Module,
+    unit: Unit,
+    x: Tensor,
+    y: Tensor,
+    config: StabilityConfig,
+    setting: EvalConfig,
+    model_seed: int,
 ) -> UnitFigures:
     """`unit` on the images `x` (labels `y`), in batches; `model` prepared (eval, frozen,
     on the device). Random draws depend on (config.seed, model_seed, unit, batch) only."""
@@ -248,13 +255,13 @@ def measure(
         values, used = _batch(model, chain, unit, xb, yb, config, setting, seed)
         parts.append(values)
         iterations = max(iterations, used)
-    values = torch.cat(parts, dim=1).numpy()
+    figures = torch.cat(parts, dim=1).numpy()
     rows, damped = _rows(unit, chain)
-    return UnitFigures(unit, rows, damped, values, time.perf_counter() - began, iterations)
+    return UnitFigures(unit, rows, damped, figures, time.perf_counter() - began, iterations)
 
 
 def _rows(unit: Unit, chain: Sequence[nn.Module]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    flags = [bool(b.skip.damped) for b in chain]
+    flags = [s.damped for b in chain if isinstance(s := b.get_submodule("skip"), SkipRule)]  # all of them
     if unit.quantity == GROWTH:
         return tuple(range(len(chain) + 2)), (False, *flags, False)
     if unit.quantity == SPECTRAL:
@@ -271,7 +278,14 @@ def _square(block: nn.Module) -> bool:
 
 
 def _batch(
-    model, chain, unit: Unit, x: Tensor, y: Tensor, config: StabilityConfig, setting, seed: int
+    model: nn.Module,
+    chain: Sequence[nn.Module],
+    unit: Unit,
+    x: Tensor,
+    y: Tensor,
+    config: StabilityConfig,
+    setting: EvalConfig,
+    seed: int,
 ) -> tuple[Tensor, int]:
     """The unit's values on one batch: rows x images (float64, CPU), and iterations used."""
     if unit.quantity == GRADIENT:
@@ -299,7 +313,7 @@ def _batch(
     return torch.stack(rows), used
 
 
-def _perturbed(model, kind: str, x: Tensor, y: Tensor, eps: float, setting) -> Tensor:
+def _perturbed(model: nn.Module, kind: str, x: Tensor, y: Tensor, eps: float, setting: EvalConfig) -> Tensor:
     """x + δ for one of DELTAS (global RNGs seeded by the caller)."""
     if kind == "fgsm":
         return fgsm(model, x, y, [eps])[0]
@@ -330,14 +344,19 @@ class StabilityDone:
     summary: str
 
 
-def n_images(data, config: StabilityConfig) -> int:
+def n_images(data: EvalData, config: StabilityConfig) -> int:
     """The stage's images: its own class-balanced subset, never more than the cells' test
     subset (`data`: bench.eval.testdata.EvalData)."""
     return min(config.n, data.n(Cell("clean")))
 
 
 def units_todo(
-    context: dict, units: Sequence[Unit], data, config: StabilityConfig, setting, store
+    context: dict,
+    units: Sequence[Unit],
+    data: EvalData,
+    config: StabilityConfig,
+    setting: EvalConfig,
+    store: RecordStore,
 ) -> list[Unit]:
     """The units of the checkpoint `context` names (cell_context's keys) that `store` lacks."""
     done = store.stability_done(context)
@@ -397,5 +416,5 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def params_of(unit: Unit, config: StabilityConfig, setting) -> str:
+def params_of(unit: Unit, config: StabilityConfig, setting: EvalConfig) -> str:
     return params_text(unit_params(unit, config, setting))

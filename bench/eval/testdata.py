@@ -10,15 +10,18 @@ a dry run writes and downloads nothing.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from bench.attacks.perturbations import NOISE, perturbation
-from bench.data.cifar import data_root
+from bench.data.cifar import ImageSet, data_root
 from bench.data.datasets import dataset_info, is_present
 from bench.data.noise_files import (
+    NoiseImages,
     cell_sources,
     current_noise_file,
     load_noise,
@@ -36,19 +39,29 @@ class EvalData:
     loaded on first use. With `dry`, nothing is written (noise files' md5s are not kept
     beside them) and a data set not in the data dir yet is answered from its sizes."""
 
-    def __init__(self, dataset: str, data_dir, config: EvalConfig, dry: bool = False):
+    def __init__(
+        self, dataset: str, data_dir: str | os.PathLike | None, config: EvalConfig, dry: bool = False
+    ):
         info = dataset_info(dataset)
         self.dataset, self.data_dir, self.config, self.dry = dataset, data_dir, config, dry
         self.present = not dry or is_present(info, data_dir)
-        self.test = load_test(dataset, data_dir) if self.present else None
-        self.n_test = len(self.test) if self.present else info.sizes[1]
+        test = load_test(dataset, data_dir) if self.present else None
+        self._test = test
+        self.n_test = len(test) if test is not None else info.sizes[1]
         self.clean_source, self.noise_source = cell_sources(dataset, data_dir, config.noise_source)
-        self.clean_digest = images_digest(self.test.images, self.test.labels) if self.present else None
+        self.clean_digest = images_digest(test.images, test.labels) if test is not None else None
         self._digests: dict[str, str] = {}  # noise group -> its file's digest
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def indices(self, n: int | None) -> np.ndarray:
         return subset_indices(self.test.labels, n, balanced=True)
+
+    @property
+    def test(self) -> ImageSet:
+        """The test set (a dry run answers from the data set's sizes while it is absent)."""
+        if self._test is None:
+            raise RuntimeError(f"{self.dataset} is not in the data dir: a dry run reads no images")
+        return self._test
 
     def check_sizes(self) -> None:
         """One error line when the config asks for more test images than there are (a
@@ -85,15 +98,16 @@ class EvalData:
                 self._digests[group] = noise_digest(self.noise(group).path)
             else:  # a dry run generates nothing: a file still to be (re)generated has no digest yet
                 path = noise_file(self.dataset, self.data_dir, self.config.noise_source, group)
-                if not current_noise_file(path, self.noise_source != "released", self.clean_digest):
+                generated = self.noise_source != "released"
+                if self.clean_digest is None or not current_noise_file(path, generated, self.clean_digest):
                     return None
                 self._digests[group] = noise_digest(path, remember=False)
         return self._digests[group]
 
     @functools.cache  # noqa: B019
-    def noise(self, group: str):
+    def noise(self, group: str) -> NoiseImages:
         source = "released" if self.noise_source == "released" else "generated"
-        return load_noise(self.dataset, group, self.data_dir, source, test=self.test)
+        return load_noise(self.dataset, group, self.data_dir, source, test=self._test)
 
     @functools.cache  # noqa: B019
     def file_stats(self, group: str, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +122,9 @@ class EvalData:
         mean = total / count
         return mean, np.sqrt(square / count - mean**2)
 
-    def batches(self, cell: Cell, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, cell: Cell, batch_size: int, device: str | torch.device
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """The images `cell` perturbs: its noise file's rows at its severity, or clean ones."""
         indices = self.indices(self.config.n_test_of(cell.perturbation))
         if perturbation(cell.perturbation).kind == NOISE:
@@ -121,7 +137,9 @@ class EvalData:
 _VIEWS: dict[tuple, EvalData] = {}
 
 
-def test_data(dataset: str, data_dir, config: EvalConfig, run_id: str, dry: bool = False) -> EvalData:
+def test_data(
+    dataset: str, data_dir: str | os.PathLike | None, config: EvalConfig, run_id: str, dry: bool = False
+) -> EvalData:
     """The one EvalData per data set, data dir, test subsets and noise source of a run in
     this process (a seed's and an ensemble's configs differ in radii only): the driver,
     the estimate and an in-process worker share it. Read again in the next run (another

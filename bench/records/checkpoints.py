@@ -35,7 +35,7 @@ def save_zoo_checkpoint(
     seed: int,
     results_dir: str | os.PathLike,
     run: str | None = None,
-    **meta,
+    **meta: object,
 ) -> Path:
     """Write weights, then the metadata naming their sha256 (both atomically): a reader
     that finds meta.json finds the weights it describes. `run` names the folder (default:

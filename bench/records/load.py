@@ -8,6 +8,7 @@ import itertools
 import os
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -151,7 +152,7 @@ def load_landscapes(results_dir: str | os.PathLike, runs: pd.DataFrame | None = 
 
 
 def _with_blobs(
-    results_dir, table: str, columns: dict[str, str], blobs: tuple[str, ...]
+    results_dir: str | os.PathLike, table: str, columns: dict[str, str], blobs: tuple[str, ...]
 ) -> tuple[pd.DataFrame, list]:
     """A table's typed columns in rowid order, and each of its `blobs` columns as a list of
     bytes; empty for a store without the table."""
@@ -211,7 +212,7 @@ def checkpoint_state(
     return status, meta["sha256"], meta.get("length"), meta.get("n_train"), trained_on, on_disk
 
 
-def load_correct(results_dir: str | os.PathLike, **key) -> np.ndarray:
+def load_correct(results_dir: str | os.PathLike, **key: object) -> np.ndarray:
     """Per-example correctness (bool, in test-subset order) of the one cell matching `key`."""
     path = Path(results_dir) / DB_FILE
     where = " AND ".join(f"{k} = ?" for k in key)
@@ -240,12 +241,12 @@ def load_bits(results_dir: str | os.PathLike) -> dict[tuple, np.ndarray]:
     return bits
 
 
-def cell_id(row) -> tuple:
+def cell_id(row: Any) -> tuple:
     """A cell's KEY values as a hashable tuple (from a dict, a Series or a named tuple)."""
     get = row.get if hasattr(row, "get") else lambda k: getattr(row, k)
     return tuple(_plain(get(k)) for k in KEY)
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     """numpy scalars as Python ones, so that keys from SQLite and from pandas compare equal."""
     return value.item() if isinstance(value, np.generic) else value

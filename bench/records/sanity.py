@@ -20,6 +20,7 @@ measured (transfer applies to interpolated models with a registered ResNet, alon
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -92,9 +93,9 @@ def adversarial() -> list[str]:
     return [p.name for p in PERTURBATIONS.values() if p.kind == ATTACK and p.falls_with_radius]
 
 
-def _named(fact: str) -> list[tuple[str, object]]:
-    """(perturbation, value) for each registered perturbation whose `fact` is set."""
-    return [(p.name, getattr(p, fact)) for p in PERTURBATIONS.values() if getattr(p, fact) is not None]
+def _named(fact: str) -> list[tuple[str, str]]:
+    """(perturbation, the perturbation its `fact` names) for each registered one that names one."""
+    return [(p.name, named) for p in PERTURBATIONS.values() if isinstance(named := getattr(p, fact), str)]
 
 
 def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
@@ -119,15 +120,18 @@ def record_gates(aggregated: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*ENTRY, "gate", "value", "limit", "detail"])
 
 
-def _gates(means: dict, stds: dict, classes: int):
-    def tolerance(*metrics) -> float:
+def _gates(
+    means: dict[str, float], stds: dict[str, float], classes: int
+) -> Iterator[tuple[str, float, float, str]]:
+    def tolerance(*metrics: str) -> float:
         return max([GATE_TOLERANCE, *(s for m in metrics if not math.isnan(s := stds.get(m, math.nan)))])
 
     def radii(attack: str) -> list[float]:
         return sorted(float(m.split("@")[1]) for m in means if m.startswith(attack + "@"))
 
-    def worst(pairs):  # (excess over the limit, value, limit, detail) -> the largest excess
-        pairs = list(pairs)
+    # (excess over the limit, value, limit, detail) -> the largest excess
+    def worst(found: Iterator[tuple[float, float, float, str]]) -> tuple[float, float, str] | None:
+        pairs = list(found)
         return max(pairs, key=lambda p: p[0])[1:] if pairs else None
 
     rise = worst(
@@ -148,7 +152,8 @@ def _gates(means: dict, stds: dict, classes: int):
     chance = 100 / classes
     large = worst(
         (means[m] - chance - CHANCE_MARGIN, means[m] - chance, CHANCE_MARGIN, m)
-        for attack, start in _named("chance_from_255")
+        for attack, start in ((p.name, p.chance_from_255) for p in PERTURBATIONS.values())
+        if start is not None
         for e in radii(attack)
         if e >= start and (m := metric_name(attack, e))
     )
@@ -255,7 +260,7 @@ def required_gates(model: str, kind: str) -> list[str]:
     return [g for g, gate in GATES.items() if gate.critical and (g != "transfer" or transfer)]
 
 
-def verdict_text(unreliable, unchecked: str) -> str:
+def verdict_text(unreliable: object, unchecked: str) -> str:
     """yes / no / not checked (the gates not measured)."""
     if pd.isna(unreliable):
         return f"not checked ({unchecked.replace(';', ', ')})"

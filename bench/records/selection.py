@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -134,7 +135,7 @@ def _strength_ranks(cells: pd.DataFrame) -> list[int]:
     """Each cell's parameter set ranked among all of its perturbation's by strength."""
     pairs = sorted(set(zip(cells["perturbation"], cells["params"], strict=True)))
 
-    def strength(pair) -> tuple:
+    def strength(pair: tuple[str, str]) -> tuple:
         pert = PERTURBATIONS.get(pair[0])
         return pert.strength(json.loads(pair[1] or "{}")) if pert is not None else ()
 
@@ -142,13 +143,12 @@ def _strength_ranks(cells: pd.DataFrame) -> list[int]:
     return [order[pair] for pair in zip(cells["perturbation"], cells["params"], strict=True)]
 
 
-def lambda_key(init) -> tuple | None:
+def lambda_key(init: Sequence[float | None] | None) -> tuple[float, float] | None:
     """A λ initialisation as a dictionary key: None for none (or NaN), else rounded."""
-    return (
-        None
-        if init is None or init[0] is None or (isinstance(init[0], float) and math.isnan(init[0]))
-        else (round(init[0], 6), round(init[1], 6))
-    )
+    low, high = init if init is not None else (None, None)
+    if low is None or high is None or math.isnan(low):
+        return None
+    return round(low, 6), round(high, 6)
 
 
 def best_groups(aggregated: pd.DataFrame) -> dict:
@@ -197,7 +197,7 @@ def chosen_runs(aggregated: pd.DataFrame) -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
-def paper_recipe_tags(model: str, preset: str, lam) -> set[str]:
+def paper_recipe_tags(model: str, preset: str, lam: tuple[float, float] | None) -> set[str]:
     """The run tags of `model` trained with the paper's full recipe (with or without the
     λ initialisation written into the tag)."""
     tags = {run_tag(model, preset)}

@@ -66,7 +66,7 @@ def closest_rows(aggregated: pd.DataFrame, evidence: Evidence, presets: list[str
             point, draws = squared[name]
             low, high = stats.percentiles(draws)
             row |= {"gap": _root(point), "low": _root(low), "high": _root(high)}
-            if name != best:
+            if best is not None and name != best:
                 behind = draws - squared[best][1]  # independent draws: the presets' runs are distinct
                 row |= {
                     "behind": point - squared[best][0],
@@ -313,13 +313,17 @@ def claim_archs(claim: Claim, frame: pd.DataFrame, dataset: str) -> list[str]:
     found = [
         arch
         for arch in measured_archs(frame, dataset, claim.table)
-        if (a := _model(arch, claim.a)) and _model(arch, claim.b) and a.family == claim.family
+        if (a := find_model(arch, claim.a[0])) and find_model(arch, claim.b[0]) and a.family == claim.family
     ]
     return [*dict.fromkeys(own), *(a for a in found if a not in own)]
 
 
-def _model(arch: str, side: Side) -> ModelEntry | None:
-    return find_model(arch, side[0])
+def _model(arch: str, side: Side) -> ModelEntry:
+    """The registered model of one side of a claim (claim_archs keeps the archs with both)."""
+    entry = find_model(arch, side[0])
+    if entry is None:
+        raise KeyError(f"no registered model applies the {side[0]} rule to {arch}")
+    return entry
 
 
 def claim_rows(
@@ -330,53 +334,74 @@ def claim_rows(
     the claim and the cells, so no other claim changes it), the published difference, and
     the verdict: reproduces / inconclusive / contradicts, or why it is not comparable."""
     chosen, paper = best_groups(aggregated[aggregated["preset"] == preset]), published()
-    rows = []
-    for claim in CLAIMS:
-        for dataset in shown_datasets(frame, TABLES[claim.table].datasets):
-            for arch in claim_archs(claim, frame, dataset):
-                a, b = _model(arch, claim.a), _model(arch, claim.b)
-                sides = [
-                    _side(chosen, dataset, entry, side, claim.metric)
-                    for entry, side in ((a, claim.a), (b, claim.b))
-                ]
-                measured = math.nan if None in sides else sides[0]["mean"] - sides[1]["mean"]
-                low = high = math.nan
-                if evidence is not None and None not in sides:
-                    seeded = [
-                        evidence.seeded(dataset, side["run"], kind, preset, claim.metric)
-                        for side, kind in zip(sides, (claim.a[2], claim.b[2]), strict=True)
-                    ]
-                    if all(seeded):
-                        what = (
-                            claim.text,
-                            claim.table,
-                            dataset,
-                            arch,
-                            preset,
-                            *(
-                                (side["run"], kind, tuple(s))
-                                for side, kind, s in zip(sides, (claim.a[2], claim.b[2]), seeded, strict=True)
-                            ),
-                        )
-                        measured, low, high = evidence.bootstrap.difference(
-                            *(list(s.values()) for s in seeded), what
-                        )
-                published_delta = _paper(paper, claim, dataset, a, b)
-                why = _not_comparable(dataset, sides, evidence) if None not in sides else ""
-                rows.append(
-                    {
-                        "claim": claim.text.format(a=a.label, b=b.label),
-                        "table": claim.table,
-                        "dataset": dataset,
-                        "preset": preset,
-                        "measured": measured,
-                        "low": low,
-                        "high": high,
-                        "paper": published_delta,
-                        "verdict": _verdict(measured, low, high, published_delta, why),
-                    }
-                )
+    rows = [
+        _claim_row(claim, dataset, arch, chosen, paper, preset, evidence)
+        for claim in CLAIMS
+        for dataset in shown_datasets(frame, TABLES[claim.table].datasets)
+        for arch in claim_archs(claim, frame, dataset)
+    ]
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def _claim_row(
+    claim: Claim,
+    dataset: str,
+    arch: str,
+    chosen: dict,
+    paper: pd.DataFrame,
+    preset: str,
+    evidence: Evidence | None,
+) -> dict:
+    a, b = _model(arch, claim.a), _model(arch, claim.b)
+    first, second = (
+        _side(chosen, dataset, entry, side, claim.metric) for entry, side in ((a, claim.a), (b, claim.b))
+    )
+    measured = low = high = math.nan
+    why = ""
+    if first is not None and second is not None:
+        measured = first["mean"] - second["mean"]
+        why = _not_comparable(dataset, [first, second], evidence)
+        interval = (
+            None if evidence is None else _interval(claim, dataset, arch, preset, (first, second), evidence)
+        )
+        if interval is not None:
+            measured, low, high = interval
+    published_delta = _paper(paper, claim, dataset, a, b)
+    return {
+        "claim": claim.text.format(a=a.label, b=b.label),
+        "table": claim.table,
+        "dataset": dataset,
+        "preset": preset,
+        "measured": measured,
+        "low": low,
+        "high": high,
+        "paper": published_delta,
+        "verdict": _verdict(measured, low, high, published_delta, why),
+    }
+
+
+def _interval(
+    claim: Claim, dataset: str, arch: str, preset: str, sides: tuple[dict, dict], evidence: Evidence
+) -> tuple[float, float, float] | None:
+    """The measured difference and its 95% interval over seeds and examples; None when a
+    side has no per-example bits."""
+    kinds = (claim.a[2], claim.b[2])
+    seeded = [
+        evidence.seeded(dataset, side["run"], kind, preset, claim.metric)
+        for side, kind in zip(sides, kinds, strict=True)
+    ]
+    if not all(seeded):
+        return None
+    what = (
+        claim.text,
+        claim.table,
+        dataset,
+        arch,
+        preset,
+        *((side["run"], kind, tuple(s)) for side, kind, s in zip(sides, kinds, seeded, strict=True)),
+    )
+    first, second = (list(s.values()) for s in seeded)
+    return evidence.bootstrap.difference(first, second, what)
 
 
 CLAIM_COLUMNS = ["claim", "table", "dataset", "preset", "measured", "low", "high", "paper", "verdict"]

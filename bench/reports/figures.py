@@ -25,6 +25,7 @@ from bench.data.datasets import dataset_label
 from bench.data.noise import SEVERITIES
 from bench.records.checkpoints import GATE_IMAGES, run_tag
 from bench.records.schema import LANDSCAPE_CLEAN, PAPER_LANDSCAPE_IMAGES, LandscapeConfig
+from bench.reports.measured import Measured
 from bench.reports.plotting import (
     RunFolder,
     Skipped,
@@ -420,7 +421,7 @@ def severity_figure(table: pd.DataFrame, dataset: str) -> Figure | None:
 
 
 def draw_all(
-    m,
+    m: Measured,
     results: Path,
     preset: str,
     landscape: LandscapeConfig | None = None,

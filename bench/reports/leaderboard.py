@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +36,7 @@ from models import UserError, list_models, model_entry
 SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
 
 
-def variant_text(row) -> str:
+def variant_text(row: pd.Series) -> str:
     """How a left-out measurement differs from the one shown, from the rule that dropped it."""
     rule = row["rule"]
     if rule == LARGEST_SUBSET:
@@ -53,7 +54,7 @@ def variant_text(row) -> str:
     return (slot.describe(params) if slot is not None else row["params"]) or "other parameters"
 
 
-def left_out_phrases(left_out: pd.DataFrame, label_of) -> list[str]:
+def left_out_phrases(left_out: pd.DataFrame, label_of: Callable[[pd.Series], str]) -> list[str]:
     """'<label>: <variant> (<metrics>)' per entry and variant; `label_of(row)` names the entry."""
     if left_out.empty:
         return []
@@ -87,7 +88,7 @@ def left_out_note(slots: list[TableCell], aggregated: pd.DataFrame, left_out: pd
         tuple(r[:4]): r[4] for r in runs[runs["chosen"]][["dataset", "model", "lam", "kind", "run"]].values
     }
 
-    def key_of(r) -> tuple:
+    def key_of(r: pd.Series) -> tuple:
         return (r["dataset"], r["model"], lambda_key((r["lambda_low"], r["lambda_high"])), r["kind"])
 
     left_of_shown = (
@@ -294,7 +295,7 @@ def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[
         else (entry["lambda_low"], entry["lambda_high"])
     )
 
-    def percent(value) -> str:
+    def percent(value: float) -> str:
         return f"{value:.2f}"
 
     def reported(metric: str) -> str:
@@ -386,7 +387,7 @@ def _provenance(entry: dict) -> dict:
     }
 
 
-def _verdict(unreliable) -> bool | None:
+def _verdict(unreliable: object) -> bool | None:
     return None if pd.isna(unreliable) else bool(unreliable)
 
 

@@ -12,8 +12,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -229,7 +231,7 @@ class Evidence:
         found += [f"{source} data" for source in sorted(set(cells["data_source"]) - {"released"})]
         return found
 
-    def intervals(self, slots, aggregated: pd.DataFrame, preset: str) -> dict:
+    def intervals(self, slots: Sequence[Any], aggregated: pd.DataFrame, preset: str) -> dict:
         """(dataset, model, λ, kind, metric) -> (low, high) of each measured table cell."""
         chosen = best_groups(aggregated[aggregated["preset"] == preset])
         out = {}

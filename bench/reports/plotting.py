@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def rule_rank(model: str) -> int:
     return list(RULE_COLOURS).index(rule_of(model)) if rule_of(model) in RULE_COLOURS else len(RULE_COLOURS)
 
 
-def ordered(pairs) -> list[tuple[str, str]]:
+def ordered(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """(run, model) pairs, without repeats, in the paper's order."""
     return sorted(dict.fromkeys(pairs), key=lambda p: (rule_rank(p[1]), p[1], p[0]))
 
@@ -75,7 +76,7 @@ def colour(model: str) -> str:
     return RULE_COLOURS.get(rule_of(model), OTHER_COLOUR)
 
 
-def styles(models) -> dict[str, str]:
+def styles(models: Iterable[str]) -> dict[str, str]:
     """A line style per depth (the digits in a model's name; the first depth solid)."""
     depths = sorted({"".join(c for c in m if c.isdigit()) for m in models}, key=lambda d: (len(d), d))
     return {m: STYLES[depths.index("".join(c for c in m if c.isdigit())) % len(STYLES)] for m in models}
@@ -85,7 +86,7 @@ _STAMP: ContextVar[str] = ContextVar("stamp", default="")
 
 
 @contextmanager
-def stamped(text: str):
+def stamped(text: str) -> Iterator[None]:
     """Figures rendered inside say `text` across their top, and their captions begin with
     it (a rehearsal's: its numbers are not measurements); '' stamps nothing."""
     token = _STAMP.set(text)
@@ -119,7 +120,11 @@ def panel_grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3
 
 
 def line_panels(
-    frame: pd.DataFrame, panels: list, rows_of, curve, size: tuple[float, float]
+    frame: pd.DataFrame,
+    panels: list,
+    rows_of: Callable[[pd.DataFrame, str], pd.DataFrame],
+    curve: Callable[[pd.DataFrame], tuple],
+    size: tuple[float, float],
 ) -> tuple[Figure, list]:
     """A row of panels, a line per (run, model) of `frame` with a band: `rows_of(rows,
     panel)` picks a run's rows of a panel, `curve(rows)` gives (x, middle, low, high)."""

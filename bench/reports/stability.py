@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from bench.data.datasets import dataset_label
 from bench.records import stats
 from bench.records.schema import DELTAS, EIGEN, GRADIENT, GROWTH, SPECTRAL
 from bench.records.selection import CHECKPOINT, chosen_units
-from bench.reports import figures, plotting
+from bench.reports import plotting
 from bench.reports.plotting import ordered
 from models import list_models, model_entry, model_label, plain_counterpart
 
@@ -167,7 +168,7 @@ TABLE_LEGEND = (
 )
 
 
-def table_texts(folder, table: pd.DataFrame) -> dict:
+def table_texts(folder: Path, table: pd.DataFrame) -> dict:
     title = "# Stability diagnostics: how each block amplifies a perturbation\n\n"
     return {
         folder / "stability.md": title + render_table(table) + "\n\n" + TABLE_LEGEND + "\n",
@@ -398,9 +399,9 @@ def drawn(frame: pd.DataFrame, preset: str) -> list:
     draw from a bootstrap of their own, so the report and the figure stage draw the same
     bytes."""
     return [
-        figures.render(figure, stem, caption)
+        plotting.render(figure, stem, caption)
         if figure is not None
-        else figures.Skipped(stem, "nothing of it recorded")
+        else plotting.Skipped(stem, "nothing of it recorded")
         for stem, figure, caption in figure_specs(frame, preset, stats.Bootstrap())
     ]
 

@@ -31,7 +31,9 @@ def published() -> pd.DataFrame:
     return pd.read_csv(PUBLISHED)
 
 
-def published_value(paper: pd.DataFrame, dataset: str, model: str, init, kind: str, metric: str) -> float:
+def published_value(
+    paper: pd.DataFrame, dataset: str, model: str, init: tuple[float, float] | None, kind: str, metric: str
+) -> float:
     """The paper's number for one cell (NaN when it has none; always NaN off CIFAR: synthetic
     data is never compared with CIFAR numbers). `paper`: published(), maybe one table's."""
     if not dataset_info(dataset).paper:
@@ -217,7 +219,7 @@ def table_slots(number: int, frame: pd.DataFrame, runs: pd.DataFrame | None = No
     """The cells of Table `number` for the data in `frame` (records or their per-seed view).
     The paper's own rows on its data sets are always shown; every other row only when its
     model (and, in Table 5, λ initialisation) was measured or, with `runs`, trained."""
-    if number not in TABLES or number == "3_all":
+    if number not in TABLES:
         raise ValueError(f"the paper has Tables 1-6, not {number}")
     table = TABLES[number]
     return table_slots_filter(_all_slots(table, frame), frame, runs, by_lambda=bool(table.lambda_sweep))
@@ -303,7 +305,16 @@ def all_attacks_slots(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Tab
     return table_slots_filter(_all_slots(replace(table, columns=columns), frame), frame)
 
 
-def _row(table: Table, block, row, dataset, model, columns, init=None, kind="single") -> list[TableCell]:
+def _row(
+    table: Table,
+    block: str,
+    row: str,
+    dataset: str,
+    model: str,
+    columns: tuple[tuple[str, str], ...],
+    init: tuple[float, float] | None = None,
+    kind: str = "single",
+) -> list[TableCell]:
     own = dataset in paper_datasets() and table.row_table in model_entry(model).tables
     init = init if init is not None else default_lambda(model)
     return [
@@ -382,7 +393,7 @@ def render(filled: pd.DataFrame, view: str = "mean", fmt: str = "github") -> str
     return tabulate(grid.values.tolist(), headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
-def _cell(row, view: str) -> str:
+def _cell(row: pd.Series, view: str) -> str:
     if row["metric"] == "failed":  # failed / all runs seen
         text = "-" if math.isnan(row["mean"]) else f"{int(row['mean'])}/{int(row['n'])}"
         return text + (

@@ -243,7 +243,9 @@ def _headline(tables: dict, board: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def _claims(m: Measured, preset: str, evidence, shares, mechanism) -> list[str]:
+def _claims(
+    m: Measured, preset: str, evidence: Evidence | None, shares: dict | None, mechanism: pd.DataFrame | None
+) -> list[str]:
     """The paper's claims judged per preset, the closest preset, and the mechanism's claims."""
     frame, aggregated = m.frame, m.aggregated
     lines = ["", "## The paper's claims"]
@@ -356,7 +358,7 @@ def subset_sizes(cells: pd.DataFrame) -> str:
     """The test subsets of a data set's cells, in words: '100 test images', and the
     perturbations measured on a smaller subset (AutoAttack), e.g. ', autoattack on 50'."""
 
-    def sizes(rows) -> str:
+    def sizes(rows: pd.DataFrame) -> str:
         return "/".join(str(n) for n in sorted(set(rows["n"])))
 
     main = cells[cells["perturbation"] == "clean"] if (cells["perturbation"] == "clean").any() else cells
@@ -487,7 +489,7 @@ def write_reports(
         )
     )
     mechanism = stability.claim_rows(checkpoints, preset, evidence.bootstrap)
-    folders = figures.run_folders(results, m.runs, preset)
+    folders = plotting.run_folders(results, m.runs, preset)
     drawn = None
     if draw:
         with plotting.stamped(REHEARSAL_STAMP if m.rehearsal else ""):
@@ -496,7 +498,7 @@ def write_reports(
         texts.update(_figure_files(results, drawn))
     shares = {
         p: share_claim_rows(
-            figures.coefficient_table(folders if p == preset else figures.run_folders(results, m.runs, p)),
+            plotting.coefficient_table(folders if p == preset else plotting.run_folders(results, m.runs, p)),
             set(m.frame["dataset"]),
             p,
             evidence,
@@ -523,7 +525,7 @@ def write_figures(
     drawn = figures.draw_all(m, Path(results_dir), preset, landscape)
     drawn += stability.drawn(m.stability, preset)
     for item in drawn:
-        if isinstance(item, figures.Skipped):
+        if isinstance(item, plotting.Skipped):
             log.info("figure %s skipped: %s", item.name, item.reason)
     return write_all(_figure_files(Path(results_dir), drawn))
 

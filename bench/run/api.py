@@ -4,6 +4,7 @@ would (`evaluate_defense`), or with a protocol of your own (`evaluate_protocol`)
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pandas as pd
 
@@ -29,7 +30,7 @@ def evaluate_defense(
     progress: bool = True,
     *,
     suite: str = "paper",
-    **options,
+    **options: Any,
 ) -> pd.DataFrame:
     """Evaluate any adapter's defense on its data set, exactly as `run_bench.py --defense
     ...` does, and return its current records: the suite's protocol (default: the paper's
@@ -104,7 +105,7 @@ def _check_recordable(defense: Defense, seed: object) -> None:
         )
 
 
-def _records_of(defense: Defense, results_dir) -> pd.DataFrame:
+def _records_of(defense: Defense, results_dir: str | os.PathLike) -> pd.DataFrame:
     frame = load_records(results_dir)
     info = defense.info
     return frame[(frame["run"] == info.name) & (frame["checkpoint_sha256"] == info.checkpoint_sha256)]

@@ -54,7 +54,7 @@ def check_training_sizes(tasks: list[Task], suite: Suite, options: RunOptions, s
     """One error line for a --n-train above a data set's training images: the run would
     train on all of them under a tag that names more (n1180591620717411303424)."""
     for task in (t for t in tasks if t.kind == TRAIN and "train" in options.stages):
-        n_train = task.train.n_train
+        n_train = task.checkpoint.n_train
         if n_train is None:
             continue
         total = sets.size(task.job.dataset)
@@ -78,10 +78,12 @@ class TrainingDigests:
     training again is the user's choice (delete its folder)."""
 
     def __init__(self, sets: TrainingSets):
-        self.sets, self._digests = sets, {}
+        self.sets = sets
+        self._digests: dict[tuple[str, int | None], str] = {}  # (data set, --n-train) -> the images' digest
 
     def compare(self, meta: dict | None, config: TrainConfig) -> None:
-        recorded = (meta or {}).get("data", {}).get("sha256")
+        meta = meta or {}
+        recorded = meta.get("data", {}).get("sha256")
         if recorded is None or meta.get("status") != "finished" or not self.sets.present(config.dataset):
             return
         key = (config.dataset, config.n_train)
@@ -100,9 +102,10 @@ class TrainingDigests:
             )
 
 
-def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
+def resolve_defenses(tasks: list[Task], dry: bool, keep_built: bool = False) -> dict[str, Resolved]:
     """Build every defense task's defense once (a module that does not import, a factory
-    that raises, weights that do not fit: one error line now); a dry run downloads nothing."""
+    that raises, weights that do not fit: one error line now); a dry run downloads nothing.
+    `keep_built`: keep the modules, for the estimate's probe (a worker builds its own)."""
     resolved = {}
     for task in (t for t in tasks if t.kind == DEFENSE):
         source = task.job.defense
@@ -120,7 +123,9 @@ def resolve_defenses(tasks: list[Task], dry: bool) -> dict[str, Resolved]:
             raise
         check_name(task.job.name, f"defense {task.job.name}")
         info = replace(defense.info, name=task.run_tag)
-        resolved[task.name] = Resolved(info, bool(blocks(defense.model)), defense.model if dry else None)
+        resolved[task.name] = Resolved(
+            info, bool(blocks(defense.model)), defense.model if keep_built else None
+        )
     return resolved
 
 

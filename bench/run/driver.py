@@ -75,7 +75,7 @@ class Driver:
         self.stability_cached: dict[str, int] = {}  # task name -> its stability units found in the records
         # seconds per stage of this run: train (its tasks' wall), eval (the cells' own seconds),
         # stability (its units'), check (the rest of a measuring task: checks, loading), report
-        self.stage_seconds: Counter[str] = Counter(dict.fromkeys(STAGE_NAMES, 0.0))
+        self.stage_seconds: dict[str, float] = dict.fromkeys(STAGE_NAMES, 0.0)
         self.todo = ToDo(options, suite, device, store, defenses=defenses)
 
     # --- what is left to do: bench.run.todo decides, the driver writes what it saw --------
@@ -100,7 +100,7 @@ class Driver:
         """Run `tasks` on `executor`, each when the tasks it waits for are done, as many
         at once as the executor has slots; a task another process holds (the same run
         started twice on one results dir) waits until nothing else is left."""
-        pending, finished, deferred = list(tasks), set(), []
+        pending, finished, deferred = list(tasks), set[str](), list[Task]()
         running: dict[str, Running] = {}
         attempts: Counter[str] = Counter()
         while pending or running or deferred:
@@ -144,7 +144,15 @@ class Driver:
             else:
                 self._record(running[name], event)
 
-    def _start(self, task, executor, running, finished, deferred, blocking: bool) -> None:
+    def _start(
+        self,
+        task: Task,
+        executor: Executor,
+        running: dict[str, Running],
+        finished: set[str],
+        deferred: list[Task],
+        blocking: bool,
+    ) -> None:
         locks = ExitStack()
         who = "ensemble" if task.kind == ENSEMBLE else f"seed{task.seed}"
         stage = "train" if task.kind == TRAIN else "eval"
@@ -170,7 +178,7 @@ class Driver:
         executor.submit(task.name, work)
         running[task.name] = Running(task, work, locks, time.perf_counter())
 
-    def _record(self, state: Running, message) -> None:
+    def _record(self, state: Running, message: object) -> None:
         if isinstance(message, CellsDone):
             added = self.store.add_cells(message.rows, message.correct)  # 0 where another process was first
             self._clock(state, "eval", sum(row["seconds"] for row in message.rows))
@@ -192,7 +200,7 @@ class Driver:
             log.info("%s", message.summary)
         elif isinstance(message, Trained):
             place_files(self.options.results_dir, message.files)
-            meta, config = message.meta, state.work.task.train
+            meta, config = message.meta, state.work.task.checkpoint
             self.store.add_run(run_row(meta, config.run_tag, config.dataset, config.seed))
             if meta["status"] == "failed":
                 self.outcome.failed_runs.add(f"{config.run_tag} {config.dataset} seed {config.seed}")
@@ -234,7 +242,7 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     )
     cells = with_pooled_noise(frame)
 
-    def pct(rows) -> str:
+    def pct(rows: pd.DataFrame) -> str:
         return f"{100 * rows['accuracy'].mean():.1f}" if len(rows) else "-"
 
     parts = [f"clean {pct(cells[cells['perturbation'] == 'clean'])}"]

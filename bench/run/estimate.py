@@ -25,8 +25,10 @@ from bench.eval.protocol import cell_groups, group_passes, protocol_cells
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
+from bench.run.options import RunOptions
 from bench.run.plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task
 from bench.run.rates import Rates, defense_rates, forward_flops, model_rates
+from bench.run.suites import Suite
 from bench.run.todo import ToDo
 from bench.train.recipes import recipe_for, training_test_images
 from models import model_entry
@@ -34,7 +36,9 @@ from models import model_entry
 WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
 
 
-def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | None = None) -> pd.DataFrame:
+def estimate(
+    todo: ToDo, tasks: list[Task], options: RunOptions, rates: dict[str, Rates] | None = None
+) -> pd.DataFrame:
     """One row per task: what it trains or measures (as `todo`, a dry bench.run.todo.ToDo,
     decides), and its seconds; `rates` (model -> Rates) is filled with the throughput used."""
     rates = {} if rates is None else rates
@@ -50,6 +54,10 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
             shape = dataset_info(task.job.dataset).input_shape
             if task.kind == DEFENSE:
                 resolved = todo.defenses[task.name]
+                if resolved.model is None:
+                    raise ValueError(
+                        f"{task.name}: a defense's rates are probed in a dry run, which keeps it built"
+                    )
                 rates[task.job.name] = defense_rates(
                     resolved.model, resolved.info.num_classes, todo.device, options.assume_tflops, shape
                 )
@@ -83,7 +91,7 @@ def estimate(todo: ToDo, tasks: list[Task], options, rates: dict[str, Rates] | N
 
 
 def _train_cost(todo: ToDo, task: Task, rates: Rates, sets: TrainingSets) -> dict:
-    config = task.train
+    config = task.checkpoint
     meta = _meta(todo, task, task.seed)
     if meta.get("status") in ("finished", "failed"):
         return _cost(0, 0, 0, 0.0, 0.0)
@@ -156,7 +164,7 @@ def _work_cost(
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, task.stability), task.stability, config)
         seconds += forward / rates.forward + gradient / rates.gradient
-    if n_landscapes:
+    if n_landscapes and task.landscape is not None:
         forward, gradient = image_passes(task.landscape)
         seconds += n_landscapes * (forward / rates.forward + gradient / rates.gradient)
     stable_cached = units_all - len(stage) if "stability" in stages else 0
@@ -190,7 +198,7 @@ def _cost(to_train: int, todo: int, cached: int, train: float, evaluation: float
 def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> float:
     """Seconds until the last task ends when `workers` run the tasks as the driver does:
     each, in plan order, as soon as a worker is free and the tasks it waits for are done."""
-    pending, ends, running, now = list(tasks), {}, [], 0.0
+    pending, ends, running, now = list(tasks), dict[str, float](), list[tuple[float, str]](), 0.0
     while pending or running:
         for task in [t for t in pending if all(a in ends and ends[a] <= now for a in t.after)]:
             if len(running) >= workers:
@@ -204,7 +212,7 @@ def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> flo
     return now
 
 
-def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
+def render_plan(todo: ToDo, tasks: list[Task], options: RunOptions) -> str:
     rates: dict[str, Rates] = {}
     frame = estimate(todo, tasks, options, rates)
     jobs = []
@@ -226,15 +234,15 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
                 "to train": int(job_rows["to train"].sum()),
                 "cells to run": int(job_rows["cells to run"].sum()),
                 "cached": int(job_rows["cached"].sum()),
-                "train": _duration(job_rows["train"].sum()),
-                "eval": _duration(job_rows["eval"].sum()),
-                "total": _duration(job_rows["seconds"].sum()),
+                "train": duration(job_rows["train"].sum()),
+                "eval": duration(job_rows["eval"].sum()),
+                "total": duration(job_rows["seconds"].sum()),
             }
         )
     seconds = dict(zip(frame["task"], frame["seconds"], strict=True))
     counts = sorted({*WORKER_COUNTS, *([options.workers] if options.workers else [])})
     walls = ", ".join(
-        f"{n} worker{'s' if n > 1 else ''} {_duration(wall_time(tasks, seconds, n))}" for n in counts
+        f"{n} worker{'s' if n > 1 else ''} {duration(wall_time(tasks, seconds, n))}" for n in counts
     )
     totals = frame[
         [
@@ -259,8 +267,8 @@ def render_plan(todo: ToDo, tasks: list[Task], options) -> str:
                 if "stability" in options.stages
                 else ""
             )
-            + f"estimated {_duration(totals['train'])} training + "
-            f"{_duration(totals['eval'])} evaluation = {_duration(totals['seconds'])} of work on {todo.device}",
+            + f"estimated {duration(totals['train'])} training + "
+            f"{duration(totals['eval'])} evaluation = {duration(totals['seconds'])} of work on {todo.device}",
             f"wall time (an estimate): {walls}",
             "throughput: " + "; ".join(f"{m}: {r.source}" for m, r in rates.items()),
         ]
@@ -271,7 +279,7 @@ def _ensemble_cells(task: Task) -> str:
     """An ensemble's cells, its large-eps gate's named: an ensemble row can pass its gate
     only if they are measured on the ensemble itself (a member's are never copied)."""
     cells = protocol_cells(task.eval)
-    gates = {}
+    gates: dict[str, list[str]] = {}
     for cell in cells:
         if perturbation(cell.perturbation).chance_from_255 is not None:
             gates.setdefault(cell.perturbation, []).append(f"{cell.eps_255:g}")
@@ -284,7 +292,7 @@ def _ensemble_cells(task: Task) -> str:
     return f"{len(cells)} cells" + (f" ({named})" if named else "")
 
 
-def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
+def plan_header(suite: Suite, options: RunOptions, device: str, tasks: list[Task]) -> str:
     """The plan's first line, which the run logs and `--dry-run` prints: suite, preset,
     device, tasks and the test subsets."""
     kinds = Counter(t.kind for t in tasks)
@@ -293,6 +301,8 @@ def plan_header(suite, options, device: str, tasks: list[Task]) -> str:
     n_test = config.n_test if config else None
     tested = "" if config is None else "; all test images" if n_test is None else f"; {n_test} test images"
     own = dict(suite.subsets)
+    if options.n_autoattack is not None:  # the user's own size: never labelled as the suite's, capped
+        own["autoattack"] = options.n_autoattack
     smaller = (
         [f"{name} on {_capped(n, own.get(name, n), n_test)}" for name, n in config.subsets] if config else []
     )
@@ -321,7 +331,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 2 * 3600:

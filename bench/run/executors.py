@@ -21,7 +21,7 @@ import socket
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from bench.core.environment import tolerant_streams
 from bench.run.plan import Resources
@@ -78,7 +78,7 @@ class Inline:
         self._running.clear()
 
 
-def _worker(inbox, outbox, environment: dict[str, str]) -> None:
+def _worker(inbox: Any, outbox: Any, environment: dict[str, str]) -> None:
     """A worker process: runs the tasks sent to it, streaming every message back."""
     os.environ.update(environment)
     tolerant_streams()
@@ -219,7 +219,7 @@ class RayExecutor:
 
 
 @contextlib.contextmanager
-def _loopback(ray):
+def _loopback(ray: Any) -> Iterator[None]:
     """Ray's local-only mode while a private Ray starts: its node address and every port
     it opens are on 127.0.0.1. Otherwise Ray replaces the address asked for by the
     machine's outward one and binds GCS, raylet and workers to all interfaces. The switch
@@ -239,7 +239,7 @@ def _loopback(ray):
             os.environ[variable] = before
 
 
-def _join(ray, address: str) -> None:
+def _join(ray: Any, address: str) -> None:
     """Join the cluster at `address` in bounded time: one error line when nothing listens
     there (Ray itself would retry for minutes) or Ray refuses."""
     where = address.removeprefix("ray://")
@@ -259,7 +259,7 @@ def _join(ray, address: str) -> None:
         raise UserError(f"cannot join the Ray cluster at {address} ({first}): check --ray-address") from None
 
 
-def _ray_task(work: Work):
+def _ray_task(work: Work) -> Iterator[object]:
     tolerant_streams()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     yield from execute(work)

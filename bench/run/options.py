@@ -79,7 +79,7 @@ class RunOptions:
     # DefenseSpec.of); their data sets are their own
     defenses: tuple[DefenseSpec, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         """Every value mistake is one error line here, before anything is loaded or run."""
         unknown = [s for s in self.stages if s not in STAGES]
         if not self.stages or unknown:

@@ -48,7 +48,7 @@ from bench.run.options import STAGES, RunOptions
 from bench.run.plan import MEASURE, TRAIN, landscape_config, plan_jobs, plan_tasks, task_resources
 from bench.run.rehearsal import rehearsal_options, rehearsal_suite
 from bench.run.suites import Suite, find_suite
-from bench.run.todo import ToDo
+from bench.run.todo import Resolved, ToDo
 from bench.train.loop import finished_run
 from models import UserError
 
@@ -65,7 +65,7 @@ def run(options: RunOptions) -> int:
     check_results_dir(options.results_dir)  # the folders' names, before anything reads or writes them
     data_root(options.data_dir)
     suite = find_suite(options.suite)
-    real = replace(options, rehearse=False)  # a rehearsal's last line estimates the real run too
+    real = replace(options, rehearse=False)  # the run a rehearsal stands for (its last line's estimate)
     if options.rehearse:
         suite = rehearsal_suite(suite)
         options = replace(options, results_dir=rehearsal.results_folder(options.results_dir))
@@ -83,9 +83,11 @@ def run(options: RunOptions) -> int:
         return _report(options, figures_only="report" not in options.stages)
     device = _device(suite, options)
     tasks = plan_tasks(jobs, suite, options, device)  # each task's configs made once, checked as made
+    # a rehearsal's jobs are the real run's: their real tasks, planned now, refuse an option before any work
+    real_tasks = plan_tasks(jobs, find_suite(real.suite), real, device) if options.rehearse else []
     check_models(jobs)
     check_metric(options.rank_by, planned_metrics(tasks) | recorded_metrics(options))
-    defenses = resolve_defenses(tasks, options.dry_run)
+    defenses = resolve_defenses(tasks, options.dry_run, keep_built=options.dry_run or options.rehearse)
     header = plan_header(suite, options, device, tasks)
     if not options.dry_run:
         log.info("%s", header)
@@ -96,7 +98,7 @@ def run(options: RunOptions) -> int:
     trained_on = TrainingDigests(training_sets)
     metas = {}
     for task in checked:  # a checkpoint of another recipe or model build: one line before any work
-        config = task.train
+        config = task.checkpoint
         folder = zoo_checkpoint_dir(options.results_dir, config.dataset, config.run_tag, config.seed)
         meta = metas[folder] = finished_run(config, options.results_dir)
         trained_on.compare(meta, config)
@@ -121,8 +123,12 @@ def run(options: RunOptions) -> int:
     if device == "cpu":
         retain_freed_memory()
     driver = Driver(options, suite, device, store, defenses=defenses)
-    # before the work: the estimate's view
-    planned = rehearsal.Planned(driver.todo, tasks, options) if options.rehearse else None
+    # before the work: the estimate's view of the rehearsal and of the real run
+    estimated = (
+        rehearsal.estimates(driver.todo, tasks, _real_todo(real, device, defenses), real_tasks)
+        if options.rehearse
+        else None
+    )
     began = time.perf_counter()
     if tasks:
         executor = make_executor(
@@ -158,22 +164,16 @@ def run(options: RunOptions) -> int:
     )
     for error in outcome.errors:
         log.error("error: %s", error)
-    if planned is not None:
-        log.info(
-            "%s",
-            rehearsal.last_line(planned, driver.stage_seconds, _real_estimate(real, device, planned.rates)),
-        )
+    if estimated is not None:
+        log.info("%s", rehearsal.last_line(*estimated, driver.stage_seconds))
     return 1 if outcome.errors else 0
 
 
-def _real_estimate(options: RunOptions, device: str, rates: dict) -> rehearsal.StageSeconds:
-    """What the run the rehearsal stands for will cost: its plan's estimate (nothing of a
-    rehearsal counts as cached for it), on the same device and throughput."""
-    suite = find_suite(options.suite)
-    tasks = plan_tasks(plan_jobs(suite, options), suite, options, device)
-    store = RecordStore(options.results_dir, readonly=True)
-    todo = ToDo(options, suite, device, store, dry=True, defenses=resolve_defenses(tasks, True))
-    return rehearsal.stage_estimate(todo, tasks, options, rates)
+def _real_todo(real: RunOptions, device: str, defenses: dict[str, Resolved]) -> ToDo:
+    """What the run a rehearsal stands for still needs, in its own results dir (read only),
+    with the defenses the rehearsal built."""
+    store = RecordStore(real.results_dir, readonly=True)
+    return ToDo(real, find_suite(real.suite), device, store, dry=True, defenses=defenses)
 
 
 def _workers(options: RunOptions, tasks: int) -> int | None:

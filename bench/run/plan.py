@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
 from bench.eval.defenses import DefenseSpec
-from bench.eval.landscape import LandscapeConfig, drawn_for
+from bench.eval.landscape import drawn_for
 from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
-from bench.records.schema import ENSEMBLE_SEED
+from bench.records.schema import ENSEMBLE_SEED, LandscapeConfig
 from bench.run.options import RunOptions
 from bench.run.suites import Study, Suite
 from bench.train.recipes import TrainConfig
@@ -60,14 +60,21 @@ class Task:
     resources: Resources
     # the configs, derived once here (plan_tasks) and read by the checks, the estimate, the
     # driver and the workers alike: what is planned, estimated and run cannot differ
-    train: TrainConfig | None = None  # the checkpoint's (a train or measure task's seed)
-    eval: EvalConfig | None = None  # the protocol it is measured with (a train task: its seed's)
-    stability: StabilityConfig | None = None  # the stability stage's (tasks that measure)
+    eval: EvalConfig  # the protocol it is measured with (a train task: its seed's)
+    stability: StabilityConfig  # the stability stage's (the run's: one for every task)
+    train: TrainConfig | None = None  # the checkpoint's: a train or measure task's seed (`checkpoint`)
     landscape: LandscapeConfig | None = None  # Fig. 2's grid, for a seed of a model the figure can show
 
     @property
     def seed(self) -> int:
         return ENSEMBLE_SEED if self.kind == ENSEMBLE else self.seeds[0]
+
+    @property
+    def checkpoint(self) -> TrainConfig:
+        """The config of the checkpoint a train or measure task trains or reads."""
+        if self.train is None:
+            raise ValueError(f"{self.name} has no checkpoint of its own (a {self.kind} task)")
+        return self.train
 
     @property
     def name(self) -> str:
@@ -203,8 +210,8 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
                 (0,),
                 (),
                 resources,
-                eval=eval_config(job, suite, options, device),
-                stability=stability,
+                eval_config(job, suite, options, device),
+                stability,
             )
             for job in jobs
         ]
@@ -213,7 +220,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
         evaluated = eval_config(job, suite, options, device)
         made = {s: train_config(job, s, suite, options, device) for s in seeds}
         run = made[seeds[0]].run_tag
-        trained = [Task(TRAIN, job, run, (s,), (), resources, made[s], evaluated) for s in seeds]
+        trained = [Task(TRAIN, job, run, (s,), (), resources, evaluated, stability, made[s]) for s in seeds]
         waits = {
             s: (t.name,) if "train" in options.stages else () for s, t in zip(seeds, trained, strict=True)
         }
@@ -222,7 +229,7 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
             continue
         landscape = landscape_config(options) if drawn_for(job.name) else None
         measures += [
-            Task(MEASURE, job, run, (s,), waits[s], resources, made[s], evaluated, stability, landscape)
+            Task(MEASURE, job, run, (s,), waits[s], resources, evaluated, stability, made[s], landscape)
             for s in seeds
         ]
         if job.ensemble_radii_255 and len(seeds) >= 2:
@@ -234,8 +241,8 @@ def plan_tasks(jobs: list[Job], suite: Suite, options: RunOptions, device: str) 
                     seeds,
                     sum(waits.values(), ()),
                     resources,
-                    eval=eval_config(job, suite, options, device, ensemble=True),
-                    stability=stability,
+                    eval_config(job, suite, options, device, ensemble=True),
+                    stability,
                 )
             )
     return trains + measures

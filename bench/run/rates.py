@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ class Rates:
 def model_rates(
     model: str,
     device: str,
-    results_dir,
+    results_dir: str | os.PathLike,
     assume_tflops: float | None,
     shape: tuple[int, ...] = CIFAR10.input_shape,
 ) -> Rates:
@@ -130,7 +131,7 @@ def flop_rates(model: str, tflops: float, shape: tuple[int, ...] = CIFAR10.input
     )
 
 
-def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
+def recorded_rates(model: str, device: str, results_dir: str | os.PathLike) -> Rates | None:
     """Rates measured by this model's finished runs and cells on this device, or None
     when it has neither a finished run nor clean and iterative-attack cells, or when the
     folder is a rehearsal's (a few steps: their time is the overheads')."""
@@ -167,7 +168,7 @@ def recorded_rates(model: str, device: str, results_dir) -> Rates | None:
     )
 
 
-def _timed_cells(results_dir) -> pd.DataFrame | None:
+def _timed_cells(results_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The records' cells, read once per state of the store (one estimate asks per model)."""
     path = Path(results_dir) / "records.sqlite"
     return _read_cells(str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else None
@@ -185,7 +186,7 @@ def _kind(name: str) -> str | None:
         return None
 
 
-def _finished_metas(results_dir) -> list[dict]:
+def _finished_metas(results_dir: str | os.PathLike) -> list[dict]:
     metas = []
     for path in Path(results_dir).glob(f"checkpoints/*/*/seed*/{META_FILE}"):
         meta = read_meta(path)
@@ -224,7 +225,7 @@ def probe_module(
     model: torch.nn.Module, classes: int, device: str, shape: tuple[int, ...], train: bool = True
 ) -> Rates:
     """`probe`'s measurement of a built module (`train`: its training step too)."""
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     x = torch.rand(PROBE_BATCH, *shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (PROBE_BATCH,), device=device)
 
@@ -241,15 +242,15 @@ def probe_module(
                     break
         return PROBE_BATCH / statistics.median(times)
 
-    def train_step():
+    def train_step() -> None:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model.train()(x), y).backward()
 
-    def forward():
+    def forward() -> None:
         with torch.no_grad():
             model.eval()(x)
 
-    def gradient():
+    def gradient() -> None:
         x_in = x.clone().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model.eval()(x_in), y), x_in)
 

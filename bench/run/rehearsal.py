@@ -39,9 +39,14 @@ from bench.data.cifar import data_root, write_batch
 from bench.data.datasets import DatasetInfo, complete, dataset_info, ensure_folder
 from bench.data.synthetic import draw
 from bench.records.sanity import training_gates
-from bench.records.store import DB_FILE
+from bench.records.schema import DB_FILE
 from bench.reports.measured import REHEARSAL_FILE, rehearsal_of
+from bench.run.driver import STAGE_NAMES
+from bench.run.estimate import WORKER_COUNTS, duration, estimate, wall_time
+from bench.run.options import RunOptions
+from bench.run.plan import Job, Task
 from bench.run.suites import Suite
+from bench.run.todo import ToDo
 from models import UserError
 
 log = logging.getLogger(__name__)
@@ -193,7 +198,7 @@ def _link(info: DatasetInfo, root: Path, folder: Path) -> None:
         target.symlink_to(source.resolve(), target_is_directory=True)
 
 
-def rehearsal_options(options, jobs: list) -> object:
+def rehearsal_options(options: RunOptions, jobs: list[Job]) -> RunOptions:
     """The run's options for its rehearsal: the data dir of `prepare_data` and Fig. 2's
     smaller grid (the suite, bench.run.rehearsal.rehearsal_suite, holds the rest)."""
     datasets = list(dict.fromkeys(job.dataset for job in jobs))
@@ -209,18 +214,16 @@ def rehearsal_options(options, jobs: list) -> object:
 class StageSeconds:
     """Seconds of work per stage (NaN: not estimated), and the wall time on 1, 4 and 16 workers."""
 
-    seconds: dict
-    walls: dict
+    seconds: dict[str, float]
+    walls: dict[int, float]
 
     def total(self) -> float:
         return sum(v for v in self.seconds.values() if v == v)
 
 
-def stage_estimate(todo, tasks: list, options, rates: dict) -> StageSeconds:
+def stage_estimate(todo: ToDo, tasks: list[Task], rates: dict) -> StageSeconds:
     """The estimate of `tasks` per stage (bench.run.estimate, the dry run's own numbers)."""
-    from bench.run.estimate import WORKER_COUNTS, estimate, wall_time
-
-    frame = estimate(todo, tasks, options, rates)
+    frame = estimate(todo, tasks, todo.options, rates)
     seconds = {
         "train": frame["train"].sum(),
         "eval": (frame["eval"] - frame["stability"]).sum(),
@@ -232,44 +235,41 @@ def stage_estimate(todo, tasks: list, options, rates: dict) -> StageSeconds:
     return StageSeconds(seconds, {n: wall_time(tasks, per_task, n) for n in WORKER_COUNTS})
 
 
-class Planned:
-    """A rehearsal's plan as the estimate sees it before any work (a dry bench.run.todo.ToDo
-    on the same store and run), and the throughput it used, for the last line."""
+def estimates(
+    todo: ToDo, tasks: list[Task], real: ToDo, real_tasks: list[Task]
+) -> tuple[StageSeconds, StageSeconds]:
+    """Before any work, on one throughput: the estimate of the rehearsal's own tasks (a
+    dry ToDo on its store and run), and that of the run it stands for (`real`: the real
+    suite's tasks of the same jobs, on the real results dir: nothing of a rehearsal is
+    cached for it)."""
+    dry = ToDo(
+        todo.options,
+        todo.suite,
+        todo.device,
+        todo.store,
+        dry=True,
+        defenses=todo.defenses,
+        run_id=todo.base["run_id"],
+    )
+    rates: dict = {}  # probed once, for both
+    return stage_estimate(dry, tasks, rates), stage_estimate(real, real_tasks, rates)
 
-    def __init__(self, todo, tasks: list, options):
-        from bench.run.todo import ToDo
 
-        dry = ToDo(
-            options,
-            todo.suite,
-            todo.device,
-            todo.store,
-            dry=True,
-            defenses=todo.defenses,
-            run_id=todo.base["run_id"],
-        )
-        self.rates: dict = {}
-        self.estimate = stage_estimate(dry, tasks, options, self.rates)
-
-
-def last_line(planned: Planned, measured: dict, real: StageSeconds) -> str:
+def last_line(rehearsed: StageSeconds, real: StageSeconds, measured: dict[str, float]) -> str:
     """What the rehearsal measured per stage next to what the estimate said for the same
     work, then the real run's estimate: a bad estimate shows before the GPU-days."""
-    from bench.run.driver import STAGE_NAMES
-    from bench.run.estimate import _duration
-
     parts = []
     for stage in STAGE_NAMES:
-        guess = planned.estimate.seconds[stage]
+        guess = rehearsed.seconds[stage]
         said = (
             "not estimated"
             if guess != guess
-            else f"estimated {_duration(guess)}" + (f", x{measured[stage] / guess:.1f}" if guess > 0 else "")
+            else f"estimated {duration(guess)}" + (f", x{measured[stage] / guess:.1f}" if guess > 0 else "")
         )
-        parts.append(f"{stage} {_duration(measured[stage])} ({said})")
-    real_parts = ", ".join(f"{s} {_duration(real.seconds[s])}" for s in ("train", "eval", "stability"))
-    walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {_duration(w)}" for n, w in real.walls.items())
+        parts.append(f"{stage} {duration(measured[stage])} ({said})")
+    real_parts = ", ".join(f"{s} {duration(real.seconds[s])}" for s in ("train", "eval", "stability"))
+    walls = ", ".join(f"{n} worker{'s' if n > 1 else ''} {duration(w)}" for n, w in real.walls.items())
     return (
-        f"rehearsal measured: {'; '.join(parts)}. The real run: estimated {_duration(real.total())} of work "
+        f"rehearsal measured: {'; '.join(parts)}. The real run: estimated {duration(real.total())} of work "
         f"({real_parts}; checks and reports not estimated), wall time {walls}"
     )

@@ -42,9 +42,10 @@ def model_summary(names: list[str], num_classes: int = 10) -> pd.DataFrame:
 def _starting_coefficients(rule: str, init: tuple[float, float] | None) -> dict:
     """act(d) at the ends of d's initialisation interval (act is monotone, and a gate's
     W_d starts at 0): the coefficients a model starts from."""
-    if init is None:
+    act = RULES[rule].act
+    if init is None or act is None:
         return {"coefficient_low": float("nan"), "coefficient_high": float("nan")}
-    low, high = (float(RULES[rule].act(torch.tensor(v, dtype=torch.float64))) for v in init)
+    low, high = (float(act(torch.tensor(v, dtype=torch.float64))) for v in init)
     return {"coefficient_low": low, "coefficient_high": high}
 
 

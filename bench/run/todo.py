@@ -86,10 +86,10 @@ class ToDo:
 
     def decide(self, task: Task) -> Decision:
         if task.kind == TRAIN:
-            meta = finished_run(task.train, self.options.results_dir)
+            meta = finished_run(task.checkpoint, self.options.results_dir)
             if meta is None:
                 return Decision(Work(task, **self.base))
-            config = task.train
+            config = task.checkpoint
             if self.dry:
                 return Decision()
             log.info("%s %s seed %d: %s already", config.run_tag, config.dataset, config.seed, meta["status"])
@@ -132,7 +132,7 @@ class ToDo:
             decision.cached = len(asked) - len(todo)
         checks, transfer = self._checks_todo(task, context) if "check" in stages else ((), None)
         stability_units = self._stability_todo(task, context, decision) if "stability" in stages else []
-        landscapes = self._landscapes_todo(task, context) if "stability" in stages and task.landscape else []
+        landscapes = self._landscapes_todo(task, context) if "stability" in stages else []
         if todo or checks or stability_units or landscapes:
             decision.work = self._work(
                 task, members, digest, todo, checks, transfer, stability_units, landscapes
@@ -146,7 +146,7 @@ class ToDo:
         digest: str,
         todo: list,
         checks: tuple,
-        transfer,
+        transfer: tuple[str, int] | None,
         stability_units: list,
         landscapes: list,
     ) -> Work:
@@ -221,6 +221,8 @@ class ToDo:
     def _landscapes_todo(self, task: Task, context: dict) -> list[tuple[str, int]]:
         """Fig. 2's images not yet recorded for the checkpoint on this grid and these files."""
         data, grid = self.data(task), task.landscape
+        if grid is None:  # a model Fig. 2 does not show
+            return []
         done = self.store.landscapes_done(context)
         return [
             (group, row)
@@ -235,7 +237,9 @@ class ToDo:
         plain = plain_counterpart(job.name)
         if plain is None:
             return None
-        tag = replace(task.train, model=plain, lambda_init=None).run_tag  # the same recipe, length and subset
+        tag = replace(
+            task.checkpoint, model=plain, lambda_init=None
+        ).run_tag  # the same recipe, length and subset
         meta = zoo_checkpoint_dir(self.options.results_dir, job.dataset, tag, seed) / META_FILE
         if not meta.is_file() or read_meta(meta).get("status") != "finished":
             log.info(
@@ -255,7 +259,7 @@ class ToDo:
         registry, tag and seed order; None, said in the log, when there is none."""
         dataset, options = task.job.dataset, self.options
         source = task.job.defense
-        arch = source.target if getattr(source, "source", "") == STATE_DICT else ""
+        arch = source.target if source is not None and source.source == STATE_DICT else ""
         wanted = plain_counterpart(arch) if arch else None
         order = {name: i for i, name in enumerate(list_models())}
         found = []

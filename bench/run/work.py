@@ -84,7 +84,7 @@ def execute(work: Work) -> Iterator[Message]:
     place_files(work.results_dir, work.files)
     task = work.task
     if task.kind == TRAIN:
-        config = task.train
+        config = task.checkpoint
         assert config is not None  # a training task's
         meta = train(config, work.results_dir, work.data_dir, work.progress)
         folder = zoo_checkpoint_dir(work.results_dir, config.dataset, config.run_tag, config.seed)
@@ -115,7 +115,7 @@ def execute(work: Work) -> Iterator[Message]:
             data = eval_data(work)
             yield from stability_stage(subject, work.task.eval, data, work.task.stability, work.stability)
     with users_forward(subject, work.task.job.dataset, "Fig. 2's landscapes"):
-        if work.landscapes:
+        if work.landscapes and work.task.landscape is not None:
             yield from measure_landscapes(
                 subject, work.task.eval, eval_data(work), work.task.landscape, work.landscapes
             )

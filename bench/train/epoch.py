@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from bench.data.cifar import ImageSet
 from bench.data.splits import batches
 from bench.train.recipes import Recipe, TrainConfig
 
@@ -109,7 +110,7 @@ def first_nonfinite(
     names = {module: name for name, module in copy.named_modules()}
     first: list[str] = []
 
-    def check(module: nn.Module, _, out) -> None:
+    def check(module: nn.Module, _: object, out: object) -> None:
         if not first and isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
             first.append(f"the output of {names[module] or 'the network'} ({type(module).__name__})")
 
@@ -151,7 +152,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, test, device: torch.device, batch_size: int | None = None) -> float:
+def test_accuracy(
+    model: nn.Module, test: ImageSet, device: torch.device, batch_size: int | None = None
+) -> float:
     """Clean accuracy of `model` (put in eval mode) on the ImageSet `test`; by default 256
     images a batch on a CPU (3x faster there than 1,000, which stay out of its caches)
     and 1,000 on a GPU."""

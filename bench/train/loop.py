@@ -18,11 +18,13 @@ import functools
 import io
 import json
 import logging
+import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -76,7 +78,10 @@ CHANCE_FACTOR = 1.5  # final test accuracy below 1.5 / classes counts as a faile
 
 
 def train(
-    config: TrainConfig, results_dir: str | Path = "results", data_dir=None, progress: bool = True
+    config: TrainConfig,
+    results_dir: str | os.PathLike = "results",
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train (or resume, or skip when done) one run; returns its metadata."""
     folder = zoo_checkpoint_dir(results_dir, config.dataset, config.run_tag, config.seed)
@@ -100,26 +105,32 @@ def train(
     log.addHandler(handler)
     log.setLevel(logging.INFO)  # the run's log file gets every epoch, whatever the console shows
     try:
-        return _run(config, recipe, model, folder, data_dir, progress)
+        return _run(_Run(config, recipe, model, folder), data_dir, progress)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
         handler.close()
 
 
-def _run(
-    config: TrainConfig, recipe: Recipe, model: InterpolatedNet, folder: Path, data_dir, progress: bool
-) -> dict:
+@dataclass(frozen=True)
+class _Run:
+    """What a training run's saves and its end write: its config, recipe, network and folder."""
+
+    config: TrainConfig
+    recipe: Recipe
+    model: InterpolatedNet
+    folder: Path
+
+
+def _run(run: _Run, data_dir: str | os.PathLike | None, progress: bool) -> dict:
+    config, recipe, model, folder = run.config, run.recipe, run.model, run.folder
     device = torch.device(config.device)
     optimizer = make_optimizer(model, recipe, config.device)
     start, wall, epochs, best = _resume(folder, model, optimizer)
     broken = nonfinite_tensor(model) if start else ""
     if broken:  # a state saved by other code, or before these checks: never train on from it
         return _close(
-            config,
-            recipe,
-            model,
-            folder,
+            run,
             start,
             wall,
             "failed",
@@ -128,7 +139,7 @@ def _run(
         )
     keeps_best = preset(config.preset).checkpoint == BEST_TEST
     memory = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory)
+    model.to(device).to(memory_format=memory)  # torch's stubs take the two in separate calls
     _optimizer_to(optimizer, device)
     train_set = load_train(config.dataset, data_dir)
     test = _tested_on(load_test(config.dataset, data_dir), training_test_images(config.length))
@@ -140,7 +151,8 @@ def _run(
     }
     x_train = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, NCHW view
     y_train = torch.from_numpy(labels).to(device)
-    step_model = torch.compile(model) if config.compile else model
+    # a compiled module is a module (OptimizedModule), where torch.compile's stubs say callable
+    step_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     steps = -(-len(y_train) // recipe.batch_size)
     bar = tqdm(
         total=recipe.epochs * steps,
@@ -174,7 +186,7 @@ def _run(
                 stopped = f"non-finite loss in epoch {epoch + 1}, {err}"
             if stopped:
                 seconds = wall + time.perf_counter() - began
-                return _stop(config, recipe, model, folder, epoch, seconds, epochs, data, stopped)
+                return _stop(run, epoch, seconds, epochs, data, stopped)
             tested = test_accuracy(model, test, device)
             coefficients = coefficient_columns(model, test, device)
             seconds = round(time.perf_counter() - began, 3)  # training and the test pass
@@ -205,7 +217,7 @@ def _run(
             }
             atomic_write(folder / STATE_FILE, lambda f, s=state: torch.save(s, f))
             write_epochs(folder, epochs)
-            _save(config, recipe, model, folder, epoch + 1, wall, "running", data=data)
+            _save(run, epoch + 1, wall, "running", data=data)
             log.info(
                 "epoch %d/%d lr %g loss %.4f train acc %.4f test acc %.4f %.1fs",
                 epoch + 1,
@@ -224,14 +236,14 @@ def _run(
         model.load_state_dict(best["model"])
         accuracy, kept = best["accuracy"], {"rule": BEST_TEST, "epoch": best["epoch"]}
     status, reason = chance_gate(accuracy, model.info.num_classes, config.length == REHEARSAL)
-    return _close(config, recipe, model, folder, recipe.epochs, wall, status, reason, accuracy, data, kept)
+    return _close(run, recipe.epochs, wall, status, reason, accuracy, data, kept)
 
 
-def _stop(config, recipe, model, folder, epoch, wall, epochs, data, reason: str) -> dict:
+def _stop(run: _Run, epoch: int, wall: float, epochs: list[dict], data: dict | None, reason: str) -> dict:
     """End a diverged run at once: the log of the epochs that finished, failed with `reason`."""
     if epochs:
-        write_epochs(folder, epochs)
-    return _close(config, recipe, model, folder, epoch, wall, "failed", reason, data=data)
+        write_epochs(run.folder, epochs)
+    return _close(run, epoch, wall, "failed", reason, data=data)
 
 
 def chance_gate(accuracy: float, classes: int, rehearsal: bool) -> tuple[str, str]:
@@ -250,7 +262,7 @@ def _tested_on(test: ImageSet, n: int | None) -> ImageSet:
     return test if n is None else replace(test, images=test.images[:n], labels=test.labels[:n])
 
 
-def coefficient_columns(model: InterpolatedNet, test, device: torch.device) -> dict[str, float]:
+def coefficient_columns(model: InterpolatedNet, test: ImageSet, device: torch.device) -> dict[str, float]:
     """The training log's coefficients: act(λ_n) per damped block (`coefficient_<n>`, n
     from 1 in depth order), or for the gating rules each block's min / median / max over
     the first GATE_IMAGES test images; none for the rules without λ."""
@@ -365,16 +377,24 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
 
 
 def _save(
-    config, recipe, model, folder, epochs_done, wall, status, reason="", accuracy=None, data=None, kept=None
+    run: _Run,
+    epochs_done: int,
+    wall: float,
+    status: str,
+    reason: str = "",
+    accuracy: float | None = None,
+    data: dict | None = None,
+    kept: dict | None = None,
 ) -> dict:
+    config = run.config
     meta = {
         "tag": config.run_tag,
         "preset": config.preset,
         "length": config.length,
-        "recipe": _jsonable(asdict(recipe)),
+        "recipe": _jsonable(asdict(run.recipe)),
         "epochs_done": epochs_done,
         "test_accuracy": accuracy,
-        "interpolation_coefficients": _coefficients(model),
+        "interpolation_coefficients": _coefficients(run.model),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -392,17 +412,24 @@ def _save(
     if kept is not None:  # which epoch's weights weights.pt holds: the last, or the best test accuracy's
         meta["checkpoint"] = kept
     written = save_zoo_checkpoint(
-        model, config.dataset, config.seed, folder.parents[3], run=config.run_tag, **meta
+        run.model, config.dataset, config.seed, run.folder.parents[3], run=config.run_tag, **meta
     )
     return json.loads((written / META_FILE).read_text())  # as stored: with sha256, model kwargs
 
 
 def _close(
-    config, recipe, model, folder, epochs_done, wall, status, reason, accuracy=None, data=None, kept=None
+    run: _Run,
+    epochs_done: int,
+    wall: float,
+    status: str,
+    reason: str,
+    accuracy: float | None = None,
+    data: dict | None = None,
+    kept: dict | None = None,
 ) -> dict:
-    meta = _save(config, recipe, model, folder, epochs_done, wall, status, reason, accuracy, data, kept)
-    (folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
-    line = f"{config.run_tag} {config.dataset} seed {config.seed}: {status}"
+    meta = _save(run, epochs_done, wall, status, reason, accuracy, data, kept)
+    (run.folder / STATE_FILE).unlink(missing_ok=True)  # the final weights are in weights.pt
+    line = f"{run.config.run_tag} {run.config.dataset} seed {run.config.seed}: {status}"
     line += f", test acc {accuracy:.4f}" if accuracy is not None else ""
     line += f" ({reason})" if reason else ""
     line += (
@@ -414,14 +441,14 @@ def _close(
     return meta
 
 
-def _coefficients(model: nn.Module) -> list[float]:
+def _coefficients(model: InterpolatedNet) -> list[float]:
     try:
         return [round(float(c), 6) for c in model.interpolation_coefficients()]
     except ValueError:  # gating rules: coefficients depend on the input; none at rest
         return []
 
 
-def _jsonable(obj):
+def _jsonable(obj: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
 
 
