@@ -11,7 +11,7 @@ from torch import nn
 
 from bench.attacks import perturbations
 from bench.attacks.gradient import AttackAuditError, audit, fgsm, run_seeded
-from bench.attacks.perturbations import perturbation
+from bench.attacks.perturbations import metric_name, metric_radius, parse_metric, perturbation
 from bench.data.noise import NOISE_GROUPS
 from bench.data.splits import load_test
 from bench.eval import engine
@@ -321,3 +321,18 @@ def test_evaluate_protocol_is_the_one_call_for_any_adapter_and_a_protocol_of_one
     write_reports(tmp_path)  # the defense gets its leaderboard row with no other change
     board = pd.read_csv(tmp_path / "leaderboard.csv")
     assert board[["name", "dataset", "clean", "pgd@2"]].values.tolist() == [["grey", "cifar10", 70.0, 70.0]]
+
+
+def test_a_metric_names_its_radius_in_one_way_and_reads_it_back_the_same():
+    for name, eps_255 in (("pgd", 2.0), ("pgd50", 64.0), ("fgsm", 0.5), ("worst", 4.0)):
+        assert metric_radius(metric_name(name, eps_255)) == (name, eps_255)
+    assert parse_metric("pgd@2.0") == "pgd@2" and parse_metric("pgd@1e0") == "pgd@1"
+    assert [parse_metric(m) for m in ("clean", "noise", "gaussian_noise")] == [
+        "clean",
+        "noise",
+        "gaussian_noise",
+    ]
+    assert [parse_metric(m) for m in ("pgd", "pgd@x", "pgd@-1", "pgd@inf", "nope@2", "clean@2")] == [None] * 6
+    for bad in ("clean", "pgd@x"):
+        with pytest.raises(ValueError):
+            metric_radius(bad)

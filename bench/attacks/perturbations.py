@@ -344,17 +344,25 @@ def metric_name(perturbation_name: str, eps_255: float) -> str:
     return perturbation_name if kind in (CLEAN, NOISE) else f"{perturbation_name}@{eps_255:g}"
 
 
+def metric_radius(name: str) -> tuple[str, float]:
+    """(perturbation, eps_255) of an attack's metric name (`pgd@2` -> ("pgd", 2.0)): the one
+    reader of the radius a metric name holds, the inverse of `metric_name`."""
+    attack, at, eps = name.partition("@")
+    if not at:
+        raise ValueError(f"metric {name!r} names no radius")
+    return attack, float(eps)
+
+
 def parse_metric(name: str) -> str | None:
     """The canonical form of a metric name (`pgd@2.0` -> `pgd@2`), or None when no
     registered perturbation has it."""
     if name in ("noise", *(p.name for p in of_kind(CLEAN, NOISE))):
         return name
-    attack, at, eps = name.partition("@")
-    if not at or attack not in PERTURBATIONS or PERTURBATIONS[attack].kind not in (ATTACK, DERIVED):
-        return None
     try:
-        value = float(eps)
+        attack, value = metric_radius(name)
     except ValueError:
+        return None
+    if attack not in PERTURBATIONS or PERTURBATIONS[attack].kind not in (ATTACK, DERIVED):
         return None
     return metric_name(attack, value) if math.isfinite(value) and value >= 0 else None
 

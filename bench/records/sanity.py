@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name
+from bench.attacks.perturbations import ATTACK, PERTURBATIONS, metric_name, metric_radius
 from bench.data.datasets import dataset_info
 from bench.records.aggregate import ENTRY
 from models import plain_counterpart
@@ -127,7 +127,7 @@ def _gates(
         return max([GATE_TOLERANCE, *(s for m in metrics if not math.isnan(s := stds.get(m, math.nan)))])
 
     def radii(attack: str) -> list[float]:
-        return sorted(float(m.split("@")[1]) for m in means if m.startswith(attack + "@"))
+        return sorted(metric_radius(m)[1] for m in means if m.startswith(attack + "@"))
 
     # (excess over the limit, value, limit, detail) -> the largest excess
     def worst(found: Iterator[tuple[float, float, float, str]]) -> tuple[float, float, str] | None:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bench.attacks.perturbations import curves, pooled_noise
+from bench.attacks.perturbations import curves, metric_radius, pooled_noise
 from bench.data.datasets import dataset_label
 from bench.data.noise import SEVERITIES
 from bench.records.checkpoints import GATE_IMAGES, run_tag
@@ -336,7 +336,7 @@ def _curve(singles: pd.DataFrame, run: str | None, attack: str) -> pd.DataFrame:
         ((singles["run"] == run) if run is not None else True)
         & singles["metric"].str.startswith(attack + "@")
     ]
-    rows = rows.assign(eps=rows["metric"].str.split("@").str[1].astype(float)).sort_values("eps")
+    rows = rows.assign(eps=[metric_radius(m)[1] for m in rows["metric"]]).sort_values("eps")
     return rows.assign(std=rows["std"].fillna(0.0))
 
 

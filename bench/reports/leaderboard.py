@@ -14,7 +14,14 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import DERIVED, PERTURBATIONS, metric_name, parse_metric, pooled_noise
+from bench.attacks.perturbations import (
+    DERIVED,
+    PERTURBATIONS,
+    metric_name,
+    metric_radius,
+    parse_metric,
+    pooled_noise,
+)
 from bench.core.files import write_all
 from bench.core.presets import preset as preset_of
 from bench.core.presets import test_selected_note
@@ -358,9 +365,9 @@ def _provenance(entry: dict) -> dict:
     attacks: dict[str, dict[str, float]] = {}
     other = {}
     for metric, value in sorted(entry["measured"].items()):
-        attack, at, eps = metric.partition("@")
-        if at:
-            attacks.setdefault(attack, {})[eps] = round(float(value), 6)
+        if "@" in metric:
+            attack, eps_255 = metric_radius(metric)
+            attacks.setdefault(attack, {})[f"{eps_255:g}"] = round(float(value), 6)
         else:
             other[metric] = round(float(value), 6)
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name
+from bench.attacks.perturbations import ATTACK, DERIVED, PERTURBATIONS, metric_name, metric_radius
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label, paper_datasets
 from bench.records.selection import best_groups, lambda_key
@@ -298,7 +298,7 @@ def all_attacks_slots(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Tab
         (f"{p.label} {eps:g}/255", metric)
         for p in sorted(PERTURBATIONS.values(), key=lambda p: p.kind == DERIVED)  # the worst case last
         if p.kind in (ATTACK, DERIVED)
-        for eps in sorted({float(m.split("@")[1]) for m in measured if m.startswith(p.name + "@")})
+        for eps in sorted({metric_radius(m)[1] for m in measured if m.startswith(p.name + "@")})
         if (metric := metric_name(p.name, eps)) in measured
     )
     table = TABLES["3_all"]
