@@ -19,8 +19,8 @@ from bench.eval.adapters import Defense, ensemble_defense, state_dict_defense
 from bench.eval.engine import evaluate
 from bench.eval.protocol import Cell, EvalConfig, Subject, protocol_cells
 from bench.eval.testdata import EvalData
-from bench.records.aggregate import with_pooled_noise
-from bench.records.load import load_correct, load_records
+from bench.records.aggregate import with_pooled_noise, with_worst_case
+from bench.records.load import load_bits, load_correct, load_records
 from bench.records.schema import COLUMNS
 from bench.records.store import RecordStore
 from models import UserError, create_model
@@ -336,3 +336,69 @@ def test_a_metric_names_its_radius_in_one_way_and_reads_it_back_the_same():
     for bad in ("clean", "pgd@x"):
         with pytest.raises(ValueError):
             metric_radius(bad)
+
+
+# --- L2 (RobustBench's second threat model) ---------------------------------------------------------
+
+
+def test_pgd_l2_is_torchattacks_pgdl2_at_a_radius_in_pixel_units(images):
+    model = create_model("resnet8").eval().requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 3])
+    pgd = perturbation("pgd-l2")
+    assert (pgd.norm, metric_name("pgd-l2", 127.5), pgd.radius_text(127.5)) == ("L2", "pgd-l2@0.5", "0.5")
+    assert pgd.params(EvalConfig(), 127.5) == {"alpha_255": 15.9375, "steps": 20}  # 2.5 eps / 20, in 1/255
+    ours = run_seeded(lambda a, b: pgd.perturb(model, a, b, [0.5], EvalConfig()), images, y, 3)[0]
+    torch.manual_seed(3)
+    theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.5 * 2.5 / 20, steps=20, random_start=True)(images, y)
+    assert torch.equal(ours, theirs)
+    assert (ours - images).flatten(1).norm(dim=1).max() <= 0.5 + 1e-6 and not torch.equal(ours, images)
+    audit(ours, images, pgd.reach(EvalConfig(), 0.5), "pgd-l2", pgd.norm)
+
+
+def test_the_l2_audit_measures_each_image_over_all_its_values(images):
+    step = torch.zeros_like(images)
+    step[:, 0, 0, :4] = 0.25  # L2 0.5 per image, L-infinity 0.25 (64/255)
+    audit(images.clamp(0, 0.75) + step, images.clamp(0, 0.75), 0.5, "ok", "L2")
+    with pytest.raises(AttackAuditError, match=r"max \|\|x_adv - x\|\|_2 = 0\.5.* for a reach of 0\.49"):
+        audit(images.clamp(0, 0.75) + step, images.clamp(0, 0.75), 0.49, "cell", "L2")
+    with pytest.raises(
+        AttackAuditError, match="for a reach of 2/255"
+    ):  # the same step, measured in L-infinity
+        audit(images.clamp(0, 0.75) + step, images.clamp(0, 0.75), 2 / 255, "cell")
+
+
+def test_an_l2_cell_is_measured_audited_and_never_joins_the_worst_case_of_an_linf_radius(
+    synthetic_root, tmp_path
+):
+    """L-infinity attacks at 127.5/255 and PGD-L2 at 0.5 (eps_255 127.5): one column, two
+    threat models; the worst case of that radius is over the L-infinity ones alone."""
+    assert metric_radius("autoattack-l2@0.5") == ("autoattack-l2", 127.5)
+    assert parse_metric("pgd-l2@0.50") == "pgd-l2@0.5" and parse_metric("pgd-l2@127.5") == "pgd-l2@127.5"
+    config = EvalConfig(radii_255=(127.5,), steps=1, n_test=4, extra=(("pgd-l2", (127.5,)),))
+    ran, _, errors = run(resnet8_defense(tmp_path), config, synthetic_root, tmp_path / "r")
+    assert not errors
+    frame = load_records(tmp_path / "r")
+    l2 = frame[frame["perturbation"] == "pgd-l2"]
+    assert list(l2["eps_255"]) == [127.5] and list(l2["params"]) == ['{"alpha_255":15.9375,"steps":20}']
+    worst = with_worst_case(frame, load_bits(tmp_path / "r"))
+    assert list(worst.loc[worst["perturbation"] == "worst", "params"]) == ['{"of":["fgsm","ifgsm","pgd"]}']
+
+
+@pytest.mark.slow
+def test_autoattack_l2_is_the_official_code_seeded_the_same(images):
+    """Through the registry, as the engine runs it, against the official AutoAttack called
+    directly with the seed our perturbation draws from the engine's seeded generator."""
+    from pyautoattack import AutoAttack as Official
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval().requires_grad_(False)
+    y = model(images).argmax(1)  # every image classified right: AutoAttack attacks them all
+    attack = perturbation("autoattack-l2")
+    ours = run_seeded(lambda a, b: attack.perturb(model, a, b, [0.5], EvalConfig()), images, y, 5)[0]
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    official = Official(model, device=images.device, eps=0.5, norm="L2", seed=seed, version="standard")
+    official.verbose = False
+    assert torch.equal(ours, official.run_standard_evaluation(images.contiguous(), y, batch_size=4)[0])
+    audit(ours, images, attack.reach(EvalConfig(), 0.5), "autoattack-l2", attack.norm)
+    assert not torch.equal(ours, images) and metric_name("autoattack-l2", 127.5) == "autoattack-l2@0.5"

@@ -1,7 +1,7 @@
 """AutoAttack as the reference attack, registered like any other perturbation.
 
 The official implementation (Croce & Hein 2020) as PyPI packages it (`pyautoattack`): the
-standard version (APGD-CE, APGD-T, FAB-T, Square) at L-infinity radius eps, seeded, run
+standard version (APGD-CE, APGD-T, FAB-T, Square) at radius eps in L-infinity or L2 (`norm`), seeded, run
 batch by batch by the engine, its adversarial batches audited and classified like every
 attack's. `apgd-ce-lite` is the cheap stand-in of CPU runs (APGD-CE alone, 10 iterations):
 its own name, never shown as AutoAttack.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bench.attacks.gradient import L2
 from bench.attacks.perturbations import Perturbation, Setting, register
 
 # the library warns about randomised or probability-returning models on every batch; our
@@ -39,7 +40,7 @@ class AutoAttack(Perturbation):
         from pyautoattack import AutoAttack as Official
 
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the generator the engine seeded
-        attack = Official(model, device=x.device, eps=eps[0], norm="Linf", seed=seed, version="standard")
+        attack = Official(model, device=x.device, eps=eps[0], norm=self.norm, seed=seed, version="standard")
         attack.verbose = False
         # the library views gradients as (N, -1): it needs the default (NCHW) memory layout
         return [attack.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))[0]]
@@ -73,7 +74,7 @@ class APGDLite(Perturbation):
         attack = APGDAttack(
             model,
             n_iter=self.iterations,
-            norm="Linf",
+            norm=self.norm,
             n_restarts=1,
             eps=eps[0],
             seed=seed,
@@ -91,3 +92,6 @@ class APGDLite(Perturbation):
 
 register(AutoAttack("autoattack", "AutoAttack", leaderboard=True, reference_for="pgd"))
 register(APGDLite("apgd-ce-lite", "APGD-CE (10 it.)", reference_for="pgd"))
+# RobustBench's L2 threat model (radii in pixel units, its CIFAR leaderboard's 0.5)
+register(AutoAttack("autoattack-l2", "AutoAttack L2", norm=L2, reference_for="pgd-l2"))
+register(APGDLite("apgd-ce-lite-l2", "APGD-CE L2 (10 it.)", norm=L2, reference_for="pgd-l2"))

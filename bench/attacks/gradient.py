@@ -25,6 +25,7 @@ from models.layers import Normalize
 
 T = TypeVar("T")
 AUDIT_TOLERANCE = 1e-6  # float32 rounding of x + eps at pixel values near 1
+LINF, L2 = "Linf", "L2"  # the norms a radius is measured in
 
 
 class AttackAuditError(RuntimeError):
@@ -128,14 +129,25 @@ def run_seeded(attack: Callable[[Tensor, Tensor], T], x: Tensor, y: Tensor, seed
         return attack(x, y)
 
 
-def audit(x_adv: Tensor, x: Tensor, reach: float, what: str) -> None:
+def audit(x_adv: Tensor, x: Tensor, reach: float, what: str, norm: str = LINF) -> None:
     """Raise AttackAuditError unless every value of x_adv is finite, in [0, 1] and within
-    `reach` (+ AUDIT_TOLERANCE) of x in L-infinity: the radius, or twice it for PGD
-    projected around its random start."""
-    distance = (x_adv - x).abs().amax().item()
+    `reach` (+ AUDIT_TOLERANCE, relative for L2) of x in `norm` (L2: per image, over all its
+    values): the radius, or twice it for PGD projected around its random start."""
+    delta = (x_adv - x).flatten(1)
+    if norm == L2:
+        distance = delta.norm(dim=1).amax().item()
+        allowed, shown = (
+            reach * (1 + AUDIT_TOLERANCE) + AUDIT_TOLERANCE,
+            f"max ||x_adv - x||_2 = {distance:.6f}",
+        )
+        limit = f"{reach:g}"
+    else:
+        distance = delta.abs().amax().item()
+        allowed, shown = reach + AUDIT_TOLERANCE, f"max |x_adv - x| = {distance * 255:.6f}/255"
+        limit = f"{reach * 255:g}/255"
     low, high = x_adv.amin().item(), x_adv.amax().item()
-    if not distance <= reach + AUDIT_TOLERANCE or not (0.0 <= low and high <= 1.0):
+    if not distance <= allowed or not (0.0 <= low and high <= 1.0):
         raise AttackAuditError(
-            f"{what}: adversarial batch fails the audit (max |x_adv - x| = {distance * 255:.6f}/255 "
-            f"for a reach of {reach * 255:g}/255, range [{low:.6f}, {high:.6f}])"
+            f"{what}: adversarial batch fails the audit ({shown} for a reach of {limit}, "
+            f"range [{low:.6f}, {high:.6f}])"
         )

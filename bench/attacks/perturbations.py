@@ -7,7 +7,10 @@ Evaluation, records, aggregation, tables, the leaderboard and `--rank-by` ask th
 registry; adding an attack is one class and one `register` call (see `bench/attacks/autoattack.py`).
 
 Units: `x` float32 N x 3 x H x W in [0, 1], `y` int64 N, radii `eps` in pixel units
-(2/255 = 0.0078) when passed to `perturb`, in 1/255 everywhere else.
+(2/255 = 0.0078) when passed to `perturb`, in 1/255 everywhere else (`eps_255`), in the
+perturbation's norm: L-infinity, or L2 (the L2 norm of x_adv - x over all C x H x W values).
+Metric names and labels write an L2 radius in pixel units, as RobustBench does
+(`pgd-l2@0.5`: eps_255 127.5); an L-infinity one in 1/255 (`pgd@2`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bench.attacks.gradient import PIXELS, Space, fgsm, normalised_space, signed_steps
+from bench.attacks.gradient import L2, LINF, PIXELS, Space, fgsm, normalised_space, signed_steps
 from bench.core.presets import NORMALISED, PIXEL, PRESETS, START, preset
 from bench.data.noise import NOISE_GROUPS
 from models import UserError
@@ -97,6 +100,17 @@ class Perturbation:
     chance_from_255: float | None = None  # at radii from this on, any model is at chance (gate large-eps)
     curve: bool = False  # a panel of the robustness figure
     units: str | None = PIXEL  # the units of its radii: PIXEL, or None: the preset's (FGSM, IFGSM, PGD)
+    norm: str = LINF  # the norm its radii are measured in: LINF or L2
+
+    @property
+    def shown_per_255(self) -> float:
+        """How many 1/255 one unit of its written radii is: 1 (L-infinity radii written in
+        1/255), 255 (L2 radii written in pixel units, as RobustBench's 0.5)."""
+        return 255.0 if self.norm == L2 else 1.0
+
+    def radius_text(self, eps_255: float) -> str:
+        """A radius as tables and lines write it: `2/255`, or `0.5` (L2, pixel units)."""
+        return f"{eps_255 / 255:g}" if self.norm == L2 else f"{eps_255:g}/255"
 
     def params(self, setting: Setting, eps_255: float) -> dict:
         """The parameters that identify a measurement besides the radius (recorded)."""
@@ -114,7 +128,7 @@ class Perturbation:
         return n * n_radii, 0.0
 
     def reach(self, setting: Setting, eps: float) -> float:
-        """How far (L-infinity, pixel units) a perturbed image may lie from x: what the
+        """How far (in its norm, pixel units) a perturbed image may lie from x: what the
         audit allows. The radius, unless the perturbation's ball is centred elsewhere; any
         distance in normalised units, whose clip to the normalised [0, 1] moves a pixel
         outside [mean, mean + std] by as much as its distance to that box."""
@@ -247,7 +261,7 @@ class Iterative(Perturbation):
 
     def describe(self, params: dict) -> str:
         steps = params["steps"]
-        return f"{steps} step{'' if steps == 1 else 's'} at α {params['alpha_255']:g}/255"
+        return f"{steps} step{'' if steps == 1 else 's'} at α {self.radius_text(params['alpha_255'])}"
 
 
 @dataclass(frozen=True)
@@ -266,6 +280,47 @@ class PGD(Iterative):
 
     def _torchattack(self, torchattacks: Any, model: nn.Module, eps: float, alpha: float, steps: int) -> Any:
         return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+
+
+@dataclass(frozen=True)
+class PGDL2(Iterative):
+    """torchattacks.PGDL2: starts at a random point of the L2 ball (radius eps, pixel
+    units, over all C x H x W values), steps of L2 length alpha along the normalised
+    gradient, projected onto the ball and [0, 1]. Pixel units only (no release preset has it)."""
+
+    randomized: bool = True
+    norm: str = L2
+
+    def _torchattack(self, torchattacks: Any, model: nn.Module, eps: float, alpha: float, steps: int) -> Any:
+        return torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
+        # torchattacks views each input gradient as (N, -1), which a channels-last network's
+        # is not: the same network, its input gradients handed back in the default layout
+        return super().perturb(_NCHWGradients(model).eval(), x.contiguous(), y, eps, setting)
+
+
+class _DefaultLayout(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous in the default (NCHW) layout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _NCHWGradients(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(_DefaultLayout.apply(x))
 
 
 @dataclass(frozen=True)
@@ -339,9 +394,12 @@ def params_text(params: dict) -> str:
 
 
 def metric_name(perturbation_name: str, eps_255: float) -> str:
-    """`clean`, a noise group's name, or `<attack>@<eps in 1/255>` such as `pgd@2`."""
-    kind = PERTURBATIONS[perturbation_name].kind if perturbation_name in PERTURBATIONS else ATTACK
-    return perturbation_name if kind in (CLEAN, NOISE) else f"{perturbation_name}@{eps_255:g}"
+    """`clean`, a noise group's name, or `<attack>@<radius>` with the radius as the attack
+    writes it: `pgd@2` (1/255), `pgd-l2@0.5` (L2, pixel units)."""
+    known = PERTURBATIONS.get(perturbation_name)
+    if known is not None and known.kind in (CLEAN, NOISE):
+        return perturbation_name
+    return f"{perturbation_name}@{eps_255 / (known.shown_per_255 if known else 1.0):g}"
 
 
 def metric_radius(name: str) -> tuple[str, float]:
@@ -350,7 +408,8 @@ def metric_radius(name: str) -> tuple[str, float]:
     attack, at, eps = name.partition("@")
     if not at:
         raise ValueError(f"metric {name!r} names no radius")
-    return attack, float(eps)
+    known = PERTURBATIONS.get(attack)
+    return attack, float(eps) * (known.shown_per_255 if known else 1.0)
 
 
 def parse_metric(name: str) -> str | None:
@@ -391,3 +450,15 @@ register(UniformNoise("uniform", "Uniform noise"))
 # undefended model to chance (Madry et al.'s step rule).
 register(PGD("pgd50", "PGD-50", leaderboard=False, steps=50, alpha_per_eps=2.5 / 50, chance_from_255=16.0))
 register(Worst("worst", "Worst case"))
+# L2 (RobustBench's second threat model): radii in pixel units; not in the paper's protocol.
+# The step: Madry et al.'s 2.5 eps over the steps, PGD-50's rule, at the setting's step count.
+register(
+    PGDL2(
+        "pgd-l2",
+        "PGD-L2",
+        leaderboard=False,
+        units=PIXEL,
+        alpha_per_eps=2.5 / DEFAULT_STEPS,
+        steps=DEFAULT_STEPS,
+    )
+)

@@ -248,7 +248,7 @@ def _correct(
             inputs = pert.perturb(model, x, y, eps, config)
         for slot, (x_in, e) in enumerate(zip(inputs, eps, strict=True)):
             if pert.kind == ATTACK:
-                audit(x_in, x, pert.reach(config, e), what)
+                audit(x_in, x, pert.reach(config, e), what, pert.norm)
             out[slot].append(_predict_correct(model, remap(x_in) if remap else x_in, y, what))
         bar.update(group_cost(group, len(y), config))
     return [torch.cat(parts).cpu().numpy() for parts in out]

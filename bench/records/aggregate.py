@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.attacks.gradient import LINF
 from bench.attacks.perturbations import ATTACK, of_kind, params_text, pooled_noise
 from bench.data.noise import SEVERITIES
 from bench.records.load import cell_id
@@ -52,7 +53,8 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     were measured: an example counts as correct only if every attack at that radius left
     it correct (from the stored bits `records.load_bits` gives; nothing is recomputed).
     The worst cells' bits are added to `bits`."""
-    attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK)])]
+    # the L-infinity attacks: an L2 radius is another threat model, never the same ball
+    attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK) if p.norm == LINF])]
     group = [
         "run",
         "dataset",

@@ -295,7 +295,7 @@ def all_attacks_slots(frame: pd.DataFrame, aggregated: pd.DataFrame) -> list[Tab
     main models (Table 1's rows) and their ensembles."""
     measured = set(aggregated["metric"])
     columns = tuple(
-        (f"{p.label} {eps:g}/255", metric)
+        (f"{p.label} {p.radius_text(eps)}", metric)
         for p in sorted(PERTURBATIONS.values(), key=lambda p: p.kind == DERIVED)  # the worst case last
         if p.kind in (ATTACK, DERIVED)
         for eps in sorted({metric_radius(m)[1] for m in measured if m.startswith(p.name + "@")})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from bench.attacks.gradient import LINF
 from bench.attacks.perturbations import ATTACK, NOISE, PERTURBATIONS, metric_name, perturbation
 from bench.core.files import check_file_target, check_no_links, check_writable
 from bench.core.processes import LOCKS
@@ -168,7 +169,9 @@ def planned_metrics(tasks: list[Task]) -> set[str]:
         cells = protocol_cells(config)
         metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
         metrics |= {
-            metric_name("worst", c.eps_255) for c in cells if perturbation(c.perturbation).kind == ATTACK
+            metric_name("worst", c.eps_255)
+            for c in cells
+            if perturbation(c.perturbation).kind == ATTACK and perturbation(c.perturbation).norm == LINF
         }
     return metrics
 

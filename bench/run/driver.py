@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.attacks.gradient import L2
 from bench.attacks.perturbations import ATTACK, perturbation, pooled_noise
 from bench.core.processes import LOCKS, run_lock
 from bench.eval.engine import AuditFailed, CellsDone, cell_key
@@ -250,9 +251,10 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     for kind in dict.fromkeys(
         c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK
     ):
-        rows = cells[cells["perturbation"] == kind].sort_values("eps_255")
+        rows, attack = cells[cells["perturbation"] == kind].sort_values("eps_255"), perturbation(kind)
         if len(rows):
-            radii = "/".join(f"{e:g}" for e in rows["eps_255"])
-            parts.append(f"{kind}@{radii}/255 " + "/".join(f"{100 * a:.1f}" for a in rows["accuracy"]))
+            radii = "/".join(f"{e / attack.shown_per_255:g}" for e in rows["eps_255"])
+            unit = "" if attack.norm == L2 else "/255"  # an L2 radius in pixel units
+            parts.append(f"{kind}@{radii}{unit} " + "/".join(f"{100 * a:.1f}" for a in rows["accuracy"]))
     who = "ensemble of " + str(context["members"]) if context["members"] > 1 else f"seed {context['seed']}"
     return f"{context['run']} {data.dataset} {who}: " + " | ".join(parts)
