@@ -402,3 +402,19 @@ def test_autoattack_l2_is_the_official_code_seeded_the_same(images):
     assert torch.equal(ours, official.run_standard_evaluation(images.contiguous(), y, batch_size=4)[0])
     audit(ours, images, attack.reach(EvalConfig(), 0.5), "autoattack-l2", attack.norm)
     assert not torch.equal(ours, images) and metric_name("autoattack-l2", 127.5) == "autoattack-l2@0.5"
+
+
+def test_the_cpu_stand_in_of_autoattack_l2_stays_in_its_ball(images):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval().requires_grad_(False)
+    y = model(images).argmax(1)
+    lite = perturbation("apgd-ce-lite-l2")
+    adv = run_seeded(lambda a, b: lite.perturb(model, a, b, [0.5], EvalConfig()), images, y, 1)[0]
+    again = run_seeded(lambda a, b: lite.perturb(model, a, b, [0.5], EvalConfig()), images, y, 1)[0]
+    audit(adv, images, lite.reach(EvalConfig(), 0.5), "apgd-ce-lite-l2", lite.norm)
+    assert torch.equal(adv, again) and (model(adv).argmax(1) != y).any()  # seeded, and it finds some
+    assert (lite.norm, lite.reference_for, metric_name(lite.name, 127.5)) == (
+        "L2",
+        "pgd-l2",
+        "apgd-ce-lite-l2@0.5",
+    )
