@@ -136,18 +136,14 @@ def audit(x_adv: Tensor, x: Tensor, reach: float, what: str, norm: str = LINF) -
     delta = (x_adv - x).flatten(1)
     if norm == L2:
         distance = delta.norm(dim=1).amax().item()
-        allowed, shown = (
-            reach * (1 + AUDIT_TOLERANCE) + AUDIT_TOLERANCE,
-            f"max ||x_adv - x||_2 = {distance:.6f}",
-        )
-        limit = f"{reach:g}"
+        allowed = reach * (1 + AUDIT_TOLERANCE) + AUDIT_TOLERANCE
+        found = f"max ||x_adv - x||_2 = {distance:.6f} for a reach of {reach:g}"
     else:
         distance = delta.abs().amax().item()
-        allowed, shown = reach + AUDIT_TOLERANCE, f"max |x_adv - x| = {distance * 255:.6f}/255"
-        limit = f"{reach * 255:g}/255"
+        allowed = reach + AUDIT_TOLERANCE
+        found = f"max |x_adv - x| = {distance * 255:.6f}/255 for a reach of {reach * 255:g}/255"
     low, high = x_adv.amin().item(), x_adv.amax().item()
     if not distance <= allowed or not (0.0 <= low and high <= 1.0):
         raise AttackAuditError(
-            f"{what}: adversarial batch fails the audit ({shown} for a reach of {limit}, "
-            f"range [{low:.6f}, {high:.6f}])"
+            f"{what}: adversarial batch fails the audit ({found}, range [{low:.6f}, {high:.6f}])"
         )

@@ -108,9 +108,13 @@ class Perturbation:
         1/255), 255 (L2 radii written in pixel units, as RobustBench's 0.5)."""
         return 255.0 if self.norm == L2 else 1.0
 
+    def shown_radius(self, eps_255: float) -> float:
+        """A radius in the unit its metric names write it (`shown_per_255`)."""
+        return eps_255 / self.shown_per_255
+
     def radius_text(self, eps_255: float) -> str:
         """A radius as tables and lines write it: `2/255`, or `0.5` (L2, pixel units)."""
-        return f"{eps_255 / 255:g}" if self.norm == L2 else f"{eps_255:g}/255"
+        return f"{self.shown_radius(eps_255):g}" + ("" if self.norm == L2 else "/255")
 
     def params(self, setting: Setting, eps_255: float) -> dict:
         """The parameters that identify a measurement besides the radius (recorded)."""
@@ -399,7 +403,7 @@ def metric_name(perturbation_name: str, eps_255: float) -> str:
     known = PERTURBATIONS.get(perturbation_name)
     if known is not None and known.kind in (CLEAN, NOISE):
         return perturbation_name
-    return f"{perturbation_name}@{eps_255 / (known.shown_per_255 if known else 1.0):g}"
+    return f"{perturbation_name}@{known.shown_radius(eps_255) if known else eps_255:g}"
 
 
 def metric_radius(name: str) -> tuple[str, float]:
@@ -451,7 +455,7 @@ register(UniformNoise("uniform", "Uniform noise"))
 register(PGD("pgd50", "PGD-50", leaderboard=False, steps=50, alpha_per_eps=2.5 / 50, chance_from_255=16.0))
 register(Worst("worst", "Worst case"))
 # L2 (RobustBench's second threat model): radii in pixel units; not in the paper's protocol.
-# The step: Madry et al.'s 2.5 eps over the steps, PGD-50's rule, at the setting's step count.
+# 20 steps (the paper's count, fixed: no preset has an L2 step) of Madry et al.'s 2.5 eps / 20.
 register(
     PGDL2(
         "pgd-l2",

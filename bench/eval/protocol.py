@@ -251,7 +251,7 @@ def group_cost(group: Sequence[Cell], n: int, config: EvalConfig) -> float:
 def group_name(group: list[Cell]) -> str:
     cell, p = group[0], perturbation(group[0].perturbation)
     if p.kind == ATTACK:  # its radii as its metric names write them
-        return f"{cell.perturbation}@{'/'.join(f'{c.eps_255 / p.shown_per_255:g}' for c in group)}"
+        return f"{cell.perturbation}@{'/'.join(f'{p.shown_radius(c.eps_255):g}' for c in group)}"
     return f"{cell.perturbation}#{cell.severity}" if cell.severity else cell.perturbation
 
 

@@ -253,7 +253,7 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
     ):
         rows, attack = cells[cells["perturbation"] == kind].sort_values("eps_255"), perturbation(kind)
         if len(rows):
-            radii = "/".join(f"{e / attack.shown_per_255:g}" for e in rows["eps_255"])
+            radii = "/".join(f"{attack.shown_radius(e):g}" for e in rows["eps_255"])
             unit = "" if attack.norm == L2 else "/255"  # an L2 radius in pixel units
             parts.append(f"{kind}@{radii}{unit} " + "/".join(f"{100 * a:.1f}" for a in rows["accuracy"]))
     who = "ensemble of " + str(context["members"]) if context["members"] > 1 else f"seed {context['seed']}"

@@ -36,12 +36,11 @@ from models import model_entry
 WORKER_COUNTS = (1, 4, 16)  # the wall times a plan shows, besides the run's own --workers
 
 
-def estimate(
-    todo: ToDo, tasks: list[Task], options: RunOptions, rates: dict[str, Rates] | None = None
-) -> pd.DataFrame:
+def estimate(todo: ToDo, tasks: list[Task], rates: dict[str, Rates] | None = None) -> pd.DataFrame:
     """One row per task: what it trains or measures (as `todo`, a dry bench.run.todo.ToDo,
-    decides), and its seconds; `rates` (model -> Rates) is filled with the throughput used."""
-    rates = {} if rates is None else rates
+    decides, under its options), and its seconds; `rates` (model -> Rates) is filled with
+    the throughput used."""
+    options, rates = todo.options, {} if rates is None else rates
     sets = TrainingSets(options.data_dir)  # each training set read once, not once per training task
     rows = []
     zoo = {t.job.name: dataset_info(t.job.dataset).input_shape for t in tasks if t.kind != DEFENSE}
@@ -212,9 +211,9 @@ def wall_time(tasks: list[Task], seconds: dict[str, float], workers: int) -> flo
     return now
 
 
-def render_plan(todo: ToDo, tasks: list[Task], options: RunOptions) -> str:
-    rates: dict[str, Rates] = {}
-    frame = estimate(todo, tasks, options, rates)
+def render_plan(todo: ToDo, tasks: list[Task]) -> str:
+    options, rates = todo.options, dict[str, Rates]()
+    frame = estimate(todo, tasks, rates)
     jobs = []
     for task in tasks:
         if task.job not in jobs:

@@ -110,7 +110,7 @@ def run(options: RunOptions) -> int:
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
         todo = ToDo(options, suite, device, store, dry=True, defenses=defenses)
-        sys.stdout.write(render_plan(todo, tasks, options) + "\n")
+        sys.stdout.write(render_plan(todo, tasks) + "\n")
         return 0
     check_outputs_and_data(options, jobs)
     if options.rehearse:

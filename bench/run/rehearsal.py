@@ -223,7 +223,7 @@ class StageSeconds:
 
 def stage_estimate(todo: ToDo, tasks: list[Task], rates: dict) -> StageSeconds:
     """The estimate of `tasks` per stage (bench.run.estimate, the dry run's own numbers)."""
-    frame = estimate(todo, tasks, todo.options, rates)
+    frame = estimate(todo, tasks, rates)
     seconds = {
         "train": frame["train"].sum(),
         "eval": (frame["eval"] - frame["stability"]).sum(),
