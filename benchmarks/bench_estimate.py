@@ -62,7 +62,7 @@ def estimated(options: RunOptions):
     spec = find_suite(options.suite)
     tasks = plan_tasks(plan_jobs(spec, options), spec, options, "cpu")
     todo = ToDo(options, spec, "cpu", RecordStore(options.results_dir, readonly=True), dry=True)
-    return estimate(todo, tasks, options)
+    return estimate(todo, tasks)
 
 
 def main() -> int:

@@ -303,7 +303,7 @@ def projected_hours(suite_name: str, measured: str, rates: Rates, device: str) -
                 rates.train * factor, rates.forward * factor, rates.gradient * factor, "scaled"
             )
         todo = ToDo(options, spec, device, RecordStore(options.results_dir, readonly=True), dry=True)
-        return float(estimate(todo, tasks, options, scaled)["seconds"].sum() / 3600)
+        return float(estimate(todo, tasks, scaled)["seconds"].sum() / 3600)
 
 
 def evaluation(names, n: int, device: str, folder: Path) -> list[dict]:
