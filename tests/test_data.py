@@ -369,8 +369,14 @@ def test_source_errors(tiny_cifar10, monkeypatch, tmp_path):
         UserError, match=r"cannot download .*missing.tar .* or the extracted CIFAR-10-C/ folder"
     ):
         noise_files.load_noise("cifar10", "shot_noise", root, source="released")
-    with pytest.raises(UserError, match="unknown noise group 'fog'"):
-        noise_files.load_noise("cifar10", "fog", root)
+    with pytest.raises(UserError, match="unknown noise group 'fogg'"):
+        noise_files.load_noise("cifar10", "fogg", root)
+    with pytest.raises(
+        UserError, match=r"CIFAR-10-C lacks fog.npy, labels.npy of the released CIFAR-10-C.tar"
+    ):
+        noise_files.load_noise("cifar10", "fog", root)  # RobustBench's corruptions: released files only
+    with pytest.raises(UserError, match="fog cannot be generated"):
+        noise_files.load_noise("cifar10", "fog", root, source="generated")
     with pytest.raises(UserError, match="unknown noise source 'best'"):
         noise_files.load_noise("cifar10", "shot_noise", root, source="best")
     with pytest.raises(UserError, match="unknown dataset 'svhn'"):

@@ -87,7 +87,8 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, readme_example):
     """The README's command on the synthetic set, into a copy of the smoke suite's results
     (whose ResNet-14 is the transfer check's source): the paper suite's protocol, the checks,
-    the leaderboard row and its verdict, the sanity section, RobustBench JSON; then cached."""
+    the leaderboard row and its verdict, the sanity section, no RobustBench file (the paper's
+    protocol is not RobustBench's); then cached."""
     smoke_results, _ = smoke_run
     data = smoke_results.parent / "data"
     results = tmp_path / "results"
@@ -153,9 +154,7 @@ def test_the_readme_small_cnn_is_ranked_through_the_cli(smoke_run, tmp_path, rea
     )
     assert pd.isna(row["flags"]) and not row["unreliable"]  # every critical gate measured and passed
     assert row["clean"] > 50 and row["pgd@2"] < row["clean"] and row["autoattack@2"] <= row["pgd@2"] + 5
-    entry = json.loads((results / "leaderboard" / "synthetic" / "Linf" / "small_cnn.json").read_text())
-    assert entry["unreliable"] is False and entry["inres_bench"]["unchecked"] == []
-    assert float(entry["autoattack_acc"]) == pytest.approx(row["autoattack@2"], abs=0.006)
+    assert not (results / "leaderboard").exists()  # AutoAttack at 2/255 is not RobustBench's 8/255
     lines = (results / "REPORT.md").read_text().splitlines()
     header = [
         c.strip() for c in next(line for line in lines if line.startswith("| entry ")).strip("|").split("|")

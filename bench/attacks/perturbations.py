@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bench.attacks.gradient import L2, LINF, PIXELS, Space, fgsm, normalised_space, signed_steps
 from bench.core.presets import NORMALISED, PIXEL, PRESETS, START, preset
-from bench.data.noise import NOISE_GROUPS
+from bench.data.noise import CORRUPTIONS, NOISE_GROUPS
 from models import UserError
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 CLEAN, NOISE, ATTACK, DERIVED = "clean", "noise", "attack", "derived"
 PRESET_ALPHA_255 = {name: p.alpha_255 for name, p in PRESETS.items()}  # IFGSM / PGD step size, in 1/255
 DEFAULT_STEPS = 20  # the paper's IFGSM / PGD iterations: every default step count reads this one
+RADIUS_LIMIT_255 = 64 * 255.0  # the largest radius of any perturbation (L2: 64 pixel units), in 1/255
 
 
 class Setting(Protocol):
@@ -107,6 +108,13 @@ class Perturbation:
         """How many 1/255 one unit of its written radii is: 1 (L-infinity radii written in
         1/255), 255 (L2 radii written in pixel units, as RobustBench's 0.5)."""
         return 255.0 if self.norm == L2 else 1.0
+
+    @property
+    def largest_radius_255(self) -> float:
+        """The largest radius that means something, in 1/255: the whole pixel range in
+        L-infinity; in L2, 64 pixel units, past the L2 diameter of a 32x32 RGB image in
+        [0, 1] (sqrt(3072) = 55.4)."""
+        return RADIUS_LIMIT_255 if self.norm == L2 else 255.0
 
     def shown_radius(self, eps_255: float) -> float:
         """A radius in the unit its metric names write it (`shown_per_255`)."""
@@ -387,6 +395,12 @@ def pooled_noise() -> list[str]:
     return [p.name for p in PERTURBATIONS.values() if p.pools]
 
 
+def file_groups() -> list[str]:
+    """The perturbations read from a CIFAR-C file (noise groups and corruptions), each one
+    metric over its five severities, in registration order."""
+    return [p.name for p in of_kind(NOISE)]
+
+
 def curves() -> list[str]:
     """The panels of the robustness figure, in registration order."""
     return [p.name for p in PERTURBATIONS.values() if p.curve]
@@ -433,6 +447,10 @@ def parse_metric(name: str) -> str | None:
 register(Clean("clean", "Acc."))
 for _group in NOISE_GROUPS:
     register(NoiseGroup(_group, _group.split("_")[0].capitalize()))
+# RobustBench's other corruptions: released files only, never part of the "noise" metric
+for _group in CORRUPTIONS:
+    if _group not in NOISE_GROUPS:
+        register(NoiseGroup(_group, _group.replace("_", " ").capitalize(), pools=False))
 register(FGSM("fgsm", "FGSM", units=None))
 register(
     IFGSM("ifgsm", "IFGSM", units=None, in_protocol=True, iterative=True, not_weaker_than="fgsm", curve=True)
@@ -464,5 +482,18 @@ register(
         units=PIXEL,
         alpha_per_eps=2.5 / DEFAULT_STEPS,
         steps=DEFAULT_STEPS,
+    )
+)
+# The large-radius gate in L2: PGD-L2 with 50 steps of 2.5 eps / 50 from 8 pixel units on (the
+# L-infinity 64/255 ball reaches 13.9) must bring any model to chance.
+register(
+    PGDL2(
+        "pgd50-l2",
+        "PGD-50 L2",
+        leaderboard=False,
+        units=PIXEL,
+        steps=50,
+        alpha_per_eps=2.5 / 50,
+        chance_from_255=8.0 * 255,
     )
 )

@@ -22,6 +22,26 @@ import torch
 
 # Table 1's column order.
 NOISE_GROUPS = ("impulse_noise", "speckle_noise", "gaussian_noise", "shot_noise")
+# RobustBench's 15 common corruptions (robustbench.data.CORRUPTIONS, its order): the released
+# CIFAR-10-C / CIFAR-100-C files of these names. Speckle noise is not among them; only the
+# three noise groups above can be generated here, the others come from the released tar.
+CORRUPTIONS = (
+    "shot_noise",
+    "motion_blur",
+    "snow",
+    "pixelate",
+    "gaussian_noise",
+    "defocus_blur",
+    "brightness",
+    "fog",
+    "zoom_blur",
+    "frost",
+    "glass_blur",
+    "impulse_noise",
+    "contrast",
+    "jpeg_compression",
+    "elastic_transform",
+)
 SEVERITIES = (1, 2, 3, 4, 5)
 # Published CIFAR-C parameter c per severity 1..5 (not the ImageNet-C ones).
 NOISE_PARAMS: dict[str, tuple[float, ...]] = {

@@ -1,4 +1,4 @@
-"""The four noise groups on disk, as the cells read them, with where their images came from.
+"""The noise groups and corruptions on disk, as the cells read them, with where their images came from.
 
 Sources:
 - "released": the published CIFAR-10-C / CIFAR-100-C files in `<root>/<CIFAR-10-C>/`,
@@ -7,6 +7,9 @@ Sources:
   layout under `<root>/generated/<CIFAR-10-C>/`, with `generated.json` recording how.
 - "auto": released when present, else generated; never a 2.9 GB download unasked.
 Each cell records its data source (`cell_sources`) and the digest of the file it read.
+RobustBench's other corruptions (CORRUPTIONS beyond the noise groups: blur, weather, digital)
+cannot be generated: they are read from the released files alone, which `check_released`
+asks for before any work (a 2.9 GB archive is never downloaded unasked).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from bench.core.files import atomic_write, check_file_target
 from bench.data.cifar import ImageSet, data_root, download, extract_members, file_md5, verified_md5
 from bench.data.datasets import DATASETS, DatasetInfo, dataset_info, is_official
-from bench.data.noise import NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
+from bench.data.noise import CORRUPTIONS, NOISE_GROUPS, NOISE_PARAMS, SEVERITIES, corrupt_groups
 from bench.data.splits import images_digest
 from models import UserError
 
@@ -60,14 +63,21 @@ def load_noise(
     """The noise group `group` of `dataset` from `source` (see the module docstring);
     `test` is the clean test set when already loaded."""
     info, root = dataset_info(dataset), data_root(data_dir)
-    if group not in NOISE_GROUPS:
-        raise UserError(f"unknown noise group {group!r}; choose one of {', '.join(NOISE_GROUPS)}")
+    if group not in (*NOISE_GROUPS, *CORRUPTIONS):
+        raise UserError(
+            f"unknown noise group {group!r}; choose one of {', '.join(dict.fromkeys(NOISE_GROUPS + CORRUPTIONS))}"
+        )
     if source not in NOISE_SOURCES:
         raise UserError(f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}")
     test = test if test is not None else info.load(info, "test", root)
     released = root / info.noise_folder
+    if group not in NOISE_GROUPS:  # released files only
+        if source == "generated":
+            raise UserError(f"{group} cannot be generated: it is read from the released files")
+        check_released(dataset, data_dir, (group,))
+        return _read_group(released, group, test, "released")
     if source == "released" or (source == "auto" and _has_groups(released)):
-        if not _has_groups(released):
+        if not _has_groups(released, (group,)):
             fetch_release(info, root)
         return _read_group(released, group, test, "released")
     folder = root / "generated" / info.noise_folder
@@ -175,6 +185,28 @@ def fetch_release(info: DatasetInfo, root: Path) -> None:
     extract_members(tar, root, info.noise_folder, names)
 
 
+def check_released(dataset: str, data_dir: str | os.PathLike | None, groups: tuple[str, ...]) -> None:
+    """One error line unless the released files of `groups` and their labels are in the
+    data set's CIFAR-C folder: what is missing, the archive to download and where it goes."""
+    info, root = dataset_info(dataset), data_root(data_dir)
+    folder = root / info.noise_folder
+    missing = [n for n in (*(f"{g}.npy" for g in groups), "labels.npy") if not (folder / n).is_file()]
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    release = info.noise_release
+    if release is None:
+        raise UserError(
+            f"{folder} lacks {shown}, and {info.label} has no released corruption files: "
+            "RobustBench's corruptions are those of CIFAR-10-C and CIFAR-100-C; choose one of those data sets"
+        )
+    raise UserError(
+        f"{folder} lacks {shown} of the released {release.tar}: download it from {release.url} "
+        f"(md5 {release.md5}, {release.size / 1e9:.1f} GB) and extract it into {root} "
+        f"(the run reads {folder}/<corruption>.npy and labels.npy)"
+    )
+
+
 def ensure_generated(folder: Path, test: ImageSet, seed: int) -> None:
     """Generate the four groups from `test` unless `folder` already holds them for the same
     test set, seed and generator version (recorded in generated.json, written last)."""
@@ -206,8 +238,8 @@ def _read_record(path: Path) -> object:
         return None
 
 
-def _has_groups(folder: Path) -> bool:
-    return all((folder / f"{name}.npy").is_file() for name in (*NOISE_GROUPS, "labels"))
+def _has_groups(folder: Path, groups: tuple[str, ...] = NOISE_GROUPS) -> bool:
+    return all((folder / f"{name}.npy").is_file() for name in (*groups, "labels"))
 
 
 def _read_group(folder: Path, group: str, test: ImageSet, source: str) -> NoiseImages:

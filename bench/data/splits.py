@@ -71,6 +71,12 @@ class TrainingSets:
 # --- subsets, views, batches ---------------------------------------------------------------
 
 
+# How a test subset of n images is drawn: the first n that take n / classes of each class
+# (this project's: class-balanced), or the first n (RobustBench's n_examples).
+BALANCED, FIRST = "balanced", "first"
+SUBSET_RULES = (BALANCED, FIRST)
+
+
 def subset_indices(labels: np.ndarray, n: int | None = None, balanced: bool = False) -> np.ndarray:
     """Indices of a deterministic test subset: all (n None), the first n, or the first n
     that take n / classes images of each class (classes in label order get one more while

@@ -174,10 +174,10 @@ def cell_context(subject: Subject, config: EvalConfig) -> dict:
 
 
 def cell_key(cell: Cell, source: str, config: EvalConfig, n: int, digest: str | None) -> tuple:
-    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them (and,
-    for a randomized one, EvalConfig.seed unless 0, the command line's) and `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
+    """A cell's records.CELL_COLUMNS, its parameters as the perturbation records them (with
+    the subset rule unless ours and, for a randomized one, EvalConfig.seed unless 0, the command line's) and `digest` the data it reads (None: not known yet, as a dry run before the data is there)."""
     pert = perturbation(cell.perturbation)
-    params = pert.params(config, cell.eps_255)
+    params = {**pert.params(config, cell.eps_255), **config.subset_params}
     if pert.randomized and config.seed:  # its random numbers come from the seed: another seed, another cell
         params = {**params, "seed": config.seed}
     return (source, cell.perturbation, cell.eps_255, cell.severity, n, params_text(params), digest)

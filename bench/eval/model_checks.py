@@ -70,6 +70,17 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, class
     ]
 
 
+def is_randomized(model: nn.Module, input_shape: tuple[int, int, int], classes: int) -> bool:
+    """AutoAttack's own determinism check (5 forward passes of one batch differ) on 4
+    seeded uniform images in eval mode: whether a defense needs AutoAttack's rand version.
+    Cheap enough to run on every defense before any work."""
+    x = torch.rand((4, *input_shape), generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4) % classes
+    from pyautoattack import checks
+
+    return _autoattack_check(checks.check_randomized, model.eval(), x, y, len(x))[0]
+
+
 def transfer_check(
     target: nn.Module,
     source: nn.Module,

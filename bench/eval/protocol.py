@@ -21,8 +21,9 @@ from bench.attacks.perturbations import (
 from bench.core.environment import check_device_kind
 from bench.core.numbers import SEED_LIMIT
 from bench.core.presets import preset
-from bench.data.noise import SEVERITIES
+from bench.data.noise import NOISE_GROUPS, SEVERITIES
 from bench.data.noise_files import NOISE_SOURCES
+from bench.data.splits import BALANCED, FIRST, SUBSET_RULES
 from bench.eval.adapters import Defense
 from models import FieldError, UserError
 
@@ -42,21 +43,29 @@ class EvalConfig:
     iterative_radii_255: tuple[float, ...] | None = None
     steps: int = DEFAULT_STEPS  # IFGSM / PGD iterations
     alpha_255: float | None = None  # None: the preset's
-    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    n_test: int | None = None  # test subset (drawn by `subset_rule`); None: the whole test set
+    # how every subset is drawn: BALANCED (ours), or FIRST (RobustBench's first n), recorded
+    # in each cell's params: the two never pool
+    subset_rule: str = BALANCED
     noise_source: str = "auto"  # released, generated, or auto (released when present)
+    # the CIFAR-C files measured at every severity: the paper's noise groups, or RobustBench's
+    # 15 corruptions (released files only: bench.data.noise_files)
+    noise_groups: tuple[str, ...] = NOISE_GROUPS
     batch_size: int | None = None  # None: 256 on a CPU, 512 on a GPU, halved on out-of-memory
     device: str = "cpu"
     seed: int = 0  # random starts and noise come from (seed, model seed, radius, batch)
     channels_last: bool = True  # faster convolutions on CPUs and GPUs alike
     # more registered attacks (bench.attacks.perturbations), each at its radii: (name, radii) pairs
     extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # ... and those measured only on a defense found randomized (AutoAttack's rand version)
+    randomized_extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # a smaller class-balanced subset for some perturbations (AutoAttack): (name, n) pairs
     subsets: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         """Every value checked as made, as the command line checks its options: one error
         line, never a silent coercion (1.5 steps) or a failure after cells were recorded."""
-        for name in ("preset", "device", "noise_source"):
+        for name in ("preset", "device", "noise_source", "subset_rule"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"EvalConfig.{name} must be a string, got {getattr(self, name)!r}")
         preset(self.preset)  # one error line for an unknown name
@@ -65,6 +74,11 @@ class EvalConfig:
             raise UserError(
                 f"EvalConfig.noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}"
             )
+        if self.subset_rule not in SUBSET_RULES:
+            raise UserError(
+                f"EvalConfig.subset_rule must be one of {', '.join(SUBSET_RULES)}, got {self.subset_rule!r}"
+            )
+        _check_groups(self.noise_groups, self.noise_source)
         _whole(self.steps, "EvalConfig.steps (the iterations of IFGSM and PGD)", 1)
         _whole(self.seed, "EvalConfig.seed (of the random starts and noise)", 0, SEED_LIMIT)
         if self.batch_size is not None:
@@ -80,17 +94,18 @@ class EvalConfig:
                 if self.iterative_radii_255 is not None
                 else []
             ),
-            *((f"extra {n}", r) for n, r in self.extra),
+            *((f"extra {n}", r) for n, r in (*self.extra, *self.randomized_extra)),
         ]
         for field_name, radii in named:
-            _check_radii(field_name, radii)
+            attack = PERTURBATIONS.get(field_name.removeprefix("extra "))
+            _check_radii(field_name, radii, attack.largest_radius_255 if attack else 255.0)
         if self.alpha_255 is not None and not (
             _is_number(self.alpha_255) and math.isfinite(self.alpha_255) and self.alpha_255 > 0
         ):
             raise UserError(
                 f"EvalConfig.alpha_255 (the step size) must be a positive number of 1/255, got {self.alpha_255!r}"
             )
-        for name, _ in self.extra:
+        for name, _ in (*self.extra, *self.randomized_extra):
             if perturbation(name).kind != ATTACK:
                 raise UserError(
                     f"{name!r} is not an attack to evaluate; attacks: {', '.join(attack_names())}"
@@ -132,27 +147,58 @@ class EvalConfig:
         )
 
     def n_test_of(self, name: str) -> int | None:
-        """The class-balanced subset size of a perturbation's cells (None: all images)."""
+        """The subset size of a perturbation's cells (None: all images)."""
         return dict(self.subsets).get(name, self.n_test)
+
+    @property
+    def subset_params(self) -> dict:
+        """What every cell records of the subset rule: nothing for ours (the records before
+        the rule existed keep their keys), `{"subset": "first"}` for RobustBench's."""
+        return {"subset": FIRST} if self.subset_rule == FIRST else {}
+
+
+def _check_groups(groups: object, source: str) -> None:
+    """One error line unless `groups` are registered CIFAR-C files, each once, that
+    `source` can give (only the paper's noise groups can be generated)."""
+    known = [p.name for p in of_kind(NOISE)]
+    if not isinstance(groups, tuple) or not all(isinstance(g, str) for g in groups):
+        raise UserError(f"EvalConfig.noise_groups must be a tuple of names, got {groups!r}")
+    unknown = [g for g in groups if g not in known]
+    twice = sorted({g for g in groups if groups.count(g) > 1})
+    if unknown or twice:
+        problem = f"unknown: {', '.join(unknown)}" if unknown else f"given twice: {', '.join(twice)}"
+        raise FieldError(
+            "EvalConfig", "noise_groups", ",".join(groups), f"{problem}; known: {', '.join(known)}"
+        )
+    made = [g for g in groups if g not in NOISE_GROUPS]
+    if source == "generated" and made:
+        raise FieldError(
+            "EvalConfig",
+            "noise_source",
+            source,
+            f"{', '.join(made)} cannot be generated, only read from the released files: give released",
+        )
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_radii(field: str, radii: object) -> None:
+def _check_radii(field: str, radii: object, limit_255: float = 255.0) -> None:
     """One error line unless `radii` are radii an attack can take: a tuple of at least one
-    number of 1/255, each finite in [0, 255], none a negative zero (-0 would be recorded
-    as a cell of its own at radius 0), none twice."""
+    number of 1/255, each finite in [0, limit_255] (the attack's largest_radius_255), none a
+    negative zero (-0 would be recorded as a cell of its own at radius 0), none twice."""
     if not isinstance(radii, tuple) or not all(_is_number(e) for e in radii):
         raise UserError(f"EvalConfig.{field} must be a tuple of numbers (radii in 1/255), got {radii!r}")
     shown = ",".join(f"{e:g}" for e in radii)
-    bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= 255)]
+    bad = [f"{e:g}" for e in radii if not (math.isfinite(e) and 0 <= e <= limit_255)]
     twice = sorted({e for e in radii if radii.count(e) > 1})
     if not radii:
         problem = "no radius given"
     elif bad:
-        problem = f"must be finite numbers of 1/255 in [0, 255], got {', '.join(dict.fromkeys(bad))}"
+        problem = (
+            f"must be finite numbers of 1/255 in [0, {limit_255:g}], got {', '.join(dict.fromkeys(bad))}"
+        )
     elif any(e == 0 and math.copysign(1.0, e) < 0 for e in radii):
         problem = "-0 is not a radius: give 0"
     elif twice:
@@ -212,13 +258,16 @@ class Subject:
     lambda_init: tuple[float, float] | None = None
 
 
-def protocol_cells(config: EvalConfig) -> list[Cell]:
+def protocol_cells(config: EvalConfig, randomized: bool = False) -> list[Cell]:
+    """The cells `config` asks for; with `randomized` (a defense whose forward passes
+    differ), its `randomized_extra` too."""
     cells = [Cell("clean")]
-    cells += [Cell(group.name, 0.0, s) for group in of_kind(NOISE) for s in SEVERITIES]
+    cells += [Cell(group, 0.0, s) for group in config.noise_groups for s in SEVERITIES]
     cells += [
         Cell(p.name, e) for p in PERTURBATIONS.values() if p.in_protocol for e in config.radii_255_of(p)
     ]
     cells += [Cell(name, e) for name, radii in config.extra for e in radii]
+    cells += [Cell(name, e) for name, radii in config.randomized_extra if randomized for e in radii]
     return list(dict.fromkeys(cells))
 
 

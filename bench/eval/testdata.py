@@ -29,13 +29,13 @@ from bench.data.noise_files import (
     noise_file,
     severity_rows,
 )
-from bench.data.splits import batches, images_digest, load_test, subset_indices
+from bench.data.splits import BALANCED, batches, images_digest, load_test, subset_indices
 from bench.eval.protocol import Cell, EvalConfig
 from models import UserError
 
 
 class EvalData:
-    """The test set of one data set, its class-balanced subsets and its noise groups,
+    """The test set of one data set, its subsets (class-balanced, or RobustBench's first n) and its noise groups,
     loaded on first use. With `dry`, nothing is written (noise files' md5s are not kept
     beside them) and a data set not in the data dir yet is answered from its sizes."""
 
@@ -54,7 +54,7 @@ class EvalData:
 
     @functools.cache  # noqa: B019 (one EvalData per data set and run)
     def indices(self, n: int | None) -> np.ndarray:
-        return subset_indices(self.test.labels, n, balanced=True)
+        return subset_indices(self.test.labels, n, balanced=self.config.subset_rule == BALANCED)
 
     @property
     def test(self) -> ImageSet:
@@ -151,6 +151,7 @@ def test_data(
         None if data_dir is None else str(data_dir),
         config.n_test,
         config.subsets,
+        config.subset_rule,
         config.noise_source,
         dry,
     )

@@ -2,7 +2,7 @@
 
 Accuracies become percentages here. A *metric* is `clean`, a noise group (all five
 severities pooled), `noise` (the mean of the four groups, the paper's Tables 4-6
-number), or `<attack>@<eps in 1/255>` such as `pgd@2` (bench.attacks.perturbations names them).
+number), `corruptions` (the mean of RobustBench's 15), or `<attack>@<eps in 1/255>` such as `pgd@2` (bench.attacks.perturbations names them).
 
 A reported number only ever averages cells that measured the same thing. An *entry* is
 one run (or its ensemble) on one data set under one preset; which of an entry's
@@ -11,12 +11,14 @@ measurements of a cell counts is decided in bench.records.selection.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
 from bench.attacks.gradient import LINF
-from bench.attacks.perturbations import ATTACK, of_kind, params_text, pooled_noise
-from bench.data.noise import SEVERITIES
+from bench.attacks.perturbations import ATTACK, file_groups, of_kind, params_text, pooled_noise
+from bench.data.noise import CORRUPTIONS, SEVERITIES
 from bench.records.load import cell_id
 from bench.records.schema import KEY
 
@@ -28,7 +30,7 @@ def with_pooled_noise(frame: pd.DataFrame) -> pd.DataFrame:
     """Add, per model x data set x seed x measurement (the KEY but the severity), the
     accuracy of each noise group over all five severities (the paper's Table 1 number) as
     rows with severity 0 and n = 5 x the images per severity, where all five exist."""
-    noise = frame[frame["perturbation"].isin(pooled_noise()) & (frame["severity"] > 0)]
+    noise = frame[frame["perturbation"].isin(file_groups()) & (frame["severity"] > 0)]
     group = [k for k in KEY if k != "severity"] + ["model", "family", "lambda_low", "lambda_high"]
     group += ["stale"] if "stale" in frame else []
     rest = [c for c in frame.columns if c not in group and c not in ("severity", "n", "correct", "accuracy")]
@@ -55,7 +57,11 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     The worst cells' bits are added to `bits`."""
     # the L-infinity attacks: an L2 radius is another threat model, never the same ball
     attacks = frame[frame["perturbation"].isin([p.name for p in of_kind(ATTACK) if p.norm == LINF])]
+    attacks = attacks.assign(
+        _subset=attacks["params"].map(subset_of)
+    )  # RobustBench's first n: its own images
     group = [
+        "_subset",
         "run",
         "dataset",
         "data_source",
@@ -78,7 +84,9 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
         row = {
             **cells.iloc[0].to_dict(),
             "perturbation": "worst",
-            "params": params_text({"of": of}),
+            "params": params_text(
+                {"of": of, **({"subset": rule} if (rule := cells.iloc[0]["_subset"]) else {})}
+            ),
             "correct": int(correct.sum()),
             "accuracy": float(correct.mean()),
             "seconds": 0.0,
@@ -89,24 +97,39 @@ def with_worst_case(frame: pd.DataFrame, bits: dict[tuple, np.ndarray]) -> pd.Da
     return pd.concat([frame, pd.DataFrame(rows, columns=frame.columns)], ignore_index=True) if rows else frame
 
 
+def mean_metrics() -> dict[str, list[str]]:
+    """The metrics that average others, each seed on its own, where all of them were
+    measured: `noise` (the paper's Avg. of the four noise groups), `corruptions`
+    (RobustBench's corruptions_acc: the mean over its 15 corruptions and 5 severities)."""
+    return {"noise": pooled_noise(), "corruptions": list(CORRUPTIONS)}
+
+
+def subset_of(params: str) -> str:
+    """The subset rule a cell's params record (bench.eval.protocol.EvalConfig.subset_params):
+    "" for ours (class-balanced), "first" for RobustBench's."""
+    return str(json.loads(params or "{}").get("subset", ""))
+
+
 def per_seed(cells: pd.DataFrame) -> pd.DataFrame:
-    """The per-seed metrics of selected metric-level cells, `noise` (the mean of the four
-    groups, each seed on its own) included."""
+    """The per-seed metrics of selected metric-level cells, the means of `mean_metrics`
+    included."""
     keys = [*ENTRY, "seed", "members"]
     columns = [*keys, "metric", "value", "n_test"]
     if cells.empty:
         return pd.DataFrame(columns=columns)
     long = cells.assign(value=cells["accuracy"] * 100)[columns]
-    groups = long[long["metric"].isin(pooled_noise())]
-    complete = groups.groupby(keys, dropna=False)["metric"].transform("nunique") == len(pooled_noise())
-    noise = (
-        groups[complete]
-        .groupby(keys, dropna=False)
-        .agg(value=("value", "mean"), n_test=("n_test", "max"))
-        .reset_index()
-        .assign(metric="noise")
-    )
-    return pd.concat([long, noise[columns]], ignore_index=True)
+    means = [long]
+    for name, parts in mean_metrics().items():
+        groups = long[long["metric"].isin(parts)]
+        complete = groups.groupby(keys, dropna=False)["metric"].transform("nunique") == len(parts)
+        means.append(
+            groups[complete]
+            .groupby(keys, dropna=False)
+            .agg(value=("value", "mean"), n_test=("n_test", "max"))
+            .reset_index()
+            .assign(metric=name)[columns]
+        )
+    return pd.concat(means, ignore_index=True)
 
 
 def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:

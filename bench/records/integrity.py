@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.attacks.perturbations import RADIUS_LIMIT_255
 from bench.records.schema import DB_FILE, NULLABLE, STABILITY_FLOORS, TABLE_COLUMNS, quoted
 from bench.records.sql import WRITE_TIMEOUT, corrupt_message, execute, journal_of
 from models import UserError
@@ -223,7 +224,7 @@ def _value_rules(table: str, columns: dict[str, str]) -> dict[str, tuple[str, st
         "block": ("{0} >= -1", "at least -1"),
         "damped": ("{0} IN (0, 1)", "0 or 1"),
         "severity": ("{0} BETWEEN 0 AND 5", "in 0-5"),
-        "eps_255": ("{0} BETWEEN 0 AND 255", "in [0, 255]"),
+        "eps_255": (f"{{0}} BETWEEN 0 AND {RADIUS_LIMIT_255:g}", f"in [0, {RADIUS_LIMIT_255:g}]"),
         "accuracy": (
             "{0} BETWEEN 0 AND 1 AND abs({0} * n - correct) < 1e-6",
             "in [0, 1] and equal to correct / n",

@@ -56,7 +56,10 @@ GATES = {
         "iterative-weaker-than-fgsm", True, "IFGSM/PGD minus FGSM, largest", needs_training=True
     ),
     "large-eps": Gate(
-        "large-eps-above-chance", True, "PGD-50 at 16/255 or 64/255 minus chance", needs_training=True
+        "large-eps-above-chance",
+        True,
+        "PGD-50 at a large radius (16/255 on; L2 8 on) minus chance",
+        needs_training=True,
     ),
     "noise-vs-pgd": Gate(
         "noise-stronger-than-pgd",

@@ -36,9 +36,9 @@ from bench.attacks.perturbations import (
     PERTURBATIONS,
     PRESET_ALPHA_255,
     AttackSetting,
+    file_groups,
     metric_name,
     params_text,
-    pooled_noise,
 )
 from bench.data.noise import SEVERITIES
 from bench.records.aggregate import ENTRY, per_seed, with_pooled_noise
@@ -71,7 +71,7 @@ def select_measurements(frame: pd.DataFrame, steps: int = DEFAULT_STEPS) -> tupl
     unique = frame.drop_duplicates(list(KEY))
     cells = with_pooled_noise(unique.assign(_order=np.arange(len(unique))))
     cells = cells[cells["severity"] == 0].copy()
-    noise = cells["perturbation"].isin(pooled_noise())
+    noise = cells["perturbation"].isin(file_groups())
     cells["metric"] = [
         metric_name(p, e) for p, e in zip(cells["perturbation"], cells["eps_255"], strict=True)
     ]

@@ -1,5 +1,5 @@
 """The leaderboard: one row per run (or ensemble) and data set, ranked by a metric, with
-its sanity verdict; written as CSV, Markdown and RobustBench-style JSON per entry. And the
+its sanity verdict; written as CSV and Markdown (RobustBench's view: bench.reports.robustbench). And the
 lines under a table naming what it left out and why (other runs, recipes, subsets or
 parameter sets of the same cell, in words), and REPORT.md's list of the failed runs."""
 
@@ -14,16 +14,8 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import (
-    DERIVED,
-    PERTURBATIONS,
-    metric_name,
-    metric_radius,
-    parse_metric,
-    pooled_noise,
-)
+from bench.attacks.perturbations import DERIVED, PERTURBATIONS, metric_name, parse_metric, pooled_noise
 from bench.core.files import write_all
-from bench.core.presets import preset as preset_of
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_label
 from bench.records import sanity
@@ -37,7 +29,7 @@ from bench.records.selection import (
     chosen_runs,
     lambda_key,
 )
-from bench.reports.tables import TableCell, published, published_value
+from bench.reports.tables import TableCell
 from models import UserError, list_models, model_entry
 
 SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
@@ -266,8 +258,7 @@ def render_board(board: pd.DataFrame, brief: bool = False) -> str:
 
 
 def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame) -> dict[Path, str]:
-    """leaderboard.csv, leaderboard.md (with a line naming the measurements left out) and
-    one JSON file per entry."""
+    """leaderboard.csv and leaderboard.md (with a line naming the measurements left out)."""
     table = board.drop(columns=["checkpoints", "measured", "kind", "run", "lambda_low", "lambda_high"])
     names = dict(
         zip(zip(board["dataset"], board["run"], board["kind"], strict=True), board["name"], strict=True)
@@ -277,125 +268,14 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
     )
     note = ("\nMeasured but not shown (see REPORT.md): " + "; ".join(phrases) + ".\n") if phrases else ""
     note += "".join(f"\n{line}\n" for line in dict.fromkeys(map(test_selected_note, board["preset"])) if line)
-    text = "# Leaderboard (accuracy in %)\n\n" + render_board(board) + "\n" + note
-    texts = {results / "leaderboard.csv": table.to_csv(index=False), results / "leaderboard.md": text}
-    paper = published()
-    for entry in board.to_dict("records"):
-        texts.update(robustbench_entries(results / "leaderboard", entry, paper))
-    return texts
+    shown = render_board(board) if len(board) else "No entry was measured under the paper's protocol."
+    text = "# Leaderboard (accuracy in %)\n\n" + shown + "\n" + note
+    return {results / "leaderboard.csv": table.to_csv(index=False), results / "leaderboard.md": text}
 
 
 def write_leaderboard(results: Path, board: pd.DataFrame, left_out: pd.DataFrame | None = None) -> list[Path]:
     texts = leaderboard_texts(results, board, left_out if left_out is not None else pd.DataFrame())
     return write_all(texts)
-
-
-def robustbench_entries(folder: Path, entry: dict, paper: pd.DataFrame) -> dict[Path, str]:
-    """The entry as RobustBench's leaderboard files: `<folder>/<dataset>/Linf/<name>.json`
-    where AutoAttack was measured, `<dataset>/corruptions/<name>.json` where the noise groups
-    were; RobustBench's fields (accuracies as strings with two decimals, as its files have
-    them) plus our provenance in an `inres_bench` block."""
-    measured = entry["measured"]
-    lam = (
-        None
-        if entry["lambda_low"] in (None, -1.0) or pd.isna(entry["lambda_low"])
-        else (entry["lambda_low"], entry["lambda_high"])
-    )
-
-    def percent(value: float) -> str:
-        return f"{value:.2f}"
-
-    def reported(metric: str) -> str:
-        value = published_value(paper, entry["dataset"], entry["model"], lam, entry["kind"], metric)
-        return "" if math.isnan(value) else percent(value)
-
-    common = {
-        "link": "",
-        "name": entry["name"],
-        "authors": "",
-        "venue": "inres-bench",
-        "architecture": architecture(entry["model"]),
-        "clean_acc": percent(measured["clean"]) if "clean" in measured else "",
-        "number_forward_passes": int(entry["seeds"]) if entry["kind"] == "ensemble" else 1,
-        "additional_data": False,
-        "dataset": entry["dataset"],
-        "footnote": _footnote(entry),
-        "unreliable": _verdict(entry["unreliable"]),  # null: not every critical gate was measured
-        "inres_bench": _provenance(entry),
-    }
-    name, out = _file_name(entry["name"]), {}
-    reference = metric_name("autoattack", 2.0)
-    if reference in measured:
-        linf = {
-            **common,
-            "eps": "2/255",
-            "reported": reported("pgd@2"),
-            "autoattack_acc": percent(measured[reference]),
-        }
-        out[folder / entry["dataset"] / "Linf" / f"{name}.json"] = json.dumps(linf, indent=2) + "\n"
-    if "noise" in measured:
-        corruptions = {
-            **common,
-            "eps": None,
-            "reported": reported("noise"),
-            "corruptions_acc": percent(measured["noise"]),
-        }
-        out[folder / entry["dataset"] / "corruptions" / f"{name}.json"] = (
-            json.dumps(corruptions, indent=2) + "\n"
-        )
-    return out
-
-
-def _footnote(entry: dict) -> str:
-    who = (
-        f"ensemble of {entry['seeds']}"
-        if entry["kind"] == "ensemble"
-        else f"mean of {entry['seeds']} seed(s)"
-    )
-    flags = f"; flags: {entry['flags'].replace(';', ', ')}" if entry["flags"] else ""
-    unchecked = (
-        f"; not checked: {entry['unchecked'].replace(';', ', ')}" if pd.isna(entry["unreliable"]) else ""
-    )
-    chosen = ", checkpoint chosen by test accuracy" if preset_of(entry["preset"]).test_selected else ""
-    return f"inres-bench, {who}, preset {entry['preset']}{chosen}, {int(entry['n_test'])} test images{flags}{unchecked}"
-
-
-def _provenance(entry: dict) -> dict:
-    """Our facts about an entry: every measured metric, in % (radii in 1/255)."""
-    attacks: dict[str, dict[str, float]] = {}
-    other = {}
-    for metric, value in sorted(entry["measured"].items()):
-        if "@" in metric:
-            attack, eps_255 = metric_radius(metric)
-            attacks.setdefault(attack, {})[f"{eps_255:g}"] = round(float(value), 6)
-        else:
-            other[metric] = round(float(value), 6)
-    return {
-        "run": entry["run"],
-        "model": entry["model"],
-        "kind": entry["kind"],
-        "preset": entry["preset"],
-        "checkpoint": preset_of(entry["preset"]).checkpoint,  # "last", or "best-test": chosen on the test set
-        "data_source": entry["data_source"],
-        "n_test": int(entry["n_test"]),
-        "seeds": None if pd.isna(entry["seeds"]) else int(entry["seeds"]),
-        "accuracy": other,  # clean, noise groups, noise
-        "robust_acc": attacks,  # every attack (and the worst case) at every measured radius
-        "flags": [f for f in str(entry["flags"] or "").split(";") if f],
-        "unreliable": _verdict(entry["unreliable"]),
-        "unchecked": [
-            g for g in str(entry["unchecked"] or "").split(";") if g
-        ],  # critical gates not measured
-        "checkpoint_sha256": list(entry["checkpoints"]),
-        # the stability stage's growth of a PGD-20 perturbation from the stem to the last block
-        "amplification": None
-        if pd.isna(entry.get("amplification", math.nan))
-        else round(float(entry["amplification"]), 6),
-    }
-
-
-def _verdict(unreliable: object) -> bool | None:
-    return None if pd.isna(unreliable) else bool(unreliable)
 
 
 def architecture(model: str) -> str:

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.attacks.perturbations import DEFAULT_STEPS, pooled_noise
+from bench.attacks.perturbations import DEFAULT_STEPS, file_groups
 from bench.core.files import check_writable
 from bench.data.noise import SEVERITIES
+from bench.data.splits import FIRST
 from bench.records import sanity, stats
-from bench.records.aggregate import aggregate, per_seed, with_worst_case
+from bench.records.aggregate import aggregate, mean_metrics, per_seed, subset_of, with_worst_case
 from bench.records.load import (
     cell_id,
     load_bits,
@@ -126,6 +127,9 @@ class Measured:
     # records.load_landscapes' current rows (Fig. 2)
     landscapes: pd.DataFrame = field(default_factory=pd.DataFrame)
     rehearsal: Rehearsal | None = None  # the rehearsal the folder holds (every output says so)
+    # the cells measured under RobustBench's protocol (its first-n subsets), reduced on their
+    # own: never in the paper's tables, leaderboard or figures, which hold the others
+    robustbench: Measured | None = None
 
 
 def measured(results_dir: str | os.PathLike, steps: int = DEFAULT_STEPS) -> Measured:
@@ -175,13 +179,34 @@ def reduce_records(
     stability: pd.DataFrame | None = None,
     relaxed: frozenset[str] = frozenset(),
 ) -> Measured:
-    """Everything a report shows, from the records alone (pure: no files)."""
+    """Everything a report shows, from the records alone (pure: no files): the paper
+    protocol's cells, and RobustBench's (`Measured.robustbench`) on their own."""
     current = everything[~everything["stale"]].drop(columns="stale").reset_index(drop=True)
-    frame = with_worst_case(current, bits)
+    first = current["params"].map(subset_of) == FIRST
+    stability = pd.DataFrame() if stability is None else stability
+    theirs = (
+        _reduced(everything, current[first], runs, bits, checks, steps, stability, relaxed)
+        if first.any()
+        else None
+    )
+    ours = _reduced(everything, current[~first], runs, bits, checks, steps, stability, relaxed)
+    return replace(ours, robustbench=theirs)
+
+
+def _reduced(
+    everything: pd.DataFrame,
+    current: pd.DataFrame,
+    runs: pd.DataFrame,
+    bits: dict,
+    checks: pd.DataFrame,
+    steps: int,
+    stability: pd.DataFrame,
+    relaxed: frozenset[str],
+) -> Measured:
+    frame = with_worst_case(current.reset_index(drop=True), bits)
     kept, left_out = select_measurements(frame, steps)
     aggregated = aggregate(per_seed(kept))
     gates = sanity.summary(sanity.record_gates(aggregated), sanity.with_entries(checks, kept), relaxed)
-    stability = pd.DataFrame() if stability is None else stability
     return Measured(everything, frame, runs, kept, left_out, aggregated, gates, bits, stability)
 
 
@@ -195,13 +220,13 @@ class Evidence:
 
     def samples(self, dataset: str, run: str, kind: str, preset: str, metric: str) -> list[np.ndarray]:
         """Per seed, the per-example accuracy of `metric` (noise: the mean of the four
-        groups over all severities) of the kept measurement; [] when not measured."""
+        groups over all severities; corruptions: of the 15) of the kept measurement; [] when not measured."""
         return list(self.seeded(dataset, run, kind, preset, metric).values())
 
     def seeded(self, dataset: str, run: str, kind: str, preset: str, metric: str) -> dict[int, np.ndarray]:
         """`samples` keyed by seed, in seed order."""
         kept = self.m.kept
-        wanted = pooled_noise() if metric == "noise" else [metric]
+        wanted = mean_metrics().get(metric, [metric])
         rows = kept[
             (kept["dataset"] == dataset)
             & (kept["run"] == run)
@@ -216,7 +241,7 @@ class Evidence:
         return out
 
     def _per_example(self, row: dict) -> np.ndarray:
-        if row["perturbation"] in pooled_noise():  # a pooled cell: its five severity cells' bits
+        if row["perturbation"] in file_groups():  # a pooled cell: its five severity cells' bits
             n = int(row["n_test"])
             parts = [self.m.bits[cell_id({**row, "severity": s, "n": n})] for s in SEVERITIES]
             return stats.per_example(np.concatenate(parts), len(SEVERITIES))

@@ -2,8 +2,9 @@
 
 Writes under the results dir: `records.csv`; `tables/table<k>.{md,csv,tex}` with the
 Appendix-D view (`table<k>_std.md`) and the measured-vs-paper view
-(`table<k>_vs_paper.md`); the leaderboard (`leaderboard.csv`, `leaderboard.md`,
-`leaderboard/<dataset>/<name>.json`); and REPORT.md: the headline results first (the
+(`table<k>_vs_paper.md`); the leaderboard (`leaderboard.csv`, `leaderboard.md` with its
+RobustBench section, and RobustBench's files `leaderboard/<dataset>/<threat model>/<name>.json`
+for the runs of its protocol); and REPORT.md: the headline results first (the
 leaderboard's top rows, Tables 1-3 against the paper, the claims' verdicts), then the
 sanity checks, links to every table and the figures, and the provenance of every number
 last."""
@@ -17,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench.attacks.perturbations import DEFAULT_STEPS, pooled_noise
+from bench.attacks.perturbations import DEFAULT_STEPS, file_groups
 from bench.core.files import write_all
 from bench.core.presets import preset as preset_info
 from bench.core.presets import test_selected_note
 from bench.data.datasets import dataset_info, dataset_label
 from bench.records import sanity, stats
+from bench.records.aggregate import GROUP
 from bench.records.schema import NO_TRAINING_DIGEST, SNAPSHOT_FILE, LandscapeConfig
 from bench.reports import figures, plotting, stability
 from bench.reports.claims import (
@@ -52,6 +54,7 @@ from bench.reports.measured import (
     rehearsal_marked,
     relaxed_legend,
 )
+from bench.reports.robustbench import render_robustbench, robustbench_board, robustbench_entries
 from bench.reports.tables import (
     TABLES,
     TITLES,
@@ -83,7 +86,7 @@ def digest_lines(kept: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     images (records.data_sha256), each noise file (its digest), and the training images of
     their checkpoints (meta.json's data.sha256; load_runs' train_sha256), 12 hex digits each,
     with the runs named where runs read different files."""
-    noise = kept["perturbation"].isin(pooled_noise())
+    noise = kept["perturbation"].isin(file_groups())
     clean = [
         f"{dataset_label(d)}: {_digests(rows, 'data_sha256')}" for d, rows in kept[~noise].groupby("dataset")
     ]
@@ -130,12 +133,15 @@ def render_report(
     shares: dict | None = None,
     mechanism: pd.DataFrame | None = None,
     board: pd.DataFrame | None = None,
+    robustbench: pd.DataFrame | None = None,
 ) -> str:
     """REPORT.md: what a reader came for first (the leaderboard's top rows, Tables 1-3
     against the paper, the claims' verdicts), then the checks, links and figures, and the
     provenance (data read, how numbers are chosen, the gates' definitions) last."""
     lines = ["# inres-bench report" + (" (rehearsal)" if m.rehearsal else ""), "", *_summary(m, preset)]
     lines += _headline(tables, board)
+    if robustbench is not None and len(robustbench):
+        lines += ["", "#" + render_robustbench(robustbench).rstrip()]  # a subsection of the headline
     lines += _claims(m, preset, evidence, shares, mechanism)
     lines += [
         "",
@@ -507,11 +513,38 @@ def write_reports(
         for p in presets_with_runs(m.aggregated, preset)
     }
     board = leaderboard(m.kept, m.aggregated, preset, rank_by, m.sanity, stability.amplification(checkpoints))
+    theirs = _robustbench_board(m, preset)
     texts[results / "REPORT.md"] = render_report(
-        m, tables, preset, steps, evidence, drawn, shares, mechanism, board
+        m, tables, preset, steps, evidence, drawn, shares, mechanism, board, theirs
     )
-    texts.update(leaderboard_texts(results, board, left_at_preset))
+    board_texts = leaderboard_texts(results, board, left_at_preset)
+    if len(theirs):  # RobustBench's section under the leaderboard, and its files
+        board_texts[results / "leaderboard.md"] += "\n" + render_robustbench(theirs)
+        board_texts.update(robustbench_entries(results / "leaderboard", theirs, m.rehearsal is not None))
+    texts.update(board_texts)
     return write_all(rehearsal_marked(texts) if m.rehearsal else texts)
+
+
+def _robustbench_board(m: Measured, preset: str) -> pd.DataFrame:
+    """RobustBench's rows (bench.reports.robustbench) of the entries under `preset`."""
+    rb = m.robustbench
+    if rb is None:
+        return pd.DataFrame()
+    evidence = Evidence(rb, stats.Bootstrap())
+
+    def interval(entry: tuple, metric: str) -> tuple[float, float]:
+        """The bootstrap's 95% interval over seeds and test images, as the tables' cells."""
+        at = dict(zip(GROUP, entry, strict=True))
+        what = (at["dataset"], at["run"], at["kind"], at["preset"], metric)
+        seeded = evidence.seeded(*what)
+        return evidence.bootstrap.interval(list(seeded.values()), (*what, tuple(seeded)))
+
+    return robustbench_board(
+        rb.kept[rb.kept["preset"] == preset],
+        rb.aggregated[rb.aggregated["preset"] == preset],
+        rb.sanity[rb.sanity["preset"] == preset],
+        interval,
+    )
 
 
 def write_figures(

@@ -17,11 +17,12 @@ from bench.core.processes import LOCKS
 from bench.data.cifar import data_root
 from bench.data.datasets import check_file_places, dataset_info, is_present
 from bench.data.noise import NOISE_GROUPS
-from bench.data.noise_files import generation_folder, load_noise, noise_source
+from bench.data.noise_files import check_released, generation_folder, load_noise, noise_source
 from bench.data.splits import TrainingSets, images_digest, load_test
 from bench.eval.defenses import DefenseSpec
 from bench.eval.identity import check_name
 from bench.eval.landscape import check_landscape_index
+from bench.eval.model_checks import is_randomized
 from bench.eval.protocol import protocol_cells
 from bench.eval.stability import blocks
 from bench.records.schema import DB_FILE, utc_now
@@ -124,8 +125,25 @@ def resolve_defenses(tasks: list[Task], dry: bool, keep_built: bool = False) -> 
             raise
         check_name(task.job.name, f"defense {task.job.name}")
         info = replace(defense.info, name=task.run_tag)
+        try:
+            randomized = bool(task.eval.randomized_extra) and is_randomized(
+                defense.model, dataset_info(info.dataset).input_shape, info.num_classes
+            )
+        except Exception as err:  # the user's forward, on inputs it had not seen
+            raise UserError(
+                f"defense {task.run_tag} failed in AutoAttack's determinism check on 4 uniform images "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}): "
+                "fix its forward for [0, 1] inputs of the data set's shape"
+            ) from None
+        if randomized:
+            log.info(
+                "defense %s: its forward passes differ (AutoAttack's check): AutoAttack's rand version "
+                "is measured too (%s)",
+                task.run_tag,
+                ", ".join(name for name, _ in task.eval.randomized_extra),
+            )
         resolved[task.name] = Resolved(
-            info, bool(blocks(defense.model)), defense.model if keep_built else None
+            info, bool(blocks(defense.model)), defense.model if keep_built else None, randomized
         )
     return resolved
 
@@ -166,7 +184,7 @@ def planned_metrics(tasks: list[Task]) -> set[str]:
     """Every metric the tasks' cells give (reports may rank by any of them)."""
     metrics = {"noise"}
     for config in {t.eval for t in tasks}:
-        cells = protocol_cells(config)
+        cells = protocol_cells(config, randomized=True)  # a randomized defense's too
         metrics |= {metric_name(c.perturbation, c.eps_255) for c in cells}
         metrics |= {
             metric_name("worst", c.eps_255)
@@ -224,26 +242,37 @@ def check_report_targets(options: RunOptions, dry: bool = False) -> None:
                 )
 
 
-def check_outputs_and_data(options: RunOptions, jobs: list[Job]) -> None:
+def check_outputs_and_data(options: RunOptions, tasks: list[Task]) -> None:
     """Every folder the run writes and every file it reads, checked before any work: a
     read-only results dir or a missing noise file is one line now, not after hours. What
     writes nothing comes first, so that a refused run leaves the results dir as it was."""
     check_report_targets(options, dry=True)
     check_store_path(Path(options.results_dir) / DB_FILE)
     check_writable(options.results_dir, "results", "--results-dir", create=False)
-    check_data(options, jobs)
+    check_data(options, tasks)
     check_writable(options.results_dir, "results", "--results-dir")
     check_writable(Path(options.results_dir) / LOCKS, "the run's locks", "--results-dir")
     check_report_targets(options)
 
 
-def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
+def check_data(options: RunOptions, tasks: list[Task], dry: bool = False) -> None:
     """The data checks of the run, which a dry run makes too (writing and downloading
     nothing: a data set not there yet, and noise groups still to generate, are assumed
     as the release has them): each test set's files, shapes and size against --n-test
-    and the subsets, Fig. 2's image, and every noise file."""
-    for dataset in sorted({j.dataset for j in jobs}):
+    and the subsets, Fig. 2's image, and every noise file the tasks read (the released
+    corruptions a RobustBench protocol needs: present, or one line naming the archive)."""
+    for dataset in sorted({t.job.dataset for t in tasks}):
+        configs = {t.eval for t in tasks if t.job.dataset == dataset}
+        released_only = tuple(
+            dict.fromkeys(g for c in configs if c.noise_source == "released" for g in c.noise_groups)
+        )
         info, root = dataset_info(dataset), data_root(options.data_dir)
+        if (
+            "eval" in options.stages
+            and released_only
+            and not (set(released_only) <= set(NOISE_GROUPS) and info.noise_release is not None)
+        ):  # files no download fetches (the paper's groups alone are fetched, when asked)
+            check_released(dataset, options.data_dir, released_only)
         if dry:
             check_file_places(info, root)
             if not is_present(info, options.data_dir):
@@ -262,19 +291,24 @@ def check_data(options: RunOptions, jobs: list[Job], dry: bool = False) -> None:
         if "eval" not in options.stages:
             continue
         if dry:  # the released files as the run reads them; generated ones are the run's to make
-            if (
-                noise_source(dataset, options.data_dir, options.noise_source) == "released"
-                and info.noise_release
-            ):
-                for group in NOISE_GROUPS:
-                    load_noise(dataset, group, options.data_dir, "released", test=test)
+            for config in configs:
+                if (
+                    noise_source(dataset, options.data_dir, config.noise_source) == "released"
+                    and info.noise_release
+                ):
+                    for group in config.noise_groups:
+                        load_noise(dataset, group, options.data_dir, "released", test=test)
             continue
-        folder = generation_folder(dataset, options.data_dir, options.noise_source)
-        if folder is not None:  # a read-only data dir is fine otherwise
-            check_writable(folder, "generated noise groups", "--data-dir")
-            log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
-        for group in NOISE_GROUPS:  # generated once, not per worker; every file's type and shape checked now
-            load_noise(dataset, group, options.data_dir, options.noise_source, test=test)
+        for config in configs:
+            folder = generation_folder(dataset, options.data_dir, config.noise_source)
+            if folder is not None and set(config.noise_groups) & set(
+                NOISE_GROUPS
+            ):  # a read-only data dir is fine otherwise
+                check_writable(folder, "generated noise groups", "--data-dir")
+                log.info("data: the %s noise groups (generated once into %s)", dataset, folder)
+        for config in configs:  # generated once, not per worker; every file's type and shape checked now
+            for group in config.noise_groups:
+                load_noise(dataset, group, options.data_dir, config.noise_source, test=test)
 
 
 def check_test_size(options: RunOptions, dataset: str, images: int) -> None:

@@ -18,7 +18,7 @@ from bench.attacks.perturbations import ATTACK, perturbation, pooled_noise
 from bench.core.processes import LOCKS, run_lock
 from bench.eval.engine import AuditFailed, CellsDone, cell_key
 from bench.eval.landscape import LandscapeDone
-from bench.eval.protocol import EvalConfig, protocol_cells
+from bench.eval.protocol import Cell, EvalConfig
 from bench.eval.stability import StabilityDone
 from bench.eval.testdata import EvalData
 from bench.records.aggregate import with_pooled_noise
@@ -218,8 +218,9 @@ class Driver:
         if kind == TRAIN or not work.cells:
             return
         data = self.todo.data(state.task)
-        line = summary_line(self._contexts[state.task.name], work.task.eval, data, self.store)
-        cached = len(protocol_cells(work.task.eval)) - len(work.cells)
+        asked = self.todo.cells(state.task)
+        line = summary_line(self._contexts[state.task.name], work.task.eval, data, self.store, asked)
+        cached = len(asked) - len(work.cells)
         log.info(
             "%s (%d cells run, %d cached, %.0f s)",
             line,
@@ -229,13 +230,15 @@ class Driver:
         )
 
 
-def summary_line(context: dict, config: EvalConfig, data: EvalData, store: RecordStore) -> str:
+def summary_line(
+    context: dict, config: EvalConfig, data: EvalData, store: RecordStore, asked: list[Cell]
+) -> str:
     """One line: clean, mean noise accuracy, and each attack at each radius, in percent, of
-    exactly the cells `config` asks for (no other test size, step count or data source) of
+    exactly the cells `asked` (of `config`: no other test size, step count or data source) of
     the checkpoint `context` names."""
     frame = store.cells(context)
-    asked = {cell_key(c, data.source(c), config, data.n(c), data.digest(c)) for c in protocol_cells(config)}
-    mask = [key in asked for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]
+    keys = {cell_key(c, data.source(c), config, data.n(c), data.digest(c)) for c in asked}
+    mask = [key in keys for key in frame[list(CELL_COLUMNS)].itertuples(index=False, name=None)]
     frame = frame[pd.Series(mask, index=frame.index, dtype=bool)]  # a list would select columns when empty
     # a cell measured again on other data: the last measurement
     frame = frame.sort_values("timestamp", kind="stable").drop_duplicates(
@@ -247,10 +250,10 @@ def summary_line(context: dict, config: EvalConfig, data: EvalData, store: Recor
         return f"{100 * rows['accuracy'].mean():.1f}" if len(rows) else "-"
 
     parts = [f"clean {pct(cells[cells['perturbation'] == 'clean'])}"]
-    parts.append(f"noise {pct(cells[cells['perturbation'].isin(pooled_noise()) & (cells['severity'] == 0)])}")
-    for kind in dict.fromkeys(
-        c.perturbation for c in protocol_cells(config) if perturbation(c.perturbation).kind == ATTACK
-    ):
+    files = cells[cells["perturbation"].isin(config.noise_groups) & (cells["severity"] == 0)]
+    mean = "noise" if set(config.noise_groups) == set(pooled_noise()) else "corruptions"  # RobustBench's 15
+    parts.append(f"{mean} {pct(files)}")
+    for kind in dict.fromkeys(c.perturbation for c in asked if perturbation(c.perturbation).kind == ATTACK):
         rows, attack = cells[cells["perturbation"] == kind].sort_values("eps_255"), perturbation(kind)
         if len(rows):
             radii = "/".join(f"{attack.shown_radius(e):g}" for e in rows["eps_255"])

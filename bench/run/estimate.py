@@ -19,14 +19,14 @@ from tabulate import tabulate
 
 from bench.attacks.perturbations import perturbation
 from bench.data.datasets import dataset_info
-from bench.data.splits import TrainingSets
+from bench.data.splits import FIRST, TrainingSets
 from bench.eval.landscape import image_count, image_passes
 from bench.eval.protocol import cell_groups, group_passes, protocol_cells
 from bench.eval.stability import n_images, stage_units
 from bench.eval.stability import unit_passes as stability_passes
 from bench.records.checkpoints import META_FILE, read_meta, zoo_checkpoint_dir
 from bench.run.options import RunOptions
-from bench.run.plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task
+from bench.run.plan import DEFENSE, ENSEMBLE, MEASURE, TRAIN, Task, autoattacks
 from bench.run.rates import Rates, defense_rates, forward_flops, model_rates
 from bench.run.suites import Suite
 from bench.run.todo import ToDo
@@ -158,7 +158,7 @@ def _work_cost(
     for group in cell_groups(cells):
         forward, gradient = group_passes(group, data.n(group[0]), config)
         seconds += members * (forward / rates.forward + gradient / rates.gradient)
-    cached = len(protocol_cells(config)) - len(cells) if "eval" in stages else 0
+    cached = len(todo.cells(task)) - len(cells) if "eval" in stages else 0
     cells_seconds = seconds
     for unit in stage:
         forward, gradient = stability_passes(unit, n_images(data, task.stability), task.stability, config)
@@ -298,10 +298,13 @@ def plan_header(suite: Suite, options: RunOptions, device: str, tasks: list[Task
     jobs = {t.job for t in tasks}
     config = tasks[0].eval if tasks else None  # the first task's: a seed's, whose subsets every job shares
     n_test = config.n_test if config else None
-    tested = "" if config is None else "; all test images" if n_test is None else f"; {n_test} test images"
+    first = "the first " if config is not None and config.subset_rule == FIRST else ""  # RobustBench's rule
+    tested = (
+        "" if config is None else "; all test images" if n_test is None else f"; {first}{n_test} test images"
+    )
     own = dict(suite.subsets)
     if options.n_autoattack is not None:  # the user's own size: never labelled as the suite's, capped
-        own["autoattack"] = options.n_autoattack
+        own |= dict.fromkeys(autoattacks(suite), options.n_autoattack)
     smaller = (
         [f"{name} on {_capped(n, own.get(name, n), n_test)}" for name, n in config.subsets] if config else []
     )

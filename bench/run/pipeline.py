@@ -77,7 +77,7 @@ def run(options: RunOptions) -> int:
         recover(options.results_dir)
     jobs = plan_jobs(suite, options)
     if options.rehearse:
-        options = rehearsal_options(options, jobs)
+        options = rehearsal_options(options, jobs, suite)
     if set(options.stages) <= {"report", "figures"} and not options.dry_run:  # no training, no evaluation
         check_metric(options.rank_by, recorded_metrics(options))
         return _report(options, figures_only="report" not in options.stages)
@@ -106,13 +106,13 @@ def run(options: RunOptions) -> int:
     del training_sets, trained_on  # the training images are not kept through the work
     if options.dry_run:  # every check of the run's before its work, writing nothing
         check_report_targets(options, dry=True)
-        check_data(options, jobs, dry=True)
+        check_data(options, tasks, dry=True)
         store = RecordStore(options.results_dir, readonly=True)
         check_builds(store, defenses, record=False)
         todo = ToDo(options, suite, device, store, dry=True, defenses=defenses)
         sys.stdout.write(render_plan(todo, tasks) + "\n")
         return 0
-    check_outputs_and_data(options, jobs)
+    check_outputs_and_data(options, tasks)
     if options.rehearse:
         rehearsal.mark_results_folder(options.results_dir, suite, real.suite)
     log.info("records: opening %s", Path(options.results_dir) / "records.sqlite")

@@ -23,7 +23,7 @@ from bench.eval.protocol import EvalConfig
 from bench.eval.stability import StabilityConfig
 from bench.records.schema import ENSEMBLE_SEED, LandscapeConfig
 from bench.run.options import RunOptions
-from bench.run.suites import Study, Suite
+from bench.run.suites import AUTOATTACKS, Study, Suite
 from bench.train.recipes import TrainConfig
 from models import UserError, model_entry, resolve_models
 
@@ -320,12 +320,28 @@ def eval_config(
         iterative_radii_255=attack_radii_255 if ensemble else None,
         steps=options.steps,
         n_test=n_test_of(suite, options),
-        noise_source=options.noise_source,
+        subset_rule=suite.subset_rule,
+        noise_source=noise_source_of(suite, options),
+        noise_groups=suite.noise_groups,
         batch_size=options.batch_size,
         device=device,
         extra=tuple(extra),
+        randomized_extra=suite.randomized_extra,
         subsets=own,
     )
+
+
+def noise_source_of(suite: Suite, options: RunOptions) -> str:
+    """--noise-source, or "released" for a suite that reads only the released files (one
+    error line for --noise-source generated there)."""
+    if not suite.released_noise:
+        return options.noise_source
+    if options.noise_source == "generated":
+        raise UserError(
+            f"--noise-source generated: suite {suite.name} reads the released CIFAR-C files only "
+            "(as RobustBench does); leave --noise-source out"
+        )
+    return "released"
 
 
 def stability_config(suite: Suite, options: RunOptions) -> StabilityConfig:
@@ -355,10 +371,17 @@ def n_test_of(suite: Suite, options: RunOptions) -> int | None:
 
 def subsets(suite: Suite, options: RunOptions) -> tuple[tuple[str, int], ...]:
     """The suite's smaller test subsets, capped at the test images they are drawn from (the
-    plan's header says so), AutoAttack's replaced by `--n-autoattack` (EvalConfig refuses
+    plan's header says so), AutoAttack's (each norm's) replaced by `--n-autoattack` (EvalConfig refuses
     one above them: a subset the user gives is never shrunk in silence)."""
     n_test = n_test_of(suite, options)
     own = {name: n if n_test is None else min(n, n_test) for name, n in suite.subsets}
     if options.n_autoattack is not None:
-        own["autoattack"] = options.n_autoattack
+        own |= dict.fromkeys(autoattacks(suite), options.n_autoattack)
     return tuple(own.items())
+
+
+def autoattacks(suite: Suite) -> tuple[str, ...]:
+    """The AutoAttack perturbations `--n-autoattack` sizes: AutoAttack's, and every other
+    AutoAttack the suite measures (RobustBench's L2)."""
+    measured = dict(suite.extra) | dict(suite.randomized_extra)
+    return tuple(n for n in AUTOATTACKS if n == "autoattack" or n in measured)

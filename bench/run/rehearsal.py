@@ -37,6 +37,7 @@ import numpy as np
 from bench.core.files import atomic_write
 from bench.data.cifar import data_root, write_batch
 from bench.data.datasets import DatasetInfo, complete, dataset_info, ensure_folder
+from bench.data.noise import SEVERITIES
 from bench.data.synthetic import draw
 from bench.records.sanity import training_gates
 from bench.records.schema import DB_FILE
@@ -44,7 +45,7 @@ from bench.reports.measured import REHEARSAL_FILE, rehearsal_of
 from bench.run.driver import STAGE_NAMES
 from bench.run.estimate import WORKER_COUNTS, duration, estimate, wall_time
 from bench.run.options import RunOptions
-from bench.run.plan import Job, Task
+from bench.run.plan import Job, Task, autoattacks
 from bench.run.suites import Suite
 from bench.run.todo import ToDo
 from models import UserError
@@ -74,8 +75,8 @@ REHEARSAL = RehearsalSizes()
 def rehearsal_suite(suite: Suite, sizes: RehearsalSizes = REHEARSAL) -> Suite:
     """`suite`'s plan at rehearsal size: the same studies, models, data sets, stages,
     perturbations and checks; its length, training subset, test subsets and seeds shrunk."""
-    subsets = tuple((name, min(n, sizes.n_autoattack)) for name, n in suite.subsets) or (
-        ("autoattack", sizes.n_autoattack),
+    subsets = tuple((name, min(n, sizes.n_autoattack)) for name, n in suite.subsets) or tuple(
+        (name, sizes.n_autoattack) for name in autoattacks(suite)
     )
     return replace(
         suite,
@@ -131,10 +132,14 @@ def missing(dataset: str, root: Path) -> bool:
     return not (info.archive and (root / info.archive).is_file())
 
 
-def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: bool = False) -> str | None:
+def prepare_data(
+    datasets: list[str], data_dir: str | os.PathLike | None, dry: bool = False, released: tuple[str, ...] = ()
+) -> str | None:
     """The data dir a rehearsal of `datasets` reads: the run's own when every data set is
-    there; else `<data dir>/rehearsal` with stand-ins for the missing ones and links to
-    the others (a dry run writes nothing: it names the folder and what it would hold)."""
+    there; else `<data dir>/rehearsal` with stand-ins for the missing ones (and for the
+    released CIFAR-C files `released` names, which only a download would give: each the
+    stand-in test images at every severity) and links to the others (a dry run writes
+    nothing: it names the folder and what it would hold)."""
     root = data_root(data_dir)
     absent = [d for d in datasets if missing(d, root)]
     if not absent:
@@ -159,6 +164,9 @@ def prepare_data(datasets: list[str], data_dir: str | os.PathLike | None, dry: b
                 target.unlink()
             if not dry and not complete(info, target):
                 write_standin(info, target)
+            stand_ins = folder / info.noise_folder
+            if not dry and released and not all((stand_ins / f"{g}.npy").is_file() for g in released):
+                write_released_standin(stand_ins, target, info, released)
         elif not dry:
             _link(info, root, folder)
     return str(folder)
@@ -181,6 +189,18 @@ def write_standin(info: DatasetInfo, folder: Path, sizes: RehearsalSizes = REHEA
     atomic_write(folder / meta_name, lambda f: pickle.dump(meta, f, protocol=2))
 
 
+def write_released_standin(folder: Path, batches: Path, info: DatasetInfo, groups: tuple[str, ...]) -> None:
+    """Stand-ins of the released CIFAR-C files `groups` for the stand-in test set in
+    `batches`: its images at every severity, unchanged (a rehearsal checks that the plan
+    runs, not what a corruption does), and labels.npy, in the released layout."""
+    test = info.load(info, "test", batches.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiled = np.tile(test.images, (len(SEVERITIES), 1, 1, 1))
+    atomic_write(folder / "labels.npy", lambda f: np.save(f, np.tile(test.labels, len(SEVERITIES))))
+    for group in groups:
+        atomic_write(folder / f"{group}.npy", lambda f: np.save(f, tiled))
+
+
 def _link(info: DatasetInfo, root: Path, folder: Path) -> None:
     """Link a data set that is there (extracted first when only its archive is) and its
     released noise groups into the rehearsal's folder, in place of the stand-ins an earlier
@@ -198,14 +218,15 @@ def _link(info: DatasetInfo, root: Path, folder: Path) -> None:
         target.symlink_to(source.resolve(), target_is_directory=True)
 
 
-def rehearsal_options(options: RunOptions, jobs: list[Job]) -> RunOptions:
+def rehearsal_options(options: RunOptions, jobs: list[Job], suite: Suite) -> RunOptions:
     """The run's options for its rehearsal: the data dir of `prepare_data` and Fig. 2's
     smaller grid (the suite, bench.run.rehearsal.rehearsal_suite, holds the rest)."""
     datasets = list(dict.fromkeys(job.dataset for job in jobs))
     index, points, radius = options.landscape
+    released = suite.noise_groups if suite.released_noise else ()
     return replace(
         options,
-        data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run),
+        data_dir=prepare_data(datasets, options.data_dir, dry=options.dry_run, released=released),
         landscape=(index, min(points, REHEARSAL.landscape_points), radius),
     )
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.data.noise import CORRUPTIONS, NOISE_GROUPS
+from bench.data.splits import BALANCED, FIRST
+from bench.reports.robustbench import ROBUSTBENCH_AUTOATTACKS
 from bench.reports.tables import LAMBDA_SWEEP, VARIANT_GRID
 from models import UserError
 
@@ -37,6 +40,19 @@ class Study:
 SANITY = (("uniform", None),)
 # ... PGD-50 at large radii, which must bring any model to chance, and AutoAttack.
 REFERENCE = (("pgd50", (16.0, 64.0)), ("autoattack", (2.0,)))
+# The AutoAttack perturbations whose subset --n-autoattack sets (RobustBench's two norms).
+AUTOATTACKS = ("autoattack", "autoattack-l2", "autoattack-rand", "autoattack-rand-l2")
+# RobustBench's threat models on CIFAR (bench.reports.robustbench owns the radii): AutoAttack
+# standard at L-infinity 8/255 and L2 0.5, each beside the PGD its reference-gap gate compares
+# it with; the large-radius gate at radii any model falls to chance at, robust ones included
+# (64/255; L2 16 pixel units).
+_AUTOATTACK = {name: eps_255 for name, _, eps_255 in ROBUSTBENCH_AUTOATTACKS}
+ROBUSTBENCH = (
+    ("pgd50", (64.0,)),
+    ("pgd50-l2", (16.0 * 255,)),
+    ("pgd-l2", (_AUTOATTACK["autoattack-l2"],)),
+    *((name, (eps_255,)) for name, eps_255 in _AUTOATTACK.items()),
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +63,15 @@ class Suite:
     seeds: tuple[int, ...]
     length: str  # training length: "full" (the paper's epochs), "quick" (1/5), "smoke" (2 epochs)
     n_train: int | None = None  # first N training images; None: all
-    n_test: int | None = None  # class-balanced test subset; None: the whole test set
+    n_test: int | None = None  # test subset (drawn by `subset_rule`); None: the whole test set
+    subset_rule: str = BALANCED  # FIRST: RobustBench's first n_examples (bench.data.splits)
+    noise_groups: tuple[str, ...] = NOISE_GROUPS  # the CIFAR-C files measured at every severity
+    released_noise: bool = False  # its noise groups only from the released files (RobustBench's)
     needs_gpu: bool = True
     # registered perturbations beyond FGSM / IFGSM / PGD: (name, radii or None for the study's)
     extra: tuple[tuple[str, tuple[float, ...] | None], ...] = SANITY + REFERENCE
+    # measured only on a defense AutoAttack's check finds randomized: (name, radii)
+    randomized_extra: tuple[tuple[str, tuple[float, ...]], ...] = ()
     subsets: tuple[tuple[str, int], ...] = (("autoattack", 1000),)  # smaller test subsets
     checks: tuple[str, ...] = ("gradients", "model", "transfer")  # bench.eval.model_checks'
     n_stability: int = 200  # the stability stage's class-balanced test images (bench.eval.stability)
@@ -87,6 +108,22 @@ SUITES: dict[str, Suite] = {
             ),
             seeds=(0, 1),
             length="quick",
+        ),
+        Suite(
+            "robustbench",
+            "RobustBench's CIFAR threat models: clean, AutoAttack standard at L-infinity 8/255 and "
+            "L2 0.5, the 15 corruptions at 5 severities (released CIFAR-C files), on the first n "
+            "test images; with the gates' attacks",
+            (Study("robustbench", "main", ("cifar10", "cifar100"), (_AUTOATTACK["autoattack"],)),),
+            seeds=(0, 1, 2, 3, 4),
+            length="full",
+            subset_rule=FIRST,
+            noise_groups=CORRUPTIONS,
+            released_noise=True,
+            extra=SANITY + ROBUSTBENCH,
+            # a randomized defense: AutoAttack's rand version too, as RobustBench measures one
+            randomized_extra=tuple((rand, (eps_255,)) for _, rand, eps_255 in ROBUSTBENCH_AUTOATTACKS),
+            subsets=(),  # AutoAttack on every test image of the run, as RobustBench's benchmark()
         ),
         Suite(
             "smoke",

@@ -19,7 +19,7 @@ from bench.eval.adapters import DefenseInfo
 from bench.eval.defenses import STATE_DICT
 from bench.eval.engine import cells_todo
 from bench.eval.landscape import image_source, images_of
-from bench.eval.protocol import protocol_cells
+from bench.eval.protocol import Cell, protocol_cells
 from bench.eval.stability import Unit, stage_units, units_todo
 from bench.eval.testdata import EvalData, test_data
 from bench.records.checkpoints import META_FILE, ensemble_digest, read_meta, zoo_checkpoint_dir
@@ -44,6 +44,9 @@ class Resolved:
     info: DefenseInfo
     blockwise: bool
     model: nn.Module | None = None
+    randomized: bool = (
+        False  # its forward passes differ: AutoAttack's rand version too (EvalConfig.randomized_extra)
+    )
 
 
 @dataclass
@@ -83,6 +86,11 @@ class ToDo:
     def data(self, task: Task) -> EvalData:
         """The test set as the task's cells will see it."""
         return test_data(task.job.dataset, self.options.data_dir, task.eval, self.base["run_id"], self.dry)
+
+    def cells(self, task: Task) -> list[Cell]:
+        """The cells the task asks for: its protocol's, and on a randomized defense the
+        rand version's (EvalConfig.randomized_extra)."""
+        return protocol_cells(task.eval, task.kind == DEFENSE and self.defenses[task.name].randomized)
 
     def decide(self, task: Task) -> Decision:
         if task.kind == TRAIN:
@@ -126,7 +134,7 @@ class ToDo:
             "checkpoint_sha256": digest,
         }
         stages = self.options.stages
-        todo, asked = [], protocol_cells(task.eval)
+        todo, asked = [], self.cells(task)
         if "eval" in stages:
             todo = cells_todo(context, task.eval, self.data(task), self.store, asked)
             decision.cached = len(asked) - len(todo)
