@@ -352,6 +352,24 @@ class UniformNoise(Perturbation):
 
 
 @dataclass(frozen=True)
+class SphereNoise(UniformNoise):
+    """x + eps u, u a uniformly random direction (a Gaussian draw over all C x H x W values,
+    normalised), clipped to [0, 1]: random noise at L2 distance eps (at most, after the
+    clip). The L2 ball's sanity check against PGD-L2."""
+
+    norm: str = L2
+    noise_check_of: str | None = "pgd-l2"
+    curve: bool = False  # the robustness figure's panels are L-infinity radii
+
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], setting: Setting
+    ) -> list[Tensor]:
+        direction = torch.randn_like(x)
+        direction /= direction.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        return [torch.clamp(x + e * direction, 0, 1) for e in eps]
+
+
+@dataclass(frozen=True)
 class Worst(Perturbation):
     """Per example, correct only if it survives every attack measured at that radius on the
     same images: computed from the stored bits, never evaluated."""
@@ -468,6 +486,7 @@ register(
     )
 )
 register(UniformNoise("uniform", "Uniform noise"))
+register(SphereNoise("uniform-l2", "Random direction L2"))
 # Sanity check: PGD with 50 steps of 2.5 eps / 50 at a large radius must bring any
 # undefended model to chance (Madry et al.'s step rule).
 register(PGD("pgd50", "PGD-50", leaderboard=False, steps=50, alpha_per_eps=2.5 / 50, chance_from_255=16.0))

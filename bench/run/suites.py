@@ -51,6 +51,7 @@ ROBUSTBENCH = (
     ("pgd50", (64.0,)),
     ("pgd50-l2", (16.0 * 255,)),
     ("pgd-l2", (_AUTOATTACK["autoattack-l2"],)),
+    ("uniform-l2", (_AUTOATTACK["autoattack-l2"],)),  # the noise-vs-pgd gate in L2
     *((name, (eps_255,)) for name, eps_255 in _AUTOATTACK.items()),
 )
 
