@@ -87,18 +87,20 @@ class EvalConfig:
             _count("n_test", self.n_test)
         if not isinstance(self.channels_last, bool):
             raise UserError(f"EvalConfig.channels_last must be True or False, got {self.channels_last!r}")
-        named = [
-            ("radii_255", self.radii_255),
+        named = [  # (field, radii, the largest radius its attacks take)
+            ("radii_255", self.radii_255, 255.0),
             *(
-                [("iterative_radii_255", self.iterative_radii_255)]
+                [("iterative_radii_255", self.iterative_radii_255, 255.0)]
                 if self.iterative_radii_255 is not None
                 else []
             ),
-            *((f"extra {n}", r) for n, r in (*self.extra, *self.randomized_extra)),
+            *(
+                (f"extra {n}", r, PERTURBATIONS[n].largest_radius_255 if n in PERTURBATIONS else 255.0)
+                for n, r in (*self.extra, *self.randomized_extra)
+            ),
         ]
-        for field_name, radii in named:
-            attack = PERTURBATIONS.get(field_name.removeprefix("extra "))
-            _check_radii(field_name, radii, attack.largest_radius_255 if attack else 255.0)
+        for field_name, radii, limit_255 in named:
+            _check_radii(field_name, radii, limit_255)
         if self.alpha_255 is not None and not (
             _is_number(self.alpha_255) and math.isfinite(self.alpha_255) and self.alpha_255 > 0
         ):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from bench.records.selection import (
     lambda_key,
 )
 from bench.reports.tables import TableCell
-from models import UserError, list_models, model_entry
+from models import UserError
 
 SHOWN_METRICS = 4  # metric names listed per left-out variant before "+N more"
 
@@ -276,12 +275,3 @@ def leaderboard_texts(results: Path, board: pd.DataFrame, left_out: pd.DataFrame
 def write_leaderboard(results: Path, board: pd.DataFrame, left_out: pd.DataFrame | None = None) -> list[Path]:
     texts = leaderboard_texts(results, board, left_out if left_out is not None else pd.DataFrame())
     return write_all(texts)
-
-
-def architecture(model: str) -> str:
-    """A registered model's architecture (e.g. preact-resnet110-basic), else its name."""
-    return model_entry(model).arch if model in list_models() else model
-
-
-def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("_")

@@ -25,7 +25,7 @@ from bench.attacks.perturbations import metric_name, metric_radius, perturbation
 from bench.data.datasets import dataset_label
 from bench.records import sanity
 from bench.records.aggregate import GROUP
-from bench.reports.leaderboard import architecture
+from models import list_models, model_entry
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,11 @@ def _provenance(row: dict, threat: Threat) -> dict:
         "unchecked": [g for g in row["unchecked"].split(";") if g],
         "checkpoint_sha256": list(row["checkpoints"]),
     }
+
+
+def architecture(model: str) -> str:
+    """A registered model's architecture (e.g. preact-resnet110-basic), else its name."""
+    return model_entry(model).arch if model in list_models() else model
 
 
 def _number(value: float) -> float | None:

@@ -263,15 +263,15 @@ def check_data(options: RunOptions, tasks: list[Task], dry: bool = False) -> Non
     corruptions a RobustBench protocol needs: present, or one line naming the archive)."""
     for dataset in sorted({t.job.dataset for t in tasks}):
         configs = {t.eval for t in tasks if t.job.dataset == dataset}
+        # a protocol reading corruptions beyond the paper's groups reads every group from the
+        # released tar, which is never downloaded unasked: its files are there, or one line
         released_only = tuple(
-            dict.fromkeys(g for c in configs if c.noise_source == "released" for g in c.noise_groups)
+            dict.fromkeys(
+                g for c in configs if set(c.noise_groups) - set(NOISE_GROUPS) for g in c.noise_groups
+            )
         )
         info, root = dataset_info(dataset), data_root(options.data_dir)
-        if (
-            "eval" in options.stages
-            and released_only
-            and not (set(released_only) <= set(NOISE_GROUPS) and info.noise_release is not None)
-        ):  # files no download fetches (the paper's groups alone are fetched, when asked)
+        if "eval" in options.stages and released_only:
             check_released(dataset, options.data_dir, released_only)
         if dry:
             check_file_places(info, root)
