@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -362,6 +362,7 @@ TABLES = st.dictionaries(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(tables=TABLES)
+@example(tables={"0": {"dataset": "n.py:Net", "defense": ""}})  # an unknown data set named no file
 def test_any_defenses_toml_is_read_or_refused_in_one_line(tmp_path, tables):
     """Every key with hostile values (huge integers, NaN, newlines, lists of anything): specs
     with the types they claim, or one line naming the file."""

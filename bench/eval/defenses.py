@@ -244,7 +244,10 @@ def spec_from(values: dict, where: str, base: Path) -> DefenseSpec:
             values["name"], "name", where
         )
     dataset = _text(values.get("dataset", "cifar10"), "dataset", where)
-    dataset_info(dataset)
+    try:
+        dataset_info(dataset)
+    except UserError as err:  # the line names the file and table (or the option) it came from
+        raise UserError(f"{where}: {err}") from None
     allowed = {
         "defense": {"weights", "mean", "std"},
         "state-dict": {"mean", "std"},
